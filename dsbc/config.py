@@ -1,0 +1,416 @@
+"""The dsbc configuration: one TOML file, decoded by msgspec and validated at start.
+
+Every error names the file, the line and the key (``dsbc.toml:12: sip.workers: ...``),
+so an operator can fix it without reading a traceback.  ``deploy/dsbc.example.toml``
+documents every key; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+SYSTEMS = ("source", "target")
+SystemName = Literal["source", "target"]
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; ``str()`` is the one-line reason."""
+
+
+# --- value helpers ---------------------------------------------------------------------
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``"1.2.3.4:5060"``, ``"[::1]:5060"`` or ``"host"`` (with a default port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"bad address {text!r}")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port_s = text.split(":")
+    else:
+        host, port_s = text, ""
+    if not host:
+        raise ValueError(f"bad address {text!r}: no host")
+    if not port_s:
+        if default_port is None:
+            raise ValueError(f"bad address {text!r}: no port")
+        return host, default_port
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port_s)
+
+
+TRANSPORTS = ("udp", "tcp", "tls")
+
+
+class Endpoint(msgspec.Struct, frozen=True):
+    """A transport address such as ``udp:127.0.0.1:5060``."""
+
+    transport: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, default_transport: str = "udp", default_port: int = 5060) -> Endpoint:
+        transport = default_transport
+        head, sep, rest = text.partition(":")
+        if sep and head.lower() in TRANSPORTS:
+            transport, text = head.lower(), rest
+        host, port = parse_hostport(text, default_port)
+        return cls(transport, host, port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport}:{host}:{self.port}"
+
+
+def _check_endpoints(values: list[str], where: str, default_port: int = 5060) -> None:
+    for v in values:
+        try:
+            Endpoint.parse(v, default_port=default_port)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+
+def _check_hostport(value: str, where: str, default_port: int) -> None:
+    try:
+        parse_hostport(value, default_port)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _check_url(value: str, where: str) -> None:
+    if value and not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"{where}: {value!r} is not an http:// or https:// URL")
+
+
+# --- sections ------------------------------------------------------------------------
+
+
+class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    url: str = "sqlite:///var/lib/dsbc/location.db"
+    unknown: Literal["source", "target", "reject"] = "source"
+    lock_hold: float = 2.0
+    poll_interval: float = 0.2
+    cache_file: str = ""
+
+    def __post_init__(self) -> None:
+        if not re.match(r"^(sqlite|redis|rediss|redis\+sentinel)://", self.url):
+            raise ValueError(
+                f"url: unsupported store url {self.url!r} (sqlite:///path, redis://host:port/db "
+                "or redis+sentinel://host:port/service)"
+            )
+        if self.lock_hold < 0 or self.poll_interval <= 0:
+            raise ValueError("lock_hold: must be >= 0 (and poll_interval > 0)")
+
+
+class SystemConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str = ""
+    sip: list[str] = []
+    api: str = ""
+    radius: list[str] = []
+    radius_acct: list[str] = []
+    radius_secret: str = ""
+    diameter: str = ""
+    diameter_host: str = ""
+    diameter_realm: str = ""
+
+    def __post_init__(self) -> None:
+        _check_endpoints(self.sip, "sip")
+        _check_url(self.api, "api")
+        for r in self.radius:
+            _check_hostport(r, "radius", 1812)
+        for r in self.radius_acct:
+            _check_hostport(r, "radius_acct", 1813)
+        if self.diameter:
+            _check_hostport(self.diameter, "diameter", 3868)
+
+
+class SystemsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    source: SystemConfig = msgspec.field(default_factory=SystemConfig)
+    target: SystemConfig = msgspec.field(default_factory=SystemConfig)
+
+
+def _check_peer(text: str) -> None:
+    if "/" in text:
+        ipaddress.ip_network(text, strict=False)
+        return
+    try:
+        ipaddress.ip_address(text)
+        return
+    except ValueError:
+        pass
+    host, _ = parse_hostport(text)
+    ipaddress.ip_address(host.strip("[]"))
+
+
+class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    listen: list[str] = msgspec.field(default_factory=lambda: ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"])
+    advertise: str = ""
+    trusted_peers: list[str] = []
+    workers: int = 1
+    flow_secret: str = ""
+    migration_expires: int = 60
+    options_interval: float = 5.0
+    options_timeout: float = 2.0
+    retry_after: int = 30
+    max_message_size: int = 65535
+    tcp_idle_timeout: float = 600.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_verify_client: bool = False
+    rate_limit: int = 0
+    rate_window: float = 2.0
+    max_connections: int = 20000
+    max_connections_per_ip: int = 200
+    drop_scanners: bool = False
+    scanner_user_agents: list[str] = msgspec.field(
+        default_factory=lambda: ["friendly-scanner", "sipvicious", "sipcli", "sip-scan", "VaxSIPUserAgent", "iWar", "sundayddr"]
+    )
+
+    def __post_init__(self) -> None:
+        _check_endpoints(self.listen, "listen")
+        for p in self.trusted_peers:
+            try:
+                _check_peer(p)
+            except ValueError:
+                raise ValueError(f"trusted_peers: {p!r} is not a CIDR, an IP or IP:PORT") from None
+        if not 1 <= self.workers <= 256:
+            raise ValueError("workers: must be between 1 and 256")
+        if self.migration_expires < 1:
+            raise ValueError("migration_expires: must be >= 1")
+        if any(e.startswith("tls:") for e in self.listen) and not (self.tls_cert and self.tls_key):
+            raise ValueError("tls_cert: a tls: listener needs tls_cert and tls_key")
+
+
+class VhostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str
+    realm: str = "customer"
+    source: str = ""
+    target: str = ""
+    cpe_patterns: list[str] = []
+
+    def __post_init__(self) -> None:
+        _check_url(self.source, "source")
+        _check_url(self.target, "target")
+
+
+class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    listen: list[str] = msgspec.field(default_factory=lambda: ["0.0.0.0:8443"])
+    tls_cert: str = ""
+    tls_key: str = ""
+    source: str = ""
+    target: str = ""
+    vhosts: list[VhostConfig] = []
+    timeout: float = 30.0
+    max_header_size: int = 16384
+    max_body_size: int = 104857600
+    session_ttl: int = 86400
+    cpe_patterns: list[str] = []
+
+    def __post_init__(self) -> None:
+        for entry in self.listen:
+            _check_hostport(entry, "listen", 443)
+        _check_url(self.source, "source")
+        _check_url(self.target, "target")
+
+
+class RadiusClient(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    address: str
+    secret: str
+
+    def __post_init__(self) -> None:
+        try:
+            _check_peer(self.address)
+        except ValueError:
+            raise ValueError(f"address: {self.address!r} is not a CIDR, an IP or IP:PORT") from None
+
+
+class RadiusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = False
+    auth_listen: str = "0.0.0.0:1812"
+    acct_listen: str = "0.0.0.0:1813"
+    clients: list[RadiusClient] = []
+    timeout: float = 3.0
+    retries: int = 2
+    duplicate_window: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_hostport(self.auth_listen, "auth_listen", 1812)
+        _check_hostport(self.acct_listen, "acct_listen", 1813)
+
+
+class DiameterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = False
+    listen: str = "0.0.0.0:3868"
+    origin_host: str = "dsbc.localdomain"
+    origin_realm: str = "localdomain"
+    watchdog_interval: float = 30.0
+    reconnect_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_hostport(self.listen, "listen", 3868)
+
+
+class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    listen: str = "127.0.0.1:8080"
+    token: str = ""
+
+    def __post_init__(self) -> None:
+        _check_hostport(self.listen, "listen", 8080)
+
+
+class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json: bool = False
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    systems: SystemsConfig = msgspec.field(default_factory=SystemsConfig)
+    sip: SipConfig = msgspec.field(default_factory=SipConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    radius: RadiusConfig = msgspec.field(default_factory=RadiusConfig)
+    diameter: DiameterConfig = msgspec.field(default_factory=DiameterConfig)
+    control: ControlConfig = msgspec.field(default_factory=ControlConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    path: str = ""
+
+    def system(self, name: str) -> SystemConfig:
+        return self.systems.source if name == "source" else self.systems.target
+
+
+# --- loading ---------------------------------------------------------------------------
+
+_PATH_PART = re.compile(r"\.([A-Za-z0-9_\-]+)|\[(\d+)\]")
+
+
+def _split_path(path: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for m in _PATH_PART.finditer(path):
+        parts.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+    return parts
+
+
+def _locate(text: str, parts: list[str | int]) -> int:
+    """Best-effort line number (1-based) of a key path in a TOML document."""
+    lines = text.splitlines()
+    tables: list[str] = []
+    index: int | None = None
+    key: str | None = None
+    for p in parts:
+        if isinstance(p, int):
+            index = p
+        elif index is None and key is None:
+            tables.append(p)
+        else:
+            key = p
+            break
+    if key is None and index is None and tables:
+        key = tables.pop()
+    header_re = None
+    start = 0
+    if tables:
+        name = r"\.".join(re.escape(t) for t in tables)
+        if index is not None:
+            header_re = re.compile(rf"^\s*\[\[\s*{name}\s*\]\]")
+        else:
+            header_re = re.compile(rf"^\s*\[\s*{name}\s*\]")
+        seen = -1
+        found = False
+        for i, line in enumerate(lines):
+            if header_re.match(line):
+                seen += 1
+                if index is None or seen == index:
+                    start, found = i, True
+                    break
+        if not found:
+            # maybe a dotted key or inline table in a parent table
+            return _locate(text, [t for t in tables[:-1]] + [tables[-1]]) if len(tables) > 1 else 1
+        if key is None:
+            return start + 1
+    if key is not None:
+        key_re = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+        for i in range(start + (1 if tables else 0), len(lines)):
+            if tables and i > start and re.match(r"^\s*\[", lines[i]):
+                break
+            if key_re.match(lines[i]):
+                return i + 1
+    return start + 1
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate ``path``; raise ConfigError naming ``file:line: key: reason``."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}:1: not UTF-8 text") from None
+    return parse_config(text, str(p))
+
+
+def parse_config(text: str, name: str = "dsbc.toml") -> Config:
+    import tomllib
+
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"line (\d+)", str(exc))
+        line = m.group(1) if m else "1"
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise ConfigError(f"{name}:{line}: TOML syntax error: {reason}") from None
+    try:
+        cfg = msgspec.toml.decode(text.encode(), type=Config)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        reason, _, where = msg.partition(" - at `")
+        where = where.rstrip("`")
+        parts = _split_path(where[1:] if where.startswith("$") else where)
+        m = re.search(r"unknown field `([^`]+)`", reason)
+        if m:
+            parts = parts + [m.group(1)]
+            reason = f"unknown key {m.group(1)!r}"
+        m = re.match(r"^([a-z_]+): (.*)$", reason)
+        if m:
+            parts = parts + [m.group(1)]
+            reason = m.group(2)
+        m = re.search(r"missing required field `([^`]+)`", reason)
+        if m:
+            reason = f"missing required key {m.group(1)!r}"
+        line = _locate(text, parts)
+        key = ".".join(
+            (f"[{p}]" if isinstance(p, int) else p) for p in parts
+        ).replace(".[", "[")
+        raise ConfigError(f"{name}:{line}: {key or '(top)'}: {reason}") from None
+    cfg.path = name
+    _cross_check(cfg, text, name)
+    return cfg
+
+
+def _cross_check(cfg: Config, text: str, name: str) -> None:
+    realms = {"admin", "reseller", "distributor", "customer", "account", "cc_staff",
+              "vendor", "representative", "cpe", "porting"}
+    for i, vh in enumerate(cfg.api.vhosts):
+        if vh.realm not in realms:
+            line = _locate(text, ["api", "vhosts", i, "realm"])
+            raise ConfigError(
+                f"{name}:{line}: api.vhosts[{i}].realm: unknown realm {vh.realm!r} "
+                f"(one of {', '.join(sorted(realms))})"
+            )
+    if cfg.radius.enabled and not cfg.radius.clients:
+        line = _locate(text, ["radius", "enabled"])
+        raise ConfigError(f"{name}:{line}: radius.clients: RADIUS is enabled but no client is configured")

@@ -1,0 +1,277 @@
+"""The location model and the interface every store (SQLite, Redis) implements.
+
+Hot-path reads (`lookup`, `owner`, `customer`) are served from the in-memory index and never
+touch the disk or the network.  Writes go to the backing store in one transaction, and
+every process learns of them through `refresh()` (SQLite: a change log polled by the
+runner; Redis: pub/sub), which updates the index in place.
+
+Layering: `sip/` and `api_proxy/` never import this module; `dsbc` adapts it to their
+small `Router` protocols.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import msgspec
+
+SYSTEMS: tuple[str, str] = ("source", "target")
+KINDS: tuple[str, ...] = ("account", "i_account", "did", "login", "cpe", "imsi", "msisdn", "radius")
+
+State = Literal["active", "locked"]
+
+
+class StoreError(Exception):
+    """A store operation the operator asked for cannot be done; str() is the reason."""
+
+
+class GroupSplitError(StoreError):
+    """A migration would split a group; names the group and the missing customers."""
+
+    def __init__(self, group: str, missing: list[str]) -> None:
+        self.group = group
+        self.missing = missing
+        super().__init__(
+            f"group {group!r} must move together: missing customer(s) {', '.join(sorted(missing))}"
+        )
+
+
+class StoreUnavailable(StoreError):
+    """The shared store cannot be reached; dispatching goes on from memory, writes are refused."""
+
+
+class BadIdentity(ValueError):
+    """An identity that cannot be normalised; str() names it."""
+
+
+# --- identities ------------------------------------------------------------------------
+
+_NON_DIGITS = re.compile(r"[\s\-\.\(\)/]")
+_HEX = re.compile(r"^[0-9a-f]{12}$")
+
+
+def normalise(kind: str, value: str) -> str:
+    """The canonical form of an identity value (SPEC section 1); BadIdentity if impossible."""
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise BadIdentity(f"unknown identity kind {kind!r} (one of {', '.join(KINDS)})")
+    v = value.strip()
+    if kind in ("did", "i_account", "imsi", "msisdn"):
+        v = _NON_DIGITS.sub("", v)
+        if kind in ("did", "msisdn") and v.startswith("+"):
+            v = v[1:]
+        if not v.isdigit() or not v.isascii():
+            raise BadIdentity(f"{kind}:{value!r} is not a number")
+    elif kind == "cpe":
+        v = re.sub(r"[\s:\-\.]", "", v).lower()
+        if not _HEX.match(v):
+            raise BadIdentity(f"cpe:{value!r} is not a MAC address (12 hex digits)")
+    elif not v:
+        raise BadIdentity(f"{kind}: empty value")
+    return v
+
+
+def parse_identity(text: str) -> tuple[str, str]:
+    """``"did:+1 555 0100"`` -> ``("did", "15550100")``."""
+    kind, sep, value = text.partition(":")
+    if not sep:
+        raise BadIdentity(f"{text!r} is not KIND:VALUE")
+    kind = kind.strip().lower()
+    return kind, normalise(kind, value)
+
+
+def identity_key(kind: str, value: str) -> str:
+    """The index key of an already-normalised identity."""
+    return f"{kind}:{value}"
+
+
+# --- records ---------------------------------------------------------------------------
+
+
+class Location(msgspec.Struct, frozen=True, gc=False):
+    """Who owns an identity now."""
+
+    customer_id: str
+    system: str
+    state: str = "active"
+
+
+class Customer(msgspec.Struct, gc=False):
+    customer_id: str
+    system: str = "source"
+    state: str = "active"
+    group: str = ""
+    batch_id: str = ""
+    expires_cap: int = 0  # >0 while a migration is being prepared (`dsbc migrate --prepare`)
+    identities: tuple[str, ...] = ()  # "kind:value" keys
+
+
+class Decision(msgspec.Struct, frozen=True, gc=False):
+    """What the dispatchers act on: the system to use (or "reject"), and why."""
+
+    system: str  # "source", "target" or "reject"
+    customer_id: str = ""
+    state: str = "active"
+    reason: str = ""  # e.g. "did:15550100 -> customer 42" or "unknown identity: store.unknown=source"
+
+
+class MigrationResult(msgspec.Struct):
+    batch_id: str
+    to: str
+    moved: list[str] = []  # customers that changed system
+    already: list[str] = []  # customers already on `to`
+    unknown: list[str] = []  # ids not in the store
+    dry_run: bool = False
+
+
+class AuditEntry(msgspec.Struct):
+    ts: float
+    who: str
+    customer_id: str
+    from_system: str
+    to_system: str
+    batch_id: str
+
+
+class Registration(msgspec.Struct, gc=False):
+    """A registration dsbc relayed: written by the SIP workers, read by `dsbc migrate`."""
+
+    account: str
+    contact: str
+    system: str
+    expires_at: float
+    customer_id: str = ""
+
+
+class ApiSession(msgspec.Struct, gc=False):
+    """An API / self-care session and the system it lives on (keyed by session id or token)."""
+
+    key: str
+    system: str
+    expires_at: float
+    customer_id: str = ""
+    realm: str = ""
+    extra: str = ""  # JSON text the API dispatcher may keep (e.g. the admin's twin session)
+
+
+# --- the interface ---------------------------------------------------------------------
+
+
+class LocationStore(abc.ABC):
+    """A location store: an in-memory index in front of a durable backing store."""
+
+    unknown: str = "source"
+
+    # -- hot path: memory only ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def lookup(self, kind: str, value: str) -> Location | None:
+        """The owner of an already-normalised identity, or None if unknown."""
+
+    @abc.abstractmethod
+    def customer(self, customer_id: str) -> Customer | None:
+        """The customer record, from memory."""
+
+    def decide(self, kind: str, value: str) -> Decision:
+        """lookup() with the `store.unknown` policy applied."""
+        loc = self.lookup(kind, value)
+        if loc is None:
+            return Decision(self.unknown, "", "active", f"{kind}:{value} unknown -> store.unknown={self.unknown}")
+        return Decision(loc.system, loc.customer_id, loc.state, f"{kind}:{value} -> customer {loc.customer_id}")
+
+    # -- change feed ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def refresh(self) -> list[str]:
+        """Apply changes committed by any process since the last call; return the changed customer ids.
+
+        Cheap when nothing changed (one small query); the runner calls it every
+        `store.poll_interval` seconds."""
+
+    @property
+    @abc.abstractmethod
+    def healthy(self) -> bool:
+        """False while the backing store cannot be reached (dispatching goes on from memory)."""
+
+    # -- writes ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def put_customer(
+        self, customer_id: str, identities: Iterable[str], system: str = "source", group: str = ""
+    ) -> None:
+        """Create or replace a customer and its identities ("kind:value", normalised here)."""
+
+    @abc.abstractmethod
+    def import_rows(self, rows: Iterable[dict[str, object]], progress: Callable[[int], None] | None = None) -> int:
+        """Bulk put_customer; rows have customer_id, identities (list or ';'-joined), system?, group?"""
+
+    @abc.abstractmethod
+    def lock(self, customer_ids: list[str], batch_id: str) -> None:
+        """Mark customers `locked` (a batch in flight): dispatchers hold their new requests."""
+
+    @abc.abstractmethod
+    def migrate(
+        self,
+        customer_ids: list[str],
+        to: str,
+        who: str = "cli",
+        batch_id: str | None = None,
+        dry_run: bool = False,
+    ) -> MigrationResult:
+        """Flip customers to `to` atomically (system=to, state=active), audit it, enforce groups."""
+
+    @abc.abstractmethod
+    def rollback(self, batch_id: str, who: str = "cli") -> MigrationResult:
+        """Move the customers of a batch back to the system they came from."""
+
+    @abc.abstractmethod
+    def prepare(self, customer_ids: list[str], expires: int) -> None:
+        """Cap the registration expiry granted to these customers' phones (0 clears it)."""
+
+    @abc.abstractmethod
+    def audit(self, batch_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
+        ...
+
+    # -- registrations (SIP) ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def record_registrations(self, regs: list[Registration]) -> None:
+        """Upsert by (account, contact); expires_at <= now removes."""
+
+    @abc.abstractmethod
+    def registrations(self, customer_ids: list[str] | None = None) -> list[Registration]:
+        ...
+
+    # -- API sessions -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def put_session(self, session: ApiSession) -> None:
+        ...
+
+    @abc.abstractmethod
+    def get_session(self, key: str) -> ApiSession | None:
+        """Memory first, then the backing store (a session made by another node a moment ago)."""
+
+    @abc.abstractmethod
+    def delete_session(self, key: str) -> None:
+        ...
+
+    # -- misc ---------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get_meta(self, key: str) -> str | None:
+        ...
+
+    @abc.abstractmethod
+    def set_meta(self, key: str, value: str, only_if_absent: bool = False) -> str:
+        """Set and return the value (with only_if_absent, the value that won)."""
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]:
+        """customers per system and state, identities, registrations: for `dsbc status`."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass
