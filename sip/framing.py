@@ -1,0 +1,98 @@
+"""Stream framing for SIP over TCP/TLS (RFC 3261 18.3, RFC 5626 3.5.1 keep-alives). No I/O.
+
+``receive_data(bytes)`` then ``next_event()`` until it returns ``NEED_DATA``.  Events are the
+octets of one complete message, or ``PING`` (a CRLFCRLF keep-alive, to be answered with
+``PONG``).  A bad or missing Content-Length raises ``FramingError``, a message above
+``max_size`` raises ``MessageTooLarge``: after either the stream cannot be resynchronised,
+and the adapter answers if it can and closes the connection.
+
+Perf note: the buffer is a ``bytearray`` that remembers how far it was searched for the end
+of the header section, so a message trickling in byte by byte is scanned once, not
+once per read (aiosip's ``bytes +=`` re-scan is what we avoid).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import FramingError, MessageTooLarge
+
+
+class _Event:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Event("NEED_DATA")
+PING = _Event("PING")
+PONG = b"\r\n"
+
+_CL_RE = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+
+
+class StreamFramer:
+    __slots__ = ("_buf", "_scanned", "max_size", "_head_end", "_total")
+
+    def __init__(self, max_size: int = 65535) -> None:
+        self._buf = bytearray()
+        self._scanned = 0
+        self._head_end = -1
+        self._total = -1
+        self.max_size = max_size
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_event(self) -> bytes | _Event:
+        buf = self._buf
+        if self._head_end < 0:
+            # keep-alives and stray CRLFs between messages
+            while buf[:2] == b"\r\n":
+                if buf[:4] == b"\r\n\r\n":
+                    del buf[:4]
+                    self._scanned = 0
+                    return PING
+                if len(buf) < 4 and b"\r\n\r\n".startswith(bytes(buf)):
+                    return NEED_DATA  # may still become a CRLFCRLF ping
+                del buf[:2]  # a lone CRLF (a pong, or padding before a message)
+                self._scanned = 0
+            if not buf:
+                return NEED_DATA
+            start = max(0, self._scanned - 3)
+            i = buf.find(b"\r\n\r\n", start)
+            if i < 0:
+                self._scanned = len(buf)
+                if len(buf) > self.max_size:
+                    raise MessageTooLarge("header section too large")
+                return NEED_DATA
+            head_end = i + 4
+            matches = _CL_RE.findall(bytes(buf[:head_end]))
+            if not matches:
+                raise FramingError("missing Content-Length on a stream")
+            values = {m.strip() for m in matches}
+            if len(values) != 1:
+                raise FramingError("conflicting Content-Length values")
+            value = values.pop()
+            if not value.isdigit():
+                raise FramingError(f"bad Content-Length {value[:20]!r}")
+            self._head_end = head_end
+            self._total = head_end + int(value)
+            if self._total > self.max_size:
+                raise MessageTooLarge(f"{self._total} octets")
+        if len(buf) < self._total:
+            return NEED_DATA
+        msg = bytes(buf[: self._total])
+        del buf[: self._total]
+        self._head_end = -1
+        self._total = -1
+        self._scanned = 0
+        return msg

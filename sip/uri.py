@@ -1,0 +1,299 @@
+"""SIP URIs and name-addr values (RFC 3261 sections 19.1 and 20.10), free of I/O.
+
+Values keep their original text: a proxy compares and routes on parsed fields but forwards
+what it received.  Escapes (``%41``) are kept as written; ``unescape`` decodes a field when a
+comparison needs it (RFC 4475 esc01 / escnull: ``%00`` does not shorten a user name).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import SipParseError, UnsupportedUriScheme
+
+SIP_SCHEMES = ("sip", "sips")
+_TOKEN_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?|[A-Za-z0-9])$")
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+\-.]*$")
+_WS = " \t\r\n"
+
+
+def unescape(text: str) -> str:
+    """Decode %HH escapes once (not recursively); invalid escapes are kept as written."""
+    if "%" not in text:
+        return text
+    out: list[str] = []
+    i, n = 0, len(text)
+    raw = bytearray()
+    while i < n:
+        c = text[i]
+        if c == "%" and i + 3 <= n and _is_hex(text[i + 1 : i + 3]):
+            raw.append(int(text[i + 1 : i + 3], 16))
+            i += 3
+            continue
+        if raw:
+            out.append(raw.decode("utf-8", "surrogateescape"))
+            raw.clear()
+        out.append(c)
+        i += 1
+    if raw:
+        out.append(raw.decode("utf-8", "surrogateescape"))
+    return "".join(out)
+
+
+def _is_hex(s: str) -> bool:
+    return len(s) == 2 and all(ch in "0123456789abcdefABCDEF" for ch in s)
+
+
+class SipUri:
+    """A parsed ``sip:`` / ``sips:`` URI.  ``params`` keeps order and case of names."""
+
+    __slots__ = ("scheme", "user", "password", "host", "port", "params", "headers", "text")
+
+    def __init__(
+        self,
+        scheme: str,
+        user: str | None,
+        host: str,
+        port: int | None = None,
+        params: list[tuple[str, str | None]] | None = None,
+        headers: str = "",
+        password: str | None = None,
+        text: str = "",
+    ) -> None:
+        self.scheme = scheme
+        self.user = user
+        self.password = password
+        self.host = host
+        self.port = port
+        self.params = params if params is not None else []
+        self.headers = headers
+        self.text = text
+
+    def param(self, name: str) -> str | None:
+        """The value of a URI parameter ("" for a flag like ``lr``), None when absent."""
+        name = name.lower()
+        for k, v in self.params:
+            if k.lower() == name:
+                return "" if v is None else v
+        return None
+
+    def has_param(self, name: str) -> bool:
+        return self.param(name) is not None
+
+    @property
+    def transport(self) -> str:
+        t = self.param("transport")
+        if t:
+            return t.lower()
+        return "tls" if self.scheme == "sips" else "udp"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host = self.host[1:-1] if self.host.startswith("[") else self.host
+        if self.port is not None:
+            return host, self.port
+        return host, 5061 if self.scheme == "sips" or self.transport == "tls" else 5060
+
+    def __str__(self) -> str:
+        out = [self.scheme, ":"]
+        if self.user is not None:
+            out.append(self.user)
+            if self.password is not None:
+                out += [":", self.password]
+            out.append("@")
+        out.append(self.host)
+        if self.port is not None:
+            out += [":", str(self.port)]
+        for k, v in self.params:
+            out += [";", k] if v is None else [";", k, "=", v]
+        if self.headers:
+            out += ["?", self.headers]
+        return "".join(out)
+
+    def __repr__(self) -> str:
+        return f"SipUri({str(self)!r})"
+
+
+def parse_uri(text: str, *, allow_other_schemes: bool = False) -> SipUri:
+    """Parse a SIP URI.  Other schemes raise UnsupportedUriScheme (416) unless allowed,
+    in which case a SipUri with only ``scheme`` and ``text`` set is returned."""
+    t = text.strip()
+    scheme, sep, rest = t.partition(":")
+    if not sep or not _SCHEME_RE.match(scheme):
+        raise SipParseError(f"bad URI {text[:80]!r}")
+    lscheme = scheme.lower()
+    if lscheme not in SIP_SCHEMES:
+        if allow_other_schemes:
+            return SipUri(lscheme, None, "", text=t)
+        raise UnsupportedUriScheme(f"unsupported URI scheme {scheme[:20]!r}")
+    if any(c in _WS or c in "<>\"" for c in rest):
+        raise SipParseError(f"bad characters in URI {text[:80]!r}")
+    user = password = None
+    if "@" in rest:
+        # the user part may hold ';', '?' and ',' (RFC 4475 intmeth, semiuri): split at the last '@'
+        userinfo, _, hostpart = rest.rpartition("@")
+        user, colon, pw = userinfo.partition(":")
+        password = pw if colon else None
+    else:
+        hostpart = rest
+    hostpart, _, headers = hostpart.partition("?")
+    hostport, *raw_params = hostpart.split(";")
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            raise SipParseError(f"bad IPv6 reference in {text[:80]!r}")
+        host, portpart = hostport[: end + 1], hostport[end + 1 :]
+        if portpart and not portpart.startswith(":"):
+            raise SipParseError(f"bad host in URI {text[:80]!r}")
+        portpart = portpart[1:]
+    else:
+        host, _, portpart = hostport.partition(":")
+    if not host or not _HOST_RE.match(host):
+        raise SipParseError(f"bad host in URI {text[:80]!r}")
+    port: int | None = None
+    if portpart:
+        if not portpart.isdigit() or not 0 < int(portpart) < 65536:
+            raise SipParseError(f"bad port in URI {text[:80]!r}")
+        port = int(portpart)
+    params: list[tuple[str, str | None]] = []
+    for p in raw_params:
+        if not p:
+            raise SipParseError(f"empty URI parameter in {text[:80]!r}")
+        k, eq, v = p.partition("=")
+        params.append((k, v if eq else None))
+    return SipUri(lscheme, user, host, port, params, headers, password, t)
+
+
+# --- name-addr / addr-spec ---------------------------------------------------------------
+
+
+class NameAddr:
+    """``"Display" <uri>;tag=x`` (or an addr-spec ``uri;tag=x``): header parameters apart."""
+
+    __slots__ = ("display", "uri_text", "params", "bracketed", "_uri")
+
+    def __init__(self, display: str, uri_text: str, params: list[tuple[str, str | None]], bracketed: bool) -> None:
+        self.display = display
+        self.uri_text = uri_text
+        self.params = params
+        self.bracketed = bracketed
+        self._uri: SipUri | None = None
+
+    @property
+    def uri(self) -> SipUri:
+        if self._uri is None:
+            self._uri = parse_uri(self.uri_text, allow_other_schemes=True)
+        return self._uri
+
+    def param(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.params:
+            if k.lower() == name:
+                return "" if v is None else v
+        return None
+
+    def __str__(self) -> str:
+        out = []
+        if self.display:
+            out += [self.display, " "]
+        out += ["<", self.uri_text, ">"]
+        for k, v in self.params:
+            out += [";", k] if v is None else [";", k, "=", v]
+        return "".join(out)
+
+
+def _parse_params(text: str, where: str) -> list[tuple[str, str | None]]:
+    """``;a=b ; c ; d="x;y"`` -> [(a,b),(c,None),(d,'"x;y"')]. Raises on empty parameters."""
+    params: list[tuple[str, str | None]] = []
+    i, n = 0, len(text)
+    while i < n:
+        while i < n and text[i] in _WS:
+            i += 1
+        if i >= n:
+            break
+        if text[i] != ";":
+            raise SipParseError(f"junk after {where}: {text[i:i + 40]!r}")
+        i += 1
+        j = i
+        while j < n and text[j] not in ";=" :
+            if text[j] == '"':
+                raise SipParseError(f"bad parameter in {where}")
+            j += 1
+        name = text[i:j].strip(_WS)
+        if not name or any(c not in _TOKEN_CHARS for c in name):
+            raise SipParseError(f"bad parameter name {name[:30]!r} in {where}")
+        value: str | None = None
+        if j < n and text[j] == "=":
+            j += 1
+            while j < n and text[j] in _WS:
+                j += 1
+            if j < n and text[j] == '"':
+                k = _end_of_quoted(text, j)
+                value = text[j:k]
+                j = k
+            else:
+                k = j
+                while k < n and text[k] not in ";":
+                    k += 1
+                value = text[j:k].strip(_WS)
+                j = k
+            if value == "":
+                raise SipParseError(f"empty value for parameter {name!r} in {where}")
+        params.append((name, value))
+        i = j
+    return params
+
+
+def _end_of_quoted(text: str, start: int) -> int:
+    """Index just after the closing quote of the quoted string starting at ``start``."""
+    i, n = start + 1, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            return i + 1
+        i += 1
+    raise SipParseError("unbalanced quotes")
+
+
+def parse_name_addr(text: str) -> NameAddr:
+    """Parse a From/To/Contact/Route-style value.  Raises SipParseError."""
+    t = text.strip(_WS)
+    if not t:
+        raise SipParseError("empty address")
+    display = ""
+    i = 0
+    if t[0] == '"':
+        end = _end_of_quoted(t, 0)
+        display = t[:end]
+        i = end
+        while i < len(t) and t[i] in _WS:
+            i += 1
+        if i >= len(t) or t[i] != "<":
+            raise SipParseError("display name without <uri>")
+    lt = t.find("<", i)
+    if lt >= 0:
+        if not display:
+            display = t[:lt].strip(_WS)
+            if display and not all(c in _TOKEN_CHARS or c in _WS for c in display):
+                raise SipParseError(f"display name must be quoted: {display[:40]!r}")
+        gt = t.find(">", lt)
+        if gt < 0:
+            raise SipParseError("missing '>'")
+        uri_text = t[lt + 1 : gt]
+        if uri_text != uri_text.strip(_WS) or not uri_text:
+            raise SipParseError("whitespace inside <uri>")
+        params = _parse_params(t[gt + 1 :], "address")
+        return NameAddr(display, uri_text, params, True)
+    # addr-spec: URI parameters cannot be told from header parameters; RFC 3261 20.10
+    # says they are header parameters.  An addr-spec must not contain ',', '?' or ';'-URI params.
+    semi = t.find(";")
+    uri_text = t if semi < 0 else t[:semi]
+    uri_text = uri_text.strip(_WS)
+    if any(c in _WS for c in uri_text) or "?" in uri_text:
+        raise SipParseError(f"bad address {t[:60]!r} (use <...> around URIs with '?' or spaces)")
+    params = _parse_params(t[semi:], "address") if semi >= 0 else []
+    return NameAddr("", uri_text, params, False)
