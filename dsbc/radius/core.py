@@ -1,0 +1,494 @@
+"""The RADIUS dispatcher core: requests in, re-signed requests and answers out. I/O-free.
+
+The adapter (``dsbc.radius.service``) feeds it datagrams with the current time and
+sends the :class:`Out` items it returns; it also calls :meth:`RadiusCore.handle_timer`
+at :meth:`RadiusCore.get_timer`.  Nothing here reads a clock or touches a socket.
+
+Per request:
+  1. decode, find the client by source address, check its authenticators;
+  2. a retransmission of a request already seen (source, code, identifier, Request
+     Authenticator: RFC 5080 2.2.2) is answered from the cached answer, or ignored
+     while the first copy is still in flight;
+  3. the owner: the Acct-Session-Id pin for accounting, else the User-Name's customer;
+     a locked customer is held until the flip or ``lock_hold``;
+  4. the request gets an identifier of the system's id space, a Proxy-State, a new
+     Request Authenticator, User-Password and Message-Authenticator for the system's
+     secret;
+  5. the answer is checked against the system's secret, stripped of our Proxy-State,
+     re-encrypted and re-signed for the client, cached, and sent.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import NamedTuple
+
+from dsbc.radius import packet as rp
+from dsbc.radius.idspace import ClientEntry, ClientTable, IdExhausted, IdSpace
+
+Addr = tuple[str, int]
+# (system or "reject", state "active" | "locked")
+Decide = Callable[[str], tuple[str, str]]
+
+TO_CLIENT = 0
+TO_SERVER = 1
+AUTH = 0
+ACCT = 1
+
+
+class Out(NamedTuple):
+    """A datagram to send: to a client through listener ``via`` or to a server through ``slot``."""
+
+    kind: int  # TO_CLIENT or TO_SERVER
+    via: int  # listener index (AUTH / ACCT) for TO_CLIENT, slot for TO_SERVER
+    system: str
+    data: bytes
+    addr: Addr
+
+
+class SystemTarget:
+    __slots__ = ("name", "secret", "servers", "dead_until", "ids", "requests", "answers", "timeouts")
+
+    def __init__(self, name: str, secret: str, auth: list[Addr], acct: list[Addr], max_slots: int = 64) -> None:
+        self.name = name
+        self.secret = secret.encode()
+        self.servers: tuple[list[Addr], list[Addr]] = (auth, acct)
+        self.dead_until: dict[Addr, float] = {}
+        self.ids = IdSpace(max_slots)
+        self.requests = 0
+        self.answers = 0
+        self.timeouts = 0
+
+    def pick(self, kind: int, now: float) -> Addr | None:
+        """The first server of this kind not marked dead; the least recently dead otherwise."""
+        servers = self.servers[kind]
+        if not servers:
+            return None
+        for s in servers:
+            if self.dead_until.get(s, 0.0) <= now:
+                return s
+        return min(servers, key=lambda s: self.dead_until.get(s, 0.0))
+
+
+class _Dup:
+    __slots__ = ("answer", "outstanding", "via")
+
+    def __init__(self, via: int) -> None:
+        self.answer: bytes | None = None
+        self.outstanding = 0
+        self.via = via
+
+
+DupKey = tuple[str, int, int, int, bytes]  # client ip, port, code, identifier, authenticator
+
+
+class _Request:
+    """A client request waiting for the system (or for its customer's lock to clear)."""
+
+    __slots__ = ("key", "via", "client", "addr", "pkt", "user", "session", "status", "deadline")
+
+    def __init__(self, key: DupKey, via: int, client: ClientEntry, addr: Addr, pkt: rp.Packet,
+                 user: str, session: tuple[str, str] | None, status: int | None) -> None:
+        self.key = key
+        self.via = via
+        self.client = client
+        self.addr = addr
+        self.pkt = pkt
+        self.user = user
+        self.session = session
+        self.status = status
+        self.deadline = 0.0
+
+
+class _Pending:
+    __slots__ = ("req", "system", "slot", "ident", "server", "auth", "wire", "tries", "deadline", "state")
+
+    def __init__(self, req: _Request, system: SystemTarget, slot: int, ident: int, server: Addr,
+                 auth: bytes, wire: bytes, state: bytes, deadline: float) -> None:
+        self.req = req
+        self.system = system
+        self.slot = slot
+        self.ident = ident
+        self.server = server
+        self.auth = auth
+        self.wire = wire
+        self.tries = 1
+        self.deadline = deadline
+        self.state = state
+
+
+class RadiusCore:
+    """All RADIUS dispatching state of one process."""
+
+    HOLD_POLL = 0.05
+    STICKY_TTL = 2 * 86400.0
+    SWEEP_EVERY = 60.0
+
+    def __init__(
+        self,
+        clients: list[tuple[str, str]],
+        systems: list[SystemTarget],
+        decide: Decide,
+        *,
+        timeout: float = 3.0,
+        retries: int = 2,
+        duplicate_window: float = 30.0,
+        lock_hold: float = 2.0,
+        dead_time: float = 30.0,
+    ) -> None:
+        self.clients = ClientTable(clients)
+        self.systems = {s.name: s for s in systems}
+        self.decide = decide
+        self.timeout = timeout
+        self.retries = retries
+        self.window = duplicate_window
+        self.lock_hold = lock_hold
+        self.dead_time = dead_time
+        self._dups: dict[DupKey, _Dup] = {}
+        self._dup_expiry: deque[tuple[float, DupKey]] = deque()
+        self._pending: dict[tuple[str, int, int], _Pending] = {}
+        self._heap: list[tuple[float, int, tuple[str, int, int]]] = []
+        self._seq = itertools.count()
+        self._held: list[_Request] = []
+        self._next_sweep = 0.0
+        self._state_prefix = os.urandom(4)
+        # (NAS address, Acct-Session-Id) -> [system, last seen]
+        self.sticky: dict[tuple[str, str], list[object]] = {}
+        self.sticky_dirty = False
+        self.requests = 0
+        self.answers = 0
+        self.duplicates = 0
+        self.held_total = 0
+        self.drops: dict[str, int] = {}
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def drop(self, reason: str) -> list[Out]:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+        return []
+
+    def status(self) -> dict[str, object]:
+        return {
+            "requests": self.requests,
+            "answers": self.answers,
+            "duplicates": self.duplicates,
+            "held": self.held_total,
+            "drops": dict(self.drops),
+            "pending": len(self._pending),
+            "accounting_sessions": len(self.sticky),
+            "systems": {
+                s.name: {
+                    "requests": s.requests,
+                    "answers": s.answers,
+                    "timeouts": s.timeouts,
+                    "sockets": s.ids.slots,
+                    "servers": {
+                        f"{h}:{p}": ("dead" if s.dead_until.get((h, p), 0.0) > self._last_now else "up")
+                        for kind in (AUTH, ACCT) for h, p in s.servers[kind]
+                    },
+                }
+                for s in self.systems.values()
+            },
+        }
+
+    _last_now = 0.0
+
+    # -- requests from clients ------------------------------------------------------------------
+
+    def handle_request(self, via: int, data: bytes, addr: Addr, now: float) -> list[Out]:
+        self._last_now = now
+        client = self.clients.find(addr[0], addr[1])
+        if client is None:
+            return self.drop("unknown_client")
+        try:
+            pkt = rp.decode(data)
+        except rp.RadiusDecodeError as exc:
+            return self.drop(exc.reason)
+        code = pkt.code
+        if code not in rp.REQUEST_CODES or (code == rp.ACCOUNTING_REQUEST) != (via == ACCT):
+            return self.drop("bad_code")
+        key: DupKey = (addr[0], addr[1], code, pkt.identifier, pkt.authenticator)
+        dup = self._dups.get(key)
+        if dup is not None:
+            self.duplicates += 1
+            if dup.answer is not None:
+                return [Out(TO_CLIENT, via, "", dup.answer, addr)]
+            return []  # first copy still in flight or held: we retransmit, not the NAS
+        try:
+            if not self._authentic(pkt, data, client.secret):
+                return self.drop("bad_authenticator")
+        except rp.RadiusDecodeError as exc:
+            return self.drop(exc.reason)
+        if code == rp.STATUS_SERVER:
+            return self._status_server(via, pkt, client, key, addr, now)
+        self.requests += 1
+        user = (pkt.get_text(rp.USER_NAME) or "").strip()
+        session: tuple[str, str] | None = None
+        status: int | None = None
+        if code == rp.ACCOUNTING_REQUEST:
+            status = pkt.get_int(rp.ACCT_STATUS_TYPE)
+            sid = pkt.get_text(rp.ACCT_SESSION_ID)
+            if sid:
+                session = (addr[0], sid)
+        req = _Request(key, via, client, addr, pkt, user, session, status)
+        dup = self._dups[key] = _Dup(via)
+        self._dup_expiry.append((now + self.window, key))
+        if code == rp.ACCOUNTING_REQUEST and status in (rp.ACCT_ON, rp.ACCT_OFF) and not user:
+            # a NAS reboot concerns the sessions it had on either system
+            return self._fan_out(req, dup, now)
+        pinned = self.sticky.get(session) if session is not None else None
+        if pinned is not None:
+            pinned[1] = now
+            return self._forward(req, self.systems[str(pinned[0])], dup, now)
+        system, state = self.decide(user)
+        if state == "locked":
+            req.deadline = now + self.lock_hold
+            self._held.append(req)
+            self.held_total += 1
+            return []
+        return self._route(req, system, dup, now)
+
+    def _authentic(self, pkt: rp.Packet, data: bytes, secret: bytes) -> bool:
+        if pkt.code == rp.ACCOUNTING_REQUEST:
+            if not rp.verify_accounting_request(data, secret):
+                return False
+            return rp.verify_message_authenticator(data, secret, rp.ZERO16) is not False
+        ok = rp.verify_message_authenticator(data, secret)
+        if ok is None:
+            # RFC 3579 3.2 / RFC 5997: EAP and Status-Server must be signed
+            return pkt.code == rp.ACCESS_REQUEST and pkt.get(rp.EAP_MESSAGE) is None
+        return ok
+
+    def _status_server(self, via: int, pkt: rp.Packet, client: ClientEntry, key: DupKey,
+                       addr: Addr, now: float) -> list[Out]:
+        code = rp.ACCOUNTING_RESPONSE if via == ACCT else rp.ACCESS_ACCEPT
+        ans = rp.Packet(code, pkt.identifier, pkt.authenticator,
+                        [(rp.MESSAGE_AUTHENTICATOR, rp.ZERO16), (rp.REPLY_MESSAGE, b"dsbc alive")])
+        wire = rp.sign_response(ans, pkt.authenticator, client.secret)
+        dup = self._dups[key] = _Dup(via)
+        dup.answer = wire
+        self._dup_expiry.append((now + self.window, key))
+        return [Out(TO_CLIENT, via, "", wire, addr)]
+
+    def _route(self, req: _Request, system_name: str, dup: _Dup, now: float) -> list[Out]:
+        system = self.systems.get(system_name)
+        if system is None:
+            self._dups.pop(req.key, None)
+            return self.drop("rejected" if system_name == "reject" else "no_system")
+        if req.session is not None and req.status != rp.ACCT_STOP:
+            self.sticky[req.session] = [system.name, now]
+            self.sticky_dirty = True
+        return self._forward(req, system, dup, now)
+
+    def _fan_out(self, req: _Request, dup: _Dup, now: float) -> list[Out]:
+        out: list[Out] = []
+        for system in self.systems.values():
+            if system.servers[ACCT]:
+                out += self._forward(req, system, dup, now)
+        if not out:
+            self._dups.pop(req.key, None)
+        return out
+
+    def _forward(self, req: _Request, system: SystemTarget, dup: _Dup, now: float) -> list[Out]:
+        kind = ACCT if req.pkt.code == rp.ACCOUNTING_REQUEST else AUTH
+        server = system.pick(kind, now)
+        if server is None:
+            if dup.outstanding == 0:
+                self._dups.pop(req.key, None)
+            return self.drop("no_server")
+        try:
+            slot, ident = system.ids.allocate()
+        except IdExhausted:
+            if dup.outstanding == 0:
+                self._dups.pop(req.key, None)
+            return self.drop("ids_exhausted")
+        src = req.pkt
+        state = self._state_prefix + bytes((slot >> 8 & 0xFF, slot & 0xFF, ident))
+        attrs: list[tuple[int, bytes]]
+        if kind == AUTH:
+            auth = rp.random_authenticator()
+            # Blast-RADIUS (CVE-2024-3596): sign every Access-Request, MA first
+            attrs = [(rp.MESSAGE_AUTHENTICATOR, rp.ZERO16)]
+            for t, v in src.attrs:
+                if t == rp.MESSAGE_AUTHENTICATOR:
+                    continue
+                if t == rp.USER_PASSWORD:
+                    try:
+                        plain = rp.unhide_password(v, req.client.secret, src.authenticator)
+                    except rp.RadiusDecodeError as exc:
+                        system.ids.release(slot, ident)
+                        self._dups.pop(req.key, None)
+                        return self.drop(exc.reason)
+                    v = rp.hide_password(plain, system.secret, auth)
+                attrs.append((t, v))
+            if src.get(rp.CHAP_PASSWORD) is not None and src.get(rp.CHAP_CHALLENGE) is None:
+                # the challenge defaulted to the Request Authenticator, which we change
+                attrs.append((rp.CHAP_CHALLENGE, src.authenticator))
+        else:
+            auth = rp.ZERO16
+            attrs = list(src.attrs)
+        attrs.append((rp.PROXY_STATE, state))
+        fwd = rp.Packet(src.code, ident, auth, attrs)
+        try:
+            wire = rp.sign_request(fwd, system.secret)
+        except ValueError:
+            system.ids.release(slot, ident)
+            if dup.outstanding == 0:
+                self._dups.pop(req.key, None)
+            return self.drop("too_big")
+        if kind == ACCT:
+            auth = wire[4:20]
+        deadline = now + self.timeout
+        p = _Pending(req, system, slot, ident, server, auth, wire, state, deadline)
+        pkey = (system.name, slot, ident)
+        self._pending[pkey] = p
+        heapq.heappush(self._heap, (deadline, next(self._seq), pkey))
+        dup.outstanding += 1
+        system.requests += 1
+        return [Out(TO_SERVER, slot, system.name, wire, server)]
+
+    # -- answers from systems ------------------------------------------------------------------
+
+    def handle_answer(self, system_name: str, slot: int, data: bytes, addr: Addr, now: float) -> list[Out]:
+        self._last_now = now
+        try:
+            code, ident, _ = rp.peek_header(data)
+        except rp.RadiusDecodeError as exc:
+            return self.drop("answer_" + exc.reason)
+        p = self._pending.get((system_name, slot, ident))
+        if p is None or p.server != addr:
+            return self.drop("unexpected_answer")
+        system = p.system
+        req = p.req
+        try:
+            pkt = rp.decode(data)
+            if not rp.verify_response(data, p.auth, system.secret):
+                return self.drop("bad_answer_authenticator")
+            if rp.verify_message_authenticator(data, system.secret, p.auth) is False:
+                return self.drop("bad_answer_authenticator")
+            expected = rp.ACCOUNTING_RESPONSE if req.pkt.code == rp.ACCOUNTING_REQUEST else None
+            if (expected is not None and code != expected) or (expected is None and code not in rp.AUTH_ANSWERS):
+                return self.drop("bad_answer_code")
+            # our Proxy-State is the last one (RFC 2865 5.33): strip it, keep the client's
+            for i in range(len(pkt.attrs) - 1, -1, -1):
+                if pkt.attrs[i][0] == rp.PROXY_STATE:
+                    if pkt.attrs[i][1] == p.state:
+                        del pkt.attrs[i]
+                    break
+            rp.reencrypt_answer_attrs(pkt, system.secret, p.auth, req.client.secret, req.pkt.authenticator)
+        except rp.RadiusDecodeError as exc:
+            return self.drop("answer_" + exc.reason)
+        del self._pending[(system_name, slot, ident)]
+        system.ids.release(slot, ident)
+        system.dead_until.pop(p.server, None)
+        system.answers += 1
+        dup = self._dups.get(req.key)
+        if dup is None:  # expired from the cache while in flight: still answer once
+            dup = _Dup(req.via)
+        else:
+            dup.outstanding -= 1
+        if dup.answer is not None:
+            return []  # second answer of a fan-out
+        pkt.identifier = req.pkt.identifier
+        wire = rp.sign_response(pkt, req.pkt.authenticator, req.client.secret)
+        dup.answer = wire
+        if req.session is not None and req.status == rp.ACCT_STOP:
+            if self.sticky.pop(req.session, None) is not None:
+                self.sticky_dirty = True
+        self.answers += 1
+        return [Out(TO_CLIENT, req.via, system.name, wire, req.addr)]
+
+    # -- time ----------------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        heap = self._heap
+        while heap and self._pending.get(heap[0][2]) is None:
+            heapq.heappop(heap)
+        times = []
+        if heap:
+            times.append(heap[0][0])
+        if self._held:
+            times.append(min(self._held[0].deadline, self._last_now + self.HOLD_POLL))
+        if self._dup_expiry:
+            times.append(self._dup_expiry[0][0])
+        if self.sticky:
+            times.append(self._next_sweep)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> list[Out]:
+        self._last_now = now
+        out: list[Out] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, _, pkey = heapq.heappop(heap)
+            p = self._pending.get(pkey)
+            if p is None or p.deadline != deadline:
+                continue
+            if p.tries <= self.retries:
+                # RFC 5080 2.2.1: same identifier and authenticator on a retransmission
+                p.tries += 1
+                p.deadline = now + self.timeout
+                heapq.heappush(heap, (p.deadline, next(self._seq), pkey))
+                out.append(Out(TO_SERVER, p.slot, p.system.name, p.wire, p.server))
+                continue
+            del self._pending[pkey]
+            p.system.ids.release(p.slot, p.ident)
+            p.system.timeouts += 1
+            p.system.dead_until[p.server] = now + self.dead_time
+            self.drop("timeout")
+            dup = self._dups.get(p.req.key)
+            if dup is not None:
+                dup.outstanding -= 1
+                if dup.outstanding <= 0 and dup.answer is None:
+                    del self._dups[p.req.key]  # let the NAS's next retransmission try again
+        if self._held:
+            still: list[_Request] = []
+            for req in self._held:
+                system, state = self.decide(req.user)
+                dup = self._dups.get(req.key)
+                if dup is None:
+                    continue
+                if state != "locked":
+                    out += self._route(req, system, dup, now)
+                elif req.deadline <= now:
+                    del self._dups[req.key]
+                    self.drop("locked")
+                else:
+                    still.append(req)
+            self._held = still
+        exp = self._dup_expiry
+        while exp and exp[0][0] <= now:
+            _, key = exp.popleft()
+            dup = self._dups.get(key)
+            if dup is None:
+                continue
+            if dup.outstanding <= 0 and (dup.answer is not None or not self._is_held(key)):
+                del self._dups[key]
+            else:
+                exp.append((now + self.window, key))
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.SWEEP_EVERY
+            old = now - self.STICKY_TTL
+            stale = [k for k, v in self.sticky.items() if float(v[1]) < old]  # type: ignore[arg-type]
+            for k in stale:
+                del self.sticky[k]
+            self.sticky_dirty = self.sticky_dirty or bool(stale)
+        return out
+
+    def _is_held(self, key: DupKey) -> bool:
+        return any(r.key == key for r in self._held)
+
+    # -- accounting pins across restarts ---------------------------------------------------
+
+    def sticky_snapshot(self) -> list[list[object]]:
+        self.sticky_dirty = False
+        return [[nas, sid, v[0], v[1]] for (nas, sid), v in self.sticky.items()]
+
+    def load_sticky(self, rows: list[list[object]]) -> None:
+        for row in rows:
+            if len(row) == 4 and str(row[2]) in self.systems:
+                self.sticky[(str(row[0]), str(row[1]))] = [str(row[2]), float(row[3])]  # type: ignore[arg-type]

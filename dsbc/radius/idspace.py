@@ -1,0 +1,104 @@
+"""RADIUS identifier spaces and client tables: the bookkeeping a proxy needs, I/O-free.
+
+A RADIUS identifier is one octet, and a server tells requests apart by (source IP,
+source port, identifier).  One upstream socket can therefore carry at most 256
+requests in flight; a dispatcher that relays for many NAS must spread its requests
+over several sockets ("slots").  :class:`IdSpace` hands out ``(slot, identifier)``
+pairs, opening a new slot only when every identifier of the existing ones is in use,
+and reuses identifiers oldest-freed first so that a late answer to a timed-out request
+is unlikely to meet a new request with the same identifier (RFC 5080 2.2.1).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+
+from dsbc.config import parse_hostport
+
+IDS_PER_SLOT = 256
+
+
+class IdExhausted(Exception):
+    """Every identifier of every allowed slot is in flight."""
+
+
+class IdSpace:
+    """``(slot, identifier)`` allocation for one system's upstream requests."""
+
+    __slots__ = ("_free", "max_slots", "in_use")
+
+    def __init__(self, max_slots: int = 64) -> None:
+        self._free: list[deque[int]] = []
+        self.max_slots = max_slots
+        self.in_use = 0
+
+    @property
+    def slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> tuple[int, int]:
+        for slot, free in enumerate(self._free):
+            if free:
+                self.in_use += 1
+                return slot, free.popleft()
+        if len(self._free) >= self.max_slots:
+            raise IdExhausted(f"{self.in_use} requests in flight on {len(self._free)} sockets")
+        self._free.append(deque(range(IDS_PER_SLOT)))
+        self.in_use += 1
+        return len(self._free) - 1, self._free[-1].popleft()
+
+    def release(self, slot: int, ident: int) -> None:
+        self._free[slot].append(ident)
+        self.in_use -= 1
+
+
+class ClientEntry:
+    __slots__ = ("name", "net", "port", "secret")
+
+    def __init__(self, address: str, secret: str) -> None:
+        self.name = address
+        self.port: int | None = None
+        if "/" in address:
+            self.net = ipaddress.ip_network(address, strict=False)
+        else:
+            try:
+                self.net = ipaddress.ip_network(address)
+            except ValueError:
+                host, port = parse_hostport(address)
+                self.net = ipaddress.ip_network(host.strip("[]"))
+                self.port = port
+        self.secret = secret.encode()
+
+
+class ClientTable:
+    """Which NAS may talk to us, and with which secret; most specific entry wins."""
+
+    __slots__ = ("_entries", "_cache")
+
+    def __init__(self, clients: list[tuple[str, str]]) -> None:
+        self._entries = [ClientEntry(a, s) for a, s in clients]
+        # longest prefix first, then entries bound to a port before the port-less ones
+        self._entries.sort(key=lambda e: (-e.net.prefixlen, e.port is None))
+        self._cache: dict[tuple[str, int], ClientEntry | None] = {}
+
+    def find(self, host: str, port: int) -> ClientEntry | None:
+        key = (host, port)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        found: ClientEntry | None = None
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        if ip is not None:
+            for e in self._entries:
+                if ip.version == e.net.version and ip in e.net and (e.port is None or e.port == port):
+                    found = e
+                    break
+        if len(self._cache) > 65536:
+            self._cache.clear()
+        self._cache[key] = found
+        return found

@@ -1,0 +1,247 @@
+"""asyncio adapters of the RADIUS dispatcher: two listening sockets, upstream sockets, one timer.
+
+Thin by design: ``datagram_received`` is synchronous (decode, look up in memory,
+re-sign, ``sendto``); no task per datagram.  Upstream sockets are plain non-blocking
+UDP sockets watched with ``loop.add_reader`` so that a new identifier slot (see
+``dsbc.radius.idspace``) can be opened synchronously, in the middle of a datagram
+callback, when every identifier of the existing ones is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from typing import Any
+
+from dsbc.config import Config, parse_hostport
+from dsbc.radius.core import ACCT, AUTH, TO_CLIENT, Addr, Out, RadiusCore, SystemTarget
+from dsbc.store.base import LocationStore
+
+log = logging.getLogger("dsbc.radius")
+
+STICKY_META_KEY = "radius.acct_sessions"
+PERSIST_EVERY = 30.0
+
+
+def make_decide(store: LocationStore) -> Any:
+    """User-Name -> (system, state): ``account``, then ``radius``, then the name without @realm."""
+
+    def decide(user: str) -> tuple[str, str]:
+        if not user:
+            return store.unknown, "active"
+        candidates = [("account", user), ("radius", user)]
+        if "@" in user:
+            candidates.append(("account", user.split("@", 1)[0]))
+        for kind, value in candidates:
+            if store.lookup(kind, value) is not None:
+                d = store.decide(kind, value)
+                return d.system, d.state
+        d = store.decide("account", user)
+        return d.system, d.state
+
+    return decide
+
+
+class _Listener(asyncio.DatagramProtocol):
+    __slots__ = ("svc", "via", "transport")
+
+    def __init__(self, svc: RadiusService, via: int) -> None:
+        self.svc = svc
+        self.via = via
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.svc.on_request(self.via, data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:  # ICMP unreachable and the like
+        log.debug("radius listener error: %s", exc)
+
+
+class RadiusService:
+    """A running RADIUS dispatcher: ``status()`` for metrics, ``await stop()`` to end it."""
+
+    def __init__(self, core: RadiusCore, store: LocationStore | None, loop: asyncio.AbstractEventLoop) -> None:
+        self.core = core
+        self.store = store
+        self.loop = loop
+        self.listeners: list[_Listener] = []
+        self.addresses: list[Addr] = []
+        self._socks: dict[tuple[str, int], socket.socket] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._persist_task: asyncio.Task[None] | None = None
+        self.send_errors = 0
+
+    # -- datagrams --------------------------------------------------------------------------
+
+    def on_request(self, via: int, data: bytes, addr: Addr) -> None:
+        self._send(self.core.handle_request(via, data, addr, self.loop.time()))
+        self._arm()
+
+    def _on_readable(self, system: str, slot: int, sock: socket.socket) -> None:
+        # bounded: at most 64 datagrams per wake-up so one busy system cannot starve the loop
+        for _ in range(64):
+            try:
+                data, addr = sock.recvfrom(4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # ICMP port unreachable reported on the next read
+                continue
+            self._send(self.core.handle_answer(system, slot, data, (addr[0], addr[1]), self.loop.time()))
+        self._arm()
+
+    def _upstream(self, system: str, slot: int, family: int) -> socket.socket:
+        sock = self._socks.get((system, slot))
+        if sock is None:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            self.loop.add_reader(sock.fileno(), self._on_readable, system, slot, sock)
+            self._socks[(system, slot)] = sock
+        return sock
+
+    def _send(self, outs: list[Out]) -> None:
+        for o in outs:
+            try:
+                if o.kind == TO_CLIENT:
+                    t = self.listeners[o.via].transport
+                    if t is not None:
+                        t.sendto(o.data, o.addr)
+                else:
+                    fam = socket.AF_INET6 if ":" in o.addr[0] else socket.AF_INET
+                    self._upstream(o.system, o.via, fam).sendto(o.data, o.addr)
+            except OSError as exc:
+                self.send_errors += 1
+                log.debug("radius send to %s failed: %s", o.addr, exc)
+
+    # -- the one timer ------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        when = self.core.get_timer()
+        if when is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._send(self.core.handle_timer(self.loop.time()))
+        self._arm()
+
+    # -- accounting pins -----------------------------------------------------------------------
+
+    def _persist(self) -> None:
+        if self.store is None:
+            return
+        # pins keep loop time in memory; the store gets wall-clock time
+        offset = time.time() - self.loop.time()
+        rows = [[n, s, sy, float(t) + offset] for n, s, sy, t in self.core.sticky_snapshot()]  # type: ignore[arg-type]
+        try:
+            self.store.set_meta(STICKY_META_KEY, json.dumps(rows, separators=(",", ":")))
+        except Exception as exc:  # noqa: BLE001 - a store outage must not stop dispatching
+            log.warning("radius: cannot save accounting sessions: %s", exc)
+
+    def _restore(self) -> None:
+        if self.store is None:
+            return
+        try:
+            text = self.store.get_meta(STICKY_META_KEY)
+            rows = json.loads(text) if text else []
+        except Exception as exc:  # noqa: BLE001
+            log.warning("radius: cannot load accounting sessions: %s", exc)
+            return
+        offset = time.time() - self.loop.time()
+        if isinstance(rows, list):
+            self.core.load_sticky([[r[0], r[1], r[2], float(r[3]) - offset] for r in rows
+                                   if isinstance(r, list) and len(r) == 4])
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PERSIST_EVERY)
+            if self.core.sticky_dirty:
+                self._persist()
+
+    # -- service interface -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        st = self.core.status()
+        st["listen"] = [f"{h}:{p}" for h, p in self.addresses]
+        st["send_errors"] = self.send_errors
+        return st
+
+    async def stop(self) -> None:
+        if self._persist_task is not None:
+            self._persist_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._persist_task
+        if self._timer is not None:
+            self._timer.cancel()
+        for lst in self.listeners:
+            if lst.transport is not None:
+                lst.transport.close()
+        for sock in self._socks.values():
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self._socks.clear()
+        self._persist()
+
+
+async def _resolve(loop: asyncio.AbstractEventLoop, entries: list[str], default_port: int) -> list[Addr]:
+    out: list[Addr] = []
+    for e in entries:
+        host, port = parse_hostport(e, default_port)
+        host = host.strip("[]")
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        out.append((str(infos[0][4][0]), port))
+    return out
+
+
+async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
+    """Start the RADIUS dispatcher of ``cfg.radius`` on its auth and acct listeners."""
+    loop = asyncio.get_running_loop()
+    systems: list[SystemTarget] = []
+    for name in ("source", "target"):
+        sc = cfg.system(name)
+        auth = await _resolve(loop, sc.radius, 1812)
+        if sc.radius_acct:
+            acct = await _resolve(loop, sc.radius_acct, 1813)
+        else:  # the usual layout: accounting one port above authentication
+            acct = [(h, p + 1) for h, p in auth]
+        systems.append(SystemTarget(name, sc.radius_secret, auth, acct))
+    rc = cfg.radius
+    core = RadiusCore(
+        [(c.address, c.secret) for c in rc.clients],
+        systems,
+        make_decide(store),
+        timeout=rc.timeout,
+        retries=rc.retries,
+        duplicate_window=rc.duplicate_window,
+        lock_hold=cfg.store.lock_hold,
+    )
+    svc = RadiusService(core, store, loop)
+    svc._restore()
+    try:
+        for via, listen, default in ((AUTH, rc.auth_listen, 1812), (ACCT, rc.acct_listen, 1813)):
+            host, port = parse_hostport(listen, default)
+            lst = _Listener(svc, via)
+            transport, _ = await loop.create_datagram_endpoint(lambda lst=lst: lst, local_addr=(host.strip("[]"), port))
+            svc.listeners.append(lst)
+            sockname = transport.get_extra_info("sockname")
+            svc.addresses.append((sockname[0], sockname[1]))
+    except OSError:
+        await svc.stop()
+        raise
+    svc._persist_task = loop.create_task(svc._persist_loop())
+    log.info("radius: auth on %s:%d, acct on %s:%d", *svc.addresses[0], *svc.addresses[1])
+    return svc

@@ -1,0 +1,342 @@
+"""The RADIUS dispatcher core, I/O-free: bytes and times in, datagrams out.
+
+Also home of ``open_test_store``: the real SQLite store when ``dsbc.store.open_store``
+exists, a tiny in-test fake of the store interface until then.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsbc.radius import packet as rp
+from dsbc.radius.core import ACCT, AUTH, TO_CLIENT, TO_SERVER, Out, RadiusCore, SystemTarget
+from dsbc.radius.service import make_decide
+from dsbc.store.base import (
+    ApiSession,
+    AuditEntry,
+    Customer,
+    Location,
+    LocationStore,
+    MigrationResult,
+    Registration,
+    identity_key,
+    parse_identity,
+)
+
+# --- a store for tests ------------------------------------------------------------------
+
+
+class FakeStore(LocationStore):
+    """Just enough of the interface for the dispatchers: identities, lock, migrate, meta."""
+
+    def __init__(self, unknown: str = "source") -> None:
+        self.unknown = unknown
+        self._cust: dict[str, Customer] = {}
+        self._index: dict[str, str] = {}
+        self._meta: dict[str, str] = {}
+
+    def lookup(self, kind: str, value: str) -> Location | None:
+        cid = self._index.get(identity_key(kind, value))
+        if cid is None:
+            return None
+        c = self._cust[cid]
+        return Location(cid, c.system, c.state)
+
+    def customer(self, customer_id: str) -> Customer | None:
+        return self._cust.get(customer_id)
+
+    def refresh(self) -> list[str]:
+        return []
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    def put_customer(self, customer_id: str, identities: Iterable[str], system: str = "source", group: str = "") -> None:
+        keys = tuple(identity_key(*parse_identity(i)) for i in identities)
+        self._cust[customer_id] = Customer(customer_id, system, "active", group, "", 0, keys)
+        for k in keys:
+            self._index[k] = customer_id
+
+    def import_rows(self, rows: Iterable[dict[str, object]], progress: Callable[[int], None] | None = None) -> int:
+        raise NotImplementedError
+
+    def lock(self, customer_ids: list[str], batch_id: str) -> None:
+        for cid in customer_ids:
+            self._cust[cid].state = "locked"
+
+    def migrate(self, customer_ids: list[str], to: str, who: str = "cli", batch_id: str | None = None,
+                dry_run: bool = False) -> MigrationResult:
+        for cid in customer_ids:
+            self._cust[cid].system = to
+            self._cust[cid].state = "active"
+        return MigrationResult(batch_id or "b", to, list(customer_ids))
+
+    def rollback(self, batch_id: str, who: str = "cli") -> MigrationResult:
+        raise NotImplementedError
+
+    def prepare(self, customer_ids: list[str], expires: int) -> None:
+        pass
+
+    def audit(self, batch_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
+        return []
+
+    def record_registrations(self, regs: list[Registration]) -> None:
+        pass
+
+    def registrations(self, customer_ids: list[str] | None = None) -> list[Registration]:
+        return []
+
+    def put_session(self, session: ApiSession) -> None:
+        pass
+
+    def get_session(self, key: str) -> ApiSession | None:
+        return None
+
+    def delete_session(self, key: str) -> None:
+        pass
+
+    def get_meta(self, key: str) -> str | None:
+        return self._meta.get(key)
+
+    def set_meta(self, key: str, value: str, only_if_absent: bool = False) -> str:
+        if only_if_absent and key in self._meta:
+            return self._meta[key]
+        self._meta[key] = value
+        return value
+
+    def counts(self) -> dict[str, int]:
+        return {"customers": len(self._cust)}
+
+
+def open_test_store(tmp_path: Path) -> LocationStore:
+    try:
+        from dsbc.store import open_store  # type: ignore[attr-defined]
+    except ImportError:
+        return FakeStore()
+    return open_store("sqlite:///" + str(tmp_path / "loc.db"), "source")  # type: ignore[no-any-return]
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+NAS = ("10.0.0.1", 40000)
+NAS_SECRET = b"nas-secret"
+SRC = ("127.0.0.1", 1812)
+SRC_ACCT = ("127.0.0.1", 1813)
+TGT = ("127.0.0.2", 1812)
+TGT_ACCT = ("127.0.0.2", 1813)
+SECRETS = {"source": b"src-secret", "target": b"tgt-secret"}
+
+
+def make_core(store: LocationStore, **kw: Any) -> RadiusCore:
+    systems = [SystemTarget("source", "src-secret", [SRC], [SRC_ACCT]),
+               SystemTarget("target", "tgt-secret", [TGT], [TGT_ACCT])]
+    return RadiusCore([("10.0.0.0/24", NAS_SECRET.decode())], systems, make_decide(store), **kw)
+
+
+@pytest.fixture
+def store() -> FakeStore:
+    s = FakeStore()
+    s.put_customer("1", ["account:alice"])
+    s.put_customer("2", ["account:bob", "radius:bob@wifi"])
+    return s
+
+
+def access_request(user: str, ident: int = 1, password: bytes = b"pw", auth: bytes = bytes(range(16)),
+                   secret: bytes = NAS_SECRET, extra: list[tuple[int, bytes]] | None = None) -> bytes:
+    attrs = [(rp.USER_NAME, user.encode()), (rp.USER_PASSWORD, rp.hide_password(password, secret, auth))]
+    attrs += extra or []
+    return rp.sign_request(rp.Packet(rp.ACCESS_REQUEST, ident, auth, attrs), secret)
+
+
+def acct_request(user: str, status: int, session: str, ident: int = 1, secret: bytes = NAS_SECRET) -> bytes:
+    attrs = [(rp.USER_NAME, user.encode()), (rp.ACCT_STATUS_TYPE, struct.pack("!I", status)),
+             (rp.ACCT_SESSION_ID, session.encode())]
+    return rp.sign_request(rp.Packet(rp.ACCOUNTING_REQUEST, ident, rp.ZERO16, attrs), secret)
+
+
+def server_answer(out: Out, code: int | None = None, secret: bytes | None = None,
+                  extra: list[tuple[int, bytes]] | None = None) -> bytes:
+    """What a correct server answers to the forwarded request ``out``."""
+    req = rp.decode(out.data)
+    secret = secret or SECRETS[out.system]
+    if code is None:
+        code = rp.ACCOUNTING_RESPONSE if req.code == rp.ACCOUNTING_REQUEST else rp.ACCESS_ACCEPT
+    attrs = [(rp.REPLY_MESSAGE, f"hello from {out.system}".encode())] + (extra or [])
+    attrs += [(rp.PROXY_STATE, v) for v in req.get_all(rp.PROXY_STATE)]
+    return rp.sign_response(rp.Packet(code, req.identifier, rp.ZERO16, attrs), req.authenticator, secret)
+
+
+# --- tests ------------------------------------------------------------------------------
+
+
+def test_access_request_resigned_both_ways(store: FakeStore) -> None:
+    core = make_core(store)
+    auth = bytes(range(16))
+    req = access_request("alice", ident=77, password=b"secret pw", auth=auth,
+                         extra=[(rp.PROXY_STATE, b"nas-state")])
+    [fwd] = core.handle_request(AUTH, req, NAS, 0.0)
+    assert fwd.kind == TO_SERVER and fwd.system == "source" and fwd.addr == SRC
+    sent = rp.decode(fwd.data)
+    assert rp.verify_message_authenticator(fwd.data, SECRETS["source"]) is True
+    pw = rp.unhide_password(sent.get(rp.USER_PASSWORD) or b"", SECRETS["source"], sent.authenticator)
+    assert pw == b"secret pw"
+    states = sent.get_all(rp.PROXY_STATE)
+    assert states[0] == b"nas-state" and len(states) == 2
+    [ans] = core.handle_answer("source", fwd.via, server_answer(fwd, extra=[(rp.MESSAGE_AUTHENTICATOR, rp.ZERO16)]),
+                               SRC, 0.1)
+    assert ans.kind == TO_CLIENT and ans.addr == NAS and ans.via == AUTH
+    back = rp.decode(ans.data)
+    assert back.identifier == 77 and back.code == rp.ACCESS_ACCEPT
+    assert rp.verify_response(ans.data, auth, NAS_SECRET)
+    assert rp.verify_message_authenticator(ans.data, NAS_SECRET, auth) is True
+    assert back.get_all(rp.PROXY_STATE) == [b"nas-state"]
+    assert back.get_text(rp.REPLY_MESSAGE) == "hello from source"
+
+
+def test_owner_by_radius_identity_and_realm(store: FakeStore) -> None:
+    core = make_core(store)
+    store.migrate(["2"], "target")
+    [fwd] = core.handle_request(AUTH, access_request("bob@wifi"), NAS, 0.0)
+    assert fwd.system == "target"
+    [fwd] = core.handle_request(AUTH, access_request("bob@elsewhere", ident=2), NAS, 0.0)
+    assert fwd.system == "target"
+    [fwd] = core.handle_request(AUTH, access_request("nobody", ident=3), NAS, 0.0)
+    assert fwd.system == "source"  # store.unknown
+
+
+def test_chap_challenge_preserved(store: FakeStore) -> None:
+    core = make_core(store)
+    auth = bytes(range(100, 116))
+    raw = rp.encode(rp.Packet(rp.ACCESS_REQUEST, 5, auth, [(rp.USER_NAME, b"alice"), (rp.CHAP_PASSWORD, bytes(17))]))
+    [fwd] = core.handle_request(AUTH, raw, NAS, 0.0)
+    assert rp.decode(fwd.data).get(rp.CHAP_CHALLENGE) == auth
+
+
+def test_accounting_session_sticks_across_migration(store: FakeStore) -> None:
+    core = make_core(store)
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "s1", 1), NAS, 0.0)
+    assert fwd.system == "source" and fwd.addr == SRC_ACCT
+    assert rp.verify_accounting_request(fwd.data, SECRETS["source"])
+    [ans] = core.handle_answer("source", fwd.via, server_answer(fwd), SRC_ACCT, 0.1)
+    assert rp.verify_response(ans.data, rp.decode(acct_request("alice", 1, "s1", 1)).authenticator, NAS_SECRET)
+    store.migrate(["1"], "target")
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_INTERIM, "s1", 2), NAS, 1.0)
+    assert fwd.system == "source"
+    core.handle_answer("source", fwd.via, server_answer(fwd), SRC_ACCT, 1.1)
+    # a new session of the migrated customer goes to the target
+    [fwd2] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "s2", 3), NAS, 1.2)
+    assert fwd2.system == "target"
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_STOP, "s1", 4), NAS, 2.0)
+    assert fwd.system == "source"
+    core.handle_answer("source", fwd.via, server_answer(fwd), SRC_ACCT, 2.1)
+    assert ("10.0.0.1", "s1") not in core.sticky and ("10.0.0.1", "s2") in core.sticky
+    rows = core.sticky_snapshot()
+    fresh = make_core(store)
+    fresh.load_sticky(rows)
+    [fwd] = fresh.handle_request(ACCT, acct_request("alice", rp.ACCT_INTERIM, "s2", 5), NAS, 3.0)
+    assert fwd.system == "target"
+
+
+def test_duplicates_answered_from_cache_not_forwarded_twice(store: FakeStore) -> None:
+    core = make_core(store)
+    req = access_request("alice", ident=9)
+    [fwd] = core.handle_request(AUTH, req, NAS, 0.0)
+    assert core.handle_request(AUTH, req, NAS, 0.5) == []
+    [ans] = core.handle_answer("source", fwd.via, server_answer(fwd), SRC, 0.6)
+    [again] = core.handle_request(AUTH, req, NAS, 1.0)
+    assert again.kind == TO_CLIENT and again.data == ans.data
+    assert core.duplicates == 2 and core.systems["source"].requests == 1
+    # a late second answer from the server changes nothing
+    assert core.handle_answer("source", fwd.via, server_answer(fwd), SRC, 1.1) == []
+    # past the window, the same bytes are a new request
+    core.handle_timer(100.0)
+    assert core.handle_request(AUTH, req, NAS, 100.0)[0].kind == TO_SERVER
+
+
+def test_drops_are_counted(store: FakeStore) -> None:
+    core = make_core(store)
+    assert core.handle_request(AUTH, access_request("alice"), ("192.0.2.9", 1), 0.0) == []
+    assert core.handle_request(ACCT, acct_request("alice", 1, "x", secret=b"wrong"), NAS, 0.0) == []
+    bad_ma = access_request("alice", ident=3, secret=b"wrong", extra=[(rp.MESSAGE_AUTHENTICATOR, rp.ZERO16)])
+    assert core.handle_request(AUTH, bad_ma, NAS, 0.0) == []
+    eap_unsigned = rp.encode(rp.Packet(rp.ACCESS_REQUEST, 4, bytes(16), [(rp.EAP_MESSAGE, b"\x02\x00\x00\x05\x01")]))
+    assert core.handle_request(AUTH, eap_unsigned, NAS, 0.0) == []
+    assert core.handle_request(AUTH, b"\x01\x02\x00", NAS, 0.0) == []
+    assert core.handle_request(AUTH, acct_request("alice", 1, "y"), NAS, 0.0) == []  # accounting on the auth port
+    assert core.drops == {"unknown_client": 1, "bad_authenticator": 3, "truncated": 1, "bad_code": 1}
+    assert core.handle_answer("source", 0, b"\x02\x01\x00\x14" + bytes(16), SRC, 0.0) == []
+    assert core.drops["unexpected_answer"] == 1
+
+
+def test_bad_answer_authenticator_dropped(store: FakeStore) -> None:
+    core = make_core(store)
+    [fwd] = core.handle_request(AUTH, access_request("alice"), NAS, 0.0)
+    assert core.handle_answer("source", fwd.via, server_answer(fwd, secret=b"wrong"), SRC, 0.1) == []
+    assert core.handle_answer("source", fwd.via, server_answer(fwd), ("127.0.0.9", 1812), 0.1) == []
+    assert core.drops == {"bad_answer_authenticator": 1, "unexpected_answer": 1}
+    assert len(core.handle_answer("source", fwd.via, server_answer(fwd), SRC, 0.2)) == 1
+
+
+def test_identifier_space_many_clients(store: FakeStore) -> None:
+    core = make_core(store)
+    seen: set[tuple[int, int]] = set()
+    for port in (1, 2, 3):
+        for ident in range(256):
+            [fwd] = core.handle_request(AUTH, access_request("alice", ident=ident), ("10.0.0.5", port), 0.0)
+            seen.add((fwd.via, rp.decode(fwd.data).identifier))
+    assert len(seen) == 3 * 256 and core.systems["source"].ids.slots == 3
+
+
+def test_timeout_retransmits_then_gives_up(store: FakeStore) -> None:
+    core = make_core(store, timeout=1.0, retries=2)
+    req = access_request("alice")
+    [fwd] = core.handle_request(AUTH, req, NAS, 0.0)
+    assert core.get_timer() == 1.0
+    r1 = core.handle_timer(1.0)
+    r2 = core.handle_timer(2.0)
+    assert [o.data for o in r1 + r2] == [fwd.data, fwd.data]
+    assert core.handle_timer(3.0) == []
+    assert core.drops == {"timeout": 1} and core.systems["source"].ids.in_use == 0
+    assert core.status()["systems"]["source"]["servers"]["127.0.0.1:1812"] == "dead"  # type: ignore[index]
+    # the NAS's retransmission is tried again
+    assert core.handle_request(AUTH, req, NAS, 3.5)[0].kind == TO_SERVER
+
+
+def test_locked_customer_held_then_relayed_or_dropped(store: FakeStore) -> None:
+    core = make_core(store, lock_hold=2.0)
+    store.lock(["1"], "b1")
+    assert core.handle_request(AUTH, access_request("alice", ident=1), NAS, 0.0) == []
+    assert core.get_timer() is not None
+    assert core.handle_timer(0.5) == []
+    store.migrate(["1"], "target")
+    [fwd] = core.handle_timer(1.0)
+    assert fwd.system == "target"
+    store.lock(["2"], "b2")
+    assert core.handle_request(AUTH, access_request("bob", ident=2), NAS, 1.0) == []
+    assert core.handle_timer(2.0) == []
+    assert core.handle_timer(3.1) == []
+    assert core.drops.get("locked") == 1
+
+
+def test_accounting_on_goes_to_both_systems(store: FakeStore) -> None:
+    core = make_core(store)
+    attrs = [(rp.ACCT_STATUS_TYPE, struct.pack("!I", rp.ACCT_ON)), (rp.NAS_IDENTIFIER, b"nas1")]
+    raw = rp.sign_request(rp.Packet(rp.ACCOUNTING_REQUEST, 3, rp.ZERO16, attrs), NAS_SECRET)
+    outs = core.handle_request(ACCT, raw, NAS, 0.0)
+    assert sorted(o.system for o in outs) == ["source", "target"]
+    assert len(core.handle_answer("target", outs[1].via, server_answer(outs[1]), TGT_ACCT, 0.1)) == 1
+    assert core.handle_answer("source", outs[0].via, server_answer(outs[0]), SRC_ACCT, 0.2) == []
+
+
+def test_status_server_answered_locally(store: FakeStore) -> None:
+    core = make_core(store)
+    auth = bytes(range(16))
+    raw = rp.sign_request(rp.Packet(rp.STATUS_SERVER, 1, auth, [(rp.MESSAGE_AUTHENTICATOR, rp.ZERO16)]), NAS_SECRET)
+    [ans] = core.handle_request(AUTH, raw, NAS, 0.0)
+    assert ans.kind == TO_CLIENT and rp.verify_response(ans.data, auth, NAS_SECRET)
