@@ -1,0 +1,188 @@
+"""Back-end node health by OPTIONS pings (I/O free: time is an argument).
+
+Each system has an ordered list of nodes.  ``pick(system)`` returns the first node that is
+up, so traffic fails over to the next node of the *same* system and never to the other
+system.  A node is down after it leaves a ping unanswered for ``timeout`` seconds (or the
+transport reports it unreachable) and up again on its next answer of any status.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import msgspec
+
+from .message import SipMessage
+
+PING_BRANCH_PREFIX = "z9hG4bK-dsbcping-"
+
+
+class Node(msgspec.Struct, frozen=True, gc=False):
+    system: str
+    index: int
+    transport: str
+    host: str
+    port: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.system}/{self.index}"
+
+    def __str__(self) -> str:
+        return f"{self.transport}:{self.host}:{self.port}"
+
+
+class NodeState:
+    __slots__ = ("node", "up", "last_ok", "pending", "sent_at", "next_ping", "rtt", "failures", "since")
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.up = True
+        self.last_ok = 0.0
+        self.pending = ""  # branch of the unanswered ping
+        self.sent_at = 0.0
+        self.next_ping = 0.0
+        self.rtt = 0.0
+        self.failures = 0
+        self.since = 0.0
+
+
+class Ping(msgspec.Struct, gc=False):
+    node: Node
+    data: bytes
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        nodes: list[Node],
+        *,
+        interval: float = 5.0,
+        timeout: float = 2.0,
+        local_host: str = "127.0.0.1",
+        local_port: int = 5060,
+        tag: str = "",
+    ) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self.local_host = local_host
+        self.local_port = local_port
+        self._tag = tag or uuid.uuid4().hex[:10]
+        self._seq = itertools.count(1)
+        self.states: dict[str, NodeState] = {n.key: NodeState(n) for n in nodes}
+        self._by_system: dict[str, list[NodeState]] = {}
+        self._by_addr: dict[tuple[str, int], NodeState] = {}
+        for st in self.states.values():
+            self._by_system.setdefault(st.node.system, []).append(st)
+            self._by_addr[(st.node.host, st.node.port)] = st
+        for lst in self._by_system.values():
+            lst.sort(key=lambda s: s.node.index)
+
+    # --- queries --------------------------------------------------------------------
+
+    def pick(self, system: str, prefer: tuple[str, int] | None = None) -> Node | None:
+        """A node of ``system`` that is up: ``prefer`` (host, port) if it is one and up."""
+        if prefer is not None:
+            st = self._by_addr.get(prefer)
+            if st is not None and st.node.system == system and st.up:
+                return st.node
+        for st in self._by_system.get(system, ()):
+            if st.up:
+                return st.node
+        return None
+
+    def node_at(self, host: str, port: int) -> Node | None:
+        st = self._by_addr.get((host, port))
+        return st.node if st else None
+
+    def nodes(self, system: str) -> list[Node]:
+        return [st.node for st in self._by_system.get(system, ())]
+
+    def status(self) -> list[dict[str, object]]:
+        return [
+            {
+                "system": st.node.system,
+                "node": str(st.node),
+                "up": st.up,
+                "rtt_ms": round(st.rtt * 1000, 2),
+                "failures": st.failures,
+            }
+            for st in self.states.values()
+        ]
+
+    # --- timers ---------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        deadlines = []
+        for st in self.states.values():
+            deadlines.append(st.next_ping)
+            if st.pending:
+                deadlines.append(st.sent_at + self.timeout)
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> list[Ping]:
+        out: list[Ping] = []
+        for st in self.states.values():
+            if st.pending and now >= st.sent_at + self.timeout:
+                self._mark(st, False, now)
+                st.pending = ""
+            if now >= st.next_ping:
+                out.append(self._ping(st, now))
+        return out
+
+    def _ping(self, st: NodeState, now: float) -> Ping:
+        seq = next(self._seq)
+        n = st.node
+        branch = f"{PING_BRANCH_PREFIX}{self._tag}-{seq}"
+        if not st.pending:
+            st.pending = branch
+            st.sent_at = now
+        else:
+            st.pending = branch  # keep the original sent_at: the node is still silent
+        st.next_ping = now + self.interval
+        host = f"[{n.host}]" if ":" in n.host else n.host
+        lhost = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
+        data = (
+            f"OPTIONS sip:{host}:{n.port};transport={n.transport} SIP/2.0\r\n"
+            f"Via: SIP/2.0/{n.transport.upper()} {lhost}:{self.local_port};branch={branch};rport\r\n"
+            f"Max-Forwards: 70\r\n"
+            f"From: <sip:dsbc@{lhost}>;tag={self._tag}\r\n"
+            f"To: <sip:{host}:{n.port}>\r\n"
+            f"Call-ID: dsbcping-{self._tag}-{seq}\r\n"
+            f"CSeq: {seq} OPTIONS\r\n"
+            f"User-Agent: dsbc\r\n"
+            f"Content-Length: 0\r\n\r\n"
+        ).encode()
+        return Ping(n, data)
+
+    # --- inputs ---------------------------------------------------------------------
+
+    @staticmethod
+    def is_ping_response(msg: SipMessage) -> bool:
+        vias = msg.vias
+        return bool(vias) and vias[0].branch.startswith(PING_BRANCH_PREFIX)
+
+    def handle_response(self, msg: SipMessage, now: float) -> None:
+        branch = msg.vias[0].branch
+        for st in self.states.values():
+            if st.pending == branch:
+                st.rtt = now - st.sent_at
+                st.pending = ""
+                self._mark(st, True, now)
+                return
+
+    def mark_unreachable(self, host: str, port: int, now: float) -> None:
+        st = self._by_addr.get((host, port))
+        if st is not None:
+            self._mark(st, False, now)
+
+    def _mark(self, st: NodeState, ok: bool, now: float) -> None:
+        if ok:
+            st.last_ok = now
+            st.failures = 0
+        else:
+            st.failures += 1
+        if st.up != ok:
+            st.up = ok
+            st.since = now

@@ -1,0 +1,570 @@
+"""The dispatching proxy core (SPEC section 6), free of I/O: bytes and time in, sends out.
+
+``ProxyCore.handle_data(data, flow, now)`` takes one datagram or one framed stream message
+and returns the ``Send`` actions to perform.  The core is transaction-stateless in the
+RFC 3261 section 16.11 sense (branches are computed from the incoming request, responses
+are relayed by Via), with three small pieces of soft state, all bounded and expiring:
+
+* INVITE destinations by outgoing branch, so CANCEL and the ACK of a failed INVITE follow
+  their INVITE even after the customer moved;
+* requests of ``locked`` customers held until their migration commits (SPEC section 1);
+* back-end node health (``sip.health``).
+
+Who owns a request is asked of a small ``Router`` (dsbc implements it over the location
+store); the core never imports dsbc.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import heapq
+import ipaddress
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import msgspec
+
+from .errors import BadExtension, LoopDetected, SipError, SipParseError, TooManyHops
+from .flow import Flow, FlowSigner, FlowTokenError
+from .health import HealthChecker, Node
+from .message import Editor, SipMessage, make_response, parse_message, parse_request_uri
+from .uri import NameAddr, SipUri, parse_name_addr, unescape
+
+BRANCH_PREFIX = "z9hG4bK-d5"
+DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+INVITE_STATE_TTL = 300.0
+
+
+class Router(Protocol):
+    """What the proxy asks of the location store."""
+
+    def decide(self, candidates: Sequence[tuple[str, str]]) -> Any:
+        """The owner of the first known identity (``.system``, ``.customer_id``, ``.state``,
+        ``.reason``), or the unknown policy's answer; ``.system`` may be ``"reject"``."""
+
+    def is_trusted(self, ip: str, port: int) -> bool:
+        """A carrier or a system's node: routed by Request-URI."""
+
+    def expires_cap(self, customer_id: str) -> int:
+        """>0 while the customer's migration is being prepared (``dsbc migrate --prepare``)."""
+
+
+class Send(msgspec.Struct, gc=False):
+    """Send ``data`` to ``ip:port`` over ``transport``; on a stream transport use connection
+    ``conn_id`` of ``worker`` if given (``worker=-1``: any worker / a new connection)."""
+
+    transport: str
+    ip: str
+    port: int
+    data: bytes
+    conn_id: int = 0
+    worker: int = -1
+    health: bool = False
+
+
+class RegistrationSeen(msgspec.Struct, gc=False):
+    """A 2xx to a REGISTER that dsbc relayed: the bindings the system granted."""
+
+    account: str
+    contacts: list[tuple[str, int]]  # (contact URI, granted expiry in seconds)
+    system: str
+    received: str  # the phone's flow, "transport:ip:port"
+
+
+class ProxySettings(msgspec.Struct, kw_only=True):
+    advertise_host: str
+    ports: dict[str, int]  # transport -> advertised port
+    local_addresses: frozenset[tuple[str, int]] = frozenset()
+    worker: int = 0
+    lock_hold: float = 2.0
+    retry_after: int = 30
+    max_message_size: int = 65535
+    server: str = "dsbc"
+
+
+class _Held:
+    __slots__ = ("msg", "src", "deadline", "customer_id", "key")
+
+    def __init__(self, msg: SipMessage, src: Flow, deadline: float, customer_id: str, key: str) -> None:
+        self.msg = msg
+        self.src = src
+        self.deadline = deadline
+        self.customer_id = customer_id
+        self.key = key
+
+
+def _hash(text: str, size: int) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=size).hexdigest()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+class ProxyCore:
+    def __init__(self, settings: ProxySettings, router: Router, health: HealthChecker, signer: FlowSigner) -> None:
+        self.s = settings
+        self.router = router
+        self.health = health
+        self.signer = signer
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.events: list[RegistrationSeen] = []
+        self._invites: dict[str, tuple[str, str, int, float]] = {}  # branch -> (transport, ip, port, expiry)
+        self._invite_expiry: collections.deque[tuple[float, str]] = collections.deque()
+        self._held: dict[str, _Held] = {}
+        self._held_heap: list[tuple[float, str]] = []
+        self._our_hosts = {settings.advertise_host.lower()} | {h.lower() for h, _ in settings.local_addresses}
+        self._our_ports = set(settings.ports.values()) | {p for _, p in settings.local_addresses}
+
+    # --- entry points ---------------------------------------------------------------
+
+    def handle_data(self, data: bytes, src: Flow, now: float) -> list[Send]:
+        """One UDP datagram or one framed stream message."""
+        is_response = data[:4] == b"SIP/"
+        try:
+            msg = parse_message(data, datagram=not src.is_stream, max_size=self.s.max_message_size)
+        except SipError as exc:
+            return self._bad_input(exc, is_response, src)
+        if msg.is_request:
+            self.counters[f"requests_in:{msg.method if len(msg.method) < 20 else 'OTHER'}"] += 1
+            try:
+                return self._request(msg, src, now)
+            except SipError as exc:
+                self.counters[f"rejected:{exc.status}"] += 1
+                return [self._reply(msg, src, exc.status, exc.reason, list(exc.extra_headers))]
+        self.counters[f"responses_in:{msg.status // 100}xx"] += 1
+        try:
+            return self._response(msg, src, now)
+        except SipError:
+            self.counters["responses_dropped"] += 1
+            return []
+
+    def get_timer(self) -> float | None:
+        deadlines = [t for t in (self.health.get_timer(),) if t is not None]
+        if self._held_heap:
+            deadlines.append(self._held_heap[0][0])
+        if self._held:
+            deadlines.append(min(h.deadline for h in self._held.values()))
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> list[Send]:
+        out: list[Send] = []
+        for ping in self.health.handle_timer(now):
+            n = ping.node
+            out.append(Send(n.transport, n.host, n.port, ping.data, health=True))
+        out.extend(self._recheck_held(now, None))
+        while self._invite_expiry and self._invite_expiry[0][0] <= now:
+            _, branch = self._invite_expiry.popleft()
+            entry = self._invites.get(branch)
+            if entry is not None and entry[3] <= now:
+                del self._invites[branch]
+        return out
+
+    def customers_changed(self, customer_ids: Iterable[str], now: float) -> list[Send]:
+        """The store committed changes for these customers: release what was held for them."""
+        if not self._held:
+            return []
+        return self._recheck_held(now, set(customer_ids))
+
+    @property
+    def held_count(self) -> int:
+        return len(self._held)
+
+    # --- errors -----------------------------------------------------------------------
+
+    def _bad_input(self, exc: SipError, is_response: bool, src: Flow) -> list[Send]:
+        partial: SipMessage | None = getattr(exc, "partial", None)
+        if is_response or partial is None or not exc.respond:
+            self.counters["responses_dropped" if is_response else "requests_dropped"] += 1
+            return []
+        self.counters[f"bad_requests:{exc.status}"] += 1
+        if partial.method == "ACK":
+            return []
+        try:
+            return [self._reply(partial, src, exc.status, exc.reason, [("warning", f'399 dsbc "{_quote(exc.detail)}"')])]
+        except SipError:
+            return []
+
+    def _reply(self, req: SipMessage, src: Flow, status: int, reason: str, extra: list[tuple[str, str]] | None = None) -> Send:
+        headers = list(extra or ())
+        headers.append(("server", self.s.server))
+        data = make_response(req, status, reason, headers, to_tag=_hash(req.call_id, 5) if status > 100 else None)
+        return Send(src.transport, src.ip, src.port, data, src.conn_id, src.worker if src.is_stream else -1)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _request(self, msg: SipMessage, src: Flow, now: float) -> list[Send]:
+        method = msg.method
+        mf = msg.max_forwards
+        routes = msg.routes
+        # our own address with no user: keep-alive OPTIONS and the like are answered here
+        if not routes and msg.uri.user is None and self._is_ours(msg.uri):
+            if method == "OPTIONS":
+                return [self._reply(msg, src, 200, "OK", [("allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, SUBSCRIBE, NOTIFY, REFER, MESSAGE, INFO, UPDATE, PRACK, PUBLISH")])]
+            if method != "REGISTER" and method != "ACK":
+                return [self._reply(msg, src, 404, "Not Found")]
+        if mf is not None and mf <= 0:
+            if method == "ACK":
+                return []
+            raise TooManyHops()
+        if method not in ("ACK", "CANCEL"):
+            preq = msg.values("proxy-require")
+            if preq:
+                raise BadExtension(extra_headers=(("unsupported", ", ".join(preq)),))
+        ed = Editor(msg)
+        # RFC 3261 16.4 route pre-processing: strict-routing previous hop, then our own Routes
+        ruri_text = msg.ruri
+        route_vals = msg.values("route")
+        params: dict[str, str] = {}
+        if routes and self._is_ours(msg.uri) and (msg.uri.has_param("dsbc") or msg.uri.has_param("ft")):
+            params.update(self._route_params(msg.uri))
+            last = routes[-1]
+            ruri_text = last.uri_text
+            routes = routes[:-1]
+            ed.start_line = f"{method} {ruri_text} SIP/2.0".encode("latin-1")
+        popped = 0
+        while popped < len(routes) and self._is_ours_addr(routes[popped]):
+            params.update(self._route_params(routes[popped].uri))
+            popped += 1
+        remaining = routes[popped:]
+        if popped or len(routes) != len(route_vals):
+            self._rewrite_routes(ed, msg, remaining)
+        # loop detection (RFC 3261 16.3 item 4)
+        loop = _hash(f"{ruri_text}|{src.ip}:{src.port}|{','.join(r.uri_text for r in remaining)}", 3)
+        for v in msg.vias:
+            if v.branch.startswith(BRANCH_PREFIX) and v.branch.endswith("." + loop) and self._via_is_ours(v.host, v.port):
+                raise LoopDetected()
+        branch = self._branch(msg, loop)
+        trusted = self.router.is_trusted(src.ip, src.port)
+
+        # --- where does it go? ------------------------------------------------------
+        if method == "ACK" and msg.to_tag == _hash(msg.call_id, 5):
+            return []  # the ACK of a final answer dsbc itself gave
+        if method == "CANCEL":
+            held = self._held.pop(self._held_key(msg, "INVITE"), None)
+            if held is not None:
+                self.counters["held_cancelled"] += 1
+                return [
+                    self._reply(msg, src, 200, "OK"),
+                    self._reply(held.msg, held.src, 487, "Request Terminated"),
+                ]
+        if method in ("CANCEL", "ACK") and branch in self._invites:
+            transport, ip, port, _ = self._invites[branch]
+            return [self._forward(msg, ed, src, Send(transport, ip, port, b""), branch, None, "", "", now)]
+        if "ft" in params:
+            flow = self._decode_flow(params["ft"])
+            if trusted or (flow.ip, flow.port) != (src.ip, src.port):
+                # toward the device that registered / is in this dialog
+                system = params.get("dsbc", "") or self._system_of(src)
+                dest = Send(flow.transport, flow.ip, flow.port, b"", flow.conn_id, flow.worker if flow.is_stream else -1)
+                return [self._forward(msg, ed, src, dest, branch, flow, system, "", now)]
+        if params:
+            # in-dialog (our Record-Route): no lookup, the dialog stays on its system
+            system = params.get("dsbc", "")
+            hop = self._next_hop(remaining, ruri_text)
+            if trusted and hop is not None:
+                dest = Send(hop[0], hop[1], hop[2], b"")
+                return [self._forward(msg, ed, src, dest, branch, None, system, "", now)]
+            if system:
+                node = self.health.pick(system, (hop[1], hop[2]) if hop else None)
+                if node is None:
+                    return self._unavailable(msg, src)
+                return [self._forward(msg, ed, src, self._to_node(node), branch, None, system, "", now)]
+        # out-of-dialog: who owns it?
+        candidates = self._candidates(msg, trusted)
+        decision = self.router.decide(candidates)
+        if decision.system == "reject":
+            self.counters["rejected:unknown"] += 1
+            return [self._reply(msg, src, 404, "Not Found", [("warning", '399 dsbc "unknown customer"')])]
+        if decision.state == "locked":
+            return self._hold(msg, src, decision.customer_id, now)
+        node = self.health.pick(decision.system)
+        if node is None:
+            return self._unavailable(msg, src)
+        cap = self.router.expires_cap(decision.customer_id) if method == "REGISTER" and decision.customer_id else 0
+        return [self._forward(msg, ed, src, self._to_node(node), branch, None, decision.system, decision.customer_id, now, cap=cap)]
+
+    def _candidates(self, msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
+        if msg.method == "REGISTER":
+            return [("account", self._user(msg.to.uri))]
+        if trusted:
+            user = self._user(msg.uri)
+            return [("did", user), ("account", user)]
+        return [("account", self._user(msg.from_.uri))]
+
+    @staticmethod
+    def _user(uri: SipUri) -> str:
+        if uri.user is None:
+            return ""
+        return unescape(uri.user)
+
+    def _hold(self, msg: SipMessage, src: Flow, customer_id: str, now: float) -> list[Send]:
+        key = self._held_key(msg, msg.method)
+        out: list[Send] = []
+        if msg.method == "INVITE":
+            out.append(self._reply(msg, src, 100, "Trying"))
+        if key not in self._held:
+            self.counters["held"] += 1
+            deadline = now + self.s.lock_hold
+            self._held[key] = _Held(msg, src, deadline, customer_id, key)
+            heapq.heappush(self._held_heap, (deadline, key))
+        return out
+
+    @staticmethod
+    def _held_key(msg: SipMessage, method: str) -> str:
+        top = msg.vias[0]
+        return f"{top.branch}|{top.host}|{msg.call_id}|{method}"
+
+    def _recheck_held(self, now: float, customers: set[str] | None) -> list[Send]:
+        out: list[Send] = []
+        for key, h in list(self._held.items()):
+            if customers is not None and h.customer_id not in customers:
+                continue
+            decision = self.router.decide(self._candidates(h.msg, self.router.is_trusted(h.src.ip, h.src.port)))
+            if decision.state != "locked":
+                del self._held[key]
+                self.counters["held_released"] += 1
+                out.extend(self._request(h.msg, h.src, now))
+            elif now >= h.deadline:
+                del self._held[key]
+                self.counters["locked_rejected"] += 1
+                if h.msg.method != "ACK":
+                    out.append(self._reply(h.msg, h.src, 503, "Service Unavailable", [("retry-after", "5"), ("warning", '399 dsbc "customer is being migrated"')]))
+        while self._held_heap and self._held_heap[0][1] not in self._held:
+            heapq.heappop(self._held_heap)
+        return out
+
+    def _unavailable(self, msg: SipMessage, src: Flow) -> list[Send]:
+        self.counters["rejected:no_node"] += 1
+        if msg.method == "ACK":
+            return []
+        return [self._reply(msg, src, 503, "Service Unavailable", [("retry-after", str(self.s.retry_after))])]
+
+    # --- building the forwarded request ---------------------------------------------------
+
+    def _forward(
+        self,
+        msg: SipMessage,
+        ed: Editor,
+        src: Flow,
+        dest: Send,
+        branch: str,
+        to_flow: Flow | None,
+        system: str,
+        customer_id: str,
+        now: float,
+        cap: int = 0,
+    ) -> Send:
+        method = msg.method
+        # received / rport on the top Via (RFC 3261 18.2.1, RFC 3581)
+        top = msg.vias[0]
+        ed.set_first_value("via", _with_received(top.text, src.ip, src.port))
+        mf = msg.max_forwards
+        if mf is None:
+            ed.append("max-forwards", "70")
+        else:
+            ed.set(msg.index("max-forwards"), str(min(mf, 256) - 1))
+        # our Via: the branch, plus what the response needs to be relayed statelessly
+        via = f"SIP/2.0/{dest.transport.upper()} {self._hostport(dest.transport)};branch={branch};rport"
+        if src.is_stream:
+            via += f";dsbcf={self.signer.encode(src)}"
+        if method == "REGISTER":
+            via += f";dsbcsys={system}"
+            if cap:
+                via += f";dsbccap={cap}"
+        device_flow: Flow | None = None
+        if to_flow is not None:
+            device_flow = to_flow
+        elif not self.router.is_trusted(src.ip, src.port):
+            device_flow = src
+        if method in DIALOG_CREATING and not msg.to_tag:
+            rr = self._rr_uri(dest.transport, system, device_flow)
+            if src.transport != dest.transport:
+                ed.prepend("record-route", self._rr_uri(src.transport, system, device_flow))
+            ed.prepend("record-route", rr)
+        if method == "REGISTER":
+            ed.prepend("path", self._rr_uri(dest.transport, "", src))
+        ed.prepend("via", via)
+        if method == "INVITE":
+            self._invites[branch] = (dest.transport, dest.ip, dest.port, now + INVITE_STATE_TTL)
+            self._invite_expiry.append((now + INVITE_STATE_TTL, branch))
+        self.counters[f"forwarded:{system or 'direct'}"] += 1
+        dest.data = ed.to_bytes()
+        return dest
+
+    def _rr_uri(self, transport: str, system: str, flow: Flow | None) -> str:
+        uri = f"<sip:{self._hostport(transport)};transport={transport};lr"
+        if system:
+            uri += f";dsbc={system}"
+        if flow is not None:
+            uri += f";ft={self.signer.encode(flow)}"
+        return uri + ">"
+
+    def _hostport(self, transport: str) -> str:
+        host = self.s.advertise_host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        port = self.s.ports.get(transport) or next(iter(self.s.ports.values()))
+        return f"{host}:{port}"
+
+    def _to_node(self, node: Node) -> Send:
+        return Send(node.transport, node.host, node.port, b"")
+
+    def _branch(self, msg: SipMessage, loop: str) -> str:
+        top = msg.vias[0]
+        b = top.branch
+        if b.startswith("z9hG4bK"):
+            seed = f"{b}|{top.host}|{top.port}"
+        else:  # RFC 2543 peers: hash what identifies the transaction
+            seed = f"{msg.to_tag}|{msg.from_tag}|{msg.call_id}|{msg.cseq[0]}|{msg.ruri}|{top.text}"
+        return f"{BRANCH_PREFIX}{_hash(seed, 8)}.{loop}"
+
+    def _rewrite_routes(self, ed: Editor, msg: SipMessage, remaining: list[NameAddr]) -> None:
+        first = True
+        for i, h in enumerate(msg.headers):
+            if h.name != "route":
+                continue
+            if first and remaining:
+                ed.set(i, ", ".join(str(r) for r in remaining))
+                first = False
+            else:
+                ed.delete(i)
+
+    def _next_hop(self, remaining: list[NameAddr], ruri_text: str) -> tuple[str, str, int] | None:
+        try:
+            uri = remaining[0].uri if remaining else parse_request_uri(ruri_text)
+        except SipError:
+            return None
+        if uri.scheme not in ("sip", "sips") or not _is_ip(uri.host):
+            return None
+        host, port = uri.host_port
+        return uri.transport, host, port
+
+    def _decode_flow(self, token: str) -> Flow:
+        try:
+            return self.signer.decode(token)
+        except FlowTokenError:
+            self.counters["flow_token_rejected"] += 1
+            raise
+
+    def _system_of(self, src: Flow) -> str:
+        node = self.health.node_at(src.ip, src.port)
+        return node.system if node else ""
+
+    # --- our own addresses ------------------------------------------------------------
+
+    def _is_ours(self, uri: SipUri) -> bool:
+        if uri.scheme not in ("sip", "sips"):
+            return False
+        host = uri.host.strip("[]").lower()
+        if host not in self._our_hosts:
+            return False
+        return uri.host_port[1] in self._our_ports
+
+    def _is_ours_addr(self, addr: NameAddr) -> bool:
+        try:
+            return self._is_ours(addr.uri)
+        except SipError:
+            return False
+
+    def _via_is_ours(self, host: str, port: int | None) -> bool:
+        return host.strip("[]").lower() in self._our_hosts and (port or 5060) in self._our_ports
+
+    @staticmethod
+    def _route_params(uri: SipUri) -> dict[str, str]:
+        out = {}
+        for name in ("dsbc", "ft"):
+            v = uri.param(name)
+            if v:
+                out[name] = v
+        return out
+
+    # --- responses ----------------------------------------------------------------------
+
+    def _response(self, msg: SipMessage, src: Flow, now: float) -> list[Send]:
+        vias = msg.vias
+        if self.health.is_ping_response(msg):
+            self.health.handle_response(msg, now)
+            return []
+        top = vias[0]
+        if not top.branch.startswith(BRANCH_PREFIX) or not self._via_is_ours(top.host, top.port):
+            self.counters["responses_dropped"] += 1
+            return []
+        if msg.status == 100:
+            return []  # RFC 3261 16.7: a 100 is never forwarded
+        if len(vias) < 2:
+            self.counters["responses_dropped"] += 1
+            return []
+        ed = Editor(msg)
+        ed.set_first_value("via", None)
+        cseq_method = msg.cseq[1]
+        if cseq_method == "REGISTER" and 200 <= msg.status < 300:
+            self._registered(msg, ed, top.param("dsbcsys") or "", top.param("dsbccap") or "")
+        if cseq_method == "INVITE" and msg.status >= 200:
+            branch = top.branch
+            entry = self._invites.get(branch)
+            if entry is not None:  # keep it a little longer for the ACK of a failure
+                self._invites[branch] = entry[:3] + (now + 40.0,)
+        data = ed.to_bytes()
+        token = top.param("dsbcf")
+        if token:
+            flow = self._decode_flow(token)
+            return [Send(flow.transport, flow.ip, flow.port, data, flow.conn_id, flow.worker)]
+        nxt = vias[1]
+        host, port = nxt.response_address()
+        return [Send(nxt.transport.lower(), host, port, data)]
+
+    def _registered(self, msg: SipMessage, ed: Editor, system: str, cap_text: str) -> None:
+        cap = int(cap_text) if cap_text.isdigit() else 0
+        default = msg.get("expires")
+        default_exp = int(default) if default and default.isdigit() else 3600
+        contacts: list[tuple[str, int]] = []
+        new_values: list[str] = []
+        changed = False
+        for value in msg.values("contact"):
+            try:
+                na = parse_name_addr(value)
+            except SipParseError:
+                new_values.append(value)
+                continue
+            exp_text = na.param("expires")
+            exp = int(exp_text) if exp_text and exp_text.isdigit() else default_exp
+            if cap and exp > cap:
+                exp = cap
+                na.params = [(k, v) for k, v in na.params if k.lower() != "expires"] + [("expires", str(cap))]
+                value = str(na)
+                changed = True
+            new_values.append(value)
+            contacts.append((na.uri_text, exp))
+        if cap and changed:
+            idx = [i for i, h in enumerate(msg.headers) if h.name == "contact"]
+            ed.set(idx[0], ", ".join(new_values))
+            for i in idx[1:]:
+                ed.delete(i)
+            self.counters["registrations_capped"] += 1
+        if cap and default and default.isdigit() and int(default) > cap:
+            ed.set(msg.index("expires"), str(cap))
+        try:
+            account = self._user(msg.to.uri)
+        except SipError:
+            return
+        nxt = msg.vias[1]
+        h, p = nxt.response_address()
+        self.events.append(RegistrationSeen(account, contacts, system, f"{nxt.transport.lower()}:{h}:{p}"))
+
+
+def _with_received(via_text: str, ip: str, port: int) -> str:
+    """The Via value with ``received`` and ``rport`` set to where the request came from."""
+    parts = via_text.split(";")
+    head, params = parts[0], parts[1:]
+    kept = [p for p in params if p.strip().split("=", 1)[0].strip().lower() not in ("received", "rport")]
+    return ";".join([head.rstrip()] + [p.strip() for p in kept] + [f"received={ip}", f"rport={port}"])
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "").replace('"', "'")[:100]

@@ -1,0 +1,393 @@
+"""asyncio adapters for the SIP proxy core: UDP, TCP (and TLS when given an SSLContext).
+
+Thin by design: bytes in, ``ProxyCore.handle_data``, ``Send`` actions out.  Framing lives
+in ``sip.framing``; routing in ``sip.proxy``.
+
+Several worker processes share each listening port with SO_REUSEPORT.  A UDP datagram can
+be sent from any worker's socket.  A stream connection lives in one worker: a message
+for a connection of another worker is handed over a Unix datagram socket
+(``\\0dsbc-<run>-<worker>`` in the abstract namespace).
+
+Perf note: ``datagram_received`` is synchronous (parse, look up in memory, edit, sendto);
+no task per datagram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+
+from .errors import SipError
+from .flow import Flow
+from .framing import NEED_DATA, PING, PONG, StreamFramer
+from .message import make_response, parse_message
+from .proxy import ProxyCore, Send
+
+log = logging.getLogger("dsbc.sip")
+
+
+class SipDatagram(asyncio.DatagramProtocol):
+    __slots__ = ("ep", "transport")
+
+    def __init__(self, ep: SipEndpoint) -> None:
+        self.ep = ep
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        if len(data) <= 4 and not data.strip():
+            return  # CRLF keep-alive over UDP
+        ep = self.ep
+        try:
+            sends = ep.core.handle_data(data, Flow("udp", addr[0], addr[1]), ep.loop.time())
+        except Exception:  # a bug must not kill the worker: count it and go on
+            log.exception("internal error on a datagram from %s:%s", addr[0], addr[1])
+            ep.core.counters["internal_errors"] += 1
+            return
+        if sends:
+            ep.dispatch(sends)
+
+    def error_received(self, exc: Exception) -> None:
+        self.ep.core.counters["udp_errors"] += 1
+
+
+class SipStream(asyncio.Protocol):
+    __slots__ = ("ep", "transport", "framer", "flow", "conn_id", "last_activity", "outbound", "pending", "peer")
+
+    def __init__(self, ep: SipEndpoint, outbound: bool = False, transport_name: str = "tcp") -> None:
+        self.ep = ep
+        self.transport: asyncio.Transport | None = None
+        self.framer = StreamFramer(ep.core.s.max_message_size)
+        self.conn_id = next(ep.conn_ids)
+        self.flow: Flow | None = None
+        self.last_activity = ep.loop.time()
+        self.outbound = outbound
+        self.pending: list[bytes] = []
+        self.peer = transport_name
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        ep = self.ep
+        if len(ep.conns) >= ep.max_connections or (
+            not self.outbound and ep.per_ip.get(peer[0], 0) >= ep.max_connections_per_ip
+        ):
+            ep.core.counters["tcp_refused"] += 1
+            transport.close()
+            return
+        self.flow = Flow(self.peer, peer[0], peer[1], self.conn_id, ep.worker)
+        ep.conns[self.conn_id] = self
+        ep.by_addr[(self.peer, peer[0], peer[1])] = self
+        ep.per_ip[peer[0]] = ep.per_ip.get(peer[0], 0) + 1
+        for data in self.pending:
+            transport.write(data)
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        ep = self.ep
+        self.last_activity = ep.loop.time()
+        framer = self.framer
+        framer.receive_data(data)
+        while True:
+            try:
+                event = framer.next_event()
+            except SipError as exc:
+                ep.core.counters["stream_framing_errors"] += 1
+                self._fail(exc)
+                return
+            if event is NEED_DATA:
+                return
+            if event is PING:
+                assert self.transport is not None
+                self.transport.write(PONG)
+                continue
+            assert isinstance(event, bytes) and self.flow is not None
+            try:
+                sends = ep.core.handle_data(event, self.flow, ep.loop.time())
+            except Exception:
+                log.exception("internal error on a message from %s", self.flow)
+                ep.core.counters["internal_errors"] += 1
+                continue
+            if sends:
+                ep.dispatch(sends)
+
+    def _fail(self, exc: SipError) -> None:
+        """Answer what can be answered, then close: the stream cannot be resynchronised."""
+        t = self.transport
+        if t is None:
+            return
+        buffered = bytes(self.framer._buf)  # noqa: SLF001 - the framer's unread octets
+        if exc.respond and buffered[:4] != b"SIP/":
+            try:
+                parse_message(buffered, datagram=True, max_size=max(len(buffered), 1))
+            except SipError as e2:
+                partial = getattr(e2, "partial", None)
+                if partial is not None:
+                    t.write(make_response(partial, exc.status, exc.reason))
+            except Exception:  # noqa: BLE001 - best effort answer only
+                pass
+        t.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        ep = self.ep
+        if ep.conns.pop(self.conn_id, None) is not None and self.flow is not None:
+            ep.by_addr.pop((self.peer, self.flow.ip, self.flow.port), None)
+            n = ep.per_ip.get(self.flow.ip, 1) - 1
+            if n <= 0:
+                ep.per_ip.pop(self.flow.ip, None)
+            else:
+                ep.per_ip[self.flow.ip] = n
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None:
+            self.pending.append(data)
+        else:
+            self.transport.write(data)
+
+
+class SipEndpoint:
+    """One worker's SIP sockets around one ProxyCore."""
+
+    def __init__(
+        self,
+        core: ProxyCore,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        worker: int = 0,
+        ipc_name: Callable[[int], str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        client_ssl_context: ssl.SSLContext | None = None,
+        tcp_idle_timeout: float = 600.0,
+        max_connections: int = 20000,
+        max_connections_per_ip: int = 200,
+    ) -> None:
+        self.core = core
+        self.loop = loop
+        self.worker = worker
+        self.ipc_name = ipc_name
+        self.ssl_context = ssl_context
+        self.client_ssl_context = client_ssl_context
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.conn_ids = itertools.count(1)
+        self.conns: dict[int, SipStream] = {}
+        self.by_addr: dict[tuple[str, str, int], SipStream] = {}
+        self.per_ip: dict[str, int] = {}
+        self.udp: list[SipDatagram] = []
+        self.servers: list[asyncio.AbstractServer] = []
+        self.health_udp: SipDatagram | None = None
+        self._ipc: socket.socket | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- setup -------------------------------------------------------------------------
+
+    async def listen(self, listeners: list[tuple[str, str, int]]) -> None:
+        for transport, host, port in listeners:
+            if transport == "udp":
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+                    except OSError:
+                        pass
+                sock.bind((host, port))
+                _, proto = await self.loop.create_datagram_endpoint(lambda: SipDatagram(self), sock=sock)
+                self.udp.append(proto)
+            else:
+                ctx = self.ssl_context if transport == "tls" else None
+                if transport == "tls" and ctx is None:
+                    raise ValueError("a tls: listener needs a certificate")
+                server = await self.loop.create_server(
+                    lambda t=transport: SipStream(self, transport_name=t),
+                    host,
+                    port,
+                    reuse_port=True,
+                    ssl=ctx,
+                    backlog=1024,
+                )
+                self.servers.append(server)
+        # health pings leave from a socket of their own so that the answers come back here
+        host = next((h for t, h, _ in listeners if t == "udp"), "0.0.0.0")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        hs = socket.socket(family, socket.SOCK_DGRAM)
+        hs.bind((host, 0))
+        _, self.health_udp = await self.loop.create_datagram_endpoint(lambda: SipDatagram(self), sock=hs)
+        self.core.health.local_host = self.core.s.advertise_host
+        self.core.health.local_port = hs.getsockname()[1]
+        if self.ipc_name is not None:
+            self._ipc = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._ipc.bind(self.ipc_name(self.worker))
+            self._ipc.setblocking(False)
+            self.loop.add_reader(self._ipc.fileno(), self._ipc_readable)
+        self._sweeper = self.loop.create_task(self._sweep())
+        self.reschedule()
+
+    async def close(self) -> None:
+        for s in self.servers:
+            s.close()
+        for u in self.udp:
+            if u.transport:
+                u.transport.close()
+        if self.health_udp and self.health_udp.transport:
+            self.health_udp.transport.close()
+        if self._ipc is not None:
+            self.loop.remove_reader(self._ipc.fileno())
+            self._ipc.close()
+        if self._timer:
+            self._timer.cancel()
+        if self._sweeper:
+            self._sweeper.cancel()
+        for c in list(self.conns.values()):
+            if c.transport:
+                c.transport.close()
+
+    def stop_listening(self) -> None:
+        """Drain: stop accepting new connections and datagrams, keep the existing ones."""
+        for s in self.servers:
+            s.close()
+        for u in self.udp:
+            if u.transport:
+                u.transport.close()
+
+    # --- sending ------------------------------------------------------------------------
+
+    def dispatch(self, sends: list[Send]) -> None:
+        for s in sends:
+            try:
+                self._send(s)
+            except OSError:
+                self.core.counters["send_errors"] += 1
+        self.reschedule()
+
+    def _send(self, s: Send) -> None:
+        if s.transport == "udp":
+            sock = self.health_udp if s.health else self._udp_for(s.ip)
+            if sock is not None and sock.transport is not None:
+                sock.transport.sendto(s.data, (s.ip, s.port))
+            return
+        if s.conn_id:
+            if s.worker in (-1, self.worker):
+                conn = self.conns.get(s.conn_id)
+                if conn is not None:
+                    conn.write(s.data)
+                else:
+                    self.core.counters["flow_gone"] += 1
+                return
+            self._handover(s)
+            return
+        conn = self.by_addr.get((s.transport, s.ip, s.port))
+        if conn is None:
+            conn = self._connect(s.transport, s.ip, s.port)
+        conn.write(s.data)
+
+    def _udp_for(self, ip: str) -> SipDatagram | None:
+        v6 = ":" in ip
+        for u in self.udp:
+            if u.transport is not None:
+                fam = u.transport.get_extra_info("socket").family
+                if (fam == socket.AF_INET6) == v6:
+                    return u
+        return self.udp[0] if self.udp else None
+
+    def _connect(self, transport: str, ip: str, port: int) -> SipStream:
+        proto = SipStream(self, outbound=True, transport_name=transport)
+        ctx = self.client_ssl_context if transport == "tls" else None
+        self.by_addr[(transport, ip, port)] = proto
+
+        async def run() -> None:
+            try:
+                await self.loop.create_connection(lambda: proto, ip, port, ssl=ctx)
+            except OSError:
+                self.core.counters["connect_errors"] += 1
+                self.by_addr.pop((transport, ip, port), None)
+                self.core.health.mark_unreachable(ip, port, self.loop.time())
+
+        self.loop.create_task(run())
+        return proto
+
+    def _handover(self, s: Send) -> None:
+        if self.ipc_name is None or self._ipc is None:
+            self.core.counters["flow_gone"] += 1
+            return
+        try:
+            self._ipc.sendto(struct.pack("!I", s.conn_id) + s.data, self.ipc_name(s.worker))
+            self.core.counters["handovers"] += 1
+        except OSError:
+            self.core.counters["flow_gone"] += 1
+
+    def _ipc_readable(self) -> None:
+        assert self._ipc is not None
+        for _ in range(64):
+            try:
+                data = self._ipc.recv(262144)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if len(data) < 4:
+                continue
+            (conn_id,) = struct.unpack("!I", data[:4])
+            conn = self.conns.get(conn_id)
+            if conn is not None:
+                conn.write(data[4:])
+            else:
+                self.core.counters["flow_gone"] += 1
+
+    # --- timers -------------------------------------------------------------------------
+
+    def reschedule(self) -> None:
+        at = self.core.get_timer()
+        if at is None:
+            return
+        if self._timer is not None and not self._timer.cancelled() and self._timer_at <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_at(max(at, self.loop.time()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        try:
+            sends = self.core.handle_timer(self.loop.time())
+        except Exception:
+            log.exception("internal error in the SIP timer")
+            sends = []
+        self.dispatch(sends)
+        if self._timer is None:
+            at = self.core.get_timer()
+            if at is not None:
+                self._timer_at = at
+                self._timer = self.loop.call_at(max(at, self.loop.time() + 0.01), self._on_timer)
+
+    async def _sweep(self) -> None:
+        """Close idle connections and slow clients that hold half a message."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.loop.time()
+            for c in list(self.conns.values()):
+                idle = now - c.last_activity
+                stalled = c.framer.buffered > 0 and idle > 10.0
+                if idle > self.tcp_idle_timeout or stalled:
+                    self.core.counters["tcp_idle_closed" if not stalled else "tcp_stalled_closed"] += 1
+                    if c.transport:
+                        c.transport.close()
