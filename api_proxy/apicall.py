@@ -1,0 +1,264 @@
+"""The billing API's request formats: read what routing needs, rewrite only when asked.
+
+A JSON API call is ``POST /rest/<Service>/<method>`` whose ``auth_info`` and ``params``
+(JSON objects) come as form fields (``application/x-www-form-urlencoded`` or
+``multipart/form-data``), as members of a JSON body, or in the query string; a
+``Authorization: Bearer <access_token>`` header may stand for ``auth_info``.
+
+Pure: bytes in, values out, no I/O.  Anything malformed raises ``BadRequest``.  A body
+that is not rewritten is forwarded byte-exact; ``encode`` is used only when the
+dispatcher must change the credentials or the list window of a call.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import msgspec
+
+from api_proxy.errors import BadRequest
+
+MAX_FORM_FIELDS = 256
+
+
+class BodyFormat(enum.StrEnum):
+    FORM = "form"
+    JSON = "json"
+    MULTIPART = "multipart"
+    QUERY = "query"
+    NONE = "none"
+
+
+class ApiCall(msgspec.Struct, kw_only=True):
+    """One billing API call as far as routing needs it."""
+
+    service: str
+    method: str
+    fmt: BodyFormat = BodyFormat.NONE
+    auth_info: dict[str, Any] | None = None
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    bearer: str = ""
+    #: multipart only: (start, end) of each field's value in the body
+    spans: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
+    #: json only: auth_info / params were JSON text inside JSON strings
+    json_strings: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.service}/{self.method}"
+
+
+_REST_PATH = re.compile(r"(?:^|/)rest/([A-Za-z][A-Za-z0-9_]{0,63})/([A-Za-z][A-Za-z0-9_]{0,127})/?$")
+
+
+def api_path(path: str) -> tuple[str, str] | None:
+    """``/rest/Customer/get_customer_info`` -> ``("Customer", "get_customer_info")``."""
+    m = _REST_PATH.search(path)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def content_type(headers: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """The media type (lowercased) and its parameters."""
+    raw = headers.get("content-type", "")
+    parts = raw.split(";")
+    mtype = parts[0].strip().lower()
+    params: dict[str, str] = {}
+    for p in parts[1:]:
+        k, sep, v = p.partition("=")
+        if sep:
+            params[k.strip().lower()] = v.strip().strip('"')
+    return mtype, params
+
+
+def _json_object(value: Any, field: str) -> dict[str, Any]:
+    """A field given as a JSON object or as JSON text holding one."""
+    if isinstance(value, (bytes, str)):
+        if not value or (isinstance(value, str) and not value.strip()):
+            return {}
+        try:
+            value = msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            raise BadRequest(f"{field} is not valid JSON") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{field} must be a JSON object")
+    return value
+
+
+def _form_pairs(text: str) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS)
+    except ValueError as exc:
+        raise BadRequest(f"form body: {exc}") from None
+
+
+def _decode_text(body: bytes, what: str) -> str:
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"{what} is not UTF-8") from None
+
+
+def multipart_fields(body: bytes, boundary: str, wanted: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """Spans of the wanted fields' values among the complete parts of a multipart body.
+
+    Only parts wholly inside ``body`` are returned, so a body prefix (a large upload
+    whose first bytes were buffered) works: the small fields come first in practice."""
+    if not boundary or len(boundary) > 200:
+        raise BadRequest("multipart body without a usable boundary")
+    delim = b"--" + boundary.encode("latin-1", "replace")
+    spans: dict[str, tuple[int, int]] = {}
+    pos = body.find(delim)
+    while pos >= 0 and len(spans) < len(wanted):
+        head_start = pos + len(delim)
+        if body[head_start : head_start + 2] == b"--":
+            break
+        head_end = body.find(b"\r\n\r\n", head_start)
+        if head_end < 0:
+            break
+        nxt = body.find(b"\r\n" + delim, head_end + 4)
+        if nxt < 0:
+            break
+        headers = body[head_start:head_end].decode("latin-1").lower()
+        m = re.search(r'content-disposition:[^\r\n]*?\bname="?([^";\r\n]+)"?', headers)
+        if m and m.group(1) in wanted and m.group(1) not in spans:
+            spans[m.group(1)] = (head_end + 4, nxt)
+        pos = nxt + 2
+    return spans
+
+
+def parse_call(
+    service: str,
+    method: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    query: str = "",
+) -> ApiCall:
+    """Read ``auth_info``, ``params`` and a bearer token from an API request."""
+    call = ApiCall(service=service, method=method)
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        call.bearer = auth[7:].strip()
+    raw_auth: Any = None
+    raw_params: Any = None
+    mtype, ctparams = content_type(headers)
+    if body:
+        if mtype == "application/json" or (not mtype and body.lstrip()[:1] == b"{"):
+            call.fmt = BodyFormat.JSON
+            try:
+                doc = msgspec.json.decode(body)
+            except msgspec.DecodeError:
+                raise BadRequest("the JSON body is not valid JSON") from None
+            if not isinstance(doc, dict):
+                raise BadRequest("the JSON body must be an object")
+            raw_auth, raw_params = doc.get("auth_info"), doc.get("params")
+            call.json_strings = isinstance(raw_auth, str) or isinstance(raw_params, str)
+        elif mtype == "multipart/form-data":
+            call.fmt = BodyFormat.MULTIPART
+            call.spans = multipart_fields(body, ctparams.get("boundary", ""), ("auth_info", "params"))
+            if "auth_info" in call.spans:
+                a, b = call.spans["auth_info"]
+                raw_auth = body[a:b]
+            if "params" in call.spans:
+                a, b = call.spans["params"]
+                raw_params = body[a:b]
+        else:
+            call.fmt = BodyFormat.FORM
+            fields = dict(_form_pairs(_decode_text(body, "the form body")))
+            raw_auth, raw_params = fields.get("auth_info"), fields.get("params")
+    if raw_auth is None and raw_params is None and query:
+        fields = dict(_form_pairs(query))
+        if "auth_info" in fields or "params" in fields:
+            call.fmt = BodyFormat.QUERY
+            raw_auth, raw_params = fields.get("auth_info"), fields.get("params")
+    if raw_auth is not None:
+        call.auth_info = _json_object(raw_auth, "auth_info")
+    call.params = _json_object(raw_params, "params")
+    return call
+
+
+_enc = msgspec.json.Encoder()
+
+
+def encode(
+    call: ApiCall,
+    body: bytes | None,
+    query: str,
+    auth_info: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+) -> tuple[bytes | None, str]:
+    """The (body, query) of ``call`` with ``auth_info`` and/or ``params`` replaced.
+
+    Other fields and members are kept; when nothing is replaced the input comes back
+    unchanged (byte-exact pass-through)."""
+    new: dict[str, bytes] = {}
+    if auth_info is not None:
+        new["auth_info"] = _enc.encode(auth_info)
+    if params is not None:
+        new["params"] = _enc.encode(params)
+    if not new:
+        return body, query
+    fmt = call.fmt
+    if fmt is BodyFormat.NONE:
+        fmt = BodyFormat.FORM if body is None else call.fmt
+        if body is None:
+            return _encode_form(b"", new), query
+    if fmt is BodyFormat.QUERY:
+        return body, _encode_form(query.encode(), new).decode()
+    if fmt is BodyFormat.FORM:
+        return _encode_form(body or b"", new), query
+    if fmt is BodyFormat.JSON:
+        doc = msgspec.json.decode(body or b"{}", type=dict[str, msgspec.Raw])
+        for k, v in new.items():
+            doc[k] = msgspec.Raw(_enc.encode(v.decode()) if call.json_strings else v)
+        return _enc.encode(doc), query
+    # multipart: splice the new values into their parts (no lengths inside parts)
+    assert body is not None
+    out = bytearray(body)
+    for k, (a, b) in sorted(call.spans.items(), key=lambda kv: -kv[1][0]):
+        if k in new:
+            out[a:b] = new[k]
+    missing = [k for k in new if k not in call.spans]
+    if missing:
+        raise BadRequest(f"multipart body has no {', '.join(missing)} part to rewrite")
+    return bytes(out), query
+
+
+def _encode_form(body: bytes, new: dict[str, bytes]) -> bytes:
+    pairs = _form_pairs(_decode_text(body, "the form body")) if body else []
+    seen = set()
+    out: list[tuple[str, str]] = []
+    for k, v in pairs:
+        if k in new:
+            if k in seen:
+                continue
+            seen.add(k)
+            v = new[k].decode()
+        out.append((k, v))
+    for k, v2 in new.items():
+        if k not in seen:
+            out.append((k, v2.decode()))
+    return urlencode(out).encode()
+
+
+def parse_cookies(header: str, limit: int = 32) -> dict[str, str]:
+    """A Cookie header as a dict (first wins); tolerant, bounded."""
+    out: dict[str, str] = {}
+    for part in header.split(";")[:limit]:
+        name, sep, value = part.strip().partition("=")
+        if sep and name and name not in out:
+            out[name] = value.strip().strip('"')
+    return out
+
+
+def form_fields(body: bytes) -> dict[str, str]:
+    """A urlencoded web form (first value of each field)."""
+    out: dict[str, str] = {}
+    for k, v in _form_pairs(_decode_text(body, "the form body")):
+        out.setdefault(k, v)
+    return out

@@ -1,0 +1,297 @@
+"""What a request asks of the dispatcher: the pure, I/O-free classifier.
+
+``classify(realm, method, target, headers, body)`` reads only what routing needs and
+returns a ``Classified``: the action (login, follow a session, entity-owned call, merged
+list, create, ...), the candidate owner identities (``RouteKey``) and the credentials
+that name a session.  It never touches the store or the network, so it can be fuzzed
+and benchmarked; its invariant is that any input either classifies or raises
+``api_proxy.errors.BadRequest``.
+
+Realm kinds:
+- customer realms (``customer``, ``account``): follow the session, the login, or the
+  ``authorized-by-remote`` cookie;
+- admin realms (``admin``, ``reseller``, ``distributor``, ``cc_staff``, ``vendor``,
+  ``representative``, ``porting``): entity owner first, else merged list, create,
+  or the session's context system;
+- ``cpe``: the device's MAC (file name, query, TR-069 Inform), else the CWMP cookie.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from api_proxy import cpe
+from api_proxy.apicall import ApiCall, api_path, content_type, form_fields, parse_call, parse_cookies
+from api_proxy.errors import BadRequest
+
+REMOTE_COOKIE = "authorized-by-remote"
+CUSTOMER_REALMS = frozenset({"customer", "account"})
+CPE_REALMS = frozenset({"cpe"})
+ADMIN_REALMS = frozenset(
+    {"admin", "reseller", "distributor", "cc_staff", "vendor", "representative", "porting"}
+)
+REALMS = CUSTOMER_REALMS | CPE_REALMS | ADMIN_REALMS
+SYSTEMS = ("source", "target")
+
+
+class RealmKind(enum.StrEnum):
+    CUSTOMER = "customer"
+    ADMIN = "admin"
+    CPE = "cpe"
+
+
+def realm_kind(realm: str) -> RealmKind:
+    if realm in CUSTOMER_REALMS:
+        return RealmKind.CUSTOMER
+    if realm in CPE_REALMS:
+        return RealmKind.CPE
+    return RealmKind.ADMIN
+
+
+class Action(enum.StrEnum):
+    LOGIN = "login"  # Session/login
+    WEB_LOGIN = "web_login"  # a self-care login form
+    LOGOUT = "logout"
+    REFRESH = "refresh"  # Session/refresh_access_token
+    SET_CONTEXT = "set_context"  # Session/set_session_context naming a system
+    LIST = "list"  # get_*_list without an owner (admin realms): merged
+    CREATE = "create"  # add_* without an owner (admin realms)
+    ENTITY = "entity"  # owned by the first resolvable key
+    FOLLOW = "follow"  # the session / cookie / default system
+
+
+class RouteKey(msgspec.Struct, frozen=True):
+    """A candidate owner: an identity ``kind`` (or ``customer`` for an i_customer)."""
+
+    kind: str
+    value: str
+    field: str = ""
+
+
+class Credentials(msgspec.Struct, frozen=True):
+    session_id: str = ""
+    access_token: str = ""
+    refresh_token: str = ""
+    login: str = ""
+    secret: bool = False  # a password or API token came with the login
+    bearer: bool = False  # the access token came in an Authorization header
+
+    def session_keys(self) -> list[tuple[str, str]]:
+        """(key kind, value) pairs naming a session, best first."""
+        out = []
+        if self.session_id:
+            out.append(("sid", self.session_id))
+        if self.access_token:
+            out.append(("at", self.access_token))
+        if self.refresh_token:
+            out.append(("rt", self.refresh_token))
+        return out
+
+
+class Classified(msgspec.Struct, kw_only=True):
+    realm: str
+    kind: RealmKind
+    action: Action
+    keys: tuple[RouteKey, ...] = ()
+    call: ApiCall | None = None
+    creds: Credentials = Credentials()
+    cookies: dict[str, str] = msgspec.field(default_factory=dict)
+    remote: bool = False  # the browser carries the authorized-by-remote cookie
+    creates: bool = False  # record what the call creates
+    list_key: str = ""
+    context: str = ""  # SET_CONTEXT: the system named
+
+
+# Fields naming an owner, in priority order: (field, identity kind, services or None=any).
+ENTITY_FIELDS: tuple[tuple[str, str, frozenset[str] | None], ...] = (
+    ("i_customer", "customer", None),
+    ("i_account", "i_account", None),
+    ("id", "account", frozenset({"Account"})),
+    ("login", "login", frozenset({"Account", "Customer"})),
+    ("number", "did", None),
+    ("did_number", "did", None),
+    ("did", "did", None),
+    ("phone_number", "did", None),
+)
+# A create names its parent only: its own id / login are what it creates.
+CREATE_OWNER_FIELDS: tuple[tuple[str, str, frozenset[str] | None], ...] = (
+    ("i_customer", "customer", None),
+    ("i_parent", "customer", frozenset({"Customer"})),
+    ("i_account", "i_account", None),
+)
+LOGIN_FIELDS = ("login", "pb_auth_user", "username", "user")
+PASSWORD_FIELDS = ("password", "pb_auth_password", "passwd", "pass")
+_LIST_METHOD = re.compile(r"^get_([a-z0-9_]+?)_list$")
+_CREATE_METHOD = re.compile(r"^(?:add|create)_[a-z0-9_]+$")
+_FORM_TYPES = ("application/x-www-form-urlencoded", "")
+
+
+def _scalar(v: Any) -> str | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str) and 0 < len(v) <= 256:
+        return v
+    return None
+
+
+def _applies(services: frozenset[str] | None, service: str, prefix: str) -> bool:
+    """``id`` names an account in the Account service or inside an ``account_info``."""
+    if services is None:
+        return True
+    if not prefix:
+        return service in services
+    return any(prefix.startswith(s.lower() + "_") for s in services)
+
+
+def entity_keys(
+    service: str, params: dict[str, Any], fields: tuple[tuple[str, str, frozenset[str] | None], ...]
+) -> tuple[RouteKey, ...]:
+    """Owner candidates among params and their ``*_info`` members, top level first."""
+    scopes: list[tuple[str, dict[str, Any]]] = [("", params)]
+    for name, v in params.items():
+        if isinstance(v, dict) and name.endswith("_info"):
+            scopes.append((name + ".", v))
+    out: list[RouteKey] = []
+    for prefix, scope in scopes:
+        for field, kind, services in fields:
+            if not _applies(services, service, prefix):
+                continue
+            v = _scalar(scope.get(field))
+            if v is not None:
+                out.append(RouteKey(kind, v, prefix + field))
+    return tuple(out[:8])
+
+
+def _credentials(call: ApiCall | None, cookies: dict[str, str]) -> Credentials:
+    sid = tok = ref = login = ""
+    secret = bearer = False
+    if call is not None:
+        ai = call.auth_info or {}
+        sid = _scalar(ai.get("session_id")) or ""
+        tok = _scalar(ai.get("access_token")) or ""
+        login = _scalar(ai.get("login")) or ""
+        secret = bool(_scalar(ai.get("password")) or _scalar(ai.get("token")))
+        if not tok and call.bearer:
+            tok, bearer = call.bearer[:4096], True
+        if call.service == "Session":
+            p = call.params
+            sid = sid or _scalar(p.get("session_id")) or ""
+            tok = tok or _scalar(p.get("access_token")) or ""
+            ref = _scalar(p.get("refresh_token")) or ""
+    if not sid and not tok:
+        sid = cookies.get("session_id", "")[:256]
+        tok = cookies.get("access_token", "")[:4096]
+    return Credentials(sid, tok, ref, login, secret, bearer)
+
+
+def needs_body(realm: str, method: str, target: str, headers: Mapping[str, str]) -> bool:
+    """Whether routing must read (a bounded prefix of) the request body."""
+    if method in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        return False
+    path = target.partition("?")[0]
+    if api_path(path) is not None:
+        return True
+    if realm in CPE_REALMS:
+        return method == "POST"
+    if realm in CUSTOMER_REALMS and method == "POST":
+        return content_type(headers)[0] in _FORM_TYPES
+    return False
+
+
+def classify(
+    realm: str,
+    method: str,
+    target: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    *,
+    cpe_patterns: tuple[re.Pattern[str], ...] = (),
+    remote_cookie: str = REMOTE_COOKIE,
+) -> Classified:
+    """Classify one request (see the module docstring).  Raises BadRequest only."""
+    if realm not in REALMS:
+        raise BadRequest(f"unknown realm {realm!r}")
+    if not target.startswith("/"):
+        raise BadRequest("the request target must be an absolute path")
+    kind = realm_kind(realm)
+    path, _, query = target.partition("?")
+    cookies = parse_cookies(headers.get("cookie", ""))
+    out = Classified(realm=realm, kind=kind, action=Action.FOLLOW, cookies=cookies)
+    out.remote = cookies.get(remote_cookie, "") not in ("", "0")
+
+    patterns = cpe_patterns or (cpe.DEFAULT_COMPILED if kind is RealmKind.CPE else ())
+    if patterns:
+        mac = cpe.mac_in_target(target, patterns)
+        if mac:
+            out.action, out.keys = Action.ENTITY, (RouteKey("cpe", mac, "target"),)
+            return out
+    if kind is RealmKind.CPE:
+        if body and cpe.is_inform(body):
+            macs = cpe.inform_macs(body)
+            if macs:
+                out.action = Action.ENTITY
+                out.keys = tuple(RouteKey("cpe", m, "Inform.DeviceId") for m in macs)
+        return out
+
+    sm = api_path(path)
+    if sm is None:
+        if kind is RealmKind.CUSTOMER and method == "POST" and body:
+            if content_type(headers)[0] in _FORM_TYPES:
+                fields = form_fields(body)
+                user = next((fields[f] for f in LOGIN_FIELDS if fields.get(f)), "")
+                if user and any(fields.get(f) for f in PASSWORD_FIELDS):
+                    out.action = Action.WEB_LOGIN
+                    out.keys = (RouteKey("login", user[:256], "form"),)
+                    out.creds = Credentials(login=user[:256], secret=True)
+                    return out
+        out.creds = _credentials(None, cookies)
+        return out
+
+    service, api_method = sm
+    call = parse_call(service, api_method, headers, body, query)
+    out.call = call
+    out.creds = creds = _credentials(call, cookies)
+    params = call.params
+
+    if service == "Session":
+        if api_method == "login":
+            out.action = Action.LOGIN
+            login = _scalar(params.get("login")) or _scalar((call.auth_info or {}).get("login"))
+            if login:
+                out.keys = (RouteKey("login", login, "login"),)
+            return out
+        if api_method == "logout":
+            out.action = Action.LOGOUT
+        elif api_method == "refresh_access_token":
+            out.action = Action.REFRESH
+        elif api_method == "set_session_context":
+            system = _scalar(params.get("system")) or _scalar(params.get("dsbc_system")) or ""
+            if system in SYSTEMS:
+                out.action, out.context = Action.SET_CONTEXT, system
+        return out
+
+    if kind is RealmKind.CUSTOMER:
+        if not creds.session_keys() and creds.login:
+            out.keys = (RouteKey("login", creds.login, "auth_info.login"),)
+        return out
+
+    # admin realms: an owner wins over merging and over the create rules
+    lm = _LIST_METHOD.match(api_method)
+    if _CREATE_METHOD.match(api_method):
+        out.creates = True
+        out.keys = entity_keys(service, params, CREATE_OWNER_FIELDS)
+        out.action = Action.ENTITY if out.keys else Action.CREATE
+        return out
+    out.keys = entity_keys(service, params, ENTITY_FIELDS)
+    if out.keys:
+        out.action = Action.ENTITY
+    elif lm:
+        out.action, out.list_key = Action.LIST, lm.group(1) + "_list"
+    return out
