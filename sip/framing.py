@@ -32,7 +32,12 @@ NEED_DATA = _Event("NEED_DATA")
 PING = _Event("PING")
 PONG = b"\r\n"
 
-_CL_RE = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+# the value may be folded onto continuation lines, as sip.message reads it
+_CL_RE = re.compile(rb"^(?:content-length|l)[ \t]*:((?:[^\r\n]|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
+_FOLD_RE = re.compile(rb"\r?\n[ \t]+")
+#: a Content-Length of more digits than this is above any max_size (and int() of a
+#: 5000-digit value raises ValueError)
+_MAX_CL_DIGITS = 10
 
 
 class StreamFramer:
@@ -78,14 +83,19 @@ class StreamFramer:
             matches = _CL_RE.findall(bytes(buf[:head_end]))
             if not matches:
                 raise FramingError("missing Content-Length on a stream")
-            values = {m.strip() for m in matches}
-            if len(values) != 1:
+            lengths = set()
+            for m in matches:
+                value = _FOLD_RE.sub(b" ", m).strip(b" \t")
+                # bytes.isdigit() is ASCII-only, unlike str.isdigit()
+                if not value.isdigit():
+                    raise FramingError(f"bad Content-Length {value[:20]!r}")
+                if len(value) > _MAX_CL_DIGITS:
+                    raise MessageTooLarge(f"Content-Length of {len(value)} digits")
+                lengths.add(int(value))
+            if len(lengths) != 1:
                 raise FramingError("conflicting Content-Length values")
-            value = values.pop()
-            if not value.isdigit():
-                raise FramingError(f"bad Content-Length {value[:20]!r}")
             self._head_end = head_end
-            self._total = head_end + int(value)
+            self._total = head_end + lengths.pop()
             if self._total > self.max_size:
                 raise MessageTooLarge(f"{self._total} octets")
         if len(buf) < self._total:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import SipParseError
-from .uri import _WS, _end_of_quoted, _parse_params
+from .uri import _HOST_RE, _TOKEN_CHARS, _WS, _end_of_quoted, _parse_params, is_digits
 
 COMPACT: dict[str, str] = {
     "a": "accept-contact",
@@ -107,9 +107,22 @@ def split_values(value: str) -> list[str]:
         v = value.strip(_WS)
         return [v] if v else []
     parts: list[str] = []
-    depth = 0
     start = 0
-    i, n = 0, len(value)
+    while True:
+        i = first_comma(value, start)
+        if i < 0:
+            break
+        parts.append(value[start:i].strip(_WS))
+        start = i + 1
+    parts.append(value[start:].strip(_WS))
+    return parts
+
+
+def first_comma(value: str, start: int = 0) -> int:
+    """Index of the first comma at or after ``start`` outside quotes and ``<...>``; -1 if none.
+    Raises SipParseError on an unterminated quoted string."""
+    depth = 0
+    i, n = start, len(value)
     while i < n:
         c = value[i]
         if c == '"':
@@ -120,11 +133,9 @@ def split_values(value: str) -> list[str]:
         elif c == ">":
             depth = max(0, depth - 1)
         elif c == "," and depth == 0:
-            parts.append(value[start:i].strip(_WS))
-            start = i + 1
+            return i
         i += 1
-    parts.append(value[start:].strip(_WS))
-    return parts
+    return -1
 
 
 # --- Via -------------------------------------------------------------------------------
@@ -158,7 +169,7 @@ class Via:
         host = self.param("received") or self.host
         host = host[1:-1] if host.startswith("[") else host
         rport = self.param("rport")
-        if rport and rport.isdigit():
+        if rport and is_digits(rport, 5) and 0 < int(rport) < 65536:
             return host, int(rport)
         return host, self.port or default_port
 
@@ -183,7 +194,7 @@ def parse_via(text: str) -> Via:
                 j += 1
         i = j
     proto, version, transport = parts
-    if proto.upper() != "SIP" or version != "2.0" or not transport:
+    if proto.upper() != "SIP" or version != "2.0" or not transport or not all(c in _TOKEN_CHARS for c in transport):
         raise SipParseError(f"bad Via protocol {text[:60]!r}")
     rest = t[i:]
     semi = rest.find(";")
@@ -199,11 +210,11 @@ def parse_via(text: str) -> Via:
     else:
         host, _, portpart = sent_by.partition(":")
         host, portpart = host.strip(_WS), portpart.strip(_WS)
-    if not host or any(c in _WS for c in host):
+    if not host or not _HOST_RE.fullmatch(host):
         raise SipParseError(f"bad Via host {text[:60]!r}")
     port = None
     if portpart:
-        if not portpart.isdigit() or not 0 < int(portpart) < 65536:
+        if not is_digits(portpart, 5) or not 0 < int(portpart) < 65536:
             raise SipParseError(f"bad Via port {text[:60]!r}")
         port = int(portpart)
     params = _parse_params(rest[semi:], "Via") if semi >= 0 else []

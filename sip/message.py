@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import re
 
-from .errors import FramingError, SipError, SipParseError, UnsupportedUriScheme, VersionNotSupported
-from .headers import LIST_HEADERS, SINGLETONS, Via, canonical_name, display_name, parse_via, split_values
-from .uri import _TOKEN_CHARS, NameAddr, SipUri, parse_name_addr, parse_uri
+from .errors import FramingError, MessageTooLarge, SipError, SipParseError, UnsupportedUriScheme, VersionNotSupported
+from .headers import LIST_HEADERS, SINGLETONS, Via, canonical_name, display_name, first_comma, parse_via, split_values
+from .uri import _TOKEN_CHARS, _URI_CHARS, NameAddr, SipUri, is_digits, parse_name_addr, parse_uri
 
 MAX_CSEQ = 2**32 - 1
+#: RFC 3261 20.22: "an integer in the range 0-255"
+MAX_FORWARDS_LIMIT = 255
 _FOLD = re.compile(r"\r?\n[ \t]+")
 _METHOD_CHARS = _TOKEN_CHARS
+_SP_HTAB = " \t"
 
 
 class Header:
@@ -111,11 +114,19 @@ class SipMessage:
 
     @property
     def vias(self) -> list[Via]:
-        v = self._cache.get("vias")
-        if v is None:
-            v = [parse_via(text) for text in self.values("via")]
-            self._cache["vias"] = v
-        return v  # type: ignore[return-value]
+        cached = self._cache.get("vias")
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        vias: list[Via] = []
+        for h in self.headers:
+            if h.name == "via":
+                texts = split_values(h.value)
+                if not texts:
+                    # an empty Via line would make "the top Via" ambiguous for editing
+                    raise SipParseError("empty Via header")
+                vias.extend(parse_via(t) for t in texts)
+        self._cache["vias"] = vias
+        return vias
 
     @property
     def top_via(self) -> Via:
@@ -162,8 +173,9 @@ class SipMessage:
             value = self.get("cseq")
             if value is None:
                 raise SipParseError("missing CSeq")
-            parts = value.split()
-            if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) > MAX_CSEQ:
+            # split on SP/HTAB only: str.split() would also split on \x85, \xa0, \x1c...
+            parts = [p for p in value.replace("\t", " ").split(" ") if p]
+            if len(parts) != 2 or not is_digits(parts[0]) or int(parts[0]) > MAX_CSEQ:
                 raise SipParseError(f"bad CSeq {value[:40]!r}")
             if any(ch not in _METHOD_CHARS for ch in parts[1]):
                 raise SipParseError(f"bad CSeq method {value[:40]!r}")
@@ -176,7 +188,7 @@ class SipMessage:
         value = self.get("max-forwards")
         if value is None:
             return None
-        if not value.isdigit():
+        if not is_digits(value) or int(value) > MAX_FORWARDS_LIMIT:
             raise SipParseError(f"bad Max-Forwards {value[:20]!r}")
         return int(value)
 
@@ -204,6 +216,8 @@ class SipMessage:
 def parse_request_uri(text: str) -> SipUri:
     if text[:4].lower() == "tel:":
         number, _, params = text[4:].partition(";")
+        if not number or not all(c in _URI_CHARS for c in text[4:]):
+            raise SipParseError(f"bad tel URI {text[:80]!r}")
         return SipUri("tel", number, "", None, [], "", None, text)
     u = parse_uri(text)
     if u.headers:
@@ -214,9 +228,12 @@ def parse_request_uri(text: str) -> SipUri:
 # --- parsing ---------------------------------------------------------------------------
 
 
-def _find_header_end(data: bytes, start: int) -> tuple[int, int]:
-    """(end of last header line, start of body); (-1, -1) if the blank line is missing."""
+def _find_header_end(data: bytes, start: int, bare_lf: bool = True) -> tuple[int, int]:
+    """(end of last header line, start of body); (-1, -1) if the blank line is missing.
+    ``bare_lf`` also accepts LF LF (datagrams only: StreamFramer splits on CRLF CRLF)."""
     i = data.find(b"\r\n\r\n", start)
+    if not bare_lf:
+        return (i + 2, i + 4) if i >= 0 else (-1, -1)
     j = data.find(b"\n\n", start)
     if i >= 0 and (j < 0 or i + 1 <= j):
         return i + 2, i + 4
@@ -230,8 +247,8 @@ def content_length_of(msg: SipMessage) -> int | None:
     found: int | None = None
     for h in msg.headers:
         if h.name == "content-length":
-            v = h.value.strip()
-            if not v.isdigit():
+            v = h.value.strip(_SP_HTAB)
+            if not is_digits(v):
                 raise FramingError(f"bad Content-Length {v[:20]!r}")
             n = int(v)
             if found is not None and n != found:
@@ -241,32 +258,43 @@ def content_length_of(msg: SipMessage) -> int | None:
 
 
 def parse_head(data: bytes, head_end: int) -> SipMessage:
-    """Parse the start line and header lines of ``data[:head_end]`` (no body handling)."""
+    """Parse the start line and header lines of ``data[:head_end]`` (no body handling).
+
+    Every header line is read even after an error, so that a malformed request can still
+    be answered: the first error is raised with ``exc.partial`` holding the message so far
+    (requests only).  An error in a response sets ``exc.respond = False``: it is dropped.
+    """
     msg = SipMessage(data)
-    headers = msg.headers
     eol = data.find(b"\n", 0, head_end)
     if eol < 0:
         raise SipParseError("no start line")
     line = data[:eol].rstrip(b"\r").decode("latin-1")
     msg.start_line_end = eol + 1
+    error: SipError | None = None
     try:
         _parse_start_line(msg, line)
     except SipError as exc:
-        # read the headers anyway so that a request can still be answered
-        try:
-            _parse_header_lines(msg, data, eol + 1, head_end)
-        except SipError:
-            pass
-        else:
-            if not line.startswith("SIP/"):
-                exc.partial = msg  # type: ignore[attr-defined]
-        raise
-    _parse_header_lines(msg, data, eol + 1, head_end)
+        error = exc
+    header_error = _parse_header_lines(msg, data, eol + 1, head_end)
+    error = error or header_error
+    if error is not None:
+        _annotate(error, msg)
+        raise error
     return msg
 
 
-def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -> None:
+def _annotate(exc: SipError, msg: SipMessage) -> None:
+    """Attach what the caller needs to answer (requests) or to drop quietly (responses)."""
+    if msg.is_request:
+        exc.partial = msg  # type: ignore[attr-defined]
+    else:
+        exc.respond = False  # never answer a response (RFC 4475 bigcode, scalarlg)
+
+
+def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -> SipError | None:
+    """Append a Header per (possibly folded) line; skip bad lines, return the first error."""
     headers = msg.headers
+    error: SipError | None = None
     while pos < head_end:
         nl = data.find(b"\n", pos, head_end)
         if nl < 0:
@@ -277,18 +305,27 @@ def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -
             nl2 = data.find(b"\n", end, head_end)
             end = head_end if nl2 < 0 else nl2 + 1
         text = data[pos:end].decode("latin-1")
+        start, pos = pos, end
         colon = text.find(":")
         if colon <= 0:
-            raise SipParseError(f"bad header line {text[:40].strip()!r}")
+            error = error or SipParseError(f"bad header line {text[:40].strip()!r}")
+            continue
         name = text[:colon].rstrip(" \t")
         if not name or any(c not in _TOKEN_CHARS for c in name):
-            raise SipParseError(f"bad header name {name[:40]!r}")
+            error = error or SipParseError(f"bad header name {name[:40]!r}")
+            continue
         value = text[colon + 1 :]
-        if end - pos > len(value) or "\n" in value.rstrip("\r\n"):
+        if value.endswith("\n"):
+            value = value[:-2] if value.endswith("\r\n") else value[:-1]
+        if "\n" in value:
             value = _FOLD.sub(" ", value)
-        value = value.strip(" \t\r\n")
-        headers.append(Header(canonical_name(name), value, pos, end))
-        pos = end
+        value = value.strip(_SP_HTAB)
+        if "\r" in value or "\n" in value:
+            # a bare CR/LF inside a value would let an edited line smuggle in a header
+            error = error or SipParseError(f"bare CR or LF in {name[:40]!r}")
+            continue
+        headers.append(Header(canonical_name(name), value, start, end))
+    return error
 
 
 def _parse_start_line(msg: SipMessage, line: str) -> None:
@@ -301,7 +338,7 @@ def _parse_start_line(msg: SipMessage, line: str) -> None:
         msg.reason = parts[2] if len(parts) > 2 else ""
         if version != "SIP/2.0":
             raise VersionNotSupported(f"version {version[:12]!r}")
-        if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
+        if not is_digits(code, 3) or not 100 <= int(code) <= 699:
             raise SipParseError(f"bad status code {code[:10]!r}")
         msg.status = int(code)
         msg.version = version
@@ -329,13 +366,12 @@ def parse_message(data: bytes, *, datagram: bool = True, max_size: int = 65535) 
     ``datagram=True``: ``data`` is a whole UDP datagram; octets beyond Content-Length are
     ignored (RFC 4475 dblreq) and a missing Content-Length means "the rest" (inv2543).
     ``datagram=False``: ``data`` was framed by :class:`sip.framing.StreamFramer` and is
-    exactly one message.
+    exactly one message: CRLF CRLF ends the header section and Content-Length must match.
 
-    Raises a ``SipError`` subclass; when the head could be read, ``exc.partial`` holds the
-    message so far (enough to answer a request with 400).
+    Raises a ``SipError`` subclass; when a request's head could be read, ``exc.partial``
+    holds the message so far (enough to answer with ``make_response``).  An error in a
+    response has ``exc.respond = False`` and no ``partial``: responses are dropped.
     """
-    from .errors import MessageTooLarge
-
     if len(data) > max_size:
         raise MessageTooLarge(f"{len(data)} octets")
     start = 0
@@ -343,7 +379,7 @@ def parse_message(data: bytes, *, datagram: bool = True, max_size: int = 65535) 
         start += 2
     if start:
         data = data[start:]
-    head_end, body_start = _find_header_end(data, 0)
+    head_end, body_start = _find_header_end(data, 0, bare_lf=datagram)
     if head_end < 0:
         if not datagram:
             raise FramingError("header section not terminated by an empty line")
@@ -359,21 +395,28 @@ def parse_message(data: bytes, *, datagram: bool = True, max_size: int = 65535) 
         else:
             end = body_start + cl
             if end > len(data):
+                if not datagram:
+                    raise FramingError(f"Content-Length {cl} exceeds the {len(data) - body_start} octets framed")
                 raise SipParseError(f"Content-Length {cl} exceeds the {len(data) - body_start} octets received")
+            if not datagram and end != len(data):
+                raise FramingError("octets after the message on a stream")
         msg.raw = data if end == len(data) else data[:end]
         msg.body_start = body_start
         validate(msg)
     except SipError as exc:
-        exc.partial = msg  # type: ignore[attr-defined]
+        _annotate(exc, msg)
         raise
     return msg
 
 
 def validate(msg: SipMessage) -> None:
     """Check what a proxy relies on; raise the SipError that says how to answer."""
-    for name in SINGLETONS:
-        if msg.count(name) > 1 and name != "content-length":
-            raise SipParseError(f"more than one {display_name(name)}")
+    seen: set[str] = set()
+    for h in msg.headers:  # in message order, so the error names the first repeat
+        if h.name in SINGLETONS and h.name != "content-length":
+            if h.name in seen:
+                raise SipParseError(f"more than one {display_name(h.name)}")
+            seen.add(h.name)
     if not msg.vias:
         raise SipParseError("missing Via")
     msg.cseq  # noqa: B018 - parse and check
@@ -398,7 +441,13 @@ def validate(msg: SipMessage) -> None:
 
 
 class Editor:
-    """Collects edits on a message and emits the new octets, keeping the rest byte-exact."""
+    """Collects edits on a message and emits the new octets, keeping the rest byte-exact.
+
+    With no edits ``to_bytes()`` returns ``msg.raw`` unchanged, except that a message
+    without Content-Length (RFC 2543 style, inv2543) gains one and a datagram whose header
+    section was not terminated gets its empty line.  Header values are latin-1 views of
+    the octets (as parsed), so a value read from a message is written back unchanged.
+    """
 
     __slots__ = ("msg", "start_line", "top", "replaced", "appended", "body")
 
@@ -412,6 +461,8 @@ class Editor:
 
     @staticmethod
     def line(name: str, value: str) -> bytes:
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise ValueError(f"CR or LF in header {name[:40]!r}")  # would inject a header line
         return f"{display_name(name)}: {value}\r\n".encode("latin-1", "replace")
 
     def prepend(self, name: str, value: str) -> None:
@@ -430,18 +481,27 @@ class Editor:
 
     def set_first_value(self, name: str, new: str | None) -> None:
         """Replace (or with None remove) the first value of a list header, which may share
-        its line with later values (``Via: a, b``)."""
-        idx = self.msg.index(name)
-        if idx < 0:
-            raise ValueError(f"no {name} header")
-        parts = split_values(self.msg.headers[idx].value)
-        rest = parts[1:]
-        if new is not None:
-            rest.insert(0, new)
-        if rest:
-            self.set(idx, ", ".join(rest))
+        its line with later values (``Via: a, b``).  The later values keep their text.
+
+        Works on the message as parsed: a second call for the same name edits the same
+        (original) first value again."""
+        for idx, h in enumerate(self.msg.headers):
+            # skip empty lines (``Route:``) so "first value" is the one ``values()`` returns
+            if h.name == name and split_values(h.value):
+                break
         else:
-            self.delete(idx)
+            raise ValueError(f"no {name} header")
+        comma = first_comma(h.value)
+        rest = None if comma < 0 else h.value[comma + 1 :]
+        if rest is not None and not rest.strip(_SP_HTAB):
+            rest = None  # "a," has no second value
+        if new is None:
+            if rest is None:
+                self.delete(idx)
+            else:
+                self.set(idx, rest.lstrip(_SP_HTAB))
+        else:
+            self.set(idx, new if rest is None else f"{new},{rest}")
 
     def to_bytes(self) -> bytes:
         msg = self.msg
@@ -449,26 +509,39 @@ class Editor:
         out: list[bytes] = [self.start_line + b"\r\n" if self.start_line is not None else raw[: msg.start_line_end]]
         out.extend(self.top)
         replaced = self.replaced
-        has_cl = False
+        new_body = self.body is not None
         body = self.body if self.body is not None else raw[msg.body_start :]
+        has_cl = False
         for i, h in enumerate(msg.headers):
+            line = replaced.get(i)
             if h.name == "content-length":
-                if has_cl:
-                    continue
-                has_cl = True
-                if self.body is not None and i not in replaced:
-                    out.append(self.line("content-length", str(len(body))))
-                    continue
-            if i in replaced:
-                out.append(replaced[i])
-            else:
-                out.append(raw[h.start : h.end])
+                if new_body:
+                    if has_cl:
+                        continue  # one Content-Length, matching the new body
+                    if line is None:
+                        line = self.line("content-length", str(len(body)))
+                if line != b"":
+                    has_cl = True
+            if line is None:
+                line = raw[h.start : h.end]
+                if not line.endswith(b"\n"):
+                    line += b"\r\n"  # last line of a datagram without the empty line
+            out.append(line)
         out.extend(self.appended)
         if not has_cl:
             out.append(self.line("content-length", str(len(body))))
-        out.append(b"\r\n")
+        last = msg.headers[-1].end if msg.headers else msg.start_line_end
+        blank = raw[last : msg.body_start]
+        out.append(blank if blank in (b"\r\n", b"\n") else b"\r\n")
         out.append(body)
         return b"".join(out)
+
+
+def _has_tag(to_value: str) -> bool:
+    try:
+        return parse_name_addr(to_value).param("tag") is not None
+    except SipError:
+        return ";tag=" in to_value.replace(" ", "").lower()
 
 
 def make_response(
@@ -479,17 +552,23 @@ def make_response(
     to_tag: str | None = None,
     body: bytes = b"",
 ) -> bytes:
-    """A response to ``req`` built from its own header lines (RFC 3261 8.2.6)."""
+    """A response to ``req`` built from its own header lines (RFC 3261 8.2.6): the Via,
+    From, To, Call-ID and CSeq lines are copied byte for byte, in their order.
+
+    ``req`` may be ``exc.partial`` from a failed parse."""
+    if "\r" in reason or "\n" in reason:
+        raise ValueError("CR or LF in reason phrase")
     raw = req.raw
     out = [f"SIP/2.0 {status} {reason}\r\n".encode("latin-1", "replace")]
     for h in req.headers:
-        if h.name in ("via", "from", "call-id", "cseq"):
-            out.append(raw[h.start : h.end])
-        elif h.name == "to":
-            if to_tag and "tag=" not in h.value.lower() and status > 100:
+        if h.name in ("via", "from", "to", "call-id", "cseq"):
+            if h.name == "to" and to_tag and status > 100 and not _has_tag(h.value):
                 out.append(Editor.line("to", f"{h.value};tag={to_tag}"))
-            else:
-                out.append(raw[h.start : h.end])
+                continue
+            line = raw[h.start : h.end]
+            if not line.endswith(b"\n"):
+                line += b"\r\n"
+            out.append(line)
     for name, value in extra:
         out.append(Editor.line(name, value))
     out.append(Editor.line("content-length", str(len(body))))

@@ -13,9 +13,24 @@ from .errors import SipParseError, UnsupportedUriScheme
 
 SIP_SCHEMES = ("sip", "sips")
 _TOKEN_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
-_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?|[A-Za-z0-9])$")
-_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+\-.]*$")
+_HOST_RE = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?|[A-Za-z0-9]")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
 _WS = " \t\r\n"
+#: the octets a SIP URI may hold unescaped (RFC 3261 25.1: printable US-ASCII, no SP)
+_URI_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - set('<>"')
+#: longest decimal we convert: int() of a 5000-digit string raises ValueError (CPython's
+#: int_max_str_digits), and no SIP scalar needs more than 10 digits (2**32-1)
+MAX_DIGITS = 10
+
+
+def is_digits(text: str | bytes, max_digits: int = MAX_DIGITS) -> bool:
+    """1 to ``max_digits`` ASCII digits.  ``str.isdigit`` is not enough: it accepts '\xb2'
+    (superscript two, a latin-1 octet) and other Unicode digits that ``int()`` rejects."""
+    if not 0 < len(text) <= max_digits:
+        return False
+    if isinstance(text, bytes):
+        return all(0x30 <= c <= 0x39 for c in text)
+    return all("0" <= c <= "9" for c in text)
 
 
 def unescape(text: str) -> str:
@@ -118,22 +133,28 @@ class SipUri:
 def parse_uri(text: str, *, allow_other_schemes: bool = False) -> SipUri:
     """Parse a SIP URI.  Other schemes raise UnsupportedUriScheme (416) unless allowed,
     in which case a SipUri with only ``scheme`` and ``text`` set is returned."""
-    t = text.strip()
+    t = text.strip(_WS)
     scheme, sep, rest = t.partition(":")
-    if not sep or not _SCHEME_RE.match(scheme):
+    if not sep or not _SCHEME_RE.fullmatch(scheme):
         raise SipParseError(f"bad URI {text[:80]!r}")
     lscheme = scheme.lower()
     if lscheme not in SIP_SCHEMES:
         if allow_other_schemes:
             return SipUri(lscheme, None, "", text=t)
         raise UnsupportedUriScheme(f"unsupported URI scheme {scheme[:20]!r}")
-    if any(c in _WS or c in "<>\"" for c in rest):
+    if not all(c in _URI_CHARS for c in rest):
+        # controls, SP, non-ASCII (must be %-escaped) and <>" never appear in a SIP URI
         raise SipParseError(f"bad characters in URI {text[:80]!r}")
     user = password = None
     if "@" in rest:
-        # the user part may hold ';', '?' and ',' (RFC 4475 intmeth, semiuri): split at the last '@'
-        userinfo, _, hostpart = rest.rpartition("@")
+        # the user part may hold ';', '?' and ',' (RFC 4475 intmeth, semiuri); '@' itself
+        # is legal nowhere else, so a second one is an error, not a guess
+        userinfo, _, hostpart = rest.partition("@")
+        if not userinfo or "@" in hostpart:
+            raise SipParseError(f"bad userinfo in URI {text[:80]!r}")
         user, colon, pw = userinfo.partition(":")
+        if not user:
+            raise SipParseError(f"empty user in URI {text[:80]!r}")
         password = pw if colon else None
     else:
         hostpart = rest
@@ -149,11 +170,11 @@ def parse_uri(text: str, *, allow_other_schemes: bool = False) -> SipUri:
         portpart = portpart[1:]
     else:
         host, _, portpart = hostport.partition(":")
-    if not host or not _HOST_RE.match(host):
+    if not host or not _HOST_RE.fullmatch(host):
         raise SipParseError(f"bad host in URI {text[:80]!r}")
     port: int | None = None
     if portpart:
-        if not portpart.isdigit() or not 0 < int(portpart) < 65536:
+        if not is_digits(portpart, 5) or not 0 < int(portpart) < 65536:
             raise SipParseError(f"bad port in URI {text[:80]!r}")
         port = int(portpart)
     params: list[tuple[str, str | None]] = []
@@ -161,6 +182,8 @@ def parse_uri(text: str, *, allow_other_schemes: bool = False) -> SipUri:
         if not p:
             raise SipParseError(f"empty URI parameter in {text[:80]!r}")
         k, eq, v = p.partition("=")
+        if not k:
+            raise SipParseError(f"URI parameter without a name in {text[:80]!r}")
         params.append((k, v if eq else None))
     return SipUri(lscheme, user, host, port, params, headers, password, t)
 
