@@ -1,0 +1,55 @@
+"""Location stores: `open_store(url)` picks the kind from the URL scheme.
+
+- ``sqlite:///abs/path.db`` (embedded default; see `sqlite_path` for relative forms and
+  ``sqlite:///:memory:``)
+- ``redis://``, ``rediss://``, ``redis+sentinel://``: the shared store (not available yet)
+"""
+
+from __future__ import annotations
+
+from .base import (
+    KINDS,
+    SYSTEMS,
+    ApiSession,
+    AuditEntry,
+    BadIdentity,
+    BatchSummary,
+    Customer,
+    Decision,
+    GroupSplitError,
+    Location,
+    LocationStore,
+    MigrationResult,
+    Registration,
+    StoreError,
+    StoreUnavailable,
+    identity_key,
+    normalise,
+    parse_identity,
+)
+from .memory import UNKNOWN_POLICIES, BadRow, CustomerRow, MemoryIndex, clean_row, new_batch_id, normalise_keys
+
+__all__ = [
+    "KINDS", "SYSTEMS", "UNKNOWN_POLICIES", "ApiSession", "AuditEntry", "BadIdentity", "BadRow",
+    "BatchSummary", "Customer", "CustomerRow", "Decision", "GroupSplitError", "Location",
+    "LocationStore", "MemoryIndex", "MigrationResult", "Registration", "StoreError",
+    "StoreUnavailable", "clean_row", "identity_key", "new_batch_id", "normalise",
+    "normalise_keys", "open_store", "parse_identity",
+]
+
+
+def open_store(url: str, unknown: str = "source", *, load: bool = True) -> LocationStore:
+    """Open the store at `url` with the `store.unknown` policy (source, target or reject).
+
+    ``load=False`` (one-shot CLI commands) skips loading the in-memory index: reads then
+    query the backing store directly and `refresh()` does nothing."""
+    if unknown not in UNKNOWN_POLICIES:
+        raise StoreError(f"store.unknown: {unknown!r} is not one of {', '.join(UNKNOWN_POLICIES)}")
+    scheme = url.partition(":")[0].lower()
+    if scheme == "sqlite":
+        from .sqlite import SqliteStore, sqlite_path
+
+        return SqliteStore(sqlite_path(url), unknown, load=load)
+    if scheme in ("redis", "rediss", "redis+sentinel"):
+        raise StoreError("redis store not available yet")
+    raise StoreError(f"unsupported store url {url!r} (sqlite:///path or redis://host:port/db)")

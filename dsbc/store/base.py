@@ -134,6 +134,19 @@ class AuditEntry(msgspec.Struct):
     from_system: str
     to_system: str
     batch_id: str
+    note: str = ""  # e.g. "rollback of b-20261202-055012-3f2a"
+
+
+class BatchSummary(msgspec.Struct):
+    """One migration batch as the audit log tells it (`dsbc status`, the control API)."""
+
+    batch_id: str
+    ts: float  # when its first customer moved
+    who: str
+    from_system: str
+    to_system: str
+    customers: int  # customers it moved
+    note: str = ""
 
 
 class Registration(msgspec.Struct, gc=False):
@@ -175,6 +188,15 @@ class LocationStore(abc.ABC):
     def customer(self, customer_id: str) -> Customer | None:
         """The customer record, from memory."""
 
+    def customers(self, customer_ids: Iterable[str]) -> dict[str, Customer]:
+        """The known customers among `customer_ids` (a batch read for planning migrations)."""
+        found: dict[str, Customer] = {}
+        for cid in customer_ids:
+            c = self.customer(cid)
+            if c is not None:
+                found[cid] = c
+        return found
+
     def decide(self, kind: str, value: str) -> Decision:
         """lookup() with the `store.unknown` policy applied."""
         loc = self.lookup(kind, value)
@@ -212,6 +234,15 @@ class LocationStore(abc.ABC):
     def lock(self, customer_ids: list[str], batch_id: str) -> None:
         """Mark customers `locked` (a batch in flight): dispatchers hold their new requests."""
 
+    def unlock(self, customer_ids: list[str]) -> None:
+        """Clear `locked` without moving anyone (a batch that was aborted before its flip)."""
+        by_system: dict[str, list[str]] = {}
+        for cid, c in self.customers(customer_ids).items():
+            if c.state == "locked":
+                by_system.setdefault(c.system, []).append(cid)
+        for system, ids in by_system.items():
+            self.migrate(ids, system, who="unlock")  # already on `system`: only the state changes
+
     @abc.abstractmethod
     def migrate(
         self,
@@ -221,7 +252,10 @@ class LocationStore(abc.ABC):
         batch_id: str | None = None,
         dry_run: bool = False,
     ) -> MigrationResult:
-        """Flip customers to `to` atomically (system=to, state=active), audit it, enforce groups."""
+        """Flip customers to `to` atomically (system=to, state=active), audit it, enforce groups.
+
+        Customers already on `to` are reported as `already` (and unlocked if they were
+        locked); unknown ids are reported, not fatal.  GroupSplitError changes nothing."""
 
     @abc.abstractmethod
     def rollback(self, batch_id: str, who: str = "cli") -> MigrationResult:
@@ -234,6 +268,20 @@ class LocationStore(abc.ABC):
     @abc.abstractmethod
     def audit(self, batch_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
         ...
+
+    def batches(self, limit: int = 10) -> list[BatchSummary]:
+        """The most recent batches, newest first (from the audit log)."""
+        seen: dict[str, BatchSummary] = {}
+        for e in reversed(self.audit(limit=100_000)):
+            b = seen.get(e.batch_id)
+            if b is None:
+                if len(seen) == limit:
+                    break
+                seen[e.batch_id] = BatchSummary(e.batch_id, e.ts, e.who, e.from_system, e.to_system, 1, e.note)
+            else:
+                b.customers += 1
+                b.ts = e.ts
+        return list(seen.values())
 
     # -- registrations (SIP) ---------------------------------------------------------------
 
@@ -275,3 +323,9 @@ class LocationStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional
         pass
+
+    def __enter__(self) -> LocationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

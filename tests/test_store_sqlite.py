@@ -1,0 +1,310 @@
+"""The SQLite store: schema, imports, change feed across processes, failures, registrations,
+sessions, meta.  Real files in tmp_path."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from dsbc.store import (
+    ApiSession,
+    BadRow,
+    Registration,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
+from dsbc.store.sqlite import SqliteStore, sqlite_path
+
+
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/loc.db"
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = open_store(url(tmp_path))
+    yield s
+    s.close()
+
+
+def run_py(code: str) -> None:
+    """Run `code` in another Python process (another dispatcher, the CLI)."""
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True, timeout=60)
+
+
+# --- opening ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("u", "path"),
+    [
+        ("sqlite:///var/lib/dsbc/location.db", "/var/lib/dsbc/location.db"),
+        ("sqlite:////var/lib/dsbc/location.db", "/var/lib/dsbc/location.db"),
+        ("sqlite:///location.db", "location.db"),
+        ("sqlite:///./data/location.db", "./data/location.db"),
+        ("sqlite://data/location.db", "data/location.db"),
+        ("sqlite:///:memory:", ":memory:"),
+    ],
+)
+def test_sqlite_urls(u: str, path: str) -> None:
+    assert sqlite_path(u) == path
+
+
+def test_open_errors(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="redis store not available yet"):
+        open_store("redis://127.0.0.1:6379/0")
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(f"sqlite:///{tmp_path}/missing/loc.db")
+    with pytest.raises(StoreError, match="unknown"):
+        open_store(url(tmp_path), "sideways")
+    (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="cannot open store"):
+        open_store(f"sqlite:///{tmp_path}/junk.db")
+
+
+def test_schema_and_wal(store: SqliteStore, tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "loc.db")
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"customers", "identities", "audit", "changes", "registrations", "sessions", "meta"} <= tables
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.get_meta("schema") == "1"
+
+
+# --- customers --------------------------------------------------------------------------
+
+
+def test_import_and_lookup(store: SqliteStore) -> None:
+    n = store.import_rows([
+        {"customer_id": "1", "identities": "account:alice;did:+1 555 0100"},
+        {"customer_id": "2", "identities": ["account:bob"], "system": "target", "group": "g"},
+    ])
+    assert n == 2
+    loc = store.lookup("did", "15550100")
+    assert loc is not None and (loc.customer_id, loc.system, loc.state) == ("1", "source", "active")
+    c = store.customer("2")
+    assert c is not None and (c.system, c.group, c.identities) == ("target", "g", ("account:bob",))
+    assert store.counts()["identities"] == 3
+
+
+def test_import_errors_name_the_row_and_change_nothing(store: SqliteStore) -> None:
+    with pytest.raises(BadRow, match=r"row 2: did:'12ab' is not a number"):
+        store.import_rows([{"customer_id": "1", "identities": "account:a"},
+                           {"customer_id": "2", "identities": "did:12ab"}])
+    with pytest.raises(StoreError, match="account:a is given to both customer 1 and customer 2"):
+        store.import_rows([{"customer_id": "1", "identities": "account:a"},
+                           {"customer_id": "2", "identities": "account:a"}])
+    assert store.counts()["customers"] == 0
+
+
+def test_reimport_keeps_the_system_unless_given(store: SqliteStore) -> None:
+    store.import_rows([{"customer_id": "1", "identities": "account:a"}])
+    store.migrate(["1"], "target")
+    store.import_rows([{"customer_id": "1", "identities": "account:a;did:100"}])
+    c = store.customer("1")
+    assert c is not None and c.system == "target" and c.identities == ("account:a", "did:100")
+    store.import_rows([{"customer_id": "1", "identities": "account:a", "system": "source"}])
+    assert store.lookup("did", "100") is None
+    assert store.lookup("account", "a").system == "source"  # type: ignore[union-attr]
+
+
+def test_put_customer_takes_an_identity_from_another(store: SqliteStore, tmp_path: Path) -> None:
+    store.put_customer("1", ["account:a", "did:100"])
+    other = open_store(url(tmp_path))
+    store.put_customer("2", ["did:100"], "target")
+    assert store.customer("1").identities == ("account:a",)  # type: ignore[union-attr]
+    assert other.refresh() and other.lookup("did", "100").customer_id == "2"  # type: ignore[union-attr]
+    assert other.customer("1").identities == ("account:a",)  # type: ignore[union-attr]
+
+
+def test_bulk_import_writes_one_reload_row(store: SqliteStore, tmp_path: Path) -> None:
+    other = open_store(url(tmp_path))
+    rows = [{"customer_id": str(i), "identities": [f"did:{1000 + i}", f"account:u{i}"]} for i in range(3000)]
+    seen: list[int] = []
+    assert store.import_rows(rows, progress=seen.append) == 3000
+    assert seen[-1] == 3000
+    db = sqlite3.connect(tmp_path / "loc.db")
+    assert db.execute("SELECT count(*), count(customer_id) FROM changes").fetchone() == (1, 0)
+    assert len(other.refresh()) == 3000  # a full reload reports every customer
+    assert other.lookup("account", "u2999").customer_id == "2999"  # type: ignore[union-attr]
+
+
+# --- the change feed --------------------------------------------------------------------
+
+
+def test_refresh_is_empty_when_nothing_changed(store: SqliteStore) -> None:
+    store.put_customer("1", ["account:a"])
+    assert store.refresh() == []  # own writes are already applied
+    assert store.healthy
+
+
+def test_changes_from_another_process_are_seen(store: SqliteStore, tmp_path: Path) -> None:
+    store.put_customer("1", ["account:a"])
+    run_py(f"""
+        from dsbc.store import open_store
+        s = open_store({url(tmp_path)!r}, load=False)
+        s.migrate(["1"], "target", who="other")
+        s.put_customer("2", ["did:200"])
+    """)
+    # the other process has committed: the very next refresh sees it
+    assert sorted(store.refresh()) == ["1", "2"]
+    assert store.lookup("account", "a").system == "target"  # type: ignore[union-attr]
+    assert store.lookup("did", "200").customer_id == "2"  # type: ignore[union-attr]
+
+
+def test_change_visible_within_one_second_while_polling(store: SqliteStore, tmp_path: Path) -> None:
+    """A writer process flips a customer while this one polls as the runner does (every 0.2 s)."""
+    store.put_customer("1", ["account:a"])
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from dsbc.store import open_store
+        s = open_store({url(tmp_path)!r}, load=False)
+        time.sleep(0.3)
+        s.migrate(["1"], "target")
+        print(time.time(), flush=True)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        seen_at = None
+        for _ in range(150):  # bounded: 30 s at most
+            store.refresh()
+            if store.lookup("account", "a").system == "target":  # type: ignore[union-attr]
+                seen_at = time.time()
+                break
+            time.sleep(0.2)
+        out, _ = writer.communicate(timeout=30)
+    finally:
+        writer.kill()
+    assert seen_at is not None
+    assert seen_at - float(out) < 1.0
+
+
+def test_pruned_change_log_forces_a_full_reload(store: SqliteStore, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import dsbc.store.sqlite as mod
+
+    store.put_customer("1", ["account:a"])
+    monkeypatch.setattr(mod, "KEEP_CHANGES", 2)
+    writer = open_store(url(tmp_path), load=False)
+    for i in range(10):
+        writer.put_customer(str(100 + i), [f"account:x{i}"])
+    writer.migrate(["1"], "target")
+    assert "1" in store.refresh()
+    assert store.lookup("account", "x0") is not None  # only a full reload knows x0
+    assert store.lookup("account", "a").system == "target"  # type: ignore[union-attr]
+
+
+def test_refresh_failure_marks_unhealthy_and_keeps_serving(store: SqliteStore, tmp_path: Path) -> None:
+    store.put_customer("1", ["account:a"])
+    db = sqlite3.connect(tmp_path / "loc.db")
+    db.execute("DROP TABLE changes")
+    db.commit()
+    assert store.refresh() == []
+    assert not store.healthy
+    assert store.lookup("account", "a") is not None
+
+
+# --- failures: nothing half-applied ------------------------------------------------------
+
+
+def test_disk_full_rolls_back(tmp_path: Path) -> None:
+    s = open_store(url(tmp_path))
+    s.put_customer("1", ["account:a"])
+    assert isinstance(s, SqliteStore)
+    pages = s._db.execute("PRAGMA page_count").fetchone()[0]
+    s._db.execute(f"PRAGMA max_page_count = {pages + 2}")
+    rows = [{"customer_id": str(i), "identities": [f"account:{'x' * 50}{i}"]} for i in range(2, 5000)]
+    with pytest.raises(StoreUnavailable, match="the disk is full; nothing was changed"):
+        s.import_rows(rows)
+    assert s.counts()["customers"] == 1
+    assert s.lookup("account", "x" * 50 + "2") is None
+
+
+def test_busy_store_is_reported(tmp_path: Path) -> None:
+    s = SqliteStore(str(tmp_path / "loc.db"), busy_timeout=0.2)
+    s.put_customer("1", ["account:a"])
+    other = sqlite3.connect(tmp_path / "loc.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailable, match="busy"):
+            s.migrate(["1"], "target")
+    finally:
+        other.execute("ROLLBACK")
+    assert s.customer("1").system == "source"  # type: ignore[union-attr]
+    assert s.migrate(["1"], "target").moved == ["1"]
+
+
+# --- direct mode (CLI) ------------------------------------------------------------------
+
+
+def test_direct_reads_without_loading(store: SqliteStore, tmp_path: Path) -> None:
+    store.put_customer("1", ["account:a", "did:100"], "target", group="g")
+    d = open_store(url(tmp_path), load=False)
+    loc = d.lookup("did", "100")
+    assert loc is not None and (loc.customer_id, loc.system) == ("1", "target")
+    assert d.customer("1").group == "g"  # type: ignore[union-attr]
+    assert set(d.customers(["1", "nope"])) == {"1"}
+    assert d.decide("did", "999").system == "source"
+    assert d.refresh() == []
+
+
+# --- registrations, sessions, meta --------------------------------------------------------
+
+
+def test_registrations(store: SqliteStore) -> None:
+    store.put_customer("1", ["account:alice"])
+    now = 1000.0
+    store.record_registrations([
+        Registration("alice", "sip:alice@10.0.0.1:5060", "source", now + 60),
+        Registration("alice", "sip:alice@10.0.0.2:5060", "source", now + 60, "1"),
+        Registration("zed", "sip:zed@10.0.0.3", "source", now + 60),
+    ], now=now)
+    regs = store.registrations(["1"], now=now)
+    assert sorted(r.contact for r in regs) == ["sip:alice@10.0.0.1:5060", "sip:alice@10.0.0.2:5060"]
+    assert all(r.customer_id == "1" for r in regs)  # filled from the account identity
+    # re-registration on the target updates the same row; expiry 0 removes one
+    store.record_registrations([
+        Registration("alice", "sip:alice@10.0.0.1:5060", "target", now + 3600),
+        Registration("alice", "sip:alice@10.0.0.2:5060", "source", now),
+    ], now=now + 1)
+    regs = store.registrations(["1"], now=now + 1)
+    assert [(r.contact, r.system) for r in regs] == [("sip:alice@10.0.0.1:5060", "target")]
+    assert [r.account for r in store.registrations(now=now + 100)] == ["alice"]  # zed expired
+    assert store.counts()["registrations"] == 0  # wall clock is far past `now`
+
+
+def test_sessions(store: SqliteStore, tmp_path: Path) -> None:
+    later = time.time() + 3600
+    store.put_session(ApiSession("tok1", "source", later, "1", "customer", '{"x": 1}'))
+    assert store.get_session("tok1").extra == '{"x": 1}'  # type: ignore[union-attr]
+    other = open_store(url(tmp_path))  # another node: memory miss, read from SQLite
+    s = other.get_session("tok1")
+    assert s is not None and (s.system, s.customer_id, s.realm) == ("source", "1", "customer")
+    store.put_session(ApiSession("old", "target", time.time() - 1))
+    assert store.get_session("old") is None
+    store.delete_session("tok1")
+    assert store.get_session("tok1") is None
+    assert open_store(url(tmp_path)).get_session("tok1") is None
+    assert other.get_session("nope") is None
+
+
+def test_meta(store: SqliteStore) -> None:
+    assert store.get_meta("flow_secret") is None
+    assert store.set_meta("flow_secret", "aaa", only_if_absent=True) == "aaa"
+    assert store.set_meta("flow_secret", "bbb", only_if_absent=True) == "aaa"
+    assert store.set_meta("flow_secret", "ccc") == "ccc"
+    assert store.get_meta("flow_secret") == "ccc"
+
+
+def test_counts(store: SqliteStore) -> None:
+    store.put_customer("1", ["account:a"])
+    store.put_customer("2", ["account:b", "did:1"], "target", group="g")
+    store.lock(["1"], "b-x")
+    store.prepare(["2"], 60)
+    c = store.counts()
+    assert c["customers"] == 2 and c["identities"] == 3 and c["groups"] == 1 and c["prepared"] == 1
+    assert c["customers.source.locked"] == 1 and c["customers.target.active"] == 1
