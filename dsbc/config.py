@@ -258,9 +258,17 @@ class DiameterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     origin_realm: str = "localdomain"
     watchdog_interval: float = 30.0
     reconnect_max: float = 30.0
+    reconnect_min: float = 0.5
+    cer_timeout: float = 10.0
+    request_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         _check_hostport(self.listen, "listen", 3868)
+        for key in ("watchdog_interval", "reconnect_max", "reconnect_min", "cer_timeout", "request_timeout"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be > 0")
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError("reconnect_min: must be <= reconnect_max")
 
 
 class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
