@@ -1,0 +1,237 @@
+"""The Diameter dispatcher service: a listener for clients, a link per system, one timer.
+
+Wires :mod:`dsbc.diameter.peer` connections to the I/O-free
+:class:`dsbc.diameter.routing.DiameterRouter`.  ``start_diameter(cfg, store)`` is what
+``dsbc run`` calls; ``await service.stop()`` sends DPR to every peer and client and
+waits (briefly) for their DPA.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from typing import Any
+
+from dsbc.config import Config, parse_hostport
+from dsbc.diameter import codec as dc
+from dsbc.diameter.peer import Connection, ConnState, LocalNode, PeerLink
+from dsbc.diameter.routing import TO_CLIENT, DiameterRouter, Send, SystemRoute
+from dsbc.store.base import BadIdentity, LocationStore, normalise
+
+log = logging.getLogger("dsbc.diameter")
+
+SESSIONS_META_KEY = "diameter.sessions"
+PERSIST_EVERY = 30.0
+
+
+def make_decide(store: LocationStore) -> Any:
+    """Candidates ``[(kind, value), ...]`` -> (system, state) of the first known identity."""
+
+    def decide(cands: list[tuple[str, str]]) -> tuple[str, str]:
+        for kind, value in cands:
+            try:
+                v = normalise(kind, value)
+            except BadIdentity:
+                continue
+            if store.lookup(kind, v) is not None:
+                d = store.decide(kind, v)
+                return d.system, d.state
+        return store.unknown, "active"
+
+    return decide
+
+
+class DiameterService:
+    """A running Diameter dispatcher."""
+
+    def __init__(self, cfg: Config, store: LocationStore | None, router: DiameterRouter, node: LocalNode) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.router = router
+        self.node = node
+        self.loop = asyncio.get_running_loop()
+        self.links: dict[str, PeerLink] = {}
+        self.clients: dict[int, Connection] = {}
+        self.server: asyncio.AbstractServer | None = None
+        self.address: tuple[str, int] | None = None
+        self.bad_messages = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._persist_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- connection events (peer.Owner) ----------------------------------------------------------
+
+    def new_client(self) -> Connection:
+        c = self.cfg.diameter
+        conn = Connection(self, self.node, False, watchdog=c.watchdog_interval, cer_timeout=c.cer_timeout,
+                          accept_apps={dc.APP_CREDIT_CONTROL})
+        conn.key = conn.id
+        self.clients[conn.id] = conn
+        return conn
+
+    def on_open(self, conn: Connection) -> None:
+        if isinstance(conn.key, str):
+            log.info("diameter: %s peer %s is open", conn.key, conn.peer_host)
+            self._send(self.router.peer_state(conn.key, True, conn.peer_host))
+        else:
+            self.router.client_open(conn.id, conn.peer_host)
+
+    def on_closed(self, conn: Connection) -> None:
+        self.bad_messages += conn.bad_messages
+        if isinstance(conn.key, str):
+            link = self.links.get(conn.key)
+            if link is not None and link.conn is conn and conn.peer_host:
+                log.warning("diameter: %s peer %s is down (%s)", conn.key, conn.peer_host, conn.close_reason)
+                self._send(self.router.peer_state(conn.key, False))
+        else:
+            self.clients.pop(conn.id, None)
+            self.router.client_closed(conn.id)
+        self._arm()
+
+    def on_message(self, conn: Connection, msg: dc.Message) -> None:
+        now = self.loop.time()
+        try:
+            if isinstance(conn.key, str):
+                out = (self.router.peer_request(conn.key, msg, now) if msg.is_request
+                       else self.router.answer_from(conn.key, msg, now))
+            else:
+                out = (self.router.client_request(conn.id, msg, now) if msg.is_request
+                       else self.router.answer_from(conn.id, msg, now))
+        except dc.DiameterDecodeError as exc:
+            self.bad_messages += 1
+            if msg.is_request:
+                conn.send(dc.encode(dc.answer(msg, exc.result_code, self.node.origin_host, self.node.origin_realm,
+                                              error_message=str(exc))))
+            return
+        self._send(out)
+        self._arm()
+
+    def _send(self, out: list[Send]) -> None:
+        for s in out:
+            if s.kind == TO_CLIENT:
+                conn = self.clients.get(s.target)  # type: ignore[arg-type]
+            else:
+                link = self.links.get(s.target)  # type: ignore[arg-type]
+                conn = link.conn if link is not None else None
+            if conn is not None and conn.state == ConnState.OPEN:
+                conn.send(s.data)
+
+    # -- the one timer ----------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        when = self.router.get_timer()
+        if when is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._send(self.router.handle_timer(self.loop.time()))
+        self._arm()
+
+    # -- sessions across restarts -------------------------------------------------------------------
+
+    def _persist(self) -> None:
+        if self.store is None:
+            return
+        offset = time.time() - self.loop.time()
+        rows = [[k, s, c, float(t) + offset] for k, s, c, t in self.router.sessions_snapshot()]  # type: ignore[arg-type]
+        try:
+            self.store.set_meta(SESSIONS_META_KEY, json.dumps(rows, separators=(",", ":")))
+        except Exception as exc:  # noqa: BLE001 - a store outage must not stop dispatching
+            log.warning("diameter: cannot save sessions: %s", exc)
+
+    def _restore(self) -> None:
+        if self.store is None:
+            return
+        try:
+            text = self.store.get_meta(SESSIONS_META_KEY)
+            rows = json.loads(text) if text else []
+        except Exception as exc:  # noqa: BLE001
+            log.warning("diameter: cannot load sessions: %s", exc)
+            return
+        offset = time.time() - self.loop.time()
+        if isinstance(rows, list):
+            self.router.load_sessions([[r[0], r[1], r[2], float(r[3]) - offset] for r in rows
+                                       if isinstance(r, list) and len(r) == 4])
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PERSIST_EVERY)
+            if self.router.sessions_dirty:
+                self._persist()
+
+    # -- service interface ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        st = self.router.status()
+        systems = st["systems"]
+        assert isinstance(systems, dict)
+        for name, link in self.links.items():
+            systems[name]["link"] = link.status()
+        st["listen"] = f"{self.address[0]}:{self.address[1]}" if self.address else ""
+        st["bad_messages"] = self.bad_messages + sum(c.bad_messages for c in self.clients.values())
+        return st
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._persist_task is not None:
+            self._persist_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._persist_task
+        if self.server is not None:
+            self.server.close()
+        await asyncio.gather(*(link.stop() for link in self.links.values()),
+                             *(c.disconnect(dc.DISCONNECT_REBOOTING) for c in list(self.clients.values())),
+                             return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._persist()
+
+
+async def start_diameter(cfg: Config, store: LocationStore) -> DiameterService:
+    """Listen for Diameter clients on ``diameter.listen`` and connect to each system's peer."""
+    c = cfg.diameter
+    host, port = parse_hostport(c.listen, 3868)
+    host = host.strip("[]")
+    ips = [host] if host not in ("0.0.0.0", "::", "") else [_primary_ip()]
+    node = LocalNode(c.origin_host, c.origin_realm, [dc.APP_CREDIT_CONTROL], ips)
+    routes = [SystemRoute(n, cfg.system(n).diameter_host, cfg.system(n).diameter_realm) for n in ("source", "target")]
+    router = DiameterRouter(routes, make_decide(store), c.origin_host, c.origin_realm,
+                            request_timeout=c.request_timeout, lock_hold=cfg.store.lock_hold,
+                            hbh_seed=node.state_id << 8)
+    svc = DiameterService(cfg, store, router, node)
+    svc._restore()
+    svc.server = await svc.loop.create_server(svc.new_client, host, port, reuse_address=True)
+    sock = svc.server.sockets[0].getsockname()
+    svc.address = (sock[0], sock[1])
+    for name in ("source", "target"):
+        sc = cfg.system(name)
+        if not sc.diameter:
+            continue
+        phost, pport = parse_hostport(sc.diameter, 3868)
+        link = PeerLink(svc, node, name, phost.strip("[]"), pport, watchdog=c.watchdog_interval,
+                        cer_timeout=c.cer_timeout, backoff_min=c.reconnect_min, backoff_max=c.reconnect_max)
+        svc.links[name] = link
+        link.start()
+    svc._persist_task = svc.loop.create_task(svc._persist_loop())
+    log.info("diameter: listening on %s:%d as %s", *svc.address, c.origin_host)
+    return svc
+
+
+def _primary_ip() -> str:
+    """The address we advertise in Host-IP-Address when listening on the wildcard."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,245 @@
+"""Diameter dispatcher end to end over loopback TCP, with the Python credit-control peers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from dsbc.config import parse_config
+from dsbc.diameter import codec as dc
+from dsbc.diameter import start_diameter
+from dsbc.diameter.service import DiameterService
+from dsbc.emulator.diameter_peer import CreditControlClient, CreditControlServer
+from dsbc.store.base import LocationStore
+from tests.test_radius_core import open_test_store
+
+MSISDN = "15550100"
+IMSI = "001010000000002"
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config_text(src: tuple[str, int] | None, tgt: tuple[str, int] | None, **diameter: Any) -> str:
+    def system(name: str, label: str, addr: tuple[str, int] | None) -> str:
+        peer = f'diameter = "{addr[0]}:{addr[1]}"\n' if addr else ""
+        return (f'[systems.{name}]\nname = "{label}"\n{peer}'
+                f'diameter_host = "ocs.{name}.example"\ndiameter_realm = "{name}.example"\n')
+
+    opts = {"watchdog_interval": 5.0, "reconnect_min": 0.05, "reconnect_max": 0.2, "cer_timeout": 1.0,
+            "request_timeout": 2.0} | diameter
+    extra = "".join(f"{k} = {v}\n" for k, v in opts.items())
+    return (f'[store]\nurl = "sqlite:///unused.db"\nlock_hold = 0.6\n\n'
+            f'{system("source", "MR100", src)}\n{system("target", "MR115", tgt)}\n'
+            f'[diameter]\nenabled = true\nlisten = "127.0.0.1:{free_tcp_port()}"\n'
+            f'origin_host = "dsbc.example"\norigin_realm = "example"\n{extra}')
+
+
+def seed(store: LocationStore) -> None:
+    store.put_customer("1", [f"msisdn:{MSISDN}"], "source")
+    store.put_customer("2", [f"imsi:{IMSI}"], "target")
+    store.put_customer("3", ["account:carol", "did:15550300"], "source")
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+Scenario = Callable[[DiameterService, CreditControlServer, CreditControlServer, LocationStore], Awaitable[None]]
+
+
+def run(tmp_path: Path, scenario: Scenario, src_cer: bool = True, **diameter: Any) -> None:
+    store = open_test_store(tmp_path)
+    seed(store)
+
+    async def main() -> None:
+        src = await CreditControlServer("MR100", "ocs.source.example", "source.example", answer_cer=src_cer).start()
+        tgt = await CreditControlServer("MR115", "ocs.target.example", "target.example").start()
+        cfg = parse_config(config_text(src.address, tgt.address, **diameter))
+        svc = await start_diameter(cfg, store)
+        try:
+            if src_cer:
+                await wait_for(lambda: all(link.is_open for link in svc.links.values()))
+            await scenario(svc, src, tgt, store)
+        finally:
+            await svc.stop()
+            await src.stop()
+            await tgt.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+async def client_for(svc: DiameterService, name: str = "pgw1.example") -> CreditControlClient:
+    assert svc.address is not None
+    return await CreditControlClient(name, "example", "example").connect(*svc.address)
+
+
+def test_sessions_routed_by_subscriber_and_sticky_across_migration(tmp_path: Path) -> None:
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        pgw = await client_for(svc)
+        a = await pgw.ccr("pgw1;a", dc.CC_INITIAL, (dc.SUB_E164, "+" + MSISDN))
+        assert a.u32(dc.RESULT_CODE) == dc.SUCCESS and a.text(dc.ORIGIN_HOST) == "ocs.source.example"
+        assert a.text(dc.SESSION_ID) == "pgw1;a"
+        b = await pgw.ccr("pgw1;b", dc.CC_INITIAL, (dc.SUB_IMSI, IMSI))
+        assert b.text(dc.ORIGIN_HOST) == "ocs.target.example"
+        c = await pgw.ccr("pgw1;c", dc.CC_INITIAL, (dc.SUB_SIP_URI, "sip:carol@example"))
+        assert c.text(dc.ORIGIN_HOST) == "ocs.source.example"
+        store.migrate(["1"], "target")
+        # the session opened before the flip stays on the source until it ends
+        for kind in (dc.CC_UPDATE, dc.CC_TERMINATE):
+            ans = await pgw.ccr("pgw1;a", kind)
+            assert ans.text(dc.ORIGIN_HOST) == "ocs.source.example" and ans.u32(dc.RESULT_CODE) == dc.SUCCESS
+        d = await pgw.ccr("pgw1;d", dc.CC_INITIAL, (dc.SUB_E164, MSISDN))
+        assert d.text(dc.ORIGIN_HOST) == "ocs.target.example"
+        assert [e["type"] for e in src.log if e["session"] == "pgw1;a"] == [1, 2, 3]
+        first = src.log[0]
+        assert first["route_record"] == ["pgw1.example"]
+        assert first["destination_realm"] == "source.example" and first["destination_host"] == "ocs.source.example"
+        # a Re-Auth-Request from the target reaches the client that owns the session
+        raa = await tgt.re_auth("pgw1;d", "pgw1.example", "example")
+        assert raa.u32(dc.RESULT_CODE) == dc.SUCCESS and pgw.log == [{"rar": "pgw1;d", "from": "ocs.target.example"}]
+        st = svc.status()
+        assert st["systems"]["source"]["requests"] == 4 and st["systems"]["target"]["requests"] == 2, st
+        assert st["systems"]["source"]["peer"] == "open" and st["sessions"] == 3, st
+        # an unknown session without a subscriber goes by store.unknown (source)
+        assert (await pgw.ccr("pgw1;zz", dc.CC_UPDATE)).text(dc.ORIGIN_HOST) == "ocs.source.example"
+        await pgw.stop()
+
+    run(tmp_path, scenario)
+
+
+def test_peer_down_unable_to_deliver_then_reconnect(tmp_path: Path) -> None:
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        pgw = await client_for(svc)
+        port = src.address[1]
+        await src.stop()
+        await wait_for(lambda: not svc.links["source"].is_open)
+        ans = await pgw.ccr("s1", dc.CC_INITIAL, (dc.SUB_E164, MSISDN))
+        assert ans.u32(dc.RESULT_CODE) == dc.UNABLE_TO_DELIVER and ans.flags & dc.FLAG_E
+        assert ans.text(dc.ORIGIN_HOST) == "dsbc.example"
+        # the target is unaffected
+        assert (await pgw.ccr("s2", dc.CC_INITIAL, (dc.SUB_IMSI, IMSI))).u32(dc.RESULT_CODE) == dc.SUCCESS
+        src2 = await CreditControlServer("MR100", "ocs.source.example", "source.example").start(port=port)
+        try:
+            await wait_for(lambda: svc.links["source"].is_open)
+            ans = await pgw.ccr("s3", dc.CC_INITIAL, (dc.SUB_E164, MSISDN))
+            assert ans.u32(dc.RESULT_CODE) == dc.SUCCESS and ans.text(dc.ORIGIN_HOST) == "ocs.source.example"
+            assert svc.status()["systems"]["source"]["link"]["failures"] >= 1
+        finally:
+            await pgw.stop()
+            await src2.stop()
+
+    run(tmp_path, scenario)
+
+
+def test_peer_that_never_answers_cer(tmp_path: Path) -> None:
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        await wait_for(lambda: svc.links["target"].is_open)
+        pgw = await client_for(svc)
+        ans = await pgw.ccr("x1", dc.CC_INITIAL, (dc.SUB_E164, MSISDN))
+        assert ans.u32(dc.RESULT_CODE) == dc.UNABLE_TO_DELIVER
+        await wait_for(lambda: svc.links["source"].failures >= 2, timeout=6)
+        assert "capabilities" in svc.links["source"].last_error
+        assert (await pgw.ccr("x2", dc.CC_INITIAL, (dc.SUB_IMSI, IMSI))).u32(dc.RESULT_CODE) == dc.SUCCESS
+        await pgw.stop()
+
+    run(tmp_path, scenario, src_cer=False, cer_timeout=0.3)
+
+
+def test_locked_subscriber_held_then_relayed_or_too_busy(tmp_path: Path) -> None:
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        pgw = await client_for(svc)
+        store.lock(["1"], "b1")
+        pending = asyncio.ensure_future(pgw.ccr("h1", dc.CC_INITIAL, (dc.SUB_E164, MSISDN)))
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+        store.migrate(["1"], "target")
+        assert (await pending).text(dc.ORIGIN_HOST) == "ocs.target.example"
+        store.lock(["3"], "b2")
+        ans = await pgw.ccr("h2", dc.CC_INITIAL, (dc.SUB_E164, "15550300"))
+        assert ans.u32(dc.RESULT_CODE) == dc.TOO_BUSY
+        assert svc.status()["held"] == 2
+        await pgw.stop()
+
+    run(tmp_path, scenario)
+
+
+def _raw(hbh: int, avps: bytes, flags: int = 0x80, code: int = dc.CMD_CC, version: int = 1) -> bytes:
+    return struct.pack("!IIIII", (version << 24) | (20 + len(avps)), (flags << 24) | code, 4, hbh, hbh) + avps
+
+
+def test_bad_input_answered_and_dispatcher_alive(tmp_path: Path) -> None:
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        assert svc.address is not None
+        # a request before any CER: 3010 and the connection is closed
+        r, w = await asyncio.open_connection(*svc.address)
+        w.write(dc.encode(dc.request(dc.CMD_CC, 4, 9, 9, [dc.utf8(dc.SESSION_ID, "n")])))
+        ans = dc.decode(await r.read(4096))
+        assert ans.u32(dc.RESULT_CODE) == dc.UNKNOWN_PEER and await r.read() == b""
+        w.close()
+        # after a proper CER: bad AVP length -> 5014, E bit on a request -> 3008, bad group -> 5014
+        r, w = await asyncio.open_connection(*svc.address)
+        w.write(dc.encode(dc.request(dc.CMD_CE, 0, 1, 1, dc.capabilities("raw.example", "example", ["127.0.0.1"], [4]))))
+        assert dc.decode(await r.read(4096)).u32(dc.RESULT_CODE) == dc.SUCCESS
+        cases = [
+            (_raw(21, struct.pack("!II", 263, 0x40000004)), dc.INVALID_AVP_LENGTH),
+            (_raw(22, b"", flags=0xA0), dc.INVALID_HDR_BITS),
+            (_raw(23, dc.encode_avps([dc.utf8(dc.SESSION_ID, "bad;1"), dc.u32(dc.CC_REQUEST_TYPE, 1),
+                                      dc.Avp(dc.SUBSCRIPTION_ID, b"\x00\x00\x01\xc2\x40\x00\x00\x02")])),
+             dc.INVALID_AVP_LENGTH),
+            (_raw(24, dc.encode_avps([dc.u32(dc.CC_REQUEST_TYPE, 1)])), dc.MISSING_AVP),
+        ]
+        for data, code in cases:
+            w.write(data)
+            ans = dc.decode(await asyncio.wait_for(r.read(4096), 3))
+            assert ans.u32(dc.RESULT_CODE) == code, (ans, code)
+            assert ans.hop_by_hop == dc.decode_header(data)[0].hop_by_hop
+        # a message claiming another version: the stream is off, the connection goes
+        w.write(_raw(25, b"", version=2))
+        assert await asyncio.wait_for(r.read(), 3) == b""
+        w.close()
+        # a client that connects and never sends a CER is dropped after cer_timeout
+        r, w = await asyncio.open_connection(*svc.address)
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        w.close()
+        pgw = await client_for(svc)
+        assert (await pgw.ccr("ok", dc.CC_INITIAL, (dc.SUB_IMSI, IMSI))).u32(dc.RESULT_CODE) == dc.SUCCESS
+        assert svc.status()["bad_messages"] >= 3
+        await pgw.stop()
+
+    run(tmp_path, scenario)
+
+
+def test_shutdown_sends_dpr(tmp_path: Path) -> None:
+    store = open_test_store(tmp_path)
+    seed(store)
+
+    async def main() -> None:
+        src = await CreditControlServer("MR100", "ocs.source.example", "source.example").start()
+        cfg = parse_config(config_text(src.address, None))
+        svc = await start_diameter(cfg, store)
+        await wait_for(lambda: svc.links["source"].is_open)
+        pgw = await client_for(svc)
+        server_conn = src.conns[0]
+        await asyncio.wait_for(svc.stop(), 5)
+        await wait_for(lambda: server_conn.closed.done() and pgw.conns == [])
+        assert server_conn.close_reason == "peer sent DPR"
+        await src.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
