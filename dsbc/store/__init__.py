@@ -15,6 +15,7 @@ from .base import (
     BadIdentity,
     BatchSummary,
     Customer,
+    CustomerRow,
     Decision,
     GroupSplitError,
     Location,
@@ -27,7 +28,7 @@ from .base import (
     normalise,
     parse_identity,
 )
-from .memory import UNKNOWN_POLICIES, BadRow, CustomerRow, MemoryIndex, clean_row, new_batch_id, normalise_keys
+from .memory import UNKNOWN_POLICIES, BadRow, MemoryIndex, clean_row, new_batch_id, normalise_keys
 
 __all__ = [
     "KINDS", "SYSTEMS", "UNKNOWN_POLICIES", "ApiSession", "AuditEntry", "BadIdentity", "BadRow",

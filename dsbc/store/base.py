@@ -109,6 +109,15 @@ class Customer(msgspec.Struct, gc=False):
     identities: tuple[str, ...] = ()  # "kind:value" keys
 
 
+class CustomerRow(msgspec.Struct, frozen=True):
+    """A validated customer row (see `memory.clean_row`): what `import_rows` writes."""
+
+    customer_id: str
+    identities: tuple[str, ...]  # normalised "kind:value" keys, no duplicates
+    system: str | None = None  # None: keep the stored system (new customers start on source)
+    group: str = ""
+
+
 class Decision(msgspec.Struct, frozen=True, gc=False):
     """What the dispatchers act on: the system to use (or "reject"), and why."""
 
@@ -227,8 +236,12 @@ class LocationStore(abc.ABC):
         """Create or replace a customer and its identities ("kind:value", normalised here)."""
 
     @abc.abstractmethod
-    def import_rows(self, rows: Iterable[dict[str, object]], progress: Callable[[int], None] | None = None) -> int:
-        """Bulk put_customer; rows have customer_id, identities (list or ';'-joined), system?, group?"""
+    def import_rows(
+        self, rows: Iterable[dict[str, object] | CustomerRow], progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Bulk put_customer; rows have customer_id, identities (list or ';'-joined), system?, group?
+
+        (or are CustomerRow already validated); returns the number of customers."""
 
     @abc.abstractmethod
     def lock(self, customer_ids: list[str], batch_id: str) -> None:

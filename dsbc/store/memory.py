@@ -30,6 +30,7 @@ from .base import (
     SYSTEMS,
     BadIdentity,
     Customer,
+    CustomerRow,
     Location,
     StoreError,
     parse_identity,
@@ -49,15 +50,6 @@ def canon(text: str) -> str:
 
 class BadRow(StoreError):
     """A customer row (import file, control API body) that cannot be stored; str() says why."""
-
-
-class CustomerRow(msgspec.Struct, frozen=True):
-    """A validated customer row: what `import_rows` and `put_customer` write."""
-
-    customer_id: str
-    identities: tuple[str, ...]  # normalised "kind:value" keys, no duplicates
-    system: str | None = None  # None: keep the stored system (new customers: source)
-    group: str = ""
 
 
 def normalise_keys(identities: Iterable[str] | str) -> tuple[str, ...]:

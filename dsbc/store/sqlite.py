@@ -28,6 +28,7 @@ from .base import (
     AuditEntry,
     BatchSummary,
     Customer,
+    CustomerRow,
     GroupSplitError,
     LocationStore,
     Location,
@@ -36,7 +37,7 @@ from .base import (
     StoreError,
     StoreUnavailable,
 )
-from .memory import CustomerRow, MemoryIndex, canon, clean_row, new_batch_id, normalise_keys
+from .memory import MemoryIndex, canon, clean_row, new_batch_id, normalise_keys
 
 log = logging.getLogger("dsbc.store")
 
@@ -308,14 +309,14 @@ class SqliteStore(LocationStore):
         self._import([row], None)
 
     def import_rows(
-        self, rows: Iterable[dict[str, object]], progress: Callable[[int], None] | None = None
+        self, rows: Iterable[dict[str, object] | CustomerRow], progress: Callable[[int], None] | None = None
     ) -> int:
         """Bulk put_customer.  A row without `system` keeps a stored customer's system (a
         re-import never undoes a migration); new customers start on source."""
         clean: list[CustomerRow] = []
         for i, row in enumerate(rows, 1):
             try:
-                clean.append(clean_row(row))
+                clean.append(row if isinstance(row, CustomerRow) else clean_row(row))
             except StoreError as exc:
                 raise type(exc)(f"row {i}: {exc}") from None
         return self._import(clean, progress)

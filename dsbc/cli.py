@@ -1,0 +1,417 @@
+"""``dsbc``: the operator's command line.
+
+Every command takes ``-c/--config FILE`` (default ``$DSBC_CONFIG`` or ``./dsbc.toml``);
+commands that need only the store also accept ``--store URL`` when there is no config
+file.  Exit status: 0 success, 1 done-but-not-all (unknown ids, a registration wait
+that timed out, an unknown identity for ``where``, a store that cannot be written),
+2 bad usage or bad input, always with one line on stderr and no traceback.
+
+Other modules add commands (``run``, ``demo``, ``replay``): `_PLUGINS` names them, and
+they are imported only when asked for (``dsbc where`` does not import the runner).
+Use `config_options` and `load_cli_config` in them for the same ``-c`` handling.
+"""
+
+from __future__ import annotations
+
+import getpass
+import importlib
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from .config import Config, ConfigError, load_config, parse_hostport
+from .migrate import (
+    InputError,
+    Progress,
+    check_customer_id,
+    longest_registration,
+    move_batch,
+    phones_by_account,
+    phones_on,
+    read_batch,
+    read_customers,
+    some,
+    summary,
+    wait_registrations,
+)
+from .store import BadIdentity, LocationStore, StoreError, StoreUnavailable, open_store, parse_identity
+
+_PLUGINS = ["dsbc.runner:run_command", "dsbc.demo:demo_command", "dsbc.replay:replay_command"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(Exception):
+    """A user error: one line on stderr, then exit with `code`."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(" ".join(message.split("\n")).strip(), err=True)
+    sys.exit(code)
+
+
+class DsbcGroup(click.Group):
+    """Loads plugin commands on demand and turns every user error into one stderr line."""
+
+    _plugins_loaded = False
+
+    def _load_plugins(self) -> None:
+        if DsbcGroup._plugins_loaded:
+            return
+        DsbcGroup._plugins_loaded = True
+        for spec in _PLUGINS:
+            module, _, attr = spec.partition(":")
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name == module:  # not written yet; anything else missing is a real error
+                    continue
+                raise
+            self.add_command(getattr(mod, attr))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugins()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is None:
+            self._load_plugins()
+            cmd = super().get_command(ctx, cmd_name)
+        return cmd
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name or "dsbc", complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
+            if no_args and isinstance(exc, no_args) and exc.ctx is not None:
+                click.echo(exc.ctx.get_help())  # plain `dsbc`: the help, not an error
+                rv = 0
+            else:
+                where = exc.ctx.command_path if exc.ctx is not None else "dsbc"
+                _fail(f"{where}: {exc.format_message()} (see {where} --help)", 2)
+        except click.Abort:
+            _fail("interrupted", 130)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except CliError as exc:
+            _fail(str(exc), exc.code)
+        except StoreUnavailable as exc:
+            _fail(str(exc), 1)
+        except (ConfigError, InputError, BadIdentity, StoreError) as exc:
+            _fail(str(exc), 2)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+# --- config and store ---------------------------------------------------------------------
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is not None:
+        ctx.find_root().meta[f"dsbc.{param.name}"] = value
+    return value
+
+
+def config_options(f: F) -> F:
+    """``-c/--config FILE`` and ``--store URL``, accepted before or after the command name."""
+    f = click.option("--store", "store", metavar="URL", expose_value=False, callback=_remember,
+                     help="Store URL (overrides store.url; enough without a config file "
+                          "for commands that only need the store).")(f)
+    f = click.option("-c", "--config", "config", metavar="FILE", expose_value=False,
+                     callback=_remember,
+                     help="Config file (default: $DSBC_CONFIG or ./dsbc.toml).")(f)
+    return f
+
+
+def load_cli_config(store_only: bool = False) -> Config:
+    """The config named by -c, $DSBC_CONFIG or ./dsbc.toml, with --store applied.
+
+    With `store_only`, a missing default file is fine when --store is given."""
+    meta = click.get_current_context().find_root().meta
+    path = meta.get("dsbc.config") or os.environ.get("DSBC_CONFIG") or "dsbc.toml"
+    store_url = meta.get("dsbc.store")
+    if os.path.exists(path):
+        cfg = load_config(path)
+    elif store_only and store_url and "dsbc.config" not in meta:
+        cfg = Config()
+    else:
+        hint = " or --store URL" if store_only else ""
+        raise CliError(f"{path}: no such file (give -c FILE{hint})")
+    if store_url:
+        cfg.store.url = store_url
+    return cfg
+
+
+def open_cli_store(cfg: Config, load: bool = False) -> LocationStore:
+    return open_store(cfg.store.url, cfg.store.unknown, load=load)
+
+
+def system_label(cfg: Config, system: str) -> str:
+    """``target (MR115)`` when the system has a name."""
+    name = cfg.system(system).name if system in ("source", "target") else ""
+    return f"{system} ({name})" if name else system
+
+
+def _default_who() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "cli"
+
+
+def _progress(total: int, label: str) -> Progress:
+    return Progress(total, label, sys.stderr, enabled=sys.stderr.isatty() and total > 0)
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+@click.group("dsbc", cls=DsbcGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@config_options
+def main() -> None:
+    """dsbc: a dispatching session border controller for dual-version migrations."""
+
+
+@main.command("import")
+@click.argument("file")
+@config_options
+def import_command(file: str) -> None:
+    """Load customers and identities from FILE (CSV or JSON lines).
+
+    CSV header: customer_id, identities (kind:value;kind:value), system (optional,
+    default source; a stored customer keeps its system), group (optional)."""
+    cfg = load_cli_config(store_only=True)
+    rows = read_customers(file)
+    bar = _progress(len(rows), "import")
+    with open_cli_store(cfg) as store:
+        try:
+            n = store.import_rows(rows, bar)
+        finally:
+            bar.close()
+    click.echo(f"imported {n} customers, {sum(len(r.identities) for r in rows)} identities")
+
+
+@main.command()
+@click.argument("identity", metavar="KIND:VALUE")
+@config_options
+def where(identity: str) -> int:
+    """Print the customer, system and state that own an identity (exit 1 if unknown)."""
+    cfg = load_cli_config(store_only=True)
+    kind, value = parse_identity(identity)
+    with open_cli_store(cfg) as store:
+        loc = store.lookup(kind, value)
+        c = store.customer(loc.customer_id) if loc is not None else None
+    if loc is None or c is None:
+        policy = cfg.store.unknown
+        if policy == "reject":
+            click.echo(f"{kind}:{value}: unknown: would be rejected (store.unknown)")
+        else:
+            click.echo(f"{kind}:{value}: unknown: would go to {system_label(cfg, policy)} (store.unknown)")
+        return 1
+    click.echo(f"identity: {kind}:{value}")
+    click.echo(f"customer: {c.customer_id}")
+    click.echo(f"system:   {system_label(cfg, c.system)}")
+    click.echo(f"state:    {c.state}")
+    if c.group:
+        click.echo(f"group:    {c.group}")
+    if c.batch_id:
+        click.echo(f"batch:    {c.batch_id}")
+    if c.expires_cap:
+        click.echo(f"expires:  capped at {c.expires_cap} s (migration prepared)")
+    return 0
+
+
+@main.command()
+@click.option("--customer", "customers", multiple=True, metavar="ID", help="A customer to move (repeatable).")
+@click.option("--batch", "batch_file", metavar="FILE", help="Customer ids, one per line, or CSV with customer_id.")
+@click.option("--to", "to", type=click.Choice(["target", "source"]), default="target", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Check everything and report; change nothing.")
+@click.option("--prepare", is_flag=True, help="Only cap the phones' registration expiry (sip.migration_expires).")
+@click.option("--wait-registrations", is_flag=True, help="After the flip, wait until the phones registered on the new system.")
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="For --wait-registrations (default: 2 x sip.migration_expires).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True, help="Customers per transaction.")
+@click.option("--lock-for", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
+              help="Lock the batch, wait this long (a data-copy window), then flip.")
+@click.option("--who", default=None, help="Name recorded in the audit log (default: your user name).")
+@config_options
+def migrate(customers: tuple[str, ...], batch_file: str | None, to: str, dry_run: bool, prepare: bool,
+            wait_registrations: bool, timeout: float | None, batch_size: int, lock_for: float,
+            who: str | None) -> int:
+    """Move customers atomically to the other system (exit 1 if some ids are unknown)."""
+    if bool(customers) == bool(batch_file):
+        raise click.UsageError("give --customer ID (one or more) or --batch FILE")
+    if prepare and (wait_registrations or lock_for):
+        raise click.UsageError("--prepare only caps the expiry: run the flip as a second command")
+    ids = (read_batch(batch_file) if batch_file
+           else list(dict.fromkeys(check_customer_id(c, "--customer") for c in customers)))
+    cfg = load_cli_config(store_only=not (prepare or wait_registrations))
+    who = who or _default_who()
+    with open_cli_store(cfg) as store:
+        if dry_run or prepare:
+            return _check_or_prepare(cfg, store, ids, to, who, prepare and not dry_run)
+        expected = phones_by_account(store, ids)  # before the flip: who is registered now
+        bar = _progress(len(ids), f"migrate to {to}")
+        try:
+            result = move_batch(store, ids, to, who=who, batch_size=batch_size, lock_for=lock_for,
+                                progress=bar)
+        finally:
+            bar.close()
+        known = result.moved + result.already
+        want = sum(expected.values())
+        on = phones_on(store, known, to, expected)
+        click.echo(summary(result, (on, want)))
+        if result.unknown:
+            click.echo(f"unknown customer(s): {some(result.unknown)}", err=True)
+        if wait_registrations and on < want:
+            limit = 2.0 * cfg.sip.migration_expires if timeout is None else timeout
+            bar = Progress(want, f"registered on {to}", sys.stderr, enabled=sys.stderr.isatty())
+            try:
+                on = wait_registrations(store, known, to, expected, limit, bar)
+            finally:
+                bar.close()
+            if on < want:
+                click.echo(f"timeout after {limit:g} s: {on}/{want} phones registered on {to}", err=True)
+                return 1
+            click.echo(f"all {want} phones registered on {to}")
+    return 1 if result.unknown else 0
+
+
+def _check_or_prepare(cfg: Config, store: LocationStore, ids: list[str], to: str, who: str,
+                      prepare: bool) -> int:
+    check = store.migrate(ids, to, who=who, dry_run=True)  # GroupSplitError: exit 2
+    if prepare:
+        expires = cfg.sip.migration_expires
+        store.prepare(check.moved, expires)
+        wait = longest_registration(store, check.moved)
+        click.echo(f"registration expiry capped at {expires} s for {len(check.moved)} customers "
+                   f"(already on {to} {len(check.already)}, unknown {len(check.unknown)})")
+        if wait > 0:
+            click.echo(f"wait {wait:.0f} s for their phones to re-register with the cap, then migrate: "
+                       f"phones will re-register within {expires} s of the flip")
+        else:
+            click.echo(f"no phone of the batch is registered now: phones will re-register within "
+                       f"{expires} s of the flip")
+    else:
+        click.echo(summary(check))
+        if check.moved:
+            click.echo(f"would move: {some(check.moved)}")
+    if check.unknown:
+        click.echo(f"unknown customer(s): {some(check.unknown)}", err=True)
+        return 1
+    return 0
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--who", default=None, help="Name recorded in the audit log (default: your user name).")
+@config_options
+def rollback(batch_id: str, who: str | None) -> int:
+    """Move the customers of a batch back to where they came from (a new batch)."""
+    cfg = load_cli_config(store_only=True)
+    with open_cli_store(cfg) as store:
+        r = store.rollback(batch_id.strip(), who=who or _default_who())
+    click.echo(f"rolled back {batch_id}: {summary(r)}")
+    return 0
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+def _control_url(cfg: Config) -> str:
+    host, port = parse_hostport(cfg.control.listen, 8080)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def collect_status(cfg: Config) -> dict[str, Any]:
+    """Everything `dsbc status` shows, as data.  The runner team extends the ``node`` part
+    (GET /v1/status of the local control API); the ``store`` part always works alone."""
+    out: dict[str, Any] = {"node": {}, "store": {"url": cfg.store.url}}
+    base = _control_url(cfg)
+    req = urllib.request.Request(f"{base}/v1/status",
+                                 headers={"Authorization": f"Bearer {cfg.control.token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=2.0) as resp:
+            out["node"] = {"reachable": True, "url": base, "status": json.loads(resp.read() or b"{}")}
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        out["node"] = {"reachable": False, "url": base,
+                       "error": f"no running node reachable at {base} ({reason})"}
+    try:
+        with open_cli_store(cfg) as store:
+            out["store"]["counts"] = store.counts()
+            out["store"]["batches"] = [
+                {"batch_id": b.batch_id, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.ts)),
+                 "who": b.who, "from": b.from_system, "to": b.to_system, "customers": b.customers,
+                 "note": b.note}
+                for b in store.batches(10)
+            ]
+    except StoreError as exc:
+        out["store"]["error"] = str(exc)
+    return out
+
+
+def _print_status(cfg: Config, st: dict[str, Any]) -> None:
+    node = st["node"]
+    if node.get("reachable"):
+        click.echo(f"node {node['url']}:")
+        for key, value in node["status"].items():
+            click.echo(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    else:
+        click.echo(node.get("error", "no running node"))
+    store = st["store"]
+    click.echo(f"store {store['url']}:")
+    if "error" in store:
+        click.echo(f"  error: {store['error']}")
+        return
+    c = store["counts"]
+    for system in ("source", "target"):
+        click.echo(f"  {system_label(cfg, system)}: {c[f'customers.{system}.active']} active, "
+                   f"{c[f'customers.{system}.locked']} locked")
+    click.echo(f"  customers {c['customers']}, identities {c['identities']}, groups {c['groups']}, "
+               f"prepared {c['prepared']}, registrations {c['registrations']}, sessions {c['sessions']}")
+    if store["batches"]:
+        click.echo("recent batches:")
+        for b in store["batches"]:
+            note = f" ({b['note']})" if b["note"] else ""
+            click.echo(f"  {b['batch_id']}  {b['time']}  {b['who']}  {b['from']} -> {b['to']}  "
+                       f"{b['customers']} customers{note}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@config_options
+def status(as_json: bool) -> int:
+    """Health of the running node (if any), store counts and recent batches."""
+    cfg = load_cli_config(store_only=True)
+    st = collect_status(cfg)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+    else:
+        _print_status(cfg, st)
+    return 1 if "error" in st["store"] else 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""`dsbc import`, `where`, `status`, config handling, usage errors, plugins."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from dsbc import cli
+from dsbc.store import open_store
+
+CSV = """customer_id,identities,system,group
+1,account:alice;did:+1 555 0100,,
+2,account:bob;did:15550101,target,
+3,account:carol,,ivr
+4,account:dave;cpe:00:11:22:33:44:55,,ivr
+"""
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with ./dsbc.toml and a store file."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DSBC_CONFIG", raising=False)
+    (tmp_path / "dsbc.toml").write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path}/loc.db"\n\n'
+        '[systems.source]\nname = "MR100"\n\n[systems.target]\nname = "MR115"\n\n'
+        '[control]\nlisten = "127.0.0.1:9"\n'
+    )
+    (tmp_path / "customers.csv").write_text(CSV)
+    return tmp_path
+
+
+def dsbc(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli.main, list(args), env=env, catch_exceptions=False)
+
+
+def one_line_error(r: Result, code: int = 2) -> str:
+    assert r.exit_code == code, (r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+# --- import -------------------------------------------------------------------------------
+
+
+def test_import_csv_then_where(home: Path) -> None:
+    r = dsbc("import", "customers.csv")
+    assert r.exit_code == 0 and r.stdout == "imported 4 customers, 7 identities\n"
+    r = dsbc("where", "did:+1 (555) 0100")
+    assert r.exit_code == 0
+    assert r.stdout.splitlines() == [
+        "identity: did:15550100", "customer: 1", "system:   source (MR100)", "state:    active"]
+    r = dsbc("where", "cpe:00-11-22-33-44-55")
+    assert "customer: 4" in r.stdout and "group:    ivr" in r.stdout
+    assert "system:   target (MR115)" in dsbc("where", "account:bob").stdout
+
+
+def test_import_jsonl_and_json_array(home: Path) -> None:
+    (home / "c.jsonl").write_text(
+        '{"customer_id": "10", "identities": ["account:x", "did:100"], "system": "target"}\n'
+        "\n"
+        '{"customer_id": 11, "identities": "account:y", "group": "g"}\n'
+    )
+    assert dsbc("import", "c.jsonl").stdout == "imported 2 customers, 3 identities\n"
+    (home / "c.json").write_text('[\n  {"customer_id": "12", "identities": ["account:z"]},\n'
+                                 '  {"customer_id": "13", "identities": []}\n]\n')
+    assert dsbc("import", "c.json").stdout == "imported 2 customers, 1 identities\n"
+    (home / "noext").write_text('{"customer_id": "14", "identities": ["account:w"]}\n')
+    assert dsbc("import", "noext").exit_code == 0
+    s = open_store(f"sqlite:///{home}/loc.db")
+    assert s.lookup("did", "100").system == "target"  # type: ignore[union-attr]
+    assert s.customer("11").group == "g"  # type: ignore[union-attr]
+    assert s.lookup("account", "w") is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("customers.csv", "customer_id,identities\n" + "".join(f"{i},account:u{i}\n" for i in range(1, 13))
+         + "13,did:12ab\n", "customers.csv:14: did:'12ab' is not a number"),
+        ("customers.csv", "customer_id,identity_list\n1,account:a\n",
+         "customers.csv:1: unknown column 'identity_list' (expected customer_id, identities, system, group)"),
+        ("customers.csv", "customer_id,system\n1,source\n",
+         "customers.csv:1: the header has no 'identities' column (expected customer_id, identities, system, group)"),
+        ("customers.csv", "customer_id,identities\n1,account:a\n\n1,account:b\n",
+         "customers.csv:4: customer 1 is already on line 2"),
+        ("customers.csv", "customer_id,identities\n1,account:a\n2,did:1;account:a\n",
+         "customers.csv:3: account:a already belongs to customer 1 (line 2)"),
+        ("customers.csv", "customer_id,identities\n1,account:a,extra\n",
+         "customers.csv:2: 3 fields, the header has 2"),
+        ("customers.csv", "customer_id,identities,system\n1,account:a,sideways\n",
+         "customers.csv:2: system: 'sideways' is not source or target"),
+        ("customers.csv", "customer_id,identities\n1,phone:123\n",
+         "customers.csv:2: unknown identity kind 'phone' (one of account, i_account, did, login, cpe, imsi, msisdn, radius)"),
+        ("customers.csv", "customer_id,identities\n,account:a\n",
+         "customers.csv:2: customer_id: '' is not a customer id"),
+        ("customers.csv", "", "customers.csv: empty file (expected a header: customer_id, identities, system, group)"),
+        ("c.jsonl", '{"customer_id": "1", "identities": ["account:a"]}\n{"customer_id": "2", "identities": [\n',
+         "c.jsonl:2: not JSON: Expecting value"),
+        ("c.jsonl", '["1", "account:a"]\n', "c.jsonl:1: expected an object with customer_id and identities"),
+        ("c.jsonl", '{"customer_id": "1", "identities": ["cpe:xyz"]}\n',
+         "c.jsonl:1: cpe:'xyz' is not a MAC address (12 hex digits)"),
+        ("c.json", '[\n {"customer_id": "1", "identities": []},\n {"customer_id": "2", "bogus": 1}\n]',
+         "c.json:3: unknown field(s) bogus (expected customer_id, identities, system, group)"),
+    ],
+)
+def test_import_errors_name_file_and_line(home: Path, name: str, text: str, message: str) -> None:
+    (home / name).write_text(text)
+    assert one_line_error(dsbc("import", name)) == message
+    assert open_store(f"sqlite:///{home}/loc.db").counts()["customers"] == 0  # nothing half-imported
+
+
+def test_import_missing_file(home: Path) -> None:
+    assert one_line_error(dsbc("import", "nope.csv")) == "nope.csv: no such file"
+    (home / "latin1.csv").write_bytes(b"customer_id,identities\n1,account:caf\xe9\n")
+    assert one_line_error(dsbc("import", "latin1.csv")) == "latin1.csv:2: not UTF-8 text"
+
+
+# --- where --------------------------------------------------------------------------------
+
+
+def test_where_unknown_follows_the_policy(home: Path) -> None:
+    dsbc("import", "customers.csv")
+    r = dsbc("where", "did:999")
+    assert r.exit_code == 1 and r.stdout == "did:999: unknown: would go to source (MR100) (store.unknown)\n"
+    cfg = home / "dsbc.toml"
+    cfg.write_text(cfg.read_text().replace("[store]\n", '[store]\nunknown = "reject"\n'))
+    r = dsbc("where", "account:nobody")
+    assert r.exit_code == 1 and r.stdout == "account:nobody: unknown: would be rejected (store.unknown)\n"
+
+
+@pytest.mark.parametrize(("arg", "message"), [
+    ("did:12ab", "did:'12ab' is not a number"),
+    ("alice", "'alice' is not KIND:VALUE"),
+    ("foo:1", "unknown identity kind 'foo' (one of account, i_account, did, login, cpe, imsi, msisdn, radius)"),
+])
+def test_where_bad_identity(home: Path, arg: str, message: str) -> None:
+    assert one_line_error(dsbc("where", arg)) == message
+
+
+# --- config, usage ------------------------------------------------------------------------
+
+
+def test_config_file_resolution(home: Path) -> None:
+    dsbc("import", "customers.csv")
+    os.rename(home / "dsbc.toml", home / "other.toml")
+    assert one_line_error(dsbc("where", "account:bob")) == "dsbc.toml: no such file (give -c FILE or --store URL)"
+    assert dsbc("where", "account:bob", "-c", "other.toml").exit_code == 0
+    assert dsbc("-c", "other.toml", "where", "account:bob").exit_code == 0
+    assert dsbc("where", "account:bob", env={"DSBC_CONFIG": "other.toml"}).exit_code == 0
+    r = dsbc("where", "account:bob", "--store", f"sqlite:///{home}/loc.db")
+    assert r.exit_code == 0 and "system:   target\n" in r.stdout  # no config: no system names
+    assert one_line_error(dsbc("where", "account:bob", "-c", "missing.toml", "--store", "sqlite:///x.db")) == (
+        "missing.toml: no such file (give -c FILE or --store URL)")
+    # commands that need more than the store want the config file
+    assert one_line_error(dsbc("migrate", "--customer", "1", "--prepare", "--store", f"sqlite:///{home}/loc.db")) == (
+        "dsbc.toml: no such file (give -c FILE)")
+
+
+def test_bad_config_is_one_line(home: Path) -> None:
+    (home / "dsbc.toml").write_text('[store]\nurl = "sqlite:///x.db"\n\n[sip]\nworkers = 0\n')
+    assert one_line_error(dsbc("where", "account:a")) == "dsbc.toml:5: sip.workers: must be between 1 and 256"
+
+
+def test_bad_store_url(home: Path) -> None:
+    assert one_line_error(dsbc("where", "account:a", "--store", "redis://127.0.0.1:6379/0")) == (
+        "redis store not available yet")
+    r = dsbc("where", "account:a", "--store", f"sqlite:///{home}/no/such/dir/loc.db")
+    assert "does not exist" in one_line_error(r)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["frob"], "dsbc: No such command 'frob'. (see dsbc --help)"),
+    (["migrate", "--bogus"], "dsbc migrate: No such option '--bogus'. (see dsbc migrate --help)"),
+    (["migrate"], "dsbc migrate: give --customer ID (one or more) or --batch FILE (see dsbc migrate --help)"),
+    (["migrate", "--customer", "1", "--to", "middle"],
+     "dsbc migrate: Invalid value for '--to': 'middle' is not one of 'target', 'source'. (see dsbc migrate --help)"),
+    (["import"], "dsbc import: Missing argument 'FILE'. (see dsbc import --help)"),
+    (["migrate", "--customer", "1", "--batch-size", "0"],
+     "dsbc migrate: Invalid value for '--batch-size': 0 is not in the range x>=1. (see dsbc migrate --help)"),
+])
+def test_usage_errors_are_one_line(home: Path, args: list[str], message: str) -> None:
+    assert one_line_error(dsbc(*args)) == message
+
+
+def test_help_and_no_arguments(home: Path) -> None:
+    r = dsbc()
+    assert r.exit_code == 0 and "Commands:" in r.stdout and "migrate" in r.stdout
+    assert dsbc("migrate", "--help").exit_code == 0
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+def test_status_without_a_node(home: Path) -> None:
+    dsbc("import", "customers.csv")
+    dsbc("migrate", "--customer", "1", "--who", "alice")
+    r = dsbc("status")
+    assert r.exit_code == 0
+    out = r.stdout.splitlines()
+    assert out[0].startswith("no running node reachable at http://127.0.0.1:9 (")
+    assert "  source (MR100): 2 active, 0 locked" in out
+    assert "  target (MR115): 2 active, 0 locked" in out
+    assert any("alice  source -> target  1 customers" in line for line in out)
+    data = json.loads(dsbc("status", "--json").stdout)
+    assert data["store"]["counts"]["identities"] == 7 and data["node"]["reachable"] is False
+
+
+def test_collect_status_queries_the_control_api(home: Path) -> None:
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(f"{self.path} {self.headers.get('Authorization')}")
+            body = json.dumps({"sip": "up", "workers": 2}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = home / "dsbc.toml"
+        cfg.write_text(cfg.read_text().replace('listen = "127.0.0.1:9"',
+                                               f'listen = "127.0.0.1:{server.server_port}"\ntoken = "s3cret"'))
+        r = dsbc("status")
+    finally:
+        server.shutdown()
+    assert seen == ["/v1/status Bearer s3cret"]
+    assert r.stdout.splitlines()[:3] == [f"node http://127.0.0.1:{server.server_port}:", "  sip: up", "  workers: 2"]
+
+
+# --- plugins ------------------------------------------------------------------------------
+
+
+def test_plugins_load_only_when_present(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "dsbc_fake_plugin.py").write_text(
+        "import click\n@click.command('fake')\ndef fake_command():\n    click.echo('fake ran')\n")
+    (tmp_path / "dsbc_broken_plugin.py").write_text("import dsbc_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    group = cli.DsbcGroup(commands={})
+    monkeypatch.setattr(cli.DsbcGroup, "_plugins_loaded", False)
+    monkeypatch.setattr(cli, "_PLUGINS", ["dsbc_missing_module:x", "dsbc_fake_plugin:fake_command"])
+    assert group.list_commands(None) == ["fake"]  # type: ignore[arg-type]
+    monkeypatch.setattr(cli.DsbcGroup, "_plugins_loaded", False)
+    monkeypatch.setattr(cli, "_PLUGINS", ["dsbc_broken_plugin:x"])
+    with pytest.raises(ModuleNotFoundError, match="dsbc_no_such_dependency"):
+        cli.DsbcGroup(commands={}).list_commands(None)  # type: ignore[arg-type]
+
+
+def test_where_does_not_import_plugins(home: Path) -> None:
+    code = ("import sys\nfrom dsbc.cli import main\n"
+            "try:\n    main(['where', 'account:x'])\nexcept SystemExit:\n    pass\n"
+            "print('dsbc.runner' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# --- as a real process --------------------------------------------------------------------
+
+
+def test_end_to_end_subprocess(home: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dsbc.cli", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    r = run("import", "customers.csv")
+    assert (r.returncode, r.stdout) == (0, "imported 4 customers, 7 identities\n")
+    r = run("migrate", "--customer", "1")
+    assert r.returncode == 0 and r.stdout.startswith("moved 1, already on target 0, unknown 0; batch b-")
+    r = run("where", "did:15550100")
+    assert "system:   target (MR115)" in r.stdout
+    (home / "bad.csv").write_text("customer_id,identities\n9,did:12ab\n")
+    r = run("import", "bad.csv")
+    assert (r.returncode, r.stderr) == (2, "bad.csv:2: did:'12ab' is not a number\n")
+    r = subprocess.run(["dsbc", "where", "account:nobody"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "unknown: would go to source (MR100)" in r.stdout
