@@ -1,0 +1,84 @@
+"""A real freeDiameter relay in the path: PGW -> freeDiameter -> dsbc -> source / target OCS.
+
+freeDiameter (in its own network namespace, see tests/peers/freediameter.py) connects
+to dsbc and to the PGW, exchanges capabilities and watchdogs with both, and relays the
+credit-control requests by realm; dsbc routes them by subscriber, and a session keeps
+its system across a migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from dsbc.config import parse_config
+from dsbc.diameter import codec as dc
+from dsbc.diameter import start_diameter
+from dsbc.emulator.diameter_peer import CreditControlClient, CreditControlServer
+from tests.peers.freediameter import FreeDiameterRelay, VethNamespace, netns_unavailable
+from tests.test_diameter_dispatch import MSISDN, config_text, free_tcp_port, seed, wait_for
+from tests.test_radius_core import open_test_store
+
+pytestmark = pytest.mark.peers
+
+
+@pytest.fixture
+def veth() -> VethNamespace:  # type: ignore[misc]
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    ns = VethNamespace()
+    try:
+        ns.open()
+    except OSError as exc:
+        pytest.skip(f"cannot create a network namespace: {exc}")
+    yield ns
+    ns.close()
+
+
+def test_credit_control_through_freediameter_relay(veth: VethNamespace, tmp_path: Path) -> None:
+    store = open_test_store(tmp_path)
+    seed(store)
+    dsbc_port, pgw_port = free_tcp_port(), free_tcp_port()
+
+    async def main() -> None:
+        src = await CreditControlServer("MR100", "ocs.source.example", "source.example").start()
+        tgt = await CreditControlServer("MR115", "ocs.target.example", "target.example").start()
+        text = config_text(src.address, tgt.address).replace(
+            'listen = "127.0.0.1:', f'listen = "{veth.host_ip}:{dsbc_port}"  # ')
+        svc = await start_diameter(parse_config(text), store)
+        pgw = await CreditControlClient("pgw1.pgw.example", "pgw.example", "example",
+                                        host_ip=veth.host_ip).listen(veth.host_ip, pgw_port)
+        relay = FreeDiameterRelay(tmp_path / "fd", veth, "relay.example", "relay.example",
+                                  [("dsbc.example", veth.host_ip, dsbc_port),
+                                   ("pgw1.pgw.example", veth.host_ip, pgw_port)])
+        await asyncio.get_running_loop().run_in_executor(None, relay.start)
+        try:
+            try:
+                await wait_for(lambda: bool(svc.router.clients) and pgw._opened.is_set(), 15)
+            except AssertionError:
+                pytest.fail("freeDiameter did not connect to dsbc and the PGW:\n" + relay.log_tail())
+            assert list(svc.router.clients.values()) == ["relay.example"]
+            ans = await pgw.ccr("pgw1;r1", dc.CC_INITIAL, (dc.SUB_E164, MSISDN))
+            assert ans.u32(dc.RESULT_CODE) == dc.SUCCESS and ans.text(dc.ORIGIN_HOST) == "ocs.source.example"
+            store.migrate(["1"], "target")
+            ans = await pgw.ccr("pgw1;r1", dc.CC_UPDATE)
+            assert ans.text(dc.ORIGIN_HOST) == "ocs.source.example"
+            ans = await pgw.ccr("pgw1;r2", dc.CC_INITIAL, (dc.SUB_E164, MSISDN))
+            assert ans.text(dc.ORIGIN_HOST) == "ocs.target.example"
+            ans = await pgw.ccr("pgw1;r1", dc.CC_TERMINATE)
+            assert ans.text(dc.ORIGIN_HOST) == "ocs.source.example" and ans.u32(dc.RESULT_CODE) == dc.SUCCESS
+            assert [e["type"] for e in src.log] == [1, 2, 3]
+            assert [e["session"] for e in tgt.log] == ["pgw1;r2"]
+            # both relays recorded: freeDiameter's and dsbc's view of the hop before it
+            assert src.log[0]["route_record"] == ["pgw1.pgw.example", "relay.example"]
+        finally:
+            await svc.stop()  # DPR to freeDiameter and the OCS peers
+            await asyncio.get_running_loop().run_in_executor(None, relay.stop)
+            await pgw.stop()
+            await src.stop()
+            await tgt.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
