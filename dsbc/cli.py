@@ -39,8 +39,8 @@ from .migrate import (
     read_customers,
     some,
     summary,
-    wait_registrations,
 )
+from .migrate import wait_registrations as wait_for_phones
 from .store import BadIdentity, LocationStore, StoreError, StoreUnavailable, open_store, parse_identity
 
 _PLUGINS = ["dsbc.runner:run_command", "dsbc.demo:demo_command", "dsbc.replay:replay_command"]
@@ -285,7 +285,7 @@ def migrate(customers: tuple[str, ...], batch_file: str | None, to: str, dry_run
             limit = 2.0 * cfg.sip.migration_expires if timeout is None else timeout
             bar = Progress(want, f"registered on {to}", sys.stderr, enabled=sys.stderr.isatty())
             try:
-                on = wait_registrations(store, known, to, expected, limit, bar)
+                on = wait_for_phones(store, known, to, expected, limit, bar)
             finally:
                 bar.close()
             if on < want:

@@ -1,0 +1,306 @@
+"""`dsbc migrate` / `dsbc rollback` and the batch logic behind them (dsbc/migrate.py)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from dsbc import cli
+from dsbc.migrate import (
+    InputError,
+    Progress,
+    move_batch,
+    phones_by_account,
+    phones_on,
+    plan_chunks,
+    read_batch,
+    wait_registrations,
+)
+from dsbc.store import Customer, GroupSplitError, Registration, StoreError, open_store
+from dsbc.store.sqlite import SqliteStore
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DSBC_CONFIG", raising=False)
+    (tmp_path / "dsbc.toml").write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path}/loc.db"\n\n[sip]\nmigration_expires = 30\n\n'
+        '[systems.target]\nname = "MR115"\n')
+    s = open_store(f"sqlite:///{tmp_path}/loc.db")
+    rows: list[dict[str, object]] = [
+        {"customer_id": str(i), "identities": [f"account:u{i}"]} for i in range(1, 11)]
+    rows += [{"customer_id": f"g{i}", "identities": [f"account:g{i}"], "group": "ivr"} for i in range(1, 4)]
+    s.import_rows(rows)
+    s.close()
+    return tmp_path
+
+
+def store_at(home: Path) -> SqliteStore:
+    s = open_store(f"sqlite:///{home}/loc.db")
+    assert isinstance(s, SqliteStore)
+    return s
+
+
+def dsbc(*args: str) -> Result:
+    return CliRunner().invoke(cli.main, list(args), catch_exceptions=False)
+
+
+def system_of(home: Path, cid: str) -> str:
+    c = store_at(home).customer(cid)
+    assert c is not None
+    return c.system
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def test_migrate_summary_and_idempotence(home: Path) -> None:
+    r = dsbc("migrate", "--customer", "1", "--customer", "2", "--who", "alice")
+    assert r.exit_code == 0, r.stderr
+    head, batch, regs = r.stdout.strip().split("; ")
+    assert head == "moved 2, already on target 0, unknown 0"
+    assert batch.startswith("batch b-") and regs == "registered on target: 0/0 phones"
+    assert [e.who for e in store_at(home).audit(batch[6:])] == ["alice", "alice"]
+    r = dsbc("migrate", "--customer", "1", "--customer", "2")
+    assert r.exit_code == 0 and r.stdout.startswith("moved 0, already on target 2, unknown 0")
+
+
+def test_unknown_ids_are_reported_and_exit_1(home: Path) -> None:
+    r = dsbc("migrate", "--customer", "1", "--customer", "nope")
+    assert r.exit_code == 1
+    assert r.stdout.startswith("moved 1, already on target 0, unknown 1")
+    assert r.stderr == "unknown customer(s): nope\n"
+    assert system_of(home, "1") == "target"
+
+
+def test_group_refusal_changes_nothing(home: Path) -> None:
+    r = dsbc("migrate", "--customer", "1", "--customer", "g1")
+    assert r.exit_code == 2 and r.stderr == "group 'ivr' must move together: missing customer(s) g2, g3\n"
+    assert system_of(home, "1") == "source" and system_of(home, "g1") == "source"
+    assert store_at(home).audit() == []
+
+
+def test_dry_run_changes_nothing(home: Path) -> None:
+    r = dsbc("migrate", "--customer", "1", "--customer", "2", "--dry-run")
+    assert r.exit_code == 0
+    assert r.stdout.splitlines() == ["would move 2, already on target 0, unknown 0", "would move: 1, 2"]
+    assert system_of(home, "1") == "source"
+    r = dsbc("migrate", "--customer", "g1", "--dry-run")
+    assert r.exit_code == 2 and "group 'ivr' must move together" in r.stderr
+
+
+def test_batch_file_in_chunks_and_rollback(home: Path) -> None:
+    (home / "batch.txt").write_text("# wave 1\n1\n2\ng1\n3\n\ng2\ng3  # the IVR group\n4\n5\n")
+    r = dsbc("migrate", "--batch", "batch.txt", "--batch-size", "2")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.startswith("moved 8, already on target 0, unknown 0; batch b-")
+    batch_id = r.stdout.split("; ")[1][6:]
+    assert {system_of(home, c) for c in ("1", "2", "3", "4", "5", "g1", "g2", "g3")} == {"target"}
+    assert system_of(home, "6") == "source"
+    assert len(store_at(home).audit(batch_id)) == 8  # one batch id over every chunk
+    r = dsbc("rollback", batch_id)
+    assert r.exit_code == 0
+    assert r.stdout.startswith(f"rolled back {batch_id}: moved 8, already on source 0, unknown 0; batch b-")
+    assert system_of(home, "g2") == "source"
+    r = dsbc("rollback", "b-nope")
+    assert (r.exit_code, r.stderr) == (2, "unknown batch 'b-nope' (dsbc status lists recent batches)\n")
+
+
+def test_migrate_back_to_source(home: Path) -> None:
+    dsbc("migrate", "--customer", "1")
+    r = dsbc("migrate", "--customer", "1", "--to", "source")
+    assert r.exit_code == 0 and r.stdout.startswith("moved 1, already on source 0")
+    assert system_of(home, "1") == "source"
+
+
+def test_bad_batch_files(home: Path) -> None:
+    (home / "b.csv").write_text("name,customer\nx,1\n")
+    r = dsbc("migrate", "--batch", "b.csv")
+    assert (r.exit_code, r.stderr) == (2, "b.csv:1: a CSV batch file needs a customer_id column\n")
+    (home / "empty.txt").write_text("# nothing yet\n")
+    assert dsbc("migrate", "--batch", "empty.txt").stderr == "empty.txt: no customer ids\n"
+    assert dsbc("migrate", "--batch", "nope.txt").stderr == "nope.txt: no such file\n"
+    (home / "sp.txt").write_text("1\n2 3\n")
+    assert dsbc("migrate", "--batch", "sp.txt").stderr == "sp.txt:2: '2 3' is not a customer id\n"
+    r = dsbc("migrate", "--customer", "1", "--batch", "sp.txt")
+    assert r.exit_code == 2 and "give --customer ID (one or more) or --batch FILE" in r.stderr
+
+
+def test_prepare_caps_expiry_and_the_flip_clears_it(home: Path) -> None:
+    s = store_at(home)
+    s.record_registrations([Registration("u1", "sip:u1@10.0.0.1", "source", time.time() + 600)])
+    r = dsbc("migrate", "--customer", "1", "--customer", "2", "--prepare")
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert lines[0] == "registration expiry capped at 30 s for 2 customers (already on target 0, unknown 0)"
+    assert lines[1].startswith("wait 60") and lines[1].endswith("phones will re-register within 30 s of the flip")
+    s.refresh()
+    assert s.customer("1").expires_cap == 30 and s.customer("3").expires_cap == 0  # type: ignore[union-attr]
+    assert system_of(home, "1") == "source"  # no flip
+    dsbc("migrate", "--customer", "1", "--customer", "2")
+    s.refresh()
+    assert s.customer("1").expires_cap == 0  # type: ignore[union-attr]
+
+
+def test_registrations_on_target_are_counted(home: Path) -> None:
+    s = store_at(home)
+    later = time.time() + 600
+    s.record_registrations([Registration("u1", "sip:u1@10.0.0.1", "source", later),
+                            Registration("u2", "sip:u2@10.0.0.2", "source", later)])
+    r = dsbc("migrate", "--customer", "1", "--customer", "2", "--customer", "3")
+    assert r.stdout.strip().endswith("registered on target: 0/2 phones")
+
+
+def _popen_cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "dsbc.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_wait_registrations_until_every_phone_is_on_target(home: Path) -> None:
+    s = store_at(home)
+    later = time.time() + 600
+    s.record_registrations([Registration("u1", "sip:u1@10.0.0.1:5060", "source", later),
+                            Registration("u2", "sip:u2@10.0.0.2:5060", "source", later)])
+    proc = _popen_cli("migrate", "--customer", "1", "--customer", "2", "--wait-registrations", "--timeout", "60")
+    try:
+        for _ in range(300):  # bounded: until the flip is visible
+            s.refresh()
+            if s.customer("2").system == "target":  # type: ignore[union-attr]
+                break
+            time.sleep(0.05)
+        # the phones re-register through the SIP workers: u1 from a new port
+        s.record_registrations([Registration("u1", "sip:u1@10.0.0.1:6000", "target", later),
+                                Registration("u2", "sip:u2@10.0.0.2:5060", "target", later)])
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.splitlines()[-1] == "all 2 phones registered on target"
+
+
+def test_wait_registrations_times_out(home: Path) -> None:
+    store_at(home).record_registrations([Registration("u1", "sip:u1@10.0.0.1", "source", time.time() + 600)])
+    r = dsbc("migrate", "--customer", "1", "--wait-registrations", "--timeout", "0.2")
+    assert r.exit_code == 1
+    assert r.stderr == "timeout after 0.2 s: 0/1 phones registered on target\n"
+    assert system_of(home, "1") == "target"
+
+
+def test_lock_for_holds_the_batch_locked_then_flips(home: Path) -> None:
+    s = store_at(home)
+    proc = _popen_cli("migrate", "--customer", "1", "--customer", "2", "--lock-for", "1.5")
+    try:
+        states: set[tuple[str, str]] = set()
+        for _ in range(600):  # bounded: 30 s
+            s.refresh()
+            c = s.customer("1")
+            assert c is not None
+            states.add((c.system, c.state))
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    s.refresh()
+    assert ("source", "locked") in states
+    assert (s.customer("1").system, s.customer("1").state) == ("target", "active")  # type: ignore[union-attr]
+
+
+# --- the logic ----------------------------------------------------------------------------
+
+
+def test_plan_chunks_never_splits_a_group() -> None:
+    custs = {c: Customer(c, group="g" if c.startswith("g") else "") for c in ["1", "g1", "2", "g2", "3", "g3", "4"]}
+    chunks = plan_chunks(["1", "g1", "2", "g2", "3", "g3", "4"], custs, 2)
+    assert chunks == [["1"], ["g1", "g2", "g3"], ["2", "3"], ["4"]]
+    assert plan_chunks(["1", "2", "3"], custs, 500) == [["1", "2", "3"]]
+
+
+class FailingStore(SqliteStore):
+    """Fails the n-th flip, as a full disk would."""
+
+    fail_on = 2
+
+    def migrate(self, customer_ids, to, who="cli", batch_id=None, dry_run=False):  # type: ignore[no-untyped-def]
+        if not dry_run:
+            self.fail_on -= 1
+            if self.fail_on == 0:
+                raise StoreError("disk full")
+        return super().migrate(customer_ids, to, who, batch_id, dry_run)
+
+
+def test_failure_midway_unlocks_what_was_not_flipped(home: Path) -> None:
+    s = FailingStore(str(home / "loc.db"))
+    with pytest.raises(StoreError, match="disk full"):
+        move_batch(s, ["1", "2", "3", "4"], "target", batch_size=2, lock_for=0.01, sleep=lambda _: None)
+    got = {c: (x.system, x.state) for c, x in s.customers(["1", "2", "3", "4"]).items()}
+    assert got == {"1": ("target", "active"), "2": ("target", "active"),
+                   "3": ("source", "active"), "4": ("source", "active")}
+
+
+def test_interrupt_during_the_lock_window_unlocks(home: Path) -> None:
+    s = store_at(home)
+
+    def interrupted(_: float) -> None:
+        assert {c.state for c in s.customers(["1", "2"]).values()} == {"locked"}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        move_batch(s, ["1", "2"], "target", lock_for=60, sleep=interrupted)
+    assert {(c.system, c.state) for c in s.customers(["1", "2"]).values()} == {("source", "active")}
+
+
+def test_move_batch_refuses_a_split_group_before_locking(home: Path) -> None:
+    s = store_at(home)
+    with pytest.raises(GroupSplitError):
+        move_batch(s, ["1", "g1"], "target")
+    assert s.counts()["customers.source.locked"] == 0
+
+
+def test_registration_counts_by_account(home: Path) -> None:
+    s = store_at(home)
+    later = time.time() + 600
+    s.record_registrations([Registration("u1", "c1", "source", later), Registration("u1", "c2", "source", later),
+                            Registration("u2", "c3", "source", later)])
+    expected = phones_by_account(s, ["1", "2"])
+    assert expected == {"u1": 2, "u2": 1}
+    s.record_registrations([Registration("u1", "c9", "target", later)])
+    assert phones_on(s, ["1", "2"], "target", expected) == 1
+    ticks = iter(range(100))
+    seen: list[int] = []
+    done = wait_registrations(s, ["1", "2"], "target", expected, timeout=3, progress=seen.append,
+                              clock=lambda: float(next(ticks)), sleep=lambda _: None)
+    assert done == 1 and len(seen) >= 2 and set(seen) == {1}  # polled until the deadline
+
+
+def test_read_batch_formats(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("1\n2\n1\n")
+    assert read_batch(str(tmp_path / "a.txt")) == ["1", "2"]
+    (tmp_path / "b.csv").write_text("customer_id,name\n7,x\n8,y\n")
+    assert read_batch(str(tmp_path / "b.csv")) == ["7", "8"]
+    (tmp_path / "c.csv").write_text("i_customer\n9\n")
+    assert read_batch(str(tmp_path / "c.csv")) == ["9"]
+    with pytest.raises(InputError, match="no customer_id field"):
+        (tmp_path / "d.csv").write_text("name,customer_id\nx\n")
+        read_batch(str(tmp_path / "d.csv"))
+
+
+def test_progress_bar() -> None:
+    out = io.StringIO()
+    bar = Progress(4, "migrate", out, enabled=True, width=8)
+    bar(1)
+    bar(4)
+    bar.close()
+    assert out.getvalue() == "\rmigrate [##......] 1/4\rmigrate [########] 4/4\n"
+    quiet = io.StringIO()
+    Progress(4, "x", quiet, enabled=False)(2)
+    assert quiet.getvalue() == ""
