@@ -145,3 +145,20 @@ def test_fuzz_mutated_headers(code: int, ident: int, attrs: list[tuple[int, byte
             rp.salt_decrypt(hidden, SECRET, bytes(16))
         except rp.RadiusDecodeError:
             pass
+
+
+@pytest.mark.parametrize("module", ["dsbc/radius/packet.py", "dsbc/radius/core.py", "dsbc/radius/idspace.py",
+                                    "dsbc/diameter/codec.py", "dsbc/diameter/routing.py"])
+def test_protocol_cores_do_no_io(module: str) -> None:
+    """The codecs and dispatcher cores never touch a socket, a loop or a clock."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parent.parent / module).read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    assert not names & {"asyncio", "socket", "uvloop", "time", "selectors", "threading"}, names

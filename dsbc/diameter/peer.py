@@ -308,9 +308,9 @@ class PeerLink:
             conn = Connection(self.owner, self.node, True, watchdog=self.watchdog,
                               cer_timeout=self.cer_timeout, key=self.key)
             try:
-                await asyncio.wait_for(loop.create_connection(lambda: conn, self.host, self.port),
+                await asyncio.wait_for(loop.create_connection(lambda c=conn: c, self.host, self.port),  # type: ignore[misc]
                                        self.connect_timeout)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 self.last_error = f"connect: {exc or 'timeout'}"
             else:
                 self.conn = conn

@@ -42,7 +42,7 @@ class Send(NamedTuple):
 
 
 class SystemRoute:
-    __slots__ = ("name", "dest_host", "dest_realm", "open", "identity", "requests", "answers", "errors")
+    __slots__ = ("answers", "dest_host", "dest_realm", "errors", "identity", "name", "open", "requests")
 
     def __init__(self, name: str, dest_host: str = "", dest_realm: str = "") -> None:
         self.name = name
@@ -56,7 +56,7 @@ class SystemRoute:
 
 
 class _Session:
-    __slots__ = ("system", "client", "seen")
+    __slots__ = ("client", "seen", "system")
 
     def __init__(self, system: str, client: str, seen: float) -> None:
         self.system = system
@@ -65,7 +65,7 @@ class _Session:
 
 
 class _Pending:
-    __slots__ = ("back", "back_hbh", "deadline", "session", "cc_type", "code", "app", "flags", "e2e", "dest")
+    __slots__ = ("app", "back", "back_hbh", "cc_type", "code", "deadline", "dest", "e2e", "flags", "session")
 
     def __init__(self, back: str | int, back_hbh: int, deadline: float, session: str, cc_type: int | None,
                  req: dc.Message, dest: str | int) -> None:
@@ -94,11 +94,10 @@ def candidates(m: dc.Message) -> list[tuple[str, str]]:
         elif kind == dc.SUB_IMSI:
             out.append(("imsi", data))
         elif kind == dc.SUB_SIP_URI:
-            user = data.split(":", 1)[-1].split("@", 1)[0]
-            out.append(("account", user))
+            out.append(("account", data.split(":", 1)[-1].split("@", 1)[0]))
         else:
             out += [("account", data), ("radius", data)]
-    user = m.text(dc.USER_NAME)
+    user = m.text(dc.USER_NAME) or ""
     if user:
         out += [("account", user), ("radius", user)]
         if user.isdigit():

@@ -51,7 +51,7 @@ class Out(NamedTuple):
 
 
 class SystemTarget:
-    __slots__ = ("name", "secret", "servers", "dead_until", "ids", "requests", "answers", "timeouts")
+    __slots__ = ("answers", "dead_until", "ids", "name", "requests", "secret", "servers", "timeouts")
 
     def __init__(self, name: str, secret: str, auth: list[Addr], acct: list[Addr], max_slots: int = 64) -> None:
         self.name = name
@@ -89,7 +89,7 @@ DupKey = tuple[str, int, int, int, bytes]  # client ip, port, code, identifier, 
 class _Request:
     """A client request waiting for the system (or for its customer's lock to clear)."""
 
-    __slots__ = ("key", "via", "client", "addr", "pkt", "user", "session", "status", "deadline")
+    __slots__ = ("addr", "client", "deadline", "key", "pkt", "session", "status", "user", "via")
 
     def __init__(self, key: DupKey, via: int, client: ClientEntry, addr: Addr, pkt: rp.Packet,
                  user: str, session: tuple[str, str] | None, status: int | None) -> None:
@@ -105,7 +105,7 @@ class _Request:
 
 
 class _Pending:
-    __slots__ = ("req", "system", "slot", "ident", "server", "auth", "wire", "tries", "deadline", "state")
+    __slots__ = ("auth", "deadline", "ident", "req", "server", "slot", "state", "system", "tries", "wire")
 
     def __init__(self, req: _Request, system: SystemTarget, slot: int, ident: int, server: Addr,
                  auth: bytes, wire: bytes, state: bytes, deadline: float) -> None:
@@ -396,9 +396,9 @@ class RadiusCore:
         pkt.identifier = req.pkt.identifier
         wire = rp.sign_response(pkt, req.pkt.authenticator, req.client.secret)
         dup.answer = wire
-        if req.session is not None and req.status == rp.ACCT_STOP:
-            if self.sticky.pop(req.session, None) is not None:
-                self.sticky_dirty = True
+        if req.session is not None and req.status == rp.ACCT_STOP \
+                and self.sticky.pop(req.session, None) is not None:
+            self.sticky_dirty = True
         self.answers += 1
         return [Out(TO_CLIENT, req.via, system.name, wire, req.addr)]
 

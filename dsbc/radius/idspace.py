@@ -26,7 +26,7 @@ class IdExhausted(Exception):
 class IdSpace:
     """``(slot, identifier)`` allocation for one system's upstream requests."""
 
-    __slots__ = ("_free", "max_slots", "in_use")
+    __slots__ = ("_free", "in_use", "max_slots")
 
     def __init__(self, max_slots: int = 64) -> None:
         self._free: list[deque[int]] = []
@@ -74,7 +74,7 @@ class ClientEntry:
 class ClientTable:
     """Which NAS may talk to us, and with which secret; most specific entry wins."""
 
-    __slots__ = ("_entries", "_cache")
+    __slots__ = ("_cache", "_entries")
 
     def __init__(self, clients: list[tuple[str, str]]) -> None:
         self._entries = [ClientEntry(a, s) for a, s in clients]

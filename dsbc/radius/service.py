@@ -47,7 +47,7 @@ def make_decide(store: LocationStore) -> Any:
 
 
 class _Listener(asyncio.DatagramProtocol):
-    __slots__ = ("svc", "via", "transport")
+    __slots__ = ("svc", "transport", "via")
 
     def __init__(self, svc: RadiusService, via: int) -> None:
         self.svc = svc
@@ -235,7 +235,8 @@ async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
         for via, listen, default in ((AUTH, rc.auth_listen, 1812), (ACCT, rc.acct_listen, 1813)):
             host, port = parse_hostport(listen, default)
             lst = _Listener(svc, via)
-            transport, _ = await loop.create_datagram_endpoint(lambda lst=lst: lst, local_addr=(host.strip("[]"), port))
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda lst=lst: lst, local_addr=(host.strip("[]"), port))  # type: ignore[misc]
             svc.listeners.append(lst)
             sockname = transport.get_extra_info("sockname")
             svc.addresses.append((sockname[0], sockname[1]))

@@ -27,7 +27,7 @@ OPENSSL = shutil.which("openssl")
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=20)
+    return subprocess.run(list(argv), check=False, capture_output=True, text=True, timeout=20)
 
 
 def netns_unavailable() -> str | None:
@@ -116,7 +116,7 @@ class FreeDiameterRelay:
 
     def start(self, timeout: float = 20.0) -> None:
         conf = self.write_config()
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen([IP or "ip", "netns", "exec", self.ns.name, FREEDIAMETERD or "freeDiameterd",
                                       "-c", str(conf), "-dd"], stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)

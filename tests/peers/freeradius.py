@@ -160,7 +160,7 @@ class FreeRadius:
     def start(self, timeout: float = 15.0) -> None:
         assert FREERADIUS is not None
         self.write_config()
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen([FREERADIUS, "-X", "-d", str(self.dir)], stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()

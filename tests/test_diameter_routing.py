@@ -1,0 +1,119 @@
+"""The Diameter routing core, I/O-free: messages and times in, messages out."""
+
+from __future__ import annotations
+
+from dsbc.diameter import codec as dc
+from dsbc.diameter.routing import TO_CLIENT, TO_PEER, DiameterRouter, SystemRoute, candidates
+from dsbc.diameter.service import make_decide
+from tests.test_radius_core import FakeStore
+
+
+def router(store: FakeStore) -> DiameterRouter:
+    r = DiameterRouter([SystemRoute("source"), SystemRoute("target", "ocs.t", "t.example")], make_decide(store),
+                       "dsbc.example", "example", request_timeout=5.0, lock_hold=1.0)
+    r.peer_state("source", True, "ocs.s")
+    r.peer_state("target", True, "ocs.t")
+    r.client_open(1, "pgw.example")
+    return r
+
+
+def ccr(sid: str, kind: int, sub: tuple[int, str] | None = None, hbh: int = 100, extra: list[dc.Avp] | None = None,
+        ) -> dc.Message:
+    avps = [dc.utf8(dc.SESSION_ID, sid), dc.u32(dc.CC_REQUEST_TYPE, kind)] + (extra or [])
+    if sub:
+        avps.append(dc.subscription_id(*sub))
+    return dc.request(dc.CMD_CC, dc.APP_CREDIT_CONTROL, hbh, 7, avps, True)
+
+
+def store() -> FakeStore:
+    s = FakeStore()
+    s.put_customer("1", ["msisdn:15550100", "imsi:001010000000001"], "source")
+    s.put_customer("2", ["account:bob"], "target")
+    return s
+
+
+def test_candidates_by_subscription_type() -> None:
+    m = ccr("s", 1, (dc.SUB_E164, "+15550100"), extra=[dc.utf8(dc.USER_NAME, "bob")])
+    m.avps.append(dc.subscription_id(dc.SUB_IMSI, "001"))
+    assert candidates(m) == [("msisdn", "15550100"), ("did", "15550100"), ("imsi", "001"),
+                             ("account", "bob"), ("radius", "bob")]
+
+
+def test_hop_by_hop_mapped_both_ways_and_session_pinned() -> None:
+    st = store()
+    r = router(st)
+    [fwd] = r.client_request(1, ccr("a", dc.CC_INITIAL, (dc.SUB_IMSI, "001010000000001"), hbh=555), 0.0)
+    assert fwd.kind == TO_PEER and fwd.target == "source"
+    sent = dc.decode(fwd.data)
+    assert sent.hop_by_hop != 555 and sent.end_to_end == 7
+    assert [a.text() for a in sent.find_all(dc.ROUTE_RECORD)] == ["pgw.example"]
+    ans = dc.answer(sent, dc.SUCCESS, "ocs.s", "s")
+    [back] = r.answer_from("source", ans, 0.1)
+    assert back.kind == TO_CLIENT and back.target == 1 and dc.decode(back.data).hop_by_hop == 555
+    st.migrate(["1"], "target")
+    [fwd] = r.client_request(1, ccr("a", dc.CC_UPDATE), 1.0)
+    assert fwd.target == "source"
+    # the target's Destination-* are rewritten for that system
+    [fwd] = r.client_request(1, ccr("b", dc.CC_INITIAL, (dc.SUB_E164, "15550100"),
+                                    extra=[dc.utf8(dc.DESTINATION_REALM, "example")]), 1.0)
+    sent = dc.decode(fwd.data)
+    assert fwd.target == "target" and sent.text(dc.DESTINATION_REALM) == "t.example"
+    assert sent.text(dc.DESTINATION_HOST) == "ocs.t"
+
+
+def test_failed_initial_and_terminate_end_the_session() -> None:
+    r = router(store())
+    [fwd] = r.client_request(1, ccr("a", dc.CC_INITIAL, (dc.SUB_E164, "15550100")), 0.0)
+    r.answer_from("source", dc.answer(dc.decode(fwd.data), 5030, "ocs.s", "s"), 0.1)
+    assert "a" not in r.sessions
+    [fwd] = r.client_request(1, ccr("b", dc.CC_INITIAL, (dc.SUB_E164, "15550100")), 0.0)
+    r.answer_from("source", dc.answer(dc.decode(fwd.data), dc.SUCCESS, "ocs.s", "s"), 0.1)
+    [fwd] = r.client_request(1, ccr("b", dc.CC_TERMINATE), 0.2)
+    r.answer_from("source", dc.answer(dc.decode(fwd.data), dc.SUCCESS, "ocs.s", "s"), 0.3)
+    assert r.sessions == {}
+
+
+def test_timeout_and_peer_down_answer_3002() -> None:
+    r = router(store())
+    r.client_request(1, ccr("a", dc.CC_INITIAL, (dc.SUB_E164, "15550100"), hbh=9), 0.0)
+    assert r.handle_timer(0.0) == []  # the first session sweep
+    assert r.get_timer() == 5.0
+    [fail] = r.handle_timer(5.0)
+    ans = dc.decode(fail.data)
+    assert ans.u32(dc.RESULT_CODE) == dc.UNABLE_TO_DELIVER and ans.hop_by_hop == 9 and ans.flags & dc.FLAG_E
+    assert ans.text(dc.SESSION_ID) == "a"
+    r.client_request(1, ccr("b", dc.CC_INITIAL, (dc.SUB_E164, "15550100"), hbh=10), 6.0)
+    [fail] = r.peer_state("source", False)
+    assert dc.decode(fail.data).hop_by_hop == 10
+    [now_down] = r.client_request(1, ccr("c", dc.CC_INITIAL, (dc.SUB_E164, "15550100"), hbh=11), 7.0)
+    assert dc.decode(now_down.data).u32(dc.RESULT_CODE) == dc.UNABLE_TO_DELIVER
+    assert "c" not in r.sessions and r.status()["systems"]["source"]["peer"] == "down"  # type: ignore[index]
+
+
+def test_loop_missing_session_and_reject() -> None:
+    st = store()
+    st.unknown = "reject"
+    r = router(st)
+    loop = ccr("a", 1, extra=[dc.utf8(dc.ROUTE_RECORD, "dsbc.example")])
+    assert dc.decode(r.client_request(1, loop, 0.0)[0].data).u32(dc.RESULT_CODE) == dc.LOOP_DETECTED
+    nosid = dc.request(dc.CMD_CC, 4, 1, 1, [dc.u32(dc.CC_REQUEST_TYPE, 1)])
+    assert dc.decode(r.client_request(1, nosid, 0.0)[0].data).u32(dc.RESULT_CODE) == dc.MISSING_AVP
+    unknown = ccr("u", 1, (dc.SUB_E164, "999"))
+    assert dc.decode(r.client_request(1, unknown, 0.0)[0].data).u32(dc.RESULT_CODE) == dc.USER_UNKNOWN
+
+
+def test_hold_then_too_busy_and_sessions_snapshot() -> None:
+    st = store()
+    r = router(st)
+    st.lock(["2"], "b")
+    assert r.client_request(1, ccr("h", 1, (dc.SUB_NAI, "bob")), 0.0) == []
+    assert r.handle_timer(0.5) == []
+    [busy] = r.handle_timer(1.0)
+    assert dc.decode(busy.data).u32(dc.RESULT_CODE) == dc.TOO_BUSY
+    r.client_request(1, ccr("s", 1, (dc.SUB_E164, "15550100")), 2.0)
+    rows = r.sessions_snapshot()
+    fresh = router(st)
+    fresh.load_sessions(rows)
+    assert fresh.client_request(1, ccr("s", 2), 3.0)[0].target == "source"
+    r.handle_timer(2.0 + r.SESSION_IDLE + r.SWEEP_EVERY + 1)
+    assert r.sessions == {}
