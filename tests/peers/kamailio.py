@@ -146,7 +146,7 @@ class Kamailio:
             "MPATH": MODULES_DIR,
             "LISTEN": "\n".join(listen),
             "TCP_DISABLE": "" if self.tcp else "disable_tcp=yes",
-            "DIDS": dids or "\tnoop;",
+            "DIDS": dids or "\treturn;",
             "TRUSTED": _trusted_condition(self.extra_trusted),
         }
         text = TEMPLATE.read_text()
@@ -184,7 +184,7 @@ class Kamailio:
     def _launch(self) -> None:
         assert self.rundir is not None
         self.cfg_path.write_text(self.render_config())
-        argv = [
+        argv: list[str | Path] = [
             self.binary, "-DD", "-E", "-f", self.cfg_path,
             "-m", str(self.shm_mb), "-M", str(self.pkg_mb),
             "-Y", self.rundir, "-P", self.rundir / "kamailio.pid",

@@ -51,7 +51,7 @@ class PeerProcess:
     def __init__(
         self,
         name: str,
-        argv: Sequence[str],
+        argv: Sequence[str | Path],
         log_path: Path,
         *,
         cwd: Path | None = None,
