@@ -77,7 +77,10 @@ def run(tmp_path: Path, scenario: Scenario, src_cer: bool = True, **diameter: An
             await src.stop()
             await tgt.stop()
 
-    asyncio.run(asyncio.wait_for(main(), 60))
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        store.close()
 
 
 async def client_for(svc: DiameterService, name: str = "pgw1.example") -> CreditControlClient:
@@ -242,4 +245,7 @@ def test_shutdown_sends_dpr(tmp_path: Path) -> None:
         assert server_conn.close_reason == "peer sent DPR"
         await src.stop()
 
-    asyncio.run(asyncio.wait_for(main(), 30))
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        store.close()

@@ -81,4 +81,7 @@ def test_credit_control_through_freediameter_relay(veth: VethNamespace, tmp_path
             await src.stop()
             await tgt.stop()
 
-    asyncio.run(asyncio.wait_for(main(), 90))
+    try:
+        asyncio.run(asyncio.wait_for(main(), 90))
+    finally:
+        store.close()

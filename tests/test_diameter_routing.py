@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
 from dsbc.diameter import codec as dc
 from dsbc.diameter.routing import TO_CLIENT, TO_PEER, DiameterRouter, SystemRoute, candidates
 from dsbc.diameter.service import make_decide
-from tests.test_radius_core import FakeStore
+from dsbc.store import LocationStore
+from tests.test_radius_core import open_test_store
 
 
-def router(store: FakeStore) -> DiameterRouter:
+def router(store: LocationStore) -> DiameterRouter:
     r = DiameterRouter([SystemRoute("source"), SystemRoute("target", "ocs.t", "t.example")], make_decide(store),
                        "dsbc.example", "example", request_timeout=5.0, lock_hold=1.0)
     r.peer_state("source", True, "ocs.s")
@@ -25,11 +31,13 @@ def ccr(sid: str, kind: int, sub: tuple[int, str] | None = None, hbh: int = 100,
     return dc.request(dc.CMD_CC, dc.APP_CREDIT_CONTROL, hbh, 7, avps, True)
 
 
-def store() -> FakeStore:
-    s = FakeStore()
+@pytest.fixture
+def st(tmp_path: Path) -> Iterator[LocationStore]:
+    s = open_test_store(tmp_path)
     s.put_customer("1", ["msisdn:15550100", "imsi:001010000000001"], "source")
     s.put_customer("2", ["account:bob"], "target")
-    return s
+    yield s
+    s.close()
 
 
 def test_candidates_by_subscription_type() -> None:
@@ -39,8 +47,7 @@ def test_candidates_by_subscription_type() -> None:
                              ("account", "bob"), ("radius", "bob")]
 
 
-def test_hop_by_hop_mapped_both_ways_and_session_pinned() -> None:
-    st = store()
+def test_hop_by_hop_mapped_both_ways_and_session_pinned(st: LocationStore) -> None:
     r = router(st)
     [fwd] = r.client_request(1, ccr("a", dc.CC_INITIAL, (dc.SUB_IMSI, "001010000000001"), hbh=555), 0.0)
     assert fwd.kind == TO_PEER and fwd.target == "source"
@@ -61,8 +68,8 @@ def test_hop_by_hop_mapped_both_ways_and_session_pinned() -> None:
     assert sent.text(dc.DESTINATION_HOST) == "ocs.t"
 
 
-def test_failed_initial_and_terminate_end_the_session() -> None:
-    r = router(store())
+def test_failed_initial_and_terminate_end_the_session(st: LocationStore) -> None:
+    r = router(st)
     [fwd] = r.client_request(1, ccr("a", dc.CC_INITIAL, (dc.SUB_E164, "15550100")), 0.0)
     r.answer_from("source", dc.answer(dc.decode(fwd.data), 5030, "ocs.s", "s"), 0.1)
     assert "a" not in r.sessions
@@ -73,8 +80,8 @@ def test_failed_initial_and_terminate_end_the_session() -> None:
     assert r.sessions == {}
 
 
-def test_timeout_and_peer_down_answer_3002() -> None:
-    r = router(store())
+def test_timeout_and_peer_down_answer_3002(st: LocationStore) -> None:
+    r = router(st)
     r.client_request(1, ccr("a", dc.CC_INITIAL, (dc.SUB_E164, "15550100"), hbh=9), 0.0)
     assert r.handle_timer(0.0) == []  # the first session sweep
     assert r.get_timer() == 5.0
@@ -90,9 +97,8 @@ def test_timeout_and_peer_down_answer_3002() -> None:
     assert "c" not in r.sessions and r.status()["systems"]["source"]["peer"] == "down"  # type: ignore[index]
 
 
-def test_loop_missing_session_and_reject() -> None:
-    st = store()
-    st.unknown = "reject"
+def test_loop_missing_session_and_reject(tmp_path: Path) -> None:
+    st = open_test_store(tmp_path, "reject")
     r = router(st)
     loop = ccr("a", 1, extra=[dc.utf8(dc.ROUTE_RECORD, "dsbc.example")])
     assert dc.decode(r.client_request(1, loop, 0.0)[0].data).u32(dc.RESULT_CODE) == dc.LOOP_DETECTED
@@ -100,10 +106,10 @@ def test_loop_missing_session_and_reject() -> None:
     assert dc.decode(r.client_request(1, nosid, 0.0)[0].data).u32(dc.RESULT_CODE) == dc.MISSING_AVP
     unknown = ccr("u", 1, (dc.SUB_E164, "999"))
     assert dc.decode(r.client_request(1, unknown, 0.0)[0].data).u32(dc.RESULT_CODE) == dc.USER_UNKNOWN
+    st.close()
 
 
-def test_hold_then_too_busy_and_sessions_snapshot() -> None:
-    st = store()
+def test_hold_then_too_busy_and_sessions_snapshot(st: LocationStore) -> None:
     r = router(st)
     st.lock(["2"], "b")
     assert r.client_request(1, ccr("h", 1, (dc.SUB_NAI, "bob")), 0.0) == []

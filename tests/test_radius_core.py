@@ -1,13 +1,12 @@
 """The RADIUS dispatcher core, I/O-free: bytes and times in, datagrams out.
 
-Also home of ``open_test_store``: the real SQLite store when ``dsbc.store.open_store``
-exists, a tiny in-test fake of the store interface until then.
+Also home of ``open_test_store``, the SQLite store the RADIUS and Diameter tests use.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,110 +15,14 @@ import pytest
 from dsbc.radius import packet as rp
 from dsbc.radius.core import ACCT, AUTH, TO_CLIENT, TO_SERVER, Out, RadiusCore, SystemTarget
 from dsbc.radius.service import make_decide
-from dsbc.store.base import (
-    ApiSession,
-    AuditEntry,
-    Customer,
-    Location,
-    LocationStore,
-    MigrationResult,
-    Registration,
-    identity_key,
-    parse_identity,
-)
+from dsbc.store import LocationStore, open_store
 
 # --- a store for tests ------------------------------------------------------------------
 
 
-class FakeStore(LocationStore):
-    """Just enough of the interface for the dispatchers: identities, lock, migrate, meta."""
-
-    def __init__(self, unknown: str = "source") -> None:
-        self.unknown = unknown
-        self._cust: dict[str, Customer] = {}
-        self._index: dict[str, str] = {}
-        self._meta: dict[str, str] = {}
-
-    def lookup(self, kind: str, value: str) -> Location | None:
-        cid = self._index.get(identity_key(kind, value))
-        if cid is None:
-            return None
-        c = self._cust[cid]
-        return Location(cid, c.system, c.state)
-
-    def customer(self, customer_id: str) -> Customer | None:
-        return self._cust.get(customer_id)
-
-    def refresh(self) -> list[str]:
-        return []
-
-    @property
-    def healthy(self) -> bool:
-        return True
-
-    def put_customer(self, customer_id: str, identities: Iterable[str], system: str = "source", group: str = "") -> None:
-        keys = tuple(identity_key(*parse_identity(i)) for i in identities)
-        self._cust[customer_id] = Customer(customer_id, system, "active", group, "", 0, keys)
-        for k in keys:
-            self._index[k] = customer_id
-
-    def import_rows(self, rows: Iterable[dict[str, object]], progress: Callable[[int], None] | None = None) -> int:
-        raise NotImplementedError
-
-    def lock(self, customer_ids: list[str], batch_id: str) -> None:
-        for cid in customer_ids:
-            self._cust[cid].state = "locked"
-
-    def migrate(self, customer_ids: list[str], to: str, who: str = "cli", batch_id: str | None = None,
-                dry_run: bool = False) -> MigrationResult:
-        for cid in customer_ids:
-            self._cust[cid].system = to
-            self._cust[cid].state = "active"
-        return MigrationResult(batch_id or "b", to, list(customer_ids))
-
-    def rollback(self, batch_id: str, who: str = "cli") -> MigrationResult:
-        raise NotImplementedError
-
-    def prepare(self, customer_ids: list[str], expires: int) -> None:
-        pass
-
-    def audit(self, batch_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
-        return []
-
-    def record_registrations(self, regs: list[Registration]) -> None:
-        pass
-
-    def registrations(self, customer_ids: list[str] | None = None) -> list[Registration]:
-        return []
-
-    def put_session(self, session: ApiSession) -> None:
-        pass
-
-    def get_session(self, key: str) -> ApiSession | None:
-        return None
-
-    def delete_session(self, key: str) -> None:
-        pass
-
-    def get_meta(self, key: str) -> str | None:
-        return self._meta.get(key)
-
-    def set_meta(self, key: str, value: str, only_if_absent: bool = False) -> str:
-        if only_if_absent and key in self._meta:
-            return self._meta[key]
-        self._meta[key] = value
-        return value
-
-    def counts(self) -> dict[str, int]:
-        return {"customers": len(self._cust)}
-
-
-def open_test_store(tmp_path: Path) -> LocationStore:
-    try:
-        from dsbc.store import open_store  # type: ignore[attr-defined]
-    except ImportError:
-        return FakeStore()
-    return open_store("sqlite:///" + str(tmp_path / "loc.db"), "source")  # type: ignore[no-any-return]
+def open_test_store(tmp_path: Path, unknown: str = "source") -> LocationStore:
+    """The real SQLite store in the test's folder."""
+    return open_store("sqlite:///" + str(tmp_path / "loc.db"), unknown)
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -140,11 +43,12 @@ def make_core(store: LocationStore, **kw: Any) -> RadiusCore:
 
 
 @pytest.fixture
-def store() -> FakeStore:
-    s = FakeStore()
+def store(tmp_path: Path) -> Iterator[LocationStore]:
+    s = open_test_store(tmp_path)
     s.put_customer("1", ["account:alice"])
     s.put_customer("2", ["account:bob", "radius:bob@wifi"])
-    return s
+    yield s
+    s.close()
 
 
 def access_request(user: str, ident: int = 1, password: bytes = b"pw", auth: bytes = bytes(range(16)),
@@ -175,7 +79,7 @@ def server_answer(out: Out, code: int | None = None, secret: bytes | None = None
 # --- tests ------------------------------------------------------------------------------
 
 
-def test_access_request_resigned_both_ways(store: FakeStore) -> None:
+def test_access_request_resigned_both_ways(store: LocationStore) -> None:
     core = make_core(store)
     auth = bytes(range(16))
     req = access_request("alice", ident=77, password=b"secret pw", auth=auth,
@@ -199,7 +103,7 @@ def test_access_request_resigned_both_ways(store: FakeStore) -> None:
     assert back.get_text(rp.REPLY_MESSAGE) == "hello from source"
 
 
-def test_owner_by_radius_identity_and_realm(store: FakeStore) -> None:
+def test_owner_by_radius_identity_and_realm(store: LocationStore) -> None:
     core = make_core(store)
     store.migrate(["2"], "target")
     [fwd] = core.handle_request(AUTH, access_request("bob@wifi"), NAS, 0.0)
@@ -210,7 +114,7 @@ def test_owner_by_radius_identity_and_realm(store: FakeStore) -> None:
     assert fwd.system == "source"  # store.unknown
 
 
-def test_chap_challenge_preserved(store: FakeStore) -> None:
+def test_chap_challenge_preserved(store: LocationStore) -> None:
     core = make_core(store)
     auth = bytes(range(100, 116))
     raw = rp.encode(rp.Packet(rp.ACCESS_REQUEST, 5, auth, [(rp.USER_NAME, b"alice"), (rp.CHAP_PASSWORD, bytes(17))]))
@@ -218,7 +122,7 @@ def test_chap_challenge_preserved(store: FakeStore) -> None:
     assert rp.decode(fwd.data).get(rp.CHAP_CHALLENGE) == auth
 
 
-def test_accounting_session_sticks_across_migration(store: FakeStore) -> None:
+def test_accounting_session_sticks_across_migration(store: LocationStore) -> None:
     core = make_core(store)
     [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "s1", 1), NAS, 0.0)
     assert fwd.system == "source" and fwd.addr == SRC_ACCT
@@ -243,7 +147,7 @@ def test_accounting_session_sticks_across_migration(store: FakeStore) -> None:
     assert fwd.system == "target"
 
 
-def test_duplicates_answered_from_cache_not_forwarded_twice(store: FakeStore) -> None:
+def test_duplicates_answered_from_cache_not_forwarded_twice(store: LocationStore) -> None:
     core = make_core(store)
     req = access_request("alice", ident=9)
     [fwd] = core.handle_request(AUTH, req, NAS, 0.0)
@@ -259,7 +163,7 @@ def test_duplicates_answered_from_cache_not_forwarded_twice(store: FakeStore) ->
     assert core.handle_request(AUTH, req, NAS, 100.0)[0].kind == TO_SERVER
 
 
-def test_drops_are_counted(store: FakeStore) -> None:
+def test_drops_are_counted(store: LocationStore) -> None:
     core = make_core(store)
     assert core.handle_request(AUTH, access_request("alice"), ("192.0.2.9", 1), 0.0) == []
     assert core.handle_request(ACCT, acct_request("alice", 1, "x", secret=b"wrong"), NAS, 0.0) == []
@@ -274,7 +178,7 @@ def test_drops_are_counted(store: FakeStore) -> None:
     assert core.drops["unexpected_answer"] == 1
 
 
-def test_bad_answer_authenticator_dropped(store: FakeStore) -> None:
+def test_bad_answer_authenticator_dropped(store: LocationStore) -> None:
     core = make_core(store)
     [fwd] = core.handle_request(AUTH, access_request("alice"), NAS, 0.0)
     assert core.handle_answer("source", fwd.via, server_answer(fwd, secret=b"wrong"), SRC, 0.1) == []
@@ -283,7 +187,7 @@ def test_bad_answer_authenticator_dropped(store: FakeStore) -> None:
     assert len(core.handle_answer("source", fwd.via, server_answer(fwd), SRC, 0.2)) == 1
 
 
-def test_identifier_space_many_clients(store: FakeStore) -> None:
+def test_identifier_space_many_clients(store: LocationStore) -> None:
     core = make_core(store)
     seen: set[tuple[int, int]] = set()
     for port in (1, 2, 3):
@@ -293,7 +197,7 @@ def test_identifier_space_many_clients(store: FakeStore) -> None:
     assert len(seen) == 3 * 256 and core.systems["source"].ids.slots == 3
 
 
-def test_timeout_retransmits_then_gives_up(store: FakeStore) -> None:
+def test_timeout_retransmits_then_gives_up(store: LocationStore) -> None:
     core = make_core(store, timeout=1.0, retries=2)
     req = access_request("alice")
     [fwd] = core.handle_request(AUTH, req, NAS, 0.0)
@@ -308,7 +212,7 @@ def test_timeout_retransmits_then_gives_up(store: FakeStore) -> None:
     assert core.handle_request(AUTH, req, NAS, 3.5)[0].kind == TO_SERVER
 
 
-def test_locked_customer_held_then_relayed_or_dropped(store: FakeStore) -> None:
+def test_locked_customer_held_then_relayed_or_dropped(store: LocationStore) -> None:
     core = make_core(store, lock_hold=2.0)
     store.lock(["1"], "b1")
     assert core.handle_request(AUTH, access_request("alice", ident=1), NAS, 0.0) == []
@@ -324,7 +228,7 @@ def test_locked_customer_held_then_relayed_or_dropped(store: FakeStore) -> None:
     assert core.drops.get("locked") == 1
 
 
-def test_accounting_on_goes_to_both_systems(store: FakeStore) -> None:
+def test_accounting_on_goes_to_both_systems(store: LocationStore) -> None:
     core = make_core(store)
     attrs = [(rp.ACCT_STATUS_TYPE, struct.pack("!I", rp.ACCT_ON)), (rp.NAS_IDENTIFIER, b"nas1")]
     raw = rp.sign_request(rp.Packet(rp.ACCOUNTING_REQUEST, 3, rp.ZERO16, attrs), NAS_SECRET)
@@ -334,7 +238,7 @@ def test_accounting_on_goes_to_both_systems(store: FakeStore) -> None:
     assert core.handle_answer("source", outs[0].via, server_answer(outs[0]), SRC_ACCT, 0.2) == []
 
 
-def test_status_server_answered_locally(store: FakeStore) -> None:
+def test_status_server_answered_locally(store: LocationStore) -> None:
     core = make_core(store)
     auth = bytes(range(16))
     raw = rp.sign_request(rp.Packet(rp.STATUS_SERVER, 1, auth, [(rp.MESSAGE_AUTHENTICATOR, rp.ZERO16)]), NAS_SECRET)

@@ -122,7 +122,10 @@ def test_freeradius_source_then_target_with_sticky_accounting(freeradius_pair, t
         finally:
             await svc.stop()
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
     assert src.acct_lines() == ["Start alice s1", "Interim-Update alice s1", "Stop alice s1"]
     assert tgt.acct_lines() == ["Start alice s2", "Stop alice s2"]
 
@@ -173,4 +176,7 @@ def test_emulators_duplicates_and_bad_input(tmp_path: Path) -> None:
             e1.stop()
             await e2.stop()
 
-    asyncio.run(scenario())
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
