@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -108,8 +109,10 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 f"url: unsupported store url {self.url!r} (sqlite:///path, redis://host:port/db "
                 "or redis+sentinel://host:port/service)"
             )
-        if self.lock_hold < 0 or self.poll_interval <= 0:
-            raise ValueError("lock_hold: must be >= 0 (and poll_interval > 0)")
+        if self.lock_hold < 0:
+            raise ValueError("lock_hold: must be >= 0")
+        if self.poll_interval <= 0:
+            raise ValueError("poll_interval: must be > 0")
 
 
 class SystemConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -199,10 +202,23 @@ class VhostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     source: str = ""
     target: str = ""
     cpe_patterns: list[str] = []
+    port: int = 0  # 0: any port (or the one written in host, "name:port")
+    realm_paths: dict[str, str] = {}  # path prefix -> realm, e.g. {"/customer" = "customer"}
 
     def __post_init__(self) -> None:
         _check_url(self.source, "source")
         _check_url(self.target, "target")
+        if not 0 <= self.port < 65536:
+            raise ValueError("port: must be between 0 and 65535")
+        for prefix in self.realm_paths:
+            if not prefix.startswith("/"):
+                raise ValueError(f"realm_paths: {prefix!r} must start with /")
+        for pattern in self.cpe_patterns:
+            try:
+                if re.compile(pattern).groups < 1:
+                    raise ValueError(f"cpe_patterns: {pattern!r} needs a group around the MAC")
+            except re.error as exc:
+                raise ValueError(f"cpe_patterns: {pattern!r}: {exc}") from None
 
 
 class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -218,10 +234,20 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_size: int = 104857600
     session_ttl: int = 86400
     cpe_patterns: list[str] = []
+    route_body_limit: int = 1048576  # bytes of a request body read to route it
+    body_timeout: float = 15.0  # a client's silence while sending a body
+    connect_timeout: float = 5.0
+    pool_size: int = 100  # keep-alive connections per system
+    backend_verify: bool = True  # verify the systems' TLS certificates
+    backend_ca: str = ""  # CA file for the systems' certificates
 
     def __post_init__(self) -> None:
         for entry in self.listen:
             _check_hostport(entry, "listen", 443)
+        if (self.tls_cert or self.tls_key) and not (self.tls_cert and self.tls_key):
+            raise ValueError("tls_cert: TLS needs both tls_cert and tls_key")
+        if self.route_body_limit < 1024 or self.pool_size < 1 or self.body_timeout <= 0:
+            raise ValueError("route_body_limit: must be >= 1024 (and pool_size >= 1, body_timeout > 0)")
         _check_url(self.source, "source")
         _check_url(self.target, "target")
 
@@ -312,51 +338,108 @@ def _split_path(path: str) -> list[str | int]:
     return parts
 
 
+_TOML_KEY = r"""(?:[A-Za-z0-9_\-]+|"[^"\\]*(?:\\.[^"\\]*)*"|'[^']*')"""
+_TOML_DOTTED = rf"{_TOML_KEY}(?:\s*\.\s*{_TOML_KEY})*"
+_HEADER_RE = re.compile(rf"^\s*(\[\[?)\s*({_TOML_DOTTED})\s*\]\]?\s*(?:#.*)?$")
+_KEYLINE_RE = re.compile(rf"^\s*({_TOML_DOTTED})\s*=(.*)$")
+_STRINGS_RE = re.compile(r""""(?:[^"\\]|\\.)*"|'[^']*'""")
+_MULTILINE_QUOTES = ('"' * 3, "'" * 3)
+
+
+def _key_parts(dotted: str) -> tuple[str, ...]:
+    return tuple(k.strip("\"'") for k in re.findall(_TOML_KEY, dotted))
+
+
+def _brackets(value: str) -> int:
+    """Open minus closed brackets of a value, outside strings and comments."""
+    bare = _STRINGS_RE.sub("", value).split("#", 1)[0]
+    return bare.count("[") - bare.count("]")
+
+
+def _key_lines(text: str) -> dict[tuple[str | int, ...], int]:
+    """The first line (1-based) of every table header and key path in a TOML document.
+
+    Array-of-tables entries get their index (``("api", "vhosts", 1, "realm")``).  The
+    contents of multi-line arrays and strings are skipped, so that a ``[`` or ``key =``
+    inside them is not taken for a header or a key."""
+    where: dict[tuple[str | int, ...], int] = {}
+    counts: dict[tuple[str | int, ...], int] = {}
+    table: tuple[str | int, ...] = ()
+    depth = 0  # open brackets of a multi-line array value
+    quote = ""  # the delimiter of an open multi-line string
+    for n, line in enumerate(text.splitlines(), 1):
+        if quote:
+            if line.count(quote) % 2:
+                quote = ""
+            continue
+        if depth > 0:
+            depth += _brackets(line)
+            continue
+        m = _HEADER_RE.match(line)
+        if m:
+            parts: tuple[str | int, ...] = _key_parts(m.group(2))
+            if m.group(1) == "[[":
+                where.setdefault(parts, n)
+                counts[parts] = counts.get(parts, -1) + 1
+                parts = parts + (counts[parts],)
+            table = parts
+            where.setdefault(table, n)
+            continue
+        m = _KEYLINE_RE.match(line)
+        if not m:
+            continue
+        keys = _key_parts(m.group(1))
+        for i in range(1, len(keys) + 1):  # a.b.c = 1 also writes a and a.b
+            where.setdefault(table + keys[:i], n)
+        value = m.group(2)
+        quote = next((q for q in _MULTILINE_QUOTES if value.count(q) % 2), "")
+        if not quote:
+            depth = _brackets(value)
+    return where
+
+
 def _locate(text: str, parts: list[str | int]) -> int:
-    """Best-effort line number (1-based) of a key path in a TOML document."""
-    lines = text.splitlines()
-    tables: list[str] = []
-    index: int | None = None
-    key: str | None = None
+    """The line (1-based) of a key path in a TOML document, or of its nearest ancestor that
+    is written there (an inline table, the table header), or 1."""
+    where = _key_lines(text)
+    path = tuple(parts)
+    while path:
+        if path in where:
+            return where[path]
+        path = path[:-1]
+    return 1
+
+
+_TYPE_WORDS = {"object": "a table", "array": "a list", "str": "a string", "int": "an integer",
+               "float": "a number", "bool": "true or false", "null": "nothing"}
+
+
+def _choices(parts: list[str | int]) -> list[str]:
+    """The allowed values of a Literal-typed key (for "Invalid enum value" errors)."""
+    tp: Any = Config
     for p in parts:
         if isinstance(p, int):
-            index = p
-        elif index is None and key is None:
-            tables.append(p)
-        else:
-            key = p
-            break
-    if key is None and index is None and tables:
-        key = tables.pop()
-    header_re = None
-    start = 0
-    if tables:
-        name = r"\.".join(re.escape(t) for t in tables)
-        if index is not None:
-            header_re = re.compile(rf"^\s*\[\[\s*{name}\s*\]\]")
-        else:
-            header_re = re.compile(rf"^\s*\[\s*{name}\s*\]")
-        seen = -1
-        found = False
-        for i, line in enumerate(lines):
-            if header_re.match(line):
-                seen += 1
-                if index is None or seen == index:
-                    start, found = i, True
-                    break
-        if not found:
-            # maybe a dotted key or inline table in a parent table
-            return _locate(text, [t for t in tables[:-1]] + [tables[-1]]) if len(tables) > 1 else 1
-        if key is None:
-            return start + 1
-    if key is not None:
-        key_re = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
-        for i in range(start + (1 if tables else 0), len(lines)):
-            if tables and i > start and re.match(r"^\s*\[", lines[i]):
-                break
-            if key_re.match(lines[i]):
-                return i + 1
-    return start + 1
+            args = typing.get_args(tp)
+            tp = args[0] if args else None
+            continue
+        try:
+            tp = typing.get_type_hints(tp).get(p)
+        except TypeError:
+            return []
+    return [str(a) for a in typing.get_args(tp)] if typing.get_origin(tp) is Literal else []
+
+
+def _reason(reason: str, parts: list[str | int]) -> str:
+    """msgspec's wording, in the operator's terms."""
+    m = re.match(r"Expected `([^`]+)`, got `([^`]+)`$", reason)
+    if m:
+        want, got = (_TYPE_WORDS.get(g, g) for g in m.groups())
+        return f"expected {want}, got {got}"
+    m = re.match(r"Invalid enum value (.*)$", reason)
+    if m:
+        choices = _choices(parts)
+        return f"{m.group(1)} is not one of {', '.join(choices)}" if choices else f"invalid value {m.group(1)}"
+    return reason
 
 
 def load_config(path: str | Path) -> Config:
@@ -378,8 +461,8 @@ def parse_config(text: str, name: str = "dsbc.toml") -> Config:
         tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
-        line = m.group(1) if m else "1"
-        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        line = m.group(1) if m else str(max(1, len(text.splitlines())))  # "at end of document"
+        reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", str(exc))
         raise ConfigError(f"{name}:{line}: TOML syntax error: {reason}") from None
     try:
         cfg = msgspec.toml.decode(text.encode(), type=Config)
@@ -399,6 +482,7 @@ def parse_config(text: str, name: str = "dsbc.toml") -> Config:
         m = re.search(r"missing required field `([^`]+)`", reason)
         if m:
             reason = f"missing required key {m.group(1)!r}"
+        reason = _reason(reason, parts)
         line = _locate(text, parts)
         key = ".".join(
             (f"[{p}]" if isinstance(p, int) else p) for p in parts
@@ -413,12 +497,13 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
     realms = {"admin", "reseller", "distributor", "customer", "account", "cc_staff",
               "vendor", "representative", "cpe", "porting"}
     for i, vh in enumerate(cfg.api.vhosts):
-        if vh.realm not in realms:
-            line = _locate(text, ["api", "vhosts", i, "realm"])
-            raise ConfigError(
-                f"{name}:{line}: api.vhosts[{i}].realm: unknown realm {vh.realm!r} "
-                f"(one of {', '.join(sorted(realms))})"
-            )
+        for key, realm in [("realm", vh.realm)] + [("realm_paths", r) for r in vh.realm_paths.values()]:
+            if realm not in realms:
+                line = _locate(text, ["api", "vhosts", i, key])
+                raise ConfigError(
+                    f"{name}:{line}: api.vhosts[{i}].{key}: unknown realm {realm!r} "
+                    f"(one of {', '.join(sorted(realms))})"
+                )
     if cfg.radius.enabled and not cfg.radius.clients:
         line = _locate(text, ["radius", "enabled"])
         raise ConfigError(f"{name}:{line}: radius.clients: RADIUS is enabled but no client is configured")

@@ -1,0 +1,180 @@
+"""Config errors name file:line and the key; good configs load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dsbc.config import Config, ConfigError, Endpoint, load_config, parse_config, parse_hostport
+
+GOOD = """\
+# a complete dsbc.toml
+[store]
+url = "sqlite:///var/lib/dsbc/location.db"
+unknown = "source"
+
+[systems.source]
+name = "MR100"
+sip = ["udp:10.0.0.10:5060", "tcp:10.0.0.11:5060"]
+api = "https://mr100.example.com"
+radius = ["10.0.0.12:1812"]
+radius_secret = "s3"
+
+[systems.target]
+name = "MR115"
+sip = [
+  "udp:10.0.1.10:5060",   # two nodes
+  "udp:10.0.1.11:5060",
+]
+api = "https://mr115.example.com"
+
+[sip]
+listen = ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]
+trusted_peers = ["192.0.2.0/24", "198.51.100.7", "203.0.113.9:5060"]
+workers = 2
+migration_expires = 60
+
+[api]
+listen = ["0.0.0.0:8443"]
+
+[[api.vhosts]]
+host = "admin.example.com"
+realm = "admin"
+
+[[api.vhosts]]
+host = "mybilling.example.com:8444"
+realm = "customer"
+
+[radius]
+enabled = true
+
+[[radius.clients]]
+address = "10.1.0.0/16"
+secret = "nas"
+
+[control]
+listen = "127.0.0.1:8080"
+token = "t0ken"
+"""
+
+
+def test_good_config() -> None:
+    cfg = parse_config(GOOD, "dsbc.toml")
+    assert isinstance(cfg, Config) and cfg.path == "dsbc.toml"
+    assert cfg.system("target").name == "MR115" and len(cfg.systems.target.sip) == 2
+    assert [v.realm for v in cfg.api.vhosts] == ["admin", "customer"]
+    assert cfg.radius.clients[0].secret == "nas"
+
+
+def test_empty_config_is_all_defaults() -> None:
+    cfg = parse_config("", "dsbc.toml")
+    assert cfg.store.unknown == "source" and cfg.sip.migration_expires == 60
+
+
+def replace(old: str, new: str) -> str:
+    assert old in GOOD
+    return GOOD.replace(old, new, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # unknown keys and tables
+        (replace('unknown = "source"', 'unknown = "source"\nunkown = "target"'),
+         "dsbc.toml:5: store.unkown: unknown key 'unkown'"),
+        (GOOD + "\n[bogus]\nx = 1\n", "dsbc.toml:49: bogus: unknown key 'bogus'"),
+        (replace('host = "mybilling.example.com:8444"', 'host = "mybilling.example.com:8444"\nrelam = "x"'),
+         "dsbc.toml:36: api.vhosts[1].relam: unknown key 'relam'"),
+        # bad values, each at its own line
+        (replace('unknown = "source"', 'unknown = "sideways"'),
+         "dsbc.toml:4: store.unknown: 'sideways' is not one of source, target, reject"),
+        (replace('url = "sqlite:///var/lib/dsbc/location.db"', 'url = "mysql://db/x"'),
+         "dsbc.toml:3: store.url: unsupported store url 'mysql://db/x' (sqlite:///path, "
+         "redis://host:port/db or redis+sentinel://host:port/service)"),
+        (replace("workers = 2", "workers = 0"), "dsbc.toml:24: sip.workers: must be between 1 and 256"),
+        (replace("workers = 2", 'workers = "two"'), "dsbc.toml:24: sip.workers: expected an integer, got a string"),
+        (replace('"198.51.100.7"', '"not-an-ip"'),
+         "dsbc.toml:23: sip.trusted_peers: 'not-an-ip' is not a CIDR, an IP or IP:PORT"),
+        (replace('api = "https://mr115.example.com"', 'api = "ftp://mr115"'),
+         "dsbc.toml:19: systems.target.api: 'ftp://mr115' is not an http:// or https:// URL"),
+        (replace('"udp:10.0.1.11:5060"', '"udp:10.0.1.11:99999"'),
+         "dsbc.toml:15: systems.target.sip: bad port in '10.0.1.11:99999'"),
+        (replace('realm = "customer"', 'realm = "nobody"'),
+         "dsbc.toml:36: api.vhosts[1].realm: unknown realm 'nobody' (one of account, admin, cc_staff, cpe, "
+         "customer, distributor, porting, representative, reseller, vendor)"),
+        (replace('host = "admin.example.com"\n', ""),
+         "dsbc.toml:30: api.vhosts[0]: missing required key 'host'"),
+        (replace('address = "10.1.0.0/16"', 'address = "10.1.0.0/99"'),
+         "dsbc.toml:42: radius.clients[0].address: '10.1.0.0/99' is not a CIDR, an IP or IP:PORT"),
+        (replace('[[radius.clients]]\naddress = "10.1.0.0/16"\nsecret = "nas"\n', ""),
+         "dsbc.toml:39: radius.clients: RADIUS is enabled but no client is configured"),
+        (replace('listen = "127.0.0.1:8080"', 'listen = "127.0.0.1:0"'),
+         "dsbc.toml:46: control.listen: bad port in '127.0.0.1:0'"),
+        (replace('listen = ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]', 'listen = "udp:0.0.0.0:5060"'),
+         "dsbc.toml:22: sip.listen: expected a list, got a string"),
+        (replace('listen = ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]', 'listen = ["tls:0.0.0.0:5061"]'),
+         "dsbc.toml:21: sip.tls_cert: a tls: listener needs tls_cert and tls_key"),
+        (replace("migration_expires = 60", "migration_expires = 0"),
+         "dsbc.toml:25: sip.migration_expires: must be >= 1"),
+        (GOOD + '\n[log]\nlevel = "loud"\n', "dsbc.toml:50: log.level: 'loud' is not one of debug, info, warning, error"),
+        (replace('unknown = "source"', "poll_interval = 0"), "dsbc.toml:4: store.poll_interval: must be > 0"),
+        # TOML syntax
+        (replace("workers = 2", "workers = "), "dsbc.toml:24: TOML syntax error: Invalid value"),
+        (replace("workers = 2", "workers = 2\nworkers = 3"), "dsbc.toml:25: TOML syntax error: Cannot overwrite a value"),
+        ('[store]\nurl = "sqlite:///x', "dsbc.toml:2: TOML syntax error: Unterminated string"),
+    ],
+)
+def test_errors_name_line_and_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "dsbc.toml")
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # dotted keys and inline tables are found too
+        ('# top\n\nstore.url = "mysql://x"\n', "dsbc.toml:3: store.url: unsupported store url"),
+        ('[systems]\nsource = { name = "MR100", api = "x" }\n',
+         "dsbc.toml:2: systems.source.api: 'x' is not an http:// or https:// URL"),
+        ('[api]\nvhosts = [\n  { host = "a" },\n  { host = "b", realm = "nobody" },\n]\n',
+         "dsbc.toml:2: api.vhosts[1].realm: unknown realm 'nobody'"),
+        # a header-looking line inside a multi-line array is not a table
+        ('[sip]\ntrusted_peers = [\n  "10.0.0.1",\n]\n[store]\nunknown = "x"\n',
+         "dsbc.toml:6: store.unknown: 'x' is not one of"),
+        ('[sip]\nflow_secret = """\n[store]\nunknown = 1\n"""\nworkers = -1\n',
+         "dsbc.toml:6: sip.workers: must be between 1 and 256"),
+        ('store = 5\n', "dsbc.toml:1: store: expected a table, got an integer"),
+        ('["store"]\nunknown = "x"\n', "dsbc.toml:2: store.unknown: 'x' is not one of"),
+    ],
+)
+def test_locating_unusual_layouts(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "dsbc.toml")
+    assert str(err.value).startswith(message)
+
+
+def test_load_config_files(tmp_path: Path) -> None:
+    p = tmp_path / "dsbc.toml"
+    p.write_text(GOOD)
+    assert load_config(p).path == str(p)
+    with pytest.raises(ConfigError, match=r"missing\.toml: cannot read: No such file or directory"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"[store]\nurl = '\xff'\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml:1: not UTF-8 text"):
+        load_config(bad)
+    p.write_text(replace("workers = 2", "workers = 999"))
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(err.value) == f"{p}:24: sip.workers: must be between 1 and 256"
+
+
+def test_endpoints_and_hostports() -> None:
+    assert Endpoint.parse("tcp:[::1]:5070") == Endpoint("tcp", "::1", 5070)
+    assert str(Endpoint.parse("10.0.0.1")) == "udp:10.0.0.1:5060"
+    assert parse_hostport("host", 80) == ("host", 80)
+    for bad in ("host", "h:0", "h:x", "[::1"):
+        with pytest.raises(ValueError):
+            parse_hostport(bad)
