@@ -249,3 +249,20 @@ def test_shutdown_sends_dpr(tmp_path: Path) -> None:
         asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         store.close()
+
+
+def test_watchdog_keeps_links_open(tmp_path: Path) -> None:
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        pgw = await client_for(svc)
+        first = svc.links["source"].conn
+        # idle links get a DWR every interval; the peers' DWAs keep them open
+        await wait_for(lambda: all(link.status()["watchdogs_answered"] >= 2 for link in svc.links.values()))
+        assert svc.links["source"].conn is first and first is not None and first.state.value == "open"
+        # and dsbc watches its clients the same way
+        await wait_for(lambda: all(c.watchdogs_answered >= 1 for c in svc.clients.values()))
+        ans = await pgw.ccr("w1", dc.CC_INITIAL, (dc.SUB_IMSI, IMSI))
+        assert ans.u32(dc.RESULT_CODE) == dc.SUCCESS
+        await pgw.stop()
+
+    run(tmp_path, scenario, watchdog_interval=0.2)

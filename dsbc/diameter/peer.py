@@ -91,6 +91,7 @@ class Connection(asyncio.Protocol):
         self._heard = False
         self._hbh = itertools.count(int.from_bytes(os.urandom(2), "big") << 16)
         self.bad_messages = 0
+        self.watchdogs_answered = 0  # DWAs received for our DWRs
 
     # -- transport ------------------------------------------------------------------------------
 
@@ -109,6 +110,8 @@ class Connection(asyncio.Protocol):
             self.send_request(dc.CMD_CE, dc.APP_COMMON, self.node.capabilities())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.close_reason:
+            self.close_reason = f"connection lost: {exc}" if exc else "closed by the peer"
         self.state = ConnState.CLOSED
         if self._timer is not None:
             self._timer.cancel()
@@ -198,6 +201,7 @@ class Connection(asyncio.Protocol):
                                               [dc.u32(dc.ORIGIN_STATE_ID, self.node.state_id)])))
             else:
                 self._dwr_outstanding = False
+                self.watchdogs_answered += 1
             return
         if code == dc.CMD_DP:
             if m.is_request:
@@ -340,6 +344,7 @@ class PeerLink:
             "address": f"{self.host}:{self.port}",
             "state": c.state.value if c is not None and c.state != ConnState.CLOSED else "down",
             "identity": c.peer_host if c is not None else "",
+            "watchdogs_answered": c.watchdogs_answered if c is not None else 0,
             "attempts": self.attempts,
             "failures": self.failures,
             "last_error": self.last_error,

@@ -86,7 +86,7 @@ class DiameterService:
         if isinstance(conn.key, str):
             link = self.links.get(conn.key)
             if link is not None and link.conn is conn and conn.peer_host:
-                log.warning("diameter: %s peer %s is down (%s)", conn.key, conn.peer_host, conn.close_reason)
+                (log.info if self._stopping else log.warning)("diameter: %s peer %s is down (%s)", conn.key, conn.peer_host, conn.close_reason)
                 self._send(self.router.peer_state(conn.key, False))
         else:
             self.clients.pop(conn.id, None)
