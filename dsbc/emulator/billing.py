@@ -351,14 +351,17 @@ async def start_billing_emulator(
 
 
 def sample_rows() -> list[dict[str, Any]]:
-    """A small sample population (three customers on the source, two on the target)."""
+    """A small sample population (three customers on the source, two on the target).
+
+    The rows import as they are into the location store (``store.import_rows``) and
+    seed the emulators, so the demo's store and systems agree.  Passwords: ``secret``."""
     rows: list[dict[str, Any]] = []
     people = [("1", "alice", "source"), ("2", "bob", "source"), ("3", "carol", "source"),
               ("4", "dave", "target"), ("5", "erin", "target")]
     for cid, login, system in people:
         n = int(cid)
         rows.append({
-            "customer_id": cid, "system": system, "name": login.capitalize(),
+            "customer_id": cid, "system": system,
             "identities": [f"login:{login}", f"account:10000{n}", f"i_account:{100 + n}",
                            f"did:1555010{n}", f"cpe:0004f2a1b2c{n}"],
         })

@@ -122,8 +122,9 @@ class BillingData:
             kind, _, value = ident.partition(":")
             by_kind.setdefault(kind.strip().lower(), []).append(value.strip())
         logins = by_kind.get("login", [])
-        cust = Customer(i_customer, str(row.get("name") or f"Customer {cid_text}"),
-                        logins[0] if logins else "", password, exported)
+        login = logins[0] if logins else ""
+        name = str(row.get("name") or (login.capitalize() if login else f"Customer {cid_text}"))
+        cust = Customer(i_customer, name, login, password, exported)
         self.customers[i_customer] = cust
         ids = by_kind.get("account", [])
         iacc = by_kind.get("i_account", [])

@@ -1,0 +1,188 @@
+"""What the dispatcher remembers: session keys, twin sessions, created entities (pure).
+
+Sessions are stored under a digest of the session id, access token, refresh token or
+cookie, never the raw secret.  An admin session made through dsbc is a *twin*: one
+session on each system behind the one returned to the client; ``TwinExtra`` (kept as
+JSON in ``SessionRecord.extra``) holds each system's credentials, the context system
+chosen with ``Session/set_session_context`` and the sibling keys to delete at logout.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import time
+from typing import Any
+
+import msgspec
+
+from api_proxy.apicall import ApiCall
+from api_proxy.router import SessionRecord
+
+SYSTEMS = ("source", "target")
+
+
+def session_key(kind: str, value: str) -> str:
+    """``kind`` is sid, at, rt (session id, access / refresh token) or ck (a cookie)."""
+    return f"api:{kind}:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def parse_expiry(value: Any, now: float, default_ttl: float) -> float:
+    """``expires_at`` as the billing API gives it (epoch number or UTC date-time text)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value) if value > 10**9 else now + float(value)
+    if isinstance(value, str) and value:
+        text = value.strip().replace("T", " ").rstrip("Z").split(".")[0].split("+")[0]
+        for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
+            try:
+                return float(calendar.timegm(time.strptime(text, fmt)))
+            except ValueError:
+                continue
+    return now + default_ttl
+
+
+class Creds(msgspec.Struct, omit_defaults=True):
+    """One system's credentials for a session."""
+
+    session_id: str = ""
+    access_token: str = ""
+    refresh_token: str = ""
+
+    def keys(self) -> list[str]:
+        out = []
+        if self.session_id:
+            out.append(session_key("sid", self.session_id))
+        if self.access_token:
+            out.append(session_key("at", self.access_token))
+        if self.refresh_token:
+            out.append(session_key("rt", self.refresh_token))
+        return out
+
+
+class LoginResult(msgspec.Struct):
+    creds: Creds
+    expires_at: float
+
+
+_login_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def login_result(body: bytes, now: float, default_ttl: float) -> LoginResult | None:
+    """The session a successful Session/login (or refresh) answer carries, if any."""
+    try:
+        doc = _login_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+    def text(k: str) -> str:
+        v = doc.get(k)
+        return v if isinstance(v, str) and len(v) <= 4096 else ""
+
+    creds = Creds(text("session_id"), text("access_token"), text("refresh_token"))
+    if not (creds.session_id or creds.access_token):
+        return None
+    return LoginResult(creds, parse_expiry(doc.get("expires_at"), now, default_ttl))
+
+
+class TwinExtra(msgspec.Struct, omit_defaults=True):
+    creds: dict[str, Creds] = {}  # system -> its credentials (one entry: one system only)
+    ctx: str = ""  # system chosen by Session/set_session_context
+    keys: list[str] = []  # every store key of this session (deleted together)
+
+
+_extra_decoder = msgspec.json.Decoder(TwinExtra)
+
+
+def twin_of(record: SessionRecord) -> TwinExtra:
+    if not record.extra:
+        return TwinExtra()
+    try:
+        return _extra_decoder.decode(record.extra)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return TwinExtra()
+
+
+def make_records(
+    system: str,
+    twin: TwinExtra,
+    expires_at: float,
+    realm: str,
+    customer_id: str = "",
+) -> list[SessionRecord]:
+    """One record per key of the primary system's credentials, all sharing ``extra``."""
+    primary = twin.creds.get(system, Creds())
+    keys = primary.keys()
+    twin.keys = keys
+    extra = msgspec.json.encode(twin).decode()
+    return [SessionRecord(key=k, system=system, expires_at=expires_at, customer_id=customer_id,
+                          realm=realm, extra=extra) for k in keys]
+
+
+def rewrite_for(call: ApiCall, held: Creds, wanted: Creds) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str]:
+    """New (auth_info, params, bearer) replacing the client's credentials ``held`` by
+    ``wanted`` (the twin session on another system).  None / "" where nothing changes."""
+    auth = None
+    if call.auth_info is not None:
+        a = dict(call.auth_info)
+        if a.get("session_id"):
+            if wanted.session_id:
+                a["session_id"] = wanted.session_id
+            else:
+                del a["session_id"]
+                a["access_token"] = wanted.access_token
+        elif a.get("access_token"):
+            if wanted.access_token:
+                a["access_token"] = wanted.access_token
+            else:
+                del a["access_token"]
+                a["session_id"] = wanted.session_id
+        auth = a if a != call.auth_info else None
+    params = None
+    if call.service == "Session":
+        p = dict(call.params)
+        for k in ("session_id", "access_token", "refresh_token"):
+            if p.get(k) and getattr(held, k) and p[k] == getattr(held, k):
+                p[k] = getattr(wanted, k) or p[k]
+        params = p if p != call.params else None
+    bearer = wanted.access_token if call.bearer and wanted.access_token else ""
+    return auth, params, bearer
+
+
+# --- created entities ---------------------------------------------------------------------------
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return ""
+    if isinstance(v, (int, str)):
+        return str(v).strip()[:256]
+    return ""
+
+
+def created(call: ApiCall, answer: dict[str, Any], owner_customer: str = "") -> tuple[str, list[str]] | None:
+    """(customer id, ``kind:value`` identities) of what a successful create made, or None.
+
+    ``Customer/add_customer`` makes a customer (and its ``login``); ``Account/add_account``
+    an ``i_account`` with its ``id`` and ``login`` under ``account_info.i_customer``
+    (or the owner the request was routed by)."""
+    p = call.params
+    if call.method == "add_customer" or (call.service == "Customer" and "i_customer" in answer):
+        cid = _text(answer.get("i_customer"))
+        if not cid:
+            return None
+        info = p.get("customer_info") if isinstance(p.get("customer_info"), dict) else p
+        idents = [f"login:{v}" for v in [_text(info.get("login"))] if v]
+        return cid, idents
+    if call.method == "add_account" or (call.service == "Account" and "i_account" in answer):
+        iacc = _text(answer.get("i_account"))
+        info = p.get("account_info") if isinstance(p.get("account_info"), dict) else p
+        cid = _text(info.get("i_customer")) or owner_customer
+        if not iacc or not cid:
+            return None
+        idents = [f"i_account:{iacc}"]
+        if _text(info.get("id")):
+            idents.append(f"account:{_text(info.get('id'))}")
+        if _text(info.get("login")):
+            idents.append(f"login:{_text(info.get('login'))}")
+        return cid, idents
+    return None

@@ -1,0 +1,201 @@
+"""The WebDispatcher: one HTTP(S) entry point for every virtual host (SPEC section 7).
+
+    proxy = ApiProxy(settings, router)
+    await proxy.start()          # listens on settings.listen
+    ...
+    await proxy.stop()
+
+Per request: pick the virtual host by Host header (and port), read the body only when
+routing needs it (a bounded prefix, with an idle timeout), classify it
+(``classify.py``), run the realm's flow (``flows.py``) and stream the answer back.
+Anything dsbc itself refuses, including requests aiohttp's parser rejects (huge
+headers, garbage), is answered in the billing API's fault shape; nothing escapes as an
+HTML page or a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from api_proxy.apicall import content_type
+from api_proxy.classify import classify, needs_body
+from api_proxy.errors import (
+    BadRequest,
+    BackendUnavailable,
+    CustomerLocked,
+    DispatchError,
+    RequestTimeout,
+    RequestTooLarge,
+    UnknownHost,
+    fault_body,
+)
+from api_proxy.flows import Flows
+from api_proxy.forward import Ctx
+from api_proxy.router import Router
+from api_proxy.settings import ProxySettings, VhostTable
+
+log = logging.getLogger("api_proxy")
+
+
+class _FaultingHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own errors in the fault shape."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was under way; closing the connection")
+        text = str(message or exc or "")
+        if status in (413, 431) or "too long" in text.lower() or "got more than" in text.lower():
+            code, why = "request_too_large", "the request line or headers are over the limit"
+        elif status == 400:
+            code, why = "bad_request", "the request is not valid HTTP"
+        else:
+            code, why = "internal_error", "the dispatcher could not handle this request"
+            log.error("unhandled error on %s", request.path, exc_info=exc)
+        if proxy is not None:
+            proxy.metrics["faults"] += 1
+            proxy.metrics["too_large" if code == "request_too_large" else "bad_requests"] += 1
+        log.debug("refused a request from %s: %s", request.remote, text)
+        resp = web.Response(status=500, body=fault_body(f"Server.Dispatcher.{code}", why),
+                            content_type="application/json", charset="utf-8")
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    proxy: ApiProxy | None = None
+
+    def __call__(self) -> RequestHandler:
+        return _FaultingHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ApiProxy(Flows):
+    """The running dispatcher: ``start()``, ``stop()``, ``status()``, ``metrics``."""
+
+    def __init__(self, settings: ProxySettings, router: Router) -> None:
+        super().__init__(settings, router)
+        self.table = VhostTable(settings.vhosts)
+        self._runner: web.ServerRunner | None = None
+        self.addresses: list[tuple[str, int]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if not (s.tls_cert and s.tls_key):
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        return ctx
+
+    async def start(self) -> None:
+        for b in self.backends.values():
+            b.open()
+        size = self.settings.max_header_size
+        server = _Server(self.handle, max_line_size=size, max_field_size=size, max_headers=128,
+                         access_log=None, keepalive_timeout=75.0)
+        server.proxy = self
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
+        await self._runner.setup()
+        tls = self.ssl_context()
+        for host, port in self.settings.listen:
+            site = web.TCPSite(self._runner, host, port, ssl_context=tls, reuse_address=True,
+                               backlog=1024)
+            await site.start()
+            for sock in site._server.sockets if site._server else []:  # type: ignore[union-attr]
+                addr = sock.getsockname()
+                self.addresses.append((addr[0], addr[1]))
+        log.info("API dispatcher listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses))
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.close_backends()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "listening": [f"{h}:{p}" for h, p in self.addresses],
+            "tls": bool(self.settings.tls_cert),
+            "vhosts": [f"{v.host}{':' + str(v.port) if v.port else ''} ({v.realm})" for v in self.settings.vhosts],
+            "backends": {name: b.status() for name, b in self.backends.items()},
+            "metrics": dict(self.metrics),
+        }
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.metrics["requests"] += 1
+        try:
+            return await self._handle(request)
+        except DispatchError as exc:
+            self._count(exc)
+            return self.fault(exc)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:  # noqa: BLE001 - answered in the fault shape, logged with its traceback
+            self.metrics["internal_errors"] += 1
+            log.exception("API dispatcher error on %s %s", request.method, request.path)
+            return self.plain_fault("Server.Dispatcher.internal_error", "the dispatcher could not handle this request")
+
+    def _count(self, exc: DispatchError) -> None:
+        if isinstance(exc, UnknownHost):
+            self.metrics["unknown_host"] += 1
+        elif isinstance(exc, RequestTooLarge):
+            self.metrics["too_large"] += 1
+        elif isinstance(exc, RequestTimeout):
+            self.metrics["client_timeouts"] += 1
+        elif isinstance(exc, BadRequest):
+            self.metrics["bad_requests"] += 1
+        elif isinstance(exc, BackendUnavailable):
+            self.metrics["backend_errors"] += 1
+        elif isinstance(exc, CustomerLocked):
+            pass  # counted as hold_timeouts
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        sock = request.transport.get_extra_info("sockname") if request.transport else None
+        local_port = sock[1] if isinstance(sock, tuple) and len(sock) > 1 else 0
+        vhost = self.table.select(request.headers.get("Host", ""), local_port)
+        if vhost is None:
+            raise UnknownHost(f"no virtual host is configured for {request.headers.get('Host', '')!r}"[:200])
+        cl = request.content_length
+        if cl is not None and cl > self.settings.max_body_size:
+            raise RequestTooLarge(f"the request body is over {self.settings.max_body_size} bytes")
+        target = request.raw_path
+        realm = vhost.realm_for(request.path)
+        prefix: bytes | None = None
+        complete = True
+        if request.body_exists and needs_body(realm, request.method, target, request.headers):
+            prefix, complete = await self._read_prefix(request)
+            if not complete and content_type(request.headers)[0] != "multipart/form-data" \
+                    and "/rest/" in request.path:
+                raise RequestTooLarge(
+                    f"an API request body over {self.settings.route_body_limit} bytes must be multipart")
+        c = classify(realm, request.method, target, request.headers,
+                     prefix,
+                     cpe_patterns=self.table.patterns(vhost), remote_cookie=self.settings.remote_cookie)
+        ctx = Ctx(request, vhost, realm, c, prefix, complete)
+        return await self.dispatch(ctx)
+
+    async def _read_prefix(self, request: web.BaseRequest) -> tuple[bytes, bool]:
+        """Up to route_body_limit bytes of the body; (bytes, whether that is all of it)."""
+        cap = self.settings.route_body_limit
+        idle = self.settings.body_timeout
+        buf = bytearray()
+        content = request.content
+        while len(buf) <= cap:
+            try:
+                chunk = await asyncio.wait_for(content.readany(), idle)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"the client sent no body data for {idle:g} s") from None
+            if not chunk:
+                return bytes(buf), True
+            buf += chunk
+        return bytes(buf), False

@@ -1,0 +1,256 @@
+"""The two back ends: keep-alive pools, header rules and body streaming both ways.
+
+One ``aiohttp.ClientSession`` per system with a keep-alive ``TCPConnector`` (a pool per
+origin); no cookie jar (the client's cookies are the client's), no automatic
+decompression (bytes pass as they are), no automatic headers.
+
+Request bodies are either bytes (an API call routing read, maybe rewritten) or a
+stream: the prefix routing read, then the rest of ``request.content`` chunk by chunk,
+with an idle timeout per chunk and the size cap.  Response bodies stream to the client
+with ``StreamResponse``; a back end that drops mid-body makes dsbc abort the client
+connection (a truncated body is never presented as complete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from api_proxy.errors import BackendUnavailable, RequestTimeout, RequestTooLarge
+
+log = logging.getLogger("api_proxy.upstream")
+
+CHUNK = 64 * 1024
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+})
+_DOMAIN_ATTR = re.compile(r";\s*domain=[^;]*", re.I)
+
+
+def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    out = set()
+    for v in headers.getall("Connection", []):
+        out.update(t.strip().lower() for t in v.split(","))
+    return out
+
+
+def request_headers(
+    headers: CIMultiDictProxy[str], remote: str, proto: str, host: str, drop: Iterable[str] = ()
+) -> CIMultiDict[str]:
+    """The client's headers for a back end: hop-by-hop removed, X-Forwarded-* added."""
+    skip = HOP_BY_HOP | _connection_listed(headers) | {"host", "content-length", "expect"}
+    skip |= {d.lower() for d in drop}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        if k.lower() not in skip:
+            out.add(k, v)
+    xff = headers.get("X-Forwarded-For", "")
+    out["X-Forwarded-For"] = f"{xff}, {remote}" if xff else remote
+    out["X-Forwarded-Proto"] = proto
+    out["X-Forwarded-Host"] = host
+    out["X-Real-IP"] = remote
+    return out
+
+
+def response_headers(headers: CIMultiDictProxy[str], backend_origin: str, public_origin: str) -> CIMultiDict[str]:
+    """A back end's headers for the client: hop-by-hop removed, Location and cookie
+    domains made the public host's (what nginx's proxy_redirect / proxy_cookie_domain do)."""
+    skip = HOP_BY_HOP | _connection_listed(headers) | {"content-length"}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk in skip:
+            continue
+        if lk == "location" and v.startswith(backend_origin):
+            v = public_origin + v[len(backend_origin):]
+        elif lk == "set-cookie":
+            v = _DOMAIN_ATTR.sub("", v)
+        out.add(k, v)
+    return out
+
+
+def origin(url: str) -> str:
+    u = URL(url)
+    return str(u.origin())
+
+
+class BodyState:
+    """What happened to a streamed request body (read by the server after a failure)."""
+
+    __slots__ = ("sent", "stalled", "too_large")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.stalled = False
+        self.too_large = False
+
+
+async def stream_body(
+    prefix: bytes, content: aiohttp.StreamReader, idle: float, limit: int, state: BodyState
+) -> AsyncIterator[bytes]:
+    if prefix:
+        state.sent = len(prefix)
+        yield prefix
+    while True:
+        try:
+            chunk = await asyncio.wait_for(content.readany(), idle)
+        except asyncio.TimeoutError:
+            state.stalled = True
+            raise RequestTimeout(f"the client sent no body data for {idle:g} s") from None
+        if not chunk:
+            return
+        state.sent += len(chunk)
+        if state.sent > limit:
+            state.too_large = True
+            raise RequestTooLarge(f"the request body is over {limit} bytes")
+        yield chunk
+
+
+class Backend:
+    """One system's client pool and health counters."""
+
+    def __init__(self, system: str, *, timeout: float, connect_timeout: float, pool_size: int,
+                 verify: bool = True, ca: str = "") -> None:
+        self.system = system
+        ctx: ssl.SSLContext | bool = True
+        if ca:
+            ctx = ssl.create_default_context(cafile=ca)
+        elif not verify:
+            ctx = False
+        self._connector_args: dict[str, Any] = {
+            "limit": pool_size, "limit_per_host": pool_size, "keepalive_timeout": 60.0,
+            "ssl": ctx, "enable_cleanup_closed": False,
+        }
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=timeout)
+        self.session: aiohttp.ClientSession | None = None
+        self.requests = 0
+        self.errors = 0
+        self.last_error = ""
+        self.last_error_at = 0.0
+        self.last_ok_at = 0.0
+
+    def open(self) -> None:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(**self._connector_args),
+                timeout=self._timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+                raise_for_status=False,
+            )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.last_error_at <= self.last_ok_at
+
+    def failed(self, detail: str) -> BackendUnavailable:
+        self.errors += 1
+        self.last_error = detail
+        self.last_error_at = time.time()
+        return BackendUnavailable(self.system, detail)
+
+    async def send(self, method: str, url: str, headers: CIMultiDict[str], data: Any,
+                   state: BodyState | None = None) -> aiohttp.ClientResponse:
+        """Open a request; the caller reads and releases the response."""
+        assert self.session is not None, "Backend.open() first"
+        self.requests += 1
+        try:
+            resp = await self.session.request(
+                method, URL(url, encoded=True), headers=headers, data=data,
+                allow_redirects=False, compress=None, chunked=None,
+            )
+        except (RequestTimeout, RequestTooLarge):
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            if state is not None and (state.stalled or state.too_large):
+                raise (RequestTimeout("the client stopped sending its body") if state.stalled
+                       else RequestTooLarge("the request body is too large")) from None
+            raise self.failed(_describe(exc)) from None
+        self.last_ok_at = time.time()
+        return resp
+
+    def status(self) -> dict[str, Any]:
+        return {"healthy": self.healthy, "requests": self.requests, "errors": self.errors,
+                "last_error": self.last_error}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+async def read_small(resp: aiohttp.ClientResponse, cap: int, backend: Backend) -> bytes | None:
+    """The whole body if it is at most ``cap`` bytes (None: too large, left unread)."""
+    if resp.content_length is not None and resp.content_length > cap:
+        return None
+    data = b""
+    try:
+        while len(data) <= cap:
+            more = await resp.content.read(cap + 1 - len(data))
+            if not more:
+                break
+            data += more
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        resp.close()
+        raise backend.failed(_describe(exc)) from None
+    if len(data) > cap:
+        resp.close()
+        return None
+    resp.release()
+    return data
+
+
+async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                backend: Backend, body: bytes | None = None) -> web.StreamResponse:
+    """Send a back end's answer to the client, streaming unless ``body`` was read already.
+
+    A back end that breaks off mid-body gets the client connection aborted: the client
+    sees a truncated message, never a complete-looking wrong one."""
+    out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+    if body is not None:
+        out.content_length = len(body)
+    elif resp.content_length is not None:
+        out.content_length = resp.content_length
+    try:
+        await out.prepare(request)
+        if body is not None:
+            if body and request.method != "HEAD":
+                await out.write(body)
+        elif request.method != "HEAD":
+            chunks = resp.content.iter_chunked(CHUNK).__aiter__()
+            while True:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    backend.failed("dropped mid-response: " + _describe(exc))
+                    log.info("%s back end broke off a response to %s: %s", backend.system,
+                             request.path, _describe(exc))
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return out
+                await out.write(chunk)  # a client that went away raises here, as it should
+        await out.write_eof()
+    finally:
+        resp.release()
+    return out

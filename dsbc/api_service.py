@@ -1,0 +1,162 @@
+"""The API dispatcher wired to dsbc: config -> ``api_proxy`` settings, store -> Router.
+
+    service = await start_api(cfg, store)
+    service.status()          # listening addresses, back-end health, counters
+    service.metrics           # plain dict of counters (exposed by the control API)
+    await service.stop()
+
+``StoreRouter`` implements ``api_proxy.router.Router`` on a ``LocationStore``: owners from
+the in-memory index (with ``store.unknown``), API sessions in the store's session table
+(so every worker and node routes a session made on any of them), creates added to the
+owning customer's identities at once (SIP and RADIUS route them on the next request).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from api_proxy.cpe import CpeError
+from api_proxy.router import Owner, SessionRecord
+from api_proxy.server import ApiProxy
+from api_proxy.settings import ProxySettings, SettingsError, Vhost, make_vhost
+from dsbc.config import Config, ConfigError, parse_hostport
+from dsbc.store.base import ApiSession, BadIdentity, LocationStore, normalise
+
+log = logging.getLogger("dsbc.api")
+
+
+class StoreRouter:
+    """The Router protocol over a LocationStore."""
+
+    def __init__(self, store: LocationStore, lock_hold: float = 2.0) -> None:
+        self.store = store
+        self._lock_hold = lock_hold
+
+    @property
+    def lock_hold(self) -> float:
+        return self._lock_hold
+
+    def owner(self, kind: str, value: str) -> Owner | None:
+        store = self.store
+        if kind == "customer":
+            cid = value.strip()
+            if not cid or len(cid) > 128:
+                return None
+            cust = store.customer(cid)
+            if cust is None:
+                return Owner(store.unknown, "", "active", False)
+            return Owner(cust.system, cust.customer_id, cust.state, True)
+        try:
+            norm = normalise(kind, value)
+        except BadIdentity:
+            return None
+        loc = store.lookup(kind, norm)
+        if loc is None:
+            return Owner(store.unknown, "", "active", False)
+        return Owner(loc.system, loc.customer_id, loc.state, True)
+
+    def default_system(self) -> str:
+        return self.store.unknown
+
+    def get_session(self, key: str) -> SessionRecord | None:
+        s = self.store.get_session(key)
+        if s is None:
+            return None
+        return SessionRecord(key=s.key, system=s.system, expires_at=s.expires_at,
+                             customer_id=s.customer_id, realm=s.realm, extra=s.extra)
+
+    def put_session(self, record: SessionRecord) -> None:
+        self.store.put_session(ApiSession(record.key, record.system, record.expires_at,
+                                          record.customer_id, record.realm, record.extra))
+
+    def delete_session(self, key: str) -> None:
+        self.store.delete_session(key)
+
+    def record_created(self, customer_id: str, system: str, identities: Sequence[str]) -> None:
+        new = []
+        for ident in identities:
+            kind, _, value = ident.partition(":")
+            try:
+                new.append(f"{kind}:{normalise(kind, value)}")
+            except BadIdentity:
+                log.warning("not recording %r for customer %s: not a valid identity", ident, customer_id)
+        cust = self.store.customer(customer_id)
+        if cust is None:
+            self.store.put_customer(customer_id, new, system)
+        else:
+            keys = list(dict.fromkeys([*cust.identities, *new]))
+            self.store.put_customer(customer_id, keys, cust.system, cust.group)
+        log.info("recorded %s for customer %s on %s", ", ".join(new) or "the customer", customer_id,
+                 cust.system if cust else system)
+
+
+def build_settings(cfg: Config) -> ProxySettings:
+    """``[api]`` (with the systems' ``api`` URLs as defaults) as api_proxy settings."""
+    api = cfg.api
+    default_source = api.source or cfg.systems.source.api
+    default_target = api.target or cfg.systems.target.api
+    vhosts: list[Vhost] = []
+    try:
+        for vh in api.vhosts:
+            patterns = vh.cpe_patterns or (api.cpe_patterns if vh.realm == "cpe" else [])
+            vhosts.append(make_vhost(vh.host, vh.realm, vh.source or default_source,
+                                     vh.target or default_target, vh.port, patterns, vh.realm_paths))
+        if not api.vhosts and default_source and default_target:
+            vhosts.append(make_vhost("*", "customer", default_source, default_target))
+        listen = [parse_hostport(entry, 443) for entry in api.listen]
+    except (SettingsError, CpeError, ValueError) as exc:
+        raise ConfigError(f"{cfg.path or 'dsbc.toml'}: api: {exc}") from None
+    return ProxySettings(
+        listen=listen, vhosts=vhosts, tls_cert=api.tls_cert, tls_key=api.tls_key, timeout=api.timeout,
+        connect_timeout=api.connect_timeout, body_timeout=api.body_timeout,
+        route_body_limit=api.route_body_limit, max_body_size=api.max_body_size,
+        max_header_size=api.max_header_size, session_ttl=api.session_ttl, pool_size=api.pool_size,
+        backend_verify=api.backend_verify, backend_ca=api.backend_ca,
+    )
+
+
+class ApiService:
+    """A running API dispatcher."""
+
+    def __init__(self, proxy: ApiProxy, router: StoreRouter) -> None:
+        self.proxy = proxy
+        self.router = router
+
+    @property
+    def metrics(self) -> dict[str, int]:
+        return self.proxy.metrics
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return list(self.proxy.addresses)
+
+    @property
+    def url(self) -> str:
+        """``http(s)://host:port`` of the first listener (tests and the demo)."""
+        host, port = self.proxy.addresses[0]
+        scheme = "https" if self.proxy.settings.tls_cert else "http"
+        return f"{scheme}://{host if ':' not in host else f'[{host}]'}:{port}"
+
+    async def stop(self) -> None:
+        await self.proxy.stop()
+
+    def status(self) -> dict[str, Any]:
+        out = self.proxy.status()
+        out["store_healthy"] = self.router.store.healthy
+        return out
+
+
+async def start_api(cfg: Config, store: LocationStore) -> ApiService:
+    """Start the API dispatcher of ``cfg.api`` on ``store``; ConfigError on bad settings,
+    OSError when a listen address cannot be bound."""
+    settings = build_settings(cfg)
+    router = StoreRouter(store, cfg.store.lock_hold)
+    proxy = ApiProxy(settings, router)
+    try:
+        await proxy.start()
+    except (OSError, ValueError):
+        await proxy.stop()
+        raise
+    return ApiService(proxy, router)
