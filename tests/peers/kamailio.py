@@ -190,7 +190,7 @@ class Kamailio:
             "-Y", self.rundir, "-P", self.rundir / "kamailio.pid",
             "-w", self.workdir, "-a", "no",
         ]  # fmt: skip
-        self.proc = PeerProcess(f"kamailio-{self.name}", argv, self.log_path)
+        self.proc = PeerProcess(f"kamailio-{self.name}", argv, self.log_path, guard=True)
         self.proc.start()
         self._wait_ready()
 

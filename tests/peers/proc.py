@@ -2,8 +2,10 @@
 
 Each program runs in its own session (process group): stop() signals the whole group, so
 Kamailio's forked workers and any helper children go too. On Linux a child started from the
-main thread also gets PR_SET_PDEATHSIG, so it dies with pytest even on SIGKILL; an atexit
-hook stops whatever is left on a normal interpreter exit.
+main thread also gets PR_SET_PDEATHSIG, so it dies with pytest even on SIGKILL. A program
+that forks workers (Kamailio) runs under a small guard (guard=True) that kills the whole
+group when pytest dies, since PDEATHSIG does not reach grandchildren. An atexit hook stops
+whatever is left on a normal interpreter exit.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -24,6 +27,33 @@ __all__ = ["PeerError", "PeerProcess", "tail"]
 
 _PR_SET_PDEATHSIG = 1
 _live: weakref.WeakSet[PeerProcess] = weakref.WeakSet()
+
+
+# The guard: the group's leader, parent of the real program. It ignores the signals stop()
+# sends to the group (the program gets them too) and exits with the program's status; when
+# pytest dies it gets SIGUSR2 (PDEATHSIG) and SIGKILLs the group.
+_GUARD = r"""
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGUSR2)
+if os.getppid() == 1:
+    sys.exit(70)
+child = os.fork()
+if child == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+signal.signal(signal.SIGUSR2, lambda *_: os.killpg(0, signal.SIGKILL))
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+    signal.signal(sig, lambda *_: None)
+while True:
+    try:
+        _, status = os.waitpid(child, 0)
+        break
+    except InterruptedError:
+        continue
+if os.WIFSIGNALED(status):
+    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+    os.kill(os.getpid(), os.WTERMSIG(status))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 class PeerError(RuntimeError):
@@ -58,6 +88,7 @@ class PeerProcess:
         env: Mapping[str, str] | None = None,
         pipes: bool = False,
         stdout_path: Path | None = None,
+        guard: bool = False,
     ) -> None:
         self.name = name
         self.argv = [str(a) for a in argv]
@@ -66,6 +97,7 @@ class PeerProcess:
         self.env = dict(env) if env is not None else None
         self.pipes = pipes  # stdin/stdout as pipes (a control channel); stderr to the log
         self.stdout_path = stdout_path  # stdout to its own file instead of the log
+        self.guard = guard and Path("/proc").is_dir()
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._out: IO[bytes] | None = None
@@ -89,8 +121,11 @@ class PeerProcess:
             # PDEATHSIG fires when the *thread* that forked exits, so only from main.
             kwargs["preexec_fn"] = _pdeathsig
         try:
+            argv = self.argv
+            if self.guard and main:
+                argv = [sys.executable, "-I", "-S", "-c", _GUARD, *argv]
             self.proc = subprocess.Popen(
-                self.argv,
+                argv,
                 cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.PIPE if self.pipes else subprocess.DEVNULL,
