@@ -41,7 +41,14 @@ from .migrate import (
     summary,
 )
 from .migrate import wait_registrations as wait_for_phones
-from .store import BadIdentity, LocationStore, StoreError, StoreUnavailable, open_store, parse_identity
+from .store import (
+    BadIdentity,
+    LocationStore,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+    parse_identity,
+)
 
 _PLUGINS = ["dsbc.runner:run_command", "dsbc.demo:demo_command", "dsbc.replay:replay_command"]
 
@@ -91,10 +98,18 @@ class DsbcGroup(click.Group):
             cmd = super().get_command(ctx, cmd_name)
         return cmd
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         try:
-            rv = super().main(args, prog_name or "dsbc", complete_var, standalone_mode=False, **extra)
+            rv = super().main(
+                args, prog_name or "dsbc", complete_var, standalone_mode=False, **extra
+            )
         except click.UsageError as exc:
             no_args = getattr(click.exceptions, "NoArgsIsHelpError", ())
             if no_args and isinstance(exc, no_args) and exc.ctx is not None:
@@ -132,12 +147,24 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 
 def config_options(f: F) -> F:
     """``-c/--config FILE`` and ``--store URL``, accepted before or after the command name."""
-    f = click.option("--store", "store", metavar="URL", expose_value=False, callback=_remember,
-                     help="Store URL (overrides store.url; enough without a config file "
-                          "for commands that only need the store).")(f)
-    f = click.option("-c", "--config", "config", metavar="FILE", expose_value=False,
-                     callback=_remember,
-                     help="Config file (default: $DSBC_CONFIG or ./dsbc.toml).")(f)
+    f = click.option(
+        "--store",
+        "store",
+        metavar="URL",
+        expose_value=False,
+        callback=_remember,
+        help="Store URL (overrides store.url; enough without a config file "
+        "for commands that only need the store).",
+    )(f)
+    f = click.option(
+        "-c",
+        "--config",
+        "config",
+        metavar="FILE",
+        expose_value=False,
+        callback=_remember,
+        help="Config file (default: $DSBC_CONFIG or ./dsbc.toml).",
+    )(f)
     return f
 
 
@@ -224,7 +251,9 @@ def where(identity: str) -> int:
         if policy == "reject":
             click.echo(f"{kind}:{value}: unknown: would be rejected (store.unknown)")
         else:
-            click.echo(f"{kind}:{value}: unknown: would go to {system_label(cfg, policy)} (store.unknown)")
+            click.echo(
+                f"{kind}:{value}: unknown: would go to {system_label(cfg, policy)} (store.unknown)"
+            )
         return 1
     click.echo(f"identity: {kind}:{value}")
     click.echo(f"customer: {c.customer_id}")
@@ -240,29 +269,75 @@ def where(identity: str) -> int:
 
 
 @main.command()
-@click.option("--customer", "customers", multiple=True, metavar="ID", help="A customer to move (repeatable).")
-@click.option("--batch", "batch_file", metavar="FILE", help="Customer ids, one per line, or CSV with customer_id.")
-@click.option("--to", "to", type=click.Choice(["target", "source"]), default="target", show_default=True)
+@click.option(
+    "--customer", "customers", multiple=True, metavar="ID", help="A customer to move (repeatable)."
+)
+@click.option(
+    "--batch",
+    "batch_file",
+    metavar="FILE",
+    help="Customer ids, one per line, or CSV with customer_id.",
+)
+@click.option(
+    "--to", "to", type=click.Choice(["target", "source"]), default="target", show_default=True
+)
 @click.option("--dry-run", is_flag=True, help="Check everything and report; change nothing.")
-@click.option("--prepare", is_flag=True, help="Only cap the phones' registration expiry (sip.migration_expires).")
-@click.option("--wait-registrations", is_flag=True, help="After the flip, wait until the phones registered on the new system.")
-@click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS",
-              help="For --wait-registrations (default: 2 x sip.migration_expires).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True, help="Customers per transaction.")
-@click.option("--lock-for", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
-              help="Lock the batch, wait this long (a data-copy window), then flip.")
-@click.option("--who", default=None, help="Name recorded in the audit log (default: your user name).")
+@click.option(
+    "--prepare",
+    is_flag=True,
+    help="Only cap the phones' registration expiry (sip.migration_expires).",
+)
+@click.option(
+    "--wait-registrations",
+    is_flag=True,
+    help="After the flip, wait until the phones registered on the new system.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="For --wait-registrations (default: 2 x sip.migration_expires).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Customers per transaction.",
+)
+@click.option(
+    "--lock-for",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    metavar="SECONDS",
+    help="Lock the batch, wait this long (a data-copy window), then flip.",
+)
+@click.option(
+    "--who", default=None, help="Name recorded in the audit log (default: your user name)."
+)
 @config_options
-def migrate(customers: tuple[str, ...], batch_file: str | None, to: str, dry_run: bool, prepare: bool,
-            wait_registrations: bool, timeout: float | None, batch_size: int, lock_for: float,
-            who: str | None) -> int:
+def migrate(
+    customers: tuple[str, ...],
+    batch_file: str | None,
+    to: str,
+    dry_run: bool,
+    prepare: bool,
+    wait_registrations: bool,
+    timeout: float | None,
+    batch_size: int,
+    lock_for: float,
+    who: str | None,
+) -> int:
     """Move customers atomically to the other system (exit 1 if some ids are unknown)."""
     if bool(customers) == bool(batch_file):
         raise click.UsageError("give --customer ID (one or more) or --batch FILE")
     if prepare and (wait_registrations or lock_for):
         raise click.UsageError("--prepare only caps the expiry: run the flip as a second command")
-    ids = (read_batch(batch_file) if batch_file
-           else list(dict.fromkeys(check_customer_id(c, "--customer") for c in customers)))
+    ids = (
+        read_batch(batch_file)
+        if batch_file
+        else list(dict.fromkeys(check_customer_id(c, "--customer") for c in customers))
+    )
     cfg = load_cli_config(store_only=not (prepare or wait_registrations))
     who = who or _default_who()
     with open_cli_store(cfg) as store:
@@ -271,8 +346,9 @@ def migrate(customers: tuple[str, ...], batch_file: str | None, to: str, dry_run
         expected = phones_by_account(store, ids)  # before the flip: who is registered now
         bar = _progress(len(ids), f"migrate to {to}")
         try:
-            result = move_batch(store, ids, to, who=who, batch_size=batch_size, lock_for=lock_for,
-                                progress=bar)
+            result = move_batch(
+                store, ids, to, who=who, batch_size=batch_size, lock_for=lock_for, progress=bar
+            )
         finally:
             bar.close()
         known = result.moved + result.already
@@ -289,27 +365,36 @@ def migrate(customers: tuple[str, ...], batch_file: str | None, to: str, dry_run
             finally:
                 bar.close()
             if on < want:
-                click.echo(f"timeout after {limit:g} s: {on}/{want} phones registered on {to}", err=True)
+                click.echo(
+                    f"timeout after {limit:g} s: {on}/{want} phones registered on {to}", err=True
+                )
                 return 1
             click.echo(f"all {want} phones registered on {to}")
     return 1 if result.unknown else 0
 
 
-def _check_or_prepare(cfg: Config, store: LocationStore, ids: list[str], to: str, who: str,
-                      prepare: bool) -> int:
+def _check_or_prepare(
+    cfg: Config, store: LocationStore, ids: list[str], to: str, who: str, prepare: bool
+) -> int:
     check = store.migrate(ids, to, who=who, dry_run=True)  # GroupSplitError: exit 2
     if prepare:
         expires = cfg.sip.migration_expires
         store.prepare(check.moved, expires)
         wait = longest_registration(store, check.moved)
-        click.echo(f"registration expiry capped at {expires} s for {len(check.moved)} customers "
-                   f"(already on {to} {len(check.already)}, unknown {len(check.unknown)})")
+        click.echo(
+            f"registration expiry capped at {expires} s for {len(check.moved)} customers "
+            f"(already on {to} {len(check.already)}, unknown {len(check.unknown)})"
+        )
         if wait > 0:
-            click.echo(f"wait {wait:.0f} s for their phones to re-register with the cap, then migrate: "
-                       f"phones will re-register within {expires} s of the flip")
+            click.echo(
+                f"wait {wait:.0f} s for their phones to re-register with the cap, then migrate: "
+                f"phones will re-register within {expires} s of the flip"
+            )
         else:
-            click.echo(f"no phone of the batch is registered now: phones will re-register within "
-                       f"{expires} s of the flip")
+            click.echo(
+                f"no phone of the batch is registered now: phones will re-register within "
+                f"{expires} s of the flip"
+            )
     else:
         click.echo(summary(check))
         if check.moved:
@@ -322,7 +407,9 @@ def _check_or_prepare(cfg: Config, store: LocationStore, ids: list[str], to: str
 
 @main.command()
 @click.argument("batch_id")
-@click.option("--who", default=None, help="Name recorded in the audit log (default: your user name).")
+@click.option(
+    "--who", default=None, help="Name recorded in the audit log (default: your user name)."
+)
 @config_options
 def rollback(batch_id: str, who: str | None) -> int:
     """Move the customers of a batch back to where they came from (a new batch)."""
@@ -349,22 +436,36 @@ def collect_status(cfg: Config) -> dict[str, Any]:
     (GET /v1/status of the local control API); the ``store`` part always works alone."""
     out: dict[str, Any] = {"node": {}, "store": {"url": cfg.store.url}}
     base = _control_url(cfg)
-    req = urllib.request.Request(f"{base}/v1/status",
-                                 headers={"Authorization": f"Bearer {cfg.control.token}"})
+    req = urllib.request.Request(
+        f"{base}/v1/status", headers={"Authorization": f"Bearer {cfg.control.token}"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=2.0) as resp:
-            out["node"] = {"reachable": True, "url": base, "status": json.loads(resp.read() or b"{}")}
+            out["node"] = {
+                "reachable": True,
+                "url": base,
+                "status": json.loads(resp.read() or b"{}"),
+            }
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        out["node"] = {"reachable": False, "url": base,
-                       "error": f"no running node reachable at {base} ({reason})"}
+        out["node"] = {
+            "reachable": False,
+            "url": base,
+            "error": f"no running node reachable at {base} ({reason})",
+        }
     try:
         with open_cli_store(cfg) as store:
             out["store"]["counts"] = store.counts()
             out["store"]["batches"] = [
-                {"batch_id": b.batch_id, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.ts)),
-                 "who": b.who, "from": b.from_system, "to": b.to_system, "customers": b.customers,
-                 "note": b.note}
+                {
+                    "batch_id": b.batch_id,
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.ts)),
+                    "who": b.who,
+                    "from": b.from_system,
+                    "to": b.to_system,
+                    "customers": b.customers,
+                    "note": b.note,
+                }
                 for b in store.batches(10)
             ]
     except StoreError as exc:
@@ -377,7 +478,9 @@ def _print_status(cfg: Config, st: dict[str, Any]) -> None:
     if node.get("reachable"):
         click.echo(f"node {node['url']}:")
         for key, value in node["status"].items():
-            click.echo(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+            click.echo(
+                f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}"
+            )
     else:
         click.echo(node.get("error", "no running node"))
     store = st["store"]
@@ -387,16 +490,22 @@ def _print_status(cfg: Config, st: dict[str, Any]) -> None:
         return
     c = store["counts"]
     for system in ("source", "target"):
-        click.echo(f"  {system_label(cfg, system)}: {c[f'customers.{system}.active']} active, "
-                   f"{c[f'customers.{system}.locked']} locked")
-    click.echo(f"  customers {c['customers']}, identities {c['identities']}, groups {c['groups']}, "
-               f"prepared {c['prepared']}, registrations {c['registrations']}, sessions {c['sessions']}")
+        click.echo(
+            f"  {system_label(cfg, system)}: {c[f'customers.{system}.active']} active, "
+            f"{c[f'customers.{system}.locked']} locked"
+        )
+    click.echo(
+        f"  customers {c['customers']}, identities {c['identities']}, groups {c['groups']}, "
+        f"prepared {c['prepared']}, registrations {c['registrations']}, sessions {c['sessions']}"
+    )
     if store["batches"]:
         click.echo("recent batches:")
         for b in store["batches"]:
             note = f" ({b['note']})" if b["note"] else ""
-            click.echo(f"  {b['batch_id']}  {b['time']}  {b['who']}  {b['from']} -> {b['to']}  "
-                       f"{b['customers']} customers{note}")
+            click.echo(
+                f"  {b['batch_id']}  {b['time']}  {b['who']}  {b['from']} -> {b['to']}  "
+                f"{b['customers']} customers{note}"
+            )
 
 
 @main.command()

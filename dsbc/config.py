@@ -438,7 +438,9 @@ def _reason(reason: str, parts: list[str | int]) -> str:
     m = re.match(r"Invalid enum value (.*)$", reason)
     if m:
         choices = _choices(parts)
-        return f"{m.group(1)} is not one of {', '.join(choices)}" if choices else f"invalid value {m.group(1)}"
+        if choices:
+            return f"{m.group(1)} is not one of {', '.join(choices)}"
+        return f"invalid value {m.group(1)}"
     return reason
 
 
@@ -470,7 +472,7 @@ def parse_config(text: str, name: str = "dsbc.toml") -> Config:
         msg = str(exc)
         reason, _, where = msg.partition(" - at `")
         where = where.rstrip("`")
-        parts = _split_path(where[1:] if where.startswith("$") else where)
+        parts = _split_path(where.removeprefix("$"))
         m = re.search(r"unknown field `([^`]+)`", reason)
         if m:
             parts = parts + [m.group(1)]

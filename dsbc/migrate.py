@@ -57,7 +57,7 @@ def read_text(path: str) -> str:
 
 
 def file_format(path: str, text: str) -> str:
-    """"csv", "jsonl" or "json" (an array): by extension, else by the first character."""
+    """ "csv", "jsonl" or "json" (an array): by extension, else by the first character."""
     suffix = Path(path).suffix.lower()
     first = text.lstrip()[:1]
     if suffix == ".csv":
@@ -75,21 +75,30 @@ def _csv_rows(name: str, text: str) -> Iterator[tuple[int, dict[str, object]]]:
     try:
         for fields in reader:
             line = reader.line_num
-            if not fields or not any(f.strip() for f in fields) or fields[0].lstrip().startswith("#"):
+            if (
+                not fields
+                or not any(f.strip() for f in fields)
+                or fields[0].lstrip().startswith("#")
+            ):
                 continue
             if header is None:
                 header = [ALIASES.get(h.strip().lower(), h.strip().lower()) for h in fields]
                 for h in header:
                     if h not in COLUMNS:
-                        raise InputError(f"{name}:{line}: unknown column {h!r} "
-                                         f"(expected {', '.join(COLUMNS)})")
+                        raise InputError(
+                            f"{name}:{line}: unknown column {h!r} (expected {', '.join(COLUMNS)})"
+                        )
                 for need in ("customer_id", "identities"):
                     if need not in header:
-                        raise InputError(f"{name}:{line}: the header has no {need!r} column "
-                                         f"(expected {', '.join(COLUMNS)})")
+                        raise InputError(
+                            f"{name}:{line}: the header has no {need!r} column "
+                            f"(expected {', '.join(COLUMNS)})"
+                        )
                 continue
             if len(fields) != len(header):
-                raise InputError(f"{name}:{line}: {len(fields)} fields, the header has {len(header)}")
+                raise InputError(
+                    f"{name}:{line}: {len(fields)} fields, the header has {len(header)}"
+                )
             yield line, {h: f.strip() for h, f in zip(header, fields)}
     except csv.Error as exc:
         raise InputError(f"{name}:{reader.line_num}: {exc}") from None
@@ -132,7 +141,7 @@ def _json_array_rows(name: str, text: str) -> Iterator[tuple[int, object]]:
 
 
 def read_customers(path: str) -> list[CustomerRow]:
-    """Every row of an import file, validated; the first bad one raises InputError naming its line."""
+    """Every row of an import file, validated; the first bad row raises InputError (file:line)."""
     text = read_text(path)
     fmt = file_format(path, text)
     items = {"csv": _csv_rows, "jsonl": _jsonl_rows, "json": _json_array_rows}[fmt](path, text)
@@ -147,14 +156,17 @@ def read_customers(path: str) -> list[CustomerRow]:
         except BadRow as exc:
             raise InputError(f"{path}:{line}: {exc}") from None
         if row.customer_id in line_of:
-            raise InputError(f"{path}:{line}: customer {row.customer_id} is already on line "
-                             f"{line_of[row.customer_id]}")
+            raise InputError(
+                f"{path}:{line}: customer {row.customer_id} is already on line "
+                f"{line_of[row.customer_id]}"
+            )
         line_of[row.customer_id] = line
         for key in row.identities:
             other = owner.setdefault(key, (row.customer_id, line))
             if other[0] != row.customer_id:
-                raise InputError(f"{path}:{line}: {key} already belongs to customer {other[0]} "
-                                 f"(line {other[1]})")
+                raise InputError(
+                    f"{path}:{line}: {key} already belongs to customer {other[0]} (line {other[1]})"
+                )
         rows.append(row)
     return rows
 
@@ -178,12 +190,18 @@ def read_batch(path: str) -> list[str]:
     ids: dict[str, None] = {}
     if "," in first or header == ["customer_id"]:
         if "customer_id" not in header:
-            raise InputError(f"{path}:{lines.index(first) + 1}: a CSV batch file needs a customer_id column")
+            raise InputError(
+                f"{path}:{lines.index(first) + 1}: a CSV batch file needs a customer_id column"
+            )
         col = header.index("customer_id")
         reader = csv.reader(io.StringIO(text))
         seen_header = False
         for fields in reader:
-            if not fields or not any(f.strip() for f in fields) or fields[0].lstrip().startswith("#"):
+            if (
+                not fields
+                or not any(f.strip() for f in fields)
+                or fields[0].lstrip().startswith("#")
+            ):
                 continue
             if not seen_header:
                 seen_header = True
@@ -207,8 +225,16 @@ def read_batch(path: str) -> list[str]:
 class Progress:
     """``label [#########...........] 1500/3000`` redrawn in place; silent unless enabled."""
 
-    def __init__(self, total: int, label: str, stream: TextIO, enabled: bool, width: int = 30) -> None:
-        self.total, self.label, self.stream, self.enabled, self.width = total, label, stream, enabled, width
+    def __init__(
+        self, total: int, label: str, stream: TextIO, enabled: bool, width: int = 30
+    ) -> None:
+        self.total, self.label, self.stream, self.enabled, self.width = (
+            total,
+            label,
+            stream,
+            enabled,
+            width,
+        )
         self.done = 0
         self._shown = False
 
@@ -217,7 +243,9 @@ class Progress:
         if not self.enabled:
             return
         filled = self.width * done // self.total if self.total else self.width
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total}")
+        self.stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total}"
+        )
         self.stream.flush()
         self._shown = True
 
@@ -365,10 +393,11 @@ def longest_registration(store: LocationStore, ids: list[str], now: float | None
 
 
 def summary(result: MigrationResult, phones: tuple[int, int] | None = None) -> str:
-    """``moved 480, already on target 20, unknown 0; batch b-...; registered on target: 312/480 phones``"""
+    """``moved 480, already on target 20, unknown 0; batch b-...; registered on target: 312/480
+    phones`` (``would move ...`` for a dry run)."""
     verb = "would move" if result.dry_run else "moved"
-    parts = [f"{verb} {len(result.moved)}, already on {result.to} {len(result.already)}, "
-             f"unknown {len(result.unknown)}"]
+    counts = f"already on {result.to} {len(result.already)}, unknown {len(result.unknown)}"
+    parts = [f"{verb} {len(result.moved)}, {counts}"]
     if result.batch_id and not result.dry_run:
         parts.append(f"batch {result.batch_id}")
     if phones is not None:

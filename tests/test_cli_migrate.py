@@ -206,7 +206,7 @@ def test_lock_for_holds_the_batch_locked_then_flips(home: Path) -> None:
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 0, err

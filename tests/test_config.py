@@ -90,8 +90,8 @@ def replace(old: str, new: str) -> str:
         (replace('unknown = "source"', 'unknown = "sideways"'),
          "dsbc.toml:4: store.unknown: 'sideways' is not one of source, target, reject"),
         (replace('url = "sqlite:///var/lib/dsbc/location.db"', 'url = "mysql://db/x"'),
-         "dsbc.toml:3: store.url: unsupported store url 'mysql://db/x' (sqlite:///path, "
-         "redis://host:port/db or redis+sentinel://host:port/service)"),
+         ("dsbc.toml:3: store.url: unsupported store url 'mysql://db/x' (sqlite:///path, "
+          "redis://host:port/db or redis+sentinel://host:port/service)")),
         (replace("workers = 2", "workers = 0"), "dsbc.toml:24: sip.workers: must be between 1 and 256"),
         (replace("workers = 2", 'workers = "two"'), "dsbc.toml:24: sip.workers: expected an integer, got a string"),
         (replace('"198.51.100.7"', '"not-an-ip"'),
@@ -101,8 +101,8 @@ def replace(old: str, new: str) -> str:
         (replace('"udp:10.0.1.11:5060"', '"udp:10.0.1.11:99999"'),
          "dsbc.toml:15: systems.target.sip: bad port in '10.0.1.11:99999'"),
         (replace('realm = "customer"', 'realm = "nobody"'),
-         "dsbc.toml:36: api.vhosts[1].realm: unknown realm 'nobody' (one of account, admin, cc_staff, cpe, "
-         "customer, distributor, porting, representative, reseller, vendor)"),
+         ("dsbc.toml:36: api.vhosts[1].realm: unknown realm 'nobody' (one of account, admin, cc_staff, cpe, "
+          "customer, distributor, porting, representative, reseller, vendor)")),
         (replace('host = "admin.example.com"\n', ""),
          "dsbc.toml:30: api.vhosts[0]: missing required key 'host'"),
         (replace('address = "10.1.0.0/16"', 'address = "10.1.0.0/99"'),

@@ -185,10 +185,10 @@ def test_change_visible_within_one_second_while_polling(store: SqliteStore, tmp_
 
 
 def test_pruned_change_log_forces_a_full_reload(store: SqliteStore, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import dsbc.store.sqlite as mod
+    import dsbc.store.sqlite_schema as schema
 
     store.put_customer("1", ["account:a"])
-    monkeypatch.setattr(mod, "KEEP_CHANGES", 2)
+    monkeypatch.setattr(schema, "KEEP_CHANGES", 2)
     writer = open_store(url(tmp_path), load=False)
     for i in range(10):
         writer.put_customer(str(100 + i), [f"account:x{i}"])

@@ -31,11 +31,32 @@ from .base import (
 from .memory import UNKNOWN_POLICIES, BadRow, MemoryIndex, clean_row, new_batch_id, normalise_keys
 
 __all__ = [
-    "KINDS", "SYSTEMS", "UNKNOWN_POLICIES", "ApiSession", "AuditEntry", "BadIdentity", "BadRow",
-    "BatchSummary", "Customer", "CustomerRow", "Decision", "GroupSplitError", "Location",
-    "LocationStore", "MemoryIndex", "MigrationResult", "Registration", "StoreError",
-    "StoreUnavailable", "clean_row", "identity_key", "new_batch_id", "normalise",
-    "normalise_keys", "open_store", "parse_identity",
+    "KINDS",
+    "SYSTEMS",
+    "UNKNOWN_POLICIES",
+    "ApiSession",
+    "AuditEntry",
+    "BadIdentity",
+    "BadRow",
+    "BatchSummary",
+    "Customer",
+    "CustomerRow",
+    "Decision",
+    "GroupSplitError",
+    "Location",
+    "LocationStore",
+    "MemoryIndex",
+    "MigrationResult",
+    "Registration",
+    "StoreError",
+    "StoreUnavailable",
+    "clean_row",
+    "identity_key",
+    "new_batch_id",
+    "normalise",
+    "normalise_keys",
+    "open_store",
+    "parse_identity",
 ]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import re
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Literal, Self
 
 import msgspec
 
@@ -337,7 +337,7 @@ class LocationStore(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional
         pass
 
-    def __enter__(self) -> LocationStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,4 +1,5 @@
-"""The in-memory location index that every store kind (SQLite, Redis) keeps in front of its backing store.
+"""The in-memory location index that every store kind (SQLite, Redis) keeps in front of its
+backing store.
 
 Hot path: ``lookup(kind, value)`` is one string build and one dict probe, and returns a
 `Location` that already exists (one per customer, shared by all its identities), so a
@@ -70,8 +71,10 @@ def clean_row(row: dict[str, object]) -> CustomerRow:
     """Validate one customer row (customer_id, identities, system?, group?); BadRow if unusable."""
     unknown = set(row) - {"customer_id", "identities", "system", "group"}
     if unknown:
-        raise BadRow(f"unknown field(s) {', '.join(sorted(unknown))} "
-                     "(expected customer_id, identities, system, group)")
+        raise BadRow(
+            f"unknown field(s) {', '.join(sorted(unknown))} "
+            "(expected customer_id, identities, system, group)"
+        )
     cid = row.get("customer_id")
     if isinstance(cid, int) and not isinstance(cid, bool):
         cid = str(cid)
@@ -79,7 +82,9 @@ def clean_row(row: dict[str, object]) -> CustomerRow:
         raise BadRow(f"customer_id: {cid!r} is not a customer id")
     cid = cid.strip()
     if any(ch.isspace() for ch in cid) or len(cid) > 128:
-        raise BadRow(f"customer_id: {cid!r} is not a customer id (no spaces, at most 128 characters)")
+        raise BadRow(
+            f"customer_id: {cid!r} is not a customer id (no spaces, at most 128 characters)"
+        )
     ids = row.get("identities", ())
     if ids is None:
         ids = ()
@@ -209,8 +214,15 @@ class MemoryIndex:
             cid, system, state, group, batch_id, cap, _ = head
             system, state = canon(system), canon(state)
             t = tuple(keys)
-            custs[cid] = Customer(cid, system, state, shared.setdefault(group, group),
-                                  shared.setdefault(batch_id, batch_id), cap or 0, t)
+            custs[cid] = Customer(
+                cid,
+                system,
+                state,
+                shared.setdefault(group, group),
+                shared.setdefault(batch_id, batch_id),
+                cap or 0,
+                t,
+            )
             loc = Location(cid, system, state)
             for key in t:
                 by_key[key] = loc
