@@ -81,6 +81,29 @@ def test_two_kamailio_side_by_side(kamailio_factory: Factory) -> None:
 
 
 @needs_kamailio
+@needs_pjsua2
+def test_call_between_systems_through_outbound(
+    kamailio_factory: Factory, phone_factory: Factory
+) -> None:
+    """A user that is not on `source` is handed to its outbound peer (here: `target`)."""
+    target = kamailio_factory("target", listen_ip="127.0.0.5")
+    source = kamailio_factory("source", outbound=target.addr)
+    alice = phone_factory("1001", *source.addr)
+    bob = phone_factory("2002", *target.addr, bind_ip="127.0.0.3")
+    assert alice.register() == 200 and bob.register() == 200
+    assert source.registered("2002") == [] and target.registered("1001") == []
+
+    call = alice.call("2002", timeout=5)
+    incoming = bob.wait_incoming_call(timeout=5)
+    assert bob.received_invite(incoming).all("X-System") == ["source", "target"]
+    assert alice.hangup(call) == 200
+    bob.wait_call_state(incoming, "DISCONNECTED", timeout=5)
+    with pytest.raises(CallFailed) as failed:  # unknown on both: target answers 404
+        alice.call("3003", timeout=5)
+    assert failed.value.status == 404
+
+
+@needs_kamailio
 def test_kamailio_stop_leaves_no_process(tmp_workdir: Path) -> None:
     k = Kamailio("lonely", workdir=tmp_workdir / "k").start()
     assert k.proc is not None

@@ -65,7 +65,16 @@ def _trusted_condition(peers: Iterable[str]) -> str:
 
 
 class Kamailio:
-    """One Kamailio process listening on listen_ip:port (UDP, and TCP unless tcp=False)."""
+    """One Kamailio process listening on listen_ip:port (UDP, and TCP unless tcp=False).
+
+    name: the system's name, sent in "X-System: <name>" on everything it relays or
+    answers. port: None picks a free one (the same for UDP and TCP). dids: {did: account}
+    for calls to numbers ("+" ignored). extra_trusted: "IP" or "IP:PORT" of peers that do
+    their own NAT handling (dsbc): no received/alias fix-ups for what comes from them.
+    outbound: (IP, PORT) or "sip:IP:PORT;transport=tcp" where requests for users that are
+    neither registered nor DIDs go (dsbc, a carrier) instead of a 404.
+    workdir: config and kamailio.log (a temporary directory, removed at stop, if None).
+    """
 
     def __init__(
         self,
@@ -76,6 +85,7 @@ class Kamailio:
         tcp: bool = True,
         dids: Mapping[str, str] | None = None,
         extra_trusted: Iterable[str] = (),
+        outbound: tuple[str, int] | str | None = None,
         workdir: Path | None = None,
         debug: int = 2,
         shm_mb: int = 32,
@@ -93,6 +103,7 @@ class Kamailio:
         self.tcp = tcp
         self.dids = {k.lstrip("+"): v for k, v in (dids or {}).items()}
         self.extra_trusted = list(extra_trusted)
+        self.outbound = outbound
         self.debug = debug
         self.shm_mb = shm_mb
         self.pkg_mb = pkg_mb
@@ -148,6 +159,7 @@ class Kamailio:
             "TCP_DISABLE": "" if self.tcp else "disable_tcp=yes",
             "DIDS": dids or "\treturn;",
             "TRUSTED": _trusted_condition(self.extra_trusted),
+            "OUTBOUND": self._outbound_route(),
         }
         text = TEMPLATE.read_text()
         for key, value in subst.items():
@@ -156,6 +168,17 @@ class Kamailio:
         if leftover:
             raise KamailioError(f"template placeholder {leftover.group()} not filled")
         return text
+
+    def _outbound_route(self) -> str:
+        if self.outbound is None:
+            return "\treturn;"
+        if isinstance(self.outbound, str):
+            uri = self.outbound if self.outbound.startswith("sip:") else f"sip:{self.outbound}"
+        else:
+            uri = f"sip:{self.outbound[0]}:{int(self.outbound[1])}"
+        if not re.fullmatch(r"sip:[0-9.]+:\d+(;transport=(udp|tcp))?", uri):
+            raise ValueError(f"outbound must be IP:PORT or sip:IP:PORT[;transport=..], not {uri}")
+        return f'\txlog("L_NOTICE", "DSBC-OUTBOUND $rU -> {uri}\\n");\n\t$du = "{uri}";\n\troute(RELAY);'
 
     @property
     def rpc_socket(self) -> Path:
@@ -268,7 +291,7 @@ class Kamailio:
         try:
             result = self.rpc("ul.lookup", "location", user)
         except KamailioError as exc:
-            if "not found" in str(exc).lower():
+            if "not found" in str(exc).lower() or "no contacts" in str(exc).lower():
                 return []
             raise
         contacts = (result or {}).get("Contacts") or []
@@ -276,11 +299,7 @@ class Kamailio:
 
     def registered(self, user: str) -> list[str]:
         """Contact URIs currently registered for `user` (unexpired)."""
-        return [
-            str(c["Address"])
-            for c in self.registrations(user)
-            if int(c.get("Expires", 1) or 0) != -1  # -1: expired, not yet purged
-        ]
+        return [str(c["Address"]) for c in self.registrations(user) if _unexpired(c)]
 
     def wait_registered(self, user: str, count: int = 1, timeout: float = 5.0) -> list[str]:
         """Wait until at least `count` contacts are registered for `user` (0: none)."""
@@ -339,6 +358,12 @@ class Kamailio:
 
     def __repr__(self) -> str:
         return f"Kamailio({self.name!r}, {self.ip}:{self.port}, tcp={self.tcp})"
+
+
+def _unexpired(contact: dict[str, Any]) -> bool:
+    # "Expires" is the seconds left, "permanent", or "expired" until the timer purges it.
+    expires = contact.get("Expires")
+    return expires != "expired" and not (isinstance(expires, int) and expires < 0)
 
 
 def _token(value: str, what: str) -> str:
