@@ -161,6 +161,12 @@ def test_phone_to_phone_call_reinvite_and_bye(
     assert bob.wait_call_state(incoming, "DISCONNECTED", timeout=5) == "DISCONNECTED"
     assert [m.method for m in bob.received_messages(incoming) if m.is_request][-1] == "BYE"
 
+    call = alice.call("1002", timeout=5)  # now the callee hangs up
+    incoming = bob.wait_incoming_call(timeout=5)
+    bob.wait_call_state(incoming, "CONFIRMED", timeout=5)
+    assert bob.hangup(incoming) == 200
+    alice.wait_call_state(call, "DISCONNECTED", timeout=5)
+
     with pytest.raises(CallFailed) as failed:
         alice.call("9999", timeout=5)
     assert failed.value.status == 404
