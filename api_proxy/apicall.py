@@ -104,14 +104,19 @@ def _decode_text(body: bytes, what: str) -> str:
         raise BadRequest(f"{what} is not UTF-8") from None
 
 
-def multipart_fields(body: bytes, boundary: str, wanted: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+def multipart_fields(body: bytes, boundary: str, wanted: tuple[str, ...],
+                     complete: bool = True) -> dict[str, tuple[int, int]]:
     """Spans of the wanted fields' values among the complete parts of a multipart body.
 
     Only parts wholly inside ``body`` are returned, so a body prefix (a large upload
-    whose first bytes were buffered) works: the small fields come first in practice."""
+    whose first bytes were buffered, ``complete=False``) works: the small fields come
+    first in practice.  A complete body must be well framed (first and closing
+    delimiters)."""
     if not boundary or len(boundary) > 200:
         raise BadRequest("multipart body without a usable boundary")
     delim = b"--" + boundary.encode("latin-1", "replace")
+    if complete and (not body.lstrip(b"\r\n").startswith(delim) or delim + b"--" not in body):
+        raise BadRequest("the multipart body is not well framed")
     spans: dict[str, tuple[int, int]] = {}
     pos = body.find(delim)
     while pos >= 0 and len(spans) < len(wanted):
@@ -138,6 +143,7 @@ def parse_call(
     headers: Mapping[str, str],
     body: bytes | None,
     query: str = "",
+    complete: bool = True,
 ) -> ApiCall:
     """Read ``auth_info``, ``params`` and a bearer token from an API request."""
     call = ApiCall(service=service, method=method)
@@ -160,7 +166,7 @@ def parse_call(
             call.json_strings = isinstance(raw_auth, str) or isinstance(raw_params, str)
         elif mtype == "multipart/form-data":
             call.fmt = BodyFormat.MULTIPART
-            call.spans = multipart_fields(body, ctparams.get("boundary", ""), ("auth_info", "params"))
+            call.spans = multipart_fields(body, ctparams.get("boundary", ""), ("auth_info", "params"), complete)
             if "auth_info" in call.spans:
                 a, b = call.spans["auth_info"]
                 raw_auth = body[a:b]

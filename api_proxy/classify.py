@@ -214,8 +214,12 @@ def classify(
     *,
     cpe_patterns: tuple[re.Pattern[str], ...] = (),
     remote_cookie: str = REMOTE_COOKIE,
+    complete: bool = True,
 ) -> Classified:
-    """Classify one request (see the module docstring).  Raises BadRequest only."""
+    """Classify one request (see the module docstring).  Raises BadRequest only.
+
+    ``body`` is what the server read; ``complete`` False when it is only a prefix of a
+    larger body (a multipart upload)."""
     if realm not in REALMS:
         raise BadRequest(f"unknown realm {realm!r}")
     if not target.startswith("/"):
@@ -255,7 +259,7 @@ def classify(
         return out
 
     service, api_method = sm
-    call = parse_call(service, api_method, headers, body, query)
+    call = parse_call(service, api_method, headers, body, query, complete)
     out.call = call
     out.creds = creds = _credentials(call, cookies)
     params = call.params

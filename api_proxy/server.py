@@ -99,8 +99,11 @@ class ApiProxy(Flows):
         for b in self.backends.values():
             b.open()
         size = self.settings.max_header_size
+        # lingering: after a fault on an unread body, read (and drop) the rest for a
+        # moment so the client sees the answer rather than a reset, then close
         server = _Server(self.handle, max_line_size=size, max_field_size=size, max_headers=128,
-                         access_log=None, keepalive_timeout=75.0)
+                         access_log=None, keepalive_timeout=75.0,
+                         lingering_time=min(1.0, self.settings.body_timeout))
         server.proxy = self
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
@@ -180,7 +183,8 @@ class ApiProxy(Flows):
                     f"an API request body over {self.settings.route_body_limit} bytes must be multipart")
         c = classify(realm, request.method, target, request.headers,
                      prefix,
-                     cpe_patterns=self.table.patterns(vhost), remote_cookie=self.settings.remote_cookie)
+                     cpe_patterns=self.table.patterns(vhost), remote_cookie=self.settings.remote_cookie,
+                     complete=complete)
         ctx = Ctx(request, vhost, realm, c, prefix, complete)
         return await self.dispatch(ctx)
 

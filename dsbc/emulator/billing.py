@@ -28,13 +28,14 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from dsbc.emulator import billing_web
 from dsbc.emulator.billing_data import ApiFault, BillingData, Session, auth_failed, window
 
 log = logging.getLogger("dsbc.emulator.billing")
 
-SYSTEM_HEADER = "X-Billing-System"
+SYSTEM_HEADER = billing_web.SYSTEM_HEADER
 Handler = Callable[["BillingEmulator", Session | None, dict[str, Any]], dict[str, Any]]
 
 
@@ -75,7 +76,10 @@ async def read_call(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
                 raise ApiFault("Client.Request.bad_json", "the body is not a JSON object")
             raw_auth, raw_params = doc.get("auth_info", raw_auth), doc.get("params", raw_params)
         else:
-            form = await request.post()
+            try:
+                form = await request.post()
+            except (ValueError, HttpProcessingError):
+                raise ApiFault("Client.Request.bad_body", "the form body cannot be read") from None
             raw_auth = form.get("auth_info", raw_auth)
             raw_params = form.get("params", raw_params)
             if raw_auth is not None and not isinstance(raw_auth, str):
@@ -253,8 +257,7 @@ class BillingEmulator:
 
     async def handle_api(self, request: web.Request) -> web.StreamResponse:
         name = f"{request.match_info['service']}/{request.match_info['method']}"
-        entry: dict[str, Any] = {"path": request.path, "method": name, "user": "", "remote": request.remote,
-                                 "xff": request.headers.get("X-Forwarded-For", "")}
+        entry = billing_web.log_entry(request, name)
         self.log.append(entry)
         try:
             auth, params = await read_call(request)

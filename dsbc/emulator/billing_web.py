@@ -31,9 +31,20 @@ if TYPE_CHECKING:
     from dsbc.emulator.billing import BillingEmulator
 
 COOKIE = "sc_session"
+SYSTEM_HEADER = "X-Billing-System"
 _MAC = re.compile(r"(?i)(?<![0-9a-f])([0-9a-f]{2}(?:[:\-]?[0-9a-f]{2}){5})(?![0-9a-f])")
 _SERIAL = re.compile(rb"<(?:\w+:)?SerialNumber>([^<]{1,64})<")
 CHUNK = 64 * 1024
+
+
+def log_entry(request: web.Request, what: str, user: str = "") -> dict[str, Any]:
+    """What a test may want to know of a request: who sent it, through what."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return {"path": request.path, "method": what, "user": user, "remote": request.remote,
+            "peer": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+            "xff": request.headers.get("X-Forwarded-For", ""),
+            "proto": request.headers.get("X-Forwarded-Proto", ""),
+            "host": request.headers.get("X-Forwarded-Host", "")}
 
 
 def _page(emu: BillingEmulator, title: str, body: str, status: int = 200) -> web.Response:
@@ -69,8 +80,7 @@ class Web:
             return None
 
     def _logged(self, request: web.Request, what: str, user: str = "") -> None:
-        self.emu.log.append({"path": request.path, "method": what, "user": user, "remote": request.remote,
-                             "xff": request.headers.get("X-Forwarded-For", "")})
+        self.emu.log.append(log_entry(request, what, user))
 
     async def index(self, request: web.Request) -> web.StreamResponse:
         self._logged(request, "web:index")
@@ -129,7 +139,7 @@ class Web:
         if size <= 0:
             body = head + b"1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
             return web.Response(body=body, content_type="application/pdf")
-        resp = web.StreamResponse(headers={"Content-Type": "application/pdf"})
+        resp = web.StreamResponse(headers={"Content-Type": "application/pdf", SYSTEM_HEADER: self.emu.name})
         resp.content_length = size
         await resp.prepare(request)
         block = (head + b"0" * CHUNK)[:CHUNK]
@@ -186,9 +196,12 @@ class Web:
     async def echo(self, request: web.Request) -> web.StreamResponse:
         digest = hashlib.sha256()
         size = 0
-        async for chunk in request.content.iter_chunked(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
+        try:
+            async for chunk in request.content.iter_chunked(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        except ConnectionResetError:  # the sender gave up: nothing to answer
+            return web.Response(status=400)
         self._logged(request, "test:echo", str(size))
         return web.json_response({"size": size, "sha256": digest.hexdigest(), "system": self.emu.name,
                                   "chunked": request.headers.get("Transfer-Encoding", "")})
@@ -196,7 +209,7 @@ class Web:
     async def drop(self, request: web.Request) -> web.StreamResponse:
         after = int(request.query.get("after", "1000"))
         self._logged(request, "test:drop", str(after))
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", SYSTEM_HEADER: self.emu.name})
         resp.content_length = after * 10
         await resp.prepare(request)
         await resp.write(b"x" * after)
