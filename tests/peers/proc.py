@@ -50,8 +50,10 @@ while True:
     except InterruptedError:
         continue
 if os.WIFSIGNALED(status):
-    signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
-    os.kill(os.getpid(), os.WTERMSIG(status))
+    sig = os.WTERMSIG(status)
+    if sig not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -178,10 +180,7 @@ class PeerProcess:
             return None
         if self.proc.poll() is None:
             self.send_signal(sig)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
+            self.wait(grace)
         # The leader may be gone while forked workers linger: sweep the group anyway.
         self.send_signal(signal.SIGKILL)
         try:
@@ -205,11 +204,7 @@ class PeerProcess:
     def _reap_group(self, timeout: float) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.proc.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                return
+        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -223,6 +218,27 @@ class PeerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Does any process of the group still run? Zombies do not count: when the leader is
+    killed first its workers are re-parented, and a container's init may never reap them."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces, split after ")".
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 @atexit.register
