@@ -187,8 +187,10 @@ def load_cli_config(store_only: bool = False) -> Config:
     return cfg
 
 
-def open_cli_store(cfg: Config, load: bool = False) -> LocationStore:
-    return open_store(cfg.store.url, cfg.store.unknown, load=load)
+def open_cli_store(cfg: Config, create: bool = False) -> LocationStore:
+    """The store without its in-memory index (one-shot commands read SQLite directly);
+    only `dsbc import` creates a store that does not exist yet."""
+    return open_store(cfg.store.url, cfg.store.unknown, load=False, create=create)
 
 
 def system_label(cfg: Config, system: str) -> str:
@@ -228,7 +230,7 @@ def import_command(file: str) -> None:
     cfg = load_cli_config(store_only=True)
     rows = read_customers(file)
     bar = _progress(len(rows), "import")
-    with open_cli_store(cfg) as store:
+    with open_cli_store(cfg, create=True) as store:
         try:
             n = store.import_rows(rows, bar)
         finally:

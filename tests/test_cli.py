@@ -179,6 +179,17 @@ def test_bad_store_url(home: Path) -> None:
     assert "does not exist" in one_line_error(r)
 
 
+def test_only_import_creates_a_store(home: Path) -> None:
+    msg = f"no store at {home}/loc.db (dsbc import creates it)"
+    assert one_line_error(dsbc("where", "account:a")) == msg
+    assert one_line_error(dsbc("migrate", "--customer", "1")) == msg
+    assert one_line_error(dsbc("rollback", "b-x")) == msg
+    r = dsbc("status")
+    assert r.exit_code == 1 and f"  error: {msg}" in r.stdout.splitlines()
+    assert not (home / "loc.db").exists()
+    assert dsbc("import", "customers.csv").exit_code == 0
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["frob"], "dsbc: No such command 'frob'. (see dsbc --help)"),
     (["migrate", "--bogus"], "dsbc migrate: No such option '--bogus'. (see dsbc migrate --help)"),

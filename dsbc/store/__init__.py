@@ -60,18 +60,21 @@ __all__ = [
 ]
 
 
-def open_store(url: str, unknown: str = "source", *, load: bool = True) -> LocationStore:
+def open_store(
+    url: str, unknown: str = "source", *, load: bool = True, create: bool = True
+) -> LocationStore:
     """Open the store at `url` with the `store.unknown` policy (source, target or reject).
 
     ``load=False`` (one-shot CLI commands) skips loading the in-memory index: reads then
-    query the backing store directly and `refresh()` does nothing."""
+    query the backing store directly and `refresh()` does nothing.  ``create=False``
+    refuses to start an empty store where none exists (a mistyped path)."""
     if unknown not in UNKNOWN_POLICIES:
         raise StoreError(f"store.unknown: {unknown!r} is not one of {', '.join(UNKNOWN_POLICIES)}")
     scheme = url.partition(":")[0].lower()
     if scheme == "sqlite":
         from .sqlite import SqliteStore, sqlite_path
 
-        return SqliteStore(sqlite_path(url), unknown, load=load)
+        return SqliteStore(sqlite_path(url), unknown, load=load, create=create)
     if scheme in ("redis", "rediss", "redis+sentinel"):
         raise StoreError("redis store not available yet")
     raise StoreError(f"unsupported store url {url!r} (sqlite:///path or redis://host:port/db)")

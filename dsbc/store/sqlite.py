@@ -59,7 +59,13 @@ log = logging.getLogger("dsbc.store")
 
 class SqliteStore(LocationStore):
     def __init__(
-        self, path: str, unknown: str = "source", *, load: bool = True, busy_timeout: float = 5.0
+        self,
+        path: str,
+        unknown: str = "source",
+        *,
+        load: bool = True,
+        create: bool = True,
+        busy_timeout: float = 5.0,
     ) -> None:
         self.path = path
         self.unknown = unknown
@@ -74,6 +80,8 @@ class SqliteStore(LocationStore):
             raise StoreError(
                 f"cannot open store {path}: directory {Path(path).parent} does not exist"
             )
+        if not create and path != ":memory:" and not Path(path).exists():
+            raise StoreError(f"no store at {path} (dsbc import creates it)")
         try:
             self._db = sqlite3.connect(
                 path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
@@ -92,7 +100,7 @@ class SqliteStore(LocationStore):
 
     # -- transactions ---------------------------------------------------------------------
 
-    def _failure(self, what: str, exc: sqlite3.Error) -> StoreError:
+    def _failure(self, what: str, exc: sqlite3.Error, writing: bool = True) -> StoreError:
         text = str(exc)
         if "locked" in text or "busy" in text:
             reason = (
@@ -102,7 +110,8 @@ class SqliteStore(LocationStore):
             reason = "the disk is full"
         else:
             reason = text
-        return StoreUnavailable(f"{what} failed on {self.path}: {reason}; nothing was changed")
+        tail = "; nothing was changed" if writing else ""
+        return StoreUnavailable(f"{what} failed on {self.path}: {reason}{tail}")
 
     @contextmanager
     def _write(self, what: str, refresh: bool = True) -> Iterator[sqlite3.Cursor]:
@@ -133,7 +142,7 @@ class SqliteStore(LocationStore):
                 cur.execute("BEGIN")
                 yield cur
             except sqlite3.Error as exc:
-                raise self._failure("reading", exc) from None
+                raise self._failure("reading", exc, writing=False) from None
             finally:
                 if self._db.in_transaction:
                     self._db.rollback()
