@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from tests.peers.net import free_port, is_bound, loopback_alias_works, sip_options
-from tests.peers.proc import PeerError, PeerProcess
+from tests.peers.proc import PeerError, PeerProcess, scratch_dir
 
 __all__ = ["MODULES_DIR", "Kamailio", "KamailioError"]
 
@@ -73,7 +73,7 @@ class Kamailio:
     their own NAT handling (dsbc): no received/alias fix-ups for what comes from them.
     outbound: (IP, PORT) or "sip:IP:PORT;transport=tcp" where requests for users that are
     neither registered nor DIDs go (dsbc, a carrier) instead of a 404.
-    workdir: config and kamailio.log (a temporary directory, removed at stop, if None).
+    workdir: config and kamailio.log (None: a scratch directory removed at exit).
     """
 
     def __init__(
@@ -109,8 +109,7 @@ class Kamailio:
         self.pkg_mb = pkg_mb
         self.start_timeout = start_timeout
         self.binary = binary
-        self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"kam-{name}-"))
+        self.workdir = Path(workdir) if workdir else scratch_dir(f"kamailio-{name}-")
         # Unix socket paths are limited to 107 bytes: keep the runtime dir short, in /tmp.
         self.rundir: Path | None = None
         self.proc: PeerProcess | None = None
@@ -248,8 +247,6 @@ class Kamailio:
         if self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self.rundir = None
-        if self._own_workdir:  # nobody asked to keep the logs
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.alive()

@@ -17,13 +17,12 @@ import json
 import os
 import queue
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import IO, Any, Self
 
 from tests.peers.net import loopback_alias_works
-from tests.peers.proc import PeerError, PeerProcess, tail
+from tests.peers.proc import PeerError, PeerProcess, scratch_dir, tail
 from tests.peers.sipmsg import SipText, parse_message
 
 __all__ = ["CallFailed", "Phone", "PhoneError", "PhoneTimeout", "pjsua2_available"]
@@ -104,7 +103,7 @@ class Phone:
         self.bind_ip = bind_ip
         self.local_port = local_port
         self.domain = domain or f"{registrar_host}:{registrar_port}"
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"phone-{user}-"))
+        self.workdir = Path(workdir) if workdir else scratch_dir(f"phone-{user}-")
         self.start_timeout = start_timeout
         self._init_args = {
             "user": user,

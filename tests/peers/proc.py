@@ -13,9 +13,11 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -23,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Self
 
-__all__ = ["PeerError", "PeerProcess", "tail"]
+__all__ = ["PeerError", "PeerProcess", "scratch_dir", "tail"]
 
 _PR_SET_PDEATHSIG = 1
 _live: weakref.WeakSet[PeerProcess] = weakref.WeakSet()
@@ -239,6 +241,20 @@ def _group_alive(pgid: int) -> bool:
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+_scratch_root: Path | None = None
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh directory for a peer that was given no workdir. All of them live under one
+    per-process root that is removed at interpreter exit, so logs stay readable until the
+    end of the run and nothing piles up in /tmp."""
+    global _scratch_root
+    if _scratch_root is None:
+        _scratch_root = Path(tempfile.mkdtemp(prefix=f"dsbc-peers-{os.getpid()}-"))
+        atexit.register(shutil.rmtree, _scratch_root, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=_scratch_root))
 
 
 @atexit.register

@@ -21,7 +21,6 @@ import itertools
 import re
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Self
 
 from tests.peers.net import free_port, wait_port
-from tests.peers.proc import PeerError, PeerProcess
+from tests.peers.proc import PeerError, PeerProcess, scratch_dir
 
 __all__ = ["SCENARIOS", "SippError", "SippResult", "SippServer", "run_sipp", "scenario_path"]
 
@@ -147,10 +146,11 @@ class _SippRun:
             raise ValueError(f"tests bind loopback only, not {local_ip}")
         if shutil.which(binary) is None:
             raise SippError(f"{binary} not found in PATH")
-        self._own = workdir is None
         name = Path(str(scenario)).stem.replace("sn:", "")
-        base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sipp-"))
-        self.workdir = base if self._own else base / f"sipp-{name}-{next(_counter)}"
+        if workdir is None:
+            self.workdir = scratch_dir(f"sipp-{name}-")
+        else:
+            self.workdir = Path(workdir) / f"sipp-{name}-{next(_counter)}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.local_ip = local_ip
         self.proto = _TRANSPORTS[transport]
