@@ -28,6 +28,7 @@ import click
 
 from .config import Config, ConfigError, load_config, parse_hostport
 from .migrate import (
+    BatchAborted,
     InputError,
     Progress,
     check_customer_id,
@@ -124,7 +125,7 @@ class DsbcGroup(click.Group):
             _fail(exc.format_message(), exc.exit_code)
         except CliError as exc:
             _fail(str(exc), exc.code)
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, BatchAborted) as exc:
             _fail(str(exc), 1)
         except (ConfigError, InputError, BadIdentity, StoreError) as exc:
             _fail(str(exc), 2)

@@ -39,6 +39,19 @@ class InputError(ValueError):
     """An operator file or value that cannot be used; str() is ``file:line: reason``."""
 
 
+class BatchAborted(StoreError):
+    """A batch stopped part-way (a store failure, Ctrl-C) after some chunks were flipped;
+    `result` holds what moved, and str() says how to undo it."""
+
+    def __init__(self, cause: str, result: MigrationResult) -> None:
+        self.result = result
+        bid = result.batch_id
+        super().__init__(
+            f"{cause}; {len(result.moved)} customer(s) had already moved to {result.to} in batch "
+            f"{bid} (dsbc rollback {bid} moves them back; dsbc migrate again finishes the batch)"
+        )
+
+
 # --- import files -------------------------------------------------------------------------
 
 
@@ -299,7 +312,8 @@ def move_batch(
     """Check the whole batch (GroupSplitError: nothing changes), then lock and flip it in
     chunks under one batch id.  With `lock_for`, the whole batch is locked first and the
     flip waits that long (the operator's data-copy window).  If anything fails or is
-    interrupted, the customers locked and not yet flipped are unlocked again."""
+    interrupted, the customers locked and not yet flipped are unlocked again, and if some
+    chunks were already flipped, BatchAborted says so."""
     check = store.migrate(ids, to, who=who, dry_run=True)
     unknown = set(check.unknown)
     known = [cid for cid in ids if cid not in unknown]
@@ -329,12 +343,14 @@ def move_batch(
             total.unknown += r.unknown
             if progress is not None:
                 progress(len(total.moved) + len(total.already))
-    except BaseException:
+    except (Exception, KeyboardInterrupt) as exc:
         if locked:
             try:
                 store.unlock(sorted(locked))
             except StoreError:
                 pass  # the original error says more; `dsbc migrate` again unlocks them
+        if total.moved:
+            raise BatchAborted(str(exc) or "interrupted", total) from exc
         raise
     return total
 

@@ -13,6 +13,7 @@ from click.testing import CliRunner, Result
 
 from dsbc import cli
 from dsbc.migrate import (
+    BatchAborted,
     InputError,
     Progress,
     move_batch,
@@ -304,3 +305,31 @@ def test_progress_bar() -> None:
     quiet = io.StringIO()
     Progress(4, "x", quiet, enabled=False)(2)
     assert quiet.getvalue() == ""
+
+
+def test_failure_after_a_flipped_chunk_says_how_to_undo(home: Path) -> None:
+    s = FailingStore(str(home / "loc.db"))
+    with pytest.raises(BatchAborted) as err:
+        move_batch(s, ["1", "2", "3"], "target", batch_size=1, who="alice")
+    bid = err.value.result.batch_id
+    assert err.value.result.moved == ["1"]
+    assert str(err.value) == (
+        f"disk full; 1 customer(s) had already moved to target in batch {bid} "
+        f"(dsbc rollback {bid} moves them back; dsbc migrate again finishes the batch)")
+    assert {c: x.state for c, x in s.customers(["1", "2", "3"]).items()} == {
+        "1": "active", "2": "active", "3": "active"}
+    s.rollback(bid)
+    assert s.customer("1").system == "source"  # type: ignore[union-attr]
+
+
+def test_interrupt_between_chunks(home: Path) -> None:
+    s = store_at(home)
+    calls: list[int] = []
+
+    def progress(done: int) -> None:
+        calls.append(done)
+        raise KeyboardInterrupt
+
+    with pytest.raises(BatchAborted, match="^interrupted; 1 customer.s. had already moved"):
+        move_batch(s, ["1", "2"], "target", batch_size=1, progress=progress)
+    assert system_of(home, "2") == "source" and calls == [1]
