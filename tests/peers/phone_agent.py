@@ -476,11 +476,14 @@ class Agent:
         return self.log.for_call(self._call(a).sip_call_id)
 
     def cmd_quit(self, a: dict[str, Any]) -> None:
-        if self.ep is not None and a.get("hangup", True):
+        """Hang up calls still open (BYE / CANCEL / 603), give them a moment to leave."""
+        live = [c for c in self.calls.values() if c.state not in ("NULL", "DISCONNECTED")]
+        if self.ep is not None and live and a.get("hangup", True):
             self.ep.hangupAllCalls()
-            deadline = time.monotonic() + 0.3
-            while time.monotonic() < deadline:
-                self.pump(10)
+            try:
+                self.wait_for(lambda: all(c.state == "DISCONNECTED" for c in live), 0.5, "")
+            except AgentTimeout:
+                pass  # quitting anyway
 
     # -- protocol --------------------------------------------------------------------
     def handle(self, line: str) -> bool:
