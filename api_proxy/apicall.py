@@ -52,7 +52,9 @@ class ApiCall(msgspec.Struct, kw_only=True):
         return f"{self.service}/{self.method}"
 
 
-_REST_PATH = re.compile(r"(?:^|/)rest/([A-Za-z][A-Za-z0-9_]{0,63})/([A-Za-z][A-Za-z0-9_]{0,127})/?$")
+_REST_PATH = re.compile(
+    r"(?:^|/)rest/([A-Za-z][A-Za-z0-9_]{0,63})/([A-Za-z][A-Za-z0-9_]{0,127})/?$"
+)
 
 
 def api_path(path: str) -> tuple[str, str] | None:
@@ -104,8 +106,9 @@ def _decode_text(body: bytes, what: str) -> str:
         raise BadRequest(f"{what} is not UTF-8") from None
 
 
-def multipart_fields(body: bytes, boundary: str, wanted: tuple[str, ...],
-                     complete: bool = True) -> dict[str, tuple[int, int]]:
+def multipart_fields(
+    body: bytes, boundary: str, wanted: tuple[str, ...], complete: bool = True
+) -> dict[str, tuple[int, int]]:
     """Spans of the wanted fields' values among the complete parts of a multipart body.
 
     Only parts wholly inside ``body`` are returned, so a body prefix (a large upload
@@ -166,7 +169,9 @@ def parse_call(
             call.json_strings = isinstance(raw_auth, str) or isinstance(raw_params, str)
         elif mtype == "multipart/form-data":
             call.fmt = BodyFormat.MULTIPART
-            call.spans = multipart_fields(body, ctparams.get("boundary", ""), ("auth_info", "params"), complete)
+            call.spans = multipart_fields(
+                body, ctparams.get("boundary", ""), ("auth_info", "params"), complete
+            )
             if "auth_info" in call.spans:
                 a, b = call.spans["auth_info"]
                 raw_auth = body[a:b]

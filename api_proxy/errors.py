@@ -78,7 +78,9 @@ class BackendUnavailable(DispatchError):
 
     def __init__(self, system: str, detail: str = "") -> None:
         self.system = system
-        super().__init__(f"the {system} system is not answering" + (f": {detail}" if detail else ""))
+        super().__init__(
+            f"the {system} system is not answering" + (f": {detail}" if detail else "")
+        )
 
 
 class NoSessionOnSystem(DispatchError):

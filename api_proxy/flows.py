@@ -15,16 +15,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from api_proxy.classify import Action, RealmKind
-from api_proxy.errors import BackendUnavailable, BadRequest, NoSessionOnSystem, UpstreamFault, is_auth_fault
+from api_proxy.errors import (
+    BackendUnavailable,
+    BadRequest,
+    NoSessionOnSystem,
+    UpstreamFault,
+    is_auth_fault,
+    parse_fault,
+)
 from api_proxy.forward import Answer, Ctx, Forwarder
-from api_proxy.merge import merge_lists
-from api_proxy.records import Creds, TwinExtra, created, login_result, make_records, session_key, twin_of
+from api_proxy.records import (
+    Creds,
+    TwinExtra,
+    created,
+    login_result,
+    make_records,
+    session_key,
+    twin_of,
+)
 from api_proxy.router import Owner, SessionRecord
 
 log = logging.getLogger("api_proxy.flows")
@@ -34,7 +49,111 @@ _doc = msgspec.json.Decoder(dict[str, Any])
 
 def web_login_failed(a: Answer) -> bool:
     """A self-care form login the back end refused (it did not open a session)."""
-    return a.status in (401, 403) or a.status >= 500 or (a.status == 200 and "Set-Cookie" not in a.headers)
+    return (
+        a.status in (401, 403)
+        or a.status >= 500
+        or (a.status == 200 and "Set-Cookie" not in a.headers)
+    )
+
+
+# --- merged lists ----------------------------------------------------------------------------
+# One list over two systems: ``get_*_list`` merged as source rows then target rows.
+#
+# The client's ``offset`` / ``limit`` / ``get_total`` must behave exactly as over one list
+# ``S + T`` where ``S`` is the source's list without exported entities
+# (``skip_exported=1``) and ``T`` the target's.  The source is asked first, for the
+# client's window and its total; the target is then asked for what is left of the
+# window, shifted by the source's total.  Rows pass through as raw JSON (never
+# re-encoded); only the envelope is rebuilt.
+#
+# ``merge_lists`` takes the fetch as a callable, so the window arithmetic is tested
+# without sockets.
+
+# fetch(system, params) -> (HTTP status, body)
+Fetch = Callable[[str, dict[str, Any]], Awaitable[tuple[int, bytes]]]
+
+_envelope = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_rows = msgspec.json.Decoder(list[msgspec.Raw])
+_int = msgspec.json.Decoder(int)
+_enc = msgspec.json.Encoder()
+
+
+def _non_negative(params: dict[str, Any], key: str) -> int:
+    v = params.get(key)
+    if v is None or v == "":
+        return 0
+    if isinstance(v, bool):
+        raise BadRequest(f"params.{key} must be a number")
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise BadRequest(f"params.{key} must be a number") from None
+    if n < 0:
+        raise BadRequest(f"params.{key} must not be negative")
+    return n
+
+
+def _truthy(v: Any) -> bool:
+    return v not in (None, 0, "0", "", False)
+
+
+class _Part(msgspec.Struct):
+    envelope: dict[str, msgspec.Raw]
+    rows: list[msgspec.Raw]
+    total: int | None
+
+
+def _read(system: str, body: bytes, list_key: str) -> _Part:
+    try:
+        env = _envelope.decode(body)
+        rows = _rows.decode(env[list_key]) if list_key in env else []
+        total = _int.decode(env["total"]) if "total" in env else None
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise UpstreamFault(f"the {system} system's {list_key} answer is not a list") from None
+    return _Part(env, rows, total)
+
+
+async def merge_lists(fetch: Fetch, params: dict[str, Any], list_key: str) -> tuple[int, bytes]:
+    """(status, body) of the merged list, or the first fault a system answered."""
+    offset = _non_negative(params, "offset")
+    limit = _non_negative(params, "limit")  # 0 or absent: no limit
+    want_total = _truthy(params.get("get_total"))
+
+    sp = dict(params, skip_exported=1, get_total=1)
+    status, body = await fetch("source", sp)
+    if status != 200 or parse_fault(status, body) is not None:
+        return status, body
+    src = _read("source", body, list_key)
+    if src.total is None:
+        raise UpstreamFault("the source system did not return the list total")
+
+    remaining = None if limit == 0 else limit - len(src.rows)
+    tgt: _Part | None = None
+    if remaining is None or remaining > 0 or want_total:
+        tp = dict(params, offset=max(0, offset - src.total), get_total=1)
+        tp.pop("skip_exported", None)
+        if remaining is None:
+            tp.pop("limit", None)
+        else:
+            tp["limit"] = max(remaining, 1)
+        status, body = await fetch("target", tp)
+        if status != 200 or parse_fault(status, body) is not None:
+            return status, body
+        tgt = _read("target", body, list_key)
+        if want_total and tgt.total is None:
+            raise UpstreamFault("the target system did not return the list total")
+
+    rows = list(src.rows)
+    out: dict[str, Any] = dict(src.envelope)
+    if tgt is not None:
+        out.update(tgt.envelope)
+        rows += tgt.rows if remaining is None else tgt.rows[: max(remaining, 0)]
+    out[list_key] = rows
+    if want_total:
+        out["total"] = src.total + ((tgt.total or 0) if tgt is not None else 0)
+    else:
+        out.pop("total", None)
+    return 200, _enc.encode(out)
 
 
 class Flows(Forwarder):
@@ -58,7 +177,9 @@ class Flows(Forwarder):
                 self.router.delete_session(rec.key)
         return None
 
-    def remember(self, system: str, twin: TwinExtra, expires_at: float, ctx: Ctx, customer_id: str = "") -> None:
+    def remember(
+        self, system: str, twin: TwinExtra, expires_at: float, ctx: Ctx, customer_id: str = ""
+    ) -> None:
         for rec in make_records(system, twin, expires_at, ctx.realm, customer_id):
             self.router.put_session(rec)
 
@@ -76,7 +197,9 @@ class Flows(Forwarder):
             return [f"{name}=1; Path=/; HttpOnly; SameSite=Lax{secure}"]
         return [f"{name}=; Path=/; Max-Age=0{secure}"] if ctx.c.remote else []
 
-    async def try_in_order(self, ctx: Ctx, order: tuple[str, ...] | list[str], web_form: bool = False) -> tuple[Answer, bool]:
+    async def try_in_order(
+        self, ctx: Ctx, order: tuple[str, ...] | list[str], web_form: bool = False
+    ) -> tuple[Answer, bool]:
         """Ask each system in turn until one does not refuse the credentials.
 
         Returns the answer and whether it is still a refusal.  A system that does not
@@ -93,7 +216,11 @@ class Flows(Forwarder):
                     raise unavailable or exc from None
                 unavailable = unavailable or exc
                 continue
-            refused = web_login_failed(a) if web_form else (a.body is not None and is_auth_fault(a.status, a.body))
+            refused = (
+                web_login_failed(a)
+                if web_form
+                else (a.body is not None and is_auth_fault(a.status, a.body))
+            )
             if refused and not last:
                 a.resp.release()
                 self.metrics["login_fallbacks"] += 1
@@ -110,7 +237,9 @@ class Flows(Forwarder):
         a, refused = await self.try_in_order(ctx, ORDER)
         creds = ctx.c.creds
         if not refused and a.status < 400 and creds.session_keys():
-            twin = TwinExtra(creds={a.system: Creds(creds.session_id, creds.access_token, creds.refresh_token)})
+            twin = TwinExtra(
+                creds={a.system: Creds(creds.session_id, creds.access_token, creds.refresh_token)}
+            )
             self.remember(a.system, twin, self.now() + self.settings.session_ttl, ctx, customer_id)
             self.metrics["sessions_learned"] += 1
         return await self.answer(ctx, a)
@@ -149,8 +278,13 @@ class Flows(Forwarder):
             if not web_form and a.body is not None:
                 res = login_result(a.body, self.now(), self.settings.session_ttl)
                 if res is not None:
-                    self.remember(a.system, TwinExtra(creds={a.system: res.creds}), res.expires_at, ctx,
-                                  owner.customer_id if owner else "")
+                    self.remember(
+                        a.system,
+                        TwinExtra(creds={a.system: res.creds}),
+                        res.expires_at,
+                        ctx,
+                        owner.customer_id if owner else "",
+                    )
             cookies = self.remote_cookie(ctx, a.system)
         return await self.answer(ctx, a, cookies)
 
@@ -167,14 +301,21 @@ class Flows(Forwarder):
             if res is not None:
                 twin = twin_of(rec)
                 old = twin.creds.get(rec.system, Creds())
-                twin.creds[rec.system] = Creds(res.creds.session_id or old.session_id, res.creds.access_token,
-                                               res.creds.refresh_token or old.refresh_token)
-                self.remember(rec.system, twin, max(res.expires_at, rec.expires_at), ctx, rec.customer_id)
+                twin.creds[rec.system] = Creds(
+                    res.creds.session_id or old.session_id,
+                    res.creds.access_token,
+                    res.creds.refresh_token or old.refresh_token,
+                )
+                self.remember(
+                    rec.system, twin, max(res.expires_at, rec.expires_at), ctx, rec.customer_id
+                )
         return await self.answer(ctx, a)
 
     # -- admin realms ----------------------------------------------------------------------
 
-    def twin_kw(self, rec: SessionRecord | None, twin: TwinExtra | None, system: str) -> dict[str, Any]:
+    def twin_kw(
+        self, rec: SessionRecord | None, twin: TwinExtra | None, system: str
+    ) -> dict[str, Any]:
         """How to send on ``system``: with the client's own credentials or the twin's."""
         if rec is None or twin is None or system == rec.system:
             return {}
@@ -236,9 +377,13 @@ class Flows(Forwarder):
             self.remember(primary.system, TwinExtra(creds=ok), expires, ctx)
         return await self.answer(ctx, primary)
 
-    def set_context(self, ctx: Ctx, rec: SessionRecord | None, twin: TwinExtra | None) -> web.StreamResponse:
+    def set_context(
+        self, ctx: Ctx, rec: SessionRecord | None, twin: TwinExtra | None
+    ) -> web.StreamResponse:
         if rec is None or twin is None:
-            raise BadRequest("Session/set_session_context with a system needs a session opened through dsbc")
+            raise BadRequest(
+                "Session/set_session_context with a system needs a session opened through dsbc"
+            )
         if ctx.c.context not in twin.creds:
             raise NoSessionOnSystem(ctx.c.context)
         twin.ctx = ctx.c.context
@@ -249,8 +394,10 @@ class Flows(Forwarder):
     async def on_both(self, ctx: Ctx, rec: SessionRecord, twin: TwinExtra) -> web.StreamResponse:
         """Logout or refresh on every system the twin has a session on."""
         systems = [s for s in ORDER if s in twin.creds]
-        got = await asyncio.gather(*(self.ask(ctx, s, **self.twin_kw(rec, twin, s)) for s in systems),
-                                   return_exceptions=True)
+        got = await asyncio.gather(
+            *(self.ask(ctx, s, **self.twin_kw(rec, twin, s)) for s in systems),
+            return_exceptions=True,
+        )
         answers = {a.system: a for a in got if isinstance(a, Answer)}
         if rec.system not in answers:
             for a in answers.values():
@@ -262,11 +409,18 @@ class Flows(Forwarder):
         else:
             expires = rec.expires_at
             for s, a in answers.items():
-                res = login_result(a.body or b"", self.now(), self.settings.session_ttl) if a.status == 200 else None
+                res = (
+                    login_result(a.body or b"", self.now(), self.settings.session_ttl)
+                    if a.status == 200
+                    else None
+                )
                 if res is not None:
                     old = twin.creds[s]
-                    twin.creds[s] = Creds(old.session_id, res.creds.access_token or old.access_token,
-                                          res.creds.refresh_token or old.refresh_token)
+                    twin.creds[s] = Creds(
+                        old.session_id,
+                        res.creds.access_token or old.access_token,
+                        res.creds.refresh_token or old.refresh_token,
+                    )
                     expires = max(expires, res.expires_at)
             self.remember(rec.system, twin, expires, ctx, rec.customer_id)
         for s, a in answers.items():
@@ -274,7 +428,9 @@ class Flows(Forwarder):
                 a.resp.release()
         return await self.answer(ctx, answers[rec.system])
 
-    async def merged(self, ctx: Ctx, rec: SessionRecord | None, twin: TwinExtra | None) -> web.StreamResponse:
+    async def merged(
+        self, ctx: Ctx, rec: SessionRecord | None, twin: TwinExtra | None
+    ) -> web.StreamResponse:
         call = ctx.c.call
         assert call is not None
 
@@ -282,14 +438,18 @@ class Flows(Forwarder):
             a = await self.ask(ctx, system, params=params, **self.twin_kw(rec, twin, system))
             if a.body is None:
                 a.resp.close()
-                raise UpstreamFault(f"the {system} system's list answer is over the dispatcher's limit")
+                raise UpstreamFault(
+                    f"the {system} system's list answer is over the dispatcher's limit"
+                )
             return a.status, a.body
 
         status, body = await merge_lists(fetch, call.params, ctx.c.list_key)
         self.metrics["lists_merged"] += 1
         return web.Response(status=status, body=body, content_type="application/json")
 
-    async def create(self, ctx: Ctx, system: str, owner_cid: str, kw: dict[str, Any]) -> web.StreamResponse:
+    async def create(
+        self, ctx: Ctx, system: str, owner_cid: str, kw: dict[str, Any]
+    ) -> web.StreamResponse:
         a = await self.ask(ctx, system, **kw)
         if a.status == 200 and a.body is not None and ctx.c.call is not None:
             try:
@@ -326,6 +486,12 @@ class Flows(Forwarder):
         for sc in resp.headers.getall("Set-Cookie", [])[:4]:
             pair = sc.split(";", 1)[0].strip()
             if "=" in pair:
-                self.router.put_session(SessionRecord(key=session_key("ck", pair), system=system,
-                                                      expires_at=expires, realm=ctx.realm))
+                self.router.put_session(
+                    SessionRecord(
+                        key=session_key("ck", pair),
+                        system=system,
+                        expires_at=expires,
+                        realm=ctx.realm,
+                    )
+                )
         return await self.relay(ctx, system, resp)

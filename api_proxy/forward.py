@@ -21,16 +21,38 @@ from api_proxy import apicall
 from api_proxy.classify import Classified, RouteKey
 from api_proxy.errors import CustomerLocked, DispatchError, UnknownEntity, fault_body
 from api_proxy.records import Creds, rewrite_for
-from api_proxy.router import Owner, Router
-from api_proxy.settings import ProxySettings, Vhost
-from api_proxy.upstream import Backend, BodyState, origin, read_small, relay, request_headers, response_headers, stream_body
+from api_proxy.router import Owner, ProxySettings, Router, Vhost
+from api_proxy.upstream import (
+    Backend,
+    BodyState,
+    origin,
+    read_small,
+    relay,
+    request_headers,
+    response_headers,
+    stream_body,
+)
 
 HOLD_POLL = 0.05  # seconds between looks at a locked customer's state
 SMALL_ANSWER = 1 << 20  # answers dsbc reads (logins, lists, creates, faults)
 METRIC_NAMES = (
-    "requests", "faults", "bad_requests", "unknown_host", "to_source", "to_target", "logins",
-    "login_fallbacks", "sessions_learned", "lists_merged", "creates_recorded", "held",
-    "hold_timeouts", "backend_errors", "upstream_aborts", "client_timeouts", "too_large",
+    "requests",
+    "faults",
+    "bad_requests",
+    "unknown_host",
+    "to_source",
+    "to_target",
+    "logins",
+    "login_fallbacks",
+    "sessions_learned",
+    "lists_merged",
+    "creates_recorded",
+    "held",
+    "hold_timeouts",
+    "backend_errors",
+    "upstream_aborts",
+    "client_timeouts",
+    "too_large",
     "internal_errors",
 )
 
@@ -38,11 +60,29 @@ METRIC_NAMES = (
 class Ctx:
     """One request being dispatched."""
 
-    __slots__ = ("request", "vhost", "realm", "c", "prefix", "complete", "path", "query", "proto",
-                 "public_origin", "remote")
+    __slots__ = (
+        "request",
+        "vhost",
+        "realm",
+        "c",
+        "prefix",
+        "complete",
+        "path",
+        "query",
+        "proto",
+        "public_origin",
+        "remote",
+    )
 
-    def __init__(self, request: web.BaseRequest, vhost: Vhost, realm: str, c: Classified,
-                 prefix: bytes | None, complete: bool) -> None:
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        vhost: Vhost,
+        realm: str,
+        c: Classified,
+        prefix: bytes | None,
+        complete: bool,
+    ) -> None:
         self.request = request
         self.vhost = vhost
         self.realm = realm
@@ -76,8 +116,14 @@ class Forwarder:
         self.metrics: dict[str, int] = dict.fromkeys(METRIC_NAMES, 0)
         s = settings
         self.backends = {
-            name: Backend(name, timeout=s.timeout, connect_timeout=s.connect_timeout,
-                          pool_size=s.pool_size, verify=s.backend_verify, ca=s.backend_ca)
+            name: Backend(
+                name,
+                timeout=s.timeout,
+                connect_timeout=s.connect_timeout,
+                pool_size=s.pool_size,
+                verify=s.backend_verify,
+                ca=s.backend_ca,
+            )
             for name in ("source", "target")
         }
 
@@ -118,7 +164,8 @@ class Forwarder:
             if now >= deadline:
                 self.metrics["hold_timeouts"] += 1
                 raise CustomerLocked(
-                    f"customer {owner.customer_id} is being migrated; try again shortly")
+                    f"customer {owner.customer_id} is being migrated; try again shortly"
+                )
             await asyncio.sleep(min(HOLD_POLL, deadline - now))
             current = self.router.owner(key.kind, key.value)
             if current is None:
@@ -135,8 +182,14 @@ class Forwarder:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def build(self, ctx: Ctx, system: str, held: Creds | None = None, wanted: Creds | None = None,
-              params: dict[str, Any] | None = None) -> tuple[str, CIMultiDict[str], Any, BodyState | None]:
+    def build(
+        self,
+        ctx: Ctx,
+        system: str,
+        held: Creds | None = None,
+        wanted: Creds | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> tuple[str, CIMultiDict[str], Any, BodyState | None]:
         """(url, headers, data, body state) of the request for ``system``.
 
         ``wanted`` replaces the client's credentials ``held`` (a twin session); ``params``
@@ -166,8 +219,9 @@ class Forwarder:
         cl = req.content_length
         if cl is not None and body is ctx.prefix:
             headers["Content-Length"] = str(cl)
-        data = stream_body(body or b"", req.content, self.settings.body_timeout,
-                           self.settings.max_body_size, state)
+        data = stream_body(
+            body or b"", req.content, self.settings.body_timeout, self.settings.max_body_size, state
+        )
         return url, headers, data, state
 
     async def open(self, ctx: Ctx, system: str, **kw: Any) -> aiohttp.ClientResponse:
@@ -182,15 +236,22 @@ class Forwarder:
         body = await read_small(resp, SMALL_ANSWER, self.backends[system])
         return Answer(system, resp, body)
 
-    async def relay(self, ctx: Ctx, system: str, resp: aiohttp.ClientResponse, body: bytes | None = None,
-                    cookies: Iterable[str] = ()) -> web.StreamResponse:
+    async def relay(
+        self,
+        ctx: Ctx,
+        system: str,
+        resp: aiohttp.ClientResponse,
+        body: bytes | None = None,
+        cookies: Iterable[str] = (),
+    ) -> web.StreamResponse:
         headers = response_headers(resp.headers, origin(ctx.vhost.base(system)), ctx.public_origin)
         for c in cookies:
             headers.add("Set-Cookie", c)
         return await relay(ctx.request, resp, headers, self.backends[system], body)
 
-    async def answer(self, ctx: Ctx, a: Answer, cookies: Iterable[str] = (),
-                     body: bytes | None = None) -> web.StreamResponse:
+    async def answer(
+        self, ctx: Ctx, a: Answer, cookies: Iterable[str] = (), body: bytes | None = None
+    ) -> web.StreamResponse:
         return await self.relay(ctx, a.system, a.resp, a.body if body is None else body, cookies)
 
     async def forward(self, ctx: Ctx, system: str, **kw: Any) -> web.StreamResponse:
@@ -200,7 +261,9 @@ class Forwarder:
 
     def fault(self, exc: DispatchError) -> web.Response:
         self.metrics["faults"] += 1
-        resp = web.Response(status=500, body=exc.body(), content_type="application/json", charset="utf-8")
+        resp = web.Response(
+            status=500, body=exc.body(), content_type="application/json", charset="utf-8"
+        )
         if isinstance(exc, CustomerLocked):
             resp.headers["Retry-After"] = "2"
         if exc.close:
@@ -209,8 +272,12 @@ class Forwarder:
 
     def plain_fault(self, code: str, text: str) -> web.Response:
         self.metrics["faults"] += 1
-        return web.Response(status=500, body=fault_body(code, text), content_type="application/json",
-                            charset="utf-8")
+        return web.Response(
+            status=500,
+            body=fault_body(code, text),
+            content_type="application/json",
+            charset="utf-8",
+        )
 
     async def close_backends(self) -> None:
         for b in self.backends.values():
@@ -218,4 +285,3 @@ class Forwarder:
 
     def now(self) -> float:
         return time.time()
-

@@ -114,11 +114,22 @@ def make_records(
     keys = primary.keys()
     twin.keys = keys
     extra = msgspec.json.encode(twin).decode()
-    return [SessionRecord(key=k, system=system, expires_at=expires_at, customer_id=customer_id,
-                          realm=realm, extra=extra) for k in keys]
+    return [
+        SessionRecord(
+            key=k,
+            system=system,
+            expires_at=expires_at,
+            customer_id=customer_id,
+            realm=realm,
+            extra=extra,
+        )
+        for k in keys
+    ]
 
 
-def rewrite_for(call: ApiCall, held: Creds, wanted: Creds) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str]:
+def rewrite_for(
+    call: ApiCall, held: Creds, wanted: Creds
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str]:
     """New (auth_info, params, bearer) replacing the client's credentials ``held`` by
     ``wanted`` (the twin session on another system).  None / "" where nothing changes."""
     auth = None
@@ -159,7 +170,14 @@ def _text(v: Any) -> str:
     return ""
 
 
-def created(call: ApiCall, answer: dict[str, Any], owner_customer: str = "") -> tuple[str, list[str]] | None:
+def _info(params: dict[str, Any], name: str) -> dict[str, Any]:
+    v = params.get(name)
+    return v if isinstance(v, dict) else params
+
+
+def created(
+    call: ApiCall, answer: dict[str, Any], owner_customer: str = ""
+) -> tuple[str, list[str]] | None:
     """(customer id, ``kind:value`` identities) of what a successful create made, or None.
 
     ``Customer/add_customer`` makes a customer (and its ``login``); ``Account/add_account``
@@ -170,12 +188,12 @@ def created(call: ApiCall, answer: dict[str, Any], owner_customer: str = "") -> 
         cid = _text(answer.get("i_customer"))
         if not cid:
             return None
-        info = p.get("customer_info") if isinstance(p.get("customer_info"), dict) else p
+        info = _info(p, "customer_info")
         idents = [f"login:{v}" for v in [_text(info.get("login"))] if v]
         return cid, idents
     if call.method == "add_account" or (call.service == "Account" and "i_account" in answer):
         iacc = _text(answer.get("i_account"))
-        info = p.get("account_info") if isinstance(p.get("account_info"), dict) else p
+        info = _info(p, "account_info")
         cid = _text(info.get("i_customer")) or owner_customer
         if not iacc or not cid:
             return None

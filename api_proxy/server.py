@@ -26,8 +26,8 @@ from aiohttp.web_protocol import RequestHandler
 from api_proxy.apicall import content_type
 from api_proxy.classify import classify, needs_body
 from api_proxy.errors import (
-    BadRequest,
     BackendUnavailable,
+    BadRequest,
     CustomerLocked,
     DispatchError,
     RequestTimeout,
@@ -37,8 +37,7 @@ from api_proxy.errors import (
 )
 from api_proxy.flows import Flows
 from api_proxy.forward import Ctx
-from api_proxy.router import Router
-from api_proxy.settings import ProxySettings, VhostTable
+from api_proxy.router import ProxySettings, Router, VhostTable
 
 log = logging.getLogger("api_proxy")
 
@@ -46,8 +45,13 @@ log = logging.getLogger("api_proxy")
 class _FaultingHandler(RequestHandler):
     """aiohttp's connection handler, answering its own errors in the fault shape."""
 
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
         if request.writer.output_size > 0:
             raise ConnectionError("a response was under way; closing the connection")
@@ -63,8 +67,12 @@ class _FaultingHandler(RequestHandler):
             proxy.metrics["faults"] += 1
             proxy.metrics["too_large" if code == "request_too_large" else "bad_requests"] += 1
         log.debug("refused a request from %s: %s", request.remote, text)
-        resp = web.Response(status=500, body=fault_body(f"Server.Dispatcher.{code}", why),
-                            content_type="application/json", charset="utf-8")
+        resp = web.Response(
+            status=500,
+            body=fault_body(f"Server.Dispatcher.{code}", why),
+            content_type="application/json",
+            charset="utf-8",
+        )
         resp.force_close()
         return resp
 
@@ -101,18 +109,26 @@ class ApiProxy(Flows):
         size = self.settings.max_header_size
         # lingering: after a fault on an unread body, read (and drop) the rest for a
         # moment so the client sees the answer rather than a reset, then close
-        server = _Server(self.handle, max_line_size=size, max_field_size=size, max_headers=128,
-                         access_log=None, keepalive_timeout=75.0,
-                         lingering_time=min(1.0, self.settings.body_timeout))
+        server = _Server(
+            self.handle,
+            max_line_size=size,
+            max_field_size=size,
+            max_headers=128,
+            access_log=None,
+            keepalive_timeout=75.0,
+            lingering_time=min(1.0, self.settings.body_timeout),
+        )
         server.proxy = self
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         tls = self.ssl_context()
         for host, port in self.settings.listen:
-            site = web.TCPSite(self._runner, host, port, ssl_context=tls, reuse_address=True,
-                               backlog=1024)
+            site = web.TCPSite(
+                self._runner, host, port, ssl_context=tls, reuse_address=True, backlog=1024
+            )
             await site.start()
-            for sock in site._server.sockets if site._server else []:  # type: ignore[union-attr]
+            server_ = site._server
+            for sock in getattr(server_, "sockets", None) or []:
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
         log.info("API dispatcher listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses))
@@ -127,7 +143,10 @@ class ApiProxy(Flows):
         return {
             "listening": [f"{h}:{p}" for h, p in self.addresses],
             "tls": bool(self.settings.tls_cert),
-            "vhosts": [f"{v.host}{':' + str(v.port) if v.port else ''} ({v.realm})" for v in self.settings.vhosts],
+            "vhosts": [
+                f"{v.host}{':' + str(v.port) if v.port else ''} ({v.realm})"
+                for v in self.settings.vhosts
+            ],
             "backends": {name: b.status() for name, b in self.backends.items()},
             "metrics": dict(self.metrics),
         }
@@ -146,7 +165,9 @@ class ApiProxy(Flows):
         except Exception:  # noqa: BLE001 - answered in the fault shape, logged with its traceback
             self.metrics["internal_errors"] += 1
             log.exception("API dispatcher error on %s %s", request.method, request.path)
-            return self.plain_fault("Server.Dispatcher.internal_error", "the dispatcher could not handle this request")
+            return self.plain_fault(
+                "Server.Dispatcher.internal_error", "the dispatcher could not handle this request"
+            )
 
     def _count(self, exc: DispatchError) -> None:
         if isinstance(exc, UnknownHost):
@@ -167,7 +188,9 @@ class ApiProxy(Flows):
         local_port = sock[1] if isinstance(sock, tuple) and len(sock) > 1 else 0
         vhost = self.table.select(request.headers.get("Host", ""), local_port)
         if vhost is None:
-            raise UnknownHost(f"no virtual host is configured for {request.headers.get('Host', '')!r}"[:200])
+            raise UnknownHost(
+                f"no virtual host is configured for {request.headers.get('Host', '')!r}"[:200]
+            )
         cl = request.content_length
         if cl is not None and cl > self.settings.max_body_size:
             raise RequestTooLarge(f"the request body is over {self.settings.max_body_size} bytes")
@@ -177,14 +200,25 @@ class ApiProxy(Flows):
         complete = True
         if request.body_exists and needs_body(realm, request.method, target, request.headers):
             prefix, complete = await self._read_prefix(request)
-            if not complete and content_type(request.headers)[0] != "multipart/form-data" \
-                    and "/rest/" in request.path:
+            if (
+                not complete
+                and content_type(request.headers)[0] != "multipart/form-data"
+                and "/rest/" in request.path
+            ):
                 raise RequestTooLarge(
-                    f"an API request body over {self.settings.route_body_limit} bytes must be multipart")
-        c = classify(realm, request.method, target, request.headers,
-                     prefix,
-                     cpe_patterns=self.table.patterns(vhost), remote_cookie=self.settings.remote_cookie,
-                     complete=complete)
+                    f"an API request body over {self.settings.route_body_limit} bytes "
+                    "must be multipart"
+                )
+        c = classify(
+            realm,
+            request.method,
+            target,
+            request.headers,
+            prefix,
+            cpe_patterns=self.table.patterns(vhost),
+            remote_cookie=self.settings.remote_cookie,
+            complete=complete,
+        )
         ctx = Ctx(request, vhost, realm, c, prefix, complete)
         return await self.dispatch(ctx)
 
@@ -197,7 +231,7 @@ class ApiProxy(Flows):
         while len(buf) <= cap:
             try:
                 chunk = await asyncio.wait_for(content.readany(), idle)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise RequestTimeout(f"the client sent no body data for {idle:g} s") from None
             if not chunk:
                 return bytes(buf), True

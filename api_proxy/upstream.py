@@ -31,15 +31,25 @@ from api_proxy.errors import BackendUnavailable, RequestTimeout, RequestTooLarge
 log = logging.getLogger("api_proxy.upstream")
 
 CHUNK = 64 * 1024
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "trailers", "transfer-encoding", "upgrade", "proxy-connection",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+    }
+)
 _DOMAIN_ATTR = re.compile(r";\s*domain=[^;]*", re.I)
 
 
 def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    out = set()
+    out: set[str] = set()
     for v in headers.getall("Connection", []):
         out.update(t.strip().lower() for t in v.split(","))
     return out
@@ -63,7 +73,9 @@ def request_headers(
     return out
 
 
-def response_headers(headers: CIMultiDictProxy[str], backend_origin: str, public_origin: str) -> CIMultiDict[str]:
+def response_headers(
+    headers: CIMultiDictProxy[str], backend_origin: str, public_origin: str
+) -> CIMultiDict[str]:
     """A back end's headers for the client: hop-by-hop removed, Location and cookie
     domains made the public host's (what nginx's proxy_redirect / proxy_cookie_domain do)."""
     skip = HOP_BY_HOP | _connection_listed(headers) | {"content-length"}
@@ -73,7 +85,7 @@ def response_headers(headers: CIMultiDictProxy[str], backend_origin: str, public
         if lk in skip:
             continue
         if lk == "location" and v.startswith(backend_origin):
-            v = public_origin + v[len(backend_origin):]
+            v = public_origin + v[len(backend_origin) :]
         elif lk == "set-cookie":
             v = _DOMAIN_ATTR.sub("", v)
         out.add(k, v)
@@ -105,7 +117,7 @@ async def stream_body(
     while True:
         try:
             chunk = await asyncio.wait_for(content.readany(), idle)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             state.stalled = True
             raise RequestTimeout(f"the client sent no body data for {idle:g} s") from None
         if not chunk:
@@ -120,8 +132,16 @@ async def stream_body(
 class Backend:
     """One system's client pool and health counters."""
 
-    def __init__(self, system: str, *, timeout: float, connect_timeout: float, pool_size: int,
-                 verify: bool = True, ca: str = "") -> None:
+    def __init__(
+        self,
+        system: str,
+        *,
+        timeout: float,
+        connect_timeout: float,
+        pool_size: int,
+        verify: bool = True,
+        ca: str = "",
+    ) -> None:
         self.system = system
         ctx: ssl.SSLContext | bool = True
         if ca:
@@ -129,10 +149,15 @@ class Backend:
         elif not verify:
             ctx = False
         self._connector_args: dict[str, Any] = {
-            "limit": pool_size, "limit_per_host": pool_size, "keepalive_timeout": 60.0,
-            "ssl": ctx, "enable_cleanup_closed": False,
+            "limit": pool_size,
+            "limit_per_host": pool_size,
+            "keepalive_timeout": 60.0,
+            "ssl": ctx,
+            "enable_cleanup_closed": False,
         }
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=timeout)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=timeout
+        )
         self.session: aiohttp.ClientSession | None = None
         self.requests = 0
         self.errors = 0
@@ -166,29 +191,47 @@ class Backend:
         self.last_error_at = time.time()
         return BackendUnavailable(self.system, detail)
 
-    async def send(self, method: str, url: str, headers: CIMultiDict[str], data: Any,
-                   state: BodyState | None = None) -> aiohttp.ClientResponse:
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        data: Any,
+        state: BodyState | None = None,
+    ) -> aiohttp.ClientResponse:
         """Open a request; the caller reads and releases the response."""
         assert self.session is not None, "Backend.open() first"
         self.requests += 1
         try:
             resp = await self.session.request(
-                method, URL(url, encoded=True), headers=headers, data=data,
-                allow_redirects=False, compress=None, chunked=None,
+                method,
+                URL(url, encoded=True),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                compress=None,
+                chunked=None,
             )
         except (RequestTimeout, RequestTooLarge):
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             if state is not None and (state.stalled or state.too_large):
-                raise (RequestTimeout("the client stopped sending its body") if state.stalled
-                       else RequestTooLarge("the request body is too large")) from None
+                raise (
+                    RequestTimeout("the client stopped sending its body")
+                    if state.stalled
+                    else RequestTooLarge("the request body is too large")
+                ) from None
             raise self.failed(_describe(exc)) from None
         self.last_ok_at = time.time()
         return resp
 
     def status(self) -> dict[str, Any]:
-        return {"healthy": self.healthy, "requests": self.requests, "errors": self.errors,
-                "last_error": self.last_error}
+        return {
+            "healthy": self.healthy,
+            "requests": self.requests,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }
 
 
 def _describe(exc: BaseException) -> str:
@@ -209,7 +252,7 @@ async def read_small(resp: aiohttp.ClientResponse, cap: int, backend: Backend) -
             if not more:
                 break
             data += more
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         resp.close()
         raise backend.failed(_describe(exc)) from None
     if len(data) > cap:
@@ -219,8 +262,13 @@ async def read_small(resp: aiohttp.ClientResponse, cap: int, backend: Backend) -
     return data
 
 
-async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse, headers: CIMultiDict[str],
-                backend: Backend, body: bytes | None = None) -> web.StreamResponse:
+async def relay(
+    request: web.BaseRequest,
+    resp: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    backend: Backend,
+    body: bytes | None = None,
+) -> web.StreamResponse:
     """Send a back end's answer to the client, streaming unless ``body`` was read already.
 
     A back end that breaks off mid-body gets the client connection aborted: the client
@@ -242,10 +290,14 @@ async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse, headers:
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:
                     break
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     backend.failed("dropped mid-response: " + _describe(exc))
-                    log.info("%s back end broke off a response to %s: %s", backend.system,
-                             request.path, _describe(exc))
+                    log.info(
+                        "%s back end broke off a response to %s: %s",
+                        backend.system,
+                        request.path,
+                        _describe(exc),
+                    )
                     if request.transport is not None:
                         request.transport.abort()
                     return out

@@ -17,10 +17,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from api_proxy.cpe import CpeError
-from api_proxy.router import Owner, SessionRecord
+from api_proxy.classify import CpeError
+from api_proxy.router import Owner, ProxySettings, SessionRecord, SettingsError, Vhost, make_vhost
 from api_proxy.server import ApiProxy
-from api_proxy.settings import ProxySettings, SettingsError, Vhost, make_vhost
 from dsbc.config import Config, ConfigError, parse_hostport
 from dsbc.store.base import ApiSession, BadIdentity, LocationStore, normalise
 
@@ -64,12 +63,26 @@ class StoreRouter:
         s = self.store.get_session(key)
         if s is None:
             return None
-        return SessionRecord(key=s.key, system=s.system, expires_at=s.expires_at,
-                             customer_id=s.customer_id, realm=s.realm, extra=s.extra)
+        return SessionRecord(
+            key=s.key,
+            system=s.system,
+            expires_at=s.expires_at,
+            customer_id=s.customer_id,
+            realm=s.realm,
+            extra=s.extra,
+        )
 
     def put_session(self, record: SessionRecord) -> None:
-        self.store.put_session(ApiSession(record.key, record.system, record.expires_at,
-                                          record.customer_id, record.realm, record.extra))
+        self.store.put_session(
+            ApiSession(
+                record.key,
+                record.system,
+                record.expires_at,
+                record.customer_id,
+                record.realm,
+                record.extra,
+            )
+        )
 
     def delete_session(self, key: str) -> None:
         self.store.delete_session(key)
@@ -81,15 +94,21 @@ class StoreRouter:
             try:
                 new.append(f"{kind}:{normalise(kind, value)}")
             except BadIdentity:
-                log.warning("not recording %r for customer %s: not a valid identity", ident, customer_id)
+                log.warning(
+                    "not recording %r for customer %s: not a valid identity", ident, customer_id
+                )
         cust = self.store.customer(customer_id)
         if cust is None:
             self.store.put_customer(customer_id, new, system)
         else:
             keys = list(dict.fromkeys([*cust.identities, *new]))
             self.store.put_customer(customer_id, keys, cust.system, cust.group)
-        log.info("recorded %s for customer %s on %s", ", ".join(new) or "the customer", customer_id,
-                 cust.system if cust else system)
+        log.info(
+            "recorded %s for customer %s on %s",
+            ", ".join(new) or "the customer",
+            customer_id,
+            cust.system if cust else system,
+        )
 
 
 def build_settings(cfg: Config) -> ProxySettings:
@@ -101,19 +120,37 @@ def build_settings(cfg: Config) -> ProxySettings:
     try:
         for vh in api.vhosts:
             patterns = vh.cpe_patterns or (api.cpe_patterns if vh.realm == "cpe" else [])
-            vhosts.append(make_vhost(vh.host, vh.realm, vh.source or default_source,
-                                     vh.target or default_target, vh.port, patterns, vh.realm_paths))
+            vhosts.append(
+                make_vhost(
+                    vh.host,
+                    vh.realm,
+                    vh.source or default_source,
+                    vh.target or default_target,
+                    vh.port,
+                    patterns,
+                    vh.realm_paths,
+                )
+            )
         if not api.vhosts and default_source and default_target:
             vhosts.append(make_vhost("*", "customer", default_source, default_target))
         listen = [parse_hostport(entry, 443) for entry in api.listen]
     except (SettingsError, CpeError, ValueError) as exc:
         raise ConfigError(f"{cfg.path or 'dsbc.toml'}: api: {exc}") from None
     return ProxySettings(
-        listen=listen, vhosts=vhosts, tls_cert=api.tls_cert, tls_key=api.tls_key, timeout=api.timeout,
-        connect_timeout=api.connect_timeout, body_timeout=api.body_timeout,
-        route_body_limit=api.route_body_limit, max_body_size=api.max_body_size,
-        max_header_size=api.max_header_size, session_ttl=api.session_ttl, pool_size=api.pool_size,
-        backend_verify=api.backend_verify, backend_ca=api.backend_ca,
+        listen=listen,
+        vhosts=vhosts,
+        tls_cert=api.tls_cert,
+        tls_key=api.tls_key,
+        timeout=api.timeout,
+        connect_timeout=api.connect_timeout,
+        body_timeout=api.body_timeout,
+        route_body_limit=api.route_body_limit,
+        max_body_size=api.max_body_size,
+        max_header_size=api.max_header_size,
+        session_ttl=api.session_ttl,
+        pool_size=api.pool_size,
+        backend_verify=api.backend_verify,
+        backend_ca=api.backend_ca,
     )
 
 

@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
-from api_proxy.errors import BadRequest
-from api_proxy.merge import merge_lists
-from tests.test_api_support import ADMIN, CUSTOMER, PORTING, ApiEnv, run
-
-import json
 import pytest
+
+from api_proxy.errors import BadRequest
+from api_proxy.flows import merge_lists
+from tests.test_api_support import ADMIN, CUSTOMER, PORTING, ApiEnv, run
 
 # 3 customers live on the source, 4 on the target (the source keeps those 4 as exported)
 ROWS: list[dict[str, Any]] = [
-    {"customer_id": str(n), "system": "source" if n <= 3 else "target",
-     "identities": [f"login:user{n}", f"account:20000{n}", f"i_account:{200 + n}", f"did:1666000{n}"]}
+    {
+        "customer_id": str(n),
+        "system": "source" if n <= 3 else "target",
+        "identities": [
+            f"login:user{n}",
+            f"account:20000{n}",
+            f"i_account:{200 + n}",
+            f"did:1666000{n}",
+        ],
+    }
     for n in range(1, 8)
 ]
 ADMIN_CREDS = {"login": "admin", "password": "admin"}
@@ -25,14 +33,16 @@ ADMIN_CREDS = {"login": "admin", "password": "admin"}
 
 def by_hand(offset: int, limit: int | None) -> list[int]:
     merged = [1, 2, 3] + [4, 5, 6, 7]
-    return merged[offset: offset + limit] if limit else merged[offset:]
+    return merged[offset : offset + limit] if limit else merged[offset:]
 
 
 def test_merged_customer_list_every_window(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path, ROWS) as env:
             st, sess, hdrs = await env.call(ADMIN, "Session/login", ADMIN_CREDS)
-            assert st == 200 and hdrs["X-Billing-System"] == "MR115"  # the target's session is the face
+            assert (
+                st == 200 and hdrs["X-Billing-System"] == "MR115"
+            )  # the target's session is the face
             auth = {"session_id": sess["session_id"]}
             for offset, limit in itertools.product(range(0, 9), [None, *range(0, 9)]):
                 params: dict[str, Any] = {"offset": offset, "get_total": 1}
@@ -45,20 +55,52 @@ def test_merged_customer_list_every_window(tmp_path: Path) -> None:
                 assert doc["total"] == 7
             # without get_total there is no total, and the exported rows never appear twice
             st, doc, _ = await env.call(ADMIN, "Customer/get_customer_list", {}, auth, as_json=True)
-            assert "total" not in doc and [c["i_customer"] for c in doc["customer_list"]] == [1, 2, 3, 4, 5, 6, 7]
+            assert "total" not in doc and [c["i_customer"] for c in doc["customer_list"]] == [
+                1,
+                2,
+                3,
+                4,
+                5,
+                6,
+                7,
+            ]
             # the same with the access token as a bearer, and with per-request credentials
-            st, doc, _ = await env.call(ADMIN, "Customer/get_customer_list", {"offset": 2, "limit": 3}, None,
-                                        headers={"Authorization": f"Bearer {sess['access_token']}"})
+            st, doc, _ = await env.call(
+                ADMIN,
+                "Customer/get_customer_list",
+                {"offset": 2, "limit": 3},
+                None,
+                headers={"Authorization": f"Bearer {sess['access_token']}"},
+            )
             assert [c["i_customer"] for c in doc["customer_list"]] == [3, 4, 5]
-            st, doc, _ = await env.call(ADMIN, "Account/get_account_list", {"get_total": 1}, ADMIN_CREDS)
-            assert [a["i_account"] for a in doc["account_list"]] == [201, 202, 203, 204, 205, 206, 207]
+            st, doc, _ = await env.call(
+                ADMIN, "Account/get_account_list", {"get_total": 1}, ADMIN_CREDS
+            )
+            assert [a["i_account"] for a in doc["account_list"]] == [
+                201,
+                202,
+                203,
+                204,
+                205,
+                206,
+                207,
+            ]
             assert doc["total"] == 7 and env.api.metrics["lists_merged"] >= 83
             # the source was asked with skip_exported, the target was not
-            src = [e["params"] for e in env.source.log if e["method"] == "Customer/get_customer_list"]
-            tgt = [e["params"] for e in env.target.log if e["method"] == "Customer/get_customer_list"]
-            assert all(p["skip_exported"] == 1 for p in src) and not any("skip_exported" in p for p in tgt)
+            src = [
+                e["params"] for e in env.source.log if e["method"] == "Customer/get_customer_list"
+            ]
+            tgt = [
+                e["params"] for e in env.target.log if e["method"] == "Customer/get_customer_list"
+            ]
+            assert all(p["skip_exported"] == 1 for p in src) and not any(
+                "skip_exported" in p for p in tgt
+            )
             # each system saw its own session id
-            assert {e["user"] for e in env.source.log if e["method"] == "Customer/get_customer_list"} == {"admin:admin"}
+            assert {
+                e["user"] for e in env.source.log if e["method"] == "Customer/get_customer_list"
+            } == {"admin:admin"}
+
     run(main)
 
 
@@ -69,14 +111,19 @@ def test_merge_window_arithmetic_without_sockets() -> None:
         async def fetch(system: str, p: dict[str, Any]) -> tuple[int, bytes]:
             rows = src if system == "source" else tgt
             off, lim = int(p.get("offset", 0)), int(p.get("limit", 0))
-            page = rows[off: off + lim] if lim else rows[off:]
+            page = rows[off : off + lim] if lim else rows[off:]
             return 200, json.dumps({"x_list": page, "total": len(rows), "other": system}).encode()
 
         for off, lim in itertools.product(range(9), range(9)):
-            st, body = await merge_lists(fetch, {"offset": off, "limit": lim, "get_total": 1}, "x_list")
+            st, body = await merge_lists(
+                fetch, {"offset": off, "limit": lim, "get_total": 1}, "x_list"
+            )
             doc = json.loads(body)
             whole = src + tgt
-            assert doc["x_list"] == (whole[off: off + lim] if lim else whole[off:]) and doc["total"] == 7
+            assert (
+                doc["x_list"] == (whole[off : off + lim] if lim else whole[off:])
+                and doc["total"] == 7
+            )
         with pytest.raises(BadRequest):
             await merge_lists(fetch, {"offset": -1}, "x_list")
         with pytest.raises(BadRequest):
@@ -84,7 +131,9 @@ def test_merge_window_arithmetic_without_sockets() -> None:
 
         async def faulty(system: str, p: dict[str, Any]) -> tuple[int, bytes]:
             return 500, b'{"faultcode":"Server.Session.auth_failed","faultstring":"no"}'
+
         assert (await merge_lists(faulty, {}, "x_list"))[0] == 500
+
     asyncio.run(main())
 
 
@@ -94,37 +143,71 @@ def test_entities_go_to_their_owner_and_creates_are_recorded(tmp_path: Path) -> 
             st, sess, _ = await env.call(ADMIN, "Session/login", ADMIN_CREDS)
             auth = {"session_id": sess["session_id"]}
             for cid, system in (("1", "MR100"), ("5", "MR115")):
-                st, doc, hdrs = await env.call(ADMIN, "Customer/get_customer_info", {"i_customer": int(cid)}, auth)
-                assert st == 200 and hdrs["X-Billing-System"] == system and doc["customer_info"]["i_customer"] == int(cid)
+                st, doc, hdrs = await env.call(
+                    ADMIN, "Customer/get_customer_info", {"i_customer": int(cid)}, auth
+                )
+                assert (
+                    st == 200
+                    and hdrs["X-Billing-System"] == system
+                    and doc["customer_info"]["i_customer"] == int(cid)
+                )
             # an owner wins over merging
             env.clear_logs()
-            st, doc, hdrs = await env.call(ADMIN, "Account/get_account_list", {"i_customer": 2}, auth)
-            assert hdrs["X-Billing-System"] == "MR100" and [a["i_account"] for a in doc["account_list"]] == [202]
+            st, doc, hdrs = await env.call(
+                ADMIN, "Account/get_account_list", {"i_customer": 2}, auth
+            )
+            assert hdrs["X-Billing-System"] == "MR100" and [
+                a["i_account"] for a in doc["account_list"]
+            ] == [202]
             assert not env.target.log
-            st, doc, hdrs = await env.call(ADMIN, "Account/get_account_info", {"id": "200006"}, auth)
+            st, doc, hdrs = await env.call(
+                ADMIN, "Account/get_account_info", {"id": "200006"}, auth
+            )
             assert hdrs["X-Billing-System"] == "MR115" and doc["account_info"]["i_account"] == 206
             # a create without an owner: the target, recorded at once
-            st, made, hdrs = await env.call(ADMIN, "Customer/add_customer",
-                                            {"customer_info": {"name": "New", "login": "newbie"}}, auth)
+            st, made, hdrs = await env.call(
+                ADMIN,
+                "Customer/add_customer",
+                {"customer_info": {"name": "New", "login": "newbie"}},
+                auth,
+            )
             assert st == 200 and hdrs["X-Billing-System"] == "MR115"
             new_id = str(made["i_customer"])
             assert env.store.decide("login", "newbie").system == "target"
             assert env.store.customer(new_id).system == "target"
-            st, acc, hdrs = await env.call(ADMIN, "Account/add_account",
-                                           {"account_info": {"i_customer": int(new_id), "id": "300001"}}, auth)
+            st, acc, hdrs = await env.call(
+                ADMIN,
+                "Account/add_account",
+                {"account_info": {"i_customer": int(new_id), "id": "300001"}},
+                auth,
+            )
             assert st == 200 and hdrs["X-Billing-System"] == "MR115"
             d = env.store.decide("account", "300001")
             assert (d.system, d.customer_id) == ("target", new_id)  # what SIP asks: routed at once
             assert env.store.decide("i_account", str(acc["i_account"])).system == "target"
             # set_session_context picks the source for the next creates
-            st, ok, _ = await env.call(ADMIN, "Session/set_session_context", {"system": "source"}, auth)
+            st, ok, _ = await env.call(
+                ADMIN, "Session/set_session_context", {"system": "source"}, auth
+            )
             assert st == 200 and ok["system"] == "source"
-            st, made, hdrs = await env.call(ADMIN, "Customer/add_customer", {"customer_info": {"login": "oldstyle"}}, auth)
-            assert hdrs["X-Billing-System"] == "MR100" and env.store.decide("login", "oldstyle").system == "source"
+            st, made, hdrs = await env.call(
+                ADMIN, "Customer/add_customer", {"customer_info": {"login": "oldstyle"}}, auth
+            )
+            assert (
+                hdrs["X-Billing-System"] == "MR100"
+                and env.store.decide("login", "oldstyle").system == "source"
+            )
             # an account added to a source customer goes to the source
-            st, acc, hdrs = await env.call(ADMIN, "Account/add_account",
-                                           {"account_info": {"i_customer": 3, "id": "300002"}}, auth)
-            assert hdrs["X-Billing-System"] == "MR100" and env.store.decide("account", "300002").customer_id == "3"
+            st, acc, hdrs = await env.call(
+                ADMIN,
+                "Account/add_account",
+                {"account_info": {"i_customer": 3, "id": "300002"}},
+                auth,
+            )
+            assert (
+                hdrs["X-Billing-System"] == "MR100"
+                and env.store.decide("account", "300002").customer_id == "3"
+            )
             assert env.store.decide("account", "200003").customer_id == "3"  # old identities kept
             # logout closes both sessions
             st, _, _ = await env.call(ADMIN, "Session/logout", {}, auth)
@@ -132,6 +215,7 @@ def test_entities_go_to_their_owner_and_creates_are_recorded(tmp_path: Path) -> 
             assert not env.source.data.sessions and not env.target.data.sessions
             st, fault, _ = await env.call(ADMIN, "Customer/get_customer_list", {}, auth)
             assert st == 500 and "auth" in fault["faultcode"]
+
     run(main)
 
 
@@ -139,17 +223,26 @@ def test_session_accepted_by_one_system_only(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path, ROWS) as env:
             env.source.data.admins["old-admin"] = "pw"  # exists on the source only
-            st, sess, hdrs = await env.call(ADMIN, "Session/login", {"login": "old-admin", "password": "pw"})
+            st, sess, hdrs = await env.call(
+                ADMIN, "Session/login", {"login": "old-admin", "password": "pw"}
+            )
             assert st == 200 and hdrs["X-Billing-System"] == "MR100"
             auth = {"session_id": sess["session_id"]}
-            st, doc, hdrs = await env.call(ADMIN, "Customer/get_customer_info", {"i_customer": 2}, auth)
+            st, doc, hdrs = await env.call(
+                ADMIN, "Customer/get_customer_info", {"i_customer": 2}, auth
+            )
             assert st == 200 and hdrs["X-Billing-System"] == "MR100"
-            st, fault, _ = await env.call(ADMIN, "Customer/get_customer_info", {"i_customer": 6}, auth)
+            st, fault, _ = await env.call(
+                ADMIN, "Customer/get_customer_info", {"i_customer": 6}, auth
+            )
             assert st == 500 and fault["faultcode"] == "Server.Dispatcher.no_session_on_target"
             st, fault, _ = await env.call(ADMIN, "Customer/get_customer_list", {}, auth)
             assert st == 500 and fault["faultcode"] == "Server.Dispatcher.no_session_on_target"
-            st, fault, _ = await env.call(ADMIN, "Session/login", {"login": "admin", "password": "bad"})
+            st, fault, _ = await env.call(
+                ADMIN, "Session/login", {"login": "admin", "password": "bad"}
+            )
             assert st == 500 and fault["faultcode"] == "Server.Session.auth_failed"
+
     run(main)
 
 
@@ -157,13 +250,28 @@ def test_porting_requests_follow_the_did(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path, ROWS) as env:
             for number, system in (("+1 666 0002", "MR100"), ("16660005", "MR115")):
-                st, doc, hdrs = await env.call(PORTING, "DID/get_number_info", {"number": number}, ADMIN_CREDS)
+                st, doc, hdrs = await env.call(
+                    PORTING, "DID/get_number_info", {"number": number}, ADMIN_CREDS
+                )
                 assert st == 200 and hdrs["X-Billing-System"] == system, doc
             env.migrate("2")
-            st, doc, hdrs = await env.call(PORTING, "DID/get_number_info", {"number": "16660002"}, ADMIN_CREDS)
-            assert st == 200 and hdrs["X-Billing-System"] == "MR115" and doc["number_info"]["i_customer"] == 2
+            st, doc, hdrs = await env.call(
+                PORTING, "DID/get_number_info", {"number": "16660002"}, ADMIN_CREDS
+            )
+            assert (
+                st == 200
+                and hdrs["X-Billing-System"] == "MR115"
+                and doc["number_info"]["i_customer"] == 2
+            )
             # a customer-realm host never merges: its session decides
-            st, sess, _ = await env.call(CUSTOMER, "Session/login", {"login": "user1", "password": "secret"})
-            st, doc, hdrs = await env.call(CUSTOMER, "Account/get_account_list", {}, {"session_id": sess["session_id"]})
-            assert hdrs["X-Billing-System"] == "MR100" and [a["i_account"] for a in doc["account_list"]] == [201]
+            st, sess, _ = await env.call(
+                CUSTOMER, "Session/login", {"login": "user1", "password": "secret"}
+            )
+            st, doc, hdrs = await env.call(
+                CUSTOMER, "Account/get_account_list", {}, {"session_id": sess["session_id"]}
+            )
+            assert hdrs["X-Billing-System"] == "MR100" and [
+                a["i_account"] for a in doc["account_list"]
+            ] == [201]
+
     run(main)

@@ -26,7 +26,7 @@ async def raw(env: ApiEnv, data: bytes, wait: float = 3.0) -> bytes:
                 if not chunk:
                     break
                 out += chunk
-        except (asyncio.TimeoutError, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
         return out
     finally:
@@ -41,7 +41,9 @@ def fault_of(response: bytes) -> dict[str, str]:
 
 
 async def still_fine(env: ApiEnv) -> None:
-    st, _, hdrs = await env.call(CUSTOMER, "Session/login", {"login": "alice", "password": "secret"})
+    st, _, hdrs = await env.call(
+        CUSTOMER, "Session/login", {"login": "alice", "password": "secret"}
+    )
     assert st == 200 and hdrs["X-Billing-System"] == "MR100"
 
 
@@ -50,70 +52,106 @@ def test_malformed_api_requests_get_faults(tmp_path: Path) -> None:
         async with ApiEnv(tmp_path) as env:
             cases = [
                 ({"Content-Type": "application/x-www-form-urlencoded"}, b"params=%7Bbroken"),
-                ({"Content-Type": "application/x-www-form-urlencoded"}, b"auth_info=5&params=%7B%7D"),
+                (
+                    {"Content-Type": "application/x-www-form-urlencoded"},
+                    b"auth_info=5&params=%7B%7D",
+                ),
                 ({"Content-Type": "application/json"}, b'{"params": [1, 2'),
                 ({"Content-Type": "application/json"}, b'"just a string"'),
                 ({"Content-Type": "multipart/form-data; boundary=zz"}, b"--zz\r\nnonsense"),
             ]
             for realm_host in (CUSTOMER, ADMIN):
                 for headers, body in cases:
-                    async with env.http.post(f"{env.url}/rest/Customer/get_customer_list", data=body,
-                                             headers={"Host": realm_host, **headers}) as r:
+                    async with env.http.post(
+                        f"{env.url}/rest/Customer/get_customer_list",
+                        data=body,
+                        headers={"Host": realm_host, **headers},
+                    ) as r:
                         doc = await r.json(content_type=None)
-                        assert r.status == 500 and doc["faultcode"] == "Server.Dispatcher.bad_request", (body, doc)
+                        assert (
+                            r.status == 500 and doc["faultcode"] == "Server.Dispatcher.bad_request"
+                        ), (body, doc)
             # missing fields: nothing to route by, the back end's own fault comes back
-            async with env.http.post(f"{env.url}/rest/Customer/get_customer_list", headers={"Host": ADMIN}) as r:
+            async with env.http.post(
+                f"{env.url}/rest/Customer/get_customer_list", headers={"Host": ADMIN}
+            ) as r:
                 doc = await r.json(content_type=None)
                 assert r.status == 500 and doc["faultcode"] == "Server.Session.auth_failed"
             # a bad window on a merged list
-            st, doc, _ = await env.call(ADMIN, "Customer/get_customer_list", {"offset": "x"},
-                                        {"login": "admin", "password": "admin"})
+            st, doc, _ = await env.call(
+                ADMIN,
+                "Customer/get_customer_list",
+                {"offset": "x"},
+                {"login": "admin", "password": "admin"},
+            )
             assert st == 500 and doc["faultcode"] == "Server.Dispatcher.bad_request"
             # unknown hosts
             for host in ("unknown.example.com", "", "[bad"):
-                async with env.http.get(f"{env.url}/", headers={"Host": host} if host else {"Host": ""}) as r:
+                async with env.http.get(
+                    f"{env.url}/", headers={"Host": host} if host else {"Host": ""}
+                ) as r:
                     doc = await r.json(content_type=None)
                     assert r.status == 500 and doc["faultcode"] == "Server.Dispatcher.unknown_host"
             assert env.api.metrics["bad_requests"] >= 10 and env.api.metrics["unknown_host"] == 3
             await still_fine(env)
+
     run(main)
 
 
 def test_huge_headers_and_garbage_get_a_fault_and_a_close(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path) as env:
-            big = b"GET / HTTP/1.1\r\nHost: " + CUSTOMER.encode() + b"\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"
+            big = (
+                b"GET / HTTP/1.1\r\nHost: "
+                + CUSTOMER.encode()
+                + b"\r\nX-Big: "
+                + b"a" * 70000
+                + b"\r\n\r\n"
+            )
             out = await raw(env, big)
             assert out == b"" or fault_of(out)["faultcode"] == "Server.Dispatcher.request_too_large"
-            many = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(500)) + b"\r\n"
+            many = (
+                b"GET / HTTP/1.1\r\nHost: x\r\n"
+                + b"".join(b"X-%d: 1\r\n" % i for i in range(500))
+                + b"\r\n"
+            )
             out = await raw(env, many)
             assert out == b"" or fault_of(out)["faultcode"].startswith("Server.Dispatcher.")
             out = await raw(env, b"\x16\x03\x01\x02\x00garbage that is not HTTP\r\n\r\n")
             assert out == b"" or fault_of(out)["faultcode"] == "Server.Dispatcher.bad_request"
-            async with env.http.post(f"{env.url}/rest/Customer/get_customer_info", data=b"x",
-                                     headers={"Host": CUSTOMER, "Content-Length": "1"}) as r:
+            async with env.http.post(
+                f"{env.url}/rest/Customer/get_customer_info",
+                data=b"x",
+                headers={"Host": CUSTOMER, "Content-Length": "1"},
+            ) as r:
                 assert r.status in (200, 500)
             await still_fine(env)
+
     run(main)
 
 
 def test_a_stalled_client_is_cut_off_and_nobody_else_waits(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path) as env:
-            head = (f"POST /rest/Customer/get_customer_info HTTP/1.1\r\nHost: {CUSTOMER}\r\n"
-                    "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 500\r\n\r\n").encode()
+            head = (
+                f"POST /rest/Customer/get_customer_info HTTP/1.1\r\nHost: {CUSTOMER}\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 500\r\n\r\n"
+            ).encode()
             stalled = asyncio.create_task(raw(env, head + b"params=%7B%22i_cust", wait=5.0))
             await asyncio.sleep(0.1)
             await still_fine(env)  # while one client stalls, the others are served
             out = await asyncio.wait_for(stalled, 10)
             assert out == b"" or fault_of(out)["faultcode"] == "Server.Dispatcher.request_timeout"
             # a stalled streamed upload (not read for routing) is cut off too
-            head = (f"POST /_emulator/echo HTTP/1.1\r\nHost: {CUSTOMER}\r\n"
-                    "Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n").encode()
+            head = (
+                f"POST /_emulator/echo HTTP/1.1\r\nHost: {CUSTOMER}\r\n"
+                "Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n"
+            ).encode()
             out = await raw(env, head + b"x" * 1000, wait=5.0)
             assert out == b"" or fault_of(out)["faultcode"] == "Server.Dispatcher.request_timeout"
             assert env.api.metrics["client_timeouts"] >= 1
             await still_fine(env)
+
     run(main)
 
 
@@ -121,7 +159,9 @@ def test_a_back_end_dropping_mid_response_closes_the_client_cleanly(tmp_path: Pa
     async def main() -> None:
         async with ApiEnv(tmp_path) as env:
             try:
-                async with env.http.get(f"{env.url}/_emulator/drop?after=5000", headers={"Host": CUSTOMER}) as r:
+                async with env.http.get(
+                    f"{env.url}/_emulator/drop?after=5000", headers={"Host": CUSTOMER}
+                ) as r:
                     assert r.status == 200
                     await r.read()
                 raise AssertionError("a truncated body must not look complete")
@@ -129,4 +169,5 @@ def test_a_back_end_dropping_mid_response_closes_the_client_cleanly(tmp_path: Pa
                 pass
             assert env.api.status()["backends"]["target"]["errors"] >= 1
             await still_fine(env)
+
     run(main)

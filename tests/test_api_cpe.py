@@ -11,8 +11,10 @@ MAC1, MAC4 = "0004f2a1b2c1", "0004f2a1b2c4"  # alice's phone (source), dave's (t
 
 def inform(serial: str) -> bytes:
     return (
-        '<?xml version="1.0"?><soap-env:Envelope xmlns:soap-env="http://schemas.xmlsoap.org/soap/envelope/" '
-        'xmlns:cwmp="urn:dslforum-org:cwmp-1-0"><soap-env:Header><cwmp:ID soap-env:mustUnderstand="1">1</cwmp:ID>'
+        '<?xml version="1.0"?><soap-env:Envelope '
+        'xmlns:soap-env="http://schemas.xmlsoap.org/soap/envelope/" '
+        'xmlns:cwmp="urn:dslforum-org:cwmp-1-0"><soap-env:Header>'
+        '<cwmp:ID soap-env:mustUnderstand="1">1</cwmp:ID>'
         "</soap-env:Header><soap-env:Body><cwmp:Inform><DeviceId><Manufacturer>Acme</Manufacturer>"
         f"<OUI>0004F2</OUI><ProductClass>HGW</ProductClass><SerialNumber>{serial}</SerialNumber></DeviceId>"
         "<Event><EventStruct><EventCode>2 PERIODIC</EventCode></EventStruct></Event>"
@@ -32,7 +34,9 @@ async def cwmp_session(env: ApiEnv, serial: str) -> tuple[str, str]:
         assert r.status == 200, await r.text()
         first = r.headers["X-Billing-System"]
         cookie = r.headers["Set-Cookie"].split(";")[0]
-    async with env.http.post(env.url + "/cwmp", data=b"", headers={"Host": PROV, "Cookie": cookie}) as r:
+    async with env.http.post(
+        env.url + "/cwmp", data=b"", headers={"Host": PROV, "Cookie": cookie}
+    ) as r:
         assert r.status == 204, "the ACS that saw the Inform must see the rest of the session"
         return first, r.headers["X-Billing-System"]
 
@@ -40,15 +44,22 @@ async def cwmp_session(env: ApiEnv, serial: str) -> tuple[str, str]:
 def test_config_files_by_mac_follow_the_owner(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path) as env:
-            for path, system in ((f"/prov/{MAC1}.cfg", "MR100"), (f"/prov/cfg{MAC1.upper()}.xml", "MR100"),
-                                 (f"/prov/{MAC4}.cfg", "MR115"), ("/prov/phone.cfg?mac=00:04:f2:a1:b2:c4", "MR115")):
+            for path, system in (
+                (f"/prov/{MAC1}.cfg", "MR100"),
+                (f"/prov/cfg{MAC1.upper()}.xml", "MR100"),
+                (f"/prov/{MAC4}.cfg", "MR115"),
+                ("/prov/phone.cfg?mac=00:04:f2:a1:b2:c4", "MR115"),
+            ):
                 st, text, served = await fetch_cfg(env, path)
                 assert st == 200 and served == system and f"# {system} configuration" in text, path
             env.migrate("1")
             st, text, served = await fetch_cfg(env, f"/prov/{MAC1}.cfg")
-            assert st == 200 and served == "MR115", "after the migration alice's phone is provisioned by the target"
+            assert st == 200 and served == "MR115", (
+                "after the migration alice's phone is provisioned by the target"
+            )
             st, _, served = await fetch_cfg(env, "/prov/0004f2ffffff.cfg")
             assert st == 404 and served == "MR100"  # unknown device: store.unknown = source
+
     run(main)
 
 
@@ -59,4 +70,5 @@ def test_cwmp_inform_then_cookie_stick_to_the_owner(tmp_path: Path) -> None:
             assert await cwmp_session(env, MAC4.upper()) == ("MR115", "MR115")
             env.migrate("1")
             assert await cwmp_session(env, "0004F2A1B2C1") == ("MR115", "MR115")
+
     run(main)

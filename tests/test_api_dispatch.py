@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from dsbc.api_service import start_api
@@ -15,34 +16,56 @@ LOGIN = "Session/login"
 def test_source_customer_login_and_every_call_reach_the_source(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path) as env:
-            st, sess, hdrs = await env.call(CUSTOMER, LOGIN, {"login": "alice", "password": "secret"})
+            st, sess, hdrs = await env.call(
+                CUSTOMER, LOGIN, {"login": "alice", "password": "secret"}
+            )
             assert st == 200 and hdrs["X-Billing-System"] == "MR100", sess
             assert "authorized-by-remote=1" in hdrs.get("Set-Cookie", "")
             # alice is in the store: her login went straight to her system
             assert env.served_by(LOGIN) == ["source"]
             sid, tok = sess["session_id"], sess["access_token"]
-            st, info, hdrs = await env.call(CUSTOMER, "Customer/get_customer_info", {}, {"session_id": sid})
-            assert st == 200 and info["customer_info"]["login"] == "alice" and hdrs["X-Billing-System"] == "MR100"
-            st, acc, hdrs = await env.call(CUSTOMER, "Account/get_account_list", {}, None,
-                                           headers={"Authorization": f"Bearer {tok}"}, as_json=True)
+            st, info, hdrs = await env.call(
+                CUSTOMER, "Customer/get_customer_info", {}, {"session_id": sid}
+            )
+            assert (
+                st == 200
+                and info["customer_info"]["login"] == "alice"
+                and hdrs["X-Billing-System"] == "MR100"
+            )
+            st, acc, hdrs = await env.call(
+                CUSTOMER,
+                "Account/get_account_list",
+                {},
+                None,
+                headers={"Authorization": f"Bearer {tok}"},
+                as_json=True,
+            )
             assert st == 200 and acc["account_list"][0]["id"] == "100001"
             st, ping, _ = await env.call(CUSTOMER, "Session/ping", {"session_id": sid})
             assert st == 200 and ping["user_id"] == "1"
-            st, new, _ = await env.call(CUSTOMER, "Session/refresh_access_token", {"refresh_token": sess["refresh_token"]})
+            st, new, _ = await env.call(
+                CUSTOMER, "Session/refresh_access_token", {"refresh_token": sess["refresh_token"]}
+            )
             assert st == 200 and new["access_token"] != tok
-            st, _, hdrs = await env.call(CUSTOMER, "Customer/get_customer_info", {},
-                                         headers={"Authorization": f"Bearer {new['access_token']}"})
+            st, _, hdrs = await env.call(
+                CUSTOMER,
+                "Customer/get_customer_info",
+                {},
+                headers={"Authorization": f"Bearer {new['access_token']}"},
+            )
             assert st == 200 and hdrs["X-Billing-System"] == "MR100"
             st, _, _ = await env.call(CUSTOMER, "Session/logout", {}, {"session_id": sid})
             assert st == 200
             assert not env.target.log, "nothing of alice's may reach the target"
             # X-Forwarded-For reached the system
             assert all(e["xff"] == "127.0.0.1" for e in env.source.log)
+
     run(main)
 
 
 def test_unknown_login_tries_the_target_then_the_source(tmp_path: Path) -> None:
     rows = [{"customer_id": "7", "system": "source", "identities": ["account:700"]}]
+
     async def main() -> None:
         async with ApiEnv(tmp_path, rows) as env:
             # the source knows login "zoe" but the store does not: target first, then source
@@ -52,32 +75,46 @@ def test_unknown_login_tries_the_target_then_the_source(tmp_path: Path) -> None:
             assert env.served_by(LOGIN) == ["source", "target"]
             assert env.api.metrics["login_fallbacks"] == 1
             env.clear_logs()
-            st, _, hdrs = await env.call(CUSTOMER, "Customer/get_customer_info", {}, {"session_id": sess["session_id"]})
+            st, _, hdrs = await env.call(
+                CUSTOMER, "Customer/get_customer_info", {}, {"session_id": sess["session_id"]}
+            )
             assert st == 200 and hdrs["X-Billing-System"] == "MR100" and not env.target.log
             # nobody accepts it: the source's auth fault comes back as it is
             st, fault, _ = await env.call(CUSTOMER, LOGIN, {"login": "nobody", "password": "x"})
             assert st == 500 and fault["faultcode"] == "Server.Session.auth_failed"
-            # a session nobody made through dsbc: probed on the target, then the source, then remembered
+            # a session not made through dsbc: probed on the target, then the source, remembered
             other = env.source.data.open_session("customer", "7")
             env.clear_logs()
-            st, _, _ = await env.call(CUSTOMER, "Customer/get_customer_info", {}, {"session_id": other.session_id})
+            st, _, _ = await env.call(
+                CUSTOMER, "Customer/get_customer_info", {}, {"session_id": other.session_id}
+            )
             assert st == 200 and env.served_by("Customer/get_customer_info") == ["source", "target"]
             env.clear_logs()
-            st, _, _ = await env.call(CUSTOMER, "Customer/get_customer_info", {}, {"session_id": other.session_id})
+            st, _, _ = await env.call(
+                CUSTOMER, "Customer/get_customer_info", {}, {"session_id": other.session_id}
+            )
             assert st == 200 and env.served_by("Customer/get_customer_info") == ["source"]
+
     run(main)
 
 
 def test_target_customer_reaches_the_target(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path) as env:
-            st, sess, hdrs = await env.call(CUSTOMER, LOGIN, {"login": "dave", "password": "secret"}, as_json=True)
+            st, sess, hdrs = await env.call(
+                CUSTOMER, LOGIN, {"login": "dave", "password": "secret"}, as_json=True
+            )
             assert st == 200 and hdrs["X-Billing-System"] == "MR115"
             assert "authorized-by-remote" not in hdrs.get("Set-Cookie", "")
-            for name in ("Customer/get_customer_info", "Account/get_account_list", "Invoice/get_invoice_list"):
+            for name in (
+                "Customer/get_customer_info",
+                "Account/get_account_list",
+                "Invoice/get_invoice_list",
+            ):
                 st, _, hdrs = await env.call(CUSTOMER, name, {}, {"session_id": sess["session_id"]})
                 assert st == 200 and hdrs["X-Billing-System"] == "MR115", name
             assert not env.source.log
+
     run(main)
 
 
@@ -87,21 +124,40 @@ def test_migration_new_login_on_target_old_session_keeps_working(tmp_path: Path)
             st, old, _ = await env.call(CUSTOMER, LOGIN, {"login": "carol", "password": "secret"})
             assert st == 200
             env.migrate("3")
-            st, new, hdrs = await env.call(CUSTOMER, LOGIN, {"login": "carol", "password": "secret"})
+            st, new, hdrs = await env.call(
+                CUSTOMER, LOGIN, {"login": "carol", "password": "secret"}
+            )
             assert st == 200 and hdrs["X-Billing-System"] == "MR115"
             # a browser that had the source's cookie gets it cleared
-            st, _, hdrs = await env.call(CUSTOMER, LOGIN, {"login": "carol", "password": "secret"},
-                                         headers={"Cookie": "authorized-by-remote=1"})
+            st, _, hdrs = await env.call(
+                CUSTOMER,
+                LOGIN,
+                {"login": "carol", "password": "secret"},
+                headers={"Cookie": "authorized-by-remote=1"},
+            )
             assert "authorized-by-remote=;" in hdrs.get("Set-Cookie", "")
-            st, _, hdrs = await env.call(CUSTOMER, "Account/get_account_list", {}, {"session_id": new["session_id"]})
+            st, _, hdrs = await env.call(
+                CUSTOMER, "Account/get_account_list", {}, {"session_id": new["session_id"]}
+            )
             assert st == 200 and hdrs["X-Billing-System"] == "MR115"
             # the old session still lives on the source until it ends
-            st, info, hdrs = await env.call(CUSTOMER, "Customer/get_customer_info", {}, {"session_id": old["session_id"]})
-            assert st == 200 and hdrs["X-Billing-System"] == "MR100" and info["customer_info"]["login"] == "carol"
-            st, _, hdrs = await env.call(CUSTOMER, "Session/logout", {}, {"session_id": old["session_id"]})
+            st, info, hdrs = await env.call(
+                CUSTOMER, "Customer/get_customer_info", {}, {"session_id": old["session_id"]}
+            )
+            assert (
+                st == 200
+                and hdrs["X-Billing-System"] == "MR100"
+                and info["customer_info"]["login"] == "carol"
+            )
+            st, _, hdrs = await env.call(
+                CUSTOMER, "Session/logout", {}, {"session_id": old["session_id"]}
+            )
             assert st == 200 and hdrs["X-Billing-System"] == "MR100"
-            st, fault, _ = await env.call(CUSTOMER, "Customer/get_customer_info", {}, {"session_id": old["session_id"]})
+            st, fault, _ = await env.call(
+                CUSTOMER, "Customer/get_customer_info", {}, {"session_id": old["session_id"]}
+            )
             assert st == 500 and "auth" in fault["faultcode"]
+
     run(main)
 
 
@@ -109,13 +165,16 @@ def test_locked_customer_is_held_until_the_flip(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path, lock_hold=3.0) as env:
             env.store.lock(["2"], "batch-test")
-            login = asyncio.create_task(env.call(CUSTOMER, LOGIN, {"login": "bob", "password": "secret"}))
+            login = asyncio.create_task(
+                env.call(CUSTOMER, LOGIN, {"login": "bob", "password": "secret"})
+            )
             await asyncio.sleep(0.3)
             assert not login.done(), "a locked customer's login is held, not refused"
             env.migrate("2")
             st, sess, hdrs = await asyncio.wait_for(login, 5)
             assert st == 200 and hdrs["X-Billing-System"] == "MR115"
             assert env.api.metrics["held"] == 1
+
     run(main)
 
 
@@ -123,19 +182,24 @@ def test_lock_outlasting_the_hold_and_a_dead_system_give_faults(tmp_path: Path) 
     async def main() -> None:
         async with ApiEnv(tmp_path, lock_hold=0.2) as env:
             env.store.lock(["2"], "batch-test")
-            st, fault, hdrs = await env.call(CUSTOMER, LOGIN, {"login": "bob", "password": "secret"})
+            st, fault, hdrs = await env.call(
+                CUSTOMER, LOGIN, {"login": "bob", "password": "secret"}
+            )
             assert st == 500 and fault["faultcode"] == "Server.Dispatcher.customer_locked"
             assert hdrs["Content-Type"].startswith("application/json") and hdrs["Retry-After"]
             st, sess, _ = await env.call(CUSTOMER, LOGIN, {"login": "dave", "password": "secret"})
             assert st == 200
             await env.target.stop()
-            st, fault, _ = await env.call(CUSTOMER, "Customer/get_customer_info", {}, {"session_id": sess["session_id"]})
+            st, fault, _ = await env.call(
+                CUSTOMER, "Customer/get_customer_info", {}, {"session_id": sess["session_id"]}
+            )
             assert st == 500 and fault["faultcode"] == "Server.Dispatcher.backend_unavailable"
             assert "target" in fault["faultstring"]
             # the source still answers its customers
             st, _, hdrs = await env.call(CUSTOMER, LOGIN, {"login": "alice", "password": "secret"})
             assert st == 200 and hdrs["X-Billing-System"] == "MR100"
             assert env.api.status()["backends"]["target"]["healthy"] is False
+
     run(main)
 
 
@@ -145,17 +209,24 @@ def test_a_second_node_routes_sessions_made_by_the_first(tmp_path: Path) -> None
             st, sess, _ = await env.call(CUSTOMER, LOGIN, {"login": "alice", "password": "secret"})
             assert st == 200
             other_store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
-            from tests.test_api_support import config_text, free_port
             from dsbc.config import parse_config
-            cfg = parse_config(config_text(tmp_path / "loc.db", env.source.url, env.target.url, free_port()))
+            from tests.test_api_support import config_text, free_port
+
+            cfg = parse_config(
+                config_text(tmp_path / "loc.db", env.source.url, env.target.url, free_port())
+            )
             node2 = await start_api(cfg, other_store)
             try:
                 env.clear_logs()
-                async with env.http.post(f"{node2.url}/rest/Customer/get_customer_info", headers={"Host": CUSTOMER},
-                                         data={"auth_info": '{"session_id": "%s"}' % sess["session_id"]}) as r:
+                async with env.http.post(
+                    f"{node2.url}/rest/Customer/get_customer_info",
+                    headers={"Host": CUSTOMER},
+                    data={"auth_info": json.dumps({"session_id": sess["session_id"]})},
+                ) as r:
                     assert r.status == 200 and r.headers["X-Billing-System"] == "MR100"
                 assert not env.target.log, "node 2 knew the session from the store: no probing"
             finally:
                 await node2.stop()
                 other_store.close()
+
     run(main)

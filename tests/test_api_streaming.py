@@ -26,15 +26,21 @@ def test_a_50_mb_invoice_and_a_20_mb_upload_stream_through(tmp_path: Path) -> No
     async def main() -> None:
         async with ApiEnv(tmp_path) as env:
             # a web login as alice (source): the session cookie and the remote cookie
-            async with env.http.post(f"{env.url}/login", data={"login": "alice", "password": "secret"},
-                                     headers={"Host": CUSTOMER}, allow_redirects=False) as r:
+            async with env.http.post(
+                f"{env.url}/login",
+                data={"login": "alice", "password": "secret"},
+                headers={"Host": CUSTOMER},
+                allow_redirects=False,
+            ) as r:
                 assert r.status == 303 and r.headers["X-Billing-System"] == "MR100"
                 cookies = "; ".join(c.split(";")[0] for c in r.headers.getall("Set-Cookie"))
                 assert "authorized-by-remote=1" in cookies and "sc_session=" in cookies
             before = max_rss_mb()
             got = 0
-            async with env.http.get(f"{env.url}/invoice/101.pdf?size={BIG}",
-                                    headers={"Host": CUSTOMER, "Cookie": cookies}) as r:
+            async with env.http.get(
+                f"{env.url}/invoice/101.pdf?size={BIG}",
+                headers={"Host": CUSTOMER, "Cookie": cookies},
+            ) as r:
                 assert r.status == 200 and r.headers["X-Billing-System"] == "MR100"
                 assert r.headers["Content-Length"] == str(BIG)
                 async for chunk in r.content.iter_chunked(1 << 16):
@@ -51,11 +57,15 @@ def test_a_50_mb_invoice_and_a_20_mb_upload_stream_through(tmp_path: Path) -> No
                     digest.update(block)
                     yield block
 
-            async with env.http.post(f"{env.url}/_emulator/echo", data=upload(),
-                                     headers={"Host": CUSTOMER, "Content-Type": "application/octet-stream"}) as r:
+            async with env.http.post(
+                f"{env.url}/_emulator/echo",
+                data=upload(),
+                headers={"Host": CUSTOMER, "Content-Type": "application/octet-stream"},
+            ) as r:
                 doc = await r.json()
             assert doc["size"] == 20 * 1024 * 1024 and doc["sha256"] == digest.hexdigest()
             assert doc["system"] == "MR115"  # no remote cookie: the target
+
     run(main)
 
 
@@ -69,26 +79,51 @@ def test_keep_alive_pool_and_forwarded_headers(tmp_path: Path) -> None:
             assert len(peers) == 1, f"10 calls used {len(peers)} connections to the target"
             e = env.target.log[-1]
             assert (e["xff"], e["proto"], e["host"]) == ("127.0.0.1", "http", CUSTOMER)
-            async with env.http.get(f"{env.url}/", headers={"Host": CUSTOMER, "X-Forwarded-For": "10.9.8.7"}) as r:
+            async with env.http.get(
+                f"{env.url}/", headers={"Host": CUSTOMER, "X-Forwarded-For": "10.9.8.7"}
+            ) as r:
                 assert r.status == 200
             assert env.target.log[-1]["xff"] == "10.9.8.7, 127.0.0.1"
+
     run(main)
 
 
 def test_redirects_and_cookies_are_made_the_public_hosts(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path) as env:
-            async with env.http.get(f"{env.url}/home", headers={"Host": CUSTOMER}, allow_redirects=False) as r:
+            async with env.http.get(
+                f"{env.url}/home", headers={"Host": CUSTOMER}, allow_redirects=False
+            ) as r:
                 assert r.status == 303 and r.headers["Location"] in ("/", f"http://{CUSTOMER}/")
+
     run(main)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate"
+)
 def test_tls_termination(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", f"/CN={CUSTOMER}", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={CUSTOMER}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
 
     async def main() -> None:
         extra = f'tls_cert = "{cert}"\ntls_key = "{key}"'
@@ -97,9 +132,14 @@ def test_tls_termination(tmp_path: Path) -> None:
             ctx = ssl.create_default_context(cafile=str(cert))
             ctx.check_hostname = False
             async with aiohttp.ClientSession() as http:
-                async with http.post(f"{env.url}/rest/Session/login", headers={"Host": CUSTOMER},
-                                     json={"params": {"login": "alice", "password": "secret"}}, ssl=ctx) as r:
+                async with http.post(
+                    f"{env.url}/rest/Session/login",
+                    headers={"Host": CUSTOMER},
+                    json={"params": {"login": "alice", "password": "secret"}},
+                    ssl=ctx,
+                ) as r:
                     assert r.status == 200 and r.headers["X-Billing-System"] == "MR100"
                     assert "Secure" in r.headers["Set-Cookie"]
             assert env.source.log[-1]["proto"] == "https"
+
     run(main)

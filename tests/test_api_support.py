@@ -43,8 +43,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def config_text(db: Path, src: str, tgt: str, port: int, extra_api: str = "", lock_hold: float = 1.0,
-                unknown: str = "source") -> str:
+def config_text(
+    db: Path,
+    src: str,
+    tgt: str,
+    port: int,
+    extra_api: str = "",
+    lock_hold: float = 1.0,
+    unknown: str = "source",
+) -> str:
     vhosts = "".join(
         f'\n[[api.vhosts]]\nhost = "{h}"\nrealm = "{r}"\nsource = "{src}"\ntarget = "{tgt}"\n'
         for h, r in ((CUSTOMER, "customer"), (ADMIN, "admin"), (PROV, "cpe"), (PORTING, "porting"))
@@ -68,12 +75,18 @@ class ApiEnv:
         self.http: aiohttp.ClientSession
 
     async def __aenter__(self) -> ApiEnv:
-        self.source = await start_billing_emulator("MR100", "127.0.0.1", 0, self.rows, system="source")
-        self.target = await start_billing_emulator("MR115", "127.0.0.1", 0, self.rows, system="target")
+        self.source = await start_billing_emulator(
+            "MR100", "127.0.0.1", 0, self.rows, system="source"
+        )
+        self.target = await start_billing_emulator(
+            "MR115", "127.0.0.1", 0, self.rows, system="target"
+        )
         db = self.tmp / "loc.db"
         self.store = open_store(f"sqlite:///{db}")
         self.store.import_rows(self.rows)
-        self.cfg = parse_config(config_text(db, self.source.url, self.target.url, free_port(), **self.cfg_kw))
+        self.cfg = parse_config(
+            config_text(db, self.source.url, self.target.url, free_port(), **self.cfg_kw)
+        )
         self.store.unknown = self.cfg.store.unknown
         self.api = await start_api(self.cfg, self.store)
         self.http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
@@ -90,8 +103,16 @@ class ApiEnv:
     def url(self) -> str:
         return self.api.url
 
-    async def call(self, host: str, name: str, params: Any = None, auth: Any = None, *,
-                   as_json: bool = False, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+    async def call(
+        self,
+        host: str,
+        name: str,
+        params: Any = None,
+        auth: Any = None,
+        *,
+        as_json: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any, Any]:
         """POST /rest/<name> through dsbc; (status, decoded JSON, response headers)."""
         hdrs = {"Host": host, **(headers or {})}
         if as_json:
@@ -112,7 +133,9 @@ class ApiEnv:
     def served_by(self, method: str) -> list[str]:
         """Which systems logged ``method`` (in order of the two logs)."""
         out = [e for e in self.source.log if e["method"] == method]
-        return ["source"] * len(out) + ["target"] * len([e for e in self.target.log if e["method"] == method])
+        return ["source"] * len(out) + ["target"] * len(
+            [e for e in self.target.log if e["method"] == method]
+        )
 
     def clear_logs(self) -> None:
         self.source.log.clear()

@@ -16,8 +16,14 @@ def run(fn: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(fn(), 60))
 
 
-async def call(http: aiohttp.ClientSession, emu: BillingEmulator, name: str, params: Any = None,
-               auth: Any = None, as_json: bool = False) -> tuple[int, Any]:
+async def call(
+    http: aiohttp.ClientSession,
+    emu: BillingEmulator,
+    name: str,
+    params: Any = None,
+    auth: Any = None,
+    as_json: bool = False,
+) -> tuple[int, Any]:
     url = f"{emu.url}/rest/{name}"
     if as_json:
         async with http.post(url, json={"auth_info": auth, "params": params or {}}) as r:
@@ -34,28 +40,64 @@ def test_login_sessions_tokens_and_faults() -> None:
         src = await start_billing_emulator("MR100", "127.0.0.1", 0, sample_rows(), system="source")
         try:
             async with aiohttp.ClientSession() as http:
-                st, fault = await call(http, src, "Session/login", {"login": "alice", "password": "wrong"})
+                st, fault = await call(
+                    http, src, "Session/login", {"login": "alice", "password": "wrong"}
+                )
                 assert st == 500 and fault["faultcode"] == "Server.Session.auth_failed"
-                st, sess = await call(http, src, "Session/login", {"login": "alice", "password": "secret"})
-                assert st == 200 and {"session_id", "access_token", "refresh_token", "expires_at"} <= set(sess)
-                st, info = await call(http, src, "Customer/get_customer_info", {}, {"session_id": sess["session_id"]})
+                st, sess = await call(
+                    http, src, "Session/login", {"login": "alice", "password": "secret"}
+                )
+                assert st == 200 and {
+                    "session_id",
+                    "access_token",
+                    "refresh_token",
+                    "expires_at",
+                } <= set(sess)
+                st, info = await call(
+                    http, src, "Customer/get_customer_info", {}, {"session_id": sess["session_id"]}
+                )
                 assert info["customer_info"]["login"] == "alice"
-                async with http.post(f"{src.url}/rest/Account/get_account_list",
-                                     headers={"Authorization": f"Bearer {sess['access_token']}"}) as r:
+                async with http.post(
+                    f"{src.url}/rest/Account/get_account_list",
+                    headers={"Authorization": f"Bearer {sess['access_token']}"},
+                ) as r:
                     assert r.headers["X-Billing-System"] == "MR100"
                     assert [a["id"] for a in (await r.json())["account_list"]] == ["100001"]
-                st, new = await call(http, src, "Session/refresh_access_token", {"refresh_token": sess["refresh_token"]})
+                st, new = await call(
+                    http,
+                    src,
+                    "Session/refresh_access_token",
+                    {"refresh_token": sess["refresh_token"]},
+                )
                 assert st == 200 and new["access_token"] != sess["access_token"]
-                st, _ = await call(http, src, "Customer/get_customer_info", {}, {"access_token": sess["access_token"]})
+                st, _ = await call(
+                    http,
+                    src,
+                    "Customer/get_customer_info",
+                    {},
+                    {"access_token": sess["access_token"]},
+                )
                 assert st == 500
-                st, _ = await call(http, src, "Session/logout", {}, {"session_id": sess["session_id"]}, as_json=True)
+                st, _ = await call(
+                    http,
+                    src,
+                    "Session/logout",
+                    {},
+                    {"session_id": sess["session_id"]},
+                    as_json=True,
+                )
                 assert st == 200
-                st, fault = await call(http, src, "Customer/get_customer_info", {}, {"session_id": sess["session_id"]})
+                st, fault = await call(
+                    http, src, "Customer/get_customer_info", {}, {"session_id": sess["session_id"]}
+                )
                 assert st == 500 and fault["faultcode"] == "Server.Session.auth_failed"
-                st, fault = await call(http, src, "Nope/nothing", {}, {"login": "admin", "password": "admin"})
+                st, fault = await call(
+                    http, src, "Nope/nothing", {}, {"login": "admin", "password": "admin"}
+                )
                 assert st == 500 and "unknown_method" in fault["faultcode"]
         finally:
             await src.stop()
+
     run(main)
 
 
@@ -68,27 +110,58 @@ def test_lists_skip_exported_and_migration_between_systems() -> None:
         admin = {"login": "admin", "password": "admin"}
         try:
             async with aiohttp.ClientSession() as http:
-                _, all_src = await call(http, src, "Customer/get_customer_list", {"get_total": 1}, admin)
+                _, all_src = await call(
+                    http, src, "Customer/get_customer_list", {"get_total": 1}, admin
+                )
                 assert all_src["total"] == 5  # dave and erin moved: kept as exported
-                _, live = await call(http, src, "Customer/get_customer_list", {"skip_exported": 1, "get_total": 1}, admin)
+                _, live = await call(
+                    http,
+                    src,
+                    "Customer/get_customer_list",
+                    {"skip_exported": 1, "get_total": 1},
+                    admin,
+                )
                 assert [c["login"] for c in live["customer_list"]] == ["alice", "bob", "carol"]
-                _, page = await call(http, tgt, "Customer/get_customer_list", {"offset": 1, "limit": 1, "get_total": 1}, admin)
-                assert [c["login"] for c in page["customer_list"]] == ["erin"] and page["total"] == 2
+                _, page = await call(
+                    http,
+                    tgt,
+                    "Customer/get_customer_list",
+                    {"offset": 1, "limit": 1, "get_total": 1},
+                    admin,
+                )
+                assert [c["login"] for c in page["customer_list"]] == ["erin"] and page[
+                    "total"
+                ] == 2
                 # carol moves
                 tgt.import_customer(src.export_customer(3))
-                st, _ = await call(http, src, "Session/login", {"login": "carol", "password": "secret"})
+                st, _ = await call(
+                    http, src, "Session/login", {"login": "carol", "password": "secret"}
+                )
                 assert st == 500
-                st, sess = await call(http, tgt, "Session/login", {"login": "carol", "password": "secret"})
+                st, sess = await call(
+                    http, tgt, "Session/login", {"login": "carol", "password": "secret"}
+                )
                 assert st == 200
-                _, acc = await call(http, tgt, "Account/get_account_list", {}, {"session_id": sess["session_id"]})
+                _, acc = await call(
+                    http, tgt, "Account/get_account_list", {}, {"session_id": sess["session_id"]}
+                )
                 assert acc["account_list"][0]["i_account"] == 103
-                st, new = await call(http, tgt, "Customer/add_customer", {"customer_info": {"name": "New", "login": "newbie"}}, admin)
+                st, new = await call(
+                    http,
+                    tgt,
+                    "Customer/add_customer",
+                    {"customer_info": {"name": "New", "login": "newbie"}},
+                    admin,
+                )
                 assert st == 200 and new["i_customer"] >= 5000
-                st, num = await call(http, tgt, "DID/get_number_info", {"number": "15550104"}, admin)
+                st, num = await call(
+                    http, tgt, "DID/get_number_info", {"number": "15550104"}, admin
+                )
                 assert num["number_info"]["i_customer"] == 4
         finally:
             await src.stop()
             await tgt.stop()
+
     run(main)
 
 
@@ -99,9 +172,13 @@ def test_self_care_pages_invoice_cpe_and_cwmp() -> None:
             async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
                 async with http.get(src.url + "/") as r:
                     assert "MR100 self-care" in await r.text()
-                async with http.post(src.url + "/login", data={"login": "bob", "password": "x"}) as r:
+                async with http.post(
+                    src.url + "/login", data={"login": "bob", "password": "x"}
+                ) as r:
                     assert r.status == 401
-                async with http.post(src.url + "/login", data={"login": "bob", "password": "secret"}) as r:
+                async with http.post(
+                    src.url + "/login", data={"login": "bob", "password": "secret"}
+                ) as r:
                     assert r.status == 200 and "Welcome, Bob" in await r.text()
                 async with http.get(src.url + "/invoice/201.pdf?size=300000") as r:
                     body = await r.read()
@@ -110,11 +187,15 @@ def test_self_care_pages_invoice_cpe_and_cwmp() -> None:
                     assert r.status == 200 and "account.1.user = 100002" in await r.text()
                 async with http.get(src.url + "/prov/0004f2ffffff.cfg") as r:
                     assert r.status == 404
-                inform = b"<cwmp:Inform><DeviceId><SerialNumber>0004F2A1B2C1</SerialNumber></DeviceId></cwmp:Inform>"
+                inform = (
+                    b"<cwmp:Inform><DeviceId><SerialNumber>0004F2A1B2C1</SerialNumber>"
+                    b"</DeviceId></cwmp:Inform>"
+                )
                 async with http.post(src.url + "/cwmp", data=inform) as r:
                     assert r.status == 200
                 async with http.post(src.url + "/cwmp", data=b"") as r:
                     assert r.status == 204
         finally:
             await src.stop()
+
     run(main)

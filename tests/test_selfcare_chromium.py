@@ -24,7 +24,8 @@ from tests.test_api_support import CUSTOMER, ApiEnv, run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)"
+)
 
 
 class Cdp:
@@ -49,7 +50,9 @@ class Cdp:
                 self.events.append(data)
                 self.changed.set()
 
-    async def send(self, method: str, params: dict[str, Any] | None = None, session: str | None = None) -> dict[str, Any]:
+    async def send(
+        self, method: str, params: dict[str, Any] | None = None, session: str | None = None
+    ) -> dict[str, Any]:
         self.next_id += 1
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.pending[self.next_id] = fut
@@ -66,7 +69,10 @@ class Cdp:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            if any(e.get("method") == name and e.get("sessionId") == session for e in self.events[since:]):
+            if any(
+                e.get("method") == name and e.get("sessionId") == session
+                for e in self.events[since:]
+            ):
                 return
             self.changed.clear()
             left = deadline - loop.time()
@@ -82,8 +88,11 @@ class Page:
         self.session = session
 
     async def js(self, expression: str) -> Any:
-        r = await self.cdp.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
-                                                     "returnByValue": True}, self.session)
+        r = await self.cdp.send(
+            "Runtime.evaluate",
+            {"expression": expression, "awaitPromise": True, "returnByValue": True},
+            self.session,
+        )
         if "exceptionDetails" in r:
             raise AssertionError(f"{expression}: {r['exceptionDetails']}")
         return r["result"].get("value")
@@ -103,12 +112,25 @@ class Page:
 async def start_chromium(profile: Path, port: int) -> tuple[asyncio.subprocess.Process, str]:
     assert CHROMIUM is not None
     proc = await asyncio.create_subprocess_exec(
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-port=0",
-        "--remote-debugging-address=127.0.0.1", f"--host-resolver-rules=MAP {CUSTOMER} 127.0.0.1",
-        "--window-size=1000,700", "about:blank",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--remote-debugging-port=0",
+        "--remote-debugging-address=127.0.0.1",
+        f"--host-resolver-rules=MAP {CUSTOMER} 127.0.0.1",
+        "--window-size=1000,700",
+        "about:blank",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     active = profile / "DevToolsActivePort"
     for _ in range(300):
         if active.exists() and len(active.read_text().split()) >= 2:
@@ -129,10 +151,15 @@ def test_self_care_login_and_invoices_come_from_the_source(tmp_path: Path) -> No
             public = f"http://{CUSTOMER}:{port}"
             proc, ws_url = await start_chromium(tmp_path / "profile", port)
             try:
-                async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.ws_connect(ws_url, max_msg_size=0) as ws,
+                ):
                     cdp = Cdp(ws)
                     target = await cdp.send("Target.createTarget", {"url": "about:blank"})
-                    att = await cdp.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
+                    att = await cdp.send(
+                        "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
+                    )
                     page = Page(cdp, att["sessionId"])
                     await cdp.send("Page.enable", {}, page.session)
                     await cdp.send("Network.enable", {}, page.session)
@@ -143,12 +170,18 @@ def test_self_care_login_and_invoices_come_from_the_source(tmp_path: Path) -> No
                     await page.loads(
                         "document.getElementById('user').value = 'alice';"
                         "document.getElementById('pass').value = 'secret';"
-                        "document.getElementById('submit').click()")
+                        "document.getElementById('submit').click()"
+                    )
                     assert await page.js("location.href") == public + "/home"
                     assert "Welcome, Alice" in await page.js("document.body.innerText")
-                    assert await page.js("document.getElementById('system').innerText") == "MR100 self-care"
+                    assert (
+                        await page.js("document.getElementById('system').innerText")
+                        == "MR100 self-care"
+                    )
 
-                    cookies = (await cdp.send("Network.getCookies", {"urls": [public + "/"]}, page.session))["cookies"]
+                    cookies = (
+                        await cdp.send("Network.getCookies", {"urls": [public + "/"]}, page.session)
+                    )["cookies"]
                     names = {c["name"]: c["value"] for c in cookies}
                     assert names.get("authorized-by-remote") == "1" and names.get("sc_session")
 
@@ -156,8 +189,10 @@ def test_self_care_login_and_invoices_come_from_the_source(tmp_path: Path) -> No
                     assert await page.js("location.pathname") == "/invoices"
                     assert await page.js("document.querySelectorAll('a.invoice').length") == 3
                     fetched = await page.js(
-                        "fetch('/invoice/101.pdf').then(async r => [r.status, r.headers.get('content-type'),"
-                        " r.headers.get('x-billing-system'), (await r.text()).slice(0, 8)])")
+                        "fetch('/invoice/101.pdf').then(async r => [r.status,"
+                        " r.headers.get('content-type'), r.headers.get('x-billing-system'),"
+                        " (await r.text()).slice(0, 8)])"
+                    )
                     assert fetched == [200, "application/pdf", "MR100", "%PDF-1.4"]
                     shot = await cdp.send("Page.captureScreenshot", {"format": "png"}, page.session)
                     (tmp_path / "invoices.png").write_bytes(base64.b64decode(shot["data"]))
@@ -165,7 +200,9 @@ def test_self_care_login_and_invoices_come_from_the_source(tmp_path: Path) -> No
                     # every page after the login came from the source, through dsbc
                     after = [e["method"] for e in env.source.log]
                     assert {"web:login", "web:home", "web:invoices", "web:invoice"} <= set(after)
-                    assert not [e for e in env.target.log if e["method"] != "web:login"], env.target.log
+                    assert not [e for e in env.target.log if e["method"] != "web:login"], (
+                        env.target.log
+                    )
                     assert all(e["host"] == f"{CUSTOMER}:{port}" for e in env.source.log)
                     cdp.task.cancel()
             finally:
@@ -173,7 +210,8 @@ def test_self_care_login_and_invoices_come_from_the_source(tmp_path: Path) -> No
                     proc.terminate()
                     try:
                         await asyncio.wait_for(proc.wait(), 10)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         proc.kill()
                         await proc.wait()
+
     run(main, timeout=180)

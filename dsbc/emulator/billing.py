@@ -83,9 +83,9 @@ async def read_call(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
             raw_auth = form.get("auth_info", raw_auth)
             raw_params = form.get("params", raw_params)
             if raw_auth is not None and not isinstance(raw_auth, str):
-                raw_auth = raw_auth.file.read()  # type: ignore[union-attr]
+                raw_auth = raw_auth.file.read()
             if raw_params is not None and not isinstance(raw_params, str):
-                raw_params = raw_params.file.read()  # type: ignore[union-attr]
+                raw_params = raw_params.file.read()
     auth = _obj(raw_auth, "auth_info")
     bearer = request.headers.get("Authorization", "")
     if bearer[:7].lower() == "bearer " and "access_token" not in auth:
@@ -116,13 +116,16 @@ def m_get_version(emu: BillingEmulator, s: Session | None, p: dict[str, Any]) ->
 
 
 def m_ping(emu: BillingEmulator, s: Session | None, p: dict[str, Any]) -> dict[str, Any]:
-    sess = emu.data.session_for(str(p.get("session_id") or (s.session_id if s else "")),
-                                str(p.get("access_token") or ""))
+    sess = emu.data.session_for(
+        str(p.get("session_id") or (s.session_id if s else "")), str(p.get("access_token") or "")
+    )
     return {"user_id": sess.ref}
 
 
 def m_logout(emu: BillingEmulator, s: Session | None, p: dict[str, Any]) -> dict[str, Any]:
-    sess = s or emu.data.session_for(str(p.get("session_id") or ""), str(p.get("access_token") or ""))
+    sess = s or emu.data.session_for(
+        str(p.get("session_id") or ""), str(p.get("access_token") or "")
+    )
     emu.data.close_session(sess)
     return {"success": 1}
 
@@ -148,8 +151,11 @@ def m_customer_info(emu: BillingEmulator, s: Session | None, p: dict[str, Any]) 
 
 def m_customer_list(emu: BillingEmulator, s: Session | None, p: dict[str, Any]) -> dict[str, Any]:
     _need(s, "admin")
-    rows = [c.info() for _, c in sorted(emu.data.customers.items())
-            if not (c.exported and p.get("skip_exported"))]
+    rows = [
+        c.info()
+        for _, c in sorted(emu.data.customers.items())
+        if not (c.exported and p.get("skip_exported"))
+    ]
     if p.get("name"):
         rows = [r for r in rows if str(p["name"]).strip("%") in r["name"]]
     return window(rows, p, "customer_list")
@@ -162,8 +168,11 @@ def m_add_customer(emu: BillingEmulator, s: Session | None, p: dict[str, Any]) -
 
 def m_account_info(emu: BillingEmulator, s: Session | None, p: dict[str, Any]) -> dict[str, Any]:
     s = _need(s)
-    acc = emu.data.find_account(p.get("i_account"), p.get("id")) if (
-        "i_account" in p or "id" in p) else (emu.data.accounts.get(int(s.ref)) if s.realm == "account" else None)
+    acc = (
+        emu.data.find_account(p.get("i_account"), p.get("id"))
+        if ("i_account" in p or "id" in p)
+        else (emu.data.accounts.get(int(s.ref)) if s.realm == "account" else None)
+    )
     own = emu.data.customer_of(s)
     if acc is None or (own is not None and acc.i_customer != own):
         return {}
@@ -199,15 +208,24 @@ def m_number_info(emu: BillingEmulator, s: Session | None, p: dict[str, Any]) ->
     acc = emu.data.find_number(str(p.get("number") or p.get("did_number") or ""))
     if acc is None:
         raise ApiFault("Server.DID.not_found", "number not found")
-    return {"number_info": {"number": acc.did, "i_account": acc.i_account, "i_customer": acc.i_customer}}
+    return {
+        "number_info": {"number": acc.did, "i_account": acc.i_account, "i_customer": acc.i_customer}
+    }
 
 
 def m_invoice_list(emu: BillingEmulator, s: Session | None, p: dict[str, Any]) -> dict[str, Any]:
     s = _need(s)
     own = emu.data.customer_of(s)
     i_customer = own if own is not None else _int(p, "i_customer")
-    rows = [{"i_invoice": i_customer * 100 + n, "i_customer": i_customer, "amount": 10.0 * n,
-             "url": f"/invoice/{i_customer * 100 + n}.pdf"} for n in (1, 2, 3)]
+    rows = [
+        {
+            "i_invoice": i_customer * 100 + n,
+            "i_customer": i_customer,
+            "amount": 10.0 * n,
+            "url": f"/invoice/{i_customer * 100 + n}.pdf",
+        }
+        for n in (1, 2, 3)
+    ]
     return window(rows, p, "invoice_list")
 
 
@@ -226,7 +244,12 @@ METHODS: dict[str, Handler] = {
     "DID/get_number_info": m_number_info,
     "Invoice/get_invoice_list": m_invoice_list,
 }
-NO_SESSION = {"Generic/get_version", "Session/ping", "Session/logout", "Session/refresh_access_token"}
+NO_SESSION = {
+    "Generic/get_version",
+    "Session/ping",
+    "Session/logout",
+    "Session/refresh_access_token",
+}
 
 
 class BillingEmulator:
@@ -265,28 +288,33 @@ class BillingEmulator:
             if name == "Session/login":
                 login = str(params.get("login") or auth.get("login") or "")
                 realm, ref = self.data.authenticate(
-                    login, str(params.get("password") or auth.get("password") or ""),
-                    str(params.get("token") or auth.get("token") or ""))
+                    login,
+                    str(params.get("password") or auth.get("password") or ""),
+                    str(params.get("token") or auth.get("token") or ""),
+                )
                 sess = self.data.open_session(realm, ref)
                 entry["user"] = f"{realm}:{ref}"
                 return _json(self.data.login_answer(sess))
             handler = METHODS.get(name)
             if handler is None:
                 raise ApiFault("Client.Request.unknown_method", f"unknown method {name}")
-            sess = self._auth(auth) if (auth or name not in NO_SESSION) else None
-            if sess is not None:
-                entry["user"] = f"{sess.realm}:{sess.ref}"
-            return _json(handler(self, sess, params))
+            user = self._auth(auth) if (auth or name not in NO_SESSION) else None
+            if user is not None:
+                entry["user"] = f"{user.realm}:{user.ref}"
+            return _json(handler(self, user, params))
         except ApiFault as exc:
             entry["fault"] = exc.faultcode
             return _fault(exc)
 
     def _auth(self, auth: dict[str, Any]) -> Session | None:
         if auth.get("session_id") or auth.get("access_token"):
-            return self.data.session_for(str(auth.get("session_id") or ""), str(auth.get("access_token") or ""))
+            return self.data.session_for(
+                str(auth.get("session_id") or ""), str(auth.get("access_token") or "")
+            )
         if auth.get("login"):
-            realm, ref = self.data.authenticate(str(auth["login"]), str(auth.get("password") or ""),
-                                                str(auth.get("token") or ""))
+            realm, ref = self.data.authenticate(
+                str(auth["login"]), str(auth.get("password") or ""), str(auth.get("token") or "")
+            )
             return Session("", "", "", realm, ref, float("inf"))
         raise auth_failed()
 
@@ -297,8 +325,9 @@ class BillingEmulator:
         return app
 
     @web.middleware
-    async def _stamp(self, request: web.Request,
-                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def _stamp(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             resp = await handler(request)
         except web.HTTPException as exc:
@@ -359,13 +388,26 @@ def sample_rows() -> list[dict[str, Any]]:
     The rows import as they are into the location store (``store.import_rows``) and
     seed the emulators, so the demo's store and systems agree.  Passwords: ``secret``."""
     rows: list[dict[str, Any]] = []
-    people = [("1", "alice", "source"), ("2", "bob", "source"), ("3", "carol", "source"),
-              ("4", "dave", "target"), ("5", "erin", "target")]
+    people = [
+        ("1", "alice", "source"),
+        ("2", "bob", "source"),
+        ("3", "carol", "source"),
+        ("4", "dave", "target"),
+        ("5", "erin", "target"),
+    ]
     for cid, login, system in people:
         n = int(cid)
-        rows.append({
-            "customer_id": cid, "system": system,
-            "identities": [f"login:{login}", f"account:10000{n}", f"i_account:{100 + n}",
-                           f"did:1555010{n}", f"cpe:0004f2a1b2c{n}"],
-        })
+        rows.append(
+            {
+                "customer_id": cid,
+                "system": system,
+                "identities": [
+                    f"login:{login}",
+                    f"account:10000{n}",
+                    f"i_account:{100 + n}",
+                    f"did:1555010{n}",
+                    f"cpe:0004f2a1b2c{n}",
+                ],
+            }
+        )
     return rows

@@ -41,8 +41,13 @@ class Customer:
     i_parent: int = 0
 
     def info(self) -> dict[str, Any]:
-        return {"i_customer": self.i_customer, "name": self.name, "login": self.login,
-                "i_parent": self.i_parent or None, "exported": 1 if self.exported else 0}
+        return {
+            "i_customer": self.i_customer,
+            "name": self.name,
+            "login": self.login,
+            "i_parent": self.i_parent or None,
+            "exported": 1 if self.exported else 0,
+        }
 
 
 @dataclass
@@ -56,8 +61,14 @@ class Account:
     mac: str = ""
 
     def info(self) -> dict[str, Any]:
-        return {"i_account": self.i_account, "id": self.id, "i_customer": self.i_customer,
-                "login": self.login or None, "did_number": self.did or None, "mac": self.mac or None}
+        return {
+            "i_account": self.i_account,
+            "id": self.id,
+            "i_customer": self.i_customer,
+            "login": self.login or None,
+            "did_number": self.did or None,
+            "mac": self.mac or None,
+        }
 
 
 @dataclass
@@ -82,8 +93,14 @@ def _digits(text: str) -> str:
 class BillingData:
     """One system's customers, accounts, admin users and sessions."""
 
-    def __init__(self, name: str, system: str, session_ttl: float = 3600.0,
-                 admins: dict[str, str] | None = None, id_base: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        system: str,
+        session_ttl: float = 3600.0,
+        admins: dict[str, str] | None = None,
+        id_base: int | None = None,
+    ) -> None:
         self.name = name
         self.system = system
         self.session_ttl = session_ttl
@@ -131,8 +148,13 @@ class BillingData:
         for n in range(max(len(ids), len(iacc))):
             i_account = int(_digits(iacc[n]) or 0) if n < len(iacc) else self._new_account_id()
             acc_id = ids[n] if n < len(ids) else str(i_account)
-            acc = Account(i_account, acc_id, i_customer, logins[n + 1] if n + 1 < len(logins) else "",
-                          password)
+            acc = Account(
+                i_account,
+                acc_id,
+                i_customer,
+                logins[n + 1] if n + 1 < len(logins) else "",
+                password,
+            )
             self.accounts[i_account] = acc
         first = next((a for a in self.accounts.values() if a.i_customer == i_customer), None)
         if first is not None:
@@ -161,8 +183,12 @@ class BillingData:
         if cust is None:
             raise KeyError(f"{self.name}: no customer {i_customer}")
         cust.exported = True
-        return {"customer": asdict(cust),
-                "accounts": [asdict(a) for a in self.accounts.values() if a.i_customer == cust.i_customer]}
+        return {
+            "customer": asdict(cust),
+            "accounts": [
+                asdict(a) for a in self.accounts.values() if a.i_customer == cust.i_customer
+            ],
+        }
 
     def import_record(self, record: dict[str, Any]) -> int:
         c = dict(record["customer"])
@@ -186,25 +212,42 @@ class BillingData:
         if not password:
             raise auth_failed()
         for cust in self.customers.values():
-            if cust.login and cust.login == login and cust.password == password and not cust.exported:
+            if (
+                cust.login
+                and cust.login == login
+                and cust.password == password
+                and not cust.exported
+            ):
                 return "customer", str(cust.i_customer)
         for acc in self.accounts.values():
             owner = self.customers.get(acc.i_customer)
-            if (acc.login == login or acc.id == login) and acc.password == password \
-                    and owner is not None and not owner.exported:
+            if (
+                (acc.login == login or acc.id == login)
+                and acc.password == password
+                and owner is not None
+                and not owner.exported
+            ):
                 return "account", str(acc.i_account)
         raise auth_failed()
 
     def open_session(self, realm: str, ref: str, now: float | None = None) -> Session:
         now = time.time() if now is None else now
-        s = Session(secrets.token_hex(16), secrets.token_urlsafe(24), secrets.token_urlsafe(24),
-                    realm, ref, now + self.session_ttl)
+        s = Session(
+            secrets.token_hex(16),
+            secrets.token_urlsafe(24),
+            secrets.token_urlsafe(24),
+            realm,
+            ref,
+            now + self.session_ttl,
+        )
         self.sessions[s.session_id] = s
         self.tokens[s.access_token] = s.session_id
         self.refresh[s.refresh_token] = s.session_id
         return s
 
-    def session_for(self, session_id: str = "", access_token: str = "", now: float | None = None) -> Session:
+    def session_for(
+        self, session_id: str = "", access_token: str = "", now: float | None = None
+    ) -> Session:
         now = time.time() if now is None else now
         sid = session_id or self.tokens.get(access_token, "")
         s = self.sessions.get(sid)
@@ -221,7 +264,9 @@ class BillingData:
         now = time.time() if now is None else now
         s = self.sessions.get(self.refresh.get(refresh_token, ""))
         if s is None:
-            raise ApiFault("Server.Session.refresh_access_token.invalid_refresh_token", "Invalid refresh token")
+            raise ApiFault(
+                "Server.Session.refresh_access_token.invalid_refresh_token", "Invalid refresh token"
+            )
         self.tokens.pop(s.access_token, None)
         s.access_token = secrets.token_urlsafe(24)
         s.expires_at = now + self.session_ttl
@@ -229,8 +274,12 @@ class BillingData:
         return s
 
     def login_answer(self, s: Session) -> dict[str, Any]:
-        return {"session_id": s.session_id, "access_token": s.access_token,
-                "refresh_token": s.refresh_token, "expires_at": fmt_time(s.expires_at)}
+        return {
+            "session_id": s.session_id,
+            "access_token": s.access_token,
+            "refresh_token": s.refresh_token,
+            "expires_at": fmt_time(s.expires_at),
+        }
 
     # -- queries --------------------------------------------------------------------------
 
@@ -245,8 +294,13 @@ class BillingData:
     def add_customer(self, info: dict[str, Any]) -> int:
         i_customer = self._new_customer_id()
         self.customers[i_customer] = Customer(
-            i_customer, str(info.get("name") or f"Customer {i_customer}"), str(info.get("login") or ""),
-            str(info.get("password") or DEFAULT_PASSWORD), False, int(info.get("i_parent") or 0))
+            i_customer,
+            str(info.get("name") or f"Customer {i_customer}"),
+            str(info.get("login") or ""),
+            str(info.get("password") or DEFAULT_PASSWORD),
+            False,
+            int(info.get("i_parent") or 0),
+        )
         return i_customer
 
     def add_account(self, info: dict[str, Any]) -> int:
@@ -255,8 +309,13 @@ class BillingData:
             raise ApiFault("Server.Account.customer_not_found", f"customer {i_customer} not found")
         i_account = self._new_account_id()
         self.accounts[i_account] = Account(
-            i_account, str(info.get("id") or i_account), i_customer, str(info.get("login") or ""),
-            str(info.get("password") or DEFAULT_PASSWORD), _digits(str(info.get("did_number") or "")))
+            i_account,
+            str(info.get("id") or i_account),
+            i_customer,
+            str(info.get("login") or ""),
+            str(info.get("password") or DEFAULT_PASSWORD),
+            _digits(str(info.get("did_number") or "")),
+        )
         return i_account
 
     def find_account(self, i_account: Any = None, id: Any = None) -> Account | None:
@@ -282,7 +341,7 @@ def window(rows: list[dict[str, Any]], params: dict[str, Any], key: str) -> dict
     """``offset`` / ``limit`` / ``get_total`` over a list, as the billing API does them."""
     offset = int(params.get("offset") or 0)
     limit = int(params.get("limit") or 0)
-    page = rows[offset: offset + limit] if limit > 0 else rows[offset:]
+    page = rows[offset : offset + limit] if limit > 0 else rows[offset:]
     out: dict[str, Any] = {key: page}
     if params.get("get_total"):
         out["total"] = len(rows)

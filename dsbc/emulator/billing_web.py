@@ -40,11 +40,16 @@ CHUNK = 64 * 1024
 def log_entry(request: web.Request, what: str, user: str = "") -> dict[str, Any]:
     """What a test may want to know of a request: who sent it, through what."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
-    return {"path": request.path, "method": what, "user": user, "remote": request.remote,
-            "peer": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
-            "xff": request.headers.get("X-Forwarded-For", ""),
-            "proto": request.headers.get("X-Forwarded-Proto", ""),
-            "host": request.headers.get("X-Forwarded-Host", "")}
+    return {
+        "path": request.path,
+        "method": what,
+        "user": user,
+        "remote": request.remote,
+        "peer": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
+        "xff": request.headers.get("X-Forwarded-For", ""),
+        "proto": request.headers.get("X-Forwarded-Proto", ""),
+        "host": request.headers.get("X-Forwarded-Host", ""),
+    }
 
 
 def _page(emu: BillingEmulator, title: str, body: str, status: int = 200) -> web.Response:
@@ -97,7 +102,9 @@ class Web:
         except ApiFault:
             return _page(self.emu, "Log in", _login_form("Login failed"), status=401)
         if realm == "admin":
-            return _page(self.emu, "Log in", _login_form("Administrators use the admin portal"), status=401)
+            return _page(
+                self.emu, "Log in", _login_form("Administrators use the admin portal"), status=401
+            )
         sess = self.emu.data.open_session(realm, ref)
         resp = web.HTTPSeeOther("/home")
         resp.set_cookie(COOKIE, sess.session_id, path="/", httponly=True, samesite="Lax")
@@ -110,9 +117,12 @@ class Web:
             raise web.HTTPSeeOther("/")
         cust = self.emu.data.customers.get(self.emu.data.customer_of(sess) or -1)
         name = cust.name if cust else sess.ref
-        return _page(self.emu, f"Welcome, {name}",
-                     f"<p id='served-by'>Served by {html.escape(self.emu.name)}</p>"
-                     "<a id='invoices' href='/invoices'>Invoices</a> <a href='/logout'>Log out</a>")
+        return _page(
+            self.emu,
+            f"Welcome, {name}",
+            f"<p id='served-by'>Served by {html.escape(self.emu.name)}</p>"
+            "<a id='invoices' href='/invoices'>Invoices</a> <a href='/logout'>Log out</a>",
+        )
 
     async def invoices(self, request: web.Request) -> web.StreamResponse:
         sess = self._session(request)
@@ -120,9 +130,10 @@ class Web:
         if sess is None:
             raise web.HTTPSeeOther("/")
         i_customer = self.emu.data.customer_of(sess) or 0
+        numbers = [i_customer * 100 + n for n in (1, 2, 3)]
         items = "".join(
-            f"<li><a class='invoice' href='/invoice/{i_customer * 100 + n}.pdf'>Invoice {i_customer * 100 + n}</a></li>"
-            for n in (1, 2, 3))
+            f"<li><a class='invoice' href='/invoice/{k}.pdf'>Invoice {k}</a></li>" for k in numbers
+        )
         return _page(self.emu, "Invoices", f"<ul id='invoice-list'>{items}</ul>")
 
     async def invoice(self, request: web.Request) -> web.StreamResponse:
@@ -139,7 +150,9 @@ class Web:
         if size <= 0:
             body = head + b"1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
             return web.Response(body=body, content_type="application/pdf")
-        resp = web.StreamResponse(headers={"Content-Type": "application/pdf", SYSTEM_HEADER: self.emu.name})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/pdf", SYSTEM_HEADER: self.emu.name}
+        )
         resp.content_length = size
         await resp.prepare(request)
         block = (head + b"0" * CHUNK)[:CHUNK]
@@ -166,8 +179,10 @@ class Web:
         acc = self.emu.data.find_device(mac) if mac else None
         if acc is None:
             raise web.HTTPNotFound(text=f"{self.emu.name}: no device {mac or '?'}\n")
-        text = (f"# {self.emu.name} configuration for {mac}\n"
-                f"account.1.user = {acc.id}\naccount.1.password = {acc.password}\n")
+        text = (
+            f"# {self.emu.name} configuration for {mac}\n"
+            f"account.1.user = {acc.id}\naccount.1.password = {acc.password}\n"
+        )
         return web.Response(text=text, content_type="text/plain")
 
     async def cwmp(self, request: web.Request) -> web.StreamResponse:
@@ -180,16 +195,18 @@ class Web:
             cookie = secrets.token_hex(8)
             self.cwmp_sessions[cookie] = mac
             resp = web.Response(
-                text="<soap-env:Envelope xmlns:soap-env='http://schemas.xmlsoap.org/soap/envelope/' "
+                text="<soap-env:Envelope "
+                "xmlns:soap-env='http://schemas.xmlsoap.org/soap/envelope/' "
                 "xmlns:cwmp='urn:dslforum-org:cwmp-1-0'><soap-env:Body><cwmp:InformResponse>"
-                "<MaxEnvelopes>1</MaxEnvelopes></cwmp:InformResponse></soap-env:Body></soap-env:Envelope>",
-                content_type="text/xml")
+                "<MaxEnvelopes>1</MaxEnvelopes></cwmp:InformResponse>"
+                "</soap-env:Body></soap-env:Envelope>",
+                content_type="text/xml",
+            )
             resp.set_cookie("cwmp_session", cookie, path="/")
             return resp
-        cookie = request.cookies.get("cwmp_session", "")
-        mac = self.cwmp_sessions.get(cookie)
-        self._logged(request, "cwmp:empty", mac or "")
-        if mac is None:
+        known = self.cwmp_sessions.get(request.cookies.get("cwmp_session", ""))
+        self._logged(request, "cwmp:empty", known or "")
+        if known is None:
             raise web.HTTPUnauthorized(text="no CWMP session\n")
         return web.Response(status=204)
 
@@ -203,13 +220,21 @@ class Web:
         except ConnectionResetError:  # the sender gave up: nothing to answer
             return web.Response(status=400)
         self._logged(request, "test:echo", str(size))
-        return web.json_response({"size": size, "sha256": digest.hexdigest(), "system": self.emu.name,
-                                  "chunked": request.headers.get("Transfer-Encoding", "")})
+        return web.json_response(
+            {
+                "size": size,
+                "sha256": digest.hexdigest(),
+                "system": self.emu.name,
+                "chunked": request.headers.get("Transfer-Encoding", ""),
+            }
+        )
 
     async def drop(self, request: web.Request) -> web.StreamResponse:
         after = int(request.query.get("after", "1000"))
         self._logged(request, "test:drop", str(after))
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", SYSTEM_HEADER: self.emu.name})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/octet-stream", SYSTEM_HEADER: self.emu.name}
+        )
         resp.content_length = after * 10
         await resp.prepare(request)
         await resp.write(b"x" * after)
