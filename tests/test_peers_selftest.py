@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,16 @@ def test_sipp_register_uac_and_uas(kamailio_factory: Factory, tmp_workdir: Path)
         assert options.ok, options.report()
     assert uas.result is not None and uas.result.successful == 1, uas.result_report()
     assert uas.result.received("INVITE")[0].count("Via:") == 2
+
+
+@needs_sipp
+def test_sipp_run_is_bounded_when_nobody_answers(tmp_workdir: Path) -> None:
+    silent = ("127.0.0.1", free_port("udp"))
+    started = time.monotonic()
+    res = run_sipp("options", silent, timeout=1, workdir=tmp_workdir)
+    assert time.monotonic() - started < 5
+    assert not res.ok and res.timed_out
+    assert "OPTIONS sip:" in res.messages
 
 
 @needs_kamailio

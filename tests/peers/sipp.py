@@ -72,7 +72,7 @@ class SippResult:
     stats: dict[str, str]
     workdir: Path
     argv: list[str] = field(default_factory=list)
-    timed_out: bool = False
+    timed_out: bool = False  # exit 255 (sipp's -timeout, or a fatal error) or killed by us
 
     @property
     def ok(self) -> bool:
@@ -154,10 +154,7 @@ class _SippRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.local_ip = local_ip
         self.proto = _TRANSPORTS[transport]
-        self.local_port = local_port or free_port(
-            self.proto if self.proto == "udp" else "tcp", local_ip
-        )
-        self.timeout = timeout
+        self.local_port = local_port or free_port("udp" if self.proto == "udp" else "tcp", local_ip)
         argv = [binary]
         if remote is not None:
             argv.append(remote if isinstance(remote, str) else f"{remote[0]}:{remote[1]}")
