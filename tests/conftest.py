@@ -7,14 +7,13 @@ test starts can join that report with `peer_logs.add(name, path)`.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.peers.proc import tail
+from tests.peers.proc import find_binary, tail
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,7 +37,7 @@ def node_failed(node: pytest.Item) -> bool:
 
 def require_binary(name: str, hint: str = "") -> str:
     """Path of program `name`, or skip the test saying what to install."""
-    path = shutil.which(name)
+    path = find_binary(name)
     if path is None:
         pytest.skip(f"{name} is not installed{': ' + hint if hint else ''}")
     return path

@@ -7,7 +7,6 @@ Every test is bounded in time; the whole file runs in well under a minute.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import time
@@ -28,16 +27,17 @@ from tests.peers.net import (
     wait_port_closed,
 )
 from tests.peers.phone import CallFailed, PhoneError, pjsua2_available
+from tests.peers.proc import find_binary
 from tests.peers.sipmsg import parse_message
 from tests.peers.sipp import SippServer, run_sipp
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(60)]
 
 needs_kamailio = pytest.mark.skipif(
-    shutil.which("kamailio") is None, reason="kamailio is not installed (apt-get install kamailio)"
+    find_binary("kamailio") is None, reason="kamailio is not installed (apt-get install kamailio)"
 )
 needs_sipp = pytest.mark.skipif(
-    shutil.which("sipp") is None, reason="sipp is not installed (apt-get install sip-tester)"
+    find_binary("sipp") is None, reason="sipp is not installed (apt-get install sip-tester)"
 )
 needs_pjsua2 = pytest.mark.skipif(
     not pjsua2_available(), reason="pjsua2 is not installed (pip install pjsua2-python)"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from tests.peers.net import free_port, is_bound, loopback_alias_works, sip_options
-from tests.peers.proc import PeerError, PeerProcess, scratch_dir
+from tests.peers.proc import PeerError, PeerProcess, find_binary, scratch_dir
 
 __all__ = ["MODULES_DIR", "Kamailio", "KamailioError"]
 
@@ -188,8 +188,9 @@ class Kamailio:
     def start(self) -> Self:
         if self.proc is not None:
             raise KamailioError(f"{self.name}: already started")
-        if shutil.which(self.binary) is None:
-            raise KamailioError(f"{self.binary} not found in PATH")
+        binary = find_binary(self.binary)
+        if binary is None:
+            raise KamailioError(f"{self.binary} not found in PATH nor in sbin")
         if not loopback_alias_works(self.ip):
             raise KamailioError(f"cannot bind {self.ip}: loopback alias missing")
         if self.port is None:
@@ -197,17 +198,17 @@ class Kamailio:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.rundir = Path(tempfile.mkdtemp(prefix=f"kam{os.getpid()}-", dir="/tmp"))
         try:
-            self._launch()
+            self._launch(binary)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _launch(self) -> None:
+    def _launch(self, binary: str) -> None:
         assert self.rundir is not None
         self.cfg_path.write_text(self.render_config())
         argv: list[str | Path] = [
-            self.binary, "-DD", "-E", "-f", self.cfg_path,
+            binary, "-DD", "-E", "-f", self.cfg_path,
             "-m", str(self.shm_mb), "-M", str(self.pkg_mb),
             "-Y", self.rundir, "-P", self.rundir / "kamailio.pid",
             "-w", self.workdir, "-a", "no",

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Self
 
-__all__ = ["PeerError", "PeerProcess", "scratch_dir", "tail"]
+__all__ = ["PeerError", "PeerProcess", "find_binary", "scratch_dir", "tail"]
 
 _PR_SET_PDEATHSIG = 1
 _live: weakref.WeakSet[PeerProcess] = weakref.WeakSet()
@@ -62,6 +62,15 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 class PeerError(RuntimeError):
     """A peer program failed to start, answer or stop; the message carries its log tail."""
+
+
+def find_binary(name: str) -> str | None:
+    """Full path of a program: PATH first, then the sbin directories that a non-root PATH
+    often lacks (Debian puts kamailio in /usr/sbin)."""
+    found = shutil.which(name)
+    if found is None and "/" not in name:
+        found = shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+    return found
 
 
 def tail(path: Path | None, lines: int = 40) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import itertools
 import re
-import shutil
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Self
 
 from tests.peers.net import free_port, wait_port
-from tests.peers.proc import PeerError, PeerProcess, scratch_dir
+from tests.peers.proc import PeerError, PeerProcess, find_binary, scratch_dir
 
 __all__ = ["SCENARIOS", "SippError", "SippResult", "SippServer", "run_sipp", "scenario_path"]
 
@@ -144,7 +143,8 @@ class _SippRun:
             raise ValueError(f"transport must be one of {sorted(_TRANSPORTS)}, not {transport!r}")
         if not local_ip.startswith("127."):
             raise ValueError(f"tests bind loopback only, not {local_ip}")
-        if shutil.which(binary) is None:
+        found = find_binary(binary)
+        if found is None:
             raise SippError(f"{binary} not found in PATH")
         name = Path(str(scenario)).stem.replace("sn:", "")
         if workdir is None:
@@ -155,7 +155,7 @@ class _SippRun:
         self.local_ip = local_ip
         self.proto = _TRANSPORTS[transport]
         self.local_port = local_port or free_port("udp" if self.proto == "udp" else "tcp", local_ip)
-        argv = [binary]
+        argv = [found]
         if remote is not None:
             argv.append(remote if isinstance(remote, str) else f"{remote[0]}:{remote[1]}")
         argv += scenario_path(scenario, self.workdir)
