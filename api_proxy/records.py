@@ -9,9 +9,8 @@ chosen with ``Session/set_session_context`` and the sibling keys to delete at lo
 
 from __future__ import annotations
 
-import calendar
 import hashlib
-import time
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -35,7 +34,7 @@ def parse_expiry(value: Any, now: float, default_ttl: float) -> float:
         text = value.strip().replace("T", " ").rstrip("Z").split(".")[0].split("+")[0]
         for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
             try:
-                return float(calendar.timegm(time.strptime(text, fmt)))
+                return datetime.strptime(text, fmt).replace(tzinfo=UTC).timestamp()
             except ValueError:
                 continue
     return now + default_ttl

@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from api_proxy.errors import BadRequest
 from api_proxy.flows import merge_lists
-from tests.test_api_support import ADMIN, CUSTOMER, PORTING, ApiEnv, run
+from dsbc.cli import main as cli
+from tests.test_api_support import ADMIN, CUSTOMER, PORTING, ApiEnv, config_text, run
 
 # 3 customers live on the source, 4 on the target (the source keeps those 4 as exported)
 ROWS: list[dict[str, Any]] = [
@@ -185,6 +187,12 @@ def test_entities_go_to_their_owner_and_creates_are_recorded(tmp_path: Path) -> 
             d = env.store.decide("account", "300001")
             assert (d.system, d.customer_id) == ("target", new_id)  # what SIP asks: routed at once
             assert env.store.decide("i_account", str(acc["i_account"])).system == "target"
+            # and `dsbc where` (another process's view of the same store) sees it
+            cfg_file = tmp_path / "dsbc.toml"
+            cfg_file.write_text(config_text(tmp_path / "loc.db", env.source.url, env.target.url, 9))
+            out = CliRunner().invoke(cli, ["where", "account:300001", "-c", str(cfg_file)])
+            assert out.exit_code == 0, out.output
+            assert f"customer: {new_id}" in out.output and "system:   target" in out.output
             # set_session_context picks the source for the next creates
             st, ok, _ = await env.call(
                 ADMIN, "Session/set_session_context", {"system": "source"}, auth

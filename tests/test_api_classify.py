@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
@@ -13,6 +14,7 @@ from api_proxy import apicall
 from api_proxy import classify as cpe
 from api_proxy.classify import Action, RouteKey, classify, needs_body
 from api_proxy.errors import BadRequest, is_auth_fault, parse_fault
+from api_proxy.router import SettingsError, VhostTable, make_vhost
 
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 JSON = {"content-type": "application/json"}
@@ -293,3 +295,55 @@ def test_fuzz_any_input_classifies_or_raises_bad_request(
     assert isinstance(c.action, Action)
     for k in c.keys:
         assert isinstance(k.value, str) and k.value
+
+
+def test_virtual_hosts_by_host_port_and_path() -> None:
+    src, tgt = "http://100.example:8444", "http://115.example:8444"
+    table = VhostTable(
+        [
+            make_vhost("billing.example.com:8444", "customer", src, tgt),
+            make_vhost(
+                "billing.example.com", "admin", src, tgt, realm_paths={"/customer": "customer"}
+            ),
+            make_vhost("*", "cpe", src, tgt, port=8080),
+        ]
+    )
+    assert table.select("billing.example.com:8444", 443).realm == "customer"  # type: ignore[union-attr]
+    assert table.select("BILLING.example.com", 8444).realm == "customer"  # type: ignore[union-attr]
+    admin = table.select("billing.example.com", 443)
+    assert admin is not None and admin.realm == "admin"
+    assert admin.realm_for("/customer/rest/Session/login") == "customer"
+    assert admin.realm_for("/customerX") == "admin" and admin.realm_for("/rest/x/y") == "admin"
+    assert table.select("anything.example", 8080).realm == "cpe"  # type: ignore[union-attr]
+    assert table.select("anything.example", 443) is None
+    assert table.select("[bad", 443) is None
+    with pytest.raises(SettingsError):
+        make_vhost("x", "nonsense", src, tgt)
+    with pytest.raises(SettingsError):
+        make_vhost("x", "admin", "", tgt)
+
+
+def test_layers_pure_modules_do_no_io_and_api_proxy_never_imports_dsbc() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "api_proxy"
+    pure = {"apicall", "classify", "errors", "records", "router"}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        assert "dsbc" not in names, f"{path.name} imports dsbc"
+        if path.stem in pure:
+            bad = names & {"asyncio", "socket", "uvloop", "aiohttp", "ssl", "time"}
+            assert not bad, f"{path.name} is a pure module but imports {bad}"
+
+
+def test_classifier_speed(benchmark: Any) -> None:
+    body = form({"session_id": "0123456789abcdef"}, {"i_customer": 42, "offset": 0, "limit": 50})
+    c = benchmark(classify, "admin", "POST", "/rest/Account/get_account_list", FORM, body)
+    assert c.action is Action.ENTITY

@@ -230,3 +230,38 @@ def test_a_second_node_routes_sessions_made_by_the_first(tmp_path: Path) -> None
                 other_store.close()
 
     run(main)
+
+
+def test_web_form_login_falls_back_to_the_source_and_the_cookie_follows(tmp_path: Path) -> None:
+    rows = [{"customer_id": "7", "system": "source", "identities": ["account:700"]}]
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path, rows) as env:
+            env.source.data.customers[7].login = "zoe"  # unknown to the store
+            async with env.http.post(
+                f"{env.url}/login",
+                data={"login": "zoe", "password": "secret"},
+                headers={"Host": CUSTOMER},
+                allow_redirects=False,
+            ) as r:
+                assert r.status == 303 and r.headers["X-Billing-System"] == "MR100"
+                cookies = "; ".join(c.split(";")[0] for c in r.headers.getall("Set-Cookie"))
+            assert [e["method"] for e in env.target.log] == ["web:login"]  # refused there first
+            assert "authorized-by-remote=1" in cookies
+            async with env.http.get(
+                f"{env.url}/home", headers={"Host": CUSTOMER, "Cookie": cookies}
+            ) as r:
+                assert r.status == 200 and "Welcome, Customer 7" in await r.text()
+                assert r.headers["X-Billing-System"] == "MR100"
+            # a wrong password: both refuse, the source's page comes back as it is
+            async with env.http.post(
+                f"{env.url}/login",
+                data={"login": "zoe", "password": "nope"},
+                headers={"Host": CUSTOMER},
+                allow_redirects=False,
+            ) as r:
+                assert r.status == 401 and "authorized-by-remote" not in r.headers.get(
+                    "Set-Cookie", ""
+                )
+
+    run(main)
