@@ -48,12 +48,9 @@ _doc = msgspec.json.Decoder(dict[str, Any])
 
 
 def web_login_failed(a: Answer) -> bool:
-    """A self-care form login the back end refused (it did not open a session)."""
-    return (
-        a.status in (401, 403)
-        or a.status >= 500
-        or (a.status == 200 and "Set-Cookie" not in a.headers)
-    )
+    """A self-care form login the back end refused: a login that succeeds opens a session,
+    so an answer without a cookie (the form again, or a redirect back to it) is a refusal."""
+    return not (200 <= a.status < 400 and "Set-Cookie" in a.headers)
 
 
 # --- merged lists ----------------------------------------------------------------------------
@@ -180,12 +177,26 @@ class Flows(Forwarder):
     def remember(
         self, system: str, twin: TwinExtra, expires_at: float, ctx: Ctx, customer_id: str = ""
     ) -> None:
-        for rec in make_records(system, twin, expires_at, ctx.realm, customer_id):
-            self.router.put_session(rec)
+        self.store_sessions(make_records(system, twin, expires_at, ctx.realm, customer_id))
+
+    def store_sessions(self, records: list[SessionRecord]) -> None:
+        # one small store transaction per record, on the loop (a login's worth); a store
+        # that cannot take it does not fail the request: the session is found again by
+        # probing
+        try:
+            for rec in records:
+                self.router.put_session(rec)
+        except Exception:  # noqa: BLE001 - any store failure: log, count, go on
+            self.metrics["store_errors"] += 1
+            log.warning("could not store an API session", exc_info=True)
 
     def forget(self, rec: SessionRecord) -> None:
-        for key in twin_of(rec).keys or [rec.key]:
-            self.router.delete_session(key)
+        try:
+            for key in twin_of(rec).keys or [rec.key]:
+                self.router.delete_session(key)
+        except Exception:  # noqa: BLE001 - the session expires by itself
+            self.metrics["store_errors"] += 1
+            log.warning("could not delete an API session", exc_info=True)
 
     def reusable(self, ctx: Ctx) -> bool:
         return (ctx.prefix is not None and ctx.complete) or not ctx.request.body_exists
@@ -483,15 +494,14 @@ class Flows(Forwarder):
         system = system or self.default_system()
         resp = await self.open(ctx, system)
         expires = self.now() + self.settings.session_ttl
-        for sc in resp.headers.getall("Set-Cookie", [])[:4]:
-            pair = sc.split(";", 1)[0].strip()
-            if "=" in pair:
-                self.router.put_session(
-                    SessionRecord(
-                        key=session_key("ck", pair),
-                        system=system,
-                        expires_at=expires,
-                        realm=ctx.realm,
-                    )
+        pairs = [sc.split(";", 1)[0].strip() for sc in resp.headers.getall("Set-Cookie", [])[:4]]
+        self.store_sessions(
+            [
+                SessionRecord(
+                    key=session_key("ck", p), system=system, expires_at=expires, realm=ctx.realm
                 )
+                for p in pairs
+                if "=" in p
+            ]
+        )
         return await self.relay(ctx, system, resp)

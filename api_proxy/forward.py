@@ -54,6 +54,7 @@ METRIC_NAMES = (
     "client_timeouts",
     "too_large",
     "internal_errors",
+    "store_errors",
 )
 
 
