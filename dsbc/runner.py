@@ -1,0 +1,330 @@
+"""`dsbc run`: a master process and N worker processes sharing the listening ports.
+
+The master forks the workers, restarts one that dies, drains them on SIGTERM / SIGINT and
+on SIGHUP re-reads the configuration (refusing a bad one, keeping the old workers) and
+replaces the workers one by one, so traffic is never dropped: SO_REUSEPORT lets the new
+worker listen before the old one stops.
+
+Each worker runs one uvloop event loop with the SIP dispatcher and, in worker 0, the
+services that listen on one port only (API, RADIUS, Diameter, control API).  Every worker
+polls the store for committed changes every ``store.poll_interval`` seconds and writes a
+status snapshot into the run directory, where the control API sums them up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("dsbc")
+
+DRAIN_SECONDS = 5.0
+
+
+def setup_logging(level: str = "info", as_json: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return json.dumps(
+                    {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                     "pid": record.process, "msg": record.getMessage()}
+                )
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def run_dir_for(pid: int) -> Path:
+    return Path(os.environ.get("DSBC_RUN_DIR") or Path(tempfile.gettempdir()) / f"dsbc-{pid}")
+
+
+# --- worker ----------------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, cfg: Config, index: int, run_dir: Path, run_id: str) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.run_dir = run_dir
+        self.run_id = run_id
+        self.services: dict[str, Any] = {}
+        self.store: Any = None
+        self.stopping = asyncio.Event()
+
+    def ipc_name(self, worker: int) -> str:
+        return f"\0dsbc-{self.run_id}-{worker}"
+
+    async def main(self) -> None:
+        from .store import open_store
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master handles reloads
+        self.store = open_store(self.cfg.store.url, self.cfg.store.unknown)
+        if self.cfg.sip.enabled:
+            from .sip_service import SipService
+
+            sip = SipService(self.cfg, self.store, self.index, self.ipc_name)
+            await self._start_ipc_bind_retry(sip)
+            self.services["sip"] = sip
+        if self.index == 0:
+            await self._start_optional("api", "dsbc.api_service", "start_api", self.cfg.api.enabled and bool(self.cfg.api.vhosts or self.cfg.api.source))
+            await self._start_optional("radius", "dsbc.radius.service", "start_radius", self.cfg.radius.enabled)
+            await self._start_optional("diameter", "dsbc.diameter.service", "start_diameter", self.cfg.diameter.enabled)
+            await self._start_optional("control", "dsbc.control", "start_control", self.cfg.control.enabled)
+        tasks = [loop.create_task(self._refresh()), loop.create_task(self._snapshot())]
+        log.info("worker %d ready: %s", self.index, ", ".join(self.services) or "no services")
+        (self.run_dir / f"ready-{self.index}-{os.getpid()}").touch()
+        await self.stopping.wait()
+        log.info("worker %d draining", self.index)
+        sip = self.services.get("sip")
+        if sip is not None:
+            sip.drain()
+            deadline = loop.time() + DRAIN_SECONDS
+            while sip.core.held_count and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
+        for t in tasks:
+            t.cancel()
+        for name, svc in reversed(list(self.services.items())):
+            try:
+                await svc.stop()
+            except Exception:  # noqa: BLE001 - keep stopping the others
+                log.exception("stopping %s", name)
+        self.store.close()
+
+    async def _start_ipc_bind_retry(self, sip: Any) -> None:
+        for attempt in range(50):
+            try:
+                await sip.start()
+                return
+            except OSError as exc:
+                if "Address already in use" not in str(exc) or attempt == 49:
+                    raise
+                await sip.stop()
+                await asyncio.sleep(0.1)
+
+    async def _start_optional(self, name: str, module: str, func: str, enabled: bool) -> None:
+        if not enabled:
+            return
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                log.warning("%s is enabled but %s is not available in this build", name, module)
+                return
+            raise
+        self.services[name] = await getattr(mod, func)(self.cfg, self.store)
+
+    async def _refresh(self) -> None:
+        interval = self.cfg.store.poll_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                changed = self.store.refresh()
+            except Exception as exc:  # noqa: BLE001 - the store may be away; serve from memory
+                log.warning("store refresh failed: %s", exc)
+                continue
+            if changed:
+                for svc in self.services.values():
+                    hook = getattr(svc, "customers_changed", None)
+                    if hook is not None:
+                        hook(list(changed))
+
+    async def _snapshot(self) -> None:
+        path = self.run_dir / f"worker-{self.index}.json"
+        while True:
+            snap = {"worker": self.index, "pid": os.getpid(), "ts": time.time(),
+                    "store_healthy": bool(getattr(self.store, "healthy", True)), "services": {}}
+            for name, svc in self.services.items():
+                try:
+                    snap["services"][name] = svc.status()
+                except Exception as exc:  # noqa: BLE001
+                    snap["services"][name] = {"error": str(exc)}
+            tmp = path.with_suffix(".tmp")
+            try:
+                tmp.write_text(json.dumps(snap, default=str))
+                tmp.replace(path)
+            except OSError:
+                pass
+            await asyncio.sleep(1.0)
+
+
+def worker_process(cfg: Config, index: int, run_dir: Path, run_id: str) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        pass
+    setup_logging(cfg.log.level, cfg.log.json)
+    try:
+        asyncio.run(Worker(cfg, index, run_dir, run_id).main())
+    except OSError as exc:
+        log.error("worker %d cannot start: %s", index, exc)
+        os._exit(3)
+    except Exception:
+        log.exception("worker %d failed", index)
+        os._exit(1)
+    os._exit(0)
+
+
+# --- master --------------------------------------------------------------------------------
+
+
+class Master:
+    def __init__(self, cfg: Config, cfg_path: str) -> None:
+        self.cfg = cfg
+        self.cfg_path = cfg_path
+        self.workers: dict[int, int] = {}  # index -> pid
+        self.run_id = f"{os.getpid()}"
+        self.run_dir = run_dir_for(os.getpid())
+        self.flags: set[str] = set()
+        self.start_failures = 0
+
+    def spawn(self, index: int) -> int:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            worker_process(self.cfg, index, self.run_dir, self.run_id)
+        self.workers[index] = pid
+        return pid
+
+    def run(self) -> int:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "master.json").write_text(json.dumps({"pid": os.getpid(), "config": self.cfg_path}))
+        os.environ["DSBC_RUN_DIR"] = str(self.run_dir)
+        signal.signal(signal.SIGTERM, lambda *_: self.flags.add("stop"))
+        signal.signal(signal.SIGINT, lambda *_: self.flags.add("stop"))
+        signal.signal(signal.SIGHUP, lambda *_: self.flags.add("reload"))
+        for i in range(self.cfg.sip.workers):
+            self.spawn(i)
+        log.info("dsbc running with %d worker(s), config %s", len(self.workers), self.cfg_path)
+        while True:
+            if "stop" in self.flags:
+                return self.stop()
+            if "reload" in self.flags:
+                self.flags.discard("reload")
+                self.reload()
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = 0, 0
+            if pid:
+                index = next((i for i, p in self.workers.items() if p == pid), None)
+                if index is not None and "stop" not in self.flags:
+                    code = os.waitstatus_to_exitcode(status)
+                    if code == 3:
+                        self.start_failures += 1
+                        if self.start_failures > 3:
+                            log.error("workers cannot start (see above); giving up")
+                            self.flags.add("stop")
+                            continue
+                    log.warning("worker %d (pid %d) exited with %s; restarting it", index, pid, code)
+                    time.sleep(0.2)
+                    self.spawn(index)
+                continue
+            time.sleep(0.1)
+
+    def reload(self) -> None:
+        try:
+            cfg = load_config(self.cfg_path)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return
+        log.info("reloading configuration from %s", self.cfg_path)
+        self.cfg = cfg
+        old = dict(self.workers)
+        for index, pid in old.items():
+            os.kill(pid, signal.SIGTERM)  # drains: stops listening, finishes what is held
+            self.spawn(index)  # the new one binds beside it (SO_REUSEPORT)
+            time.sleep(0.3)
+        for index in range(len(old), cfg.sip.workers):
+            self.spawn(index)
+        for index in list(self.workers):
+            if index >= cfg.sip.workers:
+                os.kill(self.workers.pop(index), signal.SIGTERM)
+
+    def stop(self) -> int:
+        log.info("stopping: draining %d worker(s)", len(self.workers))
+        for pid in self.workers.values():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + DRAIN_SECONDS + 3
+        while time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if not pid:
+                time.sleep(0.05)
+        for pid in self.workers.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            for p in self.run_dir.iterdir():
+                p.unlink()
+            self.run_dir.rmdir()
+        except OSError:
+            pass
+        log.info("stopped")
+        return 0
+
+
+def run(cfg_path: str) -> int:
+    cfg = load_config(cfg_path)
+    setup_logging(cfg.log.level, cfg.log.json)
+    try:
+        from .store import open_store
+
+        store = open_store(cfg.store.url, cfg.store.unknown)
+        store.close()
+    except Exception as exc:  # noqa: BLE001 - report the reason, not a traceback
+        raise click.ClickException(f"{cfg_path}: store.url: cannot open the store: {exc}") from None
+    return Master(cfg, cfg_path).run()
+
+
+@click.command("run")
+@click.pass_context
+def run_command(ctx: click.Context) -> None:
+    """Run every dispatcher the config enables, in the foreground."""
+    path = _config_path(ctx)
+    try:
+        code = run(path)
+    except ConfigError as exc:
+        click.echo(f"dsbc: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
+
+
+def _config_path(ctx: click.Context) -> str:
+    obj = ctx.find_object(dict) or {}
+    for key in ("config", "config_path", "cfg_path"):
+        if obj.get(key):
+            return str(obj[key])
+    root = ctx.find_root()
+    p = root.params.get("config") if root.params else None
+    return str(p or os.environ.get("DSBC_CONFIG") or "dsbc.toml")

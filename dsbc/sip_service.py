@@ -1,0 +1,256 @@
+"""Wires the SIP proxy core to the location store and the configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sip.flow import FlowSigner
+from sip.health import HealthChecker, Node
+from sip.proxy import ProxyCore, ProxySettings
+from sip.transport import SipEndpoint
+
+from .config import Config, Endpoint, parse_hostport
+from .store.base import BadIdentity, Decision, LocationStore, Registration, normalise
+
+log = logging.getLogger("dsbc.sip")
+
+
+class TrustedPeers:
+    """CIDRs, IPs and IP:PORT pairs; lookups are cached per (ip, port)."""
+
+    def __init__(self, entries: Sequence[str]) -> None:
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.addrs: set[str] = set()
+        self.pairs: set[tuple[str, int]] = set()
+        for e in entries:
+            self.add(e)
+        self._cache: dict[tuple[str, int], bool] = {}
+
+    def add(self, entry: str) -> None:
+        if "/" in entry:
+            self.networks.append(ipaddress.ip_network(entry, strict=False))
+            return
+        try:
+            self.addrs.add(str(ipaddress.ip_address(entry)))
+            return
+        except ValueError:
+            pass
+        host, port = parse_hostport(entry)
+        self.pairs.add((str(ipaddress.ip_address(host.strip("[]"))), port))
+
+    def __call__(self, ip: str, port: int) -> bool:
+        key = (ip, port)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        ok = key in self.pairs or ip in self.addrs
+        if not ok and self.networks:
+            try:
+                a = ipaddress.ip_address(ip)
+                ok = any(a in n for n in self.networks)
+            except ValueError:
+                ok = False
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[key] = ok
+        return ok
+
+
+class StoreRouter:
+    """The proxy's Router over a LocationStore (memory-only lookups)."""
+
+    def __init__(self, store: LocationStore, trusted: TrustedPeers) -> None:
+        self.store = store
+        self.trusted = trusted
+
+    def decide(self, candidates: Sequence[tuple[str, str]]) -> Decision:
+        store = self.store
+        for kind, value in candidates:
+            if not value:
+                continue
+            try:
+                v = normalise(kind, value)
+            except BadIdentity:
+                continue
+            loc = store.lookup(kind, v)
+            if loc is not None:
+                return Decision(loc.system, loc.customer_id, loc.state, f"{kind}:{v} -> customer {loc.customer_id}")
+        what = ", ".join(f"{k}:{v}" for k, v in candidates if v) or "no identity"
+        return Decision(store.unknown, "", "active", f"{what} unknown -> store.unknown={store.unknown}")
+
+    def is_trusted(self, ip: str, port: int) -> bool:
+        return self.trusted(ip, port)
+
+    def expires_cap(self, customer_id: str) -> int:
+        c = self.store.customer(customer_id)
+        return c.expires_cap if c is not None else 0
+
+
+def system_nodes(cfg: Config) -> list[Node]:
+    nodes = []
+    for system in ("source", "target"):
+        for i, text in enumerate(cfg.system(system).sip):
+            e = Endpoint.parse(text)
+            nodes.append(Node(system, i, e.transport, e.host, e.port))
+    return nodes
+
+
+def trusted_peers(cfg: Config) -> TrustedPeers:
+    t = TrustedPeers(cfg.sip.trusted_peers)
+    for n in system_nodes(cfg):
+        try:
+            ipaddress.ip_address(n.host)
+        except ValueError:
+            continue
+        t.pairs.add((n.host, n.port))
+    return t
+
+
+def listeners(cfg: Config) -> list[tuple[str, str, int]]:
+    return [(e.transport, e.host, e.port) for e in (Endpoint.parse(x) for x in cfg.sip.listen)]
+
+
+def advertise(cfg: Config) -> tuple[str, dict[str, int]]:
+    """The address put in Via / Record-Route / Path, and the port per transport."""
+    lst = listeners(cfg)
+    ports = {}
+    for t, _, p in lst:
+        ports.setdefault(t, p)
+    host = ""
+    if cfg.sip.advertise:
+        text = cfg.sip.advertise
+        if text.count(":") == 1 or text.startswith("["):
+            host, port = parse_hostport(text)
+            ports = {t: port for t in ports} or {"udp": port}
+        else:
+            host = text
+    if not host:
+        host = next((h for _, h, _ in lst if h not in ("0.0.0.0", "::")), "127.0.0.1")
+    return host, ports
+
+
+def flow_secret(cfg: Config, store: LocationStore) -> bytes:
+    """The HMAC key for flow tokens: configured, or made once and kept in the store."""
+    if cfg.sip.flow_secret:
+        return cfg.sip.flow_secret.encode()
+    return store.set_meta("sip.flow_secret", secrets.token_hex(32), only_if_absent=True).encode()
+
+
+class SipService:
+    """One worker's SIP dispatcher: endpoint + core + store sync."""
+
+    def __init__(self, cfg: Config, store: LocationStore, worker: int = 0, ipc_name: Callable[[int], str] | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.worker = worker
+        host, ports = advertise(cfg)
+        lst = listeners(cfg)
+        local = frozenset((h, p) for _, h, p in lst) | frozenset((host, p) for p in ports.values())
+        settings = ProxySettings(
+            advertise_host=host,
+            ports=ports,
+            local_addresses=local,
+            worker=worker,
+            lock_hold=cfg.store.lock_hold,
+            retry_after=cfg.sip.retry_after,
+            max_message_size=cfg.sip.max_message_size,
+        )
+        health = HealthChecker(
+            system_nodes(cfg), interval=cfg.sip.options_interval, timeout=cfg.sip.options_timeout, tag=f"w{worker}-{os.getpid()}"
+        )
+        self.router = StoreRouter(store, trusted_peers(cfg))
+        self.core = ProxyCore(settings, self.router, health, FlowSigner(flow_secret(cfg, store)))
+        self.ipc_name = ipc_name
+        self.endpoint: SipEndpoint | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = None
+        if self.cfg.sip.tls_cert:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(self.cfg.sip.tls_cert, self.cfg.sip.tls_key)
+            if self.cfg.sip.tls_ca:
+                ctx.load_verify_locations(self.cfg.sip.tls_ca)
+            if self.cfg.sip.tls_verify_client:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+        client_ctx = ssl.create_default_context()
+        client_ctx.check_hostname = False
+        client_ctx.verify_mode = ssl.CERT_NONE
+        if self.cfg.sip.tls_ca:
+            client_ctx.load_verify_locations(self.cfg.sip.tls_ca)
+            client_ctx.verify_mode = ssl.CERT_REQUIRED
+        self.endpoint = SipEndpoint(
+            self.core,
+            loop,
+            worker=self.worker,
+            ipc_name=self.ipc_name,
+            ssl_context=ctx,
+            client_ssl_context=client_ctx,
+            tcp_idle_timeout=self.cfg.sip.tcp_idle_timeout,
+            max_connections=self.cfg.sip.max_connections,
+            max_connections_per_ip=self.cfg.sip.max_connections_per_ip,
+        )
+        await self.endpoint.listen(listeners(self.cfg))
+        self._tasks.append(loop.create_task(self._registrations()))
+
+    def customers_changed(self, ids: list[str]) -> None:
+        """Called by the runner after the store's refresh() reported changes."""
+        if self.endpoint is None or not ids:
+            return
+        sends = self.core.customers_changed(ids, self.endpoint.loop.time())
+        if sends:
+            self.endpoint.dispatch(sends)
+
+    async def _registrations(self) -> None:
+        """Write the registrations the workers relayed to the store, once a second."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.flush_registrations()
+
+    def flush_registrations(self) -> None:
+        events, self.core.events = self.core.events, []
+        if not events:
+            return
+        now = time.time()
+        regs: list[Registration] = []
+        for ev in events:
+            try:
+                account = normalise("account", ev.account)
+            except BadIdentity:
+                continue
+            loc = self.store.lookup("account", account)
+            for contact, expires in ev.contacts:
+                regs.append(Registration(account, contact, ev.system, now + expires, loc.customer_id if loc else ""))
+        try:
+            self.store.record_registrations(regs)
+        except Exception as exc:  # noqa: BLE001 - the store may be down; dispatching goes on
+            log.warning("could not record %d registrations: %s", len(regs), exc)
+
+    def drain(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.stop_listening()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        self.flush_registrations()
+        if self.endpoint is not None:
+            await self.endpoint.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "counters": dict(self.core.counters),
+            "held": self.core.held_count,
+            "nodes": self.core.health.status(),
+            "connections": len(self.endpoint.conns) if self.endpoint else 0,
+        }
