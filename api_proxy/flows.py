@@ -30,7 +30,7 @@ from api_proxy.errors import (
     is_auth_fault,
     parse_fault,
 )
-from api_proxy.forward import Answer, Ctx, Forwarder
+from api_proxy.forward import LIST_ANSWER, Answer, Ctx, Forwarder
 from api_proxy.records import (
     Creds,
     TwinExtra,
@@ -168,10 +168,8 @@ class Flows(Forwarder):
         now = self.now()
         for kind, value in ctx.c.creds.session_keys():
             rec = self.router.get_session(session_key(kind, value))
-            if rec is not None:
-                if rec.expires_at > now:
-                    return rec
-                self.router.delete_session(rec.key)
+            if rec is not None and rec.expires_at > now:
+                return rec
         return None
 
     def remember(
@@ -378,8 +376,12 @@ class Flows(Forwarder):
                 if res is not None:
                     ok[a.system] = res.creds
                     expires = max(expires, res.expires_at)
-        if not answers:
-            raise next(a for a in got if isinstance(a, BackendUnavailable))
+        silent = next((a for a in got if isinstance(a, BackendUnavailable)), None)
+        if silent is not None and not ok:
+            # one system refused, the other did not answer: it may have said yes
+            for a in answers:
+                a.resp.release()
+            raise silent
         primary = next((a for a in answers if a.system in ok), answers[0])
         for a in answers:
             if a is not primary:
@@ -446,7 +448,8 @@ class Flows(Forwarder):
         assert call is not None
 
         async def fetch(system: str, params: dict[str, Any]) -> tuple[int, bytes]:
-            a = await self.ask(ctx, system, params=params, **self.twin_kw(rec, twin, system))
+            kw = self.twin_kw(rec, twin, system)
+            a = await self.ask(ctx, system, params=params, cap=LIST_ANSWER, **kw)
             if a.body is None:
                 a.resp.close()
                 raise UpstreamFault(

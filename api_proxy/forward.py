@@ -34,7 +34,8 @@ from api_proxy.upstream import (
 )
 
 HOLD_POLL = 0.05  # seconds between looks at a locked customer's state
-SMALL_ANSWER = 1 << 20  # answers dsbc reads (logins, lists, creates, faults)
+SMALL_ANSWER = 1 << 20  # answers dsbc reads (logins, creates, faults)
+LIST_ANSWER = 64 << 20  # one system's page of a merged list (held to merge it)
 METRIC_NAMES = (
     "requests",
     "faults",
@@ -231,10 +232,10 @@ class Forwarder:
         self.metrics["to_" + system] += 1
         return await backend.send(ctx.request.method, url, headers, data, state)
 
-    async def ask(self, ctx: Ctx, system: str, **kw: Any) -> Answer:
+    async def ask(self, ctx: Ctx, system: str, cap: int = SMALL_ANSWER, **kw: Any) -> Answer:
         """Send and read the answer whole when it is small (else leave it to stream)."""
         resp = await self.open(ctx, system, **kw)
-        body = await read_small(resp, SMALL_ANSWER, self.backends[system])
+        body = await read_small(resp, cap, self.backends[system])
         return Answer(system, resp, body)
 
     async def relay(
