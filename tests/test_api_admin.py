@@ -283,3 +283,24 @@ def test_porting_requests_follow_the_did(tmp_path: Path) -> None:
             ] == [201]
 
     run(main)
+
+
+def test_admin_requests_for_a_locked_customer_wait_then_fault(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with ApiEnv(tmp_path, ROWS, lock_hold=0.3) as env:
+            env.store.lock(["5"], "batch-x")
+            st, fault, hdrs = await env.call(
+                ADMIN, "Customer/get_customer_info", {"i_customer": 5}, ADMIN_CREDS
+            )
+            assert st == 500 and fault["faultcode"] == "Server.Dispatcher.customer_locked"
+            assert env.api.metrics["hold_timeouts"] == 1
+            # the others are not held
+            st, doc, hdrs = await env.call(
+                ADMIN, "Customer/get_customer_info", {"i_customer": 4}, ADMIN_CREDS
+            )
+            assert st == 200 and hdrs["X-Billing-System"] == "MR115"
+            await env.source.stop()
+            st, fault, _ = await env.call(ADMIN, "Customer/get_customer_list", {}, ADMIN_CREDS)
+            assert st == 500 and fault["faultcode"] == "Server.Dispatcher.backend_unavailable"
+
+    run(main)
