@@ -307,24 +307,24 @@ def run(cfg_path: str) -> int:
     return Master(cfg, cfg_path).run()
 
 
-@click.command("run")
-@click.pass_context
-def run_command(ctx: click.Context) -> None:
-    """Run every dispatcher the config enables, in the foreground."""
-    path = _config_path(ctx)
-    try:
-        code = run(path)
-    except ConfigError as exc:
-        click.echo(f"dsbc: {exc}", err=True)
-        sys.exit(2)
-    sys.exit(code)
+def _run_command() -> click.Command:
+    from .cli import config_options
+
+    @click.command("run")
+    @config_options
+    def run_command() -> None:
+        """Run every dispatcher the config enables, in the foreground
+        (SIGTERM drains and exits, SIGHUP reloads the config)."""
+        meta = click.get_current_context().find_root().meta
+        path = meta.get("dsbc.config") or os.environ.get("DSBC_CONFIG") or "dsbc.toml"
+        try:
+            code = run(path)
+        except ConfigError as exc:
+            click.echo(f"dsbc: {exc}", err=True)
+            sys.exit(2)
+        sys.exit(code)
+
+    return run_command
 
 
-def _config_path(ctx: click.Context) -> str:
-    obj = ctx.find_object(dict) or {}
-    for key in ("config", "config_path", "cfg_path"):
-        if obj.get(key):
-            return str(obj[key])
-    root = ctx.find_root()
-    p = root.params.get("config") if root.params else None
-    return str(p or os.environ.get("DSBC_CONFIG") or "dsbc.toml")
+run_command = _run_command()
