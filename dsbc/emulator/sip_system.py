@@ -65,7 +65,20 @@ def normalize_number(text: str) -> str:
 
 
 class SipSystem:
-    """One emulated SIP node.  ``await start()``, then ``port``; ``await stop()``."""
+    """One emulated SIP node.  ``await start()``, then ``port``; ``await stop()``.
+
+    - ``transports``: ``udp`` and/or ``tcp``, both on the one ``port`` (0 = a free one);
+    - ``answer_delay``: seconds between 180 and 200 for calls the system answers itself;
+    - ``dids``: DID -> account; a call to the DID goes to the account's registration;
+    - ``accounts``: known accounts; with ``dids`` values and every user that has ever
+      registered here, a call to one of them that is not registered is answered by the
+      system (a real node would play voicemail); other users get 404 ...
+    - ... unless ``answer_all``: then every user that is not registered is answered;
+    - ``advertise``: the address in Via, Record-Route and Contact (default ``host``);
+    - ``max_expires``: longest registration granted; ``relay_timeout``: 408 after that
+      long without a final response from the next hop;
+    - ``clock``: wall clock of ``registered()``'s ``expires_at`` (tests may fake it).
+    """
 
     def __init__(
         self,
