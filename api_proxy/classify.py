@@ -388,9 +388,12 @@ def classify(
 
     sm = api_path(path)
     if sm is None:
-        if kind is RealmKind.CUSTOMER and method == "POST" and body:
+        if kind is RealmKind.CUSTOMER and method == "POST" and body and complete:
             if content_type(headers)[0] in _FORM_TYPES:
-                fields = form_fields(body)
+                try:
+                    fields = form_fields(body)
+                except BadRequest:  # any other form (legacy charset, many fields): not a login
+                    fields = {}
                 user = next((fields[f] for f in LOGIN_FIELDS if fields.get(f)), "")
                 if user and any(fields.get(f) for f in PASSWORD_FIELDS):
                     out.action = Action.WEB_LOGIN

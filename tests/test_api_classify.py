@@ -142,6 +142,9 @@ def test_actions() -> None:
     assert porting.keys == (RouteKey("did", "+1 555 0100", "number"),)
     web = classify("customer", "POST", "/login", FORM, b"login=bob&password=pw")
     assert web.action is Action.WEB_LOGIN and web.keys[0].value == "bob"
+    many = "&".join(f"f{i}=v" for i in range(400)).encode()
+    for body in (many, b"name=\xe9t\xe9", b"%%%"):
+        assert classify("customer", "POST", "/settings", FORM, body).action is Action.FOLLOW
     page = classify(
         "customer", "GET", "/invoices", {"cookie": "sc=1; authorized-by-remote=1"}, None
     )
