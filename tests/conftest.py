@@ -127,3 +127,21 @@ def phone_factory(tmp_workdir: Path, peer_logs: PeerLogs) -> Iterator[Callable[.
     yield make
     for phone in reversed(started):
         phone.stop()
+
+
+@pytest.fixture
+def dsbc_factory(tmp_workdir: Path, peer_logs: PeerLogs) -> Iterator[Callable[..., Any]]:
+    """make(**Dsbc kwargs) -> a started `dsbc run` (tests/peers/dsbc.py), stopped at teardown."""
+    from tests.peers.dsbc import Dsbc
+
+    started: list[Dsbc] = []
+
+    def make(start: bool = True, **kwargs: Any) -> Dsbc:
+        d = Dsbc(tmp_workdir / f"dsbc-{len(started)}", **kwargs)
+        peer_logs.add(f"dsbc {len(started)}", d.workdir / "dsbc.log")
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in reversed(started):
+        d.stop()
