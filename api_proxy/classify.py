@@ -439,6 +439,8 @@ def classify(
         out.action = Action.ENTITY if out.keys else Action.CREATE
         return out
     out.keys = entity_keys(service, params, ENTITY_FIELDS)
+    if lm:  # list filters may be patterns ("id": "1000%"): those name no entity
+        out.keys = tuple(k for k in out.keys if not any(ch in k.value for ch in "%*?"))
     if out.keys:
         out.action = Action.ENTITY
     elif lm:

@@ -124,6 +124,10 @@ def test_actions() -> None:
     )
     assert child.action is Action.ENTITY and child.creates
     assert child.keys == (RouteKey("customer", "9", "account_info.i_customer"),)
+    pattern = classify(
+        "admin", "POST", "/rest/Account/get_account_list", FORM, form({}, {"id": "1000%"})
+    )
+    assert pattern.action is Action.LIST and not pattern.keys
     acct = classify(
         "reseller", "POST", "/rest/Account/get_account_info", FORM, form({}, {"id": "100200"})
     )
