@@ -265,3 +265,29 @@ def test_web_form_login_falls_back_to_the_source_and_the_cookie_follows(tmp_path
                 )
 
     run(main)
+
+
+def test_concurrent_sessions_of_both_systems_stay_apart(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            logins = [("alice", "MR100"), ("bob", "MR100"), ("dave", "MR115"), ("erin", "MR115")]
+            sessions = await asyncio.gather(
+                *(env.call(CUSTOMER, LOGIN, {"login": u, "password": "secret"}) for u, _ in logins)
+            )
+            calls = []
+            for (user, system), (st, sess, _) in zip(logins, sessions, strict=True):
+                assert st == 200
+                for _ in range(15):
+                    calls.append((user, system, sess["session_id"]))
+
+            async def one(user: str, system: str, sid: str) -> None:
+                st, info, hdrs = await env.call(
+                    CUSTOMER, "Customer/get_customer_info", {}, {"session_id": sid}
+                )
+                assert st == 200 and hdrs["X-Billing-System"] == system
+                assert info["customer_info"]["login"] == user
+
+            await asyncio.gather(*(one(*c) for c in calls))
+            assert env.api.metrics["requests"] == 64
+
+    run(main)
