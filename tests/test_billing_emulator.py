@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from dsbc.emulator.billing import BillingEmulator, sample_rows, start_billing_emulator
+from dsbc.emulator.billing import BillingEmulator, sample_rows, start_billing_emulator, sync_systems
 
 
 def run(fn: Callable[[], Awaitable[None]]) -> None:
@@ -197,5 +197,28 @@ def test_self_care_pages_invoice_cpe_and_cwmp() -> None:
                     assert r.status == 204
         finally:
             await src.stop()
+
+    run(main)
+
+
+def test_sync_systems_follows_the_store() -> None:
+    async def main() -> None:
+        rows = sample_rows()
+        src = await start_billing_emulator("MR100", "127.0.0.1", 0, rows)
+        tgt = await start_billing_emulator("MR115", "127.0.0.1", 0, rows)
+        try:
+            placement = [(r["customer_id"], r["system"]) for r in rows]
+            assert sync_systems(src, tgt, placement) == 0  # seeded alike already
+            placement[0] = ("1", "target")
+            assert sync_systems(src, tgt, placement) == 1
+            assert src.data.customers[1].exported and 1 in tgt.data.customers
+            assert tgt.data.find_account(id="100001") is not None
+            placement[0] = ("1", "source")
+            assert sync_systems(src, tgt, placement) == 1
+            assert not src.data.customers[1].exported and 1 not in tgt.data.customers
+            assert tgt.data.find_account(id="100001") is None
+        finally:
+            await src.stop()
+            await tgt.stop()
 
     run(main)

@@ -382,6 +382,35 @@ async def start_billing_emulator(
     return emu
 
 
+def sync_systems(
+    source: BillingEmulator, target: BillingEmulator, placement: Iterable[tuple[str, str]]
+) -> int:
+    """Make the two systems agree with the store after ``dsbc migrate`` / ``rollback``.
+
+    ``placement`` is ``(customer_id, system)`` per customer (e.g. from the store's
+    customers); a customer now on the target is exported by the source and imported by
+    the target, one back on the source is removed from the target.  Returns how many
+    customers moved.  The demo calls this after each store refresh."""
+    moved = 0
+    for cid, system in placement:
+        if not cid.isdigit():
+            continue
+        i = int(cid)
+        src = source.data.customers.get(i)
+        on_target = i in target.data.customers
+        if system == "target" and src is not None:
+            if not on_target:
+                target.import_customer(source.export_customer(i))
+                moved += 1
+            elif not src.exported:
+                src.exported = True
+        elif system == "source" and src is not None and on_target:
+            target.data.remove_record(i)
+            src.exported = False
+            moved += 1
+    return moved
+
+
 def sample_rows() -> list[dict[str, Any]]:
     """A small sample population (three customers on the source, two on the target).
 

@@ -200,6 +200,14 @@ class BillingData:
             self.accounts[acc.i_account] = acc
         return cust.i_customer
 
+    def remove_record(self, i_customer: int) -> None:
+        """Forget a customer and its accounts (the target side of a rollback)."""
+        self.customers.pop(int(i_customer), None)
+        for i_account in [
+            a.i_account for a in self.accounts.values() if a.i_customer == i_customer
+        ]:
+            del self.accounts[i_account]
+
     # -- sessions -------------------------------------------------------------------------
 
     def authenticate(self, login: str, password: str = "", token: str = "") -> tuple[str, str]:
