@@ -1,0 +1,276 @@
+"""The SIP dispatcher end to end: pjsua2 phones and sipp carriers, dsbc, two Kamailio systems.
+
+Phones live on 127.0.0.2/3/4 and carriers on 127.0.0.5, so dsbc tells them from the
+systems' nodes (127.0.0.1:<kamailio port>) by IP and port, as SPEC section 6 says.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.peers.nat import UdpNat
+from tests.peers.proc import find_binary
+from tests.peers.sipmsg import parse_message
+from tests.peers.sipp import run_sipp
+
+pytestmark = [
+    pytest.mark.peers,
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(find_binary("kamailio") is None, reason="kamailio is not installed"),
+]
+
+Factory = Callable[..., Any]
+DID_A = "15550001001"
+DID_B = "15550001002"
+CARRIER_IP = "127.0.0.5"
+
+CUSTOMERS = [
+    {"customer_id": "100", "identities": ["account:1001", f"did:+{DID_A}"], "system": "source"},
+    {"customer_id": "200", "identities": ["account:1002", f"did:{DID_B}"], "system": "source"},
+    {"customer_id": "300", "identities": ["account:3003"], "system": "target"},
+]
+
+
+def systems(kamailio_factory: Factory, target_nodes: int = 1) -> tuple[Any, list[Any]]:
+    dids = {DID_A: "1001", DID_B: "1002"}
+    source = kamailio_factory("source", dids=dids, extra_trusted=["127.0.0.1"])
+    targets = [
+        kamailio_factory(f"target{i}" if i else "target", dids=dids, extra_trusted=["127.0.0.1"])
+        for i in range(target_nodes)
+    ]
+    return source, targets
+
+
+def start_dsbc(dsbc_factory: Factory, source: Any, targets: list[Any], **kw: Any) -> Any:
+    d = dsbc_factory(
+        source=[f"udp:{source.ip}:{source.port}"],
+        target=[f"udp:{t.ip}:{t.port}" for t in targets],
+        customers=CUSTOMERS,
+        trusted=[CARRIER_IP],
+        **kw,
+    )
+    d.wait_nodes_up()
+    return d
+
+
+def carrier_call(d: Any, did: str, workdir: Path, transport: str = "udp", hold_ms: int = 300) -> Any:
+    return run_sipp(
+        "uac_call_to_did",
+        d.sip_addr,
+        local_ip=CARRIER_IP,
+        transport="u1" if transport == "udp" else "t1",
+        service=did,
+        keys={"caller": "15557654321"},
+        duration_ms=hold_ms,
+        timeout=15,
+        workdir=workdir,
+    )
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_register_follows_migration_and_did_calls_reach_the_phone(
+    kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory, tmp_workdir: Path, transport: str
+) -> None:
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target])
+    phone = phone_factory("1001", *d.sip_addr, transport=transport)
+
+    assert phone.register(expires=300) == 200
+    assert phone.last_register_response_headers().get("x-system") == ["source"]
+    contacts = source.wait_registered("1001")
+    assert target.registered("1001") == []
+    path = source.registrations("1001")[0].get("Path", "")
+    assert d.hostport in path and "ft=" in path  # calls come back through dsbc's flow
+
+    # a carrier calls the customer's number: source system, then back out to the phone
+    res = carrier_call(d, DID_A, tmp_workdir, transport)
+    assert res.ok, res.report()
+    call = phone.wait_incoming_call(timeout=5)
+    invite = phone.received_invite(call)
+    assert invite.get("X-System") == "source"
+    phone.wait_call_state(call, "DISCONNECTED", timeout=5)
+
+    # migrate: the next REGISTER lands on the target, and so do calls to the DID
+    out = d.cli("migrate", "--customer", "100", "--to", "target")
+    assert "moved 1" in (out.stdout + out.stderr)
+    time.sleep(0.3)
+    assert phone.register(expires=300) == 200
+    assert phone.last_register_response_headers().get("x-system") == ["target"]
+    target.wait_registered("1001")
+    assert contacts  # registered on the source before
+
+    res = carrier_call(d, f"+{DID_A}", tmp_workdir, transport)
+    assert res.ok, res.report()
+    call = phone.wait_incoming_call(timeout=5)
+    assert phone.received_invite(call).get("X-System") == "target"
+    phone.wait_call_state(call, "DISCONNECTED", timeout=5)
+    assert [r["ruri"].split("@")[0] for r in target.requests("INVITE")][-1].endswith(DID_A)
+
+
+def test_call_in_progress_survives_migration(
+    kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
+) -> None:
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target])
+    alice = phone_factory("1001", *d.sip_addr)
+    bob = phone_factory("1002", *d.sip_addr, transport="tcp", bind_ip="127.0.0.3")
+    assert alice.register() == 200 and bob.register() == 200
+
+    call = alice.call("1002", timeout=8)
+    incoming = bob.wait_incoming_call(timeout=5)
+    bob.wait_call_state(incoming, "CONFIRMED", timeout=5)
+    assert bob.received_invite(incoming).get("X-System") == "source"
+
+    d.cli("migrate", "--customer", "100", "--customer", "200", "--to", "target")
+    time.sleep(0.3)
+    # both sides keep talking to the system where the dialog started
+    assert alice.reinvite(call) == 200
+    assert bob.reinvite(incoming) == 200
+    reinvites = [r for r in source.requests("INVITE")]
+    assert len(reinvites) >= 3
+    assert target.requests("INVITE") == []
+    assert bob.hangup(incoming) == 200
+    alice.wait_call_state(call, "DISCONNECTED", timeout=5)
+    assert source.requests("BYE"), "the BYE went through the source system"
+
+    # a new call after the flip starts on the target (both re-register there first)
+    assert alice.register() == 200 and bob.register() == 200
+    call = alice.call("1002", timeout=8)
+    incoming = bob.wait_incoming_call(timeout=5)
+    assert bob.received_invite(incoming).get("X-System") == "target"
+    assert alice.hangup(call) == 200
+
+
+def test_cancel_after_flip_follows_its_invite(
+    kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory, tmp_workdir: Path
+) -> None:
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target])
+    phone = phone_factory("1001", *d.sip_addr, auto_answer=None)
+    assert phone.register() == 200
+    # the carrier calls, the phone rings; the customer moves; the carrier gives up
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def ring() -> None:
+        result["res"] = run_sipp(
+            "uac_cancel",
+            d.sip_addr,
+            local_ip=CARRIER_IP,
+            service=DID_A,
+            keys={"caller": "15557654321"},
+            duration_ms=2000,
+            timeout=15,
+            workdir=tmp_workdir,
+        )
+
+    t = threading.Thread(target=ring)
+    t.start()
+    phone.wait_incoming_call(timeout=5)
+    d.cli("migrate", "--customer", "100", "--to", "target")
+    t.join(20)
+    res = result["res"]
+    assert res.ok, res.report()
+    assert len(source.requests("CANCEL")) == 1
+    assert target.requests("CANCEL") == [] and target.requests("INVITE") == []
+
+
+def test_natted_phone_gets_its_calls(
+    kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory, tmp_workdir: Path
+) -> None:
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target])
+    with UdpNat(d.sip_addr, inside_ip="127.0.0.1", outside_ip="127.0.0.4") as nat:
+        phone = phone_factory("1001", *nat.inside_addr, bind_ip="127.0.0.2")
+        assert phone.register() == 200
+        reg = source.registrations("1001")[0]
+        assert "127.0.0.2" in reg["Address"]  # the Contact says the phone's private address
+        res = carrier_call(d, DID_A, tmp_workdir)
+        assert res.ok, res.report()
+        call = phone.wait_incoming_call(timeout=5)
+        phone.wait_call_state(call, "DISCONNECTED", timeout=5)
+        assert nat.to_phone > 0  # the INVITE went to the NAT's public side
+
+
+def test_failover_within_the_owning_system(
+    kamailio_factory: Factory, dsbc_factory: Factory, tmp_workdir: Path
+) -> None:
+    source, targets = systems(kamailio_factory, target_nodes=2)
+    d = start_dsbc(dsbc_factory, source, targets)
+
+    def register(user: str) -> Any:
+        return run_sipp(
+            "register", d.sip_addr, local_ip="127.0.0.2", service=user,
+            keys={"contact_hostport": "127.0.0.2:5999", "expires": "60"}, timeout=8, workdir=tmp_workdir,
+        )  # fmt: skip
+
+    assert register("3003").ok
+    assert targets[0].registered("3003") and not targets[1].registered("3003")
+    targets[0].stop()
+    time.sleep(1.5)  # a missed OPTIONS ping marks the node down
+    res = register("3003")
+    assert res.ok, res.report()
+    assert targets[1].registered("3003")
+    assert source.registered("3003") == []  # never the other system
+    targets[1].stop()
+    time.sleep(1.5)
+    res = register("3003")
+    assert not res.ok
+    assert any(m.startswith("SIP/2.0 503") for m in res.messages.split("\n\n")) or "503" in res.messages
+    reply = parse_message(res.received("SIP/2.0 503")[0])
+    assert reply.get("Retry-After")
+
+
+def test_locked_customer_is_held_then_relayed_to_new_system(
+    kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
+) -> None:
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target], lock_hold=3.0)
+    phone = phone_factory("1001", *d.sip_addr)
+    import subprocess
+    import sys
+
+    mig = subprocess.Popen(
+        [sys.executable, "-m", "dsbc.cli", "-c", str(d.config_path), "migrate", "--customer", "100",
+         "--to", "target", "--lock-for", "1.5"],
+        env=d.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(0.6)  # the customer is locked now
+    started = time.monotonic()
+    assert phone.register(timeout=8) == 200
+    waited = time.monotonic() - started
+    mig.communicate(timeout=20)
+    assert mig.returncode == 0
+    assert phone.last_register_response_headers().get("x-system") == ["target"]
+    assert source.registered("1001") == []
+    assert 0.3 < waited < 3.0
+    assert d.counters().get("held", 0) >= 1
+
+
+def test_lock_outlasting_the_hold_gets_503(
+    kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
+) -> None:
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target], lock_hold=0.5)
+    phone = phone_factory("1001", *d.sip_addr)
+    import subprocess
+    import sys
+
+    mig = subprocess.Popen(
+        [sys.executable, "-m", "dsbc.cli", "-c", str(d.config_path), "migrate", "--customer", "100",
+         "--to", "target", "--lock-for", "3"],
+        env=d.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(0.6)
+    try:
+        status = phone.register(timeout=5)
+    finally:
+        mig.communicate(timeout=20)
+    assert status == 503  # only a lock that outlasts store.lock_hold is refused
+    assert source.registered("1001") == [] and target.registered("1001") == []
