@@ -246,8 +246,12 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             _check_hostport(entry, "listen", 443)
         if (self.tls_cert or self.tls_key) and not (self.tls_cert and self.tls_key):
             raise ValueError("tls_cert: TLS needs both tls_cert and tls_key")
-        if self.route_body_limit < 1024 or self.pool_size < 1 or self.body_timeout <= 0:
-            raise ValueError("route_body_limit: must be >= 1024 (and pool_size >= 1, body_timeout > 0)")
+        if self.route_body_limit < 1024:
+            raise ValueError("route_body_limit: must be >= 1024")
+        if self.pool_size < 1:
+            raise ValueError("pool_size: must be >= 1")
+        if self.body_timeout <= 0 or self.connect_timeout <= 0 or self.timeout <= 0:
+            raise ValueError("body_timeout: body_timeout, connect_timeout and timeout must be > 0")
         _check_url(self.source, "source")
         _check_url(self.target, "target")
 
