@@ -168,12 +168,14 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retry_after: int = 30
     max_message_size: int = 65535
     tcp_idle_timeout: float = 600.0
+    tcp_stall_timeout: float = 10.0
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
     tls_verify_client: bool = False
     rate_limit: int = 0
     rate_window: float = 2.0
+    rate_limit_drop: bool = False
     max_connections: int = 20000
     max_connections_per_ip: int = 200
     drop_scanners: bool = False

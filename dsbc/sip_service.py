@@ -197,6 +197,7 @@ class SipService:
             ssl_context=ctx,
             client_ssl_context=client_ctx,
             tcp_idle_timeout=self.cfg.sip.tcp_idle_timeout,
+            tcp_stall_timeout=self.cfg.sip.tcp_stall_timeout,
             max_connections=self.cfg.sip.max_connections,
             max_connections_per_ip=self.cfg.sip.max_connections_per_ip,
         )

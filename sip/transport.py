@@ -171,6 +171,7 @@ class SipEndpoint:
         ssl_context: ssl.SSLContext | None = None,
         client_ssl_context: ssl.SSLContext | None = None,
         tcp_idle_timeout: float = 600.0,
+        tcp_stall_timeout: float = 10.0,
         max_connections: int = 20000,
         max_connections_per_ip: int = 200,
     ) -> None:
@@ -181,6 +182,7 @@ class SipEndpoint:
         self.ssl_context = ssl_context
         self.client_ssl_context = client_ssl_context
         self.tcp_idle_timeout = tcp_idle_timeout
+        self.tcp_stall_timeout = tcp_stall_timeout
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
         self.conn_ids = itertools.count(1)
@@ -382,11 +384,11 @@ class SipEndpoint:
     async def _sweep(self) -> None:
         """Close idle connections and slow clients that hold half a message."""
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, self.tcp_stall_timeout / 2))
             now = self.loop.time()
             for c in list(self.conns.values()):
                 idle = now - c.last_activity
-                stalled = c.framer.buffered > 0 and idle > 10.0
+                stalled = c.framer.buffered > 0 and idle > self.tcp_stall_timeout
                 if idle > self.tcp_idle_timeout or stalled:
                     self.core.counters["tcp_idle_closed" if not stalled else "tcp_stalled_closed"] += 1
                     if c.transport:
