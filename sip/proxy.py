@@ -290,12 +290,7 @@ class ProxyCore:
         return [self._forward(msg, ed, src, self._to_node(node), branch, None, decision.system, decision.customer_id, now, cap=cap)]
 
     def _candidates(self, msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
-        if msg.method == "REGISTER":
-            return [("account", self._user(msg.to.uri))]
-        if trusted:
-            user = self._user(msg.uri)
-            return [("did", user), ("account", user)]
-        return [("account", self._user(msg.from_.uri))]
+        return owner_candidates(msg, trusted)
 
     @staticmethod
     def _user(uri: SipUri) -> str:
@@ -556,6 +551,22 @@ class ProxyCore:
         nxt = msg.vias[1]
         h, p = nxt.response_address()
         self.events.append(RegistrationSeen(account, contacts, system, f"{nxt.transport.lower()}:{h}:{p}"))
+
+
+def owner_candidates(msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
+    """The identities that decide who owns an out-of-dialog request, in lookup order.
+
+    REGISTER: the To user (``account``); from a trusted peer (carrier or system node): the
+    Request-URI user as ``did`` then ``account``; from anyone else: the From user
+    (``account``).  Public so that tools (``dsbc replay``) classify a request exactly as
+    the proxy does without forwarding it.
+    """
+    if msg.method == "REGISTER":
+        return [("account", ProxyCore._user(msg.to.uri))]
+    if trusted:
+        user = ProxyCore._user(msg.uri)
+        return [("did", user), ("account", user)]
+    return [("account", ProxyCore._user(msg.from_.uri))]
 
 
 def _with_received(via_text: str, ip: str, port: int) -> str:
