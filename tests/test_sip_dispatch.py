@@ -274,3 +274,38 @@ def test_lock_outlasting_the_hold_gets_503(
         mig.communicate(timeout=20)
     assert status == 503  # only a lock that outlasts store.lock_hold is refused
     assert source.registered("1001") == [] and target.registered("1001") == []
+
+
+def test_prepare_caps_expiry_and_wait_registrations_sees_the_phone_move(
+    kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
+) -> None:
+    import subprocess
+    import sys
+
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target], migration_expires=45)
+    phone = phone_factory("1001", *d.sip_addr)
+    assert phone.register(expires=600) == 200
+    granted = phone.last_register_response_headers().get("contact", [""])[0]
+    assert "expires=600" in granted
+
+    out = d.cli("migrate", "--customer", "100", "--prepare")
+    assert "45" in out.stdout + out.stderr
+    time.sleep(0.4)  # every worker sees the cap
+    assert phone.register(expires=600) == 200
+    headers = phone.last_register_response_headers()
+    assert "expires=45" in headers.get("contact", [""])[0], headers
+    assert headers.get("x-system") == ["source"]
+    time.sleep(1.5)  # the workers write the registrations they relayed once a second
+
+    mig = subprocess.Popen(
+        [sys.executable, "-m", "dsbc.cli", "-c", str(d.config_path), "migrate", "--customer", "100",
+         "--to", "target", "--wait-registrations", "--timeout", "20"],
+        env=d.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1.0)
+    assert phone.register(expires=600) == 200  # the phone re-registers when its 45 s end
+    assert phone.last_register_response_headers().get("x-system") == ["target"]
+    stdout, stderr = mig.communicate(timeout=30)
+    assert mig.returncode == 0, stdout + stderr
+    assert "all 1 phones registered on target" in stdout + stderr
