@@ -309,3 +309,33 @@ def test_prepare_caps_expiry_and_wait_registrations_sees_the_phone_move(
     stdout, stderr = mig.communicate(timeout=30)
     assert mig.returncode == 0, stdout + stderr
     assert "all 1 phones registered on target" in stdout + stderr
+
+
+def test_call_between_customers_of_the_two_systems(
+    kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
+) -> None:
+    """A target customer calls a source customer: the target system hands the call it
+    cannot place to dsbc (a trusted peer), which routes it by Request-URI to the source."""
+    from tests.peers.net import free_port
+
+    dsbc_port = free_port("both")
+    source = kamailio_factory("source", dids={DID_A: "1001"}, extra_trusted=["127.0.0.1"])
+    target = kamailio_factory("target", extra_trusted=["127.0.0.1"], outbound=("127.0.0.1", dsbc_port))
+    d = dsbc_factory(
+        source=[f"udp:{source.ip}:{source.port}"],
+        target=[f"udp:{target.ip}:{target.port}"],
+        customers=CUSTOMERS,
+        trusted=[CARRIER_IP],
+        port=dsbc_port,
+    )
+    d.wait_nodes_up()
+    alice = phone_factory("1001", *d.sip_addr)
+    carol = phone_factory("3003", *d.sip_addr, bind_ip="127.0.0.3")
+    assert alice.register() == 200 and carol.register() == 200
+    assert source.registered("1001") and target.registered("3003")
+
+    call = carol.call("1001", timeout=8)
+    incoming = alice.wait_incoming_call(timeout=5)
+    assert alice.received_invite(incoming).all("X-System") == ["target", "source"]
+    assert carol.hangup(call) == 200
+    alice.wait_call_state(incoming, "DISCONNECTED", timeout=5)
