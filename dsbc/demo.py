@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -173,7 +173,8 @@ token = "demo-token"
             while True:
                 changed = store.refresh()
                 if changed:
-                    placement = [(c, store.customer(c).system) for c in changed if store.customer(c)]
+                    found = ((c, store.customer(c)) for c in changed)
+                    placement = [(c, rec.system) for c, rec in found if rec is not None]
                     sync_systems(self.systems["source"]["billing"], self.systems["target"]["billing"], placement)
                 await asyncio.sleep(0.5)
         finally:
@@ -239,7 +240,7 @@ async def udp_ask(data: bytes | Callable[[int], bytes], addr: tuple[str, int], t
         lport = transport.get_extra_info("sockname")[1]
         transport.sendto(data(lport) if callable(data) else data, addr)
         return await asyncio.wait_for(proto.answer, timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return None
     finally:
         transport.close()
@@ -328,11 +329,14 @@ async def run_demo(workdir: Path, sip_port: int, api_port: int, duration: float 
             await asyncio.sleep(2.5)  # let the first health pings come back
             for line in await self_check(demo):
                 click.echo("  " + line)
-            out = subprocess.run(
-                [sys.executable, "-m", "dsbc.cli", "-c", str(demo.config_path), "migrate", "--customer", "1", "--to", "target"],
-                capture_output=True, text=True, timeout=60,
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dsbc.cli", "-c", str(demo.config_path),
+                "migrate", "--customer", "1", "--to", "target",
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             )  # fmt: skip
-            click.echo("  dsbc migrate --customer 1 --to target: " + (out.stdout + out.stderr).strip().replace("\n", " | "))
+            output, _ = await asyncio.wait_for(proc.communicate(), 60)
+            text = output.decode(errors="replace").strip().replace("\n", " | ")
+            click.echo(f"  dsbc migrate --customer 1 --to target: {text}")
             await asyncio.sleep(0.6)
             reply = await sip_options(HOST, demo.ports["sip"], "100001", timeout=3)
             click.echo(f"  SIP OPTIONS from account 100001 after the migration: answered by {_header(reply or '', 'X-System') or 'nobody'}")
@@ -340,7 +344,7 @@ async def run_demo(workdir: Path, sip_port: int, api_port: int, duration: float 
         if duration is not None:
             try:
                 await asyncio.wait_for(stop.wait(), duration)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         elif not check:
             await stop.wait()

@@ -95,11 +95,11 @@ class Worker:
         (self.run_dir / f"ready-{self.index}-{os.getpid()}").touch()
         await self.stopping.wait()
         log.info("worker %d draining", self.index)
-        sip = self.services.get("sip")
-        if sip is not None:
-            sip.drain()
+        draining: Any = self.services.get("sip")
+        if draining is not None:
+            draining.drain()
             deadline = loop.time() + DRAIN_SECONDS
-            while sip.core.held_count and loop.time() < deadline:
+            while draining.core.held_count and loop.time() < deadline:
                 await asyncio.sleep(0.1)
             await asyncio.sleep(0.2)
         for t in tasks:
@@ -107,7 +107,7 @@ class Worker:
         for name, svc in reversed(list(self.services.items())):
             try:
                 await svc.stop()
-            except Exception:  # noqa: BLE001 - keep stopping the others
+            except Exception:
                 log.exception("stopping %s", name)
         self.store.close()
 
@@ -152,13 +152,14 @@ class Worker:
     async def _snapshot(self) -> None:
         path = self.run_dir / f"worker-{self.index}.json"
         while True:
-            snap = {"worker": self.index, "pid": os.getpid(), "ts": time.time(),
-                    "store_healthy": bool(getattr(self.store, "healthy", True)), "services": {}}
+            services: dict[str, Any] = {}
             for name, svc in self.services.items():
                 try:
-                    snap["services"][name] = svc.status()
-                except Exception as exc:  # noqa: BLE001
-                    snap["services"][name] = {"error": str(exc)}
+                    services[name] = svc.status()
+                except Exception as exc:  # noqa: BLE001 - a status must not stop the snapshot
+                    services[name] = {"error": str(exc)}
+            snap = {"worker": self.index, "pid": os.getpid(), "ts": time.time(),
+                    "store_healthy": bool(getattr(self.store, "healthy", True)), "services": services}
             tmp = path.with_suffix(".tmp")
             try:
                 tmp.write_text(json.dumps(snap, default=str))

@@ -121,7 +121,7 @@ def listeners(cfg: Config) -> list[tuple[str, str, int]]:
 def advertise(cfg: Config) -> tuple[str, dict[str, int]]:
     """The address put in Via / Record-Route / Path, and the port per transport."""
     lst = listeners(cfg)
-    ports = {}
+    ports: dict[str, int] = {}
     for t, _, p in lst:
         ports.setdefault(t, p)
     host = ""

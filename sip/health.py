@@ -34,7 +34,7 @@ class Node(msgspec.Struct, frozen=True, gc=False):
 
 
 class NodeState:
-    __slots__ = ("node", "up", "last_ok", "pending", "sent_at", "next_ping", "rtt", "failures", "since")
+    __slots__ = ("failures", "last_ok", "next_ping", "node", "pending", "rtt", "sent_at", "since", "up")
 
     def __init__(self, node: Node) -> None:
         self.node = node

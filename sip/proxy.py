@@ -84,7 +84,7 @@ class ProxySettings(msgspec.Struct, kw_only=True):
 
 
 class _Held:
-    __slots__ = ("msg", "src", "deadline", "customer_id", "key")
+    __slots__ = ("customer_id", "deadline", "key", "msg", "src")
 
     def __init__(self, msg: SipMessage, src: Flow, deadline: float, customer_id: str, key: str) -> None:
         self.msg = msg

@@ -41,7 +41,7 @@ class SipDatagram(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) <= 4 and not data.strip():
             return  # CRLF keep-alive over UDP
         ep = self.ep
@@ -59,7 +59,7 @@ class SipDatagram(asyncio.DatagramProtocol):
 
 
 class SipStream(asyncio.Protocol):
-    __slots__ = ("ep", "transport", "framer", "flow", "conn_id", "last_activity", "outbound", "pending", "peer")
+    __slots__ = ("conn_id", "ep", "flow", "framer", "last_activity", "outbound", "peer", "pending", "transport")
 
     def __init__(self, ep: SipEndpoint, outbound: bool = False, transport_name: str = "tcp") -> None:
         self.ep = ep
@@ -93,7 +93,7 @@ class SipStream(asyncio.Protocol):
         ep.by_addr[(self.peer, peer[0], peer[1])] = self
         ep.per_ip[peer[0]] = ep.per_ip.get(peer[0], 0) + 1
         for data in self.pending:
-            transport.write(data)
+            self.transport.write(data)  # type: ignore[union-attr]
         self.pending.clear()
 
     def data_received(self, data: bytes) -> None:
@@ -129,7 +129,7 @@ class SipStream(asyncio.Protocol):
         t = self.transport
         if t is None:
             return
-        buffered = bytes(self.framer._buf)  # noqa: SLF001 - the framer's unread octets
+        buffered = bytes(self.framer._buf)
         if exc.respond and buffered[:4] != b"SIP/":
             try:
                 parse_message(buffered, datagram=True, max_size=max(len(buffered), 1))
@@ -138,7 +138,7 @@ class SipStream(asyncio.Protocol):
                 if partial is not None:
                     t.write(make_response(partial, exc.status, exc.reason))
             except Exception:  # noqa: BLE001 - best effort answer only
-                pass
+                log.debug("no answer possible to a broken stream from %s", self.flow)
         t.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
