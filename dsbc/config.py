@@ -196,6 +196,14 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("migration_expires: must be >= 1")
         if any(e.startswith("tls:") for e in self.listen) and not (self.tls_cert and self.tls_key):
             raise ValueError("tls_cert: a tls: listener needs tls_cert and tls_key")
+        if self.rate_limit < 0:
+            raise ValueError("rate_limit: must be >= 0 (0 = off)")
+        if self.rate_window <= 0:
+            raise ValueError("rate_window: must be > 0")
+        if self.max_connections < 1 or self.max_connections_per_ip < 1:
+            raise ValueError("max_connections: the connection caps must be >= 1")
+        if self.max_message_size < 1024:
+            raise ValueError("max_message_size: must be >= 1024")
 
 
 class VhostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -12,9 +12,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from sip.admission import Admission
 from sip.flow import FlowSigner
 from sip.health import HealthChecker, Node
 from sip.proxy import ProxyCore, ProxySettings
+from sip.ratelimit import RateLimiter
+from sip.scanner import ScannerFilter
 from sip.transport import SipEndpoint
 
 from .config import Config, Endpoint, parse_hostport
@@ -168,6 +171,16 @@ class SipService:
         )
         self.router = StoreRouter(store, trusted_peers(cfg))
         self.core = ProxyCore(settings, self.router, health, FlowSigner(flow_secret(cfg, store)))
+        sc = cfg.sip
+        self.admission = Admission(
+            is_trusted=self.router.is_trusted,
+            counters=self.core.counters,
+            limiter=RateLimiter(sc.rate_limit, sc.rate_window) if sc.rate_limit > 0 else None,
+            scanners=ScannerFilter(sc.scanner_user_agents) if sc.drop_scanners and sc.scanner_user_agents else None,
+            drop=sc.rate_limit_drop,
+            server=settings.server,
+            max_message_size=sc.max_message_size,
+        )
         self.ipc_name = ipc_name
         self.endpoint: SipEndpoint | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -200,6 +213,7 @@ class SipService:
             tcp_stall_timeout=self.cfg.sip.tcp_stall_timeout,
             max_connections=self.cfg.sip.max_connections,
             max_connections_per_ip=self.cfg.sip.max_connections_per_ip,
+            admission=self.admission,
         )
         await self.endpoint.listen(listeners(self.cfg))
         self._tasks.append(loop.create_task(self._registrations()))
@@ -254,4 +268,5 @@ class SipService:
             "held": self.core.held_count,
             "nodes": self.core.health.status(),
             "connections": len(self.endpoint.conns) if self.endpoint else 0,
+            **self.admission.status(),
         }

@@ -22,6 +22,7 @@ import ssl
 import struct
 from collections.abc import Callable
 
+from .admission import Admission
 from .errors import SipError
 from .flow import Flow
 from .framing import NEED_DATA, PING, PONG, StreamFramer
@@ -45,8 +46,15 @@ class SipDatagram(asyncio.DatagramProtocol):
         if len(data) <= 4 and not data.strip():
             return  # CRLF keep-alive over UDP
         ep = self.ep
+        flow = Flow("udp", addr[0], addr[1])
+        if ep.admission is not None:  # rate limit, scanners, size: before parsing
+            verdict = ep.admission.check(data, flow, ep.loop.time())
+            if verdict is not None:
+                if verdict:
+                    ep.dispatch(verdict)
+                return
         try:
-            sends = ep.core.handle_data(data, Flow("udp", addr[0], addr[1]), ep.loop.time())
+            sends = ep.core.handle_data(data, flow, ep.loop.time())
         except Exception:  # a bug must not kill the worker: count it and go on
             log.exception("internal error on a datagram from %s:%s", addr[0], addr[1])
             ep.core.counters["internal_errors"] += 1
@@ -59,7 +67,7 @@ class SipDatagram(asyncio.DatagramProtocol):
 
 
 class SipStream(asyncio.Protocol):
-    __slots__ = ("conn_id", "ep", "flow", "framer", "last_activity", "outbound", "peer", "pending", "transport")
+    __slots__ = ("conn_id", "ep", "flow", "framer", "last_activity", "outbound", "partial_since", "peer", "pending", "transport")
 
     def __init__(self, ep: SipEndpoint, outbound: bool = False, transport_name: str = "tcp") -> None:
         self.ep = ep
@@ -68,6 +76,7 @@ class SipStream(asyncio.Protocol):
         self.conn_id = next(ep.conn_ids)
         self.flow: Flow | None = None
         self.last_activity = ep.loop.time()
+        self.partial_since = 0.0  # when the message now in the framer began (slowloris)
         self.outbound = outbound
         self.pending: list[bytes] = []
         self.peer = transport_name
@@ -109,12 +118,21 @@ class SipStream(asyncio.Protocol):
                 self._fail(exc)
                 return
             if event is NEED_DATA:
+                if not self.partial_since and (framer.buffered > 3 or bytes(framer._buf).strip(b"\r\n")):
+                    self.partial_since = self.last_activity
                 return
             if event is PING:
                 assert self.transport is not None
                 self.transport.write(PONG)
                 continue
             assert isinstance(event, bytes) and self.flow is not None
+            self.partial_since = 0.0
+            if ep.admission is not None:
+                verdict = ep.admission.check(event, self.flow, self.last_activity)
+                if verdict is not None:
+                    if verdict:
+                        ep.dispatch(verdict)
+                    continue
             try:
                 sends = ep.core.handle_data(event, self.flow, ep.loop.time())
             except Exception:
@@ -174,8 +192,10 @@ class SipEndpoint:
         tcp_stall_timeout: float = 10.0,
         max_connections: int = 20000,
         max_connections_per_ip: int = 200,
+        admission: Admission | None = None,
     ) -> None:
         self.core = core
+        self.admission = admission
         self.loop = loop
         self.worker = worker
         self.ipc_name = ipc_name
@@ -224,6 +244,7 @@ class SipEndpoint:
                     port,
                     reuse_port=True,
                     ssl=ctx,
+                    ssl_handshake_timeout=min(60.0, self.tcp_stall_timeout) if ctx is not None else None,
                     backlog=1024,
                 )
                 self.servers.append(server)
@@ -292,7 +313,7 @@ class SipEndpoint:
                 if conn is not None:
                     conn.write(s.data)
                 else:
-                    self.core.counters["flow_gone"] += 1
+                    self._flow_failed(s.data)
                 return
             self._handover(s)
             return
@@ -326,6 +347,28 @@ class SipEndpoint:
         self.loop.create_task(run())
         return proto
 
+    def _flow_failed(self, data: bytes) -> None:
+        """The connection a flow token named is gone: a request gets 430 Flow Failed (RFC 5626
+        section 5.3) as if the device had answered it, relayed back by Via to the sender."""
+        self.core.counters["flow_gone"] += 1
+        if data[:4] == b"SIP/":
+            return
+        try:
+            req = parse_message(data, datagram=False, max_size=max(len(data), 1))
+            if req.method == "ACK":
+                return
+            answer = make_response(req, 430, "Flow Failed")
+            sends = self.core.handle_data(answer, Flow("udp", "127.0.0.1", 0), self.loop.time())
+        except Exception:  # noqa: BLE001 - we built the request ourselves; never fail the sender
+            log.debug("no 430 possible for a request to a gone flow", exc_info=True)
+            return
+        self.core.counters["flow_failed_430"] += 1
+        for out in sends:  # a response: if its own flow is gone too, it is only counted
+            try:
+                self._send(out)
+            except OSError:
+                self.core.counters["send_errors"] += 1
+
     def _handover(self, s: Send) -> None:
         if self.ipc_name is None or self._ipc is None:
             self.core.counters["flow_gone"] += 1
@@ -352,7 +395,7 @@ class SipEndpoint:
             if conn is not None:
                 conn.write(data[4:])
             else:
-                self.core.counters["flow_gone"] += 1
+                self._flow_failed(data[4:])
 
     # --- timers -------------------------------------------------------------------------
 
@@ -388,7 +431,9 @@ class SipEndpoint:
             now = self.loop.time()
             for c in list(self.conns.values()):
                 idle = now - c.last_activity
-                stalled = c.framer.buffered > 0 and idle > self.tcp_stall_timeout
+                # a message begun and not finished within the stall timeout, however slowly
+                # its octets keep trickling in (slowloris)
+                stalled = c.partial_since > 0 and now - c.partial_since > self.tcp_stall_timeout
                 if idle > self.tcp_idle_timeout or stalled:
                     self.core.counters["tcp_idle_closed" if not stalled else "tcp_stalled_closed"] += 1
                     if c.transport:
