@@ -58,8 +58,8 @@ def test_sqlite_urls(u: str, path: str) -> None:
 
 
 def test_open_errors(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="redis store not available yet"):
-        open_store("redis://127.0.0.1:6379/0")
+    with pytest.raises(StoreUnavailable, match="cannot reach redis://127.0.0.1:1/0"):
+        open_store("redis://127.0.0.1:1/0")
     with pytest.raises(StoreError, match="does not exist"):
         open_store(f"sqlite:///{tmp_path}/missing/loc.db")
     with pytest.raises(StoreError, match="unknown"):

@@ -2,7 +2,8 @@
 
 - ``sqlite:///abs/path.db`` (embedded default; see `sqlite_path` for relative forms and
   ``sqlite:///:memory:``)
-- ``redis://``, ``rediss://``, ``redis+sentinel://``: the shared store (not available yet)
+- ``redis://host:port/db``, ``rediss://...``, ``redis+sentinel://host:port,host:port/service``:
+  the shared store (`redis_store.RedisStore`)
 """
 
 from __future__ import annotations
@@ -61,13 +62,19 @@ __all__ = [
 
 
 def open_store(
-    url: str, unknown: str = "source", *, load: bool = True, create: bool = True
+    url: str,
+    unknown: str = "source",
+    *,
+    load: bool = True,
+    create: bool = True,
+    cache_file: str = "",
 ) -> LocationStore:
     """Open the store at `url` with the `store.unknown` policy (source, target or reject).
 
     ``load=False`` (one-shot CLI commands) skips loading the in-memory index: reads then
     query the backing store directly and `refresh()` does nothing.  ``create=False``
-    refuses to start an empty store where none exists (a mistyped path)."""
+    refuses to start an empty store where none exists (a mistyped path).  ``cache_file``
+    (Redis only): a local copy of the index to start from while Redis is unreachable."""
     if unknown not in UNKNOWN_POLICIES:
         raise StoreError(f"store.unknown: {unknown!r} is not one of {', '.join(UNKNOWN_POLICIES)}")
     scheme = url.partition(":")[0].lower()
@@ -76,5 +83,7 @@ def open_store(
 
         return SqliteStore(sqlite_path(url), unknown, load=load, create=create)
     if scheme in ("redis", "rediss", "redis+sentinel"):
-        raise StoreError("redis store not available yet")
+        from .redis_store import RedisStore
+
+        return RedisStore(url, unknown, load=load, create=create, cache_file=cache_file)
     raise StoreError(f"unsupported store url {url!r} (sqlite:///path or redis://host:port/db)")

@@ -1,0 +1,749 @@
+"""The shared location store on Redis: the same model and guarantees as the SQLite store,
+for several dispatcher nodes behind one floating IP.
+
+- Every write is one Lua script (`redis_lua.SCRIPT`): a migration, a rollback, a lock,
+  an import chunk commit whole or not at all, with the audit log, the change log entry
+  (a Redis stream keyed by a sequence number) and a PUBLISH of that number.
+- Every process keeps the in-memory index (`MemoryIndex`): lookups never touch the
+  network.  A background thread (`redis_watch.Watcher`) listens for change
+  notifications and probes the sequence once a second; `refresh()` (called by the
+  runner every `store.poll_interval`, and at once when the thread wakes it through
+  `set_notify`) reads the change log since the last applied sequence and reloads the
+  customers it names.  A node that missed more than the kept log (or sees a bulk
+  import) gets a complete new index, built by the thread and swapped in by `refresh()`.
+- Redis away: lookups go on from memory, `healthy` is False (with a `reason`), writes
+  raise StoreUnavailable, registrations and API sessions are kept and written when Redis
+  returns, and `refresh()` costs nothing until the thread sees Redis again; then the
+  change log since the last applied sequence is replayed (nothing missed is lost).
+- Timeouts: the calls `refresh()`, registrations and sessions make on the dispatcher's
+  loop use a 100 ms socket timeout, and none is tried while Redis is known to be away.
+  Operator writes (migrate, import) use a longer one: a migration is never sent twice.
+- ``cache_file`` (store.cache_file): a copy of the index on local disk, so a node
+  restarted while Redis is away still dispatches (flagged unhealthy until Redis returns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import msgspec
+
+from .base import (
+    SYSTEMS,
+    ApiSession,
+    AuditEntry,
+    BatchSummary,
+    Customer,
+    CustomerRow,
+    GroupSplitError,
+    Location,
+    LocationStore,
+    MigrationResult,
+    Registration,
+    StoreError,
+    StoreUnavailable,
+)
+from .memory import MemoryIndex, canon, clean_row, new_batch_id
+from .redis_conn import RedisTarget, parse_redis_url
+from .redis_lua import LOG_MAXLEN, SCRIPT
+from .redis_watch import Watcher, call_quietly, decode_record, load_index
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger("dsbc.store")
+
+FAST_TIMEOUT = 0.1  # socket timeout of the calls made on a dispatcher's event loop
+WRITE_TIMEOUT = 10.0  # operator writes (a 20,000-customer migration is one script)
+BULK = 1000  # an import of more rows is written in chunks and logged as one reload
+CHUNK = 2000  # rows per import script
+FETCH = 1000  # customers per HMGET
+LOG_PAGE = 1000  # change-log entries per refresh step
+MAX_PENDING = 100_000  # registrations / sessions kept while Redis is away
+
+
+def _ids(value: Any) -> list[str]:
+    return [str(x) for x in value] if isinstance(value, list) else []
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.exceptions.RedisError, OSError)
+
+
+class RedisStore(LocationStore):
+    def __init__(
+        self,
+        url: str,
+        unknown: str = "source",
+        *,
+        load: bool = True,
+        create: bool = True,
+        cache_file: str = "",
+        fast_timeout: float = FAST_TIMEOUT,
+        write_timeout: float = WRITE_TIMEOUT,
+    ) -> None:
+        import redis
+
+        self.target: RedisTarget = parse_redis_url(url)
+        self.url = self.target.display
+        self.prefix = self.target.prefix
+        self.unknown = unknown
+        self.cache_file = cache_file
+        self._errors = _redis_errors()
+        self._timeout_error = redis.exceptions.TimeoutError
+        self._w = self.target.client(timeout=write_timeout, connect_timeout=min(2.0, write_timeout))
+        self._r = self.target.client(timeout=fast_timeout, connect_timeout=fast_timeout)
+        self._script = self._w.register_script(SCRIPT)
+        self._lock = threading.RLock()
+        self._owner = threading.get_ident()
+        self._mem: MemoryIndex | None = None
+        self._last_seq = 0
+        self._epoch = ""
+        self._remote_seq = 0
+        self._applied_at = 0.0  # time.time() of the last change applied (lag)
+        self._probed = 0.0
+        self._up = False
+        self._reason = ""  # why healthy is False
+        self._lost = ""  # Redis came back empty: its data are lost, we keep ours
+        self._changes = threading.Event()
+        self._drop_sessions = threading.Event()
+        self._gone_sessions: deque[str] = deque(maxlen=MAX_PENDING)
+        self._offered: tuple[MemoryIndex, int, str] | None = None
+        self._expected_epoch = ""  # of an offered index not swapped in yet
+        self._notify: Callable[[], None] | None = None
+        self._sessions: dict[str, ApiSession] = {}
+        self._pending_sessions: dict[str, ApiSession | None] = {}
+        self._pending_regs: dict[tuple[str, str], Registration] = {}
+        self._last_purge = 0.0
+        self._cache_written = 0.0
+        self._watcher: Watcher | None = None
+        try:
+            epoch = self._w.get(self.prefix + "epoch")
+            if epoch is None and not create and self._w.hlen(self.prefix + "cust") == 0:
+                raise StoreError(f"no store at {self.url} (dsbc import creates it)")
+            self._up = True
+            if load:
+                self._swap(*load_index(self._w, self.prefix))
+        except self._errors as exc:
+            if not load:
+                raise self._unavailable("opening the store", exc, writing=False) from None
+            if not (cache_file and self._load_cache()):
+                hint = "" if cache_file else " (set store.cache_file to start from a local copy)"
+                raise self._unavailable("opening the store", exc, writing=False, hint=hint) from None
+            self._went_down(exc)
+        if load:
+            self._write_cache()
+            self._watcher = Watcher(self)
+            self._watcher.start()
+
+    # -- errors and health ----------------------------------------------------------------
+
+    def _unavailable(self, what: str, exc: BaseException, writing: bool = True,
+                     hint: str = "") -> StoreUnavailable:
+        if isinstance(exc, self._timeout_error):
+            tail = ("; it may or may not have been applied: check with `dsbc where` or "
+                    "`dsbc status`") if writing else ""
+            return StoreUnavailable(f"{what} failed: {self.url} did not answer in time{tail}{hint}")
+        tail = "; nothing was changed" if writing else ""
+        return StoreUnavailable(f"{what} failed: cannot reach {self.url} ({exc}){tail}{hint}")
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self._up or not self._reason:
+            log.warning("store %s unreachable (dispatching from memory): %s", self.url, exc)
+        self._up = False
+        self._reason = f"cannot reach {self.url}: {exc}"
+
+    def _came_up(self) -> None:
+        if not self._up:
+            log.info("store %s reachable again: catching up from change %d", self.url, self._last_seq)
+        self._up = True
+        self._reason = ""
+        self._changes.set()
+        self._wake()
+
+    def _data_lost(self, epoch: str) -> None:
+        if not self._lost:
+            log.error("store %s is empty but this node holds %d customers: its data were lost "
+                      "(restore them or run dsbc import); dispatching from memory",
+                      self.url, self._known_customers())
+        self._lost = f"{self.url} holds no customers (epoch {epoch or 'none'}): data lost?"
+
+    def _known_customers(self) -> int:
+        mem = self._mem
+        return 0 if mem is None else mem.customer_count
+
+    @property
+    def healthy(self) -> bool:
+        return self._up and not self._lost
+
+    @property
+    def reason(self) -> str:
+        return self._lost or self._reason
+
+    def set_notify(self, callback: Callable[[], None] | None) -> None:
+        """`callback()` is called from the watcher thread when `refresh()` has work."""
+        self._notify = callback
+        if callback is not None and (self._changes.is_set() or self._offered is not None):
+            call_quietly(callback)
+
+    def _wake(self) -> None:
+        call_quietly(self._notify)
+
+    def stats(self) -> dict[str, Any]:
+        """For metrics and status: health, sequence numbers, lag."""
+        now = time.time()
+        return {
+            "kind": "redis",
+            "url": self.url,
+            "healthy": self.healthy,
+            "reason": self.reason,
+            "seq_applied": self._last_seq,
+            "seq_remote": max(self._remote_seq, self._last_seq),
+            "seq_gap": max(0, self._remote_seq - self._last_seq),
+            "since_change": round(now - self._applied_at, 3) if self._applied_at else None,
+            "since_probe": round(now - self._probed, 3) if self._probed else None,
+            "customers": self._known_customers(),
+            "pending_registrations": len(self._pending_regs),
+            "pending_sessions": len(self._pending_sessions),
+        }
+
+    # -- the index ------------------------------------------------------------------------
+
+    def _swap(self, mem: MemoryIndex, seq: int, epoch: str) -> list[str]:
+        self._mem, self._last_seq, self._epoch = mem, seq, epoch
+        self._remote_seq = max(self._remote_seq, seq)
+        self._applied_at = time.time()
+        # perf: as SqliteStore, the hot path calls the index's bound method directly
+        self.lookup = mem.lookup  # type: ignore[method-assign]
+        return [c.customer_id for c in mem.customers()]
+
+    def _offer_index(self, mem: MemoryIndex, seq: int, epoch: str) -> None:
+        """From the watcher: a complete new index for refresh() to swap in."""
+        self._offered = (mem, seq, epoch)
+        self._expected_epoch = epoch
+        self._wake()
+
+    def expected_epoch(self) -> str:
+        return self._expected_epoch or self._epoch
+
+    def refresh(self) -> list[str]:
+        """Apply what was committed since the last call; the changed customer ids.  Never
+        raises; costs nothing while nothing changed or while Redis is away."""
+        if self._mem is None:
+            return []
+        changed: list[str] = []
+        with self._lock:
+            offered, self._offered = self._offered, None
+            if offered is not None:
+                changed = self._swap(*offered)
+                self._expected_epoch = ""
+                self._write_cache(force=True)
+                self._changes.set()
+            while self._gone_sessions:
+                self._sessions.pop(self._gone_sessions.popleft(), None)
+            if self._drop_sessions.is_set() and self._up:
+                self._drop_sessions.clear()
+                self._sessions = {k: s for k, s in self._sessions.items()
+                                  if self._pending_sessions.get(k) is s}
+            if not self._up or not self._changes.is_set():
+                return changed
+            self._changes.clear()
+            try:
+                changed += self._catch_up(self._r)
+                self._flush_pending()
+            except self._errors as exc:
+                self._changes.set()
+                self._went_down(exc)
+        if changed:
+            self._write_cache()
+        return changed
+
+    def _catch_up(self, client: Any) -> list[str]:
+        """Replay the change log after `_last_seq` (at most LOG_PAGE entries per call)."""
+        mem = self._mem
+        assert mem is not None
+        entries = client.xrange(self.prefix + "log", min=f"({self._last_seq}-1", count=LOG_PAGE)
+        if not entries:
+            return []
+        first = int(entries[0][0].split("-")[0])
+        ids: dict[str, None] = {}
+        reload = first > self._last_seq + 1  # older entries were trimmed: we fell behind
+        for _, fields in entries:
+            if "r" in fields:
+                reload = True
+            for cid in _ids(json.loads(fields.get("c") or "[]")):
+                ids[cid] = None
+        if reload and self._watcher is not None:
+            self._watcher.reload_wanted.set()
+        fresh = self._fetch(client, list(ids))
+        for cid in ids:
+            c = fresh.get(cid)
+            if c is None:
+                mem.remove(cid)
+            else:
+                mem.put(c)
+        self._last_seq = int(entries[-1][0].split("-")[0])
+        self._applied_at = time.time()
+        if len(entries) == LOG_PAGE:
+            self._changes.set()
+            self._wake()
+        return list(ids)
+
+    def _fetch(self, client: Any, ids: Sequence[str]) -> dict[str, Customer]:
+        out: dict[str, Customer] = {}
+        for start in range(0, len(ids), FETCH):
+            part = list(ids[start : start + FETCH])
+            for cid, raw in zip(part, client.hmget(self.prefix + "cust", part)):
+                if raw is not None:
+                    system, state, group, batch, cap, keys = decode_record(raw)
+                    out[cid] = Customer(cid, canon(system), canon(state), group, batch, cap, keys)
+        return out
+
+    # -- the cache file -------------------------------------------------------------------
+
+    def _write_cache(self, force: bool = False) -> None:
+        if not self.cache_file or self._mem is None or self._lost:
+            return
+        now = time.monotonic()
+        if not force and now - self._cache_written < 30.0:
+            return
+        self._cache_written = now
+        mem, seq, epoch = self._mem, self._last_seq, self._epoch
+        rows = [[c.customer_id, c.system, c.state, c.group, c.batch_id, c.expires_cap,
+                 list(c.identities)] for c in mem.customers()]
+        tmp = f"{self.cache_file}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(msgspec.msgpack.encode({"seq": seq, "epoch": epoch, "url": self.url,
+                                                "customers": rows}))
+            os.replace(tmp, self.cache_file)
+        except OSError as exc:
+            log.warning("cannot write the store cache %s: %s", self.cache_file, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def _load_cache(self) -> bool:
+        try:
+            with open(self.cache_file, "rb") as f:
+                data = msgspec.msgpack.decode(f.read())
+        except (OSError, msgspec.DecodeError) as exc:
+            log.warning("no usable store cache %s: %s", self.cache_file, exc)
+            return False
+
+        def rows() -> Iterable[tuple[str, str, str, str, str, int, str | None]]:
+            for cid, system, state, group, batch, cap, keys in data["customers"]:
+                if not keys:
+                    yield (cid, system, state, group, batch, cap, None)
+                for key in keys:
+                    yield (cid, system, state, group, batch, cap, key)
+
+        self._swap(MemoryIndex.build(rows()), int(data.get("seq", 0)), str(data.get("epoch", "")))
+        self._applied_at = os.path.getmtime(self.cache_file)
+        log.warning("store %s unreachable: started from the cache %s (%d customers, change %d)",
+                    self.url, self.cache_file, self._known_customers(), self._last_seq)
+        return True
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def lookup(self, kind: str, value: str) -> Location | None:
+        mem = self._mem
+        if mem is not None:
+            return mem.lookup(kind, value)
+        c = self._direct_owner(f"{kind}:{value}")
+        return None if c is None else Location(c.customer_id, c.system, c.state)
+
+    def customer(self, customer_id: str) -> Customer | None:
+        mem = self._mem
+        if mem is not None:
+            return mem.customer(customer_id)
+        return self.customers([customer_id]).get(customer_id)
+
+    def customers(self, customer_ids: Iterable[str]) -> dict[str, Customer]:
+        ids = list(dict.fromkeys(customer_ids))
+        mem = self._mem
+        if mem is not None:
+            return {cid: c for cid in ids if (c := mem.customer(cid)) is not None}
+        try:
+            return self._fetch(self._w, ids)
+        except self._errors as exc:
+            raise self._unavailable("reading customers", exc, writing=False) from None
+
+    def _direct_owner(self, key: str) -> Customer | None:
+        try:
+            cid = self._w.hget(self.prefix + "ident", key)
+            return None if cid is None else self._fetch(self._w, [cid]).get(cid)
+        except self._errors as exc:
+            raise self._unavailable("reading the store", exc, writing=False) from None
+
+    def _owner_id(self, key: str) -> str:
+        if self._mem is not None:
+            return self._mem.owner(key) or ""
+        c = self._direct_owner(key)
+        return "" if c is None else c.customer_id
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _run(self, what: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """One script call; StoreUnavailable when Redis cannot be reached; the result."""
+        try:
+            raw = self._script(args=[self.prefix, op, json.dumps(payload), LOG_MAXLEN],
+                               client=self._w)
+        except self._errors as exc:
+            raise self._unavailable(what, exc) from None
+        res: dict[str, Any] = json.loads(raw)
+        err = res.get("err")
+        if err == "group":
+            raise GroupSplitError(str(res["group"]), _ids(res.get("missing")))
+        if err == "unknown_batch":
+            raise StoreError(f"unknown batch {payload.get('batch')!r} (dsbc status lists recent batches)")
+        if err and err != "batch_exists":
+            raise StoreError(f"{what} failed: the store script said {err!r}")
+        if res.get("seq"):
+            self._remote_seq = max(self._remote_seq, int(res["seq"]))
+            self._after_write()
+        return res
+
+    def _after_write(self) -> None:
+        """Read your own writes: the thread that owns the index applies them at once;
+        another thread (the control API's executor) leaves them to the next refresh()."""
+        self._changes.set()
+        if self._mem is None:
+            return
+        if threading.get_ident() != self._owner:
+            self._wake()
+            return
+        with self._lock:
+            self._changes.clear()
+            try:
+                self._catch_up(self._w)
+            except self._errors:
+                self._changes.set()
+
+    def _ensure_epoch(self) -> None:
+        """The first write makes the store's epoch (an empty index has nothing to reload)."""
+        epoch = new_batch_id().replace("b-", "e-")
+        try:
+            if not self._w.set(self.prefix + "epoch", epoch, nx=True):
+                return
+        except self._errors as exc:
+            raise self._unavailable("creating the store", exc) from None
+        log.info("store %s created", self.url)
+        if self._mem is not None and self._mem.customer_count == 0 and not self._epoch:
+            with self._lock:
+                self._epoch = epoch
+
+    def put_customer(
+        self, customer_id: str, identities: Iterable[str], system: str = "source", group: str = ""
+    ) -> None:
+        row = clean_row({"customer_id": customer_id, "identities": list(identities),
+                         "system": system, "group": group})
+        self._import([row], None)
+
+    def import_rows(
+        self,
+        rows: Iterable[dict[str, object] | CustomerRow],
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Bulk put_customer.  Up to BULK rows: one script.  More: chunks of CHUNK rows,
+        logged as one "reload everything" when the last chunk (or a failure) is done."""
+        clean: list[CustomerRow] = []
+        for i, row in enumerate(rows, 1):
+            try:
+                clean.append(row if isinstance(row, CustomerRow) else clean_row(row))
+            except StoreError as exc:
+                raise type(exc)(f"row {i}: {exc}") from None
+        return self._import(clean, progress)
+
+    def _import(self, rows: list[CustomerRow], progress: Callable[[int], None] | None) -> int:
+        seen: dict[str, str] = {}
+        for r in rows:
+            for key in r.identities:
+                other = seen.setdefault(key, r.customer_id)
+                if other != r.customer_id:
+                    raise StoreError(
+                        f"{key} is given to both customer {other} and customer {r.customer_id}"
+                    )
+        self._ensure_epoch()
+        bulk = len(rows) > BULK
+        payload = [[r.customer_id, list(r.identities), r.system or "", r.group] for r in rows]
+        done = 0
+        try:
+            for start in range(0, max(1, len(rows)), CHUNK if bulk else max(1, len(rows))):
+                part = payload[start : start + CHUNK] if bulk else payload
+                last = start + len(part) >= len(rows)
+                mode = ("reload" if last else "quiet") if bulk else "changes"
+                self._run("import", "import", {"rows": part, "log": mode})
+                done += len(part)
+                if progress is not None:
+                    progress(done)
+        except StoreError:
+            if bulk and done:  # tell the nodes about the chunks that did go in
+                with contextlib.suppress(StoreError):
+                    self._run("import", "reload", {})
+            raise
+        return len(rows)
+
+    def lock(self, customer_ids: list[str], batch_id: str) -> None:
+        self._run("lock", "lock", {"ids": list(dict.fromkeys(customer_ids)), "batch": batch_id})
+
+    def unlock(self, customer_ids: list[str]) -> None:
+        self._run("unlock", "unlock", {"ids": list(dict.fromkeys(customer_ids))})
+
+    def prepare(self, customer_ids: list[str], expires: int) -> None:
+        self._run("prepare", "prepare", {"ids": list(dict.fromkeys(customer_ids)),
+                                         "expires": max(0, int(expires))})
+
+    def migrate(
+        self,
+        customer_ids: list[str],
+        to: str,
+        who: str = "cli",
+        batch_id: str | None = None,
+        dry_run: bool = False,
+    ) -> MigrationResult:
+        if to not in SYSTEMS:
+            raise StoreError(f"cannot migrate to {to!r}: one of {', '.join(SYSTEMS)}")
+        ids = list(dict.fromkeys(customer_ids))
+        for _ in range(10):
+            bid = batch_id or ("" if dry_run else new_batch_id())
+            res = self._run("migration", "migrate", {
+                "ids": ids, "to": to, "who": who, "batch": bid, "now": time.time(),
+                "dry": dry_run, "fresh": batch_id is None})
+            if res.get("err") != "batch_exists":
+                return MigrationResult(bid, to, _ids(res.get("moved")), _ids(res.get("already")),
+                                       _ids(res.get("unknown")), dry_run)
+        raise StoreError("migration failed: no unused batch id")  # pragma: no cover
+
+    def rollback(self, batch_id: str, who: str = "cli") -> MigrationResult:
+        for _ in range(10):
+            new = new_batch_id()
+            res = self._run("rollback", "rollback", {"batch": batch_id, "new": new, "who": who,
+                                                     "now": time.time()})
+            if res.get("err") != "batch_exists":
+                return MigrationResult(new, str(res.get("to", "")), _ids(res.get("moved")),
+                                       _ids(res.get("already")), _ids(res.get("unknown")))
+        raise StoreError("rollback failed: no unused batch id")  # pragma: no cover
+
+    # -- audit ------------------------------------------------------------------------------
+
+    def audit(self, batch_id: str | None = None, limit: int = 1000) -> list[AuditEntry]:
+        key = self.prefix + ("audit" if batch_id is None else f"ab:{batch_id}")
+        try:
+            rows = self._w.lrange(key, -max(1, limit), -1)
+        except self._errors as exc:
+            raise self._unavailable("reading the audit log", exc, writing=False) from None
+        out = []
+        for raw in rows:
+            ts, who, cid, frm, to, bid, note = json.loads(raw)
+            out.append(AuditEntry(float(ts), who, cid, frm, to, bid, note))
+        return out
+
+    def batches(self, limit: int = 10) -> list[BatchSummary]:
+        try:
+            ids = self._w.zrevrange(self.prefix + "batches", 0, max(1, limit) - 1)
+            sums = self._w.hmget(self.prefix + "bsum", ids) if ids else []
+        except self._errors as exc:
+            raise self._unavailable("reading the audit log", exc, writing=False) from None
+        out = []
+        for bid, raw in zip(ids, sums):
+            if raw is not None:
+                ts, who, frm, to, n, note = json.loads(raw)
+                out.append(BatchSummary(bid, float(ts), who, frm, to, int(n), note))
+        return out
+
+    # -- registrations --------------------------------------------------------------------
+
+    def record_registrations(self, regs: list[Registration], now: float | None = None) -> None:
+        """Written at once; while Redis is away kept (newest per contact) and written later."""
+        now = time.time() if now is None else now
+        for r in regs:
+            if len(self._pending_regs) < MAX_PENDING or (r.account, r.contact) in self._pending_regs:
+                self._pending_regs[(r.account, r.contact)] = r
+        if self._mem is not None and not self._up:
+            return  # no network call while Redis is known to be away
+        self._flush_regs(now)
+
+    def _flush_regs(self, now: float) -> None:
+        if not self._pending_regs:
+            return
+        pending, self._pending_regs = self._pending_regs, {}
+        pipe = self._r.pipeline(transaction=False)
+        for (account, contact), r in pending.items():
+            cid = r.customer_id or self._owner_id(f"account:{account}")
+            key = f"{self.prefix}reg:{cid}"
+            field = f"{account}\n{contact}"
+            if r.expires_at <= now:
+                pipe.hdel(key, field)
+            else:
+                pipe.hset(key, field, json.dumps([canon(r.system), r.expires_at]))
+                pipe.expire(key, int(r.expires_at - now) + 60, gt=True)
+                pipe.expire(key, int(r.expires_at - now) + 60, nx=True)
+        try:
+            pipe.execute()
+        except self._errors as exc:
+            for k, r in pending.items():
+                self._pending_regs.setdefault(k, r)
+            if self._mem is None:
+                raise self._unavailable("recording registrations", exc) from None
+            self._went_down(exc)
+
+    def registrations(
+        self, customer_ids: list[str] | None = None, now: float | None = None
+    ) -> list[Registration]:
+        now = time.time() if now is None else now
+        out: list[Registration] = []
+        try:
+            if customer_ids is None:
+                keys = list(self._w.scan_iter(match=f"{self.prefix}reg:*", count=1000))
+            else:
+                keys = [f"{self.prefix}reg:{cid}" for cid in dict.fromkeys(customer_ids)]
+            for start in range(0, len(keys), 500):
+                part = keys[start : start + 500]
+                pipe = self._w.pipeline(transaction=False)
+                for k in part:
+                    pipe.hgetall(k)
+                expired = self._w.pipeline(transaction=False)
+                for key, fields in zip(part, pipe.execute()):
+                    cid = key[len(self.prefix) + 4 :]
+                    for field, raw in fields.items():
+                        account, _, contact = field.partition("\n")
+                        system, expires_at = json.loads(raw)
+                        if float(expires_at) > now:
+                            out.append(Registration(account, contact, system, float(expires_at), cid))
+                        else:
+                            expired.hdel(key, field)
+                expired.execute()
+        except self._errors as exc:
+            raise self._unavailable("reading registrations", exc, writing=False) from None
+        return out
+
+    # -- API sessions ---------------------------------------------------------------------
+
+    def put_session(self, session: ApiSession) -> None:
+        self._sessions[session.key] = session
+        self._purge_sessions()
+        if len(self._pending_sessions) < MAX_PENDING:
+            self._pending_sessions[session.key] = session
+        if self._mem is not None and not self._up:
+            return
+        self._flush_sessions()
+
+    def _flush_sessions(self) -> None:
+        if not self._pending_sessions:
+            return
+        pending, self._pending_sessions = self._pending_sessions, {}
+        now = time.time()
+        pipe = self._r.pipeline(transaction=False)
+        for key, s in pending.items():
+            if s is None:
+                pipe.delete(f"{self.prefix}sess:{key}")
+                pipe.publish(self.prefix + "sessions", key)
+            elif s.expires_at > now:
+                pipe.set(f"{self.prefix}sess:{key}", msgspec.json.encode(s),
+                         px=max(1, int((s.expires_at - now) * 1000)))
+        try:
+            pipe.execute()
+        except self._errors as exc:
+            for k, s in pending.items():
+                self._pending_sessions.setdefault(k, s)
+            if self._mem is None:
+                raise self._unavailable("saving a session", exc) from None
+            self._went_down(exc)
+
+    def _purge_sessions(self) -> None:
+        now = time.time()
+        if now - self._last_purge > 60:
+            self._last_purge = now
+            for key in [k for k, s in self._sessions.items() if s.expires_at <= now]:
+                del self._sessions[key]
+
+    def get_session(self, key: str) -> ApiSession | None:
+        """Memory first, then Redis (a session another node made a moment ago); None when
+        neither has it or Redis is away."""
+        s = self._sessions.get(key)
+        if s is None:
+            if self._mem is not None and not self._up:
+                return None
+            try:
+                raw = self._r.get(f"{self.prefix}sess:{key}")
+            except self._errors as exc:
+                if self._mem is not None:
+                    self._went_down(exc)
+                return None
+            if raw is None:
+                return None
+            s = self._sessions[key] = msgspec.json.decode(raw, type=ApiSession)
+        if s.expires_at <= time.time():
+            self._sessions.pop(key, None)
+            return None
+        return s
+
+    def delete_session(self, key: str) -> None:
+        self._sessions.pop(key, None)
+        self._pending_sessions[key] = None
+        if self._mem is not None and not self._up:
+            return
+        self._flush_sessions()
+
+    def _flush_pending(self) -> None:
+        """After a reconnect: what dispatchers recorded while Redis was away."""
+        if self._pending_regs:
+            self._flush_regs(time.time())
+        if self._pending_sessions:
+            self._flush_sessions()
+
+    # -- misc -----------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        try:
+            value = self._w.hget(self.prefix + "meta", key)
+        except self._errors as exc:
+            raise self._unavailable("reading meta", exc, writing=False) from None
+        return None if value is None else str(value)
+
+    def set_meta(self, key: str, value: str, only_if_absent: bool = False) -> str:
+        try:
+            if not only_if_absent:
+                self._w.hset(self.prefix + "meta", key, value)
+                return value
+            self._w.hsetnx(self.prefix + "meta", key, value)
+            return str(self._w.hget(self.prefix + "meta", key))
+        except self._errors as exc:
+            raise self._unavailable("setting meta", exc) from None
+
+    def counts(self) -> dict[str, int]:
+        now = time.time()
+        out = {f"customers.{s}.{st}": 0 for s in SYSTEMS for st in ("active", "locked")}
+        try:
+            stored = self._w.hgetall(self.prefix + "counts")
+            for key in out:
+                out[key] = int(stored.get(key.removeprefix("customers."), 0))
+            out["customers"] = sum(out.values())
+            out["identities"] = int(self._w.hlen(self.prefix + "ident"))
+            out["groups"] = int(self._w.scard(self.prefix + "groups"))
+            out["prepared"] = int(stored.get("prepared", 0))
+            out["registrations"] = len(self.registrations(None, now))
+            out["sessions"] = sum(1 for _ in self._w.scan_iter(match=f"{self.prefix}sess:*", count=1000))
+        except self._errors as exc:
+            raise self._unavailable("reading counts", exc, writing=False) from None
+        return out
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.join(timeout=2.0)
+            self._watcher = None
+        with contextlib.suppress(Exception):
+            self._flush_pending()
+        for c in (self._r, self._w):
+            with contextlib.suppress(Exception):
+                c.close()

@@ -1,0 +1,467 @@
+"""The Redis store: the same model and guarantees as the SQLite store (the same checks as
+tests/test_store_sqlite.py and tests/test_store_migrate.py), plus what sharing adds:
+the change feed between nodes, Redis going away and coming back, a partition, a stalled
+server, lost data, the local cache file, persistence across a restart.
+
+One redis-server per module (tests/peers/redis.py); every test starts from an empty
+database.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsbc.store import (
+    ApiSession,
+    GroupSplitError,
+    LocationStore,
+    Registration,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
+from dsbc.store.redis_conn import parse_redis_url
+from dsbc.store.redis_store import RedisStore
+from tests.peers.proc import find_binary
+from tests.peers.redis import RedisServer, TcpProxy
+
+pytestmark = [
+    pytest.mark.peers,
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(find_binary("redis-server") is None, reason="redis-server is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as r:
+        yield r
+
+
+@pytest.fixture
+def redis_url(server: RedisServer) -> str:
+    if not server.running:
+        server.start()
+    c = server.client()
+    c.flushall()
+    c.close()
+    return server.url
+
+
+@pytest.fixture
+def opened() -> Iterator[list[LocationStore]]:
+    stores: list[LocationStore] = []
+    yield stores
+    for s in stores:
+        s.close()
+
+
+@pytest.fixture
+def make(redis_url: str, opened: list[LocationStore]) -> Any:
+    def make(url: str | None = None, **kw: Any) -> RedisStore:
+        s = open_store(url or redis_url, **kw)
+        opened.append(s)
+        assert isinstance(s, RedisStore)
+        return s
+
+    return make
+
+
+@pytest.fixture
+def store(make: Any) -> RedisStore:
+    s: RedisStore = make()
+    s.import_rows(
+        [
+            {"customer_id": "1", "identities": ["account:a1", "did:+1 555 0001"]},
+            {"customer_id": "2", "identities": ["account:a2"]},
+            {"customer_id": "3", "identities": ["account:a3"], "group": "ivr"},
+            {"customer_id": "4", "identities": ["account:a4"], "group": "ivr"},
+            {"customer_id": "5", "identities": ["account:a5"], "group": "ivr"},
+        ]
+    )
+    return s
+
+
+def systems(store: LocationStore) -> dict[str, str]:
+    return {cid: c.system for cid, c in store.customers([str(i) for i in range(1, 6)]).items()}
+
+
+def wait_for(cond: Any, timeout: float = 5.0, step: float = 0.005, refresh: Any = None) -> float:
+    """Seconds until cond() held (refreshing `refresh` stores meanwhile); fails on timeout."""
+    started = time.monotonic()
+    while True:
+        for s in refresh or ():
+            s.refresh()
+        if cond():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(step)
+
+
+# --- urls --------------------------------------------------------------------------------
+
+
+def test_urls() -> None:
+    t = parse_redis_url("redis://:s3cret@10.0.0.1:6380/2?prefix=mig:")
+    assert (t.db, t.password, t.prefix, t.display) == (2, "s3cret", "mig:", "redis://:***@10.0.0.1:6380/2")
+    t = parse_redis_url("redis+sentinel://10.0.0.1:26379,10.0.0.2/dsbc/1")
+    assert (t.sentinels, t.service, t.db) == ([("10.0.0.1", 26379), ("10.0.0.2", 26379)], "dsbc", 1)
+    with pytest.raises(StoreError, match="name the Sentinel service"):
+        parse_redis_url("redis+sentinel://10.0.0.1:26379")
+    with pytest.raises(StoreError, match="database must be a number"):
+        parse_redis_url("redis://10.0.0.1/x")
+
+
+def test_open_errors(redis_url: str) -> None:
+    with pytest.raises(StoreError, match="no store at"):
+        open_store(redis_url, load=False, create=False)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="cannot reach redis://127.0.0.1:1/0"):
+        open_store("redis://127.0.0.1:1/0")
+    assert time.monotonic() - started < 3
+
+
+# --- the model (as the SQLite store) ------------------------------------------------------
+
+
+def test_import_lookup_and_reimport(store: RedisStore, make: Any) -> None:
+    loc = store.lookup("did", "15550001")
+    assert loc is not None and (loc.customer_id, loc.system, loc.state) == ("1", "source", "active")
+    assert store.decide("account", "nope").system == "source"
+    store.migrate(["2"], "target")
+    store.import_rows([{"customer_id": "2", "identities": "account:a2;account:a2b"}])
+    assert store.customer("2").system == "target"  # type: ignore[union-attr]  # kept
+    store.import_rows([{"customer_id": "2", "identities": ["account:a2"], "system": "source"}])
+    assert store.customer("2").system == "source"  # type: ignore[union-attr]
+    direct = make(load=False)
+    assert direct.lookup("account", "a2b") is None
+    assert direct.customer("2").identities == ("account:a2",)  # type: ignore[union-attr]
+    with pytest.raises(StoreError, match="row 2: did:.abc. is not a number"):
+        store.import_rows([{"customer_id": "9", "identities": "account:x"},
+                           {"customer_id": "10", "identities": "did:abc"}])
+    assert store.customer("9") is None
+
+
+def test_identity_moves_between_customers(store: RedisStore, make: Any) -> None:
+    other = make()
+    store.put_customer("6", ["account:a1"])
+    assert store.customer("1").identities == ("did:15550001",)  # type: ignore[union-attr]
+    wait_for(lambda: other.lookup("account", "a1").customer_id == "6", refresh=[other])  # type: ignore[union-attr]
+    assert other.customer("1").identities == ("did:15550001",)  # type: ignore[union-attr]
+
+
+def test_group_split_is_refused_and_changes_nothing(store: RedisStore, server: RedisServer) -> None:
+    with pytest.raises(GroupSplitError) as err:
+        store.migrate(["1", "3"], "target")
+    assert str(err.value) == "group 'ivr' must move together: missing customer(s) 4, 5"
+    assert set(systems(store).values()) == {"source"}
+    assert server.client().llen("dsbc:audit") == 0
+    store.migrate(["3", "4", "5"], "target")
+    with pytest.raises(GroupSplitError, match="missing customer.s. 3, 5"):
+        store.migrate(["4"], "source")
+
+
+def test_dry_run_changes_nothing(store: RedisStore, server: RedisServer) -> None:
+    r = store.migrate(["1", "2", "nope"], "target", dry_run=True)
+    assert (r.moved, r.unknown, r.dry_run, r.batch_id) == (["1", "2"], ["nope"], True, "")
+    with pytest.raises(GroupSplitError):
+        store.migrate(["3"], "target", dry_run=True)
+    assert set(systems(store).values()) == {"source"}
+    assert server.client().llen("dsbc:audit") == 0
+    assert store.refresh() == []
+
+
+def test_lock_then_flip_unlock_prepare(store: RedisStore, make: Any) -> None:
+    other = make()
+    store.lock(["1", "2", "nope"], "b-test")
+    wait_for(lambda: other.decide("account", "a1").state == "locked", refresh=[other])
+    store.migrate(["1", "2"], "target", batch_id="b-test")
+    wait_for(lambda: other.lookup("account", "a1").system == "target", refresh=[other])  # type: ignore[union-attr]
+    assert other.lookup("account", "a1").state == "active"  # type: ignore[union-attr]
+    moved = store.customer("1").batch_id  # type: ignore[union-attr]
+    store.lock(["1", "3"], "b-aborted")
+    store.unlock(["1", "3"])
+    c1, c3 = store.customer("1"), store.customer("3")
+    assert c1 is not None and (c1.system, c1.state, c1.batch_id) == ("target", "active", moved)
+    assert c3 is not None and (c3.system, c3.state, c3.batch_id) == ("source", "active", "")
+    store.lock(["1"], "b-x")
+    assert store.migrate(["1"], "target").already == ["1"]
+    assert store.customer("1").state == "active"  # type: ignore[union-attr]
+    store.prepare(["2", "3"], 60)
+    wait_for(lambda: other.customer("3").expires_cap == 60, refresh=[other])  # type: ignore[union-attr]
+    store.migrate(["3", "4", "5"], "target")
+    wait_for(lambda: other.customer("3").expires_cap == 0, refresh=[other])  # type: ignore[union-attr]
+
+
+def test_rollback(store: RedisStore) -> None:
+    store.migrate(["2"], "target")
+    b = store.migrate(["1", "3", "4", "5"], "target", who="alice")
+    r = store.rollback(b.batch_id, who="bob")
+    assert r.batch_id != b.batch_id and r.to == "source"
+    assert sorted(r.moved) == ["1", "3", "4", "5"]
+    assert systems(store) == {"1": "source", "2": "target", "3": "source", "4": "source", "5": "source"}
+    assert {(e.who, e.from_system, e.to_system, e.note) for e in store.audit(r.batch_id)} == {
+        ("bob", "target", "source", f"rollback of {b.batch_id}")}
+    rr = store.rollback(r.batch_id)
+    assert sorted(rr.moved) == ["1", "3", "4", "5"]
+    again = store.rollback(r.batch_id)
+    assert again.moved == [] and sorted(again.already) == ["1", "3", "4", "5"]
+    summaries = store.batches(10)
+    assert [(x.batch_id, x.customers, x.note) for x in summaries[:3]] == [
+        (rr.batch_id, 4, f"rollback of {r.batch_id}"),
+        (r.batch_id, 4, f"rollback of {b.batch_id}"),
+        (b.batch_id, 4, ""),
+    ]
+    assert (summaries[2].who, summaries[2].from_system, summaries[2].to_system) == ("alice", "source", "target")
+    # the generic versions agree (they are what another store kind would get)
+    assert LocationStore.batches(store, 10) == store.batches(10)
+    with pytest.raises(StoreError, match="unknown batch 'b-nope'"):
+        store.rollback("b-nope")
+
+
+def test_rollback_keeps_groups_whole(store: RedisStore) -> None:
+    store.migrate(["3", "4", "5"], "target")
+    store.put_customer("6", ["account:a6"], "source", group="ivr")
+    late = store.migrate(["6"], "target")
+    with pytest.raises(GroupSplitError, match="group 'ivr' must move together: missing customer.s. 3, 4, 5"):
+        store.rollback(late.batch_id)
+    assert store.customer("6").system == "target"  # type: ignore[union-attr]
+
+
+def test_big_import_and_batch(make: Any) -> None:
+    s = make()
+    other = make()
+    s.import_rows({"customer_id": str(i), "identities": [f"account:u{i}"]} for i in range(20_000))
+    r = s.migrate([str(i) for i in range(20_000)], "target")
+    assert len(r.moved) == 20_000
+    assert s.counts()["customers.target.active"] == 20_000
+    assert s.lookup("account", "u19999").system == "target"  # type: ignore[union-attr]
+    wait_for(lambda: (other.lookup("account", "u19999") or s.lookup("x", "y") or None) is not None
+             and other.lookup("account", "u19999").system == "target", refresh=[other], timeout=20)
+
+
+def test_counts_registrations_sessions_meta(store: RedisStore, make: Any) -> None:
+    store.lock(["1"], "b-x")
+    store.prepare(["2"], 60)
+    c = store.counts()
+    assert c["customers"] == 5 and c["identities"] == 6 and c["groups"] == 1 and c["prepared"] == 1
+    assert c["customers.source.locked"] == 1 and c["customers.source.active"] == 4
+    now = time.time()
+    store.record_registrations([
+        Registration("a1", "sip:a1@10.0.0.1:5060", "source", now + 60),
+        Registration("a1", "sip:a1@10.0.0.2:5060", "source", now + 60, "1"),
+        Registration("zed", "sip:zed@10.0.0.3", "source", now + 60),
+    ], now=now)
+    regs = store.registrations(["1"], now=now)
+    assert sorted(r.contact for r in regs) == ["sip:a1@10.0.0.1:5060", "sip:a1@10.0.0.2:5060"]
+    assert all(r.customer_id == "1" for r in regs)
+    store.record_registrations([
+        Registration("a1", "sip:a1@10.0.0.1:5060", "target", now + 3600),
+        Registration("a1", "sip:a1@10.0.0.2:5060", "source", now),
+    ], now=now + 1)
+    assert [(r.contact, r.system) for r in store.registrations(["1"], now=now + 1)] == [
+        ("sip:a1@10.0.0.1:5060", "target")]
+    assert [r.account for r in store.registrations(now=now + 100)] == ["a1"]
+    assert store.counts()["registrations"] == 1
+    # sessions: another node reads them on a miss and forgets them when they are deleted
+    other = make()
+    store.put_session(ApiSession("tok1", "source", now + 3600, "1", "customer", '{"x": 1}'))
+    s = other.get_session("tok1")
+    assert s is not None and (s.system, s.customer_id, s.extra) == ("source", "1", '{"x": 1}')
+    store.put_session(ApiSession("old", "target", now - 1))
+    assert store.get_session("old") is None
+    store.delete_session("tok1")
+    wait_for(lambda: other.get_session("tok1") is None, refresh=[other])
+    assert store.counts()["sessions"] == 0
+    assert store.set_meta("flow_secret", "aaa", only_if_absent=True) == "aaa"
+    assert other.set_meta("flow_secret", "bbb", only_if_absent=True) == "aaa"
+    assert other.get_meta("flow_secret") == "aaa"
+
+
+def test_counts_stay_true(store: RedisStore, server: RedisServer) -> None:
+    """The counters the scripts keep agree with a recount after every kind of write."""
+    b = store.migrate(["1", "3", "4", "5"], "target")
+    store.lock(["2"], "b-l")
+    store.prepare(["1", "2"], 30)
+    store.rollback(b.batch_id)
+    store.put_customer("2", ["account:a2"], "target")
+    store.unlock(["2"])
+    store.put_customer("7", [], "target")
+    c = server.client()
+    recount: dict[str, int] = {}
+    for raw in c.hvals("dsbc:cust"):
+        import json
+
+        system, state, _, _, cap, _ = json.loads(raw)
+        recount[f"customers.{system}.{state}"] = recount.get(f"customers.{system}.{state}", 0) + 1
+        recount["prepared"] = recount.get("prepared", 0) + (cap > 0)
+    counts = store.counts()
+    assert {k: v for k, v in counts.items() if k in recount} == recount
+    assert counts["customers"] == 6
+
+
+# --- sharing ------------------------------------------------------------------------------
+
+
+def test_change_feed_wakes_the_other_node(store: RedisStore, make: Any) -> None:
+    other = make()
+    woke = threading.Event()
+    other.set_notify(woke.set)
+    woke.clear()
+    started = time.monotonic()
+    store.migrate(["1"], "target")
+    assert woke.wait(2.0)
+    assert other.refresh() == ["1"]
+    assert other.lookup("account", "a1").system == "target"  # type: ignore[union-attr]
+    assert time.monotonic() - started < 0.5
+    st = other.stats()
+    assert st["healthy"] and st["seq_gap"] == 0 and st["seq_applied"] == store.stats()["seq_applied"]
+
+
+def test_redis_restart_loses_nothing(store: RedisStore, server: RedisServer, make: Any) -> None:
+    b = store.migrate(["1", "2"], "target", who="alice")
+    store.put_session(ApiSession("tok", "target", time.time() + 600))
+    server.restart()
+    # the node notices, serves from memory meanwhile, then catches up
+    wait_for(lambda: store.healthy, refresh=[store], timeout=10)
+    fresh = make(load=False)
+    assert systems(fresh) == {"1": "target", "2": "target", "3": "source", "4": "source", "5": "source"}
+    assert [x.batch_id for x in fresh.batches()] == [b.batch_id]
+    assert len(fresh.audit(b.batch_id)) == 2
+    assert fresh.get_session("tok") is not None
+    store.migrate(["1"], "source")  # writes work again
+    assert store.lookup("account", "a1").system == "source"  # type: ignore[union-attr]
+
+
+def test_redis_down_then_back(store: RedisStore, server: RedisServer, make: Any) -> None:
+    other = make()
+    server.stop()
+    wait_for(lambda: not other.healthy, refresh=[other], timeout=5)
+    assert "cannot reach" in other.reason
+    # dispatching goes on from memory, without waiting
+    started = time.monotonic()
+    for _ in range(1000):
+        assert other.lookup("account", "a1").system == "source"  # type: ignore[union-attr]
+        other.refresh()
+    assert time.monotonic() - started < 0.5
+    with pytest.raises(StoreUnavailable, match="migration failed: cannot reach .*nothing was changed"):
+        other.migrate(["1"], "target")
+    other.record_registrations([Registration("a1", "sip:a1@10.9.9.9", "source", time.time() + 300)])
+    other.put_session(ApiSession("while-down", "source", time.time() + 300))
+    assert other.get_session("while-down") is not None
+    server.start()
+    wait_for(lambda: other.healthy and not other.stats()["pending_registrations"], refresh=[other], timeout=10)
+    store.refresh()
+    assert [r.contact for r in store.registrations(["1"])] == ["sip:a1@10.9.9.9"]
+    assert store.get_session("while-down") is not None
+
+
+def test_partition_then_heal_applies_missed_changes(store: RedisStore, server: RedisServer, make: Any) -> None:
+    proxy = TcpProxy(server.addr)
+    try:
+        node = make(proxy.url())
+        proxy.cut()
+        wait_for(lambda: not node.healthy, refresh=[node], timeout=5)
+        store.migrate(["1", "2"], "target")  # made through "the other path"
+        store.put_customer("8", ["account:a8"], "target")
+        node.refresh()
+        assert node.lookup("account", "a1").system == "source"  # type: ignore[union-attr]
+        proxy.heal()
+        wait_for(lambda: node.healthy and node.lookup("account", "a8") is not None, refresh=[node], timeout=10)
+        assert node.lookup("account", "a1").system == "target"  # type: ignore[union-attr]
+        assert node.stats()["seq_gap"] == 0
+    finally:
+        proxy.close()
+
+
+def test_stalled_redis_never_blocks_a_worker(store: RedisStore, server: RedisServer, make: Any) -> None:
+    proxy = TcpProxy(server.addr)
+    try:
+        node = make(proxy.url())
+        proxy.stall()
+        store.migrate(["1"], "target")  # a notification the node cannot read now
+        worst = 0.0
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            node.refresh()
+            node.record_registrations([Registration("a2", "sip:a2@10.0.0.9", "source", time.time() + 60)])
+            node.get_session("nope")
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.02)
+        assert worst < 0.35, f"a call on the dispatcher's thread took {worst:.3f}s"
+        assert not node.healthy
+        proxy.heal()
+        wait_for(lambda: node.healthy and node.lookup("account", "a1").system == "target",  # type: ignore[union-attr]
+                 refresh=[node], timeout=10)
+    finally:
+        proxy.close()
+
+
+def test_trimmed_change_log_forces_a_full_reload(store: RedisStore, server: RedisServer, make: Any) -> None:
+    proxy = TcpProxy(server.addr)
+    try:
+        node = make(proxy.url())
+        proxy.cut()
+        wait_for(lambda: not node.healthy, refresh=[node], timeout=5)
+        store.migrate(["1"], "target")
+        store.migrate(["2"], "target")
+        server.client().xtrim("dsbc:log", maxlen=1)  # the node's next change is gone
+        proxy.heal()
+        wait_for(lambda: node.lookup("account", "a1").system == "target", refresh=[node], timeout=10)  # type: ignore[union-attr]
+        assert node.lookup("account", "a2").system == "target"  # type: ignore[union-attr]
+    finally:
+        proxy.close()
+
+
+def test_lost_redis_data_keeps_the_memory(store: RedisStore, server: RedisServer) -> None:
+    store.migrate(["1"], "target")
+    server.client().flushall()
+    wait_for(lambda: not store.healthy, refresh=[store], timeout=5)
+    assert "data lost" in store.reason
+    assert store.lookup("account", "a1").system == "target"  # type: ignore[union-attr]
+    # an operator restores the data (here: imports again): the node takes it
+    store.import_rows([{"customer_id": "1", "identities": ["account:a1"], "system": "source"}])
+    wait_for(lambda: store.healthy and store.lookup("account", "a2") is None, refresh=[store], timeout=10)
+
+
+def test_cache_file_starts_a_node_while_redis_is_away(store: RedisStore, server: RedisServer,
+                                                       make: Any, tmp_path: Path) -> None:
+    cache = str(tmp_path / "index.cache")
+    first = make(cache_file=cache)
+    assert os.path.exists(cache)
+    first.close()
+    server.stop()
+    with pytest.raises(StoreUnavailable, match="store.cache_file"):
+        open_store(server.url)
+    node = make(cache_file=cache)
+    assert not node.healthy
+    assert node.lookup("did", "15550001").customer_id == "1"  # type: ignore[union-attr]
+    server.start()
+    store.migrate(["1"], "target")
+    wait_for(lambda: node.lookup("account", "a1").system == "target", refresh=[node], timeout=10)  # type: ignore[union-attr]
+    assert node.healthy
+
+
+def test_sigstopped_redis_migration_error_is_clear(store: RedisStore, server: RedisServer, make: Any) -> None:
+    """A write to a hung server times out and says it may or may not have happened."""
+    slow = RedisStore(server.url, load=False, write_timeout=0.3)
+    try:
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailable, match="did not answer in time; it may or may not"):
+                slow.migrate(["1"], "target")
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+    finally:
+        slow.close()
