@@ -187,7 +187,9 @@ def test_wsinv_whitespace_folding_and_compact_forms() -> None:
     assert msg.get("unknownheaderwithunusualvalue") == ";;,,;;,;"
     assert msg.routes[0].uri.has_param("lr")
     contact = msg.values("contact")
-    assert len(contact) == 1 and contact[0].startswith('"Quoted string \\"\\"" <sip:jdrosen@example.com>')
+    assert len(contact) == 1 and contact[0].startswith(
+        '"Quoted string \\"\\"" <sip:jdrosen@example.com>'
+    )
     assert len(msg.body) == 150
 
 
@@ -382,7 +384,12 @@ def test_dblreq_over_a_stream_yields_the_register_first() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", [f for f in VALID if b"\r\nContent-Length" in load(f) or b"\r\nl:" in load(f) or b"\r\nL:" in load(f)]
+    "name",
+    [
+        f
+        for f in VALID
+        if b"\r\nContent-Length" in load(f) or b"\r\nl:" in load(f) or b"\r\nL:" in load(f)
+    ],
 )
 def test_valid_messages_frame_on_a_stream(name: str) -> None:
     msg = parse(name)
