@@ -6,6 +6,9 @@ systems' nodes (127.0.0.1:<kamailio port>) by IP and port, as SPEC section 6 say
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +59,14 @@ def start_dsbc(dsbc_factory: Factory, source: Any, targets: list[Any], **kw: Any
     )
     d.wait_nodes_up()
     return d
+
+
+def cli_background(d: Any, *args: str) -> subprocess.Popen[str]:
+    """A `dsbc` command against `d`'s config, running while the test goes on."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dsbc.cli", "-c", str(d.config_path), *args],
+        env=d.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
 
 
 def wait_locked(d: Any, identity: str, timeout: float = 15.0) -> None:
@@ -165,8 +176,6 @@ def test_cancel_after_flip_follows_its_invite(
     phone = phone_factory("1001", *d.sip_addr, auto_answer=None)
     assert phone.register() == 200
     # the carrier calls, the phone rings; the customer moves; the carrier gives up
-    import threading
-
     result: dict[str, Any] = {}
 
     def ring() -> None:
@@ -244,14 +253,7 @@ def test_locked_customer_is_held_then_relayed_to_new_system(
     source, (target,) = systems(kamailio_factory)
     d = start_dsbc(dsbc_factory, source, [target], lock_hold=3.0)
     phone = phone_factory("1001", *d.sip_addr)
-    import subprocess
-    import sys
-
-    mig = subprocess.Popen(
-        [sys.executable, "-m", "dsbc.cli", "-c", str(d.config_path), "migrate", "--customer", "100",
-         "--to", "target", "--lock-for", "2"],
-        env=d.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    mig = cli_background(d, "migrate", "--customer", "100", "--to", "target", "--lock-for", "2")
     wait_locked(d, "account:1001")
     started = time.monotonic()
     assert phone.register(timeout=8) == 200
@@ -270,14 +272,7 @@ def test_lock_outlasting_the_hold_gets_503(
     source, (target,) = systems(kamailio_factory)
     d = start_dsbc(dsbc_factory, source, [target], lock_hold=0.5)
     phone = phone_factory("1001", *d.sip_addr)
-    import subprocess
-    import sys
-
-    mig = subprocess.Popen(
-        [sys.executable, "-m", "dsbc.cli", "-c", str(d.config_path), "migrate", "--customer", "100",
-         "--to", "target", "--lock-for", "3"],
-        env=d.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    mig = cli_background(d, "migrate", "--customer", "100", "--to", "target", "--lock-for", "3")
     wait_locked(d, "account:1001")
     try:
         status = phone.register(timeout=5)
@@ -290,9 +285,6 @@ def test_lock_outlasting_the_hold_gets_503(
 def test_prepare_caps_expiry_and_wait_registrations_sees_the_phone_move(
     kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
 ) -> None:
-    import subprocess
-    import sys
-
     source, (target,) = systems(kamailio_factory)
     d = start_dsbc(dsbc_factory, source, [target], migration_expires=45)
     phone = phone_factory("1001", *d.sip_addr)
@@ -309,11 +301,7 @@ def test_prepare_caps_expiry_and_wait_registrations_sees_the_phone_move(
     assert headers.get("x-system") == ["source"]
     time.sleep(1.5)  # the workers write the registrations they relayed once a second
 
-    mig = subprocess.Popen(
-        [sys.executable, "-m", "dsbc.cli", "-c", str(d.config_path), "migrate", "--customer", "100",
-         "--to", "target", "--wait-registrations", "--timeout", "20"],
-        env=d.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    mig = cli_background(d, "migrate", "--customer", "100", "--to", "target", "--wait-registrations", "--timeout", "20")
     time.sleep(1.0)
     assert phone.register(expires=600) == 200  # the phone re-registers when its 45 s end
     assert phone.last_register_response_headers().get("x-system") == ["target"]
