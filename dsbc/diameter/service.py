@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
-import time
 from typing import Any
 
 from dsbc.config import Config, parse_hostport
@@ -21,6 +19,8 @@ from dsbc.diameter import codec as dc
 from dsbc.diameter.peer import Connection, ConnState, LocalNode, PeerLink
 from dsbc.diameter.routing import TO_CLIENT, DiameterRouter, Send, SystemRoute
 from dsbc.store.base import BadIdentity, LocationStore, normalise
+
+from ..core_timer import CoreTimer, PinnedRows
 
 log = logging.getLogger("dsbc.diameter")
 
@@ -59,8 +59,8 @@ class DiameterService:
         self.server: asyncio.AbstractServer | None = None
         self.address: tuple[str, int] | None = None
         self.bad_messages = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer = CoreTimer(self.loop, self.router.get_timer, self.router.handle_timer, self._send)
+        self._pins = PinnedRows(store, SESSIONS_META_KEY, self.loop, "diameter sessions")
         self._persist_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -124,46 +124,14 @@ class DiameterService:
     # -- the one timer ----------------------------------------------------------------------------
 
     def _arm(self) -> None:
-        when = self.router.get_timer()
-        if when is None:
-            return
-        if self._timer is not None:
-            if self._timer_at <= when:
-                return
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self.loop.call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._send(self.router.handle_timer(self.loop.time()))
-        self._arm()
-
-    # -- sessions across restarts -------------------------------------------------------------------
+        self._timer.arm()
 
     def _persist(self) -> None:
-        if self.store is None:
-            return
-        offset = time.time() - self.loop.time()
-        rows = [[k, s, c, float(t) + offset] for k, s, c, t in self.router.sessions_snapshot()]  # type: ignore[arg-type]
-        try:
-            self.store.set_meta(SESSIONS_META_KEY, json.dumps(rows, separators=(",", ":")))
-        except Exception as exc:  # noqa: BLE001 - a store outage must not stop dispatching
-            log.warning("diameter: cannot save sessions: %s", exc)
+        self._pins.save(self.router.sessions_snapshot())
 
     def _restore(self) -> None:
-        if self.store is None:
-            return
-        try:
-            text = self.store.get_meta(SESSIONS_META_KEY)
-            rows = json.loads(text) if text else []
-        except Exception as exc:  # noqa: BLE001
-            log.warning("diameter: cannot load sessions: %s", exc)
-            return
-        offset = time.time() - self.loop.time()
-        if isinstance(rows, list):
-            self.router.load_sessions([[r[0], r[1], r[2], float(r[3]) - offset] for r in rows
-                                       if isinstance(r, list) and len(r) == 4])
+        if self.store is not None:
+            self.router.load_sessions(self._pins.load())
 
     async def _persist_loop(self) -> None:
         while True:
@@ -194,8 +162,7 @@ class DiameterService:
         await asyncio.gather(*(link.stop() for link in self.links.values()),
                              *(c.disconnect(dc.DISCONNECT_REBOOTING) for c in list(self.clients.values())),
                              return_exceptions=True)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         self._persist()
 
 

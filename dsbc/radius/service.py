@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
-import time
 from typing import Any
 
 from dsbc.config import Config, parse_hostport
 from dsbc.radius.core import ACCT, AUTH, TO_CLIENT, Addr, Out, RadiusCore, SystemTarget
 from dsbc.store.base import LocationStore
+
+from ..core_timer import CoreTimer, PinnedRows
 
 log = logging.getLogger("dsbc.radius")
 
@@ -74,8 +74,8 @@ class RadiusService:
         self.listeners: list[_Listener] = []
         self.addresses: list[Addr] = []
         self._socks: dict[tuple[str, int], socket.socket] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer = CoreTimer(self.loop, self.core.get_timer, self.core.handle_timer, self._send)
+        self._pins = PinnedRows(store, STICKY_META_KEY, self.loop, "radius accounting sessions")
         self._persist_task: asyncio.Task[None] | None = None
         self.send_errors = 0
 
@@ -124,47 +124,14 @@ class RadiusService:
     # -- the one timer ------------------------------------------------------------------------
 
     def _arm(self) -> None:
-        when = self.core.get_timer()
-        if when is None:
-            return
-        if self._timer is not None:
-            if self._timer_at <= when:
-                return
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self.loop.call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._send(self.core.handle_timer(self.loop.time()))
-        self._arm()
-
-    # -- accounting pins -----------------------------------------------------------------------
+        self._timer.arm()
 
     def _persist(self) -> None:
-        if self.store is None:
-            return
-        # pins keep loop time in memory; the store gets wall-clock time
-        offset = time.time() - self.loop.time()
-        rows = [[n, s, sy, float(t) + offset] for n, s, sy, t in self.core.sticky_snapshot()]  # type: ignore[arg-type]
-        try:
-            self.store.set_meta(STICKY_META_KEY, json.dumps(rows, separators=(",", ":")))
-        except Exception as exc:  # noqa: BLE001 - a store outage must not stop dispatching
-            log.warning("radius: cannot save accounting sessions: %s", exc)
+        self._pins.save(self.core.sticky_snapshot())
 
     def _restore(self) -> None:
-        if self.store is None:
-            return
-        try:
-            text = self.store.get_meta(STICKY_META_KEY)
-            rows = json.loads(text) if text else []
-        except Exception as exc:  # noqa: BLE001
-            log.warning("radius: cannot load accounting sessions: %s", exc)
-            return
-        offset = time.time() - self.loop.time()
-        if isinstance(rows, list):
-            self.core.load_sticky([[r[0], r[1], r[2], float(r[3]) - offset] for r in rows
-                                   if isinstance(r, list) and len(r) == 4])
+        if self.store is not None:
+            self.core.load_sticky(self._pins.load())
 
     async def _persist_loop(self) -> None:
         while True:
@@ -185,8 +152,7 @@ class RadiusService:
             self._persist_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._persist_task
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         for lst in self.listeners:
             if lst.transport is not None:
                 lst.transport.close()

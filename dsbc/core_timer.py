@@ -1,0 +1,88 @@
+"""Small adapters shared by the AAA services: one loop timer per I/O-free core, and
+time-stamped rows kept in the store's meta table across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+log = logging.getLogger("dsbc")
+
+
+class CoreTimer:
+    """Drives ``core.handle_timer(now)`` at ``core.get_timer()``; call ``arm()`` after
+    every input the core handled."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        get_timer: Callable[[], float | None],
+        handle_timer: Callable[[float], Any],
+        send: Callable[[Any], None],
+    ) -> None:
+        self.loop = loop
+        self._get = get_timer
+        self._handle = handle_timer
+        self._send = send
+        self._timer: asyncio.TimerHandle | None = None
+        self._at = 0.0
+
+    def arm(self) -> None:
+        when = self._get()
+        if when is None:
+            return
+        if self._timer is not None:
+            if self._at <= when:
+                return
+            self._timer.cancel()
+        self._at = when
+        self._timer = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._send(self._handle(self.loop.time()))
+        self.arm()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class PinnedRows:
+    """Rows ``[a, b, c, deadline]`` saved as JSON in ``store.set_meta(key)``.  Deadlines
+    are loop time in memory and wall-clock time in the store, so they survive a restart."""
+
+    def __init__(self, store: Any, key: str, loop: asyncio.AbstractEventLoop, what: str) -> None:
+        self.store = store
+        self.key = key
+        self.loop = loop
+        self.what = what
+
+    def save(self, rows: Iterable[Sequence[Any]]) -> None:
+        if self.store is None:
+            return
+        offset = time.time() - self.loop.time()
+        data = [[a, b, c, float(t) + offset] for a, b, c, t in rows]
+        try:
+            self.store.set_meta(self.key, json.dumps(data, separators=(",", ":")))
+        except Exception as exc:  # noqa: BLE001 - a store outage must not stop dispatching
+            log.warning("cannot save %s: %s", self.what, exc)
+
+    def load(self) -> list[list[Any]]:
+        if self.store is None:
+            return []
+        try:
+            text = self.store.get_meta(self.key)
+            rows = json.loads(text) if text else []
+        except Exception as exc:  # noqa: BLE001 - start without them
+            log.warning("cannot load %s: %s", self.what, exc)
+            return []
+        if not isinstance(rows, list):
+            return []
+        offset = time.time() - self.loop.time()
+        return [[r[0], r[1], r[2], float(r[3]) - offset] for r in rows if isinstance(r, list) and len(r) == 4]
