@@ -19,14 +19,13 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import click
 
-from .config import Config, ConfigError, load_config, parse_hostport
+from .config import Config, ConfigError, load_config
 from .migrate import (
     BatchAborted,
     InputError,
@@ -44,7 +43,9 @@ from .migrate import (
 from .migrate import wait_registrations as wait_for_phones
 from .store import (
     BadIdentity,
+    Customer,
     LocationStore,
+    MigrationResult,
     StoreError,
     StoreUnavailable,
     open_store,
@@ -211,6 +212,45 @@ def _progress(total: int, label: str) -> Progress:
     return Progress(total, label, sys.stderr, enabled=sys.stderr.isatty() and total > 0)
 
 
+def node_option(f: F) -> F:
+    """``--node URL``: act through a running node's control API instead of the store."""
+    return click.option(
+        "--node",
+        "node",
+        metavar="URL",
+        default=None,
+        envvar="DSBC_NODE",
+        help="Act through the control API of a running node (URL, or 'local' for this "
+        "host's control.listen; token: control.token or $DSBC_CONTROL_TOKEN).",
+    )(f)
+
+
+def _node_client(cfg: Config, node: str) -> Any:
+    from .control_client import NodeClient, node_token, node_url
+
+    return NodeClient(node_url(cfg, node), node_token(cfg))
+
+
+def _node_call(fn: Callable[[], Any]) -> Any:
+    from .control_client import NodeError
+
+    try:
+        return fn()
+    except NodeError as exc:
+        raise CliError(str(exc), exc.code) from None
+
+
+def _node_result(data: dict[str, Any], to: str, dry_run: bool = False) -> MigrationResult:
+    return MigrationResult(
+        str(data.get("batch_id", "")),
+        str(data.get("to", to)),
+        [str(x) for x in data.get("moved", [])],
+        [str(x) for x in data.get("already", [])],
+        [str(x) for x in data.get("unknown", [])],
+        dry_run,
+    )
+
+
 # --- commands -----------------------------------------------------------------------------
 
 
@@ -241,15 +281,27 @@ def import_command(file: str) -> None:
 
 @main.command()
 @click.argument("identity", metavar="KIND:VALUE")
+@node_option
 @config_options
-def where(identity: str) -> int:
+def where(identity: str, node: str | None) -> int:
     """Print the customer, system and state that own an identity (exit 1 if unknown)."""
     cfg = load_cli_config(store_only=True)
     kind, value = parse_identity(identity)
-    with open_cli_store(cfg) as store:
-        loc = store.lookup(kind, value)
-        c = store.customer(loc.customer_id) if loc is not None else None
-    if loc is None or c is None:
+    c: Customer | None = None
+    if node is not None:  # what that node's memory says (the index it dispatches with)
+        client = _node_client(cfg, node)
+        found = _node_call(lambda: client.identity(kind, value))
+        if found is not None:
+            c = Customer(
+                str(found["customer_id"]), str(found["system"]), str(found["state"]),
+                str(found.get("group", "")), str(found.get("batch_id", "")),
+                int(found.get("expires_cap", 0)),
+            )
+    else:
+        with open_cli_store(cfg) as store:
+            loc = store.lookup(kind, value)
+            c = store.customer(loc.customer_id) if loc is not None else None
+    if c is None:
         policy = cfg.store.unknown
         if policy == "reject":
             click.echo(f"{kind}:{value}: unknown: would be rejected (store.unknown)")
@@ -318,6 +370,7 @@ def where(identity: str) -> int:
 @click.option(
     "--who", default=None, help="Name recorded in the audit log (default: your user name)."
 )
+@node_option
 @config_options
 def migrate(
     customers: tuple[str, ...],
@@ -330,6 +383,7 @@ def migrate(
     batch_size: int,
     lock_for: float,
     who: str | None,
+    node: str | None,
 ) -> int:
     """Move customers atomically to the other system (exit 1 if some ids are unknown)."""
     if bool(customers) == bool(batch_file):
@@ -343,6 +397,10 @@ def migrate(
     )
     cfg = load_cli_config(store_only=not (prepare or wait_registrations))
     who = who or _default_who()
+    if node is not None:
+        if wait_registrations:
+            raise click.UsageError("--wait-registrations needs the store: run it without --node")
+        return _migrate_through_node(cfg, node, ids, to, who, dry_run, prepare, batch_size, lock_for)
     with open_cli_store(cfg) as store:
         if dry_run or prepare:
             return _check_or_prepare(cfg, store, ids, to, who, prepare and not dry_run)
@@ -408,15 +466,52 @@ def _check_or_prepare(
     return 0
 
 
+def _migrate_through_node(
+    cfg: Config, node: str, ids: list[str], to: str, who: str, dry_run: bool, prepare: bool,
+    batch_size: int, lock_for: float,
+) -> int:
+    client = _node_client(cfg, node)
+    body: dict[str, Any] = {"customers": ids, "to": to, "who": who, "batch_size": batch_size}
+    if dry_run:
+        body["dry_run"] = True
+    if prepare:
+        body["prepare"] = True
+    if lock_for:
+        body["lock_for"] = lock_for
+    data = _node_call(lambda: client.call("POST", "/v1/migrations", body))
+    result = _node_result(data, to, dry_run=bool(data.get("dry_run")))
+    if prepare and not dry_run:
+        click.echo(
+            f"registration expiry capped at {data.get('expires')} s for {data.get('prepared', 0)} "
+            f"customers (already on {to} {len(result.already)}, unknown {len(result.unknown)})"
+        )
+    else:
+        click.echo(f"{summary(result)} (through {client.base})")
+        if result.dry_run and result.moved:
+            click.echo(f"would move: {some(result.moved)}")
+    if result.unknown:
+        click.echo(f"unknown customer(s): {some(result.unknown)}", err=True)
+        return 1
+    return 0
+
+
 @main.command()
 @click.argument("batch_id")
 @click.option(
     "--who", default=None, help="Name recorded in the audit log (default: your user name)."
 )
+@node_option
 @config_options
-def rollback(batch_id: str, who: str | None) -> int:
+def rollback(batch_id: str, who: str | None, node: str | None) -> int:
     """Move the customers of a batch back to where they came from (a new batch)."""
     cfg = load_cli_config(store_only=True)
+    if node is not None:
+        client = _node_client(cfg, node)
+        bid = urllib.parse.quote(batch_id.strip(), safe="")
+        data = _node_call(lambda: client.call(
+            "POST", f"/v1/migrations/{bid}/rollback", {"who": who or _default_who()}))
+        click.echo(f"rolled back {batch_id}: {summary(_node_result(data, ''))} (through {client.base})")
+        return 0
     with open_cli_store(cfg) as store:
         r = store.rollback(batch_id.strip(), who=who or _default_who())
     click.echo(f"rolled back {batch_id}: {summary(r)}")
@@ -426,68 +521,65 @@ def rollback(batch_id: str, who: str | None) -> int:
 # --- status -------------------------------------------------------------------------------
 
 
-def _control_url(cfg: Config) -> str:
-    host, port = parse_hostport(cfg.control.listen, 8080)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
+def _shown_url(url: str) -> str:
+    """A store URL without its password."""
+    if url.startswith(("redis", "rediss")):
+        from .store.redis_conn import parse_redis_url
+
+        try:
+            return parse_redis_url(url).display
+        except StoreError:
+            return url
+    return url
 
 
-def collect_status(cfg: Config) -> dict[str, Any]:
-    """Everything `dsbc status` shows, as data.  The runner team extends the ``node`` part
-    (GET /v1/status of the local control API); the ``store`` part always works alone."""
-    out: dict[str, Any] = {"node": {}, "store": {"url": cfg.store.url}}
-    base = _control_url(cfg)
-    req = urllib.request.Request(
-        f"{base}/v1/status", headers={"Authorization": f"Bearer {cfg.control.token}"}
-    )
+def collect_status(cfg: Config, node: str | None = None) -> dict[str, Any]:
+    """Everything `dsbc status` shows, as data: the running node (GET /v1/status of its
+    control API: this host's control.listen, or `node`) and the store (read directly; when
+    it cannot be, the node's view of it)."""
+    from .control_client import NodeClient, NodeError, node_token, node_url
+
+    base = node_url(cfg, node or "")
+    out: dict[str, Any] = {"node": {"url": base}, "store": {"url": _shown_url(cfg.store.url)}}
     try:
-        with urllib.request.urlopen(req, timeout=2.0) as resp:
-            out["node"] = {
-                "reachable": True,
-                "url": base,
-                "status": json.loads(resp.read() or b"{}"),
-            }
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        out["node"] = {
-            "reachable": False,
-            "url": base,
-            "error": f"no running node reachable at {base} ({reason})",
-        }
+        out["node"].update(reachable=True, status=NodeClient(base, node_token(cfg)).call(
+            "GET", "/v1/status", timeout=5.0))
+    except NodeError as exc:
+        out["node"].update(reachable=False, error=str(exc))
     try:
         with open_cli_store(cfg) as store:
-            out["store"]["counts"] = store.counts()
-            out["store"]["batches"] = [
-                {
-                    "batch_id": b.batch_id,
-                    "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.ts)),
-                    "who": b.who,
-                    "from": b.from_system,
-                    "to": b.to_system,
-                    "customers": b.customers,
-                    "note": b.note,
-                }
+            counts = store.counts()
+            batches = [
+                {"batch_id": b.batch_id, "ts": b.ts, "who": b.who, "from": b.from_system,
+                 "to": b.to_system, "customers": b.customers, "note": b.note}
                 for b in store.batches(10)
             ]
+        out["store"].update(counts=counts, batches=batches)
     except StoreError as exc:
-        out["store"]["error"] = str(exc)
+        remote = out["node"].get("status", {}).get("store", {})
+        if "counts" in remote:
+            out["store"].update(counts=remote["counts"], batches=remote.get("batches", []),
+                                via_node=True, direct_error=str(exc))
+        else:
+            out["store"]["error"] = str(exc)
+    for b in out["store"].get("batches", []):
+        b["time"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(b["ts"])))
     return out
 
 
 def _print_status(cfg: Config, st: dict[str, Any]) -> None:
+    from .metrics import status_lines
+
     node = st["node"]
     if node.get("reachable"):
-        click.echo(f"node {node['url']}:")
-        for key, value in node["status"].items():
-            click.echo(
-                f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}"
-            )
+        click.echo(f"node {node['url']} (pid {node['status'].get('pid', '?')}):")
+        for line in status_lines(node["status"]):
+            click.echo(line)
     else:
         click.echo(node.get("error", "no running node"))
     store = st["store"]
-    click.echo(f"store {store['url']}:")
+    via = " (as the node reads it)" if store.get("via_node") else ""
+    click.echo(f"store {store['url']}{via}:")
     if "error" in store:
         click.echo(f"  error: {store['error']}")
         return
@@ -513,11 +605,12 @@ def _print_status(cfg: Config, st: dict[str, Any]) -> None:
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@node_option
 @config_options
-def status(as_json: bool) -> int:
+def status(as_json: bool, node: str | None) -> int:
     """Health of the running node (if any), store counts and recent batches."""
     cfg = load_cli_config(store_only=True)
-    st = collect_status(cfg)
+    st = collect_status(cfg, node)
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
     else:

@@ -14,6 +14,7 @@ status snapshot into the run directory, where the control API sums them up.
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import json
 import logging
@@ -78,11 +79,15 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master handles reloads
-        self.store = open_store(self.cfg.store.url, self.cfg.store.unknown)
+        self.store = open_store(self.cfg.store.url, self.cfg.store.unknown, cache_file=self.cfg.store.cache_file)
+        # loaded: on a reload the master now drains the worker this one replaces, which
+        # frees its IPC name at once; until then both serve (SO_REUSEPORT)
+        (self.run_dir / f"loaded-{self.index}-{os.getpid()}").touch()
         if self.cfg.sip.enabled:
             from .sip_service import SipService
 
             sip = SipService(self.cfg, self.store, self.index, self.ipc_name)
+            await self._wait_ipc_name()
             await self._start_ipc_bind_retry(sip)
             self.services["sip"] = sip
         if self.index == 0:
@@ -95,9 +100,13 @@ class Worker:
         (self.run_dir / f"ready-{self.index}-{os.getpid()}").touch()
         await self.stopping.wait()
         log.info("worker %d draining", self.index)
+        for svc in self.services.values():  # stop taking new work (SIP, control API)
+            drain = getattr(svc, "drain", None)
+            if drain is not None:
+                drain()
         draining: Any = self.services.get("sip")
         if draining is not None:
-            draining.drain()
+            self._release_ipc_name(draining)
             deadline = loop.time() + DRAIN_SECONDS
             while draining.core.held_count and loop.time() < deadline:
                 await asyncio.sleep(0.1)
@@ -110,6 +119,41 @@ class Worker:
             except Exception:
                 log.exception("stopping %s", name)
         self.store.close()
+
+    async def _wait_ipc_name(self, timeout: float = DRAIN_SECONDS + 5) -> None:
+        """Wait until the worker this one replaces (a reload) has let go of the IPC name, so
+        that the listeners are bound once and for good (binding and closing them while
+        retrying would drop what the kernel hands them meanwhile)."""
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while True:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                probe.bind(self.ipc_name(self.index))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    return  # _start_ipc_bind_retry reports it
+            finally:
+                probe.close()
+            await asyncio.sleep(0.02)
+
+    @staticmethod
+    def _release_ipc_name(sip: Any) -> None:
+        """A draining worker frees its IPC name for its successor; connections it still
+        holds can no longer be handed a message by other workers (they close at the end of
+        the drain anyway)."""
+        endpoint = getattr(sip, "endpoint", None)
+        ipc = getattr(endpoint, "_ipc", None)
+        if endpoint is None or ipc is None:
+            return
+        try:
+            endpoint.loop.remove_reader(ipc.fileno())
+            ipc.close()
+        except (OSError, ValueError):
+            pass
+        endpoint._ipc = None
 
     async def _start_ipc_bind_retry(self, sip: Any) -> None:
         for attempt in range(50):
@@ -132,12 +176,32 @@ class Worker:
                 log.warning("%s is enabled but %s is not available in this build", name, module)
                 return
             raise
-        self.services[name] = await getattr(mod, func)(self.cfg, self.store)
+        # on a reload the worker being replaced holds these ports until its drain ends
+        deadline = time.monotonic() + DRAIN_SECONDS + 5
+        while True:
+            try:
+                self.services[name] = await getattr(mod, func)(self.cfg, self.store)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.1)
 
     async def _refresh(self) -> None:
+        """Apply store changes every poll_interval, and at once when the store says it has
+        some (the Redis store's pub/sub thread calls `set_notify`'s callback)."""
         interval = self.cfg.store.poll_interval
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        set_notify = getattr(self.store, "set_notify", None)
+        if set_notify is not None:
+            set_notify(lambda: loop.call_soon_threadsafe(wake.set))
         while True:
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(wake.wait(), interval)
+            except TimeoutError:
+                pass
+            wake.clear()
             try:
                 changed = self.store.refresh()
             except Exception as exc:  # noqa: BLE001 - the store may be away; serve from memory
@@ -158,8 +222,10 @@ class Worker:
                     services[name] = svc.status()
                 except Exception as exc:  # noqa: BLE001 - a status must not stop the snapshot
                     services[name] = {"error": str(exc)}
+            stats = getattr(self.store, "stats", None)
             snap = {"worker": self.index, "pid": os.getpid(), "ts": time.time(),
-                    "store_healthy": bool(getattr(self.store, "healthy", True)), "services": services}
+                    "store_healthy": bool(getattr(self.store, "healthy", True)), "services": services,
+                    "store": stats() if stats is not None else {}}
             tmp = path.with_suffix(".tmp")
             try:
                 tmp.write_text(json.dumps(snap, default=str))
@@ -256,16 +322,51 @@ class Master:
         self.cfg = cfg
         old = dict(self.workers)
         for index, pid in old.items():
-            os.kill(pid, signal.SIGTERM)  # drains: stops listening, finishes what is held
-            self.spawn(index)  # the new one binds beside it (SO_REUSEPORT)
-            time.sleep(0.3)
+            # the new worker first: once it has loaded the store, the old one drains (stops
+            # listening, frees its IPC name, finishes what is held) and the new one binds
+            # its listeners beside it (SO_REUSEPORT): no moment without a listener
+            new = self.spawn(index)
+            state = self._wait_file(f"loaded-{index}-{new}", new, 60.0)
+            if state != "ok":
+                log.error("reload: the new worker %d did not start; keeping the running ones", index)
+                if state == "timeout":
+                    os.kill(new, signal.SIGKILL)
+                self.workers[index] = pid
+                return
+            os.kill(pid, signal.SIGTERM)
+            state = self._wait_file(f"ready-{index}-{new}", new, DRAIN_SECONDS + 10)
+            if state == "dead":
+                self.spawn(index)  # what the main loop would have done had it reaped it
         for index in range(len(old), cfg.sip.workers):
             self.spawn(index)
         for index in list(self.workers):
             if index >= cfg.sip.workers:
                 os.kill(self.workers.pop(index), signal.SIGTERM)
 
+    def _wait_file(self, name: str, pid: int, timeout: float) -> str:
+        """Wait for a worker's marker file: "ok", "dead" (it exited, reaped here) or "timeout"."""
+        path = self.run_dir / name
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and "stop" not in self.flags:
+            if path.exists():
+                return "ok"
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                return "dead"
+            if done:
+                log.error("worker pid %d exited with %s", pid, os.waitstatus_to_exitcode(status))
+                return "dead"
+            time.sleep(0.02)
+        return "ok" if path.exists() else "timeout"
+
     def stop(self) -> int:
+        # the control API answers /healthz with 503 "draining" while a stop drains (on a
+        # reload the worker being replaced closes its control listener instead)
+        try:
+            (self.run_dir / "stopping").touch()
+        except OSError:
+            pass
         log.info("stopping: draining %d worker(s)", len(self.workers))
         for pid in self.workers.values():
             try:

@@ -73,9 +73,12 @@ class StoreRouter:
     def __init__(self, store: LocationStore, trusted: TrustedPeers) -> None:
         self.store = store
         self.trusted = trusted
+        self.lookups = 0  # out-of-dialog owner lookups (metrics)
+        self.misses = 0  # ... that found no customer
 
     def decide(self, candidates: Sequence[tuple[str, str]]) -> Decision:
         store = self.store
+        self.lookups += 1
         for kind, value in candidates:
             if not value:
                 continue
@@ -86,6 +89,7 @@ class StoreRouter:
             loc = store.lookup(kind, v)
             if loc is not None:
                 return Decision(loc.system, loc.customer_id, loc.state, f"{kind}:{v} -> customer {loc.customer_id}")
+        self.misses += 1
         what = ", ".join(f"{k}:{v}" for k, v in candidates if v) or "no identity"
         return Decision(store.unknown, "", "active", f"{what} unknown -> store.unknown={store.unknown}")
 
@@ -268,5 +272,7 @@ class SipService:
             "held": self.core.held_count,
             "nodes": self.core.health.status(),
             "connections": len(self.endpoint.conns) if self.endpoint else 0,
+            "lookups": self.router.lookups,
+            "misses": self.router.misses,
             **self.admission.status(),
         }

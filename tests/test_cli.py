@@ -233,7 +233,8 @@ def test_collect_status_queries_the_control_api(home: Path) -> None:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             seen.append(f"{self.path} {self.headers.get('Authorization')}")
-            body = json.dumps({"sip": "up", "workers": 2}).encode()
+            body = json.dumps({"node": {"workers": 2, "sip_workers": 2}, "uptime": 5, "pid": 42,
+                               "store": {"healthy": True}}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -252,7 +253,8 @@ def test_collect_status_queries_the_control_api(home: Path) -> None:
     finally:
         server.shutdown()
     assert seen == ["/v1/status Bearer s3cret"]
-    assert r.stdout.splitlines()[:3] == [f"node http://127.0.0.1:{server.server_port}:", "  sip: up", "  workers: 2"]
+    assert r.stdout.splitlines()[:3] == [f"node http://127.0.0.1:{server.server_port} (pid 42):",
+                                         "  workers: 2 (2 SIP), up 5 s", "  store: healthy"]
 
 
 # --- plugins ------------------------------------------------------------------------------

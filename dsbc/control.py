@@ -1,0 +1,421 @@
+"""The control API (SPEC section 4): health, metrics, lookups, customers and migrations
+over HTTP on ``control.listen``, run by worker 0 of ``dsbc run``.
+
+    GET  /healthz                          200 {"status": "ok" | "degraded", ...}, 503 when
+                                           draining or no SIP worker is alive
+                                           (?strict=1: 503 also while degraded)
+    GET  /metrics                          Prometheus text (dsbc/metrics.py)
+    GET  /v1/identities/{kind}/{value}     {customer_id, system, state, ...} or 404
+    GET  /v1/customers/{customer_id}       the customer record or 404
+    PUT  /v1/customers/{customer_id}       {identities: [...], system?, group?}
+    POST /v1/migrations                    {customers: [...], to?: "target", dry_run?, prepare?,
+                                            lock_for?, batch_size?, who?}
+                                           -> {batch_id, moved, already, unknown, ...}
+    POST /v1/migrations/{batch_id}/rollback  {who?}
+    GET  /v1/status                        the workers' snapshots summed, store counts, batches
+
+``/v1`` needs ``Authorization: Bearer <control.token>``; with no token configured every
+``/v1`` call is refused (401) and says how to set one.  Errors are JSON ``{"error": ...}``:
+400 bad input (with the reason), 401, 404 unknown identity / customer / batch, 409 a group
+split, 503 the store cannot be written.
+
+Store writes run in a thread (a big batch must not stop this worker's SIP traffic); their
+effect reaches this worker's index through `store.refresh()` on the loop right after, and
+every other worker and node through the store's change feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .config import Config, parse_hostport
+from .metrics import read_snapshots, render, summarize
+from .migrate import BatchAborted, move_batch
+from .store import (
+    SYSTEMS,
+    BadIdentity,
+    BadRow,
+    GroupSplitError,
+    LocationStore,
+    StoreError,
+    StoreUnavailable,
+    clean_row,
+    normalise,
+)
+
+log = logging.getLogger("dsbc.control")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+COUNTS_TTL = 10.0  # seconds a store count is reused by /metrics (a count may scan)
+MAX_BODY = 64 * 1024 * 1024
+
+
+class ApiError(Exception):
+    """An answer other than 200: status and reason (str())."""
+
+    def __init__(self, status: int, reason: str, **extra: Any) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.extra = extra
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, default=str) + "\n", status=status,
+                        content_type="application/json")
+
+
+def _error(status: int, reason: str, **extra: Any) -> web.Response:
+    resp = _json({"error": reason, **extra}, status)
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="dsbc"'
+    return resp
+
+
+class ControlService:
+    def __init__(self, cfg: Config, store: LocationStore, run_dir: Path | None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.run_dir = run_dir
+        self.token = cfg.control.token
+        self.draining = False
+        self.started = time.time()
+        self.counters: Counter[str] = Counter()
+        self.migrations: Counter[str] = Counter()
+        self.moved: Counter[str] = Counter()
+        self._counts: tuple[float, dict[str, Any]] = (0.0, {})
+        self._write_lock = asyncio.Lock()
+        self.app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
+        r = self.app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/v1/identities/{kind}/{value}", self.identity)
+        r.add_get("/v1/customers/{customer_id}", self.get_customer)
+        r.add_put("/v1/customers/{customer_id}", self.put_customer)
+        r.add_post("/v1/migrations", self.migrate)
+        r.add_post("/v1/migrations/{batch_id}/rollback", self.rollback)
+        r.add_get("/v1/status", self.status_handler)
+        self.runner: web.AppRunner | None = None
+        self.site: web.TCPSite | None = None
+        self.address: tuple[str, int] = ("", 0)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        host, port = parse_hostport(self.cfg.control.listen, 8080)
+        host = host.strip("[]")
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        # reuse_port: on a reload the new worker binds while the old one still drains
+        self.site = web.TCPSite(self.runner, host, port, reuse_port=True)
+        await self.site.start()
+        server = self.site._server
+        socks = getattr(server, "sockets", None) or []
+        self.address = socks[0].getsockname()[:2] if socks else (host, port)
+        log.info("control API on http://%s:%d%s", host, self.address[1],
+                 "" if self.token else " (no control.token: /v1 is refused)")
+
+    def drain(self) -> None:
+        """The worker stops: /healthz says 503 while the node drains; on a reload (the node
+        goes on with a new worker) this one stops listening at once instead."""
+        self.draining = True
+        stopping = self.run_dir is not None and (self.run_dir / "stopping").exists()
+        if not stopping and self.site is not None:
+            server = self.site._server
+            if server is not None:
+                server.close()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    def status(self) -> dict[str, Any]:
+        return {"listen": f"{self.address[0]}:{self.address[1]}", "requests": dict(self.counters),
+                "migrations": dict(self.migrations), "moved": dict(self.moved)}
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        self.counters[path.split("/")[2] if path.startswith("/v1/") and path.count("/") >= 2
+                      else path.strip("/") or "root"] += 1
+        if path.startswith("/v1/") or path == "/v1":
+            if not self.token:
+                return _error(401, "the control API is disabled until control.token is set "
+                                   "(dsbc.toml [control] token = \"...\")")
+            auth = request.headers.get("Authorization", "")
+            scheme, _, given = auth.partition(" ")
+            if not auth:
+                return _error(401, "missing Authorization: Bearer <control.token>")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), self.token.encode()
+            ):
+                return _error(401, "wrong token (Authorization: Bearer <control.token>)")
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _error(exc.status, str(exc), **exc.extra)
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return _error(exc.status, exc.reason)
+            raise
+        except GroupSplitError as exc:
+            return _error(409, str(exc), group=exc.group, missing=exc.missing)
+        except BatchAborted as exc:
+            r = exc.result
+            return _error(503, str(exc), batch_id=r.batch_id, moved=r.moved)
+        except StoreUnavailable as exc:
+            return _error(503, str(exc))
+        except StoreError as exc:
+            return _error(400, str(exc))
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    async def _write(self, fn: Callable[[], Any]) -> Any:
+        """A store write in a thread, one at a time; then this worker's index catches up."""
+        async with self._write_lock:
+            try:
+                return await asyncio.to_thread(fn)
+            finally:
+                self.store.refresh()
+
+    # -- health and metrics -----------------------------------------------------------------
+
+    def _snapshots(self) -> list[dict[str, Any]]:
+        return read_snapshots(self.run_dir)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        snaps = self._snapshots()
+        summary = summarize(snaps)
+        store_ok = bool(self.store.healthy)
+        nodes = summary["services"].get("sip", {}).get("nodes", [])
+        systems_down = sorted(
+            {n["system"] for n in nodes}
+            - {n["system"] for n in nodes if n["up"]}
+        )
+        body: dict[str, Any] = {
+            "workers": summary["workers"],
+            "sip_workers": summary["sip_workers"],
+            "store": {"healthy": store_ok, "url": _shown_url(self.store, self.cfg.store.url)},
+            "systems_down": systems_down,
+            "uptime": round(time.time() - self.started, 1),
+        }
+        reason = getattr(self.store, "reason", "")
+        if reason:
+            body["store"]["reason"] = reason
+        if self.draining:
+            return _json({"status": "draining", **body}, 503)
+        if self.cfg.sip.enabled and summary["sip_workers"] == 0 and time.time() - self.started > 3:
+            return _json({"status": "down", "reason": "no SIP worker alive", **body}, 503)
+        degraded = not store_ok or bool(systems_down)
+        status = "degraded" if degraded else "ok"
+        strict = request.query.get("strict", "") not in ("", "0", "false", "no")
+        return _json({"status": status, **body}, 503 if degraded and strict else 200)
+
+    async def _store_counts(self) -> dict[str, Any]:
+        at, counts = self._counts
+        if time.monotonic() - at < COUNTS_TTL:
+            return counts
+        try:
+            counts = await asyncio.to_thread(self.store.counts)
+            last = await asyncio.to_thread(self.store.batches, 1)
+            counts = {**counts, "_last_batch_ts": last[0].ts if last else 0}
+        except StoreError as exc:
+            log.debug("counts unavailable: %s", exc)
+            counts = {k: v for k, v in counts.items()}  # the last known ones
+        self._counts = (time.monotonic(), counts)
+        return counts
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        summary = summarize(self._snapshots())
+        counts = await self._store_counts()
+        extra = {
+            "up": not self.draining,
+            "counts": {k: v for k, v in counts.items() if not k.startswith("_")},
+            "migrations": dict(self.migrations),
+            "moved": dict(self.moved),
+            "rollbacks": self.counters.get("rollbacks_done", 0),
+            "last_batch_ts": counts.get("_last_batch_ts", 0),
+        }
+        return web.Response(text=render(summary, extra),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    # -- /v1 --------------------------------------------------------------------------------
+
+    async def identity(self, request: web.Request) -> web.Response:
+        kind = request.match_info["kind"]
+        value = request.match_info["value"]
+        try:
+            norm = normalise(kind, value)
+        except BadIdentity as exc:
+            raise ApiError(400, str(exc)) from None
+        kind = kind.strip().lower()
+        loc = self.store.lookup(kind, norm)
+        if loc is None:
+            policy = self.store.unknown
+            raise ApiError(404, f"{kind}:{norm} is unknown", identity=f"{kind}:{norm}",
+                           policy=policy)
+        out: dict[str, Any] = {"identity": f"{kind}:{norm}", "customer_id": loc.customer_id,
+                               "system": loc.system, "state": loc.state}
+        c = self.store.customer(loc.customer_id)
+        if c is not None:
+            out.update(group=c.group, batch_id=c.batch_id, expires_cap=c.expires_cap)
+        return _json(out)
+
+    async def get_customer(self, request: web.Request) -> web.Response:
+        cid = request.match_info["customer_id"]
+        c = self.store.customer(cid)
+        if c is None:
+            raise ApiError(404, f"customer {cid} is unknown")
+        return _json({"customer_id": c.customer_id, "system": c.system, "state": c.state,
+                      "group": c.group, "batch_id": c.batch_id, "expires_cap": c.expires_cap,
+                      "identities": list(c.identities)})
+
+    async def put_customer(self, request: web.Request) -> web.Response:
+        cid = request.match_info["customer_id"]
+        body = await self._body(request)
+        if "identities" not in body:
+            raise ApiError(400, "missing field 'identities' (a list of KIND:VALUE)")
+        row = {"customer_id": cid, **{k: v for k, v in body.items() if k != "customer_id"}}
+        try:
+            clean = clean_row(row)
+        except BadRow as exc:
+            raise ApiError(400, str(exc)) from None
+        existed = self.store.customer(clean.customer_id) is not None
+        await self._write(lambda: self.store.import_rows([clean]))
+        c = self.store.customer(clean.customer_id)
+        out = {"customer_id": clean.customer_id, "created": not existed,
+               "system": c.system if c else clean.system or "source",
+               "identities": list(c.identities) if c else list(clean.identities)}
+        return _json(out)
+
+    @staticmethod
+    def _ids(body: dict[str, Any]) -> list[str]:
+        raw = body.get("customers")
+        if raw is None:
+            raise ApiError(400, "missing field 'customers' (a list of customer ids)")
+        if not isinstance(raw, list) or not raw:
+            raise ApiError(400, "customers: expected a non-empty list of customer ids")
+        ids: dict[str, None] = {}
+        for item in raw:
+            if isinstance(item, int) and not isinstance(item, bool):
+                item = str(item)
+            if not isinstance(item, str) or not item.strip() or any(ch.isspace() for ch in item.strip()):
+                raise ApiError(400, f"customers: {item!r} is not a customer id")
+            ids[item.strip()] = None
+        return list(ids)
+
+    @staticmethod
+    def _who(body: dict[str, Any], request: web.Request) -> str:
+        who = body.get("who") or f"control@{request.remote or '?'}"
+        if not isinstance(who, str) or len(who) > 200:
+            raise ApiError(400, "who: expected a short string")
+        return who
+
+    @staticmethod
+    def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+        value = body.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ApiError(400, f"{key}: expected a number between {low:g} and {high:g}")
+        return float(value)
+
+    async def migrate(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        ids = self._ids(body)
+        to = body.get("to", "target")
+        if to not in SYSTEMS:
+            raise ApiError(400, f"to: {to!r} is not one of {', '.join(SYSTEMS)}")
+        who = self._who(body, request)
+        dry_run = bool(body.get("dry_run", False))
+        prepare = bool(body.get("prepare", False))
+        lock_for = self._number(body, "lock_for", 0, 0, 600)
+        batch_size = int(self._number(body, "batch_size", 500, 1, 100_000))
+        unknown_keys = set(body) - {"customers", "to", "who", "dry_run", "prepare", "lock_for", "batch_size"}
+        if unknown_keys:
+            raise ApiError(400, f"unknown field(s) {', '.join(sorted(unknown_keys))}")
+        if dry_run or prepare:
+            check = await asyncio.to_thread(self.store.migrate, ids, to, who, None, True)
+            out = {"dry_run": True, "batch_id": "", "to": to, "moved": check.moved,
+                   "already": check.already, "unknown": check.unknown}
+            if prepare and not dry_run:
+                expires = self.cfg.sip.migration_expires
+                await self._write(lambda: self.store.prepare(check.moved, expires))
+                out.update(dry_run=False, prepared=len(check.moved), expires=expires)
+            return _json(out)
+        result = await self._write(lambda: move_batch(self.store, ids, to, who=who,
+                                                      batch_size=batch_size, lock_for=lock_for))
+        self.migrations[to] += 1
+        self.moved[to] += len(result.moved)
+        log.info("migration %s by %s: %d moved to %s, %d already there, %d unknown",
+                 result.batch_id, who, len(result.moved), to, len(result.already), len(result.unknown))
+        return _json({"batch_id": result.batch_id, "to": to, "moved": result.moved,
+                      "already": result.already, "unknown": result.unknown, "dry_run": False})
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        batch_id = request.match_info["batch_id"].strip()
+        body = await self._body(request)
+        who = self._who(body, request)
+        try:
+            r = await self._write(lambda: self.store.rollback(batch_id, who=who))
+        except StoreError as exc:
+            if "unknown batch" in str(exc):
+                raise ApiError(404, str(exc)) from None
+            raise
+        self.counters["rollbacks_done"] += 1
+        log.info("rollback of %s by %s: batch %s, %d moved", batch_id, who, r.batch_id, len(r.moved))
+        return _json({"batch_id": r.batch_id, "rolled_back": batch_id, "to": r.to, "moved": r.moved,
+                      "already": r.already, "unknown": r.unknown})
+
+    async def status_handler(self, request: web.Request) -> web.Response:
+        snaps = self._snapshots()
+        out: dict[str, Any] = {"node": summarize(snaps), "draining": self.draining,
+                               "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
+                               "store": {"url": _shown_url(self.store, self.cfg.store.url),
+                                         "healthy": bool(self.store.healthy),
+                                         "reason": getattr(self.store, "reason", "")}}
+        try:
+            out["store"]["counts"] = await asyncio.to_thread(self.store.counts)
+            out["store"]["batches"] = [
+                {"batch_id": b.batch_id, "ts": b.ts, "who": b.who, "from": b.from_system,
+                 "to": b.to_system, "customers": b.customers, "note": b.note}
+                for b in await asyncio.to_thread(self.store.batches, 10)
+            ]
+        except StoreError as exc:
+            out["store"]["error"] = str(exc)
+        return _json(out)
+
+
+def _shown_url(store: LocationStore, url: str) -> str:
+    """The store URL without its password (the Redis store keeps a masked copy)."""
+    return str(getattr(store, "url", "") or url)
+
+
+async def start_control(cfg: Config, store: LocationStore) -> ControlService:
+    """Start the control API of ``cfg.control`` (the runner calls it in worker 0)."""
+    run_dir = os.environ.get("DSBC_RUN_DIR")
+    svc = ControlService(cfg, store, Path(run_dir) if run_dir else None)
+    await svc.start()
+    return svc
