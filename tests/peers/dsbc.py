@@ -4,6 +4,10 @@
         d.sip_addr            # ("127.0.0.1", port), UDP and TCP
         d.cli("migrate", "--customer", "42")
         d.status()            # the workers' snapshots
+        d.control("GET", "/v1/status")   # the control API: (HTTP status, JSON body)
+
+    store_url="redis://127.0.0.1:PORT/0" runs it on a shared store instead of its own SQLite
+    file (tests/peers/redis.py starts a redis-server); store_extra adds [store] keys.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class Dsbc:
         options_timeout: float = 0.5,
         migration_expires: int = 60,
         extra: str = "",
+        store_url: str | None = None,
+        store_extra: str = "",
+        poll_interval: float = 0.1,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -58,10 +65,11 @@ class Dsbc:
         listen = [f"{t}:{ip}:{self.port}" for t in transports]
         self.config_path.write_text(
             f"""[store]
-url = "sqlite:///{self.db}"
+url = "{store_url or f"sqlite:///{self.db}"}"
 unknown = "{unknown}"
 lock_hold = {lock_hold}
-poll_interval = 0.1
+poll_interval = {poll_interval}
+{store_extra}
 
 [systems.source]
 name = "MR100"
@@ -103,6 +111,31 @@ token = "test-token"
     @property
     def hostport(self) -> str:
         return f"{self.ip}:{self.port}"
+
+    @property
+    def control_url(self) -> str:
+        return f"http://127.0.0.1:{self.control_port}"
+
+    def control(
+        self, method: str, path: str, body: Any = None, token: str | None = "test-token", timeout: float = 30.0
+    ) -> tuple[int, Any]:
+        """One control API call: (HTTP status, decoded JSON or the text). `body`: a dict
+        (sent as JSON) or bytes (sent as they are)."""
+        import urllib.error
+        import urllib.request
+
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        req = urllib.request.Request(self.control_url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
