@@ -378,9 +378,12 @@ class ProxyCore:
         elif not self.router.is_trusted(src.ip, src.port):
             device_flow = src
         if method in DIALOG_CREATING and not msg.to_tag:
-            rr = self._rr_uri(dest.transport, system, device_flow)
+            # RFC 3261 16.6 item 4 / RFC 5630: a SIPS request gets a SIPS Record-Route on
+            # its TLS side(s); the plain side toward the inside keeps sip:
+            sips = msg.uri.scheme == "sips"
+            rr = self._rr_uri(dest.transport, system, device_flow, sips)
             if src.transport != dest.transport:
-                ed.prepend("record-route", self._rr_uri(src.transport, system, device_flow))
+                ed.prepend("record-route", self._rr_uri(src.transport, system, device_flow, sips))
             ed.prepend("record-route", rr)
         if method == "REGISTER":
             ed.prepend("path", self._rr_uri(dest.transport, "", src))
@@ -392,8 +395,11 @@ class ProxyCore:
         dest.data = ed.to_bytes()
         return dest
 
-    def _rr_uri(self, transport: str, system: str, flow: Flow | None) -> str:
-        uri = f"<sip:{self._hostport(transport)};transport={transport};lr"
+    def _rr_uri(self, transport: str, system: str, flow: Flow | None, sips: bool = False) -> str:
+        if sips and transport == "tls":
+            uri = f"<sips:{self._hostport(transport)};lr"
+        else:
+            uri = f"<sip:{self._hostport(transport)};transport={transport};lr"
         if system:
             uri += f";dsbc={system}"
         if flow is not None:

@@ -2,6 +2,7 @@
 
     with Dsbc(tmp_path, source=["udp:127.0.0.1:5070"], target=[...], customers=[...]) as d:
         d.sip_addr            # ("127.0.0.1", port), UDP and TCP
+        d.tls_port            # with transports=(..., "tls") and tls=(cert, key)
         d.cli("migrate", "--customer", "42")
         d.status()            # the workers' snapshots
         d.control("GET", "/v1/status")   # the control API: (HTTP status, JSON body)
@@ -53,6 +54,9 @@ class Dsbc:
         store_url: str | None = None,
         store_extra: str = "",
         poll_interval: float = 0.1,
+        tls: tuple[Path, Path] | None = None,
+        sip_extra: str = "",
+        api: str = "[api]\nenabled = false\n",
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +66,12 @@ class Dsbc:
         self.config_path = self.workdir / "dsbc.toml"
         self.run_dir = self.workdir / "run"
         self.control_port = free_port("tcp")
-        listen = [f"{t}:{ip}:{self.port}" for t in transports]
+        listen = [f"{t}:{ip}:{self.port}" for t in transports if t != "tls"]
+        # tls: needs a TCP port of its own (the tcp: listener has self.port)
+        self.tls_port = free_port("tcp", ip) if "tls" in transports else 0
+        if self.tls_port:
+            listen.append(f"tls:{ip}:{self.tls_port}")
+        tls_keys = f'tls_cert = "{tls[0]}"\ntls_key = "{tls[1]}"\n' if tls else ""
         self.config_path.write_text(
             f"""[store]
 url = "{store_url or f"sqlite:///{self.db}"}"
@@ -87,9 +96,8 @@ options_interval = {options_interval}
 options_timeout = {options_timeout}
 migration_expires = {migration_expires}
 flow_secret = "test-flow-secret-0123456789abcdef"
-
-[api]
-enabled = false
+{tls_keys}{sip_extra}
+{api}
 
 [control]
 listen = "127.0.0.1:{self.control_port}"

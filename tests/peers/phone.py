@@ -67,7 +67,9 @@ def pjsua2_available() -> bool:
 class Phone:
     """One SIP phone (one account, one transport) registering at registrar_host:port.
 
-    transport: "udp" or "tcp". bind_ip: a loopback address (127.0.0.2 keeps the phones
+    transport: "udp", "tcp" or "tls" (tls_ca: the CA file the server is verified against,
+    "" = no verification; tls_cert: (cert, key) paths to present a client certificate;
+    sips: use sips: URIs instead of sip:...;transport=tls). bind_ip: a loopback address (127.0.0.2 keeps the phones
     apart from servers on 127.0.0.1). local_port 0: any free port. domain: the host part of
     the phone's AOR (default registrar_host:registrar_port). contact_rewrite: pjsua's
     rport-based Contact rewriting, off by default so a NAT stays visible to the server.
@@ -92,9 +94,12 @@ class Phone:
         workdir: Path | None = None,
         start_timeout: float = 10.0,
         log_level: int = 5,
+        tls_ca: str | Path = "",
+        tls_cert: tuple[str | Path, str | Path] | None = None,
+        sips: bool = False,
     ) -> None:
-        if transport not in ("udp", "tcp"):
-            raise ValueError(f"transport must be udp or tcp, not {transport!r}")
+        if transport not in ("udp", "tcp", "tls"):
+            raise ValueError(f"transport must be udp, tcp or tls, not {transport!r}")
         if not bind_ip.startswith("127."):
             raise ValueError(f"tests bind loopback only, not {bind_ip}")
         self.user = user
@@ -118,7 +123,11 @@ class Phone:
             "answer_delay": answer_delay,
             "ring": ring,
             "log_level": log_level,
+            "tls_ca": str(tls_ca),
+            "tls_cert": [str(x) for x in tls_cert] if tls_cert else None,
+            "sips": sips,
         }
+        self.sips = sips
         self.proc: PeerProcess | None = None
         self.local_addr: tuple[str, int] | None = None
         self._lines: queue.Queue[bytes | None] = queue.Queue()
@@ -265,9 +274,11 @@ class Phone:
 
     # -- calls -----------------------------------------------------------------------
     def uri(self, user: str) -> str:
-        """sip:user@<registrar or NAT address>[;transport=tcp]: where this phone's calls go."""
+        """sip:user@<registrar or NAT address>[;transport=tcp|tls]: where this phone's calls go."""
         host, port = self.registrar
-        return f"sip:{user}@{host}:{port}" + (";transport=tcp" if self.transport == "tcp" else "")
+        if self.sips:
+            return f"sips:{user}@{host}:{port}"
+        return f"sip:{user}@{host}:{port}" + (f";transport={self.transport}" if self.transport != "udp" else "")
 
     def call(
         self,

@@ -258,7 +258,14 @@ class Agent:
         tcfg.boundAddress = a["bind_ip"]
         tcfg.publicAddress = a["bind_ip"]
         tcfg.port = int(a.get("local_port") or 0)
-        kind = pj.PJSIP_TRANSPORT_TCP if a["transport"] == "tcp" else pj.PJSIP_TRANSPORT_UDP
+        kind = {"tcp": pj.PJSIP_TRANSPORT_TCP, "tls": pj.PJSIP_TRANSPORT_TLS}.get(a["transport"], pj.PJSIP_TRANSPORT_UDP)
+        if a["transport"] == "tls":
+            tls = tcfg.tlsConfig
+            if a.get("tls_ca"):
+                tls.CaListFile = a["tls_ca"]
+                tls.verifyServer = True
+            if a.get("tls_cert"):
+                tls.certFile, tls.privKeyFile = a["tls_cert"]
         self.transport_id = ep.transportCreate(kind, tcfg)
         ep.libStart()
         ep.audDevManager().setNullDev()
@@ -268,7 +275,7 @@ class Agent:
         self.local = (host, int(port))
 
         acfg = self.acc_cfg = pj.AccountConfig()
-        acfg.idUri = f"sip:{a['user']}@{a['domain']}"
+        acfg.idUri = f"{'sips' if a.get('sips') else 'sip'}:{a['user']}@{a['domain']}"
         acfg.regConfig.registrarUri = self.uri("")
         acfg.regConfig.registerOnAdd = False
         acfg.regConfig.timeoutSec = 300
@@ -296,7 +303,9 @@ class Agent:
         """sip:user@registrar (the address this phone sends to), with its transport."""
         a = self.args
         target = f"sip:{user + '@' if user else ''}{a['registrar_host']}:{a['registrar_port']}"
-        return target + (";transport=tcp" if a["transport"] == "tcp" else "")
+        if a.get("sips"):
+            return "sips" + target[3:]
+        return target + (f";transport={a['transport']}" if a["transport"] != "udp" else "")
 
     def cmd_info(self, a: dict[str, Any]) -> dict[str, Any]:
         return {"local_addr": list(self.local), "transport": self.args["transport"]}

@@ -1,0 +1,214 @@
+"""TLS for SIP (issue #7): phones over TLS through dsbc to Kamailio (plain UDP inside).
+
+A throwaway CA and certificates are made with openssl per module (tests/peers/tlsca.py).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sip.framing import StreamFramer
+from tests.peers.fakenode import FakeNode
+from tests.peers.proc import find_binary
+from tests.peers.sipmsg import SipText, parse_message
+from tests.peers.tlsca import TestCA
+
+pytestmark = [
+    pytest.mark.peers,
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(find_binary("openssl") is None, reason="openssl is not installed"),
+]
+
+Factory = Callable[..., Any]
+
+CUSTOMERS = [
+    {"customer_id": "100", "identities": ["account:1001"], "system": "source"},
+    {"customer_id": "200", "identities": ["account:1002"], "system": "source"},
+]
+
+
+def sip_status(d: Any) -> dict[str, Any]:
+    snaps = d.status()
+    return snaps[0]["services"]["sip"] if snaps else {}
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    return cond()
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return TestCA(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.mark.skipif(find_binary("kamailio") is None, reason="kamailio is not installed")
+def test_tls_phones_register_and_call_through_dsbc(
+    ca: TestCA, kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory, tmp_workdir: Path
+) -> None:
+    source = kamailio_factory("source", extra_trusted=["127.0.0.1"])
+    target = kamailio_factory("target", extra_trusted=["127.0.0.1"])
+    cert = ca.issue("dsbc-sip", ips=["127.0.0.1"])
+    d = dsbc_factory(
+        source=[f"udp:{source.ip}:{source.port}"],
+        target=[f"udp:{target.ip}:{target.port}"],
+        customers=CUSTOMERS,
+        transports=("udp", "tcp", "tls"),
+        tls=cert,
+    )
+    d.wait_nodes_up()
+    alice = phone_factory("1001", d.ip, d.tls_port, transport="tls", tls_ca=ca.cert, bind_ip="127.0.0.2")
+    bob = phone_factory("1002", d.ip, d.tls_port, transport="tls", tls_ca=ca.cert, bind_ip="127.0.0.3")
+    assert alice.register() == 200 and bob.register() == 200
+    reg = source.registrations("1002")[0]
+    assert "ft=" in reg.get("Path", "")
+    assert "transport=tls" in reg["Address"].lower()
+
+    call = alice.call("1002", timeout=8)
+    incoming = bob.wait_incoming_call(timeout=5)
+    bob.wait_call_state(incoming, "CONFIRMED", timeout=5)
+    invite = bob.received_invite(incoming)
+    assert invite.get("X-System") == "source"
+    rr = ",".join(invite.headers.get("record-route", []))
+    assert f"{d.ip}:{d.tls_port};transport=tls" in rr  # the TLS side of dsbc's double Record-Route
+    assert bob.hangup(incoming) == 200
+    alice.wait_call_state(call, "DISCONNECTED", timeout=5)
+    assert source.requests("BYE")
+    assert target.requests("INVITE") == []
+    # each phone used one TLS connection for everything, both ways
+    assert wait_for(lambda: sip_status(d).get("connections") == 2), sip_status(d)
+    assert sip_status(d)["counters"].get("forwarded:source", 0) >= 6
+
+
+# --- raw TLS client against a scripted node: sips, Record-Route, flows ------------------------
+
+
+class TlsClient:
+    """A SIP client on one TLS connection from ``local_ip`` (framed by sip.framing)."""
+
+    def __init__(self, ctx: ssl.SSLContext, addr: tuple[str, int], local_ip: str = "127.0.0.2") -> None:
+        raw = socket.create_connection(addr, timeout=5, source_address=(local_ip, 0))
+        self.sock = ctx.wrap_socket(raw)
+        self.local = self.sock.getsockname()
+        self.framer = StreamFramer(1 << 20)
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.replace("\n", "\r\n").encode())
+
+    def recv(self, timeout: float = 5.0) -> SipText:
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.framer.next_event()
+            if isinstance(event, bytes):
+                return parse_message(event.decode())
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no SIP message on the TLS connection")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65535)
+            if not data:
+                raise ConnectionError("closed by dsbc")
+            self.framer.receive_data(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_node(node: FakeNode, method: str, n: int = 1, timeout: float = 5.0) -> list[SipText]:
+    got = wait_for(lambda: len(node.requests(method)) >= n and node.requests(method), timeout)
+    assert got, f"the node did not get {n} {method}: {[r.start_line for r in node.requests()]}"
+    return got
+
+
+def wait_node_response(node: FakeNode, status: int, timeout: float = 5.0) -> SipText:
+    got = wait_for(lambda: [r for r in node.responses() if r.status == status], timeout)
+    assert got, f"the node got no {status}: {[r.start_line for r in node.responses()]}"
+    return got[-1]
+
+
+def in_dialog(method: str, ruri: str, routes: list[str], call_id: str, cseq: int, via: str, frm: str, to: str) -> str:
+    return (
+        f"{method} {ruri} SIP/2.0\n"
+        f"Via: {via}\n"
+        f"Route: {', '.join(routes)}\n"
+        f"Max-Forwards: 70\nFrom: {frm}\nTo: {to}\nCall-ID: {call_id}\nCSeq: {cseq} {method}\n"
+        "Content-Length: 0\n\n"
+    )
+
+
+def test_sips_dialog_record_routes_reuses_the_connection_and_refuses_bad_flows(
+    ca: TestCA, dsbc_factory: Factory
+) -> None:
+    with FakeNode("udp") as node:
+        d = dsbc_factory(
+            source=[node.uri], target=[], customers=CUSTOMERS, transports=("udp", "tls"),
+            tls=ca.issue("dsbc-sips", ips=["127.0.0.1"]),
+        )  # fmt: skip
+        c = TlsClient(ca.client_context(), (d.ip, d.tls_port))
+        assert c.sock.version() in ("TLSv1.2", "TLSv1.3")
+        lhost, lport = c.local
+        frm = "<sips:1001@example.com>;tag=alice1"
+        c.send(
+            f"INVITE sips:1002@{d.ip}:{d.tls_port} SIP/2.0\n"
+            f"Via: SIP/2.0/TLS {lhost}:{lport};branch=z9hG4bK-tls-1;rport\n"
+            f"Max-Forwards: 70\nFrom: {frm}\nTo: <sips:1002@example.com>\nCall-ID: tls-call-1\n"
+            f"CSeq: 1 INVITE\nContact: <sips:1001@{lhost}:{lport}>\nContent-Length: 0\n\n"
+        )
+        ok = c.recv()
+        assert ok.status == 200 and ok.get("X-System") == "fakenode"
+        (inv,) = wait_node(node, "INVITE")
+        rr = inv.all("record-route")
+        assert len(rr) == 2, rr
+        inside, outside = rr
+        assert inside.startswith("<sip:") and "transport=udp" in inside and "dsbc=source" in inside
+        # the side toward the sips: user is a SIPS URI (RFC 3261 16.6 item 4, RFC 5630)
+        assert outside.startswith(f"<sips:{d.ip}:{d.tls_port};lr") and "ft=" in outside
+        assert inv.start_line.startswith("INVITE sips:1002@")
+        to = ok.get("to")
+        assert to is not None
+
+        # the caller's BYE follows the route set back through dsbc to the node
+        c.send(in_dialog("BYE", ok.get("contact").strip("<>"), [outside, inside], "tls-call-1", 2,
+                         f"SIP/2.0/TLS {lhost}:{lport};branch=z9hG4bK-tls-2;rport", frm, to))  # fmt: skip
+        assert c.recv().status == 200
+        wait_node(node, "BYE")
+
+        # the node's own in-dialog request comes out on the caller's TLS connection
+        node_via = f"SIP/2.0/UDP {node.ip}:{node.port};branch=z9hG4bK-node-1;rport"
+        info = in_dialog("INFO", f"sips:1001@{lhost}:{lport}", [inside, outside], "tls-call-1", 7, node_via, to, frm)
+        node.send(info.replace("\n", "\r\n").encode(), d.sip_addr)
+        got = c.recv()
+        assert got.method == "INFO" and got.get("call-id") == "tls-call-1"
+        assert len(got.all("via")) == 2  # dsbc's Via on top, then the node's
+        c.send(
+            f"SIP/2.0 200 OK\n" + "".join(f"Via: {v}\n" for v in got.all("via"))
+            + f"From: {to}\nTo: {frm}\nCall-ID: tls-call-1\nCSeq: 7 INFO\nContent-Length: 0\n\n"
+        )  # fmt: skip
+        wait_node_response(node, 200)
+
+        # a flow token naming a connection that is gone: 430 Flow Failed (RFC 5626 5.3)
+        c.close()
+        time.sleep(0.3)
+        node.send(info.replace("branch=z9hG4bK-node-1", "branch=z9hG4bK-node-2").replace("\n", "\r\n").encode(), d.sip_addr)
+        assert wait_node_response(node, 430).get("call-id") == "tls-call-1"
+
+        # a forged flow token: 403
+        forged = outside.replace("ft=", "ft=AAAA")
+        bad = in_dialog("INFO", f"sips:1001@{lhost}:{lport}", [inside, forged], "tls-call-1", 8,
+                        node_via.replace("node-1", "node-3"), to, frm)  # fmt: skip
+        node.send(bad.replace("\n", "\r\n").encode(), d.sip_addr)
+        assert wait_node_response(node, 403)
+        counters = wait_for(lambda: d.counters().get("flow_failed_430") and d.counters())
+        assert counters["flow_failed_430"] == 1 and counters["flow_token_rejected"] >= 1
