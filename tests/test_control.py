@@ -1,0 +1,180 @@
+"""The control API of a running `dsbc run` (SQLite store): auth, bad input, lookups,
+customers, migrations and rollbacks, health, status; and the CLI acting through it.
+
+One node for the module (tests/peers/dsbc.py); back-end SIP nodes are not running, so the
+node reports its systems down (health: degraded, still 200).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.peers.dsbc import Dsbc
+from tests.peers.net import free_port
+
+pytestmark = [pytest.mark.peers, pytest.mark.timeout(90)]
+
+CUSTOMERS = [
+    {"customer_id": "1", "identities": ["account:a1", "did:+1 555 0001"]},
+    {"customer_id": "2", "identities": ["account:a2"]},
+    {"customer_id": "3", "identities": ["account:a3"], "group": "ivr"},
+    {"customer_id": "4", "identities": ["account:a4"], "group": "ivr"},
+]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dsbc]:
+    work = tmp_path_factory.mktemp("control")
+    sip = [f"udp:127.0.0.1:{free_port('udp')}"]
+    d = Dsbc(work, source=sip, target=[f"udp:127.0.0.1:{free_port('udp')}"],
+             customers=CUSTOMERS, extra="\n[log]\njson = true\n")
+    d.start()
+    deadline = time.monotonic() + 10
+    while d.control("GET", "/healthz", token=None)[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    yield d
+    d.stop()
+
+
+def test_no_token_or_a_wrong_one_is_401(node: Dsbc) -> None:
+    status, body = node.control("GET", "/v1/identities/account/a1", token=None)
+    assert status == 401 and "Authorization: Bearer" in body["error"]
+    status, body = node.control("GET", "/v1/status", token="nope")
+    assert status == 401 and body["error"].startswith("wrong token")
+    status, _ = node.control("POST", "/v1/migrations", {"customers": ["1"]}, token="")
+    assert status == 401
+    # health and metrics need no token
+    assert node.control("GET", "/healthz", token=None)[0] == 200
+    assert node.control("GET", "/metrics", token=None)[0] == 200
+
+
+def test_bad_input_is_400_with_a_reason(node: Dsbc) -> None:
+    cases: list[tuple[str, str, Any, str]] = [
+        ("POST", "/v1/migrations", b"{not json", "not JSON"),
+        ("POST", "/v1/migrations", b"[1, 2]", "JSON object"),
+        ("POST", "/v1/migrations", {"to": "target"}, "missing field 'customers'"),
+        ("POST", "/v1/migrations", {"customers": []}, "non-empty list"),
+        ("POST", "/v1/migrations", {"customers": ["a b"]}, "is not a customer id"),
+        ("POST", "/v1/migrations", {"customers": ["1"], "to": "elsewhere"}, "not one of source, target"),
+        ("POST", "/v1/migrations", {"customers": ["1"], "lock_for": "soon"}, "lock_for"),
+        ("POST", "/v1/migrations", {"customers": ["1"], "hurry": True}, "unknown field(s) hurry"),
+        ("PUT", "/v1/customers/9", {"system": "target"}, "missing field 'identities'"),
+        ("PUT", "/v1/customers/9", {"identities": ["did:abc"]}, "is not a number"),
+        ("PUT", "/v1/customers/9", {"identities": ["account:x"], "system": "moon"}, "is not source or target"),
+        ("GET", "/v1/identities/colour/blue", None, "unknown identity kind"),
+    ]
+    for method, path, body, reason in cases:
+        status, answer = node.control(method, path, body)
+        assert status == 400, (path, body, answer)
+        assert reason in answer["error"], (path, body, answer)
+
+
+def test_lookups_customers_migrations_rollback(node: Dsbc) -> None:
+    status, body = node.control("GET", "/v1/identities/did/+1-555-0001")
+    assert status == 200
+    assert {k: body[k] for k in ("customer_id", "system", "state")} == {
+        "customer_id": "1", "system": "source", "state": "active"}
+    status, body = node.control("GET", "/v1/identities/account/nobody")
+    assert status == 404 and body["policy"] == "source"
+
+    status, body = node.control("PUT", "/v1/customers/5", {"identities": ["account:a5", "cpe:00-11-22-33-44-55"],
+                                                             "system": "target", "group": ""})
+    assert status == 200 and body["created"] and body["identities"] == ["account:a5", "cpe:001122334455"]
+    assert node.control("GET", "/v1/identities/cpe/001122334455")[1]["system"] == "target"
+    assert node.control("GET", "/v1/customers/5")[1]["identities"] == ["account:a5", "cpe:001122334455"]
+    assert node.control("GET", "/v1/customers/nobody")[0] == 404
+
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["1", "2", "x"], "dry_run": True})
+    assert status == 200 and (body["moved"], body["unknown"], body["dry_run"]) == (["1", "2"], ["x"], True)
+    assert node.control("GET", "/v1/identities/account/a1")[1]["system"] == "source"
+
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["3"], "to": "target"})
+    assert status == 409 and body["group"] == "ivr" and body["missing"] == ["4"]
+    assert "must move together" in body["error"]
+
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["1", 2, "x"], "to": "target", "who": "ops"})
+    assert status == 200, body
+    assert (body["moved"], body["already"], body["unknown"]) == (["1", "2"], [], ["x"])
+    batch = body["batch_id"]
+    # the node's own index has it at once (read your writes)
+    assert node.control("GET", "/v1/identities/account/a1")[1]["system"] == "target"
+    assert node.control("POST", "/v1/migrations", {"customers": ["1"]})[1]["already"] == ["1"]
+
+    assert node.control("POST", "/v1/migrations/b-nope/rollback")[0] == 404
+    status, body = node.control("POST", f"/v1/migrations/{batch}/rollback", {"who": "ops"})
+    assert status == 200 and sorted(body["moved"]) == ["1", "2"] and body["rolled_back"] == batch
+    assert node.control("GET", "/v1/identities/account/a2")[1]["system"] == "source"
+
+    status, st = node.control("GET", "/v1/status")
+    assert status == 200
+    assert [b["batch_id"] for b in st["store"]["batches"]][:2] == [body["batch_id"], batch]
+    assert st["store"]["counts"]["customers"] == 5
+    assert st["node"]["sip_workers"] == 1
+
+
+def test_health_and_metrics(node: Dsbc) -> None:
+    deadline = time.monotonic() + 10  # no back-end SIP node answers: marked down after a few pings
+    while True:
+        status, body = node.control("GET", "/healthz", token=None)
+        if body["status"] == "degraded" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert status == 200 and body["status"] == "degraded", body
+    assert body["systems_down"] == ["source", "target"] and body["store"]["healthy"] is True
+    assert node.control("GET", "/healthz?strict=1", token=None)[0] == 503
+    status, text = node.control("GET", "/metrics", token=None)
+    assert status == 200
+    lines = text.splitlines()
+    assert "dsbc_up 1" in lines and "dsbc_store_healthy 1" in lines
+    assert any(ln.startswith('dsbc_backend_up{node="udp:127.0.0.1:') and ln.endswith(" 0") for ln in lines)
+    assert any(ln.startswith('dsbc_sip_requests_total{method="OPTIONS"}') for ln in lines)
+    assert any(ln.startswith('dsbc_customers{state="active",system="source"}') for ln in lines)
+
+
+def test_cli_through_the_node(node: Dsbc) -> None:
+    r = node.cli("where", "account:a4", "--node", "local")
+    assert "customer: 4" in r.stdout and "system:   source (MR100)" in r.stdout
+    r = node.cli("migrate", "--customer", "3", "--customer", "4", "--node", "local")
+    assert "moved 2, already on target 0, unknown 0; batch b-" in r.stdout and "(through http://" in r.stdout
+    batch = r.stdout.split("batch ")[1].split()[0].rstrip(";")
+    assert node.control("GET", "/v1/identities/account/a3")[1]["system"] == "target"
+    r = node.cli("migrate", "--customer", "3", "--to", "source", "--node", node.control_url, check=False)
+    assert r.returncode == 2 and "must move together" in r.stderr  # group back to source: 4 missing
+    r = node.cli("rollback", batch, "--node", "local")
+    assert r.stdout.startswith(f"rolled back {batch}: moved 2")
+    r = node.cli("where", "account:nobody", "--node", "local", check=False)
+    assert r.returncode == 1 and "unknown: would go to source" in r.stdout
+    r = node.cli("status")
+    assert r.stdout.splitlines()[0].startswith(f"node {node.control_url} (pid ")
+    assert "  back ends:" in r.stdout and "sip       source" in r.stdout
+    # a node that is not there: one line, exit 1
+    r = node.cli("where", "account:a1", "--node", "127.0.0.1:1", check=False)
+    assert r.returncode == 1 and r.stderr.startswith("no running node reachable at http://127.0.0.1:1")
+
+
+def test_logs_are_json_lines(node: Dsbc) -> None:
+    import json
+
+    lines = [ln for ln in (node.workdir / "dsbc.log").read_text().splitlines() if ln and not ln.startswith("###")]
+    assert lines
+    records = [json.loads(ln) for ln in lines]
+    assert {"ts", "level", "logger", "pid", "msg"} <= set(records[0])
+    assert any("control API on http://127.0.0.1" in r["msg"] for r in records)
+
+
+def test_no_token_configured_refuses_v1(tmp_path: Path) -> None:
+    d = Dsbc(tmp_path, source=[f"udp:127.0.0.1:{free_port('udp')}"], target=[])
+    text = d.config_path.read_text().replace('token = "test-token"', "")
+    d.config_path.write_text(text)
+    d.start()
+    try:
+        status, body = d.control("GET", "/v1/status")
+        assert status == 401 and "control.token is set" in body["error"]
+        assert d.control("GET", "/healthz", token=None)[0] in (200, 503)
+    finally:
+        d.stop()
