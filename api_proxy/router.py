@@ -155,6 +155,7 @@ class ProxySettings(msgspec.Struct, kw_only=True):
     timeout: float = 30.0  # a back end's silence before backend_unavailable
     connect_timeout: float = 5.0
     body_timeout: float = 15.0  # a client's silence while sending its body
+    header_timeout: float = 10.0  # request line and headers, from their first octet (slowloris)
     route_body_limit: int = 1 << 20  # bytes of a body read for routing
     max_body_size: int = 100 << 20
     max_header_size: int = 16384

@@ -43,7 +43,44 @@ log = logging.getLogger("api_proxy")
 
 
 class _FaultingHandler(RequestHandler):
-    """aiohttp's connection handler, answering its own errors in the fault shape."""
+    """aiohttp's connection handler, answering its own errors in the fault shape, and
+    closing a connection whose request head does not arrive within ``header_timeout`` of
+    its first octet (aiohttp itself only bounds it by the keep-alive timeout)."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_count = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start_head_timer()  # the first request's head counts from the connection
+
+    def data_received(self, data: bytes) -> None:
+        waiter = getattr(self, "_waiter", None)
+        if self._head_timer is None and waiter is not None and not waiter.done():
+            self._start_head_timer()  # the first octets of a next request on a keep-alive
+        super().data_received(data)
+
+    def _start_head_timer(self) -> None:
+        proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
+        timeout = proxy.settings.header_timeout if proxy is not None else 10.0
+        self._head_count = getattr(self, "_request_count", 0)
+        self._head_timer = self._loop.call_later(timeout, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        waiter = getattr(self, "_waiter", None)
+        if getattr(self, "_request_count", 0) == self._head_count and (waiter is None or not waiter.done()):
+            proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
+            if proxy is not None:
+                proxy.metrics["client_timeouts"] += 1
+            log.debug("closing a connection whose request head did not arrive in time")
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -100,6 +137,7 @@ class ApiProxy(Flows):
         if not (s.tls_cert and s.tls_key):
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(s.tls_cert, s.tls_key)
         return ctx
 

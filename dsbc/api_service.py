@@ -144,6 +144,7 @@ def build_settings(cfg: Config) -> ProxySettings:
         timeout=api.timeout,
         connect_timeout=api.connect_timeout,
         body_timeout=api.body_timeout,
+        header_timeout=api.header_timeout,
         route_body_limit=api.route_body_limit,
         max_body_size=api.max_body_size,
         max_header_size=api.max_header_size,

@@ -172,7 +172,7 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
-    tls_verify_client: bool = False
+    tls_verify_client: bool | list[str] = False
     rate_limit: int = 0
     rate_window: float = 2.0
     rate_limit_drop: bool = False
@@ -196,6 +196,17 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("migration_expires: must be >= 1")
         if any(e.startswith("tls:") for e in self.listen) and not (self.tls_cert and self.tls_key):
             raise ValueError("tls_cert: a tls: listener needs tls_cert and tls_key")
+        if isinstance(self.tls_verify_client, list):
+            tls_listen = {str(Endpoint.parse(e)) for e in self.listen if e.startswith("tls:")}
+            for e in self.tls_verify_client:
+                try:
+                    ok = str(Endpoint.parse(e)) in tls_listen
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ValueError(f"tls_verify_client: {e!r} is not one of the tls: listen entries")
+        if self.tls_verify_client and not self.tls_ca:
+            raise ValueError("tls_verify_client: verifying clients needs tls_ca (the CA that signs them)")
         if self.rate_limit < 0:
             raise ValueError("rate_limit: must be >= 0 (0 = off)")
         if self.rate_window <= 0:
@@ -246,6 +257,7 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cpe_patterns: list[str] = []
     route_body_limit: int = 1048576  # bytes of a request body read to route it
     body_timeout: float = 15.0  # a client's silence while sending a body
+    header_timeout: float = 10.0  # request line + headers, from their first octet
     connect_timeout: float = 5.0
     pool_size: int = 100  # keep-alive connections per system
     backend_verify: bool = True  # verify the systems' TLS certificates
@@ -262,6 +274,8 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("pool_size: must be >= 1")
         if self.body_timeout <= 0 or self.connect_timeout <= 0 or self.timeout <= 0:
             raise ValueError("body_timeout: body_timeout, connect_timeout and timeout must be > 0")
+        if self.header_timeout <= 0:
+            raise ValueError("header_timeout: must be > 0")
         _check_url(self.source, "source")
         _check_url(self.target, "target")
 

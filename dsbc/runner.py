@@ -315,6 +315,9 @@ class Master:
     def reload(self) -> None:
         try:
             cfg = load_config(self.cfg_path)
+            from .tls import check_tls
+
+            check_tls(cfg)  # new certificate files must load before any worker is replaced
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
@@ -399,6 +402,9 @@ class Master:
 def run(cfg_path: str) -> int:
     cfg = load_config(cfg_path)
     setup_logging(cfg.log.level, cfg.log.json)
+    from .tls import check_tls
+
+    check_tls(cfg)
     try:
         from .store import open_store
 

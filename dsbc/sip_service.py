@@ -7,7 +7,6 @@ import ipaddress
 import logging
 import os
 import secrets
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from sip.transport import SipEndpoint
 
 from .config import Config, Endpoint, parse_hostport
 from .store.base import BadIdentity, Decision, LocationStore, Registration, normalise
+from .tls import sip_client_context, sip_server_contexts
 
 log = logging.getLogger("dsbc.sip")
 
@@ -191,21 +191,8 @@ class SipService:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        ctx = None
-        if self.cfg.sip.tls_cert:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(self.cfg.sip.tls_cert, self.cfg.sip.tls_key)
-            if self.cfg.sip.tls_ca:
-                ctx.load_verify_locations(self.cfg.sip.tls_ca)
-            if self.cfg.sip.tls_verify_client:
-                ctx.verify_mode = ssl.CERT_REQUIRED
-        client_ctx = ssl.create_default_context()
-        client_ctx.check_hostname = False
-        client_ctx.verify_mode = ssl.CERT_NONE
-        if self.cfg.sip.tls_ca:
-            client_ctx.load_verify_locations(self.cfg.sip.tls_ca)
-            client_ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx, per_listener = sip_server_contexts(self.cfg)  # read at each (re)start: SIGHUP
+        client_ctx = sip_client_context(self.cfg)
         self.endpoint = SipEndpoint(
             self.core,
             loop,
@@ -219,6 +206,7 @@ class SipService:
             max_connections_per_ip=self.cfg.sip.max_connections_per_ip,
             admission=self.admission,
         )
+        self.endpoint.listener_ssl_contexts = per_listener
         await self.endpoint.listen(listeners(self.cfg))
         self._tasks.append(loop.create_task(self._registrations()))
 

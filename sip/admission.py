@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from .errors import SipError
 from .flow import Flow
-from .message import make_response, parse_message
+from .message import SipMessage, make_response, parse_message
 from .proxy import Send
 from .ratelimit import RateLimiter, Verdict
 from .scanner import ScannerFilter
@@ -51,8 +51,17 @@ def _to_tag(call_id: str) -> str:
 
 class Admission:
     __slots__ = (
-        "limiter", "scanners", "is_trusted", "counters", "drop", "server",
-        "max_message_size", "_log_window_end", "_log_count", "_log_suppressed", "_limited_headers",
+        "_limited_headers",
+        "_log_count",
+        "_log_suppressed",
+        "_log_window_end",
+        "counters",
+        "drop",
+        "is_trusted",
+        "limiter",
+        "max_message_size",
+        "scanners",
+        "server",
     )  # fmt: skip
 
     def __init__(
@@ -72,7 +81,11 @@ class Admission:
         self.counters = counters
         self.drop = drop
         retry_after = str(max(1, math.ceil(limiter.window))) if limiter is not None else "1"
-        self._limited_headers = [("retry-after", retry_after), ("server", server), ("warning", '399 dsbc "rate limited"')]
+        self._limited_headers = [
+            ("retry-after", retry_after),
+            ("server", server),
+            ("warning", '399 dsbc "rate limited"'),
+        ]
         self.server = server
         self.max_message_size = max_message_size
         self._log_window_end = 0.0
@@ -107,15 +120,18 @@ class Admission:
             return []
         return None
 
-    def _answer(self, data: bytes, flow: Flow, status: int, reason: str, extra: list[tuple[str, str]]) -> list[Send]:
+    def _answer(
+        self, data: bytes, flow: Flow, status: int, reason: str, extra: list[tuple[str, str]]
+    ) -> list[Send]:
         if data[:4] == b"SIP/":
             return []  # a response is never answered
         try:
             msg = parse_message(data, datagram=not flow.is_stream, max_size=len(data))
         except SipError as exc:
-            msg = getattr(exc, "partial", None)
-            if msg is None:
+            partial: SipMessage | None = getattr(exc, "partial", None)
+            if partial is None:
                 return []
+            msg = partial
         except Exception:  # noqa: BLE001 - a best-effort answer only; the core counts bad input
             return []
         try:
@@ -124,7 +140,16 @@ class Admission:
             out = make_response(msg, status, reason, extra, to_tag=_to_tag(msg.call_id))
         except (SipError, ValueError):
             return []
-        return [Send(flow.transport, flow.ip, flow.port, out, flow.conn_id, flow.worker if flow.is_stream else -1)]
+        return [
+            Send(
+                flow.transport,
+                flow.ip,
+                flow.port,
+                out,
+                flow.conn_id,
+                flow.worker if flow.is_stream else -1,
+            )
+        ]
 
     def _report(self, now: float) -> None:
         assert self.limiter is not None

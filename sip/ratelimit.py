@@ -47,7 +47,15 @@ _START, _COUNT, _PREV, _ANSWERED, _BLOCKED = range(5)
 class RateLimiter:
     """Per-key (source IP) message counter with a block state, bounded in memory."""
 
-    __slots__ = ("limit", "window", "max_entries", "_entries", "_next_sweep", "newly_blocked", "blocked_total")
+    __slots__ = (
+        "_entries",
+        "_next_sweep",
+        "blocked_total",
+        "limit",
+        "max_entries",
+        "newly_blocked",
+        "window",
+    )
 
     def __init__(self, limit: int, window: float, max_entries: int = 65536) -> None:
         if limit < 1:

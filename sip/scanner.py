@@ -29,7 +29,9 @@ class ScannerFilter:
         alternatives = b"|".join(re.escape(u.encode("utf-8")) for u in names)
         # the header name at the start of a line (after CRLF or a bare LF), any spacing
         # before the colon, then the pattern anywhere in that line's value
-        self._re = re.compile(rb"\nuser-agent[ \t]*:[^\r\n]*?(?:" + alternatives + rb")", re.IGNORECASE)
+        self._re = re.compile(
+            rb"\nuser-agent[ \t]*:[^\r\n]*?(?:" + alternatives + rb")", re.IGNORECASE
+        )
 
     def match(self, data: bytes) -> bool:
         end = data.find(b"\r\n\r\n")

@@ -200,6 +200,8 @@ class SipEndpoint:
         self.worker = worker
         self.ipc_name = ipc_name
         self.ssl_context = ssl_context
+        #: (host, port) of tls: listeners with a context of their own (mutual TLS)
+        self.listener_ssl_contexts: dict[tuple[str, int], ssl.SSLContext] = {}
         self.client_ssl_context = client_ssl_context
         self.tcp_idle_timeout = tcp_idle_timeout
         self.tcp_stall_timeout = tcp_stall_timeout
@@ -235,7 +237,7 @@ class SipEndpoint:
                 _, proto = await self.loop.create_datagram_endpoint(lambda: SipDatagram(self), sock=sock)
                 self.udp.append(proto)
             else:
-                ctx = self.ssl_context if transport == "tls" else None
+                ctx = self.listener_ssl_contexts.get((host, port), self.ssl_context) if transport == "tls" else None
                 if transport == "tls" and ctx is None:
                     raise ValueError("a tls: listener needs a certificate")
                 server = await self.loop.create_server(
@@ -359,7 +361,7 @@ class SipEndpoint:
                 return
             answer = make_response(req, 430, "Flow Failed")
             sends = self.core.handle_data(answer, Flow("udp", "127.0.0.1", 0), self.loop.time())
-        except Exception:  # noqa: BLE001 - we built the request ourselves; never fail the sender
+        except Exception:
             log.debug("no 430 possible for a request to a gone flow", exc_info=True)
             return
         self.core.counters["flow_failed_430"] += 1
