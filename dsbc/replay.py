@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import csv
 import json
+import os
 import re
 import socket
 import sys
@@ -636,6 +637,6 @@ def replay_command(
     try:
         with open_cli_store(cfg) as store:
             report(cfg, store, cap, fmt, sys.stdout)
-    except BrokenPipeError:  # `dsbc replay x.pcap | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # `dsbc replay x.pcap | head`: stop quietly, at exit too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
