@@ -180,7 +180,7 @@ def metric(node: Dsbc, name: str) -> float:
     assert status == 200
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
