@@ -80,6 +80,10 @@ class StreamFramer:
                     raise MessageTooLarge("header section too large")
                 return NEED_DATA
             head_end = i + 4
+            if head_end > self.max_size:
+                # checked before Content-Length so that the error does not depend on how
+                # the stream was cut: cut earlier, the size check above would have fired
+                raise MessageTooLarge("header section too large")
             matches = _CL_RE.findall(bytes(buf[:head_end]))
             if not matches:
                 raise FramingError("missing Content-Length on a stream")

@@ -142,6 +142,15 @@ def test_max_size_boundary() -> None:
         )
 
 
+def test_oversized_head_error_does_not_depend_on_the_cuts() -> None:
+    # regression (fuzz): a head above max_size with a bad Content-Length gave FramingError
+    # when it arrived whole and MessageTooLarge when it trickled in
+    m = msg(b"", cl=b"-1", extra=b"X-Pad: " + b"a" * 300 + b"\r\n")
+    for chunks in ([m], [bytes([b]) for b in m]):
+        with pytest.raises(MessageTooLarge):
+            feed(chunks, max_size=200)
+
+
 def test_buffered_and_repeated_need_data() -> None:
     f = StreamFramer()
     m = msg(b"abc")
@@ -238,3 +247,46 @@ def test_any_stream_gives_events_or_sip_error(chunks: list[bytes]) -> None:
                         pass
     except SipError:
         pass
+
+
+def outcome(chunks: list[bytes], max_size: int) -> tuple[list[object], str | None]:
+    f = StreamFramer(max_size=max_size)
+    out: list[object] = []
+    try:
+        for c in chunks:
+            f.receive_data(c)
+            for _ in range(len(c) + 2):  # each event consumes input: bounded
+                ev = f.next_event()
+                if ev is NEED_DATA:
+                    break
+                out.append(ev)
+    except SipError as exc:
+        return out, type(exc).__name__
+    return out, None
+
+
+_pieces = st.sampled_from(
+    [
+        b"\r\n",
+        b"\r\n\r\n",
+        b"l: 2\r\n",
+        b"l: -1\r\n",
+        b"Content-Length:\r\n 3\r\n",
+        b"X-Pad: " + b"a" * 150 + b"\r\n",
+        b"OPTIONS sip:a SIP/2.0\r\n",
+        msg(),
+        msg(b"ab"),
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_pieces | st.binary(max_size=40), max_size=12),
+    st.lists(st.integers(0, 10_000), max_size=20),
+)
+@example([msg(b"", cl=b"-1", extra=b"X-Pad: " + b"a" * 300 + b"\r\n")], [5])
+def test_cuts_never_change_the_outcome(pieces: list[bytes], points: list[int]) -> None:
+    """Differential: cut anywhere, the events and the error are those of the whole stream."""
+    stream = b"".join(pieces)
+    assert outcome(cut(stream, points), 300) == outcome([stream], 300)
