@@ -393,7 +393,8 @@ def test_sighup_reload_during_traffic_fails_no_call(
     time.sleep(1.5)
     pids_after = sorted(s["pid"] for s in node.status())
     log = (node.workdir / "dsbc.log").read_text()
-    report(request, f"{res.successful} calls, {res.failed} failed across 2 reloads; workers {pids_before} -> "
+    report(request, f"{res.successful} calls, {res.failed} failed across 2 reloads, "
+                    f"{res.stats.get('Retransmissions(C)', '?')} retransmissions; workers {pids_before} -> "
                     f"{pids_after}")
     assert res.failed == 0 and res.successful == 240, res.report()
     assert log.count("reloading configuration") == 2
