@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+import pytest
 
 from dsbc.metrics import read_snapshots, render, status_lines, summarize
+
+# the reference parser of the text format (prometheus_client is not a dependency of dsbc)
+text_string_to_metric_families = pytest.importorskip("prometheus_client.parser").text_string_to_metric_families
 
 
 def snapshot(worker: int, invites: int, *, up: bool = True, healthy: bool = True, gap: int = 0) -> dict[str, Any]:

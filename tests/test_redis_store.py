@@ -465,3 +465,40 @@ def test_sigstopped_redis_migration_error_is_clear(store: RedisStore, server: Re
             os.kill(server.proc.pid, signal.SIGCONT)
     finally:
         slow.close()
+
+
+def test_refused_write_says_why(store: RedisStore, server: RedisServer) -> None:
+    c = server.client()
+    c.config_set("min-replicas-to-write", 1)  # no replica: the master refuses writes
+    try:
+        with pytest.raises(StoreUnavailable, match=r"migration failed: .* refused it \(NOREPLICAS"):
+            store.migrate(["1"], "target")
+    finally:
+        c.config_set("min-replicas-to-write", 0)
+    assert store.customer("1").system == "source"  # type: ignore[union-attr]
+
+
+def test_sentinel_url(store: RedisStore, server: RedisServer, tmp_path: Path) -> None:
+    """redis+sentinel:// finds the master through a real Sentinel."""
+    from tests.peers.net import free_port, wait_port
+    from tests.peers.proc import PeerProcess
+
+    port = free_port("tcp")
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                    f"sentinel monitor dsbc 127.0.0.1 {server.port} 1\n")
+    sentinel = PeerProcess("sentinel", [find_binary("redis-server") or "redis-server", str(conf), "--sentinel"],
+                           tmp_path / "sentinel.log")
+    sentinel.start()
+    try:
+        wait_port("127.0.0.1", port, "tcp", timeout=10)
+        s = RedisStore(f"redis+sentinel://127.0.0.1:{port}/dsbc")
+        try:
+            assert s.lookup("account", "a1").customer_id == "1"  # type: ignore[union-attr]
+            s.migrate(["1"], "target")
+            wait_for(lambda: store.lookup("account", "a1").system == "target", refresh=[store])  # type: ignore[union-attr]
+            assert s.healthy
+        finally:
+            s.close()
+    finally:
+        sentinel.stop()

@@ -100,6 +100,7 @@ class RedisStore(LocationStore):
         self.cache_file = cache_file
         self._errors = _redis_errors()
         self._timeout_error = redis.exceptions.TimeoutError
+        self._response_error = redis.exceptions.ResponseError
         self._w = self.target.client(timeout=write_timeout, connect_timeout=min(2.0, write_timeout))
         self._r = self.target.client(timeout=fast_timeout, connect_timeout=fast_timeout)
         self._script = self._w.register_script(SCRIPT)
@@ -154,6 +155,8 @@ class RedisStore(LocationStore):
                     "`dsbc status`") if writing else ""
             return StoreUnavailable(f"{what} failed: {self.url} did not answer in time{tail}{hint}")
         tail = "; nothing was changed" if writing else ""
+        if isinstance(exc, self._response_error):  # e.g. NOREPLICAS, READONLY, MISCONF
+            return StoreUnavailable(f"{what} failed: {self.url} refused it ({exc}){tail}{hint}")
         return StoreUnavailable(f"{what} failed: cannot reach {self.url} ({exc}){tail}{hint}")
 
     def _went_down(self, exc: BaseException) -> None:
