@@ -41,7 +41,7 @@ _MAX_CL_DIGITS = 10
 
 
 class StreamFramer:
-    __slots__ = ("_buf", "_scanned", "max_size", "_head_end", "_total")
+    __slots__ = ("_buf", "_head_end", "_scanned", "_total", "max_size")
 
     def __init__(self, max_size: int = 65535) -> None:
         self._buf = bytearray()

@@ -144,7 +144,7 @@ def first_comma(value: str, start: int = 0) -> int:
 class Via:
     """One Via value.  ``text`` is what was received, kept for byte-exact forwarding."""
 
-    __slots__ = ("transport", "host", "port", "params", "text")
+    __slots__ = ("host", "params", "port", "text", "transport")
 
     def __init__(self, transport: str, host: str, port: int | None, params: list[tuple[str, str | None]], text: str) -> None:
         self.transport = transport

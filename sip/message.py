@@ -14,8 +14,24 @@ from __future__ import annotations
 
 import re
 
-from .errors import FramingError, MessageTooLarge, SipError, SipParseError, UnsupportedUriScheme, VersionNotSupported
-from .headers import LIST_HEADERS, SINGLETONS, Via, canonical_name, display_name, first_comma, parse_via, split_values
+from .errors import (
+    FramingError,
+    MessageTooLarge,
+    SipError,
+    SipParseError,
+    UnsupportedUriScheme,
+    VersionNotSupported,
+)
+from .headers import (
+    LIST_HEADERS,
+    SINGLETONS,
+    Via,
+    canonical_name,
+    display_name,
+    first_comma,
+    parse_via,
+    split_values,
+)
 from .uri import _TOKEN_CHARS, _URI_CHARS, NameAddr, SipUri, is_digits, parse_name_addr, parse_uri
 
 MAX_CSEQ = 2**32 - 1
@@ -29,7 +45,7 @@ _SP_HTAB = " \t"
 class Header:
     """One header line (with its continuation lines): canonical name, unfolded value, slice."""
 
-    __slots__ = ("name", "value", "start", "end")
+    __slots__ = ("end", "name", "start", "value")
 
     def __init__(self, name: str, value: str, start: int, end: int) -> None:
         self.name = name
@@ -45,17 +61,17 @@ class SipMessage:
     """A parsed request or response.  ``raw`` holds exactly this message's octets."""
 
     __slots__ = (
-        "raw",
+        "_cache",
+        "body_start",
+        "headers",
         "is_request",
         "method",
-        "ruri",
-        "version",
-        "status",
+        "raw",
         "reason",
-        "headers",
-        "body_start",
+        "ruri",
         "start_line_end",
-        "_cache",
+        "status",
+        "version",
     )
 
     def __init__(self, raw: bytes) -> None:
@@ -215,7 +231,7 @@ class SipMessage:
 
 def parse_request_uri(text: str) -> SipUri:
     if text[:4].lower() == "tel:":
-        number, _, params = text[4:].partition(";")
+        number = text[4:].partition(";")[0]
         if not number or not all(c in _URI_CHARS for c in text[4:]):
             raise SipParseError(f"bad tel URI {text[:80]!r}")
         return SipUri("tel", number, "", None, [], "", None, text)
@@ -284,11 +300,14 @@ def parse_head(data: bytes, head_end: int) -> SipMessage:
 
 
 def _annotate(exc: SipError, msg: SipMessage) -> None:
-    """Attach what the caller needs to answer (requests) or to drop quietly (responses)."""
-    if msg.is_request:
-        exc.partial = msg  # type: ignore[attr-defined]
-    else:
+    """Attach what the caller needs to answer (requests) or to drop quietly (responses).
+
+    A request without a readable Via line gets no ``partial``: an answer would have no
+    Via to travel back on (RFC 3261 18.2.2), so it is dropped like a response."""
+    if not msg.is_request:
         exc.respond = False  # never answer a response (RFC 4475 bigcode, scalarlg)
+    elif any(h.name == "via" for h in msg.headers):
+        exc.partial = msg  # type: ignore[attr-defined]
 
 
 def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -> SipError | None:
@@ -368,9 +387,10 @@ def parse_message(data: bytes, *, datagram: bool = True, max_size: int = 65535) 
     ``datagram=False``: ``data`` was framed by :class:`sip.framing.StreamFramer` and is
     exactly one message: CRLF CRLF ends the header section and Content-Length must match.
 
-    Raises a ``SipError`` subclass; when a request's head could be read, ``exc.partial``
-    holds the message so far (enough to answer with ``make_response``).  An error in a
-    response has ``exc.respond = False`` and no ``partial``: responses are dropped.
+    Raises a ``SipError`` subclass; when a request's head could be read (with at least
+    one Via line), ``exc.partial`` holds the message so far, enough to answer with
+    ``make_response``.  An error in a response has ``exc.respond = False`` and no
+    ``partial``: responses are dropped.
     """
     if len(data) > max_size:
         raise MessageTooLarge(f"{len(data)} octets")
@@ -449,7 +469,7 @@ class Editor:
     the octets (as parsed), so a value read from a message is written back unchanged.
     """
 
-    __slots__ = ("msg", "start_line", "top", "replaced", "appended", "body")
+    __slots__ = ("appended", "body", "msg", "replaced", "start_line", "top")
 
     def __init__(self, msg: SipMessage) -> None:
         self.msg = msg

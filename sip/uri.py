@@ -63,7 +63,7 @@ def _is_hex(s: str) -> bool:
 class SipUri:
     """A parsed ``sip:`` / ``sips:`` URI.  ``params`` keeps order and case of names."""
 
-    __slots__ = ("scheme", "user", "password", "host", "port", "params", "headers", "text")
+    __slots__ = ("headers", "host", "params", "password", "port", "scheme", "text", "user")
 
     def __init__(
         self,
@@ -194,7 +194,7 @@ def parse_uri(text: str, *, allow_other_schemes: bool = False) -> SipUri:
 class NameAddr:
     """``"Display" <uri>;tag=x`` (or an addr-spec ``uri;tag=x``): header parameters apart."""
 
-    __slots__ = ("display", "uri_text", "params", "bracketed", "_uri")
+    __slots__ = ("_uri", "bracketed", "display", "params", "uri_text")
 
     def __init__(self, display: str, uri_text: str, params: list[tuple[str, str | None]], bracketed: bool) -> None:
         self.display = display

@@ -526,6 +526,21 @@ def test_bad_header_line_does_not_hide_the_rest() -> None:
     assert partial.count("cseq") == 1
 
 
+def test_request_without_a_readable_via_is_not_answered() -> None:
+    # regression (proxy state walk): skipping the broken "\x00ia:" line left a partial
+    # without Via, and the proxy answered with a Via-less 505
+    data = REGISTER.replace(b"SIP/2.0\r\n", b"SIP/\x00.0\r\n", 1).replace(b"Via:", b"\x00ia:")
+    exc = expect_error(data, VersionNotSupported)
+    assert getattr(exc, "partial", None) is None
+    exc = expect_error(
+        REGISTER.replace(
+            b"Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK776asdhds;rport\r\n", b""
+        ),
+        SipParseError,
+    )
+    assert getattr(exc, "partial", None) is None
+
+
 def test_multi_singleton_error_is_deterministic() -> None:
     data = REGISTER.replace(
         b"Max-Forwards: 70\r\n", b"Max-Forwards: 70\r\nTo: <sip:x@y>\r\nCall-ID: 2\r\n"
@@ -638,6 +653,7 @@ def parse_or_sip_error(data: bytes, **kw: object) -> None:
         partial = getattr(exc, "partial", None)
         if partial is not None:
             assert partial.is_request and exc.respond
+            assert partial.count("via"), "a partial must have a Via to answer on"
             make_response(partial, exc.status, exc.reason, to_tag="t")
         return
     exercise(msg)

@@ -80,7 +80,7 @@ def check_parse(data: bytes) -> None:
         except SipError as exc:
             partial = getattr(exc, "partial", None)
             if partial is not None:
-                assert partial.is_request and exc.respond
+                assert partial.is_request and exc.respond and partial.count("via")
                 make_response(partial, exc.status, exc.reason, to_tag="t")
             continue
         exercise(msg)
