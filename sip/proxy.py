@@ -29,11 +29,14 @@ from .errors import BadExtension, LoopDetected, SipError, SipParseError, TooMany
 from .flow import Flow, FlowSigner, FlowTokenError
 from .health import HealthChecker, Node
 from .message import Editor, SipMessage, make_response, parse_message, parse_request_uri
-from .uri import NameAddr, SipUri, parse_name_addr, unescape
+from .uri import NameAddr, SipUri, is_digits, parse_name_addr, unescape
 
 BRANCH_PREFIX = "z9hG4bK-d5"
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 INVITE_STATE_TTL = 300.0
+KNOWN_METHODS = frozenset(
+    {"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "INFO", "UPDATE", "PRACK", "PUBLISH"}
+)
 
 
 class Router(Protocol):
@@ -131,7 +134,9 @@ class ProxyCore:
         except SipError as exc:
             return self._bad_input(exc, is_response, src)
         if msg.is_request:
-            self.counters[f"requests_in:{msg.method if len(msg.method) < 20 else 'OTHER'}"] += 1
+            # only known methods get a counter of their own: random method names must not grow
+            # the counters (and every status snapshot) without bound
+            self.counters[f"requests_in:{msg.method if msg.method in KNOWN_METHODS else 'OTHER'}"] += 1
             try:
                 return self._request(msg, src, now)
             except SipError as exc:
@@ -179,7 +184,8 @@ class ProxyCore:
 
     def _bad_input(self, exc: SipError, is_response: bool, src: Flow) -> list[Send]:
         partial: SipMessage | None = getattr(exc, "partial", None)
-        if is_response or partial is None or not exc.respond:
+        # a request without any Via line cannot be answered: nobody could match the answer
+        if is_response or partial is None or not exc.respond or partial.index("via") < 0:
             self.counters["responses_dropped" if is_response else "requests_dropped"] += 1
             return []
         self.counters[f"bad_requests:{exc.status}"] += 1
@@ -386,7 +392,9 @@ class ProxyCore:
                 ed.prepend("record-route", self._rr_uri(src.transport, system, device_flow, sips))
             ed.prepend("record-route", rr)
         if method == "REGISTER":
-            ed.prepend("path", self._rr_uri(dest.transport, "", src))
+            # the system is in the Path too: a call the registrar sends back through it stays
+            # on that system's dialog even when the node's source port is not its listed one
+            ed.prepend("path", self._rr_uri(dest.transport, system, src))
         ed.prepend("via", via)
         if method == "INVITE":
             self._invites[branch] = (dest.transport, dest.ip, dest.port, now + INVITE_STATE_TTL)
@@ -516,14 +524,16 @@ class ProxyCore:
         if token:
             flow = self._decode_flow(token)
             return [Send(flow.transport, flow.ip, flow.port, data, flow.conn_id, flow.worker)]
-        nxt = vias[1]
-        host, port = nxt.response_address()
-        return [Send(nxt.transport.lower(), host, port, data)]
+        # no flow token: the request came over UDP, whatever its Via claims (a Via saying
+        # TCP must not make dsbc open a connection to the phone)
+        host, port = vias[1].response_address()
+        return [Send("udp", host, port, data)]
 
     def _registered(self, msg: SipMessage, ed: Editor, system: str, cap_text: str) -> None:
-        cap = int(cap_text) if cap_text.isdigit() else 0
+        # is_digits, not str.isdigit: '\xb2' (a latin-1 superscript two) is a digit to isdigit()
+        cap = int(cap_text) if is_digits(cap_text) else 0
         default = msg.get("expires")
-        default_exp = int(default) if default and default.isdigit() else 3600
+        default_exp = int(default) if default and is_digits(default) else 3600
         contacts: list[tuple[str, int]] = []
         new_values: list[str] = []
         changed = False
@@ -534,7 +544,7 @@ class ProxyCore:
                 new_values.append(value)
                 continue
             exp_text = na.param("expires")
-            exp = int(exp_text) if exp_text and exp_text.isdigit() else default_exp
+            exp = int(exp_text) if exp_text and is_digits(exp_text) else default_exp
             if cap and exp > cap:
                 exp = cap
                 na.params = [(k, v) for k, v in na.params if k.lower() != "expires"] + [("expires", str(cap))]
@@ -548,7 +558,7 @@ class ProxyCore:
             for i in idx[1:]:
                 ed.delete(i)
             self.counters["registrations_capped"] += 1
-        if cap and default and default.isdigit() and int(default) > cap:
+        if cap and default and is_digits(default) and int(default) > cap:
             ed.set(msg.index("expires"), str(cap))
         try:
             account = self._user(msg.to.uri)

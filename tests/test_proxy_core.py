@@ -1,0 +1,977 @@
+"""sip.proxy.ProxyCore without sockets: bytes and time in, ``Send`` actions out.
+
+The core is built as dsbc builds it (ProxySettings, HealthChecker with Nodes, FlowSigner)
+around a tiny Router stub defined here, so every test states what a user would see on
+the wire: which node (or phone flow) a message goes to, and which headers it carries.
+Bugs found in the proxy are kept as regression tests (``test_regression_*``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from sip.errors import SipError
+from sip.flow import Flow, FlowSigner
+from sip.health import HealthChecker, Node
+from sip.message import SipMessage, make_response, parse_message
+from sip.proxy import BRANCH_PREFIX, ProxyCore, ProxySettings, RegistrationSeen, Send
+from sip.uri import parse_name_addr
+from tests.peers.sipmsg import parse_message as lenient_parse
+
+SECRET = b"proxy-core-test-secret-0123456789"
+ADV = "192.0.2.10"
+PORT = 5060
+PHONE = Flow("udp", "203.0.113.5", 40000)
+PHONE_TCP = Flow("tcp", "203.0.113.6", 40001, conn_id=7, worker=1)
+CARRIER = Flow("udp", "198.51.100.7", 5060)
+S1 = Node("source", 0, "udp", "10.0.0.1", 5060)
+S2 = Node("source", 1, "udp", "10.0.0.2", 5060)
+T1 = Node("target", 0, "udp", "10.0.1.1", 5060)
+T2 = Node("target", 1, "udp", "10.0.1.2", 5060)
+NODES = (S1, S2, T1, T2)
+NODE_AT = {(n.host, n.port): n for n in NODES}
+
+
+def flow_of(node: Node) -> Flow:
+    return Flow(node.transport, node.host, node.port)
+
+
+# --- the Router stub ---------------------------------------------------------------------
+
+
+class Decision(NamedTuple):
+    system: str
+    customer_id: str = ""
+    state: str = "active"
+    reason: str = ""
+
+
+class StubRouter:
+    """Identities -> customers -> (system, state), in memory; records every decide()."""
+
+    def __init__(self) -> None:
+        self.owners: dict[tuple[str, str], str] = {}
+        self.customers: dict[str, tuple[str, str]] = {}
+        self.unknown = "source"
+        self.trusted: set[tuple[str, int]] = {(n.host, n.port) for n in NODES} | {(CARRIER.ip, CARRIER.port)}
+        self.caps: dict[str, int] = {}
+        self.decide_calls: list[list[tuple[str, str]]] = []
+
+    def add(self, customer_id: str, system: str, *identities: str, state: str = "active") -> None:
+        self.customers[customer_id] = (system, state)
+        for ident in identities:
+            kind, value = ident.split(":", 1)
+            self.owners[(kind, value)] = customer_id
+
+    def move(self, customer_id: str, system: str | None = None, state: str | None = None) -> None:
+        old_system, old_state = self.customers[customer_id]
+        self.customers[customer_id] = (system or old_system, state or old_state)
+
+    def owner_system(self, customer_id: str) -> str:
+        return self.customers[customer_id][0] if customer_id in self.customers else self.unknown
+
+    def decide(self, candidates: Sequence[tuple[str, str]]) -> Decision:
+        self.decide_calls.append(list(candidates))
+        for kind, value in candidates:
+            if kind == "did":
+                value = "".join(c for c in value if c.isdigit())
+            cid = self.owners.get((kind, value))
+            if cid is not None:
+                system, state = self.customers[cid]
+                return Decision(system, cid, state, f"{kind}:{value}")
+        return Decision(self.unknown, "", "active", "unknown")
+
+    def is_trusted(self, ip: str, port: int) -> bool:
+        return (ip, port) in self.trusted
+
+    def expires_cap(self, customer_id: str) -> int:
+        return self.caps.get(customer_id, 0)
+
+
+def make_core(router: StubRouter | None = None, *, lock_hold: float = 2.0, nodes: Iterable[Node] = NODES) -> tuple[ProxyCore, StubRouter]:
+    router = router or standard_router()
+    settings = ProxySettings(
+        advertise_host=ADV,
+        ports={"udp": PORT, "tcp": PORT},
+        local_addresses=frozenset({(ADV, PORT)}),
+        lock_hold=lock_hold,
+        retry_after=30,
+    )
+    health = HealthChecker(list(nodes), interval=5.0, timeout=2.0, local_host=ADV, local_port=5099, tag="test")
+    return ProxyCore(settings, router, health, FlowSigner(SECRET)), router
+
+
+def standard_router() -> StubRouter:
+    r = StubRouter()
+    r.add("42", "source", "account:1001", "did:15550001001")
+    r.add("43", "target", "account:2000", "did:15550002000")
+    return r
+
+
+# --- messages ------------------------------------------------------------------------------
+
+
+def request(
+    method: str,
+    ruri: str = "sip:2000@example.com",
+    *,
+    src: Flow = PHONE,
+    frm: str = "<sip:1001@example.com>;tag=from1",
+    to: str = "<sip:2000@example.com>",
+    via: str | None = None,
+    branch: str = "z9hG4bKphone1",
+    call_id: str = "call-1@phone",
+    cseq: int = 1,
+    max_forwards: int | None = 70,
+    headers: Sequence[str] = (),
+    body: bytes = b"",
+) -> bytes:
+    via = via or f"SIP/2.0/{src.transport.upper()} {src.ip}:{src.port};branch={branch};rport"
+    lines = [f"{method} {ruri} SIP/2.0", f"Via: {via}"]
+    if max_forwards is not None:
+        lines.append(f"Max-Forwards: {max_forwards}")
+    lines += [f"From: {frm}", f"To: {to}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}"]
+    lines += list(headers)
+    lines += [f"Content-Length: {len(body)}", "", ""]
+    return "\r\n".join(lines).encode() + body
+
+
+def answer(forwarded: bytes, status: int, reason: str = "OK", *, to_tag: str | None = "node-tag", headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """What a node answers to a request dsbc forwarded to it (Via, From, To, Call-ID,
+    CSeq copied byte-exact; the Record-Route set reflected on a dialog-creating answer)."""
+    m = parse_message(forwarded)
+    extra = list(headers)
+    if 100 < status < 300:
+        extra += [("record-route", v) for v in m.values("record-route")]
+    return make_response(m, status, reason, extra, to_tag=to_tag if status > 100 else None)
+
+
+def parse(send: Send) -> SipMessage:
+    return parse_message(send.data, datagram=send.transport == "udp")
+
+
+def one(sends: list[Send]) -> Send:
+    assert len(sends) == 1, sends
+    return sends[0]
+
+
+def to_node(send: Send, node: Node) -> None:
+    assert (send.transport, send.ip, send.port) == (node.transport, node.host, node.port), send
+    assert not send.health
+
+
+def to_flow(send: Send, flow: Flow) -> None:
+    assert (send.transport, send.ip, send.port) == (flow.transport, flow.ip, flow.port), send
+    if flow.is_stream:
+        assert (send.conn_id, send.worker) == (flow.conn_id, flow.worker), send
+
+
+def status_of(send: Send) -> int:
+    m = parse(send)
+    assert not m.is_request, send.data[:80]
+    return m.status
+
+
+def rr_values(m: SipMessage) -> list[str]:
+    return m.values("record-route")
+
+
+def uri_params(value: str) -> dict[str, str]:
+    return {k: v or "" for k, v in parse_name_addr(value).uri.params}
+
+
+def our_branch(m: SipMessage) -> str:
+    top = m.vias[0]
+    assert top.host == ADV and top.branch.startswith(BRANCH_PREFIX)
+    return top.branch
+
+
+def mark_down(core: ProxyCore, *nodes: Node) -> None:
+    for n in nodes:
+        core.health.mark_unreachable(n.host, n.port, 0.0)
+
+
+# --- who owns a request ------------------------------------------------------------------
+
+
+def test_device_invite_goes_to_the_system_of_the_from_user() -> None:
+    core, router = make_core()
+    # From 1001 (source) calling 2000 (target): the caller's system gets the call
+    send = one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    to_node(send, S1)
+    assert router.decide_calls == [[("account", "1001")]]
+    m = parse(send)
+    assert m.method == "INVITE" and m.ruri == "sip:2000@example.com"
+
+
+@pytest.mark.parametrize("method", ["SUBSCRIBE", "MESSAGE", "OPTIONS", "NOTIFY", "REFER", "PUBLISH"])
+def test_other_device_requests_follow_the_from_user(method: str) -> None:
+    core, router = make_core()
+    send = one(core.handle_data(request(method, "sip:1001@example.com", frm="<sip:2000@example.com>;tag=a"), PHONE, 0.0))
+    to_node(send, T1)
+    assert router.decide_calls == [[("account", "2000")]]
+
+
+def test_register_goes_to_the_system_of_the_to_user() -> None:
+    core, router = make_core()
+    # third-party registration: From 1001 (source) registers 2000 (target)
+    reg = request("REGISTER", "sip:example.com", to="<sip:2000@example.com>", headers=["Contact: <sip:2000@203.0.113.5:40000>"])
+    send = one(core.handle_data(reg, PHONE, 0.0))
+    to_node(send, T1)
+    assert router.decide_calls == [[("account", "2000")]]
+
+
+def test_trusted_peer_is_routed_by_request_uri_as_did_then_account() -> None:
+    core, router = make_core()
+    # a carrier calls a DID of customer 43
+    send = one(core.handle_data(request("INVITE", "sip:15550002000@192.0.2.10", src=CARRIER, frm="<sip:999@carrier>;tag=c"), CARRIER, 0.0))
+    to_node(send, T1)
+    assert router.decide_calls[-1] == [("did", "15550002000"), ("account", "15550002000")]
+    # the From user (1001, source) does not matter for a trusted peer
+    send = one(core.handle_data(request("INVITE", "sip:2000@192.0.2.10", src=CARRIER, call_id="c2"), CARRIER, 0.0))
+    to_node(send, T1)
+    assert router.decide_calls[-1] == [("did", "2000"), ("account", "2000")]
+    # a system's node calling the other system's customer (a call between the systems)
+    send = one(core.handle_data(request("INVITE", "sip:1001@192.0.2.10", src=flow_of(T1), frm="<sip:2000@x>;tag=t", call_id="c3"), flow_of(T1), 0.0))
+    to_node(send, S1)
+
+
+def test_tel_request_uri_from_a_carrier() -> None:
+    core, router = make_core()
+    send = one(core.handle_data(request("INVITE", "tel:+1-555-000-1001", src=CARRIER, to="<tel:+1-555-000-1001>"), CARRIER, 0.0))
+    to_node(send, S1)
+    assert router.decide_calls[-1][0] == ("did", "+1-555-000-1001")
+    assert parse(send).ruri == "tel:+1-555-000-1001"
+
+
+@pytest.mark.parametrize("unknown,node", [("source", S1), ("target", T1)])
+def test_unknown_identity_follows_store_unknown(unknown: str, node: Node) -> None:
+    core, router = make_core()
+    router.unknown = unknown
+    send = one(core.handle_data(request("INVITE", frm="<sip:nobody@example.com>;tag=x"), PHONE, 0.0))
+    to_node(send, node)
+
+
+def test_unknown_identity_with_reject_policy_gets_404() -> None:
+    core, router = make_core()
+    router.unknown = "reject"
+    send = one(core.handle_data(request("INVITE", frm="<sip:nobody@example.com>;tag=x"), PHONE, 0.0))
+    to_flow(send, PHONE)
+    assert status_of(send) == 404
+    assert core.counters["rejected:unknown"] == 1
+
+
+def test_options_to_dsbc_itself_is_answered_200() -> None:
+    core, router = make_core()
+    send = one(core.handle_data(request("OPTIONS", f"sip:{ADV}:{PORT}", to=f"<sip:{ADV}>"), PHONE, 0.0))
+    to_flow(send, PHONE)
+    m = parse(send)
+    assert m.status == 200 and "INVITE" in (m.get("allow") or "")
+    assert router.decide_calls == []
+    # over TCP the answer goes back on the same connection
+    send = one(core.handle_data(request("OPTIONS", f"sip:{ADV}", src=PHONE_TCP), PHONE_TCP, 0.0))
+    to_flow(send, PHONE_TCP)
+    assert status_of(send) == 200
+
+
+# --- Record-Route and dialogs ------------------------------------------------------------
+
+
+def test_record_route_carries_the_system_and_the_device_flow() -> None:
+    core, _ = make_core()
+    m = parse(one(core.handle_data(request("INVITE"), PHONE, 0.0)))
+    (rr,) = rr_values(m)
+    params = uri_params(rr)
+    assert parse_name_addr(rr).uri.host == ADV and "lr" in params
+    assert params["dsbc"] == "source"
+    assert core.signer.decode(params["ft"]) == PHONE
+
+
+def test_record_route_from_a_trusted_peer_has_no_flow_token() -> None:
+    core, _ = make_core()
+    m = parse(one(core.handle_data(request("INVITE", "sip:15550001001@x", src=CARRIER), CARRIER, 0.0)))
+    (rr,) = rr_values(m)
+    params = uri_params(rr)
+    assert params["dsbc"] == "source" and "ft" not in params
+
+
+def test_double_record_route_when_transports_differ() -> None:
+    core, _ = make_core()
+    send = one(core.handle_data(request("INVITE", src=PHONE_TCP), PHONE_TCP, 0.0))
+    to_node(send, S1)
+    m = parse(send)
+    top, second = rr_values(m)
+    # the top entry faces the node (UDP), the second the phone (TCP)
+    assert uri_params(top)["transport"] == "udp" and uri_params(second)["transport"] == "tcp"
+    for rr in (top, second):
+        assert uri_params(rr)["dsbc"] == "source"
+        assert core.signer.decode(uri_params(rr)["ft"]) == PHONE_TCP
+    # the answer goes back on the phone's connection
+    resp = one(core.handle_data(answer(send.data, 180, "Ringing"), flow_of(S1), 0.1))
+    to_flow(resp, PHONE_TCP)
+
+
+def _call(core: ProxyCore, src: Flow = PHONE, node: Node = S1) -> tuple[list[str], SipMessage]:
+    """A device call answered 200 by the node: (Record-Route set, the 200 as relayed)."""
+    fwd = one(core.handle_data(request("INVITE", src=src), src, 0.0))
+    to_node(fwd, node)
+    ok = one(core.handle_data(answer(fwd.data, 200, headers=[("contact", f"<sip:2000@{node.host}:{node.port}>")]), flow_of(node), 0.1))
+    to_flow(ok, src)
+    relayed = parse(ok)
+    return relayed.values("record-route"), relayed
+
+
+def _in_dialog(method: str, route: Sequence[str], ruri: str, *, src: Flow, frm: str, to: str, cseq: int, branch: str) -> bytes:
+    return request(method, ruri, src=src, frm=frm, to=to, cseq=cseq, branch=branch, headers=[f"Route: {', '.join(route)}"])
+
+
+def test_in_dialog_requests_stay_on_the_dialog_system_without_lookup() -> None:
+    core, router = make_core()
+    rr, ok = _call(core)
+    router.move("42", "target")  # the caller migrated during the call
+    router.decide_calls.clear()
+    # the phone hangs up: Route is the reversed Record-Route set, R-URI the node's Contact
+    bye = _in_dialog(
+        "BYE", list(reversed(rr)), f"sip:2000@{S1.host}:{S1.port}", src=PHONE,
+        frm="<sip:1001@example.com>;tag=from1", to="<sip:2000@example.com>;tag=node-tag", cseq=2, branch="z9hG4bKbye1",
+    )
+    send = one(core.handle_data(bye, PHONE, 1.0))
+    to_node(send, S1)
+    m = parse(send)
+    assert m.method == "BYE" and not m.values("route")  # our Route entry was consumed
+    assert router.decide_calls == []
+    # and the node sends a re-INVITE to the phone: it reaches the phone's flow
+    reinv = _in_dialog(
+        "INVITE", rr, "sip:1001@203.0.113.5:40000", src=flow_of(S1),
+        frm="<sip:2000@example.com>;tag=node-tag", to="<sip:1001@example.com>;tag=from1", cseq=7, branch="z9hG4bKnode1",
+    )
+    send = one(core.handle_data(reinv, flow_of(S1), 2.0))
+    to_flow(send, PHONE)
+    assert router.decide_calls == []
+
+
+def test_in_dialog_request_prefers_the_node_of_the_dialog() -> None:
+    core, router = make_core()
+    rr, _ = _call(core)
+    bye = _in_dialog(
+        "BYE", list(reversed(rr)), f"sip:2000@{S2.host}:{S2.port}", src=PHONE,
+        frm="<sip:1001@example.com>;tag=from1", to="<sip:2000@example.com>;tag=node-tag", cseq=2, branch="z9hG4bKbye2",
+    )
+    to_node(one(core.handle_data(bye, PHONE, 1.0)), S2)
+    # a dialog marked for the source never goes to a target node, even when named
+    bye = _in_dialog(
+        "BYE", list(reversed(rr)), f"sip:2000@{T1.host}:{T1.port}", src=PHONE,
+        frm="<sip:1001@example.com>;tag=from1", to="<sip:2000@example.com>;tag=node-tag", cseq=3, branch="z9hG4bKbye3",
+    )
+    to_node(one(core.handle_data(bye, PHONE, 1.0)), S1)
+    assert router.decide_calls == [[("account", "1001")]]
+
+
+# --- registrations: Path with a flow token ---------------------------------------------------
+
+
+def _register(core: ProxyCore, src: Flow, *, user: str = "1001", cap_node: Node = S1) -> tuple[str, Send]:
+    reg = request(
+        "REGISTER", "sip:example.com", src=src, frm=f"<sip:{user}@example.com>;tag=r1", to=f"<sip:{user}@example.com>",
+        call_id=f"reg-{src.port}", headers=[f"Contact: <sip:{user}@{src.ip}:{src.port};transport={src.transport}>;expires=3600"],
+    )
+    send = one(core.handle_data(reg, src, 0.0))
+    to_node(send, cap_node)
+    (path,) = parse(send).values("path")
+    return path, send
+
+
+@pytest.mark.parametrize("phone", [PHONE, PHONE_TCP], ids=["udp", "tcp"])
+def test_path_flow_token_brings_a_call_from_the_node_to_the_phone(phone: Flow) -> None:
+    core, router = make_core()
+    path, _ = _register(core, phone)
+    assert core.signer.decode(uri_params(path)["ft"]) == phone
+    router.decide_calls.clear()
+    # the registrar calls the phone with the Path as Route, to the registered Contact
+    inv = request(
+        "INVITE", f"sip:1001@{phone.ip}:{phone.port};transport={phone.transport}", src=flow_of(S1),
+        frm="<sip:2000@example.com>;tag=n1", to="<sip:1001@example.com>", call_id="in-1", branch="z9hG4bKin1", headers=[f"Route: {path}"],
+    )
+    send = one(core.handle_data(inv, flow_of(S1), 1.0))
+    to_flow(send, phone)
+    assert router.decide_calls == []
+    m = parse(send)
+    assert not m.values("route")
+    # the call's Record-Route keeps the phone's flow and the node's system
+    for rr in rr_values(m):
+        assert uri_params(rr)["dsbc"] == "source"
+        assert core.signer.decode(uri_params(rr)["ft"]) == phone
+    # the phone's 180 goes back to the node by Via
+    resp = one(core.handle_data(answer(send.data, 180, "Ringing"), phone, 1.1))
+    to_node(resp, S1)
+
+
+@pytest.mark.parametrize("mutate", ["flip-char", "garbage", "truncated"])
+def test_forged_or_altered_flow_token_is_refused_403(mutate: str) -> None:
+    core, _ = make_core()
+    path, _ = _register(core, PHONE)
+    token = uri_params(path)["ft"]
+    if mutate == "flip-char":
+        bad = token[:5] + ("A" if token[5] != "A" else "B") + token[6:]
+    elif mutate == "garbage":
+        bad = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    else:
+        bad = token[:-4]
+    forged = path.replace(token, bad)
+    inv = request(
+        "INVITE", "sip:1001@203.0.113.99:5060", src=flow_of(S1), frm="<sip:2000@example.com>;tag=n1",
+        to="<sip:1001@example.com>", call_id="in-2", headers=[f"Route: {forged}"],
+    )
+    send = one(core.handle_data(inv, flow_of(S1), 1.0))
+    to_node(send, S1)  # the answer, to the sender
+    assert status_of(send) == 403
+    assert core.counters["flow_token_rejected"] == 1
+
+
+# --- Via, Max-Forwards, loops, extensions ------------------------------------------------------
+
+
+def test_received_and_rport_added_to_the_top_via() -> None:
+    core, _ = make_core()
+    behind_nat = request("INVITE", via="SIP/2.0/UDP 10.1.1.1:5060;branch=z9hG4bKnat;rport")
+    send = one(core.handle_data(behind_nat, PHONE, 0.0))
+    vias = parse(send).vias
+    assert len(vias) == 2
+    assert vias[1].host == "10.1.1.1"
+    assert vias[1].param("received") == PHONE.ip and vias[1].param("rport") == str(PHONE.port)
+    # the answer goes to the address the request came from, not to the Via's sent-by
+    resp = one(core.handle_data(answer(send.data, 486, "Busy Here"), flow_of(S1), 0.1))
+    to_flow(resp, PHONE)
+
+
+def test_combined_via_line_on_requests_and_responses() -> None:
+    core, _ = make_core()
+    via = "SIP/2.0/UDP 203.0.113.5:40000;branch=z9hG4bKa1;rport, SIP/2.0/UDP 10.9.9.9:5062;branch=z9hG4bKb2"
+    send = one(core.handle_data(request("INVITE", via=via), PHONE, 0.0))
+    to_node(send, S1)
+    m = parse(send)
+    vias = m.vias
+    assert [v.host for v in vias] == [ADV, "203.0.113.5", "10.9.9.9"]
+    assert vias[1].param("received") == PHONE.ip and vias[2].branch == "z9hG4bKb2"
+    # the node answers with every Via on one line, as sipp does
+    texts = ", ".join(v.text for v in vias)
+    lines = [ln for ln in answer(send.data, 200).split(b"\r\n") if not ln.lower().startswith(b"via:")]
+    resp = b"\r\n".join([lines[0], b"Via: " + texts.encode(), *lines[1:]])
+    out = one(core.handle_data(resp, flow_of(S1), 0.1))
+    to_flow(out, PHONE)
+    relayed = parse(out)
+    assert [v.host for v in relayed.vias] == ["203.0.113.5", "10.9.9.9"]
+    assert relayed.status == 200
+
+
+def test_max_forwards_decremented_or_added() -> None:
+    core, _ = make_core()
+    m = parse(one(core.handle_data(request("INVITE", max_forwards=10), PHONE, 0.0)))
+    assert m.get("max-forwards") == "9"
+    m = parse(one(core.handle_data(request("INVITE", max_forwards=None, call_id="c2"), PHONE, 0.0)))
+    assert m.get("max-forwards") == "70"
+
+
+def test_max_forwards_zero_is_answered_483() -> None:
+    core, _ = make_core()
+    send = one(core.handle_data(request("INVITE", max_forwards=0), PHONE, 0.0))
+    to_flow(send, PHONE)
+    assert status_of(send) == 483
+    assert core.handle_data(request("ACK", max_forwards=0), PHONE, 0.0) == []  # an ACK is never answered
+
+
+def test_a_request_that_comes_back_is_a_loop_482() -> None:
+    core, _ = make_core()
+    send = one(core.handle_data(request("INVITE", "sip:2000@example.com"), PHONE, 0.0))
+    # the same request, our Via on top, comes back with the same R-URI from the same source
+    back = one(core.handle_data(send.data, PHONE, 0.1))
+    to_flow(back, PHONE)
+    assert status_of(back) == 482
+
+
+def test_proxy_require_is_answered_420_with_unsupported() -> None:
+    core, _ = make_core()
+    send = one(core.handle_data(request("INVITE", headers=["Proxy-Require: foo, nonsense"]), PHONE, 0.0))
+    to_flow(send, PHONE)
+    m = parse(send)
+    assert m.status == 420
+    assert m.values("unsupported") == ["foo", "nonsense"]
+
+
+# --- responses --------------------------------------------------------------------------------
+
+
+def test_response_relayed_by_the_second_via_with_ours_removed() -> None:
+    core, _ = make_core()
+    fwd = one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    out = one(core.handle_data(answer(fwd.data, 180, "Ringing"), flow_of(S1), 0.1))
+    to_flow(out, PHONE)
+    m = parse(out)
+    assert m.status == 180
+    assert [v.host for v in m.vias] == [PHONE.ip]
+    assert m.vias[0].branch == "z9hG4bKphone1"
+
+
+def test_100_trying_is_never_forwarded() -> None:
+    core, _ = make_core()
+    fwd = one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    assert core.handle_data(answer(fwd.data, 100, "Trying"), flow_of(S1), 0.1) == []
+
+
+def test_response_whose_top_via_is_not_ours_is_dropped_and_counted() -> None:
+    core, _ = make_core()
+    stray = make_response(parse_message(request("INVITE")), 200, "OK", to_tag="x")
+    assert core.handle_data(stray, flow_of(S1), 0.0) == []
+    assert core.counters["responses_dropped"] == 1
+    # our host but not our branch prefix: dropped too
+    fwd = one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    resp = answer(fwd.data, 200).replace(BRANCH_PREFIX.encode(), b"z9hG4bK-xx", 1)
+    assert core.handle_data(resp, flow_of(S1), 0.1) == []
+    assert core.counters["responses_dropped"] == 2
+
+
+# --- CANCEL and the ACK of a failure follow their INVITE ---------------------------------------
+
+
+def test_cancel_and_failure_ack_follow_the_invite_after_the_owner_changed() -> None:
+    core, router = make_core()
+    fwd = one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    to_node(fwd, S1)
+    branch = our_branch(parse(fwd))
+    router.move("42", "target")
+    cancel = request("CANCEL", cseq=1)  # same top Via branch, R-URI, Call-ID and CSeq number
+    send = one(core.handle_data(cancel, PHONE, 0.5))
+    to_node(send, S1)
+    assert our_branch(parse(send)) == branch
+    one(core.handle_data(answer(fwd.data, 487, "Request Terminated"), flow_of(S1), 0.6))
+    ack = request("ACK", to="<sip:2000@example.com>;tag=node-tag")
+    send = one(core.handle_data(ack, PHONE, 0.7))
+    to_node(send, S1)
+    assert our_branch(parse(send)) == branch
+
+
+def test_cancel_follows_the_invite_to_the_failover_node() -> None:
+    core, _ = make_core()
+    mark_down(core, S1)
+    fwd = one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    to_node(fwd, S2)
+    core.health.handle_response  # S1 comes back up: the CANCEL still goes where the INVITE went
+    core.health.states[S1.key].up = True
+    to_node(one(core.handle_data(request("CANCEL"), PHONE, 0.5)), S2)
+
+
+# --- locked customers: held, released to the new system, or 503 ---------------------------------
+
+
+def test_held_invite_released_to_the_new_system_after_the_flip() -> None:
+    core, router = make_core()
+    router.move("42", state="locked")
+    sends = core.handle_data(request("INVITE"), PHONE, 0.0)
+    trying = one(sends)
+    to_flow(trying, PHONE)
+    assert status_of(trying) == 100
+    assert core.held_count == 1
+    # the phone retransmits: another 100, still held once
+    assert status_of(one(core.handle_data(request("INVITE"), PHONE, 0.5))) == 100
+    assert core.held_count == 1
+    # the migration commits: customer 42 now lives on the target
+    router.move("42", "target", "active")
+    assert core.customers_changed(["99"], 0.8) == []  # someone else's change releases nothing
+    released = one(core.customers_changed(["42"], 0.9))
+    to_node(released, T1)
+    assert parse(released).method == "INVITE"
+    assert core.held_count == 0
+
+
+def test_lock_that_outlasts_lock_hold_is_answered_503_retry_after() -> None:
+    core, router = make_core(lock_hold=2.0)
+    router.move("42", state="locked")
+    one(core.handle_data(request("INVITE"), PHONE, 10.0))
+    timer = core.get_timer()
+    assert timer is not None and timer <= 12.0
+    assert [s for s in core.handle_timer(11.0) if not s.health] == []
+    sends = [s for s in core.handle_timer(12.0) if not s.health]
+    send = one(sends)
+    to_flow(send, PHONE)
+    m = parse(send)
+    assert m.status == 503 and m.get("retry-after")
+    assert core.held_count == 0
+    assert all(s.health for s in core.handle_timer(13.0))
+
+
+def test_held_register_gets_no_100_and_is_released() -> None:
+    core, router = make_core()
+    router.move("42", state="locked")
+    path_reg = request("REGISTER", "sip:example.com", to="<sip:1001@example.com>", headers=["Contact: <sip:1001@203.0.113.5:40000>"])
+    assert core.handle_data(path_reg, PHONE, 0.0) == []
+    router.move("42", "target", "active")
+    to_node(one(core.customers_changed(["42"], 0.5)), T1)
+
+
+def test_cancel_of_a_held_invite_is_answered_200_and_487() -> None:
+    core, router = make_core()
+    router.move("42", state="locked")
+    one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    sends = core.handle_data(request("CANCEL"), PHONE, 0.5)
+    assert len(sends) == 2
+    for s in sends:
+        to_flow(s, PHONE)
+    ok, terminated = (parse(s) for s in sends)
+    assert (ok.status, ok.cseq[1]) == (200, "CANCEL")
+    assert (terminated.status, terminated.cseq[1]) == (487, "INVITE")
+    assert core.held_count == 0
+    router.move("42", "target", "active")
+    assert core.customers_changed(["42"], 1.0) == []
+
+
+# --- health: failover within the system, never to the other one ----------------------------------
+
+
+def test_all_nodes_of_the_owning_system_down_is_503_never_the_other_system() -> None:
+    core, _ = make_core()
+    mark_down(core, S1, S2)
+    send = one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    to_flow(send, PHONE)
+    m = parse(send)
+    assert m.status == 503 and m.get("retry-after") == "30"
+
+
+def test_failover_to_the_second_node_of_the_same_system_by_pings() -> None:
+    core, _ = make_core()
+    pings = core.handle_timer(0.0)
+    assert sorted((s.ip, s.port) for s in pings if s.health) == sorted((n.host, n.port) for n in NODES)
+    # every node but S1 answers its ping
+    for p in pings:
+        node = NODE_AT[(p.ip, p.port)]
+        if node != S1:
+            assert core.handle_data(make_response(parse_message(p.data), 200, "OK", to_tag="n"), flow_of(node), 0.05) == []
+    core.handle_timer(2.5)  # S1's ping timed out
+    assert not core.health.states[S1.key].up
+    to_node(one(core.handle_data(request("INVITE"), PHONE, 3.0)), S2)
+    # S1 answers again: traffic goes back to it
+    pings = [p for p in core.handle_timer(5.0) if (p.ip, p.port) == (S1.host, S1.port)]
+    core.handle_data(make_response(parse_message(pings[0].data), 200, "OK", to_tag="n"), flow_of(S1), 5.1)
+    to_node(one(core.handle_data(request("INVITE", call_id="c2"), PHONE, 5.2)), S1)
+
+
+# --- registration hand-over: expiry capped, registrations reported ---------------------------------
+
+
+def test_register_200_gets_its_expiry_capped_and_is_reported() -> None:
+    core, router = make_core()
+    router.caps["42"] = 60
+    _, fwd = _register(core, PHONE)
+    top = parse(fwd).vias[0]
+    assert top.param("dsbccap") == "60" and top.param("dsbcsys") == "source"
+    contact = "<sip:1001@203.0.113.5:40000;transport=udp>;expires=3600"
+    ok = answer(fwd.data, 200, headers=[("contact", contact), ("expires", "3600")])
+    out = one(core.handle_data(ok, flow_of(S1), 0.1))
+    to_flow(out, PHONE)
+    m = parse(out)
+    assert m.get("expires") == "60"
+    (c,) = m.values("contact")
+    assert parse_name_addr(c).param("expires") == "60"
+    assert not any(v.param("dsbccap") for v in m.vias)
+    assert core.events == [
+        RegistrationSeen("1001", [("sip:1001@203.0.113.5:40000;transport=udp", 60)], "source", f"udp:{PHONE.ip}:{PHONE.port}")
+    ]
+
+
+def test_register_200_without_a_cap_is_relayed_unchanged_and_reported() -> None:
+    core, _ = make_core()
+    _, fwd = _register(core, PHONE)
+    assert parse(fwd).vias[0].param("dsbccap") is None
+    ok = answer(fwd.data, 200, headers=[("contact", "<sip:1001@203.0.113.5:40000>;expires=1800")])
+    m = parse(one(core.handle_data(ok, flow_of(S1), 0.1)))
+    assert parse_name_addr(m.values("contact")[0]).param("expires") == "1800"
+    assert [(e.account, e.contacts, e.system) for e in core.events] == [("1001", [("sip:1001@203.0.113.5:40000", 1800)], "source")]
+
+
+# --- regressions ---------------------------------------------------------------------------------
+
+
+def test_regression_malformed_request_without_any_via_is_dropped() -> None:
+    # was: answered 505/400 with no Via at all, a response nobody can match
+    core, _ = make_core()
+    data = request("REGISTER", "sip:example.com").replace(b"SIP/2.0\r\nVia:", b"SIP/7.0\r\nXia:", 1)
+    assert core.handle_data(data, PHONE, 0.0) == []
+    assert core.counters["requests_dropped"] == 1
+    # with its Via the same request is answered 505
+    send = one(core.handle_data(request("REGISTER", "sip:example.com").replace(b"SIP/2.0\r\n", b"SIP/7.0\r\n", 1), PHONE, 0.0))
+    assert status_of(send) == 505
+
+
+@pytest.mark.parametrize("value", ["\xb2", "\xb9", "1\xb3"])
+def test_regression_non_ascii_digits_in_register_expires_do_not_raise(value: str) -> None:
+    # was: ValueError from int() ("\xb2".isdigit() is True), an internal error per 200 OK
+    core, router = make_core()
+    router.caps["42"] = 60
+    _, fwd = _register(core, PHONE)
+    ok = answer(fwd.data, 200, headers=[("contact", f"<sip:1001@203.0.113.5:40000>;expires={value}"), ("expires", value)])
+    out = one(core.handle_data(ok.decode("latin-1").encode("latin-1"), flow_of(S1), 0.1))
+    to_flow(out, PHONE)
+    # an unreadable expiry counts as the default (3600), which the cap lowers to 60
+    assert core.events[0].contacts == [("sip:1001@203.0.113.5:40000", 60)]
+
+
+def test_regression_response_goes_back_over_udp_when_the_via_claims_tcp() -> None:
+    # was: relayed over the transport named in the phone's Via, so dsbc opened a TCP
+    # connection to a phone that had sent its request over UDP
+    core, _ = make_core()
+    fwd = one(core.handle_data(request("INVITE", via="SIP/2.0/TCP 203.0.113.5:40000;branch=z9hG4bKtcp"), PHONE, 0.0))
+    out = one(core.handle_data(answer(fwd.data, 180, "Ringing"), flow_of(S1), 0.1))
+    to_flow(out, PHONE)
+
+
+def test_regression_unknown_method_names_share_one_counter() -> None:
+    # was: one counter per method name, so random methods grew every status snapshot
+    core, _ = make_core()
+    for i in range(50):
+        data = request(f"X{i:04d}Y", "sip:1001@example.com", call_id=f"m{i}")
+        core.handle_data(data, PHONE, 0.0)
+    assert core.counters["requests_in:OTHER"] == 50
+    assert not [k for k in core.counters if k.startswith("requests_in:X")]
+
+
+def test_regression_path_names_the_system_for_calls_from_an_unlisted_node_port() -> None:
+    # was: the system of a call through Path came from the sender's exact address, so a node
+    # sending from another port (TCP) gave a Record-Route without dsbc=: the phone's later
+    # requests were then routed by lookup, to the wrong system after a migration
+    core, router = make_core()
+    path, _ = _register(core, PHONE)
+    assert uri_params(path)["dsbc"] == "source"
+    node_tcp = Flow("tcp", S1.host, 41234, conn_id=3, worker=0)
+    router.trusted.add((node_tcp.ip, node_tcp.port))
+    inv = request(
+        "INVITE", "sip:1001@203.0.113.5:40000", src=node_tcp, frm="<sip:2000@example.com>;tag=n1",
+        to="<sip:1001@example.com>", call_id="in-9", headers=[f"Route: {path}"],
+    )
+    send = one(core.handle_data(inv, node_tcp, 1.0))
+    to_flow(send, PHONE)
+    assert {uri_params(rr)["dsbc"] for rr in rr_values(parse(send))} == {"source"}
+    # the phone answers, migrates, and hangs up: the BYE goes to the call's system
+    ok = one(core.handle_data(answer(send.data, 200, headers=[("contact", "<sip:1001@203.0.113.5:40000>")]), PHONE, 1.1))
+    to_flow(ok, node_tcp)
+    router.move("42", "target")
+    rr = rr_values(parse(send))
+    bye = _in_dialog(
+        "BYE", rr, "sip:2000@10.0.0.1:5060", src=PHONE, frm="<sip:1001@example.com>;tag=node-tag",
+        to="<sip:2000@example.com>;tag=n1", cseq=1, branch="z9hG4bKbye9",
+    )
+    to_node(one(core.handle_data(bye, PHONE, 2.0)), S1)
+
+
+# --- Hypothesis: nothing raises, nothing crosses systems -------------------------------------------
+
+FLOWS = st.builds(
+    Flow,
+    st.sampled_from(["udp", "tcp", "tls"]),
+    st.sampled_from([PHONE.ip, CARRIER.ip, S1.host, T1.host, "::1", "2001:db8::5"]),
+    st.integers(1, 65535),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 255),
+)
+
+SEED_MESSAGES = [
+    request("INVITE"),
+    request("REGISTER", "sip:example.com", to="<sip:1001@example.com>", headers=["Contact: <sip:1001@1.2.3.4>"]),
+    request("OPTIONS", f"sip:{ADV}"),
+    answer(request("INVITE", via=f"SIP/2.0/UDP {ADV}:{PORT};branch={BRANCH_PREFIX}x.y, SIP/2.0/UDP 1.2.3.4;branch=z9hG4bKq"), 200),
+]
+
+
+@st.composite
+def mangled(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(SEED_MESSAGES)))
+    for _ in range(draw(st.integers(0, 6))):
+        if not data:
+            break
+        op = draw(st.sampled_from(["flip", "cut", "insert", "dup"]))
+        i = draw(st.integers(0, len(data) - 1))
+        if op == "flip":
+            data[i] = draw(st.integers(0, 255))
+        elif op == "cut":
+            del data[i : i + draw(st.integers(1, 40))]
+        elif op == "insert":
+            data[i:i] = draw(st.sampled_from([b",", b";", b"\r\n", b" ", b"%", b"<", b">", b'"', b"\x00", b":", b"\xb2", b";tag=", b";ft=x"]))
+        else:
+            j = draw(st.integers(i, min(len(data), i + 80)))
+            data[i:i] = data[i:j]
+    return bytes(data)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(st.binary(max_size=400), mangled()), src=FLOWS)
+def test_any_bytes_from_any_flow_never_raise(data: bytes, src: Flow) -> None:
+    core, _ = make_core()
+    out = core.handle_data(data, src, 1.0)
+    assert isinstance(out, list)
+    assert all(isinstance(s, Send) for s in out)
+
+
+CUSTOMERS = {"42": "1001", "43": "2000", "44": "3000"}
+USERS = {**{u: c for c, u in CUSTOMERS.items()}, "7777": ""}  # 7777: unknown (store.unknown)
+
+
+class ProxyWalk(RuleBasedStateMachine):
+    """Random requests, answers, in-dialog requests, CANCELs, timers, health changes and
+    migrations.  Invariants: nothing raises; a request dsbc sends to a node goes to the
+    stub owner's system when it starts a dialog or transaction, and later requests of the
+    same Call-ID never reach another system (CANCEL / ACK may be re-decided only when
+    their INVITE is long gone)."""
+
+    @initialize()
+    def setup(self) -> None:
+        router = StubRouter()
+        router.add("42", "source", "account:1001", "did:15550001001")
+        router.add("43", "target", "account:2000", "did:15550002000")
+        router.add("44", "source", "account:3000", state="locked")
+        self.core, self.router = make_core(router, lock_hold=2.0)
+        self.now = 0.0
+        self.seq = 0
+        self.call_customer: dict[str, str] = {}  # Call-ID -> customer id ("" unknown)
+        self.call_system: dict[str, str] = {}  # Call-ID -> system of the first send to a node
+        self.forwarded: list[Send] = []  # requests dsbc sent to nodes
+        self.dialogs: list[tuple[Flow, SipMessage]] = []  # (phone flow, 2xx relayed to it)
+        self.invites: list[tuple[Flow, bytes]] = []  # (phone flow, INVITE as the phone sent it)
+
+    def _run(self, sends: list[Send]) -> None:
+        assert isinstance(sends, list)
+        for s in sends:
+            if s.health:
+                continue
+            node = NODE_AT.get((s.ip, s.port))
+            try:
+                m = parse(s)
+            except SipError:
+                # only an answer to a malformed request may be malformed (its lines are copied),
+                # and it has a Via to be matched with
+                assert node is None and s.data[:9] in (b"SIP/2.0 4", b"SIP/2.0 5"), s.data[:200]
+                assert lenient_parse(s.data.decode("latin-1")).get("via") is not None, s.data[:200]
+                continue
+            if not m.call_id.startswith("walk-"):
+                continue  # garbage that borrowed a Call-ID is not part of the walk's calls
+            if node is None:
+                if not m.is_request and m.cseq[1] == "INVITE" and 200 <= m.status < 300 and m.values("record-route"):
+                    self.dialogs.append((Flow(s.transport, s.ip, s.port, s.conn_id, max(s.worker, 0)), m))
+                continue
+            if not m.is_request:
+                continue
+            self.forwarded.append(s)
+            cid = m.call_id
+            owner = self.router.owner_system(self.call_customer.get(cid, "?"))
+            first = self.call_system.get(cid)
+            if first is None:
+                # a new dialog or transaction: decided by the stub, at this moment
+                self.call_system[cid] = node.system
+                assert node.system == owner, (m.method, cid, node.system, owner)
+            elif m.method in ("CANCEL", "ACK") and not m.values("route"):
+                assert node.system in (first, owner), (m.method, cid, node.system, first, owner)
+            else:
+                assert node.system == first, f"{m.method} of {cid} went to {node.system}, its dialog is on {first}"
+
+    def _new_call_id(self) -> str:
+        self.seq += 1
+        return f"walk-{self.seq}"
+
+    @rule(
+        method=st.sampled_from(["INVITE", "INVITE", "REGISTER", "OPTIONS", "MESSAGE", "SUBSCRIBE"]),
+        user=st.sampled_from(sorted(USERS)),
+        tcp=st.booleans(),
+    )
+    def phone_request(self, method: str, user: str, tcp: bool) -> None:
+        src = PHONE_TCP if tcp else PHONE
+        cid = self._new_call_id()
+        self.call_customer[cid] = USERS[user]
+        frm = f"<sip:{user}@example.com>;tag=f{self.seq}"
+        to = f"<sip:{user}@example.com>" if method == "REGISTER" else "<sip:9999@example.com>"
+        data = request(method, "sip:9999@example.com", src=src, frm=frm, to=to, call_id=cid, branch=f"z9hG4bKw{self.seq}")
+        if method == "INVITE":
+            self.invites.append((src, data))
+        self._run(self.core.handle_data(data, src, self.now))
+
+    @rule(user=st.sampled_from(["15550001001", "15550002000", "3000", "555"]), node=st.sampled_from(NODES))
+    def node_calls_a_number(self, user: str, node: Node) -> None:
+        cid = self._new_call_id()
+        self.call_customer[cid] = {"15550001001": "42", "15550002000": "43", "3000": "44"}.get(user, "")
+        data = request("INVITE", f"sip:{user}@{ADV}", src=flow_of(node), frm=f"<sip:x@{node.host}>;tag=n", call_id=cid, branch=f"z9hG4bKn{self.seq}")
+        self._run(self.core.handle_data(data, flow_of(node), self.now))
+
+    @precondition(lambda self: bool(self.forwarded))
+    @rule(i=st.integers(0, 10_000), status=st.sampled_from([100, 180, 200, 200, 404, 486, 503]))
+    def node_answers(self, i: int, status: int) -> None:
+        fwd = self.forwarded[i % len(self.forwarded)]
+        m = parse(fwd)
+        if m.method == "ACK":
+            return
+        contact = [("contact", f"<sip:9999@{fwd.ip}:{fwd.port}>")] if status < 300 else []
+        resp = answer(fwd.data, status, "X", headers=contact)
+        self._run(self.core.handle_data(resp, Flow("udp", fwd.ip, fwd.port), self.now))
+
+    @precondition(lambda self: bool(self.dialogs))
+    @rule(i=st.integers(0, 10_000), from_phone=st.booleans(), method=st.sampled_from(["BYE", "INVITE", "INFO", "ACK"]))
+    def in_dialog(self, i: int, from_phone: bool, method: str) -> None:
+        phone, ok = self.dialogs[i % len(self.dialogs)]
+        rr = ok.values("record-route")
+        self.seq += 1
+        if from_phone:
+            contact = ok.values("contact")
+            ruri = parse_name_addr(contact[0]).uri_text if contact else "sip:9999@example.com"
+            data = request(
+                method, ruri, src=phone, frm=ok.get("from") or "", to=ok.get("to") or "", call_id=ok.call_id,
+                cseq=100 + self.seq, branch=f"z9hG4bKd{self.seq}", headers=[f"Route: {', '.join(reversed(rr))}"] if rr else [],
+            )
+            self._run(self.core.handle_data(data, phone, self.now))
+        else:
+            node = S1 if any("dsbc=source" in r for r in rr) else T1
+            data = request(
+                method, f"sip:u@{phone.ip}:{phone.port}", src=flow_of(node), frm=ok.get("to") or "", to=ok.get("from") or "",
+                call_id=ok.call_id, cseq=200 + self.seq, branch=f"z9hG4bKe{self.seq}", headers=[f"Route: {', '.join(rr)}"] if rr else [],
+            )
+            self._run(self.core.handle_data(data, flow_of(node), self.now))
+
+    @precondition(lambda self: bool(self.invites))
+    @rule(i=st.integers(0, 10_000), ack=st.booleans())
+    def cancel_or_ack(self, i: int, ack: bool) -> None:
+        src, inv = self.invites[i % len(self.invites)]
+        data = inv.replace(b"INVITE sip:", b"ACK sip:" if ack else b"CANCEL sip:", 1).replace(b" INVITE\r\n", b" ACK\r\n" if ack else b" CANCEL\r\n", 1)
+        if ack:
+            data = data.replace(b"To: <sip:9999@example.com>", b"To: <sip:9999@example.com>;tag=node-tag", 1)
+        self._run(self.core.handle_data(data, src, self.now))
+
+    @rule(dt=st.sampled_from([0.1, 0.5, 1.0, 2.5]))
+    def time_passes(self, dt: float) -> None:
+        self.now += dt
+        self._run(self.core.handle_timer(self.now))
+
+    @rule(cid=st.sampled_from(sorted(CUSTOMERS)), system=st.sampled_from(["source", "target"]), state=st.sampled_from(["active", "locked"]))
+    def migrate(self, cid: str, system: str, state: str) -> None:
+        self.router.move(cid, system, state)
+        self._run(self.core.customers_changed([cid], self.now))
+
+    @rule(node=st.sampled_from(NODES), up=st.booleans())
+    def node_health(self, node: Node, up: bool) -> None:
+        if up:
+            self.core.health.states[node.key].up = True
+        else:
+            self.core.health.mark_unreachable(node.host, node.port, self.now)
+
+    @rule(data=st.one_of(st.binary(max_size=200), mangled()), src=FLOWS)
+    def garbage(self, data: bytes, src: Flow) -> None:
+        self._run(self.core.handle_data(data, src, self.now))
+
+    @invariant()
+    def timer_is_sane(self) -> None:
+        if hasattr(self, "core"):
+            t = self.core.get_timer()
+            assert t is None or isinstance(t, float)
+
+
+ProxyWalk.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+test_proxy_state_walk = ProxyWalk.TestCase
