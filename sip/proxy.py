@@ -123,6 +123,8 @@ class ProxyCore:
         self._held_heap: list[tuple[float, str]] = []
         self._our_hosts = {settings.advertise_host.lower()} | {h.lower() for h, _ in settings.local_addresses}
         self._our_ports = set(settings.ports.values()) | {p for _, p in settings.local_addresses}
+        # a node on TCP/TLS sends its own requests from any port of its host
+        self._stream_node_hosts = {st.node.host for st in health.states.values() if st.node.transport != "udp"}
 
     # --- entry points ---------------------------------------------------------------
 
@@ -264,8 +266,11 @@ class ProxyCore:
             return [self._forward(msg, ed, src, Send(transport, ip, port, b""), branch, None, "", "", now)]
         if "ft" in params:
             flow = self._decode_flow(params["ft"])
-            if trusted or (flow.ip, flow.port) != (src.ip, src.port):
-                # toward the device that registered / is in this dialog
+            if trusted or (src.is_stream and src.ip in self._stream_node_hosts):
+                # from the inside (a system's node, a trusted peer): toward the device that
+                # registered / is in this dialog.  A device never goes out to another device's
+                # flow (RFC 5626 5.3): it learns their tokens from Record-Route, and would
+                # bypass the system; from a new NAT port it is the device itself.
                 system = params.get("dsbc", "") or self._system_of(src)
                 dest = Send(flow.transport, flow.ip, flow.port, b"", flow.conn_id, flow.worker if flow.is_stream else -1)
                 return [self._forward(msg, ed, src, dest, branch, flow, system, "", now)]

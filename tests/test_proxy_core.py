@@ -975,3 +975,43 @@ class ProxyWalk(RuleBasedStateMachine):
 
 ProxyWalk.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 test_proxy_state_walk = ProxyWalk.TestCase
+
+
+def test_regression_a_device_cannot_use_another_devices_flow_token() -> None:
+    # was: any sender whose address differed from the token's went out to the token's
+    # flow, so a caller who saw phone B's Record-Route could call B past the system
+    core, router = make_core()
+    path, _ = _register(core, PHONE)
+    attacker = Flow("udp", "203.0.113.66", 5060)
+    inv = request(
+        "INVITE", "sip:1001@203.0.113.5:40000", src=attacker, frm="<sip:2000@example.com>;tag=a1",
+        to="<sip:1001@example.com>", call_id="bypass-1", headers=[f"Route: {path}"],
+    )
+    send = one(core.handle_data(inv, attacker, 1.0))
+    to_node(send, S1)  # to the system named in the Route, which decides what to do with it
+
+
+def test_regression_bye_from_a_new_nat_port_goes_to_the_system() -> None:
+    # was: the phone's BYE from a rebound NAT port went back out to its old port
+    core, _ = make_core()
+    rr, _ = _call(core)
+    rebound = Flow("udp", PHONE.ip, 41999)
+    bye = _in_dialog(
+        "BYE", list(reversed(rr)), f"sip:2000@{S1.host}:{S1.port}", src=rebound,
+        frm="<sip:1001@example.com>;tag=from1", to="<sip:2000@example.com>;tag=node-tag", cseq=2, branch="z9hG4bKnat2",
+    )
+    to_node(one(core.handle_data(bye, rebound, 1.0)), S1)
+
+
+def test_a_tcp_node_reaches_the_phone_from_any_port_of_its_host() -> None:
+    s_tcp = Node("source", 0, "tcp", "10.0.0.9", 5060)
+    core, router = make_core(nodes=(s_tcp, T1))
+    path, _ = _register(core, PHONE, cap_node=s_tcp)
+    node_conn = Flow("tcp", s_tcp.host, 45678, conn_id=12, worker=0)  # not a trusted ip:port
+    inv = request(
+        "INVITE", "sip:1001@203.0.113.5:40000", src=node_conn, frm="<sip:2000@example.com>;tag=n1",
+        to="<sip:1001@example.com>", call_id="in-tcp", headers=[f"Route: {path}"],
+    )
+    send = one(core.handle_data(inv, node_conn, 1.0))
+    to_flow(send, PHONE)
+    assert {uri_params(rr)["dsbc"] for rr in rr_values(parse(send))} == {"source"}
