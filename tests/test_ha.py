@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
 import threading
@@ -368,6 +369,9 @@ def test_migration_under_load(request: pytest.FixtureRequest, systems: Systems, 
 @pytest.mark.timeout(600)
 def test_migration_under_load_long(request: pytest.FixtureRequest, systems: Systems, redis: RedisServer,
                                    nodes: Callable[..., Dsbc], tmp_path: Path) -> None:
+    expr = (request.config.option.markexpr or "").replace("not slow", "")
+    if "slow" not in expr and not os.environ.get("DSBC_SLOW"):
+        pytest.skip("long load run (about 3 minutes): select it with -m slow or DSBC_SLOW=1")
     run_migration_under_load(request, systems, redis, nodes, tmp_path,
                              Load(customers=2000, rate=40, seconds=120, hold_ms=5000, batches=10, register_rate=30))
 

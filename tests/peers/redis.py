@@ -188,7 +188,10 @@ class TcpProxy:
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     def _pipe(self, src: Any, dst: Any) -> None:
-        src.settimeout(0.1)
+        try:
+            src.settimeout(0.1)
+        except OSError:  # cut() closed it before this thread started
+            return
         while not self._stop.is_set():
             if self.state == "stalled":
                 time.sleep(0.02)
