@@ -16,11 +16,15 @@ from pathlib import Path
 import pytest
 
 FUZZ = Path(__file__).resolve().parent / "fuzz"
-HARNESSES = {"radius_packet.py": "corpus-radius", "diameter_codec.py": "corpus-diameter", "api_classify.py": "corpus-api"}
+HARNESSES = {
+    "radius_packet.py": "corpus-radius",
+    "diameter_codec.py": "corpus-diameter",
+    "api_classify.py": "corpus-api",
+}
 SECONDS = 3
 
 sys.path.insert(0, str(FUZZ))
-import _aaa  # noqa: E402
+import _aaa
 
 
 def run(harness: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -32,7 +36,9 @@ def run(harness: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProces
         sys.executable, str(FUZZ / harness), str(corpus), str(FUZZ / HARNESSES[harness]),
         f"-max_total_time={SECONDS}", f"-artifact_prefix={artifacts}/", "-seed=1", *extra,
     ]  # fmt: skip
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=SECONDS * 20 + 60, check=False)
+    proc = subprocess.run(
+        args, capture_output=True, text=True, timeout=SECONDS * 20 + 60, check=False
+    )
     crashes = sorted(artifacts.glob("crash-*"))
     detail = "\n".join(f"{p.name}: {p.read_bytes()[:300]!r}" for p in crashes)
     assert proc.returncode == 0, f"{harness} failed\n{detail}\n{proc.stderr[-3000:]}"
@@ -46,7 +52,9 @@ def test_harness_runs_clean(harness: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="the fallback loop already ran above")
+@pytest.mark.skipif(
+    importlib.util.find_spec("atheris") is None, reason="the fallback loop already ran above"
+)
 @pytest.mark.parametrize("harness", sorted(HARNESSES))
 def test_fallback_loop_runs_clean(harness: str, tmp_path: Path) -> None:
     proc = run(harness, tmp_path, "--no-atheris", "-runs=300")
@@ -55,7 +63,11 @@ def test_fallback_loop_runs_clean(harness: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("corpus", sorted(HARNESSES.values()))
 def test_seed_corpus_passes_the_invariants(corpus: str) -> None:
-    check = {"corpus-radius": _aaa.check_radius, "corpus-diameter": _aaa.check_diameter, "corpus-api": _aaa.check_api}[corpus]
+    check = {
+        "corpus-radius": _aaa.check_radius,
+        "corpus-diameter": _aaa.check_diameter,
+        "corpus-api": _aaa.check_api,
+    }[corpus]
     seeds = sorted((FUZZ / corpus).glob("*.dat"))
     assert len(seeds) >= 10
     for p in seeds:

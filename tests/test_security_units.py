@@ -18,7 +18,9 @@ from sip.ratelimit import RateLimiter, Verdict
 from sip.scanner import ScannerFilter
 
 
-def invite(call_id: str = "c1", ua: str = "test-phone", method: str = "INVITE", pad: int = 0) -> bytes:
+def invite(
+    call_id: str = "c1", ua: str = "test-phone", method: str = "INVITE", pad: int = 0
+) -> bytes:
     return (
         f"{method} sip:1002@192.0.2.1 SIP/2.0\r\n"
         "Via: SIP/2.0/UDP 198.51.100.9:5060;branch=z9hG4bK-1\r\n"
@@ -122,7 +124,11 @@ def test_limiter_properties(events: list[tuple[int, float]]) -> None:
 
 
 def test_limiter_rejects_bad_settings() -> None:
-    for kwargs in ({"limit": 0, "window": 1.0}, {"limit": 1, "window": 0.0}, {"limit": 1, "window": 1.0, "max_entries": 0}):
+    for kwargs in (
+        {"limit": 0, "window": 1.0},
+        {"limit": 1, "window": 0.0},
+        {"limit": 1, "window": 1.0, "max_entries": 0},
+    ):
         with pytest.raises(ValueError):
             RateLimiter(**kwargs)  # type: ignore[arg-type]
 
@@ -132,10 +138,28 @@ def test_limiter_rejects_bad_settings() -> None:
 
 @pytest.mark.parametrize(
     "ua",
-    ["friendly-scanner", "FRIENDLY-SCANNER", "sipvicious 0.3.4", "Mozilla sipcli/v1.8", "VaxSIPUserAgent/3.1", "iWar", "sundayddr"],
+    [
+        "friendly-scanner",
+        "FRIENDLY-SCANNER",
+        "sipvicious 0.3.4",
+        "Mozilla sipcli/v1.8",
+        "VaxSIPUserAgent/3.1",
+        "iWar",
+        "sundayddr",
+    ],
 )
 def test_scanner_user_agents_match(ua: str) -> None:
-    f = ScannerFilter(["friendly-scanner", "sipvicious", "sipcli", "sip-scan", "VaxSIPUserAgent", "iWar", "sundayddr"])
+    f = ScannerFilter(
+        [
+            "friendly-scanner",
+            "sipvicious",
+            "sipcli",
+            "sip-scan",
+            "VaxSIPUserAgent",
+            "iWar",
+            "sundayddr",
+        ]
+    )
     assert f.match(invite(ua=ua))
 
 
@@ -143,7 +167,10 @@ def test_scanner_filter_looks_only_at_user_agent_in_the_header_section() -> None
     f = ScannerFilter(["friendly-scanner"])
     assert not f.match(invite(ua="Linphone/5.2"))
     # the name in another header or in the body is not a scanner
-    msg = invite(ua="Linphone").replace(b"Content-Length: 0\r\n\r\n", b"Subject: friendly-scanner\r\nContent-Length: 28\r\n\r\nUser-Agent: friendly-scanner")
+    msg = invite(ua="Linphone").replace(
+        b"Content-Length: 0\r\n\r\n",
+        b"Subject: friendly-scanner\r\nContent-Length: 28\r\n\r\nUser-Agent: friendly-scanner",
+    )
     assert not f.match(msg)
     assert f.match(invite(ua="x").replace(b"User-Agent: x", b"user-agent  :  a friendly-scanner"))
     with pytest.raises(ValueError):
@@ -185,7 +212,12 @@ def test_admission_exempts_trusted_peers_and_drop_mode_is_silent() -> None:
 
 def test_admission_drops_scanners_silently() -> None:
     adm, counters = make_admission(scanners=ScannerFilter(["friendly-scanner"]))
-    assert adm.check(invite(ua="friendly-scanner", method="OPTIONS"), Flow("udp", "203.0.113.9", 5060), 0.0) == []
+    assert (
+        adm.check(
+            invite(ua="friendly-scanner", method="OPTIONS"), Flow("udp", "203.0.113.9", 5060), 0.0
+        )
+        == []
+    )
     assert adm.check(invite(ua="Zoiper"), Flow("udp", "203.0.113.9", 5060), 0.0) is None
     assert counters["scanners_dropped"] == 1
 

@@ -56,7 +56,11 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
 
 @pytest.mark.skipif(find_binary("kamailio") is None, reason="kamailio is not installed")
 def test_tls_phones_register_and_call_through_dsbc(
-    ca: TestCA, kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory, tmp_workdir: Path
+    ca: TestCA,
+    kamailio_factory: Factory,
+    phone_factory: Factory,
+    dsbc_factory: Factory,
+    tmp_workdir: Path,
 ) -> None:
     source = kamailio_factory("source", extra_trusted=["127.0.0.1"])
     target = kamailio_factory("target", extra_trusted=["127.0.0.1"])
@@ -69,8 +73,12 @@ def test_tls_phones_register_and_call_through_dsbc(
         tls=cert,
     )
     d.wait_nodes_up()
-    alice = phone_factory("1001", d.ip, d.tls_port, transport="tls", tls_ca=ca.cert, bind_ip="127.0.0.2")
-    bob = phone_factory("1002", d.ip, d.tls_port, transport="tls", tls_ca=ca.cert, bind_ip="127.0.0.3")
+    alice = phone_factory(
+        "1001", d.ip, d.tls_port, transport="tls", tls_ca=ca.cert, bind_ip="127.0.0.2"
+    )
+    bob = phone_factory(
+        "1002", d.ip, d.tls_port, transport="tls", tls_ca=ca.cert, bind_ip="127.0.0.3"
+    )
     assert alice.register() == 200 and bob.register() == 200
     reg = source.registrations("1002")[0]
     assert "ft=" in reg.get("Path", "")
@@ -98,7 +106,9 @@ def test_tls_phones_register_and_call_through_dsbc(
 class TlsClient:
     """A SIP client on one TLS connection from ``local_ip`` (framed by sip.framing)."""
 
-    def __init__(self, ctx: ssl.SSLContext, addr: tuple[str, int], local_ip: str = "127.0.0.2") -> None:
+    def __init__(
+        self, ctx: ssl.SSLContext, addr: tuple[str, int], local_ip: str = "127.0.0.2"
+    ) -> None:
         raw = socket.create_connection(addr, timeout=5, source_address=(local_ip, 0))
         self.sock = ctx.wrap_socket(raw)
         self.local = self.sock.getsockname()
@@ -138,7 +148,9 @@ def wait_node_response(node: FakeNode, status: int, timeout: float = 5.0) -> Sip
     return got[-1]
 
 
-def in_dialog(method: str, ruri: str, routes: list[str], call_id: str, cseq: int, via: str, frm: str, to: str) -> str:
+def in_dialog(
+    method: str, ruri: str, routes: list[str], call_id: str, cseq: int, via: str, frm: str, to: str
+) -> str:
     return (
         f"{method} {ruri} SIP/2.0\n"
         f"Via: {via}\n"
@@ -187,13 +199,22 @@ def test_sips_dialog_record_routes_reuses_the_connection_and_refuses_bad_flows(
 
         # the node's own in-dialog request comes out on the caller's TLS connection
         node_via = f"SIP/2.0/UDP {node.ip}:{node.port};branch=z9hG4bK-node-1;rport"
-        info = in_dialog("INFO", f"sips:1001@{lhost}:{lport}", [inside, outside], "tls-call-1", 7, node_via, to, frm)
+        info = in_dialog(
+            "INFO",
+            f"sips:1001@{lhost}:{lport}",
+            [inside, outside],
+            "tls-call-1",
+            7,
+            node_via,
+            to,
+            frm,
+        )
         node.send(info.replace("\n", "\r\n").encode(), d.sip_addr)
         got = c.recv()
         assert got.method == "INFO" and got.get("call-id") == "tls-call-1"
         assert len(got.all("via")) == 2  # dsbc's Via on top, then the node's
         c.send(
-            f"SIP/2.0 200 OK\n" + "".join(f"Via: {v}\n" for v in got.all("via"))
+            "SIP/2.0 200 OK\n" + "".join(f"Via: {v}\n" for v in got.all("via"))
             + f"From: {to}\nTo: {frm}\nCall-ID: tls-call-1\nCSeq: 7 INFO\nContent-Length: 0\n\n"
         )  # fmt: skip
         wait_node_response(node, 200)
@@ -201,7 +222,12 @@ def test_sips_dialog_record_routes_reuses_the_connection_and_refuses_bad_flows(
         # a flow token naming a connection that is gone: 430 Flow Failed (RFC 5626 5.3)
         c.close()
         time.sleep(0.3)
-        node.send(info.replace("branch=z9hG4bK-node-1", "branch=z9hG4bK-node-2").replace("\n", "\r\n").encode(), d.sip_addr)
+        node.send(
+            info.replace("branch=z9hG4bK-node-1", "branch=z9hG4bK-node-2")
+            .replace("\n", "\r\n")
+            .encode(),
+            d.sip_addr,
+        )
         assert wait_node_response(node, 430).get("call-id") == "tls-call-1"
 
         # a forged flow token: 403

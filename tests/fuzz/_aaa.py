@@ -44,7 +44,9 @@ SECRETS = {"source": b"src-secret", "target": b"tgt-secret"}
 def _decide(user: str) -> tuple[str, str]:
     # every routing outcome, chosen by the user name so the fuzzer can steer it
     h = zlib.crc32(user.encode("utf-8", "surrogateescape")) % 4
-    return (("source", "active"), ("target", "active"), ("reject", "active"), ("target", "locked"))[h]
+    return (("source", "active"), ("target", "active"), ("reject", "active"), ("target", "locked"))[
+        h
+    ]
 
 
 def _radius_core() -> RadiusCore:
@@ -73,7 +75,9 @@ def check_radius_packet(data: bytes) -> rp.Packet | None:
         lambda: rp.unhide_password(pkt.get(rp.USER_PASSWORD) or b"", NAS_SECRET, pkt.authenticator),
         lambda: rp.verify_message_authenticator(data[:length], NAS_SECRET),
         lambda: rp.verify_response(data[:length], pkt.authenticator, NAS_SECRET),
-        lambda: rp.reencrypt_answer_attrs(rp.decode(data), NAS_SECRET, pkt.authenticator, b"other", bytes(16)),
+        lambda: rp.reencrypt_answer_attrs(
+            rp.decode(data), NAS_SECRET, pkt.authenticator, b"other", bytes(16)
+        ),
     ):
         try:
             call()
@@ -147,7 +151,9 @@ def check_diameter_message(data: bytes) -> dc.Message | None:
         except dc.DiameterDecodeError:
             pass
     if m.is_request:
-        dc.decode(dc.encode(dc.answer(m, dc.UNABLE_TO_DELIVER, "dsbc", "example.net", error_message="x")))
+        dc.decode(
+            dc.encode(dc.answer(m, dc.UNABLE_TO_DELIVER, "dsbc", "example.net", error_message="x"))
+        )
     return m
 
 
@@ -168,8 +174,13 @@ def _router() -> DiameterRouter:
     def decide(candidates: list[tuple[str, str]]) -> tuple[str, str]:
         return _decide("|".join(v for _, v in candidates))
 
-    systems = [SystemRoute("source", "ocs.mr100", "mr100"), SystemRoute("target", "ocs.mr115", "mr115")]
-    r = DiameterRouter(systems, decide, "dsbc.example.net", "example.net", request_timeout=1.0, lock_hold=0.5)
+    systems = [
+        SystemRoute("source", "ocs.mr100", "mr100"),
+        SystemRoute("target", "ocs.mr115", "mr115"),
+    ]
+    r = DiameterRouter(
+        systems, decide, "dsbc.example.net", "example.net", request_timeout=1.0, lock_hold=0.5
+    )
     r.client_open(1, "nas.example.net")
     r.peer_state("source", True, "ocs.mr100")
     r.peer_state("target", True, "ocs.mr115")
@@ -180,7 +191,9 @@ def check_diameter(data: bytes) -> None:
     m = check_diameter_message(data)
     whole = _frames([data])
     if len(data) <= 3000:
-        assert _frames([data[i : i + 1] for i in range(len(data))]) == whole, "byte-by-byte framing differs"
+        assert _frames([data[i : i + 1] for i in range(len(data))]) == whole, (
+            "byte-by-byte framing differs"
+        )
     for frame in whole[0]:
         check_diameter_message(frame)
     if m is None:
@@ -196,7 +209,14 @@ def check_diameter(data: bytes) -> None:
                     continue
                 # the system answers the forwarded request with the fuzzed AVPs
                 fwd = dc.decode(s.data)
-                ans = dc.Message(fwd.flags & ~dc.FLAG_R, fwd.code, fwd.app_id, fwd.hop_by_hop, fwd.end_to_end, m.avps)
+                ans = dc.Message(
+                    fwd.flags & ~dc.FLAG_R,
+                    fwd.code,
+                    fwd.app_id,
+                    fwd.hop_by_hop,
+                    fwd.end_to_end,
+                    m.avps,
+                )
                 r.answer_from(str(s.target), ans, now + 0.1)
             r.peer_request("source", m, now)
         else:
@@ -222,10 +242,24 @@ def split_api_input(data: bytes) -> tuple[str, str, str, dict[str, str], bytes]:
     if not isinstance(meta, dict):
         realms = sorted(REALMS)
         realm = realms[data[0] % len(realms)] if data else "customer"
-        return realm, "POST", "/" + head.decode("latin-1"), {"content-type": "application/json"}, body
+        return (
+            realm,
+            "POST",
+            "/" + head.decode("latin-1"),
+            {"content-type": "application/json"},
+            body,
+        )
     headers = meta.get("headers")
-    headers = {str(k).lower(): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}
-    return str(meta.get("realm", "")), str(meta.get("method", "POST")), str(meta.get("target", "/")), headers, body
+    headers = (
+        {str(k).lower(): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}
+    )
+    return (
+        str(meta.get("realm", "")),
+        str(meta.get("method", "POST")),
+        str(meta.get("target", "/")),
+        headers,
+        body,
+    )
 
 
 def check_api(data: bytes) -> None:

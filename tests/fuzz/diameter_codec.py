@@ -26,7 +26,7 @@ if atheris is not None and "--no-atheris" not in sys.argv:
 else:
     import _aaa
 
-import _common  # noqa: E402
+import _common
 
 _common.SEED_DIR = _aaa.HERE / "corpus-diameter"  # this harness's seeds, not the SIP ones
 

@@ -20,8 +20,8 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from dsbc.diameter import codec as dc  # noqa: E402
-from dsbc.radius import packet as rp  # noqa: E402
+from dsbc.diameter import codec as dc
+from dsbc.radius import packet as rp
 
 HERE = pathlib.Path(__file__).resolve().parent
 NAS_SECRET = b"nas-secret"  # the client secret the RADIUS harness uses

@@ -32,7 +32,9 @@ __all__ = ["FakeNode", "response_to"]
 _tags = itertools.count(1)
 
 
-def response_to(raw: bytes, status: int = 200, reason: str = "OK", extra: str = "", contact: str = "") -> bytes:
+def response_to(
+    raw: bytes, status: int = 200, reason: str = "OK", extra: str = "", contact: str = ""
+) -> bytes:
     """A response to request ``raw``: Via, Record-Route, From, To (+tag), Call-ID, CSeq,
     and ``contact`` (a URI) as Contact if given."""
     head = raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace").split("\r\n")
@@ -141,7 +143,11 @@ class FakeNode:
 
     def responses(self) -> list[SipText]:
         with self.lock:
-            return [parse_message(r.decode("utf-8", "replace")) for r in self.received if r.startswith(b"SIP/")]
+            return [
+                parse_message(r.decode("utf-8", "replace"))
+                for r in self.received
+                if r.startswith(b"SIP/")
+            ]
 
     # -- sending ---------------------------------------------------------------------
     def send(self, raw: bytes, to: tuple[str, int]) -> None:
@@ -158,14 +164,16 @@ class FakeNode:
     def _handle(self, raw: bytes) -> bytes | None:
         with self.lock:
             self.received.append(raw)
-        if raw.startswith(b"SIP/") or raw.startswith(b"ACK "):
+        if raw.startswith((b"SIP/", b"ACK ")):
             return None
         mode = self.mode
         if mode in ("silent", "reset"):
             return None
         if mode == "slow" and not raw.startswith(b"OPTIONS "):
             time.sleep(self.delay)
-        return response_to(raw, contact=f"sip:node@{self.ip}:{self.port};transport={self.transport}")
+        return response_to(
+            raw, contact=f"sip:node@{self.ip}:{self.port};transport={self.transport}"
+        )
 
     def _udp_loop(self) -> None:
         assert self.sock is not None

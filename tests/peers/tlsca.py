@@ -30,7 +30,9 @@ def openssl_available() -> bool:
 
 
 def _run(*args: str, cwd: Path) -> None:
-    r = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=False
+    )
     if r.returncode != 0:
         raise PeerError(f"openssl {' '.join(args[:2])} failed: {r.stderr.strip()}")
 
@@ -106,7 +108,9 @@ class TestCA:
             ctx.load_cert_chain(str(cert[0]), str(cert[1]))
         return ctx
 
-    def server_context(self, cert: tuple[Path, Path], verify_client: bool = False) -> ssl.SSLContext:
+    def server_context(
+        self, cert: tuple[Path, Path], verify_client: bool = False
+    ) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.cert))
         ctx.load_cert_chain(str(cert[0]), str(cert[1]))
         ctx.verify_mode = ssl.CERT_REQUIRED if verify_client else ssl.CERT_NONE
