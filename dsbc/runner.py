@@ -40,10 +40,11 @@ def setup_logging(level: str = "info", as_json: bool = False) -> None:
     if as_json:
         class _Json(logging.Formatter):
             def format(self, record: logging.LogRecord) -> str:
-                return json.dumps(
-                    {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-                     "pid": record.process, "msg": record.getMessage()}
-                )
+                out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                       "pid": record.process, "msg": record.getMessage()}
+                if record.exc_info:  # log.exception(): the traceback too, in the same line
+                    out["exc"] = self.formatException(record.exc_info)
+                return json.dumps(out)
         handler.setFormatter(_Json())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
@@ -408,10 +409,15 @@ def run(cfg_path: str) -> int:
     try:
         from .store import open_store
 
-        store = open_store(cfg.store.url, cfg.store.unknown)
+        # without loading the index: the workers load it (a million customers, once each)
+        store = open_store(cfg.store.url, cfg.store.unknown, load=False)
         store.close()
     except Exception as exc:  # noqa: BLE001 - report the reason, not a traceback
-        raise click.ClickException(f"{cfg_path}: store.url: cannot open the store: {exc}") from None
+        from .store import StoreUnavailable
+
+        if not (isinstance(exc, StoreUnavailable) and cfg.store.cache_file and os.path.exists(cfg.store.cache_file)):
+            raise click.ClickException(f"{cfg_path}: store.url: cannot open the store: {exc}") from None
+        log.warning("%s; starting from the cache %s", exc, cfg.store.cache_file)
     return Master(cfg, cfg_path).run()
 
 

@@ -437,6 +437,7 @@ def test_lost_redis_data_keeps_the_memory(store: RedisStore, server: RedisServer
 def test_cache_file_starts_a_node_while_redis_is_away(store: RedisStore, server: RedisServer,
                                                        make: Any, tmp_path: Path) -> None:
     cache = str(tmp_path / "index.cache")
+    store.set_meta("sip.flow_secret", "s3cret", only_if_absent=True)
     first = make(cache_file=cache)
     assert os.path.exists(cache)
     first.close()
@@ -446,6 +447,8 @@ def test_cache_file_starts_a_node_while_redis_is_away(store: RedisStore, server:
     node = make(cache_file=cache)
     assert not node.healthy
     assert node.lookup("did", "15550001").customer_id == "1"  # type: ignore[union-attr]
+    # what a SIP worker asks at start: the flow-token key, from the cache
+    assert node.set_meta("sip.flow_secret", "other", only_if_absent=True) == "s3cret"
     server.start()
     store.migrate(["1"], "target")
     wait_for(lambda: node.lookup("account", "a1").system == "target", refresh=[node], timeout=10)  # type: ignore[union-attr]

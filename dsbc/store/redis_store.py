@@ -125,6 +125,7 @@ class RedisStore(LocationStore):
         self._pending_sessions: dict[str, ApiSession | None] = {}
         self._pending_regs: dict[tuple[str, str], Registration] = {}
         self._last_purge = 0.0
+        self._meta: dict[str, str] = {}  # kept in the cache file too (sip.flow_secret)
         self._cache_written = 0.0
         self._watcher: Watcher | None = None
         try:
@@ -133,6 +134,7 @@ class RedisStore(LocationStore):
                 raise StoreError(f"no store at {self.url} (dsbc import creates it)")
             self._up = True
             if load:
+                self._meta = dict(self._w.hgetall(self.prefix + "meta"))
                 self._swap(*load_index(self._w, self.prefix))
         except self._errors as exc:
             if not load:
@@ -327,7 +329,7 @@ class RedisStore(LocationStore):
         try:
             with open(tmp, "wb") as f:
                 f.write(msgspec.msgpack.encode({"seq": seq, "epoch": epoch, "url": self.url,
-                                                "customers": rows}))
+                                                "meta": self._meta, "customers": rows}))
             os.replace(tmp, self.cache_file)
         except OSError as exc:
             log.warning("cannot write the store cache %s: %s", self.cache_file, exc)
@@ -350,6 +352,7 @@ class RedisStore(LocationStore):
                     yield (cid, system, state, group, batch, cap, key)
 
         self._swap(MemoryIndex.build(rows()), int(data.get("seq", 0)), str(data.get("epoch", "")))
+        self._meta = {str(k): str(v) for k, v in (data.get("meta") or {}).items()}
         self._applied_at = os.path.getmtime(self.cache_file)
         log.warning("store %s unreachable: started from the cache %s (%d customers, change %d)",
                     self.url, self.cache_file, self._known_customers(), self._last_seq)
@@ -707,21 +710,32 @@ class RedisStore(LocationStore):
     # -- misc -----------------------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
+        """From Redis; while it is away, the value last seen (the cache file keeps them)."""
         try:
             value = self._w.hget(self.prefix + "meta", key)
         except self._errors as exc:
+            if key in self._meta:
+                return self._meta[key]
             raise self._unavailable("reading meta", exc, writing=False) from None
-        return None if value is None else str(value)
+        if value is None:
+            self._meta.pop(key, None)
+            return None
+        self._meta[key] = str(value)
+        return str(value)
 
     def set_meta(self, key: str, value: str, only_if_absent: bool = False) -> str:
         try:
             if not only_if_absent:
                 self._w.hset(self.prefix + "meta", key, value)
-                return value
-            self._w.hsetnx(self.prefix + "meta", key, value)
-            return str(self._w.hget(self.prefix + "meta", key))
+            else:
+                self._w.hsetnx(self.prefix + "meta", key, value)
+                value = str(self._w.hget(self.prefix + "meta", key))
         except self._errors as exc:
+            if only_if_absent and key in self._meta:  # a node started from its cache file
+                return self._meta[key]
             raise self._unavailable("setting meta", exc) from None
+        self._meta[key] = value
+        return value
 
     def counts(self) -> dict[str, int]:
         now = time.time()
