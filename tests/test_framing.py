@@ -198,7 +198,7 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(streams(), st.lists(st.integers(0, 10_000), max_size=30))
 def test_any_cuts_yield_the_same_events(
     case: tuple[list[object], bytes], points: list[int]
@@ -211,7 +211,7 @@ def test_any_cuts_yield_the_same_events(
             assert parse_message(ev, datagram=False).raw == ev  # type: ignore[arg-type]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.binary(min_size=1, max_size=300), st.lists(st.integers(0, 10_000), max_size=10))
 def test_oversized_message_raises_whatever_the_cuts(body: bytes, points: list[int]) -> None:
     m = msg(body)
@@ -221,7 +221,7 @@ def test_oversized_message_raises_whatever_the_cuts(body: bytes, points: list[in
     assert feed(cut(stream, points), max_size=len(m)) == [msg(), m]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(
         st.binary(max_size=80)
@@ -280,7 +280,7 @@ _pieces = st.sampled_from(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(_pieces | st.binary(max_size=40), max_size=12),
     st.lists(st.integers(0, 10_000), max_size=20),

@@ -30,7 +30,7 @@ from sip.uri import parse_uri, unescape
 DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "conformance" / "rfc4475"
 if not DIR.is_dir():  # checkouts that keep the corpus elsewhere
     DIR = pathlib.Path("/work/shared/conformance/rfc4475")
-INDEX: list[dict[str, Any]] = json.loads((DIR / "index.json").read_text())
+INDEX: list[dict[str, Any]] = json.loads((DIR / "index.json").read_text()) if DIR.is_dir() else []
 
 pytestmark = pytest.mark.skipif(not DIR.is_dir(), reason="RFC 4475 corpus not available")
 
@@ -100,7 +100,7 @@ COPIED = ("via", "from", "to", "call-id", "cseq")
 
 
 def load(name: str) -> bytes:
-    return (DIR / name).read_bytes()
+    return (DIR / name).read_bytes() if DIR.is_dir() else b""
 
 
 def parse(name: str) -> SipMessage:

@@ -795,7 +795,7 @@ def _lws(text: str) -> str:
     return re.sub(r"[ \t]+", " ", text)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(well_formed())
 def test_generated_messages_round_trip(case: tuple[bytes, dict[str, object]]) -> None:
     data, expect = case

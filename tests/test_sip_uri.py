@@ -210,7 +210,7 @@ def test_uri_like_text_gives_uri_or_sip_error(text: str) -> None:
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
 def test_unescape_any_text(data: bytes) -> None:
     text = data.decode("latin-1")
@@ -254,7 +254,7 @@ def sip_uris(draw: st.DrawFn) -> tuple[str, dict[str, object]]:
     }
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(sip_uris())
 def test_generated_uris_parse_to_their_fields(case: tuple[str, dict[str, object]]) -> None:
     text, fields = case
