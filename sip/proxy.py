@@ -264,6 +264,8 @@ class ProxyCore:
         if method in ("CANCEL", "ACK") and branch in self._invites:
             transport, ip, port, _ = self._invites[branch]
             return [self._forward(msg, ed, src, Send(transport, ip, port, b""), branch, None, "", "", now)]
+        if method == "REGISTER":
+            params.clear()  # never in a dialog: a stale Route (Path, Record-Route) must not pin it
         if "ft" in params:
             flow = self._decode_flow(params["ft"])
             if trusted or (src.is_stream and src.ip in self._stream_node_hosts):

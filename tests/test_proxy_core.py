@@ -1015,3 +1015,16 @@ def test_a_tcp_node_reaches_the_phone_from_any_port_of_its_host() -> None:
     send = one(core.handle_data(inv, node_conn, 1.0))
     to_flow(send, PHONE)
     assert {uri_params(rr)["dsbc"] for rr in rr_values(parse(send))} == {"source"}
+
+
+def test_register_with_a_stale_route_is_still_routed_by_its_to_user() -> None:
+    # a phone that puts the Path (or an old Record-Route) of its last registration in a
+    # Route: after the migration its REGISTER must reach the new system all the same
+    core, router = make_core()
+    path, _ = _register(core, PHONE)
+    router.move("42", "target")
+    reg = request(
+        "REGISTER", "sip:example.com", frm="<sip:1001@example.com>;tag=r2", to="<sip:1001@example.com>",
+        call_id="reg-again", headers=[f"Route: {path}", "Contact: <sip:1001@203.0.113.5:40000>"],
+    )
+    to_node(one(core.handle_data(reg, PHONE, 1.0)), T1)
