@@ -1,0 +1,447 @@
+"""SIP scenarios: calls (CPU per call, highest rate), REGISTER rate, calls over TCP.
+
+Topology (loopback aliases, as phones, dispatcher and systems would be apart):
+
+    sipp uac (127.0.0.2) -> dispatcher (127.0.0.1) -> sipp uas: source 127.0.0.3, target 127.0.0.4
+
+The dispatcher is dsbc (one worker unless said) or Kamailio (children=1, stateless:
+benchmarks/peers/kamailio_bench.cfg.tmpl), each with the same 1,000,000 identities; the
+caller of each call is drawn from 10,000 of the store's accounts, so every INVITE is an
+owner lookup among the million (every tenth customer lives on the target).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.peers.dsbc_bench import DsbcBench
+from benchmarks.peers.kamailio_bench import KamailioBench
+from benchmarks.system.context import Context, Row
+from benchmarks.system.procstat import CpuMeter
+from benchmarks.system.sipp_load import Sipp, SippStats
+from benchmarks.system.tcp_uac import run_tcp_calls
+from tests.peers.net import free_port
+
+PROXY_IP = "127.0.0.1"
+UAC_IP = "127.0.0.2"
+SOURCE_IP = "127.0.0.3"
+TARGET_IP = "127.0.0.4"
+
+
+@dataclass
+class Step:
+    rate: float
+    stats: SippStats
+    cpu: float
+    ok: bool
+    why: str = ""
+
+
+class Proxy:
+    """A started dispatcher: where to send, whose process tree to measure."""
+
+    def __init__(
+        self, name: str, addr: tuple[str, int], pid: int, stop: Callable[[], None]
+    ) -> None:
+        self.name = name
+        self.addr = addr
+        self.pid = pid
+        self.stop = stop
+
+
+@contextmanager
+def backends(ctx: Context, scenario: str, name: str) -> Iterator[tuple[Sipp, Sipp]]:
+    d = ctx.dir(f"{name}-uas")
+    src = Sipp(d / "source", scenario, local_ip=SOURCE_IP).start()
+    try:
+        tgt = Sipp(d / "target", scenario, local_ip=TARGET_IP).start()
+    except BaseException:
+        src.stop()
+        raise
+    try:
+        yield src, tgt
+    finally:
+        tgt.stop()
+        src.stop()
+
+
+@contextmanager
+def dsbc_proxy(
+    ctx: Context, name: str, src: Sipp, tgt: Sipp, *, workers: int = 1, tcp: bool = False
+) -> Iterator[Proxy]:
+    d = ctx.dir(name)
+    port = free_port("both", PROXY_IP)
+    listen = [f"udp:{PROXY_IP}:{port}"] + ([f"tcp:{PROXY_IP}:{port}"] if tcp else [])
+    bench = DsbcBench(
+        d,
+        ctx.dataset.copy_to(d / "location.db"),
+        workers=workers,
+        sip={"listen": listen, "max_connections_per_ip": 5000, "max_connections": 20000},
+        systems={
+            "source": {"sip": [f"udp:{src.local_ip}:{src.local_port}"]},
+            "target": {"sip": [f"udp:{tgt.local_ip}:{tgt.local_port}"]},
+        },
+    )
+    ctx.log(f"starting dsbc ({workers} worker(s), {ctx.dataset.identities:,} identities)")
+    bench.start()
+    try:
+        yield Proxy("dsbc", (PROXY_IP, port), bench.pid, bench.stop)
+    finally:
+        bench.stop()
+
+
+@contextmanager
+def kamailio_proxy(
+    ctx: Context, name: str, src: Sipp, tgt: Sipp, *, tcp: bool = False
+) -> Iterator[Proxy]:
+    k = KamailioBench(
+        ctx.dir(name),
+        PROXY_IP,
+        source=src.addr,
+        target=tgt.addr,
+        customers=ctx.params.customers,
+        tcp=tcp,
+    )
+    ctx.log(
+        f"starting Kamailio (children=1, {ctx.params.customers * 4:,} identities in the htable)"
+    )
+    k.start()
+    try:
+        if k.loaded() != ctx.params.customers * 4:
+            raise RuntimeError(f"Kamailio loaded {k.loaded()} identities")
+        yield Proxy("Kamailio", k.addr, k.pid, k.stop)
+    finally:
+        k.stop()
+
+
+def run_calls(
+    ctx: Context,
+    proxy: Proxy,
+    workdir: Path,
+    rate: float,
+    calls: int,
+    scenario: str = "uac_call.xml",
+    users: int | None = None,
+) -> Step:
+    """``calls`` calls at ``rate`` calls/s; CPU of the dispatcher's tree over the run."""
+    inf = ctx.dataset.users_file(workdir.parent / "users.csv", users or ctx.params.register_users)
+    uac = Sipp(
+        workdir,
+        scenario,
+        local_ip=UAC_IP,
+        remote=proxy.addr,
+        rate=rate,
+        calls=calls,
+        inf=inf,
+        timeout=calls / rate + 30,
+    )
+    meter = CpuMeter(proxy.pid).start()
+    uac.start()
+    st = uac.wait()
+    cpu = meter.stop()
+    ideal = calls / rate
+    why = ""
+    if st.failed:
+        why = f"{st.failed} failed"
+    elif st.successful < calls:
+        why = f"{calls - st.successful} calls never completed"
+    elif st.elapsed > ideal * 1.25 + 1.5:
+        why = f"load generator behind: {calls} calls took {st.elapsed:.1f}s, {ideal:.1f}s offered"
+    return Step(rate, st, cpu, not why, why)
+
+
+def rate_search(
+    ctx: Context, label: str, step: Callable[[float, int], Step], start: float
+) -> tuple[float, list[Step]]:
+    """Highest rate with zero failed calls: rates x1.5 until the first failure, then two
+    bisections between the last good and the first bad rate."""
+    p = ctx.params
+    good, bad, rate = 0.0, 0.0, start
+    history: list[Step] = []
+    bisections = 0
+    for i in range(p.max_steps):
+        s = step(rate, i)
+        history.append(s)
+        ctx.log(
+            f"  {label} {rate:7.0f}/s: {s.stats.successful} ok, {s.stats.failed} failed, "
+            f"{s.stats.retransmissions} retrans, cpu {s.cpu:.2f}s {'OK' if s.ok else 'FAIL: ' + s.why}"
+        )
+        if s.ok:
+            good = rate
+        else:
+            bad = rate
+        if not bad:
+            rate = rate * 1.5
+            continue
+        if not good or bisections >= 2 or (bad - good) / bad < 0.06:
+            break
+        bisections += 1
+        rate = (good + bad) / 2
+        time.sleep(1.0)  # let queues drain after a failed step
+    return good, history
+
+
+def _cpu_per_call_us(s: Step) -> float:
+    return s.cpu / max(1, s.stats.successful) * 1e6
+
+
+# --- scenarios -------------------------------------------------------------------------
+#
+# Each measure_* runs against one started dispatcher.  run() starts dsbc, measures every
+# selected scenario, stops it, then does the same with Kamailio: one dispatcher under
+# load at a time, the same back ends and load generator for both.
+
+Search = tuple[float, list[Step]]
+TcpResult = tuple[float, int, int, str]
+
+
+@dataclass
+class Measures:
+    """What one dispatcher gave in the SIP scenarios."""
+
+    calls_cpu: Step | None = None
+    calls_rate: Search | None = None
+    register: Search | None = None
+    register_all: tuple[int, Search] | None = None
+    tcp: TcpResult | None = None
+
+
+def measure_calls_cpu(ctx: Context, proxy: Proxy) -> Step:
+    p = ctx.params
+    calls = max(1, int(p.call_rate * p.call_seconds))
+    s = run_calls(ctx, proxy, ctx.dir(f"calls-cpu-{proxy.name}"), p.call_rate, calls)
+    ctx.log(
+        f"  calls-cpu {proxy.name}: {s.stats.successful}/{calls} calls, cpu {s.cpu:.2f}s "
+        f"({_cpu_per_call_us(s):.0f} us/call) {s.why}"
+    )
+    return s
+
+
+def measure_calls_rate(ctx: Context, proxy: Proxy) -> tuple[float, list[Step]]:
+    p = ctx.params
+
+    def step(rate: float, i: int) -> Step:
+        return run_calls(
+            ctx,
+            proxy,
+            ctx.dir(f"calls-rate-{proxy.name}/step{i}"),
+            rate,
+            max(1, int(rate * p.step_seconds)),
+        )
+
+    return rate_search(ctx, f"calls-rate {proxy.name}", step, p.call_start_rate)
+
+
+def measure_register(ctx: Context, proxy: Proxy, label: str) -> tuple[float, list[Step]]:
+    p = ctx.params
+
+    def step(rate: float, i: int) -> Step:
+        return run_calls(
+            ctx,
+            proxy,
+            ctx.dir(f"register-{label}/step{i}"),
+            rate,
+            max(1, int(rate * p.step_seconds)),
+            "uac_register.xml",
+        )
+
+    return rate_search(ctx, f"register {label}", step, p.register_start_rate)
+
+
+def measure_tcp(ctx: Context, proxy: Proxy) -> TcpResult:
+    """(CPU us per call, calls, connections open at the end, problem).  Every connection is
+    opened first; the CPU window covers the calls only (benchmarks/system/tcp_uac.py)."""
+    p = ctx.params
+    calls = max(1, int(p.tcp_rate * p.tcp_seconds))
+    callers = [
+        line
+        for line in ctx.dataset.users_file(ctx.workdir / "tcp-users.csv", p.register_users)
+        .read_text()
+        .splitlines()[1:]
+        if line
+    ]
+    meter = CpuMeter(proxy.pid)
+    st, still_open = run_tcp_calls(
+        proxy.addr,
+        UAC_IP,
+        callers,
+        p.tcp_connections,
+        p.tcp_rate,
+        calls,
+        on_ready=meter.start,
+        on_done=meter.stop,
+    )
+    problem = ""
+    if st.failed or st.successful < calls:
+        problem = f"{st.failed} failed ({st.reasons}), {st.successful}/{calls} completed"
+    if still_open < p.tcp_connections:
+        problem += f"; {p.tcp_connections - still_open} connections closed during the run"
+    us = meter.seconds / max(1, st.successful) * 1e6
+    ctx.log(
+        f"  tcp {proxy.name}: {st.successful}/{calls} calls over {still_open} connections, "
+        f"cpu {meter.seconds:.2f}s ({us:.0f} us/call) {problem}"
+    )
+    return us, st.successful, still_open, problem
+
+
+def run(ctx: Context, selected: set[str]) -> None:
+    p = ctx.params
+    got = {"dsbc": Measures(), "Kamailio": Measures()}
+    tcp = "tcp" in selected
+    with backends(ctx, "uas.xml", "sip") as (src, tgt):
+        for name, make in (("dsbc", dsbc_proxy), ("Kamailio", kamailio_proxy)):
+            with make(ctx, f"sip-{name}", src, tgt, tcp=tcp) as proxy:
+                m = got[name]
+                if "calls-cpu" in selected:
+                    m.calls_cpu = measure_calls_cpu(ctx, proxy)
+                if tcp:
+                    m.tcp = measure_tcp(ctx, proxy)
+                if "calls-rate" in selected:
+                    m.calls_rate = measure_calls_rate(ctx, proxy)
+                if "register" in selected:
+                    m.register = measure_register(ctx, proxy, name)
+        if "register" in selected:
+            workers = max(2, os.cpu_count() or 1)
+            with dsbc_proxy(ctx, "sip-dsbc-all", src, tgt, workers=workers) as proxy:
+                got["dsbc"].register_all = (workers, measure_register(ctx, proxy, "dsbc-all"))
+    d, k = got["dsbc"], got["Kamailio"]
+    if d.calls_cpu and k.calls_cpu:
+        _calls_cpu_row(ctx, d.calls_cpu, k.calls_cpu)
+    if d.calls_rate and k.calls_rate:
+        ctx.add(
+            _rate_row(
+                "SIP calls, UDP, 1 worker",
+                "highest rate, 0 failed",
+                "calls/s",
+                {"dsbc": d.calls_rate, "Kamailio": k.calls_rate},
+                ">= 1.0x Kamailio",
+                1.0,
+            )
+        )
+    if d.register and k.register:
+        row = _rate_row(
+            "SIP REGISTER, UDP, 1 worker",
+            "highest rate, 0 failed",
+            "REGISTER/s",
+            {"dsbc": d.register, "Kamailio": k.register},
+            ">= 1.0x Kamailio",
+            1.0,
+        )
+        row.note = f"{p.register_users:,} distinct users; " + row.note
+        ctx.add(row)
+    if d.register_all:
+        workers, (allw, hist) = d.register_all
+        last = hist[-1] if hist else None
+        note = (
+            f"dsbc with {workers} workers on {os.cpu_count()} cores, shared with the sipp uac and the "
+            "2 sipp back ends"
+        )
+        if last is not None and not last.ok:
+            note += f"; stopped at {last.rate:.0f}/s: {last.why}"
+        ctx.add(
+            Row(
+                f"SIP REGISTER, UDP, {workers} workers",
+                "highest rate, 0 failed",
+                "REGISTER/s",
+                round(allw),
+                None,
+                "",
+                ">= 5,000/s",
+                allw >= 5000,
+                note,
+            )
+        )
+    if d.tcp and k.tcp:
+        _tcp_row(ctx, d.tcp, k.tcp)
+
+
+def _calls_cpu_row(ctx: Context, d: Step, k: Step) -> None:
+    p = ctx.params
+    note = f"{d.stats.successful} calls at {p.call_rate:g}/s (6 messages each), callers among {p.register_users:,} accounts"
+    if not (d.ok and k.ok):
+        note += f"; dsbc: {d.why or 'ok'}; Kamailio: {k.why or 'ok'}"
+        ctx.errors.append(f"calls-cpu: {note}")
+    du, ku = _cpu_per_call_us(d), _cpu_per_call_us(k)
+    ctx.add(
+        Row(
+            "SIP calls, UDP, 1 worker",
+            "CPU per call",
+            "us",
+            round(du, 1),
+            round(ku, 1),
+            "Kamailio",
+            "<= 0.5x Kamailio",
+            du <= 0.5 * ku,
+            note,
+            lower_is_better=True,
+        )
+    )
+
+
+def _rate_row(
+    scenario: str,
+    metric: str,
+    unit: str,
+    best: dict[str, tuple[float, list[Step]]],
+    target: str,
+    factor: float,
+) -> Row:
+    d, dh = best["dsbc"]
+    k, kh = best["Kamailio"]
+    notes = []
+    for name, hist in (("dsbc", dh), ("Kamailio", kh)):
+        last = hist[-1] if hist else None
+        if last is not None and not last.ok:
+            notes.append(f"{name} stopped at {last.rate:.0f}/s: {last.why}")
+        elif last is not None:
+            notes.append(f"{name}: no failure up to {last.rate:.0f}/s (step limit)")
+        good = [s for s in hist if s.ok]
+        if good:
+            notes.append(
+                f"{name} CPU at {good[-1].rate:.0f}/s: {_cpu_per_call_us(good[-1]):.0f} us each"
+            )
+    return Row(
+        scenario,
+        metric,
+        unit,
+        round(d),
+        round(k),
+        "Kamailio",
+        target,
+        d >= factor * k if k else None,
+        "; ".join(notes),
+    )
+
+
+def _tcp_row(ctx: Context, d: TcpResult, k: TcpResult) -> None:
+    p = ctx.params
+    note = (
+        f"{d[1]} calls at {p.tcp_rate:g}/s round-robin over {p.tcp_connections} connections opened "
+        "first (benchmarks/system/tcp_uac.py: sipp -t tn cannot share connections), set-up not "
+        "counted; back ends on UDP; Kamailio children=1 + tcp_children=1"
+    )
+    if d[3] or k[3]:
+        note += f"; dsbc: {d[3] or 'ok'}; Kamailio: {k[3] or 'ok'}"
+        ctx.errors.append(f"tcp: {note}")
+    ctx.add(
+        Row(
+            f"SIP calls, TCP, {p.tcp_connections:,} connections",
+            "CPU per call",
+            "us",
+            round(d[0], 1),
+            round(k[0], 1),
+            "Kamailio",
+            "<= 1.0x Kamailio",
+            bool(d[0]) and d[0] <= k[0],
+            note,
+            lower_is_better=True,
+        )
+    )
+
+
+SCENARIOS = ("calls-cpu", "calls-rate", "register", "tcp")
