@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from .errors import BadExtension, LoopDetected, SipError, SipParseError, TooManyHops
+from .errors import BadExtension, LoopDetected, MessageTooLarge, SipError, SipParseError, TooManyHops
 from .flow import Flow, FlowSigner, FlowTokenError
 from .health import HealthChecker, Node
 from .message import Editor, SipMessage, make_response, parse_message, parse_request_uri
@@ -34,6 +34,7 @@ from .uri import NameAddr, SipUri, is_digits, parse_name_addr, unescape
 BRANCH_PREFIX = "z9hG4bK-d5"
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 INVITE_STATE_TTL = 300.0
+MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
 KNOWN_METHODS = frozenset(
     {"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "INFO", "UPDATE", "PRACK", "PUBLISH"}
 )
@@ -337,7 +338,12 @@ class ProxyCore:
             if decision.state != "locked":
                 del self._held[key]
                 self.counters["held_released"] += 1
-                out.extend(self._request(h.msg, h.src, now))
+                try:
+                    out.extend(self._request(h.msg, h.src, now))
+                except SipError as exc:  # answered as handle_data would have
+                    self.counters[f"rejected:{exc.status}"] += 1
+                    if h.msg.method != "ACK":
+                        out.append(self._reply(h.msg, h.src, exc.status, exc.reason, list(exc.extra_headers)))
             elif now >= h.deadline:
                 del self._held[key]
                 self.counters["locked_rejected"] += 1
@@ -403,11 +409,15 @@ class ProxyCore:
             # on that system's dialog even when the node's source port is not its listed one
             ed.prepend("path", self._rr_uri(dest.transport, system, src))
         ed.prepend("via", via)
+        dest.data = ed.to_bytes()
+        if dest.transport == "udp" and len(dest.data) > MAX_DATAGRAM:
+            # what we add can push a datagram near 64 KiB over what UDP carries: the sender
+            # gets 513 instead of a request that silently fails to leave
+            raise MessageTooLarge(f"{len(dest.data)} octets do not fit a datagram to the next hop")
         if method == "INVITE":
             self._invites[branch] = (dest.transport, dest.ip, dest.port, now + INVITE_STATE_TTL)
             self._invite_expiry.append((now + INVITE_STATE_TTL, branch))
         self.counters[f"forwarded:{system or 'direct'}"] += 1
-        dest.data = ed.to_bytes()
         return dest
 
     def _rr_uri(self, transport: str, system: str, flow: Flow | None, sips: bool = False) -> str:

@@ -1028,3 +1028,30 @@ def test_register_with_a_stale_route_is_still_routed_by_its_to_user() -> None:
         call_id="reg-again", headers=[f"Route: {path}", "Contact: <sip:1001@203.0.113.5:40000>"],
     )
     to_node(one(core.handle_data(reg, PHONE, 1.0)), T1)
+
+
+def test_regression_a_request_too_big_for_a_datagram_after_our_headers_gets_513() -> None:
+    # was: forwarded anyway; the send failed with EMSGSIZE and the phone heard nothing
+    core, _ = make_core()
+    big = request("INVITE", body=b"v=0\r\n" + b"a=x\r\n" * 13040)
+    assert 65000 < len(big) <= 65507
+    send = one(core.handle_data(big, PHONE, 0.0))
+    to_flow(send, PHONE)
+    assert status_of(send) == 513
+    # over TCP toward the phone-facing side the same size is fine
+    node_tcp = Node("source", 0, "tcp", "10.0.0.9", 5060)
+    core, _ = make_core(nodes=(node_tcp, T1))
+    assert one(core.handle_data(big, PHONE, 0.0)).transport == "tcp"
+
+
+def test_regression_a_held_request_that_fails_on_release_is_answered() -> None:
+    # was: the SipError of the re-run escaped customers_changed() / handle_timer()
+    core, router = make_core()
+    router.move("42", state="locked")
+    big = request("INVITE", body=b"a=x\r\n" * 13040)
+    assert status_of(one(core.handle_data(big, PHONE, 0.0))) == 100
+    router.move("42", "target", "active")
+    send = one(core.customers_changed(["42"], 0.5))
+    to_flow(send, PHONE)
+    assert status_of(send) == 513
+    assert core.held_count == 0
