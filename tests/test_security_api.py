@@ -1,0 +1,166 @@
+"""The API dispatcher on the public address (issue #7): sessions stay with their customer
+and their system, slow clients are dropped, bodies over the limit are refused, TLS is
+1.2 at least.  Real HTTP through dsbc's dispatcher to the two emulated billing systems.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.test_api_support import ADMIN, CUSTOMER, ApiEnv, run
+
+LOGIN = "Session/login"
+DAVE = {"i_customer": 4, "i_account": 104}  # a target customer (sample_rows)
+
+
+def no_dave(doc: Any) -> bool:
+    text = json.dumps(doc) if not isinstance(doc, bytes) else doc.decode("utf-8", "replace")
+    return "dave" not in text and '"i_customer": 4' not in text and "100004" not in text
+
+
+def test_a_customer_session_never_reaches_the_other_customer_or_system(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            st, sess, _ = await env.call(CUSTOMER, LOGIN, {"login": "alice", "password": "secret"})
+            assert st == 200
+            sid = sess["session_id"]
+            env.clear_logs()
+            # alice's session naming dave's entities (dave lives on the target)
+            for name, params in (
+                ("Customer/get_customer_info", {"i_customer": DAVE["i_customer"]}),
+                ("Account/get_account_info", {"i_account": DAVE["i_account"]}),
+                ("Account/get_account_list", {"i_customer": DAVE["i_customer"]}),
+                ("Invoice/get_invoice_list", {"i_customer": DAVE["i_customer"]}),
+            ):
+                st, doc, hdrs = await env.call(CUSTOMER, name, params, {"session_id": sid})
+                assert hdrs.get("X-Billing-System") in (None, "MR100"), (name, hdrs)
+                assert no_dave(doc), (name, doc)
+                # the same with the access token, as JSON
+                st, doc, _ = await env.call(
+                    CUSTOMER, name, params, None, as_json=True,
+                    headers={"Authorization": f"Bearer {sess['access_token']}"},
+                )  # fmt: skip
+                assert no_dave(doc), (name, doc)
+            assert env.target.log == [], "a source customer's session reached the target"
+            # the same session on the admin host: not an admin session anywhere
+            env.clear_logs()
+            st, doc, _ = await env.call(
+                ADMIN,
+                "Account/get_account_info",
+                {"i_account": DAVE["i_account"]},
+                {"session_id": sid},
+            )
+            assert no_dave(doc), doc
+            st, doc, _ = await env.call(
+                ADMIN, "Customer/get_customer_list", {}, {"session_id": sid}
+            )
+            assert no_dave(doc), doc
+            # a made-up session id gets nobody's data from either system
+            st, doc, _ = await env.call(
+                CUSTOMER, "Customer/get_customer_info", {"i_customer": 4}, {"session_id": "0" * 32}
+            )
+            assert st == 500 and no_dave(doc), doc
+
+    run(main)
+
+
+async def _raw(url: str, chunks: list[bytes], gap: float, wait: float) -> tuple[bytes, float]:
+    """Send ``chunks`` with ``gap`` seconds between them; read until dsbc closes."""
+    u = urlsplit(url)
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    start = time.monotonic()
+    out = b""
+    try:
+        for c in chunks:
+            try:
+                writer.write(c)
+                await writer.drain()
+            except (ConnectionError, OSError):
+                break
+            try:
+                data = await asyncio.wait_for(reader.read(65536), gap)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            out += data
+        deadline = start + wait
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                data = await asyncio.wait_for(reader.read(65536), left)
+            except (TimeoutError, ConnectionError):
+                break
+            if not data:
+                break
+            out += data
+        return out, time.monotonic() - start
+    finally:
+        writer.close()
+
+
+def test_slow_request_heads_are_dropped_and_bodies_are_capped(tmp_path: Path) -> None:
+    async def main() -> None:
+        extra = "header_timeout = 1.0\nmax_body_size = 4000\nroute_body_limit = 2048\n"
+        async with ApiEnv(tmp_path, extra_api=extra) as env:
+            head = (
+                f"POST /rest/Session/login HTTP/1.1\r\nHost: {CUSTOMER}\r\nX-Slow: ".encode()
+                + b"a" * 100
+            )
+            # slowloris: one octet every 0.2 s; the head is not complete 1 s after it began
+            out, took = await _raw(env.url, [bytes([b]) for b in head], 0.2, 3.0)
+            assert took < 4.0, f"a slow client held its connection {took:.1f} s"
+            assert b"HTTP/1.1 200" not in out
+            assert env.api.metrics["client_timeouts"] >= 1
+            # a client that connects and says nothing is dropped as well
+            out, took = await _raw(env.url, [], 0.1, 5.0)
+            assert took < 3.0 and out == b""
+            # a body over max_body_size is refused in the billing API's fault shape
+            big = b'{"params": {"login": "' + b"x" * 5000 + b'"}}'
+            req = (
+                f"POST /rest/Session/login HTTP/1.1\r\nHost: {CUSTOMER}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(big)}\r\n\r\n"
+            ).encode() + big
+            out, _ = await _raw(env.url, [req], 1.0, 2.0)
+            assert out.startswith(b"HTTP/1.1 500"), out[:200]
+            assert b"Server.Dispatcher.request_too_large" in out
+            # and normal clients are still served
+            st, _, _ = await env.call(CUSTOMER, LOGIN, {"login": "alice", "password": "secret"})
+            assert st == 200
+
+    run(main)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TLSVersion.TLSv1 / TLSv1_1
+def test_api_tls_is_1_2_or_newer(tmp_path: Path) -> None:
+    from tests.peers.tlsca import TestCA, openssl_available
+
+    if not openssl_available():
+        pytest.skip("openssl is not installed")
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue("api", ips=["127.0.0.1"])
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path, extra_api=f'tls_cert = "{cert}"\ntls_key = "{key}"\n') as env:
+            assert env.url.startswith("https://")
+            u = urlsplit(env.url)
+            ctx = ca.client_context()
+            reader, writer = await asyncio.open_connection(u.hostname, u.port, ssl=ctx)
+            version = writer.get_extra_info("ssl_object").version()
+            writer.close()
+            assert version in ("TLSv1.2", "TLSv1.3")
+            old = ca.client_context()
+            old.minimum_version = ssl.TLSVersion.TLSv1
+            old.maximum_version = ssl.TLSVersion.TLSv1_1
+            old.set_ciphers("ALL:@SECLEVEL=0")
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                await asyncio.open_connection(u.hostname, u.port, ssl=old)
+
+    run(main)
