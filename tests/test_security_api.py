@@ -152,7 +152,7 @@ def test_api_tls_is_1_2_or_newer(tmp_path: Path) -> None:
             assert env.url.startswith("https://")
             u = urlsplit(env.url)
             ctx = ca.client_context()
-            reader, writer = await asyncio.open_connection(u.hostname, u.port, ssl=ctx)
+            _reader, writer = await asyncio.open_connection(u.hostname, u.port, ssl=ctx)
             version = writer.get_extra_info("ssl_object").version()
             writer.close()
             assert version in ("TLSv1.2", "TLSv1.3")
