@@ -5,6 +5,8 @@ A throwaway CA and certificates are made with openssl per module (tests/peers/tl
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import ssl
 import time
@@ -16,9 +18,10 @@ import pytest
 
 from sip.framing import StreamFramer
 from tests.peers.fakenode import FakeNode
+from tests.peers.net import free_port
 from tests.peers.proc import find_binary
 from tests.peers.sipmsg import SipText, parse_message
-from tests.peers.tlsca import TestCA
+from tests.peers.tlsca import TestCA, fingerprint
 
 pytestmark = [
     pytest.mark.peers,
@@ -238,3 +241,152 @@ def test_sips_dialog_record_routes_reuses_the_connection_and_refuses_bad_flows(
         assert wait_node_response(node, 403)
         counters = wait_for(lambda: d.counters().get("flow_failed_430") and d.counters())
         assert counters["flow_failed_430"] == 1 and counters["flow_token_rejected"] >= 1
+
+
+# --- mutual TLS, dsbc -> node TLS, certificate reload -----------------------------------------
+
+
+def tls_options_status(
+    ctx: ssl.SSLContext, addr: tuple[str, int], local_ip: str = "127.0.0.2"
+) -> int | None:
+    """An OPTIONS to dsbc itself over a new TLS connection; its status, None if refused."""
+    try:
+        c = TlsClient(ctx, addr, local_ip)
+    except (ssl.SSLError, OSError):
+        return None
+    try:
+        lhost, lport = c.local
+        c.send(
+            f"OPTIONS sip:{addr[0]}:{addr[1]} SIP/2.0\nVia: SIP/2.0/TLS {lhost}:{lport};branch=z9hG4bK-o{time.monotonic_ns()};rport\n"
+            f"Max-Forwards: 70\nFrom: <sip:x@{lhost}>;tag=1\nTo: <sip:{addr[0]}>\nCall-ID: o{time.monotonic_ns()}\n"
+            "CSeq: 1 OPTIONS\nContent-Length: 0\n\n"
+        )
+        return c.recv(3).status
+    except (ssl.SSLError, OSError, TimeoutError, ConnectionError):
+        return None
+    finally:
+        c.close()
+
+
+def served_fingerprint(addr: tuple[str, int], server_hostname: str | None = None) -> str:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(addr, timeout=3) as raw,
+        ctx.wrap_socket(raw, server_hostname=server_hostname) as s,
+    ):
+        der = s.getpeercert(binary_form=True)
+    assert der is not None
+    return fingerprint(der)
+
+
+def test_mutual_tls_per_listener(ca: TestCA, dsbc_factory: Factory, tmp_path: Path) -> None:
+    mtls_port = free_port("tcp")
+    peer_cert = ca.issue("carrier", ips=["127.0.0.5"])
+    stranger_ca = TestCA(tmp_path / "stranger")
+    stranger = stranger_ca.issue("stranger")
+    d = dsbc_factory(
+        customers=CUSTOMERS,
+        transports=("udp", "tls"),
+        tls=ca.issue("dsbc-mtls", ips=["127.0.0.1"]),
+        extra_listen=[f"tls:127.0.0.1:{mtls_port}"],
+        sip_extra=f'tls_ca = "{ca.cert}"\ntls_verify_client = ["tls:127.0.0.1:{mtls_port}"]\n',
+    )
+    public, mutual = (d.ip, d.tls_port), (d.ip, mtls_port)
+    # the public listener takes anyone (phones have no certificates)
+    assert tls_options_status(ca.client_context(), public) == 200
+    # the mutual one: only clients with a certificate of tls_ca
+    assert tls_options_status(ca.client_context(), mutual) is None
+    assert tls_options_status(ca.client_context(stranger), mutual) is None
+    assert tls_options_status(ca.client_context(peer_cert), mutual, "127.0.0.5") == 200
+    assert d.proc is not None and d.proc.alive
+
+
+def test_outgoing_tls_to_a_node_is_verified_and_reused(
+    ca: TestCA, dsbc_factory: Factory, tmp_path: Path
+) -> None:
+    node_ctx = ca.server_context(ca.issue("node", ips=["127.0.0.1"]), verify_client=True)
+    with FakeNode("tls", ssl_context=node_ctx) as node:
+        d = dsbc_factory(
+            source=[node.uri], customers=CUSTOMERS, tls=ca.issue("dsbc-out", ips=["127.0.0.1"]),
+            sip_extra=f'tls_ca = "{ca.cert}"\n',
+        )  # fmt: skip
+        d.wait_nodes_up()  # OPTIONS pings over TLS, answered
+        phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        phone.bind(("127.0.0.2", 0))
+        phone.settimeout(3)
+        lhost, lport = phone.getsockname()
+        try:
+            for i in range(5):
+                phone.sendto(
+                    (
+                        f"REGISTER sip:{d.hostport} SIP/2.0\r\nVia: SIP/2.0/UDP {lhost}:{lport};branch=z9hG4bK-r{i};rport\r\n"
+                        f"Max-Forwards: 70\r\nFrom: <sip:1001@{d.hostport}>;tag=r{i}\r\nTo: <sip:1001@{d.hostport}>\r\n"
+                        f"Call-ID: reg-tls-{i}\r\nCSeq: {i + 1} REGISTER\r\nContact: <sip:1001@{lhost}:{lport}>\r\n"
+                        "Expires: 60\r\nContent-Length: 0\r\n\r\n"
+                    ).encode(),
+                    d.sip_addr,
+                )
+                assert phone.recv(65535).startswith(b"SIP/2.0 200")
+        finally:
+            phone.close()
+        regs = node.requests("REGISTER")
+        assert len(regs) == 5
+        assert all((r.get("via") or "").startswith("SIP/2.0/TLS") for r in regs)
+        assert "transport=tls" in (regs[0].get("path") or "")
+        assert node.accepted == 1, "dsbc opened more than one TLS connection to the node"
+    # a node whose certificate tls_ca did not sign is not talked to
+    rogue_ctx = TestCA(tmp_path / "rogue").server_context(TestCA(tmp_path / "rogue2").issue("x"))
+    with FakeNode("tls", ssl_context=rogue_ctx) as rogue:
+        d2 = dsbc_factory(
+            source=[rogue.uri], customers=CUSTOMERS, tls=ca.issue("dsbc-out2", ips=["127.0.0.1"]),
+            sip_extra=f'tls_ca = "{ca.cert}"\n',
+        )  # fmt: skip
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and d2.counters().get("connect_errors", 0) == 0:
+            time.sleep(0.2)
+        assert d2.counters().get("connect_errors", 0) >= 1
+        assert rogue.requests() == []
+
+
+def test_sighup_reloads_the_certificates(ca: TestCA, dsbc_factory: Factory, tmp_path: Path) -> None:
+    certdir = tmp_path / "live"
+    certdir.mkdir()
+    cert, key = ca.issue("dsbc-live", cert_path=certdir / "dsbc.pem", key_path=certdir / "dsbc.key")
+    api_port = free_port("tcp")
+    api = (
+        f'[api]\nlisten = ["127.0.0.1:{api_port}"]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+        'source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n'
+    )
+    d = dsbc_factory(customers=CUSTOMERS, transports=("udp", "tls"), tls=(cert, key), api=api)
+    sip_addr, api_addr = (d.ip, d.tls_port), ("127.0.0.1", api_port)
+    first = fingerprint(cert)
+    assert wait_for(lambda: served_fingerprint(sip_addr) == first)
+    assert wait_for(lambda: _try_fp(api_addr) == first)
+    # a certificate manager renews the files; the operator sends SIGHUP
+    ca.issue("dsbc-live", cert_path=cert, key_path=key)
+    second = fingerprint(cert)
+    assert second != first
+    assert d.proc is not None
+    os.kill(d.proc.pid, signal.SIGHUP)
+    assert wait_for(lambda: _try_fp(sip_addr) == second, timeout=20), (
+        "SIP still serves the old certificate"
+    )
+    assert wait_for(lambda: _try_fp(api_addr) == second, timeout=20), (
+        "the API still serves the old certificate"
+    )
+    assert tls_options_status(ca.client_context(), sip_addr) == 200
+    # a broken certificate file: the reload is refused and the running workers keep serving
+    cert.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    os.kill(d.proc.pid, signal.SIGHUP)
+    assert wait_for(lambda: "reload refused" in d.log_tail(200), timeout=10)
+    assert _try_fp(sip_addr) == second and tls_options_status(ca.client_context(), sip_addr) == 200
+    assert d.proc.alive
+
+
+def _try_fp(addr: tuple[str, int]) -> str | None:
+    try:
+        return served_fingerprint(addr)
+    except (OSError, ssl.SSLError):
+        return None

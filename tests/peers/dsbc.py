@@ -1,14 +1,14 @@
 """dsbc itself as a peer: `dsbc run` in a subprocess with a generated config and store.
 
-    with Dsbc(tmp_path, source=["udp:127.0.0.1:5070"], target=[...], customers=[...]) as d:
-        d.sip_addr            # ("127.0.0.1", port), UDP and TCP
-        d.tls_port            # with transports=(..., "tls") and tls=(cert, key)
-        d.cli("migrate", "--customer", "42")
-        d.status()            # the workers' snapshots
-        d.control("GET", "/v1/status")   # the control API: (HTTP status, JSON body)
+with Dsbc(tmp_path, source=["udp:127.0.0.1:5070"], target=[...], customers=[...]) as d:
+    d.sip_addr            # ("127.0.0.1", port), UDP and TCP
+    d.tls_port            # with transports=(..., "tls") and tls=(cert, key)
+    d.cli("migrate", "--customer", "42")
+    d.status()            # the workers' snapshots
+    d.control("GET", "/v1/status")   # the control API: (HTTP status, JSON body)
 
-    store_url="redis://127.0.0.1:PORT/0" runs it on a shared store instead of its own SQLite
-    file (tests/peers/redis.py starts a redis-server); store_extra adds [store] keys.
+store_url="redis://127.0.0.1:PORT/0" runs it on a shared store instead of its own SQLite
+file (tests/peers/redis.py starts a redis-server); store_extra adds [store] keys.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Dsbc:
         tls: tuple[Path, Path] | None = None,
         sip_extra: str = "",
         api: str = "[api]\nenabled = false\n",
+        extra_listen: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +72,7 @@ class Dsbc:
         self.tls_port = free_port("tcp", ip) if "tls" in transports else 0
         if self.tls_port:
             listen.append(f"tls:{ip}:{self.tls_port}")
+        listen += list(extra_listen)
         tls_keys = f'tls_cert = "{tls[0]}"\ntls_key = "{tls[1]}"\n' if tls else ""
         self.config_path.write_text(
             f"""[store]
@@ -125,7 +127,12 @@ token = "test-token"
         return f"http://127.0.0.1:{self.control_port}"
 
     def control(
-        self, method: str, path: str, body: Any = None, token: str | None = "test-token", timeout: float = 30.0
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = "test-token",
+        timeout: float = 30.0,
     ) -> tuple[int, Any]:
         """One control API call: (HTTP status, decoded JSON or the text). `body`: a dict
         (sent as JSON) or bytes (sent as they are)."""
@@ -134,7 +141,9 @@ token = "test-token"
 
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        req = urllib.request.Request(self.control_url + path, data=data, method=method, headers=headers)
+        req = urllib.request.Request(
+            self.control_url + path, data=data, method=method, headers=headers
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 status, raw = resp.status, resp.read()
@@ -151,7 +160,9 @@ token = "test-token"
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """Run a `dsbc` command against this instance's config."""
         r = subprocess.run(
             [sys.executable, "-m", "dsbc.cli", "-c", str(self.config_path), *args],
@@ -222,7 +233,8 @@ token = "test-token"
         while time.monotonic() < deadline:
             snaps = self.status()
             if snaps and all(
-                all(n["up"] for n in s.get("services", {}).get("sip", {}).get("nodes", [])) for s in snaps
+                all(n["up"] for n in s.get("services", {}).get("sip", {}).get("nodes", []))
+                for s in snaps
             ):
                 return
             time.sleep(0.2)
