@@ -26,10 +26,12 @@ from .admission import Admission
 from .errors import SipError
 from .flow import Flow
 from .framing import NEED_DATA, PING, PONG, StreamFramer
-from .message import make_response, parse_message
+from .message import SipMessage, make_response, parse_message
 from .proxy import ProxyCore, Send
 
 log = logging.getLogger("dsbc.sip")
+
+LINGER = 2.0  # seconds a broken stream is read and discarded after its answer
 
 
 class SipDatagram(asyncio.DatagramProtocol):
@@ -67,7 +69,9 @@ class SipDatagram(asyncio.DatagramProtocol):
 
 
 class SipStream(asyncio.Protocol):
-    __slots__ = ("conn_id", "ep", "flow", "framer", "last_activity", "outbound", "partial_since", "peer", "pending", "transport")
+    __slots__ = (
+        "closing", "conn_id", "ep", "flow", "framer", "last_activity", "outbound", "partial_since", "peer", "pending", "transport",
+    )  # fmt: skip
 
     def __init__(self, ep: SipEndpoint, outbound: bool = False, transport_name: str = "tcp") -> None:
         self.ep = ep
@@ -80,6 +84,7 @@ class SipStream(asyncio.Protocol):
         self.outbound = outbound
         self.pending: list[bytes] = []
         self.peer = transport_name
+        self.closing = False  # answered a broken stream; reading only to discard (linger)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -106,6 +111,8 @@ class SipStream(asyncio.Protocol):
         self.pending.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # the rest of a stream we gave up on
         ep = self.ep
         self.last_activity = ep.loop.time()
         framer = self.framer
@@ -150,14 +157,29 @@ class SipStream(asyncio.Protocol):
         buffered = bytes(self.framer._buf)
         if exc.respond and buffered[:4] != b"SIP/":
             try:
-                parse_message(buffered, datagram=True, max_size=max(len(buffered), 1))
+                # read as a datagram it may well parse (a too-large message that arrived
+                # whole): it is answered all the same
+                req: SipMessage | None = parse_message(buffered, datagram=True, max_size=max(len(buffered), 1))
             except SipError as e2:
-                partial = getattr(e2, "partial", None)
-                if partial is not None:
-                    t.write(make_response(partial, exc.status, exc.reason))
+                req = getattr(e2, "partial", None)
             except Exception:  # noqa: BLE001 - best effort answer only
                 log.debug("no answer possible to a broken stream from %s", self.flow)
-        t.close()
+                req = None
+            if req is not None and req.method != "ACK":
+                try:
+                    t.write(make_response(req, exc.status, exc.reason))
+                except (SipError, ValueError):
+                    log.debug("no answer possible to a broken stream from %s", self.flow)
+        self.closing = True
+        if t.can_write_eof():
+            # lingering close: closing with the peer's octets unread makes the kernel send a
+            # reset, which destroys our answer in the peer's receive buffer (a phone sending
+            # a too-large INVITE would see a reset, not the 513).  Half-close, discard what
+            # still comes, close for good when the peer does or after LINGER seconds.
+            t.write_eof()
+            self.ep.loop.call_later(LINGER, t.close)
+        else:
+            t.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         ep = self.ep
@@ -170,6 +192,9 @@ class SipStream(asyncio.Protocol):
                 ep.per_ip[self.flow.ip] = n
 
     def write(self, data: bytes) -> None:
+        if self.closing:
+            self.ep.core.counters["flow_gone"] += 1
+            return
         if self.transport is None:
             self.pending.append(data)
         else:
