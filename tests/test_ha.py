@@ -404,3 +404,24 @@ def test_sighup_reload_during_traffic_fails_no_call(
     assert log.count("reloading configuration") == 2
     assert not set(pids_before) & set(pids_after)
     assert node.control("GET", "/healthz", token=None)[1]["status"] == "ok"
+
+
+@pytest.mark.timeout(90)
+def test_node_restarts_from_its_cache_file_while_redis_is_away(
+    request: pytest.FixtureRequest, systems: Systems, redis: RedisServer, nodes: Callable[..., Dsbc], tmp_path: Path
+) -> None:
+    cache = tmp_path / "index.cache"
+    node = nodes("node", **systems.sip(), customers=customers(10), store_url=redis.url,
+                 store_extra=f'cache_file = "{cache}"')
+    assert node.control("POST", "/v1/migrations", {"customers": ["3"], "to": "target"})[0] == 200
+    node.stop()
+    assert cache.exists()
+    redis.stop()
+    node.start()  # answers SIP OPTIONS: it dispatches
+    wait_for(lambda: node.status() != [] and node.control("GET", "/healthz", token=None)[0] == 200, 10)
+    assert system_of(node, "u3") == "target" and system_of(node, "u4") == "source"
+    hz = node.control("GET", "/healthz", token=None)[1]
+    assert hz["store"]["healthy"] is False
+    redis.start()
+    took = wait_for(lambda: node.control("GET", "/healthz", token=None)[1]["store"]["healthy"], 10)
+    report(request, f"restarted from the cache while Redis was away; healthy {took:.1f} s after Redis returned")

@@ -27,14 +27,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
-
-import msgspec
 
 from .base import (
     SYSTEMS,
@@ -52,8 +49,10 @@ from .base import (
     StoreUnavailable,
 )
 from .memory import MemoryIndex, canon, clean_row, new_batch_id
+from .redis_cache import read_cache, write_cache
 from .redis_conn import RedisTarget, parse_redis_url
 from .redis_lua import LOG_MAXLEN, SCRIPT
+from .redis_side import MAX_PENDING, SideData
 from .redis_watch import Watcher, call_quietly, decode_record, load_index
 
 __all__ = ["RedisStore"]
@@ -66,7 +65,7 @@ BULK = 1000  # an import of more rows is written in chunks and logged as one rel
 CHUNK = 2000  # rows per import script
 FETCH = 1000  # customers per HMGET
 LOG_PAGE = 1000  # change-log entries per refresh step
-MAX_PENDING = 100_000  # registrations / sessions kept while Redis is away
+CACHE_EVERY = 10.0  # seconds between writes of the cache file while changes come in
 
 
 def _ids(value: Any) -> list[str]:
@@ -121,12 +120,11 @@ class RedisStore(LocationStore):
         self._offered: tuple[MemoryIndex, int, str] | None = None
         self._expected_epoch = ""  # of an offered index not swapped in yet
         self._notify: Callable[[], None] | None = None
-        self._sessions: dict[str, ApiSession] = {}
-        self._pending_sessions: dict[str, ApiSession | None] = {}
-        self._pending_regs: dict[tuple[str, str], Registration] = {}
-        self._last_purge = 0.0
+        self._side = SideData(self)
         self._meta: dict[str, str] = {}  # kept in the cache file too (sip.flow_secret)
         self._cache_written = 0.0
+        self._cache_dirty = False
+        self._cache_lock = threading.Lock()
         self._watcher: Watcher | None = None
         try:
             epoch = self._w.get(self.prefix + "epoch")
@@ -217,8 +215,8 @@ class RedisStore(LocationStore):
             "since_change": round(now - self._applied_at, 3) if self._applied_at else None,
             "since_probe": round(now - self._probed, 3) if self._probed else None,
             "customers": self._known_customers(),
-            "pending_registrations": len(self._pending_regs),
-            "pending_sessions": len(self._pending_sessions),
+            "pending_registrations": len(self._side.pending_regs),
+            "pending_sessions": len(self._side.pending_sessions),
         }
 
     # -- the index ------------------------------------------------------------------------
@@ -251,25 +249,24 @@ class RedisStore(LocationStore):
             if offered is not None:
                 changed = self._swap(*offered)
                 self._expected_epoch = ""
-                self._write_cache(force=True)
                 self._changes.set()
-            while self._gone_sessions:
-                self._sessions.pop(self._gone_sessions.popleft(), None)
-            if self._drop_sessions.is_set() and self._up:
+            gone = [self._gone_sessions.popleft() for _ in range(len(self._gone_sessions))]
+            drop_all = self._drop_sessions.is_set() and self._up
+            if drop_all:
                 self._drop_sessions.clear()
-                self._sessions = {k: s for k, s in self._sessions.items()
-                                  if self._pending_sessions.get(k) is s}
+            if gone or drop_all:
+                self._side.forget_sessions(gone, drop_all)
             if not self._up or not self._changes.is_set():
                 return changed
             self._changes.clear()
             try:
                 changed += self._catch_up(self._r)
-                self._flush_pending()
+                self._side.flush_pending()
             except self._errors as exc:
                 self._changes.set()
                 self._went_down(exc)
         if changed:
-            self._write_cache()
+            self._cache_dirty = True  # the watcher writes it (CACHE_EVERY)
         return changed
 
     def _catch_up(self, client: Any) -> list[str]:
@@ -315,48 +312,35 @@ class RedisStore(LocationStore):
 
     # -- the cache file -------------------------------------------------------------------
 
-    def _write_cache(self, force: bool = False) -> None:
+    def cache_due(self) -> bool:
+        return bool(self.cache_file) and self._cache_dirty and (
+            time.monotonic() - self._cache_written >= CACHE_EVERY)
+
+    def _write_cache(self) -> None:
+        """Write the index to the cache file (any thread: the watcher, close(), the start).
+
+        The sequence is read before the customers are copied, so the copy is at least as
+        new as the sequence it is filed under; a node starting from it replays the rest."""
         if not self.cache_file or self._mem is None or self._lost:
             return
-        now = time.monotonic()
-        if not force and now - self._cache_written < 30.0:
-            return
-        self._cache_written = now
-        mem, seq, epoch = self._mem, self._last_seq, self._epoch
-        rows = [[c.customer_id, c.system, c.state, c.group, c.batch_id, c.expires_cap,
-                 list(c.identities)] for c in mem.customers()]
-        tmp = f"{self.cache_file}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(msgspec.msgpack.encode({"seq": seq, "epoch": epoch, "url": self.url,
-                                                "meta": self._meta, "customers": rows}))
-            os.replace(tmp, self.cache_file)
-        except OSError as exc:
-            log.warning("cannot write the store cache %s: %s", self.cache_file, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        with self._cache_lock:
+            self._cache_dirty = False
+            self._cache_written = time.monotonic()
+            seq, epoch = self._last_seq, self._epoch
+            customers = list(self._mem.customers())  # one C-level copy: no half-applied change
+            write_cache(self.cache_file, seq, epoch, self.url, dict(self._meta), customers)
 
     def _load_cache(self) -> bool:
-        try:
-            with open(self.cache_file, "rb") as f:
-                data = msgspec.msgpack.decode(f.read())
-        except (OSError, msgspec.DecodeError) as exc:
-            log.warning("no usable store cache %s: %s", self.cache_file, exc)
+        found = read_cache(self.cache_file)
+        if found is None:
             return False
-
-        def rows() -> Iterable[tuple[str, str, str, str, str, int, str | None]]:
-            for cid, system, state, group, batch, cap, keys in data["customers"]:
-                if not keys:
-                    yield (cid, system, state, group, batch, cap, None)
-                for key in keys:
-                    yield (cid, system, state, group, batch, cap, key)
-
-        self._swap(MemoryIndex.build(rows()), int(data.get("seq", 0)), str(data.get("epoch", "")))
-        self._meta = {str(k): str(v) for k, v in (data.get("meta") or {}).items()}
-        self._applied_at = os.path.getmtime(self.cache_file)
+        mem, seq, epoch, self._meta, mtime = found
+        self._swap(mem, seq, epoch)
+        self._applied_at = mtime
         log.warning("store %s unreachable: started from the cache %s (%d customers, change %d)",
                     self.url, self.cache_file, self._known_customers(), self._last_seq)
         return True
+
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -437,15 +421,20 @@ class RedisStore(LocationStore):
     def _ensure_epoch(self) -> None:
         """The first write makes the store's epoch (an empty index has nothing to reload)."""
         epoch = new_batch_id().replace("b-", "e-")
+        # ours before it is in Redis, or the watcher could see it first and reload for nothing
+        mine = self._mem is not None and self._mem.customer_count == 0 and not self._epoch
+        if mine:
+            self._epoch = epoch
         try:
-            if not self._w.set(self.prefix + "epoch", epoch, nx=True):
-                return
+            created = self._w.set(self.prefix + "epoch", epoch, nx=True)
         except self._errors as exc:
+            created = False
             raise self._unavailable("creating the store", exc) from None
-        log.info("store %s created", self.url)
-        if self._mem is not None and self._mem.customer_count == 0 and not self._epoch:
-            with self._lock:
-                self._epoch = epoch
+        finally:
+            if mine and not created:
+                self._epoch = ""  # another one was there: the watcher reloads from it
+        if created:
+            log.info("store %s created", self.url)
 
     def put_customer(
         self, customer_id: str, identities: Iterable[str], system: str = "source", group: str = ""
@@ -566,146 +555,27 @@ class RedisStore(LocationStore):
                 out.append(BatchSummary(bid, float(ts), who, frm, to, int(n), note))
         return out
 
-    # -- registrations --------------------------------------------------------------------
+    # -- registrations and API sessions (redis_side.SideData) -------------------------------
 
     def record_registrations(self, regs: list[Registration], now: float | None = None) -> None:
         """Written at once; while Redis is away kept (newest per contact) and written later."""
-        now = time.time() if now is None else now
-        for r in regs:
-            if len(self._pending_regs) < MAX_PENDING or (r.account, r.contact) in self._pending_regs:
-                self._pending_regs[(r.account, r.contact)] = r
-        if self._mem is not None and not self._up:
-            return  # no network call while Redis is known to be away
-        self._flush_regs(now)
-
-    def _flush_regs(self, now: float) -> None:
-        if not self._pending_regs:
-            return
-        pending, self._pending_regs = self._pending_regs, {}
-        pipe = self._r.pipeline(transaction=False)
-        for (account, contact), r in pending.items():
-            cid = r.customer_id or self._owner_id(f"account:{account}")
-            key = f"{self.prefix}reg:{cid}"
-            field = f"{account}\n{contact}"
-            if r.expires_at <= now:
-                pipe.hdel(key, field)
-            else:
-                pipe.hset(key, field, json.dumps([canon(r.system), r.expires_at]))
-                pipe.expire(key, int(r.expires_at - now) + 60, gt=True)
-                pipe.expire(key, int(r.expires_at - now) + 60, nx=True)
-        try:
-            pipe.execute()
-        except self._errors as exc:
-            for k, r in pending.items():
-                self._pending_regs.setdefault(k, r)
-            if self._mem is None:
-                raise self._unavailable("recording registrations", exc) from None
-            self._went_down(exc)
+        self._side.record_registrations(regs, now)
 
     def registrations(
         self, customer_ids: list[str] | None = None, now: float | None = None
     ) -> list[Registration]:
-        now = time.time() if now is None else now
-        out: list[Registration] = []
-        try:
-            if customer_ids is None:
-                keys = list(self._w.scan_iter(match=f"{self.prefix}reg:*", count=1000))
-            else:
-                keys = [f"{self.prefix}reg:{cid}" for cid in dict.fromkeys(customer_ids)]
-            for start in range(0, len(keys), 500):
-                part = keys[start : start + 500]
-                pipe = self._w.pipeline(transaction=False)
-                for k in part:
-                    pipe.hgetall(k)
-                expired = self._w.pipeline(transaction=False)
-                for key, fields in zip(part, pipe.execute()):
-                    cid = key[len(self.prefix) + 4 :]
-                    for field, raw in fields.items():
-                        account, _, contact = field.partition("\n")
-                        system, expires_at = json.loads(raw)
-                        if float(expires_at) > now:
-                            out.append(Registration(account, contact, system, float(expires_at), cid))
-                        else:
-                            expired.hdel(key, field)
-                expired.execute()
-        except self._errors as exc:
-            raise self._unavailable("reading registrations", exc, writing=False) from None
-        return out
-
-    # -- API sessions ---------------------------------------------------------------------
+        return self._side.registrations(customer_ids, now)
 
     def put_session(self, session: ApiSession) -> None:
-        self._sessions[session.key] = session
-        self._purge_sessions()
-        if len(self._pending_sessions) < MAX_PENDING:
-            self._pending_sessions[session.key] = session
-        if self._mem is not None and not self._up:
-            return
-        self._flush_sessions()
-
-    def _flush_sessions(self) -> None:
-        if not self._pending_sessions:
-            return
-        pending, self._pending_sessions = self._pending_sessions, {}
-        now = time.time()
-        pipe = self._r.pipeline(transaction=False)
-        for key, s in pending.items():
-            if s is None:
-                pipe.delete(f"{self.prefix}sess:{key}")
-                pipe.publish(self.prefix + "sessions", key)
-            elif s.expires_at > now:
-                pipe.set(f"{self.prefix}sess:{key}", msgspec.json.encode(s),
-                         px=max(1, int((s.expires_at - now) * 1000)))
-        try:
-            pipe.execute()
-        except self._errors as exc:
-            for k, s in pending.items():
-                self._pending_sessions.setdefault(k, s)
-            if self._mem is None:
-                raise self._unavailable("saving a session", exc) from None
-            self._went_down(exc)
-
-    def _purge_sessions(self) -> None:
-        now = time.time()
-        if now - self._last_purge > 60:
-            self._last_purge = now
-            for key in [k for k, s in self._sessions.items() if s.expires_at <= now]:
-                del self._sessions[key]
+        self._side.put_session(session)
 
     def get_session(self, key: str) -> ApiSession | None:
         """Memory first, then Redis (a session another node made a moment ago); None when
         neither has it or Redis is away."""
-        s = self._sessions.get(key)
-        if s is None:
-            if self._mem is not None and not self._up:
-                return None
-            try:
-                raw = self._r.get(f"{self.prefix}sess:{key}")
-            except self._errors as exc:
-                if self._mem is not None:
-                    self._went_down(exc)
-                return None
-            if raw is None:
-                return None
-            s = self._sessions[key] = msgspec.json.decode(raw, type=ApiSession)
-        if s.expires_at <= time.time():
-            self._sessions.pop(key, None)
-            return None
-        return s
+        return self._side.get_session(key)
 
     def delete_session(self, key: str) -> None:
-        self._sessions.pop(key, None)
-        self._pending_sessions[key] = None
-        if self._mem is not None and not self._up:
-            return
-        self._flush_sessions()
-
-    def _flush_pending(self) -> None:
-        """After a reconnect: what dispatchers recorded while Redis was away."""
-        if self._pending_regs:
-            self._flush_regs(time.time())
-        if self._pending_sessions:
-            self._flush_sessions()
+        self._side.delete_session(key)
 
     # -- misc -----------------------------------------------------------------------------
 
@@ -760,7 +630,9 @@ class RedisStore(LocationStore):
             self._watcher.join(timeout=2.0)
             self._watcher = None
         with contextlib.suppress(Exception):
-            self._flush_pending()
+            self._side.flush_pending()
+        if self._cache_dirty:
+            self._write_cache()
         for c in (self._r, self._w):
             with contextlib.suppress(Exception):
                 c.close()

@@ -134,6 +134,8 @@ class Watcher(threading.Thread):
             if time.monotonic() >= next_probe:
                 self._probe(client)
                 next_probe = time.monotonic() + PROBE_EVERY
+                if st.cache_due():
+                    st._write_cache()
 
     def _probe(self, client: Any) -> None:
         st = self.store

@@ -1,0 +1,185 @@
+"""The Redis store's shared side data: registrations dsbc relayed and API sessions.
+
+Both are written by the dispatchers on their event loop, so they never wait for Redis:
+while Redis is known to be away (the watcher says so) they are kept in memory (newest
+per contact / session, bounded) and written when it returns.  API sessions are cached in
+memory; another node's logout reaches this one on the ``<prefix>sessions`` channel, and a
+re-subscription drops the cache (a logout missed meanwhile cannot keep a session alive).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from .base import ApiSession, Registration
+from .memory import canon
+
+if TYPE_CHECKING:
+    from .redis_store import RedisStore
+
+MAX_PENDING = 100_000  # registrations / sessions kept while Redis is away
+
+
+class SideData:
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.sessions: dict[str, ApiSession] = {}
+        self.pending_sessions: dict[str, ApiSession | None] = {}
+        self.pending_regs: dict[tuple[str, str], Registration] = {}
+        self._last_purge = 0.0
+
+    def forget_sessions(self, keys: list[str], drop_all: bool) -> None:
+        """Sessions deleted by other nodes; `drop_all`: every cached one not waiting to be
+        written (after a re-subscription)."""
+        for key in keys:
+            self.sessions.pop(key, None)
+        if drop_all:
+            self.sessions = {k: s for k, s in self.sessions.items() if self.pending_sessions.get(k) is s}
+
+    def record_registrations(self, regs: list[Registration], now: float | None = None) -> None:
+        """Written at once; while Redis is away kept (newest per contact) and written later."""
+        st = self.store
+        now = time.time() if now is None else now
+        for r in regs:
+            if len(self.pending_regs) < MAX_PENDING or (r.account, r.contact) in self.pending_regs:
+                self.pending_regs[(r.account, r.contact)] = r
+        if st._mem is not None and not st._up:
+            return  # no network call while Redis is known to be away
+        self.flush_regs(now)
+
+    def flush_regs(self, now: float) -> None:
+        st = self.store
+        if not self.pending_regs:
+            return
+        pending, self.pending_regs = self.pending_regs, {}
+        pipe = st._r.pipeline(transaction=False)
+        for (account, contact), r in pending.items():
+            cid = r.customer_id or st._owner_id(f"account:{account}")
+            key = f"{st.prefix}reg:{cid}"
+            field = f"{account}\n{contact}"
+            if r.expires_at <= now:
+                pipe.hdel(key, field)
+            else:
+                pipe.hset(key, field, json.dumps([canon(r.system), r.expires_at]))
+                pipe.expire(key, int(r.expires_at - now) + 60, gt=True)
+                pipe.expire(key, int(r.expires_at - now) + 60, nx=True)
+        try:
+            pipe.execute()
+        except st._errors as exc:
+            for k, r in pending.items():
+                self.pending_regs.setdefault(k, r)
+            if st._mem is None:
+                raise st._unavailable("recording registrations", exc) from None
+            st._went_down(exc)
+
+    def registrations(
+        self, customer_ids: list[str] | None = None, now: float | None = None
+    ) -> list[Registration]:
+        st = self.store
+        now = time.time() if now is None else now
+        out: list[Registration] = []
+        try:
+            if customer_ids is None:
+                keys = list(st._w.scan_iter(match=f"{st.prefix}reg:*", count=1000))
+            else:
+                keys = [f"{st.prefix}reg:{cid}" for cid in dict.fromkeys(customer_ids)]
+            for start in range(0, len(keys), 500):
+                part = keys[start : start + 500]
+                pipe = st._w.pipeline(transaction=False)
+                for k in part:
+                    pipe.hgetall(k)
+                expired = st._w.pipeline(transaction=False)
+                for key, fields in zip(part, pipe.execute()):
+                    cid = key[len(st.prefix) + 4 :]
+                    for field, raw in fields.items():
+                        account, _, contact = field.partition("\n")
+                        system, expires_at = json.loads(raw)
+                        if float(expires_at) > now:
+                            out.append(Registration(account, contact, system, float(expires_at), cid))
+                        else:
+                            expired.hdel(key, field)
+                expired.execute()
+        except st._errors as exc:
+            raise st._unavailable("reading registrations", exc, writing=False) from None
+        return out
+
+    def put_session(self, session: ApiSession) -> None:
+        st = self.store
+        self.sessions[session.key] = session
+        self._purge_sessions()
+        if len(self.pending_sessions) < MAX_PENDING:
+            self.pending_sessions[session.key] = session
+        if st._mem is not None and not st._up:
+            return
+        self.flush_sessions()
+
+    def flush_sessions(self) -> None:
+        st = self.store
+        if not self.pending_sessions:
+            return
+        pending, self.pending_sessions = self.pending_sessions, {}
+        now = time.time()
+        pipe = st._r.pipeline(transaction=False)
+        for key, s in pending.items():
+            if s is None:
+                pipe.delete(f"{st.prefix}sess:{key}")
+                pipe.publish(st.prefix + "sessions", key)
+            elif s.expires_at > now:
+                pipe.set(f"{st.prefix}sess:{key}", msgspec.json.encode(s),
+                         px=max(1, int((s.expires_at - now) * 1000)))
+        try:
+            pipe.execute()
+        except st._errors as exc:
+            for k, s in pending.items():
+                self.pending_sessions.setdefault(k, s)
+            if st._mem is None:
+                raise st._unavailable("saving a session", exc) from None
+            st._went_down(exc)
+
+    def _purge_sessions(self) -> None:
+        now = time.time()
+        if now - self._last_purge > 60:
+            self._last_purge = now
+            for key in [k for k, s in self.sessions.items() if s.expires_at <= now]:
+                del self.sessions[key]
+
+    def get_session(self, key: str) -> ApiSession | None:
+        """Memory first, then Redis (a session another node made a moment ago); None when
+        neither has it or Redis is away."""
+        st = self.store
+        s = self.sessions.get(key)
+        if s is None:
+            if st._mem is not None and not st._up:
+                return None
+            try:
+                raw = st._r.get(f"{st.prefix}sess:{key}")
+            except st._errors as exc:
+                if st._mem is not None:
+                    st._went_down(exc)
+                return None
+            if raw is None:
+                return None
+            s = self.sessions[key] = msgspec.json.decode(raw, type=ApiSession)
+        if s.expires_at <= time.time():
+            self.sessions.pop(key, None)
+            return None
+        return s
+
+    def delete_session(self, key: str) -> None:
+        st = self.store
+        self.sessions.pop(key, None)
+        self.pending_sessions[key] = None
+        if st._mem is not None and not st._up:
+            return
+        self.flush_sessions()
+
+    def flush_pending(self) -> None:
+        """After a reconnect: what dispatchers recorded while Redis was away."""
+        if self.pending_regs:
+            self.flush_regs(time.time())
+        if self.pending_sessions:
+            self.flush_sessions()
