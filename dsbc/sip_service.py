@@ -20,6 +20,7 @@ from sip.scanner import ScannerFilter
 from sip.transport import SipEndpoint
 
 from .config import Config, Endpoint, parse_hostport
+from .regwriter import RegistrationWriter
 from .store.base import BadIdentity, Decision, LocationStore, Registration, normalise
 from .tls import sip_client_context, sip_server_contexts
 
@@ -188,6 +189,8 @@ class SipService:
         self.ipc_name = ipc_name
         self.endpoint: SipEndpoint | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # registrations go to the store from a thread: a stalled store never stalls SIP
+        self.reg_writer = RegistrationWriter(cfg.store.url, cfg.store.unknown, store)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -223,6 +226,7 @@ class SipService:
         while True:
             await asyncio.sleep(1.0)
             self.flush_registrations()
+            await self.reg_writer.flush()
 
     def flush_registrations(self) -> None:
         events, self.core.events = self.core.events, []
@@ -238,10 +242,7 @@ class SipService:
             loc = self.store.lookup("account", account)
             for contact, expires in ev.contacts:
                 regs.append(Registration(account, contact, ev.system, now + expires, loc.customer_id if loc else ""))
-        try:
-            self.store.record_registrations(regs)
-        except Exception as exc:  # noqa: BLE001 - the store may be down; dispatching goes on
-            log.warning("could not record %d registrations: %s", len(regs), exc)
+        self.reg_writer.add(regs)
 
     def drain(self) -> None:
         if self.endpoint is not None:
@@ -251,6 +252,7 @@ class SipService:
         for t in self._tasks:
             t.cancel()
         self.flush_registrations()
+        self.reg_writer.close()
         if self.endpoint is not None:
             await self.endpoint.close()
 
@@ -262,5 +264,7 @@ class SipService:
             "connections": len(self.endpoint.conns) if self.endpoint else 0,
             "lookups": self.router.lookups,
             "misses": self.router.misses,
+            "registrations": {"pending": self.reg_writer.pending, "written": self.reg_writer.written,
+                              "dropped": self.reg_writer.dropped, "write_failures": self.reg_writer.failures},
             **self.admission.status(),
         }
