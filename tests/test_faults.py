@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from tests.peers.fakenode import FakeNode
-from tests.peers.proc import find_binary
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(120)]
 
@@ -46,7 +45,9 @@ class UdpPhone:
         self.addr = self.sock.getsockname()
         self.n = 0
 
-    def register(self, dsbc: tuple[str, int], timeout: float = 5.0, contact_tag: str = "") -> tuple[int | None, float]:
+    def register(
+        self, dsbc: tuple[str, int], timeout: float = 5.0, contact_tag: str = ""
+    ) -> tuple[int | None, float]:
         """(status of the final answer or None, seconds it took)."""
         self.n += 1
         host = f"{dsbc[0]}:{dsbc[1]}"
@@ -121,16 +122,22 @@ print("released", flush=True)
 """
 
 
-def test_a_stalled_store_stalls_nothing_and_loses_nothing(dsbc_factory: Factory, nodes: Any) -> None:
+def test_a_stalled_store_stalls_nothing_and_loses_nothing(
+    dsbc_factory: Factory, nodes: Any
+) -> None:
     source, target = nodes
     d = dsbc_factory(source=[source.uri], target=[target.uri], customers=CUSTOMERS)
     d.wait_nodes_up()
     phone = UdpPhone("1001")
     try:
         assert phone.register(d.sip_addr)[0] == 200
-        assert wait_for(lambda: db_rows(d.db, "SELECT account FROM registrations WHERE account = '1001'"))
+        assert wait_for(
+            lambda: db_rows(d.db, "SELECT account FROM registrations WHERE account = '1001'")
+        )
         # another process holds the store's write lock for 7 s (longer than its 5 s busy timeout)
-        stall = subprocess.Popen([sys.executable, "-c", STALL_SCRIPT, str(d.db), "7"], stdout=subprocess.PIPE, text=True)
+        stall = subprocess.Popen(
+            [sys.executable, "-c", STALL_SCRIPT, str(d.db), "7"], stdout=subprocess.PIPE, text=True
+        )
         assert stall.stdout is not None and stall.stdout.readline().strip() == "locked"
         started = time.monotonic()
         took = []
@@ -147,17 +154,187 @@ def test_a_stalled_store_stalls_nothing_and_loses_nothing(dsbc_factory: Factory,
         assert stall.wait(15) == 0
         assert max(took) < 1.0, f"registrations waited on the store: slowest {max(took):.2f} s"
         if still_stalled:
-            assert r.returncode != 0 and "busy" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+            assert r.returncode != 0 and "busy" in (r.stdout + r.stderr).lower(), (
+                r.stdout + r.stderr
+            )
             assert systems_of(d.db)["300"] == "target"
             assert db_rows(d.db, "SELECT count(*) FROM audit WHERE customer_id = '300'")[0][0] == 0
         # after the stall: what was relayed during it reaches the store, and a migration works
         assert wait_for(
-            lambda: {a for (a,) in db_rows(d.db, "SELECT account FROM registrations")} >= {"1001", "1002", "3003"},
+            lambda: (
+                {a for (a,) in db_rows(d.db, "SELECT account FROM registrations")}
+                >= {"1001", "1002", "3003"}
+            ),
             timeout=10,
         ), db_rows(d.db, "SELECT account, contact FROM registrations")
         r = d.cli("migrate", "--customer", "300", "--to", "source")
         assert systems_of(d.db) == {"100": "source", "200": "source", "300": "source"}
         for p in others:
             p.close()
+    finally:
+        phone.close()
+
+
+# --- a worker killed with SIGKILL ----------------------------------------------------------------
+
+
+def worker_pids(d: Any) -> dict[int, int]:
+    return {s["worker"]: s["pid"] for s in d.status() if time.time() - s.get("ts", 0) < 3}
+
+
+def test_a_killed_worker_is_restarted_and_the_others_keep_serving(
+    dsbc_factory: Factory, nodes: Any
+) -> None:
+    source, target = nodes
+    d = dsbc_factory(source=[source.uri], target=[target.uri], customers=CUSTOMERS, workers=2)
+    d.wait_nodes_up()
+    pids = wait_for(lambda: len(worker_pids(d)) == 2 and worker_pids(d))
+    assert pids, d.status()
+    phones = [UdpPhone("1001", f"127.0.0.{2 + i % 3}") for i in range(8)]
+    try:
+        assert all(p.register(d.sip_addr)[0] == 200 for p in phones)
+        d.cli("migrate", "--customer", "300", "--to", "source")  # committed before the kill
+        assert wait_for(lambda: len(db_rows(d.db, "SELECT contact FROM registrations")) == 8)
+        os.kill(pids[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        failures = []
+        while time.monotonic() - killed_at < 3.0:
+            for p in phones:
+                status, _ = p.register(d.sip_addr, timeout=2.0)
+                if status != 200:
+                    failures.append(status)
+        assert failures == [], f"{len(failures)} registrations failed while a worker was down"
+        new = wait_for(
+            lambda: worker_pids(d).get(1) not in (None, pids[1]) and worker_pids(d), timeout=10
+        )
+        assert new and new[1] != pids[1] and new[0] == pids[0], (pids, new)
+        assert d.proc is not None and d.proc.alive
+        assert "restarting it" in d.log_tail(200)
+        # nothing committed was lost: the migration holds for every worker, old and new
+        phone = UdpPhone("3003", "127.0.0.4")
+        for _ in range(6):
+            assert phone.register(d.sip_addr)[0] == 200
+        phone.close()
+        assert len([r for r in source.requests("REGISTER") if "3003" in (r.get("to") or "")]) == 6
+        assert [r for r in target.requests("REGISTER") if "3003" in (r.get("to") or "")] == []
+        assert systems_of(d.db)["300"] == "source"
+        assert len(db_rows(d.db, "SELECT contact FROM registrations WHERE account = '1001'")) == 8
+    finally:
+        for p in phones:
+            p.close()
+
+
+# --- the disk of the SQLite store is full ------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB tmpfs (root only: mount); skipped where it cannot be mounted."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill: {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill the file system up to its last block; returns the filler file."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_fails_migrations_cleanly_and_traffic_goes_on(
+    dsbc_factory: Factory, nodes: Any, small_disk: Path
+) -> None:
+    source, target = nodes
+    many = [
+        {"customer_id": str(1000 + i), "identities": [f"account:{5000 + i}"], "system": "source"}
+        for i in range(1500)
+    ]
+    d = dsbc_factory(
+        source=[source.uri],
+        target=[target.uri],
+        customers=CUSTOMERS + many,
+        db=small_disk / "location.db",
+    )
+    d.wait_nodes_up()
+    phone = UdpPhone("1001")
+    try:
+        assert phone.register(d.sip_addr)[0] == 200
+        assert wait_for(lambda: db_rows(d.db, "SELECT 1 FROM registrations WHERE account = '1001'"))
+        before = systems_of(d.db)
+        audit_before = db_rows(d.db, "SELECT count(*) FROM audit")[0][0]
+        # empty the WAL so that every new write needs new blocks, then fill the disk
+        con = sqlite3.connect(str(d.db), timeout=10)
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.close()
+        filler = fill(small_disk)
+        ids = [c["customer_id"] for c in many]
+        batch = d.workdir / "batch.txt"
+        batch.write_text("\n".join(ids) + "\n")
+        r = d.cli("migrate", "--batch", str(batch), "--to", "target", check=False, timeout=60)
+        out = (r.stdout + r.stderr).lower()
+        assert r.returncode != 0, out
+        assert "full" in out and "nothing was changed" in out, out
+        assert "traceback" not in out
+        # nothing half-applied: not one customer moved, no audit line, the file is sound
+        assert systems_of(d.db) == before
+        assert db_rows(d.db, "SELECT count(*) FROM audit")[0][0] == audit_before
+        assert db_rows(d.db, "PRAGMA integrity_check") == [("ok",)]
+        # an import on the full disk: all or nothing as well
+        extra = d.workdir / "more.jsonl"
+        extra.write_text(
+            "".join(
+                json.dumps(
+                    {"customer_id": f"x{i}", "identities": [f"account:x{i}"], "system": "target"}
+                )
+                + "\n"
+                for i in range(500)
+            )
+        )
+        r = d.cli("import", str(extra), check=False, timeout=60)
+        assert r.returncode != 0 and "traceback" not in (r.stdout + r.stderr).lower(), (
+            r.stdout + r.stderr
+        )
+        assert (
+            db_rows(d.db, "SELECT count(*) FROM customers WHERE customer_id LIKE 'x%'")[0][0] == 0
+        )
+        # SIP goes on while the disk is full (registrations wait in memory)
+        for i in range(5):
+            assert phone.register(d.sip_addr, contact_tag=f"-full{i}")[0] == 200
+        assert d.proc is not None and d.proc.alive
+        # space again: the migration goes through whole, the registrations are written
+        filler.unlink()
+        r = d.cli("migrate", "--batch", str(batch), "--to", "target", timeout=60)
+        after = systems_of(d.db)
+        assert all(after[i] == "target" for i in ids) and after["100"] == "source"
+        assert wait_for(
+            lambda: len(db_rows(d.db, "SELECT 1 FROM registrations WHERE account = '1001'")) >= 6,
+            timeout=10,
+        )
+        moved = UdpPhone(str(5000 + 7), "127.0.0.3")
+        assert wait_for(
+            lambda: moved.register(d.sip_addr)[0] == 200 and target.requests("REGISTER"), timeout=5
+        )
+        moved.close()
     finally:
         phone.close()

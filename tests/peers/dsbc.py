@@ -58,12 +58,13 @@ class Dsbc:
         sip_extra: str = "",
         api: str = "[api]\nenabled = false\n",
         extra_listen: Sequence[str] = (),
+        db: Path | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ip = ip
         self.port = port or free_port("both", ip)
-        self.db = self.workdir / "location.db"
+        self.db = Path(db) if db is not None else self.workdir / "location.db"
         self.config_path = self.workdir / "dsbc.toml"
         self.run_dir = self.workdir / "run"
         self.control_port = free_port("tcp")

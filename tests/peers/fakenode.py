@@ -171,6 +171,16 @@ class FakeNode:
             return None
         if mode == "slow" and not raw.startswith(b"OPTIONS "):
             time.sleep(self.delay)
+        if raw.startswith(b"REGISTER "):
+            # a registrar: the bindings of the request come back in the 200
+            head = raw.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace").split("\r\n")
+            contacts = [
+                h.split(":", 1)[1].strip()
+                for h in head
+                if h.split(":", 1)[0].strip().lower() in ("contact", "m")
+            ]
+            extra = "\r\n".join(f"Contact: {c};expires=300" for c in contacts if c != "*")
+            return response_to(raw, extra=extra)
         return response_to(
             raw, contact=f"sip:node@{self.ip}:{self.port};transport={self.transport}"
         )
