@@ -126,11 +126,12 @@ class ControlService:
                  "" if self.token else " (no control.token: /v1 is refused)")
 
     def drain(self) -> None:
-        """The worker stops: /healthz says 503 while the node drains; on a reload (the node
-        goes on with a new worker) this one stops listening at once instead."""
+        """The worker stops: /healthz says 503 while the node drains; on a reload (the
+        master marked this worker ``replaced-PID``: the node goes on with a new worker) this
+        one stops listening at once instead, and the new one answers."""
         self.draining = True
-        stopping = self.run_dir is not None and (self.run_dir / "stopping").exists()
-        if not stopping and self.site is not None:
+        replaced = self.run_dir is not None and (self.run_dir / f"replaced-{os.getpid()}").exists()
+        if replaced and self.site is not None:
             server = self.site._server
             if server is not None:
                 server.close()

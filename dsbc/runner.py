@@ -337,6 +337,10 @@ class Master:
                     os.kill(new, signal.SIGKILL)
                 self.workers[index] = pid
                 return
+            try:  # tells the old worker's control API to hand over, not to report "draining"
+                (self.run_dir / f"replaced-{pid}").touch()
+            except OSError:
+                pass
             os.kill(pid, signal.SIGTERM)
             state = self._wait_file(f"ready-{index}-{new}", new, DRAIN_SECONDS + 10)
             if state == "dead":
@@ -365,12 +369,6 @@ class Master:
         return "ok" if path.exists() else "timeout"
 
     def stop(self) -> int:
-        # the control API answers /healthz with 503 "draining" while a stop drains (on a
-        # reload the worker being replaced closes its control listener instead)
-        try:
-            (self.run_dir / "stopping").touch()
-        except OSError:
-            pass
         log.info("stopping: draining %d worker(s)", len(self.workers))
         for pid in self.workers.values():
             try:

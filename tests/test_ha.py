@@ -133,7 +133,9 @@ def nodes(tmp_path: Path) -> Iterator[Callable[..., Dsbc]]:
     def make(name: str, **kw: Any) -> Dsbc:
         d = Dsbc(tmp_path / name, options_interval=0.5, options_timeout=1.0, **kw)
         started.append(d)
-        return d.start()
+        d.start()
+        wait_for(lambda: healthz(d)[0] != 0, 10)  # the control API starts after SIP
+        return d
 
     yield make
     for d in reversed(started):
@@ -168,6 +170,14 @@ def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.05) -> fl
             raise AssertionError(f"not within {timeout}s")
         time.sleep(step)
     return time.monotonic() - started
+
+
+def healthz(node: Dsbc) -> tuple[int, Any]:
+    """(status, body) of /healthz; (0, None) while the control API does not answer yet."""
+    try:
+        return node.control("GET", "/healthz", token=None, timeout=2)
+    except OSError:  # urllib's URLError, a reset connection
+        return 0, None
 
 
 def system_of(node: Dsbc, user: str) -> str:
@@ -215,7 +225,7 @@ def test_migration_through_a_reaches_b_at_once_and_survives_a_redis_restart(
     batches = [x["batch_id"] for x in a.control("GET", "/v1/status")[1]["store"]["batches"]]
     redis.restart()
     for n in (a, b):
-        wait_for(lambda n=n: n.control("GET", "/healthz", token=None)[1]["store"]["healthy"], 10)
+        wait_for(lambda n=n: healthz(n)[0] == 200 and healthz(n)[1]["store"]["healthy"], 10)
     # nothing lost: both nodes, and the store read directly, still have every change
     assert [system_of(b, f"u{i}") for i in range(6)] == ["target"] * 5 + ["source"]
     r = a.cli("where", "account:u4")
@@ -418,10 +428,32 @@ def test_node_restarts_from_its_cache_file_while_redis_is_away(
     assert cache.exists()
     redis.stop()
     node.start()  # answers SIP OPTIONS: it dispatches
-    wait_for(lambda: node.status() != [] and node.control("GET", "/healthz", token=None)[0] == 200, 10)
+    wait_for(lambda: healthz(node)[0] == 200, 10)
     assert system_of(node, "u3") == "target" and system_of(node, "u4") == "source"
     hz = node.control("GET", "/healthz", token=None)[1]
     assert hz["store"]["healthy"] is False
     redis.start()
     took = wait_for(lambda: node.control("GET", "/healthz", token=None)[1]["store"]["healthy"], 10)
     report(request, f"restarted from the cache while Redis was away; healthy {took:.1f} s after Redis returned")
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_drains_with_healthz_503(systems: Systems, nodes: Callable[..., Dsbc]) -> None:
+    import urllib.error
+
+    node = nodes("node", **systems.sip(), customers=customers(2))
+    wait_for(lambda: healthz(node)[0] == 200, 10)
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGTERM)
+    seen: list[Any] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            status, body = node.control("GET", "/healthz", token=None, timeout=1)
+        except (urllib.error.URLError, OSError):
+            seen.append("refused")
+            break
+        seen.append((status, body.get("status") if isinstance(body, dict) else body))
+        time.sleep(0.01)
+    assert (503, "draining") in seen, seen
+    assert seen[-1] == "refused"

@@ -64,7 +64,8 @@ WRITE_TIMEOUT = 10.0  # operator writes (a 20,000-customer migration is one scri
 BULK = 1000  # an import of more rows is written in chunks and logged as one reload
 CHUNK = 2000  # rows per import script
 FETCH = 1000  # customers per HMGET
-LOG_PAGE = 1000  # change-log entries per refresh step
+LOG_PAGE = 100  # change-log entries read per refresh step ...
+MAX_CATCH_UP = 5000  # ... and customers reloaded (a worker's loop never waits long)
 CACHE_EVERY = 10.0  # seconds between writes of the cache file while changes come in
 
 
@@ -279,23 +280,27 @@ class RedisStore(LocationStore):
         first = int(entries[0][0].split("-")[0])
         ids: dict[str, None] = {}
         reload = first > self._last_seq + 1  # older entries were trimmed: we fell behind
-        for _, fields in entries:
+        last = self._last_seq
+        for n, (entry_id, fields) in enumerate(entries):
+            if n and len(ids) >= MAX_CATCH_UP:  # the rest at the next call: bounded work per call
+                break
             if "r" in fields:
                 reload = True
             for cid in _ids(json.loads(fields.get("c") or "[]")):
                 ids[cid] = None
+            last = int(entry_id.split("-")[0])
         if reload and self._watcher is not None:
             self._watcher.reload_wanted.set()
-        fresh = self._fetch(client, list(ids))
+        fresh = self._fetch(client, list(ids))  # all of it first: a failure applies nothing
         for cid in ids:
             c = fresh.get(cid)
             if c is None:
                 mem.remove(cid)
             else:
                 mem.put(c)
-        self._last_seq = int(entries[-1][0].split("-")[0])
+        self._last_seq = last
         self._applied_at = time.time()
-        if len(entries) == LOG_PAGE:
+        if last != int(entries[-1][0].split("-")[0]) or len(entries) == LOG_PAGE:
             self._changes.set()
             self._wake()
         return list(ids)
