@@ -78,6 +78,8 @@ class HealthChecker:
             self._by_addr[(st.node.host, st.node.port)] = st
         for lst in self._by_system.values():
             lst.sort(key=lambda s: s.node.index)
+        #: ping branch without its sequence number -> the node it was sent to
+        self._by_branch_head = {self._branch_head(st.node): st for st in self.states.values()}
 
     # --- queries --------------------------------------------------------------------
 
@@ -134,7 +136,7 @@ class HealthChecker:
     def _ping(self, st: NodeState, now: float) -> Ping:
         seq = next(self._seq)
         n = st.node
-        branch = f"{PING_BRANCH_PREFIX}{self._tag}-{seq}"
+        branch = f"{self._branch_head(n)}-{seq}"
         if not st.pending:
             st.pending = branch
             st.sent_at = now
@@ -163,14 +165,18 @@ class HealthChecker:
         vias = msg.vias
         return bool(vias) and vias[0].branch.startswith(PING_BRANCH_PREFIX)
 
+    def _branch_head(self, n: Node) -> str:
+        return f"{PING_BRANCH_PREFIX}{self._tag}-{n.system}.{n.index}"
+
     def handle_response(self, msg: SipMessage, now: float) -> None:
-        branch = msg.vias[0].branch
-        for st in self.states.values():
-            if st.pending == branch:
-                st.rtt = now - st.sent_at
-                st.pending = ""
-                self._mark(st, True, now)
-                return
+        # any answer to a ping of a node that is waiting for one: with an interval shorter
+        # than the node's answer time the answer is to an earlier ping than the last one,
+        # and must count all the same (else a slow but living node is marked down)
+        st = self._by_branch_head.get(msg.vias[0].branch.rpartition("-")[0])
+        if st is not None and st.pending:
+            st.rtt = now - st.sent_at
+            st.pending = ""
+            self._mark(st, True, now)
 
     def mark_unreachable(self, host: str, port: int, now: float) -> None:
         st = self._by_addr.get((host, port))

@@ -1055,3 +1055,20 @@ def test_regression_a_held_request_that_fails_on_release_is_answered() -> None:
     to_flow(send, PHONE)
     assert status_of(send) == 513
     assert core.held_count == 0
+
+
+def test_regression_a_node_slower_than_the_ping_interval_stays_up() -> None:
+    # was: only an answer to the latest ping counted, so with options_interval shorter than
+    # the node's answer time every answer was ignored and the node marked down
+    core, _ = make_core()
+    core.health.interval, core.health.timeout = 0.5, 2.0
+    now = 0.0
+    sent: list[tuple[float, Send]] = []
+    for _ in range(12):
+        sent += [(now, p) for p in core.handle_timer(now) if (p.ip, p.port) == (S1.host, S1.port)]
+        for t, p in [x for x in sent if x[0] <= now - 0.7]:  # S1 answers each ping 0.7 s late
+            core.handle_data(make_response(parse_message(p.data), 200, "OK", to_tag="n"), flow_of(S1), now)
+            sent.remove((t, p))
+        now += 0.5
+        assert core.health.states[S1.key].up, now
+    to_node(one(core.handle_data(request("INVITE"), PHONE, now)), S1)
