@@ -17,6 +17,10 @@ SIP peers (proven by tests/test_peers_selftest.py against Kamailio, without dsbc
 - sipp.py: run_sipp(scenario, remote, ...) -> SippResult; SippServer (background UAS).
   Scenarios in sipp/: uac_call, uac_call_to_did, uac_cancel, uas_answer, register, options.
 - sipmsg.py: parse_message(raw) -> SipText (start line, headers by name, body).
+- redis.py: RedisServer(workdir): redis-server on a free port, appendonly (restart() keeps
+  the data), url, client(); TcpProxy(upstream): cut() / stall() / heal() a connection to it.
+- dsbc.py: Dsbc(workdir, source=, target=, customers=, store_url=, ...): `dsbc run`;
+  cli(...), control(method, path, body) for the control API, status(), counters().
 
 tests/conftest.py wraps them in fixtures: kamailio_factory, phone_factory, tmp_workdir,
 peer_logs; require_binary(name) skips a test when a program is missing.
