@@ -815,6 +815,19 @@ def test_any_bytes_from_any_flow_never_raise(data: bytes, src: Flow) -> None:
     assert all(isinstance(s, Send) for s in out)
 
 
+class Dialog(NamedTuple):
+    """A dialog between a phone and a node through dsbc, as each side would continue it."""
+
+    phone: Flow
+    call_id: str
+    phone_route: list[str]  # Route set of the phone's requests
+    node_route: list[str]  # Route set of the node's requests
+    phone_from: str  # From / To as the phone writes them
+    phone_to: str
+    node_ruri: str  # the node's Contact: the phone's Request-URI
+    node: Node  # the node that sends the node side's requests
+
+
 CUSTOMERS = {"42": "1001", "43": "2000", "44": "3000"}
 USERS = {**{u: c for c, u in CUSTOMERS.items()}, "7777": ""}  # 7777: unknown (store.unknown)
 
@@ -838,8 +851,9 @@ class ProxyWalk(RuleBasedStateMachine):
         self.call_customer: dict[str, str] = {}  # Call-ID -> customer id ("" unknown)
         self.call_system: dict[str, str] = {}  # Call-ID -> system of the first send to a node
         self.forwarded: list[Send] = []  # requests dsbc sent to nodes
-        self.dialogs: list[tuple[Flow, SipMessage]] = []  # (phone flow, 2xx relayed to it)
+        self.dialogs: list[Dialog] = []
         self.invites: list[tuple[Flow, bytes]] = []  # (phone flow, INVITE as the phone sent it)
+        self.paths: list[tuple[Flow, str, str]] = []  # (phone flow, Path, user) of forwarded REGISTERs
 
     def _run(self, sends: list[Send]) -> None:
         assert isinstance(sends, list)
@@ -858,8 +872,16 @@ class ProxyWalk(RuleBasedStateMachine):
             if not m.call_id.startswith("walk-"):
                 continue  # garbage that borrowed a Call-ID is not part of the walk's calls
             if node is None:
-                if not m.is_request and m.cseq[1] == "INVITE" and 200 <= m.status < 300 and m.values("record-route"):
-                    self.dialogs.append((Flow(s.transport, s.ip, s.port, s.conn_id, max(s.worker, 0)), m))
+                rr = m.values("record-route")
+                if not m.is_request and m.cseq[1] == "INVITE" and 200 <= m.status < 300 and rr:
+                    contact = m.values("contact")
+                    self.dialogs.append(
+                        Dialog(
+                            Flow(s.transport, s.ip, s.port, s.conn_id, max(s.worker, 0)), m.call_id, list(reversed(rr)), rr,
+                            m.get("from") or "", m.get("to") or "", parse_name_addr(contact[0]).uri_text if contact else "sip:x@example.com",
+                            S1 if "dsbc=source" in rr[0] else T1,
+                        )
+                    )
                 continue
             if not m.is_request:
                 continue
@@ -894,7 +916,13 @@ class ProxyWalk(RuleBasedStateMachine):
         data = request(method, "sip:9999@example.com", src=src, frm=frm, to=to, call_id=cid, branch=f"z9hG4bKw{self.seq}")
         if method == "INVITE":
             self.invites.append((src, data))
-        self._run(self.core.handle_data(data, src, self.now))
+        sends = self.core.handle_data(data, src, self.now)
+        self._run(sends)
+        for s in sends:
+            if (s.ip, s.port) in NODE_AT and method == "REGISTER":
+                (path,) = parse(s).values("path")
+                assert self.core.signer.decode(uri_params(path)["ft"]) == src
+                self.paths.append((src, path, user))
 
     @rule(user=st.sampled_from(["15550001001", "15550002000", "3000", "555"]), node=st.sampled_from(NODES))
     def node_calls_a_number(self, user: str, node: Node) -> None:
@@ -917,24 +945,55 @@ class ProxyWalk(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.dialogs))
     @rule(i=st.integers(0, 10_000), from_phone=st.booleans(), method=st.sampled_from(["BYE", "INVITE", "INFO", "ACK"]))
     def in_dialog(self, i: int, from_phone: bool, method: str) -> None:
-        phone, ok = self.dialogs[i % len(self.dialogs)]
-        rr = ok.values("record-route")
+        dlg = self.dialogs[i % len(self.dialogs)]
         self.seq += 1
         if from_phone:
-            contact = ok.values("contact")
-            ruri = parse_name_addr(contact[0]).uri_text if contact else "sip:9999@example.com"
             data = request(
-                method, ruri, src=phone, frm=ok.get("from") or "", to=ok.get("to") or "", call_id=ok.call_id,
-                cseq=100 + self.seq, branch=f"z9hG4bKd{self.seq}", headers=[f"Route: {', '.join(reversed(rr))}"] if rr else [],
+                method, dlg.node_ruri, src=dlg.phone, frm=dlg.phone_from, to=dlg.phone_to, call_id=dlg.call_id,
+                cseq=100 + self.seq, branch=f"z9hG4bKd{self.seq}", headers=[f"Route: {', '.join(dlg.phone_route)}"],
             )
-            self._run(self.core.handle_data(data, phone, self.now))
+            self._run(self.core.handle_data(data, dlg.phone, self.now))
         else:
-            node = S1 if any("dsbc=source" in r for r in rr) else T1
+            src = flow_of(dlg.node)
             data = request(
-                method, f"sip:u@{phone.ip}:{phone.port}", src=flow_of(node), frm=ok.get("to") or "", to=ok.get("from") or "",
-                call_id=ok.call_id, cseq=200 + self.seq, branch=f"z9hG4bKe{self.seq}", headers=[f"Route: {', '.join(rr)}"] if rr else [],
+                method, f"sip:u@{dlg.phone.ip}:{dlg.phone.port}", src=src, frm=dlg.phone_to, to=dlg.phone_from,
+                call_id=dlg.call_id, cseq=200 + self.seq, branch=f"z9hG4bKe{self.seq}", headers=[f"Route: {', '.join(dlg.node_route)}"],
             )
-            self._run(self.core.handle_data(data, flow_of(node), self.now))
+            sends = self.core.handle_data(data, src, self.now)
+            self._run(sends)
+            # a request from the node in a dialog with a phone reaches that phone's flow
+            (out,) = sends
+            to_flow(out, dlg.phone)
+
+    @precondition(lambda self: bool(self.paths))
+    @rule(i=st.integers(0, 10_000), answer_it=st.booleans())
+    def node_calls_a_registered_phone(self, i: int, answer_it: bool) -> None:
+        phone, path, user = self.paths[i % len(self.paths)]
+        system = uri_params(path)["dsbc"]
+        node = S1 if system == "source" else T1
+        cid = self._new_call_id()
+        self.call_system[cid] = system  # the dialog belongs to the system the phone registered on
+        inv = request(
+            "INVITE", f"sip:{user}@{phone.ip}:{phone.port}", src=flow_of(node), frm=f"<sip:caller@{node.host}>;tag=c{self.seq}",
+            to=f"<sip:{user}@example.com>", call_id=cid, branch=f"z9hG4bKp{self.seq}",
+            headers=[f"Route: {path}", f"Contact: <sip:caller@{node.host}:{node.port}>"],
+        )
+        sends = self.core.handle_data(inv, flow_of(node), self.now)
+        self._run(sends)
+        (out,) = sends
+        to_flow(out, phone)  # through the Path's flow token, whoever owns the phone now
+        delivered = parse(out)
+        rr = delivered.values("record-route")
+        assert rr and all(uri_params(r)["dsbc"] == system for r in rr)
+        if answer_it:
+            ok = make_response(delivered, 200, "OK", [("record-route", r) for r in rr] + [("contact", f"<sip:{user}@{phone.ip}:{phone.port}>")], to_tag=f"ph{self.seq}")
+            back = self.core.handle_data(ok, phone, self.now)
+            self._run(back)
+            (resp,) = back
+            to_node(resp, node)
+            self.dialogs.append(
+                Dialog(phone, cid, rr, list(reversed(rr)), f"<sip:{user}@example.com>;tag=ph{self.seq}", delivered.get("from") or "", f"sip:caller@{node.host}:{node.port}", node)
+            )
 
     @precondition(lambda self: bool(self.invites))
     @rule(i=st.integers(0, 10_000), ack=st.booleans())
