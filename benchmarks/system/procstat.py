@@ -10,7 +10,7 @@ child that exits during the run is found in its parent's cutime / cstime once re
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Self
 
@@ -73,11 +73,6 @@ def tree_rss(pid: int) -> dict[int, int]:
     return {p: rss_bytes(p) for p in tree(pid)}
 
 
-@dataclass
-class CpuSample:
-    ticks: dict[int, tuple[int, int]]
-
-
 class CpuMeter:
     """CPU seconds used by the process trees under ``roots`` between start() and stop()."""
 
@@ -111,6 +106,28 @@ class CpuMeter:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        own, kids = cpu_ticks(p)
+        total += own + kids
+    return total / CLK_TCK
+
+
+def wait_idle(pid: int, timeout: float = 20.0, window: float = 0.5, busy: float = 0.04) -> float:
+    """Wait until the tree under ``pid`` uses less than ``busy`` of a core over ``window``
+    seconds (it has drained its queues); returns the seconds waited."""
+    t0 = time.monotonic()
+    last = tree_cpu_seconds(pid)
+    while time.monotonic() - t0 < timeout:
+        time.sleep(window)
+        now = tree_cpu_seconds(pid)
+        if now - last <= busy * window:
+            break
+        last = now
+    return time.monotonic() - t0
 
 
 def machine() -> dict[str, str]:

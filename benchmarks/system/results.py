@@ -47,7 +47,12 @@ def render(ctx: Context, started: float, elapsed: float, command: str) -> str:
             "come from /proc accounting and hold under noise, rates and latencies do not)."
         ),
         "",
-        "Ratio = dsbc / peer.  CPU figures: lower is better; rates: higher is better.",
+        (
+            f"Data: {ctx.params.customers * 4:,} identities ({ctx.params.customers:,} customers x 4) in "
+            "dsbc's store and in Kamailio's htable; callers and registering users drawn from "
+            f"{ctx.params.register_users:,} of its accounts.  Ratio = dsbc / peer.  CPU figures: lower "
+            "is better; rates: higher is better."
+        ),
         "",
         "| scenario | metric | dsbc | peer | ratio | target | met | machine | date |",
         "|---|---|---|---|---|---|---|---|---|",

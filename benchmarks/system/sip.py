@@ -13,7 +13,6 @@ owner lookup among the million (every tenth customer lives on the target).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 from benchmarks.peers.dsbc_bench import DsbcBench
 from benchmarks.peers.kamailio_bench import KamailioBench
 from benchmarks.system.context import Context, Row
-from benchmarks.system.procstat import CpuMeter
+from benchmarks.system.procstat import CpuMeter, wait_idle
 from benchmarks.system.sipp_load import Sipp, SippStats
 from benchmarks.system.tcp_uac import run_tcp_calls
 from tests.peers.net import free_port
@@ -127,23 +126,30 @@ def run_calls(
     calls: int,
     scenario: str = "uac_call.xml",
     users: int | None = None,
+    clients: int = 1,
 ) -> Step:
-    """``calls`` calls at ``rate`` calls/s; CPU of the dispatcher's tree over the run."""
-    inf = ctx.dataset.users_file(workdir.parent / "users.csv", users or ctx.params.register_users)
-    uac = Sipp(
-        workdir,
-        scenario,
-        local_ip=UAC_IP,
-        remote=proxy.addr,
-        rate=rate,
-        calls=calls,
-        inf=inf,
-        timeout=calls / rate + 30,
-    )
+    """``calls`` calls at ``rate`` calls/s from ``clients`` sipp processes (each its own
+    socket, so SO_REUSEPORT spreads them over dsbc's workers); CPU of the dispatcher's
+    tree over the run."""
+    inf = ctx.dataset.users_file(workdir / "users.csv", users or ctx.params.register_users)
+    uacs = [
+        Sipp(workdir / f"uac{i}" if clients > 1 else workdir, scenario, local_ip=UAC_IP, remote=proxy.addr,
+             rate=rate / clients, calls=max(1, calls // clients), inf=inf, timeout=calls / rate + 30)
+        for i in range(clients)
+    ]  # fmt: skip
+    calls = sum(max(1, calls // clients) for _ in uacs)
     meter = CpuMeter(proxy.pid).start()
-    uac.start()
-    st = uac.wait()
+    for u in uacs:
+        u.start()
+    stats = [u.wait() for u in uacs]
     cpu = meter.stop()
+    st = SippStats(
+        successful=sum(s.successful for s in stats),
+        failed=sum(s.failed for s in stats),
+        created=sum(s.created for s in stats),
+        retransmissions=sum(s.retransmissions for s in stats),
+        elapsed=max(s.elapsed for s in stats),
+    )
     ideal = calls / rate
     why = ""
     if st.failed:
@@ -156,15 +162,20 @@ def run_calls(
 
 
 def rate_search(
-    ctx: Context, label: str, step: Callable[[float, int], Step], start: float
+    ctx: Context, label: str, step: Callable[[float, int], Step], start: float, pid: int
 ) -> tuple[float, list[Step]]:
-    """Highest rate with zero failed calls: rates x1.5 until the first failure, then two
-    bisections between the last good and the first bad rate."""
+    """Highest rate with zero failed calls: x1.5 from ``start`` until the first failure
+    (halving instead while nothing has passed yet), then two bisections between the last
+    good and the first bad rate.  Before each step the dispatcher must be idle again: after
+    an overload its socket buffers hold seconds of retransmissions, and the next step
+    would inherit them."""
     p = ctx.params
     good, bad, rate = 0.0, 0.0, start
     history: list[Step] = []
     bisections = 0
     for i in range(p.max_steps):
+        if i:
+            wait_idle(pid)
         s = step(rate, i)
         history.append(s)
         ctx.log(
@@ -177,12 +188,13 @@ def rate_search(
             bad = rate
         if not bad:
             rate = rate * 1.5
-            continue
-        if not good or bisections >= 2 or (bad - good) / bad < 0.06:
+        elif not good:
+            rate = rate / 2
+        elif bisections >= 2 or (bad - good) / bad < 0.06:
             break
-        bisections += 1
-        rate = (good + bad) / 2
-        time.sleep(1.0)  # let queues drain after a failed step
+        else:
+            bisections += 1
+            rate = (good + bad) / 2
     return good, history
 
 
@@ -234,10 +246,12 @@ def measure_calls_rate(ctx: Context, proxy: Proxy) -> tuple[float, list[Step]]:
             max(1, int(rate * p.step_seconds)),
         )
 
-    return rate_search(ctx, f"calls-rate {proxy.name}", step, p.call_start_rate)
+    return rate_search(ctx, f"calls-rate {proxy.name}", step, p.call_start_rate, proxy.pid)
 
 
-def measure_register(ctx: Context, proxy: Proxy, label: str) -> tuple[float, list[Step]]:
+def measure_register(
+    ctx: Context, proxy: Proxy, label: str, clients: int = 1, start: float = 0.0
+) -> Search:
     p = ctx.params
 
     def step(rate: float, i: int) -> Step:
@@ -248,9 +262,10 @@ def measure_register(ctx: Context, proxy: Proxy, label: str) -> tuple[float, lis
             rate,
             max(1, int(rate * p.step_seconds)),
             "uac_register.xml",
+            clients=clients,
         )
 
-    return rate_search(ctx, f"register {label}", step, p.register_start_rate)
+    return rate_search(ctx, f"register {label}", step, start or p.register_start_rate, proxy.pid)
 
 
 def measure_tcp(ctx: Context, proxy: Proxy) -> TcpResult:
@@ -308,7 +323,19 @@ def run(ctx: Context, selected: set[str]) -> None:
         if "register" in selected:
             workers = max(2, os.cpu_count() or 1)
             with dsbc_proxy(ctx, "sip-dsbc-all", src, tgt, workers=workers) as proxy:
-                got["dsbc"].register_all = (workers, measure_register(ctx, proxy, "dsbc-all"))
+                # phones come from many addresses: two sipp clients per worker, so that
+                # SO_REUSEPORT's hash spreads them (one client would land on one worker)
+                one = got["dsbc"].register[0] if got["dsbc"].register else 0.0
+                got["dsbc"].register_all = (
+                    workers,
+                    measure_register(
+                        ctx,
+                        proxy,
+                        "dsbc-all",
+                        clients=2 * workers,
+                        start=max(one, p.register_start_rate),
+                    ),
+                )
     d, k = got["dsbc"], got["Kamailio"]
     if d.calls_cpu and k.calls_cpu:
         _calls_cpu_row(ctx, d.calls_cpu, k.calls_cpu)
