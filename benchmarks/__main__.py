@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="results file (default: benchmarks/RESULTS.md for a full run of every "
-        "scenario, else benchmarks/RESULTS-quick.md / RESULTS-partial.md)",
+        "scenario, else $TMPDIR/dsbc-bench-RESULTS.md)",
     )
     r.add_argument(
         "--workdir",
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = args.scenario or list(runner.NAMES)
     workdir = args.workdir or default_workdir()
     ctx = Context(params, workdir)
+    created = not workdir.exists()  # never delete a directory we did not make
     workdir.mkdir(parents=True, exist_ok=True)
     missing = runner.missing_programs(selected)
     if missing:
@@ -65,17 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         runner.run(ctx, selected)
     finally:
         ctx.load_end = loadavg()
-        if not args.keep:
+        if created and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.time() - started
     out = args.out
     if out is None:
-        name = (
-            "RESULTS.md"
-            if not args.quick and not args.scenario
-            else ("RESULTS-quick.md" if not args.scenario else "RESULTS-partial.md")
-        )
-        out = HERE / name
+        # only a full run of every scenario replaces the committed results
+        full = not args.quick and not args.scenario
+        out = HERE / "RESULTS.md" if full else Path(tempfile.gettempdir()) / "dsbc-bench-RESULTS.md"
     cmd = (
         "python -m benchmarks run"
         + (" --quick" if args.quick else "")
