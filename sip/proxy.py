@@ -25,7 +25,14 @@ from typing import Any, Protocol
 
 import msgspec
 
-from .errors import BadExtension, LoopDetected, MessageTooLarge, SipError, SipParseError, TooManyHops
+from .errors import (
+    BadExtension,
+    LoopDetected,
+    MessageTooLarge,
+    SipError,
+    SipParseError,
+    TooManyHops,
+)
 from .flow import Flow, FlowSigner, FlowTokenError
 from .health import HealthChecker, Node
 from .message import Editor, SipMessage, make_response, parse_message, parse_request_uri

@@ -59,7 +59,9 @@ class StubRouter:
         self.owners: dict[tuple[str, str], str] = {}
         self.customers: dict[str, tuple[str, str]] = {}
         self.unknown = "source"
-        self.trusted: set[tuple[str, int]] = {(n.host, n.port) for n in NODES} | {(CARRIER.ip, CARRIER.port)}
+        self.trusted: set[tuple[str, int]] = {(n.host, n.port) for n in NODES} | {
+            (CARRIER.ip, CARRIER.port)
+        }
         self.caps: dict[str, int] = {}
         self.decide_calls: list[list[tuple[str, str]]] = []
 
@@ -94,7 +96,9 @@ class StubRouter:
         return self.caps.get(customer_id, 0)
 
 
-def make_core(router: StubRouter | None = None, *, lock_hold: float = 2.0, nodes: Iterable[Node] = NODES) -> tuple[ProxyCore, StubRouter]:
+def make_core(
+    router: StubRouter | None = None, *, lock_hold: float = 2.0, nodes: Iterable[Node] = NODES
+) -> tuple[ProxyCore, StubRouter]:
     router = router or standard_router()
     settings = ProxySettings(
         advertise_host=ADV,
@@ -103,7 +107,9 @@ def make_core(router: StubRouter | None = None, *, lock_hold: float = 2.0, nodes
         lock_hold=lock_hold,
         retry_after=30,
     )
-    health = HealthChecker(list(nodes), interval=5.0, timeout=2.0, local_host=ADV, local_port=5099, tag="test")
+    health = HealthChecker(
+        list(nodes), interval=5.0, timeout=2.0, local_host=ADV, local_port=5099, tag="test"
+    )
     return ProxyCore(settings, router, health, FlowSigner(SECRET)), router
 
 
@@ -142,7 +148,14 @@ def request(
     return "\r\n".join(lines).encode() + body
 
 
-def answer(forwarded: bytes, status: int, reason: str = "OK", *, to_tag: str | None = "node-tag", headers: Sequence[tuple[str, str]] = ()) -> bytes:
+def answer(
+    forwarded: bytes,
+    status: int,
+    reason: str = "OK",
+    *,
+    to_tag: str | None = "node-tag",
+    headers: Sequence[tuple[str, str]] = (),
+) -> bytes:
     """What a node answers to a request dsbc forwarded to it (Via, From, To, Call-ID,
     CSeq copied byte-exact; the Record-Route set reflected on a dialog-creating answer)."""
     m = parse_message(forwarded)
@@ -210,10 +223,16 @@ def test_device_invite_goes_to_the_system_of_the_from_user() -> None:
     assert m.method == "INVITE" and m.ruri == "sip:2000@example.com"
 
 
-@pytest.mark.parametrize("method", ["SUBSCRIBE", "MESSAGE", "OPTIONS", "NOTIFY", "REFER", "PUBLISH"])
+@pytest.mark.parametrize(
+    "method", ["SUBSCRIBE", "MESSAGE", "OPTIONS", "NOTIFY", "REFER", "PUBLISH"]
+)
 def test_other_device_requests_follow_the_from_user(method: str) -> None:
     core, router = make_core()
-    send = one(core.handle_data(request(method, "sip:1001@example.com", frm="<sip:2000@example.com>;tag=a"), PHONE, 0.0))
+    send = one(
+        core.handle_data(
+            request(method, "sip:1001@example.com", frm="<sip:2000@example.com>;tag=a"), PHONE, 0.0
+        )
+    )
     to_node(send, T1)
     assert router.decide_calls == [[("account", "2000")]]
 
@@ -221,7 +240,12 @@ def test_other_device_requests_follow_the_from_user(method: str) -> None:
 def test_register_goes_to_the_system_of_the_to_user() -> None:
     core, router = make_core()
     # third-party registration: From 1001 (source) registers 2000 (target)
-    reg = request("REGISTER", "sip:example.com", to="<sip:2000@example.com>", headers=["Contact: <sip:2000@203.0.113.5:40000>"])
+    reg = request(
+        "REGISTER",
+        "sip:example.com",
+        to="<sip:2000@example.com>",
+        headers=["Contact: <sip:2000@203.0.113.5:40000>"],
+    )
     send = one(core.handle_data(reg, PHONE, 0.0))
     to_node(send, T1)
     assert router.decide_calls == [[("account", "2000")]]
@@ -230,21 +254,51 @@ def test_register_goes_to_the_system_of_the_to_user() -> None:
 def test_trusted_peer_is_routed_by_request_uri_as_did_then_account() -> None:
     core, router = make_core()
     # a carrier calls a DID of customer 43
-    send = one(core.handle_data(request("INVITE", "sip:15550002000@192.0.2.10", src=CARRIER, frm="<sip:999@carrier>;tag=c"), CARRIER, 0.0))
+    send = one(
+        core.handle_data(
+            request(
+                "INVITE", "sip:15550002000@192.0.2.10", src=CARRIER, frm="<sip:999@carrier>;tag=c"
+            ),
+            CARRIER,
+            0.0,
+        )
+    )
     to_node(send, T1)
     assert router.decide_calls[-1] == [("did", "15550002000"), ("account", "15550002000")]
     # the From user (1001, source) does not matter for a trusted peer
-    send = one(core.handle_data(request("INVITE", "sip:2000@192.0.2.10", src=CARRIER, call_id="c2"), CARRIER, 0.0))
+    send = one(
+        core.handle_data(
+            request("INVITE", "sip:2000@192.0.2.10", src=CARRIER, call_id="c2"), CARRIER, 0.0
+        )
+    )
     to_node(send, T1)
     assert router.decide_calls[-1] == [("did", "2000"), ("account", "2000")]
     # a system's node calling the other system's customer (a call between the systems)
-    send = one(core.handle_data(request("INVITE", "sip:1001@192.0.2.10", src=flow_of(T1), frm="<sip:2000@x>;tag=t", call_id="c3"), flow_of(T1), 0.0))
+    send = one(
+        core.handle_data(
+            request(
+                "INVITE",
+                "sip:1001@192.0.2.10",
+                src=flow_of(T1),
+                frm="<sip:2000@x>;tag=t",
+                call_id="c3",
+            ),
+            flow_of(T1),
+            0.0,
+        )
+    )
     to_node(send, S1)
 
 
 def test_tel_request_uri_from_a_carrier() -> None:
     core, router = make_core()
-    send = one(core.handle_data(request("INVITE", "tel:+1-555-000-1001", src=CARRIER, to="<tel:+1-555-000-1001>"), CARRIER, 0.0))
+    send = one(
+        core.handle_data(
+            request("INVITE", "tel:+1-555-000-1001", src=CARRIER, to="<tel:+1-555-000-1001>"),
+            CARRIER,
+            0.0,
+        )
+    )
     to_node(send, S1)
     assert router.decide_calls[-1][0] == ("did", "+1-555-000-1001")
     assert parse(send).ruri == "tel:+1-555-000-1001"
@@ -254,14 +308,18 @@ def test_tel_request_uri_from_a_carrier() -> None:
 def test_unknown_identity_follows_store_unknown(unknown: str, node: Node) -> None:
     core, router = make_core()
     router.unknown = unknown
-    send = one(core.handle_data(request("INVITE", frm="<sip:nobody@example.com>;tag=x"), PHONE, 0.0))
+    send = one(
+        core.handle_data(request("INVITE", frm="<sip:nobody@example.com>;tag=x"), PHONE, 0.0)
+    )
     to_node(send, node)
 
 
 def test_unknown_identity_with_reject_policy_gets_404() -> None:
     core, router = make_core()
     router.unknown = "reject"
-    send = one(core.handle_data(request("INVITE", frm="<sip:nobody@example.com>;tag=x"), PHONE, 0.0))
+    send = one(
+        core.handle_data(request("INVITE", frm="<sip:nobody@example.com>;tag=x"), PHONE, 0.0)
+    )
     to_flow(send, PHONE)
     assert status_of(send) == 404
     assert core.counters["rejected:unknown"] == 1
@@ -269,7 +327,9 @@ def test_unknown_identity_with_reject_policy_gets_404() -> None:
 
 def test_options_to_dsbc_itself_is_answered_200() -> None:
     core, router = make_core()
-    send = one(core.handle_data(request("OPTIONS", f"sip:{ADV}:{PORT}", to=f"<sip:{ADV}>"), PHONE, 0.0))
+    send = one(
+        core.handle_data(request("OPTIONS", f"sip:{ADV}:{PORT}", to=f"<sip:{ADV}>"), PHONE, 0.0)
+    )
     to_flow(send, PHONE)
     m = parse(send)
     assert m.status == 200 and "INVITE" in (m.get("allow") or "")
@@ -295,7 +355,9 @@ def test_record_route_carries_the_system_and_the_device_flow() -> None:
 
 def test_record_route_from_a_trusted_peer_has_no_flow_token() -> None:
     core, _ = make_core()
-    m = parse(one(core.handle_data(request("INVITE", "sip:15550001001@x", src=CARRIER), CARRIER, 0.0)))
+    m = parse(
+        one(core.handle_data(request("INVITE", "sip:15550001001@x", src=CARRIER), CARRIER, 0.0))
+    )
     (rr,) = rr_values(m)
     params = uri_params(rr)
     assert params["dsbc"] == "source" and "ft" not in params
@@ -321,25 +383,56 @@ def _call(core: ProxyCore, src: Flow = PHONE, node: Node = S1) -> tuple[list[str
     """A device call answered 200 by the node: (Record-Route set, the 200 as relayed)."""
     fwd = one(core.handle_data(request("INVITE", src=src), src, 0.0))
     to_node(fwd, node)
-    ok = one(core.handle_data(answer(fwd.data, 200, headers=[("contact", f"<sip:2000@{node.host}:{node.port}>")]), flow_of(node), 0.1))
+    ok = one(
+        core.handle_data(
+            answer(fwd.data, 200, headers=[("contact", f"<sip:2000@{node.host}:{node.port}>")]),
+            flow_of(node),
+            0.1,
+        )
+    )
     to_flow(ok, src)
     relayed = parse(ok)
     return relayed.values("record-route"), relayed
 
 
-def _in_dialog(method: str, route: Sequence[str], ruri: str, *, src: Flow, frm: str, to: str, cseq: int, branch: str) -> bytes:
-    return request(method, ruri, src=src, frm=frm, to=to, cseq=cseq, branch=branch, headers=[f"Route: {', '.join(route)}"])
+def _in_dialog(
+    method: str,
+    route: Sequence[str],
+    ruri: str,
+    *,
+    src: Flow,
+    frm: str,
+    to: str,
+    cseq: int,
+    branch: str,
+) -> bytes:
+    return request(
+        method,
+        ruri,
+        src=src,
+        frm=frm,
+        to=to,
+        cseq=cseq,
+        branch=branch,
+        headers=[f"Route: {', '.join(route)}"],
+    )
 
 
 def test_in_dialog_requests_stay_on_the_dialog_system_without_lookup() -> None:
     core, router = make_core()
-    rr, ok = _call(core)
+    rr, _ = _call(core)
     router.move("42", "target")  # the caller migrated during the call
     router.decide_calls.clear()
     # the phone hangs up: Route is the reversed Record-Route set, R-URI the node's Contact
     bye = _in_dialog(
-        "BYE", list(reversed(rr)), f"sip:2000@{S1.host}:{S1.port}", src=PHONE,
-        frm="<sip:1001@example.com>;tag=from1", to="<sip:2000@example.com>;tag=node-tag", cseq=2, branch="z9hG4bKbye1",
+        "BYE",
+        list(reversed(rr)),
+        f"sip:2000@{S1.host}:{S1.port}",
+        src=PHONE,
+        frm="<sip:1001@example.com>;tag=from1",
+        to="<sip:2000@example.com>;tag=node-tag",
+        cseq=2,
+        branch="z9hG4bKbye1",
     )
     send = one(core.handle_data(bye, PHONE, 1.0))
     to_node(send, S1)
@@ -348,8 +441,14 @@ def test_in_dialog_requests_stay_on_the_dialog_system_without_lookup() -> None:
     assert router.decide_calls == []
     # and the node sends a re-INVITE to the phone: it reaches the phone's flow
     reinv = _in_dialog(
-        "INVITE", rr, "sip:1001@203.0.113.5:40000", src=flow_of(S1),
-        frm="<sip:2000@example.com>;tag=node-tag", to="<sip:1001@example.com>;tag=from1", cseq=7, branch="z9hG4bKnode1",
+        "INVITE",
+        rr,
+        "sip:1001@203.0.113.5:40000",
+        src=flow_of(S1),
+        frm="<sip:2000@example.com>;tag=node-tag",
+        to="<sip:1001@example.com>;tag=from1",
+        cseq=7,
+        branch="z9hG4bKnode1",
     )
     send = one(core.handle_data(reinv, flow_of(S1), 2.0))
     to_flow(send, PHONE)
@@ -360,14 +459,26 @@ def test_in_dialog_request_prefers_the_node_of_the_dialog() -> None:
     core, router = make_core()
     rr, _ = _call(core)
     bye = _in_dialog(
-        "BYE", list(reversed(rr)), f"sip:2000@{S2.host}:{S2.port}", src=PHONE,
-        frm="<sip:1001@example.com>;tag=from1", to="<sip:2000@example.com>;tag=node-tag", cseq=2, branch="z9hG4bKbye2",
+        "BYE",
+        list(reversed(rr)),
+        f"sip:2000@{S2.host}:{S2.port}",
+        src=PHONE,
+        frm="<sip:1001@example.com>;tag=from1",
+        to="<sip:2000@example.com>;tag=node-tag",
+        cseq=2,
+        branch="z9hG4bKbye2",
     )
     to_node(one(core.handle_data(bye, PHONE, 1.0)), S2)
     # a dialog marked for the source never goes to a target node, even when named
     bye = _in_dialog(
-        "BYE", list(reversed(rr)), f"sip:2000@{T1.host}:{T1.port}", src=PHONE,
-        frm="<sip:1001@example.com>;tag=from1", to="<sip:2000@example.com>;tag=node-tag", cseq=3, branch="z9hG4bKbye3",
+        "BYE",
+        list(reversed(rr)),
+        f"sip:2000@{T1.host}:{T1.port}",
+        src=PHONE,
+        frm="<sip:1001@example.com>;tag=from1",
+        to="<sip:2000@example.com>;tag=node-tag",
+        cseq=3,
+        branch="z9hG4bKbye3",
     )
     to_node(one(core.handle_data(bye, PHONE, 1.0)), S1)
     assert router.decide_calls == [[("account", "1001")]]
@@ -376,10 +487,19 @@ def test_in_dialog_request_prefers_the_node_of_the_dialog() -> None:
 # --- registrations: Path with a flow token ---------------------------------------------------
 
 
-def _register(core: ProxyCore, src: Flow, *, user: str = "1001", cap_node: Node = S1) -> tuple[str, Send]:
+def _register(
+    core: ProxyCore, src: Flow, *, user: str = "1001", cap_node: Node = S1
+) -> tuple[str, Send]:
     reg = request(
-        "REGISTER", "sip:example.com", src=src, frm=f"<sip:{user}@example.com>;tag=r1", to=f"<sip:{user}@example.com>",
-        call_id=f"reg-{src.port}", headers=[f"Contact: <sip:{user}@{src.ip}:{src.port};transport={src.transport}>;expires=3600"],
+        "REGISTER",
+        "sip:example.com",
+        src=src,
+        frm=f"<sip:{user}@example.com>;tag=r1",
+        to=f"<sip:{user}@example.com>",
+        call_id=f"reg-{src.port}",
+        headers=[
+            f"Contact: <sip:{user}@{src.ip}:{src.port};transport={src.transport}>;expires=3600"
+        ],
     )
     send = one(core.handle_data(reg, src, 0.0))
     to_node(send, cap_node)
@@ -395,8 +515,14 @@ def test_path_flow_token_brings_a_call_from_the_node_to_the_phone(phone: Flow) -
     router.decide_calls.clear()
     # the registrar calls the phone with the Path as Route, to the registered Contact
     inv = request(
-        "INVITE", f"sip:1001@{phone.ip}:{phone.port};transport={phone.transport}", src=flow_of(S1),
-        frm="<sip:2000@example.com>;tag=n1", to="<sip:1001@example.com>", call_id="in-1", branch="z9hG4bKin1", headers=[f"Route: {path}"],
+        "INVITE",
+        f"sip:1001@{phone.ip}:{phone.port};transport={phone.transport}",
+        src=flow_of(S1),
+        frm="<sip:2000@example.com>;tag=n1",
+        to="<sip:1001@example.com>",
+        call_id="in-1",
+        branch="z9hG4bKin1",
+        headers=[f"Route: {path}"],
     )
     send = one(core.handle_data(inv, flow_of(S1), 1.0))
     to_flow(send, phone)
@@ -425,8 +551,13 @@ def test_forged_or_altered_flow_token_is_refused_403(mutate: str) -> None:
         bad = token[:-4]
     forged = path.replace(token, bad)
     inv = request(
-        "INVITE", "sip:1001@203.0.113.99:5060", src=flow_of(S1), frm="<sip:2000@example.com>;tag=n1",
-        to="<sip:1001@example.com>", call_id="in-2", headers=[f"Route: {forged}"],
+        "INVITE",
+        "sip:1001@203.0.113.99:5060",
+        src=flow_of(S1),
+        frm="<sip:2000@example.com>;tag=n1",
+        to="<sip:1001@example.com>",
+        call_id="in-2",
+        headers=[f"Route: {forged}"],
     )
     send = one(core.handle_data(inv, flow_of(S1), 1.0))
     to_node(send, S1)  # the answer, to the sender
@@ -461,7 +592,9 @@ def test_combined_via_line_on_requests_and_responses() -> None:
     assert vias[1].param("received") == PHONE.ip and vias[2].branch == "z9hG4bKb2"
     # the node answers with every Via on one line, as sipp does
     texts = ", ".join(v.text for v in vias)
-    lines = [ln for ln in answer(send.data, 200).split(b"\r\n") if not ln.lower().startswith(b"via:")]
+    lines = [
+        ln for ln in answer(send.data, 200).split(b"\r\n") if not ln.lower().startswith(b"via:")
+    ]
     resp = b"\r\n".join([lines[0], b"Via: " + texts.encode(), *lines[1:]])
     out = one(core.handle_data(resp, flow_of(S1), 0.1))
     to_flow(out, PHONE)
@@ -483,7 +616,9 @@ def test_max_forwards_zero_is_answered_483() -> None:
     send = one(core.handle_data(request("INVITE", max_forwards=0), PHONE, 0.0))
     to_flow(send, PHONE)
     assert status_of(send) == 483
-    assert core.handle_data(request("ACK", max_forwards=0), PHONE, 0.0) == []  # an ACK is never answered
+    assert (
+        core.handle_data(request("ACK", max_forwards=0), PHONE, 0.0) == []
+    )  # an ACK is never answered
 
 
 def test_a_request_that_comes_back_is_a_loop_482() -> None:
@@ -497,7 +632,9 @@ def test_a_request_that_comes_back_is_a_loop_482() -> None:
 
 def test_proxy_require_is_answered_420_with_unsupported() -> None:
     core, _ = make_core()
-    send = one(core.handle_data(request("INVITE", headers=["Proxy-Require: foo, nonsense"]), PHONE, 0.0))
+    send = one(
+        core.handle_data(request("INVITE", headers=["Proxy-Require: foo, nonsense"]), PHONE, 0.0)
+    )
     to_flow(send, PHONE)
     m = parse(send)
     assert m.status == 420
@@ -561,8 +698,12 @@ def test_cancel_follows_the_invite_to_the_failover_node() -> None:
     mark_down(core, S1)
     fwd = one(core.handle_data(request("INVITE"), PHONE, 0.0))
     to_node(fwd, S2)
-    core.health.handle_response  # S1 comes back up: the CANCEL still goes where the INVITE went
-    core.health.states[S1.key].up = True
+    # S1 answers a ping and is up again: the CANCEL still goes where the INVITE went
+    (ping,) = [p for p in core.handle_timer(0.2) if (p.ip, p.port) == (S1.host, S1.port)]
+    core.handle_data(
+        make_response(parse_message(ping.data), 200, "OK", to_tag="n"), flow_of(S1), 0.3
+    )
+    assert core.health.states[S1.key].up
     to_node(one(core.handle_data(request("CANCEL"), PHONE, 0.5)), S2)
 
 
@@ -608,7 +749,12 @@ def test_lock_that_outlasts_lock_hold_is_answered_503_retry_after() -> None:
 def test_held_register_gets_no_100_and_is_released() -> None:
     core, router = make_core()
     router.move("42", state="locked")
-    path_reg = request("REGISTER", "sip:example.com", to="<sip:1001@example.com>", headers=["Contact: <sip:1001@203.0.113.5:40000>"])
+    path_reg = request(
+        "REGISTER",
+        "sip:example.com",
+        to="<sip:1001@example.com>",
+        headers=["Contact: <sip:1001@203.0.113.5:40000>"],
+    )
     assert core.handle_data(path_reg, PHONE, 0.0) == []
     router.move("42", "target", "active")
     to_node(one(core.customers_changed(["42"], 0.5)), T1)
@@ -645,18 +791,27 @@ def test_all_nodes_of_the_owning_system_down_is_503_never_the_other_system() -> 
 def test_failover_to_the_second_node_of_the_same_system_by_pings() -> None:
     core, _ = make_core()
     pings = core.handle_timer(0.0)
-    assert sorted((s.ip, s.port) for s in pings if s.health) == sorted((n.host, n.port) for n in NODES)
+    assert sorted((s.ip, s.port) for s in pings if s.health) == sorted(
+        (n.host, n.port) for n in NODES
+    )
     # every node but S1 answers its ping
     for p in pings:
         node = NODE_AT[(p.ip, p.port)]
         if node != S1:
-            assert core.handle_data(make_response(parse_message(p.data), 200, "OK", to_tag="n"), flow_of(node), 0.05) == []
+            assert (
+                core.handle_data(
+                    make_response(parse_message(p.data), 200, "OK", to_tag="n"), flow_of(node), 0.05
+                )
+                == []
+            )
     core.handle_timer(2.5)  # S1's ping timed out
     assert not core.health.states[S1.key].up
     to_node(one(core.handle_data(request("INVITE"), PHONE, 3.0)), S2)
     # S1 answers again: traffic goes back to it
     pings = [p for p in core.handle_timer(5.0) if (p.ip, p.port) == (S1.host, S1.port)]
-    core.handle_data(make_response(parse_message(pings[0].data), 200, "OK", to_tag="n"), flow_of(S1), 5.1)
+    core.handle_data(
+        make_response(parse_message(pings[0].data), 200, "OK", to_tag="n"), flow_of(S1), 5.1
+    )
     to_node(one(core.handle_data(request("INVITE", call_id="c2"), PHONE, 5.2)), S1)
 
 
@@ -679,7 +834,12 @@ def test_register_200_gets_its_expiry_capped_and_is_reported() -> None:
     assert parse_name_addr(c).param("expires") == "60"
     assert not any(v.param("dsbccap") for v in m.vias)
     assert core.events == [
-        RegistrationSeen("1001", [("sip:1001@203.0.113.5:40000;transport=udp", 60)], "source", f"udp:{PHONE.ip}:{PHONE.port}")
+        RegistrationSeen(
+            "1001",
+            [("sip:1001@203.0.113.5:40000;transport=udp", 60)],
+            "source",
+            f"udp:{PHONE.ip}:{PHONE.port}",
+        )
     ]
 
 
@@ -690,7 +850,9 @@ def test_register_200_without_a_cap_is_relayed_unchanged_and_reported() -> None:
     ok = answer(fwd.data, 200, headers=[("contact", "<sip:1001@203.0.113.5:40000>;expires=1800")])
     m = parse(one(core.handle_data(ok, flow_of(S1), 0.1)))
     assert parse_name_addr(m.values("contact")[0]).param("expires") == "1800"
-    assert [(e.account, e.contacts, e.system) for e in core.events] == [("1001", [("sip:1001@203.0.113.5:40000", 1800)], "source")]
+    assert [(e.account, e.contacts, e.system) for e in core.events] == [
+        ("1001", [("sip:1001@203.0.113.5:40000", 1800)], "source")
+    ]
 
 
 # --- regressions ---------------------------------------------------------------------------------
@@ -703,7 +865,13 @@ def test_regression_malformed_request_without_any_via_is_dropped() -> None:
     assert core.handle_data(data, PHONE, 0.0) == []
     assert core.counters["requests_dropped"] == 1
     # with its Via the same request is answered 505
-    send = one(core.handle_data(request("REGISTER", "sip:example.com").replace(b"SIP/2.0\r\n", b"SIP/7.0\r\n", 1), PHONE, 0.0))
+    send = one(
+        core.handle_data(
+            request("REGISTER", "sip:example.com").replace(b"SIP/2.0\r\n", b"SIP/7.0\r\n", 1),
+            PHONE,
+            0.0,
+        )
+    )
     assert status_of(send) == 505
 
 
@@ -713,7 +881,11 @@ def test_regression_non_ascii_digits_in_register_expires_do_not_raise(value: str
     core, router = make_core()
     router.caps["42"] = 60
     _, fwd = _register(core, PHONE)
-    ok = answer(fwd.data, 200, headers=[("contact", f"<sip:1001@203.0.113.5:40000>;expires={value}"), ("expires", value)])
+    ok = answer(
+        fwd.data,
+        200,
+        headers=[("contact", f"<sip:1001@203.0.113.5:40000>;expires={value}"), ("expires", value)],
+    )
     out = one(core.handle_data(ok.decode("latin-1").encode("latin-1"), flow_of(S1), 0.1))
     to_flow(out, PHONE)
     # an unreadable expiry counts as the default (3600), which the cap lowers to 60
@@ -724,7 +896,11 @@ def test_regression_response_goes_back_over_udp_when_the_via_claims_tcp() -> Non
     # was: relayed over the transport named in the phone's Via, so dsbc opened a TCP
     # connection to a phone that had sent its request over UDP
     core, _ = make_core()
-    fwd = one(core.handle_data(request("INVITE", via="SIP/2.0/TCP 203.0.113.5:40000;branch=z9hG4bKtcp"), PHONE, 0.0))
+    fwd = one(
+        core.handle_data(
+            request("INVITE", via="SIP/2.0/TCP 203.0.113.5:40000;branch=z9hG4bKtcp"), PHONE, 0.0
+        )
+    )
     out = one(core.handle_data(answer(fwd.data, 180, "Ringing"), flow_of(S1), 0.1))
     to_flow(out, PHONE)
 
@@ -749,20 +925,37 @@ def test_regression_path_names_the_system_for_calls_from_an_unlisted_node_port()
     node_tcp = Flow("tcp", S1.host, 41234, conn_id=3, worker=0)
     router.trusted.add((node_tcp.ip, node_tcp.port))
     inv = request(
-        "INVITE", "sip:1001@203.0.113.5:40000", src=node_tcp, frm="<sip:2000@example.com>;tag=n1",
-        to="<sip:1001@example.com>", call_id="in-9", headers=[f"Route: {path}"],
+        "INVITE",
+        "sip:1001@203.0.113.5:40000",
+        src=node_tcp,
+        frm="<sip:2000@example.com>;tag=n1",
+        to="<sip:1001@example.com>",
+        call_id="in-9",
+        headers=[f"Route: {path}"],
     )
     send = one(core.handle_data(inv, node_tcp, 1.0))
     to_flow(send, PHONE)
     assert {uri_params(rr)["dsbc"] for rr in rr_values(parse(send))} == {"source"}
     # the phone answers, migrates, and hangs up: the BYE goes to the call's system
-    ok = one(core.handle_data(answer(send.data, 200, headers=[("contact", "<sip:1001@203.0.113.5:40000>")]), PHONE, 1.1))
+    ok = one(
+        core.handle_data(
+            answer(send.data, 200, headers=[("contact", "<sip:1001@203.0.113.5:40000>")]),
+            PHONE,
+            1.1,
+        )
+    )
     to_flow(ok, node_tcp)
     router.move("42", "target")
     rr = rr_values(parse(send))
     bye = _in_dialog(
-        "BYE", rr, "sip:2000@10.0.0.1:5060", src=PHONE, frm="<sip:1001@example.com>;tag=node-tag",
-        to="<sip:2000@example.com>;tag=n1", cseq=1, branch="z9hG4bKbye9",
+        "BYE",
+        rr,
+        "sip:2000@10.0.0.1:5060",
+        src=PHONE,
+        frm="<sip:1001@example.com>;tag=node-tag",
+        to="<sip:2000@example.com>;tag=n1",
+        cseq=1,
+        branch="z9hG4bKbye9",
     )
     to_node(one(core.handle_data(bye, PHONE, 2.0)), S1)
 
@@ -778,12 +971,61 @@ FLOWS = st.builds(
     st.integers(0, 255),
 )
 
-SEED_MESSAGES = [
-    request("INVITE"),
-    request("REGISTER", "sip:example.com", to="<sip:1001@example.com>", headers=["Contact: <sip:1001@1.2.3.4>"]),
-    request("OPTIONS", f"sip:{ADV}"),
-    answer(request("INVITE", via=f"SIP/2.0/UDP {ADV}:{PORT};branch={BRANCH_PREFIX}x.y, SIP/2.0/UDP 1.2.3.4;branch=z9hG4bKq"), 200),
-]
+
+def _seeds() -> list[bytes]:
+    """Messages as they really flow, with real flow tokens and dsbc Via parameters, for
+    the fuzz to mangle."""
+    core, router = make_core()
+    router.caps["42"] = 60
+    reg = one(
+        core.handle_data(
+            request(
+                "REGISTER",
+                "sip:example.com",
+                src=PHONE_TCP,
+                to="<sip:1001@example.com>",
+                headers=["Contact: <sip:1001@1.2.3.4>"],
+            ),
+            PHONE_TCP,
+            0.0,
+        )
+    )
+    (path,) = parse(reg).values("path")
+    inv = one(core.handle_data(request("INVITE", src=PHONE_TCP), PHONE_TCP, 0.0))
+    from_node = request(
+        "INVITE", "sip:1001@1.2.3.4", src=flow_of(S1), call_id="n1", headers=[f"Route: {path}"]
+    )
+    rr = parse(inv).values("record-route")
+    return [
+        request("INVITE"),
+        request("OPTIONS", f"sip:{ADV}"),
+        request("CANCEL", headers=["Proxy-Require: x"]),
+        answer(
+            request(
+                "INVITE",
+                via=f"SIP/2.0/UDP {ADV}:{PORT};branch={BRANCH_PREFIX}x.y, SIP/2.0/UDP 1.2.3.4;branch=z9hG4bKq",
+            ),
+            200,
+        ),
+        reg.data,
+        answer(
+            reg.data,
+            200,
+            headers=[("contact", "<sip:1001@1.2.3.4>;expires=3600"), ("expires", "3600")],
+        ),
+        inv.data,
+        answer(inv.data, 183, "Session Progress"),
+        from_node,
+        request(
+            "BYE",
+            "sip:2000@10.0.0.1:5060",
+            to="<sip:2000@example.com>;tag=x",
+            headers=[f"Route: {', '.join(reversed(rr))}"],
+        ),
+    ]
+
+
+SEED_MESSAGES = _seeds()
 
 
 @st.composite
@@ -799,7 +1041,25 @@ def mangled(draw: st.DrawFn) -> bytes:
         elif op == "cut":
             del data[i : i + draw(st.integers(1, 40))]
         elif op == "insert":
-            data[i:i] = draw(st.sampled_from([b",", b";", b"\r\n", b" ", b"%", b"<", b">", b'"', b"\x00", b":", b"\xb2", b";tag=", b";ft=x"]))
+            data[i:i] = draw(
+                st.sampled_from(
+                    [
+                        b",",
+                        b";",
+                        b"\r\n",
+                        b" ",
+                        b"%",
+                        b"<",
+                        b">",
+                        b'"',
+                        b"\x00",
+                        b":",
+                        b"\xb2",
+                        b";tag=",
+                        b";ft=x",
+                    ]
+                )
+            )
         else:
             j = draw(st.integers(i, min(len(data), i + 80)))
             data[i:i] = data[i:j]
@@ -853,7 +1113,9 @@ class ProxyWalk(RuleBasedStateMachine):
         self.forwarded: list[Send] = []  # requests dsbc sent to nodes
         self.dialogs: list[Dialog] = []
         self.invites: list[tuple[Flow, bytes]] = []  # (phone flow, INVITE as the phone sent it)
-        self.paths: list[tuple[Flow, str, str]] = []  # (phone flow, Path, user) of forwarded REGISTERs
+        self.paths: list[
+            tuple[Flow, str, str]
+        ] = []  # (phone flow, Path, user) of forwarded REGISTERs
 
     def _run(self, sends: list[Send]) -> None:
         assert isinstance(sends, list)
@@ -877,8 +1139,15 @@ class ProxyWalk(RuleBasedStateMachine):
                     contact = m.values("contact")
                     self.dialogs.append(
                         Dialog(
-                            Flow(s.transport, s.ip, s.port, s.conn_id, max(s.worker, 0)), m.call_id, list(reversed(rr)), rr,
-                            m.get("from") or "", m.get("to") or "", parse_name_addr(contact[0]).uri_text if contact else "sip:x@example.com",
+                            Flow(s.transport, s.ip, s.port, s.conn_id, max(s.worker, 0)),
+                            m.call_id,
+                            list(reversed(rr)),
+                            rr,
+                            m.get("from") or "",
+                            m.get("to") or "",
+                            parse_name_addr(contact[0]).uri_text
+                            if contact
+                            else "sip:x@example.com",
                             S1 if "dsbc=source" in rr[0] else T1,
                         )
                     )
@@ -896,7 +1165,9 @@ class ProxyWalk(RuleBasedStateMachine):
             elif m.method in ("CANCEL", "ACK") and not m.values("route"):
                 assert node.system in (first, owner), (m.method, cid, node.system, first, owner)
             else:
-                assert node.system == first, f"{m.method} of {cid} went to {node.system}, its dialog is on {first}"
+                assert node.system == first, (
+                    f"{m.method} of {cid} went to {node.system}, its dialog is on {first}"
+                )
 
     def _new_call_id(self) -> str:
         self.seq += 1
@@ -913,7 +1184,15 @@ class ProxyWalk(RuleBasedStateMachine):
         self.call_customer[cid] = USERS[user]
         frm = f"<sip:{user}@example.com>;tag=f{self.seq}"
         to = f"<sip:{user}@example.com>" if method == "REGISTER" else "<sip:9999@example.com>"
-        data = request(method, "sip:9999@example.com", src=src, frm=frm, to=to, call_id=cid, branch=f"z9hG4bKw{self.seq}")
+        data = request(
+            method,
+            "sip:9999@example.com",
+            src=src,
+            frm=frm,
+            to=to,
+            call_id=cid,
+            branch=f"z9hG4bKw{self.seq}",
+        )
         if method == "INVITE":
             self.invites.append((src, data))
         sends = self.core.handle_data(data, src, self.now)
@@ -924,11 +1203,23 @@ class ProxyWalk(RuleBasedStateMachine):
                 assert self.core.signer.decode(uri_params(path)["ft"]) == src
                 self.paths.append((src, path, user))
 
-    @rule(user=st.sampled_from(["15550001001", "15550002000", "3000", "555"]), node=st.sampled_from(NODES))
+    @rule(
+        user=st.sampled_from(["15550001001", "15550002000", "3000", "555"]),
+        node=st.sampled_from(NODES),
+    )
     def node_calls_a_number(self, user: str, node: Node) -> None:
         cid = self._new_call_id()
-        self.call_customer[cid] = {"15550001001": "42", "15550002000": "43", "3000": "44"}.get(user, "")
-        data = request("INVITE", f"sip:{user}@{ADV}", src=flow_of(node), frm=f"<sip:x@{node.host}>;tag=n", call_id=cid, branch=f"z9hG4bKn{self.seq}")
+        self.call_customer[cid] = {"15550001001": "42", "15550002000": "43", "3000": "44"}.get(
+            user, ""
+        )
+        data = request(
+            "INVITE",
+            f"sip:{user}@{ADV}",
+            src=flow_of(node),
+            frm=f"<sip:x@{node.host}>;tag=n",
+            call_id=cid,
+            branch=f"z9hG4bKn{self.seq}",
+        )
         self._run(self.core.handle_data(data, flow_of(node), self.now))
 
     @precondition(lambda self: bool(self.forwarded))
@@ -943,21 +1234,39 @@ class ProxyWalk(RuleBasedStateMachine):
         self._run(self.core.handle_data(resp, Flow("udp", fwd.ip, fwd.port), self.now))
 
     @precondition(lambda self: bool(self.dialogs))
-    @rule(i=st.integers(0, 10_000), from_phone=st.booleans(), method=st.sampled_from(["BYE", "INVITE", "INFO", "ACK"]))
+    @rule(
+        i=st.integers(0, 10_000),
+        from_phone=st.booleans(),
+        method=st.sampled_from(["BYE", "INVITE", "INFO", "ACK"]),
+    )
     def in_dialog(self, i: int, from_phone: bool, method: str) -> None:
         dlg = self.dialogs[i % len(self.dialogs)]
         self.seq += 1
         if from_phone:
             data = request(
-                method, dlg.node_ruri, src=dlg.phone, frm=dlg.phone_from, to=dlg.phone_to, call_id=dlg.call_id,
-                cseq=100 + self.seq, branch=f"z9hG4bKd{self.seq}", headers=[f"Route: {', '.join(dlg.phone_route)}"],
+                method,
+                dlg.node_ruri,
+                src=dlg.phone,
+                frm=dlg.phone_from,
+                to=dlg.phone_to,
+                call_id=dlg.call_id,
+                cseq=100 + self.seq,
+                branch=f"z9hG4bKd{self.seq}",
+                headers=[f"Route: {', '.join(dlg.phone_route)}"],
             )
             self._run(self.core.handle_data(data, dlg.phone, self.now))
         else:
             src = flow_of(dlg.node)
             data = request(
-                method, f"sip:u@{dlg.phone.ip}:{dlg.phone.port}", src=src, frm=dlg.phone_to, to=dlg.phone_from,
-                call_id=dlg.call_id, cseq=200 + self.seq, branch=f"z9hG4bKe{self.seq}", headers=[f"Route: {', '.join(dlg.node_route)}"],
+                method,
+                f"sip:u@{dlg.phone.ip}:{dlg.phone.port}",
+                src=src,
+                frm=dlg.phone_to,
+                to=dlg.phone_from,
+                call_id=dlg.call_id,
+                cseq=200 + self.seq,
+                branch=f"z9hG4bKe{self.seq}",
+                headers=[f"Route: {', '.join(dlg.node_route)}"],
             )
             sends = self.core.handle_data(data, src, self.now)
             self._run(sends)
@@ -974,8 +1283,13 @@ class ProxyWalk(RuleBasedStateMachine):
         cid = self._new_call_id()
         self.call_system[cid] = system  # the dialog belongs to the system the phone registered on
         inv = request(
-            "INVITE", f"sip:{user}@{phone.ip}:{phone.port}", src=flow_of(node), frm=f"<sip:caller@{node.host}>;tag=c{self.seq}",
-            to=f"<sip:{user}@example.com>", call_id=cid, branch=f"z9hG4bKp{self.seq}",
+            "INVITE",
+            f"sip:{user}@{phone.ip}:{phone.port}",
+            src=flow_of(node),
+            frm=f"<sip:caller@{node.host}>;tag=c{self.seq}",
+            to=f"<sip:{user}@example.com>",
+            call_id=cid,
+            branch=f"z9hG4bKp{self.seq}",
             headers=[f"Route: {path}", f"Contact: <sip:caller@{node.host}:{node.port}>"],
         )
         sends = self.core.handle_data(inv, flow_of(node), self.now)
@@ -986,22 +1300,42 @@ class ProxyWalk(RuleBasedStateMachine):
         rr = delivered.values("record-route")
         assert rr and all(uri_params(r)["dsbc"] == system for r in rr)
         if answer_it:
-            ok = make_response(delivered, 200, "OK", [("record-route", r) for r in rr] + [("contact", f"<sip:{user}@{phone.ip}:{phone.port}>")], to_tag=f"ph{self.seq}")
+            ok = make_response(
+                delivered,
+                200,
+                "OK",
+                [("record-route", r) for r in rr]
+                + [("contact", f"<sip:{user}@{phone.ip}:{phone.port}>")],
+                to_tag=f"ph{self.seq}",
+            )
             back = self.core.handle_data(ok, phone, self.now)
             self._run(back)
             (resp,) = back
             to_node(resp, node)
             self.dialogs.append(
-                Dialog(phone, cid, rr, list(reversed(rr)), f"<sip:{user}@example.com>;tag=ph{self.seq}", delivered.get("from") or "", f"sip:caller@{node.host}:{node.port}", node)
+                Dialog(
+                    phone,
+                    cid,
+                    rr,
+                    list(reversed(rr)),
+                    f"<sip:{user}@example.com>;tag=ph{self.seq}",
+                    delivered.get("from") or "",
+                    f"sip:caller@{node.host}:{node.port}",
+                    node,
+                )
             )
 
     @precondition(lambda self: bool(self.invites))
     @rule(i=st.integers(0, 10_000), ack=st.booleans())
     def cancel_or_ack(self, i: int, ack: bool) -> None:
         src, inv = self.invites[i % len(self.invites)]
-        data = inv.replace(b"INVITE sip:", b"ACK sip:" if ack else b"CANCEL sip:", 1).replace(b" INVITE\r\n", b" ACK\r\n" if ack else b" CANCEL\r\n", 1)
+        data = inv.replace(b"INVITE sip:", b"ACK sip:" if ack else b"CANCEL sip:", 1).replace(
+            b" INVITE\r\n", b" ACK\r\n" if ack else b" CANCEL\r\n", 1
+        )
         if ack:
-            data = data.replace(b"To: <sip:9999@example.com>", b"To: <sip:9999@example.com>;tag=node-tag", 1)
+            data = data.replace(
+                b"To: <sip:9999@example.com>", b"To: <sip:9999@example.com>;tag=node-tag", 1
+            )
         self._run(self.core.handle_data(data, src, self.now))
 
     @rule(dt=st.sampled_from([0.1, 0.5, 1.0, 2.5]))
@@ -1009,7 +1343,11 @@ class ProxyWalk(RuleBasedStateMachine):
         self.now += dt
         self._run(self.core.handle_timer(self.now))
 
-    @rule(cid=st.sampled_from(sorted(CUSTOMERS)), system=st.sampled_from(["source", "target"]), state=st.sampled_from(["active", "locked"]))
+    @rule(
+        cid=st.sampled_from(sorted(CUSTOMERS)),
+        system=st.sampled_from(["source", "target"]),
+        state=st.sampled_from(["active", "locked"]),
+    )
     def migrate(self, cid: str, system: str, state: str) -> None:
         self.router.move(cid, system, state)
         self._run(self.core.customers_changed([cid], self.now))
@@ -1032,19 +1370,29 @@ class ProxyWalk(RuleBasedStateMachine):
             assert t is None or isinstance(t, float)
 
 
-ProxyWalk.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ProxyWalk.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 test_proxy_state_walk = ProxyWalk.TestCase
 
 
 def test_regression_a_device_cannot_use_another_devices_flow_token() -> None:
     # was: any sender whose address differed from the token's went out to the token's
     # flow, so a caller who saw phone B's Record-Route could call B past the system
-    core, router = make_core()
+    core, _ = make_core()
     path, _ = _register(core, PHONE)
     attacker = Flow("udp", "203.0.113.66", 5060)
     inv = request(
-        "INVITE", "sip:1001@203.0.113.5:40000", src=attacker, frm="<sip:2000@example.com>;tag=a1",
-        to="<sip:1001@example.com>", call_id="bypass-1", headers=[f"Route: {path}"],
+        "INVITE",
+        "sip:1001@203.0.113.5:40000",
+        src=attacker,
+        frm="<sip:2000@example.com>;tag=a1",
+        to="<sip:1001@example.com>",
+        call_id="bypass-1",
+        headers=[f"Route: {path}"],
     )
     send = one(core.handle_data(inv, attacker, 1.0))
     to_node(send, S1)  # to the system named in the Route, which decides what to do with it
@@ -1056,20 +1404,31 @@ def test_regression_bye_from_a_new_nat_port_goes_to_the_system() -> None:
     rr, _ = _call(core)
     rebound = Flow("udp", PHONE.ip, 41999)
     bye = _in_dialog(
-        "BYE", list(reversed(rr)), f"sip:2000@{S1.host}:{S1.port}", src=rebound,
-        frm="<sip:1001@example.com>;tag=from1", to="<sip:2000@example.com>;tag=node-tag", cseq=2, branch="z9hG4bKnat2",
+        "BYE",
+        list(reversed(rr)),
+        f"sip:2000@{S1.host}:{S1.port}",
+        src=rebound,
+        frm="<sip:1001@example.com>;tag=from1",
+        to="<sip:2000@example.com>;tag=node-tag",
+        cseq=2,
+        branch="z9hG4bKnat2",
     )
     to_node(one(core.handle_data(bye, rebound, 1.0)), S1)
 
 
 def test_a_tcp_node_reaches_the_phone_from_any_port_of_its_host() -> None:
     s_tcp = Node("source", 0, "tcp", "10.0.0.9", 5060)
-    core, router = make_core(nodes=(s_tcp, T1))
+    core, _ = make_core(nodes=(s_tcp, T1))
     path, _ = _register(core, PHONE, cap_node=s_tcp)
     node_conn = Flow("tcp", s_tcp.host, 45678, conn_id=12, worker=0)  # not a trusted ip:port
     inv = request(
-        "INVITE", "sip:1001@203.0.113.5:40000", src=node_conn, frm="<sip:2000@example.com>;tag=n1",
-        to="<sip:1001@example.com>", call_id="in-tcp", headers=[f"Route: {path}"],
+        "INVITE",
+        "sip:1001@203.0.113.5:40000",
+        src=node_conn,
+        frm="<sip:2000@example.com>;tag=n1",
+        to="<sip:1001@example.com>",
+        call_id="in-tcp",
+        headers=[f"Route: {path}"],
     )
     send = one(core.handle_data(inv, node_conn, 1.0))
     to_flow(send, PHONE)
@@ -1083,8 +1442,12 @@ def test_register_with_a_stale_route_is_still_routed_by_its_to_user() -> None:
     path, _ = _register(core, PHONE)
     router.move("42", "target")
     reg = request(
-        "REGISTER", "sip:example.com", frm="<sip:1001@example.com>;tag=r2", to="<sip:1001@example.com>",
-        call_id="reg-again", headers=[f"Route: {path}", "Contact: <sip:1001@203.0.113.5:40000>"],
+        "REGISTER",
+        "sip:example.com",
+        frm="<sip:1001@example.com>;tag=r2",
+        to="<sip:1001@example.com>",
+        call_id="reg-again",
+        headers=[f"Route: {path}", "Contact: <sip:1001@203.0.113.5:40000>"],
     )
     to_node(one(core.handle_data(reg, PHONE, 1.0)), T1)
 
@@ -1126,7 +1489,9 @@ def test_regression_a_node_slower_than_the_ping_interval_stays_up() -> None:
     for _ in range(12):
         sent += [(now, p) for p in core.handle_timer(now) if (p.ip, p.port) == (S1.host, S1.port)]
         for t, p in [x for x in sent if x[0] <= now - 0.7]:  # S1 answers each ping 0.7 s late
-            core.handle_data(make_response(parse_message(p.data), 200, "OK", to_tag="n"), flow_of(S1), now)
+            core.handle_data(
+                make_response(parse_message(p.data), 200, "OK", to_tag="n"), flow_of(S1), now
+            )
             sent.remove((t, p))
         now += 0.5
         assert core.health.states[S1.key].up, now

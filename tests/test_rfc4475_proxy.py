@@ -123,7 +123,11 @@ class PingNode(FakeNode):
         """The requests received since the last call, pings left out."""
         with self.lock:
             raws, self.received = self.received, []
-        return [r for r in raws if not r.startswith(b"SIP/") and b"z9hG4bK-dsbcping" not in r.split(b"\r\n", 2)[1]]
+        return [
+            r
+            for r in raws
+            if not r.startswith(b"SIP/") and b"z9hG4bK-dsbcping" not in r.split(b"\r\n", 2)[1]
+        ]
 
 
 def load(name: str) -> bytes:
@@ -164,7 +168,9 @@ class Peer:
             got.append(data)
             if f"Call-ID: {call_id}\r\n".encode() in data:
                 return got
-        raise AssertionError(f"the marker {call_id} never came back through dsbc; got {[g[:60] for g in got]}")
+        raise AssertionError(
+            f"the marker {call_id} never came back through dsbc; got {[g[:60] for g in got]}"
+        )
 
     def marker(self) -> str:
         self.seq += 1
@@ -232,7 +238,9 @@ def check_answer(name: str, data: bytes, answer: bytes, status: int) -> None:
         req = partial_of(data)
     for h in req.headers:
         if h.name in COPIED:
-            assert req.raw[h.start : h.end].rstrip(b"\r\n") in answer, f"{name}: {h.name} not copied"
+            assert req.raw[h.start : h.end].rstrip(b"\r\n") in answer, (
+                f"{name}: {h.name} not copied"
+            )
 
 
 def test_every_rfc4475_message_through_dsbc(setup: tuple[Dsbc, PingNode, Peer]) -> None:
@@ -252,7 +260,9 @@ def test_every_rfc4475_message_through_dsbc(setup: tuple[Dsbc, PingNode, Peer]) 
         got = peer.recv_all_until_marker(peer.marker())
         at_node = node.taken()
         back = got[:-1]  # all but the marker's answer
-        assert [r for r in at_node if MARKER.encode() in r], f"{name}: the marker did not reach the node"
+        assert [r for r in at_node if MARKER.encode() in r], (
+            f"{name}: the marker did not reach the node"
+        )
         forwarded = [r for r in at_node if MARKER.encode() not in r]
         try:
             if expect == FORWARD:
@@ -306,7 +316,10 @@ def test_every_rfc4475_message_through_dsbc(setup: tuple[Dsbc, PingNode, Peer]) 
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         c = d.counters()
-        if c.get("responses_dropped", 0) >= 3 and sum(v for k, v in c.items() if k.startswith("bad_requests:")) >= 20:
+        if (
+            c.get("responses_dropped", 0) >= 3
+            and sum(v for k, v in c.items() if k.startswith("bad_requests:")) >= 20
+        ):
             break
         time.sleep(0.2)
     c = d.counters()
@@ -314,5 +327,5 @@ def test_every_rfc4475_message_through_dsbc(setup: tuple[Dsbc, PingNode, Peer]) 
     assert sum(v for k, v in c.items() if k.startswith("bad_requests:")) >= 20, c
     assert c.get("internal_errors", 0) == 0, c
     assert {s["worker"]: s["pid"] for s in d.status()} == pid_before
-    assert d.proc is not None and d.proc.alive
+    assert d.proc is not None and d.proc.alive()
     peer.recv_all_until_marker(peer.marker())

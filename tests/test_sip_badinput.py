@@ -42,7 +42,12 @@ class Env:
         with self.node.lock:
             raws = self.node.received[n:]
         # leave out answers, the health pings and the markers of exchange()
-        return [r for r in raws if not r.startswith((b"SIP/", b"OPTIONS sip:127.0.0.1")) and b"Call-ID: marker-" not in r]
+        return [
+            r
+            for r in raws
+            if not r.startswith((b"SIP/", b"OPTIONS sip:127.0.0.1"))
+            and b"Call-ID: marker-" not in r
+        ]
 
     def good(self, call_id: str, transport: str = "UDP", port: int | None = None) -> bytes:
         self.seq += 1
@@ -81,7 +86,11 @@ class Env:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     work = tmp_path_factory.mktemp("badinput")
     with FakeNode("udp") as node:
-        d = Dsbc(Path(work), source=[f"udp:{node.ip}:{node.port}"], sip_extra=f"tcp_stall_timeout = {STALL}\n")
+        d = Dsbc(
+            Path(work),
+            source=[f"udp:{node.ip}:{node.port}"],
+            sip_extra=f"tcp_stall_timeout = {STALL}\n",
+        )
         with d:
             d.wait_nodes_up()
             e = Env(d, node)
@@ -122,12 +131,30 @@ def test_random_and_binary_datagrams_are_dropped(env: Env) -> None:
         if kind == 0:
             data = rng.randbytes(rng.randint(1, 1500))
         elif kind == 1:  # text that looks a little like SIP
-            words = ["INVITE", "SIP/2.0", "Via:", "sip:", "@", ";", ",", "<", ">", "\r\n", ":", " ", "%00", "Call-ID:", "\t"]
+            words = [
+                "INVITE",
+                "SIP/2.0",
+                "Via:",
+                "sip:",
+                "@",
+                ";",
+                ",",
+                "<",
+                ">",
+                "\r\n",
+                ":",
+                " ",
+                "%00",
+                "Call-ID:",
+                "\t",
+            ]
             data = "".join(rng.choice(words) for _ in range(rng.randint(1, 80))).encode()
         elif kind == 2:  # a real start line, then binary
             data = b"OPTIONS sip:1001@example.com SIP/2.0\r\n" + rng.randbytes(rng.randint(0, 600))
         else:  # NULs and high octets
-            data = bytes(rng.choice([0, 0xFF, 0x80, 0x0D, 0x0A]) for _ in range(rng.randint(1, 300)))
+            data = bytes(
+                rng.choice([0, 0xFF, 0x80, 0x0D, 0x0A]) for _ in range(rng.randint(1, 300))
+            )
         if i % 10 == 9:
             answers += env.exchange(data)
         else:
@@ -144,7 +171,14 @@ def test_every_truncation_of_a_request_is_answered_400_or_dropped(env: Env) -> N
     head_end = full.index(b"\r\n\r\n") + 2
     cseq_end = full.index(b"CSeq: 1 INVITE\r\n") + len(b"CSeq: 1 INVITE")
     via_end = full.index(b";rport\r\n") + len(b";rport\r\n")
-    for cut in list(range(1, len(full), 3)) + [via_end, cseq_end, cseq_end + 2, head_end, len(full) - 1, len(full)]:
+    for cut in list(range(1, len(full), 3)) + [
+        via_end,
+        cseq_end,
+        cseq_end + 2,
+        head_end,
+        len(full) - 1,
+        len(full),
+    ]:
         data = full[:cut]
         seen = env.node_seen()
         back = env.exchange(data)
@@ -161,7 +195,11 @@ def test_every_truncation_of_a_request_is_answered_400_or_dropped(env: Env) -> N
         if expect == "drop":
             assert back == [] and at_node == [], (cut, data[-20:], back)
         elif expect == "drop or 400":
-            assert at_node == [] and [status(b) for b in back] in ([], [400]), (cut, data[-20:], back)
+            assert at_node == [] and [status(b) for b in back] in ([], [400]), (
+                cut,
+                data[-20:],
+                back,
+            )
         elif expect == "forward":
             assert len(at_node) == 1 and at_node[0].startswith(b"INVITE "), (cut, data[-20:])
             assert [status(b) for b in back] == [200], (cut, back)  # the node's answer, relayed
@@ -182,7 +220,7 @@ def test_datagrams_near_64k(env: Env) -> None:
     assert len(fwd) == 1 and fwd[0].endswith(body)
     assert [status(b) for b in back] == [200]
     # does not fit once dsbc's Via and Record-Route are added: 513 to the sender
-    seen = env.node_since(0)
+    before = env.node_since(0)
     body = b"a=x\r\n" * 13030
     data = invite(env, "big-513", body)
     assert 65300 < len(data) <= 65507
@@ -191,7 +229,7 @@ def test_datagrams_near_64k(env: Env) -> None:
     # the largest datagram of garbage: dropped
     back = env.exchange(random.Random(7).randbytes(65507))
     assert back == []
-    assert len(env.node_since(0)) == len(seen)
+    assert len(env.node_since(0)) == len(before)
 
 
 # --- TCP ------------------------------------------------------------------------------------
@@ -233,7 +271,9 @@ def read_message(s: socket.socket, timeout: float = 5.0) -> bytes:
     return data
 
 
-def tcp_invite(env: Env, s: socket.socket, call_id: str, content_length: str, body: bytes = b"") -> bytes:
+def tcp_invite(
+    env: Env, s: socket.socket, call_id: str, content_length: str, body: bytes = b""
+) -> bytes:
     port = s.getsockname()[1]
     return (
         f"INVITE sip:2000@example.com SIP/2.0\r\n"
@@ -245,7 +285,12 @@ def tcp_invite(env: Env, s: socket.socket, call_id: str, content_length: str, bo
 
 @pytest.mark.parametrize(
     "value,why",
-    [("abc", "not a number"), ("-5", "negative (RFC 4475 ncl)"), ("5\r\nContent-Length: 7", "conflicting (mcl01)"), ("", "empty")],
+    [
+        ("abc", "not a number"),
+        ("-5", "negative (RFC 4475 ncl)"),
+        ("5\r\nContent-Length: 7", "conflicting (mcl01)"),
+        ("", "empty"),
+    ],
 )
 def test_tcp_bad_content_length_is_answered_400_then_closed(env: Env, value: str, why: str) -> None:
     with tcp(env) as s:
@@ -276,7 +321,9 @@ def test_tcp_message_above_max_message_size_is_answered_513_then_closed(env: Env
     # a header section that never ends within the limit: the connection is closed too
     with tcp(env) as s:
         port = s.getsockname()[1]
-        s.sendall(f"INVITE sip:2000@example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:{port};branch=z9hG4bKendless\r\n".encode())
+        s.sendall(
+            f"INVITE sip:2000@example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:{port};branch=z9hG4bKendless\r\n".encode()
+        )
         try:
             for _ in range(70):
                 s.sendall(b"X-Filler: " + b"y" * 1000 + b"\r\n")

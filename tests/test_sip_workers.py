@@ -83,7 +83,9 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Dsbc, Registrar]]:
             yield d, node
 
 
-def wait_workers(d: Dsbc, n: int, timeout: float = 10.0, not_pids: set[int] = frozenset()) -> dict[int, int]:  # type: ignore[assignment]
+def wait_workers(
+    d: Dsbc, n: int, timeout: float = 10.0, not_pids: frozenset[int] = frozenset()
+) -> dict[int, int]:
     """worker index -> pid, once ``n`` workers (none of ``not_pids``) write snapshots."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -95,7 +97,10 @@ def wait_workers(d: Dsbc, n: int, timeout: float = 10.0, not_pids: set[int] = fr
 
 
 def per_worker(d: Dsbc, counter: str) -> dict[int, int]:
-    return {s["worker"]: s.get("services", {}).get("sip", {}).get("counters", {}).get(counter, 0) for s in d.status()}
+    return {
+        s["worker"]: s.get("services", {}).get("sip", {}).get("counters", {}).get(counter, 0)
+        for s in d.status()
+    }
 
 
 def registers_from_many_ports(d: Dsbc, n: int, tag: str, timeout: float = 8.0) -> list[bytes]:
@@ -116,7 +121,9 @@ def registers_from_many_ports(d: Dsbc, n: int, tag: str, timeout: float = 8.0) -
                     s.sendto(register(f"{tag}{i}", s.getsockname()[1]), d.sip_addr)
             until = min(deadline, time.monotonic() + 0.5)
             while time.monotonic() < until and not all(answers):
-                ready, _, _ = select.select([s for i, s in enumerate(socks) if not answers[i]], [], [], 0.05)
+                ready, _, _ = select.select(
+                    [s for i, s in enumerate(socks) if not answers[i]], [], [], 0.05
+                )
                 for s in ready:
                     answers[socks.index(s)] = s.recv(65535)
         return answers
@@ -126,7 +133,7 @@ def registers_from_many_ports(d: Dsbc, n: int, tag: str, timeout: float = 8.0) -
 
 
 def test_registers_spread_over_both_workers_all_answered(cluster: tuple[Dsbc, Registrar]) -> None:
-    d, node = cluster
+    d, _ = cluster
     answers = registers_from_many_ports(d, 48, "spread")
     for a in answers:
         assert a.startswith(b"SIP/2.0 200 ") and b"X-System: registrar" in a, a[:80]
@@ -200,13 +207,22 @@ def test_tcp_flow_token_is_handed_over_between_workers(cluster: tuple[Dsbc, Regi
             node.send(msg, d.sip_addr)
         for n, p in enumerate(phones):
             got = p.read()
-            assert got.startswith(f"MESSAGE sip:{p.user}@".encode()) and f"Call-ID: msg-{n}\r\n".encode() in got, got[:120]
+            assert (
+                got.startswith(f"MESSAGE sip:{p.user}@".encode())
+                and f"Call-ID: msg-{n}\r\n".encode() in got
+            ), got[:120]
             # the phone answers on its connection: back to the node by Via
-            p.sock.sendall(make_response(parse_message(got, datagram=False), 200, "OK", to_tag=f"p{n}"))
+            p.sock.sendall(
+                make_response(parse_message(got, datagram=False), 200, "OK", to_tag=f"p{n}")
+            )
         deadline = time.monotonic() + 4
         while time.monotonic() < deadline:
             with node.lock:
-                answered = {r.split(b"Call-ID: ", 1)[1].split(b"\r\n", 1)[0] for r in node.received if r.startswith(b"SIP/2.0 200 ") and b"CSeq: 1 MESSAGE" in r}
+                answered = {
+                    r.split(b"Call-ID: ", 1)[1].split(b"\r\n", 1)[0]
+                    for r in node.received
+                    if r.startswith(b"SIP/2.0 200 ") and b"CSeq: 1 MESSAGE" in r
+                }
             if len(answered) == len(phones):
                 break
             time.sleep(0.05)
@@ -222,14 +238,14 @@ def test_tcp_flow_token_is_handed_over_between_workers(cluster: tuple[Dsbc, Regi
 
 
 def test_a_killed_worker_is_restarted_and_traffic_goes_on(cluster: tuple[Dsbc, Registrar]) -> None:
-    d, node = cluster
+    d, _ = cluster
     pids = wait_workers(d, 2)
     victim = pids[1]
     os.kill(victim, signal.SIGKILL)
     # while it is down, the other worker serves everyone
     answers = registers_from_many_ports(d, 16, "down")
     assert all(a.startswith(b"SIP/2.0 200 ") for a in answers), [a[:40] for a in answers]
-    new = wait_workers(d, 2, timeout=15, not_pids={victim})
+    new = wait_workers(d, 2, timeout=15, not_pids=frozenset({victim}))
     assert new[0] == pids[0] and new[1] != victim
     d.wait_nodes_up()
     answers = registers_from_many_ports(d, 32, "after")
@@ -241,7 +257,7 @@ def test_a_killed_worker_is_restarted_and_traffic_goes_on(cluster: tuple[Dsbc, R
             break
         time.sleep(0.2)
     assert counts.get(1, 0) > 0, counts  # the new worker 1 takes its share again
-    assert d.proc is not None and d.proc.alive
+    assert d.proc is not None and d.proc.alive()
 
 
 def test_flow_tokens_name_the_worker(cluster: tuple[Dsbc, Registrar]) -> None:
