@@ -13,7 +13,9 @@ owning customer's identities at once (SIP and RADIUS route them on the next requ
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +24,7 @@ from api_proxy.router import Owner, ProxySettings, SessionRecord, SettingsError,
 from api_proxy.server import ApiProxy
 from dsbc.config import Config, ConfigError, parse_hostport
 from dsbc.store.base import ApiSession, BadIdentity, LocationStore, normalise
+from dsbc.writebehind import WriteBehind
 
 log = logging.getLogger("dsbc.api")
 
@@ -29,9 +32,19 @@ log = logging.getLogger("dsbc.api")
 class StoreRouter:
     """The Router protocol over a LocationStore."""
 
-    def __init__(self, store: LocationStore, lock_hold: float = 2.0) -> None:
+    def __init__(
+        self, store: LocationStore, lock_hold: float = 2.0, writer: WriteBehind | None = None
+    ) -> None:
         self.store = store
         self._lock_hold = lock_hold
+        # session writes go through the write-behind (a stalled store must not hold the
+        # loop); this node answers from what it wrote itself (``_local``, the newest
+        # version, even while the write is pending) and remembers its logouts (``_gone``)
+        # as long as a copy could linger in the store's own memory cache
+        self.writer = writer
+        self._local: dict[str, ApiSession] = {}
+        self._gone: dict[str, float] = {}
+        self._next_purge = 0.0
 
     @property
     def lock_hold(self) -> float:
@@ -60,7 +73,14 @@ class StoreRouter:
         return self.store.unknown
 
     def get_session(self, key: str) -> SessionRecord | None:
-        s = self.store.get_session(key)
+        if self._gone and key in self._gone:
+            return None
+        s = self._local.get(key)
+        if s is not None:
+            if s.expires_at <= time.time():
+                return None
+        else:
+            s = self.store.get_session(key)
         if s is None:
             return None
         return SessionRecord(
@@ -73,19 +93,40 @@ class StoreRouter:
         )
 
     def put_session(self, record: SessionRecord) -> None:
-        self.store.put_session(
-            ApiSession(
-                record.key,
-                record.system,
-                record.expires_at,
-                record.customer_id,
-                record.realm,
-                record.extra,
-            )
+        session = ApiSession(
+            record.key,
+            record.system,
+            record.expires_at,
+            record.customer_id,
+            record.realm,
+            record.extra,
         )
+        if self.writer is None:
+            self.store.put_session(session)
+            return
+        self._gone.pop(session.key, None)
+        self._local[session.key] = session
+        self._purge()
+        self.writer.submit(lambda st: st.put_session(session))
 
     def delete_session(self, key: str) -> None:
-        self.store.delete_session(key)
+        if self.writer is None:
+            self.store.delete_session(key)
+            return
+        old = self._local.pop(key, None) or self.store.get_session(key)
+        self._gone[key] = old.expires_at if old is not None else time.time()
+        self._purge()
+        self.writer.submit(lambda st: st.delete_session(key))
+
+    def _purge(self) -> None:
+        now = time.time()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + 60.0
+        for k in [k for k, until in self._gone.items() if until <= now]:
+            del self._gone[k]
+        for k in [k for k, s in self._local.items() if s.expires_at <= now]:
+            del self._local[k]
 
     def record_created(self, customer_id: str, system: str, identities: Sequence[str]) -> None:
         new = []
@@ -158,9 +199,12 @@ def build_settings(cfg: Config) -> ProxySettings:
 class ApiService:
     """A running API dispatcher."""
 
-    def __init__(self, proxy: ApiProxy, router: StoreRouter) -> None:
+    def __init__(
+        self, proxy: ApiProxy, router: StoreRouter, writer_task: asyncio.Task[None] | None = None
+    ) -> None:
         self.proxy = proxy
         self.router = router
+        self._writer_task = writer_task
 
     @property
     def metrics(self) -> dict[str, int]:
@@ -179,10 +223,22 @@ class ApiService:
 
     async def stop(self) -> None:
         await self.proxy.stop()
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+        if self.router.writer is not None:
+            await self.router.writer.close()
 
     def status(self) -> dict[str, Any]:
         out = self.proxy.status()
         out["store_healthy"] = self.router.store.healthy
+        if self.router.writer is not None:
+            w = self.router.writer
+            out["session_writes"] = {
+                "pending": w.pending,
+                "written": w.written,
+                "dropped": w.dropped,
+                "failures": w.failures,
+            }
         return out
 
 
@@ -190,11 +246,19 @@ async def start_api(cfg: Config, store: LocationStore) -> ApiService:
     """Start the API dispatcher of ``cfg.api`` on ``store``; ConfigError on bad settings,
     OSError when a listen address cannot be bound."""
     settings = build_settings(cfg)
-    router = StoreRouter(store, cfg.store.lock_hold)
+    # SQLite: session writes off the loop (a locked database waits out its busy timeout);
+    # the Redis store already writes sessions behind the loop itself
+    writer = (
+        WriteBehind(cfg.store.url, cfg.store.unknown, store)
+        if cfg.store.url.startswith("sqlite:")
+        else None
+    )
+    router = StoreRouter(store, cfg.store.lock_hold, writer)
     proxy = ApiProxy(settings, router)
     try:
         await proxy.start()
     except (OSError, ValueError):
         await proxy.stop()
         raise
-    return ApiService(proxy, router)
+    task = asyncio.get_running_loop().create_task(writer.run()) if writer is not None else None
+    return ApiService(proxy, router, task)

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.peers.fakenode import FakeNode
+from tests.peers.proc import find_binary
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(120)]
 
@@ -58,6 +59,7 @@ class UdpPhone:
             f"Call-ID: reg-{self.user}-{lp}-{self.n}\r\nCSeq: {self.n} REGISTER\r\n"
             f"Contact: <sip:{self.user}{contact_tag}@{lh}:{lp}>\r\nExpires: 300\r\nContent-Length: 0\r\n\r\n"
         ).encode()
+        call_id = f"reg-{self.user}-{lp}-{self.n}".encode()
         start = time.monotonic()
         deadline = start + timeout
         next_send = start
@@ -70,8 +72,8 @@ class UdpPhone:
                 data = self.sock.recv(65535)
             except TimeoutError:
                 continue
-            if data.startswith(b"SIP/2.0 1"):
-                continue
+            if data.startswith(b"SIP/2.0 1") or call_id not in data:
+                continue  # provisional, or a late answer to an earlier REGISTER
             if data.startswith(b"SIP/2.0 "):
                 return int(data[8:11]), time.monotonic() - start
         return None, time.monotonic() - start
@@ -338,3 +340,297 @@ def test_a_full_disk_fails_migrations_cleanly_and_traffic_goes_on(
         moved.close()
     finally:
         phone.close()
+
+
+# --- a system's node stops answering, answers slowly, resets connections ----------------------------
+
+
+def registrations_at(node: Any, user: str) -> int:
+    if isinstance(node, FakeNode):
+        return len([r for r in node.requests("REGISTER") if f"sip:{user}@" in (r.get("to") or "")])
+    return len(node.registrations(user)) if node.registered(user) else 0
+
+
+@pytest.mark.skipif(find_binary("kamailio") is None, reason="kamailio is not installed")
+def test_a_node_that_stops_answering_fails_over_within_its_system(
+    kamailio_factory: Factory, dsbc_factory: Factory
+) -> None:
+    source = kamailio_factory("source", extra_trusted=["127.0.0.1"])
+    t0 = kamailio_factory("target", extra_trusted=["127.0.0.1"])
+    t1 = kamailio_factory("target1", extra_trusted=["127.0.0.1"])
+    d = dsbc_factory(
+        source=[f"udp:{source.ip}:{source.port}"],
+        target=[f"udp:{t.ip}:{t.port}" for t in (t0, t1)],
+        customers=CUSTOMERS,
+    )
+    d.wait_nodes_up()
+    phone = UdpPhone("3003")
+    try:
+        assert phone.register(d.sip_addr)[0] == 200
+        assert t0.registered("3003") and not t1.registered("3003")
+        assert t0.proc is not None
+        t0.proc.send_signal(signal.SIGSTOP)  # hung: the process is there, nothing answers
+        try:
+            status, took = phone.register(d.sip_addr, timeout=8.0)
+            assert status == 200, "no failover to the other node of the same system"
+            assert t1.registered("3003")
+            assert source.registered("3003") == []  # never the other system
+            assert took < 4.0
+        finally:
+            t0.proc.send_signal(signal.SIGCONT)
+        # the node answers again: it is up again and first in line
+        assert wait_for(
+            lambda: all(n["up"] for n in d.status()[0]["services"]["sip"]["nodes"]), timeout=5
+        )
+        assert phone.register(d.sip_addr)[0] == 200
+        last = f"reg-3003-{phone.addr[1]}-{phone.n}"
+        assert wait_for(
+            lambda: any(r.get("callid") == last for r in t0.requests("REGISTER")), timeout=3
+        )
+        assert not any(r.get("callid") == last for r in t1.requests("REGISTER"))
+    finally:
+        phone.close()
+
+
+def test_a_slow_node_delays_only_its_own_answers(dsbc_factory: Factory) -> None:
+    with FakeNode("udp", delay=1.5) as slow, FakeNode("udp") as spare, FakeNode("udp") as target:
+        d = dsbc_factory(source=[slow.uri, spare.uri], target=[target.uri], customers=CUSTOMERS)
+        d.wait_nodes_up()
+        slow.mode = "slow"  # requests answered 1.5 s late, health pings on time
+        a, b = UdpPhone("1001"), UdpPhone("3003", "127.0.0.3")
+        try:
+            import threading
+
+            result: dict[str, Any] = {}
+            t = threading.Thread(
+                target=lambda: result.update(a=a.register(d.sip_addr, timeout=6.0))
+            )
+            t.start()
+            fast = [b.register(d.sip_addr) for _ in range(5)]  # meanwhile, another customer
+            t.join(10)
+            assert all(st == 200 and secs < 0.5 for st, secs in fast), fast
+            status, took = result["a"]
+            assert status == 200 and 1.3 < took < 4.0  # the late answer was relayed
+            assert registrations_at(spare, "1001") == 0  # a slow node is not a dead one
+            # slow on health pings too (longer than options_timeout): down, the spare takes over
+            slow.mode = "slow_all"
+            assert wait_for(
+                lambda: not d.status()[0]["services"]["sip"]["nodes"][0]["up"], timeout=6
+            )
+            status, took = a.register(d.sip_addr)
+            assert status == 200 and took < 1.0 and registrations_at(spare, "1001") >= 1
+            assert registrations_at(target, "1001") == 0
+        finally:
+            a.close()
+            b.close()
+
+
+def test_a_node_that_resets_connections_fails_over(dsbc_factory: Factory) -> None:
+    with FakeNode("tcp") as resetting, FakeNode("udp") as spare, FakeNode("udp") as target:
+        resetting.mode = "reset"
+        d = dsbc_factory(
+            source=[resetting.uri, spare.uri], target=[target.uri], customers=CUSTOMERS
+        )
+        phone = UdpPhone("1001")
+        try:
+            status, took = phone.register(d.sip_addr, timeout=8.0)
+            assert status == 200 and took < 4.0, (status, took)
+            assert registrations_at(spare, "1001") >= 1 and registrations_at(target, "1001") == 0
+            c = d.counters()
+            assert c.get("internal_errors", 0) == 0
+            # every reset was absorbed: dsbc is still answering
+            status, took = phone.register(d.sip_addr)
+            assert status == 200 and took < 1.0
+            assert d.proc is not None and d.proc.alive
+        finally:
+            phone.close()
+
+
+# --- an API back end that hangs or resets -----------------------------------------------------------
+
+BILLING_SCRIPT = """
+import asyncio, json, sys
+from dsbc.emulator.billing import sample_rows, start_billing_emulator
+
+async def main():
+    src = await start_billing_emulator("MR100", "127.0.0.1", 0, sample_rows(), system="source")
+    tgt = await start_billing_emulator("MR115", "127.0.0.1", 0, sample_rows(), system="target")
+    print(json.dumps({"source": src.url, "target": tgt.url}), flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+HOST = "www.customer.billing.com"
+
+
+def api_call(
+    base: str,
+    name: str,
+    params: dict[str, Any],
+    auth: dict[str, Any] | None = None,
+    timeout: float = 10,
+) -> tuple[int, Any, float]:
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    form = {"params": json.dumps(params)}
+    if auth:
+        form["auth_info"] = json.dumps(auth)
+    req = urllib.request.Request(
+        f"{base}/rest/{name}", data=urllib.parse.urlencode(form).encode(), headers={"Host": HOST}
+    )
+    start = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read()), time.monotonic() - start
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        return e.code, json.loads(body) if body[:1] == b"{" else body, time.monotonic() - start
+
+
+def test_an_api_back_end_that_hangs_or_resets_affects_only_its_own_customers(
+    dsbc_factory: Factory,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlsplit
+
+    from dsbc.emulator.billing import sample_rows
+    from tests.peers.net import free_port
+    from tests.peers.redis import TcpProxy
+
+    billing = subprocess.Popen(
+        [sys.executable, "-c", BILLING_SCRIPT],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    try:
+        assert billing.stdout is not None
+        urls = json.loads(billing.stdout.readline())
+        src = urlsplit(urls["source"])
+        proxy = TcpProxy((src.hostname or "127.0.0.1", src.port or 80))
+        api_port = free_port("tcp")
+        api = (
+            f'[api]\nlisten = ["127.0.0.1:{api_port}"]\ntimeout = 2.0\nconnect_timeout = 1.0\n'
+            f'[[api.vhosts]]\nhost = "{HOST}"\nrealm = "customer"\n'
+            f'source = "http://127.0.0.1:{proxy.port}"\ntarget = "{urls["target"]}"\n'
+        )
+        d = dsbc_factory(customers=sample_rows(), api=api)
+        base = f"http://127.0.0.1:{api_port}"
+        assert wait_for(lambda: _up(base), timeout=10)
+        st, alice, _ = api_call(base, "Session/login", {"login": "alice", "password": "secret"})
+        assert st == 200, alice
+        st, dave, _ = api_call(base, "Session/login", {"login": "dave", "password": "secret"})
+        assert st == 200, dave
+
+        def alice_info() -> tuple[int, Any, float]:
+            return api_call(
+                base, "Customer/get_customer_info", {}, {"session_id": alice["session_id"]}
+            )
+
+        def dave_info() -> tuple[int, Any, float]:
+            return api_call(
+                base, "Customer/get_customer_info", {}, {"session_id": dave["session_id"]}
+            )
+
+        with ThreadPoolExecutor(4) as pool:
+            for fault in ("stall", "cut"):
+                getattr(proxy, fault)()
+                time.sleep(0.3)  # the relay's threads notice (they poll every 0.1 s)
+                hung = pool.submit(alice_info)
+                others = [dave_info() for _ in range(5)]  # meanwhile, the target's customer
+                st, doc, took = hung.result(15)
+                assert st == 500 and doc["faultcode"] == "Server.Dispatcher.backend_unavailable", (
+                    fault,
+                    doc,
+                )
+                assert took < 4.0, f"{fault}: a fault after {took:.1f} s"
+                assert all(
+                    s == 200 and t < 1.0 and o["customer_info"]["login"] == "dave"
+                    for s, o, t in others
+                ), others
+                proxy.heal()
+                # the source answers again and alice's session (remembered by dsbc) still works
+                st, doc, _ = (
+                    wait_for(lambda: (r := alice_info())[0] == 200 and r, timeout=5) or alice_info()
+                )
+                assert st == 200 and doc["customer_info"]["login"] == "alice"
+        assert d.proc is not None and d.proc.alive
+        proxy.close()
+    finally:
+        billing.kill()
+        billing.wait(5)
+
+
+def _up(base: str) -> bool:
+    try:
+        api_call(base, "Session/ping", {}, timeout=1)
+        return True
+    except OSError:
+        return False
+
+
+def test_a_stalled_store_stalls_neither_api_logins_nor_sip(
+    dsbc_factory: Factory, nodes: Any
+) -> None:
+    from dsbc.emulator.billing import sample_rows
+    from tests.peers.net import free_port
+
+    source, target = nodes
+    billing = subprocess.Popen(
+        [sys.executable, "-c", BILLING_SCRIPT],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    try:
+        assert billing.stdout is not None
+        urls = json.loads(billing.stdout.readline())
+        api_port = free_port("tcp")
+        api = (
+            f'[api]\nlisten = ["127.0.0.1:{api_port}"]\ntimeout = 3.0\n'
+            f'[[api.vhosts]]\nhost = "{HOST}"\nrealm = "customer"\nsource = "{urls["source"]}"\ntarget = "{urls["target"]}"\n'
+        )
+        rows = [*sample_rows(), *CUSTOMERS]
+        d = dsbc_factory(source=[source.uri], target=[target.uri], customers=rows, api=api)
+        d.wait_nodes_up()
+        base = f"http://127.0.0.1:{api_port}"
+        assert wait_for(lambda: _up(base), timeout=10)
+        phone = UdpPhone("1001")
+        stall = subprocess.Popen(
+            [sys.executable, "-c", STALL_SCRIPT, str(d.db), "6"], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert stall.stdout is not None and stall.stdout.readline().strip() == "locked"
+            logins = []
+            for user in ("alice", "dave", "bob"):
+                st, doc, took = api_call(
+                    base, "Session/login", {"login": user, "password": "secret"}
+                )
+                assert st == 200, doc
+                logins.append((user, doc, took))
+                status, secs = phone.register(d.sip_addr, timeout=3)
+                assert status == 200 and secs < 1.0, (status, secs)
+            assert max(t for _, _, t in logins) < 1.5, [(u, round(t, 2)) for u, _, t in logins]
+            # the sessions work at once (this node remembers them) ...
+            for user, doc, _ in logins:
+                st, info, took = api_call(
+                    base, "Customer/get_customer_info", {}, {"session_id": doc["session_id"]}
+                )
+                assert st == 200 and info["customer_info"]["login"] == user and took < 1.5
+        finally:
+            stall.wait(15)
+            phone.close()
+        # ... and reach the store once it is free again: nothing was lost
+        from api_proxy.records import session_key
+
+        want = {session_key("sid", doc["session_id"]) for _, doc, _ in logins}
+        keys = wait_for(
+            lambda: want <= (k := {k for (k,) in db_rows(d.db, "SELECT key FROM sessions")}) and k,
+            timeout=10,
+        )
+        assert keys and want <= keys, keys
+    finally:
+        billing.kill()
+        billing.wait(5)

@@ -4,12 +4,13 @@
         node.addr                                  # ("127.0.0.1", port)
         node.requests("INVITE")                    # raw requests received, parsed (sipmsg)
         node.send(raw, to=dsbc.sip_addr)           # a request from the node (a trusted peer)
-        node.mode = "silent" | "slow" | "reset"    # faults: stop answering, answer late, RST
+        node.mode = "silent" | "slow" | "slow_all" | "reset"   # faults: stop answering,
+                                                 # answer late (OPTIONS too), RST
 
 It answers OPTIONS (the health pings) and every request but ACK with 200 (Record-Route
-and Via copied, a To tag added; ``delay`` seconds late in "slow" mode), answers nothing in
-"silent" mode, and in "reset" mode closes stream connections with a TCP reset (UDP:
-nothing).  ``accepted`` counts stream connections, so a test can see that dsbc reuses one.
+and Via copied, a To tag added; ``delay`` seconds late in "slow" mode, health pings late
+too in "slow_all" mode), answers nothing in "silent" mode, and in "reset" mode closes
+stream connections with a TCP reset (UDP: nothing).  ``accepted`` counts stream connections, so a test can see that dsbc reuses one.
 Runs in threads; everything is bounded by the socket timeouts and stopped by ``stop()``.
 """
 
@@ -169,7 +170,7 @@ class FakeNode:
         mode = self.mode
         if mode in ("silent", "reset"):
             return None
-        if mode == "slow" and not raw.startswith(b"OPTIONS "):
+        if mode == "slow_all" or (mode == "slow" and not raw.startswith(b"OPTIONS ")):
             time.sleep(self.delay)
         if raw.startswith(b"REGISTER "):
             # a registrar: the bindings of the request come back in the 200
@@ -194,7 +195,7 @@ class FakeNode:
                 continue
             except OSError:
                 return
-            if self.mode == "slow" and not data.startswith(b"OPTIONS "):
+            if self.mode == "slow_all" or (self.mode == "slow" and not data.startswith(b"OPTIONS ")):
                 self._spawn(self._udp_reply_later, data, peer)
                 continue
             out = self._handle(data)
