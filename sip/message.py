@@ -40,6 +40,14 @@ MAX_FORWARDS_LIMIT = 255
 _FOLD = re.compile(r"\r?\n[ \t]+")
 _METHOD_CHARS = _TOKEN_CHARS
 _SP_HTAB = " \t"
+#: one or more _TOKEN_CHARS: ``fullmatch`` is ``all(c in _TOKEN_CHARS ...)`` for non-empty
+#: text, without a Python-level loop per character
+_TOKEN_RE = re.compile("[" + "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)) + "]+")
+#: perf: header names as written -> canonical name, for names already found valid.  A peer
+#: writes the same dozen spellings in every message, so the token check and the lower-casing
+#: run once per spelling instead of once per line.  Bounded: junk names are never kept.
+_NAMES: dict[str, str] = {}
+_NAMES_MAX = 1024
 
 
 class Header:
@@ -193,7 +201,7 @@ class SipMessage:
             parts = [p for p in value.replace("\t", " ").split(" ") if p]
             if len(parts) != 2 or not is_digits(parts[0]) or int(parts[0]) > MAX_CSEQ:
                 raise SipParseError(f"bad CSeq {value[:40]!r}")
-            if any(ch not in _METHOD_CHARS for ch in parts[1]):
+            if _TOKEN_RE.fullmatch(parts[1]) is None:
                 raise SipParseError(f"bad CSeq method {value[:40]!r}")
             c = (int(parts[0]), parts[1])
             self._cache["cseq"] = c
@@ -311,29 +319,43 @@ def _annotate(exc: SipError, msg: SipMessage) -> None:
 
 
 def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -> SipError | None:
-    """Append a Header per (possibly folded) line; skip bad lines, return the first error."""
+    """Append a Header per (possibly folded) line; skip bad lines, return the first error.
+
+    Perf note: the header section is decoded once (latin-1 maps each octet to one
+    character, so string offsets are octet offsets) and header names are looked up in
+    ``_NAMES`` before being checked; tests/test_sip_fastpaths.py holds the line-by-line
+    version this replaced and checks that both give the same headers and errors."""
     headers = msg.headers
+    names = _NAMES
     error: SipError | None = None
-    while pos < head_end:
-        nl = data.find(b"\n", pos, head_end)
+    text = data[pos:head_end].decode("latin-1")
+    n = len(text)
+    i = 0
+    while i < n:
+        nl = text.find("\n", i)
         if nl < 0:
-            nl = head_end - 1
+            nl = n - 1
         end = nl + 1
         # continuation lines
-        while end < head_end and data[end] in (0x20, 0x09):
-            nl2 = data.find(b"\n", end, head_end)
-            end = head_end if nl2 < 0 else nl2 + 1
-        text = data[pos:end].decode("latin-1")
-        start, pos = pos, end
-        colon = text.find(":")
+        while end < n and text[end] in _SP_HTAB:
+            nl2 = text.find("\n", end)
+            end = n if nl2 < 0 else nl2 + 1
+        line = text[i:end]
+        start, i = pos + i, end
+        colon = line.find(":")
         if colon <= 0:
-            error = error or SipParseError(f"bad header line {text[:40].strip()!r}")
+            error = error or SipParseError(f"bad header line {line[:40].strip()!r}")
             continue
-        name = text[:colon].rstrip(" \t")
-        if not name or any(c not in _TOKEN_CHARS for c in name):
-            error = error or SipParseError(f"bad header name {name[:40]!r}")
-            continue
-        value = text[colon + 1 :]
+        raw = line[:colon].rstrip(_SP_HTAB)
+        name = names.get(raw)
+        if name is None:
+            if _TOKEN_RE.fullmatch(raw) is None:
+                error = error or SipParseError(f"bad header name {raw[:40]!r}")
+                continue
+            name = canonical_name(raw)
+            if len(names) < _NAMES_MAX:
+                names[raw] = name
+        value = line[colon + 1 :]
         if value.endswith("\n"):
             value = value[:-2] if value.endswith("\r\n") else value[:-1]
         if "\n" in value:
@@ -341,9 +363,9 @@ def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -
         value = value.strip(_SP_HTAB)
         if "\r" in value or "\n" in value:
             # a bare CR/LF inside a value would let an edited line smuggle in a header
-            error = error or SipParseError(f"bare CR or LF in {name[:40]!r}")
+            error = error or SipParseError(f"bare CR or LF in {raw[:40]!r}")
             continue
-        headers.append(Header(canonical_name(name), value, start, end))
+        headers.append(Header(name, value, start, pos + end))
     return error
 
 
@@ -368,7 +390,7 @@ def _parse_start_line(msg: SipMessage, line: str) -> None:
             raise VersionNotSupported(f"version {parts[-1][:12]!r}")
         raise SipParseError("bad request line")
     method, ruri, version = parts
-    if any(c not in _METHOD_CHARS for c in method):
+    if _TOKEN_RE.fullmatch(method) is None:
         raise SipParseError(f"bad method {method[:20]!r}")
     if version != "SIP/2.0":
         if version.upper().startswith("SIP/"):

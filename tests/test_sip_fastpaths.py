@@ -1,0 +1,132 @@
+"""The fast paths of the SIP hot path give exactly what the code they replaced gave.
+
+Each perf change in sip/ (see benchmarks/README.md, "where the time goes") keeps the
+straightforward version it replaced here, verbatim, as the reference; Hypothesis feeds
+both the same octets and the results must be identical, errors included.
+"""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from sip import message as m
+from sip.errors import SipError, SipParseError
+from sip.headers import canonical_name
+from sip.uri import _TOKEN_CHARS
+
+# --- reference: sip/message.py _parse_header_lines before the single-decode rewrite ------
+
+_FOLD = re.compile(r"\r?\n[ \t]+")
+_SP_HTAB = " \t"
+
+
+def ref_parse_header_lines(
+    msg: m.SipMessage, data: bytes, pos: int, head_end: int
+) -> SipError | None:
+    headers = msg.headers
+    error: SipError | None = None
+    while pos < head_end:
+        nl = data.find(b"\n", pos, head_end)
+        if nl < 0:
+            nl = head_end - 1
+        end = nl + 1
+        # continuation lines
+        while end < head_end and data[end] in (0x20, 0x09):
+            nl2 = data.find(b"\n", end, head_end)
+            end = head_end if nl2 < 0 else nl2 + 1
+        text = data[pos:end].decode("latin-1")
+        start, pos = pos, end
+        colon = text.find(":")
+        if colon <= 0:
+            error = error or SipParseError(f"bad header line {text[:40].strip()!r}")
+            continue
+        name = text[:colon].rstrip(" \t")
+        if not name or any(c not in _TOKEN_CHARS for c in name):
+            error = error or SipParseError(f"bad header name {name[:40]!r}")
+            continue
+        value = text[colon + 1 :]
+        if value.endswith("\n"):
+            value = value[:-2] if value.endswith("\r\n") else value[:-1]
+        if "\n" in value:
+            value = _FOLD.sub(" ", value)
+        value = value.strip(_SP_HTAB)
+        if "\r" in value or "\n" in value:
+            # a bare CR/LF inside a value would let an edited line smuggle in a header
+            error = error or SipParseError(f"bare CR or LF in {name[:40]!r}")
+            continue
+        headers.append(m.Header(canonical_name(name), value, start, end))
+    return error
+
+
+def _headers(
+    fn, data: bytes, pos: int, head_end: int
+) -> tuple[list[tuple[str, str, int, int]], object]:  # type: ignore[no-untyped-def]
+    msg = m.SipMessage(data)
+    err = fn(msg, data, pos, head_end)
+    got = [(h.name, h.value, h.start, h.end) for h in msg.headers]
+    return got, None if err is None else (type(err), str(err))
+
+
+# header lines built from the pieces that matter: names valid or not (compact, odd case,
+# token punctuation, spaces, non-ASCII), values with folding, bare CR / LF, tabs, latin-1
+NAMES = st.sampled_from(
+    ["Via", "v", "VIA", "From", "f", "To", "t", "Call-ID", "i", "CSeq", "Contact", "m", "l",
+     "Content-Length", "Max-Forwards", "Route", "X-Odd.Name!%*_+`'~", "Bad Name", "Bad:Name",
+     "", " ", "Caf\xe9", "X\x00", "Subject\t", "Via ", "User-Agent"]
+)  # fmt: skip
+VALUE_PARTS = st.sampled_from(
+    ["SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1", "<sip:a@b>;tag=1", " ", "\t", "a", ",",
+     "\r\n ", "\r\n\t", "\n ", "\r", "\n", "\xe9\xff", ":", "\"q\"", "1 INVITE", "70"]
+)  # fmt: skip
+ENDINGS = st.sampled_from(["\r\n", "\n", "\r\n", ""])
+
+
+@st.composite
+def header_sections(draw: st.DrawFn) -> bytes:
+    lines = []
+    for _ in range(draw(st.integers(0, 8))):
+        name = draw(NAMES)
+        sep = draw(st.sampled_from([":", ": ", " : ", "\t:", "::", ""]))
+        value = "".join(draw(st.lists(VALUE_PARTS, max_size=6)))
+        lines.append(name + sep + value + draw(ENDINGS))
+    return "".join(lines).encode("latin-1")
+
+
+def check_same(section: bytes, prefix: bytes = b"") -> None:
+    data = prefix + section
+    pos, end = len(prefix), len(data)
+    assert _headers(m._parse_header_lines, data, pos, end) == _headers(
+        ref_parse_header_lines, data, pos, end
+    )
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(header_sections(), st.sampled_from([b"", b"INVITE sip:a@b SIP/2.0\r\n", b"x"]))
+@example(b"Via: a\r\n b\r\nFrom:\r\n", b"")
+@example(b"Via: a\r\n", b"SIP/2.0 200 OK\r\n")
+@example(b"\r\n ", b"")
+@example(b"a\rb: c\r\n", b"")
+def test_header_lines_match_the_reference(section: bytes, prefix: bytes) -> None:
+    check_same(section, prefix)
+
+
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_header_lines_match_the_reference_on_any_octets(section: bytes) -> None:
+    check_same(section)
+
+
+def test_name_cache_is_bounded_and_keeps_only_valid_names() -> None:
+    for i in range(m._NAMES_MAX + 50):
+        check_same(f"X-Junk-{i}: v\r\nBad Name {i}: v\r\n".encode())
+    assert len(m._NAMES) <= m._NAMES_MAX
+    assert not any(" " in k for k in m._NAMES)
+
+
+def test_token_regex_is_the_token_set() -> None:
+    for c in map(chr, range(256)):
+        assert (m._TOKEN_RE.fullmatch(c) is not None) == (c in _TOKEN_CHARS), repr(c)
+    assert m._TOKEN_RE.fullmatch("") is None
