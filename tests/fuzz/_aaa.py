@@ -20,6 +20,7 @@ loop over the harness's own seed corpus).
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 import zlib
@@ -196,7 +197,7 @@ def check_diameter(data: bytes) -> None:
     else:  # longer inputs: a few cuts (byte by byte costs too much per run)
         cuts = sorted({len(data) // 3, len(data) // 2, len(data) - 7, 19, 20, 21})
         bounds = [0, *[c for c in cuts if 0 < c < len(data)], len(data)]
-        chunks = [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
         assert _frames(chunks) == whole, "cut framing differs"
     for frame in whole[0]:
         check_diameter_message(frame)
