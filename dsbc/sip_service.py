@@ -7,6 +7,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -141,8 +142,22 @@ def advertise(cfg: Config) -> tuple[str, dict[str, int]]:
         else:
             host = text
     if not host:
-        host = next((h for _, h, _ in lst if h not in ("0.0.0.0", "::")), "127.0.0.1")
+        host = next((h for _, h, _ in lst if h not in ("0.0.0.0", "::")), "") or primary_address()
     return host, ports
+
+
+def primary_address() -> str:
+    """The address of the interface that holds the default route (wildcard listeners and no
+    ``sip.advertise``).  A UDP connect() chooses the route and sends nothing."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only the routing table is consulted
+            addr = str(s.getsockname()[0])
+    except OSError:
+        addr = "127.0.0.1"
+    log.warning("sip.advertise is not set and dsbc listens on a wildcard address: using %s "
+                "in Via / Record-Route / Path (set sip.advertise to the VIP)", addr)
+    return addr
 
 
 def flow_secret(cfg: Config, store: LocationStore) -> bytes:

@@ -161,10 +161,8 @@ class ProxyCore:
 
     def get_timer(self) -> float | None:
         deadlines = [t for t in (self.health.get_timer(),) if t is not None]
-        if self._held_heap:
+        if self._held_heap:  # every held request has its deadline here (stale ones fire once, harmlessly)
             deadlines.append(self._held_heap[0][0])
-        if self._held:
-            deadlines.append(min(h.deadline for h in self._held.values()))
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[Send]:

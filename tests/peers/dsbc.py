@@ -188,7 +188,7 @@ token = "test-token"
         self.proc.start()
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not self.proc.alive:
+            if not self.proc.alive():
                 raise PeerError(f"dsbc exited at start:\n{self.proc.log_tail()}")
             if sip_options(self.ip, self.port, "udp", timeout=0.3):
                 return self
