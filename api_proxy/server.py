@@ -50,8 +50,19 @@ class _FaultingHandler(RequestHandler):
     _head_timer: asyncio.TimerHandle | None = None
     _head_count = 0
 
+    _counted_ip: str | None = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
+        if proxy is not None:
+            peer = transport.get_extra_info("peername")
+            ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            if not proxy.admit_connection(ip):
+                proxy.metrics["connections_refused"] += 1
+                self.force_close()
+                return
+            self._counted_ip = ip
         self._start_head_timer()  # the first request's head counts from the connection
 
     def data_received(self, data: bytes) -> None:
@@ -69,7 +80,9 @@ class _FaultingHandler(RequestHandler):
     def _head_expired(self) -> None:
         self._head_timer = None
         waiter = getattr(self, "_waiter", None)
-        if getattr(self, "_request_count", 0) == self._head_count and (waiter is None or not waiter.done()):
+        if getattr(self, "_request_count", 0) == self._head_count and (
+            waiter is None or not waiter.done()
+        ):
             proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
             if proxy is not None:
                 proxy.metrics["client_timeouts"] += 1
@@ -80,6 +93,11 @@ class _FaultingHandler(RequestHandler):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._counted_ip is not None:
+            proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
+            if proxy is not None:
+                proxy.release_connection(self._counted_ip)
+            self._counted_ip = None
         super().connection_lost(exc)
 
     def handle_error(
@@ -129,6 +147,26 @@ class ApiProxy(Flows):
         self.table = VhostTable(settings.vhosts)
         self._runner: web.ServerRunner | None = None
         self.addresses: list[tuple[str, int]] = []
+        self._conns = 0
+        self._per_ip: dict[str, int] = {}
+        self.metrics.setdefault("connections_refused", 0)
+
+    def admit_connection(self, ip: str) -> bool:
+        """Count a new client connection, or refuse it (over a cap)."""
+        s = self.settings
+        if self._conns >= s.max_connections or self._per_ip.get(ip, 0) >= s.max_connections_per_ip:
+            return False
+        self._conns += 1
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        return True
+
+    def release_connection(self, ip: str) -> None:
+        self._conns -= 1
+        n = self._per_ip.get(ip, 1) - 1
+        if n > 0:
+            self._per_ip[ip] = n
+        else:
+            self._per_ip.pop(ip, None)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

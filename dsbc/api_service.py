@@ -186,6 +186,8 @@ def build_settings(cfg: Config) -> ProxySettings:
         connect_timeout=api.connect_timeout,
         body_timeout=api.body_timeout,
         header_timeout=api.header_timeout,
+        max_connections=api.max_connections,
+        max_connections_per_ip=api.max_connections_per_ip,
         route_body_limit=api.route_body_limit,
         max_body_size=api.max_body_size,
         max_header_size=api.max_header_size,

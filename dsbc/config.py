@@ -258,6 +258,8 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     route_body_limit: int = 1048576  # bytes of a request body read to route it
     body_timeout: float = 15.0  # a client's silence while sending a body
     header_timeout: float = 10.0  # request line + headers, from their first octet
+    max_connections: int = 10000
+    max_connections_per_ip: int = 200
     connect_timeout: float = 5.0
     pool_size: int = 100  # keep-alive connections per system
     backend_verify: bool = True  # verify the systems' TLS certificates
@@ -276,6 +278,8 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("body_timeout: body_timeout, connect_timeout and timeout must be > 0")
         if self.header_timeout <= 0:
             raise ValueError("header_timeout: must be > 0")
+        if self.max_connections < 1 or self.max_connections_per_ip < 1:
+            raise ValueError("max_connections: the connection caps must be >= 1")
         _check_url(self.source, "source")
         _check_url(self.target, "target")
 

@@ -164,3 +164,37 @@ def test_api_tls_is_1_2_or_newer(tmp_path: Path) -> None:
                 await asyncio.open_connection(u.hostname, u.port, ssl=old)
 
     run(main)
+
+
+def test_api_connection_caps_in_total_and_per_source(tmp_path: Path) -> None:
+    async def open_from(url: str, ip: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        u = urlsplit(url)
+        return await asyncio.open_connection(u.hostname, u.port, local_addr=(ip, 0))
+
+    async def closed(reader: asyncio.StreamReader, wait: float = 1.0) -> bool:
+        try:
+            return await asyncio.wait_for(reader.read(1), wait) == b""
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            return True
+
+    async def main() -> None:
+        extra = "max_connections = 5\nmax_connections_per_ip = 3\nheader_timeout = 30.0\n"
+        async with ApiEnv(tmp_path, extra_api=extra) as env:
+            mine = [await open_from(env.url, "127.0.0.6") for _ in range(3)]
+            assert not any([await closed(r, 0.3) for r, _ in mine])
+            fourth = await open_from(env.url, "127.0.0.6")
+            assert await closed(fourth[0])  # over the cap per source
+            others = [await open_from(env.url, "127.0.0.7") for _ in range(2)]
+            sixth = await open_from(env.url, "127.0.0.8")
+            assert await closed(sixth[0])  # over the cap in total
+            assert env.api.metrics["connections_refused"] == 2
+            for _, w in [*mine, *others, fourth, sixth]:
+                w.close()
+            await asyncio.sleep(0.3)
+            # the slots are free again: served as usual
+            st, _, _ = await env.call(CUSTOMER, LOGIN, {"login": "alice", "password": "secret"})
+            assert st == 200
+
+    run(main)
