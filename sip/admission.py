@@ -97,14 +97,9 @@ class Admission:
         return self.limiter is not None or self.scanners is not None
 
     def check(self, data: bytes, flow: Flow, now: float) -> list[Send] | None:
-        if len(data) > self.max_message_size:
-            # a datagram above the limit (streams are stopped earlier, by the framer)
-            self.counters["too_large"] += 1
-            return self._answer(data, flow, 513, "Message Too Large", [("server", self.server)])
-        if self.is_trusted(flow.ip, flow.port):
-            return None
+        trusted = self.is_trusted(flow.ip, flow.port)
         limiter = self.limiter
-        if limiter is not None:
+        if limiter is not None and not trusted:
             verdict = limiter.check(flow.ip, now)
             if verdict:
                 self.counters["rate_limited"] += 1
@@ -114,8 +109,12 @@ class Admission:
                     return []
                 self.counters["rate_limited_answered"] += 1
                 return self._answer(data, flow, 503, "Service Unavailable", self._limited_headers)
+        if len(data) > self.max_message_size:
+            # a datagram above the limit (streams are stopped earlier, by the framer)
+            self.counters["too_large"] += 1
+            return self._answer(data, flow, 513, "Message Too Large", [("server", self.server)])
         scanners = self.scanners
-        if scanners is not None and scanners.match(data):
+        if scanners is not None and not trusted and scanners.match(data):
             self.counters["scanners_dropped"] += 1
             return []
         return None
