@@ -32,7 +32,7 @@ from .headers import (
     parse_via,
     split_values,
 )
-from .uri import _TOKEN_CHARS, _URI_CHARS, NameAddr, SipUri, is_digits, parse_name_addr, parse_uri
+from .uri import _TOKEN_CHARS, _URI_CHARS, MAX_DIGITS, NameAddr, SipUri, parse_name_addr, parse_uri
 
 MAX_CSEQ = 2**32 - 1
 #: RFC 3261 20.22: "an integer in the range 0-255"
@@ -48,6 +48,12 @@ _TOKEN_RE = re.compile("[" + "".join(re.escape(c) for c in sorted(_TOKEN_CHARS))
 #: run once per spelling instead of once per line.  Bounded: junk names are never kept.
 _NAMES: dict[str, str] = {}
 _NAMES_MAX = 1024
+
+
+def _digits(text: str, max_digits: int = MAX_DIGITS) -> bool:
+    """``sip.uri.is_digits`` for text (1 to ``max_digits`` ASCII digits) without a Python
+    loop per character: on ASCII text ``str.isdigit`` accepts exactly 0-9."""
+    return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
 
 
 class Header:
@@ -199,7 +205,7 @@ class SipMessage:
                 raise SipParseError("missing CSeq")
             # split on SP/HTAB only: str.split() would also split on \x85, \xa0, \x1c...
             parts = [p for p in value.replace("\t", " ").split(" ") if p]
-            if len(parts) != 2 or not is_digits(parts[0]) or int(parts[0]) > MAX_CSEQ:
+            if len(parts) != 2 or not _digits(parts[0]) or int(parts[0]) > MAX_CSEQ:
                 raise SipParseError(f"bad CSeq {value[:40]!r}")
             if _TOKEN_RE.fullmatch(parts[1]) is None:
                 raise SipParseError(f"bad CSeq method {value[:40]!r}")
@@ -212,7 +218,7 @@ class SipMessage:
         value = self.get("max-forwards")
         if value is None:
             return None
-        if not is_digits(value) or int(value) > MAX_FORWARDS_LIMIT:
+        if not _digits(value) or int(value) > MAX_FORWARDS_LIMIT:
             raise SipParseError(f"bad Max-Forwards {value[:20]!r}")
         return int(value)
 
@@ -272,7 +278,7 @@ def content_length_of(msg: SipMessage) -> int | None:
     for h in msg.headers:
         if h.name == "content-length":
             v = h.value.strip(_SP_HTAB)
-            if not is_digits(v):
+            if not _digits(v):
                 raise FramingError(f"bad Content-Length {v[:20]!r}")
             n = int(v)
             if found is not None and n != found:
@@ -379,7 +385,7 @@ def _parse_start_line(msg: SipMessage, line: str) -> None:
         msg.reason = parts[2] if len(parts) > 2 else ""
         if version != "SIP/2.0":
             raise VersionNotSupported(f"version {version[:12]!r}")
-        if not is_digits(code, 3) or not 100 <= int(code) <= 699:
+        if not _digits(code, 3) or not 100 <= int(code) <= 699:
             raise SipParseError(f"bad status code {code[:10]!r}")
         msg.status = int(code)
         msg.version = version
@@ -533,8 +539,10 @@ class Editor:
                 break
         else:
             raise ValueError(f"no {name} header")
-        comma = first_comma(h.value)
-        rest = None if comma < 0 else h.value[comma + 1 :]
+        # perf: without a comma or a quote first_comma can only scan to the end and say -1
+        value = h.value
+        comma = first_comma(value) if "," in value or '"' in value else -1
+        rest = None if comma < 0 else value[comma + 1 :]
         if rest is not None and not rest.strip(_SP_HTAB):
             rest = None  # "a," has no second value
         if new is None:

@@ -8,13 +8,14 @@ both the same octets and the results must be identical, errors included.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sip import message as m
 from sip.errors import SipError, SipParseError
-from sip.headers import canonical_name
+from sip.headers import canonical_name, first_comma, split_values
 from sip.uri import _TOKEN_CHARS
 
 # --- reference: sip/message.py _parse_header_lines before the single-decode rewrite ------
@@ -62,8 +63,11 @@ def ref_parse_header_lines(
 
 
 def _headers(
-    fn, data: bytes, pos: int, head_end: int
-) -> tuple[list[tuple[str, str, int, int]], object]:  # type: ignore[no-untyped-def]
+    fn: Callable[[m.SipMessage, bytes, int, int], SipError | None],
+    data: bytes,
+    pos: int,
+    head_end: int,
+) -> tuple[list[tuple[str, str, int, int]], object]:
     msg = m.SipMessage(data)
     err = fn(msg, data, pos, head_end)
     got = [(h.name, h.value, h.start, h.end) for h in msg.headers]
@@ -130,3 +134,80 @@ def test_token_regex_is_the_token_set() -> None:
     for c in map(chr, range(256)):
         assert (m._TOKEN_RE.fullmatch(c) is not None) == (c in _TOKEN_CHARS), repr(c)
     assert m._TOKEN_RE.fullmatch("") is None
+
+
+# --- reference: the digit check and Editor.set_first_value's comma scan -----------------
+
+
+def test_digits_is_is_digits_for_text() -> None:
+    from sip.uri import is_digits
+
+    samples = [
+        "",
+        "0",
+        "7",
+        "0070",
+        "12345678901",
+        "1234567890",
+        "12a",
+        " 1",
+        "1 ",
+        "+1",
+        "-1",
+        "1.0",
+    ]
+    samples += (
+        [chr(c) for c in range(256)] + [f"1{chr(c)}" for c in range(256)] + ["\u0661\u0662", "\xb2"]
+    )
+    for s in samples:
+        for n in (3, 5, 10):
+            assert m._digits(s, n) == is_digits(s, n), (s, n)
+
+
+def ref_set_first_value(ed: m.Editor, name: str, new: str | None) -> None:
+    """Editor.set_first_value as it was: first_comma scans every value."""
+    for idx, h in enumerate(ed.msg.headers):
+        if h.name == name and split_values(h.value):
+            break
+    else:
+        raise ValueError(f"no {name} header")
+    comma = first_comma(h.value)
+    rest = None if comma < 0 else h.value[comma + 1 :]
+    if rest is not None and not rest.strip(" \t"):
+        rest = None
+    if new is None:
+        if rest is None:
+            ed.delete(idx)
+        else:
+            ed.set(idx, rest.lstrip(" \t"))
+    else:
+        ed.set(idx, new if rest is None else f"{new},{rest}")
+
+
+def _edit(value: str, new: str | None, ref: bool = False) -> tuple[bytes | None, object]:
+    data = f"SIP/2.0 200 OK\r\nVia: {value}\r\nVia: SIP/2.0/UDP h2\r\nContent-Length: 0\r\n\r\n"
+    raw = data.encode("latin-1")
+    msg = m.SipMessage(raw)
+    m._parse_header_lines(msg, raw, raw.index(b"\n") + 1, raw.index(b"\r\n\r\n") + 2)
+    ed = m.Editor(msg)
+    try:
+        if ref:
+            ref_set_first_value(ed, "via", new)
+        else:
+            ed.set_first_value("via", new)
+    except (SipError, ValueError) as exc:
+        return None, (type(exc), str(exc))
+    return ed.to_bytes(), None
+
+
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.sampled_from(["SIP/2.0/UDP a", ";branch=z", ",", '"', "<", ">", " ", "\\", "x"]),
+        max_size=8,
+    ),
+    st.sampled_from([None, "SIP/2.0/UDP new;received=1.2.3.4"]),
+)
+def test_set_first_value_matches_the_reference(parts: list[str], new: str | None) -> None:
+    value = "".join(parts)
+    assert _edit(value, new) == _edit(value, new, ref=True)
