@@ -316,7 +316,10 @@ def run_migration_under_load(request: pytest.FixtureRequest, systems: Systems, r
         time.sleep(gap)
         ids = [str(i) for i in range(k * size, (k + 1) * size)]
         sent = time.time()
-        status, body = a.control("POST", "/v1/migrations", {"customers": ids, "to": "target", "batch_size": 25})
+        # locked for half a second first (a data-copy window): their new calls are held, then
+        # relayed to the target, none refused (store.lock_hold is 2 s)
+        status, body = a.control("POST", "/v1/migrations",
+                                 {"customers": ids, "to": "target", "batch_size": 25, "lock_for": 0.5})
         done = time.time()
         assert status == 200 and len(body["moved"]) == size, body
         for cid in ids:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dsbc.store")
 
 PROBE_EVERY = 1.0  # seconds between sequence probes (and the longest a lost message waits)
-RETRY_MIN, RETRY_MAX = 0.2, 2.0  # reconnect back-off
+RETRY_MIN, RETRY_MAX = 0.2, 1.0  # reconnect back-off
 
 
 Row = tuple[str, str, str, str, str, int, str | None]
