@@ -41,6 +41,8 @@ from .uri import NameAddr, SipUri, is_digits, parse_name_addr, unescape
 BRANCH_PREFIX = "z9hG4bK-d5"
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 INVITE_STATE_TTL = 300.0
+#: flow tokens kept signed / verified (each cache is emptied when it reaches this size)
+FLOW_CACHE_SIZE = 4096
 MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
 KNOWN_METHODS = frozenset(
     {"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "INFO", "UPDATE", "PRACK", "PUBLISH"}
@@ -133,6 +135,11 @@ class ProxyCore:
         self._our_ports = set(settings.ports.values()) | {p for _, p in settings.local_addresses}
         # a node on TCP/TLS sends its own requests from any port of its host
         self._stream_node_hosts = {st.node.host for st in health.states.values() if st.node.transport != "udp"}
+        # perf: flow tokens are HMACs of a few fields; a phone's flow repeats on every request it
+        # sends (Via, Record-Route, Path) and a dialog's token on every in-dialog request, so
+        # each is signed / verified once (bounded; only tokens that verified are kept)
+        self._tokens: dict[Flow, str] = {}
+        self._flows: dict[str, Flow] = {}
 
     # --- entry points ---------------------------------------------------------------
 
@@ -391,7 +398,7 @@ class ProxyCore:
         # our Via: the branch, plus what the response needs to be relayed statelessly
         via = f"SIP/2.0/{dest.transport.upper()} {self._hostport(dest.transport)};branch={branch};rport"
         if src.is_stream:
-            via += f";dsbcf={self.signer.encode(src)}"
+            via += f";dsbcf={self._flow_token(src)}"
         if method == "REGISTER":
             via += f";dsbcsys={system}"
             if cap:
@@ -433,7 +440,7 @@ class ProxyCore:
         if system:
             uri += f";dsbc={system}"
         if flow is not None:
-            uri += f";ft={self.signer.encode(flow)}"
+            uri += f";ft={self._flow_token(flow)}"
         return uri + ">"
 
     def _hostport(self, transport: str) -> str:
@@ -476,12 +483,28 @@ class ProxyCore:
         host, port = uri.host_port
         return uri.transport, host, port
 
+    def _flow_token(self, flow: Flow) -> str:
+        token = self._tokens.get(flow)
+        if token is None:
+            token = self.signer.encode(flow)
+            if len(self._tokens) >= FLOW_CACHE_SIZE:
+                self._tokens.clear()
+            self._tokens[flow] = token
+        return token
+
     def _decode_flow(self, token: str) -> Flow:
+        flow = self._flows.get(token)
+        if flow is not None:
+            return flow
         try:
-            return self.signer.decode(token)
+            flow = self.signer.decode(token)
         except FlowTokenError:
             self.counters["flow_token_rejected"] += 1
             raise
+        if len(self._flows) >= FLOW_CACHE_SIZE:
+            self._flows.clear()
+        self._flows[token] = flow
+        return flow
 
     def _system_of(self, src: Flow) -> str:
         node = self.health.node_at(src.ip, src.port)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -211,3 +213,69 @@ def _edit(value: str, new: str | None, ref: bool = False) -> tuple[bytes | None,
 def test_set_first_value_matches_the_reference(parts: list[str], new: str | None) -> None:
     value = "".join(parts)
     assert _edit(value, new) == _edit(value, new, ref=True)
+
+
+# --- sip/proxy.py: flow tokens signed and verified once ----------------------------------
+
+
+class _NoStore(dict):  # type: ignore[type-arg]
+    """A cache that never keeps anything: the core then signs / verifies every time."""
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+
+def _cores() -> tuple[Any, Any]:
+    from benchmarks.samples import customer_rows, make_core
+    from dsbc.store.memory import MemoryIndex
+
+    idx = MemoryIndex.build(customer_rows(100))
+    cached: Any = make_core(idx)
+    plain: Any = make_core(idx)
+    plain._tokens, plain._flows = _NoStore(), _NoStore()
+    return cached, plain
+
+
+def test_flow_token_caches_change_nothing() -> None:
+    from benchmarks.samples import NODE, PHONE, account_of, call_flow, register
+    from sip.flow import Flow
+
+    cached, plain = _cores()
+    phones = [Flow("udp", PHONE[0], PHONE[1] + i) for i in range(3)] + [
+        Flow("tcp", PHONE[0], 4000, 7, 0)
+    ]
+    for rnd in range(3):  # again and again: the second round is served from the caches
+        for i, phone in enumerate(phones):
+            for _, data, msg_src in call_flow(cached, account_of(i), seq=rnd * 10 + i):
+                assert isinstance(msg_src, Flow)
+                src = phone if msg_src.ip == PHONE[0] else msg_src
+                assert cached.handle_data(data, src, 0.0) == plain.handle_data(data, src, 0.0)
+            reg = register(account_of(i), seq=rnd * 10 + i)
+            assert cached.handle_data(reg, phone, 0.0) == plain.handle_data(reg, phone, 0.0)
+    assert cached._tokens and cached._flows
+    assert Flow("udp", *NODE) not in cached._flows.values()
+
+
+def test_a_forged_flow_token_is_never_cached() -> None:
+    from sip.flow import Flow, FlowTokenError
+
+    cached, _ = _cores()
+    good = cached._flow_token(Flow("udp", "203.0.113.9", 5060))
+    forged = good[:-2] + ("AA" if good[-2:] != "AA" else "BB")
+    for n in (1, 2, 3):
+        with pytest.raises(FlowTokenError):
+            cached._decode_flow(forged)
+        assert cached.counters["flow_token_rejected"] == n
+    assert forged not in cached._flows
+    assert cached._decode_flow(good) == Flow("udp", "203.0.113.9", 5060)
+
+
+def test_flow_token_caches_are_bounded() -> None:
+    from sip.flow import Flow
+    from sip.proxy import FLOW_CACHE_SIZE
+
+    cached, _ = _cores()
+    for i in range(FLOW_CACHE_SIZE + 100):
+        token = cached._flow_token(Flow("udp", "198.51.100.7", 1024 + i))
+        assert cached._decode_flow(token).port == 1024 + i
+        assert len(cached._tokens) <= FLOW_CACHE_SIZE and len(cached._flows) <= FLOW_CACHE_SIZE
