@@ -27,6 +27,20 @@ CUSTOMERS = [
 ]
 
 
+def wait_control(d: Dsbc, timeout: float = 10.0) -> None:
+    """The control API starts after SIP, a moment after `dsbc run` answers OPTIONS."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if d.control("GET", "/healthz", token=None, timeout=2)[0] in (200, 503):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no control API after {timeout}s:\n{d.log_tail()}")
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dsbc]:
     work = tmp_path_factory.mktemp("control")
@@ -34,9 +48,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dsbc]:
     d = Dsbc(work, source=sip, target=[f"udp:127.0.0.1:{free_port('udp')}"],
              customers=CUSTOMERS, extra="\n[log]\njson = true\n")
     d.start()
-    deadline = time.monotonic() + 10
-    while d.control("GET", "/healthz", token=None)[0] != 200 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_control(d)
     yield d
     d.stop()
 
@@ -173,6 +185,7 @@ def test_no_token_configured_refuses_v1(tmp_path: Path) -> None:
     d.config_path.write_text(text)
     d.start()
     try:
+        wait_control(d)
         status, body = d.control("GET", "/v1/status")
         assert status == 401 and "control.token is set" in body["error"]
         assert d.control("GET", "/healthz", token=None)[0] in (200, 503)
