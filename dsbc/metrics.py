@@ -35,6 +35,7 @@ _HELP = {
     "dsbc_sip_requests_total": "SIP requests received, by method",
     "dsbc_sip_responses_total": "SIP responses received, by class",
     "dsbc_sip_forwarded_total": "SIP requests relayed, by system (direct: by Route, no lookup)",
+    "dsbc_sip_routed_total": "SIP requests relayed, by system and method",
     "dsbc_sip_rejected_total": "SIP requests answered by dsbc with an error, by status or reason",
     "dsbc_sip_bad_requests_total": "Malformed SIP requests answered, by status",
     "dsbc_sip_held_total": "Out-of-dialog SIP requests held because their customer was locked",
@@ -211,7 +212,10 @@ def _sip(exp: Exposition, sip: dict[str, Any]) -> None:
         if not isinstance(value, (int, float)):
             continue
         name, sep, label = key.partition(":")
-        if sep and name in _SIP_LABELLED:
+        if sep and name == "routed":  # "routed:<system>/<method>"
+            system, _, method = label.partition("/")
+            exp.add("dsbc_sip_routed_total", value, system=system, method=method)
+        elif sep and name in _SIP_LABELLED:
             metric, label_name = _SIP_LABELLED[name]
             exp.add(metric, value, **{label_name: label})
         elif sep:

@@ -430,6 +430,7 @@ class ProxyCore:
             self._invites[branch] = (dest.transport, dest.ip, dest.port, now + INVITE_STATE_TTL)
             self._invite_expiry.append((now + INVITE_STATE_TTL, branch))
         self.counters[f"forwarded:{system or 'direct'}"] += 1
+        self.counters[f"routed:{system or 'direct'}/{method if method in KNOWN_METHODS else 'OTHER'}"] += 1
         return dest
 
     def _rr_uri(self, transport: str, system: str, flow: Flow | None, sips: bool = False) -> str:

@@ -133,6 +133,13 @@ def test_register_follows_migration_and_did_calls_reach_the_phone(
     phone.wait_call_state(call, "DISCONNECTED", timeout=5)
     assert [r["ruri"].split("@")[0] for r in target.requests("INVITE")][-1].endswith(DID_A)
 
+    # what happened is in the metrics, by system and method
+    time.sleep(1.2)  # workers write their counters once a second
+    status, metrics = d.control("GET", "/metrics", token=None)
+    assert status == 200
+    assert 'dsbc_sip_routed_total{method="REGISTER",system="source"}' in metrics
+    assert 'dsbc_sip_routed_total{method="INVITE",system="target"}' in metrics
+
 
 def test_call_in_progress_survives_migration(
     kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
