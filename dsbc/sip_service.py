@@ -187,7 +187,7 @@ class SipService:
             max_message_size=cfg.sip.max_message_size,
         )
         health = HealthChecker(
-            system_nodes(cfg), interval=cfg.sip.options_interval, timeout=cfg.sip.options_timeout, tag=f"w{worker}-{os.getpid()}"
+            system_nodes(cfg), interval=cfg.sip.options_interval, timeout=cfg.sip.options_timeout, tag=f"w{worker}-{os.getpid()}-{secrets.token_hex(6)}"
         )
         self.router = StoreRouter(store, trusted_peers(cfg))
         self.core = ProxyCore(settings, self.router, health, FlowSigner(flow_secret(cfg, store)))

@@ -168,12 +168,14 @@ class HealthChecker:
     def _branch_head(self, n: Node) -> str:
         return f"{PING_BRANCH_PREFIX}{self._tag}-{n.system}.{n.index}"
 
-    def handle_response(self, msg: SipMessage, now: float) -> None:
+    def handle_response(self, msg: SipMessage, now: float, src_ip: str | None = None) -> None:
+        """An answer to a ping; ``src_ip`` (where it came from) must be the node's own
+        address, so a forged 200 from elsewhere cannot keep a dead node "up"."""
         # any answer to a ping of a node that is waiting for one: with an interval shorter
         # than the node's answer time the answer is to an earlier ping than the last one,
         # and must count all the same (else a slow but living node is marked down)
         st = self._by_branch_head.get(msg.vias[0].branch.rpartition("-")[0])
-        if st is not None and st.pending:
+        if st is not None and st.pending and (src_ip is None or src_ip == st.node.host):
             st.rtt = now - st.sent_at
             st.pending = ""
             self._mark(st, True, now)

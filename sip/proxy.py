@@ -544,7 +544,7 @@ class ProxyCore:
     def _response(self, msg: SipMessage, src: Flow, now: float) -> list[Send]:
         vias = msg.vias
         if self.health.is_ping_response(msg):
-            self.health.handle_response(msg, now)
+            self.health.handle_response(msg, now, src.ip)
             return []
         top = vias[0]
         if not top.branch.startswith(BRANCH_PREFIX) or not self._via_is_ours(top.host, top.port):

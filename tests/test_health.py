@@ -1,0 +1,45 @@
+"""Back-end health by OPTIONS pings: timeouts, answers, forged answers."""
+
+from __future__ import annotations
+
+from sip.health import HealthChecker, Node
+from sip.message import make_response, parse_message
+
+
+def _checker() -> HealthChecker:
+    nodes = [Node("target", 0, "udp", "127.0.0.10", 5060), Node("target", 1, "udp", "127.0.0.11", 5060)]
+    return HealthChecker(nodes, interval=1.0, timeout=0.5, tag="t-secret")
+
+
+def _answer(ping: bytes) -> object:
+    return parse_message(make_response(parse_message(ping), 200, "OK"))
+
+
+def test_silent_node_goes_down_and_traffic_fails_over_within_the_system() -> None:
+    h = _checker()
+    pings = h.handle_timer(0.0)
+    assert [p.node.index for p in pings] == [0, 1]
+    h.handle_response(_answer(pings[1].data), 0.1, "127.0.0.11")  # node 1 answers, node 0 does not
+    h.handle_timer(0.6)
+    assert h.pick("target") == Node("target", 1, "udp", "127.0.0.11", 5060)
+    assert h.pick("source") is None  # never the other system
+
+
+def test_an_answer_from_another_address_does_not_keep_a_dead_node_up() -> None:
+    h = _checker()
+    pings = h.handle_timer(0.0)
+    h.handle_response(_answer(pings[0].data), 0.1, "203.0.113.66")  # forged, from elsewhere
+    h.handle_response(_answer(pings[1].data), 0.1, "127.0.0.11")
+    h.handle_timer(0.6)
+    states = {s["node"]: s["up"] for s in h.status()}
+    assert states == {"udp:127.0.0.10:5060": False, "udp:127.0.0.11:5060": True}
+
+
+def test_a_node_comes_back_on_its_next_answer() -> None:
+    h = _checker()
+    h.handle_timer(0.0)
+    h.handle_timer(0.6)
+    assert h.pick("target") is None
+    pings = h.handle_timer(1.0)
+    h.handle_response(_answer(pings[0].data), 1.05, "127.0.0.10")
+    assert h.pick("target") == Node("target", 0, "udp", "127.0.0.10", 5060)
