@@ -159,6 +159,7 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     listen: list[str] = msgspec.field(default_factory=lambda: ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"])
     advertise: str = ""
+    aliases: list[str] = []
     trusted_peers: list[str] = []
     workers: int = 1
     flow_secret: str = ""

@@ -176,7 +176,11 @@ class SipService:
         self.worker = worker
         host, ports = advertise(cfg)
         lst = listeners(cfg)
-        local = frozenset((h, p) for _, h, p in lst) | frozenset((host, p) for p in ports.values())
+        local = (
+            frozenset((h, p) for _, h, p in lst)
+            | frozenset((host, p) for p in ports.values())
+            | frozenset((alias.lower(), p) for alias in cfg.sip.aliases for p in ports.values())
+        )
         settings = ProxySettings(
             advertise_host=host,
             ports=ports,

@@ -1496,3 +1496,31 @@ def test_regression_a_node_slower_than_the_ping_interval_stays_up() -> None:
         now += 0.5
         assert core.health.states[S1.key].up, now
     to_node(one(core.handle_data(request("INVITE"), PHONE, now)), S1)
+
+
+def test_a_route_naming_one_of_dsbcs_aliases_is_its_own() -> None:
+    """A phone that knows dsbc by its DNS name (sip.aliases) gets the same treatment."""
+    from dsbc.config import parse_config
+    from dsbc.sip_service import SipService
+    from dsbc.store import open_store
+
+    cfg = parse_config(
+        '[sip]\nlisten = ["udp:127.0.0.1:5060"]\naliases = ["sbc.example.com"]\n'
+        'flow_secret = "0123456789abcdef0123"\n'
+        '[systems.source]\nsip = ["udp:127.0.0.20:5060"]\n'
+    )
+    store = open_store("sqlite:///:memory:")
+    store.put_customer("1", ["account:1001"], "source")
+    core = SipService(cfg, store).core
+    req = (
+        "OPTIONS sip:1002@sbc.example.com SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bKalias\r\n"
+        "Route: <sip:sbc.example.com;lr>\r\n"
+        "From: <sip:1001@sbc.example.com>;tag=a\r\nTo: <sip:1002@sbc.example.com>\r\n"
+        "Call-ID: alias-1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+    from sip.flow import Flow
+
+    out = core.handle_data(req, Flow("udp", "127.0.0.2", 5062), 1.0)
+    assert [(s.ip, s.port) for s in out] == [("127.0.0.20", 5060)]
+    assert b"Route:" not in out[0].data  # our own Route was consumed, not passed on
