@@ -58,6 +58,11 @@ class FlowSigner:
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC_LEN]
 
+    def tag(self, text: str) -> str:
+        """A short MAC of ``text`` (the system named in dsbc's Record-Route and Path)."""
+        mac = hmac.new(self._key, b"tag|" + text.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()[:6]
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+
     def encode(self, flow: Flow) -> str:
         ip = ipaddress.ip_address(flow.ip).packed
         payload = struct.pack("!BBHI", _TRANSPORT_CODES.get(flow.transport, 0), flow.worker & 0xFF, flow.port, flow.conn_id & 0xFFFFFFFF) + ip

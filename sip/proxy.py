@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import heapq
+import hmac
 import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
@@ -243,14 +244,14 @@ class ProxyCore:
         route_vals = msg.values("route")
         params: dict[str, str] = {}
         if routes and self._is_ours(msg.uri) and (msg.uri.has_param("dsbc") or msg.uri.has_param("ft")):
-            params.update(self._route_params(msg.uri))
+            params.update(self._route_params(msg.uri, msg.call_id))
             last = routes[-1]
             ruri_text = last.uri_text
             routes = routes[:-1]
             ed.start_line = f"{method} {ruri_text} SIP/2.0".encode("latin-1")
         popped = 0
         while popped < len(routes) and self._is_ours_addr(routes[popped]):
-            params.update(self._route_params(routes[popped].uri))
+            params.update(self._route_params(routes[popped].uri, msg.call_id))
             popped += 1
         remaining = routes[popped:]
         if popped or len(routes) != len(route_vals):
@@ -412,14 +413,14 @@ class ProxyCore:
             # RFC 3261 16.6 item 4 / RFC 5630: a SIPS request gets a SIPS Record-Route on
             # its TLS side(s); the plain side toward the inside keeps sip:
             sips = msg.uri.scheme == "sips"
-            rr = self._rr_uri(dest.transport, system, device_flow, sips)
+            rr = self._rr_uri(dest.transport, system, device_flow, msg.call_id, sips)
             if src.transport != dest.transport:
-                ed.prepend("record-route", self._rr_uri(src.transport, system, device_flow, sips))
+                ed.prepend("record-route", self._rr_uri(src.transport, system, device_flow, msg.call_id, sips))
             ed.prepend("record-route", rr)
         if method == "REGISTER":
             # the system is in the Path too: a call the registrar sends back through it stays
             # on that system's dialog even when the node's source port is not its listed one
-            ed.prepend("path", self._rr_uri(dest.transport, system, src))
+            ed.prepend("path", self._rr_uri(dest.transport, system, src, ""))
         ed.prepend("via", via)
         dest.data = ed.to_bytes()
         if dest.transport == "udp" and len(dest.data) > MAX_DATAGRAM:
@@ -433,15 +434,18 @@ class ProxyCore:
         self.counters[f"routed:{system or 'direct'}/{method if method in KNOWN_METHODS else 'OTHER'}"] += 1
         return dest
 
-    def _rr_uri(self, transport: str, system: str, flow: Flow | None, sips: bool = False) -> str:
+    def _rr_uri(self, transport: str, system: str, flow: Flow | None, call_id: str, sips: bool = False) -> str:
         if sips and transport == "tls":
             uri = f"<sips:{self._hostport(transport)};lr"
         else:
             uri = f"<sip:{self._hostport(transport)};transport={transport};lr"
+        token = self._flow_token(flow) if flow is not None else ""
         if system:
-            uri += f";dsbc={system}"
-        if flow is not None:
-            uri += f";ft={self._flow_token(flow)}"
+            # signed, and bound to the flow token (or, without one, to the dialog's Call-ID),
+            # so a device cannot name the system its own new requests go to
+            uri += f";dsbc={system}.{self.signer.tag(f'{system}|{token or call_id}')}"
+        if token:
+            uri += f";ft={token}"
         return uri + ">"
 
     def _hostport(self, transport: str) -> str:
@@ -530,13 +534,20 @@ class ProxyCore:
     def _via_is_ours(self, host: str, port: int | None) -> bool:
         return host.strip("[]").lower() in self._our_hosts and (port or 5060) in self._our_ports
 
-    @staticmethod
-    def _route_params(uri: SipUri) -> dict[str, str]:
+    def _route_params(self, uri: SipUri, call_id: str) -> dict[str, str]:
+        """``dsbc`` (the system, its signature checked) and ``ft`` of one of dsbc's own URIs."""
         out = {}
-        for name in ("dsbc", "ft"):
-            v = uri.param(name)
-            if v:
-                out[name] = v
+        token = uri.param("ft")
+        if token:
+            self._decode_flow(token)  # a forged token is refused before anything else
+            out["ft"] = token
+        value = uri.param("dsbc")
+        if value:
+            system, _, mac = value.rpartition(".")
+            if not system or not hmac.compare_digest(mac, self.signer.tag(f"{system}|{token or call_id}")):
+                self.counters["route_signature_rejected"] += 1
+                raise FlowTokenError("forged dsbc Route")
+            out["dsbc"] = system
         return out
 
     # --- responses ----------------------------------------------------------------------
