@@ -1513,12 +1513,12 @@ def test_a_route_naming_one_of_dsbcs_aliases_is_its_own() -> None:
     store.put_customer("1", ["account:1001"], "source")
     core = SipService(cfg, store).core
     req = (
-        "OPTIONS sip:1002@sbc.example.com SIP/2.0\r\n"
-        "Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bKalias\r\n"
-        "Route: <sip:sbc.example.com;lr>\r\n"
-        "From: <sip:1001@sbc.example.com>;tag=a\r\nTo: <sip:1002@sbc.example.com>\r\n"
-        "Call-ID: alias-1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-    ).encode()
+        b"OPTIONS sip:1002@sbc.example.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bKalias\r\n"
+        b"Route: <sip:sbc.example.com;lr>\r\n"
+        b"From: <sip:1001@sbc.example.com>;tag=a\r\nTo: <sip:1002@sbc.example.com>\r\n"
+        b"Call-ID: alias-1\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    )
     from sip.flow import Flow
 
     out = core.handle_data(req, Flow("udp", "127.0.0.2", 5062), 1.0)
