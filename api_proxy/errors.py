@@ -24,6 +24,9 @@ class DispatchError(Exception):
     reason = "error"
     #: close the client connection after the fault (the request stream is unusable)
     close = False
+    #: HTTP status of the fault: the billing API answers its faults with 500; a request
+    #: over the size limits gets the HTTP status clients and proxies expect (413 / 431)
+    http_status = 500
 
     @property
     def faultcode(self) -> str:
@@ -44,6 +47,7 @@ class RequestTooLarge(BadRequest):
 
     reason = "request_too_large"
     close = True
+    http_status = 413
 
 
 class RequestTimeout(BadRequest):

@@ -111,8 +111,10 @@ class _FaultingHandler(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("a response was under way; closing the connection")
         text = str(message or exc or "")
+        http_status = 500
         if status in (413, 431) or "too long" in text.lower() or "got more than" in text.lower():
             code, why = "request_too_large", "the request line or headers are over the limit"
+            http_status = 431
         elif status == 400:
             code, why = "bad_request", "the request is not valid HTTP"
         else:
@@ -123,7 +125,7 @@ class _FaultingHandler(RequestHandler):
             proxy.metrics["too_large" if code == "request_too_large" else "bad_requests"] += 1
         log.debug("refused a request from %s: %s", request.remote, text)
         resp = web.Response(
-            status=500,
+            status=http_status,
             body=fault_body(f"Server.Dispatcher.{code}", why),
             content_type="application/json",
             charset="utf-8",
