@@ -52,7 +52,8 @@ def test_sip_scenarios_dsbc_and_kamailio(ctx: Context) -> None:
     assert ctx.errors == []
     rows = {(r.scenario, r.metric): r for r in rows_of(ctx, start)}
     cpu = rows[("SIP calls, UDP, 1 worker", "CPU per call")]
-    assert cpu.dsbc and cpu.peer and cpu.ratio is not None
+    # CPU seconds of a few dozen calls can round to 0 ticks: only that they were read
+    assert cpu.dsbc is not None and cpu.peer is not None and cpu.dsbc >= 0 and cpu.peer >= 0
     # one step at the smoke rate: every call and REGISTER went through, none failed
     for key in (
         ("SIP calls, UDP, 1 worker", "highest rate, 0 failed"),
@@ -70,7 +71,7 @@ def test_sip_scenarios_dsbc_and_kamailio(ctx: Context) -> None:
         allw.dsbc == SMOKE.register_start_rate and allw.met is False
     )  # 5,000/s is not a smoke rate
     tcp = rows[(f"SIP calls, TCP, {SMOKE.tcp_connections:,} connections", "CPU per call")]
-    assert tcp.dsbc and tcp.peer, tcp
+    assert tcp.dsbc is not None and tcp.peer is not None and tcp.dsbc >= 0, tcp
 
 
 def test_api_scenarios_dsbc_and_nginx(ctx: Context) -> None:
@@ -93,7 +94,7 @@ def test_radius_scenario_dsbc_and_freeradius(ctx: Context) -> None:
     radius.run(ctx)
     assert ctx.errors == []  # nothing lost on either side
     rate, cpu = rows_of(ctx, start)
-    assert rate.dsbc and rate.peer and cpu.dsbc and cpu.peer
+    assert rate.dsbc and rate.peer and cpu.dsbc is not None and cpu.peer is not None
 
 
 def test_store_scenario(ctx: Context) -> None:

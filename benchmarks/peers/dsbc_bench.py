@@ -138,6 +138,17 @@ class DsbcBench:
                 )
             time.sleep(0.1)
 
+    def worker_counters(self) -> list[dict[str, int]]:
+        """Each worker's SIP counters (from its snapshot, written once a second)."""
+        out = []
+        for p in sorted(self.run_dir.glob("worker-*.json")):
+            try:
+                snap = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            out.append(dict(snap.get("services", {}).get("sip", {}).get("counters", {})))
+        return out
+
     def counters(self) -> dict[str, int]:
         """The SIP counters summed over the workers' snapshots (written once a second)."""
         total: dict[str, int] = {}

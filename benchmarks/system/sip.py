@@ -13,6 +13,7 @@ owner lookup among the million (every tenth customer lives on the target).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,12 +46,18 @@ class Proxy:
     """A started dispatcher: where to send, whose process tree to measure."""
 
     def __init__(
-        self, name: str, addr: tuple[str, int], pid: int, stop: Callable[[], None]
+        self,
+        name: str,
+        addr: tuple[str, int],
+        pid: int,
+        stop: Callable[[], None],
+        per_worker: Callable[[], list[dict[str, int]]] | None = None,
     ) -> None:
         self.name = name
         self.addr = addr
         self.pid = pid
         self.stop = stop
+        self.per_worker = per_worker
 
 
 @contextmanager
@@ -89,7 +96,7 @@ def dsbc_proxy(
     ctx.log(f"starting dsbc ({workers} worker(s), {ctx.dataset.identities:,} identities)")
     bench.start()
     try:
-        yield Proxy("dsbc", (PROXY_IP, port), bench.pid, bench.stop)
+        yield Proxy("dsbc", (PROXY_IP, port), bench.pid, bench.stop, bench.worker_counters)
     finally:
         bench.stop()
 
@@ -219,7 +226,7 @@ class Measures:
     calls_cpu: Step | None = None
     calls_rate: Search | None = None
     register: Search | None = None
-    register_all: tuple[int, Search] | None = None
+    register_all: tuple[int, Search, list[int]] | None = None
     tcp: TcpResult | None = None
 
 
@@ -326,16 +333,19 @@ def run(ctx: Context, selected: set[str]) -> None:
                 # phones come from many addresses: two sipp clients per worker, so that
                 # SO_REUSEPORT's hash spreads them (one client would land on one worker)
                 one = got["dsbc"].register[0] if got["dsbc"].register else 0.0
-                got["dsbc"].register_all = (
-                    workers,
-                    measure_register(
-                        ctx,
-                        proxy,
-                        "dsbc-all",
-                        clients=2 * workers,
-                        start=max(one, p.register_start_rate),
-                    ),
+                search = measure_register(
+                    ctx,
+                    proxy,
+                    "dsbc-all",
+                    clients=2 * workers,
+                    start=max(one, p.register_start_rate),
                 )
+                time.sleep(1.2)  # the workers' snapshots are written once a second
+                split = [
+                    c.get("requests_in:REGISTER", 0)
+                    for c in (proxy.per_worker() if proxy.per_worker else [])
+                ]
+                got["dsbc"].register_all = (workers, search, split)
     d, k = got["dsbc"], got["Kamailio"]
     if d.calls_cpu and k.calls_cpu:
         _calls_cpu_row(ctx, d.calls_cpu, k.calls_cpu)
@@ -358,18 +368,18 @@ def run(ctx: Context, selected: set[str]) -> None:
             {"dsbc": d.register, "Kamailio": k.register},
             ">= 1.0x Kamailio",
             1.0,
+            "REGISTER",
         )
         row.note = f"{p.register_users:,} distinct users; " + row.note
         ctx.add(row)
     if d.register_all:
-        workers, (allw, hist) = d.register_all
-        last = hist[-1] if hist else None
+        workers, (allw, hist), split = d.register_all
         note = (
-            f"dsbc with {workers} workers on {os.cpu_count()} cores, shared with the sipp uac and the "
-            "2 sipp back ends"
+            f"dsbc with {workers} workers on {os.cpu_count()} cores, which {2 * workers} sipp clients and "
+            "the 2 sipp back ends share: on this host the load generator takes the cores the workers "
+            f"would use; REGISTERs per worker over the search: {' / '.join(f'{n:,}' for n in split) or '?'}; "
+            + search_note("dsbc", hist, "REGISTER")
         )
-        if last is not None and not last.ok:
-            note += f"; stopped at {last.rate:.0f}/s: {last.why}"
         ctx.add(
             Row(
                 f"SIP REGISTER, UDP, {workers} workers",
@@ -410,6 +420,25 @@ def _calls_cpu_row(ctx: Context, d: Step, k: Step) -> None:
     )
 
 
+def search_note(name: str, hist: list[Step], what: str = "call") -> str:
+    """How a rate search ended and what the best passing step cost, for the notes."""
+    good = [s for s in hist if s.ok]
+    bad = [s for s in hist if not s.ok]
+    parts = []
+    if bad:
+        first = min(bad, key=lambda s: s.rate)
+        parts.append(f"{name}: first failure at {first.rate:.0f}/s ({first.why})")
+    elif hist:
+        parts.append(f"{name}: no failure up to {max(s.rate for s in hist):.0f}/s (the step limit)")
+    if good:
+        best = max(good, key=lambda s: s.rate)
+        us = _cpu_per_call_us(best)
+        parts.append(
+            f"{name} at {best.rate:.0f}/s: {us:.0f} us CPU per {what}, i.e. {1e6 / us:,.0f}/s per busy core"
+        )
+    return "; ".join(parts)
+
+
 def _rate_row(
     scenario: str,
     metric: str,
@@ -417,21 +446,11 @@ def _rate_row(
     best: dict[str, tuple[float, list[Step]]],
     target: str,
     factor: float,
+    what: str = "call",
 ) -> Row:
     d, dh = best["dsbc"]
     k, kh = best["Kamailio"]
-    notes = []
-    for name, hist in (("dsbc", dh), ("Kamailio", kh)):
-        last = hist[-1] if hist else None
-        if last is not None and not last.ok:
-            notes.append(f"{name} stopped at {last.rate:.0f}/s: {last.why}")
-        elif last is not None:
-            notes.append(f"{name}: no failure up to {last.rate:.0f}/s (step limit)")
-        good = [s for s in hist if s.ok]
-        if good:
-            notes.append(
-                f"{name} CPU at {good[-1].rate:.0f}/s: {_cpu_per_call_us(good[-1]):.0f} us each"
-            )
+    notes = [search_note("dsbc", dh, what), search_note("Kamailio", kh, what)]
     return Row(
         scenario,
         metric,
@@ -441,7 +460,7 @@ def _rate_row(
         "Kamailio",
         target,
         d >= factor * k if k else None,
-        "; ".join(notes),
+        "; ".join(n for n in notes if n),
     )
 
 

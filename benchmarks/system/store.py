@@ -304,7 +304,9 @@ def run(ctx: Context) -> None:
             polls = [0.2, 0.05] if kind == "SQLite" else [0.2]
             for poll in polls:
                 lat = flip_latency(ctx, url, poll)
-                ctx.log(f"  {kind} poll {poll}: seen after ms {' '.join(f'{x:.0f}' for x in lat)}")
+                ctx.log(
+                    f"  {kind} poll {poll}: seen after p50 {_p(lat, 0.5):.0f} ms, p99 {_p(lat, 0.99):.0f} ms"
+                )
                 how = {
                     "SQLite": f"a second process polling the change log every store.poll_interval = {poll:g} s"
                     + (" (the default)" if poll == 0.2 else ""),
