@@ -32,6 +32,7 @@ class Params:
     merge_rows: int  # rows per back end
     radius_requests: int
     radius_parallel: int
+    radius_runs: int  # radclient runs per side; the fastest counts
     migrate_customers: int
     migrate_identities_each: int
     flips: int  # migrations timed for the second-node latency
@@ -43,7 +44,7 @@ FULL = Params(
     max_steps=10, register_users=10_000,
     tcp_connections=1_000, tcp_rate=300, tcp_seconds=15,
     api_seconds=10, api_connections=32, merge_rows=1_000,
-    radius_requests=30_000, radius_parallel=200,
+    radius_requests=30_000, radius_parallel=200, radius_runs=3,
     migrate_customers=10_000, migrate_identities_each=5, flips=100,
 )  # fmt: skip
 #: --quick: every scenario in under 3 minutes; 400,000 identities (loading a million into
@@ -54,7 +55,7 @@ QUICK = Params(
     max_steps=4, register_users=10_000,
     tcp_connections=1_000, tcp_rate=200, tcp_seconds=3,
     api_seconds=2, api_connections=32, merge_rows=1_000,
-    radius_requests=10_000, radius_parallel=200,
+    radius_requests=10_000, radius_parallel=200, radius_runs=2,
     migrate_customers=10_000, migrate_identities_each=5, flips=20,
 )  # fmt: skip
 #: tests/test_benchmarks_smoke.py: every code path, seconds each, no timing meaning
@@ -64,7 +65,7 @@ SMOKE = Params(
     max_steps=1, register_users=100,
     tcp_connections=20, tcp_rate=20, tcp_seconds=1.5,
     api_seconds=1, api_connections=4, merge_rows=50,
-    radius_requests=100, radius_parallel=16,
+    radius_requests=100, radius_parallel=16, radius_runs=1,
     migrate_customers=100, migrate_identities_each=5, flips=3,
 )  # fmt: skip
 
