@@ -122,7 +122,7 @@ _DEVICE_ID = re.compile(
     + rb"DeviceId\b[^>]{0,512}>(.{0,4096}?)</"
     + _TAG.encode()
     + rb"DeviceId\s*>",
-    re.S,
+    re.DOTALL,
 )
 _FIELD = {
     name: re.compile(rb"<" + _TAG.encode() + name.encode() + rb"\b[^>]{0,256}>([^<]{0,256})<")

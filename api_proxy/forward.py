@@ -63,17 +63,17 @@ class Ctx:
     """One request being dispatched."""
 
     __slots__ = (
-        "request",
-        "vhost",
-        "realm",
         "c",
-        "prefix",
         "complete",
         "path",
-        "query",
+        "prefix",
         "proto",
         "public_origin",
+        "query",
+        "realm",
         "remote",
+        "request",
+        "vhost",
     )
 
     def __init__(
@@ -101,7 +101,7 @@ class Ctx:
 class Answer:
     """A back end's answer, read whole when small (``body`` None: still to stream)."""
 
-    __slots__ = ("system", "status", "headers", "body", "resp")
+    __slots__ = ("body", "headers", "resp", "status", "system")
 
     def __init__(self, system: str, resp: aiohttp.ClientResponse, body: bytes | None) -> None:
         self.system = system

@@ -45,7 +45,7 @@ HOP_BY_HOP = frozenset(
         "proxy-connection",
     }
 )
-_DOMAIN_ATTR = re.compile(r";\s*domain=[^;]*", re.I)
+_DOMAIN_ATTR = re.compile(r";\s*domain=[^;]*", re.IGNORECASE)
 
 
 def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:

@@ -46,7 +46,7 @@ def test_merged_customer_list_every_window(tmp_path: Path) -> None:
                 st == 200 and hdrs["X-Billing-System"] == "MR115"
             )  # the target's session is the face
             auth = {"session_id": sess["session_id"]}
-            for offset, limit in itertools.product(range(0, 9), [None, *range(0, 9)]):
+            for offset, limit in itertools.product(range(9), [None, *range(9)]):
                 params: dict[str, Any] = {"offset": offset, "get_total": 1}
                 if limit is not None:
                     params["limit"] = limit

@@ -90,11 +90,10 @@ def test_keep_alive_pool_and_forwarded_headers(tmp_path: Path) -> None:
 
 def test_redirects_and_cookies_are_made_the_public_hosts(tmp_path: Path) -> None:
     async def main() -> None:
-        async with ApiEnv(tmp_path) as env:
-            async with env.http.get(
-                f"{env.url}/home", headers={"Host": CUSTOMER}, allow_redirects=False
-            ) as r:
-                assert r.status == 303 and r.headers["Location"] in ("/", f"http://{CUSTOMER}/")
+        async with ApiEnv(tmp_path) as env, env.http.get(
+            f"{env.url}/home", headers={"Host": CUSTOMER}, allow_redirects=False
+        ) as r:
+            assert r.status == 303 and r.headers["Location"] in ("/", f"http://{CUSTOMER}/")
 
     run(main)
 
@@ -131,15 +130,14 @@ def test_tls_termination(tmp_path: Path) -> None:
             assert env.url.startswith("https://")
             ctx = ssl.create_default_context(cafile=str(cert))
             ctx.check_hostname = False
-            async with aiohttp.ClientSession() as http:
-                async with http.post(
-                    f"{env.url}/rest/Session/login",
-                    headers={"Host": CUSTOMER},
-                    json={"params": {"login": "alice", "password": "secret"}},
-                    ssl=ctx,
-                ) as r:
-                    assert r.status == 200 and r.headers["X-Billing-System"] == "MR100"
-                    assert "Secure" in r.headers["Set-Cookie"]
+            async with aiohttp.ClientSession() as http, http.post(
+                f"{env.url}/rest/Session/login",
+                headers={"Host": CUSTOMER},
+                json={"params": {"login": "alice", "password": "secret"}},
+                ssl=ctx,
+            ) as r:
+                assert r.status == 200 and r.headers["X-Billing-System"] == "MR100"
+                assert "Secure" in r.headers["Set-Cookie"]
             assert env.source.log[-1]["proto"] == "https"
 
     run(main)

@@ -334,7 +334,7 @@ class LocationStore(abc.ABC):
     def counts(self) -> dict[str, int]:
         """customers per system and state, identities, registrations: for `dsbc status`."""
 
-    def close(self) -> None:  # noqa: B027 - optional
+    def close(self) -> None:
         pass
 
     def __enter__(self) -> Self:
