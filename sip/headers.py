@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import SipParseError
-from .uri import _HOST_RE, _TOKEN_CHARS, _WS, _end_of_quoted, _parse_params, is_digits
+from .uri import _HOST_RE, _TOKEN_CHARS, _WS, _end_of_quoted, _parse_params, find_param, is_digits
 
 COMPACT: dict[str, str] = {
     "a": "accept-contact",
@@ -154,11 +154,7 @@ class Via:
         self.text = text
 
     def param(self, name: str) -> str | None:
-        name = name.lower()
-        for k, v in self.params:
-            if k.lower() == name:
-                return "" if v is None else v
-        return None
+        return find_param(self.params, name)
 
     @property
     def branch(self) -> str:

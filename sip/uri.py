@@ -60,6 +60,15 @@ def _is_hex(s: str) -> bool:
     return len(s) == 2 and all(ch in "0123456789abcdefABCDEF" for ch in s)
 
 
+def find_param(params: list[tuple[str, str | None]], name: str) -> str | None:
+    """A parameter's value, matched without regard to case ("" for a flag, None if absent)."""
+    name = name.lower()
+    for k, v in params:
+        if k.lower() == name:
+            return "" if v is None else v
+    return None
+
+
 class SipUri:
     """A parsed ``sip:`` / ``sips:`` URI.  ``params`` keeps order and case of names."""
 
@@ -87,11 +96,7 @@ class SipUri:
 
     def param(self, name: str) -> str | None:
         """The value of a URI parameter ("" for a flag like ``lr``), None when absent."""
-        name = name.lower()
-        for k, v in self.params:
-            if k.lower() == name:
-                return "" if v is None else v
-        return None
+        return find_param(self.params, name)
 
     def has_param(self, name: str) -> bool:
         return self.param(name) is not None
@@ -210,11 +215,7 @@ class NameAddr:
         return self._uri
 
     def param(self, name: str) -> str | None:
-        name = name.lower()
-        for k, v in self.params:
-            if k.lower() == name:
-                return "" if v is None else v
-        return None
+        return find_param(self.params, name)
 
     def __str__(self) -> str:
         out = []
