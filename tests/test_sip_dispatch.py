@@ -254,14 +254,24 @@ def test_failover_within_the_owning_system(
     assert reply.get("Retry-After")
 
 
+def phone_of_a_locked_customer(
+    kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory, lock_hold: float, lock_for: float
+) -> tuple[Any, Any, Any, Any, subprocess.Popen[str]]:
+    """Customer 100 (phone 1001) in a batch that stays locked for `lock_for` seconds."""
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target], lock_hold=lock_hold)
+    phone = phone_factory("1001", *d.sip_addr)
+    mig = cli_background(d, "migrate", "--customer", "100", "--to", "target", "--lock-for", str(lock_for))
+    wait_locked(d, "account:1001")
+    return source, target, d, phone, mig
+
+
 def test_locked_customer_is_held_then_relayed_to_new_system(
     kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
 ) -> None:
-    source, (target,) = systems(kamailio_factory)
-    d = start_dsbc(dsbc_factory, source, [target], lock_hold=3.0)
-    phone = phone_factory("1001", *d.sip_addr)
-    mig = cli_background(d, "migrate", "--customer", "100", "--to", "target", "--lock-for", "2")
-    wait_locked(d, "account:1001")
+    source, _, d, phone, mig = phone_of_a_locked_customer(
+        kamailio_factory, phone_factory, dsbc_factory, lock_hold=3.0, lock_for=2
+    )
     started = time.monotonic()
     assert phone.register(timeout=8) == 200
     waited = time.monotonic() - started
@@ -276,11 +286,9 @@ def test_locked_customer_is_held_then_relayed_to_new_system(
 def test_lock_outlasting_the_hold_gets_503(
     kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
 ) -> None:
-    source, (target,) = systems(kamailio_factory)
-    d = start_dsbc(dsbc_factory, source, [target], lock_hold=0.5)
-    phone = phone_factory("1001", *d.sip_addr)
-    mig = cli_background(d, "migrate", "--customer", "100", "--to", "target", "--lock-for", "3")
-    wait_locked(d, "account:1001")
+    source, target, _, phone, mig = phone_of_a_locked_customer(
+        kamailio_factory, phone_factory, dsbc_factory, lock_hold=0.5, lock_for=3
+    )
     try:
         status = phone.register(timeout=5)
     finally:
