@@ -9,23 +9,13 @@ Seeds: tests/fuzz/corpus-radius/ (made by make_aaa_corpus.py).
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo root
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _harness
 
-try:
-    import atheris
-except ImportError:  # atheris has no wheel for every Python / platform
-    atheris = None
+atheris = _harness.start(include=["dsbc.radius"], modules=["_aaa"])
 
-if atheris is not None and "--no-atheris" not in sys.argv:
-    with atheris.instrument_imports(include=["dsbc.radius"]):
-        import _aaa
-else:
-    import _aaa
-
+import _aaa
 import _common
 
 _common.SEED_DIR = _aaa.HERE / "corpus-radius"  # this harness's seeds, not the SIP ones

@@ -9,21 +9,11 @@ Uses atheris (libFuzzer) when installed, else a bounded mutation loop (--no-athe
 
 from __future__ import annotations
 
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo root
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _harness
 
-try:
-    import atheris
-except ImportError:  # atheris has no wheel for every Python / platform
-    atheris = None
-
-if atheris is not None and "--no-atheris" not in sys.argv:
-    with atheris.instrument_imports(include=["sip"]):
-        import sip.framing
-        import sip.message  # noqa: F401
+atheris = _harness.start(include=["sip"], modules=["sip.framing", "sip.message"])
 
 import _common
 
