@@ -287,7 +287,7 @@ def test_lock_outlasting_the_hold_gets_503(
     kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
 ) -> None:
     source, target, _, phone, mig = phone_of_a_locked_customer(
-        kamailio_factory, phone_factory, dsbc_factory, lock_hold=0.5, lock_for=3
+        kamailio_factory, phone_factory, dsbc_factory, lock_hold=0.5, lock_for=5
     )
     try:
         status = phone.register(timeout=5)
