@@ -33,17 +33,6 @@ RATE_LIMIT = 100  # per source per window
 RATE_WINDOW = 2.0
 
 
-def counters_when(
-    d: Any, cond: Callable[[dict[str, int]], bool], timeout: float = 5.0
-) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    c = d.counters()
-    while not cond(c) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        c = d.counters()
-    return c
-
-
 def flood_while_calling(
     kamailio_factory: Factory,
     phone_factory: Factory,
@@ -79,7 +68,7 @@ def flood_while_calling(
         res = flood.wait()
     assert alice.register() == 200  # the phone's own source was never limited
 
-    c = counters_when(d, lambda c: c.get("rate_limited", 0) >= res["sent"] * 0.9, timeout=3.0)
+    c = d.counters_when(lambda c: c.get("rate_limited", 0) >= res["sent"] * 0.9, timeout=3.0)
     flood_invites = [r for r in source.requests("INVITE") if "flooder" in r.get("from", "")]
     sip = d.status()[0]["services"]["sip"]
     print(

@@ -87,17 +87,6 @@ def statuses(msgs: list[SipText]) -> dict[int, int]:
     return out
 
 
-def counters_when(
-    d: Any, cond: Callable[[dict[str, int]], bool], timeout: float = 5.0
-) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
-    c = d.counters()
-    while not cond(c) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        c = d.counters()
-    return c
-
-
 def closed_within(sock: socket.socket, timeout: float) -> float | None:
     """Seconds until the peer closed ``sock`` (reading and dropping what it sends), or None."""
     start = time.monotonic()
@@ -218,7 +207,7 @@ def test_forged_flow_token_is_refused_with_403(dsbc_factory: Factory, nodes: Any
         assert statuses(got) == {403: 1}, [m.start_line for m in got]
         assert source.requests("INVITE") == []
         assert (
-            counters_when(d, lambda c: c.get("flow_token_rejected", 0) >= 1)["flow_token_rejected"]
+            d.counters_when(lambda c: c.get("flow_token_rejected", 0) >= 1)["flow_token_rejected"]
             == 1
         )
     finally:
@@ -247,7 +236,7 @@ def test_rate_limit_per_source_with_trusted_peers_exempt(dsbc_factory: Factory, 
         assert all(m.get("retry-after") == "1" for m in got if m.status == 503)
         other.send(options(ruri, other.addr), d.sip_addr)  # per source: others unaffected
         assert statuses(other.recv_all(1.0)) == {200: 1}
-        c = counters_when(d, lambda c: c.get("rate_limited", 0) >= 100 - limit - 2)
+        c = d.counters_when(lambda c: c.get("rate_limited", 0) >= 100 - limit - 2)
         assert c["rate_limited"] >= 100 - limit - 2
         snap = d.status()[0]["services"]["sip"]["rate_limit"]
         assert snap["blocks_total"] >= 1
@@ -282,9 +271,7 @@ def test_scanners_are_dropped_silently(dsbc_factory: Factory, nodes: Any) -> Non
         assert scanner.recv_all(1.0) == []
         scanner.send(options(f"sip:{d.hostport}", scanner.addr, ua="Linphone/5.2"), d.sip_addr)
         assert statuses(scanner.recv_all(1.0)) == {200: 1}
-        assert (
-            counters_when(d, lambda c: c.get("scanners_dropped", 0) >= 4)["scanners_dropped"] == 4
-        )
+        assert d.counters_when(lambda c: c.get("scanners_dropped", 0) >= 4)["scanners_dropped"] == 4
     finally:
         scanner.close()
 
@@ -321,7 +308,7 @@ def test_tcp_connection_caps_in_total_and_per_source(dsbc_factory: Factory, node
         over = tcp_connect(d, SCANNER)  # the 6th in total
         socks.append(over)
         assert closed_within(over, 2.0) is not None
-        assert counters_when(d, lambda c: c.get("tcp_refused", 0) >= 2)["tcp_refused"] == 2
+        assert d.counters_when(lambda c: c.get("tcp_refused", 0) >= 2)["tcp_refused"] == 2
         mine[0].close()  # a freed slot can be used again
         time.sleep(0.3)
         again = tcp_connect(d, DEVICE)
@@ -376,8 +363,8 @@ def test_slowloris_idle_and_stalled_connections_are_closed(
     idle_for = closed_within(ok, 6.0)
     assert idle_for is not None and idle_for >= 2.0
     ok.close()
-    c = counters_when(
-        d, lambda c: c.get("tcp_stalled_closed", 0) >= 1 and c.get("tcp_idle_closed", 0) >= 1
+    c = d.counters_when(
+        lambda c: c.get("tcp_stalled_closed", 0) >= 1 and c.get("tcp_idle_closed", 0) >= 1
     )
     assert c.get("tcp_stalled_closed", 0) >= 1 and c.get("tcp_idle_closed", 0) >= 1
 

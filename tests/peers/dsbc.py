@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +228,17 @@ token = "test-token"
             for k, v in snap.get("services", {}).get("sip", {}).get("counters", {}).items():
                 total[k] = total.get(k, 0) + v
         return total
+
+    def counters_when(
+        self, cond: Callable[[dict[str, int]], bool], timeout: float = 5.0
+    ) -> dict[str, int]:
+        """The counters once ``cond`` holds for them, or as they are after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        c = self.counters()
+        while not cond(c) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            c = self.counters()
+        return c
 
     def wait_nodes_up(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
