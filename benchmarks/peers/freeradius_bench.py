@@ -8,30 +8,15 @@ import time
 from pathlib import Path
 from typing import Self
 
-from tests.peers.freeradius import FREERADIUS, free_udp_ports
+from tests.peers.freeradius import FREERADIUS, RADDB_DIRS, free_udp_ports
 from tests.peers.net import is_bound
 from tests.peers.proc import PeerError, PeerProcess
 
 PASSWORD = "bench-password"
 
-_HEAD = """\
-prefix = /usr
-exec_prefix = /usr
-sysconfdir = /etc
-localstatedir = {d}
-sbindir = /usr/sbin
-logdir = {d}
-raddbdir = {d}
-radacctdir = {d}
-name = freeradius
-confdir = {d}
-modconfdir = {d}
-certdir = {d}
-cadir = {d}
-run_dir = {d}
-db_dir = {d}
-libdir = /usr/lib/freeradius
-pidfile = {d}/radiusd.pid
+_HEAD = (
+    RADDB_DIRS
+    + """\
 max_request_time = 10
 cleanup_delay = 5
 max_requests = 262144
@@ -56,6 +41,7 @@ thread pool {{
 \tmax_queue_size = 65536
 }}
 """
+)
 
 _HOME = (
     _HEAD

@@ -20,7 +20,8 @@ from pathlib import Path
 FREERADIUS = shutil.which("freeradius") or shutil.which("radiusd")
 RADCLIENT = shutil.which("radclient")
 
-_CONF = """\
+# a private raddb: every folder FreeRADIUS reads or writes is the temp folder {d}
+RADDB_DIRS = """\
 prefix = /usr
 exec_prefix = /usr
 sysconfdir = /etc
@@ -38,6 +39,11 @@ run_dir = {d}
 db_dir = {d}
 libdir = /usr/lib/freeradius
 pidfile = {d}/radiusd.pid
+"""
+
+_CONF = (
+    RADDB_DIRS
+    + """\
 max_request_time = 10
 cleanup_delay = 2
 max_requests = 16384
@@ -110,6 +116,7 @@ server default {{
 \t}}
 }}
 """
+)
 
 
 def free_udp_ports(n: int, host: str = "127.0.0.1") -> list[int]:
