@@ -238,14 +238,7 @@ def test_web_form_login_falls_back_to_the_source_and_the_cookie_follows(tmp_path
     async def main() -> None:
         async with ApiEnv(tmp_path, rows) as env:
             env.source.data.customers[7].login = "zoe"  # unknown to the store
-            async with env.http.post(
-                f"{env.url}/login",
-                data={"login": "zoe", "password": "secret"},
-                headers={"Host": CUSTOMER},
-                allow_redirects=False,
-            ) as r:
-                assert r.status == 303 and r.headers["X-Billing-System"] == "MR100"
-                cookies = "; ".join(c.split(";")[0] for c in r.headers.getall("Set-Cookie"))
+            cookies = await env.web_login("zoe", "secret", "MR100")
             assert [e["method"] for e in env.target.log] == ["web:login"]  # refused there first
             assert "authorized-by-remote=1" in cookies
             async with env.http.get(

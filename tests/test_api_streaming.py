@@ -26,15 +26,8 @@ def test_a_50_mb_invoice_and_a_20_mb_upload_stream_through(tmp_path: Path) -> No
     async def main() -> None:
         async with ApiEnv(tmp_path) as env:
             # a web login as alice (source): the session cookie and the remote cookie
-            async with env.http.post(
-                f"{env.url}/login",
-                data={"login": "alice", "password": "secret"},
-                headers={"Host": CUSTOMER},
-                allow_redirects=False,
-            ) as r:
-                assert r.status == 303 and r.headers["X-Billing-System"] == "MR100"
-                cookies = "; ".join(c.split(";")[0] for c in r.headers.getall("Set-Cookie"))
-                assert "authorized-by-remote=1" in cookies and "sc_session=" in cookies
+            cookies = await env.web_login("alice", "secret", "MR100")
+            assert "authorized-by-remote=1" in cookies and "sc_session=" in cookies
             before = max_rss_mb()
             got = 0
             async with env.http.get(

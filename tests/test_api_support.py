@@ -130,6 +130,18 @@ class ApiEnv:
                 doc = body
             return r.status, doc, r.headers
 
+    async def web_login(self, login: str, password: str, system: str) -> str:
+        """Log in through the customer web form; the form redirects (303) and ``system``
+        (MR100 / MR115) answered. Returns the Set-Cookie values as a Cookie header."""
+        async with self.http.post(
+            f"{self.url}/login",
+            data={"login": login, "password": password},
+            headers={"Host": CUSTOMER},
+            allow_redirects=False,
+        ) as r:
+            assert r.status == 303 and r.headers["X-Billing-System"] == system
+            return "; ".join(c.split(";")[0] for c in r.headers.getall("Set-Cookie"))
+
     def served_by(self, method: str) -> list[str]:
         """Which systems logged ``method`` (in order of the two logs)."""
         out = [e for e in self.source.log if e["method"] == method]
