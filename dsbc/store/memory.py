@@ -29,9 +29,10 @@ and the 1M-identity RSS check):
 
 from __future__ import annotations
 
+import abc
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import msgspec
 
@@ -41,6 +42,8 @@ from .base import (
     Customer,
     CustomerRow,
     Location,
+    LocationStore,
+    MigrationResult,
     StoreError,
     parse_identity,
 )
@@ -113,6 +116,17 @@ def clean_row(row: dict[str, object]) -> CustomerRow:
     if not isinstance(group, (str, int)) or isinstance(group, bool):
         raise BadRow(f"group: {group!r} is not a group name")
     return CustomerRow(cid, keys, system, str(group).strip())
+
+
+def unique_keys(rows: Iterable[CustomerRow]) -> list[str]:
+    """The identity keys of `rows`, in order; StoreError if two customers are given the same one."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        for key in r.identities:
+            other = seen.setdefault(key, r.customer_id)
+            if other != r.customer_id:
+                raise StoreError(f"{key} is given to both customer {other} and customer {r.customer_id}")
+    return list(seen)
 
 
 def new_batch_id(now: float | None = None) -> str:
@@ -194,6 +208,15 @@ class MemoryIndex:
             if cur is not None and cur.customer_id == customer_id:
                 del self._by_key[key]
 
+    def apply(self, ids: Iterable[str], fresh: dict[str, Customer]) -> None:
+        """Bring the customers `ids` up to date: the ones in `fresh` are put, the others removed."""
+        for cid in ids:
+            c = fresh.get(cid)
+            if c is None:
+                self.remove(cid)
+            else:
+                self.put(c)
+
     def _drop_identity(self, customer_id: str, key: str) -> None:
         other = self._customers.get(customer_id)
         if other is not None:
@@ -246,3 +269,114 @@ class MemoryIndex:
         if head is not None:
             flush()
         return idx
+
+
+class IndexedStore(LocationStore):
+    """What every store kind (SQLite, Redis) does the same way around its `MemoryIndex`:
+    reads from memory once the index is loaded (from the backing store before, or with
+    ``load=False``), and row validation for imports.  Subclasses read and write their
+    backing store."""
+
+    _mem: MemoryIndex | None = None
+
+    # -- the index --------------------------------------------------------------------
+
+    def _install(self, mem: MemoryIndex) -> list[str]:
+        """Swap in a complete new index; every customer id it holds."""
+        self._mem = mem
+        # perf: the hot path calls the index's bound method directly, one frame less than
+        # going through IndexedStore.lookup (about 60 ns of the ~200 ns of a cached lookup)
+        self.lookup = mem.lookup  # type: ignore[method-assign]
+        return [c.customer_id for c in mem.customers()]
+
+    # -- reads --------------------------------------------------------------------------
+
+    def lookup(self, kind: str, value: str) -> Location | None:
+        """From memory (once loaded, the instance attribute set by `_install` answers);
+        without a loaded index, from the backing store."""
+        mem = self._mem
+        if mem is not None:
+            return mem.lookup(kind, value)
+        c = self._direct_owner(f"{kind}:{value}")
+        return None if c is None else Location(c.customer_id, c.system, c.state)
+
+    def customer(self, customer_id: str) -> Customer | None:
+        mem = self._mem
+        if mem is not None:
+            return mem.customer(customer_id)
+        return self.customers([customer_id]).get(customer_id)
+
+    def customers(self, customer_ids: Iterable[str]) -> dict[str, Customer]:
+        ids = list(dict.fromkeys(customer_ids))
+        mem = self._mem
+        if mem is not None:
+            return {cid: c for cid in ids if (c := mem.customer(cid)) is not None}
+        return self._read_customers(ids)
+
+    def _owner_id(self, key: str) -> str:
+        if self._mem is not None:
+            return self._mem.owner(key) or ""
+        c = self._direct_owner(key)
+        return "" if c is None else c.customer_id
+
+    @abc.abstractmethod
+    def _read_customers(self, ids: Sequence[str]) -> dict[str, Customer]:
+        """The known customers among `ids`, from the backing store (no index loaded)."""
+
+    @abc.abstractmethod
+    def _direct_owner(self, key: str) -> Customer | None:
+        """The customer owning identity `key`, from the backing store (no index loaded)."""
+
+    # -- customers ----------------------------------------------------------------------
+
+    def put_customer(
+        self, customer_id: str, identities: Iterable[str], system: str = "source", group: str = ""
+    ) -> None:
+        row = clean_row(
+            {
+                "customer_id": customer_id,
+                "identities": list(identities),
+                "system": system,
+                "group": group,
+            }
+        )
+        self._import([row], None)
+
+    def import_rows(
+        self,
+        rows: Iterable[dict[str, object] | CustomerRow],
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Bulk put_customer.  A row without `system` keeps a stored customer's system (a
+        re-import never undoes a migration); new customers start on source."""
+        clean: list[CustomerRow] = []
+        for i, row in enumerate(rows, 1):
+            try:
+                clean.append(row if isinstance(row, CustomerRow) else clean_row(row))
+            except StoreError as exc:
+                raise type(exc)(f"row {i}: {exc}") from None
+        return self._import(clean, progress)
+
+    @abc.abstractmethod
+    def _import(self, rows: list[CustomerRow], progress: Callable[[int], None] | None) -> int:
+        """Write validated rows (`unique_keys` checks them first); the number of customers."""
+
+    # -- migrations ---------------------------------------------------------------------
+
+    def migrate(
+        self,
+        customer_ids: list[str],
+        to: str,
+        who: str = "cli",
+        batch_id: str | None = None,
+        dry_run: bool = False,
+    ) -> MigrationResult:
+        if to not in SYSTEMS:
+            raise StoreError(f"cannot migrate to {to!r}: one of {', '.join(SYSTEMS)}")
+        return self._migrate(list(dict.fromkeys(customer_ids)), to, who, batch_id, dry_run)
+
+    @abc.abstractmethod
+    def _migrate(
+        self, ids: list[str], to: str, who: str, batch_id: str | None, dry_run: bool
+    ) -> MigrationResult:
+        """migrate() with `to` checked and `ids` de-duplicated."""

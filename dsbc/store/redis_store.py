@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .base import (
@@ -41,14 +41,12 @@ from .base import (
     Customer,
     CustomerRow,
     GroupSplitError,
-    Location,
-    LocationStore,
     MigrationResult,
     Registration,
     StoreError,
     StoreUnavailable,
 )
-from .memory import MemoryIndex, canon, clean_row, new_batch_id
+from .memory import IndexedStore, MemoryIndex, canon, new_batch_id, unique_keys
 from .redis_cache import read_cache, write_cache
 from .redis_conn import RedisTarget, parse_redis_url
 from .redis_lua import LOG_MAXLEN, SCRIPT
@@ -79,7 +77,7 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (redis.exceptions.RedisError, OSError)
 
 
-class RedisStore(LocationStore):
+class RedisStore(IndexedStore):
     def __init__(
         self,
         url: str,
@@ -223,12 +221,10 @@ class RedisStore(LocationStore):
     # -- the index ------------------------------------------------------------------------
 
     def _swap(self, mem: MemoryIndex, seq: int, epoch: str) -> list[str]:
-        self._mem, self._last_seq, self._epoch = mem, seq, epoch
+        self._last_seq, self._epoch = seq, epoch
         self._remote_seq = max(self._remote_seq, seq)
         self._applied_at = time.time()
-        # perf: as SqliteStore, the hot path calls the index's bound method directly
-        self.lookup = mem.lookup  # type: ignore[method-assign]
-        return [c.customer_id for c in mem.customers()]
+        return self._install(mem)
 
     def _offer_index(self, mem: MemoryIndex, seq: int, epoch: str) -> None:
         """From the watcher: a complete new index for refresh() to swap in."""
@@ -292,12 +288,7 @@ class RedisStore(LocationStore):
         if reload and self._watcher is not None:
             self._watcher.reload_wanted.set()
         fresh = self._fetch(client, list(ids))  # all of it first: a failure applies nothing
-        for cid in ids:
-            c = fresh.get(cid)
-            if c is None:
-                mem.remove(cid)
-            else:
-                mem.put(c)
+        mem.apply(ids, fresh)
         self._last_seq = last
         self._applied_at = time.time()
         if last != int(entries[-1][0].split("-")[0]) or len(entries) == LOG_PAGE:
@@ -347,26 +338,9 @@ class RedisStore(LocationStore):
         return True
 
 
-    # -- reads ----------------------------------------------------------------------------
+    # -- reads (lookup, customer, customers: IndexedStore) ---------------------------------
 
-    def lookup(self, kind: str, value: str) -> Location | None:
-        mem = self._mem
-        if mem is not None:
-            return mem.lookup(kind, value)
-        c = self._direct_owner(f"{kind}:{value}")
-        return None if c is None else Location(c.customer_id, c.system, c.state)
-
-    def customer(self, customer_id: str) -> Customer | None:
-        mem = self._mem
-        if mem is not None:
-            return mem.customer(customer_id)
-        return self.customers([customer_id]).get(customer_id)
-
-    def customers(self, customer_ids: Iterable[str]) -> dict[str, Customer]:
-        ids = list(dict.fromkeys(customer_ids))
-        mem = self._mem
-        if mem is not None:
-            return {cid: c for cid in ids if (c := mem.customer(cid)) is not None}
+    def _read_customers(self, ids: Sequence[str]) -> dict[str, Customer]:
         try:
             return self._fetch(self._w, ids)
         except self._errors as exc:
@@ -378,12 +352,6 @@ class RedisStore(LocationStore):
             return None if cid is None else self._fetch(self._w, [cid]).get(cid)
         except self._errors as exc:
             raise self._unavailable("reading the store", exc, writing=False) from None
-
-    def _owner_id(self, key: str) -> str:
-        if self._mem is not None:
-            return self._mem.owner(key) or ""
-        c = self._direct_owner(key)
-        return "" if c is None else c.customer_id
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -441,37 +409,10 @@ class RedisStore(LocationStore):
         if created:
             log.info("store %s created", self.url)
 
-    def put_customer(
-        self, customer_id: str, identities: Iterable[str], system: str = "source", group: str = ""
-    ) -> None:
-        row = clean_row({"customer_id": customer_id, "identities": list(identities),
-                         "system": system, "group": group})
-        self._import([row], None)
-
-    def import_rows(
-        self,
-        rows: Iterable[dict[str, object] | CustomerRow],
-        progress: Callable[[int], None] | None = None,
-    ) -> int:
-        """Bulk put_customer.  Up to BULK rows: one script.  More: chunks of CHUNK rows,
-        logged as one "reload everything" when the last chunk (or a failure) is done."""
-        clean: list[CustomerRow] = []
-        for i, row in enumerate(rows, 1):
-            try:
-                clean.append(row if isinstance(row, CustomerRow) else clean_row(row))
-            except StoreError as exc:
-                raise type(exc)(f"row {i}: {exc}") from None
-        return self._import(clean, progress)
-
     def _import(self, rows: list[CustomerRow], progress: Callable[[int], None] | None) -> int:
-        seen: dict[str, str] = {}
-        for r in rows:
-            for key in r.identities:
-                other = seen.setdefault(key, r.customer_id)
-                if other != r.customer_id:
-                    raise StoreError(
-                        f"{key} is given to both customer {other} and customer {r.customer_id}"
-                    )
+        """Up to BULK rows: one script.  More: chunks of CHUNK rows, logged as one "reload
+        everything" when the last chunk (or a failure) is done."""
+        unique_keys(rows)
         self._ensure_epoch()
         bulk = len(rows) > BULK
         payload = [[r.customer_id, list(r.identities), r.system or "", r.group] for r in rows]
@@ -502,17 +443,9 @@ class RedisStore(LocationStore):
         self._run("prepare", "prepare", {"ids": list(dict.fromkeys(customer_ids)),
                                          "expires": max(0, int(expires))})
 
-    def migrate(
-        self,
-        customer_ids: list[str],
-        to: str,
-        who: str = "cli",
-        batch_id: str | None = None,
-        dry_run: bool = False,
+    def _migrate(
+        self, ids: list[str], to: str, who: str, batch_id: str | None, dry_run: bool
     ) -> MigrationResult:
-        if to not in SYSTEMS:
-            raise StoreError(f"cannot migrate to {to!r}: one of {', '.join(SYSTEMS)}")
-        ids = list(dict.fromkeys(customer_ids))
         for _ in range(10):
             bid = batch_id or ("" if dry_run else new_batch_id())
             res = self._run("migration", "migrate", {
