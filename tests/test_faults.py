@@ -463,6 +463,23 @@ asyncio.run(main())
 HOST = "www.customer.billing.com"
 
 
+@pytest.fixture
+def urls() -> Iterator[dict[str, str]]:
+    """The two emulated billing systems, in a child process: {"source": url, "target": url}."""
+    billing = subprocess.Popen(
+        [sys.executable, "-c", BILLING_SCRIPT],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    try:
+        assert billing.stdout is not None
+        yield json.loads(billing.stdout.readline())
+    finally:
+        billing.kill()
+        billing.wait(5)
+
+
 def api_call(
     base: str,
     name: str,
@@ -490,7 +507,7 @@ def api_call(
 
 
 def test_an_api_back_end_that_hangs_or_resets_affects_only_its_own_customers(
-    dsbc_factory: Factory,
+    dsbc_factory: Factory, urls: dict[str, str]
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
     from urllib.parse import urlsplit
@@ -499,68 +516,51 @@ def test_an_api_back_end_that_hangs_or_resets_affects_only_its_own_customers(
     from tests.peers.net import free_port
     from tests.peers.redis import TcpProxy
 
-    billing = subprocess.Popen(
-        [sys.executable, "-c", BILLING_SCRIPT],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).parents[1],
+    src = urlsplit(urls["source"])
+    proxy = TcpProxy((src.hostname or "127.0.0.1", src.port or 80))
+    api_port = free_port("tcp")
+    api = (
+        f'[api]\nlisten = ["127.0.0.1:{api_port}"]\ntimeout = 2.0\nconnect_timeout = 1.0\n'
+        f'[[api.vhosts]]\nhost = "{HOST}"\nrealm = "customer"\n'
+        f'source = "http://127.0.0.1:{proxy.port}"\ntarget = "{urls["target"]}"\n'
     )
-    try:
-        assert billing.stdout is not None
-        urls = json.loads(billing.stdout.readline())
-        src = urlsplit(urls["source"])
-        proxy = TcpProxy((src.hostname or "127.0.0.1", src.port or 80))
-        api_port = free_port("tcp")
-        api = (
-            f'[api]\nlisten = ["127.0.0.1:{api_port}"]\ntimeout = 2.0\nconnect_timeout = 1.0\n'
-            f'[[api.vhosts]]\nhost = "{HOST}"\nrealm = "customer"\n'
-            f'source = "http://127.0.0.1:{proxy.port}"\ntarget = "{urls["target"]}"\n'
-        )
-        d = dsbc_factory(customers=sample_rows(), api=api)
-        base = f"http://127.0.0.1:{api_port}"
-        assert wait_for(lambda: _up(base), timeout=10)
-        st, alice, _ = api_call(base, "Session/login", {"login": "alice", "password": "secret"})
-        assert st == 200, alice
-        st, dave, _ = api_call(base, "Session/login", {"login": "dave", "password": "secret"})
-        assert st == 200, dave
+    d = dsbc_factory(customers=sample_rows(), api=api)
+    base = f"http://127.0.0.1:{api_port}"
+    assert wait_for(lambda: _up(base), timeout=10)
+    st, alice, _ = api_call(base, "Session/login", {"login": "alice", "password": "secret"})
+    assert st == 200, alice
+    st, dave, _ = api_call(base, "Session/login", {"login": "dave", "password": "secret"})
+    assert st == 200, dave
 
-        def alice_info() -> tuple[int, Any, float]:
-            return api_call(
-                base, "Customer/get_customer_info", {}, {"session_id": alice["session_id"]}
+    def alice_info() -> tuple[int, Any, float]:
+        return api_call(base, "Customer/get_customer_info", {}, {"session_id": alice["session_id"]})
+
+    def dave_info() -> tuple[int, Any, float]:
+        return api_call(base, "Customer/get_customer_info", {}, {"session_id": dave["session_id"]})
+
+    with ThreadPoolExecutor(4) as pool:
+        for fault in ("stall", "cut"):
+            getattr(proxy, fault)()
+            time.sleep(0.3)  # the relay's threads notice (they poll every 0.1 s)
+            hung = pool.submit(alice_info)
+            others = [dave_info() for _ in range(5)]  # meanwhile, the target's customer
+            st, doc, took = hung.result(15)
+            assert st == 500 and doc["faultcode"] == "Server.Dispatcher.backend_unavailable", (
+                fault,
+                doc,
             )
-
-        def dave_info() -> tuple[int, Any, float]:
-            return api_call(
-                base, "Customer/get_customer_info", {}, {"session_id": dave["session_id"]}
+            assert took < 4.0, f"{fault}: a fault after {took:.1f} s"
+            assert all(
+                s == 200 and t < 1.0 and o["customer_info"]["login"] == "dave" for s, o, t in others
+            ), others
+            proxy.heal()
+            # the source answers again and alice's session (remembered by dsbc) still works
+            st, doc, _ = (
+                wait_for(lambda: (r := alice_info())[0] == 200 and r, timeout=5) or alice_info()
             )
-
-        with ThreadPoolExecutor(4) as pool:
-            for fault in ("stall", "cut"):
-                getattr(proxy, fault)()
-                time.sleep(0.3)  # the relay's threads notice (they poll every 0.1 s)
-                hung = pool.submit(alice_info)
-                others = [dave_info() for _ in range(5)]  # meanwhile, the target's customer
-                st, doc, took = hung.result(15)
-                assert st == 500 and doc["faultcode"] == "Server.Dispatcher.backend_unavailable", (
-                    fault,
-                    doc,
-                )
-                assert took < 4.0, f"{fault}: a fault after {took:.1f} s"
-                assert all(
-                    s == 200 and t < 1.0 and o["customer_info"]["login"] == "dave"
-                    for s, o, t in others
-                ), others
-                proxy.heal()
-                # the source answers again and alice's session (remembered by dsbc) still works
-                st, doc, _ = (
-                    wait_for(lambda: (r := alice_info())[0] == 200 and r, timeout=5) or alice_info()
-                )
-                assert st == 200 and doc["customer_info"]["login"] == "alice"
-        assert d.proc is not None and d.proc.alive
-        proxy.close()
-    finally:
-        billing.kill()
-        billing.wait(5)
+            assert st == 200 and doc["customer_info"]["login"] == "alice"
+    assert d.proc is not None and d.proc.alive
+    proxy.close()
 
 
 def _up(base: str) -> bool:
@@ -572,65 +572,51 @@ def _up(base: str) -> bool:
 
 
 def test_a_stalled_store_stalls_neither_api_logins_nor_sip(
-    dsbc_factory: Factory, nodes: Any
+    dsbc_factory: Factory, nodes: Any, urls: dict[str, str]
 ) -> None:
     from dsbc.emulator.billing import sample_rows
     from tests.peers.net import free_port
 
     source, target = nodes
-    billing = subprocess.Popen(
-        [sys.executable, "-c", BILLING_SCRIPT],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).parents[1],
+    api_port = free_port("tcp")
+    api = (
+        f'[api]\nlisten = ["127.0.0.1:{api_port}"]\ntimeout = 3.0\n'
+        f'[[api.vhosts]]\nhost = "{HOST}"\nrealm = "customer"\nsource = "{urls["source"]}"\ntarget = "{urls["target"]}"\n'
+    )
+    rows = [*sample_rows(), *CUSTOMERS]
+    d = dsbc_factory(source=[source.uri], target=[target.uri], customers=rows, api=api)
+    d.wait_nodes_up()
+    base = f"http://127.0.0.1:{api_port}"
+    assert wait_for(lambda: _up(base), timeout=10)
+    phone = UdpPhone("1001")
+    stall = subprocess.Popen(
+        [sys.executable, "-c", STALL_SCRIPT, str(d.db), "6"], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert billing.stdout is not None
-        urls = json.loads(billing.stdout.readline())
-        api_port = free_port("tcp")
-        api = (
-            f'[api]\nlisten = ["127.0.0.1:{api_port}"]\ntimeout = 3.0\n'
-            f'[[api.vhosts]]\nhost = "{HOST}"\nrealm = "customer"\nsource = "{urls["source"]}"\ntarget = "{urls["target"]}"\n'
-        )
-        rows = [*sample_rows(), *CUSTOMERS]
-        d = dsbc_factory(source=[source.uri], target=[target.uri], customers=rows, api=api)
-        d.wait_nodes_up()
-        base = f"http://127.0.0.1:{api_port}"
-        assert wait_for(lambda: _up(base), timeout=10)
-        phone = UdpPhone("1001")
-        stall = subprocess.Popen(
-            [sys.executable, "-c", STALL_SCRIPT, str(d.db), "6"], stdout=subprocess.PIPE, text=True
-        )
-        try:
-            assert stall.stdout is not None and stall.stdout.readline().strip() == "locked"
-            logins = []
-            for user in ("alice", "dave", "bob"):
-                st, doc, took = api_call(
-                    base, "Session/login", {"login": user, "password": "secret"}
-                )
-                assert st == 200, doc
-                logins.append((user, doc, took))
-                status, secs = phone.register(d.sip_addr, timeout=3)
-                assert status == 200 and secs < 1.0, (status, secs)
-            assert max(t for _, _, t in logins) < 1.5, [(u, round(t, 2)) for u, _, t in logins]
-            # the sessions work at once (this node remembers them) ...
-            for user, doc, _ in logins:
-                st, info, took = api_call(
-                    base, "Customer/get_customer_info", {}, {"session_id": doc["session_id"]}
-                )
-                assert st == 200 and info["customer_info"]["login"] == user and took < 1.5
-        finally:
-            stall.wait(15)
-            phone.close()
-        # ... and reach the store once it is free again: nothing was lost
-        from api_proxy.records import session_key
-
-        want = {session_key("sid", doc["session_id"]) for _, doc, _ in logins}
-        keys = wait_for(
-            lambda: want <= (k := {k for (k,) in db_rows(d.db, "SELECT key FROM sessions")}) and k,
-            timeout=10,
-        )
-        assert keys and want <= keys, keys
+        assert stall.stdout is not None and stall.stdout.readline().strip() == "locked"
+        logins = []
+        for user in ("alice", "dave", "bob"):
+            st, doc, took = api_call(base, "Session/login", {"login": user, "password": "secret"})
+            assert st == 200, doc
+            logins.append((user, doc, took))
+            status, secs = phone.register(d.sip_addr, timeout=3)
+            assert status == 200 and secs < 1.0, (status, secs)
+        assert max(t for _, _, t in logins) < 1.5, [(u, round(t, 2)) for u, _, t in logins]
+        # the sessions work at once (this node remembers them) ...
+        for user, doc, _ in logins:
+            st, info, took = api_call(
+                base, "Customer/get_customer_info", {}, {"session_id": doc["session_id"]}
+            )
+            assert st == 200 and info["customer_info"]["login"] == user and took < 1.5
     finally:
-        billing.kill()
-        billing.wait(5)
+        stall.wait(15)
+        phone.close()
+    # ... and reach the store once it is free again: nothing was lost
+    from api_proxy.records import session_key
+
+    want = {session_key("sid", doc["session_id"]) for _, doc, _ in logins}
+    keys = wait_for(
+        lambda: want <= (k := {k for (k,) in db_rows(d.db, "SELECT key FROM sessions")}) and k,
+        timeout=10,
+    )
+    assert keys and want <= keys, keys
