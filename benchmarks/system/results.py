@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,6 +29,29 @@ def _met(r: Row) -> str:
     return {True: "yes", False: "**no**", None: "-"}[r.met]
 
 
+def code_version() -> str:
+    """The commit the measured code comes from (and whether the tree had changes)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{rev}{' with uncommitted changes' if dirty else ''}" if rev else "unknown"
+
+
 def render(ctx: Context, started: float, elapsed: float, command: str) -> str:
     m = machine()
     short = f"{m['cpu']}, {m['cores']} cores"
@@ -37,7 +61,8 @@ def render(ctx: Context, started: float, elapsed: float, command: str) -> str:
         "",
         (
             f"Written by `{command}` ({ctx.params.name} run, {elapsed / 60:.1f} min) on "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}.  How each figure is "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, code at commit "
+            f"{code_version()}.  How each figure is "
             "measured, what the peers run and where the time goes: [README.md](README.md#benchmarks)."
         ),
         "",
