@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -67,14 +67,7 @@ class SideData:
                 pipe.hset(key, field, json.dumps([canon(r.system), r.expires_at]))
                 pipe.expire(key, int(r.expires_at - now) + 60, gt=True)
                 pipe.expire(key, int(r.expires_at - now) + 60, nx=True)
-        try:
-            pipe.execute()
-        except st._errors as exc:
-            for k, r in pending.items():
-                self.pending_regs.setdefault(k, r)
-            if st._mem is None:
-                raise st._unavailable("recording registrations", exc) from None
-            st._went_down(exc)
+        self._send(pipe, pending, "pending_regs", "recording registrations")
 
     def registrations(
         self, customer_ids: list[str] | None = None, now: float | None = None
@@ -131,13 +124,21 @@ class SideData:
             elif s.expires_at > now:
                 pipe.set(f"{st.prefix}sess:{key}", msgspec.json.encode(s),
                          px=max(1, int((s.expires_at - now) * 1000)))
+        self._send(pipe, pending, "pending_sessions", "saving a session")
+
+    def _send(self, pipe: Any, pending: dict[Any, Any], keep: str, what: str) -> None:
+        """Run `pipe`, which writes `pending`; if Redis fails, `pending` goes back into the
+        dict attribute `keep` (what came meanwhile is newer and wins) to be written later:
+        a loaded node marks Redis away, a `load=False` one raises StoreUnavailable."""
+        st = self.store
         try:
             pipe.execute()
         except st._errors as exc:
-            for k, s in pending.items():
-                self.pending_sessions.setdefault(k, s)
+            kept = getattr(self, keep)
+            for k, v in pending.items():
+                kept.setdefault(k, v)
             if st._mem is None:
-                raise st._unavailable("saving a session", exc) from None
+                raise st._unavailable(what, exc) from None
             st._went_down(exc)
 
     def _purge_sessions(self) -> None:

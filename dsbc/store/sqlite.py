@@ -286,37 +286,48 @@ class SqliteStore(IndexedStore):
         return len(rows)
 
     def lock(self, customer_ids: list[str], batch_id: str) -> None:
-        ids = list(dict.fromkeys(customer_ids))
-        with self._write("lock") as cur:
-            found = existing(cur, ids)
-            cur.executemany(
-                "UPDATE customers SET state = 'locked', batch_id = ? WHERE customer_id = ?",
-                ((batch_id, cid) for cid in found),
-            )
-            log_changes(cur, found)
+        self._update_each(
+            "lock",
+            customer_ids,
+            "UPDATE customers SET state = 'locked', batch_id = ? WHERE customer_id = ?",
+            lambda cid: (batch_id, cid),
+        )
 
     def unlock(self, customer_ids: list[str]) -> None:
-        ids = list(dict.fromkeys(customer_ids))
-        with self._write("unlock") as cur:
-            found = existing(cur, ids, "state = 'locked'")
-            # the batch id goes back to the batch that last moved the customer
-            cur.executemany(
-                "UPDATE customers SET state = 'active', batch_id = coalesce((SELECT a.batch_id "
-                "FROM audit a WHERE a.customer_id = customers.customer_id "
-                "ORDER BY a.rowid DESC LIMIT 1), '') "
-                "WHERE customer_id = ?",
-                ((cid,) for cid in found),
-            )
-            log_changes(cur, found)
+        # the batch id goes back to the batch that last moved the customer
+        self._update_each(
+            "unlock",
+            customer_ids,
+            "UPDATE customers SET state = 'active', batch_id = coalesce((SELECT a.batch_id "
+            "FROM audit a WHERE a.customer_id = customers.customer_id "
+            "ORDER BY a.rowid DESC LIMIT 1), '') "
+            "WHERE customer_id = ?",
+            lambda cid: (cid,),
+            "state = 'locked'",
+        )
 
     def prepare(self, customer_ids: list[str], expires: int) -> None:
+        self._update_each(
+            "prepare",
+            customer_ids,
+            "UPDATE customers SET expires_cap = ? WHERE customer_id = ?",
+            lambda cid: (max(0, int(expires)), cid),
+        )
+
+    def _update_each(
+        self,
+        what: str,
+        customer_ids: list[str],
+        sql: str,
+        args: Callable[[str], tuple[object, ...]],
+        where: str = "1",
+    ) -> None:
+        """One write transaction: `sql` with `args(cid)` for each stored customer among
+        `customer_ids` (matching `where`), logged as changed."""
         ids = list(dict.fromkeys(customer_ids))
-        with self._write("prepare") as cur:
-            found = existing(cur, ids)
-            cur.executemany(
-                "UPDATE customers SET expires_cap = ? WHERE customer_id = ?",
-                ((max(0, int(expires)), cid) for cid in found),
-            )
+        with self._write(what) as cur:
+            found = existing(cur, ids, where)
+            cur.executemany(sql, (args(cid) for cid in found))
             log_changes(cur, found)
 
     # -- migrations -------------------------------------------------------------------------
