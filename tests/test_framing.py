@@ -10,6 +10,8 @@ Invariants:
 from __future__ import annotations
 
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
@@ -18,6 +20,9 @@ from hypothesis import strategies as st
 from sip.errors import FramingError, MessageTooLarge, SipError
 from sip.framing import NEED_DATA, PING, PONG, StreamFramer
 from sip.message import parse_message
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fuzz"))
+import _common  # the fuzz harnesses' invariants, run here under Hypothesis
 
 
 def msg(
@@ -249,22 +254,6 @@ def test_any_stream_gives_events_or_sip_error(chunks: list[bytes]) -> None:
         pass
 
 
-def outcome(chunks: list[bytes], max_size: int) -> tuple[list[object], str | None]:
-    f = StreamFramer(max_size=max_size)
-    out: list[object] = []
-    try:
-        for c in chunks:
-            f.receive_data(c)
-            for _ in range(len(c) + 2):  # each event consumes input: bounded
-                ev = f.next_event()
-                if ev is NEED_DATA:
-                    break
-                out.append(ev)
-    except SipError as exc:
-        return out, type(exc).__name__
-    return out, None
-
-
 _pieces = st.sampled_from(
     [
         b"\r\n",
@@ -289,4 +278,4 @@ _pieces = st.sampled_from(
 def test_cuts_never_change_the_outcome(pieces: list[bytes], points: list[int]) -> None:
     """Differential: cut anywhere, the events and the error are those of the whole stream."""
     stream = b"".join(pieces)
-    assert outcome(cut(stream, points), 300) == outcome([stream], 300)
+    assert _common.framing_events(cut(stream, points), 300) == _common.framing_events([stream], 300)

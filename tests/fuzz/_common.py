@@ -1,8 +1,9 @@
 """Shared parts of the fuzz harnesses: the invariants, the seed corpus and a runner that
 uses atheris (libFuzzer) when it is installed and a bounded mutation loop otherwise.
 
-The harness scripts import ``sip`` under ``atheris.instrument_imports()`` *before* this
-module, so the coverage instrumentation sees the codec, not this glue.
+The harness scripts import ``sip`` under ``atheris.instrument_imports()`` (``_harness.start``)
+*before* this module, so the coverage instrumentation sees the codec, not this glue.
+tests/test_sip_codec.py and tests/test_framing.py run the same invariants under Hypothesis.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def exercise(msg: SipMessage) -> None:
         except SipError:
             pass
     assert msg.body == msg.raw[msg.body_start :]
+    unedited = Editor(msg).to_bytes()
     if msg.get("content-length") is not None and msg.raw[: msg.body_start].endswith(
         (b"\r\n\r\n", b"\n\n")
     ):
         # a parsed message with Content-Length and its empty line is reproduced exactly
-        assert Editor(msg).to_bytes() == msg.raw, "Editor without edits changed the message"
+        assert unedited == msg.raw, "Editor without edits changed the message"
     e = Editor(msg)
     e.prepend("via", "SIP/2.0/UDP 198.51.100.1;branch=z9hG4bKfuzz")
     try:
@@ -80,14 +82,19 @@ def check_parse(data: bytes) -> None:
         except SipError as exc:
             partial = getattr(exc, "partial", None)
             if partial is not None:
-                assert partial.is_request and exc.respond and partial.count("via")
+                assert partial.is_request and exc.respond
+                assert partial.count("via"), "a partial must have a Via to answer on"
                 make_response(partial, exc.status, exc.reason, to_tag="t")
             continue
         exercise(msg)
 
 
-def _events(chunks: list[bytes]) -> tuple[list[object], str | None, int]:
-    f = StreamFramer(max_size=MAX_STREAM)
+def framing_events(
+    chunks: list[bytes], max_size: int = MAX_STREAM
+) -> tuple[list[object], str | None, int]:
+    """Feed ``chunks`` to a StreamFramer: (its events, the name of its SipError or None,
+    the octets it still holds, -1 after an error)."""
+    f = StreamFramer(max_size=max_size)
     out: list[object] = []
     try:
         for c in chunks:
@@ -107,14 +114,14 @@ def _events(chunks: list[bytes]) -> tuple[list[object], str | None, int]:
 
 def check_framing(data: bytes) -> None:
     """Any stream gives events or SipError; cutting it differently changes nothing."""
-    whole = _events([data])
+    whole = framing_events([data])
     rnd = random.Random(zlib.crc32(data))
     cuts = sorted(rnd.sample(range(len(data) + 1), min(len(data) + 1, rnd.randint(0, 12))))
     bounds = [0, *cuts, len(data)]
-    chunked = _events([data[a:b] for a, b in itertools.pairwise(bounds)])
+    chunked = framing_events([data[a:b] for a, b in itertools.pairwise(bounds)])
     assert chunked == whole, "random cuts changed the framing"
     if len(data) <= 1500:
-        assert _events([bytes([b]) for b in data]) == whole, (
+        assert framing_events([bytes([b]) for b in data]) == whole, (
             "byte-by-byte feeding changed the framing"
         )
     for ev in whole[0]:
