@@ -21,7 +21,11 @@ HARNESSES = ["sip_parse.py", "sip_framing.py"]
 SECONDS = 3
 
 
-def run(harness: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def run(
+    harness: str, tmp_path: Path, *extra: str, seeds: str = "corpus"
+) -> subprocess.CompletedProcess[str]:
+    """Run ``harness`` on its seed corpus ``tests/fuzz/<seeds>`` for SECONDS; it must exit 0
+    (tests/test_fuzz_smoke_aaa.py runs its harnesses through this too)."""
     corpus = tmp_path / "corpus"  # libFuzzer writes new inputs here, not into the repo
     corpus.mkdir(exist_ok=True)
     artifacts = tmp_path / "artifacts"
@@ -30,7 +34,7 @@ def run(harness: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProces
         sys.executable,
         str(FUZZ / harness),
         str(corpus),
-        str(FUZZ / "corpus"),
+        str(FUZZ / seeds),
         f"-max_total_time={SECONDS}",
         f"-artifact_prefix={artifacts}/",
         "-seed=1",
