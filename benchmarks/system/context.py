@@ -19,6 +19,7 @@ class Params:
     customers: int  # x 4 identities each
     call_rate: float  # calls/s of the fixed-rate CPU run
     call_seconds: float
+    cpu_runs: int  # fixed-rate runs per dispatcher for CPU per call; the least counts
     step_seconds: float  # each step of a rate search
     call_start_rate: float  # first step of the call rate search
     register_start_rate: float
@@ -40,7 +41,7 @@ class Params:
 
 FULL = Params(
     name="full", customers=250_000,
-    call_rate=300, call_seconds=20, step_seconds=4, call_start_rate=300, register_start_rate=500,
+    call_rate=300, call_seconds=20, cpu_runs=2, step_seconds=4, call_start_rate=300, register_start_rate=500,
     max_steps=10, register_users=10_000,
     tcp_connections=1_000, tcp_rate=300, tcp_seconds=15,
     api_seconds=10, api_connections=32, merge_rows=1_000,
@@ -51,7 +52,7 @@ FULL = Params(
 #: Kamailio's htable alone takes 25-35 s)
 QUICK = Params(
     name="quick", customers=100_000,
-    call_rate=200, call_seconds=4, step_seconds=1.5, call_start_rate=300, register_start_rate=500,
+    call_rate=200, call_seconds=4, cpu_runs=1, step_seconds=1.5, call_start_rate=300, register_start_rate=500,
     max_steps=4, register_users=10_000,
     tcp_connections=1_000, tcp_rate=200, tcp_seconds=3,
     api_seconds=2, api_connections=32, merge_rows=1_000,
@@ -61,7 +62,7 @@ QUICK = Params(
 #: tests/test_benchmarks_smoke.py: every code path, seconds each, no timing meaning
 SMOKE = Params(
     name="smoke", customers=2_500,
-    call_rate=20, call_seconds=1, step_seconds=1, call_start_rate=20, register_start_rate=20,
+    call_rate=20, call_seconds=1, cpu_runs=1, step_seconds=1, call_start_rate=20, register_start_rate=20,
     max_steps=1, register_users=100,
     tcp_connections=20, tcp_rate=20, tcp_seconds=1.5,
     api_seconds=1, api_connections=4, merge_rows=50,

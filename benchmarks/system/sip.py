@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.peers.dsbc_bench import DsbcBench
@@ -40,6 +40,7 @@ class Step:
     cpu: float
     ok: bool
     why: str = ""
+    others: list[float] = field(default_factory=list)  # CPU us per call of the runs not kept
 
 
 class Proxy:
@@ -231,14 +232,24 @@ class Measures:
 
 
 def measure_calls_cpu(ctx: Context, proxy: Proxy) -> Step:
+    """``cpu_runs`` fixed-rate runs; the one with the least CPU per call counts (the others
+    differ by what the host's other tenants did to the caches, not by the code)."""
     p = ctx.params
     calls = max(1, int(p.call_rate * p.call_seconds))
-    s = run_calls(ctx, proxy, ctx.dir(f"calls-cpu-{proxy.name}"), p.call_rate, calls)
-    ctx.log(
-        f"  calls-cpu {proxy.name}: {s.stats.successful}/{calls} calls, cpu {s.cpu:.2f}s "
-        f"({_cpu_per_call_us(s):.0f} us/call) {s.why}"
-    )
-    return s
+    runs = []
+    for i in range(p.cpu_runs):
+        if i:
+            wait_idle(proxy.pid)
+        s = run_calls(ctx, proxy, ctx.dir(f"calls-cpu-{proxy.name}-{i}"), p.call_rate, calls)
+        ctx.log(
+            f"  calls-cpu {proxy.name}: {s.stats.successful}/{calls} calls, cpu {s.cpu:.2f}s "
+            f"({_cpu_per_call_us(s):.0f} us/call) {s.why}"
+        )
+        runs.append(s)
+    passed = [s for s in runs if s.ok] or runs
+    best = min(passed, key=_cpu_per_call_us)
+    best.others = [_cpu_per_call_us(s) for s in runs if s is not best]
+    return best
 
 
 def measure_calls_rate(ctx: Context, proxy: Proxy) -> tuple[float, list[Step]]:
@@ -275,7 +286,7 @@ def measure_register(
     return rate_search(ctx, f"register {label}", step, start or p.register_start_rate, proxy.pid)
 
 
-def measure_tcp(ctx: Context, proxy: Proxy) -> TcpResult:
+def _tcp_once(ctx: Context, proxy: Proxy) -> TcpResult:
     """(CPU us per call, calls, connections open at the end, problem).  Every connection is
     opened first; the CPU window covers the calls only (benchmarks/system/tcp_uac.py)."""
     p = ctx.params
@@ -309,6 +320,17 @@ def measure_tcp(ctx: Context, proxy: Proxy) -> TcpResult:
         f"cpu {meter.seconds:.2f}s ({us:.0f} us/call) {problem}"
     )
     return us, st.successful, still_open, problem
+
+
+def measure_tcp(ctx: Context, proxy: Proxy) -> TcpResult:
+    """``cpu_runs`` TCP runs (each with its own connections); the least CPU per call counts."""
+    runs = []
+    for i in range(ctx.params.cpu_runs):
+        if i:
+            wait_idle(proxy.pid)
+        runs.append(_tcp_once(ctx, proxy))
+    passed = [r for r in runs if not r[3]] or runs
+    return min(passed, key=lambda r: r[0])
 
 
 def run(ctx: Context, selected: set[str]) -> None:
@@ -399,7 +421,13 @@ def run(ctx: Context, selected: set[str]) -> None:
 
 def _calls_cpu_row(ctx: Context, d: Step, k: Step) -> None:
     p = ctx.params
-    note = f"{d.stats.successful} calls at {p.call_rate:g}/s (6 messages each), callers among {p.register_users:,} accounts"
+    note = (
+        f"{d.stats.successful} calls at {p.call_rate:g}/s (6 messages each), callers among "
+        f"{p.register_users:,} accounts; the run with the least CPU of {p.cpu_runs} counts"
+    )
+    for name, s in (("dsbc", d), ("Kamailio", k)):
+        if s.others:
+            note += f"; {name}'s other run(s): {', '.join(f'{x:.0f}' for x in s.others)} us"
     if not (d.ok and k.ok):
         note += f"; dsbc: {d.why or 'ok'}; Kamailio: {k.why or 'ok'}"
         ctx.errors.append(f"calls-cpu: {note}")
@@ -430,11 +458,15 @@ def search_note(name: str, hist: list[Step], what: str = "call") -> str:
         parts.append(f"{name}: first failure at {first.rate:.0f}/s ({first.why})")
     elif hist:
         parts.append(f"{name}: no failure up to {max(s.rate for s in hist):.0f}/s (the step limit)")
-    if good:
-        best = max(good, key=lambda s: s.rate)
+    # CPU per request from the fastest step without retransmissions: a retransmitted
+    # request is handled twice but counted once
+    clean = [s for s in good if not s.stats.retransmissions] or good
+    if clean:
+        best = max(clean, key=lambda s: s.rate)
         us = _cpu_per_call_us(best)
         parts.append(
-            f"{name} at {best.rate:.0f}/s: {us:.0f} us CPU per {what}, i.e. {1e6 / us:,.0f}/s per busy core"
+            f"{name} at {best.rate:.0f}/s: {us:.0f} us CPU per {what}"
+            + (f", i.e. {1e6 / us:,.0f}/s per busy core" if us else "")
         )
     return "; ".join(parts)
 
@@ -469,7 +501,8 @@ def _tcp_row(ctx: Context, d: TcpResult, k: TcpResult) -> None:
     note = (
         f"{d[1]} calls at {p.tcp_rate:g}/s round-robin over {p.tcp_connections} connections opened "
         "first (benchmarks/system/tcp_uac.py: sipp -t tn cannot share connections), set-up not "
-        "counted; back ends on UDP; Kamailio children=1 + tcp_children=1"
+        "counted; back ends on UDP; Kamailio children=1 + tcp_children=1; the run with the least "
+        f"CPU of {p.cpu_runs} counts"
     )
     if d[3] or k[3]:
         note += f"; dsbc: {d[3] or 'ok'}; Kamailio: {k[3] or 'ok'}"
