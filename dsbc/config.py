@@ -100,7 +100,7 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     url: str = "sqlite:///var/lib/dsbc/location.db"
     unknown: Literal["source", "target", "reject"] = "source"
     lock_hold: float = 2.0
-    poll_interval: float = 0.2
+    poll_interval: float = 0.05
     cache_file: str = ""
 
     def __post_init__(self) -> None:
