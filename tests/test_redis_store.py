@@ -32,6 +32,7 @@ from dsbc.store.redis_conn import parse_redis_url
 from dsbc.store.redis_store import RedisStore
 from tests.peers.proc import find_binary
 from tests.peers.redis import RedisServer, TcpProxy
+from tests.store_contract import check_rollback
 
 pytestmark = [
     pytest.mark.peers,
@@ -203,25 +204,7 @@ def test_lock_then_flip_unlock_prepare(store: RedisStore, make: Any) -> None:
 
 
 def test_rollback(store: RedisStore) -> None:
-    store.migrate(["2"], "target")
-    b = store.migrate(["1", "3", "4", "5"], "target", who="alice")
-    r = store.rollback(b.batch_id, who="bob")
-    assert r.batch_id != b.batch_id and r.to == "source"
-    assert sorted(r.moved) == ["1", "3", "4", "5"]
-    assert systems(store) == {"1": "source", "2": "target", "3": "source", "4": "source", "5": "source"}
-    assert {(e.who, e.from_system, e.to_system, e.note) for e in store.audit(r.batch_id)} == {
-        ("bob", "target", "source", f"rollback of {b.batch_id}")}
-    rr = store.rollback(r.batch_id)
-    assert sorted(rr.moved) == ["1", "3", "4", "5"]
-    again = store.rollback(r.batch_id)
-    assert again.moved == [] and sorted(again.already) == ["1", "3", "4", "5"]
-    summaries = store.batches(10)
-    assert [(x.batch_id, x.customers, x.note) for x in summaries[:3]] == [
-        (rr.batch_id, 4, f"rollback of {r.batch_id}"),
-        (r.batch_id, 4, f"rollback of {b.batch_id}"),
-        (b.batch_id, 4, ""),
-    ]
-    assert (summaries[2].who, summaries[2].from_system, summaries[2].to_system) == ("alice", "source", "target")
+    check_rollback(store)
     # the generic versions agree (they are what another store kind would get)
     assert LocationStore.batches(store, 10) == store.batches(10)
     with pytest.raises(StoreError, match="unknown batch 'b-nope'"):

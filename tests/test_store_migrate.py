@@ -10,6 +10,7 @@ import pytest
 
 from dsbc.store import GroupSplitError, StoreError, open_store
 from dsbc.store.sqlite import SqliteStore
+from tests.store_contract import check_rollback
 
 
 @pytest.fixture
@@ -132,27 +133,7 @@ def test_prepare_caps_expiry_until_the_flip(store: SqliteStore, tmp_path: Path) 
 
 
 def test_rollback_moves_a_batch_back_as_a_new_batch(store: SqliteStore) -> None:
-    store.migrate(["2"], "target")  # an earlier batch, untouched by the rollback
-    b = store.migrate(["1", "3", "4", "5"], "target", who="alice")
-    r = store.rollback(b.batch_id, who="bob")
-    assert r.batch_id != b.batch_id and r.to == "source"
-    assert sorted(r.moved) == ["1", "3", "4", "5"]
-    assert systems(store) == {"1": "source", "2": "target", "3": "source", "4": "source", "5": "source"}
-    entries = store.audit(r.batch_id)
-    assert {(e.who, e.from_system, e.to_system, e.note) for e in entries} == {
-        ("bob", "target", "source", f"rollback of {b.batch_id}")}
-    # rolling back the rollback moves them again; rolling back twice changes nothing
-    rr = store.rollback(r.batch_id)
-    assert sorted(rr.moved) == ["1", "3", "4", "5"]
-    again = store.rollback(r.batch_id)
-    assert again.moved == [] and sorted(again.already) == ["1", "3", "4", "5"]
-    summaries = store.batches(10)
-    assert [(x.batch_id, x.customers, x.note) for x in summaries[:3]] == [
-        (rr.batch_id, 4, f"rollback of {r.batch_id}"),
-        (r.batch_id, 4, f"rollback of {b.batch_id}"),
-        (b.batch_id, 4, ""),
-    ]
-    assert (summaries[2].who, summaries[2].from_system, summaries[2].to_system) == ("alice", "source", "target")
+    check_rollback(store)
 
 
 def test_rollback_keeps_groups_whole(store: SqliteStore) -> None:
