@@ -263,6 +263,7 @@ def phone_of_a_locked_customer(
     phone = phone_factory("1001", *d.sip_addr)
     mig = cli_background(d, "migrate", "--customer", "100", "--to", "target", "--lock-for", str(lock_for))
     wait_locked(d, "account:1001")
+    time.sleep(0.3)  # the workers see the lock within store.poll_interval (0.1 s here)
     return source, target, d, phone, mig
 
 
