@@ -301,7 +301,7 @@ class RadiusCore:
                 self._dups.pop(req.key, None)
             return self.drop("no_server")
         try:
-            slot, ident = system.ids.allocate()
+            slot, ident = system.ids.allocate(now)
         except IdExhausted:
             if dup.outstanding == 0:
                 self._dups.pop(req.key, None)
@@ -320,7 +320,7 @@ class RadiusCore:
                     try:
                         plain = rp.unhide_password(v, req.client.secret, src.authenticator)
                     except rp.RadiusDecodeError as exc:
-                        system.ids.release(slot, ident)
+                        system.ids.release(slot, ident, now)
                         self._dups.pop(req.key, None)
                         return self.drop(exc.reason)
                     v = rp.hide_password(plain, system.secret, auth)
@@ -336,7 +336,7 @@ class RadiusCore:
         try:
             wire = rp.sign_request(fwd, system.secret)
         except ValueError:
-            system.ids.release(slot, ident)
+            system.ids.release(slot, ident, now)
             if dup.outstanding == 0:
                 self._dups.pop(req.key, None)
             return self.drop("too_big")
@@ -383,7 +383,7 @@ class RadiusCore:
         except rp.RadiusDecodeError as exc:
             return self.drop("answer_" + exc.reason)
         del self._pending[(system_name, slot, ident)]
-        system.ids.release(slot, ident)
+        system.ids.release(slot, ident, now)
         system.dead_until.pop(p.server, None)
         system.answers += 1
         dup = self._dups.get(req.key)
@@ -436,7 +436,7 @@ class RadiusCore:
                 out.append(Out(TO_SERVER, p.slot, p.system.name, p.wire, p.server))
                 continue
             del self._pending[pkey]
-            p.system.ids.release(p.slot, p.ident)
+            p.system.ids.release(p.slot, p.ident, now)
             p.system.timeouts += 1
             p.system.dead_until[p.server] = now + self.dead_time
             self.drop("timeout")

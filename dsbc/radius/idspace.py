@@ -23,13 +23,23 @@ class IdExhausted(Exception):
     """Every identifier of every allowed slot is in flight."""
 
 
+REUSE_HOLD = 1.0  # seconds an identifier rests after its answer before it is reused
+
+
 class IdSpace:
-    """``(slot, identifier)`` allocation for one system's upstream requests."""
+    """``(slot, identifier)`` allocation for one system's upstream requests.
+
+    A released identifier rests ``REUSE_HOLD`` seconds before it is handed out again: a home
+    server (FreeRADIUS) that still remembers the answered request would otherwise take the
+    new one for a conflicting retransmission and drop it.  While every resting identifier
+    is younger than that, a new slot (socket) is opened; only when ``max_slots`` are open is
+    a resting identifier reused early rather than refusing the request.
+    """
 
     __slots__ = ("_free", "in_use", "max_slots")
 
     def __init__(self, max_slots: int = 64) -> None:
-        self._free: list[deque[int]] = []
+        self._free: list[deque[tuple[int, float]]] = []  # (identifier, ready at) oldest first
         self.max_slots = max_slots
         self.in_use = 0
 
@@ -37,19 +47,23 @@ class IdSpace:
     def slots(self) -> int:
         return len(self._free)
 
-    def allocate(self) -> tuple[int, int]:
+    def allocate(self, now: float = float("inf")) -> tuple[int, int]:
         for slot, free in enumerate(self._free):
+            if free and free[0][1] <= now:
+                self.in_use += 1
+                return slot, free.popleft()[0]
+        if len(self._free) < self.max_slots:
+            self._free.append(deque((i, 0.0) for i in range(IDS_PER_SLOT)))
+            self.in_use += 1
+            return len(self._free) - 1, self._free[-1].popleft()[0]
+        for slot, free in enumerate(self._free):  # every slot open: reuse the longest rested
             if free:
                 self.in_use += 1
-                return slot, free.popleft()
-        if len(self._free) >= self.max_slots:
-            raise IdExhausted(f"{self.in_use} requests in flight on {len(self._free)} sockets")
-        self._free.append(deque(range(IDS_PER_SLOT)))
-        self.in_use += 1
-        return len(self._free) - 1, self._free[-1].popleft()
+                return slot, free.popleft()[0]
+        raise IdExhausted(f"{self.in_use} requests in flight on {len(self._free)} sockets")
 
-    def release(self, slot: int, ident: int) -> None:
-        self._free[slot].append(ident)
+    def release(self, slot: int, ident: int, now: float = 0.0) -> None:
+        self._free[slot].append((ident, now + REUSE_HOLD))
         self.in_use -= 1
 
 
