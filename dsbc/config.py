@@ -142,17 +142,23 @@ class SystemsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     target: SystemConfig = msgspec.field(default_factory=SystemConfig)
 
 
-def _check_peer(text: str) -> None:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_peer(text: str) -> tuple[Network, int | None]:
+    """A peer entry: a CIDR, an IP, or IP:PORT -> (network, port or None); ValueError if none."""
     if "/" in text:
-        ipaddress.ip_network(text, strict=False)
-        return
+        return ipaddress.ip_network(text, strict=False), None
     try:
-        ipaddress.ip_address(text)
-        return
+        return ipaddress.ip_network(text), None
     except ValueError:
         pass
-    host, _ = parse_hostport(text)
-    ipaddress.ip_address(host.strip("[]"))
+    host, port = parse_hostport(text)
+    return ipaddress.ip_network(host.strip("[]")), port
+
+
+def _check_peer(text: str) -> None:
+    parse_peer(text)
 
 
 class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -20,7 +20,7 @@ from sip.ratelimit import RateLimiter
 from sip.scanner import ScannerFilter
 from sip.transport import SipEndpoint
 
-from .config import Config, Endpoint, parse_hostport
+from .config import Config, Endpoint, parse_hostport, parse_peer
 from .regwriter import RegistrationWriter
 from .store.base import BadIdentity, Decision, LocationStore, Registration, normalise
 from .tls import sip_client_context, sip_server_contexts
@@ -40,16 +40,13 @@ class TrustedPeers:
         self._cache: dict[tuple[str, int], bool] = {}
 
     def add(self, entry: str) -> None:
-        if "/" in entry:
-            self.networks.append(ipaddress.ip_network(entry, strict=False))
-            return
-        try:
-            self.addrs.add(str(ipaddress.ip_address(entry)))
-            return
-        except ValueError:
-            pass
-        host, port = parse_hostport(entry)
-        self.pairs.add((str(ipaddress.ip_address(host.strip("[]"))), port))
+        net, port = parse_peer(entry)
+        if port is not None:
+            self.pairs.add((str(net.network_address), port))
+        elif net.num_addresses == 1:
+            self.addrs.add(str(net.network_address))
+        else:
+            self.networks.append(net)
 
     def __call__(self, ip: str, port: int) -> bool:
         key = (ip, port)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 
-from dsbc.config import parse_hostport
+from dsbc.config import parse_peer
 
 IDS_PER_SLOT = 256
 
@@ -72,16 +72,7 @@ class ClientEntry:
 
     def __init__(self, address: str, secret: str) -> None:
         self.name = address
-        self.port: int | None = None
-        if "/" in address:
-            self.net = ipaddress.ip_network(address, strict=False)
-        else:
-            try:
-                self.net = ipaddress.ip_network(address)
-            except ValueError:
-                host, port = parse_hostport(address)
-                self.net = ipaddress.ip_network(host.strip("[]"))
-                self.port = port
+        self.net, self.port = parse_peer(address)
         self.secret = secret.encode()
 
 
