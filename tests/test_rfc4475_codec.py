@@ -10,7 +10,6 @@ dropping bcast) are not the codec's: those messages parse.
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any
 
 import pytest
@@ -26,10 +25,9 @@ from sip.errors import (
 from sip.framing import NEED_DATA, StreamFramer
 from sip.message import SipMessage, make_response, parse_message
 from sip.uri import parse_uri, unescape
+from tests import conformance
 
-DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "conformance" / "rfc4475"
-if not DIR.is_dir():  # checkouts that keep the corpus elsewhere
-    DIR = pathlib.Path("/work/shared/conformance/rfc4475")
+DIR = conformance.RFC4475
 INDEX: list[dict[str, Any]] = json.loads((DIR / "index.json").read_text()) if DIR.is_dir() else []
 
 pytestmark = pytest.mark.skipif(not DIR.is_dir(), reason="RFC 4475 corpus not available")

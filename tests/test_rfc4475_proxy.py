@@ -29,13 +29,12 @@ import pytest
 from sip.errors import SipError
 from sip.message import SipMessage, make_response, parse_message
 from sip.proxy import BRANCH_PREFIX
+from tests import conformance
 from tests.peers.dsbc import Dsbc
 from tests.peers.fakenode import FakeNode
 from tests.peers.sipmsg import parse_message as lenient_parse
 
-DIR = pathlib.Path("/work/shared/conformance/rfc4475")
-if not DIR.is_dir():
-    DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "conformance" / "rfc4475"
+DIR = conformance.RFC4475
 INDEX: list[dict[str, Any]] = json.loads((DIR / "index.json").read_text()) if DIR.is_dir() else []
 
 pytestmark = [

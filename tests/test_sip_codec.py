@@ -29,13 +29,12 @@ from sip.message import (
     parse_message,
     parse_request_uri,
 )
+from tests import conformance
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "fuzz"))
 import _common  # the fuzz harnesses' invariants, run here under Hypothesis
 
-RFC4475 = pathlib.Path("/work/shared/conformance/rfc4475")
-if not RFC4475.is_dir():
-    RFC4475 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "conformance" / "rfc4475"
+RFC4475 = conformance.RFC4475
 
 REGISTER = (
     b"REGISTER sip:registrar.example.com SIP/2.0\r\n"
