@@ -63,8 +63,10 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
     # ?mac=0004f2a1b2c3, &MAC=00:04:f2:a1:b2:c3, mac_address=00-04-...
     r"(?i)[?&](?:mac|mac_?addr(?:ess)?|device_?mac)=([0-9a-f]{2}(?:[:\-.]?[0-9a-f]{2}){5})(?:&|$)",
     # a file named by MAC, with the usual vendor prefixes and suffixes
-    r"(?i)/(?:cfg|spa|sep|snom[0-9a-z]*-|yealink-|gs_|aastra-|mitel-)?([0-9a-f]{12})"
-    r"(?:[-_.][\w.\-]*)?(?:\?|$)",
+    (
+        r"(?i)/(?:cfg|spa|sep|snom[0-9a-z]*-|yealink-|gs_|aastra-|mitel-)?([0-9a-f]{12})"
+        r"(?:[-_.][\w.\-]*)?(?:\?|$)"
+    ),
     # a path segment that is a MAC written with separators
     r"(?i)/([0-9a-f]{2}(?:[:\-][0-9a-f]{2}){5})(?:/|\?|$)",
 )
@@ -388,18 +390,23 @@ def classify(
 
     sm = api_path(path)
     if sm is None:
-        if kind is RealmKind.CUSTOMER and method == "POST" and body and complete:
-            if content_type(headers)[0] in _FORM_TYPES:
-                try:
-                    fields = form_fields(body)
-                except BadRequest:  # any other form (legacy charset, many fields): not a login
-                    fields = {}
-                user = next((fields[f] for f in LOGIN_FIELDS if fields.get(f)), "")
-                if user and any(fields.get(f) for f in PASSWORD_FIELDS):
-                    out.action = Action.WEB_LOGIN
-                    out.keys = (RouteKey("login", user[:256], "form"),)
-                    out.creds = Credentials(login=user[:256], secret=True)
-                    return out
+        if (
+            kind is RealmKind.CUSTOMER
+            and method == "POST"
+            and body
+            and complete
+            and content_type(headers)[0] in _FORM_TYPES
+        ):
+            try:
+                fields = form_fields(body)
+            except BadRequest:  # any other form (legacy charset, many fields): not a login
+                fields = {}
+            user = next((fields[f] for f in LOGIN_FIELDS if fields.get(f)), "")
+            if user and any(fields.get(f) for f in PASSWORD_FIELDS):
+                out.action = Action.WEB_LOGIN
+                out.keys = (RouteKey("login", user[:256], "form"),)
+                out.creds = Credentials(login=user[:256], secret=True)
+                return out
         out.creds = _credentials(None, cookies)
         return out
 

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from api_proxy.classify import Action, RealmKind
+from api_proxy.classify import Action, Classified, RealmKind
 from api_proxy.errors import (
     BackendUnavailable,
     BadRequest,
@@ -155,6 +155,9 @@ async def merge_lists(fetch: Fetch, params: dict[str, Any], list_key: str) -> tu
 
 class Flows(Forwarder):
     async def dispatch(self, ctx: Ctx) -> web.StreamResponse:
+        system = self.plan(ctx.c)
+        if system is not None:
+            return await self.forward(ctx, system)
         kind = ctx.c.kind
         if kind is RealmKind.CUSTOMER:
             return await self.customer(ctx)
@@ -162,11 +165,69 @@ class Flows(Forwarder):
             return await self.cpe(ctx)
         return await self.admin(ctx)
 
+    # -- the common case ------------------------------------------------------------------
+
+    def plan(self, c: Classified) -> str | None:
+        """The system a request goes to unchanged, with its answer relayed as it is; None
+        when its flow does more (a login, a probe, a hold, a twin rewrite, a merge, a
+        create, a CPE cookie).  Synchronous and without side effects: the fast path
+        (``fastpath.py``) asks it before taking a request, and ``dispatch`` asks it
+        first too, so both paths route the common case by this one piece of code."""
+        kind = c.kind
+        if kind is RealmKind.CPE:
+            return None
+        action = c.action
+        if action is Action.LOGIN or action is Action.WEB_LOGIN:
+            return None
+        rec = self.find_session_of(c)
+        if kind is RealmKind.CUSTOMER:
+            if rec is not None:
+                return None if action in (Action.LOGOUT, Action.REFRESH) else rec.system
+            if c.creds.session_keys():
+                return None
+            if c.keys:
+                owner = self.plain_owner(c)
+                return owner.system if owner is not None and owner.known else None
+            return "source" if c.remote else "target"
+        # admin realms
+        if rec is None and c.creds.session_keys():
+            return None
+        if action in (Action.SET_CONTEXT, Action.LIST) or c.creates:
+            return None
+        if rec is not None and action in (Action.LOGOUT, Action.REFRESH):
+            return None
+        twin = twin_of(rec) if rec is not None else None
+        system = (twin.ctx if twin and twin.ctx else "") or (rec.system if rec else "target")
+        if action is Action.ENTITY:
+            found = self.owner_of(c.keys)
+            if found is not None:
+                owner = self.plain_owner(c)
+                if owner is None:
+                    return None
+                system = owner.system
+        if rec is not None and system != rec.system:
+            return None  # the twin's credentials go instead of the client's
+        return system
+
+    def plain_owner(self, c: Classified) -> Owner | None:
+        """The owner ``resolve`` would give without holding or refusing (None: it would
+        hold, refuse or find nobody)."""
+        found = self.owner_of(c.keys)
+        if found is None:
+            return None
+        _, owner = found
+        if owner.system == "reject" or owner.state == "locked":
+            return None
+        return owner
+
     # -- sessions in the store -------------------------------------------------------------
 
     def find_session(self, ctx: Ctx) -> SessionRecord | None:
+        return self.find_session_of(ctx.c)
+
+    def find_session_of(self, c: Classified) -> SessionRecord | None:
         now = self.now()
-        for kind, value in ctx.c.creds.session_keys():
+        for kind, value in c.creds.session_keys():
             rec = self.router.get_session(session_key(kind, value))
             if rec is not None and rec.expires_at > now:
                 return rec

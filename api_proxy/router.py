@@ -166,6 +166,8 @@ class ProxySettings(msgspec.Struct, kw_only=True):
     backend_verify: bool = True
     backend_ca: str = ""
     remote_cookie: str = "authorized-by-remote"
+    #: False: every connection goes the aiohttp way (a switch to compare the two paths)
+    fast_path: bool = True
 
 
 def split_host(text: str) -> tuple[str, int]:

@@ -35,9 +35,11 @@ from api_proxy.errors import (
     UnknownHost,
     fault_body,
 )
+from api_proxy.fastpath import FastConn
+from api_proxy.fastpool import Origin, UpstreamPool
 from api_proxy.flows import Flows
 from api_proxy.forward import Ctx
-from api_proxy.router import ProxySettings, Router, VhostTable
+from api_proxy.router import ProxySettings, Router, Vhost, VhostTable
 
 log = logging.getLogger("api_proxy")
 
@@ -51,11 +53,15 @@ class _FaultingHandler(RequestHandler):
     _head_count = 0
 
     _counted_ip: str | None = None
+    #: set by ``ApiProxy.adopt``: a connection the fast path admitted and hands over
+    _adopted_ip: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
-        if proxy is not None:
+        if self._adopted_ip is not None:
+            self._counted_ip = self._adopted_ip
+        elif proxy is not None:
             peer = transport.get_extra_info("peername")
             ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
             if not proxy.admit_connection(ip):
@@ -148,6 +154,11 @@ class ApiProxy(Flows):
         super().__init__(settings, router)
         self.table = VhostTable(settings.vhosts)
         self._runner: web.ServerRunner | None = None
+        self._aio: _Server | None = None
+        self._servers: list[asyncio.Server] = []
+        self.fast_conns: set[FastConn] = set()
+        self._pools: dict[tuple[bool, str, int], UpstreamPool] = {}
+        self._upstreams: dict[tuple[int, str], tuple[UpstreamPool, Origin]] = {}
         self.addresses: list[tuple[str, int]] = []
         self._conns = 0
         self._per_ip: dict[str, int] = {}
@@ -182,6 +193,10 @@ class ApiProxy(Flows):
         return ctx
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop_time = loop.time
+        self.call_at = loop.call_at
+        self.call_soon = loop.call_soon
         for b in self.backends.values():
             b.open()
         size = self.settings.max_header_size
@@ -197,25 +212,81 @@ class ApiProxy(Flows):
             lingering_time=min(1.0, self.settings.body_timeout),
         )
         server.proxy = self
+        self._aio = server
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         tls = self.ssl_context()
+        secure = tls is not None
+        # every connection starts on the fast path, which hands it to ``server`` (aiohttp)
+        # at the first request it does not take (fastpath.py)
         for host, port in self.settings.listen:
-            site = web.TCPSite(
-                self._runner, host, port, ssl_context=tls, reuse_address=True, backlog=1024
+            srv = await loop.create_server(
+                lambda: FastConn(self, secure),
+                host,
+                port,
+                ssl=tls,
+                reuse_address=True,
+                backlog=1024,
             )
-            await site.start()
-            server_ = site._server
-            for sock in getattr(server_, "sockets", None) or []:
+            self._servers.append(srv)
+            for sock in srv.sockets or []:
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
         log.info("API dispatcher listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses))
 
     async def stop(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        self._servers.clear()
+        for conn in list(self.fast_conns):
+            if conn.transport is not None:
+                conn.transport.abort()
+        self.fast_conns.clear()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+        self._upstreams.clear()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         await self.close_backends()
+
+    # -- the fast path's needs ----------------------------------------------------------------
+
+    def adopt(self, transport: asyncio.Transport, data: bytes, ip: str) -> None:
+        """Hand a fast-path connection to aiohttp, with the octets it has not consumed."""
+        assert self._aio is not None
+        handler = self._aio()
+        assert isinstance(handler, _FaultingHandler)
+        handler._adopted_ip = ip
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if data:
+            handler.data_received(data)
+
+    def upstream(self, vhost: Vhost, system: str) -> tuple[UpstreamPool, Origin]:
+        """The keep-alive pool (one per origin) behind ``vhost``'s base URL on ``system``."""
+        key = (id(vhost), system)
+        found = self._upstreams.get(key)
+        if found is None:
+            origin = Origin(vhost.base(system))
+            pkey = (origin.tls, origin.host, origin.port)
+            pool = self._pools.get(pkey)
+            if pool is None:
+                s = self.settings
+                backend = self.backends[system]
+                pool = UpstreamPool(
+                    asyncio.get_running_loop(),
+                    origin,
+                    backend,
+                    limit=s.pool_size,
+                    connect_timeout=s.connect_timeout,
+                    timeout=s.timeout,
+                    ssl_context=backend.ssl_context,
+                )
+                self._pools[pkey] = pool
+            found = self._upstreams[key] = (pool, origin)
+        return found
 
     def status(self) -> dict[str, Any]:
         return {

@@ -148,6 +148,7 @@ class Backend:
             ctx = ssl.create_default_context(cafile=ca)
         elif not verify:
             ctx = False
+        self.ssl_context = ctx
         self._connector_args: dict[str, Any] = {
             "limit": pool_size,
             "limit_per_host": pool_size,

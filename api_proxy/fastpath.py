@@ -1,0 +1,468 @@
+"""The fast path: a plain asyncio Protocol for the common API request (SPEC section 7).
+
+Every client connection starts here.  A request is taken when
+
+- its head is plain HTTP/1.1 that ``h1.parse_request_head`` accepts (GET without a
+  body, or POST with a Content-Length body of at most ``route_body_limit``), its Host
+  names a virtual host and its path has no percent-escapes; and
+- the realm's flow would send it, unchanged, to one system and relay the answer
+  (``Flows.plan``: a followed session, an owned entity whose customer is not locked,
+  the remote cookie, the default system).
+
+Such a request is written to a keep-alive connection of ``fastpool`` with one write,
+and the answer goes back with one write when it came in one read, head rewritten by
+the same rules as ``upstream.response_headers`` plus aiohttp's own (Date, Server,
+Content-Type default, Connection: close).
+
+Anything else, at a request boundary, hands the connection to aiohttp
+(``ApiProxy.adopt``) with the bytes not yet consumed: logins, twin sessions, merged
+lists, creates, CPE, holds, Expect, chunked or large uploads, HTTP/1.0, malformed or
+oversized heads (aiohttp answers them with the faults it always gave).  The connection
+then stays on aiohttp: the rare path is the proven path.
+
+Timeouts (one lazily re-armed timer): the first head ``header_timeout`` from the
+connection or from its first octet, the body ``body_timeout`` of silence, keep-alive
+75 s, all as ``server.py`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from http import HTTPStatus
+from typing import TYPE_CHECKING, cast
+
+from aiohttp.http import SERVER_SOFTWARE
+
+from api_proxy.classify import classify, needs_body
+from api_proxy.errors import BackendUnavailable, DispatchError, RequestTimeout
+from api_proxy.fastpool import Exchange, Origin, cancel
+from api_proxy.h1 import (
+    LAST_CHUNK,
+    LENGTH,
+    NO_BODY,
+    RequestHead,
+    ResponseHead,
+    chunk,
+    date_header,
+    parse_request_head,
+)
+from api_proxy.upstream import HOP_BY_HOP
+
+if TYPE_CHECKING:
+    from api_proxy.server import ApiProxy
+
+log = logging.getLogger("api_proxy.fastpath")
+
+HEAD, BODY, BUSY, IDLE, GONE = range(5)
+KEEPALIVE = 75.0
+MAX_BUFFER = 256 * 1024  # pipelined octets read ahead while a request is in flight
+_INF = float("inf")
+_SERVER = b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
+_REQ_SKIP = HOP_BY_HOP | {"host", "content-length", "expect", "close"}
+_RESP_SKIP = frozenset(h.encode() for h in HOP_BY_HOP) | {b"content-length"}
+_FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip")
+_FORWARDED_NAMES = {
+    "x-forwarded-for": "X-Forwarded-For",
+    "x-forwarded-proto": "X-Forwarded-Proto",
+    "x-forwarded-host": "X-Forwarded-Host",
+    "x-real-ip": "X-Real-IP",
+}
+_DOMAIN_ATTR = re.compile(rb";\s*domain=[^;]*", re.IGNORECASE)
+
+
+def fault_bytes(exc: DispatchError, keep_alive: bool) -> bytes:
+    """The answer ``Forwarder.fault`` gives through aiohttp, as octets."""
+    body = exc.body()
+    close = exc.close or not keep_alive
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %b\r\n" % (exc.http_status, HTTPStatus(exc.http_status).phrase.encode()),
+            b"Content-Type: application/json; charset=utf-8\r\n",
+            b"Retry-After: 2\r\n" if exc.reason == "customer_locked" else b"",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Date: " + date_header().encode() + b"\r\n",
+            _SERVER,
+            b"Connection: close\r\n" if close else b"",
+            b"\r\n",
+            body,
+        )
+    )
+
+
+class FastConn(asyncio.Protocol):
+    __slots__ = (
+        "buf",
+        "deadline",
+        "ex",
+        "head_len",
+        "ip",
+        "keep_alive",
+        "local_port",
+        "origin",
+        "pending",
+        "proxy",
+        "public",
+        "req",
+        "resp",
+        "state",
+        "system",
+        "timer",
+        "tls",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, proxy: ApiProxy, tls: bool) -> None:
+        self.proxy = proxy
+        self.tls = tls
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.state = HEAD
+        self.deadline = _INF
+        self.timer: asyncio.TimerHandle | None = None
+        self.ip = ""
+        self.local_port = 0
+        self.req: RequestHead | None = None
+        self.head_len = 0
+        self.ex: Exchange | None = None
+        self.resp: ResponseHead | None = None
+        self.pending: bytes | None = None  # the answer's head, written with its first data
+        self.keep_alive = True
+        self.write_paused = False
+        self.system = ""
+        self.origin: Origin | None = None
+        self.public = b""
+
+    # -- asyncio ----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: cast, do not assert
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
+        peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        sock = transport.get_extra_info("sockname")
+        self.local_port = sock[1] if isinstance(sock, tuple) and len(sock) > 1 else 0
+        proxy = self.proxy
+        if not proxy.admit_connection(self.ip):
+            proxy.metrics["connections_refused"] += 1
+            self.state = GONE
+            transport.abort()
+            return
+        proxy.fast_conns.add(self)
+        if not proxy.settings.fast_path:
+            self._handover()
+            return
+        self._arm(proxy.loop_time() + proxy.settings.header_timeout)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.state == GONE:
+            return
+        self.state = GONE
+        self.proxy.fast_conns.discard(self)
+        self.proxy.release_connection(self.ip)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        ex = self.ex
+        if ex is not None:
+            self.ex = None
+            cancel(ex)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state == IDLE:
+            self.state = HEAD
+            self.deadline = self.proxy.loop_time() + self.proxy.settings.header_timeout
+        elif state == BODY:
+            self.deadline = self.proxy.loop_time() + self.proxy.settings.body_timeout
+        if state != BUSY and state != GONE:
+            self.buf += data
+            self._process()
+            if self.state == HEAD or self.state == BODY:
+                self._arm(self.deadline)  # still waiting: make sure the timer is early enough
+        elif state == BUSY:
+            self.buf += data
+            if len(self.buf) > MAX_BUFFER and self.transport is not None:
+                self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.ex
+        if ex is not None and ex.conn is not None:
+            ex.conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.ex
+        if ex is not None and ex.conn is not None:
+            ex.conn.resume_reading()
+        elif self.state in (HEAD, BODY) and self.buf:
+            self._process()  # a hand-over waited for the write buffer to drain
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        proxy = self.proxy
+        s = proxy.settings
+        buf = self.buf
+        req = self.req
+        if req is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0 or end > s.max_header_size:
+                if end >= 0 or len(buf) > s.max_header_size:
+                    self._handover()
+                return
+            req = parse_request_head(bytes(buf[: end + 2]))
+            if req is None or req.content_length > s.route_body_limit:
+                self._handover()
+                return
+            self.req, self.head_len = req, end + 4
+            self.state = BODY
+            self.deadline = proxy.loop_time() + s.body_timeout
+        need = self.head_len + req.content_length
+        if len(buf) < need:
+            return
+        body = bytes(buf[self.head_len : need]) if req.content_length else b""
+        if not self._take(req, body):
+            self._handover()
+            return
+        del buf[:need]
+        self.req = None
+
+    def _take(self, req: RequestHead, body: bytes) -> bool:
+        """Classify and send ``req`` when the fast path can; False: hand it over."""
+        proxy = self.proxy
+        target = req.target
+        path, _, query = target.partition("?")
+        if "%" in path:
+            return False
+        vhost = proxy.table.select(req.index["host"], self.local_port)
+        if vhost is None:
+            return False
+        realm = vhost.realm_for(path)
+        prefix = body if body and needs_body(realm, req.method, target, req.index) else None
+        try:
+            c = classify(
+                realm,
+                req.method,
+                target,
+                req.index,
+                prefix,
+                cpe_patterns=proxy.table.patterns(vhost),
+                remote_cookie=proxy.settings.remote_cookie,
+            )
+        except DispatchError:
+            return False
+        system = proxy.plan(c)
+        if system is None:
+            return False
+        pool, origin = proxy.upstream(vhost, system)
+        host = req.index["host"]
+        proto = "https" if self.tls else "http"
+        ip = self.ip
+        xff = req.index.get("x-forwarded-for")
+        fwd = {
+            "x-forwarded-for": f"{xff}, {ip}" if xff else ip,
+            "x-forwarded-proto": proto,
+            "x-forwarded-host": host,
+            "x-real-ip": ip,
+        }
+        qs = "?" + query if query else ""
+        lines = [
+            f"{req.method} {origin.prefix}{path}{qs} HTTP/1.1\r\nHost: {origin.host_header}\r\n"
+        ]
+        skip = _REQ_SKIP
+        for name, value in req.headers:
+            lname = name.lower()
+            if lname in skip:
+                continue
+            if lname in fwd:
+                lines.append(f"{_FORWARDED_NAMES[lname]}: {fwd.pop(lname)}\r\n")
+                continue
+            if lname in _FORWARDED:
+                continue  # a repeated X-Forwarded-* header: replaced by the first
+            lines.append(f"{name}: {value}\r\n")
+        for lname, value in fwd.items():
+            lines.append(f"{_FORWARDED_NAMES[lname]}: {value}\r\n")
+        if req.method != "GET":
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        lines.append("\r\n")
+        data = "".join(lines).encode("ascii") + body if body else "".join(lines).encode("ascii")
+        m = proxy.metrics
+        m["requests"] += 1
+        m["to_" + system] += 1
+        self.state = BUSY
+        self.deadline = _INF
+        self.keep_alive = req.keep_alive
+        self.system = system
+        self.origin = origin
+        self.public = f"{proto}://{host}".encode()
+        self.resp = None
+        self.ex = ex = Exchange(data, req.method, self)
+        pool.submit(ex)
+        return True
+
+    # -- answers (the Sink of fastpool) -----------------------------------------------------
+
+    def up_head(self, head: ResponseHead) -> None:
+        self.resp = head
+        status = head.status
+        out = [b"HTTP/1.1 %d %b\r\n" % (status, head.reason)]
+        skip = _RESP_SKIP
+        conn_listed: set[bytes] = set()
+        has_ct = has_date = has_server = False
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname == b"connection":
+                conn_listed.update(t.strip().lower() for t in value.split(b","))
+        assert self.origin is not None
+        backend_origin = self.origin.origin.encode()
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname in skip or lname in conn_listed:
+                continue
+            if lname == b"location" and value.startswith(backend_origin):
+                value = self.public + value[len(backend_origin) :]
+            elif lname == b"set-cookie":
+                value = _DOMAIN_ATTR.sub(b"", value)
+            elif lname == b"content-type":
+                has_ct = True
+            elif lname == b"date":
+                has_date = True
+            elif lname == b"server":
+                has_server = True
+            out.append(name + b": " + value + b"\r\n")
+        if head.framing != NO_BODY:
+            if head.framing == LENGTH:
+                out.append(b"Content-Length: %d\r\n" % head.length)
+            else:
+                out.append(b"Transfer-Encoding: chunked\r\n")
+            if not has_ct and (head.framing != LENGTH or head.length):
+                out.append(b"Content-Type: application/octet-stream\r\n")
+        if not has_date:
+            out.append(b"Date: " + date_header().encode() + b"\r\n")
+        if not has_server:
+            out.append(_SERVER)
+        if not self.keep_alive:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        self.pending = b"".join(out)
+        if self.write_paused and self.ex is not None and self.ex.conn is not None:
+            self.ex.conn.pause_reading()
+
+    def up_data(self, data: bytes, end: bool) -> None:
+        t = self.transport
+        if t is None:
+            return
+        resp = self.resp
+        assert resp is not None
+        if resp.framing != LENGTH and resp.framing != NO_BODY:
+            out = chunk(data) if data else b""
+            data = out + LAST_CHUNK if end else out
+        if self.pending is not None:
+            data = self.pending + data
+            self.pending = None
+        if data:
+            t.write(data)
+        if end:
+            self._done()
+
+    def up_failed(self, detail: str) -> None:
+        exc = BackendUnavailable(self.system, detail)
+        m = self.proxy.metrics
+        m["faults"] += 1
+        m["backend_errors"] += 1
+        if self.transport is not None:
+            self.transport.write(fault_bytes(exc, self.keep_alive))
+        self._done()
+
+    def up_broken(self, detail: str) -> None:
+        log.info("%s back end broke off a response: %s", self.system, detail)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _done(self) -> None:
+        self.ex = None
+        self.resp = None
+        t = self.transport
+        if t is None:
+            return
+        if not self.keep_alive:
+            self.state = GONE
+            t.close()
+            self.proxy.fast_conns.discard(self)
+            self.proxy.release_connection(self.ip)
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            return
+        if self.buf:
+            self.state = HEAD
+            self._arm(self.proxy.loop_time() + self.proxy.settings.header_timeout)
+            if len(self.buf) <= MAX_BUFFER:
+                t.resume_reading()
+            self.proxy.call_soon(self._process)
+        else:
+            self.state = IDLE
+            self._arm(self.proxy.loop_time() + KEEPALIVE)
+
+    # -- time -------------------------------------------------------------------------------
+
+    def _arm(self, deadline: float) -> None:
+        """Set the deadline; the timer is re-made only when it would fire too late."""
+        self.deadline = deadline
+        timer = self.timer
+        if timer is None:
+            self.timer = self.proxy.call_at(deadline, self._on_timer)
+        elif deadline < timer.when():
+            timer.cancel()
+            self.timer = self.proxy.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.state in (GONE, BUSY) or self.transport is None:
+            return
+        now = self.proxy.loop_time()
+        if now < self.deadline:
+            self.timer = self.proxy.call_at(self.deadline, self._on_timer)
+            return
+        t = self.transport
+        if self.state == BODY:
+            idle = self.proxy.settings.body_timeout
+            exc = RequestTimeout(f"the client sent no body data for {idle:g} s")
+            m = self.proxy.metrics
+            m["requests"] += 1
+            m["client_timeouts"] += 1
+            m["faults"] += 1
+            t.write(fault_bytes(exc, False))
+            t.close()
+        else:
+            if self.state == HEAD:
+                self.proxy.metrics["client_timeouts"] += 1
+                log.debug("closing a connection whose request head did not arrive in time")
+            t.abort()
+
+    # -- hand-over --------------------------------------------------------------------------
+
+    def _handover(self) -> None:
+        """Give this connection, and what it sent that was not consumed, to aiohttp."""
+        t = self.transport
+        if t is None:
+            return
+        if self.write_paused:
+            t.pause_reading()
+            return  # resume_writing comes back here
+        self.state = GONE
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.proxy.fast_conns.discard(self)
+        data = bytes(self.buf)
+        self.buf = bytearray()
+        self.transport = None
+        t.resume_reading()
+        self.proxy.adopt(t, data, self.ip)

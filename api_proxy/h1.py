@@ -1,0 +1,252 @@
+"""HTTP/1.1 framing for the fast path (``fastpath.py``): pure, no I/O.
+
+- ``parse_request_head`` reads a client's request head, and answers None for anything
+  the fast path leaves to the aiohttp path (``server.py``): other versions, methods or
+  framings, unusual targets, non-ASCII, obs-fold, Expect, Upgrade, Transfer-Encoding,
+  repeated Host / Content-Length, a bad Content-Length.  None is not an error: the same
+  bytes are handed to aiohttp, which answers them as it always did (400, 431, ...).
+- ``parse_response_head`` reads a back end's answer head (strict: anything else is
+  ``H1Error``, which the caller turns into ``backend_unavailable``);
+- ``ChunkedDecoder`` de-frames a chunked body; ``chunk`` frames one piece again.
+- ``date_header`` is the Date value aiohttp would send, cached per second.
+
+Perf note: a head is checked by one regular expression over the whole head (C speed),
+then split into lines; header values stay text (requests) or bytes (responses) and
+nothing is copied beyond the lines themselves.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from email.utils import formatdate
+
+#: what the fast path takes; PATCH / PUT / DELETE are rare on the billing API and go
+#: the aiohttp way (they would pass too, but nothing is gained by widening the surface)
+FAST_METHODS = frozenset({"GET", "POST"})
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_HEAD = re.compile(
+    rb"(GET|POST) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*) HTTP/1\.1\r\n"
+    rb"(?:" + _TOKEN + rb":[\t -~]*\r\n)*"
+)
+_ODD_PATH = re.compile(r"//|/\.\.?(?:/|$)")
+#: request headers that send a request the aiohttp way, whatever their value
+_SLOW_REQUEST_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
+#: request headers that may appear once only on the fast path
+_ONCE = frozenset({"host", "content-length", "connection"})
+MAX_CONTENT_LENGTH_DIGITS = 18
+
+
+class H1Error(Exception):
+    """A back end's answer that is not valid HTTP/1.1 (remote misbehaviour)."""
+
+
+class RequestHead:
+    """A request head the fast path takes.  ``index``: lowercase name -> first value."""
+
+    __slots__ = ("content_length", "headers", "index", "keep_alive", "method", "target")
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        index: dict[str, str],
+        content_length: int,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.index = index
+        self.content_length = content_length
+        self.keep_alive = keep_alive
+
+
+def parse_request_head(head: bytes) -> RequestHead | None:
+    """``head``: the request line and header lines, each ending in CRLF, without the
+    blank line.  None: not for the fast path (see the module docstring)."""
+    m = _REQUEST_HEAD.fullmatch(head)
+    if m is None:
+        return None
+    text = head.decode("ascii")
+    lines = text.split("\r\n")
+    method, target, _ = lines[0].split(" ")
+    if _ODD_PATH.search(target.partition("?")[0]):
+        return None
+    headers: list[tuple[str, str]] = []
+    index: dict[str, str] = {}
+    for line in lines[1:-1]:
+        name, _, value = line.partition(":")
+        lname = name.lower()
+        value = value.strip(" \t")
+        if lname in index:
+            if lname in _ONCE:
+                return None
+        else:
+            if lname in _SLOW_REQUEST_HEADERS:
+                return None
+            index[lname] = value
+        headers.append((name, value))
+    if not index.get("host"):
+        return None
+    length = 0
+    cl = index.get("content-length")
+    if cl is not None:
+        if not cl.isdigit() or len(cl) > MAX_CONTENT_LENGTH_DIGITS or method == "GET":
+            return None
+        length = int(cl)
+    keep_alive = True
+    conn = index.get("connection")
+    if conn is not None:
+        token = conn.lower()
+        if token == "close":
+            keep_alive = False
+        elif token != "keep-alive":
+            return None  # other tokens name headers to drop: the aiohttp path does that
+    return RequestHead(method, target, headers, index, length, keep_alive)
+
+
+# --- answers from a back end -----------------------------------------------------------------
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t -~\x80-\xff]*))?")
+_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[\t -~\x80-\xff]*[!-~\x80-\xff])?)[ \t]*")
+#: no body whatever the headers say (RFC 9112 6.3)
+EMPTY_BODY_STATUS = frozenset({204, 304})
+
+NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
+
+
+class ResponseHead:
+    __slots__ = ("framing", "headers", "keep_alive", "length", "reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        framing: int,
+        length: int,
+        keep_alive: bool,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.framing = framing
+        self.length = length
+        self.keep_alive = keep_alive
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """A back end's status line and headers (CRLF or LF line ends, no blank line)."""
+    lines = head.split(b"\n")
+    m = _STATUS_LINE.fullmatch(lines[0].rstrip(b"\r"))
+    if m is None:
+        raise H1Error("the back end's answer is not HTTP/1.x")
+    minor, status = m.group(1), int(m.group(2))
+    headers: list[tuple[bytes, bytes]] = []
+    cl: bytes | None = None
+    te = b""
+    conn = b""
+    for raw in lines[1:]:
+        h = _HEADER_LINE.fullmatch(raw.rstrip(b"\r"))
+        if h is None:
+            raise H1Error("a header line of the back end's answer is not valid")
+        name, value = h.group(1), h.group(2)
+        lname = name.lower()
+        if lname == b"content-length":
+            if cl is not None and cl != value:
+                raise H1Error("the back end's answer has two Content-Length values")
+            cl = value
+        elif lname == b"transfer-encoding":
+            te = te + b"," + value if te else value
+        elif lname == b"connection":
+            conn = conn + b"," + value if conn else value
+        headers.append((name, value))
+    tokens = {t.strip() for t in conn.lower().split(b",")} if conn else set()
+    keep_alive = b"close" not in tokens and (minor == b"1" or b"keep-alive" in tokens)
+    length = 0
+    if 100 <= status < 200 or status in EMPTY_BODY_STATUS:
+        framing = NO_BODY
+    elif te:
+        if te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
+            framing, keep_alive = UNTIL_CLOSE, False
+        else:
+            framing = CHUNKED
+            keep_alive = keep_alive and cl is None
+    elif cl is not None:
+        if not cl.isdigit() or len(cl) > MAX_CONTENT_LENGTH_DIGITS:
+            raise H1Error("the back end's answer has a bad Content-Length")
+        framing, length = LENGTH, int(cl)
+    else:
+        framing, keep_alive = UNTIL_CLOSE, False
+    return ResponseHead(status, m.group(3) or b"", headers, framing, length, keep_alive)
+
+
+class ChunkedDecoder:
+    """De-frames a chunked body fed piece by piece (extensions and trailers dropped)."""
+
+    __slots__ = ("buf", "done", "left")
+
+    MAX_LINE = 4096
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.left = 0  # octets of data left in the current chunk (+2 for its CRLF), -1: trailers
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[list[bytes], bytes]:
+        """(data pieces, octets after the end of the body)."""
+        out: list[bytes] = []
+        buf = self.buf + data if self.buf else data
+        pos = 0
+        n = len(buf)
+        while pos < n and not self.done:
+            if self.left > 2:
+                take = min(self.left - 2, n - pos)
+                out.append(buf[pos : pos + take])
+                pos += take
+                self.left -= take
+                continue
+            if self.left > 0:  # the CRLF after a chunk's data
+                take = min(self.left, n - pos)
+                if buf[pos : pos + take] != b"\r\n"[2 - self.left : 2 - self.left + take]:
+                    raise H1Error("a chunk of the back end's answer is not framed")
+                pos += take
+                self.left -= take
+                continue
+            end = buf.find(b"\n", pos)
+            if end < 0:
+                if n - pos > self.MAX_LINE:
+                    raise H1Error("a chunk size line of the back end's answer is too long")
+                break
+            line = buf[pos:end].rstrip(b"\r")
+            pos = end + 1
+            if self.left < 0:  # trailers, up to the blank line
+                if not line:
+                    self.done = True
+                continue
+            size = line.split(b";", 1)[0].strip()
+            if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+                raise H1Error("a chunk size of the back end's answer is not valid")
+            k = int(size, 16)
+            self.left = k + 2 if k else -1
+        self.buf = buf[pos:] if not self.done else b""
+        return out, (buf[pos:] if self.done else b"")
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def date_header() -> str:
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
