@@ -294,6 +294,7 @@ class FastConn(asyncio.Protocol):
         data = "".join(lines).encode("ascii") + body if body else "".join(lines).encode("ascii")
         m = proxy.metrics
         m["requests"] += 1
+        m["fast_path"] += 1
         m["to_" + system] += 1
         self.state = BUSY
         self.deadline = _INF

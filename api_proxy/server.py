@@ -163,6 +163,8 @@ class ApiProxy(Flows):
         self._conns = 0
         self._per_ip: dict[str, int] = {}
         self.metrics.setdefault("connections_refused", 0)
+        self.metrics.setdefault("fast_path", 0)  # requests the fast path took
+        self.metrics.setdefault("handed_over", 0)  # connections it gave to aiohttp
 
     def admit_connection(self, ip: str) -> bool:
         """Count a new client connection, or refuse it (over a cap)."""
@@ -256,6 +258,7 @@ class ApiProxy(Flows):
     def adopt(self, transport: asyncio.Transport, data: bytes, ip: str) -> None:
         """Hand a fast-path connection to aiohttp, with the octets it has not consumed."""
         assert self._aio is not None
+        self.metrics["handed_over"] += 1
         handler = self._aio()
         assert isinstance(handler, _FaultingHandler)
         handler._adopted_ip = ip
