@@ -254,7 +254,30 @@ def _node_result(data: dict[str, Any], to: str, dry_run: bool = False) -> Migrat
 # --- commands -----------------------------------------------------------------------------
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from sip._pure import compiled
+
+    try:
+        release = version("dsbc-dispatcher")
+    except PackageNotFoundError:
+        release = "unknown (not installed)"
+    flags = compiled()
+    build = (
+        "compiled (mypyc)" if all(flags.values())
+        else "pure Python" if not any(flags.values())
+        else "mixed: compiled " + ", ".join(k for k, v in flags.items() if v)
+    )
+    click.echo(f"dsbc {release}, Python {sys.version.split()[0]}, SIP core: {build}")
+    ctx.exit()
+
+
 @click.group("dsbc", cls=DsbcGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Show the version and whether the SIP core is compiled.")
 @config_options
 def main() -> None:
     """dsbc: a dispatching session border controller for dual-version migrations."""

@@ -14,7 +14,7 @@ if [ -z "${DSBC_SKIP_INSTALL:-}" ]; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends \
       sip-tester kamailio redis-server freeradius freeradius-utils freediameterd \
-      nginx wrk chromium tshark iproute2 openssl procps >/dev/null
+      nginx wrk chromium tshark iproute2 openssl procps gcc python3-dev >/dev/null
   fi
   python3 -m pip install -q -e '.[test]'
 fi

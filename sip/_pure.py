@@ -1,0 +1,75 @@
+"""Which build of the SIP core runs: the compiled one (mypyc, see setup.py) or the
+pure-Python source it is compiled from.
+
+``DSBC_PURE_PYTHON=1`` imports the ``.py`` files even where the compiled modules are
+installed next to them: the test suite keeps the pure-Python version tested that way
+(tests/test_compiled.py), and an operator can rule the compiled build out when chasing a
+problem.  A source file newer than its compiled module (a tree edited after
+``pip install -e .``) is imported from source too, with a warning: a stale build never
+runs.  ``compiled()`` says which one is in use.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+#: the modules setup.py may compile
+CORE_MODULES = ("sip.uri", "sip.headers", "sip.message", "sip.framing", "sip.proxy")
+
+
+class _SourceFirst(importlib.abc.MetaPathFinder):
+    """Finds the ``.py`` file of each core module ahead of its extension module."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in CORE_MODULES or not path:
+            return None
+        leaf = fullname.rpartition(".")[2]
+        for folder in path:
+            source = os.path.join(folder, leaf + ".py")
+            if os.path.exists(source):
+                return importlib.util.spec_from_file_location(fullname, source)
+        return None
+
+
+def _stale_module(folder: str) -> str | None:
+    """The first core module whose source is newer than its compiled file, if any.  The
+    compiled modules call each other directly, so one stale module means none can be used."""
+    for name in CORE_MODULES:
+        leaf = name.rpartition(".")[2]
+        source = os.path.join(folder, leaf + ".py")
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            built = os.path.join(folder, leaf + suffix)
+            if os.path.exists(built) and os.path.exists(source):
+                if os.path.getmtime(built) + 1 < os.path.getmtime(source):
+                    return leaf
+                break
+    return None
+
+
+def install() -> None:
+    if any(isinstance(f, _SourceFirst) for f in sys.meta_path):
+        return
+    if not os.environ.get("DSBC_PURE_PYTHON"):
+        stale = _stale_module(os.path.dirname(os.path.abspath(__file__)))
+        if stale is None:
+            return
+        print(f"dsbc: sip/{stale}.py is newer than its compiled build: using the pure-Python "
+              "SIP core (rebuild with pip install -e .)", file=sys.stderr)
+    sys.meta_path.insert(0, _SourceFirst())
+
+
+def compiled() -> dict[str, bool]:
+    """For each core module: is the compiled build the one imported?"""
+    out: dict[str, bool] = {}
+    for name in CORE_MODULES:
+        module = importlib.import_module(name)
+        out[name] = not (module.__file__ or "").endswith(".py")
+    return out

@@ -1,0 +1,105 @@
+"""The compiled SIP core (mypyc, setup.py) and the pure-Python one behave the same.
+
+The normal test run uses whatever the install built (compiled where a C compiler was
+found).  Here the I/O-free SIP tests run again with ``DSBC_PURE_PYTHON=1``, which imports
+the ``.py`` sources instead, so both builds pass the same codec, framing, proxy and
+RFC 4475 tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: the I/O-free tests of the modules setup.py compiles
+CORE_TESTS = [
+    "tests/test_sip_codec.py",
+    "tests/test_sip_uri.py",
+    "tests/test_sip_fastpaths.py",
+    "tests/test_sip_badinput.py",
+    "tests/test_framing.py",
+    "tests/test_proxy_core.py",
+    "tests/test_rfc4475_codec.py",
+    "tests/test_rfc4475_proxy.py",
+    "tests/test_security_units.py",
+]
+
+
+def _env(pure: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("DSBC_PURE_PYTHON", None)
+    if pure:
+        env["DSBC_PURE_PYTHON"] = "1"
+    return env
+
+
+def _compiled(pure: bool) -> dict[str, bool]:
+    code = "import json; from sip._pure import compiled; print(json.dumps(compiled()))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(pure), capture_output=True,
+        text=True, timeout=60, check=True,
+    )
+    result: dict[str, bool] = json.loads(out.stdout)
+    return result
+
+
+def _can_build() -> bool:
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return bool(shutil.which(cc)) and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+
+
+def test_pure_switch_imports_the_sources() -> None:
+    assert not any(_compiled(pure=True).values())
+
+
+@pytest.mark.skipif(not _can_build() or bool(os.environ.get("DSBC_PURE_PYTHON")),
+                    reason="no C compiler here: the install is pure Python")
+def test_install_built_the_compiled_core() -> None:
+    """scripts/test.sh installs with a compiler at hand: every core module is compiled."""
+    flags = _compiled(pure=False)
+    assert all(flags.values()), f"not compiled: {[k for k, v in flags.items() if not v]}"
+
+
+def test_version_names_the_build() -> None:
+    for pure, expect in ((True, "SIP core: pure Python"), (False, "SIP core: ")):
+        out = subprocess.run(
+            [sys.executable, "-c", "from dsbc.cli import main; main(['--version'])"],
+            cwd=ROOT, env=_env(pure), capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert expect in out.stdout
+
+
+def test_pure_python_core_passes_the_core_tests() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         "-o", "addopts=", *CORE_TESTS],
+        cwd=ROOT, env=_env(pure=True), capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
+
+
+def test_a_stale_build_is_not_used(tmp_path: Path) -> None:
+    """A source edited after the build wins over the compiled file (a developer's tree)."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    from sip._pure import _stale_module
+
+    for leaf in ("uri", "message"):
+        (tmp_path / f"{leaf}.py").write_text("")
+        built = tmp_path / f"{leaf}{EXTENSION_SUFFIXES[0]}"
+        built.write_text("")
+        os.utime(built, (1_000_000, 1_000_000))
+        os.utime(tmp_path / f"{leaf}.py", (1_000_000, 1_000_000))
+    assert _stale_module(str(tmp_path)) is None
+    os.utime(tmp_path / "message.py", (1_000_100, 1_000_100))
+    assert _stale_module(str(tmp_path)) == "message"
