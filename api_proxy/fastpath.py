@@ -316,26 +316,24 @@ class FastConn(asyncio.Protocol):
         skip = _RESP_SKIP
         conn_listed: set[bytes] = set()
         has_ct = has_date = has_server = False
-        for name, value in head.headers:
-            lname = name.lower()
+        for lname, _, value in head.headers:
             if lname == b"connection":
                 conn_listed.update(t.strip().lower() for t in value.split(b","))
         assert self.origin is not None
-        backend_origin = self.origin.origin.encode()
-        for name, value in head.headers:
-            lname = name.lower()
+        backend_origin = self.origin.origin_b
+        for lname, name, value in head.headers:
             if lname in skip or lname in conn_listed:
                 continue
-            if lname == b"location" and value.startswith(backend_origin):
-                value = self.public + value[len(backend_origin) :]
-            elif lname == b"set-cookie":
-                value = _DOMAIN_ATTR.sub(b"", value)
-            elif lname == b"content-type":
+            if lname == b"content-type":
                 has_ct = True
             elif lname == b"date":
                 has_date = True
             elif lname == b"server":
                 has_server = True
+            elif lname == b"location" and value.startswith(backend_origin):
+                value = self.public + value[len(backend_origin) :]
+            elif lname == b"set-cookie":
+                value = _DOMAIN_ATTR.sub(b"", value)
             out.append(name + b": " + value + b"\r\n")
         if head.framing != NO_BODY:
             if head.framing == LENGTH:

@@ -63,7 +63,16 @@ class Sink(Protocol):
 class Origin:
     """Where a vhost's base URL for one system points (computed once, at start)."""
 
-    __slots__ = ("host", "host_header", "origin", "port", "prefix", "server_hostname", "tls")
+    __slots__ = (
+        "host",
+        "host_header",
+        "origin",
+        "origin_b",
+        "port",
+        "prefix",
+        "server_hostname",
+        "tls",
+    )
 
     def __init__(self, base: str) -> None:
         from yarl import URL  # once per origin, never per request
@@ -75,6 +84,7 @@ class Origin:
         self.server_hostname = u.raw_host if self.tls else None
         self.host_header = u.host_port_subcomponent or self.host
         self.origin = str(u.origin())
+        self.origin_b = self.origin.encode()
         self.prefix = u.raw_path.rstrip("/") if u.raw_path != "/" else ""
 
 
@@ -192,7 +202,7 @@ class UpstreamConn(asyncio.Protocol):
             head = found
             self.buf = b""
             self.head = head
-            self.pool.backend.last_ok_at = self.pool.now()
+            self.pool.backend.last_ok_at = time.time()
             ex.sink.up_head(head)
             if head.framing == LENGTH:
                 self.left = head.length
@@ -326,9 +336,6 @@ class UpstreamPool:
         self.waiting: deque[Exchange] = deque()
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
-
-    def now(self) -> float:
-        return time.time()
 
     def submit(self, ex: Exchange) -> None:
         self.backend.requests += 1

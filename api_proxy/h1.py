@@ -109,8 +109,10 @@ def parse_request_head(head: bytes) -> RequestHead | None:
 
 # --- answers from a back end -----------------------------------------------------------------
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t -~\x80-\xff]*))?")
-_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[\t -~\x80-\xff]*[!-~\x80-\xff])?)[ \t]*")
+_RESPONSE_HEAD = re.compile(
+    rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t -~\x80-\xff]*)?"
+    rb"(?:\r?\n" + _TOKEN + rb":[\t -~\x80-\xff]*)*\r?"
+)
 #: no body whatever the headers say (RFC 9112 6.3)
 EMPTY_BODY_STATUS = frozenset({204, 304})
 
@@ -118,13 +120,15 @@ NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
 
 
 class ResponseHead:
+    """A back end's answer head.  ``headers``: (lowercase name, name, value) in order."""
+
     __slots__ = ("framing", "headers", "keep_alive", "length", "reason", "status")
 
     def __init__(
         self,
         status: int,
         reason: bytes,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes, bytes]],
         framing: int,
         length: int,
         keep_alive: bool,
@@ -139,20 +143,21 @@ class ResponseHead:
 
 def parse_response_head(head: bytes) -> ResponseHead:
     """A back end's status line and headers (CRLF or LF line ends, no blank line)."""
-    lines = head.split(b"\n")
-    m = _STATUS_LINE.fullmatch(lines[0].rstrip(b"\r"))
+    m = _RESPONSE_HEAD.fullmatch(head)
     if m is None:
-        raise H1Error("the back end's answer is not HTTP/1.x")
+        raise H1Error("the back end's answer is not valid HTTP/1.x")
     minor, status = m.group(1), int(m.group(2))
-    headers: list[tuple[bytes, bytes]] = []
+    lines = head.split(b"\r\n") if b"\r\n" in head else head.split(b"\n")
+    if len(lines) > 1 and b"\n" in lines[1] or lines[0][-1:] == b"\r":
+        lines = [line.rstrip(b"\r") for line in head.split(b"\n")]  # mixed line ends
+    reason = lines[0][13:]
+    headers: list[tuple[bytes, bytes, bytes]] = []
     cl: bytes | None = None
     te = b""
     conn = b""
     for raw in lines[1:]:
-        h = _HEADER_LINE.fullmatch(raw.rstrip(b"\r"))
-        if h is None:
-            raise H1Error("a header line of the back end's answer is not valid")
-        name, value = h.group(1), h.group(2)
+        name, _, value = raw.partition(b":")
+        value = value.strip(b" \t")
         lname = name.lower()
         if lname == b"content-length":
             if cl is not None and cl != value:
@@ -162,9 +167,11 @@ def parse_response_head(head: bytes) -> ResponseHead:
             te = te + b"," + value if te else value
         elif lname == b"connection":
             conn = conn + b"," + value if conn else value
-        headers.append((name, value))
-    tokens = {t.strip() for t in conn.lower().split(b",")} if conn else set()
-    keep_alive = b"close" not in tokens and (minor == b"1" or b"keep-alive" in tokens)
+        headers.append((lname, name, value))
+    keep_alive = minor == b"1"
+    if conn:
+        tokens = {t.strip() for t in conn.lower().split(b",")}
+        keep_alive = b"close" not in tokens and (keep_alive or b"keep-alive" in tokens)
     length = 0
     if 100 <= status < 200 or status in EMPTY_BODY_STATUS:
         framing = NO_BODY
@@ -180,7 +187,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
         framing, length = LENGTH, int(cl)
     else:
         framing, keep_alive = UNTIL_CLOSE, False
-    return ResponseHead(status, m.group(3) or b"", headers, framing, length, keep_alive)
+    return ResponseHead(status, reason, headers, framing, length, keep_alive)
 
 
 class ChunkedDecoder:
