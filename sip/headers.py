@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 from .errors import SipParseError
-from .uri import _HOST_RE, _TOKEN_CHARS, _WS, _end_of_quoted, _parse_params, find_param, is_digits
+from .uri import (
+    _HOST_RE,
+    _TOKEN_CHARS,
+    _TOKEN_CLASS,
+    _WS,
+    _end_of_quoted,
+    _parse_params,
+    find_param,
+    is_digits,
+)
 
 COMPACT: dict[str, str] = {
     "a": "accept-contact",
@@ -106,6 +117,9 @@ def split_values(value: str) -> list[str]:
     if "," not in value:
         v = value.strip(_WS)
         return [v] if v else []
+    if '"' not in value and "<" not in value:
+        # perf: no quotes and no <...>: every comma separates
+        return [p.strip(_WS) for p in value.split(",")]
     parts: list[str] = []
     start = 0
     while True:
@@ -170,9 +184,27 @@ class Via:
         return host, self.port or default_port
 
 
+#: perf: the plain spelling ``SIP/2.0/UDP host[:port][;params]`` (the general code below
+#: also takes LWS around the slashes and the colon, lower case, IPv6 with spaces...)
+_PLAIN_VIA_RE = re.compile(
+    f"SIP/2\\.0/({_TOKEN_CLASS}+) ({_HOST_RE.pattern})(?::([0-9]{{1,5}}))?((?:;.*)?)", re.DOTALL
+)
+
+
 def parse_via(text: str) -> Via:
     """Parse ``SIP/2.0/UDP host:port;params`` allowing LWS around the slashes (RFC 4475 wsinv)."""
     t = text.strip(_WS)
+    m = _PLAIN_VIA_RE.fullmatch(t)
+    if m is not None:
+        transport, host, portpart, rest = m.groups()
+        port = int(portpart) if portpart else None
+        if port is None or 0 < port < 65536:
+            params = _parse_params(rest, "Via") if rest else []
+            return Via(transport.upper(), host, port, params, t)
+    return _parse_via_general(text, t)
+
+
+def _parse_via_general(text: str, t: str) -> Via:
     parts: list[str] = []
     i = 0
     for _ in range(3):

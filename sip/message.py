@@ -32,7 +32,15 @@ from .headers import (
     parse_via,
     split_values,
 )
-from .uri import _TOKEN_CHARS, _URI_CHARS, MAX_DIGITS, NameAddr, SipUri, parse_name_addr, parse_uri
+from .uri import (
+    _TOKEN_CHARS,
+    _URI_TEXT_RE,
+    MAX_DIGITS,
+    NameAddr,
+    SipUri,
+    parse_name_addr,
+    parse_uri,
+)
 
 MAX_CSEQ = 2**32 - 1
 #: RFC 3261 20.22: "an integer in the range 0-255"
@@ -246,7 +254,7 @@ class SipMessage:
 def parse_request_uri(text: str) -> SipUri:
     if text[:4].lower() == "tel:":
         number = text[4:].partition(";")[0]
-        if not number or not all(c in _URI_CHARS for c in text[4:]):
+        if not number or _URI_TEXT_RE.fullmatch(text[4:]) is None:
             raise SipParseError(f"bad tel URI {text[:80]!r}")
         return SipUri("tel", number, "", None, [], "", None, text)
     u = parse_uri(text)

@@ -22,15 +22,25 @@ _URI_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - set('<>"')
 #: int_max_str_digits), and no SIP scalar needs more than 10 digits (2**32-1)
 MAX_DIGITS = 10
 
+# Perf: the fast paths below accept only the plain, well-formed spelling of a value and
+# give exactly what the general code gives for it (tests/test_sip_fastpaths.py checks
+# both with Hypothesis); anything else takes the general code.
+_TOKEN_CLASS = "[" + "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)) + "]"
+#: ``;name=value;flag...``: token names, values without quotes, whitespace or ';'
+_PLAIN_PARAMS_RE = re.compile(f"(?:;{_TOKEN_CLASS}+(?:=[^;\"\\s]+)?)+")
+#: ``_URI_CHARS`` as a character class (0x21-0x7E without ``"``, ``<``, ``>``)
+_URI_TEXT_RE = re.compile(r"[!#-;=?-~]*")
+#: a display name that needs no quotes: tokens and whitespace
+_DISPLAY_RE = re.compile(f"(?:{_TOKEN_CLASS}|[ \t\r\n])+")
+
 
 def is_digits(text: str | bytes, max_digits: int = MAX_DIGITS) -> bool:
     """1 to ``max_digits`` ASCII digits.  ``str.isdigit`` is not enough: it accepts '\xb2'
     (superscript two, a latin-1 octet) and other Unicode digits that ``int()`` rejects."""
     if not 0 < len(text) <= max_digits:
         return False
-    if isinstance(text, bytes):
-        return all(0x30 <= c <= 0x39 for c in text)
-    return all("0" <= c <= "9" for c in text)
+    # ``isdigit`` of ASCII text (or of bytes) accepts exactly 0-9
+    return text.isascii() and text.isdigit()
 
 
 def unescape(text: str) -> str:
@@ -147,7 +157,7 @@ def parse_uri(text: str, *, allow_other_schemes: bool = False) -> SipUri:
         if allow_other_schemes:
             return SipUri(lscheme, None, "", text=t)
         raise UnsupportedUriScheme(f"unsupported URI scheme {scheme[:20]!r}")
-    if not all(c in _URI_CHARS for c in rest):
+    if _URI_TEXT_RE.fullmatch(rest) is None:
         # controls, SP, non-ASCII (must be %-escaped) and <>" never appear in a SIP URI
         raise SipParseError(f"bad characters in URI {text[:80]!r}")
     user = password = None
@@ -229,6 +239,16 @@ class NameAddr:
 
 def _parse_params(text: str, where: str) -> list[tuple[str, str | None]]:
     """``;a=b ; c ; d="x;y"`` -> [(a,b),(c,None),(d,'"x;y"')]. Raises on empty parameters."""
+    if _PLAIN_PARAMS_RE.fullmatch(text) is not None:
+        params: list[tuple[str, str | None]] = []
+        for p in text[1:].split(";"):
+            k, eq, v = p.partition("=")
+            params.append((k, v if eq else None))
+        return params
+    return _parse_params_general(text, where)
+
+
+def _parse_params_general(text: str, where: str) -> list[tuple[str, str | None]]:
     params: list[tuple[str, str | None]] = []
     i, n = 0, len(text)
     while i < n:
@@ -302,7 +322,7 @@ def parse_name_addr(text: str) -> NameAddr:
     if lt >= 0:
         if not display:
             display = t[:lt].strip(_WS)
-            if display and not all(c in _TOKEN_CHARS or c in _WS for c in display):
+            if display and _DISPLAY_RE.fullmatch(display) is None:
                 raise SipParseError(f"display name must be quoted: {display[:40]!r}")
         gt = t.find(">", lt)
         if gt < 0:

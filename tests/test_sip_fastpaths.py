@@ -279,3 +279,111 @@ def test_flow_token_caches_are_bounded() -> None:
         token = cached._flow_token(Flow("udp", "198.51.100.7", 1024 + i))
         assert cached._decode_flow(token).port == 1024 + i
         assert len(cached._tokens) <= FLOW_CACHE_SIZE and len(cached._flows) <= FLOW_CACHE_SIZE
+
+
+# --- reference: the character loops of sip/uri.py and sip/headers.py ---------------------
+# parse_via, _parse_params, split_values, is_digits, the URI character check and the
+# display-name check got regex / str.split fast paths for the plain spelling; the general
+# code stays for everything else.  Each fast path must give what the general code gives.
+
+from sip import headers as hd
+from sip import uri as ur
+
+
+def _outcome(fn: Callable[[], Any]) -> Any:
+    try:
+        r = fn()
+    except SipError as exc:
+        return ("error", type(exc).__name__, str(exc))
+    if isinstance(r, hd.Via):
+        return (r.transport, r.host, r.port, r.params, r.text)
+    return r
+
+
+def ref_is_digits(text: str, max_digits: int = 10) -> bool:
+    return 0 < len(text) <= max_digits and all("0" <= c <= "9" for c in text)
+
+
+def ref_split_values(value: str) -> list[str]:
+    if "," not in value:
+        v = value.strip(ur._WS)
+        return [v] if v else []
+    parts: list[str] = []
+    start = 0
+    while True:
+        i = first_comma(value, start)
+        if i < 0:
+            break
+        parts.append(value[start:i].strip(ur._WS))
+        start = i + 1
+    parts.append(value[start:].strip(ur._WS))
+    return parts
+
+
+_PARAM_ALPHABET = "abzAZ09-.!%*_+`'~;= \t\"\\,:[]@\xa0\x85\r\n\u00e9/"
+_VIA_ALPHABET = "SIPsip/2.0UDPTCPudp ;:=[]abc123.-\t\"\xa0,"
+plain_params = st.lists(
+    st.tuples(
+        st.text(alphabet="abcXYZ09-.!%*_+`'~", min_size=1, max_size=8),
+        st.one_of(st.none(), st.text(alphabet="abc09.:[]-_=/@", min_size=1, max_size=10)),
+    ),
+    max_size=5,
+).map(lambda ps: "".join(f";{k}" if v is None else f";{k}={v}" for k, v in ps))
+plain_vias = st.builds(
+    lambda tr, host, port, params: f"SIP/2.0/{tr} {host}{port}{params}",
+    st.sampled_from(["UDP", "TCP", "TLS", "udp", "SCTP", "WS", "x.y"]),
+    st.sampled_from(["127.0.0.1", "host.example.com", "[::1]", "[2001:db8::9]", "a", "a-", "-a",
+                     "a..b", "[::1", "h_st"]),
+    st.sampled_from(["", ":5060", ":0", ":65535", ":65536", ":99999", ":", ":123456", ": 5"]),
+    plain_params,
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(plain_params, st.text(alphabet=_PARAM_ALPHABET, max_size=30)))
+@example(";a=b=c;lr")
+@example(";a=")
+@example(";=b")
+@example(" ;a")
+@example(";a;")
+@example(";a=\"x;y\"")
+def test_params_fast_path_matches_the_general_code(text: str) -> None:
+    assert _outcome(lambda: ur._parse_params(text, "x")) == _outcome(
+        lambda: ur._parse_params_general(text, "x"))
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(plain_vias, st.text(alphabet=_VIA_ALPHABET, max_size=40)))
+@example("SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1;rport")
+@example("SIP/2.0/UDP a:0")
+@example("SIP/2.0/UDP a:65536;x")
+@example("SIP/2.0/UDP host;branch=\"q\"")
+@example(" SIP/2.0/UDP host ")
+def test_via_fast_path_matches_the_general_code(text: str) -> None:
+    assert _outcome(lambda: hd.parse_via(text)) == _outcome(
+        lambda: hd._parse_via_general(text, text.strip(ur._WS)))
+
+
+@settings(max_examples=400)
+@given(st.text(alphabet="ab, \t<>\"\\;=", max_size=30))
+@example("a,,b")
+@example(" , ")
+def test_split_values_fast_path_matches_the_reference(value: str) -> None:
+    assert _outcome(lambda: split_values(value)) == _outcome(lambda: ref_split_values(value))
+
+
+def test_is_digits_matches_the_reference() -> None:
+    for c in map(chr, range(0x3000)):
+        for text in (c, "1" + c, c * 3):
+            assert ur.is_digits(text) == ref_is_digits(text), repr(text)
+            if c < "\x80":
+                assert ur.is_digits(text.encode()) == ref_is_digits(text)
+    assert not ur.is_digits("") and not ur.is_digits("1" * 11) and ur.is_digits("1" * 10)
+
+
+def test_uri_and_display_classes_are_their_char_sets() -> None:
+    for c in map(chr, range(0x180)):
+        assert (ur._URI_TEXT_RE.fullmatch(c) is not None) == (c in ur._URI_CHARS), repr(c)
+        assert (ur._DISPLAY_RE.fullmatch(c) is not None) == (
+            c in ur._TOKEN_CHARS or c in ur._WS), repr(c)
+    assert ur._URI_TEXT_RE.fullmatch("") is not None and ur._DISPLAY_RE.fullmatch("") is None
