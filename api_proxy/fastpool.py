@@ -22,6 +22,7 @@ call; the request goes out with one ``transport.write``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 import time
@@ -320,6 +321,8 @@ class UpstreamPool:
         self.limit = max(1, limit)
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+        # how aiohttp's ClientConnectorError names the TLS setting (the same fault text)
+        self.ssl_shown = "default" if ssl_context is True else str(ssl_context)
         self.ssl: ssl.SSLContext | None = None
         if origin.tls:
             self.ssl = (
@@ -369,14 +372,7 @@ class UpstreamPool:
             )
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
             self.connecting -= 1
-            detail = (
-                "timed out"
-                if isinstance(exc, TimeoutError)
-                else f"Cannot connect to host {o.host_header} ssl:{'default' if o.tls else False} "
-                f"[{exc.strerror or exc}]"
-                if isinstance(exc, OSError)
-                else str(exc)
-            )
+            detail = "timed out" if isinstance(exc, TimeoutError) else self._refused(exc)
             while self.waiting:
                 ex = self.waiting.popleft()
                 if not ex.done:
@@ -389,6 +385,21 @@ class UpstreamPool:
             return
         self.conns.add(proto)
         self._next(proto)
+
+    def _refused(self, exc: BaseException) -> str:
+        """The text aiohttp's connector gives for a failed connect (the same fault)."""
+        if not isinstance(exc, OSError) or isinstance(exc, ssl.SSLError):
+            return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        o = self.origin
+        why = exc.strerror or str(exc)
+        try:
+            ip = ipaddress.ip_address(o.host.strip("[]"))
+        except ValueError:
+            ip = None
+        if ip is not None and exc.errno is not None:
+            addr = (str(ip), o.port) if ip.version == 4 else (str(ip), o.port, 0, 0)
+            why = f"Connect call failed {addr}"
+        return f"Cannot connect to host {o.host_header} ssl:{self.ssl_shown} [{why}]"
 
     def _next(self, conn: UpstreamConn) -> None:
         while self.waiting:

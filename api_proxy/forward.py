@@ -264,7 +264,10 @@ class Forwarder:
     def fault(self, exc: DispatchError) -> web.Response:
         self.metrics["faults"] += 1
         resp = web.Response(
-            status=exc.http_status, body=exc.body(), content_type="application/json", charset="utf-8"
+            status=exc.http_status,
+            body=exc.body(),
+            content_type="application/json",
+            charset="utf-8",
         )
         if isinstance(exc, CustomerLocked):
             resp.headers["Retry-After"] = "2"

@@ -35,6 +35,7 @@ _SLOW_REQUEST_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
 #: request headers that may appear once only on the fast path
 _ONCE = frozenset({"host", "content-length", "connection"})
 MAX_CONTENT_LENGTH_DIGITS = 18
+MAX_FAST_HEADERS = 100
 
 
 class H1Error(Exception):
@@ -71,6 +72,8 @@ def parse_request_head(head: bytes) -> RequestHead | None:
         return None
     text = head.decode("ascii")
     lines = text.split("\r\n")
+    if len(lines) > MAX_FAST_HEADERS:
+        return None  # near aiohttp's max_headers: it decides
     method, target, _ = lines[0].split(" ")
     if _ODD_PATH.search(target.partition("?")[0]):
         return None

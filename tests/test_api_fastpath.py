@@ -112,7 +112,7 @@ async def read_answer(r: asyncio.StreamReader) -> tuple[bytes, list[bytes], byte
     low = [h.lower() for h in lines[1:]]
     body = b""
     status = int(lines[0].split(b" ")[1])
-    if status in (204, 304):
+    if status in (204, 304) or 100 <= status < 200:
         pass
     elif b"transfer-encoding: chunked" in low:
         while True:

@@ -1,0 +1,201 @@
+"""Bad input on the fast path's listener: the same faults as the aiohttp path, no leaks.
+
+Garbage and oversized heads and bad Content-Lengths are handed to aiohttp, which answers
+them as before; a stalled body, a silent or unreachable back end are answered by the
+fast path itself, with the octets the aiohttp path gives (Date aside).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Self
+
+import pytest
+
+from api_proxy.records import session_key
+from api_proxy.router import DictRouter, ProxySettings, SessionRecord, make_vhost
+from api_proxy.server import ApiProxy
+from tests.peers.net import free_port
+from tests.test_api_fastpath import TOKEN, Backend, get, post, read_answer, run
+
+
+class Env:
+    def __init__(self, fast: bool, origin: str = "", **settings: Any) -> None:
+        self.fast = fast
+        self.origin = origin
+        self.settings = settings
+        self.be = Backend()
+
+    async def __aenter__(self) -> Self:
+        await self.be.start()
+        router = DictRouter()
+        router.put_session(
+            SessionRecord(key=session_key("at", TOKEN), system="source", expires_at=4e9)
+        )
+        origin = self.origin or self.be.origin
+        kw: dict[str, Any] = {"timeout": 1.0, "body_timeout": 0.3, **self.settings}
+        s = ProxySettings(
+            listen=[("127.0.0.1", 0)],
+            vhosts=[make_vhost("*", "customer", origin, origin)],
+            fast_path=self.fast,
+            **kw,
+        )
+        self.proxy = ApiProxy(s, router)
+        await self.proxy.start()
+        self.host, self.port = self.proxy.addresses[0]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.proxy.stop()
+        await self.be.stop()
+
+    async def raw(self, data: bytes, wait: float = 3.0) -> bytes:
+        """Write ``data`` and read until the dispatcher closes (or ``wait`` passes)."""
+        r, w = await asyncio.open_connection(self.host, self.port)
+        w.write(data)
+        out = b""
+        try:
+            while True:
+                chunk = await asyncio.wait_for(r.read(65536), wait)
+                if not chunk:
+                    break
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        w.close()
+        return out
+
+    async def fine(self) -> None:
+        r, w = await asyncio.open_connection(self.host, self.port)
+        w.write(post("/rest/Account/get_account_info"))
+        status, _, body = await read_answer(r)
+        w.close()
+        assert status == b"HTTP/1.1 200 OK" and b'"echo": 31' in body
+
+
+def fault(answer: bytes) -> tuple[int, str]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)["faultcode"]
+
+
+def without_date(answer: bytes) -> bytes:
+    return b"\r\n".join(x for x in answer.split(b"\r\n") if not x.startswith(b"Date: "))
+
+
+BIG_HEAD = b"GET / HTTP/1.1\r\nHost: api.example\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+MANY = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n"
+BAD_CL = [
+    b"POST /x HTTP/1.1\r\nHost: api.example\r\nContent-Length: 12abc\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: api.example\r\nContent-Length: -1\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nHost: api.example\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    (
+        b"POST /x HTTP/1.1\r\nHost: api.example\r\nContent-Length: 3\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+]
+
+
+def test_garbage_oversized_heads_and_bad_lengths_get_the_aiohttp_faults() -> None:
+    async def main() -> None:
+        answers: dict[bool, list[bytes]] = {}
+        for fast in (True, False):
+            async with Env(fast) as env:
+                got = [
+                    await env.raw(b"\x16\x03\x01\x02\x00garbage that is not HTTP\r\n\r\n"),
+                    await env.raw(b"NOT HTTP AT ALL\r\n\r\n"),
+                    await env.raw(BIG_HEAD),
+                    await env.raw(BIG_HEAD[:17000]),  # no end of head in sight
+                    await env.raw(MANY),
+                    *[await env.raw(x) for x in BAD_CL],
+                ]
+                answers[fast] = [without_date(a) for a in got]
+                await env.fine()
+                if fast:
+                    assert env.proxy.metrics["handed_over"] >= len(got)
+                assert env.proxy._conns <= 1
+        assert answers[True] == answers[False]
+        fast = answers[True]
+        assert fault(fast[0]) == (500, "Server.Dispatcher.bad_request")
+        assert fault(fast[2]) == (431, "Server.Dispatcher.request_too_large")
+        for a in fast[5:8]:
+            assert fault(a) == (500, "Server.Dispatcher.bad_request"), a
+
+    run(main)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_stalls_timeouts_and_unreachable_back_ends_answer_alike(loop: str) -> None:
+    async def main() -> None:
+        answers: dict[bool, list[bytes]] = {}
+        nobody = f"http://127.0.0.1:{free_port('tcp')}"
+        for fast in (True, False):
+            async with Env(fast) as env:
+                stalled = post("/rest/Account/get_account_info")[:-10]
+                got = [
+                    await env.raw(stalled),  # body_timeout: request_timeout, closed
+                    await env.raw(get("/slow", "Connection: close\r\n")),  # timeout: 1 s
+                ]
+                await env.fine()
+            async with Env(fast, origin=nobody) as env:
+                got.append(await env.raw(get("/x", "Connection: close\r\n")))
+            answers[fast] = [without_date(a) for a in got]
+        assert answers[True] == answers[False]
+        a = answers[True]
+        assert fault(a[0]) == (500, "Server.Dispatcher.request_timeout")
+        assert b"Connection: close" in a[0]
+        assert fault(a[1]) == (500, "Server.Dispatcher.backend_unavailable")
+        assert b"timed out" in a[1]
+        assert fault(a[2]) == (500, "Server.Dispatcher.backend_unavailable")
+
+    run(main, loop)
+
+
+def test_a_client_gone_mid_body_costs_nothing_and_leaks_nothing() -> None:
+    async def main() -> None:
+        async with Env(True) as env:
+            for cut in (10, 60, len(post("/rest/Account/get_account_info")) - 5):
+                _r, w = await asyncio.open_connection(env.host, env.port)
+                w.write(post("/rest/Account/get_account_info")[:cut])
+                await w.drain()
+                w.close()
+            for _ in range(50):
+                if env.proxy._conns == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert env.proxy._conns == 0 and not env.proxy.fast_conns
+            assert env.be.log == []  # nothing half-read was sent on
+            await env.fine()
+            # gone while its answer was awaited: the upstream connection is dropped
+            _r, w = await asyncio.open_connection(env.host, env.port)
+            w.write(get("/slow"))
+            await asyncio.sleep(0.1)
+            w.close()
+            await asyncio.sleep(0.1)
+            await env.fine()
+            assert env.proxy.metrics["fast_path"] == 3
+
+    run(main)
+
+
+def test_a_pipelined_request_the_fast_path_does_not_take_is_handed_over_in_order() -> None:
+    async def main() -> None:
+        async with Env(True) as env:
+            r, w = await asyncio.open_connection(env.host, env.port)
+            expect = (
+                b"POST /rest/Account/get_account_info HTTP/1.1\r\nHost: api.example\r\n"
+                b"Expect: 100-continue\r\nContent-Type: application/json\r\nContent-Length: 2"
+                b"\r\n\r\n{}"
+            )
+            w.write(post("/rest/Account/get_account_info") + expect + get("/chunked"))
+            first = await read_answer(r)
+            assert first[0] == b"HTTP/1.1 200 OK" and b'"echo": 31' in first[2]
+            assert (await read_answer(r))[0] == b"HTTP/1.1 100 Continue"  # aiohttp's
+            second = await read_answer(r)
+            third = await read_answer(r)
+            w.close()
+            assert b'"echo": 2' in second[2] and third[2] == b"hello, world"
+            m = env.proxy.metrics
+            assert m["fast_path"] == 1 and m["handed_over"] == 1 and m["requests"] == 3
+
+    run(main)
