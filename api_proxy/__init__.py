@@ -9,6 +9,8 @@ to the system (``source`` or ``target``) that holds its customer or session.
 - ``records``: session keys, twin admin sessions, created entities;
 - ``router``: the ``Router`` protocol the host implements, settings, virtual hosts;
 - ``errors``: errors that carry their fault (``Server.Dispatcher.<reason>``);
+- ``h1`` / ``fastpool`` / ``fastpath``: the fast path for the common request (own
+  HTTP/1.1 framing, raw keep-alive pools; hands anything else to aiohttp);
 - ``upstream`` / ``forward`` / ``flows`` / ``server``: the aiohttp side.
 
 This package never imports ``dsbc``; ``dsbc.api_service`` wires it to the store.

@@ -5,7 +5,9 @@
     ...
     await proxy.stop()
 
-Per request: pick the virtual host by Host header (and port), read the body only when
+Connections start on the fast path (``fastpath.py``), which takes the common request
+itself and hands the connection to aiohttp (``adopt``) at the first request it does not
+take.  On the aiohttp path, per request: pick the virtual host by Host header (and port), read the body only when
 routing needs it (a bounded prefix, with an idle timeout), classify it
 (``classify.py``), run the realm's flow (``flows.py``) and stream the answer back.
 Anything dsbc itself refuses, including requests aiohttp's parser rejects (huge
