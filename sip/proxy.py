@@ -21,6 +21,7 @@ import hashlib
 import heapq
 import hmac
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -112,7 +113,13 @@ def _hash(text: str, size: int) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=size).hexdigest()
 
 
+#: perf: a dotted quad, checked before the general ipaddress parse (which is slow)
+_IPV4_RE = re.compile(r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}")
+
+
 def _is_ip(host: str) -> bool:
+    if _IPV4_RE.fullmatch(host) is not None:
+        return True
     try:
         ipaddress.ip_address(host.strip("[]"))
         return True
@@ -132,6 +139,9 @@ class ProxyCore:
         self._invite_expiry: collections.deque[tuple[float, str]] = collections.deque()
         self._held: dict[str, _Held] = {}
         self._held_heap: list[tuple[float, str]] = []
+        #: set when a message brought a new deadline (a held request, a health answer): the
+        #: transport asks ``get_timer()`` again only then (perf: not once per message)
+        self.timers_changed = True
         self._our_hosts = {settings.advertise_host.lower()} | {h.lower() for h, _ in settings.local_addresses}
         self._our_ports = set(settings.ports.values()) | {p for _, p in settings.local_addresses}
         # a node on TCP/TLS sends its own requests from any port of its host
@@ -335,6 +345,7 @@ class ProxyCore:
             deadline = now + self.s.lock_hold
             self._held[key] = _Held(msg, src, deadline, customer_id, key)
             heapq.heappush(self._held_heap, (deadline, key))
+            self.timers_changed = True
         return out
 
     @staticmethod
@@ -556,6 +567,7 @@ class ProxyCore:
         vias = msg.vias
         if self.health.is_ping_response(msg):
             self.health.handle_response(msg, now, src.ip)
+            self.timers_changed = True
             return []
         top = vias[0]
         if not top.branch.startswith(BRANCH_PREFIX) or not self._via_is_ours(top.host, top.port):

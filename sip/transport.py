@@ -35,14 +35,16 @@ LINGER = 2.0  # seconds a broken stream is read and discarded after its answer
 
 
 class SipDatagram(asyncio.DatagramProtocol):
-    __slots__ = ("ep", "transport")
+    __slots__ = ("ep", "transport", "v6")
 
     def __init__(self, ep: SipEndpoint) -> None:
         self.ep = ep
         self.transport: asyncio.DatagramTransport | None = None
+        self.v6 = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.v6 = transport.get_extra_info("socket").family == socket.AF_INET6
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) <= 4 and not data.strip():
@@ -326,7 +328,10 @@ class SipEndpoint:
                 self._send(s)
             except OSError:
                 self.core.counters["send_errors"] += 1
-        self.reschedule()
+        core = self.core
+        if core.timers_changed or self._timer is None:
+            core.timers_changed = False
+            self.reschedule()
 
     def _send(self, s: Send) -> None:
         if s.transport == "udp":
@@ -352,10 +357,8 @@ class SipEndpoint:
     def _udp_for(self, ip: str) -> SipDatagram | None:
         v6 = ":" in ip
         for u in self.udp:
-            if u.transport is not None:
-                fam = u.transport.get_extra_info("socket").family
-                if (fam == socket.AF_INET6) == v6:
-                    return u
+            if u.transport is not None and u.v6 == v6:
+                return u
         return self.udp[0] if self.udp else None
 
     def _connect(self, transport: str, ip: str, port: int) -> SipStream:

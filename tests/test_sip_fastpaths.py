@@ -387,3 +387,23 @@ def test_uri_and_display_classes_are_their_char_sets() -> None:
         assert (ur._DISPLAY_RE.fullmatch(c) is not None) == (
             c in ur._TOKEN_CHARS or c in ur._WS), repr(c)
     assert ur._URI_TEXT_RE.fullmatch("") is not None and ur._DISPLAY_RE.fullmatch("") is None
+
+
+@settings(max_examples=300)
+@given(st.one_of(
+    st.tuples(*[st.integers(0, 300)] * 4).map(lambda t: ".".join(map(str, t))),
+    st.text(alphabet="0123456789.:[]af", max_size=20),
+))
+@example("01.2.3.4")
+@example("[::1]")
+def test_is_ip_fast_path_matches_ipaddress(host: str) -> None:
+    import ipaddress
+
+    from sip.proxy import _is_ip
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        expected = True
+    except ValueError:
+        expected = False
+    assert _is_ip(host) == expected
