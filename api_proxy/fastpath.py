@@ -29,11 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
-
-from aiohttp.http import SERVER_SOFTWARE
 
 from api_proxy.classify import classify, needs_body
 from api_proxy.errors import BackendUnavailable, DispatchError, RequestTimeout
@@ -45,9 +41,9 @@ from api_proxy.h1 import (
     RequestHead,
     ResponseHead,
     chunk,
-    date_header,
     parse_request_head,
 )
+from api_proxy.h1relay import client_head, fault_bytes
 from api_proxy.upstream import HOP_BY_HOP
 
 if TYPE_CHECKING:
@@ -59,9 +55,7 @@ HEAD, BODY, BUSY, IDLE, GONE = range(5)
 KEEPALIVE = 75.0
 MAX_BUFFER = 256 * 1024  # pipelined octets read ahead while a request is in flight
 _INF = float("inf")
-_SERVER = b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
 _REQ_SKIP = HOP_BY_HOP | {"host", "content-length", "expect", "close"}
-_RESP_SKIP = frozenset(h.encode() for h in HOP_BY_HOP) | {b"content-length"}
 _FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip")
 _FORWARDED_NAMES = {
     "x-forwarded-for": "X-Forwarded-For",
@@ -69,26 +63,6 @@ _FORWARDED_NAMES = {
     "x-forwarded-host": "X-Forwarded-Host",
     "x-real-ip": "X-Real-IP",
 }
-_DOMAIN_ATTR = re.compile(rb";\s*domain=[^;]*", re.IGNORECASE)
-
-
-def fault_bytes(exc: DispatchError, keep_alive: bool) -> bytes:
-    """The answer ``Forwarder.fault`` gives through aiohttp, as octets."""
-    body = exc.body()
-    close = exc.close or not keep_alive
-    return b"".join(
-        (
-            b"HTTP/1.1 %d %b\r\n" % (exc.http_status, HTTPStatus(exc.http_status).phrase.encode()),
-            b"Content-Type: application/json; charset=utf-8\r\n",
-            b"Retry-After: 2\r\n" if exc.reason == "customer_locked" else b"",
-            b"Content-Length: %d\r\n" % len(body),
-            b"Date: " + date_header().encode() + b"\r\n",
-            _SERVER,
-            b"Connection: close\r\n" if close else b"",
-            b"\r\n",
-            body,
-        )
-    )
 
 
 class FastConn(asyncio.Protocol):
@@ -311,45 +285,8 @@ class FastConn(asyncio.Protocol):
 
     def up_head(self, head: ResponseHead) -> None:
         self.resp = head
-        status = head.status
-        out = [b"HTTP/1.1 %d %b\r\n" % (status, head.reason)]
-        skip = _RESP_SKIP
-        conn_listed: set[bytes] = set()
-        has_ct = has_date = has_server = False
-        for lname, _, value in head.headers:
-            if lname == b"connection":
-                conn_listed.update(t.strip().lower() for t in value.split(b","))
         assert self.origin is not None
-        backend_origin = self.origin.origin_b
-        for lname, name, value in head.headers:
-            if lname in skip or lname in conn_listed:
-                continue
-            if lname == b"content-type":
-                has_ct = True
-            elif lname == b"date":
-                has_date = True
-            elif lname == b"server":
-                has_server = True
-            elif lname == b"location" and value.startswith(backend_origin):
-                value = self.public + value[len(backend_origin) :]
-            elif lname == b"set-cookie":
-                value = _DOMAIN_ATTR.sub(b"", value)
-            out.append(name + b": " + value + b"\r\n")
-        if head.framing != NO_BODY:
-            if head.framing == LENGTH:
-                out.append(b"Content-Length: %d\r\n" % head.length)
-            else:
-                out.append(b"Transfer-Encoding: chunked\r\n")
-            if not has_ct and (head.framing != LENGTH or head.length):
-                out.append(b"Content-Type: application/octet-stream\r\n")
-        if not has_date:
-            out.append(b"Date: " + date_header().encode() + b"\r\n")
-        if not has_server:
-            out.append(_SERVER)
-        if not self.keep_alive:
-            out.append(b"Connection: close\r\n")
-        out.append(b"\r\n")
-        self.pending = b"".join(out)
+        self.pending = client_head(head, self.origin.origin_b, self.public, self.keep_alive)
         if self.write_paused and self.ex is not None and self.ex.conn is not None:
             self.ex.conn.pause_reading()
 
