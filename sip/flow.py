@@ -47,20 +47,32 @@ class Flow(msgspec.Struct, frozen=True, gc=False):
 class FlowSigner:
     """Signs and verifies flow tokens with one secret (shared by every worker and node)."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "_tags")
+
+    #: perf: tags computed lately (a call's INVITE tags its system, its ACK, BYE and
+    #: re-INVITEs check the same text); bounded, holds only what this signer computed
+    TAG_CACHE_SIZE = 8192
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
             raise ValueError("flow secret must be at least 16 octets")
         self._key = secret
+        self._tags: dict[str, str] = {}
 
     def _mac(self, payload: bytes) -> bytes:
         return hmac.digest(self._key, payload, "sha256")[:_MAC_LEN]
 
     def tag(self, text: str) -> str:
         """A short MAC of ``text`` (the system named in dsbc's Record-Route and Path)."""
-        mac = hmac.digest(self._key, b"tag|" + text.encode("utf-8", "surrogateescape"), "sha256")[:6]
-        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+        tags = self._tags
+        tag = tags.get(text)
+        if tag is None:
+            mac = hmac.digest(self._key, b"tag|" + text.encode("utf-8", "surrogateescape"), "sha256")
+            tag = base64.urlsafe_b64encode(mac[:6]).rstrip(b"=").decode("ascii")
+            if len(tags) >= self.TAG_CACHE_SIZE:
+                tags.clear()
+            tags[text] = tag
+        return tag
 
     def encode(self, flow: Flow) -> str:
         ip = ipaddress.ip_address(flow.ip).packed

@@ -407,3 +407,20 @@ def test_is_ip_fast_path_matches_ipaddress(host: str) -> None:
     except ValueError:
         expected = False
     assert _is_ip(host) == expected
+
+
+def test_tag_cache_gives_the_mac_and_stays_bounded() -> None:
+    import base64
+    import hmac
+
+    from sip.flow import FlowSigner
+
+    key = b"benchmark-flow-secret-0123456789"
+    signer = FlowSigner(key)
+    for i in range(FlowSigner.TAG_CACHE_SIZE + 50):
+        text = f"source|call-{i % 9000}@host"
+        mac = hmac.new(key, b"tag|" + text.encode(), "sha256").digest()[:6]
+        expected = base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+        assert signer.tag(text) == expected == signer.tag(text)
+        assert len(signer._tags) <= FlowSigner.TAG_CACHE_SIZE
+    assert FlowSigner(b"another-secret-0123456789").tag("source|x") != signer.tag("source|x")
