@@ -24,6 +24,7 @@ from pathlib import Path
 from benchmarks.peers.dsbc_bench import REPO, DsbcBench
 from benchmarks.system.context import Context, Row
 from benchmarks.system.procstat import rss_bytes
+from dsbc.config import StoreConfig
 from dsbc.store import open_store
 from dsbc.store.base import CustomerRow
 from dsbc.store.sqlite import SqliteStore
@@ -31,6 +32,9 @@ from tests.peers.proc import find_binary
 
 EXTRA_BASE = 9_000_000  # ids of the customers added for the migration
 
+
+#: store.poll_interval's default (dsbc/config.py)
+DEFAULT_POLL = StoreConfig().poll_interval
 
 def extra_rows(n: int, each: int) -> list[CustomerRow]:
     rows = []
@@ -301,15 +305,18 @@ def run(ctx: Context) -> None:
                     lower_is_better=True,
                 )
             )
-            polls = [0.2, 0.05] if kind == "SQLite" else [0.2]
+            # SQLite: the default poll (0.05 s) holds the target; 0.2 s is shown for
+            # comparison (report only), the price of polling four times less often
+            polls = [0.05, 0.2] if kind == "SQLite" else [0.2]
             for poll in polls:
+                graded = kind != "SQLite" or poll == DEFAULT_POLL
                 lat = flip_latency(ctx, url, poll)
                 ctx.log(
                     f"  {kind} poll {poll}: seen after p50 {_p(lat, 0.5):.0f} ms, p99 {_p(lat, 0.99):.0f} ms"
                 )
                 how = {
                     "SQLite": f"a second process polling the change log every store.poll_interval = {poll:g} s"
-                    + (" (the default)" if poll == 0.2 else ""),
+                    + (" (the default)" if poll == DEFAULT_POLL else ", for comparison"),
                     "Redis": "a second process woken by Redis pub/sub (and polling every 0.2 s)",
                 }[kind]
                 label = f"{kind}, poll_interval {poll:g} s" if kind == "SQLite" else kind
@@ -321,8 +328,8 @@ def run(ctx: Context) -> None:
                         round(_p(lat, 0.99), 1),
                         None,
                         "",
-                        "<= 100 ms",
-                        _p(lat, 0.99) <= 100,
+                        "<= 100 ms" if graded else "report only",
+                        _p(lat, 0.99) <= 100 if graded else None,
                         f"{len(lat)} single-customer migrations at random moments, {how}: p50 "
                         f"{_p(lat, 0.5):.0f} ms, max {max(lat) if lat else float('nan'):.0f} ms",
                         lower_is_better=True,
