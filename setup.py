@@ -20,6 +20,7 @@ import sysconfig
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sip._pure import CORE_MODULES  # the one list of compiled modules
@@ -44,14 +45,36 @@ def _can_compile() -> str | None:
     return None
 
 
+def _pure_only(why: str) -> None:
+    print(f"dsbc: installing the pure-Python SIP core only: {why}", file=sys.stderr)
+
+
 def ext_modules() -> list[object]:
     why_not = _can_compile()
     if why_not:
-        print(f"dsbc: installing the pure-Python SIP core only: {why_not}", file=sys.stderr)
+        _pure_only(why_not)
         return []
     from mypyc.build import mypycify
 
-    return list(mypycify(COMPILED, opt_level="3", debug_level="0"))
+    try:
+        return list(mypycify(COMPILED, opt_level="3", debug_level="0"))
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - mypyc exits on a type error
+        _pure_only(f"mypyc failed ({exc})")
+        return []
 
 
-setup(ext_modules=ext_modules())
+class OptionalBuildExt(build_ext):  # type: ignore[misc]
+    """A failed C build installs the pure-Python core instead of failing the install; no
+    half-built module is left behind (the compiled modules call each other directly)."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - compiler errors come in many classes
+            for path in self.get_outputs():
+                if os.path.exists(path):
+                    os.remove(path)
+            _pure_only(f"the C build failed ({exc})")
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
