@@ -20,7 +20,10 @@ from collections.abc import Sequence
 from types import ModuleType
 
 #: the modules setup.py may compile
-CORE_MODULES = ("sip.uri", "sip.headers", "sip.message", "sip.framing", "sip.proxy")
+CORE_MODULES = (
+    "sip.uri", "sip.headers", "sip.message", "sip.framing", "sip.proxy",
+    "sip.ratelimit", "sip.scanner", "sip.admission",
+)
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):
