@@ -145,12 +145,12 @@ class _IndexStore:
 def make_core(index: object) -> object:
     """A ``ProxyCore`` wired as ``dsbc run`` wires it (StoreRouter over ``index``, one
     source and one target node), without sockets."""
-    from dsbc.sip_service import StoreRouter, TrustedPeers
+    from dsbc.sip_service import StoreRouter, peer_set
     from sip.flow import FlowSigner
     from sip.health import HealthChecker, Node
     from sip.proxy import ProxyCore, ProxySettings
 
-    router = StoreRouter(_IndexStore(index), TrustedPeers([f"{NODE[0]}:{NODE[1]}"]))  # type: ignore[arg-type]
+    router = StoreRouter(_IndexStore(index), peer_set([f"{NODE[0]}:{NODE[1]}"]))  # type: ignore[arg-type]
     health = HealthChecker(
         [Node("source", 0, "udp", *NODE), Node("target", 0, "udp", "127.0.0.4", 5070)]
     )

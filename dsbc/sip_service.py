@@ -15,6 +15,7 @@ from typing import Any
 from sip.admission import Admission
 from sip.flow import FlowSigner
 from sip.health import HealthChecker, Node
+from sip.peers import PeerSet
 from sip.proxy import ProxyCore, ProxySettings
 from sip.ratelimit import RateLimiter
 from sip.scanner import ScannerFilter
@@ -28,50 +29,30 @@ from .tls import sip_client_context, sip_server_contexts
 log = logging.getLogger("dsbc.sip")
 
 
-class TrustedPeers:
-    """CIDRs, IPs and IP:PORT pairs; lookups are cached per (ip, port)."""
-
-    def __init__(self, entries: Sequence[str]) -> None:
-        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        self.addrs: set[str] = set()
-        self.pairs: set[tuple[str, int]] = set()
-        for e in entries:
-            self.add(e)
-        self._cache: dict[tuple[str, int], bool] = {}
-
-    def add(self, entry: str) -> None:
+def peer_set(entries: Sequence[str]) -> PeerSet:
+    """CIDRs, IPs and IP:PORT pairs from configuration, as the core's ``PeerSet``."""
+    peers = PeerSet()
+    for entry in entries:
         net, port = parse_peer(entry)
         if port is not None:
-            self.pairs.add((str(net.network_address), port))
+            peers.add_pair(str(net.network_address), port)
         elif net.num_addresses == 1:
-            self.addrs.add(str(net.network_address))
+            peers.add_addr(str(net.network_address))
         else:
-            self.networks.append(net)
-
-    def __call__(self, ip: str, port: int) -> bool:
-        key = (ip, port)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        ok = key in self.pairs or ip in self.addrs
-        if not ok and self.networks:
-            try:
-                a = ipaddress.ip_address(ip)
-                ok = any(a in n for n in self.networks)
-            except ValueError:
-                ok = False
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[key] = ok
-        return ok
+            peers.add_network(net)
+    return peers
 
 
 class StoreRouter:
     """The proxy's Router over a LocationStore (memory-only lookups)."""
 
-    def __init__(self, store: LocationStore, trusted: TrustedPeers) -> None:
+    #: perf: the PeerSet's own (compiled) method, called by the core without a frame here
+    is_trusted: Callable[[str, int], bool]
+
+    def __init__(self, store: LocationStore, trusted: PeerSet) -> None:
         self.store = store
         self.trusted = trusted
+        self.is_trusted = trusted.contains
         self.lookups = 0  # out-of-dialog owner lookups (metrics)
         self.misses = 0  # ... that found no customer
 
@@ -92,9 +73,6 @@ class StoreRouter:
         what = ", ".join(f"{k}:{v}" for k, v in candidates if v) or "no identity"
         return Decision(store.unknown, "", "active", f"{what} unknown -> store.unknown={store.unknown}")
 
-    def is_trusted(self, ip: str, port: int) -> bool:
-        return self.trusted(ip, port)
-
     def expires_cap(self, customer_id: str) -> int:
         c = self.store.customer(customer_id)
         return c.expires_cap if c is not None else 0
@@ -109,14 +87,14 @@ def system_nodes(cfg: Config) -> list[Node]:
     return nodes
 
 
-def trusted_peers(cfg: Config) -> TrustedPeers:
-    t = TrustedPeers(cfg.sip.trusted_peers)
+def trusted_peers(cfg: Config) -> PeerSet:
+    t = peer_set(cfg.sip.trusted_peers)
     for n in system_nodes(cfg):
         try:
             ipaddress.ip_address(n.host)
         except ValueError:
             continue
-        t.pairs.add((n.host, n.port))
+        t.add_pair(n.host, n.port)
     return t
 
 

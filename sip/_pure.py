@@ -22,7 +22,7 @@ from types import ModuleType
 #: the modules setup.py may compile
 CORE_MODULES = (
     "sip.uri", "sip.headers", "sip.message", "sip.framing", "sip.proxy",
-    "sip.ratelimit", "sip.scanner", "sip.admission",
+    "sip.ratelimit", "sip.scanner", "sip.admission", "sip.peers",
 )
 
 

@@ -239,3 +239,21 @@ def test_admission_never_answers_ack_or_responses_when_limited() -> None:
     assert adm.check(invite(method="ACK"), flow, 0.0) == []
     assert adm.check(b"SIP/2.0 180 Ringing\r\n" + invite().split(b"\r\n", 1)[1], flow, 0.0) == []
     assert adm.check(b"\x00garbage", flow, 0.0) == []
+
+
+def test_peer_set_answers_pairs_addresses_and_networks() -> None:
+    from dsbc.sip_service import peer_set
+    from sip.peers import CACHE_SIZE
+
+    peers = peer_set(["192.0.2.10:5060", "198.51.100.7", "203.0.113.0/24", "[2001:db8::1]:5070"])
+    assert peers.contains("192.0.2.10", 5060) and not peers.contains("192.0.2.10", 5061)
+    assert peers.contains("198.51.100.7", 1) and peers.contains("198.51.100.7", 65535)
+    assert peers.contains("203.0.113.200", 9) and not peers.contains("203.0.114.1", 9)
+    assert peers.contains("2001:db8::1", 5070) and not peers.contains("2001:db8::1", 5060)
+    assert not peers.contains("not-an-ip", 5060) and not peers.contains("", 0)
+    peers.add_addr("192.0.2.99")  # a later addition is seen despite the cache
+    assert peers.contains("192.0.2.99", 5060)
+    for i in range(CACHE_SIZE + 10):
+        peers.contains("10.0.0.1", i % 65536)
+    assert len(peers._cache) <= CACHE_SIZE
+    assert peers("203.0.113.1", 5) is True

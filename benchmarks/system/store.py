@@ -84,9 +84,9 @@ def lookup_timing(ctx: Context) -> tuple[float, float, float]:
                 lookup("account", k)
             per.append((time.thread_time_ns() - t0) / len(keys))
         per.sort()
-        from dsbc.sip_service import StoreRouter, TrustedPeers
+        from dsbc.sip_service import StoreRouter, peer_set
 
-        router = StoreRouter(store, TrustedPeers([]))
+        router = StoreRouter(store, peer_set([]))
         dec: list[float] = []
         for _ in range(50):
             t0 = time.thread_time_ns()
