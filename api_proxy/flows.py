@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -28,9 +27,9 @@ from api_proxy.errors import (
     NoSessionOnSystem,
     UpstreamFault,
     is_auth_fault,
-    parse_fault,
 )
 from api_proxy.forward import LIST_ANSWER, Answer, Ctx, Forwarder
+from api_proxy.listmerge import merge_lists
 from api_proxy.records import (
     Creds,
     TwinExtra,
@@ -51,106 +50,6 @@ def web_login_failed(a: Answer) -> bool:
     """A self-care form login the back end refused: a login that succeeds opens a session,
     so an answer without a cookie (the form again, or a redirect back to it) is a refusal."""
     return not (200 <= a.status < 400 and "Set-Cookie" in a.headers)
-
-
-# --- merged lists ----------------------------------------------------------------------------
-# One list over two systems: ``get_*_list`` merged as source rows then target rows.
-#
-# The client's ``offset`` / ``limit`` / ``get_total`` must behave exactly as over one list
-# ``S + T`` where ``S`` is the source's list without exported entities
-# (``skip_exported=1``) and ``T`` the target's.  The source is asked first, for the
-# client's window and its total; the target is then asked for what is left of the
-# window, shifted by the source's total.  Rows pass through as raw JSON (never
-# re-encoded); only the envelope is rebuilt.
-#
-# ``merge_lists`` takes the fetch as a callable, so the window arithmetic is tested
-# without sockets.
-
-# fetch(system, params) -> (HTTP status, body)
-Fetch = Callable[[str, dict[str, Any]], Awaitable[tuple[int, bytes]]]
-
-_envelope = msgspec.json.Decoder(dict[str, msgspec.Raw])
-_rows = msgspec.json.Decoder(list[msgspec.Raw])
-_int = msgspec.json.Decoder(int)
-_enc = msgspec.json.Encoder()
-
-
-def _non_negative(params: dict[str, Any], key: str) -> int:
-    v = params.get(key)
-    if v is None or v == "":
-        return 0
-    if isinstance(v, bool):
-        raise BadRequest(f"params.{key} must be a number")
-    try:
-        n = int(v)
-    except (TypeError, ValueError):
-        raise BadRequest(f"params.{key} must be a number") from None
-    if n < 0:
-        raise BadRequest(f"params.{key} must not be negative")
-    return n
-
-
-def _truthy(v: Any) -> bool:
-    return v not in (None, 0, "0", "", False)
-
-
-class _Part(msgspec.Struct):
-    envelope: dict[str, msgspec.Raw]
-    rows: list[msgspec.Raw]
-    total: int | None
-
-
-def _read(system: str, body: bytes, list_key: str) -> _Part:
-    try:
-        env = _envelope.decode(body)
-        rows = _rows.decode(env[list_key]) if list_key in env else []
-        total = _int.decode(env["total"]) if "total" in env else None
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        raise UpstreamFault(f"the {system} system's {list_key} answer is not a list") from None
-    return _Part(env, rows, total)
-
-
-async def merge_lists(fetch: Fetch, params: dict[str, Any], list_key: str) -> tuple[int, bytes]:
-    """(status, body) of the merged list, or the first fault a system answered."""
-    offset = _non_negative(params, "offset")
-    limit = _non_negative(params, "limit")  # 0 or absent: no limit
-    want_total = _truthy(params.get("get_total"))
-
-    sp = dict(params, skip_exported=1, get_total=1)
-    status, body = await fetch("source", sp)
-    if status != 200 or parse_fault(status, body) is not None:
-        return status, body
-    src = _read("source", body, list_key)
-    if src.total is None:
-        raise UpstreamFault("the source system did not return the list total")
-
-    remaining = None if limit == 0 else limit - len(src.rows)
-    tgt: _Part | None = None
-    if remaining is None or remaining > 0 or want_total:
-        tp = dict(params, offset=max(0, offset - src.total), get_total=1)
-        tp.pop("skip_exported", None)
-        if remaining is None:
-            tp.pop("limit", None)
-        else:
-            tp["limit"] = max(remaining, 1)
-        status, body = await fetch("target", tp)
-        if status != 200 or parse_fault(status, body) is not None:
-            return status, body
-        tgt = _read("target", body, list_key)
-        if want_total and tgt.total is None:
-            raise UpstreamFault("the target system did not return the list total")
-
-    rows = list(src.rows)
-    out: dict[str, Any] = dict(src.envelope)
-    if tgt is not None:
-        out.update(tgt.envelope)
-        rows += tgt.rows if remaining is None else tgt.rows[: max(remaining, 0)]
-    out[list_key] = rows
-    if want_total:
-        out["total"] = src.total + ((tgt.total or 0) if tgt is not None else 0)
-    else:
-        out.pop("total", None)
-    return 200, _enc.encode(out)
 
 
 class Flows(Forwarder):

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from api_proxy.errors import BadRequest
-from api_proxy.flows import merge_lists
+from api_proxy.listmerge import merge_lists
 from dsbc.cli import main as cli
 from tests.test_api_support import ADMIN, CUSTOMER, PORTING, ApiEnv, config_text, run
 
