@@ -198,10 +198,11 @@ class Worker:
         if set_notify is not None:
             set_notify(lambda: loop.call_soon_threadsafe(wake.set))
         while True:
-            try:
-                await asyncio.wait_for(wake.wait(), interval)
-            except TimeoutError:
-                pass
+            # perf: a timer that sets the event, not asyncio.wait_for (which wraps the wait
+            # in a task of its own on every poll, 20 times a second)
+            timer = loop.call_later(interval, wake.set)
+            await wake.wait()
+            timer.cancel()
             wake.clear()
             try:
                 changed = self.store.refresh()
