@@ -10,6 +10,7 @@ This module imports nothing under test itself: a harness imports it first, calls
 from __future__ import annotations
 
 import importlib
+import os
 import pathlib
 import sys
 from typing import Any
@@ -26,6 +27,11 @@ def start(include: list[str], modules: list[str]) -> Any:
     except ImportError:  # atheris has no wheel for every Python / platform
         atheris = None
     if atheris is not None and "--no-atheris" not in sys.argv:
+        # libFuzzer's coverage comes from instrumented Python bytecode: the compiled SIP
+        # core has none, so a guided run fuzzes the pure-Python core (the same source).
+        # DSBC_FUZZ_COMPILED=1 fuzzes the compiled build instead (crashes only, unguided).
+        if not os.environ.get("DSBC_FUZZ_COMPILED"):
+            os.environ.setdefault("DSBC_PURE_PYTHON", "1")
         with atheris.instrument_imports(include=include):
             for name in modules:
                 importlib.import_module(name)
