@@ -195,6 +195,7 @@ def build_settings(cfg: Config) -> ProxySettings:
         pool_size=api.pool_size,
         backend_verify=api.backend_verify,
         backend_ca=api.backend_ca,
+        fast_path=api.fast_path,
     )
 
 

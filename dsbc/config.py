@@ -271,6 +271,7 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pool_size: int = 100  # keep-alive connections per system
     backend_verify: bool = True  # verify the systems' TLS certificates
     backend_ca: str = ""  # CA file for the systems' certificates
+    fast_path: bool = True  # plain forwards on the lean HTTP/1.1 path (api_proxy/fastpath.py)
 
     def __post_init__(self) -> None:
         for entry in self.listen:

@@ -178,3 +178,15 @@ def test_endpoints_and_hostports() -> None:
     for bad in ("host", "h:0", "h:x", "[::1"):
         with pytest.raises(ValueError):
             parse_hostport(bad)
+
+
+def test_api_fast_path_switch_reaches_the_dispatcher() -> None:
+    from dsbc.api_service import build_settings
+
+    base = '[systems.source]\napi = "http://127.0.0.1:1"\n[systems.target]\napi = "http://127.0.0.1:2"\n'
+    assert build_settings(parse_config(base, "dsbc.toml")).fast_path is True
+    off = parse_config(base + "[api]\nfast_path = false\n", "dsbc.toml")
+    assert build_settings(off).fast_path is False
+    with pytest.raises(ConfigError) as err:
+        parse_config(base + '[api]\nfast_path = "yes"\n', "dsbc.toml")
+    assert "dsbc.toml:6: api.fast_path" in str(err.value)
