@@ -28,6 +28,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
+from typing import Final
 
 from .errors import SipError
 from .flow import Flow
@@ -40,7 +41,7 @@ __all__ = ["Admission"]
 
 log = logging.getLogger("dsbc.sip.security")
 
-LOG_BURST = 10
+LOG_BURST: Final = 10
 
 
 def _to_tag(call_id: str) -> str:

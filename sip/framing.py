@@ -14,6 +14,7 @@ once per read (aiosip's ``bytes +=`` re-scan is what we avoid).
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from .errors import FramingError, MessageTooLarge
 
@@ -28,16 +29,16 @@ class _Event:
         return self.name
 
 
-NEED_DATA = _Event("NEED_DATA")
-PING = _Event("PING")
-PONG = b"\r\n"
+NEED_DATA: Final = _Event("NEED_DATA")
+PING: Final = _Event("PING")
+PONG: Final = b"\r\n"
 
 # the value may be folded onto continuation lines, as sip.message reads it
-_CL_RE = re.compile(rb"^(?:content-length|l)[ \t]*:((?:[^\r\n]|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
-_FOLD_RE = re.compile(rb"\r?\n[ \t]+")
+_CL_RE: Final = re.compile(rb"^(?:content-length|l)[ \t]*:((?:[^\r\n]|\r?\n[ \t])*)", re.IGNORECASE | re.MULTILINE)
+_FOLD_RE: Final = re.compile(rb"\r?\n[ \t]+")
 #: a Content-Length of more digits than this is above any max_size (and int() of a
 #: 5000-digit value raises ValueError)
-_MAX_CL_DIGITS = 10
+_MAX_CL_DIGITS: Final = 10
 
 
 class StreamFramer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from .errors import SipParseError
 from .uri import (
@@ -16,7 +17,7 @@ from .uri import (
     is_digits,
 )
 
-COMPACT: dict[str, str] = {
+COMPACT: Final[dict[str, str]] = {
     "a": "accept-contact",
     "b": "referred-by",
     "c": "content-type",
@@ -40,7 +41,7 @@ COMPACT: dict[str, str] = {
 }
 
 #: canonical spelling used when dsbc writes a header of its own
-CANONICAL: dict[str, str] = {
+CANONICAL: Final[dict[str, str]] = {
     "via": "Via",
     "from": "From",
     "to": "To",
@@ -68,7 +69,7 @@ CANONICAL: dict[str, str] = {
 
 #: headers whose grammar is a comma-separated list (RFC 3261 section 7.3.1): these split.
 #: Everything else (Authorization family, Date, Call-ID, unknown extension headers) is one value.
-LIST_HEADERS = frozenset(
+LIST_HEADERS: Final = frozenset(
     {
         "via",
         "contact",
@@ -99,7 +100,7 @@ LIST_HEADERS = frozenset(
 )
 
 #: headers that must appear at most once in a request (RFC 4475 multi01)
-SINGLETONS = frozenset({"call-id", "from", "to", "cseq", "max-forwards", "content-length"})
+SINGLETONS: Final = frozenset({"call-id", "from", "to", "cseq", "max-forwards", "content-length"})
 
 
 def canonical_name(raw: str) -> str:
@@ -186,7 +187,7 @@ class Via:
 
 #: perf: the plain spelling ``SIP/2.0/UDP host[:port][;params]`` (the general code below
 #: also takes LWS around the slashes and the colon, lower case, IPv6 with spaces...)
-_PLAIN_VIA_RE = re.compile(
+_PLAIN_VIA_RE: Final = re.compile(
     f"SIP/2\\.0/({_TOKEN_CLASS}+) ({_HOST_RE.pattern})(?::([0-9]{{1,5}}))?((?:;.*)?)", re.DOTALL
 )
 

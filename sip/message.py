@@ -13,6 +13,7 @@ every other header, followed by the body, in one ``b"".join``.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from .errors import (
     FramingError,
@@ -42,20 +43,20 @@ from .uri import (
     parse_uri,
 )
 
-MAX_CSEQ = 2**32 - 1
+MAX_CSEQ: Final = 2**32 - 1
 #: RFC 3261 20.22: "an integer in the range 0-255"
-MAX_FORWARDS_LIMIT = 255
-_FOLD = re.compile(r"\r?\n[ \t]+")
-_METHOD_CHARS = _TOKEN_CHARS
-_SP_HTAB = " \t"
+MAX_FORWARDS_LIMIT: Final = 255
+_FOLD: Final = re.compile(r"\r?\n[ \t]+")
+_METHOD_CHARS: Final = _TOKEN_CHARS
+_SP_HTAB: Final = " \t"
 #: one or more _TOKEN_CHARS: ``fullmatch`` is ``all(c in _TOKEN_CHARS ...)`` for non-empty
 #: text, without a Python-level loop per character
-_TOKEN_RE = re.compile("[" + "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)) + "]+")
+_TOKEN_RE: Final = re.compile("[" + "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)) + "]+")
 #: perf: header names as written -> canonical name, for names already found valid.  A peer
 #: writes the same dozen spellings in every message, so the token check and the lower-casing
 #: run once per spelling instead of once per line.  Bounded: junk names are never kept.
-_NAMES: dict[str, str] = {}
-_NAMES_MAX = 1024
+_NAMES: Final[dict[str, str]] = {}
+_NAMES_MAX: Final = 1024
 
 
 def _digits(text: str, max_digits: int = MAX_DIGITS) -> bool:

@@ -6,11 +6,12 @@ by their Request-URI and never rate-limited.  I/O free; built from configuration
 from __future__ import annotations
 
 import ipaddress
+from typing import Final
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: answers remembered per (ip, port); cleared when full
-CACHE_SIZE = 100_000
+CACHE_SIZE: Final = 100_000
 
 
 class PeerSet:

@@ -23,7 +23,7 @@ import hmac
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 
@@ -40,13 +40,13 @@ from .health import HealthChecker, Node
 from .message import Editor, SipMessage, make_response, parse_message, parse_request_uri
 from .uri import NameAddr, SipUri, is_digits, parse_name_addr, unescape
 
-BRANCH_PREFIX = "z9hG4bK-d5"
-DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
-INVITE_STATE_TTL = 300.0
+BRANCH_PREFIX: Final = "z9hG4bK-d5"
+DIALOG_CREATING: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+INVITE_STATE_TTL: Final = 300.0
 #: flow tokens kept signed / verified (each cache is emptied when it reaches this size)
-FLOW_CACHE_SIZE = 4096
-MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
-KNOWN_METHODS = frozenset(
+FLOW_CACHE_SIZE: Final = 4096
+MAX_DATAGRAM: Final = 65507  # the largest UDP payload over IPv4
+KNOWN_METHODS: Final = frozenset(
     {"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "INFO", "UPDATE", "PRACK", "PUBLISH"}
 )
 
@@ -114,7 +114,7 @@ def _hash(text: str, size: int) -> str:
 
 
 #: perf: a dotted quad, checked before the general ipaddress parse (which is slow)
-_IPV4_RE = re.compile(r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}")
+_IPV4_RE: Final = re.compile(r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}")
 
 
 def _is_ip(host: str) -> bool:

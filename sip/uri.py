@@ -8,30 +8,31 @@ comparison needs it (RFC 4475 esc01 / escnull: ``%00`` does not shorten a user n
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from .errors import SipParseError, UnsupportedUriScheme
 
-SIP_SCHEMES = ("sip", "sips")
-_TOKEN_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
-_HOST_RE = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?|[A-Za-z0-9]")
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
-_WS = " \t\r\n"
+SIP_SCHEMES: Final = ("sip", "sips")
+_TOKEN_CHARS: Final = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+_HOST_RE: Final = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9.])?|[A-Za-z0-9]")
+_SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*")
+_WS: Final = " \t\r\n"
 #: the octets a SIP URI may hold unescaped (RFC 3261 25.1: printable US-ASCII, no SP)
-_URI_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - set('<>"')
+_URI_CHARS: Final = frozenset(chr(c) for c in range(0x21, 0x7F)) - set('<>"')
 #: longest decimal we convert: int() of a 5000-digit string raises ValueError (CPython's
 #: int_max_str_digits), and no SIP scalar needs more than 10 digits (2**32-1)
-MAX_DIGITS = 10
+MAX_DIGITS: Final = 10
 
 # Perf: the fast paths below accept only the plain, well-formed spelling of a value and
 # give exactly what the general code gives for it (tests/test_sip_fastpaths.py checks
 # both with Hypothesis); anything else takes the general code.
-_TOKEN_CLASS = "[" + "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)) + "]"
+_TOKEN_CLASS: Final = "[" + "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)) + "]"
 #: ``;name=value;flag...``: token names, values without quotes, whitespace or ';'
-_PLAIN_PARAMS_RE = re.compile(f"(?:;{_TOKEN_CLASS}+(?:=[^;\"\\s]+)?)+")
+_PLAIN_PARAMS_RE: Final = re.compile(f"(?:;{_TOKEN_CLASS}+(?:=[^;\"\\s]+)?)+")
 #: ``_URI_CHARS`` as a character class (0x21-0x7E without ``"``, ``<``, ``>``)
-_URI_TEXT_RE = re.compile(r"[!#-;=?-~]*")
+_URI_TEXT_RE: Final = re.compile(r"[!#-;=?-~]*")
 #: a display name that needs no quotes: tokens and whitespace
-_DISPLAY_RE = re.compile(f"(?:{_TOKEN_CLASS}|[ \t\r\n])+")
+_DISPLAY_RE: Final = re.compile(f"(?:{_TOKEN_CLASS}|[ \t\r\n])+")
 
 
 def is_digits(text: str | bytes, max_digits: int = MAX_DIGITS) -> bool:
