@@ -14,16 +14,14 @@ pure-Python modules only; dsbc works the same, slower (``dsbc --version`` tells 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import sysconfig
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sip._pure import CORE_MODULES  # the one list of compiled modules
+from sip._pure import CORE_MODULES, no_c_toolchain  # the one list of compiled modules
 
 #: the modules every SIP message goes through, in dependency order
 COMPILED = [name.replace(".", "/") + ".py" for name in CORE_MODULES]
@@ -33,11 +31,9 @@ def _can_compile() -> str | None:
     """None when a C build can work here, else why not."""
     if os.environ.get("DSBC_PURE_PYTHON"):
         return "DSBC_PURE_PYTHON is set"
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if not shutil.which(cc):
-        return f"no C compiler ({cc})"
-    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
-        return "no Python.h (install the python3-dev package)"
+    missing = no_c_toolchain()
+    if missing:
+        return missing
     try:
         import mypyc.build  # noqa: F401
     except ImportError:

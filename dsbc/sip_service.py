@@ -51,7 +51,6 @@ class StoreRouter:
 
     def __init__(self, store: LocationStore, trusted: PeerSet) -> None:
         self.store = store
-        self.trusted = trusted
         self.is_trusted = trusted.contains
         self.lookups = 0  # out-of-dialog owner lookups (metrics)
         self.misses = 0  # ... that found no customer

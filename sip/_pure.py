@@ -69,6 +69,20 @@ def install() -> None:
     sys.meta_path.insert(0, _SourceFirst())
 
 
+def no_c_toolchain() -> str | None:
+    """Why this interpreter cannot build the compiled core (no C compiler, no Python.h),
+    or None when it can.  setup.py asks before compiling; the tests ask what to expect."""
+    import shutil
+    import sysconfig
+
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if not shutil.which(cc):
+        return f"no C compiler ({cc})"
+    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        return "no Python.h (install the python3-dev package)"
+    return None
+
+
 def compiled() -> dict[str, bool]:
     """For each core module: is the compiled build the one imported?"""
     out: dict[str, bool] = {}

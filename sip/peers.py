@@ -51,6 +51,3 @@ class PeerSet:
             self._cache.clear()
         self._cache[key] = ok
         return ok
-
-    def __call__(self, ip: str, port: int) -> bool:
-        return self.contains(ip, port)

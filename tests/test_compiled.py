@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
+
+from sip._pure import no_c_toolchain
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the I/O-free tests of the modules setup.py compiles
@@ -51,16 +51,11 @@ def _compiled(pure: bool) -> dict[str, bool]:
     return result
 
 
-def _can_build() -> bool:
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    return bool(shutil.which(cc)) and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
-
-
 def test_pure_switch_imports_the_sources() -> None:
     assert not any(_compiled(pure=True).values())
 
 
-@pytest.mark.skipif(not _can_build() or bool(os.environ.get("DSBC_PURE_PYTHON")),
+@pytest.mark.skipif(no_c_toolchain() is not None or bool(os.environ.get("DSBC_PURE_PYTHON")),
                     reason="no C compiler here: the install is pure Python")
 def test_install_built_the_compiled_core() -> None:
     """scripts/test.sh installs with a compiler at hand: every core module is compiled."""

@@ -256,4 +256,4 @@ def test_peer_set_answers_pairs_addresses_and_networks() -> None:
     for i in range(CACHE_SIZE + 10):
         peers.contains("10.0.0.1", i % 65536)
     assert len(peers._cache) <= CACHE_SIZE
-    assert peers("203.0.113.1", 5) is True
+    assert peers.contains("203.0.113.1", 5) is True
