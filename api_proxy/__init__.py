@@ -15,3 +15,7 @@ to the system (``source`` or ``target``) that holds its customer or session.
 
 This package never imports ``dsbc``; ``dsbc.api_service`` wires it to the store.
 """
+
+from sip._pure import install
+
+install()  # the compiled head codec (h1, h1relay), or its source (DSBC_PURE_PYTHON=1, stale)

@@ -43,10 +43,10 @@ from api_proxy.h1 import (
     chunk,
     parse_request_head,
 )
-from api_proxy.h1relay import client_head, fault_bytes
-from api_proxy.upstream import HOP_BY_HOP
+from api_proxy.h1relay import client_head, fault_bytes, upstream_request
 
 if TYPE_CHECKING:
+    from api_proxy.router import Vhost
     from api_proxy.server import ApiProxy
 
 log = logging.getLogger("api_proxy.fastpath")
@@ -55,14 +55,7 @@ HEAD, BODY, BUSY, IDLE, GONE = range(5)
 KEEPALIVE = 75.0
 MAX_BUFFER = 256 * 1024  # pipelined octets read ahead while a request is in flight
 _INF = float("inf")
-_REQ_SKIP = HOP_BY_HOP | {"host", "content-length", "expect", "close"}
-_FORWARDED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip")
-_FORWARDED_NAMES = {
-    "x-forwarded-for": "X-Forwarded-For",
-    "x-forwarded-proto": "X-Forwarded-Proto",
-    "x-forwarded-host": "X-Forwarded-Host",
-    "x-real-ip": "X-Real-IP",
-}
+_TO = {"source": "to_source", "target": "to_target"}  # metric names
 
 
 class FastConn(asyncio.Protocol):
@@ -71,8 +64,10 @@ class FastConn(asyncio.Protocol):
         "deadline",
         "ex",
         "head_len",
+        "host",
         "ip",
         "keep_alive",
+        "keys",
         "local_port",
         "origin",
         "pending",
@@ -85,6 +80,7 @@ class FastConn(asyncio.Protocol):
         "timer",
         "tls",
         "transport",
+        "vhost",
         "write_paused",
     )
 
@@ -107,7 +103,10 @@ class FastConn(asyncio.Protocol):
         self.write_paused = False
         self.system = ""
         self.origin: Origin | None = None
-        self.public = b""
+        self.public = b""  # scheme://Host of the last Host header, for Location rewrites
+        self.host: str | None = None  # the last Host header and its virtual host
+        self.vhost: Vhost | None = None
+        self.keys: dict[tuple[str, str], str] = {}  # store keys of credentials seen here
 
     # -- asyncio ----------------------------------------------------------------------------
 
@@ -148,9 +147,12 @@ class FastConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self.state
-        if state == IDLE:
-            self.state = HEAD
-            self.deadline = self.proxy.loop_time() + self.proxy.settings.header_timeout
+        if state == IDLE or (state == HEAD and not self.buf):
+            if self._whole(data):
+                return  # sent on: BUSY, no deadline
+            if state == IDLE:
+                self.state = HEAD
+                self.deadline = self.proxy.loop_time() + self.proxy.settings.header_timeout
         elif state == BODY:
             self.deadline = self.proxy.loop_time() + self.proxy.settings.body_timeout
         if state != BUSY and state != GONE:
@@ -207,6 +209,28 @@ class FastConn(asyncio.Protocol):
         del buf[:need]
         self.req = None
 
+    def _whole(self, data: bytes) -> bool:
+        """The common case, nothing buffered: ``data`` is exactly one whole request that
+        the fast path takes.  False: nothing was done, buffer ``data`` and go on."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end > self.proxy.settings.max_header_size:
+            return False
+        req = parse_request_head(data[: end + 2])
+        if req is None or end + 4 + req.content_length != len(data):
+            return False
+        if req.content_length > self.proxy.settings.route_body_limit:
+            return False
+        return self._take(req, data[end + 4 :] if req.content_length else b"")
+
+    def _vhost(self, host: str) -> Vhost | None:
+        """The virtual host a Host header names here (a connection's Host rarely changes)."""
+        if host == self.host:
+            return self.vhost
+        vhost = self.proxy.table.select(host, self.local_port)
+        self.host, self.vhost = host, vhost
+        self.public = ("https://" if self.tls else "http://").encode() + host.encode()
+        return vhost
+
     def _take(self, req: RequestHead, body: bytes) -> bool:
         """Classify and send ``req`` when the fast path can; False: hand it over."""
         proxy = self.proxy
@@ -214,70 +238,48 @@ class FastConn(asyncio.Protocol):
         path, _, query = target.partition("?")
         if "%" in path:
             return False
-        vhost = proxy.table.select(req.index["host"], self.local_port)
+        index = req.index
+        vhost = self._vhost(index["host"])
         if vhost is None:
             return False
         realm = vhost.realm_for(path)
-        prefix = body if body and needs_body(realm, req.method, target, req.index) else None
+        method = req.method
+        prefix = body if body and needs_body(realm, method, target, index) else None
         try:
             c = classify(
                 realm,
-                req.method,
+                method,
                 target,
-                req.index,
+                index,
                 prefix,
                 cpe_patterns=proxy.table.patterns(vhost),
                 remote_cookie=proxy.settings.remote_cookie,
             )
         except DispatchError:
             return False
-        system = proxy.plan(c)
+        system = proxy.plan(c, self.keys)
         if system is None:
             return False
         pool, origin = proxy.upstream(vhost, system)
-        host = req.index["host"]
-        proto = "https" if self.tls else "http"
-        ip = self.ip
-        xff = req.index.get("x-forwarded-for")
-        fwd = {
-            "x-forwarded-for": f"{xff}, {ip}" if xff else ip,
-            "x-forwarded-proto": proto,
-            "x-forwarded-host": host,
-            "x-real-ip": ip,
-        }
-        qs = "?" + query if query else ""
-        lines = [
-            f"{req.method} {origin.prefix}{path}{qs} HTTP/1.1\r\nHost: {origin.host_header}\r\n"
-        ]
-        skip = _REQ_SKIP
-        for name, value in req.headers:
-            lname = name.lower()
-            if lname in skip:
-                continue
-            if lname in fwd:
-                lines.append(f"{_FORWARDED_NAMES[lname]}: {fwd.pop(lname)}\r\n")
-                continue
-            if lname in _FORWARDED:
-                continue  # a repeated X-Forwarded-* header: replaced by the first
-            lines.append(f"{name}: {value}\r\n")
-        for lname, value in fwd.items():
-            lines.append(f"{_FORWARDED_NAMES[lname]}: {value}\r\n")
-        if req.method != "GET":
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append("\r\n")
-        data = "".join(lines).encode("ascii") + body if body else "".join(lines).encode("ascii")
+        data = upstream_request(
+            req,
+            origin.prefix + path + "?" + query if query else origin.prefix + path,
+            origin.host_header,
+            self.ip,
+            "https" if self.tls else "http",
+            body,
+        )
         m = proxy.metrics
         m["requests"] += 1
         m["fast_path"] += 1
-        m["to_" + system] += 1
+        m[_TO[system]] += 1
         self.state = BUSY
         self.deadline = _INF
         self.keep_alive = req.keep_alive
         self.system = system
         self.origin = origin
-        self.public = f"{proto}://{host}".encode()
         self.resp = None
-        self.ex = ex = Exchange(data, req.method, self)
+        self.ex = ex = Exchange(data, method, self)
         pool.submit(ex)
         return True
 

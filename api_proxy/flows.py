@@ -43,6 +43,7 @@ from api_proxy.router import Owner, SessionRecord
 
 log = logging.getLogger("api_proxy.flows")
 ORDER = ("target", "source")
+MAX_CACHED_KEYS = 4  # store keys a connection remembers (find_session_of)
 _doc = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -66,19 +67,20 @@ class Flows(Forwarder):
 
     # -- the common case ------------------------------------------------------------------
 
-    def plan(self, c: Classified) -> str | None:
+    def plan(self, c: Classified, keys: dict[tuple[str, str], str] | None = None) -> str | None:
         """The system a request goes to unchanged, with its answer relayed as it is; None
         when its flow does more (a login, a probe, a hold, a twin rewrite, a merge, a
         create, a CPE cookie).  Synchronous and without side effects: the fast path
         (``fastpath.py``) asks it before taking a request, and ``dispatch`` asks it
-        first too, so both paths route the common case by this one piece of code."""
+        first too, so both paths route the common case by this one piece of code.
+        ``keys``: a connection's cache of store keys (``find_session_of``)."""
         kind = c.kind
         if kind is RealmKind.CPE:
             return None
         action = c.action
         if action is Action.LOGIN or action is Action.WEB_LOGIN:
             return None
-        rec = self.find_session_of(c)
+        rec = self.find_session_of(c, keys)
         if kind is RealmKind.CUSTOMER:
             if rec is not None:
                 return None if action in (Action.LOGOUT, Action.REFRESH) else rec.system
@@ -124,10 +126,23 @@ class Flows(Forwarder):
     def find_session(self, ctx: Ctx) -> SessionRecord | None:
         return self.find_session_of(ctx.c)
 
-    def find_session_of(self, c: Classified) -> SessionRecord | None:
+    def find_session_of(
+        self, c: Classified, keys: dict[tuple[str, str], str] | None = None
+    ) -> SessionRecord | None:
+        """The live session the request's credentials name.  ``keys`` caches the store key
+        (a SHA-256 digest) of each (kind, credential) for a connection, whose requests
+        carry the same token again and again; it holds a few entries at most."""
         now = self.now()
         for kind, value in c.creds.session_keys():
-            rec = self.router.get_session(session_key(kind, value))
+            if keys is None:
+                key = session_key(kind, value)
+            else:
+                key = keys.get((kind, value), "")
+                if not key:
+                    if len(keys) >= MAX_CACHED_KEYS:
+                        keys.clear()
+                    key = keys[(kind, value)] = session_key(kind, value)
+            rec = self.router.get_session(key)
             if rec is not None and rec.expires_at > now:
                 return rec
         return None

@@ -12,7 +12,9 @@
 
 Perf note: a head is checked by one regular expression over the whole head (C speed),
 then split into lines; header values stay text (requests) or bytes (responses) and
-nothing is copied beyond the lines themselves.
+nothing is copied beyond the lines themselves.  This module and ``h1relay`` are compiled
+with mypyc where a C compiler is at hand (``sip/_pure.py``, setup.py): keep them fully
+annotated, module constants ``Final``, and free of msgspec Structs and asyncio.
 """
 
 from __future__ import annotations
@@ -20,22 +22,38 @@ from __future__ import annotations
 import re
 import time
 from email.utils import formatdate
+from typing import Final
 
 #: what the fast path takes; PATCH / PUT / DELETE are rare on the billing API and go
 #: the aiohttp way (they would pass too, but nothing is gained by widening the surface)
-FAST_METHODS = frozenset({"GET", "POST"})
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_HEAD = re.compile(
+FAST_METHODS: Final = frozenset({"GET", "POST"})
+#: hop-by-hop headers (RFC 9110 7.6.1 and the usual extras): never relayed either way
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+    }
+)
+_TOKEN: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_HEAD: Final = re.compile(
     rb"(GET|POST) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*) HTTP/1\.1\r\n"
     rb"(?:" + _TOKEN + rb":[\t -~]*\r\n)*"
 )
-_ODD_PATH = re.compile(r"//|/\.\.?(?:/|$)")
+_ODD_PATH: Final = re.compile(r"//|/\.\.?(?:/|$)")
 #: request headers that send a request the aiohttp way, whatever their value
-_SLOW_REQUEST_HEADERS = frozenset({"transfer-encoding", "expect", "upgrade"})
+_SLOW_REQUEST_HEADERS: Final = frozenset({"transfer-encoding", "expect", "upgrade"})
 #: request headers that may appear once only on the fast path
-_ONCE = frozenset({"host", "content-length", "connection"})
-MAX_CONTENT_LENGTH_DIGITS = 18
-MAX_FAST_HEADERS = 100
+_ONCE: Final = frozenset({"host", "content-length", "connection"})
+MAX_CONTENT_LENGTH_DIGITS: Final = 18
+MAX_FAST_HEADERS: Final = 100
 
 
 class H1Error(Exception):
@@ -112,14 +130,17 @@ def parse_request_head(head: bytes) -> RequestHead | None:
 
 # --- answers from a back end -----------------------------------------------------------------
 
-_RESPONSE_HEAD = re.compile(
+_RESPONSE_HEAD: Final = re.compile(
     rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t -~\x80-\xff]*)?"
     rb"(?:\r?\n" + _TOKEN + rb":[\t -~\x80-\xff]*)*\r?"
 )
 #: no body whatever the headers say (RFC 9112 6.3)
-EMPTY_BODY_STATUS = frozenset({204, 304})
+EMPTY_BODY_STATUS: Final = frozenset({204, 304})
 
-NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = range(4)
+NO_BODY: Final = 0
+LENGTH: Final = 1
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3
 
 
 class ResponseHead:
@@ -198,7 +219,7 @@ class ChunkedDecoder:
 
     __slots__ = ("buf", "done", "left")
 
-    MAX_LINE = 4096
+    MAX_LINE: Final = 4096
 
     def __init__(self) -> None:
         self.buf = b""
@@ -249,7 +270,7 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 _date_cache: tuple[int, str] = (0, "")
 

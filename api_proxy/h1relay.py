@@ -1,41 +1,91 @@
-"""The answer heads the fast path writes to a client: pure, no I/O.
+"""The heads the fast path writes, to a back end and to a client: pure, no I/O.
 
-``client_head`` is ``upstream.response_headers`` plus what aiohttp's ``StreamResponse``
-adds, in aiohttp's order: the back end's headers without hop-by-hop ones (and those its
-Connection header names) and without Content-Length, Location and cookie domains made
-the public host's; then Content-Length or Transfer-Encoding, a default Content-Type,
-Date, Server, and Connection: close when the client asked for it.  ``fault_bytes`` is
-``Forwarder.fault`` as octets.  ``tests/test_api_fastpath*.py`` compare both with the
-aiohttp path.
+``upstream_request`` is ``upstream.request_headers`` as octets: the client's request
+for a back end, hop-by-hop headers removed, X-Forwarded-* set, in aiohttp's client
+order.  ``client_head`` is ``upstream.response_headers`` plus what aiohttp's
+``StreamResponse`` adds, in aiohttp's order: the back end's headers without hop-by-hop
+ones (and those its Connection header names) and without Content-Length, Location and
+cookie domains made the public host's; then Content-Length or Transfer-Encoding, a
+default Content-Type, Date, Server, and Connection: close when the client asked for it.
+``fault_bytes`` is ``Forwarder.fault`` as octets.  ``tests/test_api_fastpath*.py``
+compare all three with the aiohttp path.
+
+Compiled with mypyc like ``h1`` (see there): annotations, ``Final`` constants.
 """
 
 from __future__ import annotations
 
 import re
 from http import HTTPStatus
+from typing import Final
 
 from aiohttp.http import SERVER_SOFTWARE
 
 from api_proxy.errors import DispatchError
-from api_proxy.h1 import LENGTH, NO_BODY, ResponseHead, date_header
-from api_proxy.upstream import HOP_BY_HOP
+from api_proxy.h1 import HOP_BY_HOP, LENGTH, NO_BODY, RequestHead, ResponseHead, date_header
 
-_SERVER = b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
-_RESP_SKIP = frozenset(h.encode() for h in HOP_BY_HOP) | {b"content-length"}
-_DOMAIN_ATTR = re.compile(rb";\s*domain=[^;]*", re.IGNORECASE)
+_SERVER: Final[bytes] = b"Server: " + str(SERVER_SOFTWARE).encode() + b"\r\n"
+_RESP_SKIP: Final = frozenset(h.encode() for h in HOP_BY_HOP) | {b"content-length"}
+_DOMAIN_ATTR: Final = re.compile(rb";\s*domain=[^;]*", re.IGNORECASE)
+#: request headers never sent on ("close": a Connection token aiohttp treats as a name)
+_REQ_SKIP: Final = HOP_BY_HOP | {"host", "content-length", "expect", "close"}
+#: X-Forwarded-* as sent, by lowercase name, in the order they are added when absent
+_FORWARDED: Final = {
+    "x-forwarded-for": "X-Forwarded-For",
+    "x-forwarded-proto": "X-Forwarded-Proto",
+    "x-forwarded-host": "X-Forwarded-Host",
+    "x-real-ip": "X-Real-IP",
+}
+
+
+def upstream_request(
+    req: RequestHead, target: str, host_header: str, ip: str, proto: str, body: bytes
+) -> bytes:
+    """The request for a back end: ``target`` (the origin's path prefix, the path and
+    query), its Host, the client's headers less hop-by-hop ones, X-Forwarded-* for
+    client ``ip`` over ``proto`` (a client's own replaced in place, repeats dropped),
+    Content-Length unless GET, then ``body``."""
+    index = req.index
+    xff = index.get("x-forwarded-for")
+    fwd: dict[str, str] = {
+        "x-forwarded-for": xff + ", " + ip if xff else ip,
+        "x-forwarded-proto": proto,
+        "x-forwarded-host": index["host"],
+        "x-real-ip": ip,
+    }
+    named = _FORWARDED
+    skip = _REQ_SKIP
+    lines: list[str] = [req.method, " ", target, " HTTP/1.1\r\nHost: ", host_header, "\r\n"]
+    for name, value in req.headers:
+        lname = name.lower()
+        if lname in skip:
+            continue
+        if lname in named:
+            if lname in fwd:  # the first one is replaced; a repeat is dropped
+                lines += (named[lname], ": ", fwd.pop(lname), "\r\n")
+            continue
+        lines += (name, ": ", value, "\r\n")
+    for lname, value in fwd.items():
+        lines += (named[lname], ": ", value, "\r\n")
+    if req.method != "GET":
+        lines += ("Content-Length: ", str(len(body)), "\r\n")
+    lines.append("\r\n")
+    head = "".join(lines).encode("ascii")
+    return head + body if body else head
 
 
 def client_head(
     head: ResponseHead, backend_origin: bytes, public: bytes, keep_alive: bool
 ) -> bytes:
     """The head of the answer to the client for a back end's answer ``head``."""
-    out = [b"HTTP/1.1 %d %b\r\n" % (head.status, head.reason)]
+    out: list[bytes] = [b"HTTP/1.1 %d %b\r\n" % (head.status, head.reason)]
     skip = _RESP_SKIP
     conn_listed: set[bytes] = set()
     has_ct = has_date = has_server = False
     for lname, _, value in head.headers:
         if lname == b"connection":
-            conn_listed.update(t.strip().lower() for t in value.split(b","))
+            for t in value.split(b","):
+                conn_listed.add(t.strip().lower())
     for lname, name, value in head.headers:
         if lname in skip or lname in conn_listed:
             continue
@@ -49,7 +99,7 @@ def client_head(
             value = public + value[len(backend_origin) :]
         elif lname == b"set-cookie":
             value = _DOMAIN_ATTR.sub(b"", value)
-        out.append(name + b": " + value + b"\r\n")
+        out += (name, b": ", value, b"\r\n")
     if head.framing != NO_BODY:
         if head.framing == LENGTH:
             out.append(b"Content-Length: %d\r\n" % head.length)
@@ -58,7 +108,7 @@ def client_head(
         if not has_ct and (head.framing != LENGTH or head.length):
             out.append(b"Content-Type: application/octet-stream\r\n")
     if not has_date:
-        out.append(b"Date: " + date_header().encode() + b"\r\n")
+        out += (b"Date: ", date_header().encode(), b"\r\n")
     if not has_server:
         out.append(_SERVER)
     if not keep_alive:
@@ -71,9 +121,10 @@ def fault_bytes(exc: DispatchError, keep_alive: bool) -> bytes:
     """The answer ``Forwarder.fault`` gives through aiohttp, as octets."""
     body = exc.body()
     close = exc.close or not keep_alive
+    status = exc.http_status
     return b"".join(
         (
-            b"HTTP/1.1 %d %b\r\n" % (exc.http_status, HTTPStatus(exc.http_status).phrase.encode()),
+            b"HTTP/1.1 %d %b\r\n" % (status, HTTPStatus(status).phrase.encode()),
             b"Content-Type: application/json; charset=utf-8\r\n",
             b"Retry-After: 2\r\n" if exc.reason == "customer_locked" else b"",
             b"Content-Length: %d\r\n" % len(body),

@@ -27,24 +27,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from api_proxy.errors import BackendUnavailable, RequestTimeout, RequestTooLarge
+from api_proxy.h1 import HOP_BY_HOP
 
 log = logging.getLogger("api_proxy.upstream")
 
 CHUNK = 64 * 1024
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-connection",
-    }
-)
 _DOMAIN_ATTR = re.compile(r";\s*domain=[^;]*", re.IGNORECASE)
 
 

@@ -1,5 +1,7 @@
-"""Which build of the SIP core runs: the compiled one (mypyc, see setup.py) or the
-pure-Python source it is compiled from.
+"""Which build of the compiled modules runs: the compiled one (mypyc, see setup.py) or
+the pure-Python source it is compiled from.  The compiled modules are the SIP core and
+the API fast path's head codec (``api_proxy.h1``, ``api_proxy.h1relay``); ``sip`` and
+``api_proxy`` both call ``install()`` when imported.
 
 ``DSBC_PURE_PYTHON=1`` imports the ``.py`` files even where the compiled modules are
 installed next to them: the test suite keeps the pure-Python version tested that way
@@ -19,10 +21,12 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-#: the modules setup.py may compile
+#: the modules setup.py may compile, in any package under the repository root; add a
+#: name here and setup.py compiles it, the stale check and the pure switch cover it
 CORE_MODULES = (
     "sip.uri", "sip.headers", "sip.message", "sip.framing", "sip.proxy",
     "sip.ratelimit", "sip.scanner", "sip.admission", "sip.peers",
+    "api_proxy.h1", "api_proxy.h1relay",
 )
 
 
@@ -42,17 +46,19 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
         return None
 
 
-def _stale_module(folder: str) -> str | None:
-    """The first core module whose source is newer than its compiled file, if any.  The
-    compiled modules call each other directly, so one stale module means none can be used."""
+def _stale_module(root: str) -> str | None:
+    """The first core module (``sip/uri.py``) under ``root`` whose source is newer than its
+    compiled file, if any.  The compiled modules call each other directly, so one stale
+    module means none can be used."""
     for name in CORE_MODULES:
-        leaf = name.rpartition(".")[2]
+        package, _, leaf = name.rpartition(".")
+        folder = os.path.join(root, *package.split("."))
         source = os.path.join(folder, leaf + ".py")
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
             built = os.path.join(folder, leaf + suffix)
             if os.path.exists(built) and os.path.exists(source):
                 if os.path.getmtime(built) + 1 < os.path.getmtime(source):
-                    return leaf
+                    return os.path.join(*package.split("."), leaf + ".py")
                 break
     return None
 
@@ -61,11 +67,12 @@ def install() -> None:
     if any(isinstance(f, _SourceFirst) for f in sys.meta_path):
         return
     if not os.environ.get("DSBC_PURE_PYTHON"):
-        stale = _stale_module(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        stale = _stale_module(root)
         if stale is None:
             return
-        print(f"dsbc: sip/{stale}.py is newer than its compiled build: using the pure-Python "
-              "SIP core (rebuild with pip install -e .)", file=sys.stderr)
+        print(f"dsbc: {stale} is newer than its compiled build: using the pure-Python "
+              "modules (rebuild with pip install -e .)", file=sys.stderr)
     sys.meta_path.insert(0, _SourceFirst())
 
 
@@ -84,7 +91,7 @@ def no_c_toolchain() -> str | None:
 
 
 def compiled() -> dict[str, bool]:
-    """For each core module: is the compiled build the one imported?"""
+    """For each compiled module: is the compiled build the one imported?"""
     out: dict[str, bool] = {}
     for name in CORE_MODULES:
         module = importlib.import_module(name)

@@ -1,9 +1,10 @@
-"""The compiled SIP core (mypyc, setup.py) and the pure-Python one behave the same.
+"""The compiled modules (mypyc, setup.py) and the pure-Python ones behave the same.
 
 The normal test run uses whatever the install built (compiled where a C compiler was
-found).  Here the I/O-free SIP tests run again with ``DSBC_PURE_PYTHON=1``, which imports
-the ``.py`` sources instead, so both builds pass the same codec, framing, proxy and
-RFC 4475 tests.
+found).  Here the tests of the compiled modules run again with ``DSBC_PURE_PYTHON=1``,
+which imports the ``.py`` sources instead, so both builds pass the same SIP codec,
+framing, proxy and RFC 4475 tests, and the same API fast-path tests (the head codec
+``api_proxy.h1`` / ``h1relay``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pytest
 from sip._pure import no_c_toolchain
 
 ROOT = Path(__file__).resolve().parent.parent
-#: the I/O-free tests of the modules setup.py compiles
+#: the tests of the modules setup.py compiles (the SIP ones are I/O-free; the API
+#: fast-path ones go through loopback sockets, and compare with the aiohttp path)
 CORE_TESTS = [
     "tests/test_sip_codec.py",
     "tests/test_sip_uri.py",
@@ -30,6 +32,8 @@ CORE_TESTS = [
     "tests/test_rfc4475_codec.py",
     "tests/test_rfc4475_proxy.py",
     "tests/test_security_units.py",
+    "tests/test_api_fastpath.py",
+    "tests/test_api_fastpath_badinput.py",
 ]
 
 
@@ -89,12 +93,16 @@ def test_a_stale_build_is_not_used(tmp_path: Path) -> None:
 
     from sip._pure import _stale_module
 
-    for leaf in ("uri", "message"):
-        (tmp_path / f"{leaf}.py").write_text("")
-        built = tmp_path / f"{leaf}{EXTENSION_SUFFIXES[0]}"
+    for package, leaf in (("sip", "uri"), ("sip", "message"), ("api_proxy", "h1")):
+        folder = tmp_path / package
+        folder.mkdir(exist_ok=True)
+        (folder / f"{leaf}.py").write_text("")
+        built = folder / f"{leaf}{EXTENSION_SUFFIXES[0]}"
         built.write_text("")
         os.utime(built, (1_000_000, 1_000_000))
-        os.utime(tmp_path / f"{leaf}.py", (1_000_000, 1_000_000))
+        os.utime(folder / f"{leaf}.py", (1_000_000, 1_000_000))
     assert _stale_module(str(tmp_path)) is None
-    os.utime(tmp_path / "message.py", (1_000_100, 1_000_100))
-    assert _stale_module(str(tmp_path)) == "message"
+    os.utime(tmp_path / "api_proxy" / "h1.py", (1_000_100, 1_000_100))
+    assert _stale_module(str(tmp_path)) == os.path.join("api_proxy", "h1.py")
+    os.utime(tmp_path / "sip" / "message.py", (1_000_100, 1_000_100))
+    assert _stale_module(str(tmp_path)) == os.path.join("sip", "message.py")
