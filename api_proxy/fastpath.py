@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, cast
 
 from api_proxy.classify import classify, needs_body
 from api_proxy.errors import BackendUnavailable, DispatchError, RequestTimeout
-from api_proxy.fastpool import Exchange, Origin, cancel
+from api_proxy.fastpool import Exchange, Origin, UpstreamPool, cancel
 from api_proxy.h1 import (
     LAST_CHUNK,
     LENGTH,
@@ -71,6 +71,7 @@ class FastConn(asyncio.Protocol):
         "local_port",
         "origin",
         "pending",
+        "pools",
         "proxy",
         "public",
         "req",
@@ -107,6 +108,7 @@ class FastConn(asyncio.Protocol):
         self.host: str | None = None  # the last Host header and its virtual host
         self.vhost: Vhost | None = None
         self.keys: dict[tuple[str, str], str] = {}  # store keys of credentials seen here
+        self.pools: dict[str, tuple[UpstreamPool, Origin]] = {}  # of self.vhost, by system
 
     # -- asyncio ----------------------------------------------------------------------------
 
@@ -228,6 +230,7 @@ class FastConn(asyncio.Protocol):
             return self.vhost
         vhost = self.proxy.table.select(host, self.local_port)
         self.host, self.vhost = host, vhost
+        self.pools = {}
         self.public = ("https://" if self.tls else "http://").encode() + host.encode()
         return vhost
 
@@ -260,7 +263,10 @@ class FastConn(asyncio.Protocol):
         system = proxy.plan(c, self.keys)
         if system is None:
             return False
-        pool, origin = proxy.upstream(vhost, system)
+        found = self.pools.get(system)
+        if found is None:
+            found = self.pools[system] = proxy.upstream(vhost, system)
+        pool, origin = found
         data = upstream_request(
             req,
             origin.prefix + path + "?" + query if query else origin.prefix + path,

@@ -27,6 +27,7 @@ from dsbc.store.base import ApiSession, BadIdentity, LocationStore, normalise
 from dsbc.writebehind import WriteBehind
 
 log = logging.getLogger("dsbc.api")
+MAX_RECORDS = 4096  # SessionRecords kept beside the store's sessions (StoreRouter)
 
 
 class StoreRouter:
@@ -45,6 +46,9 @@ class StoreRouter:
         self._local: dict[str, ApiSession] = {}
         self._gone: dict[str, float] = {}
         self._next_purge = 0.0
+        # the SessionRecord made for each ApiSession the store handed out, while the store
+        # hands out the same object (records are never changed): no copy per request
+        self._records: dict[str, tuple[ApiSession, SessionRecord]] = {}
 
     @property
     def lock_hold(self) -> float:
@@ -83,7 +87,10 @@ class StoreRouter:
             s = self.store.get_session(key)
         if s is None:
             return None
-        return SessionRecord(
+        known = self._records.get(key)
+        if known is not None and known[0] is s:
+            return known[1]
+        record = SessionRecord(
             key=s.key,
             system=s.system,
             expires_at=s.expires_at,
@@ -91,6 +98,10 @@ class StoreRouter:
             realm=s.realm,
             extra=s.extra,
         )
+        if len(self._records) >= MAX_RECORDS:
+            self._records.clear()
+        self._records[key] = (s, record)
+        return record
 
     def put_session(self, record: SessionRecord) -> None:
         session = ApiSession(
