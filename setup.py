@@ -1,4 +1,5 @@
-"""Build hook: compile the SIP hot path with mypyc when a C compiler is at hand.
+"""Build hook: compile the hot paths (the SIP core, the API fast path's head codec) with
+mypyc when a C compiler is at hand.
 
 Metadata lives in pyproject.toml; this file only adds the optional compiled modules.
 The compiled modules are the same source as the pure-Python ones (mypyc compiles the
@@ -23,7 +24,7 @@ from setuptools.command.build_ext import build_ext
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sip._pure import CORE_MODULES, no_c_toolchain  # the one list of compiled modules
 
-#: the modules every SIP message goes through, in dependency order
+#: the modules every SIP message and fast-path API request goes through (sip/_pure.py)
 COMPILED = [name.replace(".", "/") + ".py" for name in CORE_MODULES]
 
 
@@ -42,7 +43,7 @@ def _can_compile() -> str | None:
 
 
 def _pure_only(why: str) -> None:
-    print(f"dsbc: installing the pure-Python SIP core only: {why}", file=sys.stderr)
+    print(f"dsbc: installing the pure-Python modules only: {why}", file=sys.stderr)
 
 
 def ext_modules() -> list[object]:
@@ -60,7 +61,7 @@ def ext_modules() -> list[object]:
 
 
 class OptionalBuildExt(build_ext):  # type: ignore[misc]
-    """A failed C build installs the pure-Python core instead of failing the install; no
+    """A failed C build installs the pure-Python modules instead of failing the install; no
     half-built module is left behind (the compiled modules call each other directly)."""
 
     def run(self) -> None:
