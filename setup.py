@@ -1,5 +1,5 @@
-"""Build hook: compile the hot paths (the SIP core, the API fast path's head codec) with
-mypyc when a C compiler is at hand.
+"""Build hook: compile the hot paths (the SIP core, the API fast path) with mypyc when a C
+compiler is at hand.
 
 Metadata lives in pyproject.toml; this file only adds the optional compiled modules.
 The compiled modules are the same source as the pure-Python ones (mypyc compiles the

@@ -18,4 +18,4 @@ This package never imports ``dsbc``; ``dsbc.api_service`` wires it to the store.
 
 from sip._pure import install
 
-install()  # the compiled head codec (h1, h1relay), or its source (DSBC_PURE_PYTHON=1, stale)
+install()  # the compiled fast path (h1, h1relay, fastpool, fastpath) or its source

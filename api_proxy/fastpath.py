@@ -1,4 +1,4 @@
-"""The fast path: a plain asyncio Protocol for the common API request (SPEC section 7).
+"""The fast path: a lean protocol class for the common API request (SPEC section 7).
 
 Every client connection starts here.  A request is taken when
 
@@ -23,13 +23,21 @@ then stays on aiohttp: the rare path is the proven path.
 Timeouts (one lazily re-armed timer): the first head ``header_timeout`` from the
 connection or from its first octet, the body ``body_timeout`` of silence, keep-alive
 75 s, all as ``server.py`` does.
+
+Compiled with mypyc like ``h1`` and ``fastpool`` (``sip/_pure.py``): ``FastConn`` is a
+native class (its ``asyncio.Protocol`` base is a plain Python class, which mypyc
+allows), so its attributes are C struct fields and its calls to its own methods, the
+pool and the codec are direct C calls.  Keep this module fully annotated, its
+constants ``Final``, every attribute set in ``__init__``, and msgspec Structs out; what
+it calls in the interpreted modules (classifier, flows, settings) is called as from
+Python.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from api_proxy.classify import classify, needs_body
 from api_proxy.errors import BackendUnavailable, DispatchError, RequestTimeout
@@ -51,11 +59,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("api_proxy.fastpath")
 
-HEAD, BODY, BUSY, IDLE, GONE = range(5)
-KEEPALIVE = 75.0
-MAX_BUFFER = 256 * 1024  # pipelined octets read ahead while a request is in flight
-_INF = float("inf")
-_TO = {"source": "to_source", "target": "to_target"}  # metric names
+#: connection states
+HEAD: Final = 0  # waiting for a request head
+BODY: Final = 1  # waiting for the rest of its body
+BUSY: Final = 2  # the request is with a back end
+IDLE: Final = 3  # keep-alive, nothing buffered
+GONE: Final = 4  # closed, or handed to aiohttp
+KEEPALIVE: Final = 75.0
+MAX_BUFFER: Final = 256 * 1024  # pipelined octets read ahead while a request is in flight
+_INF: Final = float("inf")
+_TO: Final = {"source": "to_source", "target": "to_target"}  # metric names
 
 
 class FastConn(asyncio.Protocol):

@@ -4,7 +4,8 @@ The normal test run uses whatever the install built (compiled where a C compiler
 found).  Here the tests of the compiled modules run again with ``DSBC_PURE_PYTHON=1``,
 which imports the ``.py`` sources instead, so both builds pass the same SIP codec,
 framing, proxy and RFC 4475 tests, and the same API fast-path tests (the head codec
-``api_proxy.h1`` / ``h1relay``).
+``api_proxy.h1`` / ``h1relay``, the pools ``fastpool`` and the protocol ``fastpath``:
+faults, timeouts, retries, streaming with flow control both ways, TLS).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ CORE_TESTS = [
     "tests/test_security_units.py",
     "tests/test_api_fastpath.py",
     "tests/test_api_fastpath_badinput.py",
+    "tests/test_api_streaming.py",
 ]
 
 
