@@ -35,12 +35,13 @@ from .headers import (
 )
 from .uri import (
     _TOKEN_CHARS,
-    _URI_TEXT_RE,
     MAX_DIGITS,
     NameAddr,
     SipUri,
+    is_token,
     parse_name_addr,
     parse_uri,
+    uri_text_ok,
 )
 
 MAX_CSEQ: Final = 2**32 - 1
@@ -49,9 +50,6 @@ MAX_FORWARDS_LIMIT: Final = 255
 _FOLD: Final = re.compile(r"\r?\n[ \t]+")
 _METHOD_CHARS: Final = _TOKEN_CHARS
 _SP_HTAB: Final = " \t"
-#: one or more _TOKEN_CHARS: ``fullmatch`` is ``all(c in _TOKEN_CHARS ...)`` for non-empty
-#: text, without a Python-level loop per character
-_TOKEN_RE: Final = re.compile("[" + "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)) + "]+")
 #: perf: header names as written -> canonical name, for names already found valid.  A peer
 #: writes the same dozen spellings in every message, so the token check and the lower-casing
 #: run once per spelling instead of once per line.  Bounded: junk names are never kept.
@@ -216,7 +214,7 @@ class SipMessage:
             parts = [p for p in value.replace("\t", " ").split(" ") if p]
             if len(parts) != 2 or not _digits(parts[0]) or int(parts[0]) > MAX_CSEQ:
                 raise SipParseError(f"bad CSeq {value[:40]!r}")
-            if _TOKEN_RE.fullmatch(parts[1]) is None:
+            if not is_token(parts[1]):
                 raise SipParseError(f"bad CSeq method {value[:40]!r}")
             c = (int(parts[0]), parts[1])
             self._cache["cseq"] = c
@@ -255,7 +253,7 @@ class SipMessage:
 def parse_request_uri(text: str) -> SipUri:
     if text[:4].lower() == "tel:":
         number = text[4:].partition(";")[0]
-        if not number or _URI_TEXT_RE.fullmatch(text[4:]) is None:
+        if not number or not uri_text_ok(text[4:]):
             raise SipParseError(f"bad tel URI {text[:80]!r}")
         return SipUri("tel", number, "", None, [], "", None, text)
     u = parse_uri(text)
@@ -364,7 +362,7 @@ def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -
         raw = line[:colon].rstrip(_SP_HTAB)
         name = names.get(raw)
         if name is None:
-            if _TOKEN_RE.fullmatch(raw) is None:
+            if not is_token(raw):
                 error = error or SipParseError(f"bad header name {raw[:40]!r}")
                 continue
             name = canonical_name(raw)
@@ -405,7 +403,7 @@ def _parse_start_line(msg: SipMessage, line: str) -> None:
             raise VersionNotSupported(f"version {parts[-1][:12]!r}")
         raise SipParseError("bad request line")
     method, ruri, version = parts
-    if _TOKEN_RE.fullmatch(method) is None:
+    if not is_token(method):
         raise SipParseError(f"bad method {method[:20]!r}")
     if version != "SIP/2.0":
         if version.upper().startswith("SIP/"):

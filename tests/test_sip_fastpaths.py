@@ -132,10 +132,13 @@ def test_name_cache_is_bounded_and_keeps_only_valid_names() -> None:
     assert not any(" " in k for k in m._NAMES)
 
 
-def test_token_regex_is_the_token_set() -> None:
-    for c in map(chr, range(256)):
-        assert (m._TOKEN_RE.fullmatch(c) is not None) == (c in _TOKEN_CHARS), repr(c)
-    assert m._TOKEN_RE.fullmatch("") is None
+def test_token_check_is_the_token_set() -> None:
+    from sip.uri import is_token
+
+    for c in map(chr, range(0x3000)):
+        for text in (c, "a" + c, c + "a", "a" + c + "a"):
+            assert is_token(text) == all(x in _TOKEN_CHARS for x in text), repr(text)
+    assert not is_token("")
 
 
 # --- reference: the digit check and Editor.set_first_value's comma scan -----------------
@@ -382,11 +385,26 @@ def test_is_digits_matches_the_reference() -> None:
 
 
 def test_uri_and_display_classes_are_their_char_sets() -> None:
-    for c in map(chr, range(0x180)):
-        assert (ur._URI_TEXT_RE.fullmatch(c) is not None) == (c in ur._URI_CHARS), repr(c)
+    for c in map(chr, range(0x3000)):
+        for text in (c, "a" + c, c + "a"):
+            assert ur.uri_text_ok(text) == all(x in ur._URI_CHARS for x in text), repr(text)
         assert (ur._DISPLAY_RE.fullmatch(c) is not None) == (
             c in ur._TOKEN_CHARS or c in ur._WS), repr(c)
-    assert ur._URI_TEXT_RE.fullmatch("") is not None and ur._DISPLAY_RE.fullmatch("") is None
+    assert ur.uri_text_ok("") and ur._DISPLAY_RE.fullmatch("") is None
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet="aZ09-._[]:é \t", max_size=12))
+@example("a-")
+@example("a.")
+@example("-a")
+@example(".a")
+@example("a..b")
+@example("[::1]")
+def test_host_check_is_the_host_regex(text: str) -> None:
+    assert ur.host_ok(text) == (ur._HOST_RE.fullmatch(text) is not None)
+    if not text.startswith("["):
+        assert ur.plain_host(text) == (ur._HOST_RE.fullmatch(text) is not None)
 
 
 @settings(max_examples=300)
