@@ -349,17 +349,22 @@ def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -
         if nl < 0:
             nl = n - 1
         end = nl + 1
+        folded = False
         # continuation lines
         while end < n and text[end] in _SP_HTAB:
+            folded = True
             nl2 = text.find("\n", end)
             end = n if nl2 < 0 else nl2 + 1
-        line = text[i:end]
-        start, i = pos + i, end
-        colon = line.find(":")
-        if colon <= 0:
-            error = error or SipParseError(f"bad header line {line[:40].strip()!r}")
+        first, start, i = i, pos + i, end
+        # perf: offsets into ``text`` instead of slicing the line, then the name, then the
+        # value, then the value without CRLF, then the value stripped
+        colon = text.find(":", first, end)
+        if colon <= first:
+            error = error or SipParseError(f"bad header line {text[first:end][:40].strip()!r}")
             continue
-        raw = line[:colon].rstrip(_SP_HTAB)
+        raw = text[first:colon]
+        if text[colon - 1] in _SP_HTAB:
+            raw = raw.rstrip(_SP_HTAB)
         name = names.get(raw)
         if name is None:
             if not is_token(raw):
@@ -368,12 +373,19 @@ def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -
             name = canonical_name(raw)
             if len(names) < _NAMES_MAX:
                 names[raw] = name
-        value = line[colon + 1 :]
-        if value.endswith("\n"):
-            value = value[:-2] if value.endswith("\r\n") else value[:-1]
-        if "\n" in value:
-            value = _FOLD.sub(" ", value)
-        value = value.strip(_SP_HTAB)
+        vs, ve = colon + 1, end
+        if ve > vs and text[ve - 1] == "\n":
+            ve -= 1
+            if ve > vs and text[ve - 1] == "\r":
+                ve -= 1
+        if folded:
+            value = _FOLD.sub(" ", text[vs:ve]).strip(_SP_HTAB)
+        else:
+            while vs < ve and text[vs] in _SP_HTAB:
+                vs += 1
+            while ve > vs and text[ve - 1] in _SP_HTAB:
+                ve -= 1
+            value = text[vs:ve]
         if "\r" in value or "\n" in value:
             # a bare CR/LF inside a value would let an edited line smuggle in a header
             error = error or SipParseError(f"bare CR or LF in {raw[:40]!r}")
