@@ -15,6 +15,7 @@ from .uri import (
     is_digits,
     is_token,
     plain_host,
+    port_number,
 )
 
 COMPACT: Final[dict[str, str]] = {
@@ -180,8 +181,9 @@ class Via:
         host = self.param("received") or self.host
         host = host[1:-1] if host.startswith("[") else host
         rport = self.param("rport")
-        if rport and is_digits(rport, 5) and 0 < int(rport) < 65536:
-            return host, int(rport)
+        port = port_number(rport) if rport else 0
+        if port:
+            return host, port
         return host, self.port or default_port
 
 
@@ -198,11 +200,10 @@ def parse_via(text: str) -> Via:
             semi = t.find(";", sp + 1)
             sent_by, rest = (t[sp + 1 :], "") if semi < 0 else (t[sp + 1 : semi], t[semi:])
             host, colon, portpart = sent_by.partition(":")
-            if plain_host(host) and (not colon or is_digits(portpart, 5)):
-                port = int(portpart) if colon else None
-                if port is None or 0 < port < 65536:
-                    params = _parse_params(rest, "Via") if rest else []
-                    return Via(transport.upper(), host, port, params, t)
+            port = port_number(portpart) if colon else None
+            if plain_host(host) and port != 0:
+                params = _parse_params(rest, "Via") if rest else []
+                return Via(transport.upper(), host, port, params, t)
     return _parse_via_general(text, t)
 
 

@@ -271,11 +271,12 @@ def _find_header_end(data: bytes, start: int, bare_lf: bool = True) -> tuple[int
     i = data.find(b"\r\n\r\n", start)
     if not bare_lf:
         return (i + 2, i + 4) if i >= 0 else (-1, -1)
-    j = data.find(b"\n\n", start)
-    if i >= 0 and (j < 0 or i + 1 <= j):
-        return i + 2, i + 4
+    # a bare LF LF counts only before the CRLF CRLF (perf: the body is not searched)
+    j = data.find(b"\n\n", start, i + 2 if i >= 0 else len(data))
     if j >= 0:
         return j + 1, j + 2
+    if i >= 0:
+        return i + 2, i + 4
     return -1, -1
 
 

@@ -43,13 +43,38 @@ def is_token(text: str) -> bool:
     return (text.isascii() and text.isalnum()) or (text != "" and not text.strip(_TOKEN_STR))
 
 
+#: perf: the hosts and ports seen, checked once (a proxy sees the same few dozen hosts and
+#: ports in every message); each memo is emptied when it reaches MEMO_SIZE entries
+MEMO_SIZE: Final = 4096
+_HOST_MEMO: Final[dict[str, bool]] = {}
+_PORT_MEMO: Final[dict[str, int]] = {}
+
+
 def plain_host(text: str) -> bool:
     """``_HOST_RE`` for a hostname or IPv4 address (not an IPv6 reference): letters,
     digits, '-' and '.', starting with a letter or digit and not ending with '-'."""
-    return (
-        text != "" and text[0] not in "-." and text[-1] != "-"
-        and (not text.strip("0123456789.") or not text.strip(_HOST_STR))
-    )
+    ok = _HOST_MEMO.get(text)
+    if ok is None:
+        ok = text != "" and not text.strip(_HOST_STR) and text[0] not in "-." and text[-1] != "-"
+        if len(text) <= 64:  # bounded memory: at most MEMO_SIZE short keys
+            if len(_HOST_MEMO) >= MEMO_SIZE:
+                _HOST_MEMO.clear()
+            _HOST_MEMO[text] = ok
+    return ok
+
+
+def port_number(text: str) -> int:
+    """The port ``text`` names (1 to 5 digits, 1-65535), or 0 if it names none."""
+    port = _PORT_MEMO.get(text)
+    if port is None:
+        port = int(text) if is_digits(text, 5) else 0
+        if not 0 < port < 65536:
+            port = 0
+        if len(text) <= 5:
+            if len(_PORT_MEMO) >= MEMO_SIZE:
+                _PORT_MEMO.clear()
+            _PORT_MEMO[text] = port
+    return port
 
 
 def host_ok(text: str) -> bool:
@@ -220,9 +245,9 @@ def parse_uri(text: str, *, allow_other_schemes: bool = False) -> SipUri:
         raise SipParseError(f"bad host in URI {text[:80]!r}")
     port: int | None = None
     if portpart:
-        if not is_digits(portpart, 5) or not 0 < int(portpart) < 65536:
+        port = port_number(portpart)
+        if not port:
             raise SipParseError(f"bad port in URI {text[:80]!r}")
-        port = int(portpart)
     params: list[tuple[str, str | None]] = []
     for p in raw_params:
         if not p:
@@ -270,12 +295,16 @@ class NameAddr:
 
 def _parse_params(text: str, where: str) -> list[tuple[str, str | None]]:
     """``;a=b ; c ; d="x;y"`` -> [(a,b),(c,None),(d,'"x;y"')]. Raises on empty parameters."""
-    if text[:1] == ";" and text.isascii() and text.isprintable():
-        # the plain spelling ``;name=value;flag``: token names, values without '"' or SP
+    if (
+        text[:1] == ";" and '"' not in text
+        and " " not in text and "\t" not in text and "\r" not in text and "\n" not in text
+    ):
+        # the plain spelling ``;name=value;flag``: token names, values without quotes or
+        # the whitespace the general code strips
         params: list[tuple[str, str | None]] = []
         for p in text[1:].split(";"):
             k, eq, v = p.partition("=")
-            if not is_token(k) or (eq and (not v or '"' in v or " " in v)):
+            if not is_token(k) or (eq and not v):
                 return _parse_params_general(text, where)
             params.append((k, v if eq else None))
         return params

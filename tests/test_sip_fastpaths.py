@@ -442,3 +442,20 @@ def test_tag_cache_gives_the_mac_and_stays_bounded() -> None:
         assert signer.tag(text) == expected == signer.tag(text)
         assert len(signer._tags) <= FlowSigner.TAG_CACHE_SIZE
     assert FlowSigner(b"another-secret-0123456789").tag("source|x") != signer.tag("source|x")
+
+
+def test_port_number_is_the_port_check() -> None:
+    for text in ("", "0", "1", "5060", "65535", "65536", "99999", "123456", "5o60", "+5060",
+                 " 5060", "\u0665", "00080"):
+        expected = int(text) if ur.is_digits(text, 5) and 0 < int(text) < 65536 else 0
+        assert ur.port_number(text) == expected, repr(text)
+        assert ur.port_number(text) == expected, repr(text)  # the memo gives the same
+
+
+def test_host_and_port_memos_are_bounded() -> None:
+    for i in range(ur.MEMO_SIZE + 100):
+        ur.plain_host(f"h{i}.example.com")
+        ur.port_number(str(i % 70000))
+    ur.plain_host("x" * 10_000)  # long values are checked but never kept
+    assert len(ur._HOST_MEMO) <= ur.MEMO_SIZE and len(ur._PORT_MEMO) <= ur.MEMO_SIZE
+    assert all(len(k) <= 64 for k in ur._HOST_MEMO)
