@@ -82,7 +82,12 @@ class SipMessage:
     """A parsed request or response.  ``raw`` holds exactly this message's octets."""
 
     __slots__ = (
-        "_cache",
+        "_cseq",
+        "_from",
+        "_routes",
+        "_to",
+        "_uri",
+        "_vias",
         "body_start",
         "headers",
         "is_request",
@@ -106,7 +111,13 @@ class SipMessage:
         self.headers: list[Header] = []
         self.body_start = len(raw)
         self.start_line_end = 0
-        self._cache: dict[str, object] = {}
+        # parsed on first use (perf: fields, not a dict keyed by built strings)
+        self._vias: list[Via] | None = None
+        self._from: NameAddr | None = None
+        self._to: NameAddr | None = None
+        self._cseq: tuple[int, str] | None = None
+        self._routes: list[NameAddr] | None = None
+        self._uri: SipUri | None = None
 
     # --- generic access -------------------------------------------------------------
 
@@ -151,9 +162,9 @@ class SipMessage:
 
     @property
     def vias(self) -> list[Via]:
-        cached = self._cache.get("vias")
+        cached = self._vias
         if cached is not None:
-            return cached  # type: ignore[return-value]
+            return cached
         vias: list[Via] = []
         for h in self.headers:
             if h.name == "via":
@@ -162,7 +173,7 @@ class SipMessage:
                     # an empty Via line would make "the top Via" ambiguous for editing
                     raise SipParseError("empty Via header")
                 vias.extend(parse_via(t) for t in texts)
-        self._cache["vias"] = vias
+        self._vias = vias
         return vias
 
     @property
@@ -173,23 +184,24 @@ class SipMessage:
         return vias[0]
 
     def _addr(self, name: str) -> NameAddr:
-        key = "addr:" + name
-        a = self._cache.get(key)
-        if a is None:
-            value = self.get(name)
-            if value is None:
-                raise SipParseError(f"missing {display_name(name)}")
-            a = parse_name_addr(value)
-            self._cache[key] = a
-        return a  # type: ignore[return-value]
+        value = self.get(name)
+        if value is None:
+            raise SipParseError(f"missing {display_name(name)}")
+        return parse_name_addr(value)
 
     @property
     def from_(self) -> NameAddr:
-        return self._addr("from")
+        a = self._from
+        if a is None:
+            a = self._from = self._addr("from")
+        return a
 
     @property
     def to(self) -> NameAddr:
-        return self._addr("to")
+        a = self._to
+        if a is None:
+            a = self._to = self._addr("to")
+        return a
 
     @property
     def from_tag(self) -> str:
@@ -205,7 +217,7 @@ class SipMessage:
 
     @property
     def cseq(self) -> tuple[int, str]:
-        c = self._cache.get("cseq")
+        c = self._cseq
         if c is None:
             value = self.get("cseq")
             if value is None:
@@ -217,8 +229,8 @@ class SipMessage:
             if not is_token(parts[1]):
                 raise SipParseError(f"bad CSeq method {value[:40]!r}")
             c = (int(parts[0]), parts[1])
-            self._cache["cseq"] = c
-        return c  # type: ignore[return-value]
+            self._cseq = c
+        return c
 
     @property
     def max_forwards(self) -> int | None:
@@ -231,20 +243,18 @@ class SipMessage:
 
     @property
     def routes(self) -> list[NameAddr]:
-        r = self._cache.get("routes")
+        r = self._routes
         if r is None:
-            r = [parse_name_addr(v) for v in self.values("route")]
-            self._cache["routes"] = r
-        return r  # type: ignore[return-value]
+            r = self._routes = [parse_name_addr(v) for v in self.values("route")]
+        return r
 
     @property
     def uri(self) -> SipUri:
         """The parsed Request-URI (a ``tel:`` URI yields user=number, host='')."""
-        u = self._cache.get("ruri")
+        u = self._uri
         if u is None:
-            u = parse_request_uri(self.ruri)
-            self._cache["ruri"] = u
-        return u  # type: ignore[return-value]
+            u = self._uri = parse_request_uri(self.ruri)
+        return u
 
     def __repr__(self) -> str:
         return f"SipMessage({self.start_line[:80]!r})"
