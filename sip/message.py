@@ -63,6 +63,14 @@ def _digits(text: str, max_digits: int = MAX_DIGITS) -> bool:
     return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
 
 
+#: perf: a dialog's messages repeat its From and To values word for word, so a parsed
+#: From / To is shared by the messages that carry the same value (nothing edits a parsed
+#: NameAddr).  Bounded: values up to ADDR_MEMO_KEY characters, emptied at ADDR_MEMO_SIZE.
+ADDR_MEMO_SIZE: Final = 4096
+ADDR_MEMO_KEY: Final = 256
+_ADDR_MEMO: Final[dict[str, NameAddr]] = {}
+
+
 class Header:
     """One header line (with its continuation lines): canonical name, unfolded value, slice."""
 
@@ -187,7 +195,14 @@ class SipMessage:
         value = self.get(name)
         if value is None:
             raise SipParseError(f"missing {display_name(name)}")
-        return parse_name_addr(value)
+        a = _ADDR_MEMO.get(value)
+        if a is None:
+            a = parse_name_addr(value)
+            if len(value) <= ADDR_MEMO_KEY:
+                if len(_ADDR_MEMO) >= ADDR_MEMO_SIZE:
+                    _ADDR_MEMO.clear()
+                _ADDR_MEMO[value] = a
+        return a
 
     @property
     def from_(self) -> NameAddr:
