@@ -41,6 +41,8 @@ from .uri import (
     is_token,
     parse_name_addr,
     parse_uri,
+    remember,
+    shared_name_addr,
     uri_text_ok,
 )
 
@@ -63,12 +65,7 @@ def _digits(text: str, max_digits: int = MAX_DIGITS) -> bool:
     return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
 
 
-#: perf: a dialog's messages repeat its From and To values word for word, so a parsed
-#: From / To is shared by the messages that carry the same value (nothing edits a parsed
-#: NameAddr).  Bounded: values up to ADDR_MEMO_KEY characters, emptied at ADDR_MEMO_SIZE.
-ADDR_MEMO_SIZE: Final = 4096
-ADDR_MEMO_KEY: Final = 256
-_ADDR_MEMO: Final[dict[str, NameAddr]] = {}
+_URI_MEMO: Final[dict[str, SipUri]] = {}
 
 
 class Header:
@@ -195,14 +192,8 @@ class SipMessage:
         value = self.get(name)
         if value is None:
             raise SipParseError(f"missing {display_name(name)}")
-        a = _ADDR_MEMO.get(value)
-        if a is None:
-            a = parse_name_addr(value)
-            if len(value) <= ADDR_MEMO_KEY:
-                if len(_ADDR_MEMO) >= ADDR_MEMO_SIZE:
-                    _ADDR_MEMO.clear()
-                _ADDR_MEMO[value] = a
-        return a
+        # perf: a dialog's messages repeat its From and To word for word
+        return shared_name_addr(value)
 
     @property
     def from_(self) -> NameAddr:
@@ -260,7 +251,7 @@ class SipMessage:
     def routes(self) -> list[NameAddr]:
         r = self._routes
         if r is None:
-            r = self._routes = [parse_name_addr(v) for v in self.values("route")]
+            r = self._routes = [shared_name_addr(v) for v in self.values("route")]
         return r
 
     @property
@@ -268,11 +259,21 @@ class SipMessage:
         """The parsed Request-URI (a ``tel:`` URI yields user=number, host='')."""
         u = self._uri
         if u is None:
-            u = self._uri = parse_request_uri(self.ruri)
+            u = self._uri = shared_request_uri(self.ruri)
         return u
 
     def __repr__(self) -> str:
         return f"SipMessage({self.start_line[:80]!r})"
+
+
+def shared_request_uri(text: str) -> SipUri:
+    """``parse_request_uri``, remembered (a peer sends the same few Request-URIs over and
+    over): the caller must not edit the result."""
+    u = _URI_MEMO.get(text)
+    if u is None:
+        u = parse_request_uri(text)
+        remember(_URI_MEMO, text, u)
+    return u
 
 
 def parse_request_uri(text: str) -> SipUri:
@@ -527,7 +528,7 @@ def validate(msg: SipMessage) -> None:
         if msg.method == "REGISTER":
             for c in msg.values("contact"):
                 if c != "*":
-                    parse_name_addr(c)
+                    shared_name_addr(c)
 
 
 # --- editing ----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from .errors import (
 )
 from .flow import Flow, FlowSigner, FlowTokenError
 from .health import HealthChecker, Node
-from .message import Editor, SipMessage, make_response, parse_message, parse_request_uri
+from .message import Editor, SipMessage, make_response, parse_message, shared_request_uri
 from .uri import NameAddr, SipUri, is_digits, parse_name_addr, unescape
 
 BRANCH_PREFIX: Final = "z9hG4bK-d5"
@@ -509,7 +509,7 @@ class ProxyCore:
 
     def _next_hop(self, remaining: list[NameAddr], ruri_text: str) -> tuple[str, str, int] | None:
         try:
-            uri = remaining[0].uri if remaining else parse_request_uri(ruri_text)
+            uri = remaining[0].uri if remaining else shared_request_uri(ruri_text)
         except SipError:
             return None
         if uri.scheme not in ("sip", "sips") or not _is_ip(uri.host):

@@ -8,7 +8,7 @@ comparison needs it (RFC 4475 esc01 / escnull: ``%00`` does not shorten a user n
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Final, TypeVar
 
 from .errors import SipParseError, UnsupportedUriScheme
 
@@ -43,11 +43,21 @@ def is_token(text: str) -> bool:
     return (text.isascii() and text.isalnum()) or (text != "" and not text.strip(_TOKEN_STR))
 
 
-#: perf: the hosts and ports seen, checked once (a proxy sees the same few dozen hosts and
-#: ports in every message); each memo is emptied when it reaches MEMO_SIZE entries
+#: perf: values a proxy sees over and over (hosts, ports, a dialog's From / To / Route /
+#: Request-URI) are parsed or checked once and remembered.  Each memo keeps keys of at
+#: most ``max_key`` characters and is emptied when it reaches MEMO_SIZE entries, so its
+#: memory is bounded whatever peers send.  Only what nothing edits is shared this way.
 MEMO_SIZE: Final = 4096
 _HOST_MEMO: Final[dict[str, bool]] = {}
 _PORT_MEMO: Final[dict[str, int]] = {}
+_T = TypeVar("_T")
+
+
+def remember(memo: dict[str, _T], key: str, value: _T, max_key: int = 256) -> None:
+    if len(key) <= max_key:
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()
+        memo[key] = value
 
 
 def plain_host(text: str) -> bool:
@@ -56,10 +66,7 @@ def plain_host(text: str) -> bool:
     ok = _HOST_MEMO.get(text)
     if ok is None:
         ok = text != "" and not text.strip(_HOST_STR) and text[0] not in "-." and text[-1] != "-"
-        if len(text) <= 64:  # bounded memory: at most MEMO_SIZE short keys
-            if len(_HOST_MEMO) >= MEMO_SIZE:
-                _HOST_MEMO.clear()
-            _HOST_MEMO[text] = ok
+        remember(_HOST_MEMO, text, ok, 64)
     return ok
 
 
@@ -70,10 +77,7 @@ def port_number(text: str) -> int:
         port = int(text) if is_digits(text, 5) else 0
         if not 0 < port < 65536:
             port = 0
-        if len(text) <= 5:
-            if len(_PORT_MEMO) >= MEMO_SIZE:
-                _PORT_MEMO.clear()
-            _PORT_MEMO[text] = port
+        remember(_PORT_MEMO, text, port, 5)
     return port
 
 
@@ -364,6 +368,18 @@ def _end_of_quoted(text: str, start: int) -> int:
             return i + 1
         i += 1
     raise SipParseError("unbalanced quotes")
+
+
+_ADDR_MEMO: Final[dict[str, NameAddr]] = {}
+
+
+def shared_name_addr(text: str) -> NameAddr:
+    """``parse_name_addr``, remembered: the caller must not edit the result."""
+    a = _ADDR_MEMO.get(text)
+    if a is None:
+        a = parse_name_addr(text)
+        remember(_ADDR_MEMO, text, a)
+    return a
 
 
 def parse_name_addr(text: str) -> NameAddr:

@@ -461,7 +461,7 @@ def test_host_and_port_memos_are_bounded() -> None:
     assert all(len(k) <= 64 for k in ur._HOST_MEMO)
 
 
-def test_from_and_to_are_shared_by_equal_values_and_the_memo_is_bounded() -> None:
+def test_from_to_and_request_uri_are_shared_by_equal_values_and_the_memos_are_bounded() -> None:
     def msg(frm: str, to: str) -> m.SipMessage:
         return m.parse_message(
             f"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: {frm}\r\n"
@@ -470,9 +470,11 @@ def test_from_and_to_are_shared_by_equal_values_and_the_memo_is_bounded() -> Non
     a, b = msg("<sip:x@h>;tag=1", "<sip:y@h>"), msg("<sip:x@h>;tag=1", "<sip:y@h>;tag=2")
     assert a.from_ is b.from_ and a.from_.param("tag") == "1"
     assert a.to is not b.to and a.to.param("tag") is None and b.to.param("tag") == "2"
-    for i in range(m.ADDR_MEMO_SIZE + 10):
+    assert a.uri is b.uri and a.uri.user == "a"
+    for i in range(ur.MEMO_SIZE + 10):
         msg(f"<sip:x{i}@h>;tag=1", "<sip:y@h>").from_  # noqa: B018
     long = msg("<sip:" + "x" * 300 + "@h>;tag=1", "<sip:y@h>")
     assert long.from_.uri.user == "x" * 300
-    assert len(m._ADDR_MEMO) <= m.ADDR_MEMO_SIZE
-    assert all(len(k) <= m.ADDR_MEMO_KEY for k in m._ADDR_MEMO)
+    for memo in (ur._ADDR_MEMO, m._URI_MEMO):
+        assert 0 < len(memo) <= ur.MEMO_SIZE
+        assert all(len(k) <= 256 for k in memo)
