@@ -22,6 +22,7 @@ from sip.scanner import ScannerFilter
 from sip.transport import SipEndpoint
 
 from .config import Config, Endpoint, parse_hostport, parse_peer
+from .regfilter import RefreshFilter
 from .regwriter import RegistrationWriter
 from .store.base import BadIdentity, Decision, LocationStore, Registration, normalise
 from .tls import sip_client_context, sip_server_contexts
@@ -61,10 +62,15 @@ class StoreRouter:
         for kind, value in candidates:
             if not value:
                 continue
-            try:
-                v = normalise(kind, value)
-            except BadIdentity:
-                continue
+            if kind == "account":  # perf: normalise("account", x) is x.strip(), refused if empty
+                v = value.strip()
+                if not v:
+                    continue
+            else:
+                try:
+                    v = normalise(kind, value)
+                except BadIdentity:
+                    continue
             loc = store.lookup(kind, v)
             if loc is not None:
                 return Decision(loc.system, loc.customer_id, loc.state, f"{kind}:{v} -> customer {loc.customer_id}")
@@ -184,6 +190,7 @@ class SipService:
         self._tasks: list[asyncio.Task[None]] = []
         # registrations go to the store from a thread: a stalled store never stalls SIP
         self.reg_writer = RegistrationWriter(cfg.store.url, cfg.store.unknown, store)
+        self.reg_filter = RefreshFilter()  # frequent refreshes of one binding: one write
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -226,14 +233,18 @@ class SipService:
         if not events:
             return
         now = time.time()
+        fresh = self.reg_filter.fresh
         regs: list[Registration] = []
         for ev in events:
+            contacts = [(c, e) for c, e in ev.contacts if fresh(ev.account, c, ev.system, e, now)]
+            if not contacts:
+                continue
             try:
                 account = normalise("account", ev.account)
             except BadIdentity:
                 continue
             loc = self.store.lookup("account", account)
-            for contact, expires in ev.contacts:
+            for contact, expires in contacts:
                 regs.append(Registration(account, contact, ev.system, now + expires, loc.customer_id if loc else ""))
         self.reg_writer.add(regs)
 
@@ -258,6 +269,7 @@ class SipService:
             "lookups": self.router.lookups,
             "misses": self.router.misses,
             "registrations": {"pending": self.reg_writer.pending, "written": self.reg_writer.written,
-                              "dropped": self.reg_writer.dropped, "write_failures": self.reg_writer.failures},
+                              "dropped": self.reg_writer.dropped, "write_failures": self.reg_writer.failures,
+                              "coalesced": self.reg_filter.skipped},
             **self.admission.status(),
         }

@@ -26,7 +26,7 @@ from types import ModuleType
 #: name here and setup.py compiles it, the stale check and the pure switch cover it
 CORE_MODULES = (
     "sip.uri", "sip.headers", "sip.message", "sip.framing", "sip.proxy",
-    "sip.ratelimit", "sip.scanner", "sip.admission", "sip.peers",
+    "sip.ratelimit", "sip.scanner", "sip.admission", "sip.peers", "sip.transport",
     "api_proxy.h1", "api_proxy.h1relay", "api_proxy.fastpool", "api_proxy.fastpath",
 )
 

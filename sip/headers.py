@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
 from .errors import SipParseError
 from .uri import (
     _HOST_RE,
     _TOKEN_CHARS,
-    _TOKEN_CLASS,
     _WS,
     _end_of_quoted,
     _parse_params,
     find_param,
     is_digits,
+    is_token,
+    plain_host,
+    port_number,
 )
 
 COMPACT: Final[dict[str, str]] = {
@@ -180,28 +181,29 @@ class Via:
         host = self.param("received") or self.host
         host = host[1:-1] if host.startswith("[") else host
         rport = self.param("rport")
-        if rport and is_digits(rport, 5) and 0 < int(rport) < 65536:
-            return host, int(rport)
+        port = port_number(rport) if rport else 0
+        if port:
+            return host, port
         return host, self.port or default_port
-
-
-#: perf: the plain spelling ``SIP/2.0/UDP host[:port][;params]`` (the general code below
-#: also takes LWS around the slashes and the colon, lower case, IPv6 with spaces...)
-_PLAIN_VIA_RE: Final = re.compile(
-    f"SIP/2\\.0/({_TOKEN_CLASS}+) ({_HOST_RE.pattern})(?::([0-9]{{1,5}}))?((?:;.*)?)", re.DOTALL
-)
 
 
 def parse_via(text: str) -> Via:
     """Parse ``SIP/2.0/UDP host:port;params`` allowing LWS around the slashes (RFC 4475 wsinv)."""
     t = text.strip(_WS)
-    m = _PLAIN_VIA_RE.fullmatch(t)
-    if m is not None:
-        transport, host, portpart, rest = m.groups()
-        port = int(portpart) if portpart else None
-        if port is None or 0 < port < 65536:
-            params = _parse_params(rest, "Via") if rest else []
-            return Via(transport.upper(), host, port, params, t)
+    # perf: the plain spelling ``SIP/2.0/UDP host[:port][;params]`` with a hostname or IPv4
+    # address, by str methods; the general code below also takes LWS around the slashes
+    # and the colon, lower case, IPv6...
+    if t.startswith("SIP/2.0/"):
+        sp = t.find(" ", 8)
+        transport = t[8:sp]
+        if sp > 8 and is_token(transport):
+            semi = t.find(";", sp + 1)
+            sent_by, rest = (t[sp + 1 :], "") if semi < 0 else (t[sp + 1 : semi], t[semi:])
+            host, colon, portpart = sent_by.partition(":")
+            port = port_number(portpart) if colon else None
+            if plain_host(host) and port != 0:
+                params = _parse_params(rest, "Via") if rest else []
+                return Via(transport.upper(), host, port, params, t)
     return _parse_via_general(text, t)
 
 

@@ -35,12 +35,15 @@ from .headers import (
 )
 from .uri import (
     _TOKEN_CHARS,
-    _URI_TEXT_RE,
     MAX_DIGITS,
     NameAddr,
     SipUri,
+    is_token,
     parse_name_addr,
     parse_uri,
+    remember,
+    shared_name_addr,
+    uri_text_ok,
 )
 
 MAX_CSEQ: Final = 2**32 - 1
@@ -49,9 +52,6 @@ MAX_FORWARDS_LIMIT: Final = 255
 _FOLD: Final = re.compile(r"\r?\n[ \t]+")
 _METHOD_CHARS: Final = _TOKEN_CHARS
 _SP_HTAB: Final = " \t"
-#: one or more _TOKEN_CHARS: ``fullmatch`` is ``all(c in _TOKEN_CHARS ...)`` for non-empty
-#: text, without a Python-level loop per character
-_TOKEN_RE: Final = re.compile("[" + "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)) + "]+")
 #: perf: header names as written -> canonical name, for names already found valid.  A peer
 #: writes the same dozen spellings in every message, so the token check and the lower-casing
 #: run once per spelling instead of once per line.  Bounded: junk names are never kept.
@@ -63,6 +63,9 @@ def _digits(text: str, max_digits: int = MAX_DIGITS) -> bool:
     """``sip.uri.is_digits`` for text (1 to ``max_digits`` ASCII digits) without a Python
     loop per character: on ASCII text ``str.isdigit`` accepts exactly 0-9."""
     return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
+
+
+_URI_MEMO: Final[dict[str, SipUri]] = {}
 
 
 class Header:
@@ -84,7 +87,12 @@ class SipMessage:
     """A parsed request or response.  ``raw`` holds exactly this message's octets."""
 
     __slots__ = (
-        "_cache",
+        "_cseq",
+        "_from",
+        "_routes",
+        "_to",
+        "_uri",
+        "_vias",
         "body_start",
         "headers",
         "is_request",
@@ -108,7 +116,13 @@ class SipMessage:
         self.headers: list[Header] = []
         self.body_start = len(raw)
         self.start_line_end = 0
-        self._cache: dict[str, object] = {}
+        # parsed on first use (perf: fields, not a dict keyed by built strings)
+        self._vias: list[Via] | None = None
+        self._from: NameAddr | None = None
+        self._to: NameAddr | None = None
+        self._cseq: tuple[int, str] | None = None
+        self._routes: list[NameAddr] | None = None
+        self._uri: SipUri | None = None
 
     # --- generic access -------------------------------------------------------------
 
@@ -153,9 +167,9 @@ class SipMessage:
 
     @property
     def vias(self) -> list[Via]:
-        cached = self._cache.get("vias")
+        cached = self._vias
         if cached is not None:
-            return cached  # type: ignore[return-value]
+            return cached
         vias: list[Via] = []
         for h in self.headers:
             if h.name == "via":
@@ -164,7 +178,7 @@ class SipMessage:
                     # an empty Via line would make "the top Via" ambiguous for editing
                     raise SipParseError("empty Via header")
                 vias.extend(parse_via(t) for t in texts)
-        self._cache["vias"] = vias
+        self._vias = vias
         return vias
 
     @property
@@ -175,23 +189,25 @@ class SipMessage:
         return vias[0]
 
     def _addr(self, name: str) -> NameAddr:
-        key = "addr:" + name
-        a = self._cache.get(key)
-        if a is None:
-            value = self.get(name)
-            if value is None:
-                raise SipParseError(f"missing {display_name(name)}")
-            a = parse_name_addr(value)
-            self._cache[key] = a
-        return a  # type: ignore[return-value]
+        value = self.get(name)
+        if value is None:
+            raise SipParseError(f"missing {display_name(name)}")
+        # perf: a dialog's messages repeat its From and To word for word
+        return shared_name_addr(value)
 
     @property
     def from_(self) -> NameAddr:
-        return self._addr("from")
+        a = self._from
+        if a is None:
+            a = self._from = self._addr("from")
+        return a
 
     @property
     def to(self) -> NameAddr:
-        return self._addr("to")
+        a = self._to
+        if a is None:
+            a = self._to = self._addr("to")
+        return a
 
     @property
     def from_tag(self) -> str:
@@ -207,7 +223,7 @@ class SipMessage:
 
     @property
     def cseq(self) -> tuple[int, str]:
-        c = self._cache.get("cseq")
+        c = self._cseq
         if c is None:
             value = self.get("cseq")
             if value is None:
@@ -216,11 +232,11 @@ class SipMessage:
             parts = [p for p in value.replace("\t", " ").split(" ") if p]
             if len(parts) != 2 or not _digits(parts[0]) or int(parts[0]) > MAX_CSEQ:
                 raise SipParseError(f"bad CSeq {value[:40]!r}")
-            if _TOKEN_RE.fullmatch(parts[1]) is None:
+            if not is_token(parts[1]):
                 raise SipParseError(f"bad CSeq method {value[:40]!r}")
             c = (int(parts[0]), parts[1])
-            self._cache["cseq"] = c
-        return c  # type: ignore[return-value]
+            self._cseq = c
+        return c
 
     @property
     def max_forwards(self) -> int | None:
@@ -233,29 +249,37 @@ class SipMessage:
 
     @property
     def routes(self) -> list[NameAddr]:
-        r = self._cache.get("routes")
+        r = self._routes
         if r is None:
-            r = [parse_name_addr(v) for v in self.values("route")]
-            self._cache["routes"] = r
-        return r  # type: ignore[return-value]
+            r = self._routes = [shared_name_addr(v) for v in self.values("route")]
+        return r
 
     @property
     def uri(self) -> SipUri:
         """The parsed Request-URI (a ``tel:`` URI yields user=number, host='')."""
-        u = self._cache.get("ruri")
+        u = self._uri
         if u is None:
-            u = parse_request_uri(self.ruri)
-            self._cache["ruri"] = u
-        return u  # type: ignore[return-value]
+            u = self._uri = shared_request_uri(self.ruri)
+        return u
 
     def __repr__(self) -> str:
         return f"SipMessage({self.start_line[:80]!r})"
 
 
+def shared_request_uri(text: str) -> SipUri:
+    """``parse_request_uri``, remembered (a peer sends the same few Request-URIs over and
+    over): the caller must not edit the result."""
+    u = _URI_MEMO.get(text)
+    if u is None:
+        u = parse_request_uri(text)
+        remember(_URI_MEMO, text, u)
+    return u
+
+
 def parse_request_uri(text: str) -> SipUri:
     if text[:4].lower() == "tel:":
         number = text[4:].partition(";")[0]
-        if not number or _URI_TEXT_RE.fullmatch(text[4:]) is None:
+        if not number or not uri_text_ok(text[4:]):
             raise SipParseError(f"bad tel URI {text[:80]!r}")
         return SipUri("tel", number, "", None, [], "", None, text)
     u = parse_uri(text)
@@ -273,11 +297,12 @@ def _find_header_end(data: bytes, start: int, bare_lf: bool = True) -> tuple[int
     i = data.find(b"\r\n\r\n", start)
     if not bare_lf:
         return (i + 2, i + 4) if i >= 0 else (-1, -1)
-    j = data.find(b"\n\n", start)
-    if i >= 0 and (j < 0 or i + 1 <= j):
-        return i + 2, i + 4
+    # a bare LF LF counts only before the CRLF CRLF (perf: the body is not searched)
+    j = data.find(b"\n\n", start, i + 2 if i >= 0 else len(data))
     if j >= 0:
         return j + 1, j + 2
+    if i >= 0:
+        return i + 2, i + 4
     return -1, -1
 
 
@@ -351,31 +376,43 @@ def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -
         if nl < 0:
             nl = n - 1
         end = nl + 1
+        folded = False
         # continuation lines
         while end < n and text[end] in _SP_HTAB:
+            folded = True
             nl2 = text.find("\n", end)
             end = n if nl2 < 0 else nl2 + 1
-        line = text[i:end]
-        start, i = pos + i, end
-        colon = line.find(":")
-        if colon <= 0:
-            error = error or SipParseError(f"bad header line {line[:40].strip()!r}")
+        first, start, i = i, pos + i, end
+        # perf: offsets into ``text`` instead of slicing the line, then the name, then the
+        # value, then the value without CRLF, then the value stripped
+        colon = text.find(":", first, end)
+        if colon <= first:
+            error = error or SipParseError(f"bad header line {text[first:end][:40].strip()!r}")
             continue
-        raw = line[:colon].rstrip(_SP_HTAB)
+        raw = text[first:colon]
+        if text[colon - 1] in _SP_HTAB:
+            raw = raw.rstrip(_SP_HTAB)
         name = names.get(raw)
         if name is None:
-            if _TOKEN_RE.fullmatch(raw) is None:
+            if not is_token(raw):
                 error = error or SipParseError(f"bad header name {raw[:40]!r}")
                 continue
             name = canonical_name(raw)
             if len(names) < _NAMES_MAX:
                 names[raw] = name
-        value = line[colon + 1 :]
-        if value.endswith("\n"):
-            value = value[:-2] if value.endswith("\r\n") else value[:-1]
-        if "\n" in value:
-            value = _FOLD.sub(" ", value)
-        value = value.strip(_SP_HTAB)
+        vs, ve = colon + 1, end
+        if ve > vs and text[ve - 1] == "\n":
+            ve -= 1
+            if ve > vs and text[ve - 1] == "\r":
+                ve -= 1
+        if folded:
+            value = _FOLD.sub(" ", text[vs:ve]).strip(_SP_HTAB)
+        else:
+            while vs < ve and text[vs] in _SP_HTAB:
+                vs += 1
+            while ve > vs and text[ve - 1] in _SP_HTAB:
+                ve -= 1
+            value = text[vs:ve]
         if "\r" in value or "\n" in value:
             # a bare CR/LF inside a value would let an edited line smuggle in a header
             error = error or SipParseError(f"bare CR or LF in {raw[:40]!r}")
@@ -405,7 +442,7 @@ def _parse_start_line(msg: SipMessage, line: str) -> None:
             raise VersionNotSupported(f"version {parts[-1][:12]!r}")
         raise SipParseError("bad request line")
     method, ruri, version = parts
-    if _TOKEN_RE.fullmatch(method) is None:
+    if not is_token(method):
         raise SipParseError(f"bad method {method[:20]!r}")
     if version != "SIP/2.0":
         if version.upper().startswith("SIP/"):
@@ -491,7 +528,7 @@ def validate(msg: SipMessage) -> None:
         if msg.method == "REGISTER":
             for c in msg.values("contact"):
                 if c != "*":
-                    parse_name_addr(c)
+                    shared_name_addr(c)
 
 
 # --- editing ----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ comparison needs it (RFC 4475 esc01 / escnull: ``%00`` does not shorten a user n
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Final, TypeVar
 
 from .errors import SipParseError, UnsupportedUriScheme
 
@@ -27,12 +27,70 @@ MAX_DIGITS: Final = 10
 # give exactly what the general code gives for it (tests/test_sip_fastpaths.py checks
 # both with Hypothesis); anything else takes the general code.
 _TOKEN_CLASS: Final = "[" + "".join(re.escape(c) for c in sorted(_TOKEN_CHARS)) + "]"
-#: ``;name=value;flag...``: token names, values without quotes, whitespace or ';'
-_PLAIN_PARAMS_RE: Final = re.compile(f"(?:;{_TOKEN_CLASS}+(?:=[^;\"\\s]+)?)+")
-#: ``_URI_CHARS`` as a character class (0x21-0x7E without ``"``, ``<``, ``>``)
-_URI_TEXT_RE: Final = re.compile(r"[!#-;=?-~]*")
 #: a display name that needs no quotes: tokens and whitespace
 _DISPLAY_RE: Final = re.compile(f"(?:{_TOKEN_CLASS}|[ \t\r\n])+")
+#: perf: the same sets as strings, for ``str.strip`` (removing every allowed character
+#: from both ends leaves nothing exactly when all characters are allowed): cheaper than a
+#: regex call for the short values of SIP
+_TOKEN_STR: Final = "".join(sorted(_TOKEN_CHARS))
+_HOST_STR: Final = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-."
+
+
+def is_token(text: str) -> bool:
+    """RFC 3261 token: one or more of ``_TOKEN_CHARS``.  Perf: most tokens (methods,
+    parameter names, transports) are letters and digits, which ``isalnum`` checks without
+    the set ``strip`` builds from its argument on every call."""
+    return (text.isascii() and text.isalnum()) or (text != "" and not text.strip(_TOKEN_STR))
+
+
+#: perf: values a proxy sees over and over (hosts, ports, a dialog's From / To / Route /
+#: Request-URI) are parsed or checked once and remembered.  Each memo keeps keys of at
+#: most ``max_key`` characters and is emptied when it reaches MEMO_SIZE entries, so its
+#: memory is bounded whatever peers send.  Only what nothing edits is shared this way.
+MEMO_SIZE: Final = 4096
+_HOST_MEMO: Final[dict[str, bool]] = {}
+_PORT_MEMO: Final[dict[str, int]] = {}
+_T = TypeVar("_T")
+
+
+def remember(memo: dict[str, _T], key: str, value: _T, max_key: int = 256) -> None:
+    if len(key) <= max_key:
+        if len(memo) >= MEMO_SIZE:
+            memo.clear()
+        memo[key] = value
+
+
+def plain_host(text: str) -> bool:
+    """``_HOST_RE`` for a hostname or IPv4 address (not an IPv6 reference): letters,
+    digits, '-' and '.', starting with a letter or digit and not ending with '-'."""
+    ok = _HOST_MEMO.get(text)
+    if ok is None:
+        ok = text != "" and not text.strip(_HOST_STR) and text[0] not in "-." and text[-1] != "-"
+        remember(_HOST_MEMO, text, ok, 64)
+    return ok
+
+
+def port_number(text: str) -> int:
+    """The port ``text`` names (1 to 5 digits, 1-65535), or 0 if it names none."""
+    port = _PORT_MEMO.get(text)
+    if port is None:
+        port = int(text) if is_digits(text, 5) else 0
+        if not 0 < port < 65536:
+            port = 0
+        remember(_PORT_MEMO, text, port, 5)
+    return port
+
+
+def host_ok(text: str) -> bool:
+    return plain_host(text) or (text[:1] == "[" and _HOST_RE.fullmatch(text) is not None)
+
+
+def uri_text_ok(text: str) -> bool:
+    """Every character in ``_URI_CHARS`` (0x21-0x7E without ``"``, ``<``, ``>``)."""
+    return (
+        text.isascii() and text.isprintable()
+        and " " not in text and '"' not in text and "<" not in text and ">" not in text
+    )
 
 
 def is_digits(text: str | bytes, max_digits: int = MAX_DIGITS) -> bool:
@@ -151,14 +209,15 @@ def parse_uri(text: str, *, allow_other_schemes: bool = False) -> SipUri:
     in which case a SipUri with only ``scheme`` and ``text`` set is returned."""
     t = text.strip(_WS)
     scheme, sep, rest = t.partition(":")
-    if not sep or not _SCHEME_RE.fullmatch(scheme):
-        raise SipParseError(f"bad URI {text[:80]!r}")
     lscheme = scheme.lower()
-    if lscheme not in SIP_SCHEMES:
+    sip_scheme = lscheme in SIP_SCHEMES and scheme.isascii()  # perf: no regex for sip / sips
+    if not sep or not (sip_scheme or _SCHEME_RE.fullmatch(scheme)):
+        raise SipParseError(f"bad URI {text[:80]!r}")
+    if not sip_scheme:
         if allow_other_schemes:
             return SipUri(lscheme, None, "", text=t)
         raise UnsupportedUriScheme(f"unsupported URI scheme {scheme[:20]!r}")
-    if _URI_TEXT_RE.fullmatch(rest) is None:
+    if not uri_text_ok(rest):
         # controls, SP, non-ASCII (must be %-escaped) and <>" never appear in a SIP URI
         raise SipParseError(f"bad characters in URI {text[:80]!r}")
     user = password = None
@@ -186,13 +245,13 @@ def parse_uri(text: str, *, allow_other_schemes: bool = False) -> SipUri:
         portpart = portpart[1:]
     else:
         host, _, portpart = hostport.partition(":")
-    if not host or not _HOST_RE.fullmatch(host):
+    if not host_ok(host):
         raise SipParseError(f"bad host in URI {text[:80]!r}")
     port: int | None = None
     if portpart:
-        if not is_digits(portpart, 5) or not 0 < int(portpart) < 65536:
+        port = port_number(portpart)
+        if not port:
             raise SipParseError(f"bad port in URI {text[:80]!r}")
-        port = int(portpart)
     params: list[tuple[str, str | None]] = []
     for p in raw_params:
         if not p:
@@ -240,10 +299,17 @@ class NameAddr:
 
 def _parse_params(text: str, where: str) -> list[tuple[str, str | None]]:
     """``;a=b ; c ; d="x;y"`` -> [(a,b),(c,None),(d,'"x;y"')]. Raises on empty parameters."""
-    if _PLAIN_PARAMS_RE.fullmatch(text) is not None:
+    if (
+        text[:1] == ";" and '"' not in text
+        and " " not in text and "\t" not in text and "\r" not in text and "\n" not in text
+    ):
+        # the plain spelling ``;name=value;flag``: token names, values without quotes or
+        # the whitespace the general code strips
         params: list[tuple[str, str | None]] = []
         for p in text[1:].split(";"):
             k, eq, v = p.partition("=")
+            if not is_token(k) or (eq and not v):
+                return _parse_params_general(text, where)
             params.append((k, v if eq else None))
         return params
     return _parse_params_general(text, where)
@@ -302,6 +368,18 @@ def _end_of_quoted(text: str, start: int) -> int:
             return i + 1
         i += 1
     raise SipParseError("unbalanced quotes")
+
+
+_ADDR_MEMO: Final[dict[str, NameAddr]] = {}
+
+
+def shared_name_addr(text: str) -> NameAddr:
+    """``parse_name_addr``, remembered: the caller must not edit the result."""
+    a = _ADDR_MEMO.get(text)
+    if a is None:
+        a = parse_name_addr(text)
+        remember(_ADDR_MEMO, text, a)
+    return a
 
 
 def parse_name_addr(text: str) -> NameAddr:

@@ -132,10 +132,13 @@ def test_name_cache_is_bounded_and_keeps_only_valid_names() -> None:
     assert not any(" " in k for k in m._NAMES)
 
 
-def test_token_regex_is_the_token_set() -> None:
-    for c in map(chr, range(256)):
-        assert (m._TOKEN_RE.fullmatch(c) is not None) == (c in _TOKEN_CHARS), repr(c)
-    assert m._TOKEN_RE.fullmatch("") is None
+def test_token_check_is_the_token_set() -> None:
+    from sip.uri import is_token
+
+    for c in map(chr, range(0x3000)):
+        for text in (c, "a" + c, c + "a", "a" + c + "a"):
+            assert is_token(text) == all(x in _TOKEN_CHARS for x in text), repr(text)
+    assert not is_token("")
 
 
 # --- reference: the digit check and Editor.set_first_value's comma scan -----------------
@@ -382,11 +385,26 @@ def test_is_digits_matches_the_reference() -> None:
 
 
 def test_uri_and_display_classes_are_their_char_sets() -> None:
-    for c in map(chr, range(0x180)):
-        assert (ur._URI_TEXT_RE.fullmatch(c) is not None) == (c in ur._URI_CHARS), repr(c)
+    for c in map(chr, range(0x3000)):
+        for text in (c, "a" + c, c + "a"):
+            assert ur.uri_text_ok(text) == all(x in ur._URI_CHARS for x in text), repr(text)
         assert (ur._DISPLAY_RE.fullmatch(c) is not None) == (
             c in ur._TOKEN_CHARS or c in ur._WS), repr(c)
-    assert ur._URI_TEXT_RE.fullmatch("") is not None and ur._DISPLAY_RE.fullmatch("") is None
+    assert ur.uri_text_ok("") and ur._DISPLAY_RE.fullmatch("") is None
+
+
+@settings(max_examples=500)
+@given(st.text(alphabet="aZ09-._[]:é \t", max_size=12))
+@example("a-")
+@example("a.")
+@example("-a")
+@example(".a")
+@example("a..b")
+@example("[::1]")
+def test_host_check_is_the_host_regex(text: str) -> None:
+    assert ur.host_ok(text) == (ur._HOST_RE.fullmatch(text) is not None)
+    if not text.startswith("["):
+        assert ur.plain_host(text) == (ur._HOST_RE.fullmatch(text) is not None)
 
 
 @settings(max_examples=300)
@@ -424,3 +442,39 @@ def test_tag_cache_gives_the_mac_and_stays_bounded() -> None:
         assert signer.tag(text) == expected == signer.tag(text)
         assert len(signer._tags) <= FlowSigner.TAG_CACHE_SIZE
     assert FlowSigner(b"another-secret-0123456789").tag("source|x") != signer.tag("source|x")
+
+
+def test_port_number_is_the_port_check() -> None:
+    for text in ("", "0", "1", "5060", "65535", "65536", "99999", "123456", "5o60", "+5060",
+                 " 5060", "\u0665", "00080"):
+        expected = int(text) if ur.is_digits(text, 5) and 0 < int(text) < 65536 else 0
+        assert ur.port_number(text) == expected, repr(text)
+        assert ur.port_number(text) == expected, repr(text)  # the memo gives the same
+
+
+def test_host_and_port_memos_are_bounded() -> None:
+    for i in range(ur.MEMO_SIZE + 100):
+        ur.plain_host(f"h{i}.example.com")
+        ur.port_number(str(i % 70000))
+    ur.plain_host("x" * 10_000)  # long values are checked but never kept
+    assert len(ur._HOST_MEMO) <= ur.MEMO_SIZE and len(ur._PORT_MEMO) <= ur.MEMO_SIZE
+    assert all(len(k) <= 64 for k in ur._HOST_MEMO)
+
+
+def test_from_to_and_request_uri_are_shared_by_equal_values_and_the_memos_are_bounded() -> None:
+    def msg(frm: str, to: str) -> m.SipMessage:
+        return m.parse_message(
+            f"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: {frm}\r\n"
+            f"To: {to}\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n".encode())
+
+    a, b = msg("<sip:x@h>;tag=1", "<sip:y@h>"), msg("<sip:x@h>;tag=1", "<sip:y@h>;tag=2")
+    assert a.from_ is b.from_ and a.from_.param("tag") == "1"
+    assert a.to is not b.to and a.to.param("tag") is None and b.to.param("tag") == "2"
+    assert a.uri is b.uri and a.uri.user == "a"
+    for i in range(ur.MEMO_SIZE + 10):
+        msg(f"<sip:x{i}@h>;tag=1", "<sip:y@h>").from_  # noqa: B018
+    long = msg("<sip:" + "x" * 300 + "@h>;tag=1", "<sip:y@h>")
+    assert long.from_.uri.user == "x" * 300
+    for memo in (ur._ADDR_MEMO, m._URI_MEMO):
+        assert 0 < len(memo) <= ur.MEMO_SIZE
+        assert all(len(k) <= 256 for k in memo)
