@@ -257,18 +257,27 @@ class UpstreamConn(asyncio.Protocol):
         self.got = False
         self.head = None
         self.buf = b""
-        self.deadline = self.pool.loop.time() + self.pool.timeout
-        if self.timer is None:
-            self.timer = self.pool.loop.call_at(self.deadline, self._on_timer)
+        self._arm(self.pool.loop.time() + self.pool.timeout)
         if self.reading_paused:
             self.resume_reading()
         t.write(ex.data)
         return True
 
     def idle(self) -> None:
-        self.deadline = self.pool.loop.time() + KEEPALIVE
-        if self.timer is None:
-            self.timer = self.pool.loop.call_at(self.deadline, self._on_timer)
+        self._arm(self.pool.loop.time() + KEEPALIVE)
+
+    def _arm(self, deadline: float) -> None:
+        """Set the deadline; the timer is re-made only when it would fire too late.  Only
+        moving a deadline later may be left to ``_on_timer``: an idle connection's timer
+        waits ``KEEPALIVE`` (or for ever while reading is paused), far past a request's
+        ``timeout``."""
+        self.deadline = deadline
+        timer = self.timer
+        if timer is None:
+            self.timer = self.pool.loop.call_at(deadline, self._on_timer)
+        elif deadline < timer.when():
+            timer.cancel()
+            self.timer = self.pool.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -295,9 +304,7 @@ class UpstreamConn(asyncio.Protocol):
         if self.transport is not None and self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
-            self.deadline = self.pool.loop.time() + self.pool.timeout
-            if self.timer is None:
-                self.timer = self.pool.loop.call_at(self.deadline, self._on_timer)
+            self._arm(self.pool.loop.time() + self.pool.timeout)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -385,6 +392,18 @@ class UpstreamPool:
         self.connecting -= 1
         if self.closed:
             proto.close()
+            return
+        t = proto.transport
+        if t is None or t.is_closing():
+            # closed by the back end before we got here (a partition: accepted, then
+            # dropped); ``lost`` may have run already and started no new connection,
+            # so the first waiter is answered here, as if this connection broke under it
+            proto.close()
+            while self.waiting:
+                ex = self.waiting.popleft()
+                if not ex.done:
+                    self.broke(proto, ex, "Server disconnected", False)
+                    break
             return
         self.conns.add(proto)
         self._next(proto)

@@ -221,3 +221,77 @@ def test_fast_path_and_aiohttp_path_answer_alike(loop: str) -> None:
         assert b"backend_unavailable" in fast[13][1][2]
 
     run(main, loop)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_back_end_that_hangs_on_a_reused_connection_times_out(loop: str) -> None:
+    """A kept-alive upstream connection idle for longer than ``timeout`` (its timer then
+    waits the keep-alive time) must still time the next request out after ``timeout``."""
+
+    async def main() -> None:
+        be = Backend()
+        await be.start()
+        router = DictRouter()
+        router.put_session(
+            SessionRecord(key=session_key("at", TOKEN), system="source", expires_at=4e9)
+        )
+        settings = ProxySettings(
+            listen=[("127.0.0.1", 0)],
+            vhosts=[make_vhost("*", "customer", be.origin, be.origin)],
+            timeout=0.3,
+        )
+        proxy = ApiProxy(settings, router)
+        await proxy.start()
+        try:
+            r, w = await asyncio.open_connection(*proxy.addresses[0])
+            w.write(get("/x"))
+            assert (await read_answer(r))[0] == b"HTTP/1.1 200 OK"
+            await asyncio.sleep(0.6)  # the upstream connection's timer fired while idle
+            start = asyncio.get_running_loop().time()
+            w.write(get("/slow"))  # the back end reads it and never answers (for 5 s)
+            status, _, body = await read_answer(r)
+            took = asyncio.get_running_loop().time() - start
+            assert status == b"HTTP/1.1 500 Internal Server Error" and b"timed out" in body
+            assert took < 1.5, took
+            assert be.conns == 1 and proxy.metrics["fast_path"] == 2
+            w.close()
+        finally:
+            await proxy.stop()
+            await be.stop()
+
+    run(main, loop)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_back_end_that_closes_every_new_connection_gets_a_fault(loop: str) -> None:
+    """A partition (a relay that accepts, then closes at once): the close can come before
+    the pool has taken its new connection; the request must still get its fault."""
+
+    async def main() -> None:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        router = DictRouter()
+        router.put_session(
+            SessionRecord(key=session_key("at", TOKEN), system="source", expires_at=4e9)
+        )
+        settings = ProxySettings(
+            listen=[("127.0.0.1", 0)],
+            vhosts=[make_vhost("*", "customer", origin, origin)],
+            timeout=1.0,
+        )
+        proxy = ApiProxy(settings, router)
+        await proxy.start()
+        try:
+            r, w = await asyncio.open_connection(*proxy.addresses[0])
+            for _ in range(20):
+                w.write(post("/rest/Account/get_account_info"))
+                status, _, body = await asyncio.wait_for(read_answer(r), 3)
+                assert status == b"HTTP/1.1 500 Internal Server Error", status
+                assert b"backend_unavailable" in body
+            assert proxy.metrics["fast_path"] == 20
+            w.close()
+        finally:
+            await proxy.stop()
+            server.close()
+
+    run(main, loop)
