@@ -478,3 +478,19 @@ def test_from_to_and_request_uri_are_shared_by_equal_values_and_the_memos_are_bo
     for memo in (ur._ADDR_MEMO, m._URI_MEMO):
         assert 0 < len(memo) <= ur.MEMO_SIZE
         assert all(len(k) <= 256 for k in memo)
+
+
+def ref_with_received(via_text: str, ip: str, port: int) -> str:
+    parts = via_text.split(";")
+    head, params = parts[0], parts[1:]
+    kept = [p for p in params if p.strip().split("=", 1)[0].strip().lower() not in ("received", "rport")]
+    return ";".join([head.rstrip()] + [p.strip() for p in kept] + [f"received={ip}", f"rport={port}"])
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from(["SIP/2.0/UDP h:5060", " ", ";", "=", "rport", "RPort", "received",
+                                 "branch", "x", "\t", "1.2.3.4", " = "]), max_size=12).map("".join))
+def test_received_and_rport_are_set_as_the_reference_does(via: str) -> None:
+    from sip.proxy import _with_received
+
+    assert _with_received(via, "192.0.2.9", 5062) == ref_with_received(via, "192.0.2.9", 5062)
