@@ -609,8 +609,10 @@ class Editor:
         new_body = self.body is not None
         body = self.body if self.body is not None else raw[msg.body_start :]
         has_cl = False
+        # perf: unchanged lines are copied in runs (one slice for consecutive lines)
+        run_start = run_end = -1
         for i, h in enumerate(msg.headers):
-            line = replaced.get(i)
+            line = replaced.get(i) if replaced else None
             if h.name == "content-length":
                 if new_body:
                     if has_cl:
@@ -620,10 +622,22 @@ class Editor:
                 if line != b"":
                     has_cl = True
             if line is None:
-                line = raw[h.start : h.end]
-                if not line.endswith(b"\n"):
-                    line += b"\r\n"  # last line of a datagram without the empty line
+                if run_start < 0:
+                    run_start = h.start
+                elif run_end != h.start:
+                    out.append(raw[run_start:run_end])
+                    run_start = h.start
+                run_end = h.end
+                continue
+            if run_start >= 0:
+                out.append(raw[run_start:run_end])
+                run_start = -1
             out.append(line)
+        if run_start >= 0:
+            chunk = raw[run_start:run_end]
+            if not chunk.endswith(b"\n"):
+                chunk += b"\r\n"  # last line of a datagram without the empty line
+            out.append(chunk)
         out.extend(self.appended)
         if not has_cl:
             out.append(self.line("content-length", str(len(body))))
