@@ -280,7 +280,7 @@ class ProxyCore:
         trusted = self.router.is_trusted(src.ip, src.port)
 
         # --- where does it go? ------------------------------------------------------
-        if method == "ACK" and msg.to_tag == _hash(msg.call_id, 5):
+        if method == "ACK" and len(msg.to_tag) == 10 and msg.to_tag == _hash(msg.call_id, 5):
             return []  # the ACK of a final answer dsbc itself gave
         if method == "CANCEL":
             held = self._held.pop(self._held_key(msg, "INVITE"), None)
@@ -675,9 +675,15 @@ def owner_candidates(msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
 def _with_received(via_text: str, ip: str, port: int) -> str:
     """The Via value with ``received`` and ``rport`` set to where the request came from."""
     parts = via_text.split(";")
-    head, params = parts[0], parts[1:]
-    kept = [p for p in params if p.strip().split("=", 1)[0].strip().lower() not in ("received", "rport")]
-    return ";".join([head.rstrip()] + [p.strip() for p in kept] + [f"received={ip}", f"rport={port}"])
+    out = [parts[0].rstrip()]
+    for i in range(1, len(parts)):
+        p = parts[i].strip()
+        name = p.partition("=")[0].rstrip().lower()
+        if name != "received" and name != "rport":
+            out.append(p)
+    out.append("received=" + ip)
+    out.append(f"rport={port}")
+    return ";".join(out)
 
 
 def _quote(text: str) -> str:

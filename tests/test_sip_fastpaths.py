@@ -478,3 +478,85 @@ def test_from_to_and_request_uri_are_shared_by_equal_values_and_the_memos_are_bo
     for memo in (ur._ADDR_MEMO, m._URI_MEMO):
         assert 0 < len(memo) <= ur.MEMO_SIZE
         assert all(len(k) <= 256 for k in memo)
+
+
+def ref_with_received(via_text: str, ip: str, port: int) -> str:
+    parts = via_text.split(";")
+    head, params = parts[0], parts[1:]
+    kept = [p for p in params if p.strip().split("=", 1)[0].strip().lower() not in ("received", "rport")]
+    return ";".join([head.rstrip()] + [p.strip() for p in kept] + [f"received={ip}", f"rport={port}"])
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from(["SIP/2.0/UDP h:5060", " ", ";", "=", "rport", "RPort", "received",
+                                 "branch", "x", "\t", "1.2.3.4", " = "]), max_size=12).map("".join))
+def test_received_and_rport_are_set_as_the_reference_does(via: str) -> None:
+    from sip.proxy import _with_received
+
+    assert _with_received(via, "192.0.2.9", 5062) == ref_with_received(via, "192.0.2.9", 5062)
+
+
+def ref_to_bytes(ed: m.Editor) -> bytes:
+    """Editor.to_bytes as it was before unchanged lines were copied in runs."""
+    msg = ed.msg
+    raw = msg.raw
+    out: list[bytes] = [ed.start_line + b"\r\n" if ed.start_line is not None else raw[: msg.start_line_end]]
+    out.extend(ed.top)
+    new_body = ed.body is not None
+    body = ed.body if ed.body is not None else raw[msg.body_start :]
+    has_cl = False
+    for i, h in enumerate(msg.headers):
+        line = ed.replaced.get(i)
+        if h.name == "content-length":
+            if new_body:
+                if has_cl:
+                    continue
+                if line is None:
+                    line = ed.line("content-length", str(len(body)))
+            if line != b"":
+                has_cl = True
+        if line is None:
+            line = raw[h.start : h.end]
+            if not line.endswith(b"\n"):
+                line += b"\r\n"
+        out.append(line)
+    out.extend(ed.appended)
+    if not has_cl:
+        out.append(ed.line("content-length", str(len(body))))
+    last = msg.headers[-1].end if msg.headers else msg.start_line_end
+    blank = raw[last : msg.body_start]
+    out.append(blank if blank in (b"\r\n", b"\n") else b"\r\n")
+    out.append(body)
+    return b"".join(out)
+
+
+_EDIT_SAMPLES = [
+    (b"INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:x@h>;tag=1\r\n"
+    b"To: <sip:y@h>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 3\r\n\r\nabc"),
+    (b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:x@h>;tag=1\r\n"
+    b"To: <sip:y@h>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS"),
+    (b"SIP/2.0 200 OK\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\nFrom: <sip:x@h>;tag=1\nTo: <sip:y@h>\n"
+    b"Call-ID: c\nCSeq: 1 INVITE\nContent-Length: 0\nContent-Length: 0\n\n"),
+]
+
+
+@settings(max_examples=400)
+@given(
+    st.sampled_from(_EDIT_SAMPLES),
+    st.lists(st.tuples(st.sampled_from(["set", "delete", "prepend", "append"]), st.integers(0, 9)), max_size=5),
+    st.one_of(st.none(), st.binary(max_size=5)),
+)
+def test_editor_output_matches_the_reference(data: bytes, edits: list[tuple[str, int]], body: bytes | None) -> None:
+    msg = m.parse_message(data)
+    ed = m.Editor(msg)
+    for op, i in edits:
+        if op == "set" and i < len(msg.headers):
+            ed.set(i, f"v{i}")
+        elif op == "delete" and i < len(msg.headers):
+            ed.delete(i)
+        elif op == "prepend":
+            ed.prepend("record-route", f"<sip:p{i}>")
+        elif op == "append":
+            ed.append("x-extra", str(i))
+    ed.body = body
+    assert ed.to_bytes() == ref_to_bytes(ed)
