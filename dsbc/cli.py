@@ -271,13 +271,13 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
         else "pure Python" if not any(flags.values())
         else "mixed: compiled " + ", ".join(k for k, v in flags.items() if v)
     )
-    click.echo(f"dsbc {release}, Python {sys.version.split()[0]}, SIP core: {build}")
+    click.echo(f"dsbc {release}, Python {sys.version.split()[0]}, SIP core and API fast path: {build}")
     ctx.exit()
 
 
 @click.group("dsbc", cls=DsbcGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True,
-              callback=_print_version, help="Show the version and whether the SIP core is compiled.")
+              callback=_print_version, help="Show the version and whether the SIP core and API fast path are compiled.")
 @config_options
 def main() -> None:
     """dsbc: a dispatching session border controller for dual-version migrations."""

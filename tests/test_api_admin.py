@@ -117,7 +117,7 @@ def test_merge_window_arithmetic_without_sockets() -> None:
             return 200, json.dumps({"x_list": page, "total": len(rows), "other": system}).encode()
 
         for off, lim in itertools.product(range(9), range(9)):
-            st, body = await merge_lists(
+            _st, body = await merge_lists(
                 fetch, {"offset": off, "limit": lim, "get_total": 1}, "x_list"
             )
             doc = json.loads(body)
@@ -236,7 +236,7 @@ def test_session_accepted_by_one_system_only(tmp_path: Path) -> None:
             )
             assert st == 200 and hdrs["X-Billing-System"] == "MR100"
             auth = {"session_id": sess["session_id"]}
-            st, doc, hdrs = await env.call(
+            st, _doc, hdrs = await env.call(
                 ADMIN, "Customer/get_customer_info", {"i_customer": 2}, auth
             )
             assert st == 200 and hdrs["X-Billing-System"] == "MR100"
@@ -295,7 +295,7 @@ def test_admin_requests_for_a_locked_customer_wait_then_fault(tmp_path: Path) ->
             assert st == 500 and fault["faultcode"] == "Server.Dispatcher.customer_locked"
             assert env.api.metrics["hold_timeouts"] == 1
             # the others are not held
-            st, doc, hdrs = await env.call(
+            st, _doc, hdrs = await env.call(
                 ADMIN, "Customer/get_customer_info", {"i_customer": 4}, ADMIN_CREDS
             )
             assert st == 200 and hdrs["X-Billing-System"] == "MR115"

@@ -171,7 +171,7 @@ def test_locked_customer_is_held_until_the_flip(tmp_path: Path) -> None:
             await asyncio.sleep(0.3)
             assert not login.done(), "a locked customer's login is held, not refused"
             env.migrate("2")
-            st, sess, hdrs = await asyncio.wait_for(login, 5)
+            st, _sess, hdrs = await asyncio.wait_for(login, 5)
             assert st == 200 and hdrs["X-Billing-System"] == "MR115"
             assert env.api.metrics["held"] == 1
 

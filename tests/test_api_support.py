@@ -17,7 +17,7 @@ import json
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 
@@ -74,7 +74,7 @@ class ApiEnv:
         self.api: ApiService
         self.http: aiohttp.ClientSession
 
-    async def __aenter__(self) -> ApiEnv:
+    async def __aenter__(self) -> Self:
         self.source = await start_billing_emulator(
             "MR100", "127.0.0.1", 0, self.rows, system="source"
         )

@@ -70,7 +70,7 @@ def test_install_built_the_compiled_core() -> None:
 
 
 def test_version_names_the_build() -> None:
-    for pure, expect in ((True, "SIP core: pure Python"), (False, "SIP core: ")):
+    for pure, expect in ((True, "API fast path: pure Python"), (False, "API fast path: ")):
         out = subprocess.run(
             [sys.executable, "-c", "from dsbc.cli import main; main(['--version'])"],
             cwd=ROOT, env=_env(pure), capture_output=True, text=True, timeout=60, check=False,

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tests.peers.net import free_port, sip_options
 from tests.peers.proc import PeerError, PeerProcess
@@ -172,12 +172,13 @@ token = "test-token"
             timeout=timeout,
             env=self.env(),
             cwd=REPO,
+            check=False,  # the exit code is checked below, with dsbc's own message
         )
         if check and r.returncode != 0:
             raise PeerError(f"dsbc {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}")
         return r
 
-    def start(self, wait: float = 10.0) -> Dsbc:
+    def start(self, wait: float = 10.0) -> Self:
         self.proc = PeerProcess(
             "dsbc",
             [sys.executable, "-m", "dsbc.cli", "-c", str(self.config_path), "run"],
@@ -202,7 +203,7 @@ token = "test-token"
         self.proc = None
         return code
 
-    def __enter__(self) -> Dsbc:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
