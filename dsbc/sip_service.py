@@ -62,15 +62,10 @@ class StoreRouter:
         for kind, value in candidates:
             if not value:
                 continue
-            if kind == "account":  # perf: normalise("account", x) is x.strip(), refused if empty
-                v = value.strip()
-                if not v:
-                    continue
-            else:
-                try:
-                    v = normalise(kind, value)
-                except BadIdentity:
-                    continue
+            try:
+                v = normalise(kind, value)
+            except BadIdentity:
+                continue
             loc = store.lookup(kind, v)
             if loc is not None:
                 return Decision(loc.system, loc.customer_id, loc.state, f"{kind}:{v} -> customer {loc.customer_id}")

@@ -12,7 +12,6 @@ from .uri import (
     _end_of_quoted,
     _parse_params,
     find_param,
-    is_digits,
     is_token,
     plain_host,
     port_number,
@@ -245,8 +244,8 @@ def _parse_via_general(text: str, t: str) -> Via:
         raise SipParseError(f"bad Via host {text[:60]!r}")
     port = None
     if portpart:
-        if not is_digits(portpart, 5) or not 0 < int(portpart) < 65536:
+        port = port_number(portpart)
+        if not port:
             raise SipParseError(f"bad Via port {text[:60]!r}")
-        port = int(portpart)
     params = _parse_params(rest[semi:], "Via") if semi >= 0 else []
     return Via(transport.upper(), host, port, params, t)

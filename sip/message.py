@@ -34,7 +34,6 @@ from .headers import (
     split_values,
 )
 from .uri import (
-    _TOKEN_CHARS,
     MAX_DIGITS,
     NameAddr,
     SipUri,
@@ -50,7 +49,6 @@ MAX_CSEQ: Final = 2**32 - 1
 #: RFC 3261 20.22: "an integer in the range 0-255"
 MAX_FORWARDS_LIMIT: Final = 255
 _FOLD: Final = re.compile(r"\r?\n[ \t]+")
-_METHOD_CHARS: Final = _TOKEN_CHARS
 _SP_HTAB: Final = " \t"
 #: perf: header names as written -> canonical name, for names already found valid.  A peer
 #: writes the same dozen spellings in every message, so the token check and the lower-casing
@@ -63,9 +61,6 @@ def _digits(text: str, max_digits: int = MAX_DIGITS) -> bool:
     """``sip.uri.is_digits`` for text (1 to ``max_digits`` ASCII digits) without a Python
     loop per character: on ASCII text ``str.isdigit`` accepts exactly 0-9."""
     return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
-
-
-_URI_MEMO: Final[dict[str, SipUri]] = {}
 
 
 class Header:
@@ -264,6 +259,9 @@ class SipMessage:
 
     def __repr__(self) -> str:
         return f"SipMessage({self.start_line[:80]!r})"
+
+
+_URI_MEMO: Final[dict[str, SipUri]] = {}
 
 
 def shared_request_uri(text: str) -> SipUri:

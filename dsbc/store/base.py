@@ -55,6 +55,11 @@ _HEX = re.compile(r"^[0-9a-f]{12}$")
 
 def normalise(kind: str, value: str) -> str:
     """The canonical form of an identity value (SPEC section 1); BadIdentity if impossible."""
+    if kind == "account":  # perf: the SIP router's owner lookup, once per request
+        v = value.strip()
+        if not v:
+            raise BadIdentity("account: empty value")
+        return v
     kind = kind.strip().lower()
     if kind not in KINDS:
         raise BadIdentity(f"unknown identity kind {kind!r} (one of {', '.join(KINDS)})")
