@@ -24,6 +24,7 @@ class Params:
     call_start_rate: float  # first step of the call rate search
     register_start_rate: float
     max_steps: int
+    search_runs: int  # rate searches per dispatcher (alternating with the peer); the best counts
     register_users: int  # distinct users (also the callers of the call scenarios)
     tcp_connections: int
     tcp_rate: float
@@ -42,7 +43,7 @@ class Params:
 FULL = Params(
     name="full", customers=250_000,
     call_rate=300, call_seconds=20, cpu_runs=2, step_seconds=4, call_start_rate=300, register_start_rate=500,
-    max_steps=10, register_users=10_000,
+    max_steps=10, search_runs=2, register_users=10_000,
     tcp_connections=1_000, tcp_rate=300, tcp_seconds=15,
     api_seconds=10, api_connections=32, merge_rows=1_000,
     radius_requests=30_000, radius_parallel=200, radius_runs=3,
@@ -53,7 +54,7 @@ FULL = Params(
 QUICK = Params(
     name="quick", customers=100_000,
     call_rate=200, call_seconds=4, cpu_runs=1, step_seconds=1.5, call_start_rate=300, register_start_rate=500,
-    max_steps=4, register_users=10_000,
+    max_steps=4, search_runs=1, register_users=10_000,
     tcp_connections=1_000, tcp_rate=200, tcp_seconds=3,
     api_seconds=2, api_connections=32, merge_rows=1_000,
     radius_requests=10_000, radius_parallel=200, radius_runs=2,
@@ -63,7 +64,7 @@ QUICK = Params(
 SMOKE = Params(
     name="smoke", customers=2_500,
     call_rate=20, call_seconds=1, cpu_runs=1, step_seconds=1, call_start_rate=20, register_start_rate=20,
-    max_steps=1, register_users=100,
+    max_steps=1, search_runs=1, register_users=100,
     tcp_connections=20, tcp_rate=20, tcp_seconds=1.5,
     api_seconds=1, api_connections=4, merge_rows=50,
     radius_requests=100, radius_parallel=16, radius_runs=1,

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from benchmarks.peers.dsbc_bench import DsbcBench
 from benchmarks.peers.kamailio_bench import KamailioBench
@@ -212,54 +213,71 @@ def _cpu_per_call_us(s: Step) -> float:
 
 # --- scenarios -------------------------------------------------------------------------
 #
-# Each measure_* runs against one started dispatcher.  run() starts dsbc, measures every
-# selected scenario, stops it, then does the same with Kamailio: one dispatcher under
-# load at a time, the same back ends and load generator for both.
+# run() starts dsbc and Kamailio side by side on the same back ends, then runs each
+# selected measure on one dispatcher at a time, alternating: dsbc, Kamailio, Kamailio,
+# dsbc, ...  A change in the host's load between rounds then falls on both, not on
+# whichever happened to be measured second.
 
 Search = tuple[float, list[Step]]
 TcpResult = tuple[float, int, int, str]
+T = TypeVar("T")
 
 
 @dataclass
 class Measures:
-    """What one dispatcher gave in the SIP scenarios."""
+    """What one dispatcher gave in the SIP scenarios (one entry per round)."""
 
-    calls_cpu: Step | None = None
-    calls_rate: Search | None = None
-    register: Search | None = None
+    calls_cpu: list[Step] = field(default_factory=list)
+    calls_rate: list[Search] = field(default_factory=list)
+    register: list[Search] = field(default_factory=list)
     register_all: tuple[int, Search, list[int]] | None = None
-    tcp: TcpResult | None = None
+    tcp: list[TcpResult] = field(default_factory=list)
 
 
-def measure_calls_cpu(ctx: Context, proxy: Proxy) -> Step:
-    """``cpu_runs`` fixed-rate runs; the one with the least CPU per call counts (the others
-    differ by what the host's other tenants did to the caches, not by the code)."""
+def alternate(
+    proxies: dict[str, Proxy], rounds: int, one: Callable[[Proxy, int], T]
+) -> dict[str, list[T]]:
+    """``rounds`` runs of ``one`` per dispatcher, in the order dsbc, Kamailio, Kamailio,
+    dsbc, ...; every dispatcher is idle again before each run (an overloaded one drains
+    retransmissions for a while)."""
+    names = list(proxies)
+    out: dict[str, list[T]] = {n: [] for n in names}
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            for p in proxies.values():
+                wait_idle(p.pid)
+            out[name].append(one(proxies[name], i))
+    return out
+
+
+def calls_cpu_once(ctx: Context, proxy: Proxy, i: int) -> Step:
+    """One fixed-rate run; of several, the one with the least CPU per call counts (the
+    others differ by what the host's other tenants did to the caches, not by the code)."""
     p = ctx.params
     calls = max(1, int(p.call_rate * p.call_seconds))
-    runs = []
-    for i in range(p.cpu_runs):
-        if i:
-            wait_idle(proxy.pid)
-        s = run_calls(ctx, proxy, ctx.dir(f"calls-cpu-{proxy.name}-{i}"), p.call_rate, calls)
-        ctx.log(
-            f"  calls-cpu {proxy.name}: {s.stats.successful}/{calls} calls, cpu {s.cpu:.2f}s "
-            f"({_cpu_per_call_us(s):.0f} us/call) {s.why}"
-        )
-        runs.append(s)
+    s = run_calls(ctx, proxy, ctx.dir(f"calls-cpu-{proxy.name}-{i}"), p.call_rate, calls)
+    ctx.log(
+        f"  calls-cpu {proxy.name}: {s.stats.successful}/{calls} calls, cpu {s.cpu:.2f}s "
+        f"({_cpu_per_call_us(s):.0f} us/call) {s.why}"
+    )
+    return s
+
+
+def least_cpu(runs: list[Step]) -> Step:
     passed = [s for s in runs if s.ok] or runs
     best = min(passed, key=_cpu_per_call_us)
     best.others = [_cpu_per_call_us(s) for s in runs if s is not best]
     return best
 
 
-def measure_calls_rate(ctx: Context, proxy: Proxy) -> tuple[float, list[Step]]:
+def calls_rate_search(ctx: Context, proxy: Proxy, i: int) -> Search:
     p = ctx.params
 
-    def step(rate: float, i: int) -> Step:
+    def step(rate: float, n: int) -> Step:
         return run_calls(
             ctx,
             proxy,
-            ctx.dir(f"calls-rate-{proxy.name}/step{i}"),
+            ctx.dir(f"calls-rate-{proxy.name}-{i}/step{n}"),
             rate,
             max(1, int(rate * p.step_seconds)),
         )
@@ -267,16 +285,16 @@ def measure_calls_rate(ctx: Context, proxy: Proxy) -> tuple[float, list[Step]]:
     return rate_search(ctx, f"calls-rate {proxy.name}", step, p.call_start_rate, proxy.pid)
 
 
-def measure_register(
-    ctx: Context, proxy: Proxy, label: str, clients: int = 1, start: float = 0.0
+def register_search(
+    ctx: Context, proxy: Proxy, label: str, i: int = 0, clients: int = 1, start: float = 0.0
 ) -> Search:
     p = ctx.params
 
-    def step(rate: float, i: int) -> Step:
+    def step(rate: float, n: int) -> Step:
         return run_calls(
             ctx,
             proxy,
-            ctx.dir(f"register-{label}/step{i}"),
+            ctx.dir(f"register-{label}-{i}/step{n}"),
             rate,
             max(1, int(rate * p.step_seconds)),
             "uac_register.xml",
@@ -286,7 +304,7 @@ def measure_register(
     return rate_search(ctx, f"register {label}", step, start or p.register_start_rate, proxy.pid)
 
 
-def _tcp_once(ctx: Context, proxy: Proxy) -> TcpResult:
+def _tcp_once(ctx: Context, proxy: Proxy, i: int = 0) -> TcpResult:
     """(CPU us per call, calls, connections open at the end, problem).  Every connection is
     opened first; the CPU window covers the calls only (benchmarks/system/tcp_uac.py)."""
     p = ctx.params
@@ -322,15 +340,16 @@ def _tcp_once(ctx: Context, proxy: Proxy) -> TcpResult:
     return us, st.successful, still_open, problem
 
 
-def measure_tcp(ctx: Context, proxy: Proxy) -> TcpResult:
-    """``cpu_runs`` TCP runs (each with its own connections); the least CPU per call counts."""
-    runs = []
-    for i in range(ctx.params.cpu_runs):
-        if i:
-            wait_idle(proxy.pid)
-        runs.append(_tcp_once(ctx, proxy))
+def least_tcp(runs: list[TcpResult]) -> TcpResult:
+    """Each TCP run opens its own connections; the least CPU per call counts."""
     passed = [r for r in runs if not r[3]] or runs
     return min(passed, key=lambda r: r[0])
+
+
+def best_search(searches: list[Search]) -> tuple[Search, list[float]]:
+    """The search that reached the highest rate, and the other searches' rates."""
+    best = max(searches, key=lambda s: s[0])
+    return best, [s[0] for s in searches if s is not best]
 
 
 def run(ctx: Context, selected: set[str]) -> None:
@@ -338,24 +357,38 @@ def run(ctx: Context, selected: set[str]) -> None:
     got = {"dsbc": Measures(), "Kamailio": Measures()}
     tcp = "tcp" in selected
     with backends(ctx, "uas.xml", "sip") as (src, tgt):
-        for name, make in (("dsbc", dsbc_proxy), ("Kamailio", kamailio_proxy)):
-            with make(ctx, f"sip-{name}", src, tgt, tcp=tcp) as proxy:
-                m = got[name]
-                if "calls-cpu" in selected:
-                    m.calls_cpu = measure_calls_cpu(ctx, proxy)
-                if tcp:
-                    m.tcp = measure_tcp(ctx, proxy)
-                if "calls-rate" in selected:
-                    m.calls_rate = measure_calls_rate(ctx, proxy)
-                if "register" in selected:
-                    m.register = measure_register(ctx, proxy, name)
+        with (
+            dsbc_proxy(ctx, "sip-dsbc", src, tgt, tcp=tcp) as dp,
+            kamailio_proxy(ctx, "sip-Kamailio", src, tgt, tcp=tcp) as kp,
+        ):
+            both = {"dsbc": dp, "Kamailio": kp}
+            if "calls-cpu" in selected:
+                for name, runs in alternate(
+                    both, p.cpu_runs, lambda x, i: calls_cpu_once(ctx, x, i)
+                ).items():
+                    got[name].calls_cpu = runs
+            if tcp:
+                for name, tr in alternate(
+                    both, p.cpu_runs, lambda x, i: _tcp_once(ctx, x, i)
+                ).items():
+                    got[name].tcp = tr
+            if "calls-rate" in selected:
+                for name, sr in alternate(
+                    both, p.search_runs, lambda x, i: calls_rate_search(ctx, x, i)
+                ).items():
+                    got[name].calls_rate = sr
+            if "register" in selected:
+                for name, sr in alternate(
+                    both, p.search_runs, lambda x, i: register_search(ctx, x, x.name, i)
+                ).items():
+                    got[name].register = sr
         if "register" in selected:
             workers = max(2, os.cpu_count() or 1)
             with dsbc_proxy(ctx, "sip-dsbc-all", src, tgt, workers=workers) as proxy:
                 # phones come from many addresses: two sipp clients per worker, so that
                 # SO_REUSEPORT's hash spreads them (one client would land on one worker)
-                one = got["dsbc"].register[0] if got["dsbc"].register else 0.0
-                search = measure_register(
+                one = best_search(got["dsbc"].register)[0][0] if got["dsbc"].register else 0.0
+                search = register_search(
                     ctx,
                     proxy,
                     "dsbc-all",
@@ -370,7 +403,7 @@ def run(ctx: Context, selected: set[str]) -> None:
                 got["dsbc"].register_all = (workers, search, split)
     d, k = got["dsbc"], got["Kamailio"]
     if d.calls_cpu and k.calls_cpu:
-        _calls_cpu_row(ctx, d.calls_cpu, k.calls_cpu)
+        _calls_cpu_row(ctx, least_cpu(d.calls_cpu), least_cpu(k.calls_cpu))
     if d.calls_rate and k.calls_rate:
         ctx.add(
             _rate_row(
@@ -416,7 +449,7 @@ def run(ctx: Context, selected: set[str]) -> None:
             )
         )
     if d.tcp and k.tcp:
-        _tcp_row(ctx, d.tcp, k.tcp)
+        _tcp_row(ctx, least_tcp(d.tcp), least_tcp(k.tcp))
 
 
 def _calls_cpu_row(ctx: Context, d: Step, k: Step) -> None:
@@ -475,14 +508,21 @@ def _rate_row(
     scenario: str,
     metric: str,
     unit: str,
-    best: dict[str, tuple[float, list[Step]]],
+    searches: dict[str, list[Search]],
     target: str,
     factor: float,
     what: str = "call",
 ) -> Row:
-    d, dh = best["dsbc"]
-    k, kh = best["Kamailio"]
+    """The best of each side's searches counts (they alternate, see ``alternate``)."""
+    (d, dh), d_other = best_search(searches["dsbc"])
+    (k, kh), k_other = best_search(searches["Kamailio"])
     notes = [search_note("dsbc", dh, what), search_note("Kamailio", kh, what)]
+    if d_other or k_other:
+        notes.append(
+            f"the best of {len(searches['dsbc'])} searches per side, run alternately; the other(s): "
+            f"dsbc {', '.join(f'{x:,.0f}' for x in d_other)}/s, "
+            f"Kamailio {', '.join(f'{x:,.0f}' for x in k_other)}/s"
+        )
     return Row(
         scenario,
         metric,
