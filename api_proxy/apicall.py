@@ -8,51 +8,40 @@ A JSON API call is ``POST /rest/<Service>/<method>`` whose ``auth_info`` and ``p
 Pure: bytes in, values out, no I/O.  Anything malformed raises ``BadRequest``.  A body
 that is not rewritten is forwarded byte-exact; ``encode`` is used only when the
 dispatcher must change the credentials or the list window of a call.
+
+Compiled with mypyc like ``classify``: ``ApiCall`` and ``BodyFormat`` live in
+``calltypes`` (re-exported here).
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 
+from api_proxy.calltypes import ApiCall, BodyFormat
 from api_proxy.errors import BadRequest
 
-MAX_FORM_FIELDS = 256
+__all__ = [
+    "MAX_FORM_FIELDS",
+    "ApiCall",
+    "BodyFormat",
+    "api_path",
+    "content_type",
+    "encode",
+    "form_fields",
+    "multipart_fields",
+    "parse_call",
+    "parse_cookies",
+]
+
+MAX_FORM_FIELDS: Final = 256
 
 
-class BodyFormat(enum.StrEnum):
-    FORM = "form"
-    JSON = "json"
-    MULTIPART = "multipart"
-    QUERY = "query"
-    NONE = "none"
-
-
-class ApiCall(msgspec.Struct, kw_only=True):
-    """One billing API call as far as routing needs it."""
-
-    service: str
-    method: str
-    fmt: BodyFormat = BodyFormat.NONE
-    auth_info: dict[str, Any] | None = None
-    params: dict[str, Any] = msgspec.field(default_factory=dict)
-    bearer: str = ""
-    #: multipart only: (start, end) of each field's value in the body
-    spans: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
-    #: json only: auth_info / params were JSON text inside JSON strings
-    json_strings: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"{self.service}/{self.method}"
-
-
-_REST_PATH = re.compile(
+_REST_PATH: Final = re.compile(
     r"(?:^|/)rest/([A-Za-z][A-Za-z0-9_]{0,63})/([A-Za-z][A-Za-z0-9_]{0,127})/?$"
 )
 
@@ -193,7 +182,7 @@ def parse_call(
     return call
 
 
-_enc = msgspec.json.Encoder()
+_enc: Final = msgspec.json.Encoder()
 
 
 def encode(

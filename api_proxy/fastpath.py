@@ -28,9 +28,9 @@ Compiled with mypyc like ``h1`` and ``fastpool`` (``sip/_pure.py``): ``FastConn`
 native class (its ``asyncio.Protocol`` base is a plain Python class, which mypyc
 allows), so its attributes are C struct fields and its calls to its own methods, the
 pool and the codec are direct C calls.  Keep this module fully annotated, its
-constants ``Final``, every attribute set in ``__init__``, and msgspec Structs out; what
-it calls in the interpreted modules (classifier, flows, settings) is called as from
-Python.
+constants ``Final``, every attribute set in ``__init__``, and msgspec Structs out.  The
+classifier (``classify``, ``apicall``) is compiled too; what it calls in the interpreted
+modules (flows, settings) is called as from Python.
 """
 
 from __future__ import annotations
