@@ -212,12 +212,20 @@ def inform_macs(body: bytes) -> list[str]:
 # --- requests -------------------------------------------------------------------------------
 
 
+# Enum members looked up once: ``RealmKind.CPE`` is a class attribute lookup (~80 ns),
+# a Final is a C static in the compiled module.
+_CUSTOMER: Final = RealmKind.CUSTOMER
+_ADMIN: Final = RealmKind.ADMIN
+_CPE: Final = RealmKind.CPE
+_FOLLOW: Final = Action.FOLLOW
+
+
 def realm_kind(realm: str) -> RealmKind:
     if realm in CUSTOMER_REALMS:
-        return RealmKind.CUSTOMER
+        return _CUSTOMER
     if realm in CPE_REALMS:
-        return RealmKind.CPE
-    return RealmKind.ADMIN
+        return _CPE
+    return _ADMIN
 
 
 # Fields naming an owner, in priority order: (field, identity kind, services or None=any).
@@ -339,17 +347,22 @@ def classify(
         raise BadRequest("the request target must be an absolute path")
     kind = realm_kind(realm)
     path, _, query = target.partition("?")
-    cookies = parse_cookies(headers.get("cookie", ""))
-    out = Classified(realm=realm, kind=kind, action=Action.FOLLOW, cookies=cookies)
-    out.remote = cookies.get(remote_cookie, "") not in ("", "0")
+    cookies = parse_cookies(headers.get("cookie", "")) if "cookie" in headers else {}
+    out = Classified(
+        realm=realm,
+        kind=kind,
+        action=_FOLLOW,
+        cookies=cookies,
+        remote=cookies.get(remote_cookie, "") not in ("", "0"),
+    )
 
-    patterns = cpe_patterns or (DEFAULT_COMPILED if kind is RealmKind.CPE else ())
+    patterns = cpe_patterns or (DEFAULT_COMPILED if kind is _CPE else ())
     if patterns:
         mac = mac_in_target(target, patterns)
         if mac:
             out.action, out.keys = Action.ENTITY, (RouteKey("cpe", mac, "target"),)
             return out
-    if kind is RealmKind.CPE:
+    if kind is _CPE:
         if body and is_inform(body):
             macs = inform_macs(body)
             if macs:
@@ -360,7 +373,7 @@ def classify(
     sm = api_path(path)
     if sm is None:
         if (
-            kind is RealmKind.CUSTOMER
+            kind is _CUSTOMER
             and method == "POST"
             and body
             and complete
@@ -402,8 +415,8 @@ def classify(
                 out.action, out.context = Action.SET_CONTEXT, system
         return out
 
-    if kind is RealmKind.CUSTOMER:
-        if not creds.session_keys() and creds.login:
+    if kind is _CUSTOMER:
+        if not (creds.session_id or creds.access_token or creds.refresh_token) and creds.login:
             out.keys = (RouteKey("login", creds.login, "auth_info.login"),)
         return out
 
