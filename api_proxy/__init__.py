@@ -8,6 +8,7 @@ to the system (``source`` or ``target``) that holds its customer or session.
 - ``apicall``: the billing API's request formats (form, multipart, JSON, query, bearer);
 - ``calltypes``: the values both produce (``ApiCall``, ``Classified``, ``RouteKey``...);
 - ``records``: session keys, twin admin sessions, created entities;
+- ``plan``: the system the common request goes to unchanged (both paths ask it);
 - ``router``: the ``Router`` protocol the host implements, settings, virtual hosts;
 - ``errors``: errors that carry their fault (``Server.Dispatcher.<reason>``);
 - ``h1`` / ``fastpool`` / ``fastpath``: the fast path for the common request (own
