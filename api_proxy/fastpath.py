@@ -122,7 +122,7 @@ class FastConn(asyncio.Protocol):
         self.write_paused = False
         self.system = ""
         self.origin: Origin | None = None
-        self.public = b""  # scheme://Host of the last Host header, for Location rewrites
+        self.public = ""  # scheme://Host of the last Host header, for Location rewrites
         self.host: str | None = None  # the last Host header and its virtual host
         self.vhost: Vhost | None = None
         self.realm = ""  # the vhost's realm when it has no realm_paths, else ""
@@ -254,7 +254,8 @@ class FastConn(asyncio.Protocol):
         # a Vhost is frozen: what each request would ask of it is asked once here
         self.realm = vhost.realm if vhost is not None and not vhost.realm_paths else ""
         self.patterns = self.proxy.table.patterns(vhost) if vhost is not None else ()
-        self.public = ("https://" if self.tls else "http://").encode() + host.encode()
+        # (the Host value is ASCII: parse_request_head decodes the head as ASCII)
+        self.public = ("https://" if self.tls else "http://") + host
         return vhost
 
     def _take(self, req: RequestHead, body: bytes) -> bool:
@@ -317,7 +318,7 @@ class FastConn(asyncio.Protocol):
     def up_head(self, head: ResponseHead) -> None:
         self.resp = head
         assert self.origin is not None
-        self.pending = client_head(head, self.origin.origin_b, self.public, self.keep_alive)
+        self.pending = client_head(head, self.origin.origin_text, self.public, self.keep_alive)
         if self.write_paused and self.ex is not None and self.ex.conn is not None:
             self.ex.conn.pause_reading()
 
