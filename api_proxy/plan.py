@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final, Protocol
 
-from api_proxy.calltypes import Action, Classified, RealmKind, RouteKey
+from api_proxy.calltypes import Action, Classified, Credentials, RealmKind, RouteKey
 from api_proxy.records import session_key, twin_of
 from api_proxy.router import Owner, Router, SessionRecord
 
@@ -104,6 +104,18 @@ def plain_owner(d: Dispatcher, c: Classified) -> Owner | None:
     return owner
 
 
+def _session_keys(creds: Credentials) -> list[tuple[str, str]]:
+    """``creds.session_keys()``, compiled (the Struct's method is an interpreted call)."""
+    out = []
+    if creds.session_id:
+        out.append(("sid", creds.session_id))
+    if creds.access_token:
+        out.append(("at", creds.access_token))
+    if creds.refresh_token:
+        out.append(("rt", creds.refresh_token))
+    return out
+
+
 def find_session_of(
     d: Dispatcher, c: Classified, keys: dict[tuple[str, str], str] | None = None
 ) -> SessionRecord | None:
@@ -111,7 +123,7 @@ def find_session_of(
     (a SHA-256 digest) of each (kind, credential) for a connection, whose requests
     carry the same token again and again; it holds a few entries at most."""
     now = d.now()
-    for kind, value in c.creds.session_keys():
+    for kind, value in _session_keys(c.creds):
         if keys is None:
             key = session_key(kind, value)
         else:
