@@ -8,59 +8,73 @@ A JSON API call is ``POST /rest/<Service>/<method>`` whose ``auth_info`` and ``p
 Pure: bytes in, values out, no I/O.  Anything malformed raises ``BadRequest``.  A body
 that is not rewritten is forwarded byte-exact; ``encode`` is used only when the
 dispatcher must change the credentials or the list window of a call.
+
+Compiled with mypyc like ``classify``: ``ApiCall`` and ``BodyFormat`` live in
+``calltypes`` (re-exported here).
 """
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode
 
 import msgspec
 
+from api_proxy.calltypes import ApiCall, BodyFormat
 from api_proxy.errors import BadRequest
 
-MAX_FORM_FIELDS = 256
+__all__ = [
+    "MAX_FORM_FIELDS",
+    "ApiCall",
+    "BodyFormat",
+    "api_path",
+    "content_type",
+    "encode",
+    "form_fields",
+    "multipart_fields",
+    "parse_call",
+    "parse_cookies",
+]
+
+MAX_FORM_FIELDS: Final = 256
 
 
-class BodyFormat(enum.StrEnum):
-    FORM = "form"
-    JSON = "json"
-    MULTIPART = "multipart"
-    QUERY = "query"
-    NONE = "none"
-
-
-class ApiCall(msgspec.Struct, kw_only=True):
-    """One billing API call as far as routing needs it."""
-
-    service: str
-    method: str
-    fmt: BodyFormat = BodyFormat.NONE
-    auth_info: dict[str, Any] | None = None
-    params: dict[str, Any] = msgspec.field(default_factory=dict)
-    bearer: str = ""
-    #: multipart only: (start, end) of each field's value in the body
-    spans: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
-    #: json only: auth_info / params were JSON text inside JSON strings
-    json_strings: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"{self.service}/{self.method}"
-
-
-_REST_PATH = re.compile(
+_REST_PATH: Final = re.compile(
     r"(?:^|/)rest/([A-Za-z][A-Za-z0-9_]{0,63})/([A-Za-z][A-Za-z0-9_]{0,127})/?$"
 )
 
 
+#: api_path's answers for the paths seen (a handful in practice); ("", "") for none
+_API_PATHS: Final[dict[str, tuple[str, str]]] = {}
+_API_PATHS_SIZE: Final = 1024
+_API_PATH_LEN: Final = 256
+
+
 def api_path(path: str) -> tuple[str, str] | None:
-    """``/rest/Customer/get_customer_info`` -> ``("Customer", "get_customer_info")``."""
-    m = _REST_PATH.search(path)
-    return (m.group(1), m.group(2)) if m else None
+    """``/rest/Customer/get_customer_info`` -> ``("Customer", "get_customer_info")``.
+
+    Perf note: every request asks twice (``needs_body``, ``classify``) and clients call
+    the same few methods, so the answer is kept for short paths (emptied when full)
+    instead of running the regex search (~2 us) each time."""
+    found = _API_PATHS.get(path)
+    if found is None:
+        m = _REST_PATH.search(path)
+        found = (m.group(1), m.group(2)) if m else ("", "")
+        if len(path) <= _API_PATH_LEN:
+            if len(_API_PATHS) >= _API_PATHS_SIZE:
+                _API_PATHS.clear()
+            _API_PATHS[path] = found
+    return found if found[0] else None
+
+
+# enum members looked up once (a Final is a C static in the compiled module)
+_NONE: Final = BodyFormat.NONE
+_JSON: Final = BodyFormat.JSON
+_FORM: Final = BodyFormat.FORM
+_MULTIPART: Final = BodyFormat.MULTIPART
+_QUERY: Final = BodyFormat.QUERY
 
 
 def content_type(headers: Mapping[str, str]) -> tuple[str, dict[str, str]]:
@@ -149,16 +163,19 @@ def parse_call(
     complete: bool = True,
 ) -> ApiCall:
     """Read ``auth_info``, ``params`` and a bearer token from an API request."""
-    call = ApiCall(service=service, method=method)
+    # the ApiCall is made once, at the end: each attribute set on a Struct is a
+    # Python-level call from compiled code
     auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        call.bearer = auth[7:].strip()
+    bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    fmt = _NONE
+    spans: dict[str, tuple[int, int]] = {}
+    json_strings = False
     raw_auth: Any = None
     raw_params: Any = None
-    mtype, ctparams = content_type(headers)
     if body:
+        mtype, ctparams = content_type(headers)
         if mtype == "application/json" or (not mtype and body.lstrip()[:1] == b"{"):
-            call.fmt = BodyFormat.JSON
+            fmt = _JSON
             try:
                 doc = msgspec.json.decode(body)
             except msgspec.DecodeError:
@@ -166,34 +183,41 @@ def parse_call(
             if not isinstance(doc, dict):
                 raise BadRequest("the JSON body must be an object")
             raw_auth, raw_params = doc.get("auth_info"), doc.get("params")
-            call.json_strings = isinstance(raw_auth, str) or isinstance(raw_params, str)
+            json_strings = isinstance(raw_auth, str) or isinstance(raw_params, str)
         elif mtype == "multipart/form-data":
-            call.fmt = BodyFormat.MULTIPART
-            call.spans = multipart_fields(
+            fmt = _MULTIPART
+            spans = multipart_fields(
                 body, ctparams.get("boundary", ""), ("auth_info", "params"), complete
             )
-            if "auth_info" in call.spans:
-                a, b = call.spans["auth_info"]
+            if "auth_info" in spans:
+                a, b = spans["auth_info"]
                 raw_auth = body[a:b]
-            if "params" in call.spans:
-                a, b = call.spans["params"]
+            if "params" in spans:
+                a, b = spans["params"]
                 raw_params = body[a:b]
         else:
-            call.fmt = BodyFormat.FORM
+            fmt = _FORM
             fields = dict(_form_pairs(_decode_text(body, "the form body")))
             raw_auth, raw_params = fields.get("auth_info"), fields.get("params")
     if raw_auth is None and raw_params is None and query:
         fields = dict(_form_pairs(query))
         if "auth_info" in fields or "params" in fields:
-            call.fmt = BodyFormat.QUERY
+            fmt = _QUERY
             raw_auth, raw_params = fields.get("auth_info"), fields.get("params")
-    if raw_auth is not None:
-        call.auth_info = _json_object(raw_auth, "auth_info")
-    call.params = _json_object(raw_params, "params")
-    return call
+    auth_info = _json_object(raw_auth, "auth_info") if raw_auth is not None else None
+    return ApiCall(
+        service=service,
+        method=method,
+        fmt=fmt,
+        auth_info=auth_info,
+        params=_json_object(raw_params, "params"),
+        bearer=bearer,
+        spans=spans,
+        json_strings=json_strings,
+    )
 
 
-_enc = msgspec.json.Encoder()
+_enc: Final = msgspec.json.Encoder()
 
 
 def encode(

@@ -7,6 +7,10 @@ that name a session.  It never touches the store or the network, so it can be fu
 and benchmarked; its invariant is that any input either classifies or raises
 ``api_proxy.errors.BadRequest``.
 
+Compiled with mypyc with the rest of the fast path (``sip/_pure.py``): keep it fully
+annotated, its constants ``Final``, and its msgspec Structs, enums and exceptions in
+``calltypes`` (re-exported here).
+
 Realm kinds:
 - customer realms (``customer``, ``account``): follow the session, the login, or the
   ``authorized-by-remote`` cookie;
@@ -18,13 +22,10 @@ Realm kinds:
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote
-
-import msgspec
 
 from api_proxy.apicall import (
     ApiCall,
@@ -34,16 +35,48 @@ from api_proxy.apicall import (
     parse_call,
     parse_cookies,
 )
+from api_proxy.calltypes import Action, Classified, CpeError, Credentials, RealmKind, RouteKey
 from api_proxy.errors import BadRequest
 
-REMOTE_COOKIE = "authorized-by-remote"
-CUSTOMER_REALMS = frozenset({"customer", "account"})
-CPE_REALMS = frozenset({"cpe"})
-ADMIN_REALMS = frozenset(
+__all__ = [
+    "ADMIN_REALMS",
+    "CPE_REALMS",
+    "CREATE_OWNER_FIELDS",
+    "CUSTOMER_REALMS",
+    "DEFAULT_COMPILED",
+    "DEFAULT_PATTERNS",
+    "ENTITY_FIELDS",
+    "LOGIN_FIELDS",
+    "PASSWORD_FIELDS",
+    "REALMS",
+    "REMOTE_COOKIE",
+    "SYSTEMS",
+    "Action",
+    "Classified",
+    "CpeError",
+    "Credentials",
+    "RealmKind",
+    "RouteKey",
+    "classify",
+    "compile_patterns",
+    "entity_keys",
+    "inform_device",
+    "inform_macs",
+    "is_inform",
+    "mac_in_target",
+    "needs_body",
+    "normalise_mac",
+    "realm_kind",
+]
+
+REMOTE_COOKIE: Final = "authorized-by-remote"
+CUSTOMER_REALMS: Final = frozenset({"customer", "account"})
+CPE_REALMS: Final = frozenset({"cpe"})
+ADMIN_REALMS: Final = frozenset(
     {"admin", "reseller", "distributor", "cc_staff", "vendor", "representative", "porting"}
 )
-REALMS = CUSTOMER_REALMS | CPE_REALMS | ADMIN_REALMS
-SYSTEMS = ("source", "target")
+REALMS: Final = CUSTOMER_REALMS | CPE_REALMS | ADMIN_REALMS
+SYSTEMS: Final = ("source", "target")
 
 
 # --- CPE identities: MACs in file names, TR-069 Inform DeviceIds -----------------------------
@@ -55,11 +88,11 @@ SYSTEMS = ("source", "target")
 # not an XML parser: the body is untrusted, small (capped before it gets here) and only a
 # few elements matter.
 
-_HEX12 = re.compile(r"^[0-9a-f]{12}$")
-_SEPARATORS = re.compile(r"[\s:\-\.]")
+_HEX12: Final = re.compile(r"^[0-9a-f]{12}$")
+_SEPARATORS: Final = re.compile(r"[\s:\-\.]")
 
 #: Default file-name and query patterns; group 1 is the MAC.
-DEFAULT_PATTERNS: tuple[str, ...] = (
+DEFAULT_PATTERNS: Final[tuple[str, ...]] = (
     # ?mac=0004f2a1b2c3, &MAC=00:04:f2:a1:b2:c3, mac_address=00-04-...
     r"(?i)[?&](?:mac|mac_?addr(?:ess)?|device_?mac)=([0-9a-f]{2}(?:[:\-.]?[0-9a-f]{2}){5})(?:&|$)",
     # a file named by MAC, with the usual vendor prefixes and suffixes
@@ -70,10 +103,6 @@ DEFAULT_PATTERNS: tuple[str, ...] = (
     # a path segment that is a MAC written with separators
     r"(?i)/([0-9a-f]{2}(?:[:\-][0-9a-f]{2}){5})(?:/|\?|$)",
 )
-
-
-class CpeError(ValueError):
-    """A configured pattern that cannot be used (local misuse: raised at start)."""
 
 
 def compile_patterns(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:
@@ -89,7 +118,7 @@ def compile_patterns(patterns: Iterable[str]) -> tuple[re.Pattern[str], ...]:
     return tuple(out)
 
 
-DEFAULT_COMPILED = compile_patterns(DEFAULT_PATTERNS)
+DEFAULT_COMPILED: Final = compile_patterns(DEFAULT_PATTERNS)
 
 
 def normalise_mac(text: str) -> str | None:
@@ -116,9 +145,9 @@ def mac_in_target(target: str, patterns: tuple[re.Pattern[str], ...]) -> str | N
 
 # --- TR-069 / CWMP -------------------------------------------------------------------------
 
-_TAG = r"(?:[A-Za-z_][\w.\-]*:)?"
-_INFORM = re.compile(rb"<" + _TAG.encode() + rb"Inform[\s>/]")
-_DEVICE_ID = re.compile(
+_TAG: Final = r"(?:[A-Za-z_][\w.\-]*:)?"
+_INFORM: Final = re.compile(rb"<" + _TAG.encode() + rb"Inform[\s>/]")
+_DEVICE_ID: Final = re.compile(
     rb"<"
     + _TAG.encode()
     + rb"DeviceId\b[^>]{0,512}>(.{0,4096}?)</"
@@ -126,11 +155,11 @@ _DEVICE_ID = re.compile(
     + rb"DeviceId\s*>",
     re.DOTALL,
 )
-_FIELD = {
+_FIELD: Final = {
     name: re.compile(rb"<" + _TAG.encode() + name.encode() + rb"\b[^>]{0,256}>([^<]{0,256})<")
     for name in ("SerialNumber", "OUI", "ProductClass", "Manufacturer")
 }
-_MAC_PARAM = re.compile(
+_MAC_PARAM: Final = re.compile(
     rb"<"
     + _TAG.encode()
     + rb"Name\b[^>]{0,256}>[^<]{0,256}MACAddress\s*</"
@@ -183,76 +212,24 @@ def inform_macs(body: bytes) -> list[str]:
 # --- requests -------------------------------------------------------------------------------
 
 
-class RealmKind(enum.StrEnum):
-    CUSTOMER = "customer"
-    ADMIN = "admin"
-    CPE = "cpe"
+# Enum members looked up once: ``RealmKind.CPE`` is a class attribute lookup (~80 ns),
+# a Final is a C static in the compiled module.
+_CUSTOMER: Final = RealmKind.CUSTOMER
+_ADMIN: Final = RealmKind.ADMIN
+_CPE: Final = RealmKind.CPE
+_FOLLOW: Final = Action.FOLLOW
 
 
 def realm_kind(realm: str) -> RealmKind:
     if realm in CUSTOMER_REALMS:
-        return RealmKind.CUSTOMER
+        return _CUSTOMER
     if realm in CPE_REALMS:
-        return RealmKind.CPE
-    return RealmKind.ADMIN
-
-
-class Action(enum.StrEnum):
-    LOGIN = "login"  # Session/login
-    WEB_LOGIN = "web_login"  # a self-care login form
-    LOGOUT = "logout"
-    REFRESH = "refresh"  # Session/refresh_access_token
-    SET_CONTEXT = "set_context"  # Session/set_session_context naming a system
-    LIST = "list"  # get_*_list without an owner (admin realms): merged
-    CREATE = "create"  # add_* without an owner (admin realms)
-    ENTITY = "entity"  # owned by the first resolvable key
-    FOLLOW = "follow"  # the session / cookie / default system
-
-
-class RouteKey(msgspec.Struct, frozen=True):
-    """A candidate owner: an identity ``kind`` (or ``customer`` for an i_customer)."""
-
-    kind: str
-    value: str
-    field: str = ""
-
-
-class Credentials(msgspec.Struct, frozen=True):
-    session_id: str = ""
-    access_token: str = ""
-    refresh_token: str = ""
-    login: str = ""
-    secret: bool = False  # a password or API token came with the login
-    bearer: bool = False  # the access token came in an Authorization header
-
-    def session_keys(self) -> list[tuple[str, str]]:
-        """(key kind, value) pairs naming a session, best first."""
-        out = []
-        if self.session_id:
-            out.append(("sid", self.session_id))
-        if self.access_token:
-            out.append(("at", self.access_token))
-        if self.refresh_token:
-            out.append(("rt", self.refresh_token))
-        return out
-
-
-class Classified(msgspec.Struct, kw_only=True):
-    realm: str
-    kind: RealmKind
-    action: Action
-    keys: tuple[RouteKey, ...] = ()
-    call: ApiCall | None = None
-    creds: Credentials = Credentials()
-    cookies: dict[str, str] = msgspec.field(default_factory=dict)
-    remote: bool = False  # the browser carries the authorized-by-remote cookie
-    creates: bool = False  # record what the call creates
-    list_key: str = ""
-    context: str = ""  # SET_CONTEXT: the system named
+        return _CPE
+    return _ADMIN
 
 
 # Fields naming an owner, in priority order: (field, identity kind, services or None=any).
-ENTITY_FIELDS: tuple[tuple[str, str, frozenset[str] | None], ...] = (
+ENTITY_FIELDS: Final[tuple[tuple[str, str, frozenset[str] | None], ...]] = (
     ("i_customer", "customer", None),
     ("i_account", "i_account", None),
     ("id", "account", frozenset({"Account"})),
@@ -263,16 +240,16 @@ ENTITY_FIELDS: tuple[tuple[str, str, frozenset[str] | None], ...] = (
     ("phone_number", "did", None),
 )
 # A create names its parent only: its own id / login are what it creates.
-CREATE_OWNER_FIELDS: tuple[tuple[str, str, frozenset[str] | None], ...] = (
+CREATE_OWNER_FIELDS: Final[tuple[tuple[str, str, frozenset[str] | None], ...]] = (
     ("i_customer", "customer", None),
     ("i_parent", "customer", frozenset({"Customer"})),
     ("i_account", "i_account", None),
 )
-LOGIN_FIELDS = ("login", "pb_auth_user", "username", "user")
-PASSWORD_FIELDS = ("password", "pb_auth_password", "passwd", "pass")
-_LIST_METHOD = re.compile(r"^get_([a-z0-9_]+?)_list$")
-_CREATE_METHOD = re.compile(r"^(?:add|create)_[a-z0-9_]+$")
-_FORM_TYPES = ("application/x-www-form-urlencoded", "")
+LOGIN_FIELDS: Final = ("login", "pb_auth_user", "username", "user")
+PASSWORD_FIELDS: Final = ("password", "pb_auth_password", "passwd", "pass")
+_LIST_METHOD: Final = re.compile(r"^get_([a-z0-9_]+?)_list$")
+_CREATE_METHOD: Final = re.compile(r"^(?:add|create)_[a-z0-9_]+$")
+_FORM_TYPES: Final = ("application/x-www-form-urlencoded", "")
 
 
 def _scalar(v: Any) -> str | None:
@@ -370,17 +347,22 @@ def classify(
         raise BadRequest("the request target must be an absolute path")
     kind = realm_kind(realm)
     path, _, query = target.partition("?")
-    cookies = parse_cookies(headers.get("cookie", ""))
-    out = Classified(realm=realm, kind=kind, action=Action.FOLLOW, cookies=cookies)
-    out.remote = cookies.get(remote_cookie, "") not in ("", "0")
+    cookies = parse_cookies(headers.get("cookie", "")) if "cookie" in headers else {}
+    out = Classified(
+        realm=realm,
+        kind=kind,
+        action=_FOLLOW,
+        cookies=cookies,
+        remote=cookies.get(remote_cookie, "") not in ("", "0"),
+    )
 
-    patterns = cpe_patterns or (DEFAULT_COMPILED if kind is RealmKind.CPE else ())
+    patterns = cpe_patterns or (DEFAULT_COMPILED if kind is _CPE else ())
     if patterns:
         mac = mac_in_target(target, patterns)
         if mac:
             out.action, out.keys = Action.ENTITY, (RouteKey("cpe", mac, "target"),)
             return out
-    if kind is RealmKind.CPE:
+    if kind is _CPE:
         if body and is_inform(body):
             macs = inform_macs(body)
             if macs:
@@ -391,7 +373,7 @@ def classify(
     sm = api_path(path)
     if sm is None:
         if (
-            kind is RealmKind.CUSTOMER
+            kind is _CUSTOMER
             and method == "POST"
             and body
             and complete
@@ -433,8 +415,8 @@ def classify(
                 out.action, out.context = Action.SET_CONTEXT, system
         return out
 
-    if kind is RealmKind.CUSTOMER:
-        if not creds.session_keys() and creds.login:
+    if kind is _CUSTOMER:
+        if not (creds.session_id or creds.access_token or creds.refresh_token) and creds.login:
             out.keys = (RouteKey("login", creds.login, "auth_info.login"),)
         return out
 

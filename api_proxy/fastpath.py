@@ -6,7 +6,7 @@ Every client connection starts here.  A request is taken when
   body, or POST with a Content-Length body of at most ``route_body_limit``), its Host
   names a virtual host and its path has no percent-escapes; and
 - the realm's flow would send it, unchanged, to one system and relay the answer
-  (``Flows.plan``: a followed session, an owned entity whose customer is not locked,
+  (``plan.plan``: a followed session, an owned entity whose customer is not locked,
   the remote cookie, the default system).
 
 Such a request is written to a keep-alive connection of ``fastpool`` with one write,
@@ -28,15 +28,17 @@ Compiled with mypyc like ``h1`` and ``fastpool`` (``sip/_pure.py``): ``FastConn`
 native class (its ``asyncio.Protocol`` base is a plain Python class, which mypyc
 allows), so its attributes are C struct fields and its calls to its own methods, the
 pool and the codec are direct C calls.  Keep this module fully annotated, its
-constants ``Final``, every attribute set in ``__init__``, and msgspec Structs out; what
-it calls in the interpreted modules (classifier, flows, settings) is called as from
-Python.
+constants ``Final``, every attribute set in ``__init__``, and msgspec Structs out.  The
+classifier (``classify``, ``apicall``) and the route (``plan``) are compiled too; what
+they call in the interpreted modules (the store's Router, settings, Structs) is called
+as from Python.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING, Final, cast
 
 from api_proxy.classify import classify, needs_body
@@ -52,6 +54,7 @@ from api_proxy.h1 import (
     parse_request_head,
 )
 from api_proxy.h1relay import client_head, fault_bytes, upstream_request
+from api_proxy.plan import plan
 
 if TYPE_CHECKING:
     from api_proxy.router import Vhost
@@ -83,10 +86,12 @@ class FastConn(asyncio.Protocol):
         "keys",
         "local_port",
         "origin",
+        "patterns",
         "pending",
         "pools",
         "proxy",
         "public",
+        "realm",
         "req",
         "resp",
         "state",
@@ -117,9 +122,11 @@ class FastConn(asyncio.Protocol):
         self.write_paused = False
         self.system = ""
         self.origin: Origin | None = None
-        self.public = b""  # scheme://Host of the last Host header, for Location rewrites
+        self.public = ""  # scheme://Host of the last Host header, for Location rewrites
         self.host: str | None = None  # the last Host header and its virtual host
         self.vhost: Vhost | None = None
+        self.realm = ""  # the vhost's realm when it has no realm_paths, else ""
+        self.patterns: tuple[re.Pattern[str], ...] = ()  # the vhost's CPE patterns
         self.keys: dict[tuple[str, str], str] = {}  # store keys of credentials seen here
         self.pools: dict[str, tuple[UpstreamPool, Origin]] = {}  # of self.vhost, by system
 
@@ -244,7 +251,11 @@ class FastConn(asyncio.Protocol):
         vhost = self.proxy.table.select(host, self.local_port)
         self.host, self.vhost = host, vhost
         self.pools = {}
-        self.public = ("https://" if self.tls else "http://").encode() + host.encode()
+        # a Vhost is frozen: what each request would ask of it is asked once here
+        self.realm = vhost.realm if vhost is not None and not vhost.realm_paths else ""
+        self.patterns = self.proxy.table.patterns(vhost) if vhost is not None else ()
+        # (the Host value is ASCII: parse_request_head decodes the head as ASCII)
+        self.public = ("https://" if self.tls else "http://") + host
         return vhost
 
     def _take(self, req: RequestHead, body: bytes) -> bool:
@@ -258,7 +269,7 @@ class FastConn(asyncio.Protocol):
         vhost = self._vhost(index["host"])
         if vhost is None:
             return False
-        realm = vhost.realm_for(path)
+        realm = self.realm or vhost.realm_for(path)
         method = req.method
         prefix = body if body and needs_body(realm, method, target, index) else None
         try:
@@ -268,12 +279,12 @@ class FastConn(asyncio.Protocol):
                 target,
                 index,
                 prefix,
-                cpe_patterns=proxy.table.patterns(vhost),
+                cpe_patterns=self.patterns,
                 remote_cookie=proxy.settings.remote_cookie,
             )
         except DispatchError:
             return False
-        system = proxy.plan(c, self.keys)
+        system = plan(proxy, c, self.keys)
         if system is None:
             return False
         found = self.pools.get(system)
@@ -307,7 +318,7 @@ class FastConn(asyncio.Protocol):
     def up_head(self, head: ResponseHead) -> None:
         self.resp = head
         assert self.origin is not None
-        self.pending = client_head(head, self.origin.origin_b, self.public, self.keep_alive)
+        self.pending = client_head(head, self.origin.origin_text, self.public, self.keep_alive)
         if self.write_paused and self.ex is not None and self.ex.conn is not None:
             self.ex.conn.pause_reading()
 

@@ -30,6 +30,7 @@ from api_proxy.errors import (
 )
 from api_proxy.forward import LIST_ANSWER, Answer, Ctx, Forwarder
 from api_proxy.listmerge import merge_lists
+from api_proxy.plan import find_session_of, plain_owner, plan
 from api_proxy.records import (
     Creds,
     TwinExtra,
@@ -43,7 +44,6 @@ from api_proxy.router import Owner, SessionRecord
 
 log = logging.getLogger("api_proxy.flows")
 ORDER = ("target", "source")
-MAX_CACHED_KEYS = 4  # store keys a connection remembers (find_session_of)
 _doc = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -69,57 +69,14 @@ class Flows(Forwarder):
 
     def plan(self, c: Classified, keys: dict[tuple[str, str], str] | None = None) -> str | None:
         """The system a request goes to unchanged, with its answer relayed as it is; None
-        when its flow does more (a login, a probe, a hold, a twin rewrite, a merge, a
-        create, a CPE cookie).  Synchronous and without side effects: the fast path
-        (``fastpath.py``) asks it before taking a request, and ``dispatch`` asks it
-        first too, so both paths route the common case by this one piece of code.
-        ``keys``: a connection's cache of store keys (``find_session_of``)."""
-        kind = c.kind
-        if kind is RealmKind.CPE:
-            return None
-        action = c.action
-        if action is Action.LOGIN or action is Action.WEB_LOGIN:
-            return None
-        rec = self.find_session_of(c, keys)
-        if kind is RealmKind.CUSTOMER:
-            if rec is not None:
-                return None if action in (Action.LOGOUT, Action.REFRESH) else rec.system
-            if c.creds.session_keys():
-                return None
-            if c.keys:
-                owner = self.plain_owner(c)
-                return owner.system if owner is not None and owner.known else None
-            return "source" if c.remote else "target"
-        # admin realms
-        if rec is None and c.creds.session_keys():
-            return None
-        if action in (Action.SET_CONTEXT, Action.LIST) or c.creates:
-            return None
-        if rec is not None and action in (Action.LOGOUT, Action.REFRESH):
-            return None
-        twin = twin_of(rec) if rec is not None else None
-        system = (twin.ctx if twin and twin.ctx else "") or (rec.system if rec else "target")
-        if action is Action.ENTITY:
-            found = self.owner_of(c.keys)
-            if found is not None:
-                owner = self.plain_owner(c)
-                if owner is None:
-                    return None
-                system = owner.system
-        if rec is not None and system != rec.system:
-            return None  # the twin's credentials go instead of the client's
-        return system
+        when its flow does more (``plan.plan``, compiled; the fast path calls it
+        directly).  ``keys``: a connection's cache of store keys (``find_session_of``)."""
+        return plan(self, c, keys)
 
     def plain_owner(self, c: Classified) -> Owner | None:
         """The owner ``resolve`` would give without holding or refusing (None: it would
         hold, refuse or find nobody)."""
-        found = self.owner_of(c.keys)
-        if found is None:
-            return None
-        _, owner = found
-        if owner.system == "reject" or owner.state == "locked":
-            return None
-        return owner
+        return plain_owner(self, c)
 
     # -- sessions in the store -------------------------------------------------------------
 
@@ -129,23 +86,8 @@ class Flows(Forwarder):
     def find_session_of(
         self, c: Classified, keys: dict[tuple[str, str], str] | None = None
     ) -> SessionRecord | None:
-        """The live session the request's credentials name.  ``keys`` caches the store key
-        (a SHA-256 digest) of each (kind, credential) for a connection, whose requests
-        carry the same token again and again; it holds a few entries at most."""
-        now = self.now()
-        for kind, value in c.creds.session_keys():
-            if keys is None:
-                key = session_key(kind, value)
-            else:
-                key = keys.get((kind, value), "")
-                if not key:
-                    if len(keys) >= MAX_CACHED_KEYS:
-                        keys.clear()
-                    key = keys[(kind, value)] = session_key(kind, value)
-            rec = self.router.get_session(key)
-            if rec is not None and rec.expires_at > now:
-                return rec
-        return None
+        """The live session the request's credentials name (``plan.find_session_of``)."""
+        return find_session_of(self, c, keys)
 
     def remember(
         self, system: str, twin: TwinExtra, expires_at: float, ctx: Ctx, customer_id: str = ""

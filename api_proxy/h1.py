@@ -11,8 +11,10 @@
 - ``date_header`` is the Date value aiohttp would send, cached per second.
 
 Perf note: a head is checked by one regular expression over the whole head (C speed),
-then split into lines; header values stay text (requests) or bytes (responses) and
-nothing is copied beyond the lines themselves.  This module and ``h1relay`` are compiled
+then split into lines; header values stay text and nothing is copied beyond the lines
+themselves.  A response head is read as latin-1 text (every octet one character, so
+``client_head`` gives the same octets back with one ``encode``): mypyc calls ``str``
+methods directly, where each ``bytes`` method is a Python-level call.  This module and ``h1relay`` are compiled
 with mypyc where a C compiler is at hand (``sip/_pure.py``, setup.py): keep them fully
 annotated, module constants ``Final``, and free of msgspec Structs and asyncio.
 """
@@ -93,7 +95,9 @@ def parse_request_head(head: bytes) -> RequestHead | None:
     if len(lines) > MAX_FAST_HEADERS:
         return None  # near aiohttp's max_headers: it decides
     method, target, _ = lines[0].split(" ")
-    if _ODD_PATH.search(target.partition("?")[0]):
+    path = target.partition("?")[0]
+    # every match holds "//" or "/.": the two substring tests spare the regex call
+    if ("//" in path or "/." in path) and _ODD_PATH.search(path):
         return None
     headers: list[tuple[str, str]] = []
     index: dict[str, str] = {}
@@ -144,15 +148,16 @@ UNTIL_CLOSE: Final = 3
 
 
 class ResponseHead:
-    """A back end's answer head.  ``headers``: (lowercase name, name, value) in order."""
+    """A back end's answer head.  ``headers``: (lowercase name, name, value) in order.
+    ``reason`` and the headers are the octets as latin-1 text."""
 
     __slots__ = ("framing", "headers", "keep_alive", "length", "reason", "status")
 
     def __init__(
         self,
         status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes, bytes]],
+        reason: str,
+        headers: list[tuple[str, str, str]],
         framing: int,
         length: int,
         keep_alive: bool,
@@ -165,48 +170,58 @@ class ResponseHead:
         self.keep_alive = keep_alive
 
 
+#: what ``bytes.strip()`` strips (``str.strip()`` strips more: \x1c-\x1f, \x85, \xa0)
+ASCII_SPACE: Final = " \t\n\r\x0b\x0c"
+
+
 def parse_response_head(head: bytes) -> ResponseHead:
-    """A back end's status line and headers (CRLF or LF line ends, no blank line)."""
+    """A back end's status line and headers (CRLF or LF line ends, no blank line).
+
+    The text is latin-1: header names are tokens (ASCII), so ``str.lower`` lowers them
+    as ``bytes.lower`` would; in values, no latin-1 letter lowers to an ASCII one, so the
+    Connection / Transfer-Encoding tokens compare as the octets would."""
     m = _RESPONSE_HEAD.fullmatch(head)
     if m is None:
         raise H1Error("the back end's answer is not valid HTTP/1.x")
     minor, status = m.group(1), int(m.group(2))
-    lines = head.split(b"\r\n") if b"\r\n" in head else head.split(b"\n")
-    if len(lines) > 1 and b"\n" in lines[1] or lines[0][-1:] == b"\r":
-        lines = [line.rstrip(b"\r") for line in head.split(b"\n")]  # mixed line ends
+    text = head.decode("latin-1")
+    lines = text.split("\r\n") if "\r\n" in text else text.split("\n")
+    if len(lines) > 1 and "\n" in lines[1] or lines[0][-1:] == "\r":
+        lines = [line.rstrip("\r") for line in text.split("\n")]  # mixed line ends
     reason = lines[0][13:]
-    headers: list[tuple[bytes, bytes, bytes]] = []
-    cl: bytes | None = None
-    te = b""
-    conn = b""
+    headers: list[tuple[str, str, str]] = []
+    cl: str | None = None
+    te = ""
+    conn = ""
     for raw in lines[1:]:
-        name, _, value = raw.partition(b":")
-        value = value.strip(b" \t")
+        name, _, value = raw.partition(":")
+        value = value.strip(" \t")
         lname = name.lower()
-        if lname == b"content-length":
+        if lname == "content-length":
             if cl is not None and cl != value:
                 raise H1Error("the back end's answer has two Content-Length values")
             cl = value
-        elif lname == b"transfer-encoding":
-            te = te + b"," + value if te else value
-        elif lname == b"connection":
-            conn = conn + b"," + value if conn else value
+        elif lname == "transfer-encoding":
+            te = te + "," + value if te else value
+        elif lname == "connection":
+            conn = conn + "," + value if conn else value
         headers.append((lname, name, value))
     keep_alive = minor == b"1"
     if conn:
-        tokens = {t.strip() for t in conn.lower().split(b",")}
-        keep_alive = b"close" not in tokens and (keep_alive or b"keep-alive" in tokens)
+        tokens = {t.strip(ASCII_SPACE) for t in conn.lower().split(",")}
+        keep_alive = "close" not in tokens and (keep_alive or "keep-alive" in tokens)
     length = 0
     if 100 <= status < 200 or status in EMPTY_BODY_STATUS:
         framing = NO_BODY
     elif te:
-        if te.lower().rsplit(b",", 1)[-1].strip() != b"chunked":
+        if te.lower().rsplit(",", 1)[-1].strip(ASCII_SPACE) != "chunked":
             framing, keep_alive = UNTIL_CLOSE, False
         else:
             framing = CHUNKED
             keep_alive = keep_alive and cl is None
     elif cl is not None:
-        if not cl.isdigit() or len(cl) > MAX_CONTENT_LENGTH_DIGITS:
+        # str.isdigit also takes the latin-1 digits ¹ ² ³; bytes.isdigit is ASCII only
+        if not (cl.isdigit() and cl.isascii()) or len(cl) > MAX_CONTENT_LENGTH_DIGITS:
             raise H1Error("the back end's answer has a bad Content-Length")
         framing, length = LENGTH, int(cl)
     else:

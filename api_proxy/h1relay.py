@@ -22,11 +22,21 @@ from typing import Final
 from aiohttp.http import SERVER_SOFTWARE
 
 from api_proxy.errors import DispatchError
-from api_proxy.h1 import HOP_BY_HOP, LENGTH, NO_BODY, RequestHead, ResponseHead, date_header
+from api_proxy.h1 import (
+    ASCII_SPACE,
+    HOP_BY_HOP,
+    LENGTH,
+    NO_BODY,
+    RequestHead,
+    ResponseHead,
+    date_header,
+)
 
 _SERVER: Final[bytes] = b"Server: " + str(SERVER_SOFTWARE).encode() + b"\r\n"
-_RESP_SKIP: Final = frozenset(h.encode() for h in HOP_BY_HOP) | {b"content-length"}
-_DOMAIN_ATTR: Final = re.compile(rb";\s*domain=[^;]*", re.IGNORECASE)
+_SERVER_TEXT: Final = _SERVER.decode("latin-1")
+_RESP_SKIP: Final = HOP_BY_HOP | {"content-length"}
+#: re.ASCII: \s and IGNORECASE as in the bytes pattern this was (ASCII only)
+_DOMAIN_ATTR: Final = re.compile(r";\s*domain=[^;]*", re.IGNORECASE | re.ASCII)
 #: request headers never sent on ("close": a Connection token aiohttp treats as a name)
 _REQ_SKIP: Final = HOP_BY_HOP | {"host", "content-length", "expect", "close"}
 #: X-Forwarded-* as sent, by lowercase name, in the order they are added when absent
@@ -55,66 +65,68 @@ def upstream_request(
     }
     named = _FORWARDED
     skip = _REQ_SKIP
-    lines: list[str] = [req.method, " ", target, " HTTP/1.1\r\nHost: ", host_header, "\r\n"]
+    # one f-string per line (mypyc builds it in one allocation), joined once
+    lines: list[str] = [f"{req.method} {target} HTTP/1.1\r\nHost: {host_header}\r\n"]
     for name, value in req.headers:
         lname = name.lower()
         if lname in skip:
             continue
         if lname in named:
             if lname in fwd:  # the first one is replaced; a repeat is dropped
-                lines += (named[lname], ": ", fwd.pop(lname), "\r\n")
+                lines.append(f"{named[lname]}: {fwd.pop(lname)}\r\n")
             continue
-        lines += (name, ": ", value, "\r\n")
+        lines.append(f"{name}: {value}\r\n")
     for lname, value in fwd.items():
-        lines += (named[lname], ": ", value, "\r\n")
+        lines.append(f"{named[lname]}: {value}\r\n")
     if req.method != "GET":
-        lines += ("Content-Length: ", str(len(body)), "\r\n")
+        lines.append(f"Content-Length: {len(body)}\r\n")
     lines.append("\r\n")
     head = "".join(lines).encode("ascii")
     return head + body if body else head
 
 
-def client_head(
-    head: ResponseHead, backend_origin: bytes, public: bytes, keep_alive: bool
-) -> bytes:
-    """The head of the answer to the client for a back end's answer ``head``."""
-    out: list[bytes] = [b"HTTP/1.1 %d %b\r\n" % (head.status, head.reason)]
+def client_head(head: ResponseHead, backend_origin: str, public: str, keep_alive: bool) -> bytes:
+    """The head of the answer to the client for a back end's answer ``head``.
+
+    Text in, octets out: ``head`` holds latin-1 text (``h1.parse_response_head``), and
+    ``backend_origin`` / ``public`` are latin-1 text of their octets too."""
+    out: list[str] = [f"HTTP/1.1 {head.status} {head.reason}\r\n"]
     skip = _RESP_SKIP
-    conn_listed: set[bytes] = set()
+    conn_listed: set[str] = set()
     has_ct = has_date = has_server = False
     for lname, _, value in head.headers:
-        if lname == b"connection":
-            for t in value.split(b","):
-                conn_listed.add(t.strip().lower())
+        if lname == "connection":
+            for t in value.split(","):
+                conn_listed.add(t.strip(ASCII_SPACE).lower())
     for lname, name, value in head.headers:
         if lname in skip or lname in conn_listed:
             continue
-        if lname == b"content-type":
+        if lname == "content-type":
             has_ct = True
-        elif lname == b"date":
+        elif lname == "date":
             has_date = True
-        elif lname == b"server":
+        elif lname == "server":
             has_server = True
-        elif lname == b"location" and value.startswith(backend_origin):
+        elif lname == "location" and value.startswith(backend_origin):
             value = public + value[len(backend_origin) :]
-        elif lname == b"set-cookie":
-            value = _DOMAIN_ATTR.sub(b"", value)
-        out += (name, b": ", value, b"\r\n")
+        elif lname == "set-cookie":
+            value = _DOMAIN_ATTR.sub("", value)
+        out.append(f"{name}: {value}\r\n")
     if head.framing != NO_BODY:
         if head.framing == LENGTH:
-            out.append(b"Content-Length: %d\r\n" % head.length)
+            out.append(f"Content-Length: {head.length}\r\n")
         else:
-            out.append(b"Transfer-Encoding: chunked\r\n")
+            out.append("Transfer-Encoding: chunked\r\n")
         if not has_ct and (head.framing != LENGTH or head.length):
-            out.append(b"Content-Type: application/octet-stream\r\n")
+            out.append("Content-Type: application/octet-stream\r\n")
     if not has_date:
-        out += (b"Date: ", date_header().encode(), b"\r\n")
+        out.append(f"Date: {date_header()}\r\n")
     if not has_server:
-        out.append(_SERVER)
+        out.append(_SERVER_TEXT)
     if not keep_alive:
-        out.append(b"Connection: close\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+        out.append("Connection: close\r\n")
+    out.append("\r\n")
+    return "".join(out).encode("latin-1")
 
 
 def fault_bytes(exc: DispatchError, keep_alive: bool) -> bytes:

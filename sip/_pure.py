@@ -1,8 +1,9 @@
 """Which build of the compiled modules runs: the compiled one (mypyc, see setup.py) or
 the pure-Python source it is compiled from.  The compiled modules are the SIP core and
-the API fast path (its head codec ``api_proxy.h1`` / ``h1relay``, its pools
-``api_proxy.fastpool`` and its protocol ``api_proxy.fastpath``); ``sip`` and ``api_proxy``
-both call ``install()`` when imported.
+the API fast path (its classifier ``api_proxy.classify`` / ``apicall``, its route
+``api_proxy.plan``, its head codec ``api_proxy.h1`` / ``h1relay``, its pools
+``api_proxy.fastpool`` and its protocol ``api_proxy.fastpath``); ``sip`` and
+``api_proxy`` both call ``install()`` when imported.
 
 ``DSBC_PURE_PYTHON=1`` imports the ``.py`` files even where the compiled modules are
 installed next to them: the test suite keeps the pure-Python version tested that way
@@ -27,6 +28,7 @@ from types import ModuleType
 CORE_MODULES = (
     "sip.uri", "sip.headers", "sip.message", "sip.framing", "sip.proxy",
     "sip.ratelimit", "sip.scanner", "sip.admission", "sip.peers", "sip.transport",
+    "api_proxy.apicall", "api_proxy.classify", "api_proxy.plan",
     "api_proxy.h1", "api_proxy.h1relay", "api_proxy.fastpool", "api_proxy.fastpath",
 )
 

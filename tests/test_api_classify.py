@@ -335,7 +335,7 @@ def test_layers_pure_modules_do_no_io_and_api_proxy_never_imports_dsbc() -> None
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "api_proxy"
-    pure = {"apicall", "classify", "errors", "records", "router"}
+    pure = {"apicall", "calltypes", "classify", "errors", "plan", "records", "router"}
     for path in root.glob("*.py"):
         tree = ast.parse(path.read_text())
         names = set()
@@ -348,6 +348,17 @@ def test_layers_pure_modules_do_no_io_and_api_proxy_never_imports_dsbc() -> None
         if path.stem in pure:
             bad = names & {"asyncio", "socket", "uvloop", "aiohttp", "ssl", "time"}
             assert not bad, f"{path.name} is a pure module but imports {bad}"
+
+
+def test_plan_reads_the_session_keys_as_credentials_give_them() -> None:
+    from itertools import product
+
+    from api_proxy.classify import Credentials
+    from api_proxy.plan import _session_keys
+
+    for sid, at, rt in product(("", "S"), ("", "A"), ("", "R")):
+        creds = Credentials(session_id=sid, access_token=at, refresh_token=rt, login="l")
+        assert _session_keys(creds) == creds.session_keys()
 
 
 def test_classifier_speed(benchmark: Any) -> None:

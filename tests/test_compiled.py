@@ -3,7 +3,8 @@
 The normal test run uses whatever the install built (compiled where a C compiler was
 found).  Here the tests of the compiled modules run again with ``DSBC_PURE_PYTHON=1``,
 which imports the ``.py`` sources instead, so both builds pass the same SIP codec,
-framing, proxy and RFC 4475 tests, and the same API fast-path tests (the head codec
+framing, proxy and RFC 4475 tests, and the same API fast-path tests (the classifier
+``api_proxy.classify`` / ``apicall`` with its fuzz invariant, the head codec
 ``api_proxy.h1`` / ``h1relay``, the pools ``fastpool`` and the protocol ``fastpath``:
 faults, timeouts, retries, streaming with flow control both ways, TLS).
 """
@@ -21,8 +22,9 @@ import pytest
 from sip._pure import no_c_toolchain
 
 ROOT = Path(__file__).resolve().parent.parent
-#: the tests of the modules setup.py compiles (the SIP ones are I/O-free; the API
-#: fast-path ones go through loopback sockets, and compare with the aiohttp path)
+#: the tests of the modules setup.py compiles (the SIP ones and the API classifier's are
+#: I/O-free; the API fast-path ones go through loopback sockets, and compare with the
+#: aiohttp path)
 CORE_TESTS = [
     "tests/test_sip_codec.py",
     "tests/test_sip_uri.py",
@@ -33,6 +35,7 @@ CORE_TESTS = [
     "tests/test_rfc4475_codec.py",
     "tests/test_rfc4475_proxy.py",
     "tests/test_security_units.py",
+    "tests/test_api_classify.py",
     "tests/test_api_fastpath.py",
     "tests/test_api_fastpath_badinput.py",
     "tests/test_api_streaming.py",
