@@ -55,6 +55,8 @@ _SP_HTAB: Final = " \t"
 #: run once per spelling instead of once per line.  Bounded: junk names are never kept.
 _NAMES: Final[dict[str, str]] = {}
 _NAMES_MAX: Final = 1024
+#: ``SipMessage._max_forwards`` before the header was read
+_UNREAD: Final = -2
 
 
 def _digits(text: str, max_digits: int = MAX_DIGITS) -> bool:
@@ -82,8 +84,10 @@ class SipMessage:
     """A parsed request or response.  ``raw`` holds exactly this message's octets."""
 
     __slots__ = (
+        "_call_id",
         "_cseq",
         "_from",
+        "_max_forwards",
         "_routes",
         "_to",
         "_uri",
@@ -116,6 +120,8 @@ class SipMessage:
         self._from: NameAddr | None = None
         self._to: NameAddr | None = None
         self._cseq: tuple[int, str] | None = None
+        self._call_id: str | None = None
+        self._max_forwards = _UNREAD  # -1: no Max-Forwards
         self._routes: list[NameAddr] | None = None
         self._uri: SipUri | None = None
 
@@ -214,7 +220,10 @@ class SipMessage:
 
     @property
     def call_id(self) -> str:
-        return self.get("call-id") or ""
+        c = self._call_id
+        if c is None:
+            c = self._call_id = self.get("call-id") or ""
+        return c
 
     @property
     def cseq(self) -> tuple[int, str]:
@@ -223,24 +232,27 @@ class SipMessage:
             value = self.get("cseq")
             if value is None:
                 raise SipParseError("missing CSeq")
-            # split on SP/HTAB only: str.split() would also split on \x85, \xa0, \x1c...
-            parts = [p for p in value.replace("\t", " ").split(" ") if p]
-            if len(parts) != 2 or not _digits(parts[0]) or int(parts[0]) > MAX_CSEQ:
-                raise SipParseError(f"bad CSeq {value[:40]!r}")
-            if not is_token(parts[1]):
-                raise SipParseError(f"bad CSeq method {value[:40]!r}")
-            c = (int(parts[0]), parts[1])
+            # perf: the same few values ("1 INVITE", "2 BYE"...) in message after message
+            c = _CSEQ_MEMO.get(value)
+            if c is None:
+                c = parse_cseq(value)
+                remember(_CSEQ_MEMO, value, c, 32)
             self._cseq = c
         return c
 
     @property
     def max_forwards(self) -> int | None:
-        value = self.get("max-forwards")
-        if value is None:
-            return None
-        if not _digits(value) or int(value) > MAX_FORWARDS_LIMIT:
-            raise SipParseError(f"bad Max-Forwards {value[:20]!r}")
-        return int(value)
+        mf = self._max_forwards
+        if mf == _UNREAD:
+            value = self.get("max-forwards")
+            if value is None:
+                mf = -1
+            elif not _digits(value) or int(value) > MAX_FORWARDS_LIMIT:
+                raise SipParseError(f"bad Max-Forwards {value[:20]!r}")  # raised on every read
+            else:
+                mf = int(value)
+            self._max_forwards = mf
+        return None if mf < 0 else mf
 
     @property
     def routes(self) -> list[NameAddr]:
@@ -259,6 +271,20 @@ class SipMessage:
 
     def __repr__(self) -> str:
         return f"SipMessage({self.start_line[:80]!r})"
+
+
+_CSEQ_MEMO: Final[dict[str, tuple[int, str]]] = {}
+
+
+def parse_cseq(value: str) -> tuple[int, str]:
+    """``(number, method)`` of a CSeq value; SipParseError if it is not one."""
+    # split on SP/HTAB only: str.split() would also split on \x85, \xa0, \x1c...
+    parts = [p for p in value.replace("\t", " ").split(" ") if p]
+    if len(parts) != 2 or not _digits(parts[0]) or int(parts[0]) > MAX_CSEQ:
+        raise SipParseError(f"bad CSeq {value[:40]!r}")
+    if not is_token(parts[1]):
+        raise SipParseError(f"bad CSeq method {value[:40]!r}")
+    return int(parts[0]), parts[1]
 
 
 _URI_MEMO: Final[dict[str, SipUri]] = {}
