@@ -674,6 +674,16 @@ def owner_candidates(msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
 
 def _with_received(via_text: str, ip: str, port: int) -> str:
     """The Via value with ``received`` and ``rport`` set to where the request came from."""
+    # perf: the plain spelling (no whitespace around or inside the parameters, no received
+    # or rport but a last bare ``;rport``) keeps its text as it is, without a list of parts;
+    # str.isprintable() is False for every character str.strip() removes but " "
+    semi = via_text.find(";")
+    if semi > 0:
+        tail = via_text[semi - 1 :].removesuffix(";rport")
+        if tail.isprintable() and " " not in tail:
+            low = tail.lower()
+            if "rport" not in low and "received" not in low:
+                return f"{via_text[: semi - 1]}{tail};received={ip};rport={port}"
     parts = via_text.split(";")
     out = [parts[0].rstrip()]
     for i in range(1, len(parts)):

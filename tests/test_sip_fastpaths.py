@@ -489,7 +489,16 @@ def ref_with_received(via_text: str, ip: str, port: int) -> str:
 
 @settings(max_examples=500)
 @given(st.lists(st.sampled_from(["SIP/2.0/UDP h:5060", " ", ";", "=", "rport", "RPort", "received",
-                                 "branch", "x", "\t", "1.2.3.4", " = "]), max_size=12).map("".join))
+                                 "branch", "x", "\t", "1.2.3.4", " = ", "\xa0", "\x85", "\x1c",
+                                 "\u0130", "REceived", ";rport", "branch=z9hG4bK1"]),
+                max_size=12).map("".join))
+@example("SIP/2.0/UDP h:5060;branch=z9hG4bK1;rport")
+@example("SIP/2.0/UDP h:5060;branch=z9hG4bK1;rport;")
+@example("SIP/2.0/UDP h:5060 ;branch=z9hG4bK1;rport")
+@example("SIP/2.0/UDP h:5060;rport")
+@example("SIP/2.0/UDP h:5060;rport=1;branch=z9hG4bK1")
+@example("SIP/2.0/UDP h:5060\xa0;branch=z9hG4bK1")
+@example(";rport")
 def test_received_and_rport_are_set_as_the_reference_does(via: str) -> None:
     from sip.proxy import _with_received
 
