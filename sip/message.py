@@ -315,14 +315,19 @@ def parse_request_uri(text: str) -> SipUri:
 # --- parsing ---------------------------------------------------------------------------
 
 
-def _find_header_end(data: bytes, start: int, bare_lf: bool = True) -> tuple[int, int]:
-    """(end of last header line, start of body); (-1, -1) if the blank line is missing.
-    ``bare_lf`` also accepts LF LF (datagrams only: StreamFramer splits on CRLF CRLF)."""
-    i = data.find(b"\r\n\r\n", start)
+def _find_header_end(text: str, start: int, bare_lf: bool = True) -> tuple[int, int]:
+    """(end of last header line, start of body) in ``text`` (the message decoded as
+    latin-1: offsets are octet offsets); (-1, -1) if the blank line is missing.
+    ``bare_lf`` also accepts LF LF (datagrams only: StreamFramer splits on CRLF CRLF).
+
+    Perf note: searched in the decoded text, as the rest of the head is: mypyc calls
+    ``str.find`` directly, where ``bytes.find`` (METH_VARARGS) builds and parses an
+    argument tuple, which costs more than the search on a SIP head."""
+    i = text.find("\r\n\r\n", start)
     if not bare_lf:
         return (i + 2, i + 4) if i >= 0 else (-1, -1)
     # a bare LF LF counts only before the CRLF CRLF (perf: the body is not searched)
-    j = data.find(b"\n\n", start, i + 2 if i >= 0 else len(data))
+    j = text.find("\n\n", start, i + 2 if i >= 0 else len(text))
     if j >= 0:
         return j + 1, j + 2
     if i >= 0:
@@ -345,25 +350,29 @@ def content_length_of(msg: SipMessage) -> int | None:
     return found
 
 
-def parse_head(data: bytes, head_end: int) -> SipMessage:
+def parse_head(data: bytes, head_end: int, text: str | None = None) -> SipMessage:
     """Parse the start line and header lines of ``data[:head_end]`` (no body handling).
+    ``text``: ``data`` decoded as latin-1 (at least its first ``head_end`` octets), if the
+    caller has it.
 
     Every header line is read even after an error, so that a malformed request can still
     be answered: the first error is raised with ``exc.partial`` holding the message so far
     (requests only).  An error in a response sets ``exc.respond = False``: it is dropped.
     """
+    if text is None:
+        text = data[:head_end].decode("latin-1")
     msg = SipMessage(data)
-    eol = data.find(b"\n", 0, head_end)
+    eol = text.find("\n", 0, head_end)
     if eol < 0:
         raise SipParseError("no start line")
-    line = data[:eol].rstrip(b"\r").decode("latin-1")
+    line = text[:eol].rstrip("\r")
     msg.start_line_end = eol + 1
     error: SipError | None = None
     try:
         _parse_start_line(msg, line)
     except SipError as exc:
         error = exc
-    header_error = _parse_header_lines(msg, data, eol + 1, head_end)
+    header_error = _parse_header_lines(msg, data, eol + 1, head_end, text)
     error = error or header_error
     if error is not None:
         _annotate(error, msg)
@@ -382,17 +391,20 @@ def _annotate(exc: SipError, msg: SipMessage) -> None:
         exc.partial = msg  # type: ignore[attr-defined]
 
 
-def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -> SipError | None:
+def _parse_header_lines(
+    msg: SipMessage, data: bytes, pos: int, head_end: int, decoded: str | None = None
+) -> SipError | None:
     """Append a Header per (possibly folded) line; skip bad lines, return the first error.
 
     Perf note: the header section is decoded once (latin-1 maps each octet to one
     character, so string offsets are octet offsets) and header names are looked up in
     ``_NAMES`` before being checked; tests/test_sip_fastpaths.py holds the line-by-line
-    version this replaced and checks that both give the same headers and errors."""
+    version this replaced and checks that both give the same headers and errors.
+    ``decoded``: ``data`` decoded as latin-1, if the caller has it."""
     headers = msg.headers
     names = _NAMES
     error: SipError | None = None
-    text = data[pos:head_end].decode("latin-1")
+    text = data[pos:head_end].decode("latin-1") if decoded is None else decoded[pos:head_end]
     n = len(text)
     i = 0
     while i < n:
@@ -493,18 +505,21 @@ def parse_message(data: bytes, *, datagram: bool = True, max_size: int = 65535) 
     """
     if len(data) > max_size:
         raise MessageTooLarge(f"{len(data)} octets")
-    start = 0
-    while data.startswith(b"\r\n", start):  # RFC 3261 7.5: ignore leading CRLFs
-        start += 2
+    # one decoding for the whole head (perf: see _find_header_end)
+    text = data.decode("latin-1")
+    start, n = 0, len(text)
+    while start + 1 < n and text[start] == "\r" and text[start + 1] == "\n":
+        start += 2  # RFC 3261 7.5: ignore leading CRLFs
     if start:
         data = data[start:]
-    head_end, body_start = _find_header_end(data, 0, bare_lf=datagram)
+        text = text[start:]
+    head_end, body_start = _find_header_end(text, 0, bare_lf=datagram)
     if head_end < 0:
         if not datagram:
             raise FramingError("header section not terminated by an empty line")
         # a datagram ends the header section (RFC 4475 baddn): read it so we can answer
         head_end = body_start = len(data)
-    msg = parse_head(data, head_end)
+    msg = parse_head(data, head_end, text)
     try:
         cl = content_length_of(msg)
         if cl is None:

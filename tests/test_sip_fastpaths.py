@@ -125,6 +125,32 @@ def test_header_lines_match_the_reference_on_any_octets(section: bytes) -> None:
     check_same(section)
 
 
+def ref_find_header_end(data: bytes, start: int, bare_lf: bool = True) -> tuple[int, int]:
+    """_find_header_end as it was: bytes.find on the octets."""
+    i = data.find(b"\r\n\r\n", start)
+    if not bare_lf:
+        return (i + 2, i + 4) if i >= 0 else (-1, -1)
+    j = data.find(b"\n\n", start, i + 2 if i >= 0 else len(data))
+    if j >= 0:
+        return j + 1, j + 2
+    if i >= 0:
+        return i + 2, i + 4
+    return -1, -1
+
+
+@settings(max_examples=1000)
+@given(
+    st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b":", b" ", b"\xff", b"\xe9"]), max_size=20)
+    .map(b"".join),
+    st.booleans(),
+)
+@example(b"a\r\n\r\nb\n\n", True)
+@example(b"a\n\nb\r\n\r\n", False)
+def test_header_end_in_the_text_is_the_octet_search(data: bytes, bare_lf: bool) -> None:
+    text = data.decode("latin-1")
+    assert m._find_header_end(text, 0, bare_lf) == ref_find_header_end(data, 0, bare_lf)
+
+
 def test_name_cache_is_bounded_and_keeps_only_valid_names() -> None:
     for i in range(m._NAMES_MAX + 50):
         check_same(f"X-Junk-{i}: v\r\nBad Name {i}: v\r\n".encode())
