@@ -55,6 +55,11 @@ _SP_HTAB: Final = " \t"
 #: run once per spelling instead of once per line.  Bounded: junk names are never kept.
 _NAMES: Final[dict[str, str]] = {}
 _NAMES_MAX: Final = 1024
+#: the headers validate() allows once: SINGLETONS but Content-Length (equal repeats
+#: allowed, content_length_of checks them), each with a bit of its own
+_SINGLETON_BITS: Final[dict[str, int]] = {
+    name: 1 << i for i, name in enumerate(sorted(SINGLETONS - {"content-length"}))
+}
 #: ``SipMessage._max_forwards`` before the header was read
 _UNREAD: Final = -2
 
@@ -545,12 +550,13 @@ def parse_message(data: bytes, *, datagram: bool = True, max_size: int = 65535) 
 
 def validate(msg: SipMessage) -> None:
     """Check what a proxy relies on; raise the SipError that says how to answer."""
-    seen: set[str] = set()
+    seen = 0  # perf: a bit per singleton header (_SINGLETON_BITS), not a set per message
     for h in msg.headers:  # in message order, so the error names the first repeat
-        if h.name in SINGLETONS and h.name != "content-length":
-            if h.name in seen:
+        bit = _SINGLETON_BITS.get(h.name, 0)
+        if bit:
+            if seen & bit:
                 raise SipParseError(f"more than one {display_name(h.name)}")
-            seen.add(h.name)
+            seen |= bit
     if not msg.vias:
         raise SipParseError("missing Via")
     msg.cseq  # noqa: B018 - parse and check
