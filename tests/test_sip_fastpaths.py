@@ -453,6 +453,19 @@ def test_is_ip_fast_path_matches_ipaddress(host: str) -> None:
     assert _is_ip(host) == expected
 
 
+@settings(max_examples=200)
+@given(st.text(max_size=40), st.sampled_from([3, 5, 8, 4, 16]))
+@example("\udcff", 8)
+def test_hash_from_a_copied_state_is_the_plain_blake2b(text: str, size: int) -> None:
+    import hashlib
+
+    from sip.proxy import _hash
+
+    data = text.encode("utf-8", "surrogateescape")
+    assert _hash(text, size) == hashlib.blake2b(data, digest_size=size).hexdigest()
+    assert _hash(text, size) == _hash(text, size)
+
+
 def test_tag_cache_gives_the_mac_and_stays_bounded() -> None:
     import base64
     import hmac
