@@ -196,10 +196,15 @@ def parse_via(text: str) -> Via:
         sp = t.find(" ", 8)
         transport = t[8:sp]
         if sp > 8 and is_token(transport):
+            # perf: host and port found by offsets (no sent-by slice, no partition tuple)
             semi = t.find(";", sp + 1)
-            sent_by, rest = (t[sp + 1 :], "") if semi < 0 else (t[sp + 1 : semi], t[semi:])
-            host, colon, portpart = sent_by.partition(":")
-            port = port_number(portpart) if colon else None
+            end = len(t) if semi < 0 else semi
+            rest = "" if semi < 0 else t[semi:]
+            colon = t.find(":", sp + 1, end)
+            if colon < 0:
+                host, port = t[sp + 1 : end], None
+            else:
+                host, port = t[sp + 1 : colon], port_number(t[colon + 1 : end])
             if plain_host(host) and port != 0:
                 params = _parse_params(rest, "Via") if rest else []
                 return Via(transport.upper(), host, port, params, t)

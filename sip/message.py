@@ -24,6 +24,7 @@ from .errors import (
     VersionNotSupported,
 )
 from .headers import (
+    CANONICAL,
     LIST_HEADERS,
     SINGLETONS,
     Via,
@@ -55,6 +56,13 @@ _SP_HTAB: Final = " \t"
 #: run once per spelling instead of once per line.  Bounded: junk names are never kept.
 _NAMES: Final[dict[str, str]] = {}
 _NAMES_MAX: Final = 1024
+#: the headers validate() allows once: SINGLETONS but Content-Length (equal repeats
+#: allowed, content_length_of checks them), each with a bit of its own
+_SINGLETON_BITS: Final[dict[str, int]] = {
+    name: 1 << i for i, name in enumerate(sorted(SINGLETONS - {"content-length"}))
+}
+#: ``SipMessage._max_forwards`` before the header was read
+_UNREAD: Final = -2
 
 
 def _digits(text: str, max_digits: int = MAX_DIGITS) -> bool:
@@ -82,8 +90,10 @@ class SipMessage:
     """A parsed request or response.  ``raw`` holds exactly this message's octets."""
 
     __slots__ = (
+        "_call_id",
         "_cseq",
         "_from",
+        "_max_forwards",
         "_routes",
         "_to",
         "_uri",
@@ -116,6 +126,8 @@ class SipMessage:
         self._from: NameAddr | None = None
         self._to: NameAddr | None = None
         self._cseq: tuple[int, str] | None = None
+        self._call_id: str | None = None
+        self._max_forwards = _UNREAD  # -1: no Max-Forwards
         self._routes: list[NameAddr] | None = None
         self._uri: SipUri | None = None
 
@@ -214,7 +226,10 @@ class SipMessage:
 
     @property
     def call_id(self) -> str:
-        return self.get("call-id") or ""
+        c = self._call_id
+        if c is None:
+            c = self._call_id = self.get("call-id") or ""
+        return c
 
     @property
     def cseq(self) -> tuple[int, str]:
@@ -223,24 +238,27 @@ class SipMessage:
             value = self.get("cseq")
             if value is None:
                 raise SipParseError("missing CSeq")
-            # split on SP/HTAB only: str.split() would also split on \x85, \xa0, \x1c...
-            parts = [p for p in value.replace("\t", " ").split(" ") if p]
-            if len(parts) != 2 or not _digits(parts[0]) or int(parts[0]) > MAX_CSEQ:
-                raise SipParseError(f"bad CSeq {value[:40]!r}")
-            if not is_token(parts[1]):
-                raise SipParseError(f"bad CSeq method {value[:40]!r}")
-            c = (int(parts[0]), parts[1])
+            # perf: the same few values ("1 INVITE", "2 BYE"...) in message after message
+            c = _CSEQ_MEMO.get(value)
+            if c is None:
+                c = parse_cseq(value)
+                remember(_CSEQ_MEMO, value, c, 32)
             self._cseq = c
         return c
 
     @property
     def max_forwards(self) -> int | None:
-        value = self.get("max-forwards")
-        if value is None:
-            return None
-        if not _digits(value) or int(value) > MAX_FORWARDS_LIMIT:
-            raise SipParseError(f"bad Max-Forwards {value[:20]!r}")
-        return int(value)
+        mf = self._max_forwards
+        if mf == _UNREAD:
+            value = self.get("max-forwards")
+            if value is None:
+                mf = -1
+            elif not _digits(value) or int(value) > MAX_FORWARDS_LIMIT:
+                raise SipParseError(f"bad Max-Forwards {value[:20]!r}")  # raised on every read
+            else:
+                mf = int(value)
+            self._max_forwards = mf
+        return None if mf < 0 else mf
 
     @property
     def routes(self) -> list[NameAddr]:
@@ -259,6 +277,20 @@ class SipMessage:
 
     def __repr__(self) -> str:
         return f"SipMessage({self.start_line[:80]!r})"
+
+
+_CSEQ_MEMO: Final[dict[str, tuple[int, str]]] = {}
+
+
+def parse_cseq(value: str) -> tuple[int, str]:
+    """``(number, method)`` of a CSeq value; SipParseError if it is not one."""
+    # split on SP/HTAB only: str.split() would also split on \x85, \xa0, \x1c...
+    parts = [p for p in value.replace("\t", " ").split(" ") if p]
+    if len(parts) != 2 or not _digits(parts[0]) or int(parts[0]) > MAX_CSEQ:
+        raise SipParseError(f"bad CSeq {value[:40]!r}")
+    if not is_token(parts[1]):
+        raise SipParseError(f"bad CSeq method {value[:40]!r}")
+    return int(parts[0]), parts[1]
 
 
 _URI_MEMO: Final[dict[str, SipUri]] = {}
@@ -289,14 +321,19 @@ def parse_request_uri(text: str) -> SipUri:
 # --- parsing ---------------------------------------------------------------------------
 
 
-def _find_header_end(data: bytes, start: int, bare_lf: bool = True) -> tuple[int, int]:
-    """(end of last header line, start of body); (-1, -1) if the blank line is missing.
-    ``bare_lf`` also accepts LF LF (datagrams only: StreamFramer splits on CRLF CRLF)."""
-    i = data.find(b"\r\n\r\n", start)
+def _find_header_end(text: str, start: int, bare_lf: bool = True) -> tuple[int, int]:
+    """(end of last header line, start of body) in ``text`` (the message decoded as
+    latin-1: offsets are octet offsets); (-1, -1) if the blank line is missing.
+    ``bare_lf`` also accepts LF LF (datagrams only: StreamFramer splits on CRLF CRLF).
+
+    Perf note: searched in the decoded text, as the rest of the head is: mypyc calls
+    ``str.find`` directly, where ``bytes.find`` (METH_VARARGS) builds and parses an
+    argument tuple, which costs more than the search on a SIP head."""
+    i = text.find("\r\n\r\n", start)
     if not bare_lf:
         return (i + 2, i + 4) if i >= 0 else (-1, -1)
     # a bare LF LF counts only before the CRLF CRLF (perf: the body is not searched)
-    j = data.find(b"\n\n", start, i + 2 if i >= 0 else len(data))
+    j = text.find("\n\n", start, i + 2 if i >= 0 else len(text))
     if j >= 0:
         return j + 1, j + 2
     if i >= 0:
@@ -319,25 +356,29 @@ def content_length_of(msg: SipMessage) -> int | None:
     return found
 
 
-def parse_head(data: bytes, head_end: int) -> SipMessage:
+def parse_head(data: bytes, head_end: int, text: str | None = None) -> SipMessage:
     """Parse the start line and header lines of ``data[:head_end]`` (no body handling).
+    ``text``: ``data`` decoded as latin-1 (at least its first ``head_end`` octets), if the
+    caller has it.
 
     Every header line is read even after an error, so that a malformed request can still
     be answered: the first error is raised with ``exc.partial`` holding the message so far
     (requests only).  An error in a response sets ``exc.respond = False``: it is dropped.
     """
+    if text is None:
+        text = data[:head_end].decode("latin-1")
     msg = SipMessage(data)
-    eol = data.find(b"\n", 0, head_end)
+    eol = text.find("\n", 0, head_end)
     if eol < 0:
         raise SipParseError("no start line")
-    line = data[:eol].rstrip(b"\r").decode("latin-1")
+    line = text[:eol].rstrip("\r")
     msg.start_line_end = eol + 1
     error: SipError | None = None
     try:
         _parse_start_line(msg, line)
     except SipError as exc:
         error = exc
-    header_error = _parse_header_lines(msg, data, eol + 1, head_end)
+    header_error = _parse_header_lines(msg, data, eol + 1, head_end, text)
     error = error or header_error
     if error is not None:
         _annotate(error, msg)
@@ -356,17 +397,20 @@ def _annotate(exc: SipError, msg: SipMessage) -> None:
         exc.partial = msg  # type: ignore[attr-defined]
 
 
-def _parse_header_lines(msg: SipMessage, data: bytes, pos: int, head_end: int) -> SipError | None:
+def _parse_header_lines(
+    msg: SipMessage, data: bytes, pos: int, head_end: int, decoded: str | None = None
+) -> SipError | None:
     """Append a Header per (possibly folded) line; skip bad lines, return the first error.
 
     Perf note: the header section is decoded once (latin-1 maps each octet to one
     character, so string offsets are octet offsets) and header names are looked up in
     ``_NAMES`` before being checked; tests/test_sip_fastpaths.py holds the line-by-line
-    version this replaced and checks that both give the same headers and errors."""
+    version this replaced and checks that both give the same headers and errors.
+    ``decoded``: ``data`` decoded as latin-1, if the caller has it."""
     headers = msg.headers
     names = _NAMES
     error: SipError | None = None
-    text = data[pos:head_end].decode("latin-1")
+    text = data[pos:head_end].decode("latin-1") if decoded is None else decoded[pos:head_end]
     n = len(text)
     i = 0
     while i < n:
@@ -467,18 +511,21 @@ def parse_message(data: bytes, *, datagram: bool = True, max_size: int = 65535) 
     """
     if len(data) > max_size:
         raise MessageTooLarge(f"{len(data)} octets")
-    start = 0
-    while data.startswith(b"\r\n", start):  # RFC 3261 7.5: ignore leading CRLFs
-        start += 2
+    # one decoding for the whole head (perf: see _find_header_end)
+    text = data.decode("latin-1")
+    start, n = 0, len(text)
+    while start + 1 < n and text[start] == "\r" and text[start + 1] == "\n":
+        start += 2  # RFC 3261 7.5: ignore leading CRLFs
     if start:
         data = data[start:]
-    head_end, body_start = _find_header_end(data, 0, bare_lf=datagram)
+        text = text[start:]
+    head_end, body_start = _find_header_end(text, 0, bare_lf=datagram)
     if head_end < 0:
         if not datagram:
             raise FramingError("header section not terminated by an empty line")
         # a datagram ends the header section (RFC 4475 baddn): read it so we can answer
         head_end = body_start = len(data)
-    msg = parse_head(data, head_end)
+    msg = parse_head(data, head_end, text)
     try:
         cl = content_length_of(msg)
         if cl is None:
@@ -504,12 +551,13 @@ def parse_message(data: bytes, *, datagram: bool = True, max_size: int = 65535) 
 
 def validate(msg: SipMessage) -> None:
     """Check what a proxy relies on; raise the SipError that says how to answer."""
-    seen: set[str] = set()
+    seen = 0  # perf: a bit per singleton header (_SINGLETON_BITS), not a set per message
     for h in msg.headers:  # in message order, so the error names the first repeat
-        if h.name in SINGLETONS and h.name != "content-length":
-            if h.name in seen:
+        bit = _SINGLETON_BITS.get(h.name, 0)
+        if bit:
+            if seen & bit:
                 raise SipParseError(f"more than one {display_name(h.name)}")
-            seen.add(h.name)
+            seen |= bit
     if not msg.vias:
         raise SipParseError("missing Via")
     msg.cseq  # noqa: B018 - parse and check
@@ -554,9 +602,15 @@ class Editor:
 
     @staticmethod
     def line(name: str, value: str) -> bytes:
-        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-            raise ValueError(f"CR or LF in header {name[:40]!r}")  # would inject a header line
-        return f"{display_name(name)}: {value}\r\n".encode("latin-1", "replace")
+        # perf: a name with a spelling in CANONICAL (most of what dsbc writes) is known clean
+        display = CANONICAL.get(name)
+        if display is None:
+            if "\r" in name or "\n" in name:
+                raise ValueError(f"CR or LF in header {name[:40]!r}")  # would inject a header line
+            display = display_name(name)
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"CR or LF in header {name[:40]!r}")
+        return f"{display}: {value}\r\n".encode("latin-1", "replace")
 
     def prepend(self, name: str, value: str) -> None:
         """Add a header line above all others (our Via, Record-Route)."""

@@ -113,8 +113,18 @@ class _Held:
         self.key = key
 
 
+#: perf: an empty BLAKE2b state per digest size the core uses; copying one costs less than
+#: the constructor's keyword-argument parsing
+_BLAKE2B: Final = {size: hashlib.blake2b(digest_size=size) for size in (3, 5, 8)}
+
+
 def _hash(text: str, size: int) -> str:
-    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=size).hexdigest()
+    empty = _BLAKE2B.get(size)
+    if empty is None:
+        return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=size).hexdigest()
+    h = empty.copy()
+    h.update(text.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 #: perf: a dotted quad, checked before the general ipaddress parse (which is slow)
@@ -292,7 +302,7 @@ class ProxyCore:
                 ]
         if method in ("CANCEL", "ACK") and branch in self._invites:
             transport, ip, port, _ = self._invites[branch]
-            return [self._forward(msg, ed, src, Send(transport, ip, port, b""), branch, None, "", "", now)]
+            return [self._forward(msg, ed, src, Send(transport, ip, port, b""), branch, None, "", "", now, trusted)]
         if method == "REGISTER":
             params.clear()  # never in a dialog: a stale Route (Path, Record-Route) must not pin it
         if "ft" in params:
@@ -304,19 +314,19 @@ class ProxyCore:
                 # bypass the system; from a new NAT port it is the device itself.
                 system = params.get("dsbc", "") or self._system_of(src)
                 dest = Send(flow.transport, flow.ip, flow.port, b"", flow.conn_id, flow.worker if flow.is_stream else -1)
-                return [self._forward(msg, ed, src, dest, branch, flow, system, "", now)]
+                return [self._forward(msg, ed, src, dest, branch, flow, system, "", now, trusted)]
         if params:
             # in-dialog (our Record-Route): no lookup, the dialog stays on its system
             system = params.get("dsbc", "")
             hop = self._next_hop(remaining, ruri_text)
             if trusted and hop is not None:
                 dest = Send(hop[0], hop[1], hop[2], b"")
-                return [self._forward(msg, ed, src, dest, branch, None, system, "", now)]
+                return [self._forward(msg, ed, src, dest, branch, None, system, "", now, trusted)]
             if system:
                 node = self.health.pick(system, (hop[1], hop[2]) if hop else None)
                 if node is None:
                     return self._unavailable(msg, src)
-                return [self._forward(msg, ed, src, self._to_node(node), branch, None, system, "", now)]
+                return [self._forward(msg, ed, src, self._to_node(node), branch, None, system, "", now, trusted)]
         # out-of-dialog: who owns it?
         candidates = self._candidates(msg, trusted)
         decision = self.router.decide(candidates)
@@ -329,7 +339,7 @@ class ProxyCore:
         if node is None:
             return self._unavailable(msg, src)
         cap = self.router.expires_cap(decision.customer_id) if method == "REGISTER" and decision.customer_id else 0
-        return [self._forward(msg, ed, src, self._to_node(node), branch, None, decision.system, decision.customer_id, now, cap=cap)]
+        return [self._forward(msg, ed, src, self._to_node(node), branch, None, decision.system, decision.customer_id, now, trusted, cap=cap)]
 
     def _candidates(self, msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
         return owner_candidates(msg, trusted)
@@ -401,8 +411,10 @@ class ProxyCore:
         system: str,
         customer_id: str,
         now: float,
+        trusted: bool,
         cap: int = 0,
     ) -> Send:
+        """``trusted``: what ``router.is_trusted`` said of ``src``."""
         method = msg.method
         # received / rport on the top Via (RFC 3261 18.2.1, RFC 3581)
         top = msg.vias[0]
@@ -423,7 +435,7 @@ class ProxyCore:
         device_flow: Flow | None = None
         if to_flow is not None:
             device_flow = to_flow
-        elif not self.router.is_trusted(src.ip, src.port):
+        elif not trusted:
             device_flow = src
         if method in DIALOG_CREATING and not msg.to_tag:
             # RFC 3261 16.6 item 4 / RFC 5630: a SIPS request gets a SIPS Record-Route on
@@ -674,6 +686,16 @@ def owner_candidates(msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
 
 def _with_received(via_text: str, ip: str, port: int) -> str:
     """The Via value with ``received`` and ``rport`` set to where the request came from."""
+    # perf: the plain spelling (no whitespace around or inside the parameters, no received
+    # or rport but a last bare ``;rport``) keeps its text as it is, without a list of parts;
+    # str.isprintable() is False for every character str.strip() removes but " "
+    semi = via_text.find(";")
+    if semi > 0:
+        tail = via_text[semi - 1 :].removesuffix(";rport")
+        if tail.isprintable() and " " not in tail:
+            low = tail.lower()
+            if "rport" not in low and "received" not in low:
+                return f"{via_text[: semi - 1]}{tail};received={ip};rport={port}"
     parts = via_text.split(";")
     out = [parts[0].rstrip()]
     for i in range(1, len(parts)):

@@ -496,6 +496,33 @@ def test_bad_requests_are_400_with_partial(old: bytes, new: bytes) -> None:
     assert REGISTER[REGISTER.index(b"Via:") :].split(b"\r\n")[0] in resp
 
 
+def test_cseq_memo_keeps_only_good_values_and_is_bounded() -> None:
+    from sip import message as m
+    from sip.uri import MEMO_SIZE
+
+    good = parse_message(REGISTER)
+    assert good.cseq == (314159, "REGISTER") == m.parse_cseq("314159 REGISTER")
+    assert m._CSEQ_MEMO["314159 REGISTER"] == good.cseq
+    bad = REGISTER.replace(b"CSeq: 314159 REGISTER", b"CSeq: 4294967296 REGISTER")
+    for _ in range(2):  # a bad value is refused every time, never remembered
+        expect_error(bad, SipParseError)
+    assert "4294967296 REGISTER" not in m._CSEQ_MEMO
+    for i in range(MEMO_SIZE + 10):
+        m.parse_message(REGISTER.replace(b"CSeq: 314159", f"CSeq: {i}".encode()))
+    assert len(m._CSEQ_MEMO) <= MEMO_SIZE
+
+
+def test_a_bad_max_forwards_raises_on_every_read() -> None:
+    msg = parse_message(REGISTER)
+    assert msg.max_forwards == msg.max_forwards == 70
+    assert parse_message(REGISTER.replace(b"Max-Forwards: 70\r\n", b"")).max_forwards is None
+    exc = expect_error(REGISTER.replace(b"Max-Forwards: 70", b"Max-Forwards: 256"), SipParseError)
+    partial = exc.partial  # type: ignore[attr-defined]
+    for _ in range(2):
+        with pytest.raises(SipParseError):
+            partial.max_forwards  # noqa: B018
+
+
 def test_bad_status_code_digits_are_dropped() -> None:
     # regression: '\xb2\xb2\xb2'.isdigit() is True, int() raised ValueError
     exc = expect_error(OK200.replace(b"200 OK", b"\xb2\xb2\xb2 OK"), SipParseError)

@@ -125,6 +125,32 @@ def test_header_lines_match_the_reference_on_any_octets(section: bytes) -> None:
     check_same(section)
 
 
+def ref_find_header_end(data: bytes, start: int, bare_lf: bool = True) -> tuple[int, int]:
+    """_find_header_end as it was: bytes.find on the octets."""
+    i = data.find(b"\r\n\r\n", start)
+    if not bare_lf:
+        return (i + 2, i + 4) if i >= 0 else (-1, -1)
+    j = data.find(b"\n\n", start, i + 2 if i >= 0 else len(data))
+    if j >= 0:
+        return j + 1, j + 2
+    if i >= 0:
+        return i + 2, i + 4
+    return -1, -1
+
+
+@settings(max_examples=1000)
+@given(
+    st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b":", b" ", b"\xff", b"\xe9"]), max_size=20)
+    .map(b"".join),
+    st.booleans(),
+)
+@example(b"a\r\n\r\nb\n\n", True)
+@example(b"a\n\nb\r\n\r\n", False)
+def test_header_end_in_the_text_is_the_octet_search(data: bytes, bare_lf: bool) -> None:
+    text = data.decode("latin-1")
+    assert m._find_header_end(text, 0, bare_lf) == ref_find_header_end(data, 0, bare_lf)
+
+
 def test_name_cache_is_bounded_and_keeps_only_valid_names() -> None:
     for i in range(m._NAMES_MAX + 50):
         check_same(f"X-Junk-{i}: v\r\nBad Name {i}: v\r\n".encode())
@@ -427,6 +453,19 @@ def test_is_ip_fast_path_matches_ipaddress(host: str) -> None:
     assert _is_ip(host) == expected
 
 
+@settings(max_examples=200)
+@given(st.text(max_size=40), st.sampled_from([3, 5, 8, 4, 16]))
+@example("\udcff", 8)
+def test_hash_from_a_copied_state_is_the_plain_blake2b(text: str, size: int) -> None:
+    import hashlib
+
+    from sip.proxy import _hash
+
+    data = text.encode("utf-8", "surrogateescape")
+    assert _hash(text, size) == hashlib.blake2b(data, digest_size=size).hexdigest()
+    assert _hash(text, size) == _hash(text, size)
+
+
 def test_tag_cache_gives_the_mac_and_stays_bounded() -> None:
     import base64
     import hmac
@@ -489,7 +528,16 @@ def ref_with_received(via_text: str, ip: str, port: int) -> str:
 
 @settings(max_examples=500)
 @given(st.lists(st.sampled_from(["SIP/2.0/UDP h:5060", " ", ";", "=", "rport", "RPort", "received",
-                                 "branch", "x", "\t", "1.2.3.4", " = "]), max_size=12).map("".join))
+                                 "branch", "x", "\t", "1.2.3.4", " = ", "\xa0", "\x85", "\x1c",
+                                 "\u0130", "REceived", ";rport", "branch=z9hG4bK1"]),
+                max_size=12).map("".join))
+@example("SIP/2.0/UDP h:5060;branch=z9hG4bK1;rport")
+@example("SIP/2.0/UDP h:5060;branch=z9hG4bK1;rport;")
+@example("SIP/2.0/UDP h:5060 ;branch=z9hG4bK1;rport")
+@example("SIP/2.0/UDP h:5060;rport")
+@example("SIP/2.0/UDP h:5060;rport=1;branch=z9hG4bK1")
+@example("SIP/2.0/UDP h:5060\xa0;branch=z9hG4bK1")
+@example(";rport")
 def test_received_and_rport_are_set_as_the_reference_does(via: str) -> None:
     from sip.proxy import _with_received
 
