@@ -82,17 +82,6 @@ class Credentials(msgspec.Struct, frozen=True):
     secret: bool = False  # a password or API token came with the login
     bearer: bool = False  # the access token came in an Authorization header
 
-    def session_keys(self) -> list[tuple[str, str]]:
-        """(key kind, value) pairs naming a session, best first."""
-        out = []
-        if self.session_id:
-            out.append(("sid", self.session_id))
-        if self.access_token:
-            out.append(("at", self.access_token))
-        if self.refresh_token:
-            out.append(("rt", self.refresh_token))
-        return out
-
 
 class Classified(msgspec.Struct, kw_only=True):
     realm: str

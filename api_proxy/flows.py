@@ -30,7 +30,7 @@ from api_proxy.errors import (
 )
 from api_proxy.forward import LIST_ANSWER, Answer, Ctx, Forwarder
 from api_proxy.listmerge import merge_lists
-from api_proxy.plan import find_session_of, plain_owner, plan
+from api_proxy.plan import find_session_of, plan, session_keys
 from api_proxy.records import (
     Creds,
     TwinExtra,
@@ -72,11 +72,6 @@ class Flows(Forwarder):
         when its flow does more (``plan.plan``, compiled; the fast path calls it
         directly).  ``keys``: a connection's cache of store keys (``find_session_of``)."""
         return plan(self, c, keys)
-
-    def plain_owner(self, c: Classified) -> Owner | None:
-        """The owner ``resolve`` would give without holding or refusing (None: it would
-        hold, refuse or find nobody)."""
-        return plain_owner(self, c)
 
     # -- sessions in the store -------------------------------------------------------------
 
@@ -162,7 +157,7 @@ class Flows(Forwarder):
         system that accepts it is remembered for the session's next requests."""
         a, refused = await self.try_in_order(ctx, ORDER)
         creds = ctx.c.creds
-        if not refused and a.status < 400 and creds.session_keys():
+        if not refused and a.status < 400 and session_keys(creds):
             twin = TwinExtra(
                 creds={a.system: Creds(creds.session_id, creds.access_token, creds.refresh_token)}
             )
@@ -183,7 +178,7 @@ class Flows(Forwarder):
             if c.action is Action.REFRESH:
                 return await self.refresh(ctx, rec)
             return await self.forward(ctx, rec.system)
-        if c.creds.session_keys():
+        if session_keys(c.creds):
             return await self.probe(ctx)
         if c.keys:  # login and password on each call
             owner = await self.resolve(c.keys)
@@ -255,7 +250,7 @@ class Flows(Forwarder):
         if c.action is Action.LOGIN:
             return await self.admin_login(ctx)
         rec = self.find_session(ctx)
-        if rec is None and c.creds.session_keys():
+        if rec is None and session_keys(c.creds):
             return await self.probe(ctx)
         twin = twin_of(rec) if rec is not None else None
         home = (twin.ctx if twin and twin.ctx else "") or (rec.system if rec else "target")

@@ -60,7 +60,7 @@ def plan(
         return None
     rec = find_session_of(d, c, keys)
     creds = c.creds
-    # (``creds.session_keys()`` is not empty: said without building the list)
+    # (``session_keys(creds)`` is not empty: said without building the list)
     names_session = bool(creds.session_id or creds.access_token or creds.refresh_token)
     if kind is _CUSTOMER:
         if rec is not None:
@@ -104,8 +104,10 @@ def plain_owner(d: Dispatcher, c: Classified) -> Owner | None:
     return owner
 
 
-def _session_keys(creds: Credentials) -> list[tuple[str, str]]:
-    """``creds.session_keys()``, compiled (the Struct's method is an interpreted call)."""
+def session_keys(creds: Credentials) -> list[tuple[str, str]]:
+    """(key kind, value) pairs naming a session, best first.  A function of this compiled
+    module rather than a method of the (interpreted) Struct: the fast path calls it on
+    every request."""
     out = []
     if creds.session_id:
         out.append(("sid", creds.session_id))
@@ -123,7 +125,7 @@ def find_session_of(
     (a SHA-256 digest) of each (kind, credential) for a connection, whose requests
     carry the same token again and again; it holds a few entries at most."""
     now = d.now()
-    for kind, value in _session_keys(c.creds):
+    for kind, value in session_keys(c.creds):
         if keys is None:
             key = session_key(kind, value)
         else:

@@ -350,15 +350,16 @@ def test_layers_pure_modules_do_no_io_and_api_proxy_never_imports_dsbc() -> None
             assert not bad, f"{path.name} is a pure module but imports {bad}"
 
 
-def test_plan_reads_the_session_keys_as_credentials_give_them() -> None:
+def test_session_keys_name_every_credential_best_first() -> None:
     from itertools import product
 
     from api_proxy.classify import Credentials
-    from api_proxy.plan import _session_keys
+    from api_proxy.plan import session_keys
 
     for sid, at, rt in product(("", "S"), ("", "A"), ("", "R")):
         creds = Credentials(session_id=sid, access_token=at, refresh_token=rt, login="l")
-        assert _session_keys(creds) == creds.session_keys()
+        want = [(k, v) for k, v in (("sid", sid), ("at", at), ("rt", rt)) if v]
+        assert session_keys(creds) == want
 
 
 def test_classifier_speed(benchmark: Any) -> None:
