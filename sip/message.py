@@ -356,17 +356,14 @@ def content_length_of(msg: SipMessage) -> int | None:
     return found
 
 
-def parse_head(data: bytes, head_end: int, text: str | None = None) -> SipMessage:
+def parse_head(data: bytes, head_end: int, text: str) -> SipMessage:
     """Parse the start line and header lines of ``data[:head_end]`` (no body handling).
-    ``text``: ``data`` decoded as latin-1 (at least its first ``head_end`` octets), if the
-    caller has it.
+    ``text``: ``data`` decoded as latin-1 (at least its first ``head_end`` octets).
 
     Every header line is read even after an error, so that a malformed request can still
     be answered: the first error is raised with ``exc.partial`` holding the message so far
     (requests only).  An error in a response sets ``exc.respond = False``: it is dropped.
     """
-    if text is None:
-        text = data[:head_end].decode("latin-1")
     msg = SipMessage(data)
     eol = text.find("\n", 0, head_end)
     if eol < 0:
@@ -378,7 +375,7 @@ def parse_head(data: bytes, head_end: int, text: str | None = None) -> SipMessag
         _parse_start_line(msg, line)
     except SipError as exc:
         error = exc
-    header_error = _parse_header_lines(msg, data, eol + 1, head_end, text)
+    header_error = _parse_header_lines(msg, text, eol + 1, head_end)
     error = error or header_error
     if error is not None:
         _annotate(error, msg)
@@ -397,20 +394,18 @@ def _annotate(exc: SipError, msg: SipMessage) -> None:
         exc.partial = msg  # type: ignore[attr-defined]
 
 
-def _parse_header_lines(
-    msg: SipMessage, data: bytes, pos: int, head_end: int, decoded: str | None = None
-) -> SipError | None:
+def _parse_header_lines(msg: SipMessage, decoded: str, pos: int, head_end: int) -> SipError | None:
     """Append a Header per (possibly folded) line; skip bad lines, return the first error.
 
     Perf note: the header section is decoded once (latin-1 maps each octet to one
     character, so string offsets are octet offsets) and header names are looked up in
     ``_NAMES`` before being checked; tests/test_sip_fastpaths.py holds the line-by-line
     version this replaced and checks that both give the same headers and errors.
-    ``decoded``: ``data`` decoded as latin-1, if the caller has it."""
+    ``decoded``: the message decoded as latin-1."""
     headers = msg.headers
     names = _NAMES
     error: SipError | None = None
-    text = data[pos:head_end].decode("latin-1") if decoded is None else decoded[pos:head_end]
+    text = decoded[pos:head_end]
     n = len(text)
     i = 0
     while i < n:

@@ -104,9 +104,13 @@ def header_sections(draw: st.DrawFn) -> bytes:
 def check_same(section: bytes, prefix: bytes = b"") -> None:
     data = prefix + section
     pos, end = len(prefix), len(data)
-    assert _headers(m._parse_header_lines, data, pos, end) == _headers(
+    assert _headers(_decoded_header_lines, data, pos, end) == _headers(
         ref_parse_header_lines, data, pos, end
     )
+
+
+def _decoded_header_lines(msg: m.SipMessage, data: bytes, pos: int, end: int) -> SipError | None:
+    return m._parse_header_lines(msg, data.decode("latin-1"), pos, end)
 
 
 @settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
@@ -219,7 +223,7 @@ def _edit(value: str, new: str | None, ref: bool = False) -> tuple[bytes | None,
     data = f"SIP/2.0 200 OK\r\nVia: {value}\r\nVia: SIP/2.0/UDP h2\r\nContent-Length: 0\r\n\r\n"
     raw = data.encode("latin-1")
     msg = m.SipMessage(raw)
-    m._parse_header_lines(msg, raw, raw.index(b"\n") + 1, raw.index(b"\r\n\r\n") + 2)
+    m._parse_header_lines(msg, data, raw.index(b"\n") + 1, raw.index(b"\r\n\r\n") + 2)
     ed = m.Editor(msg)
     try:
         if ref:
