@@ -14,9 +14,10 @@ Perf note: a head is checked by one regular expression over the whole head (C sp
 then split into lines; header values stay text and nothing is copied beyond the lines
 themselves.  A response head is read as latin-1 text (every octet one character, so
 ``client_head`` gives the same octets back with one ``encode``): mypyc calls ``str``
-methods directly, where each ``bytes`` method is a Python-level call.  This module and ``h1relay`` are compiled
-with mypyc where a C compiler is at hand (``sip/_pure.py``, setup.py): keep them fully
-annotated, module constants ``Final``, and free of msgspec Structs and asyncio.
+methods directly, where each ``bytes`` method is a Python-level call.  This module and
+``h1relay`` are compiled with mypyc where a C compiler is at hand (``sip/_pure.py``,
+setup.py): keep them fully annotated, module constants ``Final``, and free of msgspec
+Structs and asyncio.
 """
 
 from __future__ import annotations
