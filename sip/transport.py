@@ -98,6 +98,9 @@ class SipStream(asyncio.Protocol):
             except OSError:
                 pass
         ep = self.ep
+        if peer is None:  # reset before the loop handed it over: nothing left to serve
+            transport.close()
+            return
         if len(ep.conns) >= ep.max_connections or (
             not self.outbound and ep.per_ip.get(peer[0], 0) >= ep.max_connections_per_ip
         ):
@@ -186,19 +189,24 @@ class SipStream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         ep = self.ep
         if ep.conns.pop(self.conn_id, None) is not None and self.flow is not None:
-            ep.by_addr.pop((self.peer, self.flow.ip, self.flow.port), None)
+            key = (self.peer, self.flow.ip, self.flow.port)
+            if ep.by_addr.get(key) is self:  # not a new connection to the same address
+                del ep.by_addr[key]
             n = ep.per_ip.get(self.flow.ip, 1) - 1
             if n <= 0:
                 ep.per_ip.pop(self.flow.ip, None)
             else:
                 ep.per_ip[self.flow.ip] = n
 
+    def gone(self) -> bool:
+        """Closed or closing: a write would be lost (the loop tells us a little later)."""
+        return self.closing or (self.transport is not None and self.transport.is_closing())
+
     def write(self, data: bytes) -> None:
-        if self.closing:
-            self.ep.core.counters["flow_gone"] += 1
-            return
         if self.transport is None:
             self.pending.append(data)
+        elif self.gone():
+            self.ep.core.counters["flow_gone"] += 1
         else:
             self.transport.write(data)
 
@@ -350,7 +358,7 @@ class SipEndpoint:
             self._handover(s)
             return
         conn = self.by_addr.get((s.transport, s.ip, s.port))
-        if conn is None:
+        if conn is None or conn.gone():  # the node closed or reset it: a new one
             conn = self._connect(s.transport, s.ip, s.port)
         conn.write(s.data)
 
@@ -371,7 +379,8 @@ class SipEndpoint:
                 await self.loop.create_connection(lambda: proto, ip, port, ssl=ctx)
             except OSError:
                 self.core.counters["connect_errors"] += 1
-                self.by_addr.pop((transport, ip, port), None)
+                if self.by_addr.get((transport, ip, port)) is proto:
+                    del self.by_addr[(transport, ip, port)]
                 self.core.health.mark_unreachable(ip, port, self.loop.time())
 
         self.loop.create_task(run())
@@ -448,6 +457,12 @@ class SipEndpoint:
             log.exception("internal error in the SIP timer")
             sends = []
         self.dispatch(sends)
+        self._rearm()
+
+    def _rearm(self) -> None:
+        # A method of its own: in _on_timer mypy narrows self._timer to None after the
+        # assignment, and the compiled check of that narrowed type raised once dispatch()
+        # had re-armed the timer.
         if self._timer is None:
             at = self.core.get_timer()
             if at is not None:
