@@ -19,6 +19,9 @@ from tests.peers.proc import find_binary, tail
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "peers: needs real peer programs (kamailio, sipp, ...)")
     config.addinivalue_line("markers", "slow: long load runs (CI runs the short version only)")
+    config.addinivalue_line(
+        "markers", "tracebacks_expected: the test makes dsbc log a traceback on purpose"
+    )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -130,7 +133,9 @@ def phone_factory(tmp_workdir: Path, peer_logs: PeerLogs) -> Iterator[Callable[.
 
 
 @pytest.fixture
-def dsbc_factory(tmp_workdir: Path, peer_logs: PeerLogs) -> Iterator[Callable[..., Any]]:
+def dsbc_factory(
+    request: pytest.FixtureRequest, tmp_workdir: Path, peer_logs: PeerLogs
+) -> Iterator[Callable[..., Any]]:
     """make(**Dsbc kwargs) -> a started `dsbc run` (tests/peers/dsbc.py), stopped at teardown."""
     from tests.peers.dsbc import Dsbc
 
@@ -145,3 +150,11 @@ def dsbc_factory(tmp_workdir: Path, peer_logs: PeerLogs) -> Iterator[Callable[..
     yield make
     for d in reversed(started):
         d.stop()
+    if request.node.get_closest_marker("tracebacks_expected") is None:
+        # An exception that escaped into a log means a bug even when the test's own
+        # assertions passed (a compiled type check raising in a timer, for one).
+        for d in started:
+            crashed = d.traceback()
+            if crashed:
+                pytest.fail(f"dsbc logged an unexpected traceback:\n{crashed}", pytrace=False)
+

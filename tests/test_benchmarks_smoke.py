@@ -19,6 +19,7 @@ from benchmarks.__main__ import main as bench_main
 from benchmarks.system import api, radius, runner, sip, store
 from benchmarks.system.context import SMOKE, Context, Row
 from benchmarks.system.results import render
+from tests.peers.dsbc import first_traceback
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(120)]
 
@@ -27,6 +28,17 @@ pytestmark = [pytest.mark.peers, pytest.mark.timeout(120)]
 def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Context]:
     c = Context(SMOKE, tmp_path_factory.mktemp("bench"), verbose=False)
     yield c
+
+
+@pytest.fixture(autouse=True)
+def no_tracebacks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each scenario: no dsbc it started logged an exception."""
+    yield
+    if "ctx" in request.fixturenames:
+        c: Context = request.getfixturevalue("ctx")
+        for log in sorted(c.workdir.rglob("dsbc.log")):
+            crashed = first_traceback(log)
+            assert not crashed, f"{log}:\n{crashed}"
 
 
 def need(*scenarios: str) -> None:

@@ -51,6 +51,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dsbc]:
     wait_control(d)
     yield d
     d.stop()
+    assert not d.traceback(), d.traceback()
 
 
 def test_no_token_or_a_wrong_one_is_401(node: Dsbc) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.peers.dsbc import first_traceback
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,6 +29,8 @@ def test_demo_check_routes_each_protocol_and_follows_a_migration(tmp_path: Path)
     assert "API Session/login alice: HTTP 200" in out
     assert "moved 1" in out
     assert "after the migration: answered by MR115" in out
+    crashed = first_traceback(tmp_path / "demo" / "dsbc.log")
+    assert not crashed, crashed
     # the config it wrote is a valid dsbc config that the CLI can use
     where = subprocess.run(
         [sys.executable, "-m", "dsbc.cli", "-c", str(tmp_path / "demo" / "dsbc.toml"), "where", "account:100001"],

@@ -206,6 +206,7 @@ def setup(tmp_path: pathlib.Path) -> Iterator[tuple[Dsbc, PingNode, Peer]]:
                 yield d, node, peer
             finally:
                 peer.sock.close()
+        assert not d.traceback(), d.traceback()
 
 
 def check_forwarded(name: str, data: bytes, fwd: bytes) -> None:

@@ -101,6 +101,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 e.sock.close()
             # whatever a test sent, the worker is the process it was at the start
             assert {s["worker"]: s["pid"] for s in d.status()} == e.pids  # type: ignore[attr-defined]
+        # and none of it made an exception escape into the log
+        assert not d.traceback(), d.traceback()
 
 
 def invite(env: Env, call_id: str, body: bytes = b"v=0\r\n") -> bytes:

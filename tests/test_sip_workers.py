@@ -81,6 +81,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Dsbc, Registrar]]:
             wait_workers(d, 2)
             d.wait_nodes_up()
             yield d, node
+        assert not d.traceback(), d.traceback()
 
 
 def wait_workers(

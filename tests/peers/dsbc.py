@@ -32,6 +32,14 @@ def _toml_list(items: Iterable[str]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
+def first_traceback(log: Path) -> str:
+    """The first traceback in a log file with some lines before it, or '' (text or JSON
+    log lines alike): an exception that escaped into dsbc's log is a bug."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    at = text.find("Traceback (most recent call last)")
+    return "" if at < 0 else text[max(0, at - 300) : at + 1500]
+
+
 class Dsbc:
     def __init__(
         self,
@@ -208,6 +216,10 @@ token = "test-token"
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def traceback(self) -> str:
+        """The first traceback in the log, or ''."""
+        return first_traceback(self.workdir / "dsbc.log")
 
     def log_tail(self, lines: int = 60) -> str:
         p = self.workdir / "dsbc.log"
