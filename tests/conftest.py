@@ -7,6 +7,8 @@ test starts can join that report with `peer_logs.add(name, path)`.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,36 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+class _EscapedErrors(logging.Handler):
+    """Collects what asyncio logs when an exception escapes a callback or a task."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, asyncio.CancelledError):
+            return  # a test's own server task cancelled at teardown (asyncio 3.11 logs it)
+        if exc is not None or "exception" in record.getMessage().lower():
+            self.seen.append(self.format(record))
+
+
+@pytest.fixture(autouse=True)
+def no_escaped_exceptions(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In-process servers too: an exception that reached asyncio's handler is a bug."""
+    handler = _EscapedErrors()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if handler.seen and request.node.get_closest_marker("tracebacks_expected") is None:
+        pytest.fail("an exception escaped to asyncio:\n" + handler.seen[0][:3000], pytrace=False)
 
 
 def node_failed(node: pytest.Item) -> bool:
