@@ -10,14 +10,20 @@
 - ``ChunkedDecoder`` de-frames a chunked body; ``chunk`` frames one piece again.
 - ``date_header`` is the Date value aiohttp would send, cached per second.
 
-Perf note: a head is checked by one regular expression over the whole head (C speed),
-then split into lines; header values stay text and nothing is copied beyond the lines
-themselves.  A response head is read as latin-1 text (every octet one character, so
-``client_head`` gives the same octets back with one ``encode``): mypyc calls ``str``
-methods directly, where each ``bytes`` method is a Python-level call.  This module and
-``h1relay`` are compiled with mypyc where a C compiler is at hand (``sip/_pure.py``,
-setup.py): keep them fully annotated, module constants ``Final``, and free of msgspec
-Structs and asyncio.
+Perf note: no regular expression runs over a whole head (``sre`` spends tens of
+instructions an octet).  One ``bytes.translate`` deletes the octets a line may hold (for
+a request: SP and those of a target): what is left of a usual head is its CRLFs and
+nothing else, one compare with ``_CRLFS``.  Any other head (HTAB, obs-text, LF line
+ends, a stray CR...) is checked octet by octet and line by line, to accept exactly what
+the one regex did.  The request or status line is read field by field, and each header
+name is looked up in a small memo of names already found to be tokens (a regex over the
+name alone for a new one).  The head is split into lines; header values stay text and
+nothing is copied beyond the lines themselves.  A response head is read as latin-1 text
+(every octet one character, so ``client_head`` gives the same octets back with one
+``encode``): mypyc calls ``str`` methods directly, where each ``bytes`` method is a
+Python-level call.  This module and ``h1relay`` are compiled with mypyc where a C
+compiler is at hand (``sip/_pure.py``, setup.py): keep them fully annotated, module
+constants ``Final``, and free of msgspec Structs and asyncio.
 """
 
 from __future__ import annotations
@@ -45,10 +51,23 @@ HOP_BY_HOP: Final = frozenset(
         "proxy-connection",
     }
 )
-_TOKEN: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_HEAD: Final = re.compile(
-    rb"(GET|POST) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*) HTTP/1\.1\r\n"
-    rb"(?:" + _TOKEN + rb":[\t -~]*\r\n)*"
+#: a header name (RFC 9110 5.1); see ``_is_token``
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: lowercase header names already found to be tokens: one set lookup, where the hash is
+#: that of the dict lookups that follow, instead of a regex call.  Bounded (a client may
+#: send any names): cleared when it reaches _MAX_GOOD_NAMES
+_good_names: Final[set[str]] = set()
+_MAX_GOOD_NAMES: Final = 512
+#: HTAB, SP and VCHAR: what a header line may hold besides obs-text
+_LINE_OCTETS: Final = b"\t" + bytes(range(0x20, 0x7F))
+#: what a request head may hold: those and CR, LF
+_REQUEST_OCTETS: Final = _LINE_OCTETS + b"\r\n"
+#: what a response head may hold besides _LINE_OCTETS: CR, LF and obs-text
+_RESPONSE_EXTRA_OCTETS: Final = b"\r\n" + bytes(range(0x80, 0x100))
+#: the octets of a fast-path request line: SP and those of a target (RFC 3986 pchar, "/",
+#: "?"), which also spell GET, POST and HTTP/1.1
+_REQUEST_LINE_OCTETS: Final = (
+    b" ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/%?"
 )
 _ODD_PATH: Final = re.compile(r"//|/\.\.?(?:/|$)")
 #: request headers that send a request the aiohttp way, whatever their value
@@ -57,6 +76,9 @@ _SLOW_REQUEST_HEADERS: Final = frozenset({"transfer-encoding", "expect", "upgrad
 _ONCE: Final = frozenset({"host", "content-length", "connection"})
 MAX_CONTENT_LENGTH_DIGITS: Final = 18
 MAX_FAST_HEADERS: Final = 100
+#: _CRLFS[n]: n CRLFs, what is left of a usual head with n line ends once the octets of
+#: its lines are deleted (``bytes.translate``)
+_CRLFS: Final[tuple[bytes, ...]] = tuple(b"\r\n" * n for n in range(MAX_FAST_HEADERS))
 
 
 class H1Error(Exception):
@@ -85,17 +107,54 @@ class RequestHead:
         self.keep_alive = keep_alive
 
 
+def _is_token(lname: str) -> bool:
+    """``lname``, a lowercased header name, is a token (not empty).  A latin-1 name is a
+    token exactly when its lowercase is: ``str.lower`` maps A-Z to a-z and no other
+    latin-1 character to an ASCII one."""
+    if lname in _good_names:
+        return True
+    if _TOKEN.fullmatch(lname) is None:
+        return False
+    if len(_good_names) >= _MAX_GOOD_NAMES:
+        _good_names.clear()
+    _good_names.add(lname)
+    return True
+
+
+def _request_octets_ok(head: bytes, rest: bytes, crlfs: int, first: int) -> bool:
+    """The octet and CR / LF checks of a request head that is not the usual kind.
+    ``rest``: what is left of ``head`` once _REQUEST_LINE_OCTETS are deleted;
+    ``crlfs``: the CRLFs in it; ``first``: the length of its request line."""
+    if rest.translate(None, _REQUEST_OCTETS):
+        return False  # an octet other than HTAB, CR, LF, SP and VCHAR
+    if rest.count(b"\r") != crlfs or rest.count(b"\n") != crlfs:
+        return False  # a CR or LF that is not one of a CRLF
+    return not head[:first].translate(None, _REQUEST_LINE_OCTETS)
+
+
 def parse_request_head(head: bytes) -> RequestHead | None:
     """``head``: the request line and header lines, each ending in CRLF, without the
     blank line.  None: not for the fast path (see the module docstring)."""
-    m = _REQUEST_HEAD.fullmatch(head)
-    if m is None:
-        return None
-    text = head.decode("ascii")
+    # what is left once the octets of a request line are deleted: in the usual head, its
+    # CRLFs and nothing else: no CR or LF of its own, no octet but HTAB, SP and VCHAR, a
+    # request line of SP and target octets.  Any other is checked in full
+    rest = head.translate(None, _REQUEST_LINE_OCTETS)
+    text = head.decode("latin-1")  # ASCII once checked: the same text
     lines = text.split("\r\n")
-    if len(lines) > MAX_FAST_HEADERS:
+    crlfs = len(lines) - 1
+    if crlfs >= MAX_FAST_HEADERS:
         return None  # near aiohttp's max_headers: it decides
-    method, target, _ = lines[0].split(" ")
+    first = lines[0]
+    if lines[-1] or (
+        rest != _CRLFS[crlfs] and not _request_octets_ok(head, rest, crlfs, len(first))
+    ):
+        return None  # not ending in CRLF, a stray CR / LF, another octet, an odd target
+    parts = first.split(" ")
+    if len(parts) != 3:
+        return None
+    method, target, version = parts
+    if (method != "GET" and method != "POST") or version != "HTTP/1.1" or target[:1] != "/":
+        return None
     path = target.partition("?")[0]
     # every match holds "//" or "/.": the two substring tests spare the regex call
     if ("//" in path or "/." in path) and _ODD_PATH.search(path):
@@ -103,8 +162,10 @@ def parse_request_head(head: bytes) -> RequestHead | None:
     headers: list[tuple[str, str]] = []
     index: dict[str, str] = {}
     for line in lines[1:-1]:
-        name, _, value = line.partition(":")
+        name, colon, value = line.partition(":")
         lname = name.lower()
+        if not colon or not _is_token(lname):
+            return None
         value = value.strip(" \t")
         if lname in index:
             if lname in _ONCE:
@@ -135,10 +196,7 @@ def parse_request_head(head: bytes) -> RequestHead | None:
 
 # --- answers from a back end -----------------------------------------------------------------
 
-_RESPONSE_HEAD: Final = re.compile(
-    rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t -~\x80-\xff]*)?"
-    rb"(?:\r?\n" + _TOKEN + rb":[\t -~\x80-\xff]*)*\r?"
-)
+_NOT_HTTP: Final = "the back end's answer is not valid HTTP/1.x"
 #: no body whatever the headers say (RFC 9112 6.3)
 EMPTY_BODY_STATUS: Final = frozenset({204, 304})
 
@@ -175,39 +233,88 @@ class ResponseHead:
 ASCII_SPACE: Final = " \t\n\r\x0b\x0c"
 
 
+def _check_response_lines(text: str) -> None:
+    """The lines of an answer head that is not plain CRLF: each ends in LF (the last one
+    at the end of the head), one CR may come before each end, and the header lines are
+    ``token:value``.  H1Error if not."""
+    lines = text.split("\n")
+    for i in range(len(lines)):
+        line = lines[i]
+        if line[-1:] == "\r":
+            line = line[:-1]
+        if "\r" in line:
+            raise H1Error(_NOT_HTTP)
+        if i:
+            name, colon, _ = line.partition(":")
+            if not colon or not _is_token(name.lower()):
+                raise H1Error(_NOT_HTTP)
+
+
 def parse_response_head(head: bytes) -> ResponseHead:
     """A back end's status line and headers (CRLF or LF line ends, no blank line).
 
     The text is latin-1: header names are tokens (ASCII), so ``str.lower`` lowers them
     as ``bytes.lower`` would; in values, no latin-1 letter lowers to an ASCII one, so the
     Connection / Transfer-Encoding tokens compare as the octets would."""
-    m = _RESPONSE_HEAD.fullmatch(head)
-    if m is None:
-        raise H1Error("the back end's answer is not valid HTTP/1.x")
-    minor, status = m.group(1), int(m.group(2))
+    # the status line: HTTP/1.0 or 1.1, a status 100-999, then the end of the line or
+    # SP and a reason phrase (its octets are checked with the rest of the head)
+    n = len(head)
+    if n < 12 or not head.startswith(b"HTTP/1."):
+        raise H1Error(_NOT_HTTP)
+    minor = head[7]
+    d0 = head[9] - 48
+    d1 = head[10] - 48
+    d2 = head[11] - 48
+    if (
+        (minor != 48 and minor != 49)
+        or head[8] != 32
+        or not (1 <= d0 <= 9 and 0 <= d1 <= 9 and 0 <= d2 <= 9)
+        or (n > 12 and head[12] != 32 and head[12] != 13 and head[12] != 10)
+    ):
+        raise H1Error(_NOT_HTTP)
+    status = d0 * 100 + d1 * 10 + d2
     text = head.decode("latin-1")
-    lines = text.split("\r\n") if "\r\n" in text else text.split("\n")
-    if len(lines) > 1 and "\n" in lines[1] or lines[0][-1:] == "\r":
-        lines = [line.rstrip("\r") for line in text.split("\n")]  # mixed line ends
+    # lines end in CRLF or LF, the head may end in CR, and there is no other CR.  What is
+    # left of a ``plain`` head (the usual one) once HTAB, SP and VCHAR are deleted is its
+    # CRLFs: the loop below checks its header lines.  Any other is checked here first
+    rest = head.translate(None, _LINE_OCTETS)
+    plain = False
+    if "\r\n" in text:
+        lines = text.split("\r\n")
+        crlfs = len(lines) - 1
+        plain = crlfs < MAX_FAST_HEADERS and rest == _CRLFS[crlfs]
+    else:
+        lines = text.split("\n")
+    if not plain:
+        if rest.translate(None, _RESPONSE_EXTRA_OCTETS):
+            raise H1Error(_NOT_HTTP)  # a control octet
+        _check_response_lines(text)
+        if len(lines) > 1 and "\n" in lines[1] or lines[0][-1:] == "\r":
+            lines = [line.rstrip("\r") for line in text.split("\n")]  # mixed line ends
     reason = lines[0][13:]
     headers: list[tuple[str, str, str]] = []
     cl: str | None = None
     te = ""
     conn = ""
+    two_cl = False
     for raw in lines[1:]:
-        name, _, value = raw.partition(":")
-        value = value.strip(" \t")
+        name, colon, value = raw.partition(":")
         lname = name.lower()
+        if plain and (not colon or not _is_token(lname)):
+            raise H1Error(_NOT_HTTP)
+        value = value.strip(" \t")
         if lname == "content-length":
             if cl is not None and cl != value:
-                raise H1Error("the back end's answer has two Content-Length values")
+                two_cl = True  # raised after the loop: a bad line later is reported first
             cl = value
         elif lname == "transfer-encoding":
             te = te + "," + value if te else value
         elif lname == "connection":
             conn = conn + "," + value if conn else value
         headers.append((lname, name, value))
-    keep_alive = minor == b"1"
+    if two_cl:
+        raise H1Error("the back end's answer has two Content-Length values")
+    keep_alive = minor == 49
     if conn:
         tokens = {t.strip(ASCII_SPACE) for t in conn.lower().split(",")}
         keep_alive = "close" not in tokens and (keep_alive or "keep-alive" in tokens)

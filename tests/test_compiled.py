@@ -5,8 +5,9 @@ found).  Here the tests of the compiled modules run again with ``DSBC_PURE_PYTHO
 which imports the ``.py`` sources instead, so both builds pass the same SIP codec,
 framing, proxy and RFC 4475 tests, and the same API fast-path tests (the classifier
 ``api_proxy.classify`` / ``apicall`` with its fuzz invariant, the head codec
-``api_proxy.h1`` / ``h1relay``, the pools ``fastpool`` and the protocol ``fastpath``:
-faults, timeouts, retries, streaming with flow control both ways, TLS).
+``api_proxy.h1`` / ``h1relay`` with its regex-equivalence properties, the pools
+``fastpool`` and the protocol ``fastpath``: faults, timeouts, retries, streaming with
+flow control both ways, TLS).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CORE_TESTS = [
     "tests/test_rfc4475_proxy.py",
     "tests/test_security_units.py",
     "tests/test_api_classify.py",
+    "tests/test_api_h1.py",
     "tests/test_api_fastpath.py",
     "tests/test_api_fastpath_badinput.py",
     "tests/test_api_streaming.py",
