@@ -289,8 +289,9 @@ def parse_response_head(head: bytes) -> ResponseHead:
         if rest.translate(None, _RESPONSE_EXTRA_OCTETS):
             raise H1Error(_NOT_HTTP)  # a control octet
         _check_response_lines(text)
-        if len(lines) > 1 and "\n" in lines[1] or lines[0][-1:] == "\r":
-            lines = [line.rstrip("\r") for line in text.split("\n")]  # mixed line ends
+        # every line ends in LF with at most one CR before it (checked above), the last
+        # may end in a CR alone: one split reads CRLF, LF and mixed heads alike
+        lines = [line.rstrip("\r") for line in text.split("\n")]
     reason = lines[0][13:]
     headers: list[tuple[str, str, str]] = []
     cl: str | None = None
