@@ -293,7 +293,8 @@ class FastConn(asyncio.Protocol):
         pool, origin = found
         data = upstream_request(
             req,
-            origin.prefix + path + "?" + query if query else origin.prefix + path,
+            origin.prefix,
+            target if query else path,  # (a bare "?" is dropped)
             origin.host_header,
             self.ip,
             "https" if self.tls else "http",
