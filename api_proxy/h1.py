@@ -15,10 +15,11 @@ instructions an octet).  One ``bytes.translate`` deletes the octets a line may h
 a request: SP and those of a target): what is left of a usual head is its CRLFs and
 nothing else, one compare with ``_CRLFS``.  Any other head (HTAB, obs-text, LF line
 ends, a stray CR...) is checked octet by octet and line by line, to accept exactly what
-the one regex did.  The request or status line is read field by field, and each header
-name is looked up in a small memo of names already found to be tokens, which gives its
-lowercase (a regex over the name alone for a new one).  The head is split into lines; header values stay text and
-nothing is copied beyond the lines themselves.  A response head is read as latin-1 text
+the one regex did.  The request or status line is read field by field (no split), and
+each header name is looked up in a small memo of names already found to be tokens,
+which gives its lowercase (a regex over the name alone for a new one).  The head is
+split into lines; header values stay text and nothing is copied beyond the lines
+themselves.  A response head is read as latin-1 text
 (every octet one character, so ``client_head`` gives the same octets back with one
 ``encode``): mypyc calls ``str`` methods directly, where each ``bytes`` method is a
 Python-level call.  This module and ``h1relay`` are compiled with mypyc where a C
@@ -182,16 +183,27 @@ def parse_request_head(head: bytes) -> RequestHead | None:
         rest != _CRLFS[crlfs] and not _request_octets_ok(head, rest, crlfs, len(first))
     ):
         return None  # not ending in CRLF, a stray CR / LF, another octet, an odd target
-    parts = first.split(" ")
-    if len(parts) != 3:
+    # the request line is "GET " or "POST ", a target without SP, " HTTP/1.1" (what
+    # ``split(" ")`` into 3 parts read, without the list and the strings)
+    if first.startswith("GET "):
+        method = "GET"
+        start = 4
+    elif first.startswith("POST "):
+        method = "POST"
+        start = 5
+    else:
         return None
-    method, target, version = parts
-    if (method != "GET" and method != "POST") or version != "HTTP/1.1" or target[:1] != "/":
+    if not first.endswith(" HTTP/1.1"):
         return None
-    path = target.partition("?")[0]
-    # every match holds "//" or "/.": the two substring tests spare the regex call
-    if ("//" in path or "/." in path) and _ODD_PATH.search(path):
+    target = first[start : len(first) - 9]
+    if target[:1] != "/" or " " in target:
         return None
+    # every match holds "//" or "/.", in the path, so in the target: the two substring
+    # tests spare the partition and the regex call
+    if "//" in target or "/." in target:
+        path = target.partition("?")[0]
+        if ("//" in path or "/." in path) and _ODD_PATH.search(path):
+            return None
     headers: list[tuple[str, str, str, str]] = []
     index: dict[str, str] = {}
     names = _good_names
