@@ -77,9 +77,22 @@ _MULTIPART: Final = BodyFormat.MULTIPART
 _QUERY: Final = BodyFormat.QUERY
 
 
+def _get(headers: Mapping[str, str], name: str) -> str:
+    """``headers.get(name, "")``: for the fast path's dict, without a Python-level method
+    call."""
+    if isinstance(headers, dict):
+        d: dict[str, str] = headers
+        return d.get(name, "")
+    return headers.get(name, "")
+
+
+#: looked up once (each ``msgspec.json.decode`` is two attribute lookups)
+_json_decode: Final = msgspec.json.decode
+
+
 def content_type(headers: Mapping[str, str]) -> tuple[str, dict[str, str]]:
     """The media type (lowercased) and its parameters."""
-    raw = headers.get("content-type", "")
+    raw = _get(headers, "content-type")
     parts = raw.split(";")
     mtype = parts[0].strip().lower()
     params: dict[str, str] = {}
@@ -165,8 +178,13 @@ def parse_call(
     """Read ``auth_info``, ``params`` and a bearer token from an API request."""
     # the ApiCall is made once, at the end: each attribute set on a Struct is a
     # Python-level call from compiled code
-    auth = headers.get("authorization", "")
-    bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    auth = _get(headers, "authorization")
+    # (startswith first: the usual spelling, without making two strings)
+    bearer = (
+        auth[7:].strip()
+        if auth.startswith("Bearer ") or auth[:7].lower() == "bearer "
+        else ""
+    )
     fmt = _NONE
     spans: dict[str, tuple[int, int]] = {}
     json_strings = False
@@ -177,7 +195,7 @@ def parse_call(
         if mtype == "application/json" or (not mtype and body.lstrip()[:1] == b"{"):
             fmt = _JSON
             try:
-                doc = msgspec.json.decode(body)
+                doc = _json_decode(body)
             except msgspec.DecodeError:
                 raise BadRequest("the JSON body is not valid JSON") from None
             if not isinstance(doc, dict):
