@@ -294,11 +294,12 @@ def _credentials(call: ApiCall | None, cookies: dict[str, str]) -> Credentials:
     sid = tok = ref = login = ""
     secret = bearer = False
     if call is not None:
-        ai = call.auth_info or {}
-        sid = _scalar(ai.get("session_id")) or ""
-        tok = _scalar(ai.get("access_token")) or ""
-        login = _scalar(ai.get("login")) or ""
-        secret = bool(_scalar(ai.get("password")) or _scalar(ai.get("token")))
+        ai = call.auth_info
+        if ai:  # (none or empty: nothing to read, the usual bearer call)
+            sid = _scalar(ai.get("session_id")) or ""
+            tok = _scalar(ai.get("access_token")) or ""
+            login = _scalar(ai.get("login")) or ""
+            secret = bool(_scalar(ai.get("password")) or _scalar(ai.get("token")))
         if not tok and call.bearer:
             tok, bearer = call.bearer[:4096], True
         if call.service == "Session":
