@@ -33,6 +33,7 @@ __all__ = [
     "content_type",
     "encode",
     "form_fields",
+    "media_type",
     "multipart_fields",
     "parse_call",
     "parse_cookies",
@@ -88,6 +89,26 @@ def _get(headers: Mapping[str, str], name: str) -> str:
 
 #: looked up once (each ``msgspec.json.decode`` is two attribute lookups)
 _json_decode: Final = msgspec.json.decode
+
+
+#: media_type's answers for the Content-Type values seen (a handful in practice)
+_MEDIA_TYPES: Final[dict[str, str]] = {}
+_MEDIA_TYPES_SIZE: Final = 256
+_MEDIA_TYPE_LEN: Final = 256
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    """``content_type(headers)[0]``, kept for short values (emptied when full): no split,
+    strip, lower or parameter dict for the few values clients send."""
+    raw = _get(headers, "content-type")
+    mtype = _MEDIA_TYPES.get(raw)
+    if mtype is None:
+        mtype = raw.partition(";")[0].strip().lower()
+        if len(raw) <= _MEDIA_TYPE_LEN:
+            if len(_MEDIA_TYPES) >= _MEDIA_TYPES_SIZE:
+                _MEDIA_TYPES.clear()
+            _MEDIA_TYPES[raw] = mtype
+    return mtype
 
 
 def content_type(headers: Mapping[str, str]) -> tuple[str, dict[str, str]]:
@@ -191,7 +212,7 @@ def parse_call(
     raw_auth: Any = None
     raw_params: Any = None
     if body:
-        mtype, ctparams = content_type(headers)
+        mtype = media_type(headers)
         if mtype == "application/json" or (not mtype and body.lstrip()[:1] == b"{"):
             fmt = _JSON
             try:
@@ -204,6 +225,7 @@ def parse_call(
             json_strings = isinstance(raw_auth, str) or isinstance(raw_params, str)
         elif mtype == "multipart/form-data":
             fmt = _MULTIPART
+            ctparams = content_type(headers)[1]
             spans = multipart_fields(
                 body, ctparams.get("boundary", ""), ("auth_info", "params"), complete
             )
