@@ -101,18 +101,25 @@ def upstream_request(
                 }
             if lname in fwd:  # the first one is replaced; a repeat is dropped
                 lines.append(f"{_FORWARDED[lname]}: {fwd.pop(lname)}")
-    if fwd is None:  # none of the client's: all four, in _FORWARDED's order
-        lines.append(
-            f"X-Forwarded-For: {ip}\r\nX-Forwarded-Proto: {proto}\r\n"
-            f"X-Forwarded-Host: {index['host']}\r\nX-Real-IP: {ip}"
-        )
+    if fwd is None:  # none of the client's: all four, in _FORWARDED's order, and the end
+        if req.method != "GET":
+            lines.append(
+                f"X-Forwarded-For: {ip}\r\nX-Forwarded-Proto: {proto}\r\n"
+                f"X-Forwarded-Host: {index['host']}\r\nX-Real-IP: {ip}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+        else:
+            lines.append(
+                f"X-Forwarded-For: {ip}\r\nX-Forwarded-Proto: {proto}\r\n"
+                f"X-Forwarded-Host: {index['host']}\r\nX-Real-IP: {ip}\r\n\r\n"
+            )
     else:
         for lname, value in fwd.items():
             lines.append(f"{_FORWARDED[lname]}: {value}")
-    if req.method != "GET":
-        lines.append(f"Content-Length: {len(body)}\r\n\r\n")
-    else:
-        lines.append("\r\n")
+        if req.method != "GET":
+            lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        else:
+            lines.append("\r\n")
     head = "\r\n".join(lines).encode("ascii")
     return head + body if body else head
 
