@@ -284,7 +284,7 @@ class ResponseHead:
         framing: int,
         length: int,
         keep_alive: bool,
-        conn_tokens: set[str] | None = None,
+        conn_tokens: frozenset[str] | None = None,
         status_line: str = "",
     ) -> None:
         self.status = status
@@ -316,6 +316,25 @@ def _check_response_lines(text: str) -> None:
             colon = line.find(":")
             if colon <= 0 or not _token_lower(line[:colon]):
                 raise H1Error(_NOT_HTTP)
+
+
+#: _conn_tokens' answers for the Connection values seen ("keep-alive", "close"...)
+_CONN_TOKENS: Final[dict[str, frozenset[str]]] = {}
+_CONN_TOKENS_SIZE: Final = 64
+_CONN_TOKEN_LEN: Final = 256
+
+
+def _conn_tokens(conn: str) -> frozenset[str]:
+    """The lowercase tokens of a Connection value, kept for short values (emptied when
+    full): a back end sends the same one or two values again and again."""
+    tokens = _CONN_TOKENS.get(conn)
+    if tokens is None:
+        tokens = frozenset([t.strip(ASCII_SPACE) for t in conn.lower().split(",")])
+        if len(conn) <= _CONN_TOKEN_LEN:
+            if len(_CONN_TOKENS) >= _CONN_TOKENS_SIZE:
+                _CONN_TOKENS.clear()
+            _CONN_TOKENS[conn] = tokens
+    return tokens
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
@@ -395,9 +414,9 @@ def parse_response_head(head: bytes) -> ResponseHead:
     if two_cl:
         raise H1Error("the back end's answer has two Content-Length values")
     keep_alive = minor == 49
-    tokens: set[str] | None = None
+    tokens: frozenset[str] | None = None
     if conn:
-        tokens = {t.strip(ASCII_SPACE) for t in conn.lower().split(",")}
+        tokens = _conn_tokens(conn)
         keep_alive = "close" not in tokens and (keep_alive or "keep-alive" in tokens)
     length = 0
     if 100 <= status < 200 or status in EMPTY_BODY_STATUS:
