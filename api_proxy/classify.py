@@ -397,9 +397,9 @@ def classify(
     call = parse_call(service, api_method, headers, body, query, complete)
     out.call = call
     out.creds = creds = _credentials(call, cookies)
-    params = call.params
 
     if service == "Session":
+        params = call.params
         if api_method == "login":
             out.action = Action.LOGIN
             login = _scalar(params.get("login")) or _scalar((call.auth_info or {}).get("login"))
@@ -422,6 +422,7 @@ def classify(
         return out
 
     # admin realms: an owner wins over merging and over the create rules
+    params = call.params  # (a Struct attribute: read where it is used)
     lm = _LIST_METHOD.match(api_method)
     if _CREATE_METHOD.match(api_method):
         out.creates = True
