@@ -33,6 +33,7 @@ __all__ = [
     "content_type",
     "encode",
     "form_fields",
+    "media_type",
     "multipart_fields",
     "parse_call",
     "parse_cookies",
@@ -77,9 +78,42 @@ _MULTIPART: Final = BodyFormat.MULTIPART
 _QUERY: Final = BodyFormat.QUERY
 
 
+def _get(headers: Mapping[str, str], name: str) -> str:
+    """``headers.get(name, "")``: for the fast path's dict, without a Python-level method
+    call."""
+    if isinstance(headers, dict):
+        d: dict[str, str] = headers
+        return d.get(name, "")
+    return headers.get(name, "")
+
+
+#: looked up once (each ``msgspec.json.decode`` is two attribute lookups)
+_json_decode: Final = msgspec.json.decode
+
+
+#: media_type's answers for the Content-Type values seen (a handful in practice)
+_MEDIA_TYPES: Final[dict[str, str]] = {}
+_MEDIA_TYPES_SIZE: Final = 256
+_MEDIA_TYPE_LEN: Final = 256
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    """``content_type(headers)[0]``, kept for short values (emptied when full): no split,
+    strip, lower or parameter dict for the few values clients send."""
+    raw = _get(headers, "content-type")
+    mtype = _MEDIA_TYPES.get(raw)
+    if mtype is None:
+        mtype = raw.partition(";")[0].strip().lower()
+        if len(raw) <= _MEDIA_TYPE_LEN:
+            if len(_MEDIA_TYPES) >= _MEDIA_TYPES_SIZE:
+                _MEDIA_TYPES.clear()
+            _MEDIA_TYPES[raw] = mtype
+    return mtype
+
+
 def content_type(headers: Mapping[str, str]) -> tuple[str, dict[str, str]]:
     """The media type (lowercased) and its parameters."""
-    raw = headers.get("content-type", "")
+    raw = _get(headers, "content-type")
     parts = raw.split(";")
     mtype = parts[0].strip().lower()
     params: dict[str, str] = {}
@@ -165,19 +199,24 @@ def parse_call(
     """Read ``auth_info``, ``params`` and a bearer token from an API request."""
     # the ApiCall is made once, at the end: each attribute set on a Struct is a
     # Python-level call from compiled code
-    auth = headers.get("authorization", "")
-    bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    auth = _get(headers, "authorization")
+    # (startswith first: the usual spelling, without making two strings)
+    bearer = (
+        auth[7:].strip()
+        if auth.startswith("Bearer ") or auth[:7].lower() == "bearer "
+        else ""
+    )
     fmt = _NONE
     spans: dict[str, tuple[int, int]] = {}
     json_strings = False
     raw_auth: Any = None
     raw_params: Any = None
     if body:
-        mtype, ctparams = content_type(headers)
+        mtype = media_type(headers)
         if mtype == "application/json" or (not mtype and body.lstrip()[:1] == b"{"):
             fmt = _JSON
             try:
-                doc = msgspec.json.decode(body)
+                doc = _json_decode(body)
             except msgspec.DecodeError:
                 raise BadRequest("the JSON body is not valid JSON") from None
             if not isinstance(doc, dict):
@@ -186,6 +225,7 @@ def parse_call(
             json_strings = isinstance(raw_auth, str) or isinstance(raw_params, str)
         elif mtype == "multipart/form-data":
             fmt = _MULTIPART
+            ctparams = content_type(headers)[1]
             spans = multipart_fields(
                 body, ctparams.get("boundary", ""), ("auth_info", "params"), complete
             )

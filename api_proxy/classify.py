@@ -294,11 +294,12 @@ def _credentials(call: ApiCall | None, cookies: dict[str, str]) -> Credentials:
     sid = tok = ref = login = ""
     secret = bearer = False
     if call is not None:
-        ai = call.auth_info or {}
-        sid = _scalar(ai.get("session_id")) or ""
-        tok = _scalar(ai.get("access_token")) or ""
-        login = _scalar(ai.get("login")) or ""
-        secret = bool(_scalar(ai.get("password")) or _scalar(ai.get("token")))
+        ai = call.auth_info
+        if ai:  # (none or empty: nothing to read, the usual bearer call)
+            sid = _scalar(ai.get("session_id")) or ""
+            tok = _scalar(ai.get("access_token")) or ""
+            login = _scalar(ai.get("login")) or ""
+            secret = bool(_scalar(ai.get("password")) or _scalar(ai.get("token")))
         if not tok and call.bearer:
             tok, bearer = call.bearer[:4096], True
         if call.service == "Session":
@@ -396,9 +397,9 @@ def classify(
     call = parse_call(service, api_method, headers, body, query, complete)
     out.call = call
     out.creds = creds = _credentials(call, cookies)
-    params = call.params
 
     if service == "Session":
+        params = call.params
         if api_method == "login":
             out.action = Action.LOGIN
             login = _scalar(params.get("login")) or _scalar((call.auth_info or {}).get("login"))
@@ -421,6 +422,7 @@ def classify(
         return out
 
     # admin realms: an owner wins over merging and over the create rules
+    params = call.params  # (a Struct attribute: read where it is used)
     lm = _LIST_METHOD.match(api_method)
     if _CREATE_METHOD.match(api_method):
         out.creates = True

@@ -97,6 +97,7 @@ class FastConn(asyncio.Protocol):
         "state",
         "system",
         "timer",
+        "timer_at",
         "tls",
         "transport",
         "vhost",
@@ -111,6 +112,7 @@ class FastConn(asyncio.Protocol):
         self.state = HEAD
         self.deadline = _INF
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # its when(), asked once: a Python-level call
         self.ip = ""
         self.local_port = 0
         self.req: RequestHead | None = None
@@ -293,7 +295,8 @@ class FastConn(asyncio.Protocol):
         pool, origin = found
         data = upstream_request(
             req,
-            origin.prefix + path + "?" + query if query else origin.prefix + path,
+            origin.prefix,
+            target if query else path,  # (a bare "?" is dropped)
             origin.host_header,
             self.ip,
             "https" if self.tls else "http",
@@ -385,10 +388,14 @@ class FastConn(asyncio.Protocol):
         self.deadline = deadline
         timer = self.timer
         if timer is None:
-            self.timer = self.proxy.call_at(deadline, self._on_timer)
-        elif deadline < timer.when():
+            self._new_timer(deadline)
+        elif deadline < self.timer_at:
             timer.cancel()
-            self.timer = self.proxy.call_at(deadline, self._on_timer)
+            self._new_timer(deadline)
+
+    def _new_timer(self, deadline: float) -> None:
+        self.timer = timer = self.proxy.call_at(deadline, self._on_timer)
+        self.timer_at = timer.when()
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -396,7 +403,7 @@ class FastConn(asyncio.Protocol):
             return
         now = self.proxy.loop_time()
         if now < self.deadline:
-            self.timer = self.proxy.call_at(self.deadline, self._on_timer)
+            self._new_timer(self.deadline)
             return
         t = self.transport
         if self.state == BODY:

@@ -128,6 +128,7 @@ class UpstreamConn(asyncio.Protocol):
         "pool",
         "reading_paused",
         "timer",
+        "timer_at",
         "transport",
     )
 
@@ -142,6 +143,7 @@ class UpstreamConn(asyncio.Protocol):
         self.got = False  # any octet of the answer came
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # its when(), asked once: a Python-level call
         self.reading_paused = False
 
     # -- asyncio ---------------------------------------------------------------------------
@@ -275,10 +277,14 @@ class UpstreamConn(asyncio.Protocol):
         self.deadline = deadline
         timer = self.timer
         if timer is None:
-            self.timer = self.pool.loop.call_at(deadline, self._on_timer)
-        elif deadline < timer.when():
+            self._new_timer(deadline)
+        elif deadline < self.timer_at:
             timer.cancel()
-            self.timer = self.pool.loop.call_at(deadline, self._on_timer)
+            self._new_timer(deadline)
+
+    def _new_timer(self, deadline: float) -> None:
+        self.timer = timer = self.pool.loop.call_at(deadline, self._on_timer)
+        self.timer_at = timer.when()
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -286,7 +292,7 @@ class UpstreamConn(asyncio.Protocol):
             return
         now = self.pool.loop.time()
         if now < self.deadline:
-            self.timer = self.pool.loop.call_at(self.deadline, self._on_timer)
+            self._new_timer(self.deadline)
             return
         ex = self.ex
         self.ex = None

@@ -15,10 +15,11 @@ instructions an octet).  One ``bytes.translate`` deletes the octets a line may h
 a request: SP and those of a target): what is left of a usual head is its CRLFs and
 nothing else, one compare with ``_CRLFS``.  Any other head (HTAB, obs-text, LF line
 ends, a stray CR...) is checked octet by octet and line by line, to accept exactly what
-the one regex did.  The request or status line is read field by field, and each header
-name is looked up in a small memo of names already found to be tokens (a regex over the
-name alone for a new one).  The head is split into lines; header values stay text and
-nothing is copied beyond the lines themselves.  A response head is read as latin-1 text
+the one regex did.  The request or status line is read field by field (no split), and
+each header name is looked up in a small memo of names already found to be tokens,
+which gives its lowercase (a regex over the name alone for a new one).  The head is
+split into lines; header values stay text and nothing is copied beyond the lines
+themselves.  A response head is read as latin-1 text
 (every octet one character, so ``client_head`` gives the same octets back with one
 ``encode``): mypyc calls ``str`` methods directly, where each ``bytes`` method is a
 Python-level call.  This module and ``h1relay`` are compiled with mypyc where a C
@@ -29,6 +30,7 @@ constants ``Final``, and free of msgspec Structs and asyncio.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from email.utils import formatdate
 from typing import Final
@@ -51,12 +53,14 @@ HOP_BY_HOP: Final = frozenset(
         "proxy-connection",
     }
 )
-#: a header name (RFC 9110 5.1); see ``_is_token``
+#: a header name (RFC 9110 5.1); see ``_token_lower``
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-#: lowercase header names already found to be tokens: one set lookup, where the hash is
-#: that of the dict lookups that follow, instead of a regex call.  Bounded (a client may
-#: send any names): cleared when it reaches _MAX_GOOD_NAMES
-_good_names: Final[set[str]] = set()
+#: header names already found to be tokens, as sent -> lowercase (interned): one dict
+#: lookup instead of a regex call and a ``str.lower``, and the lowercase names are the
+#: same objects again and again, so the dict and set lookups that follow find their key
+#: by identity.  Bounded (a client may send any names): cleared when it reaches
+#: _MAX_GOOD_NAMES
+_good_names: Final[dict[str, str]] = {}
 _MAX_GOOD_NAMES: Final = 512
 #: HTAB, SP and VCHAR: what a header line may hold besides obs-text
 _LINE_OCTETS: Final = b"\t" + bytes(range(0x20, 0x7F))
@@ -86,7 +90,9 @@ class H1Error(Exception):
 
 
 class RequestHead:
-    """A request head the fast path takes.  ``index``: lowercase name -> first value."""
+    """A request head the fast path takes.  ``headers``: (lowercase name, name, value,
+    line) in order, where ``line`` is ``f"{name}: {value}"`` (the line as it came when it
+    reads so, as the usual one does); ``index``: lowercase name -> first value."""
 
     __slots__ = ("content_length", "headers", "index", "keep_alive", "method", "target")
 
@@ -94,7 +100,7 @@ class RequestHead:
         self,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[str, str, str, str]],
         index: dict[str, str],
         content_length: int,
         keep_alive: bool,
@@ -107,18 +113,46 @@ class RequestHead:
         self.keep_alive = keep_alive
 
 
-def _is_token(lname: str) -> bool:
-    """``lname``, a lowercased header name, is a token (not empty).  A latin-1 name is a
-    token exactly when its lowercase is: ``str.lower`` maps A-Z to a-z and no other
-    latin-1 character to an ASCII one."""
-    if lname in _good_names:
-        return True
+def _token_lower(name: str) -> str:
+    """The lowercase of header name ``name`` when it is a token, else "" (an empty name
+    is no token).  A latin-1 name is a token exactly when its lowercase is: ``str.lower``
+    maps A-Z to a-z and no other latin-1 character to an ASCII one."""
+    lname = _good_names.get(name)
+    if lname is not None:
+        return lname
+    lname = name.lower()
     if _TOKEN.fullmatch(lname) is None:
-        return False
+        return ""
+    lname = sys.intern(lname)
     if len(_good_names) >= _MAX_GOOD_NAMES:
         _good_names.clear()
-    _good_names.add(lname)
-    return True
+    _good_names[name] = lname
+    return lname
+
+
+def _header(line: str, i: int, name: str) -> tuple[str, str]:
+    """(value, line as relayed) of header ``line`` whose colon is at ``i`` and whose name
+    is ``name`` (``line[:i]``): the value without the SP / HTAB around it, and
+    ``f"{name}: {value}"``, which is ``line`` itself in the usual case (one SP after the
+    colon, none after the value): no copy then.  (An unboxed tuple: no allocation.)"""
+    n = len(line)
+    j = i + 1
+    if j < n and ord(line[j]) == 32:
+        j += 1
+    if j < n:
+        first = ord(line[j])
+        last = ord(line[n - 1])
+        if first != 32 and first != 9 and last != 32 and last != 9:
+            value = line[j:]
+            if j == i + 2:
+                return value, line
+            return value, f"{name}: {value}"
+        value = line[i + 1 :].strip(" \t")
+    else:
+        value = ""
+        if j == i + 2:
+            return value, line
+    return value, f"{name}: {value}"
 
 
 def _request_octets_ok(head: bytes, rest: bytes, crlfs: int, first: int) -> bool:
@@ -149,24 +183,42 @@ def parse_request_head(head: bytes) -> RequestHead | None:
         rest != _CRLFS[crlfs] and not _request_octets_ok(head, rest, crlfs, len(first))
     ):
         return None  # not ending in CRLF, a stray CR / LF, another octet, an odd target
-    parts = first.split(" ")
-    if len(parts) != 3:
+    # the request line is "GET " or "POST ", a target without SP, " HTTP/1.1" (what
+    # ``split(" ")`` into 3 parts read, without the list and the strings)
+    if first.startswith("GET "):
+        method = "GET"
+        start = 4
+    elif first.startswith("POST "):
+        method = "POST"
+        start = 5
+    else:
         return None
-    method, target, version = parts
-    if (method != "GET" and method != "POST") or version != "HTTP/1.1" or target[:1] != "/":
+    if not first.endswith(" HTTP/1.1"):
         return None
-    path = target.partition("?")[0]
-    # every match holds "//" or "/.": the two substring tests spare the regex call
-    if ("//" in path or "/." in path) and _ODD_PATH.search(path):
+    target = first[start : len(first) - 9]
+    if target[:1] != "/" or " " in target:
         return None
-    headers: list[tuple[str, str]] = []
-    index: dict[str, str] = {}
-    for line in lines[1:-1]:
-        name, colon, value = line.partition(":")
-        lname = name.lower()
-        if not colon or not _is_token(lname):
+    # every match holds "//" or "/.", in the path, so in the target: the two substring
+    # tests spare the partition and the regex call
+    if "//" in target or "/." in target:
+        path = target.partition("?")[0]
+        if ("//" in path or "/." in path) and _ODD_PATH.search(path):
             return None
-        value = value.strip(" \t")
+    headers: list[tuple[str, str, str, str]] = []
+    index: dict[str, str] = {}
+    names = _good_names
+    for k in range(1, crlfs):  # lines[1:-1]
+        line = lines[k]
+        i = line.find(":")
+        if i <= 0:
+            return None  # no colon, or no name
+        name = line[:i]
+        lname = names.get(name)
+        if lname is None:
+            lname = _token_lower(name)
+            if not lname:
+                return None
+        value, out = _header(line, i, name)
         if lname in index:
             if lname in _ONCE:
                 return None
@@ -174,7 +226,7 @@ def parse_request_head(head: bytes) -> RequestHead | None:
             if lname in _SLOW_REQUEST_HEADERS:
                 return None
             index[lname] = value
-        headers.append((name, value))
+        headers.append((lname, name, value, out))
     if not index.get("host"):
         return None
     length = 0
@@ -207,19 +259,33 @@ UNTIL_CLOSE: Final = 3
 
 
 class ResponseHead:
-    """A back end's answer head.  ``headers``: (lowercase name, name, value) in order.
-    ``reason`` and the headers are the octets as latin-1 text."""
+    """A back end's answer head.  ``headers``: (lowercase name, name, value, line) in
+    order, ``line`` as in ``RequestHead``.  ``reason`` and the headers are the octets as
+    latin-1 text.  ``conn_tokens``: the lowercase tokens of its Connection headers, None
+    without one.  ``status_line``: ``f"HTTP/1.1 {status} {reason}"``, the status line as
+    it came in the usual case."""
 
-    __slots__ = ("framing", "headers", "keep_alive", "length", "reason", "status")
+    __slots__ = (
+        "conn_tokens",
+        "framing",
+        "headers",
+        "keep_alive",
+        "length",
+        "reason",
+        "status",
+        "status_line",
+    )
 
     def __init__(
         self,
         status: int,
         reason: str,
-        headers: list[tuple[str, str, str]],
+        headers: list[tuple[str, str, str, str]],
         framing: int,
         length: int,
         keep_alive: bool,
+        conn_tokens: frozenset[str] | None = None,
+        status_line: str = "",
     ) -> None:
         self.status = status
         self.reason = reason
@@ -227,6 +293,8 @@ class ResponseHead:
         self.framing = framing
         self.length = length
         self.keep_alive = keep_alive
+        self.conn_tokens = conn_tokens
+        self.status_line = status_line or f"HTTP/1.1 {status} {reason}"
 
 
 #: what ``bytes.strip()`` strips (``str.strip()`` strips more: \x1c-\x1f, \x85, \xa0)
@@ -245,9 +313,28 @@ def _check_response_lines(text: str) -> None:
         if "\r" in line:
             raise H1Error(_NOT_HTTP)
         if i:
-            name, colon, _ = line.partition(":")
-            if not colon or not _is_token(name.lower()):
+            colon = line.find(":")
+            if colon <= 0 or not _token_lower(line[:colon]):
                 raise H1Error(_NOT_HTTP)
+
+
+#: _conn_tokens' answers for the Connection values seen ("keep-alive", "close"...)
+_CONN_TOKENS: Final[dict[str, frozenset[str]]] = {}
+_CONN_TOKENS_SIZE: Final = 64
+_CONN_TOKEN_LEN: Final = 256
+
+
+def _conn_tokens(conn: str) -> frozenset[str]:
+    """The lowercase tokens of a Connection value, kept for short values (emptied when
+    full): a back end sends the same one or two values again and again."""
+    tokens = _CONN_TOKENS.get(conn)
+    if tokens is None:
+        tokens = frozenset([t.strip(ASCII_SPACE) for t in conn.lower().split(",")])
+        if len(conn) <= _CONN_TOKEN_LEN:
+            if len(_CONN_TOKENS) >= _CONN_TOKENS_SIZE:
+                _CONN_TOKENS.clear()
+            _CONN_TOKENS[conn] = tokens
+    return tokens
 
 
 def parse_response_head(head: bytes) -> ResponseHead:
@@ -292,18 +379,29 @@ def parse_response_head(head: bytes) -> ResponseHead:
         # every line ends in LF with at most one CR before it (checked above), the last
         # may end in a CR alone: one split reads CRLF, LF and mixed heads alike
         lines = [line.rstrip("\r") for line in text.split("\n")]
-    reason = lines[0][13:]
-    headers: list[tuple[str, str, str]] = []
+    first = lines[0]
+    reason = first[13:]
+    # HTTP/1.1 and a reason (maybe empty): the line as relayed
+    status_line = first if minor == 49 and n > 12 and head[12] == 32 else ""
+    headers: list[tuple[str, str, str, str]] = []
     cl: str | None = None
     te = ""
     conn = ""
     two_cl = False
-    for raw in lines[1:]:
-        name, colon, value = raw.partition(":")
-        lname = name.lower()
-        if plain and (not colon or not _is_token(lname)):
-            raise H1Error(_NOT_HTTP)
-        value = value.strip(" \t")
+    names = _good_names
+    # (a head that is not plain had its header lines checked: each has a token name)
+    for k in range(1, len(lines)):
+        raw = lines[k]
+        i = raw.find(":")
+        if i <= 0:
+            raise H1Error(_NOT_HTTP)  # no colon, or no name
+        name = raw[:i]
+        lname = names.get(name)
+        if lname is None:
+            lname = _token_lower(name)
+            if not lname:
+                raise H1Error(_NOT_HTTP)
+        value, out = _header(raw, i, name)
         if lname == "content-length":
             if cl is not None and cl != value:
                 two_cl = True  # raised after the loop: a bad line later is reported first
@@ -312,12 +410,13 @@ def parse_response_head(head: bytes) -> ResponseHead:
             te = te + "," + value if te else value
         elif lname == "connection":
             conn = conn + "," + value if conn else value
-        headers.append((lname, name, value))
+        headers.append((lname, name, value, out))
     if two_cl:
         raise H1Error("the back end's answer has two Content-Length values")
     keep_alive = minor == 49
+    tokens: frozenset[str] | None = None
     if conn:
-        tokens = {t.strip(ASCII_SPACE) for t in conn.lower().split(",")}
+        tokens = _conn_tokens(conn)
         keep_alive = "close" not in tokens and (keep_alive or "keep-alive" in tokens)
     length = 0
     if 100 <= status < 200 or status in EMPTY_BODY_STATUS:
@@ -335,7 +434,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
         framing, length = LENGTH, int(cl)
     else:
         framing, keep_alive = UNTIL_CLOSE, False
-    return ResponseHead(status, reason, headers, framing, length, keep_alive)
+    return ResponseHead(status, reason, headers, framing, length, keep_alive, tokens, status_line)
 
 
 class ChunkedDecoder:

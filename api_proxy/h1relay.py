@@ -23,7 +23,6 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from api_proxy.errors import DispatchError
 from api_proxy.h1 import (
-    ASCII_SPACE,
     HOP_BY_HOP,
     LENGTH,
     NO_BODY,
@@ -33,8 +32,7 @@ from api_proxy.h1 import (
 )
 
 _SERVER: Final[bytes] = b"Server: " + str(SERVER_SOFTWARE).encode() + b"\r\n"
-_SERVER_TEXT: Final = _SERVER.decode("latin-1")
-_RESP_SKIP: Final = HOP_BY_HOP | {"content-length"}
+_SERVER_LINE: Final = _SERVER.decode("latin-1")[:-2]
 #: re.ASCII: \s and IGNORECASE as in the bytes pattern this was (ASCII only)
 _DOMAIN_ATTR: Final = re.compile(r";\s*domain=[^;]*", re.IGNORECASE | re.ASCII)
 #: request headers never sent on ("close": a Connection token aiohttp treats as a name)
@@ -46,42 +44,83 @@ _FORWARDED: Final = {
     "x-forwarded-host": "X-Forwarded-Host",
     "x-real-ip": "X-Real-IP",
 }
+#: what a header line is to each head, by lowercase name (one dict lookup a header):
+#: absent, relayed as it is
+_SKIP: Final = 1  # dropped
+_FWD: Final = 2  # X-Forwarded-*: replaced
+_CT: Final = 3
+_DATE: Final = 4
+_SRV: Final = 5
+_LOC: Final = 6  # rewritten
+_COOKIE: Final = 7  # rewritten
+_REQ_KIND: Final[dict[str, int]] = {
+    **{lname: _SKIP for lname in _REQ_SKIP},
+    **{lname: _FWD for lname in _FORWARDED},
+}
+_RESP_KIND: Final[dict[str, int]] = {
+    **{lname: _SKIP for lname in HOP_BY_HOP | {"content-length"}},
+    "content-type": _CT,
+    "date": _DATE,
+    "server": _SRV,
+    "location": _LOC,
+    "set-cookie": _COOKIE,
+}
 
 
 def upstream_request(
-    req: RequestHead, target: str, host_header: str, ip: str, proto: str, body: bytes
+    req: RequestHead,
+    prefix: str,
+    target: str,
+    host_header: str,
+    ip: str,
+    proto: str,
+    body: bytes,
 ) -> bytes:
-    """The request for a back end: ``target`` (the origin's path prefix, the path and
-    query), its Host, the client's headers less hop-by-hop ones, X-Forwarded-* for
-    client ``ip`` over ``proto`` (a client's own replaced in place, repeats dropped),
+    """The request for a back end: ``prefix + target`` (the origin's path prefix, the
+    path and query), its Host, the client's headers less hop-by-hop ones, X-Forwarded-*
+    for client ``ip`` over ``proto`` (a client's own replaced in place, repeats dropped),
     Content-Length unless GET, then ``body``."""
     index = req.index
-    xff = index.get("x-forwarded-for")
-    fwd: dict[str, str] = {
-        "x-forwarded-for": xff + ", " + ip if xff else ip,
-        "x-forwarded-proto": proto,
-        "x-forwarded-host": index["host"],
-        "x-real-ip": ip,
-    }
-    named = _FORWARDED
-    skip = _REQ_SKIP
-    # one f-string per line (mypyc builds it in one allocation), joined once
-    lines: list[str] = [f"{req.method} {target} HTTP/1.1\r\nHost: {host_header}\r\n"]
-    for name, value in req.headers:
-        lname = name.lower()
-        if lname in skip:
-            continue
-        if lname in named:
+    kinds = _REQ_KIND
+    fwd: dict[str, str] | None = None  # made at the first X-Forwarded-* of the client's
+    # lines without their CRLF, joined with CRLFs once (one f-string for several lines:
+    # mypyc builds it in one allocation); a usual header line is the client's own
+    lines: list[str] = [f"{req.method} {prefix}{target} HTTP/1.1\r\nHost: {host_header}"]
+    for lname, _, _, line in req.headers:
+        kind = kinds.get(lname, 0)
+        if kind == 0:
+            lines.append(line)
+        elif kind == _FWD:
+            if fwd is None:
+                xff = index.get("x-forwarded-for")
+                fwd = {
+                    "x-forwarded-for": xff + ", " + ip if xff else ip,
+                    "x-forwarded-proto": proto,
+                    "x-forwarded-host": index["host"],
+                    "x-real-ip": ip,
+                }
             if lname in fwd:  # the first one is replaced; a repeat is dropped
-                lines.append(f"{named[lname]}: {fwd.pop(lname)}\r\n")
-            continue
-        lines.append(f"{name}: {value}\r\n")
-    for lname, value in fwd.items():
-        lines.append(f"{named[lname]}: {value}\r\n")
-    if req.method != "GET":
-        lines.append(f"Content-Length: {len(body)}\r\n")
-    lines.append("\r\n")
-    head = "".join(lines).encode("ascii")
+                lines.append(f"{_FORWARDED[lname]}: {fwd.pop(lname)}")
+    if fwd is None:  # none of the client's: all four, in _FORWARDED's order, and the end
+        if req.method != "GET":
+            lines.append(
+                f"X-Forwarded-For: {ip}\r\nX-Forwarded-Proto: {proto}\r\n"
+                f"X-Forwarded-Host: {index['host']}\r\nX-Real-IP: {ip}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+        else:
+            lines.append(
+                f"X-Forwarded-For: {ip}\r\nX-Forwarded-Proto: {proto}\r\n"
+                f"X-Forwarded-Host: {index['host']}\r\nX-Real-IP: {ip}\r\n\r\n"
+            )
+    else:
+        for lname, value in fwd.items():
+            lines.append(f"{_FORWARDED[lname]}: {value}")
+        if req.method != "GET":
+            lines.append(f"Content-Length: {len(body)}\r\n\r\n")
+        else:
+            lines.append("\r\n")
+    head = "\r\n".join(lines).encode("ascii")
     return head + body if body else head
 
 
@@ -90,43 +129,45 @@ def client_head(head: ResponseHead, backend_origin: str, public: str, keep_alive
 
     Text in, octets out: ``head`` holds latin-1 text (``h1.parse_response_head``), and
     ``backend_origin`` / ``public`` are latin-1 text of their octets too."""
-    out: list[str] = [f"HTTP/1.1 {head.status} {head.reason}\r\n"]
-    skip = _RESP_SKIP
-    conn_listed: set[str] = set()
+    # lines without their CRLF, joined with CRLFs once (see upstream_request)
+    out: list[str] = [head.status_line]
+    kinds = _RESP_KIND
+    listed = head.conn_tokens  # headers the Connection header names: dropped too
     has_ct = has_date = has_server = False
-    for lname, _, value in head.headers:
-        if lname == "connection":
-            for t in value.split(","):
-                conn_listed.add(t.strip(ASCII_SPACE).lower())
-    for lname, name, value in head.headers:
-        if lname in skip or lname in conn_listed:
+    for lname, name, value, line in head.headers:
+        kind = kinds.get(lname, 0)
+        if kind == _SKIP or (listed is not None and lname in listed):
             continue
-        if lname == "content-type":
+        if kind == 0:
+            out.append(line)
+            continue
+        if kind == _CT:
             has_ct = True
-        elif lname == "date":
+        elif kind == _DATE:
             has_date = True
-        elif lname == "server":
+        elif kind == _SRV:
             has_server = True
-        elif lname == "location" and value.startswith(backend_origin):
-            value = public + value[len(backend_origin) :]
-        elif lname == "set-cookie":
-            value = _DOMAIN_ATTR.sub("", value)
-        out.append(f"{name}: {value}\r\n")
+        elif kind == _LOC:
+            if value.startswith(backend_origin):
+                line = f"{name}: {public}{value[len(backend_origin) :]}"
+        elif kind == _COOKIE:
+            line = f"{name}: {_DOMAIN_ATTR.sub('', value)}"
+        out.append(line)
     if head.framing != NO_BODY:
         if head.framing == LENGTH:
-            out.append(f"Content-Length: {head.length}\r\n")
+            out.append(f"Content-Length: {head.length}")
         else:
-            out.append("Transfer-Encoding: chunked\r\n")
+            out.append("Transfer-Encoding: chunked")
         if not has_ct and (head.framing != LENGTH or head.length):
-            out.append("Content-Type: application/octet-stream\r\n")
+            out.append("Content-Type: application/octet-stream")
     if not has_date:
-        out.append(f"Date: {date_header()}\r\n")
+        out.append(f"Date: {date_header()}")
     if not has_server:
-        out.append(_SERVER_TEXT)
+        out.append(_SERVER_LINE)
     if not keep_alive:
-        out.append("Connection: close\r\n")
+        out.append("Connection: close")
     out.append("\r\n")
-    return "".join(out).encode("latin-1")
+    return "\r\n".join(out).encode("latin-1")
 
 
 def fault_bytes(exc: DispatchError, keep_alive: bool) -> bytes:

@@ -59,20 +59,17 @@ def plan(
     if action is _LOGIN or action is _WEB_LOGIN:
         return None
     rec = find_session_of(d, c, keys)
-    creds = c.creds
-    # (``session_keys(creds)`` is not empty: said without building the list)
-    names_session = bool(creds.session_id or creds.access_token or creds.refresh_token)
     if kind is _CUSTOMER:
         if rec is not None:
             return None if action in (_LOGOUT, _REFRESH) else rec.system
-        if names_session:
+        if _names_session(c.creds):
             return None
         if c.keys:
             owner = plain_owner(d, c)
             return owner.system if owner is not None and owner.known else None
         return "source" if c.remote else "target"
     # admin realms
-    if rec is None and names_session:
+    if rec is None and _names_session(c.creds):
         return None
     if action in (_SET_CONTEXT, _LIST) or c.creates:
         return None
@@ -90,6 +87,12 @@ def plan(
     if rec is not None and system != rec.system:
         return None  # the twin's credentials go instead of the client's
     return system
+
+
+def _names_session(creds: Credentials) -> bool:
+    """``session_keys(creds)`` is not empty (said without building the list; asked only
+    when no live session was found: each attribute of a Struct is a Python-level get)."""
+    return bool(creds.session_id or creds.access_token or creds.refresh_token)
 
 
 def plain_owner(d: Dispatcher, c: Classified) -> Owner | None:

@@ -160,10 +160,24 @@ def reference_parse_response_head(head: bytes) -> ResponseHead:
 # --- END OF THE REFERENCE ---------------------------------------------------------------------
 
 
+def header_fields(headers: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """The headers of a head as the reference gives them: (name, value) for a request,
+    (lowercase name, name, value) for an answer.  h1 gives (lowercase name, name, value,
+    line) for both: the lowercase name and the line are checked here."""
+    out: list[tuple[str, ...]] = []
+    for h in headers:
+        if len(h) == 4:
+            lname, name, value, line = h
+            assert lname == name.lower() and line == f"{name}: {value}", h
+            h = (name, value)
+        out.append(h)
+    return out
+
+
 def request_fields(r: RequestHead | None) -> object:
     if r is None:
         return None
-    fields = (r.method, r.target, r.headers, r.index, r.content_length, r.keep_alive)
+    fields = (r.method, r.target, header_fields(r.headers), r.index, r.content_length, r.keep_alive)
     assert all(type(x) is type(y) for x, y in zip(fields, ("", "", [], {}, 0, True)))
     return fields
 
@@ -173,8 +187,17 @@ def response_fields(head: bytes, parse: object) -> object:
         r = parse(head)  # type: ignore[operator]
     except H1Error as exc:
         return ("H1Error", str(exc))
-    fields = (r.status, r.reason, r.headers, r.framing, r.length, r.keep_alive)
+    headers = [(h[0], *header_fields([h])[0]) if len(h) == 4 else h for h in r.headers]
+    fields = (r.status, r.reason, headers, r.framing, r.length, r.keep_alive)
     assert all(type(x) is type(y) for x, y in zip(fields, (0, "", [], 0, 0, True)))
+    assert r.status_line == f"HTTP/1.1 {r.status} {r.reason}", head
+    if parse is not reference_parse_response_head:
+        # the tokens of the Connection headers (client_head drops the headers they name;
+        # an empty token names none)
+        conns = [h[2] for h in r.headers if h[0] == "connection"]
+        want = {t.strip(ASCII_SPACE).lower() for v in conns for t in v.split(",")} - {""}
+        assert (r.conn_tokens or set()) - {""} == want, head
+        assert (r.conn_tokens is None) == (not "".join(conns)), head
     return fields
 
 
@@ -597,5 +620,5 @@ def test_mixed_line_ends_are_read_line_by_line() -> None:
 
     r = parse_response_head(b"HTTP/1.1 200 OK\nA: b\r\nC: d\nContent-Length: 0\r")
     assert r.reason == "OK"
-    assert [(n, v) for _, n, v in r.headers] == [("A", "b"), ("C", "d"), ("Content-Length", "0")]
+    assert [(n, v) for _, n, v, _ in r.headers] == [("A", "b"), ("C", "d"), ("Content-Length", "0")]
     assert r.length == 0 and r.keep_alive
