@@ -21,9 +21,6 @@ from tests.peers.proc import find_binary, tail
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "peers: needs real peer programs (kamailio, sipp, ...)")
     config.addinivalue_line("markers", "slow: long load runs (CI runs the short version only)")
-    config.addinivalue_line(
-        "markers", "tracebacks_expected: the test makes dsbc log a traceback on purpose"
-    )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -50,7 +47,7 @@ class _EscapedErrors(logging.Handler):
 
 
 @pytest.fixture(autouse=True)
-def no_escaped_exceptions(request: pytest.FixtureRequest) -> Iterator[None]:
+def no_escaped_exceptions() -> Iterator[None]:
     """In-process servers too: an exception that reached asyncio's handler is a bug."""
     handler = _EscapedErrors()
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
@@ -60,7 +57,7 @@ def no_escaped_exceptions(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
     finally:
         logger.removeHandler(handler)
-    if handler.seen and request.node.get_closest_marker("tracebacks_expected") is None:
+    if handler.seen:
         pytest.fail("an exception escaped to asyncio:\n" + handler.seen[0][:3000], pytrace=False)
 
 
@@ -165,9 +162,7 @@ def phone_factory(tmp_workdir: Path, peer_logs: PeerLogs) -> Iterator[Callable[.
 
 
 @pytest.fixture
-def dsbc_factory(
-    request: pytest.FixtureRequest, tmp_workdir: Path, peer_logs: PeerLogs
-) -> Iterator[Callable[..., Any]]:
+def dsbc_factory(tmp_workdir: Path, peer_logs: PeerLogs) -> Iterator[Callable[..., Any]]:
     """make(**Dsbc kwargs) -> a started `dsbc run` (tests/peers/dsbc.py), stopped at teardown."""
     from tests.peers.dsbc import Dsbc
 
@@ -182,11 +177,9 @@ def dsbc_factory(
     yield make
     for d in reversed(started):
         d.stop()
-    if request.node.get_closest_marker("tracebacks_expected") is None:
-        # An exception that escaped into a log means a bug even when the test's own
-        # assertions passed (a compiled type check raising in a timer, for one).
-        for d in started:
-            crashed = d.traceback()
-            if crashed:
-                pytest.fail(f"dsbc logged an unexpected traceback:\n{crashed}", pytrace=False)
-
+    # An exception that escaped into a log means a bug even when the test's own
+    # assertions passed (a compiled type check raising in a timer, for one).
+    for d in started:
+        crashed = d.traceback()
+        if crashed:
+            pytest.fail(f"dsbc logged an unexpected traceback:\n{crashed}", pytrace=False)
