@@ -394,8 +394,10 @@ class FastConn(asyncio.Protocol):
             self._new_timer(deadline)
 
     def _new_timer(self, deadline: float) -> None:
-        self.timer = timer = self.proxy.call_at(deadline, self._on_timer)
-        self.timer_at = timer.when()
+        # not timer.when(): uvloop answers a deadline less than 0.5 ms away (or past)
+        # with a plain Handle (call_soon), which has no when()
+        self.timer = self.proxy.call_at(deadline, self._on_timer)
+        self.timer_at = deadline
 
     def _on_timer(self) -> None:
         self.timer = None

@@ -263,6 +263,44 @@ def test_a_back_end_that_hangs_on_a_reused_connection_times_out(loop: str) -> No
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_timeouts_shorter_than_the_loop_timer_resolution_still_fire(loop: str) -> None:
+    """uvloop answers a deadline less than 0.5 ms away with a plain Handle (no ``when()``):
+    a back end's silence and a client's missing body must still get their faults."""
+
+    async def main() -> None:
+        be = Backend()
+        await be.start()
+        router = DictRouter()
+        router.put_session(
+            SessionRecord(key=session_key("at", TOKEN), system="source", expires_at=4e9)
+        )
+        settings = ProxySettings(
+            listen=[("127.0.0.1", 0)],
+            vhosts=[make_vhost("*", "customer", be.origin, be.origin)],
+            timeout=0.0002,
+            body_timeout=0.0002,
+        )
+        proxy = ApiProxy(settings, router)
+        await proxy.start()
+        try:
+            r, w = await asyncio.open_connection(*proxy.addresses[0])
+            w.write(get("/slow"))  # the back end reads it and never answers
+            status, _, body = await asyncio.wait_for(read_answer(r), 3)
+            assert status == b"HTTP/1.1 500 Internal Server Error" and b"timed out" in body
+            w.close()
+            r, w = await asyncio.open_connection(*proxy.addresses[0])
+            w.write(post("/rest/Account/get_account_info")[:-5])  # the body never ends
+            status, _, body = await asyncio.wait_for(read_answer(r), 3)
+            assert status == b"HTTP/1.1 500 Internal Server Error" and b"no body data" in body
+            w.close()
+        finally:
+            await proxy.stop()
+            await be.stop()
+
+    run(main, loop)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_back_end_that_closes_every_new_connection_gets_a_fault(loop: str) -> None:
     """A partition (a relay that accepts, then closes at once): the close can come before
     the pool has taken its new connection; the request must still get its fault."""
