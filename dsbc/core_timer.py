@@ -4,6 +4,7 @@ time-stamped rows kept in the store's meta table across restarts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -62,16 +63,42 @@ class PinnedRows:
         self.key = key
         self.loop = loop
         self.what = what
+        self._inflight: asyncio.Future[None] | None = None
 
-    def save(self, rows: Iterable[Sequence[Any]]) -> None:
-        if self.store is None:
-            return
+    def _encode(self, rows: Iterable[Sequence[Any]]) -> str:
         offset = time.time() - self.loop.time()
         data = [[a, b, c, float(t) + offset] for a, b, c, t in rows]
+        return json.dumps(data, separators=(",", ":"))
+
+    def _write(self, text: str) -> None:
         try:
-            self.store.set_meta(self.key, json.dumps(data, separators=(",", ":")))
+            self.store.set_meta(self.key, text)
         except Exception as exc:  # noqa: BLE001 - a store outage must not stop dispatching
             log.warning("cannot save %s: %s", self.what, exc)
+
+    def save(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Write now, on the caller's thread (at stop, after ``wait_saved``)."""
+        if self.store is None:
+            return
+        self._write(self._encode(rows))
+
+    async def save_async(self, rows: Iterable[Sequence[Any]]) -> None:
+        """The periodic save: rows taken on the loop, the store write in a thread, so that a
+        store that does not answer (Redis hung or cut off: up to its 10 s write timeout; a
+        SQLite file locked by a long write) never stalls the dispatcher's event loop."""
+        if self.store is None:
+            return
+        text = self._encode(rows)
+        fut = self._inflight = self.loop.run_in_executor(None, self._write, text)
+        await asyncio.shield(fut)
+
+    async def wait_saved(self) -> None:
+        """Wait for a periodic save still running in its thread (so that the final save at
+        stop is written after it, not overwritten by an older snapshot)."""
+        fut = self._inflight
+        if fut is not None and not fut.done():
+            with contextlib.suppress(Exception):
+                await fut
 
     def load(self) -> list[list[Any]]:
         if self.store is None:

@@ -137,7 +137,7 @@ class DiameterService:
         while True:
             await asyncio.sleep(PERSIST_EVERY)
             if self.router.sessions_dirty:
-                self._persist()
+                await self._pins.save_async(self.router.sessions_snapshot())
 
     # -- service interface ------------------------------------------------------------------------
 
@@ -157,6 +157,7 @@ class DiameterService:
             self._persist_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._persist_task
+            await self._pins.wait_saved()
         if self.server is not None:
             self.server.close()
         await asyncio.gather(*(link.stop() for link in self.links.values()),

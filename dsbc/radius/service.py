@@ -137,7 +137,7 @@ class RadiusService:
         while True:
             await asyncio.sleep(PERSIST_EVERY)
             if self.core.sticky_dirty:
-                self._persist()
+                await self._pins.save_async(self.core.sticky_snapshot())
 
     # -- service interface -----------------------------------------------------------------------
 
@@ -152,6 +152,7 @@ class RadiusService:
             self._persist_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._persist_task
+            await self._pins.wait_saved()
         self._timer.cancel()
         for lst in self.listeners:
             if lst.transport is not None:
