@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -54,13 +55,21 @@ class CoreTimer:
             self._timer = None
 
 
+def node_key(base: str, listen: str) -> str:
+    """The meta key of this node's rows: nodes sharing one store (Redis) must not overwrite
+    each other's saved rows, so each keeps its own, named by host name and listen address."""
+    return f"{base}@{socket.gethostname()}/{listen}"
+
+
 class PinnedRows:
     """Rows ``[a, b, c, deadline]`` saved as JSON in ``store.set_meta(key)``.  Deadlines
     are loop time in memory and wall-clock time in the store, so they survive a restart."""
 
-    def __init__(self, store: Any, key: str, loop: asyncio.AbstractEventLoop, what: str) -> None:
+    def __init__(self, store: Any, key: str, loop: asyncio.AbstractEventLoop, what: str,
+                 legacy_key: str = "") -> None:
         self.store = store
         self.key = key
+        self.legacy_key = legacy_key  # read when `key` was never written (an upgrade)
         self.loop = loop
         self.what = what
         self._inflight: asyncio.Future[None] | None = None
@@ -105,6 +114,8 @@ class PinnedRows:
             return []
         try:
             text = self.store.get_meta(self.key)
+            if text is None and self.legacy_key:
+                text = self.store.get_meta(self.legacy_key)
             rows = json.loads(text) if text else []
         except Exception as exc:  # noqa: BLE001 - start without them
             log.warning("cannot load %s: %s", self.what, exc)
