@@ -4,8 +4,10 @@ time-stamped rows kept in the store's meta table across restarts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -53,31 +55,67 @@ class CoreTimer:
             self._timer = None
 
 
+def node_key(base: str, listen: str) -> str:
+    """The meta key of this node's rows: nodes sharing one store (Redis) must not overwrite
+    each other's saved rows, so each keeps its own, named by host name and listen address."""
+    return f"{base}@{socket.gethostname()}/{listen}"
+
+
 class PinnedRows:
     """Rows ``[a, b, c, deadline]`` saved as JSON in ``store.set_meta(key)``.  Deadlines
     are loop time in memory and wall-clock time in the store, so they survive a restart."""
 
-    def __init__(self, store: Any, key: str, loop: asyncio.AbstractEventLoop, what: str) -> None:
+    def __init__(self, store: Any, key: str, loop: asyncio.AbstractEventLoop, what: str,
+                 legacy_key: str = "") -> None:
         self.store = store
         self.key = key
+        self.legacy_key = legacy_key  # read when `key` was never written (an upgrade)
         self.loop = loop
         self.what = what
+        self._inflight: asyncio.Future[None] | None = None
 
-    def save(self, rows: Iterable[Sequence[Any]]) -> None:
-        if self.store is None:
-            return
+    def _encode(self, rows: Iterable[Sequence[Any]]) -> str:
         offset = time.time() - self.loop.time()
         data = [[a, b, c, float(t) + offset] for a, b, c, t in rows]
+        return json.dumps(data, separators=(",", ":"))
+
+    def _write(self, text: str) -> None:
         try:
-            self.store.set_meta(self.key, json.dumps(data, separators=(",", ":")))
+            self.store.set_meta(self.key, text)
         except Exception as exc:  # noqa: BLE001 - a store outage must not stop dispatching
             log.warning("cannot save %s: %s", self.what, exc)
+
+    def save(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Write now, on the caller's thread (at stop, after ``wait_saved``)."""
+        if self.store is None:
+            return
+        self._write(self._encode(rows))
+
+    async def save_async(self, rows: Iterable[Sequence[Any]]) -> None:
+        """The periodic save: rows taken on the loop, the store write in a thread, so that a
+        store that does not answer (Redis hung or cut off: up to its 10 s write timeout; a
+        SQLite file locked by a long write) never stalls the dispatcher's event loop."""
+        if self.store is None:
+            return
+        text = self._encode(rows)
+        fut = self._inflight = self.loop.run_in_executor(None, self._write, text)
+        await asyncio.shield(fut)
+
+    async def wait_saved(self) -> None:
+        """Wait for a periodic save still running in its thread (so that the final save at
+        stop is written after it, not overwritten by an older snapshot)."""
+        fut = self._inflight
+        if fut is not None and not fut.done():
+            with contextlib.suppress(Exception):
+                await fut
 
     def load(self) -> list[list[Any]]:
         if self.store is None:
             return []
         try:
             text = self.store.get_meta(self.key)
+            if text is None and self.legacy_key:
+                text = self.store.get_meta(self.legacy_key)
             rows = json.loads(text) if text else []
         except Exception as exc:  # noqa: BLE001 - start without them
             log.warning("cannot load %s: %s", self.what, exc)

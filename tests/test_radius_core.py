@@ -244,3 +244,52 @@ def test_status_server_answered_locally(store: LocationStore) -> None:
     raw = rp.sign_request(rp.Packet(rp.STATUS_SERVER, 1, auth, [(rp.MESSAGE_AUTHENTICATOR, rp.ZERO16)]), NAS_SECRET)
     [ans] = core.handle_request(AUTH, raw, NAS, 0.0)
     assert ans.kind == TO_CLIENT and rp.verify_response(ans.data, auth, NAS_SECRET)
+
+
+def test_status_server_on_accounting_port(store: LocationStore) -> None:
+    # RFC 5997 4.2: a NAS checks its accounting server with Status-Server on that port too
+    core = make_core(store)
+    auth = bytes(range(16))
+    raw = rp.sign_request(rp.Packet(rp.STATUS_SERVER, 2, auth, [(rp.MESSAGE_AUTHENTICATOR, rp.ZERO16)]), NAS_SECRET)
+    [ans] = core.handle_request(ACCT, raw, NAS, 0.0)
+    assert ans.kind == TO_CLIENT and rp.decode(ans.data).code == rp.ACCOUNTING_RESPONSE
+    assert rp.verify_response(ans.data, auth, NAS_SECRET)
+    assert rp.verify_message_authenticator(ans.data, NAS_SECRET, auth) is True
+
+
+def test_stop_sent_again_with_new_identifier_follows_the_first(store: LocationStore) -> None:
+    # the NAS missed the Accounting-Response to its Stop and sends it again with an updated
+    # Acct-Delay-Time (so a new Identifier and authenticator, RFC 2866 5.2): it is the
+    # same session and goes to the same system, even after the customer moved
+    core = make_core(store)
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "s9", 1), NAS, 0.0)
+    core.handle_answer("source", fwd.via, server_answer(fwd), SRC_ACCT, 0.1)
+    store.migrate(["1"], "target")
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_STOP, "s9", 2), NAS, 1.0)
+    assert fwd.system == "source"
+    core.handle_answer("source", fwd.via, server_answer(fwd), SRC_ACCT, 1.1)
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_STOP, "s9", 3), NAS, 5.0)
+    assert fwd.system == "source"
+    core.handle_answer("source", fwd.via, server_answer(fwd), SRC_ACCT, 5.1)
+    # a new session of the customer goes to its new system
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "s10", 4), NAS, 6.0)
+    assert fwd.system == "target"
+
+
+def test_unknown_reject_answers_access_reject(tmp_path: Path) -> None:
+    s = open_test_store(tmp_path, unknown="reject")
+    try:
+        core = make_core(s)
+        auth = bytes(range(16))
+        raw = access_request("nobody", 5, auth=auth, extra=[(rp.PROXY_STATE, b"nas-state")])
+        [ans] = core.handle_request(AUTH, raw, NAS, 0.0)
+        assert ans.kind == TO_CLIENT and ans.addr == NAS
+        pkt = rp.decode(ans.data)
+        assert pkt.code == rp.ACCESS_REJECT and pkt.identifier == 5
+        assert pkt.get_all(rp.PROXY_STATE) == [b"nas-state"]
+        assert rp.verify_response(ans.data, auth, NAS_SECRET)
+        assert rp.verify_message_authenticator(ans.data, NAS_SECRET, auth) is True
+        # the NAS's retransmission gets the same answer
+        assert core.handle_request(AUTH, raw, NAS, 0.5) == [ans]
+    finally:
+        s.close()

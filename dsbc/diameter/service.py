@@ -20,7 +20,7 @@ from dsbc.diameter.peer import Connection, ConnState, LocalNode, PeerLink
 from dsbc.diameter.routing import TO_CLIENT, DiameterRouter, Send, SystemRoute
 from dsbc.store.base import BadIdentity, LocationStore, normalise
 
-from ..core_timer import CoreTimer, PinnedRows
+from ..core_timer import CoreTimer, PinnedRows, node_key
 
 log = logging.getLogger("dsbc.diameter")
 
@@ -60,7 +60,8 @@ class DiameterService:
         self.address: tuple[str, int] | None = None
         self.bad_messages = 0
         self._timer = CoreTimer(self.loop, self.router.get_timer, self.router.handle_timer, self._send)
-        self._pins = PinnedRows(store, SESSIONS_META_KEY, self.loop, "diameter sessions")
+        self._pins = PinnedRows(store, node_key(SESSIONS_META_KEY, cfg.diameter.listen), self.loop,
+                                "diameter sessions", legacy_key=SESSIONS_META_KEY)
         self._persist_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -137,7 +138,7 @@ class DiameterService:
         while True:
             await asyncio.sleep(PERSIST_EVERY)
             if self.router.sessions_dirty:
-                self._persist()
+                await self._pins.save_async(self.router.sessions_snapshot())
 
     # -- service interface ------------------------------------------------------------------------
 
@@ -157,6 +158,7 @@ class DiameterService:
             self._persist_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._persist_task
+            await self._pins.wait_saved()
         if self.server is not None:
             self.server.close()
         await asyncio.gather(*(link.stop() for link in self.links.values()),

@@ -159,6 +159,9 @@ class RadiusCore:
         # (NAS address, Acct-Session-Id) -> [system, last seen]
         self.sticky: dict[tuple[str, str], list[object]] = {}
         self.sticky_dirty = False
+        # sessions whose Stop was answered -> (system, until): a Stop the NAS sends again with
+        # a new Identifier (Acct-Delay-Time changed, RFC 2866 5.2) follows the first one
+        self._stopped: dict[tuple[str, str], tuple[str, float]] = {}
         self.requests = 0
         self.answers = 0
         self.duplicates = 0
@@ -209,8 +212,9 @@ class RadiusCore:
         except rp.RadiusDecodeError as exc:
             return self.drop(exc.reason)
         code = pkt.code
-        if code not in rp.REQUEST_CODES or (code == rp.ACCOUNTING_REQUEST) != (via == ACCT):
-            return self.drop("bad_code")
+        if code not in rp.REQUEST_CODES or (
+                code != rp.STATUS_SERVER and (code == rp.ACCOUNTING_REQUEST) != (via == ACCT)):
+            return self.drop("bad_code")  # Status-Server is welcome on both ports (RFC 5997 4)
         key: DupKey = (addr[0], addr[1], code, pkt.identifier, pkt.authenticator)
         dup = self._dups.get(key)
         if dup is not None:
@@ -244,6 +248,10 @@ class RadiusCore:
         if pinned is not None:
             pinned[1] = now
             return self._forward(req, self.systems[str(pinned[0])], dup, now)
+        if session is not None and status != rp.ACCT_START:
+            stopped = self._stopped.get(session)
+            if stopped is not None and stopped[1] > now:
+                return self._forward(req, self.systems[stopped[0]], dup, now)
         system, state = self.decide(user)
         if state == "locked":
             req.deadline = now + self.lock_hold
@@ -276,6 +284,16 @@ class RadiusCore:
 
     def _route(self, req: _Request, system_name: str, dup: _Dup, now: float) -> list[Out]:
         system = self.systems.get(system_name)
+        if system is None and system_name == "reject" and req.pkt.code == rp.ACCESS_REQUEST:
+            # store.unknown = "reject": answer Access-Reject (a NAS left without an answer
+            # retransmits and then takes dsbc for a dead server)
+            self.drop("rejected")
+            attrs = [(rp.MESSAGE_AUTHENTICATOR, rp.ZERO16)]
+            attrs += [(rp.PROXY_STATE, v) for v in req.pkt.get_all(rp.PROXY_STATE)]
+            ans = rp.Packet(rp.ACCESS_REJECT, req.pkt.identifier, req.pkt.authenticator, attrs)
+            wire = rp.sign_response(ans, req.pkt.authenticator, req.client.secret)
+            dup.answer = wire
+            return [Out(TO_CLIENT, req.via, "", wire, req.addr)]
         if system is None:
             self._dups.pop(req.key, None)
             return self.drop("rejected" if system_name == "reject" else "no_system")
@@ -396,9 +414,10 @@ class RadiusCore:
         pkt.identifier = req.pkt.identifier
         wire = rp.sign_response(pkt, req.pkt.authenticator, req.client.secret)
         dup.answer = wire
-        if req.session is not None and req.status == rp.ACCT_STOP \
-                and self.sticky.pop(req.session, None) is not None:
-            self.sticky_dirty = True
+        if req.session is not None and req.status == rp.ACCT_STOP:
+            if self.sticky.pop(req.session, None) is not None:
+                self.sticky_dirty = True
+            self._stopped[req.session] = (system.name, now + self.window)
         self.answers += 1
         return [Out(TO_CLIENT, req.via, system.name, wire, req.addr)]
 
@@ -415,7 +434,7 @@ class RadiusCore:
             times.append(min(self._held[0].deadline, self._last_now + self.HOLD_POLL))
         if self._dup_expiry:
             times.append(self._dup_expiry[0][0])
-        if self.sticky:
+        if self.sticky or self._stopped:
             times.append(self._next_sweep)
         return min(times) if times else None
 
@@ -477,6 +496,8 @@ class RadiusCore:
             for k in stale:
                 del self.sticky[k]
             self.sticky_dirty = self.sticky_dirty or bool(stale)
+            for k in [k for k, v in self._stopped.items() if v[1] <= now]:
+                del self._stopped[k]
         return out
 
     def _is_held(self, key: DupKey) -> bool:

@@ -19,7 +19,7 @@ from dsbc.config import Config, parse_hostport
 from dsbc.radius.core import ACCT, AUTH, TO_CLIENT, Addr, Out, RadiusCore, SystemTarget
 from dsbc.store.base import LocationStore
 
-from ..core_timer import CoreTimer, PinnedRows
+from ..core_timer import CoreTimer, PinnedRows, node_key
 
 log = logging.getLogger("dsbc.radius")
 
@@ -67,7 +67,8 @@ class _Listener(asyncio.DatagramProtocol):
 class RadiusService:
     """A running RADIUS dispatcher: ``status()`` for metrics, ``await stop()`` to end it."""
 
-    def __init__(self, core: RadiusCore, store: LocationStore | None, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, core: RadiusCore, store: LocationStore | None, loop: asyncio.AbstractEventLoop,
+                 pins_key: str = STICKY_META_KEY) -> None:
         self.core = core
         self.store = store
         self.loop = loop
@@ -75,7 +76,8 @@ class RadiusService:
         self.addresses: list[Addr] = []
         self._socks: dict[tuple[str, int], socket.socket] = {}
         self._timer = CoreTimer(self.loop, self.core.get_timer, self.core.handle_timer, self._send)
-        self._pins = PinnedRows(store, STICKY_META_KEY, self.loop, "radius accounting sessions")
+        self._pins = PinnedRows(store, pins_key, self.loop, "radius accounting sessions",
+                                legacy_key=STICKY_META_KEY if pins_key != STICKY_META_KEY else "")
         self._persist_task: asyncio.Task[None] | None = None
         self.send_errors = 0
 
@@ -137,7 +139,7 @@ class RadiusService:
         while True:
             await asyncio.sleep(PERSIST_EVERY)
             if self.core.sticky_dirty:
-                self._persist()
+                await self._pins.save_async(self.core.sticky_snapshot())
 
     # -- service interface -----------------------------------------------------------------------
 
@@ -152,6 +154,7 @@ class RadiusService:
             self._persist_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._persist_task
+            await self._pins.wait_saved()
         self._timer.cancel()
         for lst in self.listeners:
             if lst.transport is not None:
@@ -195,7 +198,7 @@ async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
         duplicate_window=rc.duplicate_window,
         lock_hold=cfg.store.lock_hold,
     )
-    svc = RadiusService(core, store, loop)
+    svc = RadiusService(core, store, loop, node_key(STICKY_META_KEY, rc.auth_listen))
     svc._restore()
     try:
         for via, listen, default in ((AUTH, rc.auth_listen, 1812), (ACCT, rc.acct_listen, 1813)):
