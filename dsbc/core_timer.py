@@ -55,10 +55,15 @@ class CoreTimer:
             self._timer = None
 
 
-def node_key(base: str, listen: str) -> str:
-    """The meta key of this node's rows: nodes sharing one store (Redis) must not overwrite
-    each other's saved rows, so each keeps its own, named by host name and listen address."""
-    return f"{base}@{socket.gethostname()}/{listen}"
+def node_key(base: str, listen: str, store_url: str) -> str:
+    """The meta key of this node's rows: nodes sharing one store must not overwrite each
+    other's saved rows, so each keeps its own.  A SQLite file is shared by the processes
+    of one host only: the listen address tells its nodes apart (and a container's new
+    host name does not lose them).  Redis nodes are told apart by host name too: give
+    each a stable one (docs/OPERATIONS.md)."""
+    if store_url.startswith("redis"):
+        return f"{base}@{socket.gethostname()}/{listen}"
+    return f"{base}@{listen}"
 
 
 class PinnedRows:

@@ -60,7 +60,7 @@ class DiameterService:
         self.address: tuple[str, int] | None = None
         self.bad_messages = 0
         self._timer = CoreTimer(self.loop, self.router.get_timer, self.router.handle_timer, self._send)
-        self._pins = PinnedRows(store, node_key(SESSIONS_META_KEY, cfg.diameter.listen), self.loop,
+        self._pins = PinnedRows(store, node_key(SESSIONS_META_KEY, cfg.diameter.listen, cfg.store.url), self.loop,
                                 "diameter sessions", legacy_key=SESSIONS_META_KEY)
         self._persist_task: asyncio.Task[None] | None = None
         self._stopping = False

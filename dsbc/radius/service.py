@@ -198,7 +198,7 @@ async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
         duplicate_window=rc.duplicate_window,
         lock_hold=cfg.store.lock_hold,
     )
-    svc = RadiusService(core, store, loop, node_key(STICKY_META_KEY, rc.auth_listen))
+    svc = RadiusService(core, store, loop, node_key(STICKY_META_KEY, rc.auth_listen, cfg.store.url))
     svc._restore()
     try:
         for via, listen, default in ((AUTH, rc.auth_listen, 1812), (ACCT, rc.acct_listen, 1813)):
