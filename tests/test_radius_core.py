@@ -293,3 +293,20 @@ def test_unknown_reject_answers_access_reject(tmp_path: Path) -> None:
         assert core.handle_request(AUTH, raw, NAS, 0.5) == [ans]
     finally:
         s.close()
+
+
+def test_access_answers_to_the_nas_carry_message_authenticator_first(store: LocationStore) -> None:
+    """Blast-RADIUS hardening: a home server that sends no Message-Authenticator (FreeRADIUS
+    3.2.1 does not) still gets one added, as the first attribute, signed for the NAS."""
+    core = make_core(store)
+    auth = bytes(range(16))
+    for code in (rp.ACCESS_ACCEPT, rp.ACCESS_REJECT, rp.ACCESS_CHALLENGE):
+        [fwd] = core.handle_request(AUTH, access_request("alice", ident=code, auth=auth), NAS, 0.0)
+        [ans] = core.handle_answer("source", fwd.via, server_answer(fwd, code=code), SRC, 0.1)
+        back = rp.decode(ans.data)
+        assert back.code == code and back.attrs[0][0] == rp.MESSAGE_AUTHENTICATOR
+        assert rp.verify_message_authenticator(ans.data, NAS_SECRET, auth) is True
+        assert rp.verify_response(ans.data, auth, NAS_SECRET)
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "s-ma"), NAS, 0.2)
+    [ans] = core.handle_answer("source", fwd.via, server_answer(fwd), SRC_ACCT, 0.3)
+    assert rp.decode(ans.data).get(rp.MESSAGE_AUTHENTICATOR) is None  # accounting: as it came

@@ -412,6 +412,10 @@ class RadiusCore:
         if dup.answer is not None:
             return []  # second answer of a fan-out
         pkt.identifier = req.pkt.identifier
+        if code in rp.AUTH_ANSWERS and pkt.get(rp.MESSAGE_AUTHENTICATOR) is None:
+            # Blast-RADIUS (CVE-2024-3596): a NAS may require it in every Access answer,
+            # and first; home servers that leave it out still get their answers through
+            pkt.attrs.insert(0, (rp.MESSAGE_AUTHENTICATOR, rp.ZERO16))
         wire = rp.sign_response(pkt, req.pkt.authenticator, req.client.secret)
         dup.answer = wire
         if req.session is not None and req.status == rp.ACCT_STOP:
