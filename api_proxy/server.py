@@ -214,6 +214,9 @@ class ApiProxy(Flows):
             access_log=None,
             keepalive_timeout=75.0,
             lingering_time=min(1.0, self.settings.body_timeout),
+            # bodies pass as sent: a Content-Encoding: gzip upload must reach the back end
+            # gzipped (the fast path relays it as it is too), never inflated under that header
+            auto_decompress=False,
         )
         server.proxy = self
         self._aio = server
