@@ -68,3 +68,36 @@ def test_a_gzip_upload_reaches_the_back_end_as_sent(tmp_path: Path) -> None:
                 assert doc["sha256"] == hashlib.sha256(plain).hexdigest()
 
     run(main)
+
+
+def test_a_create_recorded_from_a_stale_copy_does_not_undo_a_migration(tmp_path: Path) -> None:
+    """A create for a customer this node still sees on the source (its copy of the store
+    is a poll behind a migration another process committed) records the new identities
+    without writing the old system back over the migration."""
+    from dsbc.store import open_store
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            other = open_store(f"sqlite:///{tmp_path / 'loc.db'}")  # the CLI, another node
+            try:
+                other.migrate(["1"], "target", who="test")
+                st, doc, _ = await env.call(
+                    ADMIN,
+                    "Account/add_account",
+                    {"account_info": {"i_customer": 1, "id": "stale-copy"}},
+                    {"login": "admin", "password": "admin"},
+                )
+                assert st == 200, doc
+                other.refresh()
+                fresh = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+                try:
+                    cust = fresh.customer("1")
+                    assert cust is not None and cust.system == "target", cust
+                    loc = fresh.lookup("account", "stale-copy")
+                    assert loc is not None and loc.customer_id == "1"
+                finally:
+                    fresh.close()
+            finally:
+                other.close()
+
+    run(main)
