@@ -101,3 +101,46 @@ def test_a_create_recorded_from_a_stale_copy_does_not_undo_a_migration(tmp_path:
                 other.close()
 
     run(main)
+
+
+def test_an_account_realm_login_by_account_id_finds_its_owner() -> None:
+    """Account self-care logs in by account id: with no ``login`` identity for it, the
+    ``account`` identity names the owner, so a locked customer's login is held (SPEC 1)
+    and a migrated one goes straight to its system."""
+    import asyncio
+    from urllib.parse import urlencode
+
+    from api_proxy.classify import Action, RouteKey, classify
+    from api_proxy.errors import CustomerLocked
+    from api_proxy.forward import Forwarder
+    from api_proxy.router import DictRouter, ProxySettings
+
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = urlencode({"params": json.dumps({"login": "100002", "password": "x"})}).encode()
+    c = classify("account", "POST", "/rest/Session/login", form, body)
+    assert c.action is Action.LOGIN
+    assert RouteKey("account", "100002", "login") in c.keys
+    web = classify("account", "POST", "/login", form, b"login=100002&password=x")
+    assert web.action is Action.WEB_LOGIN and RouteKey("account", "100002", "form") in web.keys
+    # the customer realm's logins are customer logins only
+    assert [k.kind for k in classify("customer", "POST", "/rest/Session/login", form, body).keys] == [
+        "login"
+    ]
+
+    router = DictRouter(lock_hold=0.1)
+    router.add("2", "source", ["account:100002", "login:bob"])
+    router.customers["2"] = ("source", "locked")
+    fwd = Forwarder(ProxySettings(), router)
+
+    async def resolve() -> None:
+        try:
+            await fwd.resolve(c.keys)
+        except CustomerLocked:
+            return
+        raise AssertionError("a locked customer's account login was not held")
+
+    asyncio.run(resolve())
+    assert fwd.metrics["held"] == 1
+    router.customers["2"] = ("target", "active")
+    found = fwd.owner_of(c.keys)
+    assert found is not None and found[1].system == "target"
