@@ -144,3 +144,23 @@ def test_an_account_realm_login_by_account_id_finds_its_owner() -> None:
     router.customers["2"] = ("target", "active")
     found = fwd.owner_of(c.keys)
     assert found is not None and found[1].system == "target"
+
+
+def test_a_header_section_over_max_header_size_in_total_gets_431(tmp_path: Path) -> None:
+    """max_header_size bounds the whole header section (deploy/dsbc.example.toml), not
+    each field: many fields under the per-field limit add up and get 431 too."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            pad = "".join(f"X-Pad-{i}: {'a' * 4000}\r\n" for i in range(20))  # 80 kB
+            head = (
+                f"GET /rest/Generic/get_version HTTP/1.1\r\nHost: {CUSTOMER}\r\n{pad}"
+                "Connection: close\r\n\r\n"
+            )
+            out = await raw(env, head.encode())
+            assert out.startswith(b"HTTP/1.1 431 "), out[:200]
+            assert fault_of(out)["faultcode"] == "Server.Dispatcher.request_too_large"
+            assert not [e for e in env.target.log if e["method"] == "Generic/get_version"]
+            await still_fine(env)
+
+    run(main)
