@@ -131,7 +131,7 @@ def _json_object(value: Any, field: str) -> dict[str, Any]:
             return {}
         try:
             value = msgspec.json.decode(value)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # (nesting deeper than msgspec takes)
             raise BadRequest(f"{field} is not valid JSON") from None
     if value is None:
         return {}
@@ -217,7 +217,7 @@ def parse_call(
             fmt = _JSON
             try:
                 doc = _json_decode(body)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):  # (nesting deeper than msgspec takes)
                 raise BadRequest("the JSON body is not valid JSON") from None
             if not isinstance(doc, dict):
                 raise BadRequest("the JSON body must be an object")

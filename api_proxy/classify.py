@@ -313,6 +313,14 @@ def _credentials(call: ApiCall | None, cookies: dict[str, str]) -> Credentials:
     return Credentials(sid, tok, ref, login, secret, bearer)
 
 
+def _login_keys(realm: str, login: str, where: str) -> tuple[RouteKey, ...]:
+    """Owner candidates of a login: the ``login`` identity, and in the account realm the
+    account id too (account self-care logs in by account id unless a login was set)."""
+    if realm == "account":
+        return (RouteKey("login", login, where), RouteKey("account", login, where))
+    return (RouteKey("login", login, where),)
+
+
 def needs_body(realm: str, method: str, target: str, headers: Mapping[str, str]) -> bool:
     """Whether routing must read (a bounded prefix of) the request body."""
     if method in ("GET", "HEAD", "OPTIONS", "DELETE"):
@@ -387,7 +395,7 @@ def classify(
             user = next((fields[f] for f in LOGIN_FIELDS if fields.get(f)), "")
             if user and any(fields.get(f) for f in PASSWORD_FIELDS):
                 out.action = Action.WEB_LOGIN
-                out.keys = (RouteKey("login", user[:256], "form"),)
+                out.keys = _login_keys(realm, user[:256], "form")
                 out.creds = Credentials(login=user[:256], secret=True)
                 return out
         out.creds = _credentials(None, cookies)
@@ -404,7 +412,7 @@ def classify(
             out.action = Action.LOGIN
             login = _scalar(params.get("login")) or _scalar((call.auth_info or {}).get("login"))
             if login:
-                out.keys = (RouteKey("login", login, "login"),)
+                out.keys = _login_keys(realm, login, "login")
             return out
         if api_method == "logout":
             out.action = Action.LOGOUT
@@ -418,7 +426,7 @@ def classify(
 
     if kind is _CUSTOMER:
         if not (creds.session_id or creds.access_token or creds.refresh_token) and creds.login:
-            out.keys = (RouteKey("login", creds.login, "auth_info.login"),)
+            out.keys = _login_keys(realm, creds.login, "auth_info.login")
         return out
 
     # admin realms: an owner wins over merging and over the create rules

@@ -50,6 +50,12 @@ class RequestTooLarge(BadRequest):
     http_status = 413
 
 
+class HeadersTooLarge(RequestTooLarge):
+    """A request header section over ``max_header_size`` in total."""
+
+    http_status = 431
+
+
 class RequestTimeout(BadRequest):
     """The client stopped sending its body."""
 

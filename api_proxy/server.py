@@ -32,6 +32,7 @@ from api_proxy.errors import (
     BadRequest,
     CustomerLocked,
     DispatchError,
+    HeadersTooLarge,
     RequestTimeout,
     RequestTooLarge,
     UnknownHost,
@@ -214,6 +215,9 @@ class ApiProxy(Flows):
             access_log=None,
             keepalive_timeout=75.0,
             lingering_time=min(1.0, self.settings.body_timeout),
+            # bodies pass as sent: a Content-Encoding: gzip upload must reach the back end
+            # gzipped (the fast path relays it as it is too), never inflated under that header
+            auto_decompress=False,
         )
         server.proxy = self
         self._aio = server
@@ -340,6 +344,14 @@ class ApiProxy(Flows):
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         sock = request.transport.get_extra_info("sockname") if request.transport else None
         local_port = sock[1] if isinstance(sock, tuple) and len(sock) > 1 else 0
+        # aiohttp bounds each line and field (max_line_size / max_field_size) and their
+        # number, not the section: max_header_size is the whole section, as documented
+        limit = self.settings.max_header_size
+        size = 0
+        for name, value in request.raw_headers:
+            size += len(name) + len(value) + 4
+            if size > limit:
+                raise HeadersTooLarge(f"the request headers are over {limit} bytes")
         vhost = self.table.select(request.headers.get("Host", ""), local_port)
         if vhost is None:
             raise UnknownHost(

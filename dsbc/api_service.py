@@ -153,8 +153,13 @@ class StoreRouter:
         if cust is None:
             self.store.put_customer(customer_id, new, system)
         else:
+            # no system: the stored one stays.  This node's copy of the customer may be a
+            # poll behind a migration another process just committed; writing its system
+            # back would silently undo that migration.
             keys = list(dict.fromkeys([*cust.identities, *new]))
-            self.store.put_customer(customer_id, keys, cust.system, cust.group)
+            self.store.import_rows(
+                [{"customer_id": customer_id, "identities": keys, "group": cust.group}]
+            )
         log.info(
             "recorded %s for customer %s on %s",
             ", ".join(new) or "the customer",

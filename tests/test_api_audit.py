@@ -1,0 +1,166 @@
+"""Found by the API acceptance audit: deep JSON, gzip uploads, creates racing a migration."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+from tests.test_api_badinput import fault_of, raw, still_fine
+from tests.test_api_support import ADMIN, CUSTOMER, ApiEnv, run
+
+
+def test_deeply_nested_json_gets_a_bad_request_fault(tmp_path: Path) -> None:
+    """JSON nested deeper than the decoder takes is bad input (a fault), not a traceback
+    and a dropped connection."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            deep = "[" * 5000 + "]" * 5000
+            bodies = [
+                ("application/json", ('{"params":' + deep + "}").encode()),
+                ("application/x-www-form-urlencoded", b"params=" + deep.encode()),
+            ]
+            for host in (CUSTOMER, ADMIN):
+                for ctype, body in bodies:
+                    for extra, payload in (
+                        (f"Content-Length: {len(body)}\r\n", body),  # the fast path
+                        (
+                            "Transfer-Encoding: chunked\r\n",  # the aiohttp path
+                            b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body),
+                        ),
+                    ):
+                        head = (
+                            f"POST /rest/Customer/get_customer_info HTTP/1.1\r\nHost: {host}\r\n"
+                            f"Content-Type: {ctype}\r\n{extra}Connection: close\r\n\r\n"
+                        )
+                        doc = fault_of(await raw(env, head.encode() + payload))
+                        assert doc["faultcode"] == "Server.Dispatcher.bad_request", (host, doc)
+            assert env.api.metrics["internal_errors"] == 0
+            await still_fine(env)
+
+    run(main)
+
+
+def test_a_gzip_upload_reaches_the_back_end_as_sent(tmp_path: Path) -> None:
+    """A body sent with Content-Encoding: gzip is relayed byte for byte on both paths
+    (the back end inflates it), never inflated by dsbc and sent on under the gzip header."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            plain = b"a CWMP envelope or an upload " * 500
+            gz = gzip.compress(plain)
+            head = (
+                f"POST /_emulator/echo HTTP/1.1\r\nHost: {CUSTOMER}\r\n"
+                "Content-Type: application/octet-stream\r\nContent-Encoding: gzip\r\n"
+                "Connection: close\r\n"
+            )
+            for extra, payload in (
+                (f"Content-Length: {len(gz)}\r\n\r\n", gz),
+                ("Transfer-Encoding: chunked\r\n\r\n", b"%x\r\n%b\r\n0\r\n\r\n" % (len(gz), gz)),
+            ):
+                out = await raw(env, head.encode() + extra.encode() + payload)
+                status, _, body = out.partition(b"\r\n\r\n")
+                assert status.startswith(b"HTTP/1.1 200"), out[:300]
+                doc = json.loads(body)
+                assert doc["size"] == len(plain), doc
+                assert doc["sha256"] == hashlib.sha256(plain).hexdigest()
+
+    run(main)
+
+
+def test_a_create_recorded_from_a_stale_copy_does_not_undo_a_migration(tmp_path: Path) -> None:
+    """A create for a customer this node still sees on the source (its copy of the store
+    is a poll behind a migration another process committed) records the new identities
+    without writing the old system back over the migration."""
+    from dsbc.store import open_store
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            other = open_store(f"sqlite:///{tmp_path / 'loc.db'}")  # the CLI, another node
+            try:
+                other.migrate(["1"], "target", who="test")
+                st, doc, _ = await env.call(
+                    ADMIN,
+                    "Account/add_account",
+                    {"account_info": {"i_customer": 1, "id": "stale-copy"}},
+                    {"login": "admin", "password": "admin"},
+                )
+                assert st == 200, doc
+                other.refresh()
+                fresh = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+                try:
+                    cust = fresh.customer("1")
+                    assert cust is not None and cust.system == "target", cust
+                    loc = fresh.lookup("account", "stale-copy")
+                    assert loc is not None and loc.customer_id == "1"
+                finally:
+                    fresh.close()
+            finally:
+                other.close()
+
+    run(main)
+
+
+def test_an_account_realm_login_by_account_id_finds_its_owner() -> None:
+    """Account self-care logs in by account id: with no ``login`` identity for it, the
+    ``account`` identity names the owner, so a locked customer's login is held (SPEC 1)
+    and a migrated one goes straight to its system."""
+    import asyncio
+    from urllib.parse import urlencode
+
+    from api_proxy.classify import Action, RouteKey, classify
+    from api_proxy.errors import CustomerLocked
+    from api_proxy.forward import Forwarder
+    from api_proxy.router import DictRouter, ProxySettings
+
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = urlencode({"params": json.dumps({"login": "100002", "password": "x"})}).encode()
+    c = classify("account", "POST", "/rest/Session/login", form, body)
+    assert c.action is Action.LOGIN
+    assert RouteKey("account", "100002", "login") in c.keys
+    web = classify("account", "POST", "/login", form, b"login=100002&password=x")
+    assert web.action is Action.WEB_LOGIN and RouteKey("account", "100002", "form") in web.keys
+    # the customer realm's logins are customer logins only
+    assert [k.kind for k in classify("customer", "POST", "/rest/Session/login", form, body).keys] == [
+        "login"
+    ]
+
+    router = DictRouter(lock_hold=0.1)
+    router.add("2", "source", ["account:100002", "login:bob"])
+    router.customers["2"] = ("source", "locked")
+    fwd = Forwarder(ProxySettings(), router)
+
+    async def resolve() -> None:
+        try:
+            await fwd.resolve(c.keys)
+        except CustomerLocked:
+            return
+        raise AssertionError("a locked customer's account login was not held")
+
+    asyncio.run(resolve())
+    assert fwd.metrics["held"] == 1
+    router.customers["2"] = ("target", "active")
+    found = fwd.owner_of(c.keys)
+    assert found is not None and found[1].system == "target"
+
+
+def test_a_header_section_over_max_header_size_in_total_gets_431(tmp_path: Path) -> None:
+    """max_header_size bounds the whole header section (deploy/dsbc.example.toml), not
+    each field: many fields under the per-field limit add up and get 431 too."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            pad = "".join(f"X-Pad-{i}: {'a' * 4000}\r\n" for i in range(20))  # 80 kB
+            head = (
+                f"GET /rest/Generic/get_version HTTP/1.1\r\nHost: {CUSTOMER}\r\n{pad}"
+                "Connection: close\r\n\r\n"
+            )
+            out = await raw(env, head.encode())
+            assert out.startswith(b"HTTP/1.1 431 "), out[:200]
+            assert fault_of(out)["faultcode"] == "Server.Dispatcher.request_too_large"
+            assert not [e for e in env.target.log if e["method"] == "Generic/get_version"]
+            await still_fine(env)
+
+    run(main)
