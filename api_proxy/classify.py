@@ -321,6 +321,23 @@ def _login_keys(realm: str, login: str, where: str) -> tuple[RouteKey, ...]:
     return (RouteKey("login", login, where),)
 
 
+#: words in the path of a self-care login form ("/login", "/signin", "/auth/...")
+_LOGIN_PATH_WORDS: Final = ("login", "signin", "sign_in", "auth")
+
+
+def _is_login_form(fields: Mapping[str, str], path: str, signed_in: bool) -> bool:
+    """Whether a form holding a user name and a password is a login.  PortaBilling's own
+    ``pb_auth_user`` always is.  The generic names (``login``, ``username``, ``user``) are a
+    login too, unless the browser is signed in already (a session or authorized-by-remote
+    cookie) and the form is not posted to a login path: then it is a form of the signed-in
+    customer (add a SIP user, change a password), which must run once, on the browser's
+    system, not be tried on the target and then again on the source."""
+    if fields.get("pb_auth_user") or not signed_in:
+        return True
+    low = path.lower()
+    return any(w in low for w in _LOGIN_PATH_WORDS)
+
+
 def needs_body(realm: str, method: str, target: str, headers: Mapping[str, str]) -> bool:
     """Whether routing must read (a bounded prefix of) the request body."""
     if method in ("GET", "HEAD", "OPTIONS", "DELETE"):
@@ -393,7 +410,9 @@ def classify(
             except BadRequest:  # any other form (legacy charset, many fields): not a login
                 fields = {}
             user = next((fields[f] for f in LOGIN_FIELDS if fields.get(f)), "")
-            if user and any(fields.get(f) for f in PASSWORD_FIELDS):
+            if user and any(fields.get(f) for f in PASSWORD_FIELDS) and _is_login_form(
+                fields, path, out.remote or "session_id" in cookies or "access_token" in cookies
+            ):
                 out.action = Action.WEB_LOGIN
                 out.keys = _login_keys(realm, user[:256], "form")
                 out.creds = Credentials(login=user[:256], secret=True)

@@ -164,3 +164,25 @@ def test_a_header_section_over_max_header_size_in_total_gets_431(tmp_path: Path)
             await still_fine(env)
 
     run(main)
+
+
+def test_a_signed_in_browsers_form_with_a_user_and_a_password_runs_once(tmp_path: Path) -> None:
+    """A self-care form of a customer signed in on the source (authorized-by-remote) that
+    holds a user name and a password (add a SIP user) is no login: it reaches the source
+    once, and is never tried on the target first."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            body = b"username=sipuser7&password=NewSecret1"
+            head = (
+                f"POST /_emulator/echo HTTP/1.1\r\nHost: {CUSTOMER}\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\n"
+                "Cookie: sc_session=abc; authorized-by-remote=1\r\nConnection: close\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            out = await raw(env, head.encode() + body)
+            assert out.startswith(b"HTTP/1.1 200"), out[:300]
+            assert [e["method"] for e in env.source.log] == ["test:echo"]
+            assert env.target.log == []
+
+    run(main)

@@ -146,6 +146,19 @@ def test_actions() -> None:
     assert porting.keys == (RouteKey("did", "+1 555 0100", "number"),)
     web = classify("customer", "POST", "/login", FORM, b"login=bob&password=pw")
     assert web.action is Action.WEB_LOGIN and web.keys[0].value == "bob"
+    # a signed-in browser's form that holds a user and a password is no login (it must
+    # run once, on the browser's system), unless posted to a login path or PortaBilling's
+    # own pb_auth_user form
+    add_user = b"username=sipuser7&password=NewSecret1"
+    for cookie in ("authorized-by-remote=1", "session_id=abc", "access_token=t"):
+        signed_in = {**FORM, "cookie": cookie}
+        add = classify("customer", "POST", "/accounts/add", signed_in, add_user)
+        assert add.action is Action.FOLLOW, cookie
+        relogin = classify("customer", "POST", "/Login", signed_in, add_user)
+        assert relogin.action is Action.WEB_LOGIN, cookie
+        pb = b"pb_auth_user=bob&pb_auth_password=pw"
+        assert classify("customer", "POST", "/", signed_in, pb).action is Action.WEB_LOGIN
+    assert classify("customer", "POST", "/accounts/add", FORM, add_user).action is Action.WEB_LOGIN
     many = "&".join(f"f{i}=v" for i in range(400)).encode()
     for body in (many, b"name=\xe9t\xe9", b"%%%"):
         assert classify("customer", "POST", "/settings", FORM, body).action is Action.FOLLOW
