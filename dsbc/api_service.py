@@ -46,6 +46,7 @@ class StoreRouter:
         self._local: dict[str, ApiSession] = {}
         self._gone: dict[str, float] = {}
         self._next_purge = 0.0
+        self.collisions = 0  # created entities not recorded: their id is another customer's
         # the SessionRecord made for each ApiSession the store handed out, while the store
         # hands out the same object (records are never changed): no copy per request
         self._records: dict[str, tuple[ApiSession, SessionRecord]] = {}
@@ -140,16 +141,38 @@ class StoreRouter:
             del self._local[k]
 
     def record_created(self, customer_id: str, system: str, identities: Sequence[str]) -> None:
+        cust = self.store.customer(customer_id)
+        if cust is not None and cust.system != system:
+            # the target starts as a copy of the source, so both systems hand out the same
+            # ids: this id is another system's customer (or, rarely, one that moved a poll
+            # ago).  Recording would give that customer's routing to the new entity.
+            log.warning(
+                "not recording what was created for customer %s on %s: the store has "
+                "customer %s on %s (ids collide between the systems?)",
+                customer_id, system, customer_id, cust.system,
+            )
+            self.collisions += 1
+            return
         new = []
         for ident in identities:
             kind, _, value = ident.partition(":")
             try:
-                new.append(f"{kind}:{normalise(kind, value)}")
+                ident = f"{kind}:{normalise(kind, value)}"
             except BadIdentity:
                 log.warning(
                     "not recording %r for customer %s: not a valid identity", ident, customer_id
                 )
-        cust = self.store.customer(customer_id)
+                continue
+            owner = self.store.lookup(*ident.split(":", 1))
+            if owner is not None and owner.customer_id != customer_id:
+                log.warning(
+                    "not recording %s for customer %s on %s: it belongs to customer %s on %s "
+                    "(ids collide between the systems?)",
+                    ident, customer_id, system, owner.customer_id, owner.system,
+                )
+                self.collisions += 1
+                continue
+            new.append(ident)
         if cust is None:
             self.store.put_customer(customer_id, new, system)
         else:

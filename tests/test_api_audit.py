@@ -186,3 +186,29 @@ def test_a_signed_in_browsers_form_with_a_user_and_a_password_runs_once(tmp_path
             assert env.target.log == []
 
     run(main)
+
+
+def test_a_created_id_that_is_another_customers_is_not_recorded(tmp_path: Path) -> None:
+    """The target starts as a copy of the source, so both hand out the same ids.  A create
+    on one system whose customer id or identity the store gives to another customer (on
+    the other system) is not recorded: it would take that customer's routing."""
+    from dsbc.api_service import StoreRouter
+    from dsbc.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+    try:
+        store.put_customer("5001", ["login:old5001"], "source")
+        store.put_customer("7", ["i_account:50001"], "source")
+        store.put_customer("4", ["login:four"], "target")
+        router = StoreRouter(store)
+        router.record_created("5001", "target", ["login:new5001"])
+        assert store.lookup("login", "new5001") is None
+        assert store.customer("5001").system == "source"  # type: ignore[union-attr]
+        router.record_created("4", "target", ["i_account:50001", "account:fresh"])
+        owner = store.lookup("i_account", "50001")
+        assert owner is not None and owner.customer_id == "7" and owner.system == "source"
+        fresh = store.lookup("account", "fresh")
+        assert fresh is not None and fresh.customer_id == "4"
+        assert router.collisions == 2
+    finally:
+        store.close()
