@@ -327,9 +327,17 @@ class DiameterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reconnect_min: float = 0.5
     cer_timeout: float = 10.0
     request_timeout: float = 10.0
+    # the clients (PGW, GGSN, ...) that may connect: IPs or CIDRs; [] = any host that
+    # reaches `listen` (a CER from another address is answered 3010 DIAMETER_UNKNOWN_PEER)
+    clients: list[str] = []
 
     def __post_init__(self) -> None:
         _check_hostport(self.listen, "listen", 3868)
+        for p in self.clients:
+            try:
+                ipaddress.ip_network(p, strict=False)
+            except ValueError:
+                raise ValueError(f"clients: {p!r} is not an IP or a CIDR") from None
         for key in ("watchdog_interval", "reconnect_max", "reconnect_min", "cer_timeout", "request_timeout"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be > 0")

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from dsbc.config import parse_config
 from dsbc.diameter import codec as dc
 from dsbc.diameter import start_diameter
@@ -266,3 +268,36 @@ def test_watchdog_keeps_links_open(tmp_path: Path) -> None:
         await pgw.stop()
 
     run(tmp_path, scenario, watchdog_interval=0.2)
+
+
+def test_a_client_not_in_diameter_clients_gets_3010_and_is_closed(tmp_path: Path) -> None:
+    """diameter.clients lists who may connect (RFC 6733 5.3: a CER from an unknown peer is
+    answered DIAMETER_UNKNOWN_PEER); a listed client is served as before."""
+
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        assert svc.address is not None
+        stranger = CreditControlClient("rogue.example", "example", "example")
+        with pytest.raises(Exception):
+            await stranger.connect(*svc.address, timeout=2.0)
+        assert svc.status()["refused_peers"] == 1 and src.log == [] and tgt.log == []
+        await wait_for(lambda: not svc.clients)  # and dsbc closed the connection
+        await stranger.stop()
+
+    run(tmp_path, scenario, clients='["10.0.0.0/8", "192.0.2.7"]')
+
+    async def allowed(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                      store: LocationStore) -> None:
+        pgw = await client_for(svc)
+        a = await pgw.ccr("pgw1;ok", dc.CC_INITIAL, (dc.SUB_E164, MSISDN))
+        assert a.u32(dc.RESULT_CODE) == dc.SUCCESS and svc.status()["refused_peers"] == 0
+        await pgw.stop()
+
+    run(tmp_path, allowed, clients='["10.0.0.0/8", "127.0.0.0/8"]')
+
+
+def test_diameter_clients_must_be_ips_or_cidrs() -> None:
+    from dsbc.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"diameter.clients.*'pgw1' is not an IP or a CIDR"):
+        parse_config(config_text(None, None, clients='["10.0.0.1", "pgw1"]'))

@@ -18,6 +18,7 @@ import enum
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from dsbc.diameter import codec as dc
@@ -67,7 +68,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, owner: Owner, node: LocalNode, initiator: bool, *, watchdog: float = 30.0,
                  cer_timeout: float = 10.0, key: str | int | None = None,
-                 accept_apps: set[int] | None = None) -> None:
+                 accept_apps: set[int] | None = None,
+                 accept_peer: Callable[[Any], bool] | None = None) -> None:
         self.owner = owner
         self.node = node
         self.initiator = initiator
@@ -76,6 +78,7 @@ class Connection(asyncio.Protocol):
         self.id = next(Connection._ids)
         self.key: str | int = self.id if key is None else key
         self.accept_apps = accept_apps
+        self.accept_peer = accept_peer  # (a responder) whether the peer's address may connect
         self.state = ConnState.WAIT_CEA if initiator else ConnState.WAIT_CER
         self.framer = dc.Framer()
         self.transport: asyncio.Transport | None = None
@@ -221,7 +224,9 @@ class Connection(asyncio.Protocol):
         host, realm = m.text(dc.ORIGIN_HOST), m.text(dc.ORIGIN_REALM)
         apps = dc.advertised_apps(m)
         avps = self.node.capabilities()
-        if not host or not realm:
+        if self.accept_peer is not None and not self.accept_peer(self.peer_addr):
+            rc = dc.UNKNOWN_PEER  # RFC 6733 5.3: a CER from an unknown peer
+        elif not host or not realm:
             rc = dc.MISSING_AVP
         elif self.accept_apps is not None and not (apps & (self.accept_apps | {dc.APP_RELAY})) \
                 and dc.APP_RELAY not in self.node.apps:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from typing import Any
@@ -64,13 +65,30 @@ class DiameterService:
                                 "diameter sessions", legacy_key=SESSIONS_META_KEY)
         self._persist_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._clients = [ipaddress.ip_network(p, strict=False) for p in cfg.diameter.clients]
+        self.refused_peers = 0
+
+    def _allowed(self, peer: Any) -> bool:
+        """Whether a client at ``peer`` (its socket's peer address) is in ``diameter.clients``."""
+        try:
+            ip = ipaddress.ip_address(peer[0])
+        except (TypeError, ValueError, IndexError):
+            ip = None
+        if ip is not None and isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip is not None and any(ip in net for net in self._clients):
+            return True
+        self.refused_peers += 1
+        log.warning("diameter: CER from %s refused (3010): not in diameter.clients", peer)
+        return False
 
     # -- connection events (peer.Owner) ----------------------------------------------------------
 
     def new_client(self) -> Connection:
         c = self.cfg.diameter
         conn = Connection(self, self.node, False, watchdog=c.watchdog_interval, cer_timeout=c.cer_timeout,
-                          accept_apps={dc.APP_CREDIT_CONTROL})
+                          accept_apps={dc.APP_CREDIT_CONTROL},
+                          accept_peer=self._allowed if self._clients else None)
         conn.key = conn.id
         self.clients[conn.id] = conn
         return conn
@@ -150,6 +168,7 @@ class DiameterService:
             systems[name]["link"] = link.status()
         st["listen"] = f"{self.address[0]}:{self.address[1]}" if self.address else ""
         st["bad_messages"] = self.bad_messages + sum(c.bad_messages for c in self.clients.values())
+        st["refused_peers"] = self.refused_peers
         return st
 
     async def stop(self) -> None:
@@ -195,6 +214,9 @@ async def start_diameter(cfg: Config, store: LocationStore) -> DiameterService:
         link.start()
     svc._persist_task = svc.loop.create_task(svc._persist_loop())
     log.info("diameter: listening on %s:%d as %s", *svc.address, c.origin_host)
+    if not c.clients and not ipaddress.ip_address(svc.address[0]).is_loopback:
+        log.warning("diameter: diameter.clients is empty: any host that reaches %s:%d may connect",
+                    *svc.address)
     return svc
 
 
