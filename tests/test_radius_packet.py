@@ -67,6 +67,9 @@ def test_message_authenticator() -> None:
     assert rp.verify_message_authenticator(raw, b"bad") is False
     plain = rp.encode(rp.Packet(rp.ACCESS_REQUEST, 9, bytes(16), [(rp.USER_NAME, b"u")]))
     assert rp.verify_message_authenticator(plain, SECRET) is None
+    # one of the wrong length makes the packet invalid (RFC 3579 3.2), not unsigned
+    short = rp.encode(rp.Packet(rp.ACCESS_REQUEST, 9, bytes(16), [(rp.MESSAGE_AUTHENTICATOR, b"abc"), (rp.USER_NAME, b"u")]))
+    assert rp.verify_message_authenticator(short, SECRET) is False
     # an answer's Message-Authenticator is computed over the request's authenticator
     req_auth = bytes(range(16))
     ans = rp.sign_response(rp.Packet(rp.ACCESS_ACCEPT, 9, rp.ZERO16, [(rp.MESSAGE_AUTHENTICATOR, rp.ZERO16)]),

@@ -225,15 +225,16 @@ def verify_response(raw: bytes, request_authenticator: bytes, secret: bytes) -> 
 
 
 def _message_authenticator_offset(raw: bytes) -> int:
-    """Offset of the Message-Authenticator value in ``raw``, or -1."""
+    """Offset of the Message-Authenticator value in ``raw``, -1 if there is none, -2 if it
+    is not 16 octets long (RFC 3579 3.2: such a packet is invalid)."""
     length = (raw[2] << 8) | raw[3]
     pos = HEADER_LEN
     while pos + 2 <= length:
         t, alen = raw[pos], raw[pos + 1]
         if alen < 2:
             return -1
-        if t == MESSAGE_AUTHENTICATOR and alen == 18:
-            return pos + 2
+        if t == MESSAGE_AUTHENTICATOR:
+            return pos + 2 if alen == 18 else -2
         pos += alen
     return -1
 
@@ -258,8 +259,10 @@ def verify_message_authenticator(raw: bytes, secret: bytes, authenticator: bytes
     _, _, length = peek_header(raw)
     raw = raw[:length]
     off = _message_authenticator_offset(raw)
-    if off < 0:
+    if off == -1:
         return None
+    if off < 0:
+        return False  # a Message-Authenticator of the wrong length
     expected = compute_message_authenticator(raw, secret, authenticator)
     return hmac.compare_digest(raw[off : off + 16], expected)
 
