@@ -290,7 +290,8 @@ class Master:
         log.info("dsbc running with %d worker(s), config %s", len(self.workers), self.cfg_path)
         while True:
             if "stop" in self.flags:
-                return self.stop()
+                code = self.stop()
+                return 1 if "failed" in self.flags else code
             if "reload" in self.flags:
                 self.flags.discard("reload")
                 self.reload()
@@ -306,7 +307,7 @@ class Master:
                         self.start_failures += 1
                         if self.start_failures > 3:
                             log.error("workers cannot start (see above); giving up")
-                            self.flags.add("stop")
+                            self.flags.update(("stop", "failed"))  # exit 1: systemd sees the failure
                             continue
                     log.warning("worker %d (pid %d) exited with %s; restarting it", index, pid, code)
                     time.sleep(0.2)

@@ -1,0 +1,23 @@
+"""`dsbc run` exit status when the workers cannot start (systemd must see a failure)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from dsbc.store import open_store
+
+
+def test_run_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
+    db = tmp_path / "loc.db"
+    open_store(f"sqlite:///{db}").close()
+    cfg = tmp_path / "dsbc.toml"
+    # passes validation (a host name), cannot be bound: every worker start fails
+    cfg.write_text(
+        f'[store]\nurl = "sqlite:///{db}"\n\n[sip]\nlisten = ["udp:nonexistent.invalid:5060"]\n'
+        'workers = 1\n\n[api]\nenabled = false\n\n[control]\nenabled = false\n')
+    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "giving up" in proc.stderr
+    assert proc.returncode == 1, proc.stderr
