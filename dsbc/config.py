@@ -566,6 +566,19 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
                     f"{name}:{line}: api.vhosts[{i}].{key}: unknown realm {realm!r} "
                     f"(one of {', '.join(sorted(realms))})"
                 )
+    if cfg.api.enabled:
+        # the same defaults as dsbc.api_service.build_settings: a vhost with no back end of
+        # its own takes api.source / api.target, then systems.<name>.api
+        defaults = {"source": cfg.api.source or cfg.systems.source.api,
+                    "target": cfg.api.target or cfg.systems.target.api}
+        for i, vh in enumerate(cfg.api.vhosts):
+            for which in ("source", "target"):
+                if not (getattr(vh, which) or defaults[which]):
+                    line = _locate(text, ["api", "vhosts", i, which])
+                    raise ConfigError(
+                        f"{name}:{line}: api.vhosts[{i}].{which}: vhost {vh.host!r} has no {which} "
+                        f"back end (set it here, or api.{which}, or systems.{which}.api)"
+                    )
     if cfg.radius.enabled and not cfg.radius.clients:
         line = _locate(text, ["radius", "enabled"])
         raise ConfigError(f"{name}:{line}: radius.clients: RADIUS is enabled but no client is configured")

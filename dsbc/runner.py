@@ -247,7 +247,7 @@ def worker_process(cfg: Config, index: int, run_dir: Path, run_id: str) -> None:
     setup_logging(cfg.log.level, cfg.log.json)
     try:
         asyncio.run(Worker(cfg, index, run_dir, run_id).main())
-    except OSError as exc:
+    except (OSError, ConfigError) as exc:  # the master gives up after a few of these
         log.error("worker %d cannot start: %s", index, exc)
         os._exit(3)
     except Exception:

@@ -135,6 +135,11 @@ def replace(old: str, new: str) -> str:
         (replace('"udp:10.0.1.11:5060"', '"10.0.1.11:5060:7"'),
          ("dsbc.toml:15: systems.target.sip: bad address '10.0.1.11:5060:7' "
           "(an IPv6 address with a port is written [addr]:port)")),
+        # a vhost without a back end (none of its own, no api.source, no systems.source.api):
+        # the API worker used to crash in a loop with a traceback at start
+        ('[api]\n[[api.vhosts]]\nhost = "a"\nrealm = "customer"\ntarget = "http://t"\n',
+         ("dsbc.toml:2: api.vhosts[0].source: vhost 'a' has no source back end "
+          "(set it here, or api.source, or systems.source.api)")),
         # TOML syntax
         (replace("workers = 2", "workers = "), "dsbc.toml:24: TOML syntax error: Invalid value"),
         (replace("workers = 2", "workers = 2\nworkers = 3"), "dsbc.toml:25: TOML syntax error: Cannot overwrite a value"),

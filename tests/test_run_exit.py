@@ -21,3 +21,21 @@ def test_run_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert "giving up" in proc.stderr
     assert proc.returncode == 1, proc.stderr
+
+
+def test_run_refuses_a_vhost_without_back_end(tmp_path: Path) -> None:
+    """Used to pass validation, then every worker crashed with a traceback, in a loop."""
+    db = tmp_path / "loc.db"
+    open_store(f"sqlite:///{db}").close()
+    cfg = tmp_path / "dsbc.toml"
+    cfg.write_text(
+        f'[store]\nurl = "sqlite:///{db}"\n\n[sip]\nenabled = false\n\n'
+        '[api]\nlisten = ["127.0.0.1:35999"]\n[[api.vhosts]]\nhost = "a"\nrealm = "customer"\n\n'
+        '[control]\nenabled = false\n')
+    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        f"dsbc: {cfg}:9: api.vhosts[0].source: vhost 'a' has no source back end "
+        "(set it here, or api.source, or systems.source.api)")
