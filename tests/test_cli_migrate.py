@@ -71,6 +71,9 @@ def test_migrate_summary_and_idempotence(home: Path) -> None:
     assert [e.who for e in store_at(home).audit(batch[6:])] == ["alice", "alice"]
     r = dsbc("migrate", "--customer", "1", "--customer", "2")
     assert r.exit_code == 0 and r.stdout.startswith("moved 0, already on target 2, unknown 0")
+    # no batch id that `dsbc rollback` would call unknown
+    assert r.stdout.strip() == (
+        "moved 0, already on target 2, unknown 0; no batch (nothing moved); registered on target: 0/0 phones")
 
 
 def test_unknown_ids_are_reported_and_exit_1(home: Path) -> None:
