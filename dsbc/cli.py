@@ -224,8 +224,8 @@ def _stop_signals_interrupt() -> Any:
     try:
         yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
 
 
 def _default_who() -> str:

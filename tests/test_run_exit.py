@@ -18,7 +18,7 @@ def test_run_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
         f'[store]\nurl = "sqlite:///{db}"\n\n[sip]\nlisten = ["udp:nonexistent.invalid:5060"]\n'
         'workers = 1\n\n[api]\nenabled = false\n\n[control]\nenabled = false\n')
     proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
     assert "giving up" in proc.stderr
     assert proc.returncode == 1, proc.stderr
 
@@ -33,7 +33,7 @@ def test_run_refuses_a_vhost_without_back_end(tmp_path: Path) -> None:
         '[api]\nlisten = ["127.0.0.1:35999"]\n[[api.vhosts]]\nhost = "a"\nrealm = "customer"\n\n'
         '[control]\nenabled = false\n')
     proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (
@@ -58,7 +58,7 @@ def test_run_refuses_ports_another_process_holds(tmp_path: Path) -> None:
         '[api]\nenabled = false\n\n[control]\nenabled = false\n')
     try:
         proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
-                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
     finally:
         held.close()
     assert proc.returncode == 1, proc.stderr
