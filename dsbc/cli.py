@@ -13,10 +13,12 @@ Use `config_options` and `load_cli_config` in them for the same ``-c`` handling.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 import urllib.parse
@@ -199,6 +201,31 @@ def system_label(cfg: Config, system: str) -> str:
     """``target (MR115)`` when the system has a name."""
     name = cfg.system(system).name if system in ("source", "target") else ""
     return f"{system} ({name})" if name else system
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Any:
+    """SIGTERM and SIGHUP (a closed ssh session, `timeout`, systemd) interrupt like Ctrl-C
+    while a batch is being moved, so the customers it locked are unlocked again instead of
+    staying `locked` (held, then 503) until someone notices.  A signal already ignored
+    (nohup) stays ignored."""
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue
+            old[sig] = signal.signal(sig, interrupt)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
 
 
 def _default_who() -> str:
@@ -430,9 +457,10 @@ def migrate(
         expected = phones_by_account(store, ids)  # before the flip: who is registered now
         bar = _progress(len(ids), f"migrate to {to}")
         try:
-            result = move_batch(
-                store, ids, to, who=who, batch_size=batch_size, lock_for=lock_for, progress=bar
-            )
+            with _stop_signals_interrupt():
+                result = move_batch(
+                    store, ids, to, who=who, batch_size=batch_size, lock_for=lock_for, progress=bar
+                )
         finally:
             bar.close()
         known = result.moved + result.already

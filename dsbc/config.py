@@ -26,6 +26,9 @@ class ConfigError(Exception):
 # --- value helpers ---------------------------------------------------------------------
 
 
+_HOST = re.compile(r"^(\*|[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%A-Za-z]*)$")
+
+
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
     """``"1.2.3.4:5060"``, ``"[::1]:5060"`` or ``"host"`` (with a default port)."""
     text = text.strip()
@@ -38,8 +41,15 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
         host, port_s = text.split(":")
     else:
         host, port_s = text, ""
+        if ":" in host:  # two colons or more, unbracketed: only a bare IPv6 address
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"bad address {text!r} (an IPv6 address with a port is written [addr]:port)") from None
     if not host:
         raise ValueError(f"bad address {text!r}: no host")
+    if not _HOST.match(host):
+        raise ValueError(f"bad address {text!r}: {host!r} is not a host name or an IP address")
     if not port_s:
         if default_port is None:
             raise ValueError(f"bad address {text!r}: no port")
@@ -65,6 +75,8 @@ class Endpoint(msgspec.Struct, frozen=True):
         head, sep, rest = text.partition(":")
         if sep and head.lower() in TRANSPORTS:
             transport, text = head.lower(), rest
+        elif sep and head.isalpha() and ":" in rest and not rest.startswith(":"):
+            raise ValueError(f"unknown transport {head!r} in {text!r} (udp, tcp or tls)")
         host, port = parse_hostport(text, default_port)
         return cls(transport, host, port)
 
@@ -222,6 +234,14 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("max_connections: the connection caps must be >= 1")
         if self.max_message_size < 1024:
             raise ValueError("max_message_size: must be >= 1024")
+        if self.options_interval <= 0:
+            raise ValueError("options_interval: must be > 0")
+        if self.options_timeout <= 0:
+            raise ValueError("options_timeout: must be > 0")
+        if self.retry_after < 0:
+            raise ValueError("retry_after: must be >= 0")
+        if self.advertise:
+            _check_hostport(self.advertise, "advertise", 5060)
 
 
 class VhostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -554,6 +574,19 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
                     f"{name}:{line}: api.vhosts[{i}].{key}: unknown realm {realm!r} "
                     f"(one of {', '.join(sorted(realms))})"
                 )
+    if cfg.api.enabled:
+        # the same defaults as dsbc.api_service.build_settings: a vhost with no back end of
+        # its own takes api.source / api.target, then systems.<name>.api
+        defaults = {"source": cfg.api.source or cfg.systems.source.api,
+                    "target": cfg.api.target or cfg.systems.target.api}
+        for i, vh in enumerate(cfg.api.vhosts):
+            for which in ("source", "target"):
+                if not (getattr(vh, which) or defaults[which]):
+                    line = _locate(text, ["api", "vhosts", i, which])
+                    raise ConfigError(
+                        f"{name}:{line}: api.vhosts[{i}].{which}: vhost {vh.host!r} has no {which} "
+                        f"back end (set it here, or api.{which}, or systems.{which}.api)"
+                    )
     if cfg.radius.enabled and not cfg.radius.clients:
         line = _locate(text, ["radius", "enabled"])
         raise ConfigError(f"{name}:{line}: radius.clients: RADIUS is enabled but no client is configured")

@@ -415,7 +415,8 @@ def summary(result: MigrationResult, phones: tuple[int, int] | None = None) -> s
     counts = f"already on {result.to} {len(result.already)}, unknown {len(result.unknown)}"
     parts = [f"{verb} {len(result.moved)}, {counts}"]
     if result.batch_id and not result.dry_run:
-        parts.append(f"batch {result.batch_id}")
+        # a batch that moved nobody is not in the audit log: `dsbc rollback` would not know it
+        parts.append(f"batch {result.batch_id}" if result.moved else "no batch (nothing moved)")
     if phones is not None:
         parts.append(f"registered on {result.to}: {phones[0]}/{phones[1]} phones")
     return "; ".join(parts)

@@ -247,7 +247,7 @@ def worker_process(cfg: Config, index: int, run_dir: Path, run_id: str) -> None:
     setup_logging(cfg.log.level, cfg.log.json)
     try:
         asyncio.run(Worker(cfg, index, run_dir, run_id).main())
-    except OSError as exc:
+    except (OSError, ConfigError) as exc:  # the master gives up after a few of these
         log.error("worker %d cannot start: %s", index, exc)
         os._exit(3)
     except Exception:
@@ -290,7 +290,8 @@ class Master:
         log.info("dsbc running with %d worker(s), config %s", len(self.workers), self.cfg_path)
         while True:
             if "stop" in self.flags:
-                return self.stop()
+                code = self.stop()
+                return 1 if "failed" in self.flags else code
             if "reload" in self.flags:
                 self.flags.discard("reload")
                 self.reload()
@@ -306,7 +307,7 @@ class Master:
                         self.start_failures += 1
                         if self.start_failures > 3:
                             log.error("workers cannot start (see above); giving up")
-                            self.flags.add("stop")
+                            self.flags.update(("stop", "failed"))  # exit 1: systemd sees the failure
                             continue
                     log.warning("worker %d (pid %d) exited with %s; restarting it", index, pid, code)
                     time.sleep(0.2)
@@ -399,12 +400,56 @@ class Master:
         return 0
 
 
+def _reuseport_listeners(cfg: Config) -> list[tuple[str, str, str, int]]:
+    """(config key, kind, host, port) of the listeners bound with SO_REUSEPORT."""
+    from .config import Endpoint, parse_hostport
+
+    out: list[tuple[str, str, str, int]] = []
+    if cfg.sip.enabled:
+        for text in cfg.sip.listen:
+            e = Endpoint.parse(text)
+            out.append(("sip.listen", "udp" if e.transport == "udp" else "tcp", e.host, e.port))
+    if cfg.control.enabled:
+        host, port = parse_hostport(cfg.control.listen, 8080)
+        out.append(("control.listen", "tcp", host, port))
+    return out
+
+
+def check_listeners_free(cfg: Config) -> None:
+    """Refuse to start beside another process already serving our ports.
+
+    The workers bind with SO_REUSEPORT (a rolling reload needs it), so a second
+    `dsbc run` would otherwise start without an error and share the ports (and its
+    traffic) with the first one.  A plain bind (no SO_REUSEPORT) fails on a port that
+    any socket holds; it is released at once."""
+    import socket
+
+    for key, kind, host, port in _reuseport_listeners(cfg):
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+        except OSError:
+            continue  # the worker reports a name that does not resolve
+        family, stype, proto, _, addr = infos[0]
+        sock = socket.socket(family, stype, proto)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                shown = f"[{host}]" if ":" in host else host
+                raise click.ClickException(
+                    f"{cfg.path}: {key}: {kind} {shown}:{port} is already in use "
+                    "(another dsbc running with this config?)") from None
+        finally:
+            sock.close()
+
+
 def run(cfg_path: str) -> int:
     cfg = load_config(cfg_path)
     setup_logging(cfg.log.level, cfg.log.json)
     from .tls import check_tls
 
     check_tls(cfg)
+    check_listeners_free(cfg)
     try:
         from .store import open_store
 

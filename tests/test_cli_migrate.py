@@ -71,6 +71,9 @@ def test_migrate_summary_and_idempotence(home: Path) -> None:
     assert [e.who for e in store_at(home).audit(batch[6:])] == ["alice", "alice"]
     r = dsbc("migrate", "--customer", "1", "--customer", "2")
     assert r.exit_code == 0 and r.stdout.startswith("moved 0, already on target 2, unknown 0")
+    # no batch id that `dsbc rollback` would call unknown
+    assert r.stdout.strip() == (
+        "moved 0, already on target 2, unknown 0; no batch (nothing moved); registered on target: 0/0 phones")
 
 
 def test_unknown_ids_are_reported_and_exit_1(home: Path) -> None:
@@ -214,6 +217,36 @@ def test_lock_for_holds_the_batch_locked_then_flips(home: Path) -> None:
     s.refresh()
     assert ("source", "locked") in states
     assert (s.customer("1").system, s.customer("1").state) == ("target", "active")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_during_the_lock_window_unlocks(home: Path, signame: str) -> None:
+    """A closed ssh session (SIGHUP) or a `timeout`/systemd stop (SIGTERM) during
+    --lock-for must not leave the batch locked (its calls would get 503 until someone
+    notices): it unlocks like Ctrl-C."""
+    import signal
+
+    s = store_at(home)
+    proc = _popen_cli("migrate", "--customer", "1", "--customer", "2", "--lock-for", "60")
+    try:
+        for _ in range(600):  # bounded: 30 s, until the lock is visible
+            s.refresh()
+            if s.customer("1").state == "locked":  # type: ignore[union-attr]
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the batch was never locked")
+        proc.send_signal(getattr(signal, signame))
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip() == "interrupted"
+    s.refresh()
+    for cid in ("1", "2"):
+        c = s.customer(cid)
+        assert c is not None
+        assert (c.system, c.state) == ("source", "active")
 
 
 # --- the logic ----------------------------------------------------------------------------

@@ -119,6 +119,27 @@ def replace(old: str, new: str) -> str:
          "dsbc.toml:25: sip.migration_expires: must be >= 1"),
         (GOOD + '\n[log]\nlevel = "loud"\n', "dsbc.toml:50: log.level: 'loud' is not one of debug, info, warning, error"),
         (replace('unknown = "source"', "poll_interval = 0"), "dsbc.toml:4: store.poll_interval: must be > 0"),
+        # values that used to pass validation and only failed (or misbehaved) at run time
+        (replace("workers = 2", "workers = 2\noptions_interval = 0"),
+         "dsbc.toml:25: sip.options_interval: must be > 0"),
+        (replace("workers = 2", "workers = 2\noptions_timeout = -1"),
+         "dsbc.toml:25: sip.options_timeout: must be > 0"),
+        (replace("workers = 2", "workers = 2\nretry_after = -1"),
+         "dsbc.toml:25: sip.retry_after: must be >= 0"),
+        (replace("workers = 2", 'workers = 2\nadvertise = "not a host!"'),
+         "dsbc.toml:25: sip.advertise: bad address 'not a host!': 'not a host!' is not a host name or an IP address"),
+        (replace("workers = 2", 'workers = 2\nadvertise = "203.0.113.10:99999"'),
+         "dsbc.toml:25: sip.advertise: bad port in '203.0.113.10:99999'"),
+        (replace('listen = ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]', 'listen = ["sctp:0.0.0.0:5060"]'),
+         "dsbc.toml:22: sip.listen: unknown transport 'sctp' in 'sctp:0.0.0.0:5060' (udp, tcp or tls)"),
+        (replace('"udp:10.0.1.11:5060"', '"10.0.1.11:5060:7"'),
+         ("dsbc.toml:15: systems.target.sip: bad address '10.0.1.11:5060:7' "
+          "(an IPv6 address with a port is written [addr]:port)")),
+        # a vhost without a back end (none of its own, no api.source, no systems.source.api):
+        # the API worker used to crash in a loop with a traceback at start
+        ('[api]\n[[api.vhosts]]\nhost = "a"\nrealm = "customer"\ntarget = "http://t"\n',
+         ("dsbc.toml:2: api.vhosts[0].source: vhost 'a' has no source back end "
+          "(set it here, or api.source, or systems.source.api)")),
         # TOML syntax
         (replace("workers = 2", "workers = "), "dsbc.toml:24: TOML syntax error: Invalid value"),
         (replace("workers = 2", "workers = 2\nworkers = 3"), "dsbc.toml:25: TOML syntax error: Cannot overwrite a value"),
@@ -175,7 +196,10 @@ def test_endpoints_and_hostports() -> None:
     assert Endpoint.parse("tcp:[::1]:5070") == Endpoint("tcp", "::1", 5070)
     assert str(Endpoint.parse("10.0.0.1")) == "udp:10.0.0.1:5060"
     assert parse_hostport("host", 80) == ("host", 80)
-    for bad in ("host", "h:0", "h:x", "[::1"):
+    assert Endpoint.parse("udp:::1") == Endpoint("udp", "::1", 5060)
+    assert Endpoint.parse("tls:sip.example.com:5061") == Endpoint("tls", "sip.example.com", 5061)
+    assert parse_hostport("[fe80::1%eth0]:5060") == ("fe80::1%eth0", 5060)
+    for bad in ("host", "h:0", "h:x", "[::1", "1.2.3.4:5060:7", "a b:5060"):
         with pytest.raises(ValueError):
             parse_hostport(bad)
 

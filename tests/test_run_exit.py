@@ -1,0 +1,66 @@
+"""`dsbc run` exit status when the workers cannot start (systemd must see a failure)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from dsbc.store import open_store
+
+
+def test_run_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
+    db = tmp_path / "loc.db"
+    open_store(f"sqlite:///{db}").close()
+    cfg = tmp_path / "dsbc.toml"
+    # passes validation (a host name), cannot be bound: every worker start fails
+    cfg.write_text(
+        f'[store]\nurl = "sqlite:///{db}"\n\n[sip]\nlisten = ["udp:nonexistent.invalid:5060"]\n'
+        'workers = 1\n\n[api]\nenabled = false\n\n[control]\nenabled = false\n')
+    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert "giving up" in proc.stderr
+    assert proc.returncode == 1, proc.stderr
+
+
+def test_run_refuses_a_vhost_without_back_end(tmp_path: Path) -> None:
+    """Used to pass validation, then every worker crashed with a traceback, in a loop."""
+    db = tmp_path / "loc.db"
+    open_store(f"sqlite:///{db}").close()
+    cfg = tmp_path / "dsbc.toml"
+    cfg.write_text(
+        f'[store]\nurl = "sqlite:///{db}"\n\n[sip]\nenabled = false\n\n'
+        '[api]\nlisten = ["127.0.0.1:35999"]\n[[api.vhosts]]\nhost = "a"\nrealm = "customer"\n\n'
+        '[control]\nenabled = false\n')
+    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        f"dsbc: {cfg}:9: api.vhosts[0].source: vhost 'a' has no source back end "
+        "(set it here, or api.source, or systems.source.api)")
+
+
+def test_run_refuses_ports_another_process_holds(tmp_path: Path) -> None:
+    """The workers bind with SO_REUSEPORT: without this check a second `dsbc run` (or
+    another SO_REUSEPORT server) would share the port and its traffic silently."""
+    import socket
+
+    db = tmp_path / "loc.db"
+    open_store(f"sqlite:///{db}").close()
+    held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind(("127.0.0.1", 0))
+    port = held.getsockname()[1]
+    cfg = tmp_path / "dsbc.toml"
+    cfg.write_text(
+        f'[store]\nurl = "sqlite:///{db}"\n\n[sip]\nlisten = ["udp:127.0.0.1:{port}"]\n\n'
+        '[api]\nenabled = false\n\n[control]\nenabled = false\n')
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    finally:
+        held.close()
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == (
+        f"{cfg}: sip.listen: udp 127.0.0.1:{port} is already in use (another dsbc running with this config?)")
