@@ -431,6 +431,11 @@ def check_listeners_free(cfg: Config) -> None:
             continue  # the worker reports a name that does not resolve
         family, stype, proto, _, addr = infos[0]
         sock = socket.socket(family, stype, proto)
+        if kind == "tcp":
+            # past a listener, but not past the TIME_WAIT connections a dsbc that just
+            # stopped left behind (a restart must not be refused for them); a UDP socket
+            # must not have it (Linux lets several SO_REUSEADDR UDP sockets share a port)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(addr)
         except OSError as exc:

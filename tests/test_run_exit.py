@@ -64,3 +64,33 @@ def test_run_refuses_ports_another_process_holds(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip() == (
         f"{cfg}: sip.listen: udp 127.0.0.1:{port} is already in use (another dsbc running with this config?)")
+
+
+def test_the_port_check_passes_over_time_wait_but_not_over_a_listener(tmp_path: Path) -> None:
+    """A restart right after a stop finds the TCP port with connections in TIME_WAIT: that
+    must not refuse it, while a live listener must."""
+    import socket
+
+    import click
+    import pytest
+
+    from dsbc.config import parse_config
+    from dsbc.runner import check_listeners_free
+
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind(("127.0.0.1", 0))
+    lst.listen()
+    port = lst.getsockname()[1]
+    cfg = parse_config(
+        f'[store]\nurl = "sqlite:///{tmp_path / "loc.db"}"\n\n[sip]\nlisten = ["tcp:127.0.0.1:{port}"]\n\n'
+        '[api]\nenabled = false\n\n[control]\nenabled = false\n')
+    with pytest.raises(click.ClickException, match="already in use"):
+        check_listeners_free(cfg)
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = lst.accept()
+    conn.close()  # the server side closes first: its end goes to TIME_WAIT
+    client.recv(1)
+    client.close()
+    lst.close()
+    check_listeners_free(cfg)  # no error
