@@ -1535,3 +1535,51 @@ def test_a_device_cannot_pick_its_system_with_a_made_up_dsbc_route() -> None:
         out = core.handle_data(forged, PHONE, 0.0)
         assert [parse(s).status for s in out] == [403]
     assert core.counters["route_signature_rejected"] == 2
+
+
+# --- audit-sip regressions ------------------------------------------------------------------
+
+
+def test_regression_cancel_and_ack_of_a_call_to_a_tcp_phone_keep_its_connection() -> None:
+    """The CANCEL (and the ACK of a failure) of an INVITE the node sent to a phone registered
+    over TCP must take the phone's connection (conn_id, worker), like the INVITE: with only
+    transport/ip/port, a worker that does not own the connection opens a new one to the
+    phone's ephemeral (NAT) port, which fails, and the phone keeps ringing."""
+    core, _ = make_core()
+    path, _ = _register(core, PHONE_TCP)
+    ruri = f"sip:1001@{PHONE_TCP.ip}:{PHONE_TCP.port};transport=tcp"
+    common = dict(
+        src=flow_of(S1),
+        frm="<sip:2000@example.com>;tag=n1",
+        to="<sip:1001@example.com>",
+        call_id="in-tcp",
+        branch="z9hG4bKintcp",
+        headers=[f"Route: {path}"],
+    )
+    inv = one(core.handle_data(request("INVITE", ruri, **common), flow_of(S1), 1.0))
+    to_flow(inv, PHONE_TCP)
+    cancel = one(core.handle_data(request("CANCEL", ruri, **common), flow_of(S1), 1.1))
+    to_flow(cancel, PHONE_TCP)
+    # the phone answers 487; the node's ACK of that failure follows the same flow
+    one(core.handle_data(answer(inv.data, 487, "Request Terminated"), PHONE_TCP, 1.2))
+    ack = request("ACK", ruri, **{**common, "to": "<sip:1001@example.com>;tag=node-tag"})
+    to_flow(one(core.handle_data(ack, flow_of(S1), 1.3)), PHONE_TCP)
+
+
+@pytest.mark.parametrize("case", ["forged-route", "loop"])
+def test_regression_an_ack_is_never_answered(case: str) -> None:
+    """RFC 3261 17: no response to an ACK, whatever is wrong with it (403, 482, 513 ...)."""
+    core, _ = make_core()
+    if case == "forged-route":
+        ack = request(
+            "ACK",
+            "sip:2000@203.0.113.9:5060",
+            to="<sip:2000@example.com>;tag=t1",
+            headers=[f"Route: <sip:{ADV}:{PORT};lr;dsbc=target.AAAAAAAA>"],
+        )
+        assert core.handle_data(ack, PHONE, 0.0) == []
+    else:
+        ack = request("ACK", to="<sip:2000@example.com>;tag=t1")
+        fwd = one(core.handle_data(ack, PHONE, 0.0))
+        # the same ACK comes back from the same source with dsbc's Via on it: a loop
+        assert core.handle_data(fwd.data, PHONE, 0.1) == []
