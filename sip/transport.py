@@ -21,6 +21,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from .admission import Admission
 from .errors import SipError
@@ -46,7 +47,9 @@ class SipDatagram(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
         self.v6 = transport.get_extra_info("socket").family == socket.AF_INET6
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    # addr: (host, port) over IPv4, (host, port, flowinfo, scope_id) over IPv6; a compiled
+    # (mypyc) build checks the annotation, so it must take both
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if len(data) <= 4 and not data.strip():
             return  # CRLF keep-alive over UDP
         ep = self.ep
