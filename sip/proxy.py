@@ -684,7 +684,10 @@ def owner_candidates(msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
         return [("account", ProxyCore._user(msg.to.uri))]
     if trusted:
         user = ProxyCore._user(msg.uri)
-        return [("did", user), ("account", user)]
+        # a number may carry telephone-subscriber parameters (RFC 3966: ;npdi;rn=... after a
+        # number-portability dip, ;phone-context=, ;isub=): the did is the number before them
+        number = user.partition(";")[0]
+        return [("did", number), ("account", user)]
     return [("account", ProxyCore._user(msg.from_.uri))]
 
 

@@ -1583,3 +1583,15 @@ def test_regression_an_ack_is_never_answered(case: str) -> None:
         fwd = one(core.handle_data(ack, PHONE, 0.0))
         # the same ACK comes back from the same source with dsbc's Via on it: a loop
         assert core.handle_data(fwd.data, PHONE, 0.1) == []
+
+
+def test_regression_number_with_telephone_subscriber_parameters_is_the_did() -> None:
+    """A carrier's Request-URI after a number-portability dip (RFC 4694):
+    sip:+15550002000;npdi;rn=+13125550000@host;user=phone is the did 15550002000, not an
+    unknown identity sent to store.unknown's system."""
+    core, router = make_core()
+    ruri = "sip:+15550002000;npdi;rn=+13125550000@192.0.2.10;user=phone"
+    send = one(core.handle_data(request("INVITE", ruri, src=CARRIER, call_id="np1"), CARRIER, 0.0))
+    to_node(send, T1)
+    assert router.decide_calls[-1][0] == ("did", "+15550002000")
+    assert parse(send).ruri == ruri  # forwarded unchanged
