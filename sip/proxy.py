@@ -307,11 +307,16 @@ class ProxyCore:
         if method in ("CANCEL", "ACK") and branch in self._invites:
             transport, ip, port, _, conn_id, worker = self._invites[branch]
             return [self._forward(msg, ed, src, Send(transport, ip, port, b"", conn_id, worker), branch, None, "", "", now, trusted)]
-        if method == "REGISTER":
-            params.clear()  # never in a dialog: a stale Route (Path, Record-Route) must not pin it
+        inside = trusted or (src.is_stream and src.ip in self._stream_node_hosts)
+        if method == "REGISTER" or not (msg.to_tag or inside):
+            # never in a dialog: a stale Route (Path, Record-Route) must not pin it.  A device's
+            # request without a To tag is out of dialog too: a Record-Route it kept from an
+            # earlier call, sent again as a preloaded Route, must not skip the owner lookup
+            # (it would reach the system its customer has left)
+            params.clear()
         if "ft" in params:
             flow = self._decode_flow(params["ft"])
-            if trusted or (src.is_stream and src.ip in self._stream_node_hosts):
+            if inside:
                 # from the inside (a system's node, a trusted peer): toward the device that
                 # registered / is in this dialog.  A device never goes out to another device's
                 # flow (RFC 5626 5.3): it learns their tokens from Record-Route, and would

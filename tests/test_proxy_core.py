@@ -1395,7 +1395,9 @@ def test_regression_a_device_cannot_use_another_devices_flow_token() -> None:
         headers=[f"Route: {path}"],
     )
     send = one(core.handle_data(inv, attacker, 1.0))
-    to_node(send, S1)  # to the system named in the Route, which decides what to do with it
+    # not to the phone: out of dialog (no To tag), so to the owner of the caller (2000, on
+    # the target), like any call of theirs; the Route it carried does not pick the system
+    to_node(send, T1)
 
 
 def test_regression_bye_from_a_new_nat_port_goes_to_the_system() -> None:
@@ -1595,3 +1597,22 @@ def test_regression_number_with_telephone_subscriber_parameters_is_the_did() -> 
     to_node(send, T1)
     assert router.decide_calls[-1][0] == ("did", "+15550002000")
     assert parse(send).ruri == ruri  # forwarded unchanged
+
+
+def test_regression_replayed_record_route_does_not_pin_a_new_dialog() -> None:
+    """A device's new INVITE (no To tag) carrying a Record-Route of an earlier call as a
+    preloaded Route goes to its customer's system now, not to the one the old call was on."""
+    core, router = make_core()
+    inv = one(core.handle_data(request("INVITE", call_id="old-1"), PHONE, 0.0))
+    to_node(inv, S1)
+    rr = rr_values(parse(inv))[0]
+    router.move("42", "target")
+    fresh = request("INVITE", call_id="new-1", branch="z9hG4bKnew1", headers=[f"Route: {rr}"])
+    send = one(core.handle_data(fresh, PHONE, 1.0))
+    assert (send.ip, send.port) in {(T1.host, T1.port), (T2.host, T2.port)}, send
+    # in-dialog (To tag) it still stays on the dialog's system with no lookup
+    bye = request(
+        "BYE", "sip:2000@10.0.0.1:5060", call_id="old-1", branch="z9hG4bKbye1",
+        to="<sip:2000@example.com>;tag=node-tag", headers=[f"Route: {rr}"],
+    )  # fmt: skip
+    to_node(one(core.handle_data(bye, PHONE, 1.1)), S1)
