@@ -150,7 +150,9 @@ class ProxyCore:
         self.counters: collections.Counter[str] = collections.Counter()
         self.events: list[RegistrationSeen] = []
         self._counter_keys: dict[str, dict[str, tuple[str, str]]] = {}
-        self._invites: dict[str, tuple[str, str, int, float]] = {}  # branch -> (transport, ip, port, expiry)
+        # branch -> (transport, ip, port, expiry, conn_id, worker): the connection too, so the CANCEL
+        # or ACK of an INVITE sent over a phone's TCP/TLS flow takes that flow, from any worker
+        self._invites: dict[str, tuple[str, str, int, float, int, int]] = {}
         self._invite_expiry: collections.deque[tuple[float, str]] = collections.deque()
         self._held: dict[str, _Held] = {}
         self._held_heap: list[tuple[float, str]] = []
@@ -184,6 +186,8 @@ class ProxyCore:
                 return self._request(msg, src, now)
             except SipError as exc:
                 self.counters[f"rejected:{exc.status}"] += 1
+                if msg.method == "ACK":  # RFC 3261 17: an ACK is never answered
+                    return []
                 return [self._reply(msg, src, exc.status, exc.reason, list(exc.extra_headers))]
         self.counters[_RESPONSES_IN[msg.status // 100]] += 1
         try:
@@ -301,13 +305,18 @@ class ProxyCore:
                     self._reply(held.msg, held.src, 487, "Request Terminated"),
                 ]
         if method in ("CANCEL", "ACK") and branch in self._invites:
-            transport, ip, port, _ = self._invites[branch]
-            return [self._forward(msg, ed, src, Send(transport, ip, port, b""), branch, None, "", "", now, trusted)]
-        if method == "REGISTER":
-            params.clear()  # never in a dialog: a stale Route (Path, Record-Route) must not pin it
+            transport, ip, port, _, conn_id, worker = self._invites[branch]
+            return [self._forward(msg, ed, src, Send(transport, ip, port, b"", conn_id, worker), branch, None, "", "", now, trusted)]
+        inside = trusted or (src.is_stream and src.ip in self._stream_node_hosts)
+        if method == "REGISTER" or not (msg.to_tag or inside):
+            # never in a dialog: a stale Route (Path, Record-Route) must not pin it.  A device's
+            # request without a To tag is out of dialog too: a Record-Route it kept from an
+            # earlier call, sent again as a preloaded Route, must not skip the owner lookup
+            # (it would reach the system its customer has left)
+            params.clear()
         if "ft" in params:
             flow = self._decode_flow(params["ft"])
-            if trusted or (src.is_stream and src.ip in self._stream_node_hosts):
+            if inside:
                 # from the inside (a system's node, a trusted peer): toward the device that
                 # registered / is in this dialog.  A device never goes out to another device's
                 # flow (RFC 5626 5.3): it learns their tokens from Record-Route, and would
@@ -456,7 +465,7 @@ class ProxyCore:
             # gets 513 instead of a request that silently fails to leave
             raise MessageTooLarge(f"{len(dest.data)} octets do not fit a datagram to the next hop")
         if method == "INVITE":
-            self._invites[branch] = (dest.transport, dest.ip, dest.port, now + INVITE_STATE_TTL)
+            self._invites[branch] = (dest.transport, dest.ip, dest.port, now + INVITE_STATE_TTL, dest.conn_id, dest.worker)
             self._invite_expiry.append((now + INVITE_STATE_TTL, branch))
         forwarded, routed = self._forward_keys(system, method)
         self.counters[forwarded] += 1
@@ -617,7 +626,7 @@ class ProxyCore:
             branch = top.branch
             entry = self._invites.get(branch)
             if entry is not None:  # keep it a little longer for the ACK of a failure
-                self._invites[branch] = entry[:3] + (now + 40.0,)
+                self._invites[branch] = (entry[0], entry[1], entry[2], now + 40.0, entry[4], entry[5])
         data = ed.to_bytes()
         token = top.param("dsbcf")
         if token:
@@ -680,7 +689,10 @@ def owner_candidates(msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
         return [("account", ProxyCore._user(msg.to.uri))]
     if trusted:
         user = ProxyCore._user(msg.uri)
-        return [("did", user), ("account", user)]
+        # a number may carry telephone-subscriber parameters (RFC 3966: ;npdi;rn=... after a
+        # number-portability dip, ;phone-context=, ;isub=): the did is the number before them
+        number = user.partition(";")[0]
+        return [("did", number), ("account", user)]
     return [("account", ProxyCore._user(msg.from_.uri))]
 
 

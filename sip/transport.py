@@ -21,6 +21,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from .admission import Admission
 from .errors import SipError
@@ -46,7 +47,9 @@ class SipDatagram(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
         self.v6 = transport.get_extra_info("socket").family == socket.AF_INET6
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    # addr: (host, port) over IPv4, (host, port, flowinfo, scope_id) over IPv6; a compiled
+    # (mypyc) build checks the annotation, so it must take both
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if len(data) <= 4 and not data.strip():
             return  # CRLF keep-alive over UDP
         ep = self.ep
@@ -349,7 +352,7 @@ class SipEndpoint:
             return
         if s.conn_id:
             if s.worker in (-1, self.worker):
-                conn = self.conns.get(s.conn_id)
+                conn = self._conn_for(s.conn_id, s.ip, s.port)
                 if conn is not None:
                     conn.write(s.data)
                 else:
@@ -413,7 +416,9 @@ class SipEndpoint:
             self.core.counters["flow_gone"] += 1
             return
         try:
-            self._ipc.sendto(struct.pack("!I", s.conn_id) + s.data, self.ipc_name(s.worker))
+            ip = s.ip.encode("ascii")
+            head = struct.pack("!IHB", s.conn_id, s.port, len(ip)) + ip
+            self._ipc.sendto(head + s.data, self.ipc_name(s.worker))
             self.core.counters["handovers"] += 1
         except OSError:
             self.core.counters["flow_gone"] += 1
@@ -427,14 +432,26 @@ class SipEndpoint:
                 return
             except OSError:
                 return
-            if len(data) < 4:
+            if len(data) < 7:
                 continue
-            (conn_id,) = struct.unpack("!I", data[:4])
-            conn = self.conns.get(conn_id)
+            conn_id, port, ip_len = struct.unpack("!IHB", data[:7])
+            ip = data[7 : 7 + ip_len].decode("ascii", "replace")
+            body = data[7 + ip_len :]
+            conn = self._conn_for(conn_id, ip, port)
             if conn is not None:
-                conn.write(data[4:])
+                conn.write(body)
             else:
-                self._flow_failed(data[4:])
+                self._flow_failed(body)
+
+    def _conn_for(self, conn_id: int, ip: str, port: int) -> SipStream | None:
+        """The connection a flow names, only if it is still the one with that peer: connection
+        ids start again at 1 in a new worker (a SIGHUP reload, a restart), and a flow token
+        the systems still hold (a Path, a Record-Route) must not reach another device that
+        got the same id."""
+        conn = self.conns.get(conn_id)
+        if conn is None or conn.flow is None or conn.flow.ip != ip or conn.flow.port != port:
+            return None
+        return conn
 
     # --- timers -------------------------------------------------------------------------
 

@@ -1395,7 +1395,9 @@ def test_regression_a_device_cannot_use_another_devices_flow_token() -> None:
         headers=[f"Route: {path}"],
     )
     send = one(core.handle_data(inv, attacker, 1.0))
-    to_node(send, S1)  # to the system named in the Route, which decides what to do with it
+    # not to the phone: out of dialog (no To tag), so to the owner of the caller (2000, on
+    # the target), like any call of theirs; the Route it carried does not pick the system
+    to_node(send, T1)
 
 
 def test_regression_bye_from_a_new_nat_port_goes_to_the_system() -> None:
@@ -1535,3 +1537,82 @@ def test_a_device_cannot_pick_its_system_with_a_made_up_dsbc_route() -> None:
         out = core.handle_data(forged, PHONE, 0.0)
         assert [parse(s).status for s in out] == [403]
     assert core.counters["route_signature_rejected"] == 2
+
+
+# --- audit-sip regressions ------------------------------------------------------------------
+
+
+def test_regression_cancel_and_ack_of_a_call_to_a_tcp_phone_keep_its_connection() -> None:
+    """The CANCEL (and the ACK of a failure) of an INVITE the node sent to a phone registered
+    over TCP must take the phone's connection (conn_id, worker), like the INVITE: with only
+    transport/ip/port, a worker that does not own the connection opens a new one to the
+    phone's ephemeral (NAT) port, which fails, and the phone keeps ringing."""
+    core, _ = make_core()
+    path, _ = _register(core, PHONE_TCP)
+    ruri = f"sip:1001@{PHONE_TCP.ip}:{PHONE_TCP.port};transport=tcp"
+    common = dict(
+        src=flow_of(S1),
+        frm="<sip:2000@example.com>;tag=n1",
+        to="<sip:1001@example.com>",
+        call_id="in-tcp",
+        branch="z9hG4bKintcp",
+        headers=[f"Route: {path}"],
+    )
+    inv = one(core.handle_data(request("INVITE", ruri, **common), flow_of(S1), 1.0))
+    to_flow(inv, PHONE_TCP)
+    cancel = one(core.handle_data(request("CANCEL", ruri, **common), flow_of(S1), 1.1))
+    to_flow(cancel, PHONE_TCP)
+    # the phone answers 487; the node's ACK of that failure follows the same flow
+    one(core.handle_data(answer(inv.data, 487, "Request Terminated"), PHONE_TCP, 1.2))
+    ack = request("ACK", ruri, **{**common, "to": "<sip:1001@example.com>;tag=node-tag"})
+    to_flow(one(core.handle_data(ack, flow_of(S1), 1.3)), PHONE_TCP)
+
+
+@pytest.mark.parametrize("case", ["forged-route", "loop"])
+def test_regression_an_ack_is_never_answered(case: str) -> None:
+    """RFC 3261 17: no response to an ACK, whatever is wrong with it (403, 482, 513 ...)."""
+    core, _ = make_core()
+    if case == "forged-route":
+        ack = request(
+            "ACK",
+            "sip:2000@203.0.113.9:5060",
+            to="<sip:2000@example.com>;tag=t1",
+            headers=[f"Route: <sip:{ADV}:{PORT};lr;dsbc=target.AAAAAAAA>"],
+        )
+        assert core.handle_data(ack, PHONE, 0.0) == []
+    else:
+        ack = request("ACK", to="<sip:2000@example.com>;tag=t1")
+        fwd = one(core.handle_data(ack, PHONE, 0.0))
+        # the same ACK comes back from the same source with dsbc's Via on it: a loop
+        assert core.handle_data(fwd.data, PHONE, 0.1) == []
+
+
+def test_regression_number_with_telephone_subscriber_parameters_is_the_did() -> None:
+    """A carrier's Request-URI after a number-portability dip (RFC 4694):
+    sip:+15550002000;npdi;rn=+13125550000@host;user=phone is the did 15550002000, not an
+    unknown identity sent to store.unknown's system."""
+    core, router = make_core()
+    ruri = "sip:+15550002000;npdi;rn=+13125550000@192.0.2.10;user=phone"
+    send = one(core.handle_data(request("INVITE", ruri, src=CARRIER, call_id="np1"), CARRIER, 0.0))
+    to_node(send, T1)
+    assert router.decide_calls[-1][0] == ("did", "+15550002000")
+    assert parse(send).ruri == ruri  # forwarded unchanged
+
+
+def test_regression_replayed_record_route_does_not_pin_a_new_dialog() -> None:
+    """A device's new INVITE (no To tag) carrying a Record-Route of an earlier call as a
+    preloaded Route goes to its customer's system now, not to the one the old call was on."""
+    core, router = make_core()
+    inv = one(core.handle_data(request("INVITE", call_id="old-1"), PHONE, 0.0))
+    to_node(inv, S1)
+    rr = rr_values(parse(inv))[0]
+    router.move("42", "target")
+    fresh = request("INVITE", call_id="new-1", branch="z9hG4bKnew1", headers=[f"Route: {rr}"])
+    send = one(core.handle_data(fresh, PHONE, 1.0))
+    assert (send.ip, send.port) in {(T1.host, T1.port), (T2.host, T2.port)}, send
+    # in-dialog (To tag) it still stays on the dialog's system with no lookup
+    bye = request(
+        "BYE", "sip:2000@10.0.0.1:5060", call_id="old-1", branch="z9hG4bKbye1",
+        to="<sip:2000@example.com>;tag=node-tag", headers=[f"Route: {rr}"],
+    )  # fmt: skip
+    to_node(one(core.handle_data(bye, PHONE, 1.1)), S1)

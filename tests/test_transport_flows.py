@@ -1,0 +1,66 @@
+"""sip.transport: IPv6 datagrams, and flow tokens that must reach only their own connection.
+
+A compiled (mypyc) build checks the ``addr`` annotation of ``datagram_received``: with
+``tuple[str, int]`` every IPv6 UDP datagram raised TypeError in the event loop and was lost
+(found by the audit: ``udp:[::1]:PORT`` listener, an INVITE from ::1, nothing forwarded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sip.transport import SipDatagram, SipEndpoint
+from tests.test_proxy_core import make_core, request
+from sip.flow import Flow
+
+
+def test_datagram_from_an_ipv6_address_reaches_the_core() -> None:
+    core, _ = make_core()
+    loop = asyncio.new_event_loop()
+    try:
+        proto = SipDatagram(SipEndpoint(core, loop))
+        v6 = request("OPTIONS", "sip:2000@example.com", src=Flow("udp", "::1", 5062), via="SIP/2.0/UDP [::1]:5062;branch=z9hG4bKv6")
+        v4 = request("OPTIONS", "sip:2000@example.com", via="SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bKv4")
+        proto.datagram_received(v6, ("::1", 5062, 0, 0))
+        proto.datagram_received(v4, ("127.0.0.1", 5062))
+    finally:
+        loop.close()
+    assert core.counters["requests_in:OPTIONS"] == 2
+    assert core.counters["forwarded:source"] == 2  # From 1001: a source customer
+
+
+def test_stale_flow_token_does_not_reach_another_connection_with_the_same_id() -> None:
+    """Connection ids start again at 1 in a new worker (SIGHUP reload, restart): a call the
+    registrar still sends with an old Path token (phone A's connection 1) must not be
+    written to the new connection 1 of phone B; it is answered 430 Flow Failed instead."""
+    from sip.proxy import Send
+    from sip.transport import SipStream
+
+    class FakeTransport:
+        def __init__(self) -> None:
+            self.written: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+    core, _ = make_core()
+    loop = asyncio.new_event_loop()
+    try:
+        ep = SipEndpoint(core, loop)
+        conn = SipStream(ep)
+        conn.transport = FakeTransport()  # type: ignore[assignment]
+        conn.flow = Flow("tcp", "203.0.113.20", 41000, conn.conn_id, 0)  # phone B
+        ep.conns[conn.conn_id] = conn
+        invite = request("INVITE", "sip:1001@203.0.113.10:40000;transport=tcp", src=Flow("udp", "10.0.0.1", 5060))
+        # phone A's stale token: same connection id, another address
+        ep.dispatch([Send("tcp", "203.0.113.10", 40000, invite, conn.conn_id, 0)])
+        assert conn.transport.written == []  # type: ignore[union-attr]
+        assert core.counters["flow_gone"] == 1
+        # the right peer still gets it
+        ep.dispatch([Send("tcp", "203.0.113.20", 41000, invite, conn.conn_id, 0)])
+        assert conn.transport.written  # type: ignore[union-attr]
+    finally:
+        loop.close()
