@@ -174,11 +174,16 @@ class HealthChecker:
         # any answer to a ping of a node that is waiting for one: with an interval shorter
         # than the node's answer time the answer is to an earlier ping than the last one,
         # and must count all the same (else a slow but living node is marked down)
+        if msg.status < 200:
+            return  # (a provisional answer: the final one decides)
         st = self._by_branch_head.get(msg.vias[0].branch.rpartition("-")[0])
         if st is not None and st.pending and (src_ip is None or src_ip == st.node.host):
             st.rtt = now - st.sent_at
             st.pending = ""
-            self._mark(st, True, now)
+            # a node that answers 5xx / 6xx (503 overloaded or in maintenance, 500) is up
+            # but will not serve: down, as Kamailio's dispatcher counts it; 4xx (a node
+            # that does not do OPTIONS: 404, 405, 483) is a living node
+            self._mark(st, msg.status < 500, now)
 
     def mark_unreachable(self, host: str, port: int, now: float) -> None:
         st = self._by_addr.get((host, port))

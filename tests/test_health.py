@@ -43,3 +43,20 @@ def test_a_node_comes_back_on_its_next_answer() -> None:
     pings = h.handle_timer(1.0)
     h.handle_response(_answer(pings[0].data), 1.05, "127.0.0.10")
     assert h.pick("target") == Node("target", 0, "udp", "127.0.0.10", 5060)
+
+
+def test_a_node_answering_5xx_is_down_and_4xx_or_2xx_up() -> None:
+    """503 (overloaded, in maintenance) from a node means it will not serve: its traffic
+    goes to the other node of the system.  A node that does not do OPTIONS (405) lives."""
+    h = _checker()
+    pings = h.handle_timer(0.0)
+    busy = parse_message(make_response(parse_message(pings[0].data), 503, "Service Unavailable"))
+    h.handle_response(busy, 0.1, "127.0.0.10")
+    no_options = parse_message(make_response(parse_message(pings[1].data), 405, "Method Not Allowed"))
+    h.handle_response(no_options, 0.1, "127.0.0.11")
+    states = {s["node"]: s["up"] for s in h.status()}
+    assert states == {"udp:127.0.0.10:5060": False, "udp:127.0.0.11:5060": True}
+    assert h.pick("target") == Node("target", 1, "udp", "127.0.0.11", 5060)
+    pings = h.handle_timer(1.0)
+    h.handle_response(_answer(pings[0].data), 1.05, "127.0.0.10")  # back once it answers 200
+    assert {s["node"]: s["up"] for s in h.status()}["udp:127.0.0.10:5060"] is True
