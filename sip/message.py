@@ -709,9 +709,11 @@ def make_response(
     extra: tuple[tuple[str, str], ...] | list[tuple[str, str]] = (),
     to_tag: str | None = None,
     body: bytes = b"",
+    top_via: str | None = None,
 ) -> bytes:
     """A response to ``req`` built from its own header lines (RFC 3261 8.2.6): the Via,
     From, To, Call-ID and CSeq lines are copied byte for byte, in their order.
+    ``top_via``: the first Via value to write instead (with received / rport).
 
     ``req`` may be ``exc.partial`` from a failed parse."""
     if "\r" in reason or "\n" in reason:
@@ -720,6 +722,13 @@ def make_response(
     out = [f"SIP/2.0 {status} {reason}\r\n".encode("latin-1", "replace")]
     for h in req.headers:
         if h.name in ("via", "from", "to", "call-id", "cseq"):
+            if top_via is not None and h.name == "via" and split_values(h.value):
+                value = h.value
+                comma = first_comma(value) if "," in value or '"' in value else -1
+                rest = value[comma + 1 :] if comma >= 0 else ""
+                out.append(Editor.line("via", f"{top_via},{rest}" if rest.strip(" \t") else top_via))
+                top_via = None
+                continue
             if h.name == "to" and to_tag and status > 100 and not _has_tag(h.value):
                 out.append(Editor.line("to", f"{h.value};tag={to_tag}"))
                 continue

@@ -244,7 +244,13 @@ class ProxyCore:
     def _reply(self, req: SipMessage, src: Flow, status: int, reason: str, extra: list[tuple[str, str]] | None = None) -> Send:
         headers = list(extra or ())
         headers.append(("server", self.s.server))
-        data = make_response(req, status, reason, headers, to_tag=_hash(req.call_id, 5) if status > 100 else None)
+        try:  # received / rport on the top Via (RFC 3581 4): a phone learns its NAT address
+            top = req.vias[0]
+            via: str | None = _with_received(top.text, src.ip, src.port)
+        except (SipError, IndexError):  # a request whose Via is what was wrong with it
+            via = None
+        data = make_response(req, status, reason, headers,
+                             to_tag=_hash(req.call_id, 5) if status > 100 else None, top_via=via)
         return Send(src.transport, src.ip, src.port, data, src.conn_id, src.worker if src.is_stream else -1)
 
     # --- requests ---------------------------------------------------------------------

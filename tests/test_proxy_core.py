@@ -340,6 +340,24 @@ def test_options_to_dsbc_itself_is_answered_200() -> None:
     assert status_of(send) == 200
 
 
+def test_answers_made_by_dsbc_tell_the_phone_its_nat_address() -> None:
+    """RFC 3581 4: the top Via of a response dsbc makes itself (a keep-alive OPTIONS, a 483,
+    a 400) carries received and rport, which is how a phone behind NAT learns its public
+    address; the later Via values are copied as they were."""
+    core, _ = make_core()
+    via = "SIP/2.0/UDP 10.9.9.9:5060;branch=z9hG4bKnat1;rport, SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKx"
+    for req, status in (
+        (request("OPTIONS", f"sip:{ADV}", to=f"<sip:{ADV}>", via=via), 200),
+        (request("INVITE", via=via, max_forwards=0), 483),
+    ):
+        m = parse(one(core.handle_data(req, PHONE, 0.0)))
+        assert m.status == status
+        assert m.values("via") == [
+            f"SIP/2.0/UDP 10.9.9.9:5060;branch=z9hG4bKnat1;received={PHONE.ip};rport={PHONE.port}",
+            "SIP/2.0/UDP 10.0.0.1;branch=z9hG4bKx",
+        ]
+
+
 # --- Record-Route and dialogs ------------------------------------------------------------
 
 
