@@ -242,16 +242,27 @@ class ProxyCore:
             return []
 
     def _reply(self, req: SipMessage, src: Flow, status: int, reason: str, extra: list[tuple[str, str]] | None = None) -> Send:
+        data = self.answer_bytes(req, status, reason, src, extra)
+        return Send(src.transport, src.ip, src.port, data, src.conn_id, src.worker if src.is_stream else -1)
+
+    def answer_bytes(self, req: SipMessage, status: int, reason: str, src: Flow | None = None,
+                     extra: list[tuple[str, str]] | None = None) -> bytes:
+        """A response dsbc makes itself: its Server header, a To tag (RFC 3261 8.2.6.2) and,
+        when it goes back to ``src``, received / rport on the top Via (RFC 3581 4: a
+        phone learns its NAT address from them)."""
         headers = list(extra or ())
         headers.append(("server", self.s.server))
-        try:  # received / rport on the top Via (RFC 3581 4): a phone learns its NAT address
-            top = req.vias[0]
-            via: str | None = _with_received(top.text, src.ip, src.port)
-        except (SipError, IndexError):  # a request whose Via is what was wrong with it
-            via = None
-        data = make_response(req, status, reason, headers,
-                             to_tag=_hash(req.call_id, 5) if status > 100 else None, top_via=via)
-        return Send(src.transport, src.ip, src.port, data, src.conn_id, src.worker if src.is_stream else -1)
+        via: str | None = None
+        if src is not None:
+            try:
+                via = _with_received(req.vias[0].text, src.ip, src.port)
+            except (SipError, IndexError):  # a request whose Via is what was wrong with it
+                via = None
+        try:
+            tag: str | None = _hash(req.call_id, 5) if status > 100 else None
+        except SipError:  # (a partial request without a usable Call-ID)
+            tag = None
+        return make_response(req, status, reason, headers, to_tag=tag, top_via=via)
 
     # --- requests ---------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from .admission import Admission
 from .errors import SipError
 from .flow import Flow
 from .framing import NEED_DATA, PING, PONG, StreamFramer
-from .message import SipMessage, make_response, parse_message
+from .message import SipMessage, parse_message
 from .proxy import ProxyCore, Send
 
 log = logging.getLogger("dsbc.sip")
@@ -175,7 +175,7 @@ class SipStream(asyncio.Protocol):
                 req = None
             if req is not None and req.method != "ACK":
                 try:
-                    t.write(make_response(req, exc.status, exc.reason))
+                    t.write(self.ep.core.answer_bytes(req, exc.status, exc.reason, self.flow))
                 except (SipError, ValueError):
                     log.debug("no answer possible to a broken stream from %s", self.flow)
         self.closing = True
@@ -399,7 +399,7 @@ class SipEndpoint:
             req = parse_message(data, datagram=False, max_size=max(len(data), 1))
             if req.method == "ACK":
                 return
-            answer = make_response(req, 430, "Flow Failed")
+            answer = self.core.answer_bytes(req, 430, "Flow Failed")
             sends = self.core.handle_data(answer, Flow("udp", "127.0.0.1", 0), self.loop.time())
         except Exception:
             log.debug("no 430 possible for a request to a gone flow", exc_info=True)

@@ -301,6 +301,9 @@ def test_tcp_bad_content_length_is_answered_400_then_closed(env: Env, value: str
     assert closed, why
     assert data.startswith(b"SIP/2.0 400 "), (why, data[:80])
     assert f"Call-ID: badcl-{len(value)}\r\n".encode() in data
+    # made by dsbc: its Server header, a To tag (RFC 3261 8.2.6.2), received / rport
+    to_line = next(line for line in data.split(b"\r\n") if line.startswith(b"To: "))
+    assert b";tag=" in to_line and b"\r\nServer: " in data and b";received=" in data, data
     env.exchange(b"")
 
 

@@ -231,7 +231,9 @@ def test_sips_dialog_record_routes_reuses_the_connection_and_refuses_bad_flows(
             .encode(),
             d.sip_addr,
         )
-        assert wait_node_response(node, 430).get("call-id") == "tls-call-1"
+        failed = wait_node_response(node, 430)
+        assert failed.get("call-id") == "tls-call-1"
+        assert ";tag=" in (failed.get("to") or "") and failed.get("server")  # made by dsbc
 
         # a forged flow token: 403
         forged = outside.replace("ft=", "ft=AAAA")
