@@ -16,7 +16,7 @@ from sip.admission import Admission
 from sip.flow import FlowSigner
 from sip.health import HealthChecker, Node
 from sip.peers import PeerSet
-from sip.proxy import ProxyCore, ProxySettings
+from sip.proxy import ProxyCore, ProxySettings, RegistrationSeen
 from sip.ratelimit import RateLimiter
 from sip.scanner import ScannerFilter
 from sip.transport import SipEndpoint
@@ -24,7 +24,7 @@ from sip.transport import SipEndpoint
 from .config import Config, Endpoint, parse_hostport, parse_peer
 from .regfilter import RefreshFilter
 from .regwriter import RegistrationWriter
-from .store.base import BadIdentity, Decision, LocationStore, Registration, normalise
+from .store.base import BadIdentity, Decision, LocationStore, Registration, StoreError, normalise
 from .tls import sip_client_context, sip_server_contexts
 
 log = logging.getLogger("dsbc.sip")
@@ -225,23 +225,8 @@ class SipService:
 
     def flush_registrations(self) -> None:
         events, self.core.events = self.core.events, []
-        if not events:
-            return
-        now = time.time()
-        fresh = self.reg_filter.fresh
-        regs: list[Registration] = []
-        for ev in events:
-            contacts = [(c, e) for c, e in ev.contacts if fresh(ev.account, c, ev.system, e, now)]
-            if not contacts:
-                continue
-            try:
-                account = normalise("account", ev.account)
-            except BadIdentity:
-                continue
-            loc = self.store.lookup("account", account)
-            for contact, expires in contacts:
-                regs.append(Registration(account, contact, ev.system, now + expires, loc.customer_id if loc else ""))
-        self.reg_writer.add(regs)
+        if events:
+            self.reg_writer.add(registrations_of(events, self.store, self.reg_filter.fresh, time.time()))
 
     def drain(self) -> None:
         if self.endpoint is not None:
@@ -268,3 +253,44 @@ class SipService:
                               "coalesced": self.reg_filter.skipped},
             **self.admission.status(),
         }
+
+
+def registrations_of(
+    events: Sequence[RegistrationSeen],
+    store: LocationStore,
+    fresh: Callable[[str, str, str, int, float], bool],
+    now: float,
+) -> list[Registration]:
+    """The store rows of the bindings the workers saw (``fresh`` skips refreshes already
+    written).  A binding of 0 s is a removal; ``Contact: *`` removes every binding of the
+    account the store has (read from the store: rare)."""
+    regs: list[Registration] = []
+    for ev in events:
+        contacts = [(c, e) for c, e in ev.contacts if fresh(ev.account, c, ev.system, e, now)]
+        if not contacts:
+            continue
+        try:
+            account = normalise("account", ev.account)
+        except BadIdentity:
+            continue
+        loc = store.lookup("account", account)
+        cid = loc.customer_id if loc else ""
+        for contact, expires in contacts:
+            if contact == "*":
+                for r in _stored_registrations(store, cid):
+                    if r.account == account:
+                        fresh(account, r.contact, ev.system, 0, now)  # (forget it was written)
+                        regs.append(Registration(account, r.contact, ev.system, now, cid))
+                continue
+            regs.append(Registration(account, contact, ev.system, now + expires, cid))
+    return regs
+
+
+def _stored_registrations(store: LocationStore, customer_id: str) -> list[Registration]:
+    if not customer_id:
+        return []
+    try:
+        return store.registrations([customer_id])
+    except StoreError as exc:
+        log.warning("cannot read the registrations of customer %s: %s", customer_id, exc)
+        return []

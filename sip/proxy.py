@@ -364,8 +364,41 @@ class ProxyCore:
         node = self.health.pick(decision.system)
         if node is None:
             return self._unavailable(msg, src)
-        cap = self.router.expires_cap(decision.customer_id) if method == "REGISTER" and decision.customer_id else 0
+        cap = 0
+        if method == "REGISTER":
+            if decision.customer_id:
+                cap = self.router.expires_cap(decision.customer_id)
+            self._deregistering(msg, decision.system, src)
         return [self._forward(msg, ed, src, self._to_node(node), branch, None, decision.system, decision.customer_id, now, trusted, cap=cap)]
+
+    def _deregistering(self, msg: SipMessage, system: str, src: Flow) -> None:
+        """A REGISTER that removes bindings (expires 0, or ``Contact: *``): the 200 lists only
+        the bindings that remain (RFC 3261 10.3), so the removed ones are noted here, as
+        bindings of 0 s, for `dsbc migrate` to stop counting them."""
+        default = msg.get("expires")
+        zero_default = default is not None and default.strip() == "0"
+        if not zero_default and not any(
+            h.name == "contact" and "expires=0" in h.value.replace(" ", "").lower() for h in msg.headers
+        ):
+            return  # (the usual REGISTER: no contact parsing here)
+        gone: list[tuple[str, int]] = []
+        for value in msg.values("contact"):
+            if value.strip() == "*":
+                gone.append(("*", 0))
+                continue
+            try:
+                na = parse_name_addr(value)
+            except SipParseError:
+                continue
+            exp = na.param("expires")
+            if exp is None and zero_default or exp is not None and is_digits(exp.strip()) and int(exp) == 0:
+                gone.append((na.uri_text, 0))
+        if gone:
+            try:
+                account = self._user(msg.to.uri)
+            except SipError:
+                return
+            self.events.append(RegistrationSeen(account, gone, system, f"{src.transport}:{src.ip}:{src.port}"))
 
     def _candidates(self, msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
         return owner_candidates(msg, trusted)

@@ -1634,3 +1634,25 @@ def test_regression_replayed_record_route_does_not_pin_a_new_dialog() -> None:
         to="<sip:2000@example.com>;tag=node-tag", headers=[f"Route: {rr}"],
     )  # fmt: skip
     to_node(one(core.handle_data(bye, PHONE, 1.1)), S1)
+
+
+def test_a_deregistration_is_reported_as_bindings_of_zero_seconds() -> None:
+    """The 200 to a removal lists only the bindings that remain (RFC 3261 10.3): the removed
+    ones are reported from the REGISTER itself, so `dsbc migrate` stops counting them."""
+    core, _ = make_core()
+
+    def register(headers: list[str]) -> None:
+        reg = request("REGISTER", "sip:example.com", frm="<sip:1001@example.com>;tag=r1",
+                      to="<sip:1001@example.com>", call_id="dereg", headers=headers)
+        core.handle_data(reg, PHONE, 0.0)
+
+    register(["Contact: <sip:1001@203.0.113.5:40000>;expires=3600"])
+    assert core.events == []  # an ordinary REGISTER: reported from its 200 only
+    register(["Contact: <sip:1001@203.0.113.5:40000>;expires=0", "Contact: <sip:1001@10.0.0.9>"])
+    register(["Contact: <sip:1001@203.0.113.5:40001>", "Expires: 0"])
+    register(["Contact: *", "Expires: 0"])
+    assert [(e.account, e.contacts, e.system) for e in core.events] == [
+        ("1001", [("sip:1001@203.0.113.5:40000", 0)], "source"),
+        ("1001", [("sip:1001@203.0.113.5:40001", 0)], "source"),
+        ("1001", [("*", 0)], "source"),
+    ]

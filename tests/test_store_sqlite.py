@@ -308,3 +308,31 @@ def test_counts(store: SqliteStore) -> None:
     c = store.counts()
     assert c["customers"] == 2 and c["identities"] == 3 and c["groups"] == 1 and c["prepared"] == 1
     assert c["customers.source.locked"] == 1 and c["customers.target.active"] == 1
+
+
+def test_removed_bindings_leave_the_store(tmp_path: Path) -> None:
+    """Bindings of 0 s (a de-registration) and `Contact: *` remove what the store holds, and
+    a later REGISTER of the same binding is written again."""
+    from dsbc.regfilter import RefreshFilter
+    from dsbc.sip_service import registrations_of
+    from sip.proxy import RegistrationSeen
+
+    store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+    try:
+        store.put_customer("1", ["account:u1"], "source")
+        seen = RefreshFilter()
+        now = time.time()
+
+        def apply(*contacts: tuple[str, int]) -> None:
+            ev = RegistrationSeen("u1", list(contacts), "source", "udp:10.0.0.1:5060")
+            store.record_registrations(registrations_of([ev], store, seen.fresh, now))
+
+        apply(("sip:u1@10.0.0.1", 600), ("sip:u1@10.0.0.2", 600), ("sip:u1@10.0.0.3", 600))
+        apply(("sip:u1@10.0.0.1", 0))
+        assert sorted(r.contact for r in store.registrations(["1"])) == ["sip:u1@10.0.0.2", "sip:u1@10.0.0.3"]
+        apply(("*", 0))
+        assert store.registrations(["1"]) == []
+        apply(("sip:u1@10.0.0.2", 600))  # registered again: written although seen before
+        assert [r.contact for r in store.registrations(["1"])] == ["sip:u1@10.0.0.2"]
+    finally:
+        store.close()
