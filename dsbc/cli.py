@@ -41,6 +41,8 @@ from .migrate import (
     read_customers,
     some,
     summary,
+    system_change_text,
+    system_changes,
 )
 from .migrate import wait_registrations as wait_for_phones
 from .store import (
@@ -317,11 +319,19 @@ def import_command(file: str) -> None:
     """Load customers and identities from FILE (CSV or JSON lines).
 
     CSV header: customer_id, identities (kind:value;kind:value), system (optional,
-    default source; a stored customer keeps its system), group (optional)."""
+    default source; a stored customer keeps its system: a row naming another system for
+    it is refused, `dsbc migrate` moves customers), group (optional)."""
     cfg = load_cli_config(store_only=True)
-    rows = read_customers(file)
-    bar = _progress(len(rows), "import")
+    lines: dict[str, int] = {}
+    rows = read_customers(file, lines)
     with open_cli_store(cfg, create=True) as store:
+        changes = system_changes(store, rows)
+        if changes:
+            row, stored = changes[0]
+            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+            raise InputError(f"{file}:{lines.get(row.customer_id, 0)}: {system_change_text(row, stored)}"
+                             f"{more}; nothing was imported")
+        bar = _progress(len(rows), "import")
         try:
             n = store.import_rows(rows, bar)
         finally:

@@ -41,7 +41,7 @@ from aiohttp import web
 
 from .config import Config, parse_hostport
 from .metrics import read_snapshots, render, summarize
-from .migrate import BatchAborted, move_batch
+from .migrate import BatchAborted, move_batch, system_change_text, system_changes
 from .store import (
     SYSTEMS,
     BadIdentity,
@@ -306,6 +306,8 @@ class ControlService:
         except BadRow as exc:
             raise ApiError(400, str(exc)) from None
         existed = self.store.customer(clean.customer_id) is not None
+        for changed, stored in system_changes(self.store, [clean]):
+            raise ApiError(409, system_change_text(changed, stored))
         await self._write(lambda: self.store.import_rows([clean]))
         c = self.store.customer(clean.customer_id)
         out = {"customer_id": clean.customer_id, "created": not existed,

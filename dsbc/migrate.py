@@ -153,8 +153,9 @@ def _json_array_rows(name: str, text: str) -> Iterator[tuple[int, object]]:
             raise InputError(f"{name}:{text.count(chr(10), 0, pos) + 1}: expected ',' or ']'")
 
 
-def read_customers(path: str) -> list[CustomerRow]:
-    """Every row of an import file, validated; the first bad row raises InputError (file:line)."""
+def read_customers(path: str, lines: dict[str, int] | None = None) -> list[CustomerRow]:
+    """Every row of an import file, validated; the first bad row raises InputError (file:line).
+    ``lines`` (if given) gets the line of each customer id."""
     text = read_text(path)
     fmt = file_format(path, text)
     items = {"csv": _csv_rows, "jsonl": _jsonl_rows, "json": _json_array_rows}[fmt](path, text)
@@ -181,7 +182,29 @@ def read_customers(path: str) -> list[CustomerRow]:
                     f"{path}:{line}: {key} already belongs to customer {other[0]} (line {other[1]})"
                 )
         rows.append(row)
+    if lines is not None:
+        lines.update(line_of)
     return rows
+
+
+def system_changes(store: LocationStore, rows: list[CustomerRow]) -> list[tuple[CustomerRow, str]]:
+    """Rows that would put a stored customer on another system, with its stored system: an
+    import or a PUT is no migration (no audit entry, no group check), so these are refused
+    and the operator is pointed to `dsbc migrate`."""
+    out: list[tuple[CustomerRow, str]] = []
+    for row in rows:
+        if row.system is None:
+            continue
+        c = store.customer(row.customer_id)
+        if c is not None and c.system != row.system:
+            out.append((row, c.system))
+    return out
+
+
+def system_change_text(row: CustomerRow, stored: str) -> str:
+    return (f"customer {row.customer_id} is on {stored}, not {row.system}: move it with "
+            f"`dsbc migrate --customer {row.customer_id} --to {row.system}` (audited, groups "
+            "checked), or leave system out to keep it where it is")
 
 
 # --- batch files --------------------------------------------------------------------------

@@ -366,3 +366,21 @@ def test_interrupt_between_chunks(home: Path) -> None:
     with pytest.raises(BatchAborted, match="^interrupted; 1 customer.s. had already moved"):
         move_batch(s, ["1", "2"], "target", batch_size=1, progress=progress)
     assert system_of(home, "2") == "source" and calls == [1]
+
+
+def test_import_does_not_move_a_stored_customer_to_another_system(home: Path) -> None:
+    """An import is no migration (no audit entry, no group check): a row naming another
+    system for a stored customer refuses the whole file, pointing to `dsbc migrate`."""
+    assert dsbc("migrate", "--customer", "1").exit_code == 0
+    (home / "again.csv").write_text(
+        "customer_id,identities,system\n2,account:u2,source\n1,account:u1;did:5550101,source\n")
+    r = dsbc("import", "again.csv")
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (
+        "again.csv:3: customer 1 is on target, not source: move it with `dsbc migrate "
+        "--customer 1 --to source` (audited, groups checked), or leave system out to keep it "
+        "where it is; nothing was imported")
+    assert system_of(home, "1") == "target" and store_at(home).lookup("did", "5550101") is None
+    (home / "again.csv").write_text("customer_id,identities\n1,account:u1;did:5550101\n")
+    assert dsbc("import", "again.csv").exit_code == 0
+    assert system_of(home, "1") == "target" and store_at(home).lookup("did", "5550101") is not None

@@ -101,6 +101,12 @@ def test_lookups_customers_migrations_rollback(node: Dsbc) -> None:
     assert node.control("GET", "/v1/identities/cpe/001122334455")[1]["system"] == "target"
     assert node.control("GET", "/v1/customers/5")[1]["identities"] == ["account:a5", "cpe:001122334455"]
     assert node.control("GET", "/v1/customers/nobody")[0] == 404
+    # no silent migration (no audit entry, no group check): a PUT naming another system for
+    # a stored customer is refused; one that leaves system out keeps it there
+    status, body = node.control("PUT", "/v1/customers/5", {"identities": ["account:a5"], "system": "source"})
+    assert status == 409 and "dsbc migrate --customer 5 --to source" in body["error"], body
+    status, body = node.control("PUT", "/v1/customers/5", {"identities": ["account:a5", "did:5550105"]})
+    assert status == 200 and body["system"] == "target" and not body["created"]
 
     status, body = node.control("POST", "/v1/migrations", {"customers": ["1", "2", "x"], "dry_run": True})
     assert status == 200 and (body["moved"], body["unknown"], body["dry_run"]) == (["1", "2"], ["x"], True)
