@@ -9,7 +9,8 @@ the same, and the first run must really have used the fast path.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -162,33 +163,42 @@ CASES: list[tuple[list[bytes], int]] = [
 ]
 
 
+@contextlib.asynccontextmanager
+async def proxy_to(origin: str, **settings: Any) -> AsyncIterator[ApiProxy]:
+    """A started ApiProxy whose one vhost has ``origin`` as both systems, with the client
+    session ``TOKEN`` on the source."""
+    router = DictRouter()
+    router.put_session(SessionRecord(key=session_key("at", TOKEN), system="source", expires_at=4e9))
+    proxy = ApiProxy(
+        ProxySettings(
+            listen=[("127.0.0.1", 0)], vhosts=[make_vhost("*", "customer", origin, origin)], **settings
+        ),
+        router,
+    )
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
 async def through(fast: bool) -> tuple[list[Any], list[bytes], dict[str, int]]:
     be = Backend()
     await be.start()
-    router = DictRouter()
-    router.put_session(SessionRecord(key=session_key("at", TOKEN), system="source", expires_at=4e9))
-    settings = ProxySettings(
-        listen=[("127.0.0.1", 0)],
-        vhosts=[make_vhost("*", "customer", be.origin, be.origin)],
-        timeout=1.0,
-        fast_path=fast,
-    )
-    proxy = ApiProxy(settings, router)
-    await proxy.start()
-    host, port = proxy.addresses[0]
     answers: list[Any] = []
     try:
-        for requests, count in CASES:
-            r, w = await asyncio.open_connection(host, port)
-            got = []
-            for req in requests:  # one answer each, or all of them after a pipelined write
-                w.write(req)
-                for _ in range(count if len(requests) == 1 else 1):
-                    got.append(await read_answer(r))
-            answers.append(got)
-            w.close()
+        async with proxy_to(be.origin, timeout=1.0, fast_path=fast) as proxy:
+            host, port = proxy.addresses[0]
+            for requests, count in CASES:
+                r, w = await asyncio.open_connection(host, port)
+                got = []
+                for req in requests:  # one answer each, or all of them after a pipelined write
+                    w.write(req)
+                    for _ in range(count if len(requests) == 1 else 1):
+                        got.append(await read_answer(r))
+                answers.append(got)
+                w.close()
     finally:
-        await proxy.stop()
         await be.stop()
     upstream = [
         b"\r\n".join(line for line in req.split(b"\r\n") if not line.startswith(b"Host: "))
@@ -231,32 +241,21 @@ def test_a_back_end_that_hangs_on_a_reused_connection_times_out(loop: str) -> No
     async def main() -> None:
         be = Backend()
         await be.start()
-        router = DictRouter()
-        router.put_session(
-            SessionRecord(key=session_key("at", TOKEN), system="source", expires_at=4e9)
-        )
-        settings = ProxySettings(
-            listen=[("127.0.0.1", 0)],
-            vhosts=[make_vhost("*", "customer", be.origin, be.origin)],
-            timeout=0.3,
-        )
-        proxy = ApiProxy(settings, router)
-        await proxy.start()
         try:
-            r, w = await asyncio.open_connection(*proxy.addresses[0])
-            w.write(get("/x"))
-            assert (await read_answer(r))[0] == b"HTTP/1.1 200 OK"
-            await asyncio.sleep(0.6)  # the upstream connection's timer fired while idle
-            start = asyncio.get_running_loop().time()
-            w.write(get("/slow"))  # the back end reads it and never answers (for 5 s)
-            status, _, body = await read_answer(r)
-            took = asyncio.get_running_loop().time() - start
-            assert status == b"HTTP/1.1 500 Internal Server Error" and b"timed out" in body
-            assert took < 1.5, took
-            assert be.conns == 1 and proxy.metrics["fast_path"] == 2
-            w.close()
+            async with proxy_to(be.origin, timeout=0.3) as proxy:
+                r, w = await asyncio.open_connection(*proxy.addresses[0])
+                w.write(get("/x"))
+                assert (await read_answer(r))[0] == b"HTTP/1.1 200 OK"
+                await asyncio.sleep(0.6)  # the upstream connection's timer fired while idle
+                start = asyncio.get_running_loop().time()
+                w.write(get("/slow"))  # the back end reads it and never answers (for 5 s)
+                status, _, body = await read_answer(r)
+                took = asyncio.get_running_loop().time() - start
+                assert status == b"HTTP/1.1 500 Internal Server Error" and b"timed out" in body
+                assert took < 1.5, took
+                assert be.conns == 1 and proxy.metrics["fast_path"] == 2
+                w.close()
         finally:
-            await proxy.stop()
             await be.stop()
 
     run(main, loop)
@@ -270,31 +269,19 @@ def test_timeouts_shorter_than_the_loop_timer_resolution_still_fire(loop: str) -
     async def main() -> None:
         be = Backend()
         await be.start()
-        router = DictRouter()
-        router.put_session(
-            SessionRecord(key=session_key("at", TOKEN), system="source", expires_at=4e9)
-        )
-        settings = ProxySettings(
-            listen=[("127.0.0.1", 0)],
-            vhosts=[make_vhost("*", "customer", be.origin, be.origin)],
-            timeout=0.0002,
-            body_timeout=0.0002,
-        )
-        proxy = ApiProxy(settings, router)
-        await proxy.start()
         try:
-            r, w = await asyncio.open_connection(*proxy.addresses[0])
-            w.write(get("/slow"))  # the back end reads it and never answers
-            status, _, body = await asyncio.wait_for(read_answer(r), 3)
-            assert status == b"HTTP/1.1 500 Internal Server Error" and b"timed out" in body
-            w.close()
-            r, w = await asyncio.open_connection(*proxy.addresses[0])
-            w.write(post("/rest/Account/get_account_info")[:-5])  # the body never ends
-            status, _, body = await asyncio.wait_for(read_answer(r), 3)
-            assert status == b"HTTP/1.1 500 Internal Server Error" and b"no body data" in body
-            w.close()
+            async with proxy_to(be.origin, timeout=0.0002, body_timeout=0.0002) as proxy:
+                r, w = await asyncio.open_connection(*proxy.addresses[0])
+                w.write(get("/slow"))  # the back end reads it and never answers
+                status, _, body = await asyncio.wait_for(read_answer(r), 3)
+                assert status == b"HTTP/1.1 500 Internal Server Error" and b"timed out" in body
+                w.close()
+                r, w = await asyncio.open_connection(*proxy.addresses[0])
+                w.write(post("/rest/Account/get_account_info")[:-5])  # the body never ends
+                status, _, body = await asyncio.wait_for(read_answer(r), 3)
+                assert status == b"HTTP/1.1 500 Internal Server Error" and b"no body data" in body
+                w.close()
         finally:
-            await proxy.stop()
             await be.stop()
 
     run(main, loop)
@@ -308,28 +295,17 @@ def test_a_back_end_that_closes_every_new_connection_gets_a_fault(loop: str) -> 
     async def main() -> None:
         server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
         origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        router = DictRouter()
-        router.put_session(
-            SessionRecord(key=session_key("at", TOKEN), system="source", expires_at=4e9)
-        )
-        settings = ProxySettings(
-            listen=[("127.0.0.1", 0)],
-            vhosts=[make_vhost("*", "customer", origin, origin)],
-            timeout=1.0,
-        )
-        proxy = ApiProxy(settings, router)
-        await proxy.start()
         try:
-            r, w = await asyncio.open_connection(*proxy.addresses[0])
-            for _ in range(20):
-                w.write(post("/rest/Account/get_account_info"))
-                status, _, body = await asyncio.wait_for(read_answer(r), 3)
-                assert status == b"HTTP/1.1 500 Internal Server Error", status
-                assert b"backend_unavailable" in body
-            assert proxy.metrics["fast_path"] == 20
-            w.close()
+            async with proxy_to(origin, timeout=1.0) as proxy:
+                r, w = await asyncio.open_connection(*proxy.addresses[0])
+                for _ in range(20):
+                    w.write(post("/rest/Account/get_account_info"))
+                    status, _, body = await asyncio.wait_for(read_answer(r), 3)
+                    assert status == b"HTTP/1.1 500 Internal Server Error", status
+                    assert b"backend_unavailable" in body
+                assert proxy.metrics["fast_path"] == 20
+                w.close()
         finally:
-            await proxy.stop()
             server.close()
 
     run(main, loop)

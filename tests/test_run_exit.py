@@ -9,31 +9,30 @@ from pathlib import Path
 from dsbc.store import open_store
 
 
-def test_run_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
+def _run(tmp_path: Path, sections: str, timeout: float = 120) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`dsbc run` of a config with a fresh SQLite store and these other sections."""
     db = tmp_path / "loc.db"
     open_store(f"sqlite:///{db}").close()
     cfg = tmp_path / "dsbc.toml"
-    # passes validation (a host name), cannot be bound: every worker start fails
-    cfg.write_text(
-        f'[store]\nurl = "sqlite:///{db}"\n\n[sip]\nlisten = ["udp:nonexistent.invalid:5060"]\n'
-        'workers = 1\n\n[api]\nenabled = false\n\n[control]\nenabled = false\n')
+    cfg.write_text(f'[store]\nurl = "sqlite:///{db}"\n\n{sections}')
     proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path, check=False)
+    return cfg, proc
+
+
+def test_run_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
+    # passes validation (a host name), cannot be bound: every worker start fails
+    _, proc = _run(tmp_path, '[sip]\nlisten = ["udp:nonexistent.invalid:5060"]\n'
+                             'workers = 1\n\n[api]\nenabled = false\n\n[control]\nenabled = false\n')
     assert "giving up" in proc.stderr
     assert proc.returncode == 1, proc.stderr
 
 
 def test_run_refuses_a_vhost_without_back_end(tmp_path: Path) -> None:
     """Used to pass validation, then every worker crashed with a traceback, in a loop."""
-    db = tmp_path / "loc.db"
-    open_store(f"sqlite:///{db}").close()
-    cfg = tmp_path / "dsbc.toml"
-    cfg.write_text(
-        f'[store]\nurl = "sqlite:///{db}"\n\n[sip]\nenabled = false\n\n'
-        '[api]\nlisten = ["127.0.0.1:35999"]\n[[api.vhosts]]\nhost = "a"\nrealm = "customer"\n\n'
-        '[control]\nenabled = false\n')
-    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    cfg, proc = _run(tmp_path, '[sip]\nenabled = false\n\n'
+                               '[api]\nlisten = ["127.0.0.1:35999"]\n[[api.vhosts]]\nhost = "a"\nrealm = "customer"\n\n'
+                               '[control]\nenabled = false\n')
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (
@@ -46,19 +45,13 @@ def test_run_refuses_ports_another_process_holds(tmp_path: Path) -> None:
     another SO_REUSEPORT server) would share the port and its traffic silently."""
     import socket
 
-    db = tmp_path / "loc.db"
-    open_store(f"sqlite:///{db}").close()
     held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     held.bind(("127.0.0.1", 0))
     port = held.getsockname()[1]
-    cfg = tmp_path / "dsbc.toml"
-    cfg.write_text(
-        f'[store]\nurl = "sqlite:///{db}"\n\n[sip]\nlisten = ["udp:127.0.0.1:{port}"]\n\n'
-        '[api]\nenabled = false\n\n[control]\nenabled = false\n')
     try:
-        proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
-                              capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+        cfg, proc = _run(tmp_path, f'[sip]\nlisten = ["udp:127.0.0.1:{port}"]\n\n'
+                                   '[api]\nenabled = false\n\n[control]\nenabled = false\n', timeout=60)
     finally:
         held.close()
     assert proc.returncode == 1, proc.stderr
