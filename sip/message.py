@@ -722,13 +722,18 @@ def make_response(
     out = [f"SIP/2.0 {status} {reason}\r\n".encode("latin-1", "replace")]
     for h in req.headers:
         if h.name in ("via", "from", "to", "call-id", "cseq"):
-            if top_via is not None and h.name == "via" and split_values(h.value):
-                value = h.value
-                comma = first_comma(value) if "," in value or '"' in value else -1
-                rest = value[comma + 1 :] if comma >= 0 else ""
-                out.append(Editor.line("via", f"{top_via},{rest}" if rest.strip(" \t") else top_via))
+            if top_via is not None and h.name == "via" and h.value.strip(" \t"):
+                new = top_via
                 top_via = None
-                continue
+                value = h.value
+                try:
+                    comma = first_comma(value) if "," in value or '"' in value else -1
+                except SipError:  # (unbalanced quotes: the line is copied as it came)
+                    comma = -2
+                if comma != -2:
+                    rest = value[comma + 1 :] if comma >= 0 else ""
+                    out.append(Editor.line("via", f"{new},{rest}" if rest.strip(" \t") else new))
+                    continue
             if h.name == "to" and to_tag and status > 100 and not _has_tag(h.value):
                 out.append(Editor.line("to", f"{h.value};tag={to_tag}"))
                 continue

@@ -1656,3 +1656,12 @@ def test_a_deregistration_is_reported_as_bindings_of_zero_seconds() -> None:
         ("1001", [("sip:1001@203.0.113.5:40001", 0)], "source"),
         ("1001", [("*", 0)], "source"),
     ]
+
+
+def test_regression_an_unbalanced_quote_in_the_top_via_is_answered_not_raised() -> None:
+    """Found by Hypothesis: stamping received / rport on the 400's top Via split a Via
+    holding an unbalanced quote and raised; the line is copied as it came instead."""
+    core, _ = make_core()
+    bad = request("INVITE", via='SIP/2.0/UDP 203.0.113.5:40000;branch=z"9hG4bKphone1;rport')
+    out = core.handle_data(bad, Flow("udp", "203.0.113.5", 1), 1.0)
+    assert [status_of(s) for s in out] in ([], [400])
