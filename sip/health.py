@@ -16,6 +16,10 @@ import msgspec
 from .message import SipMessage
 
 PING_BRANCH_PREFIX = "z9hG4bK-dsbcping-"
+#: a ping's timeout check that runs this much (s) after its time ran on a stalled loop ...
+STALL = 0.1
+#: ... and is made again this much later, after the loop has read its sockets once
+RECHECK = 0.002
 
 
 class Node(msgspec.Struct, frozen=True, gc=False):
@@ -34,7 +38,7 @@ class Node(msgspec.Struct, frozen=True, gc=False):
 
 
 class NodeState:
-    __slots__ = ("failures", "last_ok", "next_ping", "node", "pending", "rtt", "sent_at", "since", "up")
+    __slots__ = ("check_at", "failures", "last_ok", "next_ping", "node", "pending", "rtt", "sent_at", "since", "up")
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -42,6 +46,7 @@ class NodeState:
         self.last_ok = 0.0
         self.pending = ""  # branch of the unanswered ping
         self.sent_at = 0.0
+        self.check_at = 0.0  # when the silence of the pending ping is judged
         self.next_ping = 0.0
         self.rtt = 0.0
         self.failures = 0
@@ -120,15 +125,22 @@ class HealthChecker:
         for st in self.states.values():
             deadlines.append(st.next_ping)
             if st.pending:
-                deadlines.append(st.sent_at + self.timeout)
+                deadlines.append(st.check_at)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> list[Ping]:
         out: list[Ping] = []
         for st in self.states.values():
-            if st.pending and now >= st.sent_at + self.timeout:
-                self._mark(st, False, now)
-                st.pending = ""
+            if st.pending and now >= st.check_at:
+                first = st.sent_at + self.timeout
+                if st.check_at == first and now - first > STALL:
+                    # this check runs late: the loop was stalled (a busy or paused worker),
+                    # and the answer may be in the socket unread (uvloop runs timers before
+                    # it polls).  Judge once more after one poll, not on a silence not heard.
+                    st.check_at = now + RECHECK
+                else:
+                    self._mark(st, False, now)
+                    st.pending = ""
             if now >= st.next_ping:
                 out.append(self._ping(st, now))
         return out
@@ -140,6 +152,7 @@ class HealthChecker:
         if not st.pending:
             st.pending = branch
             st.sent_at = now
+            st.check_at = now + self.timeout
         else:
             st.pending = branch  # keep the original sent_at: the node is still silent
         st.next_ping = now + self.interval

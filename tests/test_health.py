@@ -60,3 +60,24 @@ def test_a_node_answering_5xx_is_down_and_4xx_or_2xx_up() -> None:
     pings = h.handle_timer(1.0)
     h.handle_response(_answer(pings[0].data), 1.05, "127.0.0.10")  # back once it answers 200
     assert {s["node"]: s["up"] for s in h.status()}["udp:127.0.0.10:5060"] is True
+
+
+def test_a_timeout_check_run_late_by_a_stalled_loop_waits_for_one_read_of_the_socket() -> None:
+    """A worker that was busy (or paused) runs its ping timer late, before it reads the
+    answer waiting in the socket: the node is judged again a moment later, not marked
+    down on a silence dsbc did not listen to.  A node that is silent then too is down."""
+    h = _checker()
+    pings = h.handle_timer(0.0)
+    h.handle_timer(1.7)  # 1.2 s late
+    assert [s["up"] for s in h.status()] == [True, True]
+    recheck = h.get_timer()
+    assert recheck is not None and 1.7 < recheck < 1.8
+    h.handle_response(_answer(pings[0].data), 1.701, "127.0.0.10")  # read once the loop polls
+    h.handle_timer(recheck)
+    assert {s["node"]: s["up"] for s in h.status()} == {"udp:127.0.0.10:5060": True, "udp:127.0.0.11:5060": False}
+    # a check that is late again right after (the loop still busy) does not wait twice
+    h2 = _checker()
+    h2.handle_timer(0.0)
+    h2.handle_timer(1.7)
+    h2.handle_timer(3.0)
+    assert h2.pick("target") is None
