@@ -205,7 +205,7 @@ def test_a_killed_worker_is_restarted_and_the_others_keep_serving(
                 status, _ = p.register(d.sip_addr, timeout=2.0)
                 if status != 200:
                     failures.append(status)
-        assert failures == [], f"{len(failures)} registrations failed while a worker was down"
+        assert failures == [], (f"{len(failures)} registrations failed while a worker was down", d.status())
         new = wait_for(
             lambda: worker_pids(d).get(1) not in (None, pids[1]) and worker_pids(d), timeout=10
         )
