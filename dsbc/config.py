@@ -516,11 +516,12 @@ def load_config(path: str | Path) -> Config:
     """Read and validate ``path``; raise ConfigError naming ``file:line: key: reason``."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{p}:1: not UTF-8 text") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 text") from None
     return parse_config(text, str(p))
 
 

@@ -184,8 +184,11 @@ def test_load_config_files(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.toml")
     bad = tmp_path / "bad.toml"
     bad.write_bytes(b"[store]\nurl = '\xff'\n")
-    with pytest.raises(ConfigError, match=r"bad\.toml:1: not UTF-8 text"):
+    with pytest.raises(ConfigError, match=r"bad\.toml:2: not UTF-8 text"):
         load_config(bad)
+    bom = tmp_path / "bom.toml"  # saved by a Windows editor: the byte-order mark is no error
+    bom.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    assert load_config(bom).path == str(bom)
     p.write_text(replace("workers = 2", "workers = 999"))
     with pytest.raises(ConfigError) as err:
         load_config(p)

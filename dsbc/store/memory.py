@@ -74,8 +74,16 @@ def normalise_keys(identities: Iterable[str] | str) -> tuple[str, ...]:
         if not item.strip():
             continue
         kind, value = parse_identity(item)
+        if _has_control(value):
+            raise BadIdentity(f"{kind}:{value!r} has a control character")
         keys[f"{kind}:{value}"] = None
     return tuple(keys)
+
+
+def _has_control(text: str) -> bool:
+    """A C0/C1 control character (or DEL): an identity or id pasted with one would never
+    match what a phone or an API call sends, and would print garbage in `dsbc where`."""
+    return any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in text)
 
 
 def clean_row(row: dict[str, object]) -> CustomerRow:
@@ -92,9 +100,9 @@ def clean_row(row: dict[str, object]) -> CustomerRow:
     if not isinstance(cid, str) or not cid.strip():
         raise BadRow(f"customer_id: {cid!r} is not a customer id")
     cid = cid.strip()
-    if any(ch.isspace() for ch in cid) or len(cid) > 128:
+    if any(ch.isspace() for ch in cid) or _has_control(cid) or len(cid) > 128:
         raise BadRow(
-            f"customer_id: {cid!r} is not a customer id (no spaces, at most 128 characters)"
+            f"customer_id: {cid!r} is not a customer id (no spaces or control characters, at most 128 characters)"
         )
     ids = row.get("identities", ())
     if ids is None:
