@@ -92,7 +92,9 @@ def upstream_request(
             lines.append(line)
         elif kind == _FWD:
             if fwd is None:
-                xff = index.get("x-forwarded-for")
+                # every X-Forwarded-For line of the client's, joined (as nginx's
+                # $proxy_add_x_forwarded_for does), then the client's address
+                xff = ", ".join([v for n, _, v, _ in req.headers if n == "x-forwarded-for"])
                 fwd = {
                     "x-forwarded-for": xff + ", " + ip if xff else ip,
                     "x-forwarded-proto": proto,

@@ -52,7 +52,7 @@ def request_headers(
     for k, v in headers.items():
         if k.lower() not in skip:
             out.add(k, v)
-    xff = headers.get("X-Forwarded-For", "")
+    xff = ", ".join(headers.getall("X-Forwarded-For", ()))  # repeats joined, as nginx does
     out["X-Forwarded-For"] = f"{xff}, {remote}" if xff else remote
     out["X-Forwarded-Proto"] = proto
     out["X-Forwarded-Host"] = host

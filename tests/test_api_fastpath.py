@@ -160,6 +160,8 @@ CASES: list[tuple[list[bytes], int]] = [
     ([post("/stale-post"), post("/stale-post")], 2),
     # HTTP/1.0 and Expect go the aiohttp way from the first request
     ([b"GET /x HTTP/1.0\r\nHost: api.example\r\n\r\n"], 1),
+    # a client behind two proxies that each added a line: both kept, then the client's address
+    ([get("/xff", "X-Forwarded-For: 10.1.1.1\r\nX-Forwarded-For: 10.2.2.2, 10.3.3.3\r\n")], 1),
 ]
 
 
@@ -229,6 +231,8 @@ def test_fast_path_and_aiohttp_path_answer_alike(loop: str) -> None:
         assert [a[0] for a in fast[12]] == [b"HTTP/1.1 200 OK"] * 2  # GET sent again
         assert fast[13][1][0] == b"HTTP/1.1 500 Internal Server Error"  # POST is not
         assert b"backend_unavailable" in fast[13][1][2]
+        xff = [h for up in fast_up for h in up.split(b"\r\n") if h.startswith(b"X-Forwarded-For: 10.1")]
+        assert xff[-1] == b"X-Forwarded-For: 10.1.1.1, 10.2.2.2, 10.3.3.3, 127.0.0.1"
 
     run(main, loop)
 

@@ -46,7 +46,7 @@ def log_entry(request: web.Request, what: str, user: str = "") -> dict[str, Any]
         "user": user,
         "remote": request.remote,
         "peer": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "",
-        "xff": request.headers.get("X-Forwarded-For", ""),
+        "xff": ", ".join(request.headers.getall("X-Forwarded-For", ())),
         "proto": request.headers.get("X-Forwarded-Proto", ""),
         "host": request.headers.get("X-Forwarded-Host", ""),
     }
