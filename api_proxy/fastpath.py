@@ -213,7 +213,9 @@ class FastConn(asyncio.Protocol):
         if req is None:
             end = buf.find(b"\r\n\r\n")
             if end < 0 or end > s.max_header_size:
-                if end >= 0 or len(buf) > s.max_header_size:
+                # a head that ended with bare LFs (an empty line) is aiohttp's to refuse:
+                # waiting for a CRLF one would leave the client hanging until the timeout
+                if end >= 0 or len(buf) > s.max_header_size or b"\n\n" in buf or b"\n\r\n" in buf:
                     self._handover()
                 return
             req = parse_request_head(bytes(buf[: end + 2]))

@@ -121,7 +121,8 @@ class _FaultingHandler(RequestHandler):
             raise ConnectionError("a response was under way; closing the connection")
         text = str(message or exc or "")
         http_status = 500
-        if status in (413, 431) or "too long" in text.lower() or "got more than" in text.lower():
+        lower = text.lower()
+        if status in (413, 431) or "too long" in lower or "got more than" in lower or "too many headers" in lower:
             code, why = "request_too_large", "the request line or headers are over the limit"
             http_status = 431
         elif status == 400:
