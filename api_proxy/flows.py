@@ -406,7 +406,16 @@ class Flows(Forwarder):
                 if rec is not None and rec.expires_at > now:
                     system = rec.system
                     break
-        system = system or self.default_system()
+        conn = ctx.request.protocol
+        if system:
+            conn_system = system
+        else:
+            # a CPE that returns no cookie keeps its CWMP session on one connection (TR-069
+            # 3.2.1): its empty POSTs and RPC answers follow the Inform's system
+            conn_system = getattr(conn, "cpe_system", "") or self.default_system()
+            system = conn_system
+        if conn is not None and hasattr(conn, "cpe_system"):
+            conn.cpe_system = conn_system
         resp = await self.open(ctx, system)
         expires = self.now() + self.settings.session_ttl
         pairs = [sc.split(";", 1)[0].strip() for sc in resp.headers.getall("Set-Cookie", [])[:4]]

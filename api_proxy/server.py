@@ -58,6 +58,9 @@ class _FaultingHandler(RequestHandler):
     _counted_ip: str | None = None
     #: set by ``ApiProxy.adopt``: a connection the fast path admitted and hands over
     _adopted_ip: str | None = None
+    #: the system a CWMP session on this connection was sent to (``Flows.cpe``): a CPE
+    #: that does not return the ACS's cookie stays on it for the session's next requests
+    cpe_system = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+from tests.test_api_fastpath import read_answer
 from tests.test_api_support import PROV, ApiEnv, run
 
 MAC1, MAC4 = "0004f2a1b2c1", "0004f2a1b2c4"  # alice's phone (source), dave's (target)
@@ -70,5 +72,41 @@ def test_cwmp_inform_then_cookie_stick_to_the_owner(tmp_path: Path) -> None:
             assert await cwmp_session(env, MAC4.upper()) == ("MR115", "MR115")
             env.migrate("1")
             assert await cwmp_session(env, "0004F2A1B2C1") == ("MR115", "MR115")
+
+    run(main)
+
+
+def test_a_cpe_without_cookies_stays_on_the_informs_system_for_its_connection(tmp_path: Path) -> None:
+    """A CPE that does not return the ACS's cookie keeps its CWMP session on one TCP
+    connection: its empty POST follows the Inform's system (dave's phone: the target),
+    not the default system; another connection without a cookie gets the default."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            host, _, port = env.url.removeprefix("http://").rpartition(":")
+
+            def post(body: bytes) -> bytes:
+                return (
+                    f"POST /cwmp HTTP/1.1\r\nHost: {PROV}\r\nContent-Type: text/xml\r\n"
+                    f"SOAPAction: \r\nContent-Length: {len(body)}\r\n\r\n"
+                ).encode() + body
+
+            def served_by(headers: list[bytes]) -> str:
+                return next(h.split(b":", 1)[1].strip().decode() for h in headers
+                            if h.lower().startswith(b"x-billing-system:"))
+
+            r, w = await asyncio.open_connection(host, int(port))
+            w.write(post(inform(MAC4.upper())))
+            status, headers, _ = await read_answer(r)
+            assert status.startswith(b"HTTP/1.1 200") and served_by(headers) == "MR115"
+            w.write(post(b""))  # no Cookie header
+            status, headers, _ = await read_answer(r)
+            assert served_by(headers) == "MR115", status
+            w.close()
+            r, w = await asyncio.open_connection(host, int(port))
+            w.write(post(b""))
+            status, headers, _ = await read_answer(r)
+            assert served_by(headers) == "MR100"  # a new connection: store.unknown = source
+            w.close()
 
     run(main)
