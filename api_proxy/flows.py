@@ -314,7 +314,7 @@ class Flows(Forwarder):
         twin.ctx = ctx.c.context
         self.remember(rec.system, twin, rec.expires_at, ctx, rec.customer_id)
         body = msgspec.json.encode({"success": 1, "system": twin.ctx})
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(body=body, content_type="application/json", charset="utf-8")
 
     async def on_both(self, ctx: Ctx, rec: SessionRecord, twin: TwinExtra) -> web.StreamResponse:
         """Logout or refresh on every system the twin has a session on."""
@@ -371,7 +371,7 @@ class Flows(Forwarder):
 
         status, body = await merge_lists(fetch, call.params, ctx.c.list_key)
         self.metrics["lists_merged"] += 1
-        return web.Response(status=status, body=body, content_type="application/json")
+        return web.Response(status=status, body=body, content_type="application/json", charset="utf-8")
 
     async def create(
         self, ctx: Ctx, system: str, owner_cid: str, kw: dict[str, Any]

@@ -56,7 +56,8 @@ def test_merged_customer_list_every_window(tmp_path: Path) -> None:
                 assert got == by_hand(offset, limit), (offset, limit, got)
                 assert doc["total"] == 7
             # without get_total there is no total, and the exported rows never appear twice
-            st, doc, _ = await env.call(ADMIN, "Customer/get_customer_list", {}, auth, as_json=True)
+            st, doc, hdrs = await env.call(ADMIN, "Customer/get_customer_list", {}, auth, as_json=True)
+            assert hdrs["Content-Type"] == "application/json; charset=utf-8"
             assert "total" not in doc and [c["i_customer"] for c in doc["customer_list"]] == [
                 1,
                 2,
