@@ -118,6 +118,12 @@ realm = "customer"
 source = "{s['billing'].url}"
 target = "{t['billing'].url}"
 
+[[api.vhosts]]
+host = "admin.localhost"
+realm = "admin"
+source = "{s['billing'].url}"
+target = "{t['billing'].url}"
+
 [radius]
 enabled = true
 auth_listen = "{HOST}:{p['radius']}"
@@ -203,6 +209,9 @@ Try, in another terminal:
   sipp -sn uac -s 100001 -m 1 {HOST}:{p['sip']}          # an INVITE from a device
   echo "User-Name=100001,User-Password=x" | radclient -x {HOST}:{p['radius']} auth {RADIUS_SECRET_CLIENT}
   curl -s -d 'params={{"login":"alice","password":"secret"}}' http://{HOST}:{p['api']}/rest/Session/login
+  curl -s -H 'Host: admin.localhost' -d 'params={{"login":"admin","password":"admin"}}' http://{HOST}:{p['api']}/rest/Session/login
+  curl -s -H 'Host: admin.localhost' -d 'auth_info={{"session_id":"<from the login>"}}' http://{HOST}:{p['api']}/rest/Customer/get_customer_list
+                                                          # the admin realm: one list merged from both systems
   open http://{HOST}:{p['api']}/ in a browser and log in as alice
   dsbc -c {cfg} migrate --customer 1 --to target
   dsbc -c {cfg} where account:100001                      # now on the target (MR115)
