@@ -292,10 +292,30 @@ async def self_check(demo: Demo) -> list[str]:
             ) as r:
                 body = await r.text()
             lines.append(f"API Session/login {login}: HTTP {r.status} {body[:80]}")
+        lines.append(await _admin_list(http, f"http://{HOST}:{p['api']}/rest"))
     for user in ("100001", "100004"):
         answer = await _radius_auth(HOST, p["radius"], user, RADIUS_SECRET_CLIENT.encode(), rp)
         lines.append(f"RADIUS Access-Request {user}: {answer}")
     return lines
+
+
+async def _admin_list(http: Any, base: str) -> str:
+    """An admin login on the admin vhost, then the customer list merged from both systems."""
+    host = {"Host": "admin.localhost"}
+    login = {"params": json.dumps({"login": "admin", "password": "admin"})}
+    async with http.post(f"{base}/Session/login", data=login, headers=host) as r:
+        doc = await r.json(content_type=None)
+    sid = doc.get("session_id") if isinstance(doc, dict) else None
+    if not sid:
+        return f"API admin Session/login: HTTP {r.status} {str(doc)[:80]}"
+    auth = {"auth_info": json.dumps({"session_id": sid})}
+    async with http.post(f"{base}/Customer/get_customer_list", data=auth, headers=host) as r:
+        doc = await r.json(content_type=None)
+    rows = doc.get("customer_list") if isinstance(doc, dict) else None
+    if not isinstance(rows, list):
+        return f"API admin Customer/get_customer_list: HTTP {r.status} {str(doc)[:80]}"
+    names = ", ".join(str(c.get("login")) for c in rows if isinstance(c, dict))
+    return f"API admin Customer/get_customer_list: {len(rows)} customers merged from both systems ({names})"
 
 
 async def _radius_auth(host: str, port: int, user: str, secret: bytes, rp: Any) -> str:

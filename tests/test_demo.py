@@ -26,6 +26,7 @@ def test_demo_check_routes_each_protocol_and_follows_a_migration(tmp_path: Path)
     assert "SIP OPTIONS from account 100004: SIP/2.0 200 OK from MR115" in out
     assert "RADIUS Access-Request 100001: code 2 MR100" in out
     assert "RADIUS Access-Request 100004: code 2 MR115" in out
+    assert "API admin Customer/get_customer_list: 5 customers merged from both systems" in out
     assert "API Session/login alice: HTTP 200" in out
     assert "moved 1" in out
     assert "after the migration: answered by MR115" in out
