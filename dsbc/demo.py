@@ -391,6 +391,13 @@ async def run_demo(workdir: Path, sip_port: int, api_port: int, duration: float 
 @click.option("--check", is_flag=True, help="Send one request of each kind through dsbc, migrate a customer, show the result, then stop.")
 def demo_command(workdir: str | None, sip_port: int, api_port: int, duration: float | None, check: bool) -> None:
     """Start a complete local demo: dsbc and two emulated systems (MR100, MR115) on loopback."""
+    meta = click.get_current_context().find_root().meta
+    given = [opt for opt, key in (("-c/--config", "dsbc.config"), ("--store", "dsbc.store")) if meta.get(key)]
+    if given:
+        raise click.UsageError(
+            f"the demo writes its own config and store (in --dir): {' and '.join(given)} not used; "
+            "run the demo without it, or `dsbc run` for your own config"
+        )
     path = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dsbc-demo-"))
     path.mkdir(parents=True, exist_ok=True)
     try:

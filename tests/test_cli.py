@@ -307,3 +307,12 @@ def test_end_to_end_subprocess(home: Path) -> None:
     r = subprocess.run(["dsbc", "where", "account:nobody"], capture_output=True, text=True, timeout=60,
                        check=False)
     assert r.returncode == 1 and "unknown: would go to source (MR100)" in r.stdout
+
+
+def test_demo_refuses_a_config_it_would_not_use(home: Path) -> None:
+    """`dsbc -c my.toml demo` would start the demo's own config, not the operator's: said
+    at once (exit 2) rather than ignored."""
+    assert one_line_error(dsbc("-c", "dsbc.toml", "demo", "--duration", "0")) == (
+        "dsbc demo: the demo writes its own config and store (in --dir): -c/--config not used; "
+        "run the demo without it, or `dsbc run` for your own config (see dsbc demo --help)"
+    )
