@@ -352,7 +352,8 @@ def backend_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str,
                      f"{n['rtt_ms']:.2f}", str(n["failures"])))
     for system, s in (services.get("radius", {}).get("systems") or {}).items():
         for node, state in (s.get("servers") or {}).items():
-            rows.append(("radius", system, node, "up" if state == "up" else "DOWN", "", str(s.get("timeouts", 0))))
+            timeouts = (s.get("server_timeouts") or {}).get(node, 0)  # this server's, not the system's
+            rows.append(("radius", system, node, "up" if state == "up" else "DOWN", "", str(timeouts)))
     for system, s in (services.get("diameter", {}).get("systems") or {}).items():
         rows.append(("diameter", system, str(s.get("identity") or "-"),
                      "up" if s.get("peer") == "open" else "DOWN", "", ""))

@@ -208,6 +208,12 @@ def test_timeout_retransmits_then_gives_up(store: LocationStore) -> None:
     assert core.handle_timer(3.0) == []
     assert core.drops == {"timeout": 1} and core.systems["source"].ids.in_use == 0
     assert core.status()["systems"]["source"]["servers"]["127.0.0.1:1812"] == "dead"  # type: ignore[index]
+    # `dsbc status` counts the timeouts of the server that was silent, not of its system
+    from dsbc.metrics import backend_rows
+
+    rows = backend_rows({"services": {"radius": core.status()}})
+    failures = {node: n for proto, system, node, _, _, n in rows if system == "source"}
+    assert failures["127.0.0.1:1812"] == "1" and set(failures.values()) == {"0", "1"}, failures
     # the NAS's retransmission is tried again
     assert core.handle_request(AUTH, req, NAS, 3.5)[0].kind == TO_SERVER
 

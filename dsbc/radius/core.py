@@ -51,7 +51,7 @@ class Out(NamedTuple):
 
 
 class SystemTarget:
-    __slots__ = ("answers", "dead_until", "ids", "name", "requests", "secret", "servers", "timeouts")
+    __slots__ = ("answers", "dead_until", "ids", "name", "requests", "secret", "server_timeouts", "servers", "timeouts")
 
     def __init__(self, name: str, secret: str, auth: list[Addr], acct: list[Addr], max_slots: int = 64) -> None:
         self.name = name
@@ -62,6 +62,7 @@ class SystemTarget:
         self.requests = 0
         self.answers = 0
         self.timeouts = 0
+        self.server_timeouts: dict[Addr, int] = {}  # per server, for `dsbc status`
 
     def pick(self, kind: int, now: float) -> Addr | None:
         """The first server of this kind not marked dead; the least recently dead otherwise."""
@@ -191,6 +192,10 @@ class RadiusCore:
                     "sockets": s.ids.slots,
                     "servers": {
                         f"{h}:{p}": ("dead" if s.dead_until.get((h, p), 0.0) > self._last_now else "up")
+                        for kind in (AUTH, ACCT) for h, p in s.servers[kind]
+                    },
+                    "server_timeouts": {
+                        f"{h}:{p}": s.server_timeouts.get((h, p), 0)
                         for kind in (AUTH, ACCT) for h, p in s.servers[kind]
                     },
                 }
@@ -461,6 +466,7 @@ class RadiusCore:
             del self._pending[pkey]
             p.system.ids.release(p.slot, p.ident, now)
             p.system.timeouts += 1
+            p.system.server_timeouts[p.server] = p.system.server_timeouts.get(p.server, 0) + 1
             p.system.dead_until[p.server] = now + self.dead_time
             self.drop("timeout")
             dup = self._dups.get(p.req.key)
