@@ -115,3 +115,41 @@ def test_pins_saved_under_the_old_key_are_read_after_an_upgrade(tmp_path: Any) -
         return pins
 
     assert list(asyncio.run(main())) == [("127.0.0.1", "old")]
+
+
+def test_a_successor_binding_at_the_first_chance_finds_the_last_pins(tmp_path: Any) -> None:
+    """A SIGHUP reload: the new worker tries the RADIUS ports until the old one closes them;
+    a failed try must not write back the pins it loaded, and the one that binds must
+    hold the old worker's last pins."""
+    from dsbc.config import parse_config
+    from tests.test_radius_core import open_test_store
+    from tests.test_radius_freeradius import dsbc_config
+
+    store = open_test_store(tmp_path)
+    store.put_customer("1", ["account:alice"], "source")
+    cfg = parse_config(dsbc_config((["127.0.0.1:9"], ["127.0.0.1:10"], "s"), (["127.0.0.1:11"], ["127.0.0.1:12"], "t")))
+
+    async def main() -> list[str]:
+        old = await rsvc.start_radius(cfg, store)
+        old.core.sticky[("127.0.0.1", "late")] = ["source", old.loop.time()]  # not saved yet
+
+        async def successor() -> rsvc.RadiusService:
+            while True:  # what the runner does on a reload
+                try:
+                    return await rsvc.start_radius(cfg, store)
+                except OSError:
+                    await asyncio.sleep(0.001)
+
+        task = asyncio.ensure_future(successor())
+        await asyncio.sleep(0.05)
+        await old.stop()
+        new = await asyncio.wait_for(task, 10)
+        try:
+            return sorted(k[1] for k in new.core.sticky)
+        finally:
+            await new.stop()
+
+    try:
+        assert asyncio.run(main()) == ["late"]
+    finally:
+        store.close()

@@ -301,3 +301,42 @@ def test_diameter_clients_must_be_ips_or_cidrs() -> None:
 
     with pytest.raises(ConfigError, match=r"diameter.clients.*'pgw1' is not an IP or a CIDR"):
         parse_config(config_text(None, None, clients='["10.0.0.1", "pgw1"]'))
+
+
+def test_a_successor_binding_at_the_first_chance_finds_the_last_sessions(tmp_path: Path) -> None:
+    """A SIGHUP reload: the new worker binds the Diameter port as soon as the old one
+    closes it (while the old one still says goodbye to its clients and peers) and loads
+    the saved sessions then: they must already hold the old worker's last ones."""
+    store = open_test_store(tmp_path)
+    seed(store)
+
+    async def main() -> None:
+        src = await CreditControlServer("MR100", "ocs.source.example", "source.example").start()
+        cfg = parse_config(config_text(src.address, None))
+        old = await start_diameter(cfg, store)
+        await wait_for(lambda: old.links["source"].is_open)
+        pgw = await client_for(old)  # a client to say goodbye to: the stop takes a while
+        old.router.load_sessions([["gx;late;1", "source", "pgw1.example", old.loop.time()]])
+
+        async def successor() -> DiameterService:
+            while True:  # what the runner does on a reload: bind at the first chance
+                try:
+                    return await start_diameter(cfg, store)
+                except OSError:
+                    await asyncio.sleep(0.001)
+
+        new_task = asyncio.ensure_future(successor())
+        await asyncio.sleep(0.05)
+        await old.stop()
+        new = await asyncio.wait_for(new_task, 10)
+        try:
+            assert "gx;late;1" in new.router.sessions
+        finally:
+            await new.stop()
+            await pgw.close() if hasattr(pgw, "close") else None
+            await src.stop()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        store.close()

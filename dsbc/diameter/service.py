@@ -178,6 +178,9 @@ class DiameterService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._persist_task
             await self._pins.wait_saved()
+        # saved before the listener closes: a successor (a SIGHUP reload) binds it once it
+        # is closed and loads the sessions then; saved again below with the last changes
+        self._persist()
         if self.server is not None:
             self.server.close()
         await asyncio.gather(*(link.stop() for link in self.links.values()),
@@ -201,6 +204,9 @@ async def start_diameter(cfg: Config, store: LocationStore) -> DiameterService:
     svc = DiameterService(cfg, store, router, node)
     svc._restore()
     svc.server = await svc.loop.create_server(svc.new_client, host, port, reuse_address=True)
+    # again now that the port is this worker's: a predecessor (a SIGHUP reload) saved its
+    # last sessions just before it closed it
+    svc._restore()
     sock = svc.server.sockets[0].getsockname()
     svc.address = (sock[0], sock[1])
     for name in ("source", "target"):

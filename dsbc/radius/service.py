@@ -149,13 +149,20 @@ class RadiusService:
         st["send_errors"] = self.send_errors
         return st
 
-    async def stop(self) -> None:
+    async def stop(self, persist: bool = True) -> None:
+        """Close; save the pins unless ``persist`` is False (a start that failed to bind:
+        what it loaded must not overwrite what a predecessor saves meanwhile)."""
         if self._persist_task is not None:
             self._persist_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._persist_task
             await self._pins.wait_saved()
         self._timer.cancel()
+        # the pins are saved before the listeners close (no await between: nothing is read
+        # in between): a successor (a SIGHUP reload) binds them once they are closed and
+        # loads the pins then, so it must find this worker's last ones
+        if persist:
+            self._persist()
         for lst in self.listeners:
             if lst.transport is not None:
                 lst.transport.close()
@@ -163,7 +170,6 @@ class RadiusService:
             self.loop.remove_reader(sock.fileno())
             sock.close()
         self._socks.clear()
-        self._persist()
 
 
 async def _resolve(loop: asyncio.AbstractEventLoop, entries: list[str], default_port: int) -> list[Addr]:
@@ -210,8 +216,11 @@ async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
             sockname = transport.get_extra_info("sockname")
             svc.addresses.append((sockname[0], sockname[1]))
     except OSError:
-        await svc.stop()
+        await svc.stop(persist=False)
         raise
+    # again now that the ports are this worker's: a predecessor (a SIGHUP reload) saved its
+    # last pins just before it closed them (the load above serves requests read meanwhile)
+    svc._restore()
     svc._persist_task = loop.create_task(svc._persist_loop())
     log.info("radius: auth on %s:%d, acct on %s:%d", *svc.addresses[0], *svc.addresses[1])
     return svc
