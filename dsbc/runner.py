@@ -32,6 +32,14 @@ from .config import Config, ConfigError, load_config
 
 log = logging.getLogger("dsbc")
 
+
+def _address_in_use(exc: OSError) -> bool:
+    """EADDRINUSE, also as uvloop raises it for a UDP endpoint: an OSError without errno
+    ("could not bind to local_addr") whose cause carries it."""
+    cause = exc.__cause__
+    return exc.errno == errno.EADDRINUSE or (
+        isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE)
+
 DRAIN_SECONDS = 5.0
 
 
@@ -184,7 +192,7 @@ class Worker:
                 self.services[name] = await getattr(mod, func)(self.cfg, self.store)
                 return
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                if not _address_in_use(exc) or time.monotonic() > deadline:
                     raise
             await asyncio.sleep(0.1)
 

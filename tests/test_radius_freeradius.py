@@ -180,3 +180,52 @@ def test_emulators_duplicates_and_bad_input(tmp_path: Path) -> None:
         asyncio.run(scenario())
     finally:
         store.close()
+
+
+def test_an_accounting_session_keeps_its_system_across_a_sighup_reload(
+    freeradius_pair, dsbc_factory, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """`dsbc run` with RADIUS: a session started on the source, its customer migrated, the
+    configuration reloaded (SIGHUP: a new worker replaces the old one within seconds,
+    long before the 30 s periodic save) -- the Stop still reaches the source."""
+    import os
+    import signal
+    import time
+
+    src, tgt = freeradius_pair
+    d = dsbc_factory(start=False, source=["udp:127.0.0.1:9"], target=["udp:127.0.0.1:9"],
+                     customers=[{"customer_id": "1", "identities": ["account:alice"], "system": "source"}])
+    auth, acct = free_udp_ports(2)
+    text = d.config_path.read_text()
+    for name, fr in (("MR100", src), ("MR115", tgt)):
+        text = text.replace(
+            f'name = "{name}"\n',
+            f'name = "{name}"\nradius = ["127.0.0.1:{fr.auth_port}"]\n'
+            f'radius_acct = ["127.0.0.1:{fr.acct_port}"]\nradius_secret = "{fr.secret}"\n',
+        )
+    text += (f'\n[radius]\nenabled = true\nauth_listen = "127.0.0.1:{auth}"\n'
+             f'acct_listen = "127.0.0.1:{acct}"\n\n[[radius.clients]]\naddress = "127.0.0.1"\n'
+             f'secret = "{NAS_SECRET}"\n')
+    d.config_path.write_text(text)
+    d.start()
+    nas = ("127.0.0.1", acct)
+
+    def account(status: str) -> str:
+        return asyncio.run(radclient(nas, "acct", NAS_SECRET,
+                                     f"User-Name = alice, Acct-Status-Type = {status}, Acct-Session-Id = r1"))
+
+    assert "Accounting-Response" in account("Start")
+    d.cli("migrate", "--customer", "1", "--to", "target")
+    assert d.proc is not None and d.proc.proc is not None
+    os.kill(d.proc.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while "ready" not in d.log_tail(400).rpartition("reloading")[2] and time.monotonic() < deadline:
+        time.sleep(0.05)  # the new worker took over
+    after = d.log_tail(400).rpartition("reloading")[2]
+    assert "worker 0 ready: sip, radius" in after, after
+    # it waited for the old one's RADIUS ports instead of failing on them (uvloop's bind
+    # error carries no errno of its own)
+    assert "cannot start" not in after, after
+    assert "Accounting-Response" in account("Stop")
+    assert src.acct_lines() == ["Start alice r1", "Stop alice r1"]
+    assert tgt.acct_lines() == []

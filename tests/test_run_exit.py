@@ -87,3 +87,29 @@ def test_the_port_check_passes_over_time_wait_but_not_over_a_listener(tmp_path: 
     client.close()
     lst.close()
     check_listeners_free(cfg)  # no error
+
+
+def test_a_port_still_held_by_a_draining_worker_is_waited_for_under_uvloop() -> None:
+    """On a SIGHUP reload the new worker retries the RADIUS / Diameter ports the old one
+    still holds; uvloop's UDP bind error has no errno of its own (its cause has it), and
+    was taken for a fatal error: the new worker exited and was restarted in a loop."""
+    import asyncio
+
+    import uvloop
+
+    from dsbc.runner import _address_in_use
+
+    async def second_bind() -> OSError:
+        loop = asyncio.get_running_loop()
+        t, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        try:
+            await loop.create_datagram_endpoint(
+                asyncio.DatagramProtocol, local_addr=t.get_extra_info("sockname"))
+        except OSError as exc:
+            return exc
+        finally:
+            t.close()
+        raise AssertionError("the second bind succeeded")
+
+    for run in (uvloop.run, asyncio.run):
+        assert _address_in_use(run(second_bind()))
