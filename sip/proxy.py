@@ -156,6 +156,9 @@ class ProxyCore:
         self._invite_expiry: collections.deque[tuple[float, str]] = collections.deque()
         self._held: dict[str, _Held] = {}
         self._held_heap: list[tuple[float, str]] = []
+        #: (transport, ip, port) of a device -> the account its last REGISTER named: who an
+        #: anonymous call from the same flow belongs to (cleared when full)
+        self._reg_flows: dict[tuple[str, str, int], str] = {}
         #: set when a message brought a new deadline (a held request, a health answer): the
         #: transport asks ``get_timer()`` again only then (perf: not once per message)
         self.timers_changed = True
@@ -354,7 +357,7 @@ class ProxyCore:
                     return self._unavailable(msg, src)
                 return [self._forward(msg, ed, src, self._to_node(node), branch, None, system, "", now, trusted)]
         # out-of-dialog: who owns it?
-        candidates = self._candidates(msg, trusted)
+        candidates = self._candidates(msg, trusted, src)
         decision = self.router.decide(candidates)
         if decision.system == "reject":
             self.counters["rejected:unknown"] += 1
@@ -400,8 +403,20 @@ class ProxyCore:
                 return
             self.events.append(RegistrationSeen(account, gone, system, f"{src.transport}:{src.ip}:{src.port}"))
 
-    def _candidates(self, msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
-        return owner_candidates(msg, trusted)
+    def _candidates(self, msg: SipMessage, trusted: bool, src: Flow) -> list[tuple[str, str]]:
+        out = owner_candidates(msg, trusted)
+        if not trusted:
+            key = (src.transport, src.ip, src.port)
+            if msg.method == "REGISTER":
+                if len(self._reg_flows) >= REG_FLOWS_MAX:
+                    self._reg_flows.clear()
+                self._reg_flows[key] = out[0][1]
+            else:
+                # last: the account that registered from this flow (a phone's anonymous call)
+                registered = self._reg_flows.get(key)
+                if registered:
+                    out.append(("account", registered))
+        return out
 
     @staticmethod
     def _user(uri: SipUri) -> str:
@@ -432,7 +447,7 @@ class ProxyCore:
         for key, h in list(self._held.items()):
             if customers is not None and h.customer_id not in customers:
                 continue
-            decision = self.router.decide(self._candidates(h.msg, self.router.is_trusted(h.src.ip, h.src.port)))
+            decision = self.router.decide(self._candidates(h.msg, self.router.is_trusted(h.src.ip, h.src.port), h.src))
             if decision.state != "locked":
                 del self._held[key]
                 self.counters["held_released"] += 1
@@ -732,7 +747,9 @@ def owner_candidates(msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
 
     REGISTER: the To user (``account``); from a trusted peer (carrier or system node): the
     Request-URI user as ``did`` then ``account``; from anyone else: the From user
-    (``account``).  Public so that tools (``dsbc replay``) classify a request exactly as
+    (``account``), then (for an anonymous From) the P-Preferred-Identity user and the
+    Digest username of Proxy-Authorization / Authorization; ``ProxyCore`` adds the account
+    that registered from the same flow.  Public so that tools (``dsbc replay``) classify a request exactly as
     the proxy does without forwarding it.
     """
     if msg.method == "REGISTER":
@@ -743,7 +760,28 @@ def owner_candidates(msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
         # number-portability dip, ;phone-context=, ;isub=): the did is the number before them
         number = user.partition(";")[0]
         return [("did", number), ("account", user)]
-    return [("account", ProxyCore._user(msg.from_.uri))]
+    out = [("account", ProxyCore._user(msg.from_.uri))]
+    # when the From user is no known account (an anonymous call: anonymous@anonymous.invalid,
+    # RFC 3323): the identity the phone asks for, then the user it authenticates as
+    ppi = msg.get("p-preferred-identity")
+    if ppi is not None:
+        try:
+            out.append(("account", ProxyCore._user(parse_name_addr(ppi.partition(",")[0]).uri)))
+        except SipParseError:
+            pass
+    for name in ("proxy-authorization", "authorization"):
+        cred = msg.get(name)
+        if cred is not None:
+            m = _DIGEST_USERNAME.search(cred)
+            if m is not None:
+                out.append(("account", m.group(1) if m.group(1) is not None else m.group(2)))
+    return out
+
+
+#: the username of Digest credentials (RFC 7616: a quoted string, or a token as some send)
+_DIGEST_USERNAME: Final = re.compile(r'(?i)(?:^|[\s,])username\s*=\s*(?:"([^"]*)"|([^\s,"]+))')
+#: device flows remembered from REGISTERs (``ProxyCore._reg_flows``) before a clear
+REG_FLOWS_MAX: Final = 200_000
 
 
 def _with_received(via_text: str, ip: str, port: int) -> str:

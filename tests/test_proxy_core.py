@@ -314,6 +314,43 @@ def test_unknown_identity_follows_store_unknown(unknown: str, node: Node) -> Non
     to_node(send, node)
 
 
+ANON = '"Anonymous" <sip:anonymous@anonymous.invalid>;tag=x'
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ['P-Preferred-Identity: "Erin" <sip:2000@example.com>'],
+        ['Proxy-Authorization: Digest username="2000", realm="x", nonce="n", uri="sip:a", response="r"'],
+        ["Authorization: Digest realm=x, username=2000, nonce=n, uri=sip:a, response=r"],
+    ],
+)
+def test_an_anonymous_call_goes_by_the_identity_or_credentials_it_carries(headers: list[str]) -> None:
+    """A phone hiding its number (RFC 3323: From anonymous@anonymous.invalid) still names
+    itself in P-Preferred-Identity or in its Digest credentials: the owner of that account
+    (the target here) gets the call, not store.unknown's system (the source)."""
+    core, _ = make_core()
+    to_node(one(core.handle_data(request("INVITE", frm=ANON, headers=headers), PHONE, 0.0)), T1)
+    # a known From wins over them
+    known = request("INVITE", headers=headers, branch="z9hG4bKk", call_id="c2")
+    to_node(one(core.handle_data(known, PHONE, 0.0)), S1)
+
+
+def test_an_anonymous_call_from_a_registered_flow_goes_to_its_accounts_system() -> None:
+    """The first INVITE of an anonymous call carries no credentials yet: the account that
+    registered from the same address and port (or TCP connection) decides."""
+    core, _ = make_core()
+    reg = request("REGISTER", "sip:example.com", frm="<sip:2000@example.com>;tag=r",
+                  to="<sip:2000@example.com>", headers=["Contact: <sip:2000@203.0.113.5:40000>"])
+    to_node(one(core.handle_data(reg, PHONE, 0.0)), T1)
+    anon = request("INVITE", frm=ANON, branch="z9hG4bKa", call_id="anon-1")
+    to_node(one(core.handle_data(anon, PHONE, 1.0)), T1)
+    # from another flow: nothing known, store.unknown (the source)
+    other = Flow("udp", "203.0.113.5", 40002)
+    anon2 = request("INVITE", frm=ANON, src=other, branch="z9hG4bKb", call_id="anon-2")
+    to_node(one(core.handle_data(anon2, other, 1.0)), S1)
+
+
 def test_unknown_identity_with_reject_policy_gets_404() -> None:
     core, router = make_core()
     router.unknown = "reject"
@@ -1127,6 +1164,7 @@ class ProxyWalk(RuleBasedStateMachine):
         self.now = 0.0
         self.seq = 0
         self.call_customer: dict[str, str] = {}  # Call-ID -> customer id ("" unknown)
+        self.flow_user: dict[tuple[str, str, int], str] = {}  # a device flow -> its REGISTER user
         self.call_system: dict[str, str] = {}  # Call-ID -> system of the first send to a node
         self.forwarded: list[Send] = []  # requests dsbc sent to nodes
         self.dialogs: list[Dialog] = []
@@ -1199,7 +1237,13 @@ class ProxyWalk(RuleBasedStateMachine):
     def phone_request(self, method: str, user: str, tcp: bool) -> None:
         src = PHONE_TCP if tcp else PHONE
         cid = self._new_call_id()
-        self.call_customer[cid] = USERS[user]
+        customer = USERS[user]
+        flow = (src.transport, src.ip, src.port)
+        if method == "REGISTER":
+            self.flow_user[flow] = user
+        elif not customer:  # an unknown From: the account that registered from this flow
+            customer = USERS.get(self.flow_user.get(flow, ""), "")
+        self.call_customer[cid] = customer
         frm = f"<sip:{user}@example.com>;tag=f{self.seq}"
         to = f"<sip:{user}@example.com>" if method == "REGISTER" else "<sip:9999@example.com>"
         data = request(
