@@ -29,6 +29,17 @@ class ConfigError(Exception):
 _HOST = re.compile(r"^(\*|[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.%A-Za-z]*)$")
 
 
+_DOTTED_NUMBERS = re.compile(r"^[0-9.]+$")
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
     """``"1.2.3.4:5060"``, ``"[::1]:5060"`` or ``"host"`` (with a default port)."""
     text = text.strip()
@@ -48,7 +59,7 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
                 raise ValueError(f"bad address {text!r} (an IPv6 address with a port is written [addr]:port)") from None
     if not host:
         raise ValueError(f"bad address {text!r}: no host")
-    if not _HOST.match(host):
+    if not _HOST.match(host) or (_DOTTED_NUMBERS.match(host) and not _is_ipv4(host)):
         raise ValueError(f"bad address {text!r}: {host!r} is not a host name or an IP address")
     if not port_s:
         if default_port is None:
@@ -308,6 +319,10 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("header_timeout: must be > 0")
         if self.max_connections < 1 or self.max_connections_per_ip < 1:
             raise ValueError("max_connections: the connection caps must be >= 1")
+        if self.session_ttl < 1:
+            raise ValueError("session_ttl: must be >= 1 (seconds)")
+        if self.max_header_size < 1024 or self.max_body_size < 0:
+            raise ValueError("max_header_size: must be >= 1024 (and max_body_size >= 0)")
         _check_url(self.source, "source")
         _check_url(self.target, "target")
 
@@ -335,6 +350,12 @@ class RadiusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         _check_hostport(self.auth_listen, "auth_listen", 1812)
         _check_hostport(self.acct_listen, "acct_listen", 1813)
+        if self.timeout <= 0:
+            raise ValueError("timeout: must be > 0 (seconds)")
+        if self.retries < 0:
+            raise ValueError("retries: must be >= 0")
+        if self.duplicate_window < 0:
+            raise ValueError("duplicate_window: must be >= 0 (seconds)")
 
 
 class DiameterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

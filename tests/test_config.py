@@ -135,6 +135,15 @@ def replace(old: str, new: str) -> str:
         (replace('"udp:10.0.1.11:5060"', '"10.0.1.11:5060:7"'),
          ("dsbc.toml:15: systems.target.sip: bad address '10.0.1.11:5060:7' "
           "(an IPv6 address with a port is written [addr]:port)")),
+        (replace('"udp:10.0.1.11:5060"', '"udp:10.0.1.311:5060"'),
+         ("dsbc.toml:15: systems.target.sip: bad address '10.0.1.311:5060': "
+          "'10.0.1.311' is not a host name or an IP address")),
+        ("[api]\nsession_ttl = -1\n", "dsbc.toml:2: api.session_ttl: must be >= 1 (seconds)"),
+        ("[api]\nmax_header_size = 100\n",
+         "dsbc.toml:2: api.max_header_size: must be >= 1024 (and max_body_size >= 0)"),
+        ("[radius]\ntimeout = 0\n", "dsbc.toml:2: radius.timeout: must be > 0 (seconds)"),
+        ("[radius]\nretries = -1\n", "dsbc.toml:2: radius.retries: must be >= 0"),
+        ("[radius]\nduplicate_window = -1\n", "dsbc.toml:2: radius.duplicate_window: must be >= 0 (seconds)"),
         # a vhost without a back end (none of its own, no api.source, no systems.source.api):
         # the API worker used to crash in a loop with a traceback at start
         ('[api]\n[[api.vhosts]]\nhost = "a"\nrealm = "customer"\ntarget = "http://t"\n',
