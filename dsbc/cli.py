@@ -33,6 +33,7 @@ from .migrate import (
     InputError,
     Progress,
     check_customer_id,
+    identity_takeovers,
     longest_registration,
     move_batch,
     phones_by_account,
@@ -43,6 +44,7 @@ from .migrate import (
     summary,
     system_change_text,
     system_changes,
+    takeover_text,
 )
 from .migrate import wait_registrations as wait_for_phones
 from .store import (
@@ -325,6 +327,12 @@ def import_command(file: str) -> None:
     lines: dict[str, int] = {}
     rows = read_customers(file, lines)
     with open_cli_store(cfg, create=True) as store:
+        taken = identity_takeovers(store, rows)
+        if taken:
+            row, key, other = taken[0]
+            more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+            raise InputError(f"{file}:{lines.get(row.customer_id, 0)}: customer {row.customer_id}: "
+                             f"{takeover_text(key, other)}{more}; nothing was imported")
         changes = system_changes(store, rows)
         if changes:
             row, stored = changes[0]

@@ -41,7 +41,14 @@ from aiohttp import web
 
 from .config import Config, parse_hostport
 from .metrics import read_snapshots, render, summarize
-from .migrate import BatchAborted, move_batch, system_change_text, system_changes
+from .migrate import (
+    BatchAborted,
+    identity_takeovers,
+    move_batch,
+    system_change_text,
+    system_changes,
+    takeover_text,
+)
 from .store import (
     SYSTEMS,
     BadIdentity,
@@ -306,6 +313,8 @@ class ControlService:
         except BadRow as exc:
             raise ApiError(400, str(exc)) from None
         existed = self.store.customer(clean.customer_id) is not None
+        for _, key, other in identity_takeovers(self.store, [clean]):
+            raise ApiError(409, f"customer {clean.customer_id}: {takeover_text(key, other)}")
         for changed, stored in system_changes(self.store, [clean]):
             raise ApiError(409, system_change_text(changed, stored))
         await self._write(lambda: self.store.import_rows([clean]))

@@ -201,6 +201,28 @@ def system_changes(store: LocationStore, rows: list[CustomerRow]) -> list[tuple[
     return out
 
 
+def identity_takeovers(store: LocationStore, rows: list[CustomerRow]) -> list[tuple[CustomerRow, str, str]]:
+    """(row, identity key, its stored owner) for each identity a row would take from a
+    stored customer that is not itself among ``rows``: an import or a PUT replaces a
+    customer's identities, so taking one silently re-homes another customer's live
+    account (to another system, if it lives elsewhere).  Moving an identity between
+    customers is done by giving both rows in one file."""
+    ids = {r.customer_id for r in rows}
+    owners = store.owners_of(k for r in rows for k in r.identities)  # type: ignore[attr-defined]
+    out: list[tuple[CustomerRow, str, str]] = []
+    for r in rows:
+        for k in r.identities:
+            other = owners.get(k)
+            if other and other != r.customer_id and other not in ids:
+                out.append((r, k, other))
+    return out
+
+
+def takeover_text(key: str, other: str) -> str:
+    return (f"{key} belongs to customer {other}: to move it, give customer {other}'s row "
+            f"without it in the same import (or PUT customer {other} without it first)")
+
+
 def system_change_text(row: CustomerRow, stored: str) -> str:
     return (f"customer {row.customer_id} is on {stored}, not {row.system}: move it with "
             f"`dsbc migrate --customer {row.customer_id} --to {row.system}` (audited, groups "

@@ -316,3 +316,20 @@ def test_demo_refuses_a_config_it_would_not_use(home: Path) -> None:
         "dsbc demo: the demo writes its own config and store (in --dir): -c/--config not used; "
         "run the demo without it, or `dsbc run` for your own config (see dsbc demo --help)"
     )
+
+
+def test_import_never_takes_an_identity_of_a_customer_not_in_the_file(home: Path) -> None:
+    """A typo in an import file must not re-home another customer's live account (to
+    another system, if it lives there): refused, nothing imported.  Moving an identity
+    between customers is done by giving both rows in one file."""
+    (home / "a.csv").write_text("customer_id,identities,system\n42,account:1001;did:15550100,target\n")
+    assert dsbc("import", "a.csv").exit_code == 0
+    (home / "b.csv").write_text("customer_id,identities\n53,account:1001\n")
+    assert one_line_error(dsbc("import", "b.csv")) == (
+        "b.csv:2: customer 53: account:1001 belongs to customer 42: to move it, give customer "
+        "42's row without it in the same import (or PUT customer 42 without it first); "
+        "nothing was imported")
+    assert "customer: 42" in dsbc("where", "account:1001").stdout
+    (home / "c.csv").write_text("customer_id,identities,system\n53,account:1001,target\n42,did:15550100,\n")
+    assert dsbc("import", "c.csv").exit_code == 0
+    assert "customer: 53" in dsbc("where", "account:1001").stdout

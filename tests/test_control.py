@@ -107,6 +107,10 @@ def test_lookups_customers_migrations_rollback(node: Dsbc) -> None:
     assert status == 409 and "dsbc migrate --customer 5 --to source" in body["error"], body
     status, body = node.control("PUT", "/v1/customers/5", {"identities": ["account:a5", "did:5550105"]})
     assert status == 200 and body["system"] == "target" and not body["created"]
+    # nor a silent take-over: an identity of another customer (on another system) is refused
+    status, body = node.control("PUT", "/v1/customers/6", {"identities": ["account:a1"], "system": "target"})
+    assert status == 409 and "account:a1 belongs to customer 1" in body["error"], body
+    assert node.control("GET", "/v1/identities/account/a1")[1]["customer_id"] == "1"
 
     status, body = node.control("POST", "/v1/migrations", {"customers": ["1", "2", "x"], "dry_run": True})
     assert status == 200 and (body["moved"], body["unknown"], body["dry_run"]) == (["1", "2"], ["x"], True)

@@ -146,6 +146,10 @@ def test_import_lookup_and_reimport(store: RedisStore, make: Any) -> None:
     direct = make(load=False)
     assert direct.lookup("account", "a2b") is None
     assert direct.customer("2").identities == ("account:a2",)  # type: ignore[union-attr]
+    # the batch owner read an import checks take-overs with, from Redis and from memory
+    for s in (direct, store):
+        assert s.owners_of(["account:a2", "did:15550001", "account:nobody"]) == {
+            "account:a2": "2", "did:15550001": "1"}
     with pytest.raises(StoreError, match="row 2: did:.abc. is not a number"):
         store.import_rows([{"customer_id": "9", "identities": "account:x"},
                            {"customer_id": "10", "identities": "did:abc"}])

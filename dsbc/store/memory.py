@@ -321,6 +321,23 @@ class IndexedStore(LocationStore):
             return {cid: c for cid in ids if (c := mem.customer(cid)) is not None}
         return self._read_customers(ids)
 
+    def owners_of(self, keys: Iterable[str]) -> dict[str, str]:
+        """identity key -> owning customer id, for the stored ones among ``keys`` (a batch
+        read: an import checks whose identities its rows would take)."""
+        mem = self._mem
+        if mem is not None:
+            return {k: cid for k in keys if (cid := mem.owner(k))}
+        return self._direct_owners(list(dict.fromkeys(keys)))
+
+    def _direct_owners(self, keys: Sequence[str]) -> dict[str, str]:
+        """`owners_of` from the backing store; subclasses read them in batches."""
+        out: dict[str, str] = {}
+        for k in keys:
+            c = self._direct_owner(k)
+            if c is not None:
+                out[k] = c.customer_id
+        return out
+
     def _owner_id(self, key: str) -> str:
         if self._mem is not None:
             return self._mem.owner(key) or ""

@@ -353,6 +353,18 @@ class RedisStore(IndexedStore):
         except self._errors as exc:
             raise self._unavailable("reading the store", exc, writing=False) from None
 
+    def _direct_owners(self, keys: Sequence[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        try:
+            for start in range(0, len(keys), 1000):
+                part = list(keys[start : start + 1000])
+                for k, cid in zip(part, self._w.hmget(self.prefix + "ident", part), strict=True):
+                    if cid is not None:
+                        out[k] = cid.decode() if isinstance(cid, bytes) else cid
+        except self._errors as exc:
+            raise self._unavailable("reading the store", exc, writing=False) from None
+        return out
+
     # -- writes ---------------------------------------------------------------------------
 
     def _run(self, what: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:

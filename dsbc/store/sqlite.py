@@ -232,6 +232,14 @@ class SqliteStore(IndexedStore):
             row = cur.execute("SELECT customer_id FROM identities WHERE key = ?", (key,)).fetchone()
             return None if row is None else self._load_customers(cur, [row[0]]).get(row[0])
 
+    def _direct_owners(self, keys: Sequence[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        with self._read() as cur:
+            for part in chunks(list(keys)):
+                cur.execute(f"SELECT key, customer_id FROM identities WHERE key IN ({marks(len(part))})", part)
+                out.update(cur.fetchall())
+        return out
+
     # -- customers --------------------------------------------------------------------------
 
     def _import(self, rows: list[CustomerRow], progress: Callable[[int], None] | None) -> int:
