@@ -383,7 +383,8 @@ class ControlService:
         self.moved[to] += len(result.moved)
         log.info("migration %s by %s: %d moved to %s, %d already there, %d unknown",
                  result.batch_id, who, len(result.moved), to, len(result.already), len(result.unknown))
-        return _json({"batch_id": result.batch_id, "to": to, "moved": result.moved,
+        # nothing moved: no batch was recorded, so no id to roll back (as `dsbc migrate` says)
+        return _json({"batch_id": result.batch_id if result.moved else "", "to": to, "moved": result.moved,
                       "already": result.already, "unknown": result.unknown, "dry_run": False})
 
     async def rollback(self, request: web.Request) -> web.Response:
