@@ -29,6 +29,67 @@ import click
 HOST = "127.0.0.1"
 RADIUS_SECRET_CLIENT = "demo-nas-secret"
 
+#: a call from the account given to sipp with -s ([service]) to erin's DID, hung up at once
+UAC_SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="dsbc demo: a call from an account">
+  <send retrans="500">
+    <![CDATA[
+INVITE sip:15550105@[remote_ip]:[remote_port] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+From: <sip:[service]@[local_ip]>;tag=[pid]SIPpTag00[call_number]
+To: <sip:15550105@[remote_ip]:[remote_port]>
+Call-ID: [call_id]
+CSeq: 1 INVITE
+Contact: <sip:[service]@[local_ip]:[local_port]>
+Max-Forwards: 70
+Content-Type: application/sdp
+Content-Length: [len]
+
+v=0
+o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+s=-
+c=IN IP[media_ip_type] [media_ip]
+t=0 0
+m=audio [media_port] RTP/AVP 0
+a=rtpmap:0 PCMU/8000
+    ]]>
+  </send>
+  <recv response="100" optional="true"/>
+  <recv response="180" optional="true"/>
+  <recv response="183" optional="true"/>
+  <recv response="200" rtd="true" rrs="true"/>
+  <send>
+    <![CDATA[
+ACK [next_url] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+[routes]
+From: <sip:[service]@[local_ip]>;tag=[pid]SIPpTag00[call_number]
+[last_To:]
+Call-ID: [call_id]
+CSeq: 1 ACK
+Max-Forwards: 70
+Content-Length: 0
+
+    ]]>
+  </send>
+  <send retrans="500">
+    <![CDATA[
+BYE [next_url] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+[routes]
+From: <sip:[service]@[local_ip]>;tag=[pid]SIPpTag00[call_number]
+[last_To:]
+Call-ID: [call_id]
+CSeq: 2 BYE
+Max-Forwards: 70
+Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200" crlf="true"/>
+</scenario>
+"""
+
 
 def _free(kind: int, preferred: int) -> int:
     """``preferred`` if free (for UDP and TCP alike), else a free port."""
@@ -78,6 +139,11 @@ class Demo:
             self.handles += [sip, billing, radius]
             self.systems[system] = {"name": name, "sip": sip, "billing": billing, "radius": radius, "secret": secret}
 
+    def write_sipp_scenario(self) -> None:
+        """sipp's built-in uac calls from user "sipp", an unknown caller: this one calls
+        from the account given with -s (to a demo DID), as a phone of that account would."""
+        (self.workdir / "uac.xml").write_text(UAC_SCENARIO)
+
     def write_config(self) -> None:
         s, t = self.systems["source"], self.systems["target"]
 
@@ -121,6 +187,12 @@ target = "{t['billing'].url}"
 [[api.vhosts]]
 host = "admin.localhost"
 realm = "admin"
+source = "{s['billing'].url}"
+target = "{t['billing'].url}"
+
+[[api.vhosts]]
+host = "prov.localhost"
+realm = "cpe"
 source = "{s['billing'].url}"
 target = "{t['billing'].url}"
 
@@ -206,7 +278,8 @@ Sample customers (password "secret"): alice, bob, carol on the source; dave, eri
 
 Try, in another terminal:
   dsbc -c {cfg} where account:100001
-  sipp -sn uac -s 100001 -m 1 {HOST}:{p['sip']}          # an INVITE from a device
+  sipp -sf {self.workdir / 'uac.xml'} -s 100001 -m 1 {HOST}:{p['sip']}   # a call from account 100001
+  curl -s -H 'Host: prov.localhost' http://{HOST}:{p['api']}/prov/0004f2a1b2c1.cfg   # alice's phone's configuration
   echo "User-Name=100001,User-Password=x" | radclient -x {HOST}:{p['radius']} auth {RADIUS_SECRET_CLIENT}
   curl -s -d 'params={{"login":"alice","password":"secret"}}' http://{HOST}:{p['api']}/rest/Session/login
   curl -s -H 'Host: admin.localhost' -d 'params={{"login":"admin","password":"admin"}}' http://{HOST}:{p['api']}/rest/Session/login
@@ -348,6 +421,7 @@ async def run_demo(workdir: Path, sip_port: int, api_port: int, duration: float 
     try:
         await demo.start_systems()
         demo.write_config()
+        demo.write_sipp_scenario()
         demo.seed_store()
         demo.start_dsbc()
         await demo.wait_ready()
