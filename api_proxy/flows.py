@@ -407,15 +407,12 @@ class Flows(Forwarder):
                     system = rec.system
                     break
         conn = ctx.request.protocol
-        if system:
-            conn_system = system
-        else:
+        if not system:
             # a CPE that returns no cookie keeps its CWMP session on one connection (TR-069
             # 3.2.1): its empty POSTs and RPC answers follow the Inform's system
-            conn_system = getattr(conn, "cpe_system", "") or self.default_system()
-            system = conn_system
-        if conn is not None and hasattr(conn, "cpe_system"):
-            conn.cpe_system = conn_system
+            system = getattr(conn, "cpe_system", "") or self.default_system()
+        if hasattr(conn, "cpe_system"):
+            conn.cpe_system = system
         resp = await self.open(ctx, system)
         expires = self.now() + self.settings.session_ttl
         pairs = [sc.split(";", 1)[0].strip() for sc in resp.headers.getall("Set-Cookie", [])[:4]]

@@ -208,7 +208,7 @@ def identity_takeovers(store: LocationStore, rows: list[CustomerRow]) -> list[tu
     account (to another system, if it lives elsewhere).  Moving an identity between
     customers is done by giving both rows in one file."""
     ids = {r.customer_id for r in rows}
-    owners = store.owners_of(k for r in rows for k in r.identities)  # type: ignore[attr-defined]
+    owners = store.owners_of(k for r in rows for k in r.identities)
     out: list[tuple[CustomerRow, str, str]] = []
     for r in rows:
         for k in r.identities:

@@ -211,6 +211,17 @@ class LocationStore(abc.ABC):
                 found[cid] = c
         return found
 
+    def owners_of(self, keys: Iterable[str]) -> dict[str, str]:
+        """identity key ("kind:value") -> owning customer id, for the stored ones among
+        ``keys`` (a batch read: an import checks whose identities its rows would take)."""
+        out: dict[str, str] = {}
+        for k in keys:
+            kind, _, value = k.partition(":")
+            loc = self.lookup(kind, value)
+            if loc is not None:
+                out[k] = loc.customer_id
+        return out
+
     def decide(self, kind: str, value: str) -> Decision:
         """lookup() with the `store.unknown` policy applied."""
         loc = self.lookup(kind, value)

@@ -322,8 +322,6 @@ class IndexedStore(LocationStore):
         return self._read_customers(ids)
 
     def owners_of(self, keys: Iterable[str]) -> dict[str, str]:
-        """identity key -> owning customer id, for the stored ones among ``keys`` (a batch
-        read: an import checks whose identities its rows would take)."""
         mem = self._mem
         if mem is not None:
             return {k: cid for k in keys if (cid := mem.owner(k))}
