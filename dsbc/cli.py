@@ -2,9 +2,10 @@
 
 Every command takes ``-c/--config FILE`` (default ``$DSBC_CONFIG`` or ``./dsbc.toml``);
 commands that need only the store also accept ``--store URL`` when there is no config
-file.  Exit status: 0 success, 1 done-but-not-all (unknown ids, a registration wait
-that timed out, an unknown identity for ``where``, a store that cannot be written),
-2 bad usage or bad input, always with one line on stderr and no traceback.
+file.  Exit status: 0 success, 1 done-but-not-all (some unknown ids among known ones,
+a registration wait that timed out, an unknown identity for ``where``, a store that
+cannot be written), 2 bad usage or bad input (only unknown customer ids included),
+always with one line on stderr and no traceback.
 
 Other modules add commands (``run``, ``demo``, ``replay``): `_PLUGINS` names them, and
 they are imported only when asked for (``dsbc where`` does not import the runner).
@@ -453,8 +454,10 @@ def migrate(
     who: str | None,
     node: str | None,
 ) -> int:
-    """Move customers atomically to the other system (exit 1 if some ids are unknown)."""
-    if bool(customers) == bool(batch_file):
+    """Move customers atomically to the other system (exit 1 if some ids are unknown, 2 if all)."""
+    if customers and batch_file:
+        raise click.UsageError("give --customer ID (one or more) or --batch FILE, not both")
+    if not customers and not batch_file:
         raise click.UsageError("give --customer ID (one or more) or --batch FILE")
     if prepare and (wait_registrations or lock_for):
         raise click.UsageError("--prepare only caps the expiry: run the flip as a second command")
@@ -485,8 +488,7 @@ def migrate(
         want = sum(expected.values())
         on = phones_on(store, known, to, expected)
         click.echo(summary(result, (on, want)))
-        if result.unknown:
-            click.echo(f"unknown customer(s): {some(result.unknown)}", err=True)
+        status = _report_unknown(result.unknown, len(known))
         if wait_registrations and on < want:
             limit = 2.0 * cfg.sip.migration_expires if timeout is None else timeout
             bar = Progress(want, f"registered on {to}", sys.stderr, enabled=sys.stderr.isatty())
@@ -500,7 +502,16 @@ def migrate(
                 )
                 return 1
             click.echo(f"all {want} phones registered on {to}")
-    return 1 if result.unknown else 0
+    return status
+
+
+def _report_unknown(unknown: list[str], known: int) -> int:
+    """The exit status of a migration that named ``unknown`` ids: 0 none, 1 some (the
+    ``known`` others were done), 2 nothing but unknown ids (bad input, nothing to do)."""
+    if not unknown:
+        return 0
+    click.echo(f"unknown customer(s): {some(unknown)}", err=True)
+    return 1 if known else 2
 
 
 def _check_or_prepare(
@@ -529,10 +540,7 @@ def _check_or_prepare(
         click.echo(summary(check))
         if check.moved:
             click.echo(f"would move: {some(check.moved)}")
-    if check.unknown:
-        click.echo(f"unknown customer(s): {some(check.unknown)}", err=True)
-        return 1
-    return 0
+    return _report_unknown(check.unknown, len(check.moved) + len(check.already))
 
 
 def _migrate_through_node(
@@ -558,10 +566,7 @@ def _migrate_through_node(
         click.echo(f"{summary(result)} (through {client.base})")
         if result.dry_run and result.moved:
             click.echo(f"would move: {some(result.moved)}")
-    if result.unknown:
-        click.echo(f"unknown customer(s): {some(result.unknown)}", err=True)
-        return 1
-    return 0
+    return _report_unknown(result.unknown, len(result.moved) + len(result.already))
 
 
 @main.command()

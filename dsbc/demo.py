@@ -258,12 +258,12 @@ token = "demo-token"
         finally:
             store.close()
 
-    def banner(self) -> str:
+    def banner(self, stops: str = "Ctrl-C stops it") -> str:
         p = self.ports
         cfg = self.config_path
         s, t = self.systems["source"], self.systems["target"]
         return f"""
-dsbc demo is running (Ctrl-C stops it). Everything is on {HOST}.
+dsbc demo is running ({stops}). Everything is on {HOST}.
 
   dsbc SIP          udp/tcp {HOST}:{p['sip']}     (phones and carriers use this one address)
   dsbc API          http://{HOST}:{p['api']}/     (self-care pages and /rest/<Service>/<method>)
@@ -425,7 +425,11 @@ async def run_demo(workdir: Path, sip_port: int, api_port: int, duration: float 
         demo.seed_store()
         demo.start_dsbc()
         await demo.wait_ready()
-        click.echo(demo.banner())
+        if check:
+            stops = "it stops after the checks below" if duration is None else f"it stops {duration:g} s after the checks below"
+        else:
+            stops = "Ctrl-C stops it" if duration is None else f"it stops after {duration:g} s, or on Ctrl-C"
+        click.echo(demo.banner(stops))
         sync = loop.create_task(demo.sync_billing())
         code = 0
         if check:

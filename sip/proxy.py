@@ -358,6 +358,8 @@ class ProxyCore:
                 return [self._forward(msg, ed, src, self._to_node(node), branch, None, system, "", now, trusted)]
         # out-of-dialog: who owns it?
         candidates = self._candidates(msg, trusted, src)
+        if method == "REGISTER" and not trusted:
+            self._remember_flow(src, candidates[0][1])
         decision = self.router.decide(candidates)
         if decision.system == "reject":
             self.counters["rejected:unknown"] += 1
@@ -405,18 +407,18 @@ class ProxyCore:
 
     def _candidates(self, msg: SipMessage, trusted: bool, src: Flow) -> list[tuple[str, str]]:
         out = owner_candidates(msg, trusted)
-        if not trusted:
-            key = (src.transport, src.ip, src.port)
-            if msg.method == "REGISTER":
-                if len(self._reg_flows) >= REG_FLOWS_MAX:
-                    self._reg_flows.clear()
-                self._reg_flows[key] = out[0][1]
-            else:
-                # last: the account that registered from this flow (a phone's anonymous call)
-                registered = self._reg_flows.get(key)
-                if registered:
-                    out.append(("account", registered))
+        if not trusted and msg.method != "REGISTER":
+            # last: the account that registered from this flow (a phone's anonymous call)
+            registered = self._reg_flows.get((src.transport, src.ip, src.port))
+            if registered:
+                out.append(("account", registered))
         return out
+
+    def _remember_flow(self, src: Flow, account: str) -> None:
+        """A device's REGISTER: its flow belongs to ``account`` (for its anonymous calls)."""
+        if len(self._reg_flows) >= REG_FLOWS_MAX:
+            self._reg_flows.clear()
+        self._reg_flows[(src.transport, src.ip, src.port)] = account
 
     @staticmethod
     def _user(uri: SipUri) -> str:

@@ -84,6 +84,17 @@ def test_unknown_ids_are_reported_and_exit_1(home: Path) -> None:
     assert system_of(home, "1") == "target"
 
 
+def test_only_unknown_ids_are_bad_input_exit_2(home: Path) -> None:
+    r = dsbc("migrate", "--customer", "nope", "--customer", "nada")
+    assert r.exit_code == 2
+    assert r.stderr == "unknown customer(s): nope, nada\n"
+    assert store_at(home).audit() == []
+    r = dsbc("migrate", "--customer", "nope", "--dry-run")
+    assert r.exit_code == 2 and r.stderr == "unknown customer(s): nope\n"
+    r = dsbc("migrate", "--customer", "1", "--customer", "nope", "--dry-run")
+    assert r.exit_code == 1 and system_of(home, "1") == "source"
+
+
 def test_group_refusal_changes_nothing(home: Path) -> None:
     r = dsbc("migrate", "--customer", "1", "--customer", "g1")
     assert r.exit_code == 2 and r.stderr == "group 'ivr' must move together: missing customer(s) g2, g3\n"
@@ -134,7 +145,7 @@ def test_bad_batch_files(home: Path) -> None:
     (home / "sp.txt").write_text("1\n2 3\n")
     assert dsbc("migrate", "--batch", "sp.txt").stderr == "sp.txt:2: '2 3' is not a customer id\n"
     r = dsbc("migrate", "--customer", "1", "--batch", "sp.txt")
-    assert r.exit_code == 2 and "give --customer ID (one or more) or --batch FILE" in r.stderr
+    assert r.exit_code == 2 and "give --customer ID (one or more) or --batch FILE, not both" in r.stderr
 
 
 def test_prepare_caps_expiry_and_the_flip_clears_it(home: Path) -> None:

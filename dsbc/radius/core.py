@@ -184,23 +184,24 @@ class RadiusCore:
             "drops": dict(self.drops),
             "pending": len(self._pending),
             "accounting_sessions": len(self.sticky),
-            "systems": {
-                s.name: {
-                    "requests": s.requests,
-                    "answers": s.answers,
-                    "timeouts": s.timeouts,
-                    "sockets": s.ids.slots,
-                    "servers": {
-                        f"{h}:{p}": ("dead" if s.dead_until.get((h, p), 0.0) > self._last_now else "up")
-                        for kind in (AUTH, ACCT) for h, p in s.servers[kind]
-                    },
-                    "server_timeouts": {
-                        f"{h}:{p}": s.server_timeouts.get((h, p), 0)
-                        for kind in (AUTH, ACCT) for h, p in s.servers[kind]
-                    },
-                }
-                for s in self.systems.values()
-            },
+            "systems": {s.name: self._system_status(s) for s in self.systems.values()},
+        }
+
+    def _system_status(self, s: SystemTarget) -> dict[str, object]:
+        servers: dict[str, str] = {}
+        timeouts: dict[str, int] = {}
+        for kind in (AUTH, ACCT):
+            for addr in s.servers[kind]:
+                name = f"{addr[0]}:{addr[1]}"
+                servers[name] = "dead" if s.dead_until.get(addr, 0.0) > self._last_now else "up"
+                timeouts[name] = s.server_timeouts.get(addr, 0)
+        return {
+            "requests": s.requests,
+            "answers": s.answers,
+            "timeouts": s.timeouts,
+            "sockets": s.ids.slots,
+            "servers": servers,
+            "server_timeouts": timeouts,
         }
 
     _last_now = 0.0
