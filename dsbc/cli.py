@@ -34,7 +34,7 @@ from .migrate import (
     InputError,
     Progress,
     check_customer_id,
-    identity_takeovers,
+    import_refusal,
     longest_registration,
     move_batch,
     phones_by_account,
@@ -43,9 +43,6 @@ from .migrate import (
     read_customers,
     some,
     summary,
-    system_change_text,
-    system_changes,
-    takeover_text,
 )
 from .migrate import wait_registrations as wait_for_phones
 from .store import (
@@ -328,18 +325,11 @@ def import_command(file: str) -> None:
     lines: dict[str, int] = {}
     rows = read_customers(file, lines)
     with open_cli_store(cfg, create=True) as store:
-        taken = identity_takeovers(store, rows)
-        if taken:
-            row, key, other = taken[0]
-            more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
-            raise InputError(f"{file}:{lines.get(row.customer_id, 0)}: customer {row.customer_id}: "
-                             f"{takeover_text(key, other)}{more}; nothing was imported")
-        changes = system_changes(store, rows)
-        if changes:
-            row, stored = changes[0]
-            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
-            raise InputError(f"{file}:{lines.get(row.customer_id, 0)}: {system_change_text(row, stored)}"
-                             f"{more}; nothing was imported")
+        refusal = import_refusal(store, rows)
+        if refusal is not None:
+            row, why, count = refusal
+            more = f" (and {count - 1} more)" if count > 1 else ""
+            raise InputError(f"{file}:{lines.get(row.customer_id, 0)}: {why}{more}; nothing was imported")
         bar = _progress(len(rows), "import")
         try:
             n = store.import_rows(rows, bar)

@@ -41,14 +41,7 @@ from aiohttp import web
 
 from .config import Config, parse_hostport
 from .metrics import read_snapshots, render, summarize
-from .migrate import (
-    BatchAborted,
-    identity_takeovers,
-    move_batch,
-    system_change_text,
-    system_changes,
-    takeover_text,
-)
+from .migrate import BatchAborted, import_refusal, move_batch
 from .store import (
     SYSTEMS,
     BadIdentity,
@@ -313,10 +306,9 @@ class ControlService:
         except BadRow as exc:
             raise ApiError(400, str(exc)) from None
         existed = self.store.customer(clean.customer_id) is not None
-        for _, key, other in identity_takeovers(self.store, [clean]):
-            raise ApiError(409, f"customer {clean.customer_id}: {takeover_text(key, other)}")
-        for changed, stored in system_changes(self.store, [clean]):
-            raise ApiError(409, system_change_text(changed, stored))
+        refusal = import_refusal(self.store, [clean])
+        if refusal is not None:
+            raise ApiError(409, refusal[1])
         await self._write(lambda: self.store.import_rows([clean]))
         c = self.store.customer(clean.customer_id)
         out = {"customer_id": clean.customer_id, "created": not existed,

@@ -218,6 +218,62 @@ def identity_takeovers(store: LocationStore, rows: list[CustomerRow]) -> list[tu
     return out
 
 
+def group_splits(store: LocationStore, rows: list[CustomerRow]) -> list[tuple[CustomerRow, dict[str, list[str]]]]:
+    """(a row of the group, system -> members) for each group that ``rows`` would leave on
+    both systems, counting the group's stored members the rows do not name: a group moves
+    together (SPEC: an IVR's access number), so an import or a PUT may not split one."""
+    named = {r.customer_id: r for r in rows}
+    groups = {r.group for r in rows if r.group}
+    if not groups:
+        return []
+    stored_members = store.group_members(groups)
+    others = {cid for ms in stored_members.values() for cid in ms if cid not in named}
+    stored = store.customers([*(r.customer_id for r in rows if r.group), *others])
+    members: dict[str, dict[str, str]] = {g: {} for g in groups}  # group -> customer -> system
+    for g, ms in stored_members.items():
+        for cid in ms:
+            if cid not in named and cid in stored:
+                members[g][cid] = stored[cid].system
+    for r in rows:
+        if r.group:
+            known = stored.get(r.customer_id)
+            members[r.group][r.customer_id] = r.system or (known.system if known else "source")
+    out: list[tuple[CustomerRow, dict[str, list[str]]]] = []
+    for r in rows:
+        where = members.pop(r.group, None) if r.group else None
+        if where and len(set(where.values())) > 1:
+            by_system: dict[str, list[str]] = {}
+            for cid, system in sorted(where.items()):
+                by_system.setdefault(system, []).append(cid)
+            out.append((r, by_system))
+    return out
+
+
+def group_split_text(group: str, by_system: dict[str, list[str]]) -> str:
+    where = "; ".join(f"{some(ids, 5)} on {system}" for system, ids in sorted(by_system.items()))
+    return (f"group {group!r} would be split ({where}): its members move together, with "
+            "`dsbc migrate` (or name the group's members on one system)")
+
+
+def import_refusal(store: LocationStore, rows: list[CustomerRow]) -> tuple[CustomerRow, str, int] | None:
+    """Why an import or a PUT of ``rows`` must change nothing: (the first offending row, the
+    reason, how many such findings), or None.  It may not take a stored customer's identity,
+    move a stored customer to the other system, or split a group."""
+    taken = identity_takeovers(store, rows)
+    if taken:
+        row, key, other = taken[0]
+        return row, f"customer {row.customer_id}: {takeover_text(key, other)}", len(taken)
+    changes = system_changes(store, rows)
+    if changes:
+        row, stored = changes[0]
+        return row, system_change_text(row, stored), len(changes)
+    splits = group_splits(store, rows)
+    if splits:
+        row, by_system = splits[0]
+        return row, group_split_text(row.group, by_system), len(splits)
+    return None
+
+
 def takeover_text(key: str, other: str) -> str:
     return (f"{key} belongs to customer {other}: to move it, give customer {other}'s row "
             f"without it in the same import (or PUT customer {other} without it first)")

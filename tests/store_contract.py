@@ -33,3 +33,13 @@ def check_rollback(store: LocationStore) -> None:
         (b.batch_id, 4, ""),
     ]
     assert (summaries[2].who, summaries[2].from_system, summaries[2].to_system) == ("alice", "source", "target")
+
+
+def check_group_members(store: LocationStore) -> None:
+    """Customers "3".."5" in group "ivr": the batch read an import checks groups with, the
+    same whether the store has its index in memory or reads the backing store."""
+    assert store.group_members(["ivr", "nobody", ""]) == {"ivr": ["3", "4", "5"]}
+    store.put_customer("6", ["account:a6"], "source", group="ivr")
+    store.put_customer("4", ["account:a4"], "source", group="other")
+    assert store.group_members(["ivr", "other"]) == {"ivr": ["3", "5", "6"], "other": ["4"]}
+    assert store.group_members([]) == {}

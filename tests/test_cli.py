@@ -333,3 +333,26 @@ def test_import_never_takes_an_identity_of_a_customer_not_in_the_file(home: Path
     (home / "c.csv").write_text("customer_id,identities,system\n53,account:1001,target\n42,did:15550100,\n")
     assert dsbc("import", "c.csv").exit_code == 0
     assert "customer: 53" in dsbc("where", "account:1001").stdout
+
+
+def test_import_never_splits_a_group(home: Path) -> None:
+    """A group (an IVR's access number shared by its members) lives on one system: an import
+    that would leave members on both is refused, whether they are all in the file or some
+    are stored already; `dsbc migrate` is how a group moves."""
+    (home / "a.csv").write_text("customer_id,identities,system,group\n1,account:1,source,ivr\n"
+                                "2,account:2,target,ivr\n")
+    assert one_line_error(dsbc("import", "a.csv")) == (
+        "a.csv:2: group 'ivr' would be split (1 on source; 2 on target): its members move "
+        "together, with `dsbc migrate` (or name the group's members on one system); nothing was imported")
+    assert dsbc("where", "account:1").exit_code == 1  # nothing was imported
+    (home / "b.csv").write_text("customer_id,identities,group\n1,account:1,ivr\n2,account:2,ivr\n")
+    assert dsbc("import", "b.csv").exit_code == 0
+    (home / "c.csv").write_text("customer_id,identities,system,group\n3,account:3,target,ivr\n")
+    assert one_line_error(dsbc("import", "c.csv")).startswith(
+        "c.csv:2: group 'ivr' would be split (1, 2 on source; 3 on target)")
+    # the same group moved with `dsbc migrate`, then a new member on its system: fine
+    assert dsbc("migrate", "--customer", "1", "--customer", "2").exit_code == 0
+    assert dsbc("import", "c.csv").stdout == "imported 1 customers, 1 identities\n"
+    # a new member named without a system would be on the source, its group is on the target
+    (home / "d.csv").write_text("customer_id,identities,system,group\n3,account:3,,\n4,account:4,,ivr\n")
+    assert one_line_error(dsbc("import", "d.csv")).startswith("d.csv:3: group 'ivr' would be split")

@@ -111,6 +111,11 @@ def test_lookups_customers_migrations_rollback(node: Dsbc) -> None:
     status, body = node.control("PUT", "/v1/customers/6", {"identities": ["account:a1"], "system": "target"})
     assert status == 409 and "account:a1 belongs to customer 1" in body["error"], body
     assert node.control("GET", "/v1/identities/account/a1")[1]["customer_id"] == "1"
+    # nor a split group: a new member of "ivr" (on the source) on the target
+    status, body = node.control("PUT", "/v1/customers/7", {"identities": ["account:a7"], "system": "target",
+                                                             "group": "ivr"})
+    assert status == 409 and body["error"].startswith("group 'ivr' would be split (3, 4 on source; 7 on target)")
+    assert node.control("GET", "/v1/customers/7")[0] == 404
 
     status, body = node.control("POST", "/v1/migrations", {"customers": ["1", "2", "x"], "dry_run": True})
     assert status == 200 and (body["moved"], body["unknown"], body["dry_run"]) == (["1", "2"], ["x"], True)

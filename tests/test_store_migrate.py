@@ -10,7 +10,7 @@ import pytest
 
 from dsbc.store import GroupSplitError, StoreError, open_store
 from dsbc.store.sqlite import SqliteStore
-from tests.store_contract import check_rollback
+from tests.store_contract import check_group_members, check_rollback
 
 
 @pytest.fixture
@@ -170,3 +170,7 @@ def test_base_class_defaults_agree_with_sqlite(store: SqliteStore) -> None:
     LocationStore.unlock(store, ["1", "3"])
     assert {c.state for c in store.customers(["1", "3"]).values()} == {"active"}
     assert systems(store)["1"] == "source"
+
+
+def test_group_members(store: SqliteStore) -> None:
+    check_group_members(store)

@@ -222,6 +222,11 @@ class LocationStore(abc.ABC):
                 out[k] = loc.customer_id
         return out
 
+    @abc.abstractmethod
+    def group_members(self, groups: Iterable[str]) -> dict[str, list[str]]:
+        """group name -> the stored customers in it, for the groups among ``groups`` that
+        have members (a batch read: an import checks that a group stays on one system)."""
+
     def decide(self, kind: str, value: str) -> Decision:
         """lookup() with the `store.unknown` policy applied."""
         loc = self.lookup(kind, value)

@@ -336,6 +336,14 @@ class IndexedStore(LocationStore):
                 out[k] = c.customer_id
         return out
 
+    def group_members(self, groups: Iterable[str]) -> dict[str, list[str]]:
+        wanted = [g for g in dict.fromkeys(groups) if g]
+        return self._direct_group_members(wanted) if wanted else {}
+
+    @abc.abstractmethod
+    def _direct_group_members(self, groups: Sequence[str]) -> dict[str, list[str]]:
+        """`group_members` from the backing store (the memory index keeps no group lists)."""
+
     def _owner_id(self, key: str) -> str:
         if self._mem is not None:
             return self._mem.owner(key) or ""

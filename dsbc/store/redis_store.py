@@ -365,6 +365,19 @@ class RedisStore(IndexedStore):
             raise self._unavailable("reading the store", exc, writing=False) from None
         return out
 
+    def _direct_group_members(self, groups: Sequence[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        try:
+            pipe = self._w.pipeline(transaction=False)
+            for g in groups:
+                pipe.smembers(self.prefix + "g:" + g)
+            for g, members in zip(groups, pipe.execute(), strict=True):
+                if members:
+                    out[g] = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+        except self._errors as exc:
+            raise self._unavailable("reading the store", exc, writing=False) from None
+        return out
+
     # -- writes ---------------------------------------------------------------------------
 
     def _run(self, what: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:

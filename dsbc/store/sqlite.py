@@ -240,6 +240,16 @@ class SqliteStore(IndexedStore):
                 out.update(cur.fetchall())
         return out
 
+    def _direct_group_members(self, groups: Sequence[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        with self._read() as cur:
+            for part in chunks(list(groups)):
+                cur.execute(f"SELECT grp, customer_id FROM customers WHERE grp IN ({marks(len(part))}) "
+                            "ORDER BY grp, customer_id", part)
+                for grp, cid in cur.fetchall():
+                    out.setdefault(grp, []).append(cid)
+        return out
+
     # -- customers --------------------------------------------------------------------------
 
     def _import(self, rows: list[CustomerRow], progress: Callable[[int], None] | None) -> int:
