@@ -29,19 +29,16 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from .config import Config, ConfigError, load_config
+from .imports import InputError, import_refusal, read_customers, some
 from .migrate import (
     BatchAborted,
-    InputError,
     Progress,
     check_customer_id,
-    import_refusal,
     longest_registration,
     move_batch,
     phones_by_account,
     phones_on,
     read_batch,
-    read_customers,
-    some,
     summary,
 )
 from .migrate import wait_registrations as wait_for_phones

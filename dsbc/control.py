@@ -40,8 +40,9 @@ from typing import Any
 from aiohttp import web
 
 from .config import Config, parse_hostport
+from .imports import import_refusal
 from .metrics import read_snapshots, render, summarize
-from .migrate import BatchAborted, import_refusal, move_batch
+from .migrate import BatchAborted, move_batch
 from .store import (
     SYSTEMS,
     BadIdentity,

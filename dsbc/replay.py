@@ -35,7 +35,7 @@ from sip.proxy import BRANCH_PREFIX, owner_candidates
 
 from .cli import CliError, config_options, load_cli_config, open_cli_store, system_label
 from .config import Config, parse_hostport
-from .migrate import some
+from .imports import some
 from .replay_capture import Capture, CaptureError, Message, read_capture
 from .sip_service import StoreRouter, advertise, listeners, system_nodes, trusted_peers
 from .store import LocationStore

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from dsbc import cli
+from dsbc.imports import InputError
 from dsbc.migrate import (
     BatchAborted,
-    InputError,
     Progress,
     move_batch,
     phones_by_account,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
+from sip.flow import Flow
 from sip.transport import SipDatagram, SipEndpoint
 from tests.test_proxy_core import make_core, request
-from sip.flow import Flow
 
 
 def test_datagram_from_an_ipv6_address_reaches_the_core() -> None:
