@@ -340,3 +340,53 @@ def test_a_successor_binding_at_the_first_chance_finds_the_last_sessions(tmp_pat
         asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         store.close()
+
+
+def test_watchdog_sends_a_dwr_after_each_interval_of_silence() -> None:
+    """RFC 3539: Tw restarts on every message from the peer, a DWA included, so an idle link
+    gets a DWR every interval (not every other one); a DWR left unanswered for another
+    interval closes the connection.  Driven tick by tick with the clock moved by hand."""
+    from dsbc.diameter.peer import ConnState, Connection, LocalNode
+
+    class Owner:
+        def on_open(self, conn: Connection) -> None: ...
+        def on_message(self, conn: Connection, msg: dc.Message) -> None: ...
+        def on_closed(self, conn: Connection) -> None: ...
+
+    class Wire:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.sent.append(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+        def close(self) -> None: ...
+
+    async def main() -> None:
+        conn = Connection(Owner(), LocalNode("dsbc.test", "test", [4]), True, watchdog=5.0)  # type: ignore[arg-type]
+        wire = Wire()
+        conn.transport = wire  # type: ignore[assignment]
+        conn.state = ConnState.OPEN
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            conn._last_rx = loop.time() - 5.0  # the last message (a DWA) came one interval ago
+            conn._dwr_outstanding = False
+            before = len(wire.sent)
+            conn._tick()
+            assert len(wire.sent) == before + 1 and dc.decode(wire.sent[-1]).code == dc.CMD_DW
+        conn._last_rx = loop.time() - 1.0  # heard a second ago: nothing yet
+        conn._dwr_outstanding = False
+        conn._tick()
+        assert len(wire.sent) == 3 and conn.state == ConnState.OPEN
+        conn._last_rx = loop.time() - 5.0  # then silent: a DWR, and silent again: closed
+        conn._tick()
+        conn._last_rx = loop.time() - 10.0
+        conn._tick()
+        assert len(wire.sent) == 4 and conn.close_reason == "watchdog: no answer to DWR"
+        if conn._timer is not None:
+            conn._timer.cancel()
+
+    asyncio.run(main())

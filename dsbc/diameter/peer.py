@@ -91,7 +91,8 @@ class Connection(asyncio.Protocol):
         self._dpa: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._dwr_outstanding = False
-        self._heard = False
+        self._loop = asyncio.get_event_loop()
+        self._last_rx = self._loop.time()  # when the peer was last heard (RFC 3539 Tw restarts)
         self._hbh = itertools.count(int.from_bytes(os.urandom(2), "big") << 16)
         self.bad_messages = 0
         self.watchdogs_answered = 0  # DWAs received for our DWRs
@@ -157,7 +158,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.framer.feed(data)
-        self._heard = True
+        self._last_rx = self._loop.time()
+        self._dwr_outstanding = False  # any message from the peer shows it is alive
         while self.state != ConnState.CLOSED:
             try:
                 raw = self.framer.next_message()
@@ -254,7 +256,7 @@ class Connection(asyncio.Protocol):
         self.state = ConnState.OPEN
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_event_loop().call_later(self.watchdog, self._tick)
+        self._timer = self._loop.call_at(self._last_rx + self.watchdog, self._tick)
         self.owner.on_open(self)
 
     # -- watchdog ---------------------------------------------------------------------------------
@@ -266,16 +268,20 @@ class Connection(asyncio.Protocol):
             return
         if self.state != ConnState.OPEN:
             return
-        if self._dwr_outstanding and not self._heard:
+        now = self._loop.time()
+        due = self._last_rx + self.watchdog
+        if now < due - 0.001:  # heard from the peer since: Tw runs from then
+            self._timer = self._loop.call_at(due, self._tick)
+            return
+        if self._dwr_outstanding:
             self.close("watchdog: no answer to DWR")
             return
-        if not self._heard:
-            self._dwr_outstanding = True
-            self.send_request(dc.CMD_DW, dc.APP_COMMON, [dc.utf8(dc.ORIGIN_HOST, self.node.origin_host),
-                                                         dc.utf8(dc.ORIGIN_REALM, self.node.origin_realm),
-                                                         dc.u32(dc.ORIGIN_STATE_ID, self.node.state_id)])
-        self._heard = False
-        self._timer = asyncio.get_event_loop().call_later(self.watchdog, self._tick)
+        # Tw of silence: a DWR, and the answer (or any message) is due within Tw again
+        self._dwr_outstanding = True
+        self.send_request(dc.CMD_DW, dc.APP_COMMON, [dc.utf8(dc.ORIGIN_HOST, self.node.origin_host),
+                                                     dc.utf8(dc.ORIGIN_REALM, self.node.origin_realm),
+                                                     dc.u32(dc.ORIGIN_STATE_ID, self.node.state_id)])
+        self._timer = self._loop.call_at(now + self.watchdog, self._tick)
 
 
 class PeerLink:
