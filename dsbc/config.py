@@ -336,6 +336,8 @@ class RadiusClient(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             _check_peer(self.address)
         except ValueError:
             raise ValueError(f"address: {self.address!r} is not a CIDR, an IP or IP:PORT") from None
+        if not self.secret:
+            raise ValueError("secret: must not be empty (RFC 2865: the client's shared secret)")
 
 
 class RadiusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -350,6 +352,9 @@ class RadiusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         _check_hostport(self.auth_listen, "auth_listen", 1812)
         _check_hostport(self.acct_listen, "acct_listen", 1813)
+        if parse_hostport(self.auth_listen, 1812) == parse_hostport(self.acct_listen, 1813):
+            raise ValueError(f"acct_listen: {self.acct_listen!r} is auth_listen's address and port too "
+                             "(accounting needs a port of its own, 1813 by default)")
         if self.timeout <= 0:
             raise ValueError("timeout: must be > 0 (seconds)")
         if self.retries < 0:
@@ -374,6 +379,9 @@ class DiameterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         _check_hostport(self.listen, "listen", 3868)
+        for key in ("origin_host", "origin_realm"):
+            if not getattr(self, key).strip():
+                raise ValueError(f"{key}: must not be empty (it names dsbc in every CER and answer)")
         for p in self.clients:
             try:
                 ipaddress.ip_network(p, strict=False)
@@ -612,3 +620,12 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
     if cfg.radius.enabled and not cfg.radius.clients:
         line = _locate(text, ["radius", "enabled"])
         raise ConfigError(f"{name}:{line}: radius.clients: RADIUS is enabled but no client is configured")
+    if cfg.radius.enabled:
+        for which in ("source", "target"):
+            system = getattr(cfg.systems, which)
+            if (system.radius or system.radius_acct) and not system.radius_secret:
+                where = _key_lines(text)
+                key = "radius_secret" if ("systems", which, "radius_secret") in where else "radius"
+                line = _locate(text, ["systems", which, key])
+                raise ConfigError(f"{name}:{line}: systems.{which}.radius_secret: must not be empty "
+                                  "when RADIUS servers are set (RFC 2865: the shared secret)")

@@ -409,7 +409,9 @@ class Master:
 
 
 def _reuseport_listeners(cfg: Config) -> list[tuple[str, str, str, int]]:
-    """(config key, kind, host, port) of the listeners bound with SO_REUSEPORT."""
+    """(config key, kind, host, port) of every listener dsbc opens: the SIP and control ones
+    are bound with SO_REUSEPORT, and the workers of a reload wait for the API, RADIUS and
+    Diameter ports, so a port another program holds must be found before the start."""
     from .config import Endpoint, parse_hostport
 
     out: list[tuple[str, str, str, int]] = []
@@ -420,6 +422,17 @@ def _reuseport_listeners(cfg: Config) -> list[tuple[str, str, str, int]]:
     if cfg.control.enabled:
         host, port = parse_hostport(cfg.control.listen, 8080)
         out.append(("control.listen", "tcp", host, port))
+    if cfg.api.enabled:
+        for text in cfg.api.listen:
+            host, port = parse_hostport(text, 443)
+            out.append(("api.listen", "tcp", host, port))
+    if cfg.radius.enabled:
+        for key, default in (("auth_listen", 1812), ("acct_listen", 1813)):
+            host, port = parse_hostport(getattr(cfg.radius, key), default)
+            out.append((f"radius.{key}", "udp", host, port))
+    if cfg.diameter.enabled:
+        host, port = parse_hostport(cfg.diameter.listen, 3868)
+        out.append(("diameter.listen", "tcp", host, port))
     return out
 
 
@@ -435,8 +448,8 @@ def check_listeners_free(cfg: Config) -> None:
     for key, kind, host, port in _reuseport_listeners(cfg):
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
-        except OSError:
-            continue  # the worker reports a name that does not resolve
+        except OSError as exc:
+            raise click.ClickException(f"{cfg.path}: {key}: cannot resolve {host!r} ({exc.strerror or exc})") from None
         family, stype, proto, _, addr = infos[0]
         sock = socket.socket(family, stype, proto)
         if kind == "tcp":
@@ -451,7 +464,7 @@ def check_listeners_free(cfg: Config) -> None:
                 shown = f"[{host}]" if ":" in host else host
                 raise click.ClickException(
                     f"{cfg.path}: {key}: {kind} {shown}:{port} is already in use "
-                    "(another dsbc running with this config?)") from None
+                    "(another program, or another dsbc running with this config?)") from None
         finally:
             sock.close()
 

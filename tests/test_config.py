@@ -144,6 +144,18 @@ def replace(old: str, new: str) -> str:
         ("[radius]\ntimeout = 0\n", "dsbc.toml:2: radius.timeout: must be > 0 (seconds)"),
         ("[radius]\nretries = -1\n", "dsbc.toml:2: radius.retries: must be >= 0"),
         ("[radius]\nduplicate_window = -1\n", "dsbc.toml:2: radius.duplicate_window: must be >= 0 (seconds)"),
+        # empty secrets and names, and one port for both RADIUS services: refused at start
+        ('[radius]\nacct_listen = "0.0.0.0:1812"\n',
+         ("dsbc.toml:2: radius.acct_listen: '0.0.0.0:1812' is auth_listen's address and port too "
+          "(accounting needs a port of its own, 1813 by default)")),
+        ('[radius]\n[[radius.clients]]\naddress = "10.0.0.1"\nsecret = ""\n',
+         "dsbc.toml:4: radius.clients[0].secret: must not be empty (RFC 2865: the client's shared secret)"),
+        ('[systems.source]\nradius = ["10.0.0.5"]\n[radius]\nenabled = true\n'
+         '[[radius.clients]]\naddress = "10.0.0.1"\nsecret = "s"\n',
+         ("dsbc.toml:2: systems.source.radius_secret: must not be empty when RADIUS servers are set "
+          "(RFC 2865: the shared secret)")),
+        ('[diameter]\norigin_host = ""\n',
+         "dsbc.toml:2: diameter.origin_host: must not be empty (it names dsbc in every CER and answer)"),
         # a vhost without a back end (none of its own, no api.source, no systems.source.api):
         # the API worker used to crash in a loop with a traceback at start
         ('[api]\n[[api.vhosts]]\nhost = "a"\nrealm = "customer"\ntarget = "http://t"\n',

@@ -21,8 +21,9 @@ def _run(tmp_path: Path, sections: str, timeout: float = 120) -> tuple[Path, sub
 
 
 def test_run_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
-    # passes validation (a host name), cannot be bound: every worker start fails
-    _, proc = _run(tmp_path, '[sip]\nlisten = ["udp:nonexistent.invalid:5060"]\n'
+    # passes validation and the start's port check, cannot be bound (no address of this
+    # host; nothing is sent to it): every worker start fails
+    _, proc = _run(tmp_path, '[sip]\nlisten = ["udp:192.0.2.1:5060"]\n'
                              'workers = 1\n\n[api]\nenabled = false\n\n[control]\nenabled = false\n')
     assert "giving up" in proc.stderr
     assert proc.returncode == 1, proc.stderr
@@ -56,7 +57,39 @@ def test_run_refuses_ports_another_process_holds(tmp_path: Path) -> None:
         held.close()
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip() == (
-        f"{cfg}: sip.listen: udp 127.0.0.1:{port} is already in use (another dsbc running with this config?)")
+        f"{cfg}: sip.listen: udp 127.0.0.1:{port} is already in use (another program, or another dsbc running with this config?)")
+
+
+def test_run_refuses_a_radius_port_another_program_holds_at_once(tmp_path: Path) -> None:
+    """A RADIUS port taken by, say, FreeRADIUS: named with its key before any worker starts
+    (the workers used to wait for it as for a reload's predecessor, then exit 1 after ~40 s
+    with no key in the message)."""
+    import socket
+
+    held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    held.bind(("127.0.0.1", 0))
+    port = held.getsockname()[1]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as free:
+        free.bind(("127.0.0.1", 0))
+        acct = free.getsockname()[1]
+    try:
+        cfg, proc = _run(tmp_path, '[sip]\nenabled = false\n[api]\nenabled = false\n[control]\nenabled = false\n'
+                                   f'[radius]\nenabled = true\nauth_listen = "127.0.0.1:{port}"\n'
+                                   f'acct_listen = "127.0.0.1:{acct}"\n'
+                                   '[[radius.clients]]\naddress = "127.0.0.1"\nsecret = "s"\n', timeout=30)
+    finally:
+        held.close()
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == (
+        f"{cfg}: radius.auth_listen: udp 127.0.0.1:{port} is already in use "
+        "(another program, or another dsbc running with this config?)")
+
+
+def test_run_names_a_listen_address_that_does_not_resolve(tmp_path: Path) -> None:
+    cfg, proc = _run(tmp_path, '[sip]\nenabled = false\n[api]\nenabled = false\n'
+                               '[control]\nlisten = "no-such-host.invalid:8080"\n', timeout=30)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().startswith(f"{cfg}: control.listen: cannot resolve 'no-such-host.invalid' (")
 
 
 def test_the_port_check_passes_over_time_wait_but_not_over_a_listener(tmp_path: Path) -> None:
