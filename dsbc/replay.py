@@ -31,6 +31,7 @@ import msgspec
 
 from sip.errors import SipError
 from sip.message import SipMessage, parse_message
+from sip.health import PING_BRANCH_PREFIX
 from sip.proxy import BRANCH_PREFIX, owner_candidates
 
 from .cli import CliError, config_options, load_cli_config, open_cli_store, system_label
@@ -125,8 +126,8 @@ class Classifier:
         if not req:
             self.responses += 1
             return None
-        if m.src in self.ours or msg.vias[0].branch.startswith(BRANCH_PREFIX):
-            self.dsbc_legs += 1  # dsbc's own relayed copy: its routing is the capture's
+        if m.src in self.ours or msg.vias[0].branch.startswith((BRANCH_PREFIX, PING_BRANCH_PREFIX)):
+            self.dsbc_legs += 1  # dsbc's own relayed copy (its routing is the capture's), or its health ping
             return None
         try:
             row = self._request(m, msg)
@@ -225,7 +226,13 @@ class Classifier:
             if not found:
                 break
             params = {**found, **params}
-        if "ft" in params:
+        if "dsbc" in params:  # "target.<signature>": the signature is the live proxy's to check
+            params["dsbc"] = params["dsbc"].rpartition(".")[0] or params["dsbc"]
+        inside = self.router.is_trusted(*m.src) or m.src in self.nodes
+        if method == "REGISTER" or not (msg.to_tag or inside):
+            # as the proxy: never in a dialog; a device's Route without a To tag is no dialog
+            params = {}
+        if "ft" in params and inside:
             sysname = params.get("dsbc", "") or self.nodes.get(m.src, "")
             return self._row(
                 m,
@@ -429,8 +436,8 @@ def _n(count: int, what: str, plural: str = "") -> str:
 
 _COUNTS = {  # summary key -> (singular, plural) for the text report's first line
     "dsbc_legs": (
-        "request relayed by dsbc itself (not reported)",
-        "requests relayed by dsbc itself (not reported)",
+        "request sent by dsbc itself (relayed, or a health ping; not reported)",
+        "requests sent by dsbc itself (relayed, or health pings; not reported)",
     ),
     "malformed_responses": ("malformed response", ""),
     "tcp_streams": ("TCP stream", ""),

@@ -319,7 +319,7 @@ def test_report_lines_and_summary(home: Path) -> None:
     assert (
         out.count(
             "\n11 requests, 1 response in 25 packets (4 non-SIP packets skipped; "
-            "2 requests relayed by dsbc itself (not reported); 1 TCP stream; "
+            "2 requests sent by dsbc itself (relayed, or health pings; not reported); 1 TCP stream; "
         )
         == 1
     )
@@ -337,6 +337,29 @@ def test_report_lines_and_summary(home: Path) -> None:
         "target (MR115): 1 (43)",
     ]
     assert "would change" not in out  # the capture sent reg-1 to the source node, as now
+
+
+def test_in_dialog_requests_follow_their_signed_route_and_pings_are_not_reported(home: Path) -> None:
+    """A live dsbc signs its Record-Route (``dsbc=target.<mac>``) and puts the phone's flow
+    token in it: an in-dialog request from a trusted peer stays on that system, and one
+    from the phone itself goes to the system too (not "toward the device"), as the proxy
+    does.  dsbc's own health pings in a capture are not requests to report."""
+    ack = sip("ACK sip:15557770000@192.0.2.101:5062 SIP/2.0", "dlg-carrier", "15551234567@carrier.example",
+              "+15550001001@example.com", "7 ACK", f"Route: <sip:{DSBC}:5060;lr;dsbc=target.AbCd1234>")
+    bye = sip("BYE sip:15557770000@192.0.2.20 SIP/2.0", "dlg-phone", "1002@example.com",
+              "15557770000@example.com", "2 BYE",
+              f"Route: <sip:{DSBC}:5060;lr;dsbc=source.XyZ98765;ft=QUJDREVGR0g>")
+    ping = sip("OPTIONS sip:192.0.2.10:5060 SIP/2.0", "ping-1", "dsbc@198.51.100.2", "192.0.2.10", "1 OPTIONS")
+    ping = ping.replace(b"branch=z9hG4bK-ping-1-1", b"branch=z9hG4bK-dsbcping-abc-source.0")
+    for name in (b"To: <sip:+15550001001@example.com>", b"To: <sip:15557770000@example.com>"):
+        ack, bye = ack.replace(name, name + b";tag=t9"), bye.replace(name, name + b";tag=t9")
+    wrpcap(str(home / "dlg.pcap"), [udp4(CARRIER, 5060, DSBC, 5060, ack, 1.0),
+                                    udp4("192.0.2.101", 5062, DSBC, 5060, bye, 2.0),
+                                    udp4("198.51.100.2", 5060, *SOURCE_NODE, ping, 3.0)])
+    out = dsbc("replay", "dlg.pcap").stdout
+    assert "target (MR115)  in-dialog: Route carries dsbc=target" in one_line(out, "dlg-carrier")
+    assert "source (MR100)  in-dialog: Route carries dsbc=source" in one_line(out, "dlg-phone")
+    assert "ping-1" not in out and "1 request sent by dsbc itself (relayed, or a health ping; not reported)" in out
 
 
 def test_migration_changes_the_report(home: Path) -> None:
