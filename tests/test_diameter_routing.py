@@ -106,6 +106,11 @@ def test_loop_missing_session_and_reject(tmp_path: Path) -> None:
     assert dc.decode(r.client_request(1, nosid, 0.0)[0].data).u32(dc.RESULT_CODE) == dc.MISSING_AVP
     unknown = ccr("u", 1, (dc.SUB_E164, "999"))
     assert dc.decode(r.client_request(1, unknown, 0.0)[0].data).u32(dc.RESULT_CODE) == dc.USER_UNKNOWN
+    # another application (an S6a ULR) than the credit control dsbc advertised: 3007, not relayed
+    ulr = dc.request(316, 16777251, 2, 2, [dc.utf8(dc.SESSION_ID, "s6a;1")])
+    [ans] = r.client_request(1, ulr, 0.0)
+    got = dc.decode(ans.data)
+    assert got.u32(dc.RESULT_CODE) == dc.APPLICATION_UNSUPPORTED and got.flags & dc.FLAG_E and ans.kind == TO_CLIENT
     st.close()
 
 

@@ -210,6 +210,9 @@ class DiameterRouter:
         for rr in m.find_all(dc.ROUTE_RECORD):
             if rr.text() == self.origin_host:
                 return self._local(conn, m, dc.LOOP_DETECTED, "request already went through dsbc")
+        if m.app_id != dc.APP_CREDIT_CONTROL:  # the only application dsbc advertised in its CEA
+            return self._local(conn, m, dc.APPLICATION_UNSUPPORTED,
+                               "dsbc relays credit-control (application 4) only")
         sid = m.text(dc.SESSION_ID) or ""
         cc_type = m.u32(dc.CC_REQUEST_TYPE) if m.app_id == dc.APP_CREDIT_CONTROL else None
         sess = self.sessions.get(sid) if sid else None
