@@ -103,7 +103,10 @@ def test_loop_missing_session_and_reject(tmp_path: Path) -> None:
     loop = ccr("a", 1, extra=[dc.utf8(dc.ROUTE_RECORD, "dsbc.example")])
     assert dc.decode(r.client_request(1, loop, 0.0)[0].data).u32(dc.RESULT_CODE) == dc.LOOP_DETECTED
     nosid = dc.request(dc.CMD_CC, 4, 1, 1, [dc.u32(dc.CC_REQUEST_TYPE, 1)])
-    assert dc.decode(r.client_request(1, nosid, 0.0)[0].data).u32(dc.RESULT_CODE) == dc.MISSING_AVP
+    missing = dc.decode(r.client_request(1, nosid, 0.0)[0].data)
+    assert missing.u32(dc.RESULT_CODE) == dc.MISSING_AVP
+    failed = missing.find(dc.FAILED_AVP)
+    assert failed is not None and [a.code for a in dc.decode_avps(failed.data)] == [dc.SESSION_ID]
     unknown = ccr("u", 1, (dc.SUB_E164, "999"))
     assert dc.decode(r.client_request(1, unknown, 0.0)[0].data).u32(dc.RESULT_CODE) == dc.USER_UNKNOWN
     # another application (an S6a ULR) than the credit control dsbc advertised: 3007, not relayed

@@ -162,9 +162,10 @@ class DiameterRouter:
             },
         }
 
-    def _local(self, conn: int, req: dc.Message, code: int, msg: str) -> list[Send]:
+    def _local(self, conn: int, req: dc.Message, code: int, msg: str,
+               avps: list[dc.Avp] | None = None) -> list[Send]:
         self.local_answers[code] = self.local_answers.get(code, 0) + 1
-        ans = dc.answer(req, code, self.origin_host, self.origin_realm, error_message=msg)
+        ans = dc.answer(req, code, self.origin_host, self.origin_realm, avps, error_message=msg)
         return [Send(TO_CLIENT, conn, dc.encode(ans))]
 
     # -- connections ------------------------------------------------------------------------------
@@ -220,7 +221,9 @@ class DiameterRouter:
             sess.seen = now
             return self._forward(conn, m, self.systems[sess.system], sid, cc_type, now)
         if not sid:
-            return self._local(conn, m, dc.MISSING_AVP, "Session-Id missing")
+            # RFC 6733 7.5: Failed-AVP holds an example of the missing AVP
+            return self._local(conn, m, dc.MISSING_AVP, "Session-Id missing",
+                               [dc.grouped(dc.FAILED_AVP, [dc.utf8(dc.SESSION_ID, "")])])
         held = len(self._held)
         out = self._route_new(conn, identity, m, sid, cc_type, now, now + self.lock_hold)
         self.held_total += len(self._held) - held
