@@ -38,11 +38,13 @@ class Node(msgspec.Struct, frozen=True, gc=False):
 
 
 class NodeState:
-    __slots__ = ("check_at", "failures", "last_ok", "next_ping", "node", "pending", "rtt", "sent_at", "since", "up")
+    __slots__ = ("answered", "check_at", "failures", "last_ok", "next_ping", "node", "pending", "rtt", "sent_at",
+                 "since", "up")
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.up = True
+        self.up = True  # until a ping says otherwise: a new worker serves at once
+        self.answered = False  # a ping of this worker's was answered: up for sure
         self.last_ok = 0.0
         self.pending = ""  # branch of the unanswered ping
         self.sent_at = 0.0
@@ -94,10 +96,16 @@ class HealthChecker:
             st = self._by_addr.get(prefer)
             if st is not None and st.node.system == system and st.up:
                 return st.node
+        fallback = None
         for st in self._by_system.get(system, ()):
             if st.up:
-                return st.node
-        return None
+                if st.answered:
+                    return st.node
+                if fallback is None:
+                    fallback = st.node
+        # no node has answered yet (a worker just started): the first one presumed up.  Once
+        # one has, a node not heard from yet (one a reload added) waits for its first answer
+        return fallback
 
     def node_at(self, host: str, port: int) -> Node | None:
         st = self._by_addr.get((host, port))
@@ -206,6 +214,7 @@ class HealthChecker:
     def _mark(self, st: NodeState, ok: bool, now: float) -> None:
         if ok:
             st.last_ok = now
+            st.answered = True
             st.failures = 0
         else:
             st.failures += 1

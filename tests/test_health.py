@@ -81,3 +81,15 @@ def test_a_timeout_check_run_late_by_a_stalled_loop_waits_for_one_read_of_the_so
     h2.handle_timer(1.7)
     h2.handle_timer(3.0)
     assert h2.pick("target") is None
+
+
+def test_a_node_not_heard_from_yet_comes_after_one_that_answered() -> None:
+    """A reload that adds a node before a live one (or a dead node listed first): as soon as
+    the live node answers its first ping, it is picked, not the silent one presumed up."""
+    h = _checker()
+    assert h.pick("target") == Node("target", 0, "udp", "127.0.0.10", 5060)  # nobody heard yet
+    pings = h.handle_timer(0.0)
+    h.handle_response(_answer(pings[1].data), 0.01, "127.0.0.11")
+    assert h.pick("target") == Node("target", 1, "udp", "127.0.0.11", 5060)
+    h.handle_response(_answer(pings[0].data), 0.02, "127.0.0.10")
+    assert h.pick("target") == Node("target", 0, "udp", "127.0.0.10", 5060)  # order again
