@@ -188,7 +188,10 @@ class ProxyCore:
             try:
                 return self._request(msg, src, now)
             except SipError as exc:
-                self.counters[f"rejected:{exc.status}"] += 1
+                # a malformed value found only when read (a CSeq naming another method) is
+                # bad input like one found by the parser; the others are dsbc's refusals
+                kind = "bad_requests" if isinstance(exc, SipParseError) else "rejected"
+                self.counters[f"{kind}:{exc.status}"] += 1
                 if msg.method == "ACK":  # RFC 3261 17: an ACK is never answered
                     return []
                 return [self._reply(msg, src, exc.status, exc.reason, list(exc.extra_headers))]

@@ -1709,3 +1709,12 @@ def test_regression_an_unbalanced_quote_in_the_top_via_is_answered_not_raised() 
     bad = request("INVITE", via='SIP/2.0/UDP 203.0.113.5:40000;branch=z"9hG4bKphone1;rport')
     out = core.handle_data(bad, Flow("udp", "203.0.113.5", 1), 1.0)
     assert [status_of(s) for s in out] in ([], [400])
+
+
+def test_a_malformed_route_is_a_bad_request_in_the_counters() -> None:
+    """Found only when the proxy reads the Route set: answered 400 and counted as malformed
+    input (dsbc_sip_bad_requests_total), not as one of dsbc's refusals (rejected)."""
+    core, _ = make_core()
+    data = request("INVITE", headers=[f"Route: <sip:{ADV}:{PORT};lr"])
+    assert status_of(one(core.handle_data(data, PHONE, 1.0))) == 400
+    assert core.counters["bad_requests:400"] == 1 and core.counters["rejected:400"] == 0
