@@ -30,8 +30,8 @@ import click
 import msgspec
 
 from sip.errors import SipError
-from sip.message import SipMessage, parse_message
 from sip.health import PING_BRANCH_PREFIX
+from sip.message import SipMessage, parse_message
 from sip.proxy import BRANCH_PREFIX, owner_candidates
 
 from .cli import CliError, config_options, load_cli_config, open_cli_store, system_label

@@ -408,10 +408,8 @@ class Master:
         return 0
 
 
-def _reuseport_listeners(cfg: Config) -> list[tuple[str, str, str, int]]:
-    """(config key, kind, host, port) of every listener dsbc opens: the SIP and control ones
-    are bound with SO_REUSEPORT, and the workers of a reload wait for the API, RADIUS and
-    Diameter ports, so a port another program holds must be found before the start."""
+def _listeners(cfg: Config) -> list[tuple[str, str, str, int]]:
+    """(config key, kind, host, port) of every listener dsbc opens."""
     from .config import Endpoint, parse_hostport
 
     out: list[tuple[str, str, str, int]] = []
@@ -441,11 +439,13 @@ def check_listeners_free(cfg: Config) -> None:
 
     The workers bind with SO_REUSEPORT (a rolling reload needs it), so a second
     `dsbc run` would otherwise start without an error and share the ports (and its
-    traffic) with the first one.  A plain bind (no SO_REUSEPORT) fails on a port that
-    any socket holds; it is released at once."""
+    traffic) with the first one; the API, RADIUS and Diameter workers wait for their ports
+    (a reload's predecessor holds them), so a port another program holds would cost
+    restarts and say nothing of its key.  A plain bind (no SO_REUSEPORT) fails on a port
+    that any socket holds; it is released at once."""
     import socket
 
-    for key, kind, host, port in _reuseport_listeners(cfg):
+    for key, kind, host, port in _listeners(cfg):
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
         except OSError as exc:

@@ -215,7 +215,7 @@ class DiameterRouter:
             return self._local(conn, m, dc.APPLICATION_UNSUPPORTED,
                                "dsbc relays credit-control (application 4) only")
         sid = m.text(dc.SESSION_ID) or ""
-        cc_type = m.u32(dc.CC_REQUEST_TYPE) if m.app_id == dc.APP_CREDIT_CONTROL else None
+        cc_type = m.u32(dc.CC_REQUEST_TYPE)
         sess = self.sessions.get(sid) if sid else None
         if sess is not None:
             sess.seen = now
@@ -351,7 +351,7 @@ class DiameterRouter:
             for until, conn, sid, m in held:
                 if conn not in self.clients:
                     continue
-                cc_type = m.u32(dc.CC_REQUEST_TYPE) if m.app_id == dc.APP_CREDIT_CONTROL else None
+                cc_type = m.u32(dc.CC_REQUEST_TYPE)
                 out += self._route_new(conn, self.clients[conn], m, sid, cc_type, now, until)
         if now >= self._next_sweep:
             self._next_sweep = now + self.SWEEP_EVERY
