@@ -327,14 +327,9 @@ class IndexedStore(LocationStore):
             return {k: cid for k in keys if (cid := mem.owner(k))}
         return self._direct_owners(list(dict.fromkeys(keys)))
 
+    @abc.abstractmethod
     def _direct_owners(self, keys: Sequence[str]) -> dict[str, str]:
-        """`owners_of` from the backing store; subclasses read them in batches."""
-        out: dict[str, str] = {}
-        for k in keys:
-            c = self._direct_owner(k)
-            if c is not None:
-                out[k] = c.customer_id
-        return out
+        """`owners_of` from the backing store, read in batches."""
 
     def group_members(self, groups: Iterable[str]) -> dict[str, list[str]]:
         wanted = [g for g in dict.fromkeys(groups) if g]
