@@ -507,6 +507,22 @@ def _locate(text: str, parts: list[str | int]) -> int:
     return 1
 
 
+def config_error(cfg: Config, parts: list[str | int], reason: str) -> ConfigError:
+    """A ConfigError for a loaded ``cfg`` (``file:line: key: reason``): for what only shows
+    once the values are used (a host name that does not resolve)."""
+    name = cfg.path or "dsbc.toml"
+    try:
+        line = f":{_locate(Path(cfg.path).read_text(encoding='utf-8-sig'), parts)}" if cfg.path else ""
+    except (OSError, UnicodeDecodeError):
+        line = ""
+    return ConfigError(f"{name}{line}: {_key_text(parts)}: {reason}")
+
+
+def _key_text(parts: list[str | int]) -> str:
+    """``["api", "vhosts", 0, "realm"]`` -> ``api.vhosts[0].realm``."""
+    return ".".join((f"[{p}]" if isinstance(p, int) else p) for p in parts).replace(".[", "[")
+
+
 _TYPE_WORDS = {"object": "a table", "array": "a list", "str": "a string", "int": "an integer",
                "float": "a number", "bool": "true or false", "null": "nothing"}
 
@@ -584,10 +600,7 @@ def parse_config(text: str, name: str = "dsbc.toml") -> Config:
             reason = f"missing required key {m.group(1)!r}"
         reason = _reason(reason, parts)
         line = _locate(text, parts)
-        key = ".".join(
-            (f"[{p}]" if isinstance(p, int) else p) for p in parts
-        ).replace(".[", "[")
-        raise ConfigError(f"{name}:{line}: {key or '(top)'}: {reason}") from None
+        raise ConfigError(f"{name}:{line}: {_key_text(parts) or '(top)'}: {reason}") from None
     cfg.path = name
     _cross_check(cfg, text, name)
     return cfg

@@ -29,6 +29,7 @@ from typing import Any
 import click
 
 from .config import Config, ConfigError, load_config
+from .resolve import resolve_backends
 
 log = logging.getLogger("dsbc")
 
@@ -325,7 +326,7 @@ class Master:
 
     def reload(self) -> None:
         try:
-            cfg = load_config(self.cfg_path)
+            cfg = resolve_backends(load_config(self.cfg_path))
             from .tls import check_tls
 
             check_tls(cfg)  # new certificate files must load before any worker is replaced
@@ -472,6 +473,7 @@ def check_listeners_free(cfg: Config) -> None:
 def run(cfg_path: str) -> int:
     cfg = load_config(cfg_path)
     setup_logging(cfg.log.level, cfg.log.json)
+    cfg = resolve_backends(cfg)  # the workers see addresses only
     from .tls import check_tls
 
     check_tls(cfg)
