@@ -202,19 +202,27 @@ def test_bad_input_answered_and_dispatcher_alive(tmp_path: Path) -> None:
         r, w = await asyncio.open_connection(*svc.address)
         w.write(dc.encode(dc.request(dc.CMD_CE, 0, 1, 1, dc.capabilities("raw.example", "example", ["127.0.0.1"], [4]))))
         assert dc.decode(await r.read(4096)).u32(dc.RESULT_CODE) == dc.SUCCESS
+        # (request, result code, the code of the AVP in Failed-AVP: RFC 6733 7.5 says a 5014
+        # and a 5005 must name it)
         cases = [
-            (_raw(21, struct.pack("!II", 263, 0x40000004)), dc.INVALID_AVP_LENGTH),
-            (_raw(22, b"", flags=0xA0), dc.INVALID_HDR_BITS),
+            (_raw(21, struct.pack("!II", 263, 0x40000004)), dc.INVALID_AVP_LENGTH, 263),
+            (_raw(22, b"", flags=0xA0), dc.INVALID_HDR_BITS, None),
             (_raw(23, dc.encode_avps([dc.utf8(dc.SESSION_ID, "bad;1"), dc.u32(dc.CC_REQUEST_TYPE, 1),
                                       dc.Avp(dc.SUBSCRIPTION_ID, b"\x00\x00\x01\xc2\x40\x00\x00\x02")])),
-             dc.INVALID_AVP_LENGTH),
-            (_raw(24, dc.encode_avps([dc.u32(dc.CC_REQUEST_TYPE, 1)])), dc.MISSING_AVP),
+             dc.INVALID_AVP_LENGTH, 450),  # the Subscription-Id-Type inside, 2 octets long
+            (_raw(26, dc.encode_avps([dc.utf8(dc.SESSION_ID, "bad;2"), dc.Avp(dc.CC_REQUEST_TYPE, b"\x00\x01")])),
+             dc.INVALID_AVP_LENGTH, dc.CC_REQUEST_TYPE),  # an Unsigned32 of 2 octets
+            (_raw(27, struct.pack("!II", 263, 0x40000008) + b"\x00\x00\x01\x00"), dc.INVALID_AVP_LENGTH, 0x100),  # a header cut short
+            (_raw(24, dc.encode_avps([dc.u32(dc.CC_REQUEST_TYPE, 1)])), dc.MISSING_AVP, dc.SESSION_ID),
         ]
-        for data, code in cases:
+        for data, code, failed in cases:
             w.write(data)
             ans = dc.decode(await asyncio.wait_for(r.read(4096), 3))
             assert ans.u32(dc.RESULT_CODE) == code, (ans, code)
             assert ans.hop_by_hop == dc.decode_header(data)[0].hop_by_hop
+            assert bool(ans.flags & dc.FLAG_E) == (3000 <= code < 4000)
+            fa = ans.find(dc.FAILED_AVP)
+            assert [a.code for a in fa.group()] == ([failed] if failed else []) if fa else failed is None, ans
         # a message claiming another version: the stream is off, the connection goes
         w.write(_raw(25, b"", version=2))
         assert await asyncio.wait_for(r.read(), 3) == b""

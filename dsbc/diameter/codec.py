@@ -135,10 +135,13 @@ class Header(msgspec.Struct):
 class DiameterDecodeError(DiameterError):
     """Bytes that are not a valid Diameter message; ``result_code`` is the answer to give."""
 
-    def __init__(self, result_code: int, detail: str, header: Header | None = None, fatal: bool = False) -> None:
+    def __init__(self, result_code: int, detail: str, header: Header | None = None, fatal: bool = False,
+                 failed: Avp | None = None) -> None:
         self.result_code = result_code
         self.header = header
         self.fatal = fatal
+        #: the offending AVP, for the answer's Failed-AVP (RFC 6733 7.5)
+        self.failed = failed
         super().__init__(f"{result_code}: {detail}")
 
 
@@ -150,7 +153,8 @@ class Avp(msgspec.Struct):
 
     def u32(self) -> int:
         if len(self.data) != 4:
-            raise DiameterDecodeError(INVALID_AVP_LENGTH, f"AVP {self.code}: {len(self.data)} octets, want 4")
+            raise DiameterDecodeError(INVALID_AVP_LENGTH, f"AVP {self.code}: {len(self.data)} octets, want 4",
+                                      failed=self)
         return int.from_bytes(self.data, "big")
 
     def text(self) -> str:
@@ -231,13 +235,19 @@ def decode_avps(data: bytes | memoryview, header: Header | None = None) -> list[
     pos, end = 0, len(data)
     while pos < end:
         if pos + 8 > end:
-            raise DiameterDecodeError(INVALID_AVP_LENGTH, f"AVP header cut at offset {pos}", header)
+            # RFC 6733 7.5: a header cut short is reported padded with zeros
+            cut = bytes(data[pos:end]).ljust(8, b"\0")
+            raise DiameterDecodeError(INVALID_AVP_LENGTH, f"AVP header cut at offset {pos}", header,
+                                      failed=Avp(int.from_bytes(cut[:4], "big"), b"", cut[4] & ~AVP_V))
         code = int.from_bytes(data[pos : pos + 4], "big")
         flags = data[pos + 4]
         length = int.from_bytes(data[pos + 5 : pos + 8], "big")
         hlen = 12 if flags & AVP_V else 8
         if length < hlen or pos + length > end:
-            raise DiameterDecodeError(INVALID_AVP_LENGTH, f"AVP {code} length {length} at offset {pos}", header)
+            # the offending AVP's header with an empty payload (enough for RFC 6733 7.5)
+            vendor = int.from_bytes(data[pos + 8 : pos + 12], "big") if flags & AVP_V and pos + 12 <= end else 0
+            raise DiameterDecodeError(INVALID_AVP_LENGTH, f"AVP {code} length {length} at offset {pos}", header,
+                                      failed=Avp(code, b"", flags & ~AVP_V, vendor))
         vendor = int.from_bytes(data[pos + 8 : pos + 12], "big") if flags & AVP_V else 0
         avps.append(Avp(code, bytes(data[pos + hlen : pos + length]), flags, vendor))
         pos += (length + 3) & ~3
@@ -345,6 +355,13 @@ def answer(req: Message | Header, result_code: int, origin_host: str, origin_rea
         # RFC 6733 6.2: Proxy-Info AVPs are copied to the answer in the same order
         out += req.find_all(284)
     return Message(flags, req.code, req.app_id, req.hop_by_hop, req.end_to_end, out)
+
+
+def error_answer(req: Message | Header, exc: DiameterDecodeError, origin_host: str, origin_realm: str) -> Message:
+    """The answer to a request that could not be read: the error's result code and text,
+    and the offending AVP in a Failed-AVP when there is one (RFC 6733 7.5)."""
+    failed = [grouped(FAILED_AVP, [exc.failed])] if exc.failed is not None else None
+    return answer(req, exc.result_code, origin_host, origin_realm, failed, error_message=str(exc))
 
 
 def capabilities(origin_host: str, origin_realm: str, host_ips: list[str], apps: list[int],

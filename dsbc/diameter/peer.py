@@ -174,17 +174,14 @@ class Connection(asyncio.Protocol):
             except dc.DiameterDecodeError as exc:
                 self.bad_messages += 1
                 if exc.header is not None and exc.header.is_request:
-                    ans = dc.answer(exc.header, exc.result_code, self.node.origin_host, self.node.origin_realm,
-                                    error_message=str(exc))
-                    self.send(dc.encode(ans))
+                    self.send(dc.encode(dc.error_answer(exc.header, exc, self.node.origin_host, self.node.origin_realm)))
                 continue
             try:
                 self._dispatch(msg)
             except dc.DiameterDecodeError as exc:  # a value deeper in the message (grouped AVP, Unsigned32)
                 self.bad_messages += 1
                 if msg.is_request:
-                    self.send(dc.encode(dc.answer(msg, exc.result_code, self.node.origin_host,
-                                                  self.node.origin_realm, error_message=str(exc))))
+                    self.send(dc.encode(dc.error_answer(msg, exc, self.node.origin_host, self.node.origin_realm)))
 
     def _dispatch(self, m: dc.Message) -> None:
         code = m.code

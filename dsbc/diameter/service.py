@@ -124,8 +124,7 @@ class DiameterService:
         except dc.DiameterDecodeError as exc:
             self.bad_messages += 1
             if msg.is_request:
-                conn.send(dc.encode(dc.answer(msg, exc.result_code, self.node.origin_host, self.node.origin_realm,
-                                              error_message=str(exc))))
+                conn.send(dc.encode(dc.error_answer(msg, exc, self.node.origin_host, self.node.origin_realm)))
             return
         self._send(out)
         self._arm()
