@@ -81,14 +81,15 @@ class Endpoint(msgspec.Struct, frozen=True):
     port: int
 
     @classmethod
-    def parse(cls, text: str, default_transport: str = "udp", default_port: int = 5060) -> Endpoint:
+    def parse(cls, text: str, default_transport: str = "udp") -> Endpoint:
+        """Without a port: 5060, or 5061 for tls (RFC 3261 19.1.2)."""
         transport = default_transport
         head, sep, rest = text.partition(":")
         if sep and head.lower() in TRANSPORTS:
             transport, text = head.lower(), rest
         elif sep and head.isalpha() and ":" in rest and not rest.startswith(":"):
             raise ValueError(f"unknown transport {head!r} in {text!r} (udp, tcp or tls)")
-        host, port = parse_hostport(text, default_port)
+        host, port = parse_hostport(text, 5061 if transport == "tls" else 5060)
         return cls(transport, host, port)
 
     def __str__(self) -> str:
@@ -96,10 +97,10 @@ class Endpoint(msgspec.Struct, frozen=True):
         return f"{self.transport}:{host}:{self.port}"
 
 
-def _check_endpoints(values: list[str], where: str, default_port: int = 5060) -> None:
+def _check_endpoints(values: list[str], where: str) -> None:
     for v in values:
         try:
-            Endpoint.parse(v, default_port=default_port)
+            Endpoint.parse(v)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
 

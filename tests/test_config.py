@@ -222,6 +222,10 @@ def test_endpoints_and_hostports() -> None:
     assert parse_hostport("host", 80) == ("host", 80)
     assert Endpoint.parse("udp:::1") == Endpoint("udp", "::1", 5060)
     assert Endpoint.parse("tls:sip.example.com:5061") == Endpoint("tls", "sip.example.com", 5061)
+    # without a port: SIP's default, 5061 for TLS (RFC 3261 19.1.2), so tcp: and tls: on
+    # one address do not collide
+    assert Endpoint.parse("tls:10.0.0.1") == Endpoint("tls", "10.0.0.1", 5061)
+    assert Endpoint.parse("tcp:10.0.0.1") == Endpoint("tcp", "10.0.0.1", 5060)
     assert parse_hostport("[fe80::1%eth0]:5060") == ("fe80::1%eth0", 5060)
     for bad in ("host", "h:0", "h:x", "[::1", "1.2.3.4:5060:7", "a b:5060"):
         with pytest.raises(ValueError):
