@@ -29,6 +29,7 @@ from .flow import Flow
 from .framing import NEED_DATA, PING, PONG, StreamFramer
 from .message import SipMessage, parse_message
 from .proxy import ProxyCore, Send
+from .transport_sockets import big_buffers
 
 log = logging.getLogger("dsbc.sip")
 
@@ -266,11 +267,7 @@ class SipEndpoint:
                 sock = socket.socket(family, socket.SOCK_DGRAM)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                    try:
-                        sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
-                    except OSError:
-                        pass
+                big_buffers(sock)
                 sock.bind((host, port))
                 _, proto = await self.loop.create_datagram_endpoint(lambda: SipDatagram(self), sock=sock)
                 self.udp.append(proto)

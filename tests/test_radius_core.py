@@ -316,16 +316,3 @@ def test_access_answers_to_the_nas_carry_message_authenticator_first(store: Loca
     [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "s-ma"), NAS, 0.2)
     [ans] = core.handle_answer("source", fwd.via, server_answer(fwd), SRC_ACCT, 0.3)
     assert rp.decode(ans.data).get(rp.MESSAGE_AUTHENTICATOR) is None  # accounting: as it came
-
-
-def test_radius_listeners_get_big_socket_buffers() -> None:
-    """A NAS's burst (an accounting backlog after its restart) must not overflow the kernel's
-    default receive buffer before dsbc reads it."""
-    import socket
-
-    from dsbc.radius.service import _big_buffers
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        before = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        _big_buffers(s)
-        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) > before

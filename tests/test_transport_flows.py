@@ -8,6 +8,7 @@ A compiled (mypyc) build checks the ``addr`` annotation of ``datagram_received``
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from sip.flow import Flow
 from sip.transport import SipDatagram, SipEndpoint
@@ -64,3 +65,50 @@ def test_stale_flow_token_does_not_reach_another_connection_with_the_same_id() -
         assert conn.transport.written  # type: ignore[union-attr]
     finally:
         loop.close()
+
+
+def test_udp_listeners_get_big_socket_buffers(tmp_path: Path) -> None:
+    """A burst (phones re-registering after an outage, a NAS's accounting backlog after its
+    restart) must not overflow the kernel's default 208 KB receive buffer before dsbc reads
+    it: SIP and RADIUS listeners ask for 4 MB, past net.core.rmem_max when root."""
+    import os
+    import socket
+
+    from sip.transport_sockets import BIG_BUFFER
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as plain:
+        default = plain.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # Linux reports twice what was set (the bookkeeping overhead)
+    want = 2 * BIG_BUFFER if os.geteuid() == 0 else default + 1
+
+    async def sip_buffer() -> int:
+        core, _ = make_core()
+        ep = SipEndpoint(core, asyncio.get_running_loop())
+        await ep.listen([("udp", "127.0.0.1", 0)])
+        try:
+            sock = ep.udp[0].transport.get_extra_info("socket")  # type: ignore[union-attr]
+            return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        finally:
+            ep.udp[0].transport.close()  # type: ignore[union-attr]
+
+    async def radius_buffers() -> list[int]:
+        from dsbc.config import parse_config
+        from dsbc.radius.service import start_radius
+        from dsbc.store import open_store
+
+        from tests.peers.net import free_port
+
+        cfg = parse_config(f'[radius]\nenabled = true\nauth_listen = "127.0.0.1:{free_port()}"\n'
+                           f'acct_listen = "127.0.0.1:{free_port()}"\n'
+                           '[[radius.clients]]\naddress = "127.0.0.1"\nsecret = "nas"\n')
+        store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+        svc = await start_radius(cfg, store)
+        try:
+            return [int(lst.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+                    for lst in svc.listeners]
+        finally:
+            await svc.stop(persist=False)
+            store.close()
+
+    assert asyncio.run(sip_buffer()) >= want
+    assert all(b >= want for b in asyncio.run(radius_buffers()))

@@ -18,6 +18,7 @@ from typing import Any
 from dsbc.config import Config, parse_hostport
 from dsbc.radius.core import ACCT, AUTH, TO_CLIENT, Addr, Out, RadiusCore, SystemTarget
 from dsbc.store.base import LocationStore
+from sip.transport_sockets import big_buffers
 
 from ..core_timer import CoreTimer, PinnedRows, node_key
 
@@ -213,7 +214,7 @@ async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
             transport, _ = await loop.create_datagram_endpoint(
                 lambda lst=lst: lst, local_addr=(host.strip("[]"), port))  # type: ignore[misc]
             svc.listeners.append(lst)
-            _big_buffers(transport.get_extra_info("socket"))
+            big_buffers(transport.get_extra_info("socket"))
             sockname = transport.get_extra_info("sockname")
             svc.addresses.append((sockname[0], sockname[1]))
     except OSError:
@@ -225,21 +226,3 @@ async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
     svc._persist_task = loop.create_task(svc._persist_loop())
     log.info("radius: auth on %s:%d, acct on %s:%d", *svc.addresses[0], *svc.addresses[1])
     return svc
-
-
-def _big_buffers(sock: Any, size: int = 4 * 1024 * 1024) -> None:
-    """4 MB socket buffers: a NAS that sends a burst after a restart (accounting backlog)
-    would overflow the kernel's default 208 KB, and the datagrams would be lost before dsbc
-    sees them.  As root past net.core.rmem_max (SO_RCVBUFFORCE); else up to it."""
-    if sock is None:
-        return
-    for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
-                         (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)):
-        for opt in (force, plain):
-            if opt is None:
-                continue
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, opt, size)
-                break
-            except OSError:
-                continue

@@ -1,0 +1,28 @@
+"""Socket options shared by dsbc's UDP listeners (SIP here, RADIUS in ``dsbc.radius``)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+#: a burst (a NAS sending its accounting backlog after a restart, phones re-registering
+#: after an outage) overflows the kernel's default 208 KB and is lost before dsbc sees it
+BIG_BUFFER = 4 * 1024 * 1024
+
+
+def big_buffers(sock: Any, size: int = BIG_BUFFER) -> None:
+    """Receive and send buffers of ``size`` on ``sock``: past ``net.core.rmem_max`` /
+    ``wmem_max`` when the process may (root, CAP_NET_ADMIN: SO_RCVBUFFORCE), else up to
+    them.  Never fails: a smaller buffer is still a buffer."""
+    if sock is None:
+        return
+    for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+                         (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)):
+        for opt in (force, plain):
+            if opt is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+                break
+            except OSError:
+                continue
