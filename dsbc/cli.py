@@ -32,6 +32,7 @@ from .config import Config, ConfigError, load_config
 from .imports import InputError, import_refusal, read_customers, some
 from .migrate import (
     BatchAborted,
+    LockedByBatch,
     Progress,
     check_customer_id,
     longest_registration,
@@ -127,7 +128,7 @@ class DsbcGroup(click.Group):
             _fail(exc.format_message(), exc.exit_code)
         except CliError as exc:
             _fail(str(exc), exc.code)
-        except (StoreUnavailable, BatchAborted) as exc:
+        except (StoreUnavailable, BatchAborted, LockedByBatch) as exc:
             _fail(str(exc), 1)
         except (ConfigError, InputError, BadIdentity, StoreError) as exc:
             _fail(str(exc), 2)
@@ -424,6 +425,12 @@ def where(identity: str, node: str | None) -> int:
     help="Lock the batch, wait this long (a data-copy window), then flip.",
 )
 @click.option(
+    "--force",
+    is_flag=True,
+    help="Take over customers another batch holds locked (only when that migration died "
+    "and left them locked).",
+)
+@click.option(
     "--who", default=None, help="Name recorded in the audit log (default: your user name)."
 )
 @node_option
@@ -438,6 +445,7 @@ def migrate(
     timeout: float | None,
     batch_size: int,
     lock_for: float,
+    force: bool,
     who: str | None,
     node: str | None,
 ) -> int:
@@ -458,7 +466,7 @@ def migrate(
     if node is not None:
         if wait_registrations:
             raise click.UsageError("--wait-registrations needs the store: run it without --node")
-        return _migrate_through_node(cfg, node, ids, to, who, dry_run, prepare, batch_size, lock_for)
+        return _migrate_through_node(cfg, node, ids, to, who, dry_run, prepare, batch_size, lock_for, force)
     with open_cli_store(cfg) as store:
         if dry_run or prepare:
             return _check_or_prepare(cfg, store, ids, to, who, prepare and not dry_run)
@@ -467,7 +475,8 @@ def migrate(
         try:
             with _stop_signals_interrupt():
                 result = move_batch(
-                    store, ids, to, who=who, batch_size=batch_size, lock_for=lock_for, progress=bar
+                    store, ids, to, who=who, batch_size=batch_size, lock_for=lock_for, force=force,
+                    progress=bar,
                 )
         finally:
             bar.close()
@@ -532,10 +541,12 @@ def _check_or_prepare(
 
 def _migrate_through_node(
     cfg: Config, node: str, ids: list[str], to: str, who: str, dry_run: bool, prepare: bool,
-    batch_size: int, lock_for: float,
+    batch_size: int, lock_for: float, force: bool,
 ) -> int:
     client = _node_client(cfg, node)
     body: dict[str, Any] = {"customers": ids, "to": to, "who": who, "batch_size": batch_size}
+    if force:
+        body["force"] = True
     if dry_run:
         body["dry_run"] = True
     if prepare:

@@ -42,7 +42,7 @@ from aiohttp import web
 from .config import Config, parse_hostport
 from .imports import import_refusal
 from .metrics import read_snapshots, render, summarize
-from .migrate import BatchAborted, move_batch
+from .migrate import BatchAborted, LockedByBatch, move_batch
 from .store import (
     SYSTEMS,
     BadIdentity,
@@ -175,6 +175,8 @@ class ControlService:
             raise
         except GroupSplitError as exc:
             return _error(409, str(exc), group=exc.group, missing=exc.missing)
+        except LockedByBatch as exc:
+            return _error(409, str(exc), locked=exc.locked)
         except BatchAborted as exc:
             r = exc.result
             return _error(503, str(exc), batch_id=r.batch_id, moved=r.moved)
@@ -341,6 +343,14 @@ class ControlService:
         return who
 
     @staticmethod
+    def _flag(body: dict[str, Any], key: str) -> bool:
+        """A JSON true / false (a string "false" would be truthy: refused, not guessed)."""
+        value = body.get(key, False)
+        if not isinstance(value, bool):
+            raise ApiError(400, f"{key}: expected true or false, got {value!r}")
+        return value
+
+    @staticmethod
     def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
         value = body.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
@@ -354,11 +364,12 @@ class ControlService:
         if to not in SYSTEMS:
             raise ApiError(400, f"to: {to!r} is not one of {', '.join(SYSTEMS)}")
         who = self._who(body, request)
-        dry_run = bool(body.get("dry_run", False))
-        prepare = bool(body.get("prepare", False))
+        dry_run = self._flag(body, "dry_run")
+        prepare = self._flag(body, "prepare")
+        force = self._flag(body, "force")
         lock_for = self._number(body, "lock_for", 0, 0, 600)
         batch_size = int(self._number(body, "batch_size", 500, 1, 100_000))
-        unknown_keys = set(body) - {"customers", "to", "who", "dry_run", "prepare", "lock_for", "batch_size"}
+        unknown_keys = set(body) - {"customers", "to", "who", "dry_run", "prepare", "force", "lock_for", "batch_size"}
         if unknown_keys:
             raise ApiError(400, f"unknown field(s) {', '.join(sorted(unknown_keys))}")
         if dry_run or prepare:
@@ -370,8 +381,8 @@ class ControlService:
                 await self._write(lambda: self.store.prepare(check.moved, expires))
                 out.update(dry_run=False, prepared=len(check.moved), expires=expires)
             return _json(out)
-        result = await self._write(lambda: move_batch(self.store, ids, to, who=who,
-                                                      batch_size=batch_size, lock_for=lock_for))
+        result = await self._write(lambda: move_batch(self.store, ids, to, who=who, batch_size=batch_size,
+                                                      lock_for=lock_for, force=force))
         self.migrations[to] += 1
         self.moved[to] += len(result.moved)
         log.info("migration %s by %s: %d moved to %s, %d already there, %d unknown",
@@ -392,7 +403,8 @@ class ControlService:
             raise
         self.counters["rollbacks_done"] += 1
         log.info("rollback of %s by %s: batch %s, %d moved", batch_id, who, r.batch_id, len(r.moved))
-        return _json({"batch_id": r.batch_id, "rolled_back": batch_id, "to": r.to, "moved": r.moved,
+        # nothing moved (rolled back before): no batch was recorded, as for a migration
+        return _json({"batch_id": r.batch_id if r.moved else "", "rolled_back": batch_id, "to": r.to, "moved": r.moved,
                       "already": r.already, "unknown": r.unknown})
 
     async def status_handler(self, request: web.Request) -> web.Response:

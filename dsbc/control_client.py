@@ -75,7 +75,10 @@ class NodeClient:
             message = f"{self.base}: {reason or f'HTTP {exc.code} {exc.reason}'}"
             if exc.code == 401:
                 message += " (give the token as control.token in the config or $DSBC_CONTROL_TOKEN)"
-            raise NodeError(message, 1 if exc.code >= 500 else 2, exc.code,
+            # a server fault, or customers locked by a batch in flight: try again (exit 1);
+            # any other refusal is the request's fault (exit 2), as `dsbc` without --node says
+            busy = exc.code >= 500 or (exc.code == 409 and isinstance(err, dict) and "locked" in err)
+            raise NodeError(message, 1 if busy else 2, exc.code,
                             err if isinstance(err, dict) else {}) from None
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from .imports import ALIASES, InputError, read_text
+from .imports import ALIASES, InputError, read_text, some
 from .store import Customer, LocationStore, MigrationResult, StoreError, new_batch_id
 
 
@@ -150,6 +150,20 @@ def plan_chunks(ids: list[str], customers: dict[str, Customer], size: int) -> li
     return chunks
 
 
+class LockedByBatch(StoreError):
+    """Customers of a batch are locked by another batch: a migration in flight (its
+    ``--lock-for`` window), or one that died before unlocking them.  Nothing changed."""
+
+    def __init__(self, locked: dict[str, str]) -> None:
+        self.locked = locked  # customer id -> the batch holding it
+        batches = sorted(set(locked.values()))
+        super().__init__(
+            f"customer(s) {some(sorted(locked))} locked by batch {', '.join(batches)}: a migration "
+            "in progress (run again when it ends), or one that died without unlocking them "
+            "(--force takes them over)"
+        )
+
+
 def move_batch(
     store: LocationStore,
     ids: list[str],
@@ -158,19 +172,28 @@ def move_batch(
     who: str = "cli",
     batch_size: int = 500,
     lock_for: float = 0.0,
+    force: bool = False,
     progress: Callable[[int], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> MigrationResult:
-    """Check the whole batch (GroupSplitError: nothing changes), then lock and flip it in
-    chunks under one batch id.  With `lock_for`, the whole batch is locked first and the
-    flip waits that long (the operator's data-copy window).  If anything fails or is
-    interrupted, the customers locked and not yet flipped are unlocked again, and if some
-    chunks were already flipped, BatchAborted says so."""
+    """Check the whole batch (GroupSplitError, LockedByBatch: nothing changes), then lock
+    and flip it in chunks under one batch id.  With `lock_for`, the whole batch is locked
+    first and the flip waits that long (the operator's data-copy window).  If anything
+    fails or is interrupted, the customers locked and not yet flipped are unlocked again,
+    and if some chunks were already flipped, BatchAborted says so.  ``force`` takes over
+    customers another batch left locked."""
     check = store.migrate(ids, to, who=who, dry_run=True)
     unknown = set(check.unknown)
     known = [cid for cid in ids if cid not in unknown]
     to_lock = set(check.moved)
-    chunks = plan_chunks(known, store.customers(known), max(1, batch_size))
+    customers = store.customers(known)
+    held = {cid: c.batch_id for cid, c in customers.items() if c.state == "locked"}
+    if held and not force:
+        raise LockedByBatch(held)
+    stale = sorted(cid for cid in held if cid not in to_lock)
+    if stale:  # forced: already on `to` but left locked by the other batch
+        store.unlock(stale)
+    chunks = plan_chunks(known, customers, max(1, batch_size))
     batch_id = new_batch_id()
     while store.audit(batch_id, limit=1):
         batch_id = new_batch_id()
@@ -200,7 +223,7 @@ def move_batch(
             try:
                 store.unlock(sorted(locked))
             except StoreError:
-                pass  # the original error says more; `dsbc migrate` again unlocks them
+                pass  # the original error says more; `dsbc migrate --force` unlocks them
         if total.moved:
             raise BatchAborted(str(exc) or "interrupted", total) from exc
         raise

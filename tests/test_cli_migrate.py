@@ -230,6 +230,49 @@ def test_lock_for_holds_the_batch_locked_then_flips(home: Path) -> None:
     assert (s.customer("1").system, s.customer("1").state) == ("target", "active")  # type: ignore[union-attr]
 
 
+def test_a_second_migration_of_customers_in_a_lock_window_is_refused(home: Path) -> None:
+    """Two operators (or a script run twice): the second `dsbc migrate` used to take over
+    the customers inside the first one's data-copy window and flip them at once."""
+    s = store_at(home)
+    proc = _popen_cli("migrate", "--customer", "1", "--customer", "2", "--lock-for", "2")
+    try:
+        for _ in range(600):  # bounded: 30 s, until the lock is visible
+            s.refresh()
+            if s.customer("1").state == "locked":  # type: ignore[union-attr]
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the batch was never locked")
+        first = s.customer("1").batch_id  # type: ignore[union-attr]
+        r = dsbc("migrate", "--customer", "1", "--customer", "3")
+        assert r.exit_code == 1, r.output
+        assert r.stderr.startswith(f"customer(s) 1 locked by batch {first}: a migration in progress")
+        s.refresh()
+        assert [(s.customer(c).system, s.customer(c).state) for c in "13"] == [  # type: ignore[union-attr]
+            ("source", "locked"), ("source", "active")]  # nothing changed, 3 not moved either
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    s.refresh()
+    c = s.customer("1")
+    assert c is not None and (c.system, c.state, c.batch_id) == ("target", "active", first)
+
+
+def test_force_takes_over_customers_a_dead_migration_left_locked(home: Path) -> None:
+    s = store_at(home)
+    s.lock(["1", "2"], "b-dead")  # a `dsbc migrate --lock-for` killed with SIGKILL
+    s.migrate(["2"], "target", batch_id="b-other")  # 2 is on the target, still locked
+    s.lock(["2"], "b-dead")
+    r = dsbc("migrate", "--customer", "1", "--customer", "2")
+    assert r.exit_code == 1 and "locked by batch b-dead" in r.stderr and "--force" in r.stderr
+    r = dsbc("migrate", "--customer", "1", "--customer", "2", "--force")
+    assert r.exit_code == 0, r.output
+    s.refresh()
+    assert [(s.customer(c).system, s.customer(c).state) for c in "12"] == [  # type: ignore[union-attr]
+        ("target", "active"), ("target", "active")]
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_sigterm_or_sighup_during_the_lock_window_unlocks(home: Path, signame: str) -> None:
     """A closed ssh session (SIGHUP) or a `timeout`/systemd stop (SIGTERM) during

@@ -76,6 +76,10 @@ def test_bad_input_is_400_with_a_reason(node: Dsbc) -> None:
         ("POST", "/v1/migrations", {"customers": ["1"], "to": "elsewhere"}, "not one of source, target"),
         ("POST", "/v1/migrations", {"customers": ["1"], "lock_for": "soon"}, "lock_for"),
         ("POST", "/v1/migrations", {"customers": ["1"], "hurry": True}, "unknown field(s) hurry"),
+        # a string is not a flag: "false" used to be truthy (a prepare, a dry run)
+        ("POST", "/v1/migrations", {"customers": ["1"], "prepare": "false"}, "prepare: expected true or false"),
+        ("POST", "/v1/migrations", {"customers": ["1"], "dry_run": "no"}, "dry_run: expected true or false"),
+        ("POST", "/v1/migrations", {"customers": ["1"], "force": 1}, "force: expected true or false"),
         ("PUT", "/v1/customers/9", {"system": "target"}, "missing field 'identities'"),
         ("PUT", "/v1/customers/9", {"identities": ["did:abc"]}, "is not a number"),
         ("PUT", "/v1/customers/9", {"identities": ["account:x"], "system": "moon"}, "is not source or target"),
@@ -139,11 +143,35 @@ def test_lookups_customers_migrations_rollback(node: Dsbc) -> None:
     assert status == 200 and sorted(body["moved"]) == ["1", "2"] and body["rolled_back"] == batch
     assert node.control("GET", "/v1/identities/account/a2")[1]["system"] == "source"
 
+    rolled = body["batch_id"]
+    status, body = node.control("POST", f"/v1/migrations/{batch}/rollback", {"who": "ops"})
+    assert status == 200 and body["moved"] == [] and body["batch_id"] == ""  # twice: no batch of nothing
+
     status, st = node.control("GET", "/v1/status")
     assert status == 200
-    assert [b["batch_id"] for b in st["store"]["batches"]][:2] == [body["batch_id"], batch]
+    assert [b["batch_id"] for b in st["store"]["batches"]][:2] == [rolled, batch]
     assert st["store"]["counts"]["customers"] == 5
     assert st["node"]["sip_workers"] == 1
+
+
+def test_customers_locked_by_another_batch_are_refused_409(node: Dsbc) -> None:
+    from dsbc.store import open_store
+
+    store = open_store(f"sqlite:///{node.db}")
+    try:
+        store.lock(["2"], "b-in-flight")
+    finally:
+        store.close()
+    deadline = time.monotonic() + 5  # the node sees the change within store.poll_interval
+    while node.control("GET", "/v1/customers/2")[1].get("state") != "locked" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["1", "2"], "to": "target"})
+    assert status == 409 and body["locked"] == {"2": "b-in-flight"}, body
+    assert node.control("GET", "/v1/identities/account/a1")[1]["system"] == "source"  # nothing moved
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["2"], "to": "target", "force": True})
+    assert status == 200 and body["moved"] == ["2"], body
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["2"], "to": "source"})
+    assert status == 200 and body["moved"] == ["2"], body
 
 
 def test_health_and_metrics(node: Dsbc) -> None:
