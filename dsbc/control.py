@@ -191,8 +191,12 @@ class ControlService:
             return {}
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            # a lone surrogate ("\ud800") is valid JSON but not text: no store can write it
+            json.dumps(body, ensure_ascii=False).encode()
+        except (ValueError, UnicodeError) as exc:
             raise ApiError(400, f"the body is not JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "the body is not JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         return body

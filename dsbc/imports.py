@@ -71,11 +71,13 @@ def _csv_rows(name: str, text: str) -> Iterator[tuple[int, dict[str, object]]]:
                 continue
             if header is None:
                 header = [ALIASES.get(h.strip().lower(), h.strip().lower()) for h in fields]
-                for h in header:
+                for i, h in enumerate(header):
                     if h not in COLUMNS:
                         raise InputError(
                             f"{name}:{line}: unknown column {h!r} (expected {', '.join(COLUMNS)})"
                         )
+                    if h in header[:i]:  # the last one would silently win
+                        raise InputError(f"{name}:{line}: column {h!r} twice")
                 for need in ("customer_id", "identities"):
                     if need not in header:
                         raise InputError(
@@ -91,7 +93,7 @@ def _csv_rows(name: str, text: str) -> Iterator[tuple[int, dict[str, object]]]:
     except csv.Error as exc:
         raise InputError(f"{name}:{reader.line_num}: {exc}") from None
     if header is None:
-        raise InputError(f"{name}: empty file (expected a header: {', '.join(COLUMNS)})")
+        raise InputError(f"{name}: no customers in the file (expected a header ({', '.join(COLUMNS)}) and rows)")
 
 
 def _jsonl_rows(name: str, text: str) -> Iterator[tuple[int, object]]:
@@ -102,6 +104,15 @@ def _jsonl_rows(name: str, text: str) -> Iterator[tuple[int, object]]:
             yield line, json.loads(raw)
         except json.JSONDecodeError as exc:
             raise InputError(f"{name}:{line}: not JSON: {exc.msg}") from None
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number, [[[[... nested
+            raise InputError(f"{name}:{line}: not usable JSON: {_json_trouble(exc)}") from None
+
+
+def _json_trouble(exc: Exception) -> str:
+    """Why valid-looking JSON could not be read (json's own message is not for users)."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return "a number with more than 4,300 digits" if "digits" in str(exc) else str(exc)
 
 
 def _json_array_rows(name: str, text: str) -> Iterator[tuple[int, object]]:
@@ -119,6 +130,8 @@ def _json_array_rows(name: str, text: str) -> Iterator[tuple[int, object]]:
             item, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise InputError(f"{name}:{exc.lineno}: not JSON: {exc.msg}") from None
+        except (ValueError, RecursionError) as exc:
+            raise InputError(f"{name}:{line}: not usable JSON: {_json_trouble(exc)}") from None
         yield line, item
         while pos < len(text) and text[pos] in ws:
             pos += 1
@@ -157,6 +170,10 @@ def read_customers(path: str, lines: dict[str, int] | None = None) -> list[Custo
                     f"{path}:{line}: {key} already belongs to customer {other[0]} (line {other[1]})"
                 )
         rows.append(row)
+    if not rows:  # an empty file, a CSV header alone: a wrong file, not a wish to import nothing
+        what = {"csv": f"expected a header ({', '.join(COLUMNS)}) and rows",
+                "jsonl": "expected one JSON object per line", "json": "expected an array of objects"}[fmt]
+        raise InputError(f"{path}: no customers in the file ({what})")
     if lines is not None:
         lines.update(line_of)
     return rows

@@ -70,6 +70,9 @@ def test_bad_input_is_400_with_a_reason(node: Dsbc) -> None:
     cases: list[tuple[str, str, Any, str]] = [
         ("POST", "/v1/migrations", b"{not json", "not JSON"),
         ("POST", "/v1/migrations", b"[1, 2]", "JSON object"),
+        ("POST", "/v1/migrations", b"[" * 100_000, "nested too deeply"),  # was a 500 (RecursionError)
+        ("POST", "/v1/migrations", b'{"customers": ["\\ud800"]}', "surrogates not allowed"),  # was a 500
+        ("PUT", "/v1/customers/600", b'{"identities": ["account:\\ud800"]}', "surrogates not allowed"),
         ("POST", "/v1/migrations", {"to": "target"}, "missing field 'customers'"),
         ("POST", "/v1/migrations", {"customers": []}, "non-empty list"),
         ("POST", "/v1/migrations", {"customers": ["a b"]}, "is not a customer id"),

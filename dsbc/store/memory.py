@@ -30,6 +30,7 @@ and the 1M-identity RSS check):
 from __future__ import annotations
 
 import abc
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import msgspec
 
 from .base import (
+    KINDS,
     SYSTEMS,
     BadIdentity,
     Customer,
@@ -74,16 +76,36 @@ def normalise_keys(identities: Iterable[str] | str) -> tuple[str, ...]:
         if not item.strip():
             continue
         kind, value = parse_identity(item)
-        if _has_control(value):
-            raise BadIdentity(f"{kind}:{value!r} has a control character")
+        odd = _odd_char(value)
+        if odd:
+            raise BadIdentity(f"{kind}:{value!r} has {odd}")
+        if _GLUED.search(value):
+            raise BadIdentity(f"{kind}:{value!r} looks like several identities: separate them with ';'")
+        if kind == "account" and any(ch.isspace() for ch in value):
+            raise BadIdentity(f"account:{value!r} has a space (a SIP user has none; "
+                              "identities are separated by ';')")
         keys[f"{kind}:{value}"] = None
     return tuple(keys)
 
 
-def _has_control(text: str) -> bool:
-    """A C0/C1 control character (or DEL): an identity or id pasted with one would never
-    match what a phone or an API call sends, and would print garbage in `dsbc where`."""
-    return any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in text)
+#: another identity glued to a value by a space, comma or bar ("account:a8,did:18"): no
+#: phone or API call would ever send that value, the customer's traffic would fall to
+#: store.unknown without a word
+_GLUED = re.compile(r"[\s,|]\s*(?:%s):" % "|".join(KINDS), re.IGNORECASE)
+
+
+def _odd_char(text: str) -> str:
+    """What makes ``text`` unusable as an id or identity ("" if nothing): a C0/C1 control
+    character or DEL (an identity pasted with one would never match what a phone or an API
+    call sends, and would print garbage in `dsbc where`), or a lone surrogate (a JSON
+    ``"\\ud800"``: not text, no store can write it)."""
+    for ch in text:
+        o = ord(ch)
+        if o < 32 or 127 <= o < 160:
+            return "a control character"
+        if 0xD800 <= o < 0xE000:
+            return "a lone surrogate (not text)"
+    return ""
 
 
 def clean_row(row: dict[str, object]) -> CustomerRow:
@@ -100,7 +122,7 @@ def clean_row(row: dict[str, object]) -> CustomerRow:
     if not isinstance(cid, str) or not cid.strip():
         raise BadRow(f"customer_id: {cid!r} is not a customer id")
     cid = cid.strip()
-    if any(ch.isspace() for ch in cid) or _has_control(cid) or len(cid) > 128:
+    if any(ch.isspace() for ch in cid) or _odd_char(cid) or len(cid) > 128:
         raise BadRow(
             f"customer_id: {cid!r} is not a customer id (no spaces or control characters, at most 128 characters)"
         )
@@ -121,7 +143,7 @@ def clean_row(row: dict[str, object]) -> CustomerRow:
     else:
         system = canon(system.strip().lower())
     group = row.get("group") or ""
-    if not isinstance(group, (str, int)) or isinstance(group, bool):
+    if not isinstance(group, (str, int)) or isinstance(group, bool) or _odd_char(str(group)):
         raise BadRow(f"group: {group!r} is not a group name")
     return CustomerRow(cid, keys, system, str(group).strip())
 
