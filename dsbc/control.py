@@ -76,6 +76,10 @@ def _json(data: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
+#: the request counters' keys (the first path segment, or the one after /v1/)
+_ROUTE_NAMES = frozenset({"healthz", "metrics", "identities", "customers", "migrations", "status"})
+
+
 def _error(status: int, reason: str, **extra: Any) -> web.Response:
     resp = _json({"error": reason, **extra}, status)
     if status == 401:
@@ -151,8 +155,9 @@ class ControlService:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        self.counters[path.split("/")[2] if path.startswith("/v1/") and path.count("/") >= 2
-                      else path.strip("/") or "root"] += 1
+        name = path.split("/")[2] if path.startswith("/v1/") and path.count("/") >= 2 else path.strip("/")
+        # bounded: a scanner's random paths all count as "other", not one key each
+        self.counters[name if name in _ROUTE_NAMES else "other"] += 1
         if path.startswith("/v1/") or path == "/v1":
             if not self.token:
                 return _error(401, "the control API is disabled until control.token is set "
@@ -171,7 +176,10 @@ class ControlService:
             return _error(exc.status, str(exc), **exc.extra)
         except web.HTTPException as exc:
             if exc.status >= 400:
-                return _error(exc.status, exc.reason)
+                resp = _error(exc.status, exc.reason)
+                if "Allow" in exc.headers:  # a 405 says which methods the path takes (RFC 9110)
+                    resp.headers["Allow"] = exc.headers["Allow"]
+                return resp
             raise
         except GroupSplitError as exc:
             return _error(409, str(exc), group=exc.group, missing=exc.missing)

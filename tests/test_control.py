@@ -239,3 +239,24 @@ def test_no_token_configured_refuses_v1(tmp_path: Path) -> None:
         assert d.control("GET", "/healthz", token=None)[0] in (200, 503)
     finally:
         d.stop()
+
+
+def test_wrong_method_says_allow_and_scanned_paths_stay_one_counter(node: Dsbc) -> None:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(node.control_url + "/v1/customers/1", method="DELETE",
+                                 headers={"Authorization": "Bearer test-token"})
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req, timeout=10)
+    assert ei.value.code == 405
+    assert {m.strip() for m in ei.value.headers["Allow"].split(",")} >= {"GET", "PUT"}
+    for i in range(30):  # a scanner, no token: one counter, not one key per path
+        node.control("GET", f"/admin{i}/login.php", token=None)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        requests = next(s["services"]["control"]["requests"] for s in node.status() if "control" in s["services"])
+        if requests.get("other", 0) >= 30:
+            break
+        time.sleep(0.2)
+    assert requests.get("other", 0) >= 30 and not any(k.startswith("admin") for k in requests), requests
