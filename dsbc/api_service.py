@@ -22,7 +22,7 @@ from typing import Any
 from api_proxy.classify import CpeError
 from api_proxy.router import Owner, ProxySettings, SessionRecord, SettingsError, Vhost, make_vhost
 from api_proxy.server import ApiProxy
-from dsbc.config import Config, ConfigError, parse_hostport
+from dsbc.config import Config, api_backends, config_error, parse_hostport
 from dsbc.store.base import ApiSession, BadIdentity, LocationStore, normalise
 from dsbc.writebehind import WriteBehind
 
@@ -194,12 +194,11 @@ class StoreRouter:
 def build_settings(cfg: Config) -> ProxySettings:
     """``[api]`` (with the systems' ``api`` URLs as defaults) as api_proxy settings."""
     api = cfg.api
-    default_source = api.source or cfg.systems.source.api
-    default_target = api.target or cfg.systems.target.api
+    default_source, default_target = api_backends(cfg)
     vhosts: list[Vhost] = []
-    try:
-        for vh in api.vhosts:
-            patterns = vh.cpe_patterns or (api.cpe_patterns if vh.realm == "cpe" else [])
+    for i, vh in enumerate(api.vhosts):
+        patterns = vh.cpe_patterns or (api.cpe_patterns if vh.realm == "cpe" else [])
+        try:
             vhosts.append(
                 make_vhost(
                     vh.host,
@@ -211,11 +210,17 @@ def build_settings(cfg: Config) -> ProxySettings:
                     vh.realm_paths,
                 )
             )
+        except (SettingsError, CpeError, ValueError) as exc:
+            key: list[str | int] = ["api", "vhosts", i]
+            if "cpe pattern" in str(exc) and not vh.cpe_patterns:
+                key = ["api", "cpe_patterns"]
+            raise config_error(cfg, key, str(exc)) from None
+    try:
         if not api.vhosts and default_source and default_target:
             vhosts.append(make_vhost("*", "customer", default_source, default_target))
         listen = [parse_hostport(entry, 443) for entry in api.listen]
     except (SettingsError, CpeError, ValueError) as exc:
-        raise ConfigError(f"{cfg.path or 'dsbc.toml'}: api: {exc}") from None
+        raise config_error(cfg, ["api"], str(exc)) from None
     return ProxySettings(
         listen=listen,
         vhosts=vhosts,
@@ -227,7 +232,8 @@ def build_settings(cfg: Config) -> ProxySettings:
         header_timeout=api.header_timeout,
         max_connections=api.max_connections,
         max_connections_per_ip=api.max_connections_per_ip,
-        route_body_limit=api.route_body_limit,
+        # a body over max_body_size must reach the path that answers 413, not the fast path
+        route_body_limit=min(api.route_body_limit, api.max_body_size),
         max_body_size=api.max_body_size,
         max_header_size=api.max_header_size,
         session_ttl=api.session_ttl,

@@ -607,6 +607,17 @@ def parse_config(text: str, name: str = "dsbc.toml") -> Config:
     return cfg
 
 
+def api_backends(cfg: Config) -> tuple[str, str]:
+    """The API's default (source, target) base URLs: ``api.source`` / ``api.target``, else
+    ``systems.<name>.api``; a vhost without back ends of its own takes these."""
+    return (cfg.api.source or cfg.systems.source.api, cfg.api.target or cfg.systems.target.api)
+
+
+def api_wanted(cfg: Config) -> bool:
+    """Whether the API dispatcher runs: enabled, and vhosts or both default back ends."""
+    return cfg.api.enabled and bool(cfg.api.vhosts or all(api_backends(cfg)))
+
+
 def _cross_check(cfg: Config, text: str, name: str) -> None:
     realms = {"admin", "reseller", "distributor", "customer", "account", "cc_staff",
               "vendor", "representative", "cpe", "porting"}
@@ -619,10 +630,14 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
                     f"(one of {', '.join(sorted(realms))})"
                 )
     if cfg.api.enabled:
-        # the same defaults as dsbc.api_service.build_settings: a vhost with no back end of
-        # its own takes api.source / api.target, then systems.<name>.api
-        defaults = {"source": cfg.api.source or cfg.systems.source.api,
-                    "target": cfg.api.target or cfg.systems.target.api}
+        defaults = dict(zip(("source", "target"), api_backends(cfg)))
+        if not cfg.api.vhosts and bool(defaults["source"]) != bool(defaults["target"]):
+            # one back end only: the catch-all vhost needs both, every request would be a 500
+            have, need = ("source", "target") if defaults["source"] else ("target", "source")
+            key = ["api", have] if getattr(cfg.api, have) else ["systems", have, "api"]
+            line = _locate(text, key)
+            raise ConfigError(f"{name}:{line}: api.{need}: {_key_text(key)} is set but there is no {need} "
+                              f"back end (api.{need} or systems.{need}.api; or [api] enabled = false)")
         for i, vh in enumerate(cfg.api.vhosts):
             for which in ("source", "target"):
                 if not (getattr(vh, which) or defaults[which]):

@@ -28,8 +28,8 @@ from typing import Any
 
 import click
 
-from .config import Config, ConfigError, load_config
-from .resolve import resolve_backends
+from .config import Config, ConfigError, api_wanted, load_config
+from .preflight import preflight
 
 log = logging.getLogger("dsbc")
 
@@ -101,7 +101,7 @@ class Worker:
             await self._start_ipc_bind_retry(sip)
             self.services["sip"] = sip
         if self.index == 0:
-            await self._start_optional("api", "dsbc.api_service", "start_api", self.cfg.api.enabled and bool(self.cfg.api.vhosts or self.cfg.api.source))
+            await self._start_optional("api", "dsbc.api_service", "start_api", api_wanted(self.cfg))
             await self._start_optional("radius", "dsbc.radius.service", "start_radius", self.cfg.radius.enabled)
             await self._start_optional("diameter", "dsbc.diameter.service", "start_diameter", self.cfg.diameter.enabled)
             await self._start_optional("control", "dsbc.control", "start_control", self.cfg.control.enabled)
@@ -326,10 +326,8 @@ class Master:
 
     def reload(self) -> None:
         try:
-            cfg = resolve_backends(load_config(self.cfg_path))
-            from .tls import check_tls
-
-            check_tls(cfg)  # new certificate files must load before any worker is replaced
+            # new certificate files, CA files, names...: all must work before any worker is replaced
+            cfg = preflight(load_config(self.cfg_path))
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
@@ -473,10 +471,7 @@ def check_listeners_free(cfg: Config) -> None:
 def run(cfg_path: str) -> int:
     cfg = load_config(cfg_path)
     setup_logging(cfg.log.level, cfg.log.json)
-    cfg = resolve_backends(cfg)  # the workers see addresses only
-    from .tls import check_tls
-
-    check_tls(cfg)
+    cfg = preflight(cfg)  # the workers see back-end addresses only
     check_listeners_free(cfg)
     try:
         from .store import open_store

@@ -111,7 +111,9 @@ def advertise(cfg: Config) -> tuple[str, dict[str, int]]:
     host = ""
     if cfg.sip.advertise:
         text = cfg.sip.advertise
-        if text.count(":") == 1 or text.startswith("["):
+        if text.startswith("[") and text.endswith("]"):  # "[::1]": an IPv6 address, no port
+            host = text[1:-1]
+        elif text.count(":") == 1 or text.startswith("["):
             host, port = parse_hostport(text)
             ports = {t: port for t in ports} or {"udp": port}
         else:

@@ -1,0 +1,76 @@
+"""`dsbc run` and its reload (SIGHUP) check what a worker would only find wrong at its
+start (dsbc/preflight.py).
+
+Found by an audit: a reload with a CA file name mistyped drained the old workers, the new
+ones failed one after another and the master gave up: the whole node went down.  A vhost
+whose port is out of range, a CPE pattern that is no regular expression, an API with one
+back end only, `advertise = "[::1]"`: tracebacks or restart loops in the workers, no key
+named.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsbc.store import open_store
+from tests.peers.dsbc import Dsbc
+from tests.peers.net import free_port, sip_options
+
+
+def _run(tmp_path: Path, sections: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    db = tmp_path / "loc.db"
+    open_store(f"sqlite:///{db}").close()
+    cfg = tmp_path / "dsbc.toml"
+    cfg.write_text(f'[store]\nurl = "sqlite:///{db}"\n[control]\nenabled = false\n{sections}')
+    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    return cfg, proc
+
+
+API = '[sip]\nenabled = false\n[api]\nlisten = ["127.0.0.1:{port}"]\n'
+
+
+@pytest.mark.parametrize(("extra", "line", "key", "reason"), [
+    ('source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\nbackend_ca = "/nonexistent/ca.pem"\n',
+     11, "api.backend_ca", "cannot load the CA file"),
+    ('[[api.vhosts]]\nhost = "www.example.com:99999"\nrealm = "customer"\nsource = "http://127.0.0.1:9"\n'
+     'target = "http://127.0.0.1:9"\n', 9, "api.vhosts[0]", "port"),
+    ('cpe_patterns = ["cfg(["]\n[[api.vhosts]]\nhost = "cpe.example.com"\nrealm = "cpe"\n'
+     'source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n', 9, "api.cpe_patterns", "cpe pattern"),
+    ('source = "http://127.0.0.1:9"\n', 9, "api.target", "api.source is set but there is no target back end"),
+])
+def test_run_names_the_key_a_worker_would_fail_on(tmp_path: Path, extra: str, line: int, key: str, reason: str) -> None:
+    cfg, proc = _run(tmp_path, API.format(port=free_port("tcp")) + extra)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"dsbc: {cfg}:{line}: {key}: "), proc.stderr
+    assert reason in proc.stderr, proc.stderr
+
+
+@pytest.mark.peers
+@pytest.mark.timeout(90)
+def test_a_reload_with_a_value_a_worker_would_fail_on_is_refused(tmp_path: Path) -> None:
+    d = Dsbc(tmp_path / "dsbc", sip_extra='advertise = "[::1]"\n')  # an IPv6 address without a port
+    with d:
+        assert d.proc is not None
+        text = d.config_path.read_text()
+        d.config_path.write_text(text.replace("[api]\nenabled = false\n",
+                                              f'[api]\nlisten = ["127.0.0.1:{free_port("tcp")}"]\n'
+                                              'source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n'
+                                              'backend_ca = "/nonexistent/typo-ca.pem"\n'))
+        os.kill(d.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "reload refused" not in d.log_tail(200) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "api.backend_ca: cannot load the CA file" in d.log_tail(200)
+        time.sleep(1.0)  # what used to follow: the old workers drained, the new ones failing
+        assert d.proc.alive()
+        assert sip_options(d.ip, d.port, "udp", timeout=2), d.log_tail()
+        assert not d.traceback(), d.traceback()
