@@ -195,6 +195,8 @@ def make_vhost(
     realm_paths: dict[str, str] | None = None,
 ) -> Vhost:
     name, hport = split_host(host)
+    if port and hport and port != hport:
+        raise SettingsError(f"vhost {host!r}: port {port} is not the port written in host ({hport})")
     if realm not in REALMS:
         raise SettingsError(f"vhost {host!r}: unknown realm {realm!r}")
     for r in (realm_paths or {}).values():

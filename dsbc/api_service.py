@@ -215,6 +215,12 @@ def build_settings(cfg: Config) -> ProxySettings:
             if "cpe pattern" in str(exc) and not vh.cpe_patterns:
                 key = ["api", "cpe_patterns"]
             raise config_error(cfg, key, str(exc)) from None
+        new = vhosts[-1]
+        for j, other in enumerate(vhosts[:-1]):
+            if (other.host, other.port) == (new.host, new.port):  # the second would never be used
+                where = f"port {new.port}" if new.port else "any port"
+                raise config_error(cfg, ["api", "vhosts", i],
+                                   f"host {new.host!r} on {where} is api.vhosts[{j}]'s too")
     try:
         if not api.vhosts and default_source and default_target:
             vhosts.append(make_vhost("*", "customer", default_source, default_target))

@@ -8,6 +8,7 @@ documents every key; keep the two in step.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import typing
 from pathlib import Path
@@ -254,6 +255,12 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("retry_after: must be >= 0")
         if self.advertise:
             _check_hostport(self.advertise, "advertise", 5060)
+        for alias in self.aliases:
+            _check_hostport(alias, "aliases", 5060)
+        if self.tcp_idle_timeout <= 0:
+            raise ValueError("tcp_idle_timeout: must be > 0 (seconds a TCP or TLS connection may stay silent)")
+        if self.tcp_stall_timeout <= 0:
+            raise ValueError("tcp_stall_timeout: must be > 0 (seconds a half-received message may take)")
 
 
 class VhostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -344,7 +351,7 @@ class RadiusClient(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class RadiusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = False
     auth_listen: str = "0.0.0.0:1812"
-    acct_listen: str = "0.0.0.0:1813"
+    acct_listen: str = ""  # "": auth_listen's address, its port + 1
     clients: list[RadiusClient] = []
     timeout: float = 3.0
     retries: int = 2
@@ -352,6 +359,9 @@ class RadiusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         _check_hostport(self.auth_listen, "auth_listen", 1812)
+        if not self.acct_listen.strip():
+            host, port = parse_hostport(self.auth_listen, 1812)
+            self.acct_listen = f"[{host}]:{port + 1}" if ":" in host else f"{host}:{port + 1}"
         _check_hostport(self.acct_listen, "acct_listen", 1813)
         if parse_hostport(self.auth_listen, 1812) == parse_hostport(self.acct_listen, 1813):
             raise ValueError(f"acct_listen: {self.acct_listen!r} is auth_listen's address and port too "
@@ -402,6 +412,8 @@ class ControlConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         _check_hostport(self.listen, "listen", 8080)
+        if self.token != self.token.strip():  # a client sends it without: every call a 401
+            raise ValueError("token: must not begin or end with a space or a newline")
 
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -603,8 +615,34 @@ def parse_config(text: str, name: str = "dsbc.toml") -> Config:
         line = _locate(text, parts)
         raise ConfigError(f"{name}:{line}: {_key_text(parts) or '(top)'}: {reason}") from None
     cfg.path = name
+    bad = _non_finite(cfg, [])
+    if bad is not None:
+        raise ConfigError(f"{name}:{_locate(text, bad)}: {_key_text(bad)}: must be a finite number (not nan or inf)")
     _cross_check(cfg, text, name)
     return cfg
+
+
+def _non_finite(value: object, parts: list[str | int]) -> list[str | int] | None:
+    """The key of the first nan / inf in the config (TOML allows them; every "> 0" check
+    passes a nan, and a timer of nan or inf seconds never fires or raises in the loop)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else parts
+    if isinstance(value, msgspec.Struct):
+        for field in value.__struct_fields__:
+            found = _non_finite(getattr(value, field), [*parts, field])
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _non_finite(item, [*parts, i])
+            if found is not None:
+                return found
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            found = _non_finite(item, [*parts, str(k)])
+            if found is not None:
+                return found
+    return None
 
 
 def api_backends(cfg: Config) -> tuple[str, str]:

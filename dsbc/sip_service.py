@@ -123,6 +123,16 @@ def advertise(cfg: Config) -> tuple[str, dict[str, int]]:
     return host, ports
 
 
+def _alias_addresses(alias: str, ports: dict[str, int]) -> list[tuple[str, int]]:
+    """(host, port) pairs that name dsbc: ``"host:port"`` that port only, a bare host
+    every port dsbc listens on."""
+    text = alias.strip().lower()
+    if text.count(":") == 1 or (text.startswith("[") and "]:" in text):
+        host, port = parse_hostport(text)
+        return [(host.strip("[]"), port)]
+    return [(text.strip("[]"), p) for p in ports.values()]
+
+
 def primary_address() -> str:
     """The address of the interface that holds the default route (wildcard listeners and no
     ``sip.advertise``).  A UDP connect() chooses the route and sends nothing."""
@@ -156,7 +166,7 @@ class SipService:
         local = (
             frozenset((h, p) for _, h, p in lst)
             | frozenset((host, p) for p in ports.values())
-            | frozenset((alias.lower(), p) for alias in cfg.sip.aliases for p in ports.values())
+            | frozenset(a for alias in cfg.sip.aliases for a in _alias_addresses(alias, ports))
         )
         settings = ProxySettings(
             advertise_host=host,

@@ -161,6 +161,22 @@ def replace(old: str, new: str) -> str:
         ('[api]\n[[api.vhosts]]\nhost = "a"\nrealm = "customer"\ntarget = "http://t"\n',
          ("dsbc.toml:2: api.vhosts[0].source: vhost 'a' has no source back end "
           "(set it here, or api.source, or systems.source.api)")),
+        # found by an audit: accepted, then broken at run time
+        ('[store]\npoll_interval = nan\n',  # every "> 0" check passes a nan; the poll task died
+         "dsbc.toml:2: store.poll_interval: must be a finite number (not nan or inf)"),
+        ('[sip]\noptions_interval = inf\n',
+         "dsbc.toml:2: sip.options_interval: must be a finite number (not nan or inf)"),
+        ('[sip]\ntcp_idle_timeout = 0\n',  # every TCP connection closed at once
+         "dsbc.toml:2: sip.tcp_idle_timeout: must be > 0 (seconds a TCP or TLS connection may stay silent)"),
+        ('[sip]\ntcp_stall_timeout = 0\n',
+         "dsbc.toml:2: sip.tcp_stall_timeout: must be > 0 (seconds a half-received message may take)"),
+        ('[sip]\naliases = ["sip example"]\n',
+         "dsbc.toml:2: sip.aliases: bad address 'sip example': 'sip example' is not a host name or an IP address"),
+        ('[control]\ntoken = "s3cret "\n',  # every call a 401: clients send it without the space
+         "dsbc.toml:2: control.token: must not begin or end with a space or a newline"),
+        ('[api]\nsource = "http://s"\n',  # one back end: every request a 500
+         "dsbc.toml:2: api.target: api.source is set but there is no target back end "
+         "(api.target or systems.target.api; or [api] enabled = false)"),
         # TOML syntax
         (replace("workers = 2", "workers = "), "dsbc.toml:24: TOML syntax error: Invalid value"),
         (replace("workers = 2", "workers = 2\nworkers = 3"), "dsbc.toml:25: TOML syntax error: Cannot overwrite a value"),
@@ -216,6 +232,13 @@ def test_load_config_files(tmp_path: Path) -> None:
     assert str(err.value) == f"{p}:24: sip.workers: must be between 1 and 256"
 
 
+def test_radius_accounting_listens_beside_authentication_by_default() -> None:
+    """Not on 0.0.0.0:1813 when auth_listen names an address (found by an audit)."""
+    assert parse_config('[radius]\nauth_listen = "127.0.0.1:25812"\n').radius.acct_listen == "127.0.0.1:25813"
+    assert parse_config('[radius]\nauth_listen = "[::1]:1645"\n').radius.acct_listen == "[::1]:1646"
+    assert parse_config('[radius]\nacct_listen = "10.0.0.1:1813"\n').radius.acct_listen == "10.0.0.1:1813"
+
+
 def test_endpoints_and_hostports() -> None:
     assert Endpoint.parse("tcp:[::1]:5070") == Endpoint("tcp", "::1", 5070)
     assert str(Endpoint.parse("10.0.0.1")) == "udp:10.0.0.1:5060"
@@ -242,3 +265,29 @@ def test_api_fast_path_switch_reaches_the_dispatcher() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(base + '[api]\nfast_path = "yes"\n', "dsbc.toml")
     assert "dsbc.toml:6: api.fast_path" in str(err.value)
+
+
+@pytest.mark.parametrize(("vhosts", "message"), [
+    ('[[api.vhosts]]\nhost = "www.example.com:25443"\nport = 8443\n',
+     "dsbc.toml: api.vhosts[0]: vhost 'www.example.com:25443': port 8443 is not the port written in host (25443)"),
+    ('[[api.vhosts]]\nhost = "portal.example.com"\n[[api.vhosts]]\nhost = "Portal.Example.com."\nrealm = "reseller"\n',
+     "dsbc.toml: api.vhosts[1]: host 'portal.example.com' on any port is api.vhosts[0]'s too"),
+])
+def test_vhosts_that_could_never_be_selected_are_refused(vhosts: str, message: str) -> None:
+    """Settled silently before: the port key won over the host's, the second vhost for a
+    host was never used (found by an audit)."""
+    from dsbc.api_service import build_settings
+
+    cfg = parse_config(f'[api]\nsource = "http://s"\ntarget = "http://t"\n{vhosts}', "dsbc.toml")
+    with pytest.raises(ConfigError) as err:
+        build_settings(cfg)
+    assert str(err.value) == message
+
+
+def test_a_sip_alias_with_a_port_names_dsbc_on_that_port() -> None:
+    from dsbc.sip_service import _alias_addresses
+
+    assert _alias_addresses("127.0.0.9:25160", {"udp": 5060}) == [("127.0.0.9", 25160)]
+    assert _alias_addresses("[::9]:5070", {"udp": 5060}) == [("::9", 5070)]
+    assert sorted(_alias_addresses("SIP.example.com", {"udp": 5060, "tls": 5061})) == [
+        ("sip.example.com", 5060), ("sip.example.com", 5061)]

@@ -26,3 +26,14 @@ def test_with_every_slot_open_a_resting_identifier_is_reused_rather_than_refused
     assert ids.allocate(1.001) == taken[5]
     with pytest.raises(IdExhausted):  # 256 in flight on the one allowed slot
         ids.allocate(1.002)
+
+
+def test_an_ipv4_nas_on_an_ipv6_wildcard_listener_is_a_known_client() -> None:
+    """auth_listen = "[::]:1812": IPv4 NASes arrive as ::ffff:a.b.c.d and were dropped as
+    unknown clients, silently (found by an audit)."""
+    from dsbc.radius.idspace import ClientTable
+
+    table = ClientTable([("127.0.0.0/8", "nas-secret")])
+    found = table.find("::ffff:127.0.0.1", 40000)
+    assert found is not None and found.secret in (b"nas-secret", "nas-secret")
+    assert table.find("::ffff:10.0.0.1", 40000) is None

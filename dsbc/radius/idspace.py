@@ -98,6 +98,8 @@ class ClientTable:
             ip = ipaddress.ip_address(host)
         except ValueError:
             ip = None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an IPv4 NAS reaching a "[::]" listener
         if ip is not None:
             for e in self._entries:
                 if ip.version == e.net.version and ip in e.net and (e.port is None or e.port == port):
