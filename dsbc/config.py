@@ -528,10 +528,10 @@ def config_error(cfg: Config, parts: list[str | int], reason: str) -> ConfigErro
         line = f":{_locate(Path(cfg.path).read_text(encoding='utf-8-sig'), parts)}" if cfg.path else ""
     except (OSError, UnicodeDecodeError):
         line = ""
-    return ConfigError(f"{name}{line}: {_key_text(parts)}: {reason}")
+    return ConfigError(f"{name}{line}: {key_text(parts)}: {reason}")
 
 
-def _key_text(parts: list[str | int]) -> str:
+def key_text(parts: list[str | int]) -> str:
     """``["api", "vhosts", 0, "realm"]`` -> ``api.vhosts[0].realm``."""
     return ".".join((f"[{p}]" if isinstance(p, int) else p) for p in parts).replace(".[", "[")
 
@@ -613,11 +613,11 @@ def parse_config(text: str, name: str = "dsbc.toml") -> Config:
             reason = f"missing required key {m.group(1)!r}"
         reason = _reason(reason, parts)
         line = _locate(text, parts)
-        raise ConfigError(f"{name}:{line}: {_key_text(parts) or '(top)'}: {reason}") from None
+        raise ConfigError(f"{name}:{line}: {key_text(parts) or '(top)'}: {reason}") from None
     cfg.path = name
     bad = _non_finite(cfg, [])
     if bad is not None:
-        raise ConfigError(f"{name}:{_locate(text, bad)}: {_key_text(bad)}: must be a finite number (not nan or inf)")
+        raise ConfigError(f"{name}:{_locate(text, bad)}: {key_text(bad)}: must be a finite number (not nan or inf)")
     _cross_check(cfg, text, name)
     return cfg
 
@@ -674,7 +674,7 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
             have, need = ("source", "target") if defaults["source"] else ("target", "source")
             key = ["api", have] if getattr(cfg.api, have) else ["systems", have, "api"]
             line = _locate(text, key)
-            raise ConfigError(f"{name}:{line}: api.{need}: {_key_text(key)} is set but there is no {need} "
+            raise ConfigError(f"{name}:{line}: api.{need}: {key_text(key)} is set but there is no {need} "
                               f"back end (api.{need} or systems.{need}.api; or [api] enabled = false)")
         for i, vh in enumerate(cfg.api.vhosts):
             for which in ("source", "target"):

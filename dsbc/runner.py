@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 
-from .config import Config, ConfigError, api_wanted, load_config
+from .config import Config, ConfigError, api_wanted, config_error, key_text, load_config
 from .preflight import preflight
 
 log = logging.getLogger("dsbc")
@@ -407,30 +407,46 @@ class Master:
         return 0
 
 
-def _listeners(cfg: Config) -> list[tuple[str, str, str, int]]:
+Key = list[str | int]
+
+
+def _listeners(cfg: Config) -> list[tuple[Key, str, str, int]]:
     """(config key, kind, host, port) of every listener dsbc opens."""
     from .config import Endpoint, parse_hostport
 
-    out: list[tuple[str, str, str, int]] = []
+    out: list[tuple[Key, str, str, int]] = []
     if cfg.sip.enabled:
-        for text in cfg.sip.listen:
+        for i, text in enumerate(cfg.sip.listen):
             e = Endpoint.parse(text)
-            out.append(("sip.listen", "udp" if e.transport == "udp" else "tcp", e.host, e.port))
+            out.append((["sip", "listen", i], "udp" if e.transport == "udp" else "tcp", e.host, e.port))
     if cfg.control.enabled:
         host, port = parse_hostport(cfg.control.listen, 8080)
-        out.append(("control.listen", "tcp", host, port))
-    if cfg.api.enabled:
-        for text in cfg.api.listen:
+        out.append((["control", "listen"], "tcp", host, port))
+    if api_wanted(cfg):
+        for i, text in enumerate(cfg.api.listen):
             host, port = parse_hostport(text, 443)
-            out.append(("api.listen", "tcp", host, port))
+            out.append((["api", "listen", i], "tcp", host, port))
     if cfg.radius.enabled:
         for key, default in (("auth_listen", 1812), ("acct_listen", 1813)):
             host, port = parse_hostport(getattr(cfg.radius, key), default)
-            out.append((f"radius.{key}", "udp", host, port))
+            out.append((["radius", key], "udp", host, port))
     if cfg.diameter.enabled:
         host, port = parse_hostport(cfg.diameter.listen, 3868)
-        out.append(("diameter.listen", "tcp", host, port))
+        out.append((["diameter", "listen"], "tcp", host, port))
     return out
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether listeners on hosts ``a`` and ``b`` (same port) would take the same packets."""
+    wild = {"0.0.0.0", "::", "*", ""}
+    if a == b:
+        return True
+    if a in wild and b in wild:
+        return True
+    if a in wild or b in wild:
+        w, other = (a, b) if a in wild else (b, a)
+        return w == "::" or (":" in other) == (":" in w)  # "::" takes IPv4 too (dual stack)
+    return False
 
 
 def check_listeners_free(cfg: Config) -> None:
@@ -444,11 +460,18 @@ def check_listeners_free(cfg: Config) -> None:
     that any socket holds; it is released at once."""
     import socket
 
-    for key, kind, host, port in _listeners(cfg):
+    listeners = _listeners(cfg)
+    for i, (parts, kind, host, port) in enumerate(listeners):
+        shown = f"[{host}]" if ":" in host else host
+        for parts2, kind2, host2, port2 in listeners[:i]:
+            if (kind, port) == (kind2, port2) and _overlap(host, host2):
+                # SO_REUSEPORT would let both bind: the kernel would share the traffic
+                raise config_error(cfg, parts, f"{kind} {shown}:{port} is {key_text(parts2)}'s too "
+                                               "(one port, one listener)")
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
         except OSError as exc:
-            raise click.ClickException(f"{cfg.path}: {key}: cannot resolve {host!r} ({exc.strerror or exc})") from None
+            raise config_error(cfg, parts, f"cannot resolve {host!r} ({exc.strerror or exc})") from None
         family, stype, proto, _, addr = infos[0]
         sock = socket.socket(family, stype, proto)
         if kind == "tcp":
@@ -460,10 +483,9 @@ def check_listeners_free(cfg: Config) -> None:
             sock.bind(addr)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                shown = f"[{host}]" if ":" in host else host
-                raise click.ClickException(
-                    f"{cfg.path}: {key}: {kind} {shown}:{port} is already in use "
-                    "(another program, or another dsbc running with this config?)") from None
+                raise click.ClickException(str(config_error(
+                    cfg, parts, f"{kind} {shown}:{port} is already in use "
+                    "(another program, or another dsbc running with this config?)"))) from None
         finally:
             sock.close()
 
@@ -471,8 +493,8 @@ def check_listeners_free(cfg: Config) -> None:
 def run(cfg_path: str) -> int:
     cfg = load_config(cfg_path)
     setup_logging(cfg.log.level, cfg.log.json)
-    cfg = preflight(cfg)  # the workers see back-end addresses only
     check_listeners_free(cfg)
+    cfg = preflight(cfg)  # the workers see back-end addresses only
     try:
         from .store import open_store
 

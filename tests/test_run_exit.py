@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dsbc.store import open_store
 
 
@@ -57,7 +59,7 @@ def test_run_refuses_ports_another_process_holds(tmp_path: Path) -> None:
         held.close()
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip() == (
-        f"{cfg}: sip.listen: udp 127.0.0.1:{port} is already in use (another program, or another dsbc running with this config?)")
+        f"{cfg}:5: sip.listen[0]: udp 127.0.0.1:{port} is already in use (another program, or another dsbc running with this config?)")
 
 
 def test_run_refuses_a_radius_port_another_program_holds_at_once(tmp_path: Path) -> None:
@@ -81,15 +83,31 @@ def test_run_refuses_a_radius_port_another_program_holds_at_once(tmp_path: Path)
         held.close()
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip() == (
-        f"{cfg}: radius.auth_listen: udp 127.0.0.1:{port} is already in use "
+        f"{cfg}:12: radius.auth_listen: udp 127.0.0.1:{port} is already in use "
         "(another program, or another dsbc running with this config?)")
 
 
 def test_run_names_a_listen_address_that_does_not_resolve(tmp_path: Path) -> None:
     cfg, proc = _run(tmp_path, '[sip]\nenabled = false\n[api]\nenabled = false\n'
                                '[control]\nlisten = "no-such-host.invalid:8080"\n', timeout=30)
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.strip().startswith(f"{cfg}: control.listen: cannot resolve 'no-such-host.invalid' (")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith(f"dsbc: {cfg}:9: control.listen: cannot resolve 'no-such-host.invalid' (")
+
+
+@pytest.mark.parametrize(("listen", "line", "message"), [
+    # TLS beside TCP on one port: some handshakes landed on the TCP listener
+    ('[sip]\nlisten = ["tcp:127.0.0.1:25161", "tls:127.0.0.1:25161"]\ntls_cert = "c"\ntls_key = "k"\n'
+     '[api]\nenabled = false\n[control]\nenabled = false\n',
+     5, "sip.listen[1]: tcp 127.0.0.1:25161 is sip.listen[0]'s too (one port, one listener)"),
+    # SIP on the control port: /healthz answered one time in two
+    ('[sip]\nlisten = ["udp:127.0.0.1:25160", "tcp:0.0.0.0:25180"]\n[api]\nenabled = false\n'
+     '[control]\nlisten = "127.0.0.1:25180"\n',
+     9, "control.listen: tcp 127.0.0.1:25180 is sip.listen[1]'s too (one port, one listener)"),
+])
+def test_run_refuses_two_of_its_own_listeners_on_one_port(tmp_path: Path, listen: str, line: int, message: str) -> None:
+    cfg, proc = _run(tmp_path, listen, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"dsbc: {cfg}:{line}: {message}"
 
 
 def test_the_port_check_passes_over_time_wait_but_not_over_a_listener(tmp_path: Path) -> None:
