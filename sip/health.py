@@ -9,11 +9,14 @@ transport reports it unreachable) and up again on its next answer of any status.
 from __future__ import annotations
 
 import itertools
+import logging
 import uuid
 
 import msgspec
 
 from .message import SipMessage
+
+log = logging.getLogger("dsbc.sip")
 
 PING_BRANCH_PREFIX = "z9hG4bK-dsbcping-"
 #: a ping's timeout check that runs this much (s) after its time ran on a stalled loop ...
@@ -147,7 +150,7 @@ class HealthChecker:
                     # it polls).  Judge once more after one poll, not on a silence not heard.
                     st.check_at = now + RECHECK
                 else:
-                    self._mark(st, False, now)
+                    self._mark(st, False, now, f"no answer to OPTIONS in {self.timeout:g} s")
                     st.pending = ""
             if now >= st.next_ping:
                 out.append(self._ping(st, now))
@@ -204,14 +207,14 @@ class HealthChecker:
             # a node that answers 5xx / 6xx (503 overloaded or in maintenance, 500) is up
             # but will not serve: down, as Kamailio's dispatcher counts it; 4xx (a node
             # that does not do OPTIONS: 404, 405, 483) is a living node
-            self._mark(st, msg.status < 500, now)
+            self._mark(st, msg.status < 500, now, f"answered OPTIONS {msg.status}")
 
     def mark_unreachable(self, host: str, port: int, now: float) -> None:
         st = self._by_addr.get((host, port))
         if st is not None:
-            self._mark(st, False, now)
+            self._mark(st, False, now, "unreachable (connection failed)")
 
-    def _mark(self, st: NodeState, ok: bool, now: float) -> None:
+    def _mark(self, st: NodeState, ok: bool, now: float, why: str) -> None:
         if ok:
             st.last_ok = now
             st.answered = True
@@ -221,3 +224,6 @@ class HealthChecker:
         if st.up != ok:
             st.up = ok
             st.since = now
+            # the operator's first sign that calls to a system fail over, or get 503
+            (log.info if ok else log.warning)("sip: node %s %s is %s: %s", st.node.key, st.node,
+                                               "up again" if ok else "down", why)

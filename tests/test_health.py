@@ -93,3 +93,26 @@ def test_a_node_not_heard_from_yet_comes_after_one_that_answered() -> None:
     assert h.pick("target") == Node("target", 1, "udp", "127.0.0.11", 5060)
     h.handle_response(_answer(pings[0].data), 0.02, "127.0.0.10")
     assert h.pick("target") == Node("target", 0, "udp", "127.0.0.10", 5060)  # order again
+
+
+def test_a_node_going_down_and_up_is_logged_once_each(caplog: object) -> None:
+    """The operator's first sign that a system's calls fail over or get 503 (found by an
+    audit: a node going down was only visible in `dsbc status`)."""
+    import logging
+
+    import pytest
+
+    assert isinstance(caplog, pytest.LogCaptureFixture)
+    caplog.set_level(logging.INFO, "dsbc.sip")
+    h = _checker()
+    h.handle_timer(0.0)
+    h.handle_timer(0.6)  # both silent: down
+    h.handle_timer(0.7)
+    pings = h.handle_timer(1.0)
+    h.handle_response(_answer(pings[0].data), 1.05, "127.0.0.10")
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        ("WARNING", "sip: node target/0 udp:127.0.0.10:5060 is down: no answer to OPTIONS in 0.5 s"),
+        ("WARNING", "sip: node target/1 udp:127.0.0.11:5060 is down: no answer to OPTIONS in 0.5 s"),
+        ("INFO", "sip: node target/0 udp:127.0.0.10:5060 is up again: answered OPTIONS 200"),
+    ]
