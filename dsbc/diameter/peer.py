@@ -323,7 +323,11 @@ class PeerLink:
                 await asyncio.wait_for(loop.create_connection(lambda c=conn: c, self.host, self.port),  # type: ignore[misc]
                                        self.connect_timeout)
             except (TimeoutError, OSError) as exc:
-                self.last_error = f"connect: {exc or 'timeout'}"
+                error = f"connect: {exc or 'timeout'}"
+                if error != self.last_error:  # once per new reason, not every back-off
+                    log.warning("diameter: %s peer %s:%d cannot be reached (%s); retrying", self.key,
+                                self.host, self.port, error)
+                self.last_error = error
             else:
                 self.conn = conn
                 await conn.closed
