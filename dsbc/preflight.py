@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ssl
 
-from .config import Config, api_wanted, config_error
+from .config import Config, Endpoint, api_wanted, config_error
 from .resolve import resolve_backends
 from .tls import check_tls
 
@@ -29,6 +29,7 @@ def preflight(cfg: Config) -> Config:
             advertise(cfg)
         except ValueError as exc:
             raise config_error(cfg, ["sip", "advertise"], str(exc)) from None
+        _check_udp_families(cfg)
     if api_wanted(cfg):
         from .api_service import build_settings
 
@@ -40,3 +41,23 @@ def preflight(cfg: Config) -> Config:
                 raise config_error(cfg, ["api", "backend_ca"], f"cannot load the CA file: {exc}") from None
     return cfg
 
+
+
+def _check_udp_families(cfg: Config) -> None:
+    """A udp: node is sent to from a UDP listener of its address family ("::" takes both):
+    without one every request to it was lost, with a traceback per message."""
+    hosts = [e.host for e in (Endpoint.parse(t) for t in cfg.sip.listen) if e.transport == "udp"]
+    for which in ("source", "target"):
+        for i, text in enumerate(cfg.system(which).sip):
+            e = Endpoint.parse(text)
+            if e.transport != "udp":
+                continue
+            v6 = ":" in e.host
+            if not hosts:
+                why = "a udp: node needs a udp: listener in sip.listen"
+            elif not any(h == "::" or (":" in h) == v6 for h in hosts):
+                why = (f"an IPv6 udp: node needs an IPv6 udp: listener in sip.listen" if v6 else
+                       "an IPv4 udp: node needs an IPv4 udp: listener in sip.listen (or udp:[::])")
+            else:
+                continue
+            raise config_error(cfg, ["systems", which, "sip", i], why)

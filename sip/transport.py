@@ -54,7 +54,10 @@ class SipDatagram(asyncio.DatagramProtocol):
         if len(data) <= 4 and not data.strip():
             return  # CRLF keep-alive over UDP
         ep = self.ep
-        flow = Flow("udp", addr[0], addr[1])
+        ip: str = addr[0]
+        if self.v6 and ip.startswith("::ffff:") and "." in ip:
+            ip = ip[7:]  # an IPv4 peer on a "::" socket: known (trusted, pinged) by its IPv4 address
+        flow = Flow("udp", ip, addr[1])
         if ep.admission is not None:  # rate limit, scanners, size: before parsing
             verdict = ep.admission.check(data, flow, ep.loop.time())
             if verdict is not None:
@@ -105,16 +108,19 @@ class SipStream(asyncio.Protocol):
         if peer is None:  # reset before the loop handed it over: nothing left to serve
             transport.close()
             return
+        ip: str = peer[0]
+        if ip.startswith("::ffff:") and "." in ip:
+            ip = ip[7:]  # an IPv4 peer on a "::" listener
         if len(ep.conns) >= ep.max_connections or (
-            not self.outbound and ep.per_ip.get(peer[0], 0) >= ep.max_connections_per_ip
+            not self.outbound and ep.per_ip.get(ip, 0) >= ep.max_connections_per_ip
         ):
             ep.core.counters["tcp_refused"] += 1
             transport.close()
             return
-        self.flow = Flow(self.peer, peer[0], peer[1], self.conn_id, ep.worker)
+        self.flow = Flow(self.peer, ip, peer[1], self.conn_id, ep.worker)
         ep.conns[self.conn_id] = self
-        ep.by_addr[(self.peer, peer[0], peer[1])] = self
-        ep.per_ip[peer[0]] = ep.per_ip.get(peer[0], 0) + 1
+        ep.by_addr[(self.peer, ip, peer[1])] = self
+        ep.per_ip[ip] = ep.per_ip.get(ip, 0) + 1
         for data in self.pending:
             self.transport.write(data)  # type: ignore[union-attr]
         self.pending.clear()
@@ -285,8 +291,13 @@ class SipEndpoint:
                     backlog=1024,
                 )
                 self.servers.append(server)
-        # health pings leave from a socket of their own so that the answers come back here
-        host = next((h for t, h, _ in listeners if t == "udp"), "0.0.0.0")
+        # health pings leave from a socket of their own so that the answers come back here:
+        # on the first UDP listener's address, or on "::" (both families) when the nodes
+        # pinged over UDP need a family that address does not reach
+        host = next((h for t, h, _ in listeners if t == "udp"), "")
+        want_v6 = {":" in st.node.host for st in self.core.health.states.values() if st.node.transport == "udp"}
+        if not host or (host != "::" and want_v6 - {":" in host}):
+            host = "::" if True in want_v6 else "0.0.0.0"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         hs = socket.socket(family, socket.SOCK_DGRAM)
         hs.bind((host, 0))
@@ -334,7 +345,7 @@ class SipEndpoint:
         for s in sends:
             try:
                 self._send(s)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: no socket of the address's family
                 self.core.counters["send_errors"] += 1
         core = self.core
         if core.timers_changed or self._timer is None:
@@ -345,7 +356,9 @@ class SipEndpoint:
         if s.transport == "udp":
             sock = self.health_udp if s.health else self._udp_for(s.ip)
             if sock is not None and sock.transport is not None:
-                sock.transport.sendto(s.data, (s.ip, s.port))
+                # an IPv4 peer through an IPv6 socket bound to "::" (it takes both families)
+                ip = s.ip if not sock.v6 or ":" in s.ip else "::ffff:" + s.ip
+                sock.transport.sendto(s.data, (ip, s.port))
             return
         if s.conn_id:
             if s.worker in (-1, self.worker):

@@ -112,3 +112,41 @@ def test_udp_listeners_get_big_socket_buffers(tmp_path: Path) -> None:
 
     assert asyncio.run(sip_buffer()) >= want
     assert all(b >= want for b in asyncio.run(radius_buffers()))
+
+
+def test_ipv4_peers_on_a_dual_stack_listener_are_known_by_their_ipv4_address() -> None:
+    """``udp:[::]:5060`` with IPv4 nodes (found by an audit): the nodes' messages came from
+    ::ffff:a.b.c.d (not the node, not trusted, its ping answers not its own) and every send
+    to an IPv4 node raised "socket family mismatch" in the event loop."""
+    from tests.test_proxy_core import S1
+
+    class FakeV6Transport:
+        def __init__(self) -> None:
+            self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+        def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+            if ":" not in addr[0]:
+                raise ValueError("socket family mismatch")  # as uvloop says
+            self.sent.append((data, addr))
+
+        def is_closing(self) -> bool:
+            return False
+
+    core, _ = make_core()
+    loop = asyncio.new_event_loop()
+    try:
+        ep = SipEndpoint(core, loop)
+        proto = SipDatagram(ep)
+        proto.v6 = True
+        proto.transport = FakeV6Transport()  # type: ignore[assignment]
+        ep.udp.append(proto)
+        # a call from the source's node to a DID: trusted (routed by Request-URI), relayed
+        invite = request("INVITE", "sip:15550002000@192.0.2.10", src=Flow("udp", S1.host, S1.port),
+                         via=f"SIP/2.0/UDP {S1.host}:{S1.port};branch=z9hG4bKv4map")
+        proto.datagram_received(invite, (f"::ffff:{S1.host}", S1.port, 0, 0))
+    finally:
+        loop.close()
+    sent = proto.transport.sent  # type: ignore[union-attr]
+    assert core.counters["forwarded:target"] == 1, dict(core.counters)
+    assert any(addr[0].startswith("::ffff:") for _, addr in sent), sent  # to the IPv4 node, mapped
+    assert core.counters["send_errors"] == 0
