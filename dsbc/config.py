@@ -116,6 +116,9 @@ def _check_hostport(value: str, where: str, default_port: int) -> None:
 def _check_url(value: str, where: str) -> None:
     if value and not re.match(r"^https?://[^/\s]+", value):
         raise ValueError(f"{where}: {value!r} is not an http:// or https:// URL")
+    if "@" in value.partition("://")[2].partition("/")[0]:
+        # dropped by the HTTP client: the clients' own Authorization goes through instead
+        raise ValueError(f"{where}: a user name or password in the URL is not used (no 'user:pass@')")
 
 
 # --- sections ------------------------------------------------------------------------
@@ -134,6 +137,8 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 f"url: unsupported store url {self.url!r} (sqlite:///path, redis://host:port/db "
                 "or redis+sentinel://host:port/service)"
             )
+        if self.url.startswith("sqlite:") and ("?" in self.url or "#" in self.url):
+            raise ValueError(f"url: {self.url!r}: a sqlite URL takes a path only (no ?options)")
         if self.lock_hold < 0:
             raise ValueError("lock_hold: must be >= 0")
         if self.poll_interval <= 0:
@@ -255,6 +260,8 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("retry_after: must be >= 0")
         if self.advertise:
             _check_hostport(self.advertise, "advertise", 5060)
+        if self.drop_scanners and not any(ua.strip() for ua in self.scanner_user_agents):
+            raise ValueError("scanner_user_agents: empty while drop_scanners = true (nothing would be dropped)")
         for alias in self.aliases:
             _check_hostport(alias, "aliases", 5060)
         if self.tcp_idle_timeout <= 0:

@@ -505,7 +505,7 @@ def run(cfg_path: str) -> int:
         from .store import StoreUnavailable
 
         if not (isinstance(exc, StoreUnavailable) and cfg.store.cache_file and os.path.exists(cfg.store.cache_file)):
-            raise click.ClickException(f"{cfg_path}: store.url: cannot open the store: {exc}") from None
+            raise click.ClickException(str(config_error(cfg, ["store", "url"], f"cannot open the store: {exc}"))) from None
         log.warning("%s; starting from the cache %s", exc, cfg.store.cache_file)
     return Master(cfg, cfg_path).run()
 

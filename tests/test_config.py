@@ -177,6 +177,12 @@ def replace(old: str, new: str) -> str:
         ('[api]\nsource = "http://s"\n',  # one back end: every request a 500
          "dsbc.toml:2: api.target: api.source is set but there is no target back end "
          "(api.target or systems.target.api; or [api] enabled = false)"),
+        ('[api]\nsource = "https://user:pw@10.0.0.1"\ntarget = "https://10.0.1.1"\n',  # was dropped silently
+         "dsbc.toml:2: api.source: a user name or password in the URL is not used (no 'user:pass@')"),
+        ('[store]\nurl = "sqlite:///var/lib/dsbc/location.db?mode=ro"\n',  # made a file named so
+         "dsbc.toml:2: store.url: 'sqlite:///var/lib/dsbc/location.db?mode=ro': a sqlite URL takes a path only (no ?options)"),
+        ('[sip]\ndrop_scanners = true\nscanner_user_agents = []\n',
+         "dsbc.toml:3: sip.scanner_user_agents: empty while drop_scanners = true (nothing would be dropped)"),
         # TOML syntax
         (replace("workers = 2", "workers = "), "dsbc.toml:24: TOML syntax error: Invalid value"),
         (replace("workers = 2", "workers = 2\nworkers = 3"), "dsbc.toml:25: TOML syntax error: Cannot overwrite a value"),
