@@ -312,12 +312,16 @@ class Master:
                 index = next((i for i, p in self.workers.items() if p == pid), None)
                 if index is not None and "stop" not in self.flags:
                     code = os.waitstatus_to_exitcode(status)
-                    if code == 3:
+                    if code == 3 or not (self.run_dir / f"ready-{index}-{pid}").exists():
+                        # died before it served (exit 3: it said why; other codes: a crash
+                        # at start): a worker that never starts must not restart forever
                         self.start_failures += 1
                         if self.start_failures > 3:
                             log.error("workers cannot start (see above); giving up")
                             self.flags.update(("stop", "failed"))  # exit 1: systemd sees the failure
                             continue
+                    else:
+                        self.start_failures = 0  # it had served: a crash, not a start that fails
                     log.warning("worker %d (pid %d) exited with %s; restarting it", index, pid, code)
                     time.sleep(0.2)
                     self.spawn(index)
@@ -328,7 +332,8 @@ class Master:
         try:
             # new certificate files, CA files, names...: all must work before any worker is replaced
             cfg = preflight(load_config(self.cfg_path))
-        except ConfigError as exc:
+            check_listeners_free(cfg, self.cfg)  # a new port another program holds
+        except (ConfigError, click.ClickException) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         log.info("reloading configuration from %s", self.cfg_path)
@@ -449,7 +454,7 @@ def _overlap(a: str, b: str) -> bool:
     return False
 
 
-def check_listeners_free(cfg: Config) -> None:
+def check_listeners_free(cfg: Config, running: Config | None = None) -> None:
     """Refuse to start beside another process already serving our ports.
 
     The workers bind with SO_REUSEPORT (a rolling reload needs it), so a second
@@ -457,10 +462,12 @@ def check_listeners_free(cfg: Config) -> None:
     traffic) with the first one; the API, RADIUS and Diameter workers wait for their ports
     (a reload's predecessor holds them), so a port another program holds would cost
     restarts and say nothing of its key.  A plain bind (no SO_REUSEPORT) fails on a port
-    that any socket holds; it is released at once."""
+    that any socket holds; it is released at once.  On a reload (``running``: the config
+    being replaced) only the listeners it does not have are tried: its own are ours."""
     import socket
 
     listeners = _listeners(cfg)
+    ours = {(kind, host, port) for _, kind, host, port in _listeners(running)} if running is not None else set()
     for i, (parts, kind, host, port) in enumerate(listeners):
         shown = f"[{host}]" if ":" in host else host
         for parts2, kind2, host2, port2 in listeners[:i]:
@@ -468,6 +475,8 @@ def check_listeners_free(cfg: Config) -> None:
                 # SO_REUSEPORT would let both bind: the kernel would share the traffic
                 raise config_error(cfg, parts, f"{kind} {shown}:{port} is {key_text(parts2)}'s too "
                                                "(one port, one listener)")
+        if (kind, host, port) in ours:
+            continue
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
         except OSError as exc:

@@ -74,3 +74,27 @@ def test_a_reload_with_a_value_a_worker_would_fail_on_is_refused(tmp_path: Path)
         assert d.proc.alive()
         assert sip_options(d.ip, d.port, "udp", timeout=2), d.log_tail()
         assert not d.traceback(), d.traceback()
+
+
+@pytest.mark.peers
+@pytest.mark.timeout(90)
+def test_a_reload_onto_a_port_another_program_holds_is_refused(tmp_path: Path) -> None:
+    import socket
+
+    held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    held.bind(("127.0.0.1", 0))
+    try:
+        with Dsbc(tmp_path / "dsbc") as d:
+            assert d.proc is not None
+            text = d.config_path.read_text()
+            d.config_path.write_text(text.replace("listen = [", f'listen = ["udp:127.0.0.1:{held.getsockname()[1]}", ', 1))
+            os.kill(d.proc.pid, signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while "reload refused" not in d.log_tail(200) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "is already in use" in d.log_tail(200), d.log_tail()
+            time.sleep(1.0)
+            assert d.proc.alive()
+            assert sip_options(d.ip, d.port, "udp", timeout=2), d.log_tail()
+    finally:
+        held.close()
