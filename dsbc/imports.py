@@ -141,6 +141,11 @@ def _json_array_rows(name: str, text: str) -> Iterator[tuple[int, object]]:
             raise InputError(f"{name}:{text.count(chr(10), 0, pos) + 1}: expected ',' or ']'")
 
 
+def json_items(path: str, text: str, fmt: str) -> Iterator[tuple[int, object]]:
+    """(line, item) of a JSON-lines file (``fmt`` "jsonl") or a JSON array ("json")."""
+    return _jsonl_rows(path, text) if fmt == "jsonl" else _json_array_rows(path, text)
+
+
 def read_customers(path: str, lines: dict[str, int] | None = None) -> list[CustomerRow]:
     """Every row of an import file, validated; the first bad row raises InputError (file:line).
     ``lines`` (if given) gets the line of each customer id."""

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from .imports import ALIASES, InputError, read_text, some
+from .imports import ALIASES, InputError, file_format, json_items, read_text, some
 from .store import Customer, LocationStore, MigrationResult, StoreError, new_batch_id
 
 
@@ -47,13 +47,22 @@ def check_customer_id(cid: str, where: str) -> str:
 
 
 def read_batch(path: str) -> list[str]:
-    """Customer ids, one per line (``#`` comments), or a CSV file with a customer_id column."""
+    """Customer ids, one per line (``#`` comments), a CSV file with a customer_id column,
+    or JSON (lines or an array) of objects with a customer_id: an import file will do."""
     text = read_text(path)
     lines = text.splitlines()
     first = next((ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")
     header = [ALIASES.get(h.strip().lower(), h.strip().lower()) for h in first.split(",")]
     ids: dict[str, None] = {}
-    if "," in first or header == ["customer_id"]:
+    if first.lstrip()[:1] in ("{", "["):
+        for line, item in json_items(path, text, file_format(path, text)):
+            cid = item.get("customer_id") if isinstance(item, dict) else None
+            if isinstance(cid, int) and not isinstance(cid, bool):
+                cid = str(cid)
+            if not isinstance(cid, str):
+                raise InputError(f"{path}:{line}: expected an object with a customer_id")
+            ids[check_customer_id(cid, f"{path}:{line}")] = None
+    elif "," in first or header == ["customer_id"]:
         if "customer_id" not in header:
             raise InputError(
                 f"{path}:{lines.index(first) + 1}: a CSV batch file needs a customer_id column"

@@ -380,6 +380,15 @@ def test_read_batch_formats(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no customer_id field"):
         (tmp_path / "d.csv").write_text("name,customer_id\nx\n")
         read_batch(str(tmp_path / "d.csv"))
+    # the import file itself (JSON lines or an array) names the batch: was read as ids
+    # '{"customer_id":"100"}' and every one reported unknown
+    (tmp_path / "e.jsonl").write_text('{"customer_id": "100", "identities": ["account:a"]}\n{"customer_id": 101}\n')
+    assert read_batch(str(tmp_path / "e.jsonl")) == ["100", "101"]
+    (tmp_path / "f.json").write_text('[\n {"customer_id": "7"}\n]\n')
+    assert read_batch(str(tmp_path / "f.json")) == ["7"]
+    (tmp_path / "g.jsonl").write_text('{"id": "7"}\n')
+    with pytest.raises(InputError, match=r"g.jsonl:1: expected an object with a customer_id"):
+        read_batch(str(tmp_path / "g.jsonl"))
 
 
 def test_progress_bar() -> None:
