@@ -313,7 +313,7 @@ class ControlService:
     async def put_customer(self, request: web.Request) -> web.Response:
         cid = request.match_info["customer_id"]
         body = await self._body(request)
-        if "identities" not in body:
+        if body.get("identities") is None:
             raise ApiError(400, "missing field 'identities' (a list of KIND:VALUE)")
         row = {"customer_id": cid, **{k: v for k, v in body.items() if k != "customer_id"}}
         try:

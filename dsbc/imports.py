@@ -158,6 +158,10 @@ def read_customers(path: str, lines: dict[str, int] | None = None) -> list[Custo
     for line, item in items:
         if not isinstance(item, dict):
             raise InputError(f"{path}:{line}: expected an object with customer_id and identities")
+        if item.get("identities") is None and "customer_id" in item and set(item) <= set(COLUMNS):
+            # a forgotten field would store a customer nothing routes to; [] says "none" on purpose
+            # (other faults of the row, such as an unknown field, are told first by clean_row)
+            raise InputError(f"{path}:{line}: missing field 'identities' (a list of KIND:VALUE, or [] for none)")
         try:
             row = clean_row(item)
         except BadRow as exc:

@@ -122,6 +122,8 @@ def test_import_jsonl_and_json_array(home: Path) -> None:
         ("customers.jsonl", '{"customer_id": "1", "identities": ["account:\\ud800"]}\n',
          "customers.jsonl:1: account:'\\ud800' has a lone surrogate (not text)"),
         ("customers.jsonl", "[" * 100_000 + "\n", "customers.jsonl:1: not usable JSON: nested too deeply"),
+        ("customers.jsonl", '{"customer_id": "1", "system": "source"}\n',
+         "customers.jsonl:1: missing field 'identities' (a list of KIND:VALUE, or [] for none)"),
         ("customers.jsonl", '{"customer_id": ' + "9" * 5000 + "}\n",
          "customers.jsonl:1: not usable JSON: a number with more than 4,300 digits"),
         ("c.jsonl", '{"customer_id": "1", "identities": ["account:a"]}\n{"customer_id": "2", "identities": [\n',
