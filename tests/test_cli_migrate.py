@@ -230,19 +230,23 @@ def test_lock_for_holds_the_batch_locked_then_flips(home: Path) -> None:
     assert (s.customer("1").system, s.customer("1").state) == ("target", "active")  # type: ignore[union-attr]
 
 
+def _wait_locked(s: SqliteStore, cid: str) -> None:
+    """Until a `dsbc migrate --lock-for` running beside the test has locked ``cid``."""
+    for _ in range(600):  # bounded: 30 s
+        s.refresh()
+        if s.customer(cid).state == "locked":  # type: ignore[union-attr]
+            return
+        time.sleep(0.05)
+    pytest.fail("the batch was never locked")
+
+
 def test_a_second_migration_of_customers_in_a_lock_window_is_refused(home: Path) -> None:
     """Two operators (or a script run twice): the second `dsbc migrate` used to take over
     the customers inside the first one's data-copy window and flip them at once."""
     s = store_at(home)
     proc = _popen_cli("migrate", "--customer", "1", "--customer", "2", "--lock-for", "2")
     try:
-        for _ in range(600):  # bounded: 30 s, until the lock is visible
-            s.refresh()
-            if s.customer("1").state == "locked":  # type: ignore[union-attr]
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the batch was never locked")
+        _wait_locked(s, "1")
         first = s.customer("1").batch_id  # type: ignore[union-attr]
         r = dsbc("migrate", "--customer", "1", "--customer", "3")
         assert r.exit_code == 1, r.output
@@ -283,13 +287,7 @@ def test_sigterm_or_sighup_during_the_lock_window_unlocks(home: Path, signame: s
     s = store_at(home)
     proc = _popen_cli("migrate", "--customer", "1", "--customer", "2", "--lock-for", "60")
     try:
-        for _ in range(600):  # bounded: 30 s, until the lock is visible
-            s.refresh()
-            if s.customer("1").state == "locked":  # type: ignore[union-attr]
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the batch was never locked")
+        _wait_locked(s, "1")
         proc.send_signal(getattr(signal, signame))
         _, err = proc.communicate(timeout=30)
     finally:
