@@ -337,7 +337,7 @@ class Master:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
         log.info("reloading configuration from %s", self.cfg_path)
-        self.cfg = cfg
+        running, self.cfg = self.cfg, cfg
         old = dict(self.workers)
         for index, pid in old.items():
             # the new worker first: once it has loaded the store, the old one drains (stops
@@ -350,6 +350,8 @@ class Master:
                 if state == "timeout":
                     os.kill(new, signal.SIGKILL)
                 self.workers[index] = pid
+                if index == min(old):  # no worker replaced yet: all still run the old config
+                    self.cfg = running
                 return
             try:  # tells the old worker's control API to hand over, not to report "draining"
                 (self.run_dir / f"replaced-{pid}").touch()
