@@ -10,7 +10,8 @@ stops the start (or refuses the reload) with the file, line and key, the way ngi
 for an upstream it cannot find, instead of a node that is silently never reached.
 
 IPv4 is preferred when a name has both kinds of address (an IPv6-only name gives its
-IPv6 address); the first address is used, as Kamailio's dispatcher does.
+IPv6 address; with SIP listening on IPv6 addresses only, a SIP node's name gives its IPv6
+address); the first address is used, as Kamailio's dispatcher does.
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def lookup(host: str, port: int, stype: int = socket.SOCK_DGRAM) -> str:
-    """The address ``host`` names (itself when it is one); OSError when it names none."""
+def lookup(host: str, port: int, stype: int = socket.SOCK_DGRAM, prefer_v6: bool = False) -> str:
+    """The address ``host`` names (itself when it is one), IPv4 first unless ``prefer_v6``;
+    OSError when it names none."""
     if _is_ip(host):
         return host
     infos = socket.getaddrinfo(host, port, type=stype)
-    v4 = [i for i in infos if i[0] == socket.AF_INET]
-    return str((v4 or infos)[0][4][0])
+    preferred = [i for i in infos if i[0] == (socket.AF_INET6 if prefer_v6 else socket.AF_INET)]
+    return str((preferred or infos)[0][4][0])
 
 
 def _hostport(host: str, port: int) -> str:
@@ -54,6 +56,9 @@ def resolve_backends(cfg: Config) -> Config:
     def fail(parts: list[str | int], host: str, exc: OSError) -> ConfigError:
         return config_error(cfg, parts, f"cannot resolve {host!r} ({exc.strerror or exc})")
 
+    # SIP listening on IPv6 only: a name with both kinds of address is reached over IPv6
+    hosts = [Endpoint.parse(t).host for t in cfg.sip.listen]
+    v6_only = bool(hosts) and all(":" in h for h in hosts) and "::" not in hosts
     systems = {}
     for which in ("source", "target"):
         sc = cfg.system(which)
@@ -62,7 +67,8 @@ def resolve_backends(cfg: Config) -> Config:
         for i, text in enumerate(sc.sip if cfg.sip.enabled else []):
             e = Endpoint.parse(text)
             try:
-                ip = lookup(e.host, e.port, socket.SOCK_DGRAM if e.transport == "udp" else socket.SOCK_STREAM)
+                ip = lookup(e.host, e.port, socket.SOCK_DGRAM if e.transport == "udp" else socket.SOCK_STREAM,
+                            prefer_v6=v6_only)
             except OSError as exc:
                 raise fail(["systems", which, "sip", i], e.host, exc) from None
             nodes.append(str(Endpoint(e.transport, ip, e.port)) if ip != e.host else text)

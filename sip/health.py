@@ -37,7 +37,8 @@ class Node(msgspec.Struct, frozen=True, gc=False):
         return f"{self.system}/{self.index}"
 
     def __str__(self) -> str:
-        return f"{self.transport}:{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport}:{host}:{self.port}"
 
 
 class NodeState:
