@@ -195,6 +195,7 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     listen: list[str] = msgspec.field(default_factory=lambda: ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"])
     advertise: str = ""
+    advertise_ipv6: str = ""  # given to IPv6 peers when advertise is an IPv4 address
     aliases: list[str] = []
     trusted_peers: list[str] = []
     workers: int = 1
@@ -260,6 +261,12 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("retry_after: must be >= 0")
         if self.advertise:
             _check_hostport(self.advertise, "advertise", 5060)
+        if self.advertise_ipv6.strip("[]"):
+            try:
+                ipaddress.IPv6Address(self.advertise_ipv6.strip("[]"))
+            except ValueError:
+                raise ValueError(f"advertise_ipv6: {self.advertise_ipv6!r} is not an IPv6 address") from None
+            self.advertise_ipv6 = self.advertise_ipv6.strip("[]")
         if self.drop_scanners and not any(ua.strip() for ua in self.scanner_user_agents):
             raise ValueError("scanner_user_agents: empty while drop_scanners = true (nothing would be dropped)")
         for alias in self.aliases:

@@ -123,6 +123,25 @@ def advertise(cfg: Config) -> tuple[str, dict[str, int]]:
     return host, ports
 
 
+def advertised_hosts(cfg: Config) -> tuple[str, str]:
+    """(address given to IPv4 peers, address given to IPv6 peers) in Via, Record-Route and
+    Path: ``advertise`` for its own family (a name: both), ``advertise_ipv6``, else the
+    first listener address of the other family; one address when nothing names two."""
+    host, _ = advertise(cfg)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host, host  # a DNS name: the peers resolve it in their own family
+    lst = listeners(cfg)
+
+    def first(v6: bool) -> str:
+        return next((h for _, h, _ in lst if (":" in h) == v6 and h not in ("0.0.0.0", "::")), "")
+
+    v6 = cfg.sip.advertise_ipv6 or (host if ":" in host else first(True))
+    v4 = host if ":" not in host else (first(False) or host)
+    return v4, v6 or v4
+
+
 def _alias_addresses(alias: str, ports: dict[str, int]) -> list[tuple[str, int]]:
     """(host, port) pairs that name dsbc: ``"host:port"`` that port only, a bare host
     every port dsbc listens on."""
@@ -161,15 +180,17 @@ class SipService:
         self.cfg = cfg
         self.store = store
         self.worker = worker
-        host, ports = advertise(cfg)
+        _, ports = advertise(cfg)
+        host, host6 = advertised_hosts(cfg)
         lst = listeners(cfg)
         local = (
             frozenset((h, p) for _, h, p in lst)
-            | frozenset((host, p) for p in ports.values())
+            | frozenset((a, p) for a in {host, host6} for p in ports.values())
             | frozenset(a for alias in cfg.sip.aliases for a in _alias_addresses(alias, ports))
         )
         settings = ProxySettings(
             advertise_host=host,
+            advertise_host6=host6 if host6 != host else "",
             ports=ports,
             local_addresses=local,
             worker=worker,

@@ -94,6 +94,8 @@ class RegistrationSeen(msgspec.Struct, gc=False):
 class ProxySettings(msgspec.Struct, kw_only=True):
     advertise_host: str
     ports: dict[str, int]  # transport -> advertised port
+    #: the address put in Via / Record-Route / Path toward IPv6 peers ("": advertise_host)
+    advertise_host6: str = ""
     local_addresses: frozenset[tuple[str, int]] = frozenset()
     worker: int = 0
     lock_hold: float = 2.0
@@ -163,6 +165,10 @@ class ProxyCore:
         #: transport asks ``get_timer()`` again only then (perf: not once per message)
         self.timers_changed = True
         self._our_hosts = {settings.advertise_host.lower()} | {h.lower() for h, _ in settings.local_addresses}
+        if settings.advertise_host6:
+            self._our_hosts.add(settings.advertise_host6.lower())
+        #: an IPv6 peer and an IPv4 one are given different addresses (double Record-Route)
+        self._v6_differs = bool(settings.advertise_host6) and settings.advertise_host6 != settings.advertise_host
         self._our_ports = set(settings.ports.values()) | {p for _, p in settings.local_addresses}
         # a node on TCP/TLS sends its own requests from any port of its host
         self._stream_node_hosts = {st.node.host for st in health.states.values() if st.node.transport != "udp"}
@@ -504,7 +510,8 @@ class ProxyCore:
         else:
             ed.set(msg.index("max-forwards"), str(min(mf, 256) - 1))
         # our Via: the branch, plus what the response needs to be relayed statelessly
-        via = f"SIP/2.0/{dest.transport.upper()} {self._hostport(dest.transport)};branch={branch};rport"
+        dest_v6 = ":" in dest.ip
+        via = f"SIP/2.0/{dest.transport.upper()} {self._hostport(dest.transport, dest_v6)};branch={branch};rport"
         if src.is_stream:
             via += f";dsbcf={self._flow_token(src)}"
         if method == "REGISTER":
@@ -520,14 +527,16 @@ class ProxyCore:
             # RFC 3261 16.6 item 4 / RFC 5630: a SIPS request gets a SIPS Record-Route on
             # its TLS side(s); the plain side toward the inside keeps sip:
             sips = msg.uri.scheme == "sips"
-            rr = self._rr_uri(dest.transport, system, device_flow, msg.call_id, sips)
-            if src.transport != dest.transport:
-                ed.prepend("record-route", self._rr_uri(src.transport, system, device_flow, msg.call_id, sips))
+            rr = self._rr_uri(dest.transport, system, device_flow, msg.call_id, sips, dest_v6)
+            src_v6 = ":" in src.ip
+            if src.transport != dest.transport or (src_v6 != dest_v6 and self._v6_differs):
+                # double Record-Route (as Kamailio's): each side gets the address it can reach
+                ed.prepend("record-route", self._rr_uri(src.transport, system, device_flow, msg.call_id, sips, src_v6))
             ed.prepend("record-route", rr)
         if method == "REGISTER":
             # the system is in the Path too: a call the registrar sends back through it stays
             # on that system's dialog even when the node's source port is not its listed one
-            ed.prepend("path", self._rr_uri(dest.transport, system, src, ""))
+            ed.prepend("path", self._rr_uri(dest.transport, system, src, "", False, dest_v6))
         ed.prepend("via", via)
         dest.data = ed.to_bytes()
         if dest.transport == "udp" and len(dest.data) > MAX_DATAGRAM:
@@ -554,11 +563,13 @@ class ProxyCore:
             keys = by_method[m] = (f"forwarded:{s}", f"routed:{s}/{m}")
         return keys
 
-    def _rr_uri(self, transport: str, system: str, flow: Flow | None, call_id: str, sips: bool = False) -> str:
+    def _rr_uri(
+        self, transport: str, system: str, flow: Flow | None, call_id: str, sips: bool = False, v6: bool = False
+    ) -> str:
         if sips and transport == "tls":
-            uri = f"<sips:{self._hostport(transport)};lr"
+            uri = f"<sips:{self._hostport(transport, v6)};lr"
         else:
-            uri = f"<sip:{self._hostport(transport)};transport={transport};lr"
+            uri = f"<sip:{self._hostport(transport, v6)};transport={transport};lr"
         token = self._flow_token(flow) if flow is not None else ""
         if system:
             # signed, and bound to the flow token (or, without one, to the dialog's Call-ID),
@@ -568,8 +579,9 @@ class ProxyCore:
             uri += f";ft={token}"
         return uri + ">"
 
-    def _hostport(self, transport: str) -> str:
-        host = self.s.advertise_host
+    def _hostport(self, transport: str, v6: bool = False) -> str:
+        """dsbc's address and port toward a peer over ``transport`` (of IPv6 if ``v6``)."""
+        host = self.s.advertise_host6 if v6 and self.s.advertise_host6 else self.s.advertise_host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         port = self.s.ports.get(transport) or next(iter(self.s.ports.values()))

@@ -281,11 +281,21 @@ class SipEndpoint:
                 ctx = self.listener_ssl_contexts.get((host, port), self.ssl_context) if transport == "tls" else None
                 if transport == "tls" and ctx is None:
                     raise ValueError("a tls: listener needs a certificate")
+                # "::" takes IPv4 too, as the udp: listener does (asyncio would set
+                # IPV6_V6ONLY, and tcp:0.0.0.0 beside it is the same port)
+                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+                if host == "::":
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    sock.close()
+                    raise
                 server = await self.loop.create_server(
                     lambda t=transport: SipStream(self, transport_name=t),
-                    host,
-                    port,
-                    reuse_port=True,
+                    sock=sock,
                     ssl=ctx,
                     ssl_handshake_timeout=min(60.0, self.tcp_stall_timeout) if ctx is not None else None,
                     backlog=1024,
