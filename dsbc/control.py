@@ -94,7 +94,15 @@ class ControlService:
         self.run_dir = run_dir
         self.token = cfg.control.token
         self.draining = False
-        self.started = time.time()
+        self.started = time.time()  # this worker's start (its grace for the SIP workers)
+        #: the node's start: the master's, not this worker's (a restarted worker 0 is no
+        #: restart of the node)
+        self.node_started = self.started
+        if run_dir is not None:
+            try:
+                self.node_started = (run_dir / "master.json").stat().st_mtime
+            except OSError:
+                pass
         self.counters: Counter[str] = Counter()
         self.migrations: Counter[str] = Counter()
         self.moved: Counter[str] = Counter()
@@ -236,7 +244,7 @@ class ControlService:
             "sip_workers": summary["sip_workers"],
             "store": {"healthy": store_ok, "url": _shown_url(self.store, self.cfg.store.url)},
             "systems_down": systems_down,
-            "uptime": round(time.time() - self.started, 1),
+            "uptime": round(time.time() - self.node_started, 1),
         }
         reason = getattr(self.store, "reason", "")
         if reason:
@@ -422,7 +430,7 @@ class ControlService:
     async def status_handler(self, request: web.Request) -> web.Response:
         snaps = self._snapshots()
         out: dict[str, Any] = {"node": summarize(snaps), "draining": self.draining,
-                               "pid": os.getpid(), "uptime": round(time.time() - self.started, 1),
+                               "pid": os.getpid(), "uptime": round(time.time() - self.node_started, 1),
                                "store": {"url": _shown_url(self.store, self.cfg.store.url),
                                          "healthy": bool(self.store.healthy),
                                          "reason": getattr(self.store, "reason", "")}}

@@ -10,11 +10,15 @@ another, and on a reload only after the old ones had drained: the node went down
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
 
 from .config import Config, Endpoint, api_wanted, config_error
 from .resolve import resolve_backends
 from .tls import check_tls
+
+log = logging.getLogger("dsbc")
 
 
 def preflight(cfg: Config) -> Config:
@@ -22,6 +26,7 @@ def preflight(cfg: Config) -> Config:
     worker could not start with it."""
     cfg = resolve_backends(cfg)
     check_tls(cfg)
+    _check_store(cfg)
     if cfg.sip.enabled:
         from .sip_service import advertise
 
@@ -61,3 +66,17 @@ def _check_udp_families(cfg: Config) -> None:
             else:
                 continue
             raise config_error(cfg, ["systems", which, "sip", i], why)
+
+
+def _check_store(cfg: Config) -> None:
+    """The store opens (a Redis that cannot be reached is fine with a cache file: the
+    workers start from it).  Without loading the index: the workers load it."""
+    from .store import StoreUnavailable, open_store
+
+    try:
+        open_store(cfg.store.url, cfg.store.unknown, load=False).close()
+    except Exception as exc:  # noqa: BLE001 - report the reason, not a traceback
+        cache = cfg.store.cache_file
+        if not (isinstance(exc, StoreUnavailable) and cache and os.path.exists(cache)):
+            raise config_error(cfg, ["store", "url"], f"cannot open the store: {exc}") from None
+        log.warning("%s; starting from the cache %s", exc, cache)

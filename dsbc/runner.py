@@ -30,6 +30,7 @@ import click
 
 from .config import Config, ConfigError, api_wanted, config_error, key_text, load_config
 from .preflight import preflight
+from .store import StoreError
 
 log = logging.getLogger("dsbc")
 
@@ -256,7 +257,7 @@ def worker_process(cfg: Config, index: int, run_dir: Path, run_id: str) -> None:
     setup_logging(cfg.log.level, cfg.log.json)
     try:
         asyncio.run(Worker(cfg, index, run_dir, run_id).main())
-    except (OSError, ConfigError) as exc:  # the master gives up after a few of these
+    except (OSError, ConfigError, StoreError) as exc:  # the master gives up after a few of these
         log.error("worker %d cannot start: %s", index, exc)
         os._exit(3)
     except Exception:
@@ -336,9 +337,14 @@ class Master:
         except (ConfigError, click.ClickException) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             return
+        if "stop" in self.flags:
+            return  # SIGTERM came meanwhile: the stop replaces nothing
         log.info("reloading configuration from %s", self.cfg_path)
         running, self.cfg = self.cfg, cfg
         old = dict(self.workers)
+        for index in [i for i in old if i >= cfg.sip.workers]:  # fewer workers: no replacement
+            os.kill(self.workers.pop(index), signal.SIGTERM)
+            del old[index]
         for index, pid in old.items():
             # the new worker first: once it has loaded the store, the old one drains (stops
             # listening, frees its IPC name, finishes what is held) and the new one binds
@@ -346,6 +352,9 @@ class Master:
             new = self.spawn(index)
             state = self._wait_file(f"loaded-{index}-{new}", new, 60.0)
             if state != "ok":
+                if "stop" in self.flags:  # SIGTERM during the reload: the stop ends it
+                    self.workers[index] = pid
+                    return
                 log.error("reload: the new worker %d did not start; keeping the running ones", index)
                 if state == "timeout":
                     os.kill(new, signal.SIGKILL)
@@ -506,18 +515,6 @@ def run(cfg_path: str) -> int:
     setup_logging(cfg.log.level, cfg.log.json)
     check_listeners_free(cfg)
     cfg = preflight(cfg)  # the workers see back-end addresses only
-    try:
-        from .store import open_store
-
-        # without loading the index: the workers load it (a million customers, once each)
-        store = open_store(cfg.store.url, cfg.store.unknown, load=False)
-        store.close()
-    except Exception as exc:  # noqa: BLE001 - report the reason, not a traceback
-        from .store import StoreUnavailable
-
-        if not (isinstance(exc, StoreUnavailable) and cfg.store.cache_file and os.path.exists(cfg.store.cache_file)):
-            raise click.ClickException(str(config_error(cfg, ["store", "url"], f"cannot open the store: {exc}"))) from None
-        log.warning("%s; starting from the cache %s", exc, cfg.store.cache_file)
     return Master(cfg, cfg_path).run()
 
 

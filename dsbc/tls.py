@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ssl
 
-from .config import Config, ConfigError, Endpoint
+from .config import Config, Endpoint, config_error
 
 __all__ = ["api_server_context", "check_tls", "sip_client_context", "sip_server_contexts"]
 
@@ -73,17 +73,25 @@ def api_server_context(cert: str, key: str) -> ssl.SSLContext:
 
 
 def check_tls(cfg: Config) -> None:
-    """Build every TLS context the configuration asks for; ConfigError if one cannot be."""
-    where = cfg.path or "dsbc.toml"
-    try:
-        if cfg.sip.enabled:
+    """Build every TLS context the configuration asks for; ConfigError (file:line: key) if
+    one cannot be, naming the file that failed."""
+    if cfg.sip.enabled:
+        sc = cfg.sip
+        if sc.tls_ca:
+            try:
+                ssl.create_default_context(cafile=sc.tls_ca)
+            except (OSError, ValueError) as exc:
+                raise config_error(cfg, ["sip", "tls_ca"], f"cannot load {sc.tls_ca}: {exc}") from None
+        try:
             sip_server_contexts(cfg)
             sip_client_context(cfg)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{where}: sip.tls_cert: cannot load the TLS files: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise config_error(cfg, ["sip", "tls_cert"],
+                               f"cannot load {sc.tls_cert} / {sc.tls_key}: {exc}") from None
     api = cfg.api
     if api.enabled and api.tls_cert:
         try:
             api_server_context(api.tls_cert, api.tls_key)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{where}: api.tls_cert: cannot load the TLS files: {exc}") from None
+            raise config_error(cfg, ["api", "tls_cert"],
+                               f"cannot load {api.tls_cert} / {api.tls_key}: {exc}") from None

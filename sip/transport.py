@@ -267,6 +267,22 @@ class SipEndpoint:
     # --- setup -------------------------------------------------------------------------
 
     async def listen(self, listeners: list[tuple[str, str, int]]) -> None:
+        # health pings leave from a socket of their own so that the answers come back here:
+        # on the first UDP listener's address, or on "::" (both families) when the nodes
+        # pinged over UDP need a family that address does not reach.  It comes first:
+        # traffic on a listener arms the core's timer, and a ping sent before the socket
+        # existed was lost, then judged a silence: every node down for a moment (found by an
+        # audit: 503 for the BYEs of calls in progress after a restart)
+        host = next((h for t, h, _ in listeners if t == "udp"), "")
+        want_v6 = {":" in st.node.host for st in self.core.health.states.values() if st.node.transport == "udp"}
+        if not host or (host != "::" and want_v6 - {":" in host}):
+            host = "::" if True in want_v6 else "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        hs = socket.socket(family, socket.SOCK_DGRAM)
+        hs.bind((host, 0))
+        _, self.health_udp = await self.loop.create_datagram_endpoint(lambda: SipDatagram(self), sock=hs)
+        self.core.health.local_host = self.core.s.advertise_host
+        self.core.health.local_port = hs.getsockname()[1]
         for transport, host, port in listeners:
             if transport == "udp":
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -301,19 +317,6 @@ class SipEndpoint:
                     backlog=1024,
                 )
                 self.servers.append(server)
-        # health pings leave from a socket of their own so that the answers come back here:
-        # on the first UDP listener's address, or on "::" (both families) when the nodes
-        # pinged over UDP need a family that address does not reach
-        host = next((h for t, h, _ in listeners if t == "udp"), "")
-        want_v6 = {":" in st.node.host for st in self.core.health.states.values() if st.node.transport == "udp"}
-        if not host or (host != "::" and want_v6 - {":" in host}):
-            host = "::" if True in want_v6 else "0.0.0.0"
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        hs = socket.socket(family, socket.SOCK_DGRAM)
-        hs.bind((host, 0))
-        _, self.health_udp = await self.loop.create_datagram_endpoint(lambda: SipDatagram(self), sock=hs)
-        self.core.health.local_host = self.core.s.advertise_host
-        self.core.health.local_port = hs.getsockname()[1]
         if self.ipc_name is not None:
             self._ipc = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._ipc.bind(self.ipc_name(self.worker))

@@ -28,13 +28,14 @@ def _run(tmp_path: Path, sections: str) -> tuple[Path, subprocess.CompletedProce
     db = tmp_path / "loc.db"
     open_store(f"sqlite:///{db}").close()
     cfg = tmp_path / "dsbc.toml"
-    cfg.write_text(f'[store]\nurl = "sqlite:///{db}"\n[control]\nenabled = false\n{sections}')
+    sip_off = "" if "[sip]" in sections else "[sip]\nenabled = false\n"
+    cfg.write_text(f'[store]\nurl = "sqlite:///{db}"\n[control]\nenabled = false\n{sip_off}{sections}')
     proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
     return cfg, proc
 
 
-API = '[sip]\nenabled = false\n[api]\nlisten = ["127.0.0.1:{port}"]\n'
+API = '[api]\nlisten = ["127.0.0.1:{port}"]\n'
 
 
 @pytest.mark.parametrize(("extra", "line", "key", "reason"), [
@@ -45,6 +46,9 @@ API = '[sip]\nenabled = false\n[api]\nlisten = ["127.0.0.1:{port}"]\n'
     ('cpe_patterns = ["cfg(["]\n[[api.vhosts]]\nhost = "cpe.example.com"\nrealm = "cpe"\n'
      'source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n', 9, "api.cpe_patterns", "cpe pattern"),
     ('source = "http://127.0.0.1:9"\n', 9, "api.target", "api.source is set but there is no target back end"),
+    # was "sip.tls_cert: cannot load the TLS files", with no line and no file name
+    ('source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n[sip]\nenabled = true\n'
+     'listen = ["udp:127.0.0.1:25999"]\ntls_ca = "/nonexistent/ca.pem"\n', 12, "sip.tls_ca", "cannot load /nonexistent/ca.pem"),
 ])
 def test_run_names_the_key_a_worker_would_fail_on(tmp_path: Path, extra: str, line: int, key: str, reason: str) -> None:
     cfg, proc = _run(tmp_path, API.format(port=free_port("tcp")) + extra)
@@ -73,6 +77,23 @@ def test_a_reload_with_a_value_a_worker_would_fail_on_is_refused(tmp_path: Path)
         time.sleep(1.0)  # what used to follow: the old workers drained, the new ones failing
         assert d.proc.alive()
         assert sip_options(d.ip, d.port, "udp", timeout=2), d.log_tail()
+        assert not d.traceback(), d.traceback()
+
+
+@pytest.mark.peers
+@pytest.mark.timeout(90)
+def test_a_reload_with_a_store_that_cannot_be_opened_is_refused(tmp_path: Path) -> None:
+    """The new worker used to die with a traceback (the running ones stayed)."""
+    with Dsbc(tmp_path / "dsbc") as d:
+        assert d.proc is not None
+        text = d.config_path.read_text()
+        d.config_path.write_text(text.replace(f"sqlite:///{d.db}", "sqlite:////nonexistent/dir/location.db"))
+        os.kill(d.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "reload refused" not in d.log_tail(200) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "store.url: cannot open the store" in d.log_tail(200), d.log_tail()
+        assert d.proc.alive() and sip_options(d.ip, d.port, "udp", timeout=2)
         assert not d.traceback(), d.traceback()
 
 
