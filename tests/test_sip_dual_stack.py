@@ -106,8 +106,9 @@ def test_a_tcp_wildcard_listener_takes_ipv4_too(tmp_path: Path) -> None:
                    f'[sip]\nlisten = ["udp:[::]:{port}", "tcp:[::]:{port}"]\n[api]\nenabled = false\n'
                    '[control]\nenabled = false\n')
     (tmp_path / "probe.py").write_text(PROBE.replace("{port}", str(port)))
-    script = (f"ip link set lo up && {sys.executable} -m dsbc.cli run -c {cfg} > {tmp_path}/dsbc.log 2>&1 & "
-              f"{sys.executable} {tmp_path}/probe.py; kill %1; wait")
+    # dsbc's own pid, not a subshell's: the namespace lives as long as dsbc does
+    script = (f"ip link set lo up; {sys.executable} -m dsbc.cli run -c {cfg} > {tmp_path}/dsbc.log 2>&1 & "
+              f"DSBC=$!; {sys.executable} {tmp_path}/probe.py; kill $DSBC; wait $DSBC")
     try:
         proc = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True,
                               timeout=60, cwd=Path(__file__).resolve().parents[1], check=False)
