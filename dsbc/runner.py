@@ -311,9 +311,11 @@ class Master:
                 pid, status = 0, 0
             if pid:
                 index = next((i for i, p in self.workers.items() if p == pid), None)
+                started = bool(list(self.run_dir.glob(f"ready-*-{pid}")))
+                self._forget(pid)
                 if index is not None and "stop" not in self.flags:
                     code = os.waitstatus_to_exitcode(status)
-                    if code == 3 or not (self.run_dir / f"ready-{index}-{pid}").exists():
+                    if code == 3 or not started:
                         # died before it served (exit 3: it said why; other codes: a crash
                         # at start): a worker that never starts must not restart forever
                         self.start_failures += 1
@@ -328,6 +330,16 @@ class Master:
                     self.spawn(index)
                 continue
             time.sleep(0.1)
+
+    def _forget(self, pid: int) -> None:
+        """Remove the marker files of a worker that is gone (one set per pid ever started
+        would otherwise pile up until the stop)."""
+        for pattern in (f"loaded-*-{pid}", f"ready-*-{pid}", f"replaced-{pid}"):
+            for p in self.run_dir.glob(pattern):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
 
     def reload(self) -> None:
         try:
@@ -389,6 +401,7 @@ class Master:
                 return "dead"
             if done:
                 log.error("worker pid %d exited with %s", pid, os.waitstatus_to_exitcode(status))
+                self._forget(pid)
                 return "dead"
             time.sleep(0.02)
         return "ok" if path.exists() else "timeout"

@@ -248,6 +248,8 @@ def test_a_killed_worker_is_restarted_and_traffic_goes_on(cluster: tuple[Dsbc, R
     assert all(a.startswith(b"SIP/2.0 200 ") for a in answers), [a[:40] for a in answers]
     new = wait_workers(d, 2, timeout=15, not_pids=frozenset({victim}))
     assert new[0] == pids[0] and new[1] != victim
+    # the master forgets a dead worker's marker files (they piled up, one set per pid)
+    assert not list(d.run_dir.glob(f"*-{victim}")), sorted(p.name for p in d.run_dir.iterdir())
     d.wait_nodes_up()
     answers = registers_from_many_ports(d, 32, "after")
     assert all(a.startswith(b"SIP/2.0 200 ") and b"X-System: registrar" in a for a in answers)
