@@ -36,6 +36,12 @@ log = logging.getLogger("dsbc.sip")
 LINGER = 2.0  # seconds a broken stream is read and discarded after its answer
 
 
+def _unmapped(ip: str) -> str:
+    """An IPv4 peer on a "::" socket (``::ffff:a.b.c.d``) by its IPv4 address, as it is known
+    to the config (trusted, pinged) and to flow tokens; any other address as it is."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
 class SipDatagram(asyncio.DatagramProtocol):
     __slots__ = ("ep", "transport", "v6")
 
@@ -54,9 +60,7 @@ class SipDatagram(asyncio.DatagramProtocol):
         if len(data) <= 4 and not data.strip():
             return  # CRLF keep-alive over UDP
         ep = self.ep
-        ip: str = addr[0]
-        if self.v6 and ip.startswith("::ffff:") and "." in ip:
-            ip = ip[7:]  # an IPv4 peer on a "::" socket: known (trusted, pinged) by its IPv4 address
+        ip: str = _unmapped(addr[0]) if self.v6 else addr[0]
         flow = Flow("udp", ip, addr[1])
         if ep.admission is not None:  # rate limit, scanners, size: before parsing
             verdict = ep.admission.check(data, flow, ep.loop.time())
@@ -108,9 +112,7 @@ class SipStream(asyncio.Protocol):
         if peer is None:  # reset before the loop handed it over: nothing left to serve
             transport.close()
             return
-        ip: str = peer[0]
-        if ip.startswith("::ffff:") and "." in ip:
-            ip = ip[7:]  # an IPv4 peer on a "::" listener
+        ip = _unmapped(peer[0])
         if len(ep.conns) >= ep.max_connections or (
             not self.outbound and ep.per_ip.get(ip, 0) >= ep.max_connections_per_ip
         ):
