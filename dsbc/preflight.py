@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 
 from .config import Config, Endpoint, api_wanted, config_error
 from .resolve import resolve_backends
@@ -39,13 +38,7 @@ def preflight(cfg: Config) -> Config:
         from .api_service import build_settings
 
         build_settings(cfg)
-        if cfg.api.backend_ca:
-            try:
-                ssl.create_default_context(cafile=cfg.api.backend_ca)
-            except (OSError, ssl.SSLError) as exc:
-                raise config_error(cfg, ["api", "backend_ca"], f"cannot load the CA file: {exc}") from None
     return cfg
-
 
 
 def _check_udp_families(cfg: Config) -> None:
@@ -61,7 +54,7 @@ def _check_udp_families(cfg: Config) -> None:
             if not hosts:
                 why = "a udp: node needs a udp: listener in sip.listen"
             elif not any(h == "::" or (":" in h) == v6 for h in hosts):
-                why = (f"an IPv6 udp: node needs an IPv6 udp: listener in sip.listen" if v6 else
+                why = ("an IPv6 udp: node needs an IPv6 udp: listener in sip.listen" if v6 else
                        "an IPv4 udp: node needs an IPv4 udp: listener in sip.listen (or udp:[::])")
             else:
                 continue

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ssl
 
-from .config import Config, Endpoint, config_error
+from .config import Config, Endpoint, api_wanted, config_error
 
 __all__ = ["api_server_context", "check_tls", "sip_client_context", "sip_server_contexts"]
 
@@ -77,11 +77,8 @@ def check_tls(cfg: Config) -> None:
     one cannot be, naming the file that failed."""
     if cfg.sip.enabled:
         sc = cfg.sip
-        if sc.tls_ca:
-            try:
-                ssl.create_default_context(cafile=sc.tls_ca)
-            except (OSError, ValueError) as exc:
-                raise config_error(cfg, ["sip", "tls_ca"], f"cannot load {sc.tls_ca}: {exc}") from None
+        if sc.tls_ca:  # first: the contexts below load it too, and would blame tls_cert
+            _check_ca(cfg, ["sip", "tls_ca"], sc.tls_ca, f"cannot load {sc.tls_ca}")
         try:
             sip_server_contexts(cfg)
             sip_client_context(cfg)
@@ -95,3 +92,13 @@ def check_tls(cfg: Config) -> None:
         except (OSError, ValueError) as exc:
             raise config_error(cfg, ["api", "tls_cert"],
                                f"cannot load {api.tls_cert} / {api.tls_key}: {exc}") from None
+    if api_wanted(cfg) and api.backend_ca:  # what api_proxy.upstream.Backend loads
+        _check_ca(cfg, ["api", "backend_ca"], api.backend_ca, "cannot load the CA file")
+
+
+def _check_ca(cfg: Config, parts: list[str | int], path: str, reason: str) -> None:
+    """ConfigError (``reason: why``) if the CA file ``path`` cannot be loaded."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise config_error(cfg, parts, f"{reason}: {exc}") from None
