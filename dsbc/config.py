@@ -11,6 +11,7 @@ import ipaddress
 import math
 import re
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +40,20 @@ def _is_ipv4(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def is_ip(host: str) -> bool:
+    """An IPv4 or IPv6 address (not a host name)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def format_hostport(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
@@ -375,7 +390,7 @@ class RadiusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check_hostport(self.auth_listen, "auth_listen", 1812)
         if not self.acct_listen.strip():
             host, port = parse_hostport(self.auth_listen, 1812)
-            self.acct_listen = f"[{host}]:{port + 1}" if ":" in host else f"{host}:{port + 1}"
+            self.acct_listen = format_hostport(host, port + 1)
         _check_hostport(self.acct_listen, "acct_listen", 1813)
         if parse_hostport(self.auth_listen, 1812) == parse_hostport(self.acct_listen, 1813):
             raise ValueError(f"acct_listen: {self.acct_listen!r} is auth_listen's address and port too "
@@ -641,21 +656,19 @@ def _non_finite(value: object, parts: list[str | int]) -> list[str | int] | None
     passes a nan, and a timer of nan or inf seconds never fires or raises in the loop)."""
     if isinstance(value, float):
         return None if math.isfinite(value) else parts
+    items: Iterable[tuple[str | int, object]]
     if isinstance(value, msgspec.Struct):
-        for field in value.__struct_fields__:
-            found = _non_finite(getattr(value, field), [*parts, field])
-            if found is not None:
-                return found
+        items = ((f, getattr(value, f)) for f in value.__struct_fields__)
     elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _non_finite(item, [*parts, i])
-            if found is not None:
-                return found
+        items = enumerate(value)
     elif isinstance(value, dict):
-        for k, item in value.items():
-            found = _non_finite(item, [*parts, str(k)])
-            if found is not None:
-                return found
+        items = ((str(k), v) for k, v in value.items())
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, [*parts, key])
+        if found is not None:
+            return found
     return None
 
 
@@ -686,9 +699,9 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
         if not cfg.api.vhosts and bool(defaults["source"]) != bool(defaults["target"]):
             # one back end only: the catch-all vhost needs both, every request would be a 500
             have, need = ("source", "target") if defaults["source"] else ("target", "source")
-            key = ["api", have] if getattr(cfg.api, have) else ["systems", have, "api"]
-            line = _locate(text, key)
-            raise ConfigError(f"{name}:{line}: api.{need}: {key_text(key)} is set but there is no {need} "
+            given: list[str | int] = ["api", have] if getattr(cfg.api, have) else ["systems", have, "api"]
+            line = _locate(text, given)
+            raise ConfigError(f"{name}:{line}: api.{need}: {key_text(given)} is set but there is no {need} "
                               f"back end (api.{need} or systems.{need}.api; or [api] enabled = false)")
         for i, vh in enumerate(cfg.api.vhosts):
             for which in ("source", "target"):

@@ -16,37 +16,32 @@ address); the first address is used, as Kamailio's dispatcher does.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 
 import msgspec
 
-from .config import Config, ConfigError, Endpoint, config_error, parse_hostport
+from .config import (
+    Config,
+    ConfigError,
+    Endpoint,
+    config_error,
+    format_hostport,
+    is_ip,
+    parse_hostport,
+)
 
 #: (key, default port) of the host:port lists of a system that are resolved here
 _HOSTPORT_LISTS = (("radius", 1812), ("radius_acct", 1813))
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def lookup(host: str, port: int, stype: int = socket.SOCK_DGRAM, prefer_v6: bool = False) -> str:
     """The address ``host`` names (itself when it is one), IPv4 first unless ``prefer_v6``;
     OSError when it names none."""
-    if _is_ip(host):
+    if is_ip(host):
         return host
     infos = socket.getaddrinfo(host, port, type=stype)
     preferred = [i for i in infos if i[0] == (socket.AF_INET6 if prefer_v6 else socket.AF_INET)]
     return str((preferred or infos)[0][4][0])
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def resolve_backends(cfg: Config) -> Config:
@@ -82,7 +77,7 @@ def resolve_backends(cfg: Config) -> Config:
                     ip = lookup(host, port)
                 except OSError as exc:
                     raise fail(["systems", which, key, i], host, exc) from None
-                out.append(_hostport(ip, port) if ip != host else text)
+                out.append(format_hostport(ip, port) if ip != host else text)
             changes[key] = out
         if sc.diameter and cfg.diameter.enabled:
             host, port = parse_hostport(sc.diameter, 3868)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import secrets
@@ -21,7 +20,7 @@ from sip.ratelimit import RateLimiter
 from sip.scanner import ScannerFilter
 from sip.transport import SipEndpoint
 
-from .config import Config, Endpoint, parse_hostport, parse_peer
+from .config import Config, Endpoint, is_ip, parse_hostport, parse_peer
 from .regfilter import RefreshFilter
 from .regwriter import RegistrationWriter
 from .store.base import BadIdentity, Decision, LocationStore, Registration, StoreError, normalise
@@ -90,11 +89,8 @@ def system_nodes(cfg: Config) -> list[Node]:
 def trusted_peers(cfg: Config) -> PeerSet:
     t = peer_set(cfg.sip.trusted_peers)
     for n in system_nodes(cfg):
-        try:
-            ipaddress.ip_address(n.host)
-        except ValueError:
-            continue
-        t.add_pair(n.host, n.port)
+        if is_ip(n.host):  # names are resolved before the workers start (dsbc/resolve.py)
+            t.add_pair(n.host, n.port)
     return t
 
 
@@ -123,14 +119,12 @@ def advertise(cfg: Config) -> tuple[str, dict[str, int]]:
     return host, ports
 
 
-def advertised_hosts(cfg: Config) -> tuple[str, str]:
+def advertised_hosts(cfg: Config, host: str) -> tuple[str, str]:
     """(address given to IPv4 peers, address given to IPv6 peers) in Via, Record-Route and
-    Path: ``advertise`` for its own family (a name: both), ``advertise_ipv6``, else the
-    first listener address of the other family; one address when nothing names two."""
-    host, _ = advertise(cfg)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
+    Path: ``host`` (what `advertise` gave) for its own family (a name: both),
+    ``advertise_ipv6``, else the first listener address of the other family; one address
+    when nothing names two."""
+    if not is_ip(host):
         return host, host  # a DNS name: the peers resolve it in their own family
     lst = listeners(cfg)
 
@@ -180,8 +174,8 @@ class SipService:
         self.cfg = cfg
         self.store = store
         self.worker = worker
-        _, ports = advertise(cfg)
-        host, host6 = advertised_hosts(cfg)
+        host, ports = advertise(cfg)
+        host, host6 = advertised_hosts(cfg, host)
         lst = listeners(cfg)
         local = (
             frozenset((h, p) for _, h, p in lst)

@@ -91,7 +91,7 @@ def normalise_keys(identities: Iterable[str] | str) -> tuple[str, ...]:
 #: another identity glued to a value by a space, comma or bar ("account:a8,did:18"): no
 #: phone or API call would ever send that value, the customer's traffic would fall to
 #: store.unknown without a word
-_GLUED = re.compile(r"[\s,|]\s*(?:%s):" % "|".join(KINDS), re.IGNORECASE)
+_GLUED = re.compile(rf"[\s,|]\s*(?:{'|'.join(KINDS)}):", re.IGNORECASE)
 
 
 def _odd_char(text: str) -> str:
