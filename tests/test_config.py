@@ -150,8 +150,8 @@ def replace(old: str, new: str) -> str:
           "(accounting needs a port of its own, 1813 by default)")),
         ('[radius]\n[[radius.clients]]\naddress = "10.0.0.1"\nsecret = ""\n',
          "dsbc.toml:4: radius.clients[0].secret: must not be empty (RFC 2865: the client's shared secret)"),
-        ('[systems.source]\nradius = ["10.0.0.5"]\n[radius]\nenabled = true\n'
-         '[[radius.clients]]\naddress = "10.0.0.1"\nsecret = "s"\n',
+        (('[systems.source]\nradius = ["10.0.0.5"]\n[radius]\nenabled = true\n'
+         '[[radius.clients]]\naddress = "10.0.0.1"\nsecret = "s"\n'),
          ("dsbc.toml:2: systems.source.radius_secret: must not be empty when RADIUS servers are set "
           "(RFC 2865: the shared secret)")),
         ('[diameter]\norigin_host = ""\n',
@@ -175,8 +175,8 @@ def replace(old: str, new: str) -> str:
         ('[control]\ntoken = "s3cret "\n',  # every call a 401: clients send it without the space
          "dsbc.toml:2: control.token: must not begin or end with a space or a newline"),
         ('[api]\nsource = "http://s"\n',  # one back end: every request a 500
-         "dsbc.toml:2: api.target: api.source is set but there is no target back end "
-         "(api.target or systems.target.api; or [api] enabled = false)"),
+         ("dsbc.toml:2: api.target: api.source is set but there is no target back end "
+         "(api.target or systems.target.api; or [api] enabled = false)")),
         ('[api]\nsource = "https://user:pw@10.0.0.1"\ntarget = "https://10.0.1.1"\n',  # was dropped silently
          "dsbc.toml:2: api.source: a user name or password in the URL is not used (no 'user:pass@')"),
         ('[store]\nurl = "sqlite:///var/lib/dsbc/location.db?mode=ro"\n',  # made a file named so

@@ -354,7 +354,7 @@ def test_watchdog_sends_a_dwr_after_each_interval_of_silence() -> None:
     """RFC 3539: Tw restarts on every message from the peer, a DWA included, so an idle link
     gets a DWR every interval (not every other one); a DWR left unanswered for another
     interval closes the connection.  Driven tick by tick with the clock moved by hand."""
-    from dsbc.diameter.peer import ConnState, Connection, LocalNode
+    from dsbc.diameter.peer import Connection, ConnState, LocalNode
 
     class Owner:
         def on_open(self, conn: Connection) -> None: ...

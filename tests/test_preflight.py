@@ -41,14 +41,14 @@ API = '[api]\nlisten = ["127.0.0.1:{port}"]\n'
 @pytest.mark.parametrize(("extra", "line", "key", "reason"), [
     ('source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\nbackend_ca = "/nonexistent/ca.pem"\n',
      11, "api.backend_ca", "cannot load the CA file"),
-    ('[[api.vhosts]]\nhost = "www.example.com:99999"\nrealm = "customer"\nsource = "http://127.0.0.1:9"\n'
-     'target = "http://127.0.0.1:9"\n', 9, "api.vhosts[0]", "port"),
-    ('cpe_patterns = ["cfg(["]\n[[api.vhosts]]\nhost = "cpe.example.com"\nrealm = "cpe"\n'
-     'source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n', 9, "api.cpe_patterns", "cpe pattern"),
+    (('[[api.vhosts]]\nhost = "www.example.com:99999"\nrealm = "customer"\nsource = "http://127.0.0.1:9"\n'
+     'target = "http://127.0.0.1:9"\n'), 9, "api.vhosts[0]", "port"),
+    (('cpe_patterns = ["cfg(["]\n[[api.vhosts]]\nhost = "cpe.example.com"\nrealm = "cpe"\n'
+     'source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n'), 9, "api.cpe_patterns", "cpe pattern"),
     ('source = "http://127.0.0.1:9"\n', 9, "api.target", "api.source is set but there is no target back end"),
     # was "sip.tls_cert: cannot load the TLS files", with no line and no file name
-    ('source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n[sip]\nenabled = true\n'
-     'listen = ["udp:127.0.0.1:25999"]\ntls_ca = "/nonexistent/ca.pem"\n', 12, "sip.tls_ca", "cannot load /nonexistent/ca.pem"),
+    (('source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n[sip]\nenabled = true\n'
+     'listen = ["udp:127.0.0.1:25999"]\ntls_ca = "/nonexistent/ca.pem"\n'), 12, "sip.tls_ca", "cannot load /nonexistent/ca.pem"),
 ])
 def test_run_names_the_key_a_worker_would_fail_on(tmp_path: Path, extra: str, line: int, key: str, reason: str) -> None:
     cfg, proc = _run(tmp_path, API.format(port=free_port("tcp")) + extra)

@@ -96,12 +96,12 @@ def test_run_names_a_listen_address_that_does_not_resolve(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(("listen", "line", "message"), [
     # TLS beside TCP on one port: some handshakes landed on the TCP listener
-    ('[sip]\nlisten = ["tcp:127.0.0.1:25161", "tls:127.0.0.1:25161"]\ntls_cert = "c"\ntls_key = "k"\n'
-     '[api]\nenabled = false\n[control]\nenabled = false\n',
+    (('[sip]\nlisten = ["tcp:127.0.0.1:25161", "tls:127.0.0.1:25161"]\ntls_cert = "c"\ntls_key = "k"\n'
+     '[api]\nenabled = false\n[control]\nenabled = false\n'),
      5, "sip.listen[1]: tcp 127.0.0.1:25161 is sip.listen[0]'s too (one port, one listener)"),
     # SIP on the control port: /healthz answered one time in two
-    ('[sip]\nlisten = ["udp:127.0.0.1:25160", "tcp:0.0.0.0:25180"]\n[api]\nenabled = false\n'
-     '[control]\nlisten = "127.0.0.1:25180"\n',
+    (('[sip]\nlisten = ["udp:127.0.0.1:25160", "tcp:0.0.0.0:25180"]\n[api]\nenabled = false\n'
+     '[control]\nlisten = "127.0.0.1:25180"\n'),
      9, "control.listen: tcp 127.0.0.1:25180 is sip.listen[1]'s too (one port, one listener)"),
 ])
 def test_run_refuses_two_of_its_own_listeners_on_one_port(tmp_path: Path, listen: str, line: int, message: str) -> None:

@@ -95,7 +95,6 @@ def test_udp_listeners_get_big_socket_buffers(tmp_path: Path) -> None:
         from dsbc.config import parse_config
         from dsbc.radius.service import start_radius
         from dsbc.store import open_store
-
         from tests.peers.net import free_port
 
         cfg = parse_config(f'[radius]\nenabled = true\nauth_listen = "127.0.0.1:{free_port()}"\n'
