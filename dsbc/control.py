@@ -16,8 +16,9 @@ over HTTP on ``control.listen``, run by worker 0 of ``dsbc run``.
 
 ``/v1`` needs ``Authorization: Bearer <control.token>``; with no token configured every
 ``/v1`` call is refused (401) and says how to set one.  Errors are JSON ``{"error": ...}``:
-400 bad input (with the reason), 401, 404 unknown identity / customer / batch, 409 a group
-split, 503 the store cannot be written.
+400 bad input (with the reason), 401, 404 unknown identity / customer / batch (and a
+migration naming only unknown customers), 409 a group split or a customer locked by
+another batch, 503 the store cannot be written.
 
 Store writes run in a thread (a big batch must not stop this worker's SIP traffic); their
 effect reaches this worker's index through `store.refresh()` on the loop right after, and
@@ -40,7 +41,7 @@ from typing import Any
 from aiohttp import web
 
 from .config import Config, parse_hostport
-from .imports import import_refusal
+from .imports import import_refusal, some
 from .metrics import read_snapshots, render, summarize
 from .migrate import BatchAborted, LockedByBatch, move_batch
 from .store import (
@@ -69,6 +70,13 @@ class ApiError(Exception):
         super().__init__(reason)
         self.status = status
         self.extra = extra
+
+
+def _only_unknown(result: Any) -> None:
+    """A migration naming nothing but unknown customers is bad input (404, as for one
+    unknown customer; `dsbc migrate` exits 2): nothing was done, no batch recorded."""
+    if result.unknown and not result.moved and not result.already:
+        raise ApiError(404, f"unknown customer(s): {some(result.unknown)}", unknown=result.unknown)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -394,6 +402,7 @@ class ControlService:
             raise ApiError(400, f"unknown field(s) {', '.join(sorted(unknown_keys))}")
         if dry_run or prepare:
             check = await asyncio.to_thread(self.store.migrate, ids, to, who, None, True)
+            _only_unknown(check)
             out = {"dry_run": True, "batch_id": "", "to": to, "moved": check.moved,
                    "already": check.already, "unknown": check.unknown}
             if prepare and not dry_run:
@@ -403,6 +412,7 @@ class ControlService:
             return _json(out)
         result = await self._write(lambda: move_batch(self.store, ids, to, who=who, batch_size=batch_size,
                                                       lock_for=lock_for, force=force))
+        _only_unknown(result)
         self.migrations[to] += 1
         self.moved[to] += len(result.moved)
         log.info("migration %s by %s: %d moved to %s, %d already there, %d unknown",

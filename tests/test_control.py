@@ -141,6 +141,11 @@ def test_lookups_customers_migrations_rollback(node: Dsbc) -> None:
     assert node.control("GET", "/v1/identities/account/a1")[1]["system"] == "target"
     again = node.control("POST", "/v1/migrations", {"customers": ["1"]})[1]
     assert again["already"] == ["1"] and again["batch_id"] == ""  # nothing moved: no batch
+    # nothing but unknown customers is bad input, as for `dsbc migrate` (exit 2), dry run or not
+    for dry in (False, True):
+        status, body = node.control("POST", "/v1/migrations", {"customers": ["x", "y"], "dry_run": dry})
+        assert status == 404 and body["unknown"] == ["x", "y"], body
+        assert body["error"] == "unknown customer(s): x, y"
 
     assert node.control("POST", "/v1/migrations/b-nope/rollback")[0] == 404
     status, body = node.control("POST", f"/v1/migrations/{batch}/rollback", {"who": "ops"})
@@ -206,6 +211,8 @@ def test_cli_through_the_node(node: Dsbc) -> None:
     assert node.control("GET", "/v1/identities/account/a3")[1]["system"] == "target"
     r = node.cli("migrate", "--customer", "3", "--to", "source", "--node", node.control_url, check=False)
     assert r.returncode == 2 and "must move together" in r.stderr  # group back to source: 4 missing
+    r = node.cli("migrate", "--customer", "nobody", "--node", "local", check=False)
+    assert r.returncode == 2 and r.stderr.rstrip().endswith("unknown customer(s): nobody"), r.stderr
     r = node.cli("rollback", batch, "--node", "local")
     assert r.stdout.startswith(f"rolled back {batch}: moved 2")
     r = node.cli("where", "account:nobody", "--node", "local", check=False)
