@@ -633,7 +633,8 @@ def collect_status(cfg: Config, node: str | None = None) -> dict[str, Any]:
             out["store"].update(counts=remote["counts"], batches=remote.get("batches", []),
                                 via_node=True, direct_error=str(exc))
         else:
-            out["store"]["error"] = str(exc)
+            # unreachable (exit 1) or not there / not a store (bad input, exit 2), as elsewhere
+            out["store"].update(error=str(exc), unavailable=isinstance(exc, StoreUnavailable))
     for b in out["store"].get("batches", []):
         b["time"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(b["ts"])))
     return out
@@ -687,7 +688,9 @@ def status(as_json: bool, node: str | None) -> int:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
     else:
         _print_status(cfg, st)
-    return 1 if "error" in st["store"] else 0
+    if "error" not in st["store"]:
+        return 0
+    return 1 if st["store"]["unavailable"] else 2
 
 
 if __name__ == "__main__":

@@ -206,7 +206,9 @@ def test_only_import_creates_a_store(home: Path) -> None:
     assert one_line_error(dsbc("migrate", "--customer", "1")) == msg
     assert one_line_error(dsbc("rollback", "b-x")) == msg
     r = dsbc("status")
-    assert r.exit_code == 1 and f"  error: {msg}" in r.stdout.splitlines()
+    assert r.exit_code == 2 and f"  error: {msg}" in r.stdout.splitlines()  # bad input, as above
+    r = dsbc("status", "--store", "redis://127.0.0.1:1/0")  # a store that cannot be reached: 1
+    assert r.exit_code == 1 and "  error: opening the store failed: cannot reach redis://127.0.0.1:1/0" in r.stdout
     assert not (home / "loc.db").exists()
     assert dsbc("import", "customers.csv").exit_code == 0
 
