@@ -274,18 +274,23 @@ class Master:
         self.cfg = cfg
         self.cfg_path = cfg_path
         self.workers: dict[int, int] = {}  # index -> pid
+        self.configs: dict[int, Config] = {}  # index -> the config it runs
         self.run_id = f"{os.getpid()}"
         self.run_dir = run_dir_for(os.getpid())
         self.flags: set[str] = set()
         self.start_failures = 0
 
-    def spawn(self, index: int) -> int:
+    def spawn(self, index: int, cfg: Config | None = None) -> int:
+        """Start worker ``index`` with ``cfg`` (the master's config by default); a restart
+        keeps the config the index last ran (a reload that could not replace it)."""
+        cfg = cfg or self.cfg
         pid = os.fork()
         if pid == 0:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            worker_process(self.cfg, index, self.run_dir, self.run_id)
+            worker_process(cfg, index, self.run_dir, self.run_id)
         self.workers[index] = pid
+        self.configs[index] = cfg
         return pid
 
     def run(self) -> int:
@@ -327,7 +332,7 @@ class Master:
                         self.start_failures = 0  # it had served: a crash, not a start that fails
                     log.warning("worker %d (pid %d) exited with %s; restarting it", index, pid, code)
                     time.sleep(0.2)
-                    self.spawn(index)
+                    self.spawn(index, self.configs.get(index))
                 continue
             time.sleep(0.1)
 
@@ -353,7 +358,7 @@ class Master:
             return  # SIGTERM came meanwhile: the stop replaces nothing
         log.info("reloading configuration from %s", self.cfg_path)
         running, self.cfg = self.cfg, cfg
-        old = dict(self.workers)
+        old, before = dict(self.workers), dict(self.configs)
         for index in [i for i in old if i >= cfg.sip.workers]:  # fewer workers: no replacement
             os.kill(self.workers.pop(index), signal.SIGTERM)
             del old[index]
@@ -364,13 +369,12 @@ class Master:
             new = self.spawn(index)
             state = self._wait_file(f"loaded-{index}-{new}", new, 60.0)
             if state != "ok":
+                self.workers[index], self.configs[index] = pid, before.get(index, running)
                 if "stop" in self.flags:  # SIGTERM during the reload: the stop ends it
-                    self.workers[index] = pid
                     return
                 log.error("reload: the new worker %d did not start; keeping the running ones", index)
                 if state == "timeout":
                     os.kill(new, signal.SIGKILL)
-                self.workers[index] = pid
                 if index == min(old):  # no worker replaced yet: all still run the old config
                     self.cfg = running
                 return
@@ -381,7 +385,16 @@ class Master:
             os.kill(pid, signal.SIGTERM)
             state = self._wait_file(f"ready-{index}-{new}", new, DRAIN_SECONDS + 10)
             if state == "dead":
-                self.spawn(index)  # what the main loop would have done had it reaped it
+                # it loaded the new config, then died before it served (the old one has
+                # drained): the index runs the running config again and the reload stops
+                # there, as when a new worker cannot load; a crash loop would stop the node
+                log.error("reload: the new worker %d exited before it served; it runs the "
+                          "previous configuration again, and so do the workers not replaced yet",
+                          index)
+                self.spawn(index, before.get(index, running))
+                if index == min(old):
+                    self.cfg = running
+                return
         for index in range(len(old), cfg.sip.workers):
             self.spawn(index)
         for index in list(self.workers):
