@@ -20,12 +20,13 @@ from .tls import check_tls
 log = logging.getLogger("dsbc")
 
 
-def preflight(cfg: Config) -> Config:
+def preflight(cfg: Config, create_store: bool = True) -> Config:
     """``cfg`` with its back-end names resolved (the workers' config); ConfigError if a
-    worker could not start with it."""
+    worker could not start with it.  ``create_store=False`` (``dsbc run --check``) makes no
+    SQLite file where none is: it checks that one could be made."""
     cfg = resolve_backends(cfg)
     check_tls(cfg)
-    _check_store(cfg)
+    _check_store(cfg, create_store)
     if cfg.sip.enabled:
         from .sip_service import advertise
 
@@ -61,13 +62,24 @@ def _check_udp_families(cfg: Config) -> None:
             raise config_error(cfg, ["systems", which, "sip", i], why)
 
 
-def _check_store(cfg: Config) -> None:
+def _check_store(cfg: Config, create: bool = True) -> None:
     """The store opens (a Redis that cannot be reached is fine with a cache file: the
     workers start from it).  Without loading the index: the workers load it."""
     from .store import StoreUnavailable, open_store
+    from .store.sqlite_schema import sqlite_path
 
+    url = cfg.store.url
+    if not create and url.partition(":")[0].lower() == "sqlite":
+        path = sqlite_path(url)
+        folder = os.path.dirname(os.path.abspath(path))
+        if path != ":memory:" and not os.path.exists(path):
+            if not os.access(folder, os.W_OK | os.X_OK):
+                why = "does not exist" if not os.path.isdir(folder) else "cannot be written"
+                raise config_error(cfg, ["store", "url"], f"cannot create the store {path}: "
+                                   f"directory {folder} {why}")
+            return  # `dsbc run` makes it there
     try:
-        open_store(cfg.store.url, cfg.store.unknown, load=False).close()
+        open_store(url, cfg.store.unknown, load=False).close()
     except Exception as exc:  # noqa: BLE001 - report the reason, not a traceback
         cache = cfg.store.cache_file
         if not (isinstance(exc, StoreUnavailable) and cache and os.path.exists(cache)):

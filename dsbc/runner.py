@@ -544,17 +544,41 @@ def run(cfg_path: str) -> int:
     return Master(cfg, cfg_path).run()
 
 
+def check(cfg_path: str) -> str:
+    """``dsbc run --check``: what a start checks before it binds anything (the file, TLS
+    and CA files, back-end names, the store, advertise addresses, the API's settings), as
+    `nginx -t` / `kamailio -c` do; ConfigError if a start or a reload would be refused.
+    The ports are not tried: the running node holds them."""
+    cfg = preflight(load_config(cfg_path), create_store=False)
+    parts = [f"SIP {', '.join(cfg.sip.listen)} ({cfg.sip.workers} worker(s))" if cfg.sip.enabled else ""]
+    if api_wanted(cfg):
+        parts.append(f"API {', '.join(cfg.api.listen)}")
+    if cfg.radius.enabled:
+        parts.append(f"RADIUS {cfg.radius.auth_listen} / {cfg.radius.acct_listen}")
+    if cfg.diameter.enabled:
+        parts.append(f"Diameter {cfg.diameter.listen}")
+    if cfg.control.enabled:
+        parts.append(f"control {cfg.control.listen}")
+    return f"{cfg_path}: ok: {'; '.join(p for p in parts if p) or 'nothing enabled'}"
+
+
 def _run_command() -> click.Command:
     from .cli import config_options
 
     @click.command("run")
+    @click.option("--check", "-t", "check_only", is_flag=True,
+                  help="Check the config as a start would (files, names, store), print ok or "
+                       "the reason, and exit (0 / 2) without starting; for ExecReload / CI.")
     @config_options
-    def run_command() -> None:
+    def run_command(check_only: bool) -> None:
         """Run every dispatcher the config enables, in the foreground
         (SIGTERM drains and exits, SIGHUP reloads the config)."""
         meta = click.get_current_context().find_root().meta
         path = meta.get("dsbc.config") or os.environ.get("DSBC_CONFIG") or "dsbc.toml"
         try:
+            if check_only:
+                click.echo(check(path))
+                sys.exit(0)
             code = run(path)
         except ConfigError as exc:
             click.echo(f"dsbc: {exc}", err=True)

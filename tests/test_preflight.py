@@ -119,3 +119,37 @@ def test_a_reload_onto_a_port_another_program_holds_is_refused(tmp_path: Path) -
             assert sip_options(d.ip, d.port, "udp", timeout=2), d.log_tail()
     finally:
         held.close()
+
+
+def test_run_check_tests_the_config_without_starting(tmp_path: Path) -> None:
+    """`dsbc run --check` (`-t`), as `nginx -t`: what a start checks, then exit."""
+    db = tmp_path / "new" / "loc.db"
+    db.parent.mkdir()
+    cfg = tmp_path / "dsbc.toml"
+    port = free_port("udp")
+    cfg.write_text(f'[store]\nurl = "sqlite:///{db}"\n[control]\nenabled = false\n'
+                   f'[sip]\nlisten = ["udp:127.0.0.1:{port}"]\n'
+                   '[systems.source]\nsip = ["udp:127.0.0.1:9"]\n[systems.target]\nsip = ["udp:127.0.0.1:9"]\n')
+
+    def check(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dsbc.cli", "run", *flags, "-c", str(cfg)],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+
+    for flag in ("--check", "-t"):
+        proc = check(flag)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == f"{cfg}: ok: SIP udp:127.0.0.1:{port} (1 worker(s))\n"
+    assert not db.exists()  # `dsbc run` makes the store; the check does not
+    # what only a start finds: a CA file, a name, a store directory; file:line: key, exit 2
+    text = cfg.read_text()
+    for old, new, line, key in [
+        ('sip = ["udp:127.0.0.1:9"]\n[systems.target]', 'sip = ["udp:nohost.invalid:9"]\n[systems.target]',
+         8, "systems.source.sip[0]: cannot resolve 'nohost.invalid'"),
+        (f"{db}", "/nonexistent/dir/loc.db", 2, "store.url: cannot create the store"),
+        ("[sip]\n", '[sip]\ntls_ca = "/nonexistent/ca.pem"\n', 6, "sip.tls_ca: cannot load /nonexistent/ca.pem"),
+    ]:
+        cfg.write_text(text.replace(old, new, 1))
+        proc = check("--check")
+        assert proc.returncode == 2 and not proc.stdout, proc
+        assert proc.stderr.startswith(f"dsbc: {cfg}:{line}: {key}"), proc.stderr
+        assert "Traceback" not in proc.stderr
