@@ -23,7 +23,7 @@ from api_proxy.classify import CpeError
 from api_proxy.router import Owner, ProxySettings, SessionRecord, SettingsError, Vhost, make_vhost
 from api_proxy.server import ApiProxy
 from dsbc.config import Config, api_backends, config_error, parse_hostport
-from dsbc.store.base import ApiSession, BadIdentity, LocationStore, normalise
+from dsbc.store.base import SESSION_FRESH, ApiSession, BadIdentity, LocationStore, normalise
 from dsbc.writebehind import WriteBehind
 
 log = logging.getLogger("dsbc.api")
@@ -40,10 +40,11 @@ class StoreRouter:
         self._lock_hold = lock_hold
         # session writes go through the write-behind (a stalled store must not hold the
         # loop); this node answers from what it wrote itself (``_local``, the newest
-        # version, even while the write is pending) and remembers its logouts (``_gone``)
-        # as long as a copy could linger in the store's own memory cache
+        # version, while the write may be pending: then from the store, which another node
+        # may have changed since) and remembers its logouts (``_gone``) as long as a copy
+        # could linger in the store's own memory cache
         self.writer = writer
-        self._local: dict[str, ApiSession] = {}
+        self._local: dict[str, tuple[ApiSession, float]] = {}  # key -> (session, written at)
         self._gone: dict[str, float] = {}
         self._next_purge = 0.0
         self.collisions = 0  # created entities not recorded: their id is another customer's
@@ -80,11 +81,17 @@ class StoreRouter:
     def get_session(self, key: str) -> SessionRecord | None:
         if self._gone and key in self._gone:
             return None
-        s = self._local.get(key)
-        if s is not None:
-            if s.expires_at <= time.time():
+        mine = self._local.get(key)
+        s = None
+        if mine is not None:
+            s, written = mine
+            now = time.time()
+            if s.expires_at <= now:
                 return None
-        else:
+            if now - written > SESSION_FRESH and self.writer is not None and self.writer.idle:
+                del self._local[key]  # landed: the store has it, or a newer one from elsewhere
+                s = None
+        if s is None:
             s = self.store.get_session(key)
         if s is None:
             return None
@@ -117,7 +124,7 @@ class StoreRouter:
             self.store.put_session(session)
             return
         self._gone.pop(session.key, None)
-        self._local[session.key] = session
+        self._local[session.key] = (session, time.time())
         self._purge()
         self.writer.submit(lambda st: st.put_session(session))
 
@@ -125,7 +132,8 @@ class StoreRouter:
         if self.writer is None:
             self.store.delete_session(key)
             return
-        old = self._local.pop(key, None) or self.store.get_session(key)
+        mine = self._local.pop(key, None)
+        old = mine[0] if mine is not None else self.store.get_session(key)
         self._gone[key] = old.expires_at if old is not None else time.time()
         self._purge()
         self.writer.submit(lambda st: st.delete_session(key))
@@ -137,7 +145,7 @@ class StoreRouter:
         self._next_purge = now + 60.0
         for k in [k for k, until in self._gone.items() if until <= now]:
             del self._gone[k]
-        for k in [k for k, s in self._local.items() if s.expires_at <= now]:
+        for k in [k for k, (s, _) in self._local.items() if s.expires_at <= now]:
             del self._local[k]
 
     def record_created(self, customer_id: str, system: str, identities: Sequence[str]) -> None:

@@ -71,6 +71,11 @@ class WriteBehind:
     def pending(self) -> int:
         return len(self._ops)
 
+    @property
+    def idle(self) -> bool:
+        """Everything submitted has landed (nothing queued, nothing being written)."""
+        return not self._ops and not self._running
+
     def submit(self, op: Op) -> None:
         if not self._ops and not self._running:
             fast = self._fast_store()

@@ -284,3 +284,57 @@ def test_concurrent_sessions_of_both_systems_stay_apart(tmp_path: Path) -> None:
             assert env.api.metrics["requests"] == 64
 
     run(main)
+
+
+def test_a_session_changed_on_one_node_counts_on_the_other(tmp_path: Path) -> None:
+    """An admin's `Session/set_session_context` made through node 2 steers node 1's next
+    creates too, once both had the session (found by an audit: node 1 kept its copy of the
+    session and created on the old system for good).  SQLite: within SESSION_FRESH (1 s)."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            from dsbc.config import parse_config
+            from tests.test_api_support import ADMIN, config_text, free_port
+
+            other_store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+            cfg = parse_config(config_text(tmp_path / "loc.db", env.source.url, env.target.url, free_port()))
+            node2 = await start_api(cfg, other_store)
+            try:
+                st, sess, _ = await env.call(ADMIN, LOGIN, {"login": "admin", "password": "admin"})
+                assert st == 200
+                auth = {"session_id": sess["session_id"]}
+
+                async def add(url: str, login: str) -> str:
+                    data = {"auth_info": json.dumps(auth),
+                            "params": json.dumps({"customer_info": {"login": login}})}
+                    async with env.http.post(f"{url}/rest/Customer/add_customer",
+                                             headers={"Host": ADMIN}, data=data) as r:
+                        assert r.status == 200, await r.text()
+                        return r.headers["X-Billing-System"]
+
+                async def set_context(url: str, system: str) -> None:
+                    data = {"auth_info": json.dumps(auth), "params": json.dumps({"system": system})}
+                    async with env.http.post(f"{url}/rest/Session/set_session_context",
+                                             headers={"Host": ADMIN}, data=data) as r:
+                        assert r.status == 200, await r.text()
+
+                n = iter(range(1000))
+                assert await add(env.url, f"a{next(n)}") == "MR115"  # both nodes know the session
+                assert await add(node2.url, f"a{next(n)}") == "MR115"
+                for setter, follower, system, name in ((node2, env.api, "source", "MR100"),
+                                                       (env.api, node2, "target", "MR115")):
+                    await set_context(setter.url, system)
+                    assert await add(setter.url, f"a{next(n)}") == name  # at once where it was set
+                    seen = []
+                    for _ in range(40):  # 4 s at most
+                        seen.append(await add(follower.url, f"a{next(n)}"))
+                        if seen[-1] == name:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert seen[-1] == name, seen
+                    assert len(seen) <= 15, seen  # within about a second (SESSION_FRESH), not for good
+            finally:
+                await node2.stop()
+                other_store.close()
+
+    run(main)

@@ -266,6 +266,15 @@ def test_counts_registrations_sessions_meta(store: RedisStore, make: Any) -> Non
     assert s is not None and (s.system, s.customer_id, s.extra) == ("source", "1", '{"x": 1}')
     store.put_session(ApiSession("old", "target", now - 1))
     assert store.get_session("old") is None
+    # and read it again when it changes (an admin's context, a refresh made on this node):
+    # first let its watcher subscribe (a subscription drops every cached session), then cache
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        other.refresh()
+        time.sleep(0.01)
+    assert other.get_session("tok1") is not None
+    store.put_session(ApiSession("tok1", "source", now + 3600, "1", "customer", '{"ctx": "source"}'))
+    wait_for(lambda: (other.get_session("tok1") or s).extra == '{"ctx": "source"}', refresh=[other])
     store.delete_session("tok1")
     wait_for(lambda: other.get_session("tok1") is None, refresh=[other])
     assert store.counts()["sessions"] == 0

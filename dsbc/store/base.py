@@ -173,6 +173,12 @@ class Registration(msgspec.Struct, gc=False):
     customer_id: str = ""
 
 
+#: seconds a copy of an API session kept in one process may be used before the store is
+#: read again (SQLite; Redis tells every node of a change at once): a change made on
+#: another node (a refresh, an admin's context, a logout) counts within this (SPEC 2)
+SESSION_FRESH = 1.0
+
+
 class ApiSession(msgspec.Struct, gc=False):
     """An API / self-care session and the system it lives on (keyed by session id or token)."""
 

@@ -3,8 +3,9 @@
 Both are written by the dispatchers on their event loop, so they never wait for Redis:
 while Redis is known to be away (the watcher says so) they are kept in memory (newest
 per contact / session, bounded) and written when it returns.  API sessions are cached in
-memory; another node's logout reaches this one on the ``<prefix>sessions`` channel, and a
-re-subscription drops the cache (a logout missed meanwhile cannot keep a session alive).
+memory; another node's logout or change reaches this one on the ``<prefix>sessions``
+channel, and a re-subscription drops the cache (a logout missed meanwhile cannot keep a
+session alive).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ class SideData:
         self._last_purge = 0.0
 
     def forget_sessions(self, keys: list[str], drop_all: bool) -> None:
-        """Sessions deleted by other nodes; `drop_all`: every cached one not waiting to be
-        written (after a re-subscription)."""
+        """Sessions changed or deleted (by any node: read again from Redis when next asked
+        for); `drop_all`: every cached one not waiting to be written (after a
+        re-subscription)."""
         for key in keys:
-            self.sessions.pop(key, None)
+            if key not in self.pending_sessions:  # a newer copy of ours, not written yet
+                self.sessions.pop(key, None)
         if drop_all:
             self.sessions = {k: s for k, s in self.sessions.items() if self.pending_sessions.get(k) is s}
 
@@ -120,10 +123,14 @@ class SideData:
         for key, s in pending.items():
             if s is None:
                 pipe.delete(f"{st.prefix}sess:{key}")
-                pipe.publish(st.prefix + "sessions", key)
             elif s.expires_at > now:
                 pipe.set(f"{st.prefix}sess:{key}", msgspec.json.encode(s),
                          px=max(1, int((s.expires_at - now) * 1000)))
+            else:
+                continue
+            # every node drops its cached copy: a logout, and a change (a refresh, the
+            # context an admin set) made on another node, count at once everywhere
+            pipe.publish(st.prefix + "sessions", key)
         self._send(pipe, pending, "pending_sessions", "saving a session")
 
     def _send(self, pipe: Any, pending: dict[Any, Any], keep: str, what: str) -> None:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .base import (
+    SESSION_FRESH,
     SYSTEMS,
     ApiSession,
     AuditEntry,
@@ -72,7 +73,9 @@ class SqliteStore(IndexedStore):
         self._healthy = True
         self._last_seq = 0
         self._mem: MemoryIndex | None = None
-        self._sessions: dict[str, ApiSession] = {}
+        # API sessions read or written here, with when: read again after SESSION_FRESH
+        # (another node may have changed or deleted one; SQLite tells nobody)
+        self._sessions: dict[str, tuple[ApiSession, float]] = {}
         self._last_purge = 0.0
         if path != ":memory:" and not Path(path).parent.is_dir():
             raise StoreError(
@@ -456,7 +459,7 @@ class SqliteStore(IndexedStore):
 
     def put_session(self, session: ApiSession) -> None:
         now = time.time()
-        self._sessions[session.key] = session
+        self._sessions[session.key] = (session, now)
         with self._write("saving a session", refresh=False) as cur:
             cur.execute(
                 "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
@@ -472,12 +475,15 @@ class SqliteStore(IndexedStore):
             if now - self._last_purge > 60:
                 self._last_purge = now
                 cur.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
-                for key in [k for k, s in self._sessions.items() if s.expires_at <= now]:
+                for key in [k for k, (s, _) in self._sessions.items() if s.expires_at <= now]:
                     del self._sessions[key]
 
     def get_session(self, key: str) -> ApiSession | None:
-        s = self._sessions.get(key)
-        if s is None:
+        now = time.time()
+        hit = self._sessions.get(key)
+        if hit is not None and now - hit[1] <= SESSION_FRESH:
+            s = hit[0]
+        else:
             with self._read() as cur:
                 row = cur.execute(
                     "SELECT key, system, expires_at, customer_id, realm, extra "
@@ -485,9 +491,13 @@ class SqliteStore(IndexedStore):
                     (key,),
                 ).fetchone()
             if row is None:
+                self._sessions.pop(key, None)
                 return None
-            s = self._sessions[key] = ApiSession(*row)
-        if s.expires_at <= time.time():
+            s = ApiSession(*row)
+            if hit is not None and hit[0] == s:
+                s = hit[0]  # unchanged: the same object (callers cache by identity)
+            self._sessions[key] = (s, now)
+        if s.expires_at <= now:
             self._sessions.pop(key, None)
             return None
         return s
