@@ -446,6 +446,8 @@ def classify(
     if kind is _CUSTOMER:
         if not (creds.session_id or creds.access_token or creds.refresh_token) and creds.login:
             out.keys = _login_keys(realm, creds.login, "auth_info.login")
+        # a customer adding an account (a DID, ...) in its own session: recorded as an admin's
+        out.creates = _CREATE_METHOD.match(api_method) is not None
         return out
 
     # admin realms: an owner wins over merging and over the create rules

@@ -177,6 +177,8 @@ class Flows(Forwarder):
                 return await self.logout(ctx, rec)
             if c.action is Action.REFRESH:
                 return await self.refresh(ctx, rec)
+            if c.creates:  # what the customer adds is routed by every dispatcher at once
+                return await self.create(ctx, rec.system, rec.customer_id, {})
             return await self.forward(ctx, rec.system)
         if session_keys(c.creds):
             return await self.probe(ctx)

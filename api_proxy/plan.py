@@ -60,8 +60,8 @@ def plan(
         return None
     rec = find_session_of(d, c, keys)
     if kind is _CUSTOMER:
-        if rec is not None:
-            return None if action in (_LOGOUT, _REFRESH) else rec.system
+        if rec is not None:  # a create: recorded in the store by its flow
+            return None if action in (_LOGOUT, _REFRESH) or c.creates else rec.system
         if _names_session(c.creds):
             return None
         if c.keys:

@@ -19,6 +19,7 @@ from api_proxy.apicall import ApiCall
 from api_proxy.router import SessionRecord
 
 SYSTEMS = ("source", "target")
+DID_FIELDS = ("did_number", "did", "number", "phone_number")  # as api_proxy.classify routes by
 
 
 def session_key(kind: str, value: str) -> str:
@@ -180,8 +181,9 @@ def created(
     """(customer id, ``kind:value`` identities) of what a successful create made, or None.
 
     ``Customer/add_customer`` makes a customer (and its ``login``); ``Account/add_account``
-    an ``i_account`` with its ``id`` and ``login`` under ``account_info.i_customer``
-    (or the owner the request was routed by)."""
+    an ``i_account`` with its ``id``, ``login`` and DID (``did_number``, ...: the fields
+    a request names a DID by) under ``account_info.i_customer`` (or the owner the
+    request was routed by, or the customer whose session made it)."""
     p = call.params
     if call.method == "add_customer" or (call.service == "Customer" and "i_customer" in answer):
         cid = _text(answer.get("i_customer"))
@@ -201,5 +203,6 @@ def created(
             idents.append(f"account:{_text(info.get('id'))}")
         if _text(info.get("login")):
             idents.append(f"login:{_text(info.get('login'))}")
+        idents += [f"did:{v}" for v in dict.fromkeys(_text(info.get(f)) for f in DID_FIELDS) if v]
         return cid, idents
     return None

@@ -338,3 +338,26 @@ def test_a_session_changed_on_one_node_counts_on_the_other(tmp_path: Path) -> No
                 other_store.close()
 
     run(main)
+
+
+def test_what_a_customer_adds_in_its_own_session_is_recorded(tmp_path: Path) -> None:
+    """An account (with its DID) added by a customer in its self-care API session is routed
+    by SIP / RADIUS at once, as one an admin adds (found by an audit: nothing was recorded,
+    and the new account went by store.unknown, to the source, for good)."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            st, sess, _ = await env.call(CUSTOMER, LOGIN, {"login": "dave", "password": "secret"})
+            assert st == 200  # dave: customer 4, on the target
+            st, made, hdrs = await env.call(
+                CUSTOMER, "Account/add_account",
+                {"account_info": {"id": "400004", "login": "dave2", "did_number": "+1 555 777 0004"}},
+                {"session_id": sess["session_id"]},
+            )
+            assert st == 200 and hdrs["X-Billing-System"] == "MR115", made
+            for kind, value in (("account", "400004"), ("login", "dave2"), ("did", "15557770004"),
+                                ("i_account", str(made["i_account"]))):
+                d = env.store.decide(kind, value)
+                assert (d.customer_id, d.system) == ("4", "target"), (kind, value, d)
+
+    run(main)
