@@ -365,6 +365,17 @@ class ProxyCore:
                 if node is None:
                     return self._unavailable(msg, src)
                 return [self._forward(msg, ed, src, self._to_node(node), branch, None, system, "", now, trusted)]
+        if msg.to_tag and method != "REGISTER":
+            # in a dialog whose route set the phone dropped (no Route of ours): a Request-URI
+            # (or first Route) naming a system's node keeps the dialog there, no lookup (its
+            # customer may have moved since, or be locked by a batch in flight)
+            hop = self._next_hop(remaining, ruri_text)
+            at = self.health.node_at(hop[1], hop[2]) if hop is not None else None
+            if hop is not None and at is not None:
+                node = self.health.pick(at.system, (hop[1], hop[2]))
+                if node is None:
+                    return self._unavailable(msg, src)
+                return [self._forward(msg, ed, src, self._to_node(node), branch, None, at.system, "", now, trusted)]
         # out-of-dialog: who owns it?
         candidates = self._candidates(msg, trusted, src)
         if method == "REGISTER" and not trusted:

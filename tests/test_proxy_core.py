@@ -510,6 +510,30 @@ def test_in_dialog_requests_stay_on_the_dialog_system_without_lookup() -> None:
     assert router.decide_calls == []
 
 
+@pytest.mark.parametrize("state", ["active", "locked"])
+def test_in_dialog_request_without_route_stays_on_the_node_it_names(state: str) -> None:
+    """A phone that dropped the route set sends its BYE straight to the node's Contact: the
+    dialog stays there, with no lookup, even though its customer moved or is locked (found
+    by an audit: held until the flip, then sent to the new system, which knows no dialog)."""
+    core, router = make_core()
+    _call(core)
+    router.move("42", "target", state)
+    router.decide_calls.clear()
+    bye = request("BYE", f"sip:2000@{S1.host}:{S1.port}", to="<sip:2000@example.com>;tag=node-tag",
+                  cseq=2, branch="z9hG4bKnoroute")
+    send = one(core.handle_data(bye, PHONE, 1.0))
+    to_node(send, S1)
+    assert parse(send).method == "BYE" and router.decide_calls == []
+    # a node of the system that is down: the next node of the same system, never the other
+    mark_down(core, S1)
+    to_node(one(core.handle_data(bye.replace(b"noroute", b"noroute2"), PHONE, 2.0)), S2)
+    # an R-URI naming no node (the far phone's own Contact) is still looked up
+    other = request("BYE", "sip:2000@203.0.113.99:5070", to="<sip:2000@example.com>;tag=node-tag",
+                    cseq=3, branch="z9hG4bKnoroute3")
+    sends = core.handle_data(other, PHONE, 3.0)
+    assert router.decide_calls, sends
+
+
 def test_in_dialog_request_prefers_the_node_of_the_dialog() -> None:
     core, router = make_core()
     rr, _ = _call(core)
