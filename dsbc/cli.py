@@ -194,6 +194,9 @@ def load_cli_config(store_only: bool = False) -> Config:
 def open_cli_store(cfg: Config, create: bool = False) -> LocationStore:
     """The store without its in-memory index (one-shot commands read SQLite directly);
     only `dsbc import` creates a store that does not exist yet."""
+    if cfg.store.url.lower().startswith("sqlite:") and cfg.store.url.endswith(":memory:"):
+        raise CliError(f"store {cfg.store.url}: a store in memory keeps nothing past this command "
+                       "(give a file: sqlite:///path/location.db)")
     return open_store(cfg.store.url, cfg.store.unknown, load=False, create=create)
 
 

@@ -154,6 +154,8 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             )
         if self.url.startswith("sqlite:") and ("?" in self.url or "#" in self.url):
             raise ValueError(f"url: {self.url!r}: a sqlite URL takes a path only (no ?options)")
+        if self.url.startswith("sqlite:") and not self.url[len("sqlite:"):].strip("/"):
+            raise ValueError(f"url: {self.url!r} names no file (sqlite:///path/location.db)")
         if self.lock_hold < 0:
             raise ValueError("lock_hold: must be >= 0")
         if self.poll_interval <= 0:

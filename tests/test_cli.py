@@ -213,6 +213,22 @@ def test_only_import_creates_a_store(home: Path) -> None:
     assert dsbc("import", "customers.csv").exit_code == 0
 
 
+@pytest.mark.parametrize(("url", "message"), [
+    # found by an audit: a traceback (ValueError), a line of 1,100 characters of redis-py's
+    # object dump, and an import into a temporary database that said it imported
+    ("redis://127.0.0.1:99999/0", "bad store url 'redis://127.0.0.1:99999/0': Port out of range 0-65535"),
+    ("redis+sentinel://127.0.0.1:1/svc",
+     "opening the store failed: cannot reach redis+sentinel://127.0.0.1:1/svc (No master found for 'svc')"),
+    ("sqlite:///", "'sqlite:///' names no file (sqlite:///path/location.db)"),
+    ("sqlite:///:memory:", "store sqlite:///:memory:: a store in memory keeps nothing past this command "
+                           "(give a file: sqlite:///path/location.db)"),
+])
+def test_a_store_url_that_cannot_be_used_is_one_line(home: Path, url: str, message: str) -> None:
+    code = 1 if "cannot reach" in message else 2
+    for args in (["import", "customers.csv"], ["where", "account:a"]):
+        assert one_line_error(dsbc("--store", url, *args), code) == message
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["frob"], "dsbc: No such command 'frob'. (see dsbc --help)"),
     (["migrate", "--bogus"], "dsbc migrate: No such option '--bogus'. (see dsbc migrate --help)"),

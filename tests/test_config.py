@@ -181,6 +181,8 @@ def replace(old: str, new: str) -> str:
          "dsbc.toml:2: api.source: a user name or password in the URL is not used (no 'user:pass@')"),
         ('[store]\nurl = "sqlite:///var/lib/dsbc/location.db?mode=ro"\n',  # made a file named so
          "dsbc.toml:2: store.url: 'sqlite:///var/lib/dsbc/location.db?mode=ro': a sqlite URL takes a path only (no ?options)"),
+        ('[store]\nurl = "sqlite:///"\n',  # a temporary database: nothing kept
+         "dsbc.toml:2: store.url: 'sqlite:///' names no file (sqlite:///path/location.db)"),
         ('[sip]\ndrop_scanners = true\nscanner_user_agents = []\n',
          "dsbc.toml:3: sip.scanner_user_agents: empty while drop_scanners = true (nothing would be dropped)"),
         # TOML syntax

@@ -85,5 +85,8 @@ def open_store(
     if scheme in ("redis", "rediss", "redis+sentinel"):
         from .redis_store import RedisStore
 
-        return RedisStore(url, unknown, load=load, create=create, cache_file=cache_file)
+        try:
+            return RedisStore(url, unknown, load=load, create=create, cache_file=cache_file)
+        except ValueError as exc:  # redis-py on a URL it cannot use (a port out of range...)
+            raise StoreError(f"bad store url {url!r}: {exc}") from None
     raise StoreError(f"unsupported store url {url!r} (sqlite:///path or redis://host:port/db)")

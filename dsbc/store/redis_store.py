@@ -77,6 +77,13 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (redis.exceptions.RedisError, OSError)
 
 
+
+def _why(exc: BaseException) -> str:
+    """redis-py's reason, short: a Sentinel's "No master found for 'svc' : <redis.client.Redis(
+    <ConnectionPool(<Connection(...)>)>)>" is cut at its object dump, and any text at 300."""
+    text = str(exc).split(" : <", 1)[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
 class RedisStore(IndexedStore):
     def __init__(
         self,
@@ -155,14 +162,14 @@ class RedisStore(IndexedStore):
             return StoreUnavailable(f"{what} failed: {self.url} did not answer in time{tail}{hint}")
         tail = "; nothing was changed" if writing else ""
         if isinstance(exc, self._response_error):  # e.g. NOREPLICAS, READONLY, MISCONF
-            return StoreUnavailable(f"{what} failed: {self.url} refused it ({exc}){tail}{hint}")
-        return StoreUnavailable(f"{what} failed: cannot reach {self.url} ({exc}){tail}{hint}")
+            return StoreUnavailable(f"{what} failed: {self.url} refused it ({_why(exc)}){tail}{hint}")
+        return StoreUnavailable(f"{what} failed: cannot reach {self.url} ({_why(exc)}){tail}{hint}")
 
     def _went_down(self, exc: BaseException) -> None:
         if self._up or not self._reason:
-            log.warning("store %s unreachable (dispatching from memory): %s", self.url, exc)
+            log.warning("store %s unreachable (dispatching from memory): %s", self.url, _why(exc))
         self._up = False
-        self._reason = f"cannot reach {self.url}: {exc}"
+        self._reason = f"cannot reach {self.url}: {_why(exc)}"
 
     def _came_up(self) -> None:
         if not self._up:

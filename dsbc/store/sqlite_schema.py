@@ -60,12 +60,15 @@ def sqlite_path(url: str) -> str:
     rest = url[len("sqlite:") :]
     if rest.startswith("///"):
         path = rest[3:]
-        if path == ":memory:" or path.startswith(("./", "../")) or "/" not in path:
-            return path
-        return "/" + path.lstrip("/")
-    if rest.startswith("//"):
-        return rest[2:]
-    return rest
+        if path != ":memory:" and not path.startswith(("./", "../")) and "/" in path:
+            path = "/" + path.lstrip("/")
+    elif rest.startswith("//"):
+        path = rest[2:]
+    else:
+        path = rest
+    if not path.strip("/"):  # sqlite3 would open a temporary database: kept nowhere
+        raise StoreError(f"{url!r} names no file (sqlite:///path/location.db)")
+    return path
 
 
 def chunks(seq: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
