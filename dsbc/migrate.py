@@ -20,7 +20,14 @@ from collections.abc import Callable
 from typing import TextIO
 
 from .imports import ALIASES, InputError, file_format, json_items, read_text, some
-from .store import Customer, LocationStore, MigrationResult, StoreError, new_batch_id
+from .store import (
+    Customer,
+    LocationStore,
+    MigrationResult,
+    StoreError,
+    StoreUnavailable,
+    new_batch_id,
+)
 
 
 class BatchAborted(StoreError):
@@ -228,15 +235,39 @@ def move_batch(
             if progress is not None:
                 progress(len(total.moved) + len(total.already))
     except (Exception, KeyboardInterrupt) as exc:
-        if locked:
-            try:
-                store.unlock(sorted(locked))
-            except StoreError:
-                pass  # the original error says more; `dsbc migrate --force` unlocks them
+        left = _unlock(store, sorted(locked), sleep) if locked else []
+        if left:
+            # the store went away: they would stay locked (SIP 503 after lock_hold) with
+            # no word of it; say so, and how to unlock them where they are
+            frm = "source" if to == "target" else "target"
+            reason = (str(exc) or "interrupted").replace("; nothing was changed", "")
+            note = (f"; customer(s) {some(left)} stay locked on {frm} (the store could not be "
+                    f"reached to unlock them): dsbc migrate --force --to {frm} --customer ID ... "
+                    "unlocks them where they are")
+            if total.moved:
+                raise BatchAborted(reason + note, total) from exc
+            raise StoreUnavailable(f"{reason}{note}") from exc
         if total.moved:
             raise BatchAborted(str(exc) or "interrupted", total) from exc
         raise
     return total
+
+
+UNLOCK_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0)  # 15 s: a store restarted by its supervisor
+
+
+def _unlock(store: LocationStore, ids: list[str], sleep: Callable[[float], None]) -> list[str]:
+    """Unlock customers a failed batch locked, retrying while the store is away; the ids
+    still locked when it gives up (none when it could)."""
+    for pause in (0.0, *UNLOCK_RETRIES):
+        if pause:
+            sleep(pause)
+        try:
+            store.unlock(ids)
+            return []
+        except StoreError:
+            continue
+    return ids
 
 
 # --- registrations ------------------------------------------------------------------------

@@ -220,8 +220,8 @@ def test_only_import_creates_a_store(home: Path) -> None:
     ("redis+sentinel://127.0.0.1:1/svc",
      "opening the store failed: cannot reach redis+sentinel://127.0.0.1:1/svc (No master found for 'svc')"),
     ("sqlite:///", "'sqlite:///' names no file (sqlite:///path/location.db)"),
-    ("sqlite:///:memory:", "store sqlite:///:memory:: a store in memory keeps nothing past this command "
-                           "(give a file: sqlite:///path/location.db)"),
+    ("sqlite:///:memory:", ("store sqlite:///:memory:: a store in memory keeps nothing past this command "
+                            "(give a file: sqlite:///path/location.db)")),
 ])
 def test_a_store_url_that_cannot_be_used_is_one_line(home: Path, url: str, message: str) -> None:
     code = 1 if "cannot reach" in message else 2

@@ -23,7 +23,14 @@ from dsbc.migrate import (
     read_batch,
     wait_registrations,
 )
-from dsbc.store import Customer, GroupSplitError, Registration, StoreError, open_store
+from dsbc.store import (
+    Customer,
+    GroupSplitError,
+    Registration,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
 from dsbc.store.sqlite import SqliteStore
 
 
@@ -331,6 +338,50 @@ def test_failure_midway_unlocks_what_was_not_flipped(home: Path) -> None:
     got = {c: (x.system, x.state) for c, x in s.customers(["1", "2", "3", "4"]).items()}
     assert got == {"1": ("target", "active"), "2": ("target", "active"),
                    "3": ("source", "active"), "4": ("source", "active")}
+
+
+class GoneStore(SqliteStore):
+    """The store goes away during the lock window: the flip fails, and so do the first
+    ``unlock_failures`` unlocks (a Redis restarting under its supervisor)."""
+
+    unlock_failures = 0
+
+    def migrate(self, customer_ids, to, who="cli", batch_id=None, dry_run=False):  # type: ignore[no-untyped-def]
+        if not dry_run:
+            raise StoreUnavailable("migrating failed: cannot reach redis://x (refused); nothing was changed")
+        return super().migrate(customer_ids, to, who, batch_id, dry_run)
+
+    def unlock(self, customer_ids):  # type: ignore[no-untyped-def]
+        if self.unlock_failures:
+            self.unlock_failures -= 1
+            raise StoreUnavailable("unlocking failed: cannot reach redis://x")
+        return super().unlock(customer_ids)
+
+
+@pytest.mark.parametrize("failures", [3, 100])
+def test_a_store_lost_in_the_lock_window_unlocks_when_it_is_back_or_says_who_stays_locked(
+        home: Path, failures: int) -> None:
+    """Found by an audit: Redis killed during `--lock-for`, `dsbc migrate` said "nothing was
+    changed" and the customers stayed locked (every call 503) with no word of it."""
+    s = GoneStore(str(home / "loc.db"))
+    s.unlock_failures = failures
+    pauses: list[float] = []
+    with pytest.raises(StoreUnavailable) as err:
+        move_batch(s, ["1", "2"], "target", lock_for=1, sleep=pauses.append)
+    states = {c.state for c in s.customers(["1", "2"]).values()}
+    if failures == 3:  # back within the retries: unlocked, and the store's own error stands
+        assert states == {"active"} and pauses == [1, 0.5, 1.0, 2.0]
+        assert str(err.value).endswith("; nothing was changed")
+    else:
+        assert states == {"locked"} and sum(pauses) == 1 + 15.5
+        assert str(err.value) == (
+            "migrating failed: cannot reach redis://x (refused); customer(s) 1, 2 stay locked on "
+            "source (the store could not be reached to unlock them): dsbc migrate --force --to "
+            "source --customer ID ... unlocks them where they are")
+        s.unlock_failures = 0
+        assert dsbc("migrate", "--force", "--to", "source", "--customer", "1", "--customer", "2").exit_code == 0
+        s.refresh()  # what the command did, in this store's index
+        assert {(c.system, c.state) for c in s.customers(["1", "2"]).values()} == {("source", "active")}
 
 
 def test_interrupt_during_the_lock_window_unlocks(home: Path) -> None:
