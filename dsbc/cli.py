@@ -34,6 +34,7 @@ from .migrate import (
     BatchAborted,
     LockedByBatch,
     Progress,
+    check_batch,
     check_customer_id,
     longest_registration,
     move_batch,
@@ -472,7 +473,7 @@ def migrate(
         return _migrate_through_node(cfg, node, ids, to, who, dry_run, prepare, batch_size, lock_for, force)
     with open_cli_store(cfg) as store:
         if dry_run or prepare:
-            return _check_or_prepare(cfg, store, ids, to, who, prepare and not dry_run)
+            return _check_or_prepare(cfg, store, ids, to, who, prepare and not dry_run, force)
         expected = phones_by_account(store, ids)  # before the flip: who is registered now
         bar = _progress(len(ids), f"migrate to {to}")
         try:
@@ -514,9 +515,12 @@ def _report_unknown(unknown: list[str], known: int) -> int:
 
 
 def _check_or_prepare(
-    cfg: Config, store: LocationStore, ids: list[str], to: str, who: str, prepare: bool
+    cfg: Config, store: LocationStore, ids: list[str], to: str, who: str, prepare: bool,
+    force: bool = False,
 ) -> int:
-    check = store.migrate(ids, to, who=who, dry_run=True)  # GroupSplitError: exit 2
+    # GroupSplitError: exit 2; LockedByBatch (a dry run checks what the run would): exit 1
+    check = (store.migrate(ids, to, who=who, dry_run=True) if prepare
+             else check_batch(store, ids, to, who=who, force=force))
     if prepare:
         expires = cfg.sip.migration_expires
         store.prepare(check.moved, expires)

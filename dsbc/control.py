@@ -43,7 +43,7 @@ from aiohttp import web
 from .config import Config, parse_hostport
 from .imports import import_refusal, some
 from .metrics import read_snapshots, render, summarize
-from .migrate import BatchAborted, LockedByBatch, move_batch
+from .migrate import BatchAborted, LockedByBatch, check_batch, move_batch
 from .store import (
     SYSTEMS,
     BadIdentity,
@@ -401,7 +401,10 @@ class ControlService:
         if unknown_keys:
             raise ApiError(400, f"unknown field(s) {', '.join(sorted(unknown_keys))}")
         if dry_run or prepare:
-            check = await asyncio.to_thread(self.store.migrate, ids, to, who, None, True)
+            if prepare and not dry_run:
+                check = await asyncio.to_thread(self.store.migrate, ids, to, who, None, True)
+            else:  # what the run would refuse, a dry run refuses (409 locked, group split)
+                check = await asyncio.to_thread(lambda: check_batch(self.store, ids, to, who=who, force=force))
             _only_unknown(check)
             out = {"dry_run": True, "batch_id": "", "to": to, "moved": check.moved,
                    "already": check.already, "unknown": check.unknown}

@@ -180,6 +180,22 @@ class LockedByBatch(StoreError):
         )
 
 
+def _held(customers: dict[str, Customer]) -> dict[str, str]:
+    """Customer id -> the batch that holds it locked."""
+    return {cid: c.batch_id for cid, c in customers.items() if c.state == "locked"}
+
+
+def check_batch(store: LocationStore, ids: list[str], to: str, *, who: str = "cli",
+                force: bool = False) -> MigrationResult:
+    """What `move_batch` would do, changing nothing (a dry run): GroupSplitError and
+    LockedByBatch as it would raise them."""
+    check = store.migrate(ids, to, who=who, dry_run=True)
+    held = _held(store.customers(check.moved + check.already))
+    if held and not force:
+        raise LockedByBatch(held)
+    return check
+
+
 def move_batch(
     store: LocationStore,
     ids: list[str],
@@ -203,7 +219,7 @@ def move_batch(
     known = [cid for cid in ids if cid not in unknown]
     to_lock = set(check.moved)
     customers = store.customers(known)
-    held = {cid: c.batch_id for cid, c in customers.items() if c.state == "locked"}
+    held = _held(customers)
     if held and not force:
         raise LockedByBatch(held)
     stale = sorted(cid for cid in held if cid not in to_lock)

@@ -277,6 +277,11 @@ def test_force_takes_over_customers_a_dead_migration_left_locked(home: Path) -> 
     s.lock(["2"], "b-dead")
     r = dsbc("migrate", "--customer", "1", "--customer", "2")
     assert r.exit_code == 1 and "locked by batch b-dead" in r.stderr and "--force" in r.stderr
+    # a dry run says what the run would (found by an audit: "would move 1", exit 0)
+    r = dsbc("migrate", "--customer", "1", "--customer", "2", "--dry-run")
+    assert r.exit_code == 1 and "locked by batch b-dead" in r.stderr, r.output
+    r = dsbc("migrate", "--customer", "1", "--customer", "2", "--dry-run", "--force")
+    assert r.exit_code == 0 and "would move: 1" in r.stdout, r.output
     r = dsbc("migrate", "--customer", "1", "--customer", "2", "--force")
     assert r.exit_code == 0, r.output
     s.refresh()

@@ -177,6 +177,8 @@ def test_customers_locked_by_another_batch_are_refused_409(node: Dsbc) -> None:
     status, body = node.control("POST", "/v1/migrations", {"customers": ["1", "2"], "to": "target"})
     assert status == 409 and body["locked"] == {"2": "b-in-flight"}, body
     assert node.control("GET", "/v1/identities/account/a1")[1]["system"] == "source"  # nothing moved
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["1", "2"], "dry_run": True})
+    assert status == 409 and body["locked"] == {"2": "b-in-flight"}, body  # as the run would
     status, body = node.control("POST", "/v1/migrations", {"customers": ["2"], "to": "target", "force": True})
     assert status == 200 and body["moved"] == ["2"], body
     status, body = node.control("POST", "/v1/migrations", {"customers": ["2"], "to": "source"})
