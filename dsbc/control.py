@@ -60,6 +60,7 @@ log = logging.getLogger("dsbc.control")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 COUNTS_TTL = 10.0  # seconds a store count is reused by /metrics (a count may scan)
+COUNTS_WAIT = 2.0  # seconds /metrics and /v1/status wait for the store (a hung Redis)
 MAX_BODY = 64 * 1024 * 1024
 
 
@@ -115,6 +116,7 @@ class ControlService:
         self.migrations: Counter[str] = Counter()
         self.moved: Counter[str] = Counter()
         self._counts: tuple[float, dict[str, Any]] = (0.0, {})
+        self._reading: asyncio.Future[tuple[dict[str, Any], list[Any]]] | None = None
         self._write_lock = asyncio.Lock()
         self.app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
         r = self.app.router
@@ -266,16 +268,29 @@ class ControlService:
         strict = request.query.get("strict", "") not in ("", "0", "false", "no")
         return _json({"status": status, **body}, 503 if degraded and strict else 200)
 
+    async def _store_view(self) -> tuple[dict[str, Any], list[Any]]:
+        """The store's counts and last 10 batches, read in a thread; StoreError, or
+        TimeoutError after COUNTS_WAIT (a Redis that stopped answering holds a read for
+        its socket timeout: a Prometheus scrape must not).  One read at a time: the next
+        call waits for the one under way rather than start another thread."""
+        if self._reading is None or self._reading.done():
+            def read() -> tuple[dict[str, Any], list[Any]]:
+                return self.store.counts(), self.store.batches(10)
+
+            self._reading = asyncio.ensure_future(asyncio.to_thread(read))
+            # an answer nobody waited for (a timeout) must not log "never retrieved"
+            self._reading.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.wait_for(asyncio.shield(self._reading), COUNTS_WAIT)
+
     async def _store_counts(self) -> dict[str, Any]:
         at, counts = self._counts
         if time.monotonic() - at < COUNTS_TTL:
             return counts
         try:
-            counts = await asyncio.to_thread(self.store.counts)
-            last = await asyncio.to_thread(self.store.batches, 1)
-            counts = {**counts, "_last_batch_ts": last[0].ts if last else 0}
-        except StoreError as exc:
-            log.debug("counts unavailable: %s", exc)
+            fresh, last = await self._store_view()
+            counts = {**fresh, "_last_batch_ts": last[0].ts if last else 0}
+        except (StoreError, TimeoutError) as exc:
+            log.debug("counts unavailable: %s", exc or "the store did not answer in time")
             counts = {k: v for k, v in counts.items()}  # the last known ones
         self._counts = (time.monotonic(), counts)
         return counts
@@ -448,14 +463,17 @@ class ControlService:
                                          "healthy": bool(self.store.healthy),
                                          "reason": getattr(self.store, "reason", "")}}
         try:
-            out["store"]["counts"] = await asyncio.to_thread(self.store.counts)
+            counts, batches = await self._store_view()
+            out["store"]["counts"] = counts
             out["store"]["batches"] = [
                 {"batch_id": b.batch_id, "ts": b.ts, "who": b.who, "from": b.from_system,
                  "to": b.to_system, "customers": b.customers, "note": b.note}
-                for b in await asyncio.to_thread(self.store.batches, 10)
+                for b in batches
             ]
         except StoreError as exc:
             out["store"]["error"] = str(exc)
+        except TimeoutError:
+            out["store"]["error"] = f"the store did not answer within {COUNTS_WAIT:g} s"
         return _json(out)
 
 

@@ -7,6 +7,7 @@ node reports its systems down (health: degraded, still 200).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -270,3 +271,44 @@ def test_wrong_method_says_allow_and_scanned_paths_stay_one_counter(node: Dsbc) 
             break
         time.sleep(0.2)
     assert requests.get("other", 0) >= 30 and not any(k.startswith("admin") for k in requests), requests
+
+
+def test_metrics_and_status_do_not_wait_out_a_hung_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: with Redis stopped (SIGSTOP), /metrics and /v1/status took the
+    10 s socket timeout, so Prometheus' scrape failed and `dsbc status` called a live node
+    unreachable.  Now they wait COUNTS_WAIT at most, and one read runs at a time."""
+    import asyncio
+    import threading
+
+    from dsbc import control
+    from dsbc.config import Config
+    from dsbc.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+    release = threading.Event()
+    reads: list[int] = []
+
+    def hung_counts() -> dict[str, int]:
+        reads.append(1)
+        release.wait(10)
+        return {"customers": 0}
+
+    monkeypatch.setattr(store, "counts", hung_counts)
+    monkeypatch.setattr(control, "COUNTS_WAIT", 0.2)
+    svc = control.ControlService(Config(), store, None)
+
+    async def main() -> None:
+        for _ in range(3):
+            resp = await asyncio.wait_for(svc.metrics(None), 5)  # type: ignore[arg-type]
+            assert resp.status == 200 and "dsbc_" in (resp.text or "")
+            svc._counts = (0.0, svc._counts[1])  # as if COUNTS_TTL had passed
+        resp = await asyncio.wait_for(svc.status_handler(None), 5)  # type: ignore[arg-type]
+        assert json.loads(resp.text or "")["store"]["error"] == "the store did not answer within 0.2 s"
+        assert len(reads) == 1  # the hung read was waited for again, not started again
+        release.set()
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+        store.close()
