@@ -251,10 +251,13 @@ token = "demo-token"
             while True:
                 changed = store.refresh()
                 if changed:
-                    found = ((c, store.customer(c)) for c in changed)
-                    placement = [(c, rec.system) for c, rec in found if rec is not None]
-                    sync_systems(self.systems["source"]["billing"], self.systems["target"]["billing"], placement)
-                await asyncio.sleep(0.5)
+                    found = [(c, store.customer(c)) for c in changed]
+                    placement = [(c, rec.system) for c, rec in found if rec is not None and rec.state == "active"]
+                    copying = [c for c, rec in found
+                               if rec is not None and rec.state == "locked" and rec.system == "source"]
+                    sync_systems(self.systems["source"]["billing"], self.systems["target"]["billing"],
+                                 placement, copying)
+                await asyncio.sleep(0.05)  # as store.poll_interval: the dispatchers see it no sooner
         finally:
             store.close()
 

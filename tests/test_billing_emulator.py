@@ -217,6 +217,13 @@ def test_sync_systems_follows_the_store() -> None:
             assert sync_systems(src, tgt, placement) == 1
             assert not src.data.customers[1].exported and 1 not in tgt.data.customers
             assert tgt.data.find_account(id="100001") is None
+            # a batch holds customer 1 locked (its copy window): the target has a copy at once,
+            # the source still serves it (found by an audit: a login held in the demo during
+            # a migration reached the target before the demo had copied the customer)
+            assert sync_systems(src, tgt, [], copying=["1"]) == 0
+            assert 1 in tgt.data.customers and not src.data.customers[1].exported
+            assert sync_systems(src, tgt, [("1", "target")]) == 0  # the flip: exported now
+            assert src.data.customers[1].exported
         finally:
             await src.stop()
             await tgt.stop()

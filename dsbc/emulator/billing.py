@@ -383,15 +383,26 @@ async def start_billing_emulator(
 
 
 def sync_systems(
-    source: BillingEmulator, target: BillingEmulator, placement: Iterable[tuple[str, str]]
+    source: BillingEmulator,
+    target: BillingEmulator,
+    placement: Iterable[tuple[str, str]],
+    copying: Iterable[str] = (),
 ) -> int:
     """Make the two systems agree with the store after ``dsbc migrate`` / ``rollback``.
 
     ``placement`` is ``(customer_id, system)`` per customer (e.g. from the store's
     customers); a customer now on the target is exported by the source and imported by
-    the target, one back on the source is removed from the target.  Returns how many
-    customers moved.  The demo calls this after each store refresh."""
+    the target, one back on the source is removed from the target.  ``copying``: source
+    customers a batch holds locked (its data-copy window): the target gets their copy
+    now, as the operator's export would, so that what the batch held (a login) finds
+    them there at the flip.  Returns how many customers moved.  The demo calls this after
+    each store refresh."""
     moved = 0
+    for cid in copying:
+        i = int(cid) if cid.isdigit() else -1
+        if i in source.data.customers and i not in target.data.customers:
+            target.import_customer(source.export_customer(i))
+            source.data.customers[i].exported = False  # still served there until the flip
     for cid, system in placement:
         if not cid.isdigit():
             continue
