@@ -7,7 +7,7 @@ a registration wait that timed out, an unknown identity for ``where``, a store t
 cannot be written), 2 bad usage or bad input (only unknown customer ids included),
 always with one line on stderr and no traceback.
 
-Other modules add commands (``run``, ``demo``, ``replay``): `_PLUGINS` names them, and
+Other modules add commands (``run``, ``demo``, ``replay``, ``audit``): `_PLUGINS` names them, and
 they are imported only when asked for (``dsbc where`` does not import the runner).
 Use `config_options` and `load_cli_config` in them for the same ``-c`` handling.
 """
@@ -55,7 +55,8 @@ from .store import (
     parse_identity,
 )
 
-_PLUGINS = ["dsbc.runner:run_command", "dsbc.demo:demo_command", "dsbc.replay:replay_command"]
+_PLUGINS = ["dsbc.runner:run_command", "dsbc.demo:demo_command", "dsbc.replay:replay_command",
+            "dsbc.auditlog:audit_command"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

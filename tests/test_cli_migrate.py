@@ -501,3 +501,27 @@ def test_import_does_not_move_a_stored_customer_to_another_system(home: Path) ->
     (home / "again.csv").write_text("customer_id,identities\n1,account:u1;did:5550101\n")
     assert dsbc("import", "again.csv").exit_code == 0
     assert system_of(home, "1") == "target" and store_at(home).lookup("did", "5550101") is not None
+
+
+def test_audit_shows_who_moved_whom_when_by_batch_and_by_customer(home: Path) -> None:
+    """SPEC 1: migrations are recorded in an audit log (who, when, from, to, batch id);
+    found by an audit: written, but only batch summaries could be read."""
+    import json
+
+    first = dsbc("migrate", "--customer", "1", "--customer", "2", "--who", "alice").stdout
+    bid = first.split("batch ")[1].split()[0].rstrip(";")
+    assert dsbc("rollback", bid, "--who", "bob").exit_code == 0
+    r = dsbc("audit", "--batch", bid)
+    lines = r.stdout.splitlines()
+    assert r.exit_code == 0 and len(lines) == 2, r.output
+    assert all(f"  {bid}  alice  customer " in ln and ln.endswith("source -> target") for ln in lines)
+    r = dsbc("audit", "--customer", "1", "--json")
+    moves = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert [(m["who"], m["from"], m["to"]) for m in moves] == [("alice", "source", "target"),
+                                                                ("bob", "target", "source")]
+    assert moves[1]["note"] == f"rollback of {bid}" and moves[0]["batch_id"] == bid
+    assert len(dsbc("audit").stdout.splitlines()) == 4 and len(dsbc("audit", "--limit", "1").stdout.splitlines()) == 1
+    r = dsbc("audit", "--batch", "b-nope")
+    assert r.exit_code == 1 and r.stderr.strip() == "no audit entries for batch b-nope"
+    r = dsbc("audit", "--customer", "3")
+    assert r.exit_code == 1 and r.stderr.strip() == "no audit entries for customer 3"
