@@ -346,6 +346,9 @@ class ControlService:
         body = await self._body(request)
         if body.get("identities") is None:
             raise ApiError(400, "missing field 'identities' (a list of KIND:VALUE)")
+        named = body.get("customer_id", cid)
+        if str(named) != cid or isinstance(named, bool):  # not silently the path's
+            raise ApiError(400, f"customer_id: {named!r} in the body is not {cid!r} of the path")
         row = {"customer_id": cid, **{k: v for k, v in body.items() if k != "customer_id"}}
         try:
             clean = clean_row(row)
@@ -443,6 +446,9 @@ class ControlService:
         batch_id = request.match_info["batch_id"].strip()
         body = await self._body(request)
         who = self._who(body, request)
+        unknown_keys = set(body) - {"who"}
+        if unknown_keys:
+            raise ApiError(400, f"unknown field(s) {', '.join(sorted(unknown_keys))}")
         try:
             r = await self._write(lambda: self.store.rollback(batch_id, who=who))
         except StoreError as exc:

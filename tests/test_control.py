@@ -89,6 +89,10 @@ def test_bad_input_is_400_with_a_reason(node: Dsbc) -> None:
         ("PUT", "/v1/customers/9", {"identities": ["did:abc"]}, "is not a number"),
         ("PUT", "/v1/customers/9", {"identities": ["account:x"], "system": "moon"}, "is not source or target"),
         ("GET", "/v1/identities/colour/blue", None, "unknown identity kind"),
+        # found by an audit: ignored silently
+        ("PUT", "/v1/customers/8", {"customer_id": "9", "identities": ["account:x8"]},
+         "customer_id: '9' in the body is not '8' of the path"),
+        ("POST", "/v1/migrations/b-1/rollback", {"bogus": 1}, "unknown field(s) bogus"),
     ]
     for method, path, body, reason in cases:
         status, answer = node.control(method, path, body)

@@ -434,7 +434,7 @@ class RedisStore(IndexedStore):
             created = self._w.set(self.prefix + "epoch", epoch, nx=True)
         except self._errors as exc:
             created = False
-            raise self._unavailable("creating the store", exc) from None
+            raise self._unavailable("writing to the store", exc) from None
         finally:
             if mine and not created:
                 self._epoch = ""  # another one was there: the watcher reloads from it
