@@ -525,26 +525,31 @@ def _check_or_prepare(
     if prepare:
         expires = cfg.sip.migration_expires
         store.prepare(check.moved, expires)
-        wait = longest_registration(store, check.moved)
-        click.echo(
-            f"registration expiry capped at {expires} s for {len(check.moved)} customers "
-            f"(already on {to} {len(check.already)}, unknown {len(check.unknown)})"
-        )
-        if wait > 0:
-            click.echo(
-                f"wait {wait:.0f} s for their phones to re-register with the cap, then migrate: "
-                f"phones will re-register within {expires} s of the flip"
-            )
-        else:
-            click.echo(
-                f"no phone of the batch is registered now: phones will re-register within "
-                f"{expires} s of the flip"
-            )
+        _prepared(check, expires, longest_registration(store, check.moved))
     else:
         click.echo(summary(check))
         if check.moved:
             click.echo(f"would move: {some(check.moved)}")
     return _report_unknown(check.unknown, len(check.moved) + len(check.already))
+
+
+def _prepared(check: MigrationResult, expires: int, wait: float, through: str = "") -> None:
+    """What `dsbc migrate --prepare` did, and how long to wait before the flip."""
+    to = check.to
+    click.echo(
+        f"registration expiry capped at {expires} s for {len(check.moved)} customers "
+        f"(already on {to} {len(check.already)}, unknown {len(check.unknown)}){through}"
+    )
+    if wait > 0:
+        click.echo(
+            f"wait {wait:.0f} s for their phones to re-register with the cap, then migrate: "
+            f"phones will re-register within {expires} s of the flip"
+        )
+    else:
+        click.echo(
+            f"no phone of the batch is registered now: phones will re-register within "
+            f"{expires} s of the flip"
+        )
 
 
 def _migrate_through_node(
@@ -564,12 +569,11 @@ def _migrate_through_node(
     data = _node_call(lambda: client.call("POST", "/v1/migrations", body))
     result = _node_result(data, to, dry_run=bool(data.get("dry_run")))
     if prepare and not dry_run:
-        click.echo(
-            f"registration expiry capped at {data.get('expires')} s for {data.get('prepared', 0)} "
-            f"customers (already on {to} {len(result.already)}, unknown {len(result.unknown)})"
-        )
+        _prepared(result, int(data.get("expires", 0)), float(data.get("wait", 0)), f" (through {client.base})")
     else:
-        click.echo(f"{summary(result)} (through {client.base})")
+        reg = data.get("registered")
+        phones = (int(reg.get("on", 0)), int(reg.get("of", 0))) if isinstance(reg, dict) else None
+        click.echo(f"{summary(result, phones)} (through {client.base})")
         if result.dry_run and result.moved:
             click.echo(f"would move: {some(result.moved)}")
     return _report_unknown(result.unknown, len(result.moved) + len(result.already))

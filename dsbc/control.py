@@ -10,7 +10,8 @@ over HTTP on ``control.listen``, run by worker 0 of ``dsbc run``.
     PUT  /v1/customers/{customer_id}       {identities: [...], system?, group?}
     POST /v1/migrations                    {customers: [...], to?: "target", dry_run?, prepare?,
                                             lock_for?, batch_size?, who?}
-                                           -> {batch_id, moved, already, unknown, ...}
+                                           -> {batch_id, moved, already, unknown,
+                                               registered: {on, of}, ...}
     POST /v1/migrations/{batch_id}/rollback  {who?}
     GET  /v1/status                        the workers' snapshots summed, store counts, batches
 
@@ -43,7 +44,15 @@ from aiohttp import web
 from .config import Config, parse_hostport
 from .imports import import_refusal, some
 from .metrics import read_snapshots, render, summarize
-from .migrate import BatchAborted, LockedByBatch, check_batch, move_batch
+from .migrate import (
+    BatchAborted,
+    LockedByBatch,
+    check_batch,
+    longest_registration,
+    move_batch,
+    phones_by_account,
+    phones_on,
+)
 from .store import (
     SYSTEMS,
     BadIdentity,
@@ -429,18 +438,22 @@ class ControlService:
             if prepare and not dry_run:
                 expires = self.cfg.sip.migration_expires
                 await self._write(lambda: self.store.prepare(check.moved, expires))
-                out.update(dry_run=False, prepared=len(check.moved), expires=expires)
+                wait = await asyncio.to_thread(longest_registration, self.store, check.moved)
+                out.update(dry_run=False, prepared=len(check.moved), expires=expires, wait=round(wait))
             return _json(out)
+        expected = await asyncio.to_thread(phones_by_account, self.store, ids)  # before the flip
         result = await self._write(lambda: move_batch(self.store, ids, to, who=who, batch_size=batch_size,
                                                       lock_for=lock_for, force=force))
         _only_unknown(result)
+        on = await asyncio.to_thread(phones_on, self.store, result.moved + result.already, to, expected)
         self.migrations[to] += 1
         self.moved[to] += len(result.moved)
         log.info("migration %s by %s: %d moved to %s, %d already there, %d unknown",
                  result.batch_id, who, len(result.moved), to, len(result.already), len(result.unknown))
         # nothing moved: no batch was recorded, so no id to roll back (as `dsbc migrate` says)
         return _json({"batch_id": result.batch_id if result.moved else "", "to": to, "moved": result.moved,
-                      "already": result.already, "unknown": result.unknown, "dry_run": False})
+                      "already": result.already, "unknown": result.unknown, "dry_run": False,
+                      "registered": {"on": on, "of": sum(expected.values())}})
 
     async def rollback(self, request: web.Request) -> web.Response:
         batch_id = request.match_info["batch_id"].strip()
