@@ -412,6 +412,7 @@ def summary_data(cap: Capture, cl: Classifier, s: Summary) -> dict[str, Any]:
         "tcp_gaps": cap.tcp_gaps,
         "framing_errors": cap.framing_errors,
         "incomplete": cap.incomplete,
+        "cut_short": cap.cut_short,
         "per_decision": dict(s.by_decision.most_common()),
         "per_method": dict(s.by_method.most_common()),
         "unknown_identities": dict(s.unknown.most_common(20)),
@@ -452,6 +453,8 @@ def print_text_summary(cfg: Config, d: dict[str, Any], out: TextIO) -> None:
     w = out.write
     notes = [_n(d["skipped_packets"], "non-SIP packet skipped", "non-SIP packets skipped")]
     notes += [_n(d[k], *names) for k, names in _COUNTS.items() if d[k]]
+    if d["cut_short"]:
+        notes.append("the file is cut short: its last packet is incomplete")
     w(
         f"\n{_n(d['requests'], 'request')}, {_n(d['responses'], 'response')} "
         f"in {_n(d['packets'], 'packet')} ({'; '.join(notes)})\n"

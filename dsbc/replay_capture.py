@@ -62,6 +62,7 @@ class Capture(msgspec.Struct):
     tcp_gaps: int = 0  # holes in a SIP stream (segments missing from the capture)
     framing_errors: int = 0
     incomplete: int = 0  # a SIP message cut off at the end of the capture
+    cut_short: bool = False  # the file ends inside a packet (a capture copied or killed mid-write)
 
 
 # --- reading a capture ----------------------------------------------------------------------
@@ -93,8 +94,39 @@ def read_capture(path: str) -> Capture:
     except OSError as exc:
         raise CaptureError(f"{path}: cannot read: {exc.strerror or exc}") from None
     reader.finish()
+    cap.cut_short = _cut_short(path)
     cap.messages.sort(key=lambda m: m.time)  # stable: same-time messages keep their order
     return cap
+
+
+def _cut_short(path: str) -> bool:
+    """The file ends inside a record: walks the pcap record headers (16 bytes, the
+    captured length at offset 8) or the pcapng blocks (their total length at offset 4),
+    which the reader above stops at without a word."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    magic = data[:4]
+    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+        order = "<" if magic[0] in (0xD4, 0x4D) else ">"
+        at, head, length_at = 24, 16, 8
+    elif magic == b"\x0a\x0d\x0d\x0a" and len(data) >= 12:
+        order = "<" if data[8:12] == b"\x4d\x3c\x2b\x1a" else ">"
+        at, head, length_at = 0, 0, 4
+    else:
+        return False
+    if len(data) < at:
+        return True
+    while at < len(data):
+        if at + max(head, 12) > len(data):
+            return True
+        (length,) = struct.unpack_from(order + "I", data, at + length_at)
+        if head == 0 and length < 12:  # a pcapng block is 12 bytes at least: not ours to judge
+            return False
+        at += head + length
+    return at > len(data)
 
 
 class _Segment(msgspec.Struct, gc=False):

@@ -424,6 +424,20 @@ def test_pcapng_raw_ip_and_tcp_gap(home: Path) -> None:
     assert lines_for(out, "reg-tcp") and lines_for(out, "opt-tcp")
 
 
+def test_a_capture_cut_short_says_so(home: Path) -> None:
+    """Found by an audit: `head -c 100 cap.pcap` replayed as "0 requests ... 1 non-SIP
+    packet skipped", exit 0, with no word that the file ends inside a packet."""
+    segs = tcp_segments(0.0, ether=False)
+    for name, write in (("whole.pcap", wrpcap), ("whole.pcapng", wrpcapng)):
+        write(str(home / name), segs)
+        data = (home / name).read_bytes()
+        (home / f"cut-{name}").write_bytes(data[: len(data) - 7])
+        assert "cut short" not in dsbc("replay", name).stdout
+        r = dsbc("replay", f"cut-{name}")
+        assert r.exit_code == 0 and "the file is cut short: its last packet is incomplete" in r.stdout, r.stdout
+        assert json.loads(dsbc("replay", f"cut-{name}", "--format", "json").stdout)["summary"]["cut_short"] is True
+
+
 @pytest.mark.parametrize("content", [None, b"", b"garbage, not a capture" * 10, "dir"])
 def test_bad_capture_files_exit_2(home: Path, content: bytes | str | None) -> None:
     path = home / "bad.pcap"
