@@ -58,11 +58,14 @@ def file_format(path: str, text: str) -> str:
 
 
 def _csv_rows(name: str, text: str) -> Iterator[tuple[int, dict[str, object]]]:
-    reader = csv.reader(io.StringIO(text))
+    # strict: a quote left open swallows the rest of the file into one field, a quote
+    # closed mid-field glued what followed to it; both are errors at the row's first line
+    reader = csv.reader(io.StringIO(text), strict=True)
     header: list[str] | None = None
+    end = 0  # the last line of the row read before (a quoted field may span lines)
     try:
         for fields in reader:
-            line = reader.line_num
+            line, end = end + 1, reader.line_num
             if (
                 not fields
                 or not any(f.strip() for f in fields)
@@ -91,7 +94,8 @@ def _csv_rows(name: str, text: str) -> Iterator[tuple[int, dict[str, object]]]:
                 )
             yield line, {h: f.strip() for h, f in zip(header, fields)}
     except csv.Error as exc:
-        raise InputError(f"{name}:{reader.line_num}: {exc}") from None
+        why = "a quote opened here is never closed" if "end of data" in str(exc) else str(exc)
+        raise InputError(f"{name}:{end + 1}: {why}") from None
     if header is None:
         raise InputError(f"{name}: no customers in the file (expected a header ({', '.join(COLUMNS)}) and rows)")
 

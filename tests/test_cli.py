@@ -98,6 +98,13 @@ def test_import_jsonl_and_json_array(home: Path) -> None:
          "customers.csv:3: account:a already belongs to customer 1 (line 2)"),
         ("customers.csv", "customer_id,identities\n1,account:a,extra\n",
          "customers.csv:2: 3 fields, the header has 2"),
+        # a quote left open: the row where it opens, not the end of the file (found by an audit)
+        ("customers.csv", 'customer_id,identities\n1,"account:a\n2,account:b\n3,account:c\n',
+         "customers.csv:2: a quote opened here is never closed"),
+        ("customers.csv", 'customer_id,identities\n1,account:a\n2,"account:b"x\n',
+         "customers.csv:3: ',' expected after '\"'"),
+        ("customers.csv", 'customer_id,identities\n1,"account:a;\ndid:1"\n2,did:x\n',
+         "customers.csv:4: did:'x' is not a number"),
         ("customers.csv", "customer_id,identities,system\n1,account:a,sideways\n",
          "customers.csv:2: system: 'sideways' is not source or target"),
         ("customers.csv", "customer_id,identities\n1,phone:123\n",
