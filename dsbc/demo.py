@@ -464,12 +464,19 @@ async def run_demo(workdir: Path, sip_port: int, api_port: int, duration: float 
         await demo.stop()
 
 
+def _config_options(f: Any) -> Any:
+    from .cli import config_options
+
+    return config_options(f)
+
+
 @click.command("demo")
 @click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None, help="Where to write the demo's config, store and logs (default: a new temporary directory).")
 @click.option("--sip-port", default=5060, show_default=True, help="Preferred SIP port (a free one is used if taken).")
 @click.option("--api-port", default=8080, show_default=True, help="Preferred API port.")
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds instead of waiting for Ctrl-C.")
 @click.option("--check", is_flag=True, help="Send one request of each kind through dsbc, migrate a customer, show the result, then stop.")
+@_config_options  # taken as every command takes them, to say why the demo does not use them
 def demo_command(workdir: str | None, sip_port: int, api_port: int, duration: float | None, check: bool) -> None:
     """Start a complete local demo: dsbc and two emulated systems (MR100, MR115) on loopback."""
     meta = click.get_current_context().find_root().meta

@@ -354,10 +354,11 @@ def test_end_to_end_subprocess(home: Path) -> None:
 def test_demo_refuses_a_config_it_would_not_use(home: Path) -> None:
     """`dsbc -c my.toml demo` would start the demo's own config, not the operator's: said
     at once (exit 2) rather than ignored."""
-    assert one_line_error(dsbc("-c", "dsbc.toml", "demo", "--duration", "0")) == (
-        "dsbc demo: the demo writes its own config and store (in --dir): -c/--config not used; "
-        "run the demo without it, or `dsbc run` for your own config (see dsbc demo --help)"
-    )
+    for args in (["-c", "dsbc.toml", "demo"], ["demo", "-c", "dsbc.toml"]):  # after it: was "no such option"
+        assert one_line_error(dsbc(*args, "--duration", "0")) == (
+            "dsbc demo: the demo writes its own config and store (in --dir): -c/--config not used; "
+            "run the demo without it, or `dsbc run` for your own config (see dsbc demo --help)"
+        )
 
 
 def test_import_never_takes_an_identity_of_a_customer_not_in_the_file(home: Path) -> None:
