@@ -37,6 +37,7 @@ __all__ = [
     "multipart_fields",
     "parse_call",
     "parse_cookies",
+    "top_fields",
 ]
 
 MAX_FORM_FIELDS: Final = 256
@@ -331,9 +332,43 @@ def parse_cookies(header: str, limit: int = 32) -> dict[str, str]:
     return out
 
 
+def top_fields(
+    headers: Mapping[str, str], body: bytes | None, query: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """("body", fields) and ("query", fields): the top-level fields a request carries
+    beside ``auth_info`` and ``params``, a JSON object body's members or a form body's
+    fields, then the query string's parameters.
+
+    Tolerant: what cannot be read gives nothing.  Routing by these fields is a
+    convenience (a number-porting request naming its DID outside the API params), and an
+    API call's own format errors are ``parse_call``'s to report."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    if body:
+        mtype = media_type(headers)
+        try:
+            if mtype == "application/json" or (not mtype and body.lstrip()[:1] == b"{"):
+                doc = _json_decode(body)
+                if isinstance(doc, dict):
+                    out.append(("body", doc))
+            elif mtype == "application/x-www-form-urlencoded" or not mtype:
+                out.append(("body", form_fields(body)))
+        except (BadRequest, msgspec.DecodeError, RecursionError):
+            pass
+    if query:
+        try:
+            out.append(("query", _first_values(_form_pairs(query))))
+        except BadRequest:
+            pass
+    return out
+
+
 def form_fields(body: bytes) -> dict[str, str]:
     """A urlencoded web form (first value of each field)."""
+    return _first_values(_form_pairs(_decode_text(body, "the form body")))
+
+
+def _first_values(pairs: list[tuple[str, str]]) -> dict[str, str]:
     out: dict[str, str] = {}
-    for k, v in _form_pairs(_decode_text(body, "the form body")):
+    for k, v in pairs:
         out.setdefault(k, v)
     return out

@@ -16,7 +16,8 @@ Realm kinds:
   ``authorized-by-remote`` cookie;
 - admin realms (``admin``, ``reseller``, ``distributor``, ``cc_staff``, ``vendor``,
   ``representative``, ``porting``): entity owner first, else merged list, create,
-  or the session's context system;
+  or the session's context system; a ``porting`` request (API call or not) is owned
+  by the DID it names in its query string, its form or JSON body or its API params;
 - ``cpe``: the device's MAC (file name, query, TR-069 Inform), else the CWMP cookie.
 """
 
@@ -34,6 +35,7 @@ from api_proxy.apicall import (
     form_fields,
     parse_call,
     parse_cookies,
+    top_fields,
 )
 from api_proxy.calltypes import Action, Classified, CpeError, Credentials, RealmKind, RouteKey
 from api_proxy.errors import BadRequest
@@ -45,6 +47,7 @@ __all__ = [
     "CUSTOMER_REALMS",
     "DEFAULT_COMPILED",
     "DEFAULT_PATTERNS",
+    "DID_FIELDS",
     "ENTITY_FIELDS",
     "LOGIN_FIELDS",
     "PASSWORD_FIELDS",
@@ -59,6 +62,7 @@ __all__ = [
     "RouteKey",
     "classify",
     "compile_patterns",
+    "did_keys",
     "entity_keys",
     "inform_device",
     "inform_macs",
@@ -228,16 +232,15 @@ def realm_kind(realm: str) -> RealmKind:
     return _ADMIN
 
 
+#: the fields that name a DID, best first
+DID_FIELDS: Final = ("number", "did_number", "did", "phone_number")
 # Fields naming an owner, in priority order: (field, identity kind, services or None=any).
 ENTITY_FIELDS: Final[tuple[tuple[str, str, frozenset[str] | None], ...]] = (
     ("i_customer", "customer", None),
     ("i_account", "i_account", None),
     ("id", "account", frozenset({"Account"})),
     ("login", "login", frozenset({"Account", "Customer"})),
-    ("number", "did", None),
-    ("did_number", "did", None),
-    ("did", "did", None),
-    ("phone_number", "did", None),
+    *((field, "did", None) for field in DID_FIELDS),
 )
 # A create names its parent only: its own id / login are what it creates.
 CREATE_OWNER_FIELDS: Final[tuple[tuple[str, str, frozenset[str] | None], ...]] = (
@@ -287,6 +290,23 @@ def entity_keys(
             v = _scalar(scope.get(field))
             if v is not None:
                 out.append(RouteKey(kind, v, prefix + field))
+    return tuple(out[:8])
+
+
+def did_keys(
+    headers: Mapping[str, str], body: bytes | None, query: str
+) -> tuple[RouteKey, ...]:
+    """The DIDs a number-porting request names outside the API params: in a JSON or form
+    body's top-level fields, then in the query string.  A porting front end may send
+    the number as a plain field (``number=...``, ``?did=...``) to a page that is no API
+    call, and an API client may put it beside ``params`` rather than inside; the owner
+    of the first one the store knows gets the request (``Forwarder.owner_of``)."""
+    out: list[RouteKey] = []
+    for where, fields in top_fields(headers, body, query):
+        for field in DID_FIELDS:
+            v = _scalar(fields.get(field))
+            if v is not None:
+                out.append(RouteKey("did", v, f"{where}.{field}"))
     return tuple(out[:8])
 
 
@@ -349,6 +369,9 @@ def needs_body(realm: str, method: str, target: str, headers: Mapping[str, str])
         return method == "POST"
     if realm in CUSTOMER_REALMS and method == "POST":
         return content_type(headers)[0] in _FORM_TYPES
+    if realm == "porting":  # the DID may be a field of the body (did_keys)
+        mtype = content_type(headers)[0]
+        return mtype in _FORM_TYPES or mtype == "application/json"
     return False
 
 
@@ -418,6 +441,10 @@ def classify(
                 out.creds = Credentials(login=user[:256], secret=True)
                 return out
         out.creds = _credentials(None, cookies)
+        if realm == "porting":
+            out.keys = did_keys(headers, body if complete else None, query)
+            if out.keys:
+                out.action = Action.ENTITY
         return out
 
     service, api_method = sm
@@ -459,6 +486,8 @@ def classify(
         out.action = Action.ENTITY if out.keys else Action.CREATE
         return out
     out.keys = entity_keys(service, params, ENTITY_FIELDS)
+    if realm == "porting":
+        out.keys = (out.keys + did_keys(headers, body if complete else None, query))[:8]
     if lm:  # list filters may be patterns ("id": "1000%"): those name no entity
         out.keys = tuple(k for k in out.keys if not any(ch in k.value for ch in "%*?"))
     if out.keys:

@@ -16,10 +16,10 @@ from typing import Any
 import msgspec
 
 from api_proxy.apicall import ApiCall
+from api_proxy.classify import DID_FIELDS
 from api_proxy.router import SessionRecord
 
 SYSTEMS = ("source", "target")
-DID_FIELDS = ("did_number", "did", "number", "phone_number")  # as api_proxy.classify routes by
 
 
 def session_key(kind: str, value: str) -> str:

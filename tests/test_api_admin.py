@@ -286,6 +286,39 @@ def test_porting_requests_follow_the_did(tmp_path: Path) -> None:
     run(main)
 
 
+def test_porting_requests_naming_the_did_outside_params_reach_its_owner(tmp_path: Path) -> None:
+    """SPEC 7: a number-porting request about a DID goes to the DID's owner, whether it
+    names it in the query, a form or JSON body or the API params (found by an audit: all
+    but the params went to the default system, the target)."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path, ROWS) as env:
+            auth = json.dumps(ADMIN_CREDS)
+            hdrs = {"Host": PORTING}
+            cases: list[tuple[str, str, dict[str, Any]]] = [
+                ("POST", "/porting/request", {"data": {"number": "16660002"}}),
+                ("POST", "/porting/request", {"json": {"number": "+1 666 0002"}}),
+                ("GET", "/porting/request?number=16660002", {}),
+                ("GET", "/porting/request?did=16660002", {}),
+                # the first DID the store knows decides
+                ("GET", "/porting/request?did=19999999&phone_number=16660002", {}),
+                ("POST", "/rest/DID/get_number_info",
+                 {"json": {"auth_info": ADMIN_CREDS, "params": {}, "did_number": "16660002"}}),
+                ("POST", "/rest/DID/get_number_info?number=16660002",
+                 {"data": {"auth_info": auth, "params": "{}"}}),
+            ]
+            for method, path, kw in cases:
+                async with env.http.request(method, env.url + path, headers=hdrs, **kw) as r:
+                    assert r.headers["X-Billing-System"] == "MR100", (method, path, kw)
+            # a target customer's DID, and a request naming none (the default: the target)
+            for path in ("/porting/request?number=16660005", "/porting/request"):
+                async with env.http.get(env.url + path, headers=hdrs) as r:
+                    assert r.headers["X-Billing-System"] == "MR115", path
+            assert not [e for e in env.target.log if "16660002" in json.dumps(e)]
+
+    run(main)
+
+
 def test_admin_requests_for_a_locked_customer_wait_then_fault(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path, ROWS, lock_hold=0.3) as env:

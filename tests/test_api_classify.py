@@ -176,6 +176,53 @@ def test_actions() -> None:
     assert refresh.action is Action.REFRESH and refresh.creds.refresh_token == "R"
 
 
+def test_porting_requests_name_their_did_anywhere() -> None:
+    """A porting request names its DID in the query, a form or JSON body or the API params
+    (found by an audit: only params reached the owner; the rest went to the target)."""
+    did = RouteKey("did", "15550103", "body.number")
+    for target, headers, body, keys in (
+        ("/porting/request", FORM, b"number=15550103&x=1", (did,)),
+        ("/porting/request", JSON, b'{"number": 15550103}', (did,)),
+        ("/porting/request", {}, b"number=15550103", (did,)),
+        ("/porting/request?did=15550103", {}, None, (RouteKey("did", "15550103", "query.did"),)),
+        (
+            "/porting/request?number=1&phone_number=2",
+            FORM,
+            b"did_number=3",
+            (
+                RouteKey("did", "3", "body.did_number"),
+                RouteKey("did", "1", "query.number"),
+                RouteKey("did", "2", "query.phone_number"),
+            ),
+        ),
+        (
+            "/rest/DID/get_number_info",
+            JSON,
+            b'{"auth_info": {"session_id": "s"}, "number": "15550103"}',
+            (did,),
+        ),
+        (
+            "/rest/Porting/get_request_list?number=7",
+            FORM,
+            form({}, {"did": "15550103"}),
+            (RouteKey("did", "15550103", "did"), RouteKey("did", "7", "query.number")),
+        ),
+    ):
+        assert needs_body("porting", "POST", target, headers)
+        c = classify("porting", "POST" if body else "GET", target, headers, body)
+        assert c.action is Action.ENTITY and c.keys == keys, (target, body)
+    # other realms keep to the API params; a body only partly read is not looked into;
+    # a body that is no form or JSON object names nothing
+    assert not classify("admin", "POST", "/porting/request", FORM, b"number=1").keys
+    assert not classify(
+        "porting", "POST", "/porting/request", FORM, b"number=1", complete=False
+    ).keys
+    for headers, body in ((JSON, b"[1]"), (JSON, b"{bad"), (FORM, b"number=\xff"), ({}, b"\x00")):
+        c = classify("porting", "POST", "/porting/request", headers, body)
+        assert c.action is Action.FOLLOW and not c.keys, body
+    assert not needs_body("porting", "POST", "/porting/upload", {"content-type": "text/csv"})
+
+
 def test_cpe_file_names_and_inform() -> None:
     for path in (
         "/0004f2a1b2c3.cfg",
