@@ -96,16 +96,36 @@ class BackendUnavailable(DispatchError):
 class NoSessionOnSystem(DispatchError):
     """An admin session accepted by one system only, asked for something on the other."""
 
-    def __init__(self, system: str) -> None:
+    def __init__(self, system: str, text: str = "") -> None:
         self.system = system
         super().__init__(
-            f"this session was not accepted by the {system} system, and the request needs it; "
-            f"log in with credentials valid on both systems"
+            text
+            or f"this session was not accepted by the {system} system, and the request needs "
+            f"it; log in with credentials valid on both systems"
         )
 
     @property
     def reason(self) -> str:  # type: ignore[override]
         return f"no_session_on_{self.system}"
+
+
+class NoAnswerAtLogin(NoSessionOnSystem):
+    """An admin session made while one system did not answer, asked for something there.
+
+    Not a refusal: the system may accept the same login now.  dsbc keeps no password to
+    try it again itself (``Flows.admin_login``), so the admin is told to log in again."""
+
+    def __init__(self, system: str) -> None:
+        super().__init__(
+            system,
+            f"the {system} system did not answer when this session was opened, so it has no "
+            f"session there, and the request needs it; log in again once the {system} "
+            f"system answers",
+        )
+
+    @property
+    def reason(self) -> str:  # type: ignore[override]
+        return f"{self.system}_unreachable_at_login"
 
 
 class UpstreamFault(DispatchError):

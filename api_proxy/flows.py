@@ -24,6 +24,7 @@ from api_proxy.classify import Action, Classified, RealmKind
 from api_proxy.errors import (
     BackendUnavailable,
     BadRequest,
+    NoAnswerAtLogin,
     NoSessionOnSystem,
     UpstreamFault,
     is_auth_fault,
@@ -244,8 +245,14 @@ class Flows(Forwarder):
             return {}
         wanted = twin.creds.get(system)
         if wanted is None:
-            raise NoSessionOnSystem(system)
+            raise self.no_session(twin, system)
         return {"held": twin.creds.get(rec.system, Creds()), "wanted": wanted}
+
+    @staticmethod
+    def no_session(twin: TwinExtra, system: str) -> NoSessionOnSystem:
+        """The fault for a twin without a session on ``system``: refused at login, or
+        silent then (a system that was down: logging in again opens the session)."""
+        return NoAnswerAtLogin(system) if system in twin.unanswered else NoSessionOnSystem(system)
 
     async def admin(self, ctx: Ctx) -> web.StreamResponse:
         c = ctx.c
@@ -290,18 +297,30 @@ class Flows(Forwarder):
                 if res is not None:
                     ok[a.system] = res.creds
                     expires = max(expires, res.expires_at)
-        silent = next((a for a in got if isinstance(a, BackendUnavailable)), None)
-        if silent is not None and not ok:
+        silent = [a for a in got if isinstance(a, BackendUnavailable)]
+        if silent and not ok:
             # one system refused, the other did not answer: it may have said yes
             for a in answers:
                 a.resp.release()
-            raise silent
+            raise silent[0]
         primary = next((a for a in answers if a.system in ok), answers[0])
         for a in answers:
             if a is not primary:
                 a.resp.release()
         if ok:
-            self.remember(primary.system, TwinExtra(creds=ok), expires, ctx)
+            # a system that did not answer gets no second try later: that would need the
+            # admin's password or API token, kept in the store (shared by every node, on
+            # disk) for the session's lifetime, where no other record keeps a secret that
+            # outlives its session.  Its requests get a fault that says to log in again.
+            unanswered = [exc.system for exc in silent]
+            if unanswered:
+                log.warning(
+                    "admin session opened on the %s system alone: the %s system did not "
+                    "answer the login",
+                    primary.system,
+                    " and ".join(unanswered),
+                )
+            self.remember(primary.system, TwinExtra(creds=ok, unanswered=unanswered), expires, ctx)
         return await self.answer(ctx, primary)
 
     def set_context(
@@ -312,7 +331,7 @@ class Flows(Forwarder):
                 "Session/set_session_context with a system needs a session opened through dsbc"
             )
         if ctx.c.context not in twin.creds:
-            raise NoSessionOnSystem(ctx.c.context)
+            raise self.no_session(twin, ctx.c.context)
         twin.ctx = ctx.c.context
         self.remember(rec.system, twin, rec.expires_at, ctx, rec.customer_id)
         body = msgspec.json.encode({"success": 1, "system": twin.ctx})

@@ -88,6 +88,9 @@ class TwinExtra(msgspec.Struct, omit_defaults=True):
     creds: dict[str, Creds] = {}  # system -> its credentials (one entry: one system only)
     ctx: str = ""  # system chosen by Session/set_session_context
     keys: list[str] = []  # every store key of this session (deleted together)
+    #: systems that did not answer the login (rather than refuse it): told apart in the
+    #: fault a request that needs one of them gets
+    unanswered: list[str] = []
 
 
 _extra_decoder = msgspec.json.Decoder(TwinExtra)

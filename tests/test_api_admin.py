@@ -255,6 +255,46 @@ def test_session_accepted_by_one_system_only(tmp_path: Path) -> None:
     run(main)
 
 
+def test_a_system_down_at_admin_login_is_told_apart_from_a_refusal(tmp_path: Path) -> None:
+    """An admin session made while the target was down lives on the source alone; what
+    needs the target gets a fault saying it did not answer at login and to log in again,
+    not that it refused the credentials (found by an audit: no_session_on_target, "not
+    accepted by the target system", for a target that never said no)."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path, ROWS) as env:
+            port = int(env.target.url.rsplit(":", 1)[1])
+            await env.target.stop()
+            st, sess, hdrs = await env.call(ADMIN, "Session/login", ADMIN_CREDS)
+            assert st == 200 and hdrs["X-Billing-System"] == "MR100"
+            await env.target.start("127.0.0.1", port)  # back, but this session has none there
+            auth = {"session_id": sess["session_id"]}
+            st, _doc, hdrs = await env.call(
+                ADMIN, "Customer/get_customer_info", {"i_customer": 2}, auth
+            )
+            assert st == 200 and hdrs["X-Billing-System"] == "MR100"
+            for name, params in (
+                ("Customer/get_customer_info", {"i_customer": 6}),
+                ("Customer/get_customer_list", {}),
+                ("Session/set_session_context", {"system": "target"}),
+            ):
+                st, fault, _ = await env.call(ADMIN, name, params, auth)
+                assert st == 500, (name, fault)
+                assert fault["faultcode"] == "Server.Dispatcher.target_unreachable_at_login"
+                assert "did not answer" in fault["faultstring"]
+                assert "log in again" in fault["faultstring"]
+                assert "not accepted" not in fault["faultstring"]
+            # logging in again opens the session on both
+            st, sess, _ = await env.call(ADMIN, "Session/login", ADMIN_CREDS)
+            st, doc, hdrs = await env.call(
+                ADMIN, "Customer/get_customer_info", {"i_customer": 6},
+                {"session_id": sess["session_id"]},
+            )
+            assert st == 200 and hdrs["X-Billing-System"] == "MR115", doc
+
+    run(main)
+
+
 def test_porting_requests_follow_the_did(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path, ROWS) as env:
