@@ -343,6 +343,8 @@ def _login_keys(realm: str, login: str, where: str) -> tuple[RouteKey, ...]:
 
 #: words in the path of a self-care login form ("/login", "/signin", "/auth/...")
 _LOGIN_PATH_WORDS: Final = ("login", "signin", "sign_in", "auth")
+#: words in the path of a self-care logout page ("/logout", "/signout", ...)
+_LOGOUT_PATH_WORDS: Final = ("logout", "log_out", "logoff", "signout", "sign_out")
 
 
 def _is_login_form(fields: Mapping[str, str], path: str, signed_in: bool) -> bool:
@@ -441,6 +443,12 @@ def classify(
                 out.creds = Credentials(login=user[:256], secret=True)
                 return out
         out.creds = _credentials(None, cookies)
+        if out.remote and kind is _CUSTOMER:
+            low = path.lower()
+            if any(w in low for w in _LOGOUT_PATH_WORDS):
+                # its flow expires the authorized-by-remote cookie with the session
+                out.action = Action.LOGOUT
+            return out
         if realm == "porting":
             out.keys = did_keys(headers, body if complete else None, query)
             if out.keys:

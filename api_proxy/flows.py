@@ -113,11 +113,20 @@ class Flows(Forwarder):
         return (ctx.prefix is not None and ctx.complete) or not ctx.request.body_exists
 
     def remote_cookie(self, ctx: Ctx, system: str) -> list[str]:
-        name = self.settings.remote_cookie
-        secure = "; Secure" if ctx.proto == "https" else ""
+        """The authorized-by-remote cookie for a browser whose session is now on ``system``:
+        set for the source, else expired (when the browser has it)."""
         if system == "source":
-            return [f"{name}=1; Path=/; HttpOnly; SameSite=Lax{secure}"]
-        return [f"{name}=; Path=/; Max-Age=0{secure}"] if ctx.c.remote else []
+            secure = "; Secure" if ctx.proto == "https" else ""
+            return [f"{self.settings.remote_cookie}=1; Path=/; HttpOnly; SameSite=Lax{secure}"]
+        return self.expire_remote_cookie(ctx)
+
+    def expire_remote_cookie(self, ctx: Ctx) -> list[str]:
+        """The Set-Cookie that deletes the browser's authorized-by-remote cookie (the path
+        and no domain, as it was set), or nothing when the browser has none."""
+        if not ctx.c.remote:
+            return []
+        secure = "; Secure" if ctx.proto == "https" else ""
+        return [f"{self.settings.remote_cookie}=; Path=/; Max-Age=0{secure}"]
 
     async def try_in_order(
         self, ctx: Ctx, order: tuple[str, ...] | list[str], web_form: bool = False
@@ -175,7 +184,7 @@ class Flows(Forwarder):
         rec = self.find_session(ctx)
         if rec is not None:
             if c.action is Action.LOGOUT:
-                return await self.logout(ctx, rec)
+                return await self.logout(ctx, rec.system, rec)
             if c.action is Action.REFRESH:
                 return await self.refresh(ctx, rec)
             if c.creates:  # what the customer adds is routed by every dispatcher at once
@@ -188,6 +197,8 @@ class Flows(Forwarder):
             if owner is not None and owner.known:
                 return await self.forward(ctx, owner.system)
             return await self.probe(ctx)
+        if c.action is Action.LOGOUT:  # a browser with the authorized-by-remote cookie
+            return await self.logout(ctx, "source" if c.remote else "target")
         return await self.forward(ctx, "source" if c.remote else "target")
 
     async def login(self, ctx: Ctx) -> web.StreamResponse:
@@ -212,11 +223,20 @@ class Flows(Forwarder):
             cookies = self.remote_cookie(ctx, a.system)
         return await self.answer(ctx, a, cookies)
 
-    async def logout(self, ctx: Ctx, rec: SessionRecord) -> web.StreamResponse:
-        resp = await self.open(ctx, rec.system)
+    async def logout(
+        self, ctx: Ctx, system: str, rec: SessionRecord | None = None
+    ) -> web.StreamResponse:
+        """A logout (API or self-care page) on ``system``.  Once it succeeded, the session's
+        records go, and so does the browser's authorized-by-remote cookie: left behind, it
+        would send the next visit (another customer's, or this one's after its move) to
+        the source's pages."""
+        resp = await self.open(ctx, system)
+        cookies: list[str] = []
         if resp.status < 400:
-            self.forget(rec)
-        return await self.relay(ctx, rec.system, resp)
+            if rec is not None:
+                self.forget(rec)
+            cookies = self.expire_remote_cookie(ctx)
+        return await self.relay(ctx, system, resp, cookies=cookies)
 
     async def refresh(self, ctx: Ctx, rec: SessionRecord) -> web.StreamResponse:
         a = await self.ask(ctx, rec.system)

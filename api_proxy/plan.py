@@ -67,6 +67,8 @@ def plan(
         if c.keys:
             owner = plain_owner(d, c)
             return owner.system if owner is not None and owner.known else None
+        if action is _LOGOUT and c.remote:
+            return None  # its flow expires the authorized-by-remote cookie
         return "source" if c.remote else "target"
     # admin realms
     if rec is None and _names_session(c.creds):

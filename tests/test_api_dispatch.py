@@ -260,6 +260,54 @@ def test_web_form_login_falls_back_to_the_source_and_the_cookie_follows(tmp_path
     run(main)
 
 
+def test_a_logout_through_dsbc_expires_the_authorized_by_remote_cookie(tmp_path: Path) -> None:
+    """A source customer's logout (self-care page or API) deletes the browser's
+    authorized-by-remote cookie too, as it was set (found by an audit: only the session
+    cookie went, and the next visit to / still got the source's login page)."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            cookies = await env.web_login("alice", "secret", "MR100")
+            assert "authorized-by-remote=1" in cookies
+            async with env.http.get(
+                f"{env.url}/logout",
+                headers={"Host": CUSTOMER, "Cookie": cookies},
+                allow_redirects=False,
+            ) as r:
+                assert r.status == 303 and r.headers["X-Billing-System"] == "MR100"
+                gone = [c for c in r.headers.getall("Set-Cookie") if "authorized-by-remote" in c]
+                assert gone == ["authorized-by-remote=; Path=/; Max-Age=0"], gone
+            # what the browser keeps after that answer: nothing of the source's
+            async with env.http.get(f"{env.url}/", headers={"Host": CUSTOMER}) as r:
+                assert r.headers["X-Billing-System"] == "MR115"
+            # an API logout of a session on the source, from a browser with the cookie
+            st, sess, _ = await env.call(CUSTOMER, LOGIN, {"login": "alice", "password": "secret"})
+            st, _, hdrs = await env.call(
+                CUSTOMER, "Session/logout", {}, {"session_id": sess["session_id"]},
+                headers={"Cookie": "authorized-by-remote=1"},
+            )
+            assert st == 200 and hdrs["X-Billing-System"] == "MR100"
+            assert "authorized-by-remote=; Path=/; Max-Age=0" in hdrs.getall("Set-Cookie")
+            # a page that is no logout keeps it; a browser without it is told nothing
+            async with env.http.get(
+                f"{env.url}/invoices",
+                headers={"Host": CUSTOMER, "Cookie": "authorized-by-remote=1"},
+                allow_redirects=False,
+            ) as r:
+                assert r.headers["X-Billing-System"] == "MR100"
+                assert "Set-Cookie" not in r.headers
+            cookies = await env.web_login("dave", "secret", "MR115")
+            async with env.http.get(
+                f"{env.url}/logout",
+                headers={"Host": CUSTOMER, "Cookie": cookies},
+                allow_redirects=False,
+            ) as r:
+                assert r.status == 303 and r.headers["X-Billing-System"] == "MR115"
+                assert "authorized-by-remote" not in " ".join(r.headers.getall("Set-Cookie"))
+
+    run(main)
+
+
 def test_concurrent_sessions_of_both_systems_stay_apart(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path) as env:

@@ -3,8 +3,9 @@
 The browser opens the public host (mapped to dsbc's loopback port with
 ``--host-resolver-rules``), logs in as alice, who lives on the source, and opens her
 invoices: the pages must come from the source, through dsbc, with the
-``authorized-by-remote`` cookie set.  Chromium is driven over the DevTools protocol with
-aiohttp's websocket client.  Skipped when Debian's ``chromium`` is not installed.
+``authorized-by-remote`` cookie set; her logout deletes that cookie too.  Chromium is
+driven over the DevTools protocol with aiohttp's websocket client.  Skipped when
+Debian's ``chromium`` is not installed.
 """
 
 from __future__ import annotations
@@ -204,6 +205,20 @@ def test_self_care_login_and_invoices_come_from_the_source(tmp_path: Path) -> No
                         env.target.log
                     )
                     assert all(e["host"] == f"{CUSTOMER}:{port}" for e in env.source.log)
+
+                    # logging out deletes authorized-by-remote too: the login page that
+                    # follows is the target's, as for any browser that is not signed in
+                    await page.goto(public + "/home")
+                    await page.loads("document.querySelector('a[href=\"/logout\"]').click()")
+                    assert await page.js("location.pathname") == "/"
+                    cookies = (
+                        await cdp.send("Network.getCookies", {"urls": [public + "/"]}, page.session)
+                    )["cookies"]
+                    assert not {c["name"] for c in cookies} & {"authorized-by-remote", "sc_session"}
+                    assert (
+                        await page.js("document.getElementById('system').innerText")
+                        == "MR115 self-care"
+                    )
                     cdp.task.cancel()
             finally:
                 if proc.returncode is None:
