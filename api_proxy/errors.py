@@ -63,6 +63,18 @@ class RequestTimeout(BadRequest):
     close = True
 
 
+class VersionNotSupported(BadRequest):
+    """A request in another HTTP major version than 1 (HTTP/2.0 in clear text, HTTP/0.9):
+    505, as nginx answers, and the connection closed (its framing is not HTTP/1's)."""
+
+    reason = "http_version_not_supported"
+    close = True
+    http_status = 505
+
+    def __init__(self, version: str) -> None:
+        super().__init__(f"HTTP/{version} is not supported: send HTTP/1.1")
+
+
 class UnknownHost(DispatchError):
     """No virtual host is configured for the Host header."""
 

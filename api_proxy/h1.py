@@ -7,6 +7,7 @@
   bytes are handed to aiohttp, which answers them as it always did (400, 431, ...).
 - ``parse_response_head`` reads a back end's answer head (strict: anything else is
   ``H1Error``, which the caller turns into ``backend_unavailable``);
+- ``origin_form`` reads an absolute-form request target (the aiohttp path takes it);
 - ``ChunkedDecoder`` de-frames a chunked body; ``chunk`` frames one piece again.
 - ``date_header`` is the Date value aiohttp would send, cached per second.
 
@@ -245,6 +246,27 @@ def parse_request_head(head: bytes) -> RequestHead | None:
         elif token != "keep-alive":
             return None  # other tokens name headers to drop: the aiohttp path does that
     return RequestHead(method, target, headers, index, length, keep_alive)
+
+
+def origin_form(target: str) -> tuple[str, str] | None:
+    """(authority, origin-form target) of an absolute-form request target
+    (``http://host:port/path?query``), None for any other target.  RFC 9112 3.2.2: a
+    server MUST accept the absolute form, and the Host is then the URI's authority (the
+    Host header, if any, is ignored).  A userinfo (``user@``) is no request target
+    (RFC 9110 4.2.4): None."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    end = len(rest)
+    for ch in "/?":
+        i = rest.find(ch)
+        if 0 <= i < end:
+            end = i
+    authority = rest[:end]
+    if "@" in authority or "#" in rest:
+        return None
+    path = rest[end:]
+    return authority, path if path.startswith("/") else "/" + path
 
 
 # --- answers from a back end -----------------------------------------------------------------

@@ -19,11 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion11, RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict
+from yarl import URL
 
 from api_proxy.apicall import content_type
 from api_proxy.classify import classify, needs_body
@@ -36,15 +42,32 @@ from api_proxy.errors import (
     RequestTimeout,
     RequestTooLarge,
     UnknownHost,
+    VersionNotSupported,
     fault_body,
 )
 from api_proxy.fastpath import FastConn
 from api_proxy.fastpool import Origin, UpstreamPool
 from api_proxy.flows import Flows
 from api_proxy.forward import Ctx
+from api_proxy.h1 import origin_form
 from api_proxy.router import ProxySettings, Router, Vhost, VhostTable
 
 log = logging.getLogger("api_proxy")
+#: the version in aiohttp's (llhttp's) refusal of a request line ("Invalid HTTP version:
+#: ... b'GET / HTTP/3.0'")
+_REFUSED_VERSION = re.compile(r"Invalid HTTP version\b.*?HTTP/(\d\.\d)'", re.DOTALL)
+#: llhttp's refusal of HTTP/2's connection preface ("PRI * HTTP/2.0", prior knowledge)
+_H2_PREFACE = "Pause on PRI/Upgrade"
+
+
+def _refused_version(text: str) -> str:
+    """The version of a request line aiohttp refused for its version, when its major is
+    not 1 (those get 505 like the HTTP/2.0 and 0.9 lines it takes); "" for any other
+    refusal (HTTP/1.2 among them: llhttp knows no 1.x but 1.0 and 1.1)."""
+    if _H2_PREFACE in text:
+        return "2.0"
+    m = _REFUSED_VERSION.search(text)
+    return m.group(1) if m and not m.group(1).startswith("1") else ""
 
 
 class _FaultingHandler(RequestHandler):
@@ -125,9 +148,13 @@ class _FaultingHandler(RequestHandler):
         text = str(message or exc or "")
         http_status = 500
         lower = text.lower()
+        version = _refused_version(text) if status == 400 else ""
         if status in (413, 431) or "too long" in lower or "got more than" in lower or "too many headers" in lower:
             code, why = "request_too_large", "the request line or headers are over the limit"
             http_status = 431
+        elif version:
+            refused = VersionNotSupported(version)
+            code, why, http_status = refused.reason, str(refused), refused.http_status
         elif status == 400:
             code, why = "bad_request", "the request is not valid HTTP"
         else:
@@ -147,11 +174,37 @@ class _FaultingHandler(RequestHandler):
         return resp
 
 
+class _OtherVersion(web.BaseRequest):
+    """A request in another HTTP major version than 1 that aiohttp's parser took (llhttp
+    reads ``HTTP/2.0`` and ``HTTP/0.9`` request lines as HTTP/1 messages): it gets the
+    505 fault (``ApiProxy._handle``).  Made as an HTTP/1.1 request, because aiohttp
+    writes the request's own version in the status line of the answer (an
+    ``HTTP/2.0 505`` line in HTTP/1 framing would be one more wrong answer)."""
+
+    claimed = ""  # the version the request line claimed ("2.0")
+
+
 class _Server(web.Server):
     proxy: ApiProxy | None = None
 
     def __call__(self) -> RequestHandler:
         return _FaultingHandler(self, loop=self._loop, **self._kwargs)
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        version = message.version
+        if version.major == 1:
+            return super()._make_request(message, payload, protocol, writer, task)
+        message = message._replace(version=HttpVersion11, should_close=True)
+        request = _OtherVersion(message, payload, protocol, writer, task, self._loop)
+        request.claimed = f"{version.major}.{version.minor}"
+        return request
 
 
 class ApiProxy(Flows):
@@ -346,6 +399,8 @@ class ApiProxy(Flows):
             pass  # counted as hold_timeouts
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if isinstance(request, _OtherVersion):
+            raise VersionNotSupported(request.claimed)
         sock = request.transport.get_extra_info("sockname") if request.transport else None
         local_port = sock[1] if isinstance(sock, tuple) and len(sock) > 1 else 0
         # aiohttp bounds each line and field (max_line_size / max_field_size) and their
@@ -356,6 +411,13 @@ class ApiProxy(Flows):
             size += len(name) + len(value) + 4
             if size > limit:
                 raise HeadersTooLarge(f"the request headers are over {limit} bytes")
+        absolute = origin_form(request.raw_path)
+        if absolute is not None:
+            # the absolute form (what a client sends to a proxy): the URI's authority is the
+            # Host (RFC 9112 3.2.2), and the request goes on as its origin form
+            headers = CIMultiDict(request.headers)
+            headers["Host"] = absolute[0]
+            request = request.clone(rel_url=URL(absolute[1], encoded=True), headers=headers)
         vhost = self.table.select(request.headers.get("Host", ""), local_port)
         if vhost is None:
             raise UnknownHost(

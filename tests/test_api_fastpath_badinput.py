@@ -129,6 +129,49 @@ def test_garbage_oversized_heads_and_bad_lengths_get_the_aiohttp_faults() -> Non
     run(main)
 
 
+def test_other_http_versions_get_505_and_the_absolute_form_is_taken() -> None:
+    """As nginx answers (found by an audit: GET / HTTP/2.0 was relayed and answered
+    "HTTP/2.0 200 OK" in HTTP/1 framing; an absolute-form target, which RFC 9112 3.2.2
+    says a server MUST accept, got bad_request)."""
+
+    async def main() -> None:
+        answers: dict[bool, list[bytes]] = {}
+        for fast in (True, False):
+            async with Env(fast) as env:
+                got = [
+                    await env.raw(b"GET / HTTP/%b\r\nHost: api.example\r\n\r\n" % v)
+                    for v in (b"2.0", b"0.9", b"3.0", b"9.1")
+                ]
+                got.append(await env.raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
+                # the URI's authority is the Host; the back end gets the origin form
+                absolute = post(
+                    "http://API.example:8080/rest/Account/get_account_info?x=%41",
+                    extra="Connection: close\r\n",
+                    host="elsewhere.example",
+                )
+                got.append(await env.raw(absolute))
+                up = env.be.log[-1]
+                assert up.startswith(b"POST /rest/Account/get_account_info?x=%41 HTTP/1.1\r\n")
+                assert b"\r\nX-Forwarded-Host: API.example:8080\r\n" in up, up
+                # a scheme that is not HTTP's, a userinfo: still no request target
+                for target in ("ftp://api.example/x", "http://user@api.example/x"):
+                    got.append(await env.raw(get(target, "Connection: close\r\n")))
+                answers[fast] = [without_date(a) for a in got]
+                await env.fine()
+        assert answers[True] == answers[False]
+        a = answers[True]
+        for answer in a[:5]:
+            assert answer.startswith(b"HTTP/1."), answer
+            assert fault(answer) == (505, "Server.Dispatcher.http_version_not_supported")
+            assert b"Connection: close" in answer or answer.startswith(b"HTTP/1.0 ")
+        assert a[0].startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n")
+        assert b"HTTP/2.0 is not supported" in a[0] and b"HTTP/0.9" in a[1]
+        assert a[5].startswith(b"HTTP/1.1 200 OK\r\n") and b'"echo": 31' in a[5]
+        assert fault(a[6]) == fault(a[7]) == (500, "Server.Dispatcher.bad_request")
+
+    run(main)
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_stalls_timeouts_and_unreachable_back_ends_answer_alike(loop: str) -> None:
     async def main() -> None:

@@ -622,3 +622,15 @@ def test_mixed_line_ends_are_read_line_by_line() -> None:
     assert r.reason == "OK"
     assert [(n, v) for _, n, v, _ in r.headers] == [("A", "b"), ("C", "d"), ("Content-Length", "0")]
     assert r.length == 0 and r.keep_alive
+
+
+def test_absolute_form_targets_give_their_authority_and_origin_form() -> None:
+    """RFC 9112 3.2.2 (the aiohttp path serves such a request as its origin form)."""
+    assert h1.origin_form("http://API.example:8080/rest/x?y=%41") == (
+        "API.example:8080",
+        "/rest/x?y=%41",
+    )
+    assert h1.origin_form("HTTPS://a.example") == ("a.example", "/")
+    assert h1.origin_form("http://a.example?x=1") == ("a.example", "/?x=1")
+    for target in ("/x", "/x?u=http://a/", "ftp://a/x", "http://u@a/x", "http://a/x#f", "*"):
+        assert h1.origin_form(target) is None, target
