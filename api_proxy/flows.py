@@ -36,8 +36,10 @@ from api_proxy.records import (
     Creds,
     TwinExtra,
     created,
+    key_records,
     login_result,
     make_records,
+    refreshed_keys,
     session_key,
     twin_of,
 )
@@ -88,7 +90,12 @@ class Flows(Forwarder):
     def remember(
         self, system: str, twin: TwinExtra, expires_at: float, ctx: Ctx, customer_id: str = ""
     ) -> None:
-        self.store_sessions(make_records(system, twin, expires_at, ctx.realm, customer_id))
+        if ctx.c.kind is RealmKind.CUSTOMER:  # followed, never rewritten: the keys will do
+            keys = twin.creds.get(system, Creds()).keys()
+            records = key_records(system, keys, expires_at, ctx.realm, customer_id)
+        else:
+            records = make_records(system, twin, expires_at, ctx.realm, customer_id)
+        self.store_sessions(records)
 
     def store_sessions(self, records: list[SessionRecord]) -> None:
         # one small store transaction per record, on the loop (a login's worth); a store
@@ -239,19 +246,16 @@ class Flows(Forwarder):
         return await self.relay(ctx, system, resp, cookies=cookies)
 
     async def refresh(self, ctx: Ctx, rec: SessionRecord) -> web.StreamResponse:
+        """A customer or account session's refresh (admin twins refresh on both systems:
+        ``on_both``): its new access token is stored beside the keys still valid."""
         a = await self.ask(ctx, rec.system)
         if a.status == 200 and a.body is not None:
             res = login_result(a.body, self.now(), self.settings.session_ttl)
             if res is not None:
-                twin = twin_of(rec)
-                old = twin.creds.get(rec.system, Creds())
-                twin.creds[rec.system] = Creds(
-                    res.creds.session_id or old.session_id,
-                    res.creds.access_token,
-                    res.creds.refresh_token or old.refresh_token,
-                )
-                self.remember(
-                    rec.system, twin, max(res.expires_at, rec.expires_at), ctx, rec.customer_id
+                keys = refreshed_keys(twin_of(rec).keys or [rec.key], res.creds)
+                expires = max(res.expires_at, rec.expires_at)
+                self.store_sessions(
+                    key_records(rec.system, keys, expires, ctx.realm, rec.customer_id)
                 )
         return await self.answer(ctx, a)
 

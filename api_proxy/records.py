@@ -5,6 +5,8 @@ cookie, never the raw secret.  An admin session made through dsbc is a *twin*: o
 session on each system behind the one returned to the client; ``TwinExtra`` (kept as
 JSON in ``SessionRecord.extra``) holds each system's credentials, the context system
 chosen with ``Session/set_session_context`` and the sibling keys to delete at logout.
+A customer or account session is only followed to its system, so its records keep
+their sibling keys alone (``key_records``): no raw credential of theirs is stored.
 """
 
 from __future__ import annotations
@@ -112,11 +114,26 @@ def make_records(
     realm: str,
     customer_id: str = "",
 ) -> list[SessionRecord]:
-    """One record per key of the primary system's credentials, all sharing ``extra``."""
-    primary = twin.creds.get(system, Creds())
-    keys = primary.keys()
-    twin.keys = keys
+    """One record per key of the primary system's credentials, all sharing ``extra``
+    (the twin, credentials included: admin realms rewrite them for the other system)."""
+    twin.keys = twin.creds.get(system, Creds()).keys()
     extra = msgspec.json.encode(twin).decode()
+    return key_records(system, twin.keys, expires_at, realm, customer_id, extra)
+
+
+def key_records(
+    system: str,
+    keys: list[str],
+    expires_at: float,
+    realm: str,
+    customer_id: str = "",
+    extra: str = "",
+) -> list[SessionRecord]:
+    """One record per key, all sharing ``extra``, by default the keys alone: what a
+    customer or account session needs (it follows its system; a logout deletes the
+    sibling keys, a refresh keeps those still valid: ``refreshed_keys``)."""
+    if not extra:
+        extra = msgspec.json.encode(TwinExtra(keys=keys)).decode()
     return [
         SessionRecord(
             key=k,
@@ -128,6 +145,20 @@ def make_records(
         )
         for k in keys
     ]
+
+
+def refreshed_keys(old: list[str], new: Creds) -> list[str]:
+    """The store keys of a session after a refresh that answered ``new``: its new
+    credentials' keys, and the old session id and refresh token keys it did not replace
+    (a refresh hands out a new access token; the session id, and the refresh token unless
+    a new one came, stay valid).  The old access token's key is dropped."""
+    kept = [
+        k
+        for k in old
+        if (k.startswith("api:sid:") and not new.session_id)
+        or (k.startswith("api:rt:") and not new.refresh_token)
+    ]
+    return list(dict.fromkeys([*new.keys(), *kept]))
 
 
 def rewrite_for(

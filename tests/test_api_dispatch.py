@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 from pathlib import Path
 
+from api_proxy.records import session_key
 from dsbc.api_service import start_api
 from dsbc.store import open_store
-from tests.test_api_support import CUSTOMER, ApiEnv, run
+from tests.test_api_support import ADMIN, CUSTOMER, ApiEnv, run
 
 LOGIN = "Session/login"
 
@@ -407,5 +410,77 @@ def test_what_a_customer_adds_in_its_own_session_is_recorded(tmp_path: Path) -> 
                                 ("i_account", str(made["i_account"]))):
                 d = env.store.decide(kind, value)
                 assert (d.customer_id, d.system) == ("4", "target"), (kind, value, d)
+
+    run(main)
+
+
+async def stored_sessions(env: ApiEnv) -> list[tuple[str, str, str]]:
+    """(key, realm, extra) of every session row, once the write-behind has written."""
+    writer = env.api.router.writer
+    for _ in range(200):
+        if writer is None or writer.idle:
+            break
+        await asyncio.sleep(0.02)
+    with contextlib.closing(sqlite3.connect(env.tmp / "loc.db")) as db:
+        return list(db.execute("SELECT key, realm, extra FROM sessions"))
+
+
+def test_customer_session_records_keep_no_raw_credential(tmp_path: Path) -> None:
+    """A customer or account session is stored under digests only, after a login, a
+    probe and a refresh, and every credential still routes (found by an audit: each row
+    held the session id, access token and refresh token in plain text in ``extra``).
+    Admin twins keep theirs: requests are rewritten with the other system's."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            st, sess, _ = await env.call(CUSTOMER, LOGIN, {"login": "alice", "password": "secret"})
+            assert st == 200
+            other = env.source.data.open_session("customer", "2")  # not made through dsbc
+            st, _, _ = await env.call(
+                CUSTOMER, "Customer/get_customer_info", {}, {"session_id": other.session_id}
+            )
+            assert st == 200
+            st, new, _ = await env.call(
+                CUSTOMER, "Session/refresh_access_token", {"refresh_token": sess["refresh_token"]}
+            )
+            assert st == 200 and new["access_token"] != sess["access_token"]
+            st, admin, _ = await env.call(ADMIN, LOGIN, {"login": "admin", "password": "admin"})
+            assert st == 200
+            rows = await stored_sessions(env)
+            secrets = [
+                sess["session_id"], sess["access_token"], sess["refresh_token"],
+                new["access_token"], other.session_id,
+            ]
+            customer = [r for r in rows if r[1] == "customer"]
+            assert len(customer) == 5, rows  # alice: sid, rt, two access tokens; the probe: sid
+            for key, _realm, extra in customer:
+                assert not [s for s in secrets if s in key + extra], (key, extra)
+                assert set(json.loads(extra)) == {"keys"} and key in json.loads(extra)["keys"]
+            assert any(admin["session_id"] in extra for _k, realm, extra in rows if realm == "admin")
+            # every credential still finds its system
+            for auth, headers in (
+                ({"session_id": sess["session_id"]}, {}),
+                (None, {"Authorization": f"Bearer {new['access_token']}"}),
+                ({"session_id": other.session_id}, {}),
+            ):
+                env.clear_logs()
+                st, info, hdrs = await env.call(
+                    CUSTOMER, "Customer/get_customer_info", {}, auth, headers=headers
+                )
+                assert st == 200 and hdrs["X-Billing-System"] == "MR100", info
+                assert not env.target.log  # known: no probe
+            st, again, _ = await env.call(
+                CUSTOMER, "Session/refresh_access_token", {"refresh_token": sess["refresh_token"]}
+            )
+            assert st == 200 and not env.target.log
+            # a logout takes every key still valid with it
+            st, _, _ = await env.call(CUSTOMER, "Session/logout", {}, {"session_id": sess["session_id"]})
+            assert st == 200
+            gone = {
+                session_key("sid", sess["session_id"]),
+                session_key("rt", sess["refresh_token"]),
+                session_key("at", again["access_token"]),
+            }
+            assert not gone & {k for k, _r, _e in await stored_sessions(env)}
 
     run(main)
