@@ -378,8 +378,6 @@ class ProxyCore:
                 return [self._forward(msg, ed, src, self._to_node(node), branch, None, at.system, "", now, trusted)]
         # out-of-dialog: who owns it?
         candidates = self._candidates(msg, trusted, src)
-        if method == "REGISTER" and not trusted:
-            self._remember_flow(src, candidates[0][1])
         decision = self.router.decide(candidates)
         if decision.system == "reject":
             self.counters["rejected:unknown"] += 1
@@ -391,6 +389,8 @@ class ProxyCore:
             return self._unavailable(msg, src)
         cap = 0
         if method == "REGISTER":
+            if not trusted:  # relayed (not held, not refused): its flow is this account's now
+                self._remember_flow(src, candidates[0][1])
             if decision.customer_id:
                 cap = self.router.expires_cap(decision.customer_id)
             self._deregistering(msg, decision.system, src)

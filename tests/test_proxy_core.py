@@ -1234,6 +1234,11 @@ class ProxyWalk(RuleBasedStateMachine):
                 continue
             if not m.is_request:
                 continue
+            if m.method == "REGISTER" and m.values("path"):
+                # relayed (at once, or released after a hold): the phone's flow is this
+                # account's now, for its anonymous calls (a held one that got 503 is not)
+                f = self.core.signer.decode(uri_params(m.values("path")[0])["ft"])
+                self.flow_user[(f.transport, f.ip, f.port)] = m.to.uri.user or ""
             self.forwarded.append(s)
             cid = m.call_id
             owner = self.router.owner_system(self.call_customer.get(cid, "?"))
@@ -1263,9 +1268,7 @@ class ProxyWalk(RuleBasedStateMachine):
         cid = self._new_call_id()
         customer = USERS[user]
         flow = (src.transport, src.ip, src.port)
-        if method == "REGISTER":
-            self.flow_user[flow] = user
-        elif not customer:  # an unknown From: the account that registered from this flow
+        if method != "REGISTER" and not customer:  # an unknown From: the account that registered from this flow
             customer = USERS.get(self.flow_user.get(flow, ""), "")
         self.call_customer[cid] = customer
         frm = f"<sip:{user}@example.com>;tag=f{self.seq}"
