@@ -23,11 +23,16 @@ import re
 import ssl
 from typing import Any
 
+import aiohttp.web_protocol
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+
+# aiohttp's placeholder message for a request head it could not parse (None if a later
+# aiohttp drops it: its answers then keep aiohttp's HTTP/1.0 status line)
+_PARSE_ERROR: RawRequestMessage | None = getattr(aiohttp.web_protocol, "ERROR", None)
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -199,12 +204,16 @@ class _Server(web.Server):
         task: asyncio.Task[None],
     ) -> web.BaseRequest:
         version = message.version
-        if version.major == 1:
-            return super()._make_request(message, payload, protocol, writer, task)
-        message = message._replace(version=HttpVersion11, should_close=True)
-        request = _OtherVersion(message, payload, protocol, writer, task, self._loop)
-        request.claimed = f"{version.major}.{version.minor}"
-        return request
+        if message is _PARSE_ERROR:
+            # the stand-in aiohttp makes for a head it could not parse says HTTP/1.0, and its
+            # answer (our fault: 400, 431, 505) would too; a server answers in its own 1.1
+            message = message._replace(version=HttpVersion11)
+        elif version.major != 1:
+            message = message._replace(version=HttpVersion11, should_close=True)
+            request = _OtherVersion(message, payload, protocol, writer, task, self._loop)
+            request.claimed = f"{version.major}.{version.minor}"
+            return request
+        return super()._make_request(message, payload, protocol, writer, task)
 
 
 class ApiProxy(Flows):

@@ -37,7 +37,8 @@ def fault_of(response: bytes) -> dict[str, str]:
     """The fault of a raw answer: HTTP 500 (431 / 413 for requests over the size limits)."""
     head, _, body = response.partition(b"\r\n\r\n")
     status = head.split(b" ", 2)[1]
-    assert head.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")) and status in (b"500", b"431", b"413"), head
+    # HTTP/1.1 also for a head aiohttp could not parse (its stand-in request says 1.0)
+    assert head.startswith(b"HTTP/1.1 ") and status in (b"500", b"431", b"413"), head
     if b"request_too_large" in body:
         assert status in (b"431", b"413"), head
     assert b"application/json" in head.lower()
