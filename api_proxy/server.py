@@ -90,6 +90,10 @@ class _FaultingHandler(RequestHandler):
     #: that does not return the ACS's cookie stays on it for the session's next requests
     cpe_system = ""
 
+    #: the dispatcher (aiohttp drops ``_manager`` when the connection is lost, and a
+    #: request read at that moment still reaches ``handle_error``)
+    proxy: ApiProxy | None = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
@@ -150,6 +154,13 @@ class _FaultingHandler(RequestHandler):
         proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
         if request.writer.output_size > 0:
             raise ConnectionError("a response was under way; closing the connection")
+        if isinstance(exc, ConnectionError):
+            # the client went away while its request was read (wrk stopping mid-body): no one
+            # to answer, and nothing wrong with the dispatcher
+            if self.proxy is not None:
+                self.proxy.metrics["client_gone"] += 1
+            log.debug("client %s went away during its request: %s", request.remote, exc)
+            raise ConnectionError("the client went away")
         text = str(message or exc or "")
         http_status = 500
         lower = text.lower()
@@ -193,7 +204,9 @@ class _Server(web.Server):
     proxy: ApiProxy | None = None
 
     def __call__(self) -> RequestHandler:
-        return _FaultingHandler(self, loop=self._loop, **self._kwargs)
+        handler = _FaultingHandler(self, loop=self._loop, **self._kwargs)
+        handler.proxy = self.proxy
+        return handler
 
     def _make_request(
         self,
@@ -234,6 +247,7 @@ class ApiProxy(Flows):
         self.metrics.setdefault("connections_refused", 0)
         self.metrics.setdefault("fast_path", 0)  # requests the fast path took
         self.metrics.setdefault("handed_over", 0)  # connections it gave to aiohttp
+        self.metrics.setdefault("client_gone", 0)  # clients that left while their request was read
 
     def admit_connection(self, ip: str) -> bool:
         """Count a new client connection, or refuse it (over a cap)."""

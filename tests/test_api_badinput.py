@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
+import pytest
 
 from tests.test_api_support import ADMIN, CUSTOMER, ApiEnv, run
 
@@ -176,3 +177,30 @@ def test_a_back_end_dropping_mid_response_closes_the_client_cleanly(tmp_path: Pa
             await still_fine(env)
 
     run(main)
+
+
+def test_a_client_that_leaves_mid_body_is_no_dispatcher_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by the benchmark smoke run: wrk stopping mid-request made the aiohttp path log
+    "unhandled error" with a ConnectionResetError traceback.  A client that goes away is
+    counted (client_gone), not logged as the dispatcher's error."""
+    import logging
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            u = urlsplit(env.url)
+            for _ in range(3):
+                _, writer = await asyncio.open_connection(u.hostname, u.port)
+                writer.write(b"POST /rest/Customer/get_customer_list HTTP/1.0\r\nHost: " + CUSTOMER.encode()
+                             + b"\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 5000\r\n\r\n"
+                             + b"params=%7B")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+                writer.close()  # gone, mid-body
+            await asyncio.sleep(0.3)
+            assert env.api.proxy.metrics["client_gone"] >= 1, env.api.proxy.metrics
+            await still_fine(env)
+
+    with caplog.at_level(logging.DEBUG, logger="api_proxy"):
+        run(main)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
