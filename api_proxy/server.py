@@ -29,10 +29,6 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
-
-# aiohttp's placeholder message for a request head it could not parse (None if a later
-# aiohttp drops it: its answers then keep aiohttp's HTTP/1.0 status line)
-_PARSE_ERROR: RawRequestMessage | None = getattr(aiohttp.web_protocol, "ERROR", None)
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -58,6 +54,9 @@ from api_proxy.h1 import origin_form
 from api_proxy.router import ProxySettings, Router, Vhost, VhostTable
 
 log = logging.getLogger("api_proxy")
+# aiohttp's placeholder message for a request head it could not parse (None if a later
+# aiohttp drops it: its answers then keep aiohttp's HTTP/1.0 status line)
+_PARSE_ERROR: RawRequestMessage | None = getattr(aiohttp.web_protocol, "ERROR", None)
 #: the version in aiohttp's (llhttp's) refusal of a request line ("Invalid HTTP version:
 #: ... b'GET / HTTP/3.0'")
 _REFUSED_VERSION = re.compile(r"Invalid HTTP version\b.*?HTTP/(\d\.\d)'", re.DOTALL)
@@ -90,13 +89,14 @@ class _FaultingHandler(RequestHandler):
     #: that does not return the ACS's cookie stays on it for the session's next requests
     cpe_system = ""
 
-    #: the dispatcher (aiohttp drops ``_manager`` when the connection is lost, and a
-    #: request read at that moment still reaches ``handle_error``)
+    #: the dispatcher, set by ``_Server.__call__`` (not read through ``_manager``: aiohttp
+    #: drops it when the connection is lost, and a request read then still reaches
+    #: ``handle_error``)
     proxy: ApiProxy | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
+        proxy = self.proxy
         if self._adopted_ip is not None:
             self._counted_ip = self._adopted_ip
         elif proxy is not None:
@@ -116,7 +116,7 @@ class _FaultingHandler(RequestHandler):
         super().data_received(data)
 
     def _start_head_timer(self) -> None:
-        proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
+        proxy = self.proxy
         timeout = proxy.settings.header_timeout if proxy is not None else 10.0
         self._head_count = getattr(self, "_request_count", 0)
         self._head_timer = self._loop.call_later(timeout, self._head_expired)
@@ -127,7 +127,7 @@ class _FaultingHandler(RequestHandler):
         if getattr(self, "_request_count", 0) == self._head_count and (
             waiter is None or not waiter.done()
         ):
-            proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
+            proxy = self.proxy
             if proxy is not None:
                 proxy.metrics["client_timeouts"] += 1
             log.debug("closing a connection whose request head did not arrive in time")
@@ -138,7 +138,7 @@ class _FaultingHandler(RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
         if self._counted_ip is not None:
-            proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
+            proxy = self.proxy
             if proxy is not None:
                 proxy.release_connection(self._counted_ip)
             self._counted_ip = None
@@ -151,14 +151,14 @@ class _FaultingHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        proxy: ApiProxy | None = getattr(self._manager, "proxy", None)
+        proxy = self.proxy
         if request.writer.output_size > 0:
             raise ConnectionError("a response was under way; closing the connection")
         if isinstance(exc, ConnectionError):
             # the client went away while its request was read (wrk stopping mid-body): no one
             # to answer, and nothing wrong with the dispatcher
-            if self.proxy is not None:
-                self.proxy.metrics["client_gone"] += 1
+            if proxy is not None:
+                proxy.metrics["client_gone"] += 1
             log.debug("client %s went away during its request: %s", request.remote, exc)
             raise ConnectionError("the client went away")
         text = str(message or exc or "")

@@ -428,14 +428,15 @@ class ControlService:
         if unknown_keys:
             raise ApiError(400, f"unknown field(s) {', '.join(sorted(unknown_keys))}")
         if dry_run or prepare:
-            if prepare and not dry_run:
+            preparing = prepare and not dry_run
+            if preparing:
                 check = await asyncio.to_thread(self.store.migrate, ids, to, who, None, True)
             else:  # what the run would refuse, a dry run refuses (409 locked, group split)
                 check = await asyncio.to_thread(lambda: check_batch(self.store, ids, to, who=who, force=force))
             _only_unknown(check)
             out = {"dry_run": True, "batch_id": "", "to": to, "moved": check.moved,
                    "already": check.already, "unknown": check.unknown}
-            if prepare and not dry_run:
+            if preparing:
                 expires = self.cfg.sip.migration_expires
                 await self._write(lambda: self.store.prepare(check.moved, expires))
                 wait = await asyncio.to_thread(longest_registration, self.store, check.moved)

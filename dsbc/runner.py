@@ -361,6 +361,7 @@ class Master:
         old, before = dict(self.workers), dict(self.configs)
         for index in [i for i in old if i >= cfg.sip.workers]:  # fewer workers: no replacement
             os.kill(self.workers.pop(index), signal.SIGTERM)
+            self.configs.pop(index, None)
             del old[index]
         for index, pid in old.items():
             # the new worker first: once it has loaded the store, the old one drains (stops
@@ -397,9 +398,6 @@ class Master:
                 return
         for index in range(len(old), cfg.sip.workers):
             self.spawn(index)
-        for index in list(self.workers):
-            if index >= cfg.sip.workers:
-                os.kill(self.workers.pop(index), signal.SIGTERM)
 
     def _wait_file(self, name: str, pid: int, timeout: float) -> str:
         """Wait for a worker's marker file: "ok", "dead" (it exited, reaped here) or "timeout"."""

@@ -77,7 +77,7 @@ class WriteBehind:
         return not self._ops and not self._running
 
     def submit(self, op: Op) -> None:
-        if not self._ops and not self._running:
+        if self.idle:
             fast = self._fast_store()
             if fast is not None:
                 try:

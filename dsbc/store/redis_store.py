@@ -77,12 +77,12 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (redis.exceptions.RedisError, OSError)
 
 
-
 def _why(exc: BaseException) -> str:
     """redis-py's reason, short: a Sentinel's "No master found for 'svc' : <redis.client.Redis(
     <ConnectionPool(<Connection(...)>)>)>" is cut at its object dump, and any text at 300."""
     text = str(exc).split(" : <", 1)[0]
     return text if len(text) <= 300 else text[:297] + "..."
+
 
 class RedisStore(IndexedStore):
     def __init__(
