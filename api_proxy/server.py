@@ -74,6 +74,20 @@ def _refused_version(text: str) -> str:
     return m.group(1) if m and not m.group(1).startswith("1") else ""
 
 
+def answered_in_11(message: RawRequestMessage) -> RawRequestMessage:
+    """The request aiohttp makes for a head it could not parse, made to say HTTP/1.1: its
+    stand-in says HTTP/1.0, and aiohttp writes the request's version in the answer's status
+    line (the fault: 400, 431, 505); a server answers in its own 1.1."""
+    return message._replace(version=HttpVersion11) if message is _PARSE_ERROR else message
+
+
+def head_too_large(status: int, text: str) -> bool:
+    """Whether aiohttp's refusal of a head (``handle_error``'s status and text) was for its
+    size: it says 400 for a line or a header over its limits; that is a 431."""
+    lower = text.lower()
+    return status in (413, 431) or any(s in lower for s in ("too long", "got more than", "too many headers"))
+
+
 class _FaultingHandler(RequestHandler):
     """aiohttp's connection handler, answering its own errors in the fault shape, and
     closing a connection whose request head does not arrive within ``header_timeout`` of
@@ -163,9 +177,8 @@ class _FaultingHandler(RequestHandler):
             raise ConnectionError("the client went away")
         text = str(message or exc or "")
         http_status = 500
-        lower = text.lower()
         version = _refused_version(text) if status == 400 else ""
-        if status in (413, 431) or "too long" in lower or "got more than" in lower or "too many headers" in lower:
+        if head_too_large(status, text):
             code, why = "request_too_large", "the request line or headers are over the limit"
             http_status = 431
         elif version:
@@ -218,9 +231,7 @@ class _Server(web.Server):
     ) -> web.BaseRequest:
         version = message.version
         if message is _PARSE_ERROR:
-            # the stand-in aiohttp makes for a head it could not parse says HTTP/1.0, and its
-            # answer (our fault: 400, 431, 505) would too; a server answers in its own 1.1
-            message = message._replace(version=HttpVersion11)
+            message = answered_in_11(message)
         elif version.major != 1:
             message = message._replace(version=HttpVersion11, should_close=True)
             request = _OtherVersion(message, payload, protocol, writer, task, self._loop)

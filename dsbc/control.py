@@ -19,7 +19,8 @@ over HTTP on ``control.listen``, run by worker 0 of ``dsbc run``.
 ``/v1`` call is refused (401) and says how to set one.  Errors are JSON ``{"error": ...}``:
 400 bad input (with the reason), 401, 404 unknown identity / customer / batch (and a
 migration naming only unknown customers), 409 a group split or a customer locked by
-another batch, 503 the store cannot be written.
+another batch, 503 the store cannot be written; a request aiohttp cannot parse gets 400
+(431 for a head over its limits) in the same shape.
 
 Store writes run in a thread (a big batch must not stop this worker's SIP traffic); their
 effect reaches this worker's index through `store.refresh()` on the loop right after, and
@@ -40,6 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from api_proxy.server import answered_in_11, head_too_large
 
 from .config import Config, parse_hostport
 from .imports import import_refusal, some
@@ -105,6 +109,41 @@ def _error(status: int, reason: str, **extra: Any) -> web.Response:
     return resp
 
 
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, answering what aiohttp refuses before any route runs
+    (a head it cannot parse, one over its size limits) in the API's JSON shape, and logging
+    it at debug level: bad input, not a server error with a traceback."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was under way; closing the connection")
+        if status >= 500:
+            log.error("control API: unhandled error on %s", request.path, exc_info=exc)
+            reason = "internal error (the node's log has the details)"
+        else:
+            text = str(message or exc or "")
+            log.debug("control API: refused a request from %s: %s", request.remote, text)
+            if head_too_large(status, text):
+                status, reason = 431, "the request is not valid HTTP: its head is over the limits"
+            else:
+                first = text.strip().splitlines()
+                reason = "the request is not valid HTTP" + (f" ({first[0]})" if first else "")
+        resp = _error(status, reason)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
 class ControlService:
     def __init__(self, cfg: Config, store: LocationStore, run_dir: Path | None) -> None:
         self.cfg = cfg
@@ -137,7 +176,7 @@ class ControlService:
         r.add_post("/v1/migrations", self.migrate)
         r.add_post("/v1/migrations/{batch_id}/rollback", self.rollback)
         r.add_get("/v1/status", self.status_handler)
-        self.runner: web.AppRunner | None = None
+        self.runner: web.ServerRunner | None = None
         self.site: web.TCPSite | None = None
         self.address: tuple[str, int] = ("", 0)
 
@@ -146,7 +185,16 @@ class ControlService:
     async def start(self) -> None:
         host, port = parse_hostport(self.cfg.control.listen, 8080)
         host = host.strip("[]")
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # the application's own handler, served by a Server whose faults are JSON too
+        self.app.freeze()
+        app = self.app
+
+        def make_request(message: Any, *args: Any) -> web.BaseRequest:
+            return app._make_request(answered_in_11(message), *args)
+
+        handler: Any = app._handle  # takes the web.Request its request factory makes
+        self.runner = web.ServerRunner(_JsonErrorServer(handler, request_factory=make_request),
+                                       access_log=None, handle_signals=False)
         await self.runner.setup()
         # reuse_port: on a reload the new worker binds while the old one still drains
         self.site = web.TCPSite(self.runner, host, port, reuse_port=True)

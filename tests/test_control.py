@@ -281,6 +281,37 @@ def test_wrong_method_says_allow_and_scanned_paths_stay_one_counter(node: Dsbc) 
     assert requests.get("other", 0) >= 30 and not any(k.startswith("admin") for k in requests), requests
 
 
+def _raw(node: Dsbc, data: bytes) -> tuple[str, dict[str, str], bytes]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", node.control_port), timeout=10) as sock:
+        sock.sendall(data)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return lines[0], headers, body
+
+
+def test_requests_aiohttp_refuses_get_json_faults_too(node: Dsbc) -> None:
+    """Was aiohttp's text/plain answer (and its log of an error with a traceback) for a
+    request line it cannot parse or a header over 8 KB: every answer is JSON now."""
+    cases = [
+        (b"BLAH\x01 / HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+        (b"GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", "431"),
+    ]
+    for data, code in cases:
+        status, headers, body = _raw(node, data)
+        assert status.startswith(f"HTTP/1.1 {code}"), status
+        assert headers["content-type"].startswith("application/json"), headers
+        assert "not valid HTTP" in json.loads(body)["error"]
+    # the node goes on answering, and logged no error for it
+    assert node.control("GET", "/healthz", token=None)[0] == 200
+    assert "Error handling request" not in node.log_tail()
+
+
 def test_metrics_and_status_do_not_wait_out_a_hung_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found by an audit: with Redis stopped (SIGSTOP), /metrics and /v1/status took the
     10 s socket timeout, so Prometheus' scrape failed and `dsbc status` called a live node
