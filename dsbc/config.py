@@ -34,14 +34,6 @@ _HOST = re.compile(r"^(\*|[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?|[0-9A-Fa-f
 _DOTTED_NUMBERS = re.compile(r"^[0-9.]+$")
 
 
-def _is_ipv4(host: str) -> bool:
-    try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def is_ip(host: str) -> bool:
     """An IPv4 or IPv6 address (not a host name)."""
     try:
@@ -75,7 +67,7 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
                 raise ValueError(f"bad address {text!r} (an IPv6 address with a port is written [addr]:port)") from None
     if not host:
         raise ValueError(f"bad address {text!r}: no host")
-    if not _HOST.match(host) or (_DOTTED_NUMBERS.match(host) and not _is_ipv4(host)):
+    if not _HOST.match(host) or (_DOTTED_NUMBERS.match(host) and not is_ip(host)):
         raise ValueError(f"bad address {text!r}: {host!r} is not a host name or an IP address")
     if not port_s:
         if default_port is None:
