@@ -244,6 +244,30 @@ def test_accounting_on_goes_to_both_systems(store: LocationStore) -> None:
     assert core.handle_answer("source", outs[0].via, server_answer(outs[0]), SRC_ACCT, 0.2) == []
 
 
+def test_accounting_on_ends_the_nas_sessions(store: LocationStore) -> None:
+    # a NAS that rebooted (Accounting-On) numbers its sessions from 1 again: a new session of
+    # another customer that gets an old Acct-Session-Id goes to its own system, not to the
+    # system of the session that had the id before the reboot
+    core = make_core(store)
+    store.migrate(["2"], "target")
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "00000001", 1), NAS, 0.0)
+    assert fwd.system == "source"
+    core.handle_answer("source", fwd.via, server_answer(fwd), SRC_ACCT, 0.1)
+    other = ("10.0.0.2", 40000)
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "00000001", 1), other, 0.2)
+    core.handle_answer("source", fwd.via, server_answer(fwd), SRC_ACCT, 0.3)
+    attrs = [(rp.ACCT_STATUS_TYPE, struct.pack("!I", rp.ACCT_ON)), (rp.ACCT_SESSION_ID, b"00000000")]
+    raw = rp.sign_request(rp.Packet(rp.ACCOUNTING_REQUEST, 2, rp.ZERO16, attrs), NAS_SECRET)
+    for out in core.handle_request(ACCT, raw, NAS, 1.0):
+        core.handle_answer(out.system, out.via, server_answer(out), out.addr, 1.1)
+    assert (NAS[0], "00000001") not in core.sticky and core.sticky_dirty
+    [fwd] = core.handle_request(ACCT, acct_request("bob", rp.ACCT_START, "00000001", 3), NAS, 2.0)
+    assert fwd.system == "target"
+    # the other NAS did not restart: its session keeps its system
+    [fwd] = core.handle_request(ACCT, acct_request("bob", rp.ACCT_INTERIM, "00000001", 4), other, 2.1)
+    assert fwd.system == "source"
+
+
 def test_status_server_answered_locally(store: LocationStore) -> None:
     core = make_core(store)
     auth = bytes(range(16))

@@ -247,6 +247,10 @@ class RadiusCore:
         req = _Request(key, via, client, addr, pkt, user, session, status)
         dup = self._dups[key] = _Dup(via)
         self._dup_expiry.append((now + self.window, key))
+        if code == rp.ACCOUNTING_REQUEST and status in (rp.ACCT_ON, rp.ACCT_OFF):
+            # the NAS (re)started or stops: its sessions are over, and a NAS that numbers
+            # them from a counter reuses their Acct-Session-Ids for other users' sessions
+            self._forget_nas(addr[0])
         if code == rp.ACCOUNTING_REQUEST and status in (rp.ACCT_ON, rp.ACCT_OFF) and not user:
             # a NAS reboot concerns the sessions it had on either system
             return self._fan_out(req, dup, now)
@@ -510,6 +514,15 @@ class RadiusCore:
             for k in [k for k, v in self._stopped.items() if v[1] <= now]:
                 del self._stopped[k]
         return out
+
+    def _forget_nas(self, nas: str) -> None:
+        """Drop the accounting pins (and answered Stops) of the sessions of NAS ``nas``."""
+        pinned = [k for k in self.sticky if k[0] == nas]
+        for k in pinned:
+            del self.sticky[k]
+        for k in [k for k in self._stopped if k[0] == nas]:
+            del self._stopped[k]
+        self.sticky_dirty = self.sticky_dirty or bool(pinned)
 
     def _is_held(self, key: DupKey) -> bool:
         return any(r.key == key for r in self._held)
