@@ -5,6 +5,7 @@ Also home of ``open_test_store``, the SQLite store the RADIUS and Diameter tests
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,9 +59,12 @@ def access_request(user: str, ident: int = 1, password: bytes = b"pw", auth: byt
     return rp.sign_request(rp.Packet(rp.ACCESS_REQUEST, ident, auth, attrs), secret)
 
 
-def acct_request(user: str, status: int, session: str, ident: int = 1, secret: bytes = NAS_SECRET) -> bytes:
+def acct_request(user: str, status: int, session: str, ident: int = 1, secret: bytes = NAS_SECRET,
+                 nas_ip: str = "") -> bytes:
     attrs = [(rp.USER_NAME, user.encode()), (rp.ACCT_STATUS_TYPE, struct.pack("!I", status)),
              (rp.ACCT_SESSION_ID, session.encode())]
+    if nas_ip:
+        attrs.append((rp.NAS_IP_ADDRESS, socket.inet_aton(nas_ip)))
     return rp.sign_request(rp.Packet(rp.ACCOUNTING_REQUEST, ident, rp.ZERO16, attrs), secret)
 
 
@@ -266,6 +270,54 @@ def test_accounting_on_ends_the_nas_sessions(store: LocationStore) -> None:
     # the other NAS did not restart: its session keeps its system
     [fwd] = core.handle_request(ACCT, acct_request("bob", rp.ACCT_INTERIM, "00000001", 4), other, 2.1)
     assert fwd.system == "source"
+
+
+def test_accounting_sessions_of_nas_behind_one_proxy_keep_their_systems(store: LocationStore) -> None:
+    # a RADIUS proxy relays for many NAS from one address; their Acct-Session-Ids are unique
+    # per NAS only: the same id on two NAS is two sessions, each on its customer's system
+    store.migrate(["2"], "target")
+    core = make_core(store)
+    outs = []
+    for i, (user, nas_ip) in enumerate((("alice", "192.0.2.1"), ("bob", "192.0.2.2"))):
+        [fwd] = core.handle_request(ACCT, acct_request(user, rp.ACCT_START, "00000001", 10 + i, nas_ip=nas_ip),
+                                    NAS, 0.0)
+        core.handle_answer(fwd.system, fwd.via, server_answer(fwd), fwd.addr, 0.1)
+        outs.append(fwd.system)
+    assert outs == ["source", "target"]
+    for i, (user, nas_ip, system) in enumerate((("alice", "192.0.2.1", "source"), ("bob", "192.0.2.2", "target"))):
+        [fwd] = core.handle_request(ACCT, acct_request(user, rp.ACCT_STOP, "00000001", 20 + i, nas_ip=nas_ip),
+                                    NAS, 1.0)
+        assert fwd.system == system
+        core.handle_answer(fwd.system, fwd.via, server_answer(fwd), fwd.addr, 1.1)
+    assert core.sticky == {}
+    # an Accounting-On of one of them ends its sessions only
+    for i, nas_ip in enumerate(("192.0.2.1", "192.0.2.2")):
+        [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "2", 30 + i, nas_ip=nas_ip), NAS, 2.0)
+        core.handle_answer(fwd.system, fwd.via, server_answer(fwd), fwd.addr, 2.1)
+    attrs = [(rp.ACCT_STATUS_TYPE, struct.pack("!I", rp.ACCT_ON)), (rp.NAS_IP_ADDRESS, socket.inet_aton("192.0.2.1"))]
+    raw = rp.sign_request(rp.Packet(rp.ACCOUNTING_REQUEST, 40, rp.ZERO16, attrs), NAS_SECRET)
+    core.handle_request(ACCT, raw, NAS, 3.0)
+    assert list(core.sticky) == [(f"{NAS[0]}|192.0.2.2", "2")]
+    # an Accounting-On naming the NAS by fewer attributes than its sessions do
+    core.load_sticky([[f"{NAS[0]}|192.0.2.3|bras-3", "3", "source", 3.0]])
+    attrs = [(rp.ACCT_STATUS_TYPE, struct.pack("!I", rp.ACCT_OFF)), (rp.NAS_IDENTIFIER, b"bras-3")]
+    raw = rp.sign_request(rp.Packet(rp.ACCOUNTING_REQUEST, 41, rp.ZERO16, attrs), NAS_SECRET)
+    core.handle_request(ACCT, raw, NAS, 4.0)
+    assert list(core.sticky) == [(f"{NAS[0]}|192.0.2.2", "2")]
+
+
+def test_a_pin_saved_under_the_source_address_alone_is_still_followed(store: LocationStore) -> None:
+    # pins saved before the NAS's own address was part of the key
+    core = make_core(store)
+    core.load_sticky([[NAS[0], "s1", "source", 0.0]])
+    store.migrate(["1"], "target")
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_INTERIM, "s1", 1, nas_ip="192.0.2.1"), NAS, 1.0)
+    assert fwd.system == "source"
+    core.handle_answer(fwd.system, fwd.via, server_answer(fwd), fwd.addr, 1.1)
+    [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_STOP, "s1", 2, nas_ip="192.0.2.1"), NAS, 2.0)
+    assert fwd.system == "source"
+    core.handle_answer(fwd.system, fwd.via, server_answer(fwd), fwd.addr, 2.1)
+    assert core.sticky == {}
 
 
 def test_status_server_answered_locally(store: LocationStore) -> None:

@@ -9,7 +9,8 @@ Per request:
   2. a retransmission of a request already seen (source, code, identifier, Request
      Authenticator: RFC 5080 2.2.2) is answered from the cached answer, or ignored
      while the first copy is still in flight;
-  3. the owner: the Acct-Session-Id pin for accounting, else the User-Name's customer;
+  3. the owner: the pin of the NAS's Acct-Session-Id for accounting (an Accounting-On
+     or -Off ends the NAS's pins), else the User-Name's customer;
      a locked customer is held until the flip or ``lock_hold``;
   4. the request gets an identifier of the system's id space, a Proxy-State, a new
      Request Authenticator, User-Password and Message-Authenticator for the system's
@@ -21,6 +22,7 @@ Per request:
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import itertools
 import os
 from collections import deque
@@ -120,6 +122,21 @@ class _Pending:
         self.tries = 1
         self.deadline = deadline
         self.state = state
+
+
+def nas_key(source: str, pkt: rp.Packet) -> str:
+    """Which NAS sent an accounting request: its source address, and the NAS-IP-Address,
+    NAS-IPv6-Address and NAS-Identifier it names.  Acct-Session-Ids are unique per NAS only
+    (RFC 2866 5.5), and a RADIUS proxy in front of dsbc sends for many NAS from one address."""
+    parts = [source]
+    for t in (rp.NAS_IP_ADDRESS, rp.NAS_IPV6_ADDRESS):
+        v = pkt.get(t)
+        if v is not None:
+            parts.append(str(ipaddress.ip_address(v)) if len(v) in (4, 16) else v.hex())
+    ident = pkt.get_text(rp.NAS_IDENTIFIER)
+    if ident is not None:
+        parts.append(ident)
+    return "|".join(parts)
 
 
 class RadiusCore:
@@ -239,22 +256,29 @@ class RadiusCore:
         user = (pkt.get_text(rp.USER_NAME) or "").strip()
         session: tuple[str, str] | None = None
         status: int | None = None
+        nas = addr[0]
         if code == rp.ACCOUNTING_REQUEST:
             status = pkt.get_int(rp.ACCT_STATUS_TYPE)
+            nas = nas_key(addr[0], pkt)
             sid = pkt.get_text(rp.ACCT_SESSION_ID)
             if sid:
-                session = (addr[0], sid)
+                session = (nas, sid)
         req = _Request(key, via, client, addr, pkt, user, session, status)
         dup = self._dups[key] = _Dup(via)
         self._dup_expiry.append((now + self.window, key))
         if code == rp.ACCOUNTING_REQUEST and status in (rp.ACCT_ON, rp.ACCT_OFF):
             # the NAS (re)started or stops: its sessions are over, and a NAS that numbers
             # them from a counter reuses their Acct-Session-Ids for other users' sessions
-            self._forget_nas(addr[0])
+            self._forget_nas(nas)
         if code == rp.ACCOUNTING_REQUEST and status in (rp.ACCT_ON, rp.ACCT_OFF) and not user:
             # a NAS reboot concerns the sessions it had on either system
             return self._fan_out(req, dup, now)
         pinned = self.sticky.get(session) if session is not None else None
+        if pinned is None and session is not None and status != rp.ACCT_START and nas != addr[0]:
+            # a pin saved by a dsbc that keyed sessions by the source address alone
+            pinned = self.sticky.get((addr[0], session[1]))
+            if pinned is not None:
+                req.session = (addr[0], session[1])
         if pinned is not None:
             pinned[1] = now
             return self._forward(req, self.systems[str(pinned[0])], dup, now)
@@ -516,11 +540,19 @@ class RadiusCore:
         return out
 
     def _forget_nas(self, nas: str) -> None:
-        """Drop the accounting pins (and answered Stops) of the sessions of NAS ``nas``."""
-        pinned = [k for k in self.sticky if k[0] == nas]
+        """Drop the accounting pins (and answered Stops) of the sessions of NAS ``nas`` (a
+        :func:`nas_key`; one that names less, a bare source address say, stands for every
+        NAS it may be: an Accounting-On may leave out the NAS-Identifier its sessions give)."""
+        source, *names = nas.split("|")
+
+        def of_nas(k: tuple[str, str]) -> bool:
+            parts = k[0].split("|")
+            return parts[0] == source and all(n in parts[1:] for n in names)
+
+        pinned = [k for k in self.sticky if of_nas(k)]
         for k in pinned:
             del self.sticky[k]
-        for k in [k for k in self._stopped if k[0] == nas]:
+        for k in [k for k in self._stopped if of_nas(k)]:
             del self._stopped[k]
         self.sticky_dirty = self.sticky_dirty or bool(pinned)
 
