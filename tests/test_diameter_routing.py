@@ -131,3 +131,18 @@ def test_hold_then_too_busy_and_sessions_snapshot(st: LocationStore) -> None:
     assert fresh.client_request(1, ccr("s", 2), 3.0)[0].target == "source"
     r.handle_timer(2.0 + r.SESSION_IDLE + r.SWEEP_EVERY + 1)
     assert r.sessions == {}
+
+
+def test_a_request_from_a_system_goes_to_the_client_s_newest_connection(st: LocationStore) -> None:
+    # the PGW reconnected while its first connection is half-open (the watchdog has not
+    # closed it yet): a Re-Auth-Request into its session must reach the live connection
+    r = router(st)
+    [fwd] = r.client_request(1, ccr("a", dc.CC_INITIAL, (dc.SUB_E164, "15550100")), 0.0)
+    r.answer_from("source", dc.answer(dc.decode(fwd.data), dc.SUCCESS, "ocs.s", "s"), 0.1)
+    r.client_open(2, "pgw.example")
+    rar = dc.request(dc.CMD_RA, dc.APP_CREDIT_CONTROL, 900, 901, [dc.utf8(dc.SESSION_ID, "a")], True)
+    [out] = r.peer_request("source", rar, 1.0)
+    assert out.kind == TO_CLIENT and out.target == 2
+    r.client_closed(2)
+    [out] = r.peer_request("source", rar, 2.0)
+    assert out.kind == TO_CLIENT and out.target == 1

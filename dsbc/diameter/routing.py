@@ -278,7 +278,9 @@ class DiameterRouter:
         sess = self.sessions.get(sid) if sid else None
         conn = None
         if sess is not None and sess.system == system:
-            conn = next((c for c, ident in self.clients.items() if ident == sess.client), None)
+            # the newest connection of the client: one that reconnected while its old one is
+            # still half-open (not yet closed by the watchdog) is reached on the new one
+            conn = next((c for c, ident in reversed(self.clients.items()) if ident == sess.client), None)
         if conn is None:
             ans = dc.answer(m, dc.UNABLE_TO_DELIVER, self.origin_host, self.origin_realm,
                             error_message="no client connection for this session")
