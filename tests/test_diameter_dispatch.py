@@ -261,6 +261,40 @@ def test_shutdown_sends_dpr(tmp_path: Path) -> None:
         store.close()
 
 
+class SlowServer(CreditControlServer):
+    """Answers each request ``delay`` seconds after it came."""
+
+    delay = 0.3
+
+    def on_request(self, conn: Any, msg: dc.Message) -> None:
+        asyncio.get_running_loop().call_later(self.delay, super().on_request, conn, msg)
+
+
+def test_a_stopping_dispatcher_relays_the_answers_in_flight_before_its_dpr(tmp_path: Path) -> None:
+    # a SIGHUP reload or a stop while a CCR waits for its answer: the system's CCA still
+    # reaches the PGW (before, the DPRs went out at once and the answer was dropped)
+    store = open_test_store(tmp_path)
+    seed(store)
+
+    async def main() -> None:
+        src = await SlowServer("MR100", "ocs.source.example", "source.example").start()
+        cfg = parse_config(config_text(src.address, None))
+        svc = await start_diameter(cfg, store)
+        await wait_for(lambda: svc.links["source"].is_open)
+        pgw = await client_for(svc)
+        ccr = asyncio.ensure_future(pgw.ccr("pgw1;stop", dc.CC_INITIAL, (dc.SUB_E164, MSISDN)))
+        await wait_for(lambda: svc.router.in_flight() == 1)
+        await asyncio.wait_for(svc.stop(), 5)
+        ans = await asyncio.wait_for(ccr, 2)
+        assert ans.u32(dc.RESULT_CODE) == dc.SUCCESS and ans.text(dc.ORIGIN_HOST) == "ocs.source.example"
+        await src.stop()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        store.close()
+
+
 def test_watchdog_keeps_links_open(tmp_path: Path) -> None:
     async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
                        store: LocationStore) -> None:

@@ -162,6 +162,10 @@ class DiameterRouter:
             },
         }
 
+    def in_flight(self) -> int:
+        """Requests relayed and not answered yet (either way)."""
+        return len(self._pending)
+
     def _local(self, conn: int, req: dc.Message, code: int, msg: str,
                avps: list[dc.Avp] | None = None) -> list[Send]:
         self.local_answers[code] = self.local_answers.get(code, 0) + 1

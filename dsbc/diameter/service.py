@@ -27,6 +27,7 @@ log = logging.getLogger("dsbc.diameter")
 
 SESSIONS_META_KEY = "diameter.sessions"
 PERSIST_EVERY = 30.0
+DRAIN_LIMIT = 2.0  # seconds a stopping dispatcher waits for the answers of requests in flight
 
 
 def make_decide(store: LocationStore) -> Any:
@@ -182,6 +183,11 @@ class DiameterService:
         self._persist()
         if self.server is not None:
             self.server.close()
+        # the answers to requests in flight still reach their clients before the DPRs (a
+        # PGW left without its CCA applies Credit-Control-Failure-Handling to the session)
+        deadline = self.loop.time() + min(self.cfg.diameter.request_timeout, DRAIN_LIMIT)
+        while self.router.in_flight() and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
         await asyncio.gather(*(link.stop() for link in self.links.values()),
                              *(c.disconnect(dc.DISCONNECT_REBOOTING) for c in list(self.clients.values())),
                              return_exceptions=True)
