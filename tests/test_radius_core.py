@@ -320,6 +320,28 @@ def test_a_pin_saved_under_the_source_address_alone_is_still_followed(store: Loc
     assert core.sticky == {}
 
 
+def test_the_rounds_of_an_eap_exchange_stay_on_its_system_across_a_migration(store: LocationStore) -> None:
+    # the customer moves between the Access-Challenge and the next Access-Request: that
+    # request returns the State of the source's challenge, which the target does not know
+    core = make_core(store)
+    eap = [(rp.MESSAGE_AUTHENTICATOR, rp.ZERO16), (rp.EAP_MESSAGE, b"\x02\x01\x00\x0a\x01alice")]
+    [fwd] = core.handle_request(AUTH, access_request("alice", 1, extra=eap), NAS, 0.0)
+    assert fwd.system == "source"
+    challenge = server_answer(fwd, rp.ACCESS_CHALLENGE, extra=[(rp.STATE, b"round-1")])
+    [ans] = core.handle_answer("source", fwd.via, challenge, SRC, 0.1)
+    assert rp.decode(ans.data).get(rp.STATE) == b"round-1"
+    store.migrate(["1"], "target")
+    [fwd] = core.handle_request(AUTH, access_request("alice", 2, extra=[*eap, (rp.STATE, b"round-1")]), NAS, 1.0)
+    assert fwd.system == "source"
+    core.handle_answer("source", fwd.via, server_answer(fwd), SRC, 1.1)
+    # a new exchange starts on the customer's system; an old State no longer binds
+    [fwd] = core.handle_request(AUTH, access_request("alice", 3, extra=eap), NAS, 2.0)
+    assert fwd.system == "target"
+    core.handle_timer(200.0)
+    [fwd] = core.handle_request(AUTH, access_request("alice", 4, extra=[*eap, (rp.STATE, b"round-1")]), NAS, 200.0)
+    assert fwd.system == "target"
+
+
 def test_status_server_answered_locally(store: LocationStore) -> None:
     core = make_core(store)
     auth = bytes(range(16))

@@ -10,7 +10,9 @@ Per request:
      Authenticator: RFC 5080 2.2.2) is answered from the cached answer, or ignored
      while the first copy is still in flight;
   3. the owner: the pin of the NAS's Acct-Session-Id for accounting (an Accounting-On
-     or -Off ends the NAS's pins), else the User-Name's customer;
+     or -Off ends the NAS's pins), the system that sent the Access-Challenge whose State
+     an Access-Request returns (the next round of an EAP exchange), else the User-Name's
+     customer;
      a locked customer is held until the flip or ``lock_hold``;
   4. the request gets an identifier of the system's id space, a Proxy-State, a new
      Request Authenticator, User-Password and Message-Authenticator for the system's
@@ -145,6 +147,7 @@ class RadiusCore:
     HOLD_POLL = 0.05
     STICKY_TTL = 2 * 86400.0
     SWEEP_EVERY = 60.0
+    CHALLENGE_TTL = 60.0  # FreeRADIUS's eap timer_expire: a conversation's next round comes sooner
 
     def __init__(
         self,
@@ -180,6 +183,9 @@ class RadiusCore:
         # sessions whose Stop was answered -> (system, until): a Stop the NAS sends again with
         # a new Identifier (Acct-Delay-Time changed, RFC 2866 5.2) follows the first one
         self._stopped: dict[tuple[str, str], tuple[str, float]] = {}
+        # (NAS address, State of an Access-Challenge) -> (system, until): the next round of
+        # a multi-round (EAP) authentication goes where it started, even after a migration
+        self._challenges: dict[tuple[str, bytes], tuple[str, float]] = {}
         self.requests = 0
         self.answers = 0
         self.duplicates = 0
@@ -282,6 +288,11 @@ class RadiusCore:
         if pinned is not None:
             pinned[1] = now
             return self._forward(req, self.systems[str(pinned[0])], dup, now)
+        if code == rp.ACCESS_REQUEST:
+            returned = pkt.get(rp.STATE)
+            challenged = self._challenges.get((addr[0], returned)) if returned is not None else None
+            if challenged is not None and challenged[1] > now:
+                return self._forward(req, self.systems[challenged[0]], dup, now)
         if session is not None and status != rp.ACCT_START:
             stopped = self._stopped.get(session)
             if stopped is not None and stopped[1] > now:
@@ -452,6 +463,10 @@ class RadiusCore:
             pkt.attrs.insert(0, (rp.MESSAGE_AUTHENTICATOR, rp.ZERO16))
         wire = rp.sign_response(pkt, req.pkt.authenticator, req.client.secret)
         dup.answer = wire
+        if code == rp.ACCESS_CHALLENGE:
+            returned = pkt.get(rp.STATE)
+            if returned is not None:
+                self._challenges[(req.addr[0], returned)] = (system.name, now + self.CHALLENGE_TTL)
         if req.session is not None and req.status == rp.ACCT_STOP:
             if self.sticky.pop(req.session, None) is not None:
                 self.sticky_dirty = True
@@ -472,7 +487,7 @@ class RadiusCore:
             times.append(min(self._held[0].deadline, self._last_now + self.HOLD_POLL))
         if self._dup_expiry:
             times.append(self._dup_expiry[0][0])
-        if self.sticky or self._stopped:
+        if self.sticky or self._stopped or self._challenges:
             times.append(self._next_sweep)
         return min(times) if times else None
 
@@ -537,6 +552,8 @@ class RadiusCore:
             self.sticky_dirty = self.sticky_dirty or bool(stale)
             for k in [k for k, v in self._stopped.items() if v[1] <= now]:
                 del self._stopped[k]
+            for c in [c for c, v in self._challenges.items() if v[1] <= now]:
+                del self._challenges[c]
         return out
 
     def _forget_nas(self, nas: str) -> None:
