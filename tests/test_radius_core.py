@@ -342,6 +342,21 @@ def test_the_rounds_of_an_eap_exchange_stay_on_its_system_across_a_migration(sto
     assert fwd.system == "target"
 
 
+def test_an_accounting_request_with_eap_and_no_message_authenticator_is_dropped(store: LocationStore) -> None:
+    # RFC 3579 3.2: FreeRADIUS discards it silently; relayed, it timed out and the server
+    # was marked dead for every other request
+    core = make_core(store)
+    attrs = [(rp.USER_NAME, b"alice"), (rp.ACCT_STATUS_TYPE, struct.pack("!I", rp.ACCT_START)),
+             (rp.ACCT_SESSION_ID, b"e1"), (rp.EAP_MESSAGE, b"\x02\x01\x00\x04")]
+    raw = rp.sign_request(rp.Packet(rp.ACCOUNTING_REQUEST, 1, rp.ZERO16, attrs), NAS_SECRET)
+    assert core.handle_request(ACCT, raw, NAS, 0.0) == []
+    assert core.drops == {"bad_authenticator": 1}
+    signed = rp.sign_request(rp.Packet(rp.ACCOUNTING_REQUEST, 2, rp.ZERO16,
+                                       [*attrs, (rp.MESSAGE_AUTHENTICATOR, rp.ZERO16)]), NAS_SECRET)
+    [fwd] = core.handle_request(ACCT, signed, NAS, 0.1)
+    assert fwd.system == "source"
+
+
 def test_status_server_answered_locally(store: LocationStore) -> None:
     core = make_core(store)
     auth = bytes(range(16))

@@ -309,7 +309,10 @@ class RadiusCore:
         if pkt.code == rp.ACCOUNTING_REQUEST:
             if not rp.verify_accounting_request(data, secret):
                 return False
-            return rp.verify_message_authenticator(data, secret, rp.ZERO16) is not False
+            signed = rp.verify_message_authenticator(data, secret, rp.ZERO16)
+            # RFC 3579 3.2: a packet with an EAP-Message and no Message-Authenticator is
+            # discarded (FreeRADIUS does: relayed, it would time out and mark the server dead)
+            return signed if signed is not None else pkt.get(rp.EAP_MESSAGE) is None
         ok = rp.verify_message_authenticator(data, secret)
         if ok is None:
             # RFC 3579 3.2 / RFC 5997: EAP and Status-Server must be signed
