@@ -342,6 +342,23 @@ def test_the_rounds_of_an_eap_exchange_stay_on_its_system_across_a_migration(sto
     assert fwd.system == "target"
 
 
+def test_a_server_that_answers_others_is_not_dead_for_one_lost_request(store: LocationStore) -> None:
+    """Found by an audit: one request a server dropped (FreeRADIUS discards some silently)
+    marked it dead for 30 s although it answered the others, and every request went to the
+    system's next server.  Now only a server silent since the request went out is dead."""
+    core = make_core(store, timeout=1.0, retries=0)
+    [lost] = core.handle_request(AUTH, access_request("alice", 1), NAS, 0.0)
+    [fwd] = core.handle_request(AUTH, access_request("alice", 2), NAS, 0.2)
+    core.handle_answer("source", fwd.via, server_answer(fwd), SRC, 0.3)
+    core.handle_timer(1.5)
+    assert core.drops == {"timeout": 1}
+    assert core.status()["systems"]["source"]["servers"]["127.0.0.1:1812"] == "up"  # type: ignore[index]
+    # silent from the request on: dead
+    [lost] = core.handle_request(AUTH, access_request("alice", 3), NAS, 2.0)
+    core.handle_timer(3.5)
+    assert core.status()["systems"]["source"]["servers"]["127.0.0.1:1812"] == "dead"  # type: ignore[index]
+
+
 def test_an_accounting_request_with_eap_and_no_message_authenticator_is_dropped(store: LocationStore) -> None:
     # RFC 3579 3.2: FreeRADIUS discards it silently; relayed, it timed out and the server
     # was marked dead for every other request

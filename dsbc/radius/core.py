@@ -55,13 +55,15 @@ class Out(NamedTuple):
 
 
 class SystemTarget:
-    __slots__ = ("answers", "dead_until", "ids", "name", "requests", "secret", "server_timeouts", "servers", "timeouts")
+    __slots__ = ("answers", "dead_until", "ids", "last_answer", "name", "requests", "secret", "server_timeouts",
+                 "servers", "timeouts")
 
     def __init__(self, name: str, secret: str, auth: list[Addr], acct: list[Addr], max_slots: int = 64) -> None:
         self.name = name
         self.secret = secret.encode()
         self.servers: tuple[list[Addr], list[Addr]] = (auth, acct)
         self.dead_until: dict[Addr, float] = {}
+        self.last_answer: dict[Addr, float] = {}  # per server: when it last answered
         self.ids = IdSpace(max_slots)
         self.requests = 0
         self.answers = 0
@@ -110,10 +112,10 @@ class _Request:
 
 
 class _Pending:
-    __slots__ = ("auth", "deadline", "ident", "req", "server", "slot", "state", "system", "tries", "wire")
+    __slots__ = ("auth", "deadline", "ident", "req", "sent", "server", "slot", "state", "system", "tries", "wire")
 
     def __init__(self, req: _Request, system: SystemTarget, slot: int, ident: int, server: Addr,
-                 auth: bytes, wire: bytes, state: bytes, deadline: float) -> None:
+                 auth: bytes, wire: bytes, state: bytes, deadline: float, sent: float) -> None:
         self.req = req
         self.system = system
         self.slot = slot
@@ -124,6 +126,7 @@ class _Pending:
         self.tries = 1
         self.deadline = deadline
         self.state = state
+        self.sent = sent
 
 
 def nas_key(source: str, pkt: rp.Packet) -> str:
@@ -409,7 +412,7 @@ class RadiusCore:
         if kind == ACCT:
             auth = wire[4:20]
         deadline = now + self.timeout
-        p = _Pending(req, system, slot, ident, server, auth, wire, state, deadline)
+        p = _Pending(req, system, slot, ident, server, auth, wire, state, deadline, now)
         pkey = (system.name, slot, ident)
         self._pending[pkey] = p
         heapq.heappush(self._heap, (deadline, next(self._seq), pkey))
@@ -451,6 +454,7 @@ class RadiusCore:
         del self._pending[(system_name, slot, ident)]
         system.ids.release(slot, ident, now)
         system.dead_until.pop(p.server, None)
+        system.last_answer[p.server] = now
         system.answers += 1
         dup = self._dups.get(req.key)
         if dup is None:  # expired from the cache while in flight: still answer once
@@ -514,7 +518,10 @@ class RadiusCore:
             p.system.ids.release(p.slot, p.ident, now)
             p.system.timeouts += 1
             p.system.server_timeouts[p.server] = p.system.server_timeouts.get(p.server, 0) + 1
-            p.system.dead_until[p.server] = now + self.dead_time
+            if p.system.last_answer.get(p.server, -1.0) < p.sent:
+                # silent since this request went out: dead (as FreeRADIUS's proxy, a server
+                # that answers others meanwhile is alive; it dropped this one request)
+                p.system.dead_until[p.server] = now + self.dead_time
             self.drop("timeout")
             dup = self._dups.get(p.req.key)
             if dup is not None:
