@@ -1639,14 +1639,14 @@ def test_regression_cancel_and_ack_of_a_call_to_a_tcp_phone_keep_its_connection(
     core, _ = make_core()
     path, _ = _register(core, PHONE_TCP)
     ruri = f"sip:1001@{PHONE_TCP.ip}:{PHONE_TCP.port};transport=tcp"
-    common = dict(
-        src=flow_of(S1),
-        frm="<sip:2000@example.com>;tag=n1",
-        to="<sip:1001@example.com>",
-        call_id="in-tcp",
-        branch="z9hG4bKintcp",
-        headers=[f"Route: {path}"],
-    )
+    common = {
+        "src": flow_of(S1),
+        "frm": "<sip:2000@example.com>;tag=n1",
+        "to": "<sip:1001@example.com>",
+        "call_id": "in-tcp",
+        "branch": "z9hG4bKintcp",
+        "headers": [f"Route: {path}"],
+    }
     inv = one(core.handle_data(request("INVITE", ruri, **common), flow_of(S1), 1.0))
     to_flow(inv, PHONE_TCP)
     cancel = one(core.handle_data(request("CANCEL", ruri, **common), flow_of(S1), 1.1))
