@@ -150,6 +150,25 @@ def test_peer_down_unable_to_deliver_then_reconnect(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+@pytest.mark.parametrize("cause", [dc.DISCONNECT_REBOOTING, dc.DISCONNECT_DO_NOT_WANT_TO_TALK_TO_YOU])
+def test_a_peers_dpr_cause_sets_the_reconnect_delay(tmp_path: Path, cause: int) -> None:
+    """Found by an audit: a system that sent DPR "do not want to talk to you" (or BUSY) was
+    called back after reconnect_min; RFC 6733 5.4.3 invites a reconnection only after
+    REBOOTING.  The others now wait reconnect_max."""
+
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        link = svc.links["source"]
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        await src.conns[0].disconnect(cause)
+        await wait_for(lambda: not link.is_open and link.next_retry > sent)
+        delay = link.next_retry - sent
+        assert (delay >= 5.0) == (cause != dc.DISCONNECT_REBOOTING), delay
+
+    run(tmp_path, scenario, reconnect_min=0.05, reconnect_max=30.0)
+
+
 def test_peer_that_never_answers_cer(tmp_path: Path) -> None:
     async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
                        store: LocationStore) -> None:

@@ -108,6 +108,7 @@ USER_UNKNOWN: Final = 5030  # RFC 4006 DIAMETER_USER_UNKNOWN
 
 DISCONNECT_REBOOTING: Final = 0
 DISCONNECT_BUSY: Final = 1
+DISCONNECT_DO_NOT_WANT_TO_TALK_TO_YOU: Final = 2
 
 HEADER_LEN: Final = 20
 MAX_MESSAGE: Final = 1 << 20  # 1 MiB: far above any real CCR, bounds a hostile peer

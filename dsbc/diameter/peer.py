@@ -87,6 +87,7 @@ class Connection(asyncio.Protocol):
         self.peer_apps: set[int] = set()
         self.peer_addr: Any = None
         self.close_reason = ""
+        self.peer_dpr_cause: int | None = None  # the Disconnect-Cause of the peer's DPR
         self.closed: asyncio.Future[None] = asyncio.get_event_loop().create_future()
         self._dpa: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -207,6 +208,7 @@ class Connection(asyncio.Protocol):
             return
         if code == dc.CMD_DP:
             if m.is_request:
+                self.peer_dpr_cause = m.u32(dc.DISCONNECT_CAUSE)
                 self.send(dc.encode(dc.answer(m, dc.SUCCESS, self.node.origin_host, self.node.origin_realm)))
                 self.state = ConnState.CLOSING
                 self.close("peer sent DPR")
@@ -334,6 +336,10 @@ class PeerLink:
                 self.last_error = conn.close_reason or "connection closed"
                 if conn.peer_host:  # it opened: start the back-off afresh
                     backoff = self.backoff_min
+                if conn.peer_dpr_cause in (dc.DISCONNECT_BUSY, dc.DISCONNECT_DO_NOT_WANT_TO_TALK_TO_YOU):
+                    # RFC 6733 5.4.3: the peer asked not to be talked to now (only REBOOTING
+                    # invites a reconnection): wait the longest back-off, not half a second
+                    backoff = self.backoff_max
             if self._stopping:
                 break
             self.failures += 1
