@@ -489,8 +489,48 @@ def _overlap(a: str, b: str) -> bool:
     return False
 
 
+def check_listeners(cfg: Config) -> list[tuple[Key, str, str, int, Any]]:
+    """Refuse two of dsbc's own listeners on one port, a listen host that does not resolve
+    and one that is no address of this host; ConfigError naming the key.
+
+    What `dsbc run --check` can find without taking a port (the running node holds them):
+    the address is tried on a port of the kernel's choosing, released at once.  Without
+    this a start with a mistyped address had every worker fail ("Cannot assign requested
+    address") and be restarted until the master gave up, with no key named; a reload
+    replaced worker 0 (API, RADIUS, control) and started it again on the old config.
+    Returns (key, kind, host, port, socket address) of each listener."""
+    import socket
+
+    listeners = _listeners(cfg)
+    out: list[tuple[Key, str, str, int, Any]] = []
+    for i, (parts, kind, host, port) in enumerate(listeners):
+        shown = f"[{host}]" if ":" in host else host
+        for parts2, kind2, host2, port2 in listeners[:i]:
+            if (kind, port) == (kind2, port2) and _overlap(host, host2):
+                # SO_REUSEPORT would let both bind: the kernel would share the traffic
+                raise config_error(cfg, parts, f"{kind} {shown}:{port} is {key_text(parts2)}'s too "
+                                               "(one port, one listener)")
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+        except OSError as exc:
+            raise config_error(cfg, parts, f"cannot resolve {host!r} ({exc.strerror or exc})") from None
+        family, stype, proto, _, addr = infos[0]
+        with socket.socket(family, stype, proto) as sock:
+            try:
+                sock.bind((addr[0], 0, *addr[2:]))
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    family_name = "ipv6" if family == socket.AF_INET6 else "ipv4"
+                    raise config_error(cfg, parts, f"{shown} is not an address of this host (a VIP "
+                                       f"that is not here yet needs net.{family_name}.ip_nonlocal_bind = 1, "
+                                       "deploy/sysctl-dsbc.conf)") from None
+        out.append((parts, kind, host, port, (family, stype, proto, addr)))
+    return out
+
+
 def check_listeners_free(cfg: Config, running: Config | None = None) -> None:
-    """Refuse to start beside another process already serving our ports.
+    """Refuse to start beside another process already serving our ports (and what
+    `check_listeners` refuses).
 
     The workers bind with SO_REUSEPORT (a rolling reload needs it), so a second
     `dsbc run` would otherwise start without an error and share the ports (and its
@@ -501,22 +541,11 @@ def check_listeners_free(cfg: Config, running: Config | None = None) -> None:
     being replaced) only the listeners it does not have are tried: its own are ours."""
     import socket
 
-    listeners = _listeners(cfg)
     ours = {(kind, host, port) for _, kind, host, port in _listeners(running)} if running is not None else set()
-    for i, (parts, kind, host, port) in enumerate(listeners):
-        shown = f"[{host}]" if ":" in host else host
-        for parts2, kind2, host2, port2 in listeners[:i]:
-            if (kind, port) == (kind2, port2) and _overlap(host, host2):
-                # SO_REUSEPORT would let both bind: the kernel would share the traffic
-                raise config_error(cfg, parts, f"{kind} {shown}:{port} is {key_text(parts2)}'s too "
-                                               "(one port, one listener)")
+    for parts, kind, host, port, (family, stype, proto, addr) in check_listeners(cfg):
         if (kind, host, port) in ours:
             continue
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
-        except OSError as exc:
-            raise config_error(cfg, parts, f"cannot resolve {host!r} ({exc.strerror or exc})") from None
-        family, stype, proto, _, addr = infos[0]
+        shown = f"[{host}]" if ":" in host else host
         sock = socket.socket(family, stype, proto)
         if kind == "tcp":
             # past a listener, but not past the TIME_WAIT connections a dsbc that just
@@ -530,6 +559,10 @@ def check_listeners_free(cfg: Config, running: Config | None = None) -> None:
                 raise click.ClickException(str(config_error(
                     cfg, parts, f"{kind} {shown}:{port} is already in use "
                     "(another program, or another dsbc running with this config?)"))) from None
+            if exc.errno == errno.EACCES:
+                raise click.ClickException(str(config_error(
+                    cfg, parts, f"{kind} {shown}:{port}: permission denied (a port below 1024 "
+                    "needs root or CAP_NET_BIND_SERVICE, as deploy/dsbc.service gives)"))) from None
         finally:
             sock.close()
 
@@ -544,10 +577,13 @@ def run(cfg_path: str) -> int:
 
 def check(cfg_path: str) -> str:
     """``dsbc run --check``: what a start checks before it binds anything (the file, TLS
-    and CA files, back-end names, the store, advertise addresses, the API's settings), as
-    `nginx -t` / `kamailio -c` do; ConfigError if a start or a reload would be refused.
-    The ports are not tried: the running node holds them."""
-    cfg = preflight(load_config(cfg_path), create_store=False)
+    and CA files, back-end names, the store, advertise addresses, the API's settings, two
+    listeners on one port, listen addresses), as `nginx -t` / `kamailio -c` do; ConfigError
+    if a start or a reload would be refused.  The ports themselves are not tried: the
+    running node holds them."""
+    cfg = load_config(cfg_path)
+    check_listeners(cfg)  # as a start does, without taking the ports
+    cfg = preflight(cfg, create_store=False)
     parts = [f"SIP {', '.join(cfg.sip.listen)} ({cfg.sip.workers} worker(s))" if cfg.sip.enabled else ""]
     if api_wanted(cfg):
         parts.append(f"API {', '.join(cfg.api.listen)}")

@@ -23,12 +23,70 @@ def _run(tmp_path: Path, sections: str, timeout: float = 120) -> tuple[Path, sub
 
 
 def test_run_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
-    # passes validation and the start's port check, cannot be bound (no address of this
-    # host; nothing is sent to it): every worker start fails
-    _, proc = _run(tmp_path, '[sip]\nlisten = ["udp:192.0.2.1:5060"]\n'
-                             'workers = 1\n\n[api]\nenabled = false\n\n[control]\nenabled = false\n')
+    # no address of this host: every worker start fails (the master's own check, which
+    # now refuses this address before any worker starts, is taken out to get there)
+    db = tmp_path / "loc.db"
+    open_store(f"sqlite:///{db}").close()
+    cfg = tmp_path / "dsbc.toml"
+    cfg.write_text(f'[store]\nurl = "sqlite:///{db}"\n\n[sip]\nlisten = ["udp:192.0.2.1:5060"]\n'
+                   'workers = 1\n\n[api]\nenabled = false\n\n[control]\nenabled = false\n')
+    code = ("import sys, dsbc.runner as r; r.check_listeners = lambda cfg: []; "
+            "from dsbc.cli import main; main(['run', '-c', sys.argv[1]])")
+    proc = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, check=False)
     assert "giving up" in proc.stderr
     assert proc.returncode == 1, proc.stderr
+
+
+def _check(cfg: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "--check", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60, cwd=cfg.parent, check=False)
+
+
+def test_run_and_check_refuse_a_listen_address_not_on_this_host(tmp_path: Path) -> None:
+    """A mistyped listen address: every worker failed with "Cannot assign requested
+    address" and was restarted until the master gave up (a dozen log lines, no key named;
+    on a reload worker 0 was replaced, failed, and started again on the old config), and
+    `dsbc run --check` said ok."""
+    sections = ('[sip]\nlisten = ["udp:127.0.0.1:25170", "tcp:192.0.2.1:25170"]\nworkers = 1\n\n'
+                '[api]\nenabled = false\n\n[control]\nenabled = false\n')
+    cfg, proc = _run(tmp_path, sections, timeout=60)
+    message = (f"dsbc: {cfg}:5: sip.listen[1]: 192.0.2.1 is not an address of this host (a VIP that is "
+               "not here yet needs net.ipv4.ip_nonlocal_bind = 1, deploy/sysctl-dsbc.conf)")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == message
+    check = _check(cfg)
+    assert check.returncode == 2, check.stdout
+    assert check.stderr.strip() == message
+
+
+def test_a_port_below_1024_without_the_right_to_it_is_named(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    """Not root and no CAP_NET_BIND_SERVICE: the workers failed to start in a loop."""
+    import errno
+    import socket
+
+    import click
+
+    from dsbc.config import load_config
+    from dsbc.runner import check_listeners_free
+
+    class NoLowPorts(socket.socket):
+        def bind(self, address: object) -> None:
+            if isinstance(address, tuple) and 0 < address[1] < 1024:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            super().bind(address)
+
+    monkeypatch.setattr(socket, "socket", NoLowPorts)
+    path = tmp_path / "dsbc.toml"
+    path.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "loc.db"}"\n\n[sip]\nenabled = false\n\n'
+                    '[api]\nlisten = ["127.0.0.1:443"]\nsource = "http://127.0.0.1:1"\n'
+                    'target = "http://127.0.0.1:2"\n\n[control]\nenabled = false\n')
+    with pytest.raises(click.ClickException) as info:
+        check_listeners_free(load_config(path))
+    assert info.value.format_message() == (
+        f"{path}:8: api.listen[0]: tcp 127.0.0.1:443: permission denied (a port below 1024 needs "
+        "root or CAP_NET_BIND_SERVICE, as deploy/dsbc.service gives)")
 
 
 def test_run_refuses_a_vhost_without_back_end(tmp_path: Path) -> None:
@@ -92,6 +150,9 @@ def test_run_names_a_listen_address_that_does_not_resolve(tmp_path: Path) -> Non
                                '[control]\nlisten = "no-such-host.invalid:8080"\n', timeout=30)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().startswith(f"dsbc: {cfg}:9: control.listen: cannot resolve 'no-such-host.invalid' (")
+    check = _check(cfg)
+    assert check.returncode == 2, check.stdout
+    assert check.stderr.strip().startswith(f"dsbc: {cfg}:9: control.listen: cannot resolve 'no-such-host.invalid' (")
 
 
 @pytest.mark.parametrize(("listen", "line", "message"), [
@@ -108,6 +169,10 @@ def test_run_refuses_two_of_its_own_listeners_on_one_port(tmp_path: Path, listen
     cfg, proc = _run(tmp_path, listen, timeout=30)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"dsbc: {cfg}:{line}: {message}"
+    # `dsbc run --check` (systemctl reload's first step) used to say ok
+    check = _check(cfg)
+    assert check.returncode == 2, check.stdout
+    assert check.stderr.strip() == f"dsbc: {cfg}:{line}: {message}"
 
 
 def test_the_port_check_passes_over_time_wait_but_not_over_a_listener(tmp_path: Path) -> None:
