@@ -120,6 +120,14 @@ def _check_hostport(value: str, where: str, default_port: int) -> None:
         raise ValueError(f"{where}: {exc}") from None
 
 
+def _check_specified(host: str, where: str) -> None:
+    """An address written in Via / Record-Route / Path: a wildcard there sends the phones'
+    and the systems' next requests nowhere."""
+    if is_ip(host) and ipaddress.ip_address(host).is_unspecified:
+        raise ValueError(f"{where}: {host!r} is a wildcard, not an address peers can reach "
+                         "(give the VIP, or this node's public address)")
+
+
 def _check_url(value: str, where: str) -> None:
     if value and not re.match(r"^https?://[^/\s]+", value):
         raise ValueError(f"{where}: {value!r} is not an http:// or https:// URL")
@@ -270,12 +278,14 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("retry_after: must be >= 0")
         if self.advertise:
             _check_hostport(self.advertise, "advertise", 5060)
+            _check_specified(parse_hostport(self.advertise, 5060)[0], "advertise")
         if self.advertise_ipv6.strip("[]"):
             try:
                 ipaddress.IPv6Address(self.advertise_ipv6.strip("[]"))
             except ValueError:
                 raise ValueError(f"advertise_ipv6: {self.advertise_ipv6!r} is not an IPv6 address") from None
             self.advertise_ipv6 = self.advertise_ipv6.strip("[]")
+            _check_specified(self.advertise_ipv6, "advertise_ipv6")
         if self.drop_scanners and not any(ua.strip() for ua in self.scanner_user_agents):
             raise ValueError("scanner_user_agents: empty while drop_scanners = true (nothing would be dropped)")
         for alias in self.aliases:
@@ -627,7 +637,7 @@ def parse_config(text: str, name: str = "dsbc.toml") -> Config:
         if m:
             parts = parts + [m.group(1)]
             reason = f"unknown key {m.group(1)!r}"
-        m = re.match(r"^([a-z_]+): (.*)$", reason)
+        m = re.match(r"^([a-z_][a-z0-9_]*): (.*)$", reason)
         if m:
             parts = parts + [m.group(1)]
             reason = m.group(2)

@@ -185,6 +185,18 @@ def replace(old: str, new: str) -> str:
          "dsbc.toml:2: store.url: 'sqlite:///' names no file (sqlite:///path/location.db)"),
         ('[sip]\ndrop_scanners = true\nscanner_user_agents = []\n',
          "dsbc.toml:3: sip.scanner_user_agents: empty while drop_scanners = true (nothing would be dropped)"),
+        # found by the configuration audit: accepted, then broken at run time
+        ('[sip]\nadvertise = "0.0.0.0"\n',  # written in every Via, Record-Route and Path
+         ("dsbc.toml:2: sip.advertise: '0.0.0.0' is a wildcard, not an address peers can reach "
+          "(give the VIP, or this node's public address)")),
+        ('[sip]\nadvertise = "[::]:5060"\n',
+         ("dsbc.toml:2: sip.advertise: '::' is a wildcard, not an address peers can reach "
+          "(give the VIP, or this node's public address)")),
+        ('[sip]\nworkers = 1\nadvertise_ipv6 = "::"\n',  # was named "sip: advertise_ipv6: ..." on line 1
+         ("dsbc.toml:3: sip.advertise_ipv6: '::' is a wildcard, not an address peers can reach "
+          "(give the VIP, or this node's public address)")),
+        ('[sip]\nworkers = 1\nadvertise_ipv6 = "x"\n',
+         "dsbc.toml:3: sip.advertise_ipv6: 'x' is not an IPv6 address"),
         # TOML syntax
         (replace("workers = 2", "workers = "), "dsbc.toml:24: TOML syntax error: Invalid value"),
         (replace("workers = 2", "workers = 2\nworkers = 3"), "dsbc.toml:25: TOML syntax error: Cannot overwrite a value"),
