@@ -306,6 +306,18 @@ class VhostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     realm_paths: dict[str, str] = {}  # path prefix -> realm, e.g. {"/customer" = "customer"}
 
     def __post_init__(self) -> None:
+        if self.host.strip() != "*":
+            # the router matches whole names only: anything else never matched a request
+            if not self.host.strip():
+                raise ValueError('host: must not be empty (a host name or IP, or "*" for any host)')
+            if "://" in self.host or "/" in self.host:
+                raise ValueError(f"host: {self.host!r}: the name the clients send in Host, not a URL "
+                                 '(e.g. "www.example.com" or "www.example.com:8443")')
+            try:
+                parse_hostport(self.host, 0)
+            except ValueError as exc:
+                raise ValueError(f"host: {exc} (a host name or IP with an optional :port, or \"*\" "
+                                 "alone for any host: no *.domain wildcards)") from None
         _check_url(self.source, "source")
         _check_url(self.target, "target")
         if not 0 <= self.port < 65536:

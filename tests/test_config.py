@@ -197,6 +197,16 @@ def replace(old: str, new: str) -> str:
           "(give the VIP, or this node's public address)")),
         ('[sip]\nworkers = 1\nadvertise_ipv6 = "x"\n',
          "dsbc.toml:3: sip.advertise_ipv6: 'x' is not an IPv6 address"),
+        # a vhost host that no Host header can match: every request got unknown_host
+        ('[api]\n[[api.vhosts]]\nhost = "*.example.com"\n',
+         ("dsbc.toml:3: api.vhosts[0].host: bad address '*.example.com': '*.example.com' is not a host "
+          'name or an IP address (a host name or IP with an optional :port, or "*" alone for any host: '
+          "no *.domain wildcards)")),
+        ('[api]\n[[api.vhosts]]\nhost = "https://www.example.com/"\n',
+         ("dsbc.toml:3: api.vhosts[0].host: 'https://www.example.com/': the name the clients send in "
+          'Host, not a URL (e.g. "www.example.com" or "www.example.com:8443")')),
+        ('[api]\n[[api.vhosts]]\nhost = ""\n',
+         'dsbc.toml:3: api.vhosts[0].host: must not be empty (a host name or IP, or "*" for any host)'),
         # TOML syntax
         (replace("workers = 2", "workers = "), "dsbc.toml:24: TOML syntax error: Invalid value"),
         (replace("workers = 2", "workers = 2\nworkers = 3"), "dsbc.toml:25: TOML syntax error: Cannot overwrite a value"),

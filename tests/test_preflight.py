@@ -42,7 +42,7 @@ API = '[api]\nlisten = ["127.0.0.1:{port}"]\n'
     ('source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\nbackend_ca = "/nonexistent/ca.pem"\n',
      11, "api.backend_ca", "cannot load the CA file"),
     (('[[api.vhosts]]\nhost = "www.example.com:99999"\nrealm = "customer"\nsource = "http://127.0.0.1:9"\n'
-     'target = "http://127.0.0.1:9"\n'), 9, "api.vhosts[0]", "port"),
+     'target = "http://127.0.0.1:9"\n'), 10, "api.vhosts[0].host", "bad port in 'www.example.com:99999'"),
     (('cpe_patterns = ["cfg(["]\n[[api.vhosts]]\nhost = "cpe.example.com"\nrealm = "cpe"\n'
      'source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n'), 9, "api.cpe_patterns", "cpe pattern"),
     ('source = "http://127.0.0.1:9"\n', 9, "api.target", "api.source is set but there is no target back end"),
