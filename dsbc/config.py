@@ -727,6 +727,13 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
                         f"{name}:{line}: api.vhosts[{i}].{which}: vhost {vh.host!r} has no {which} "
                         f"back end (set it here, or api.{which}, or systems.{which}.api)"
                     )
+    seen: dict[tuple[Network, int | None], int] = {}
+    for i, client in enumerate(cfg.radius.clients):
+        j = seen.setdefault(parse_peer(client.address), i)
+        if j != i:  # the first entry's secret answers its NAS: this one was never used
+            line = _locate(text, ["radius", "clients", i, "address"])
+            raise ConfigError(f"{name}:{line}: radius.clients[{i}].address: {client.address!r} is "
+                              f"radius.clients[{j}]'s too (one secret per NAS)")
     if cfg.radius.enabled and not cfg.radius.clients:
         line = _locate(text, ["radius", "enabled"])
         raise ConfigError(f"{name}:{line}: radius.clients: RADIUS is enabled but no client is configured")

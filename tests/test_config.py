@@ -207,6 +207,10 @@ def replace(old: str, new: str) -> str:
           'Host, not a URL (e.g. "www.example.com" or "www.example.com:8443")')),
         ('[api]\n[[api.vhosts]]\nhost = ""\n',
          'dsbc.toml:3: api.vhosts[0].host: must not be empty (a host name or IP, or "*" for any host)'),
+        # a second entry for one NAS: its secret was never used (the first one answered)
+        (('[radius]\n[[radius.clients]]\naddress = "10.0.0.0/24"\nsecret = "a"\n'
+          '[[radius.clients]]\naddress = "10.0.0.1/24"\nsecret = "b"\n'),
+         "dsbc.toml:6: radius.clients[1].address: '10.0.0.1/24' is radius.clients[0]'s too (one secret per NAS)"),
         # TOML syntax
         (replace("workers = 2", "workers = "), "dsbc.toml:24: TOML syntax error: Invalid value"),
         (replace("workers = 2", "workers = 2\nworkers = 3"), "dsbc.toml:25: TOML syntax error: Cannot overwrite a value"),
