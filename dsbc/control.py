@@ -155,10 +155,15 @@ class ControlService:
         #: the node's start: the master's, not this worker's (a restarted worker 0 is no
         #: restart of the node)
         self.node_started = self.started
+        #: the pid `dsbc status` shows: the master's, the one to send SIGHUP / SIGTERM to
+        #: (this worker ignores SIGHUP; a SIGTERM drained worker 0 alone, and the master
+        #: started it again)
+        self.node_pid = os.getpid()
         if run_dir is not None:
             try:
                 self.node_started = (run_dir / "master.json").stat().st_mtime
-            except OSError:
+                self.node_pid = int(json.loads((run_dir / "master.json").read_text())["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
                 pass
         self.counters: Counter[str] = Counter()
         self.migrations: Counter[str] = Counter()
@@ -526,7 +531,7 @@ class ControlService:
     async def status_handler(self, request: web.Request) -> web.Response:
         snaps = self._snapshots()
         out: dict[str, Any] = {"node": summarize(snaps), "draining": self.draining,
-                               "pid": os.getpid(), "uptime": round(time.time() - self.node_started, 1),
+                               "pid": self.node_pid, "uptime": round(time.time() - self.node_started, 1),
                                "store": {"url": _shown_url(self.store, self.cfg.store.url),
                                          "healthy": bool(self.store.healthy),
                                          "reason": getattr(self.store, "reason", "")}}

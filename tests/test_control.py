@@ -168,6 +168,14 @@ def test_lookups_customers_migrations_rollback(node: Dsbc) -> None:
     assert st["node"]["sip_workers"] == 1
 
 
+def test_status_names_the_master_pid(node: Dsbc) -> None:
+    """`dsbc status` printed worker 0's pid as the node's: a SIGHUP sent to it did nothing
+    (workers ignore it) and a SIGTERM drained worker 0 alone, which the master restarted."""
+    status, st = node.control("GET", "/v1/status")
+    assert status == 200
+    assert node.proc is not None and st["pid"] == node.proc.pid
+
+
 def test_customers_locked_by_another_batch_are_refused_409(node: Dsbc) -> None:
     from dsbc.store import open_store
 
