@@ -51,6 +51,8 @@ def format_hostport(host: str, port: int) -> str:
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
     """``"1.2.3.4:5060"``, ``"[::1]:5060"`` or ``"host"`` (with a default port)."""
     text = text.strip()
+    if "://" in text:
+        raise ValueError(f"bad address {text!r}: HOST:PORT, not a URL")
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep:
@@ -239,6 +241,9 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     )
 
     def __post_init__(self) -> None:
+        if self.enabled and not self.listen:  # a node that served nothing and said "ready: sip"
+            raise ValueError("listen: empty while SIP is enabled (udp:IP:PORT, tcp:... or tls:... "
+                             "entries; or enabled = false)")
         _check_endpoints(self.listen, "listen")
         for p in self.trusted_peers:
             try:
@@ -366,8 +371,9 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("route_body_limit: must be >= 1024")
         if self.pool_size < 1:
             raise ValueError("pool_size: must be >= 1")
-        if self.body_timeout <= 0 or self.connect_timeout <= 0 or self.timeout <= 0:
-            raise ValueError("body_timeout: body_timeout, connect_timeout and timeout must be > 0")
+        for key in ("timeout", "body_timeout", "connect_timeout"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: must be > 0 (seconds)")
         if self.header_timeout <= 0:
             raise ValueError("header_timeout: must be > 0")
         if self.max_connections < 1 or self.max_connections_per_ip < 1:
@@ -406,6 +412,9 @@ class RadiusConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         _check_hostport(self.auth_listen, "auth_listen", 1812)
         if not self.acct_listen.strip():
             host, port = parse_hostport(self.auth_listen, 1812)
+            if port == 65535:
+                raise ValueError("auth_listen: port 65535 leaves no port + 1 for accounting "
+                                 "(set acct_listen)")
             self.acct_listen = format_hostport(host, port + 1)
         _check_hostport(self.acct_listen, "acct_listen", 1813)
         if parse_hostport(self.auth_listen, 1812) == parse_hostport(self.acct_listen, 1813):
@@ -604,8 +613,8 @@ def _reason(reason: str, parts: list[str | int]) -> str:
     """msgspec's wording, in the operator's terms."""
     m = re.match(r"Expected `([^`]+)`, got `([^`]+)`$", reason)
     if m:
-        want, got = (_TYPE_WORDS.get(g, g) for g in m.groups())
-        return f"expected {want}, got {got}"
+        want = " or ".join(_TYPE_WORDS.get(w, w) for w in m.group(1).split(" | "))
+        return f"expected {want}, got {_TYPE_WORDS.get(m.group(2), m.group(2))}"
     m = re.match(r"Invalid enum value (.*)$", reason)
     if m:
         choices = _choices(parts)
@@ -710,6 +719,10 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
                     f"{name}:{line}: api.vhosts[{i}].{key}: unknown realm {realm!r} "
                     f"(one of {', '.join(sorted(realms))})"
                 )
+    if api_wanted(cfg) and not cfg.api.listen:
+        line = _locate(text, ["api", "listen"])
+        raise ConfigError(f"{name}:{line}: api.listen: empty while the API dispatcher runs "
+                          "(IP:PORT entries; or [api] enabled = false)")
     if cfg.api.enabled:
         defaults = dict(zip(("source", "target"), api_backends(cfg)))
         if not cfg.api.vhosts and bool(defaults["source"]) != bool(defaults["target"]):

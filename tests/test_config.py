@@ -211,6 +211,24 @@ def replace(old: str, new: str) -> str:
         (('[radius]\n[[radius.clients]]\naddress = "10.0.0.0/24"\nsecret = "a"\n'
           '[[radius.clients]]\naddress = "10.0.0.1/24"\nsecret = "b"\n'),
          "dsbc.toml:6: radius.clients[1].address: '10.0.0.1/24' is radius.clients[0]'s too (one secret per NAS)"),
+        # listeners that serve nothing: the node said "ready: sip" and answered nothing
+        ('[sip]\nlisten = []\n',
+         ("dsbc.toml:2: sip.listen: empty while SIP is enabled (udp:IP:PORT, tcp:... or tls:... "
+          "entries; or enabled = false)")),
+        ('[api]\nlisten = []\nsource = "http://s"\ntarget = "http://t"\n',
+         "dsbc.toml:2: api.listen: empty while the API dispatcher runs (IP:PORT entries; or [api] enabled = false)"),
+        # the key written is the key named (was api.body_timeout, on line 1, for any of three)
+        ('[api]\ntimeout = 0\n', "dsbc.toml:2: api.timeout: must be > 0 (seconds)"),
+        ('[api]\nconnect_timeout = -1\n', "dsbc.toml:2: api.connect_timeout: must be > 0 (seconds)"),
+        # was "dsbc.toml:1: radius.acct_listen: bad port in '0.0.0.0:65536'", a key not written
+        ('[radius]\nauth_listen = "0.0.0.0:65535"\n',
+         "dsbc.toml:2: radius.auth_listen: port 65535 leaves no port + 1 for accounting (set acct_listen)"),
+        # was "(an IPv6 address with a port is written [addr]:port)"
+        ('[api]\nlisten = ["https://0.0.0.0:443"]\n',
+         "dsbc.toml:2: api.listen: bad address 'https://0.0.0.0:443': HOST:PORT, not a URL"),
+        # was "expected bool | array"
+        ('[sip]\ntls_verify_client = "yes"\n',
+         "dsbc.toml:2: sip.tls_verify_client: expected true or false or a list, got a string"),
         # TOML syntax
         (replace("workers = 2", "workers = "), "dsbc.toml:24: TOML syntax error: Invalid value"),
         (replace("workers = 2", "workers = 2\nworkers = 3"), "dsbc.toml:25: TOML syntax error: Cannot overwrite a value"),
