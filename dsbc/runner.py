@@ -608,6 +608,11 @@ def _run_command() -> click.Command:
         """Run every dispatcher the config enables, in the foreground
         (SIGTERM drains and exits, SIGHUP reloads the config)."""
         meta = click.get_current_context().find_root().meta
+        if meta.get("dsbc.store"):
+            # it was accepted and ignored: the node ran on the config's store (and a reload,
+            # `systemctl reload`'s check, `dsbc status` read the file's), not the one given
+            raise click.UsageError("--store is not used by run: the node takes store.url from the "
+                                   "config (a reload reads the file again); write it there")
         path = meta.get("dsbc.config") or os.environ.get("DSBC_CONFIG") or "dsbc.toml"
         try:
             if check_only:
@@ -619,6 +624,9 @@ def _run_command() -> click.Command:
             sys.exit(2)
         sys.exit(code)
 
+    for param in run_command.params:
+        if isinstance(param, click.Option) and param.name == "store":  # refused above: not in --help
+            param.hidden = True
     return run_command
 
 

@@ -245,6 +245,13 @@ def test_a_store_url_that_cannot_be_used_is_one_line(home: Path, url: str, messa
     (["import"], "dsbc import: Missing argument 'FILE'. (see dsbc import --help)"),
     (["migrate", "--customer", "1", "--batch-size", "0"],
      "dsbc migrate: Invalid value for '--batch-size': 0 is not in the range x>=1. (see dsbc migrate --help)"),
+    # was accepted and ignored: the node ran on the config's store, not the one given
+    (["run", "--check", "--store", "sqlite:///elsewhere.db"],
+     ("dsbc run: --store is not used by run: the node takes store.url from the config (a reload "
+      "reads the file again); write it there (see dsbc run --help)")),
+    (["--store", "sqlite:///elsewhere.db", "run", "--check"],
+     ("dsbc run: --store is not used by run: the node takes store.url from the config (a reload "
+      "reads the file again); write it there (see dsbc run --help)")),
 ])
 def test_usage_errors_are_one_line(home: Path, args: list[str], message: str) -> None:
     assert one_line_error(dsbc(*args)) == message
