@@ -307,9 +307,10 @@ class ControlService:
         summary = summarize(snaps)
         store_ok = bool(self.store.healthy)
         nodes = summary["services"].get("sip", {}).get("nodes", [])
+        # a system with no SIP node at all is down too: its customers' requests get 503
+        no_nodes = {name for name in ("source", "target") if not self.cfg.system(name).sip} if self.cfg.sip.enabled else set()
         systems_down = sorted(
-            {n["system"] for n in nodes}
-            - {n["system"] for n in nodes if n["up"]}
+            ({n["system"] for n in nodes} - {n["system"] for n in nodes if n["up"]}) | no_nodes
         )
         body: dict[str, Any] = {
             "workers": summary["workers"],

@@ -35,6 +35,10 @@ def preflight(cfg: Config, create_store: bool = True) -> Config:
         except ValueError as exc:
             raise config_error(cfg, ["sip", "advertise"], str(exc)) from None
         _check_udp_families(cfg)
+        for which in ("source", "target"):
+            if not cfg.system(which).sip:
+                log.warning("%s", config_error(cfg, ["systems", which, "sip"], "no SIP node while SIP is "
+                            f"enabled: SIP requests of the {which}'s customers get 503 (/healthz: degraded)"))
     if api_wanted(cfg):
         from .api_service import build_settings
 

@@ -198,6 +198,17 @@ def test_customers_locked_by_another_batch_are_refused_409(node: Dsbc) -> None:
     assert status == 200 and body["moved"] == ["2"], body
 
 
+def test_a_system_without_sip_nodes_is_down(tmp_path: Path) -> None:
+    """[systems.target] with no sip nodes (forgotten): every SIP request of a target
+    customer got 503, and /healthz said "ok" ("every system has a node up")."""
+    d = Dsbc(tmp_path / "dsbc", source=[f"udp:127.0.0.1:{free_port('udp')}"])
+    with d:
+        wait_control(d)
+        status, body = d.control("GET", "/healthz", token=None)
+        assert status == 200 and body["status"] == "degraded" and "target" in body["systems_down"], body
+        assert "systems.target.sip: no SIP node while SIP is enabled" in d.log_tail()
+
+
 def test_health_and_metrics(node: Dsbc) -> None:
     deadline = time.monotonic() + 10  # no back-end SIP node answers: marked down after a few pings
     while True:
