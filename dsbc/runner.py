@@ -515,7 +515,11 @@ def check_listeners(cfg: Config) -> list[tuple[Key, str, str, int, Any]]:
         except OSError as exc:
             raise config_error(cfg, parts, f"cannot resolve {host!r} ({exc.strerror or exc})") from None
         family, stype, proto, _, addr = infos[0]
-        with socket.socket(family, stype, proto) as sock:
+        try:
+            sock = socket.socket(family, stype, proto)
+        except OSError as exc:  # an IPv6 address on a host without IPv6
+            raise config_error(cfg, parts, f"{shown}: cannot open a socket ({exc.strerror or exc})") from None
+        with sock:
             try:
                 sock.bind((addr[0], 0, *addr[2:]))
             except OSError as exc:

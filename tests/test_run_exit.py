@@ -229,3 +229,28 @@ def test_a_port_still_held_by_a_draining_worker_is_waited_for_under_uvloop() -> 
 
     for run in (uvloop.run, asyncio.run):
         assert _address_in_use(run(second_bind()))
+
+
+def test_an_ipv6_listener_on_a_host_without_ipv6_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The socket could not even be made (EAFNOSUPPORT): a traceback, now file:line: key."""
+    import errno
+    import socket
+
+    from dsbc.config import ConfigError, load_config
+    from dsbc.runner import check_listeners
+
+    class NoIPv6(socket.socket):
+        def __init__(self, family: int = -1, *args: object, **kwargs: object) -> None:
+            if family == socket.AF_INET6:
+                raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+            super().__init__(family, *args, **kwargs)  # type: ignore[arg-type]
+
+    path = tmp_path / "dsbc.toml"
+    path.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "loc.db"}"\n\n[sip]\nlisten = ["udp:[::]:25171"]\n\n'
+                    '[api]\nenabled = false\n\n[control]\nenabled = false\n')
+    cfg = load_config(path)
+    monkeypatch.setattr(socket, "socket", NoIPv6)
+    with pytest.raises(ConfigError) as info:
+        check_listeners(cfg)
+    assert str(info.value) == (f"{path}:5: sip.listen[0]: [::]: cannot open a socket "
+                               "(Address family not supported by protocol)")
