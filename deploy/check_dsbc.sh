@@ -1,5 +1,6 @@
 #!/bin/sh
-# keepalived health check for dsbc: exit 0 when the local node serves, 1 otherwise.
+# keepalived health check for dsbc: exit 0 when the local node serves, non-zero otherwise
+# (curl's or wget's status: 22 for a 503, 7 or 28 when nothing answers).
 #
 #   check_dsbc.sh            GET /healthz: fails while the node drains, has no SIP worker
 #                            alive, or does not answer within 1 s
