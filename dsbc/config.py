@@ -609,6 +609,21 @@ def _choices(parts: list[str | int]) -> list[str]:
     return [str(a) for a in typing.get_args(tp)] if typing.get_origin(tp) is Literal else []
 
 
+def _list_of_tables(parts: list[str | int]) -> bool:
+    """Whether a key of the schema is an array of tables (``api.vhosts``, ``radius.clients``)."""
+    tp: Any = Config
+    for p in parts:
+        if isinstance(p, int):
+            return False
+        try:
+            tp = typing.get_type_hints(tp).get(p)
+        except TypeError:
+            return False
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is list and bool(args) and isinstance(args[0], type) and issubclass(
+        args[0], msgspec.Struct)
+
+
 def _reason(reason: str, parts: list[str | int]) -> str:
     """msgspec's wording, in the operator's terms."""
     m = re.match(r"Expected `([^`]+)`, got `([^`]+)`$", reason)
@@ -666,6 +681,12 @@ def parse_config(text: str, name: str = "dsbc.toml") -> Config:
         if m:
             reason = f"missing required key {m.group(1)!r}"
         reason = _reason(reason, parts)
+        key = key_text(parts)
+        if reason == "expected a list, got a table" and _list_of_tables(parts):
+            reason += f" (one [[{key}]] header per entry, two brackets)"
+        elif reason == "expected a table, got a list" and re.search(
+                rf"^\s*\[\[\s*{re.escape(key)}\s*\]\]", text, re.MULTILINE):
+            reason += f" (write [{key}], one bracket)"
         line = _locate(text, parts)
         raise ConfigError(f"{name}:{line}: {key_text(parts) or '(top)'}: {reason}") from None
     cfg.path = name

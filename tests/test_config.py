@@ -229,6 +229,16 @@ def replace(old: str, new: str) -> str:
         # was "expected bool | array"
         ('[sip]\ntls_verify_client = "yes"\n',
          "dsbc.toml:2: sip.tls_verify_client: expected true or false or a list, got a string"),
+        # one bracket too few or too many around a table header: say which is wanted
+        ('[api]\nlisten = ["127.0.0.1:8443"]\n\n[api.vhosts]\nhost = "a"\n',
+         "dsbc.toml:4: api.vhosts: expected a list, got a table (one [[api.vhosts]] header per entry, two brackets)"),
+        ('[radius.clients]\naddress = "10.0.0.1"\nsecret = "s"\n',
+         ("dsbc.toml:1: radius.clients: expected a list, got a table "
+          "(one [[radius.clients]] header per entry, two brackets)")),
+        ('[[systems.source]]\nname = "MR100"\n',
+         "dsbc.toml:1: systems.source: expected a table, got a list (write [systems.source], one bracket)"),
+        ('store = []\n', "dsbc.toml:1: store: expected a table, got a list"),
+        ('[sip.listen]\nx = 1\n', "dsbc.toml:1: sip.listen: expected a list, got a table"),
         # TOML syntax
         (replace("workers = 2", "workers = "), "dsbc.toml:24: TOML syntax error: Invalid value"),
         (replace("workers = 2", "workers = 2\nworkers = 3"), "dsbc.toml:25: TOML syntax error: Cannot overwrite a value"),
