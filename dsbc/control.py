@@ -300,7 +300,10 @@ class ControlService:
     # -- health and metrics -----------------------------------------------------------------
 
     def _snapshots(self) -> list[dict[str, Any]]:
-        return read_snapshots(self.run_dir)
+        # a worker a reload stopped (fewer workers) leaves a snapshot that stays fresh for
+        # SNAPSHOT_MAX_AGE: not counted (dsbc status said "workers: 3" after 3 -> 1)
+        return [s for s in read_snapshots(self.run_dir)
+                if not isinstance(s.get("worker"), int) or s["worker"] < self.cfg.sip.workers]
 
     async def healthz(self, request: web.Request) -> web.Response:
         snaps = self._snapshots()

@@ -370,3 +370,24 @@ def test_metrics_and_status_do_not_wait_out_a_hung_store(tmp_path: Path, monkeyp
     finally:
         release.set()
         store.close()
+
+
+def test_workers_a_reload_stopped_are_not_counted(tmp_path: Path) -> None:
+    """A reload from 3 workers to 1: the stopped workers' snapshots stay fresh for a few
+    seconds, and dsbc status, /healthz and dsbc_workers said 3 (their counters summed in)."""
+    from dsbc import control
+    from dsbc.config import Config, SipConfig
+    from dsbc.store import open_store
+
+    now = time.time()
+    for index in range(3):
+        (tmp_path / f"worker-{index}.json").write_text(json.dumps(
+            {"worker": index, "pid": 100 + index, "ts": now, "services": {"sip": {"running": True}}}))
+    store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+    try:
+        svc = control.ControlService(Config(sip=SipConfig(workers=1)), store, tmp_path)
+        assert [s["worker"] for s in svc._snapshots()] == [0]
+        svc = control.ControlService(Config(sip=SipConfig(workers=3)), store, tmp_path)
+        assert [s["worker"] for s in svc._snapshots()] == [0, 1, 2]
+    finally:
+        store.close()
