@@ -22,7 +22,12 @@ SystemName = Literal["source", "target"]
 
 
 class ConfigError(Exception):
-    """A configuration file that cannot be used; ``str()`` is the one-line reason."""
+    """A configuration file that cannot be used; ``str()`` is the one-line reason.
+
+    ``exit_code``: `dsbc run`'s exit status, 2 (bad input) unless an operational failure
+    (a store that cannot be reached) set 1."""
+
+    exit_code = 2
 
 
 # --- value helpers ---------------------------------------------------------------------

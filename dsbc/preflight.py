@@ -87,5 +87,8 @@ def _check_store(cfg: Config, create: bool = True) -> None:
     except Exception as exc:  # noqa: BLE001 - report the reason, not a traceback
         cache = cfg.store.cache_file
         if not (isinstance(exc, StoreUnavailable) and cache and os.path.exists(cache)):
-            raise config_error(cfg, ["store", "url"], f"cannot open the store: {exc}") from None
+            err = config_error(cfg, ["store", "url"], f"cannot open the store: {exc}")
+            if isinstance(exc, StoreUnavailable):
+                err.exit_code = 1  # not reached (README: exit 1), not a bad value
+            raise err from None
         log.warning("%s; starting from the cache %s", exc, cache)

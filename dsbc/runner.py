@@ -625,7 +625,7 @@ def _run_command() -> click.Command:
             code = run(path)
         except ConfigError as exc:
             click.echo(f"dsbc: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(2 if check_only else exc.exit_code)  # --check: ok or not (0 / 2)
         sys.exit(code)
 
     for param in run_command.params:

@@ -254,3 +254,24 @@ def test_an_ipv6_listener_on_a_host_without_ipv6_is_named(monkeypatch: pytest.Mo
         check_listeners(cfg)
     assert str(info.value) == (f"{path}:5: sip.listen[0]: [::]: cannot open a socket "
                                "(Address family not supported by protocol)")
+
+
+def test_a_store_that_cannot_be_reached_stops_the_start_with_exit_1(tmp_path: Path) -> None:
+    """README: exit 1 when the store could not be reached (2 is bad input); the start gave 2.
+    `dsbc run --check` answers ok or not: 2."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "dsbc.toml"
+    cfg.write_text(f'[store]\nurl = "redis://127.0.0.1:{port}/0"\n\n[sip]\nenabled = false\n\n'
+                   '[api]\nenabled = false\n\n[control]\nenabled = false\n')
+    message = f"dsbc: {cfg}:2: store.url: cannot open the store: opening the store failed: cannot reach "
+    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(message) and len(proc.stderr.splitlines()) == 1, proc.stderr
+    check = _check(cfg)
+    assert check.returncode == 2, check.stderr
+    assert check.stderr.startswith(message), check.stderr
