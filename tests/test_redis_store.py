@@ -28,6 +28,7 @@ from dsbc.store import (
     StoreUnavailable,
     open_store,
 )
+from dsbc.store.redis_cache import read_cache
 from dsbc.store.redis_conn import parse_redis_url
 from dsbc.store.redis_store import RedisStore
 from tests.peers.proc import find_binary
@@ -449,6 +450,28 @@ def test_cache_file_starts_a_node_while_redis_is_away(store: RedisStore, server:
     store.migrate(["1"], "target")
     wait_for(lambda: node.lookup("account", "a1").system == "target", refresh=[node], timeout=10)  # type: ignore[union-attr]
     assert node.healthy
+
+
+def test_cache_file_is_current_once_redis_goes_away(store: RedisStore, server: RedisServer,
+                                                    make: Any, tmp_path: Path) -> None:
+    """A worker started while Redis is away (a SIGHUP reload, a restart) starts from the
+    cache file: a migration the node had applied before Redis went away must be in it,
+    not only the index of the last periodic write (store.cache_file writes every 10 s)."""
+    cache = str(tmp_path / "index.cache")
+    node = make(cache_file=cache)  # writes the cache at the start
+    store.migrate(["1"], "target")
+    wait_for(lambda: node.lookup("account", "a1").system == "target", refresh=[node])  # type: ignore[union-attr]
+    server.stop()
+
+    def cached_system() -> str:
+        found = read_cache(cache)
+        cust = found[0].customer("1") if found is not None else None
+        return cust.system if cust is not None else ""
+
+    wait_for(lambda: not node.healthy and cached_system() == "target", refresh=[node], timeout=5)
+    fresh = make(cache_file=cache)  # the reloaded worker
+    assert not fresh.healthy
+    assert fresh.lookup("account", "a1").system == "target"  # type: ignore[union-attr]
 
 
 def test_sigstopped_redis_migration_error_is_clear(store: RedisStore, server: RedisServer, make: Any) -> None:

@@ -94,6 +94,11 @@ class Watcher(threading.Thread):
             except Exception as exc:  # noqa: BLE001 - redis errors, and anything else: retry
                 self.store._went_down(exc)
                 self._close()
+                # what this node applied since the last periodic write goes to the cache
+                # file now: a worker started during the outage (a reload, a restart) starts
+                # from it, and no change can come in before Redis is back
+                if self.store._cache_dirty:
+                    self.store._write_cache()
                 self.stopping.wait(backoff)
                 backoff = min(RETRY_MAX, backoff * 2)
         self._close()
