@@ -347,12 +347,12 @@ class SipEndpoint:
                 c.transport.close()
 
     def stop_listening(self) -> None:
-        """Drain: stop accepting new connections and datagrams, keep the existing ones."""
+        """Drain: stop accepting new connections, keep the existing ones.  The UDP sockets
+        stay open until ``close()``: what the worker holds for a migration is released into
+        them (a held INVITE was answered 100 Trying, so the phone no longer retransmits it),
+        and a datagram the kernel hands them meanwhile is served rather than lost."""
         for s in self.servers:
             s.close()
-        for u in self.udp:
-            if u.transport:
-                u.transport.close()
 
     # --- sending ------------------------------------------------------------------------
 

@@ -460,3 +460,76 @@ def test_sigterm_drains_with_healthz_503(systems: Systems, nodes: Callable[..., 
         time.sleep(0.01)
     assert (503, "draining") in seen, seen
     assert seen[-1] == "refused"
+
+
+def held_invite_across(stop: Callable[[Dsbc], None], systems: Systems, nodes: Callable[..., Dsbc]) -> str:
+    """An INVITE of a customer whose batch is locked (held, 100 Trying), then `stop(node)`
+    (a reload, a stop) while it is held, then the flip: the status line of the final
+    answer the phone got ("" for none within 8 s)."""
+    import socket
+    import subprocess
+    import sys
+
+    node = nodes("node", **systems.sip(), customers=customers(2), lock_hold=4.0)
+    node.wait_nodes_up()
+    mig = subprocess.Popen([sys.executable, "-m", "dsbc.cli", "-c", str(node.config_path), "migrate",
+                            "--customer", "1", "--lock-for", "1.5"], env=node.env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: node.control("GET", "/v1/identities/account/u1")[1].get("state") == "locked", 10)
+        time.sleep(0.3)  # the SIP worker sees the lock within store.poll_interval
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+            phone.bind((PHONE_IP, 0))
+            phone.settimeout(0.2)
+            port = phone.getsockname()[1]
+            sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.2\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+            invite = (f"INVITE sip:echo@{node.hostport} SIP/2.0\r\n"
+                      f"Via: SIP/2.0/UDP {PHONE_IP}:{port};branch=z9hG4bKheld{port};rport\r\n"
+                      f"Max-Forwards: 70\r\nFrom: <sip:u1@{node.ip}>;tag=h{port}\r\nTo: <sip:echo@{node.ip}>\r\n"
+                      f"Call-ID: held-{port}\r\nCSeq: 1 INVITE\r\nContact: <sip:u1@{PHONE_IP}:{port}>\r\n"
+                      f"Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n{sdp}")
+            phone.sendto(invite.encode(), node.sip_addr)
+            answers: list[str] = []
+
+            def final() -> str:
+                try:
+                    answers.append(phone.recv(65535).decode("latin-1").split("\r\n", 1)[0])
+                except TimeoutError:
+                    pass
+                return next((a for a in answers if not a.startswith("SIP/2.0 1")), "")
+
+            wait_for(lambda: "SIP/2.0 100 Trying" in answers or bool(final()), 3)
+            assert not final(), answers  # held, not answered
+            stop(node)
+            deadline = time.monotonic() + 8
+            while not final() and time.monotonic() < deadline:
+                pass
+            return final()
+    finally:
+        mig.wait(20)
+
+
+@pytest.mark.timeout(90)
+def test_request_held_during_a_reload_is_relayed_at_the_flip(systems: Systems, nodes: Callable[..., Dsbc]) -> None:
+    """Found by an audit: a worker being replaced by a SIGHUP reload closed its UDP sockets
+    first, then released what it held at the flip into them: the held INVITE (a 100 Trying
+    already sent, so the phone no longer retransmits) went nowhere and the call failed."""
+
+    def reload(node: Dsbc) -> None:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGHUP)
+
+    assert held_invite_across(reload, systems, nodes) == "SIP/2.0 200 OK"
+    assert [c["system"] for c in systems.calls()] == ["MR115"]
+
+
+@pytest.mark.timeout(90)
+def test_request_held_during_a_stop_is_relayed_at_the_flip(systems: Systems, nodes: Callable[..., Dsbc]) -> None:
+    """SIGTERM: the workers finish what they hold before they exit (OPERATIONS.md)."""
+
+    def stop(node: Dsbc) -> None:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGTERM)
+
+    assert held_invite_across(stop, systems, nodes) == "SIP/2.0 200 OK"
+    assert [c["system"] for c in systems.calls()] == ["MR115"]
