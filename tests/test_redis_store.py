@@ -474,6 +474,27 @@ def test_cache_file_is_current_once_redis_goes_away(store: RedisStore, server: R
     assert fresh.lookup("account", "a1").system == "target"  # type: ignore[union-attr]
 
 
+def test_meta_set_while_redis_is_away_reaches_the_next_worker_then_redis(
+        store: RedisStore, server: RedisServer, make: Any, tmp_path: Path) -> None:
+    """Found by an audit: a SIGHUP reload while Redis was away lost the RADIUS accounting
+    pins and Diameter sessions (the old worker's last save, a meta value, failed), so an
+    Interim / Stop or CCR-U of a session started before its customer moved went to the new
+    system.  The value is kept beside the cache file for the next worker, then written to
+    Redis when it returns."""
+    cache = str(tmp_path / "index.cache")
+    old = make(cache_file=cache)
+    old.set_meta("radius.sticky@node", "[1]")
+    server.stop()
+    wait_for(lambda: not old.healthy, refresh=[old], timeout=5)
+    old.set_meta("radius.sticky@node", "[2]")  # its last save, as a reload replaces it
+    new = make(cache_file=cache)  # its successor, started from the cache file
+    assert new.get_meta("radius.sticky@node") == "[2]"
+    old.close()
+    server.start()
+    wait_for(lambda: new.healthy and not os.path.exists(cache + ".meta"), refresh=[new], timeout=10)
+    assert make(load=False).get_meta("radius.sticky@node") == "[2]"
+
+
 def test_sigstopped_redis_migration_error_is_clear(store: RedisStore, server: RedisServer, make: Any) -> None:
     """A write to a hung server times out and says it may or may not have happened."""
     slow = RedisStore(server.url, load=False, write_timeout=0.3)

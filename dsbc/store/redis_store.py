@@ -20,6 +20,9 @@ for several dispatcher nodes behind one floating IP.
   Operator writes (migrate, import) use a longer one: a migration is never sent twice.
 - ``cache_file`` (store.cache_file): a copy of the index on local disk, so a node
   restarted while Redis is away still dispatches (flagged unhealthy until Redis returns).
+  Meta values set while Redis is away (the accounting pins and Diameter sessions a
+  worker saves when a reload replaces it) are kept beside it (``<cache_file>.meta``) for
+  the worker that starts next, and written to Redis when it returns.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from .base import (
     StoreUnavailable,
 )
 from .memory import IndexedStore, MemoryIndex, canon, new_batch_id, unique_keys
-from .redis_cache import read_cache, write_cache
+from .redis_cache import read_cache, read_kept_meta, write_cache, write_kept_meta
 from .redis_conn import RedisTarget, parse_redis_url
 from .redis_lua import LOG_MAXLEN, SCRIPT
 from .redis_side import MAX_PENDING, SideData
@@ -128,6 +131,7 @@ class RedisStore(IndexedStore):
         self._notify: Callable[[], None] | None = None
         self._side = SideData(self)
         self._meta: dict[str, str] = {}  # kept in the cache file too (sip.flow_secret)
+        self._meta_pending: dict[str, str] = {}  # set while Redis was away: written when back
         self._cache_written = 0.0
         self._cache_dirty = False
         self._cache_lock = threading.Lock()
@@ -138,6 +142,8 @@ class RedisStore(IndexedStore):
                 raise StoreError(f"no store at {self.url} (dsbc import creates it)")
             self._up = True
             if load:
+                self._meta_pending = read_kept_meta(self._kept_meta_file())
+                self._flush_meta(self._w)
                 self._meta = dict(self._w.hgetall(self.prefix + "meta"))
                 self._swap(*load_index(self._w, self.prefix))
         except self._errors as exc:
@@ -266,6 +272,7 @@ class RedisStore(IndexedStore):
             try:
                 changed += self._catch_up(self._r)
                 self._side.flush_pending()
+                self._flush_meta(self._r)
             except self._errors as exc:
                 self._changes.set()
                 self._went_down(exc)
@@ -554,6 +561,11 @@ class RedisStore(IndexedStore):
         try:
             value = self._w.hget(self.prefix + "meta", key)
         except self._errors as exc:
+            kept = read_kept_meta(self._kept_meta_file()).get(key) if self.cache_file else None
+            if kept is not None:  # set while Redis was away (a predecessor's last save)
+                with self._lock:
+                    self._meta[key] = self._meta_pending[key] = kept
+                return kept
             if key in self._meta:
                 return self._meta[key]
             raise self._unavailable("reading meta", exc, writing=False) from None
@@ -573,9 +585,38 @@ class RedisStore(IndexedStore):
         except self._errors as exc:
             if only_if_absent and key in self._meta:  # a node started from its cache file
                 return self._meta[key]
-            raise self._unavailable("setting meta", exc) from None
+            if only_if_absent or not self.cache_file:
+                raise self._unavailable("setting meta", exc) from None
+            # kept beside the cache file for a worker that starts meanwhile (a reload), and
+            # written to Redis when it returns
+            with self._lock:
+                self._meta[key] = self._meta_pending[key] = value
+                kept = read_kept_meta(self._kept_meta_file())
+                kept[key] = value
+                write_kept_meta(self._kept_meta_file(), kept)
+            return value
         self._meta[key] = value
         return value
+
+    def _kept_meta_file(self) -> str:
+        return f"{self.cache_file}.meta" if self.cache_file else ""
+
+    def _flush_meta(self, client: Any) -> None:
+        """Write the meta values set while Redis was away; raises the client's errors."""
+        if not self._meta_pending:
+            return
+        with self._lock:
+            pending = dict(self._meta_pending)
+            client.hset(self.prefix + "meta", mapping=pending)
+            for k, v in pending.items():
+                if self._meta_pending.get(k) == v:
+                    del self._meta_pending[k]
+            if self.cache_file:
+                kept = read_kept_meta(self._kept_meta_file())
+                for k, v in pending.items():
+                    if kept.get(k) == v:
+                        del kept[k]
+                write_kept_meta(self._kept_meta_file(), kept)
 
     def counts(self) -> dict[str, int]:
         now = time.time()
@@ -601,6 +642,8 @@ class RedisStore(IndexedStore):
             self._watcher = None
         with contextlib.suppress(Exception):
             self._side.flush_pending()
+        with contextlib.suppress(Exception):
+            self._flush_meta(self._w)
         if self._cache_dirty:
             self._write_cache()
         for c in (self._r, self._w):
