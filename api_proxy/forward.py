@@ -116,6 +116,7 @@ class Forwarder:
         self.settings = settings
         self.router = router
         self.metrics: dict[str, int] = dict.fromkeys(METRIC_NAMES, 0)
+        self.holding = 0  # requests waiting in hold() now (a draining worker waits for them)
         s = settings
         self.backends = {
             name: Backend(
@@ -159,22 +160,26 @@ class Forwarder:
     async def hold(self, key: RouteKey, owner: Owner) -> Owner:
         """Wait for a locked customer's flip (SPEC 1), up to the store's lock_hold."""
         self.metrics["held"] += 1
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.router.lock_hold
-        while True:
-            now = loop.time()
-            if now >= deadline:
-                self.metrics["hold_timeouts"] += 1
-                raise CustomerLocked(
-                    f"customer {owner.customer_id} is being migrated; try again shortly"
-                )
-            await asyncio.sleep(min(HOLD_POLL, deadline - now))
-            current = self.router.owner(key.kind, key.value)
-            if current is None:
-                return owner._replace(state="active")
-            if current.state != "locked":
-                return current
-            owner = current
+        self.holding += 1
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.router.lock_hold
+            while True:
+                now = loop.time()
+                if now >= deadline:
+                    self.metrics["hold_timeouts"] += 1
+                    raise CustomerLocked(
+                        f"customer {owner.customer_id} is being migrated; try again shortly"
+                    )
+                await asyncio.sleep(min(HOLD_POLL, deadline - now))
+                current = self.router.owner(key.kind, key.value)
+                if current is None:
+                    return owner._replace(state="active")
+                if current.state != "locked":
+                    return current
+                owner = current
+        finally:
+            self.holding -= 1
 
     def default_system(self) -> str:
         system = self.router.default_system()

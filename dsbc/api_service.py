@@ -283,6 +283,11 @@ class ApiService:
         scheme = "https" if self.proxy.settings.tls_cert else "http"
         return f"{scheme}://{host if ':' not in host else f'[{host}]'}:{port}"
 
+    @property
+    def held_count(self) -> int:
+        """Requests of customers in flight waiting for their flip (a drain waits for them)."""
+        return self.proxy.holding
+
     async def stop(self) -> None:
         await self.proxy.stop()
         if self._writer_task is not None:

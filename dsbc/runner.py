@@ -118,9 +118,12 @@ class Worker:
         draining: Any = self.services.get("sip")
         if draining is not None:
             self._release_ipc_name(draining)
-            deadline = loop.time() + DRAIN_SECONDS
-            while draining.core.held_count and loop.time() < deadline:
-                await asyncio.sleep(0.1)
+        # what every service holds for a migration is released (or refused) as the store
+        # says: the store keeps being read until then
+        deadline = loop.time() + DRAIN_SECONDS
+        while self._held_count() and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if draining is not None:
             await asyncio.sleep(0.2)
         for t in tasks:
             t.cancel()
@@ -149,6 +152,10 @@ class Worker:
             finally:
                 probe.close()
             await asyncio.sleep(0.02)
+
+    def _held_count(self) -> int:
+        """Requests the services hold for customers in flight (SIP, API, RADIUS, Diameter)."""
+        return sum(int(getattr(svc, "held_count", 0)) for svc in self.services.values())
 
     @staticmethod
     def _release_ipc_name(sip: Any) -> None:

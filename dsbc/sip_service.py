@@ -259,6 +259,11 @@ class SipService:
         if self.endpoint is not None:
             self.endpoint.stop_listening()
 
+    @property
+    def held_count(self) -> int:
+        """Requests of customers in flight waiting for their flip (a drain waits for them)."""
+        return self.core.held_count
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()

@@ -533,3 +533,63 @@ def test_request_held_during_a_stop_is_relayed_at_the_flip(systems: Systems, nod
 
     assert held_invite_across(stop, systems, nodes) == "SIP/2.0 200 OK"
     assert [c["system"] for c in systems.calls()] == ["MR115"]
+
+
+@pytest.mark.timeout(90)
+def test_api_login_held_during_a_reload_is_relayed_at_the_flip(systems: Systems, nodes: Callable[..., Dsbc],
+                                                               tmp_path: Path) -> None:
+    """Found by an audit: a reload waited only for the SIP requests a worker held; the
+    worker then stopped reading the store while an API login (or a RADIUS / Diameter
+    request) of a customer in flight was still held, so the flip never reached it and the
+    login got `customer_locked` once store.lock_hold was over."""
+    import json
+    import subprocess
+    import sys
+    import urllib.parse
+    import urllib.request
+
+    from dsbc.emulator.billing import sample_rows, start_billing_emulator
+    from tests.peers.net import free_port
+
+    rows = sample_rows()
+    source = systems.run(start_billing_emulator("MR100", "127.0.0.1", 0, [dict(r, system="source") for r in rows]))
+    target = systems.run(start_billing_emulator("MR115", "127.0.0.1", 0, [dict(r, system="target") for r in rows]))
+    port = free_port("tcp")
+    api = (f'[api]\nlisten = ["127.0.0.1:{port}"]\n\n[[api.vhosts]]\nhost = "*"\nrealm = "customer"\n'
+           f'source = "{source.url}"\ntarget = "{target.url}"\n')
+    try:
+        node = nodes("node", **systems.sip(), customers=[dict(r, system="source") for r in rows], lock_hold=4.0,
+                     api=api, workers=2)
+
+        def call(method: str, params: dict[str, Any], auth: dict[str, Any] | None = None) -> Any:
+            form = {"params": json.dumps(params)} | ({"auth_info": json.dumps(auth)} if auth else {})
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/rest/{method}",
+                                         data=urllib.parse.urlencode(form).encode())
+            try:
+                with urllib.request.urlopen(req, timeout=15) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                return json.loads(exc.read())
+
+        mig = subprocess.Popen([sys.executable, "-m", "dsbc.cli", "-c", str(node.config_path), "migrate",
+                                "--customer", "1", "--lock-for", "1.5"], env=node.env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(lambda: node.control("GET", "/v1/identities/login/alice")[1].get("state") == "locked", 10)
+            time.sleep(0.3)  # the workers see the lock within store.poll_interval
+            got: list[Any] = []
+            login = threading.Thread(target=lambda: got.append(call("Session/login",
+                                                                    {"login": "alice", "password": "secret"})))
+            login.start()
+            time.sleep(0.3)  # held
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGHUP)
+            login.join(15)
+        finally:
+            mig.wait(20)
+        assert got and "session_id" in got[0], got
+        wait_for(lambda: healthz(node)[0] == 200, 10)
+        assert call("Generic/get_version", {}, {"session_id": got[0]["session_id"]})["system"] == "target"
+    finally:
+        systems.run(source.stop())
+        systems.run(target.stop())

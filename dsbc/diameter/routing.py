@@ -145,6 +145,10 @@ class DiameterRouter:
         self._hbh = (self._hbh + 1) & 0xFFFFFFFF
         return self._hbh
 
+    @property
+    def held_count(self) -> int:
+        return len(self._held)
+
     def status(self) -> dict[str, object]:
         return {
             "requests": self.requests,

@@ -160,6 +160,11 @@ class DiameterService:
 
     # -- service interface ------------------------------------------------------------------------
 
+    @property
+    def held_count(self) -> int:
+        """Requests of customers in flight waiting for their flip (a drain waits for them)."""
+        return self.router.held_count
+
     def status(self) -> dict[str, Any]:
         st = self.router.status()
         systems = st["systems"]

@@ -201,6 +201,10 @@ class RadiusCore:
         self.drops[reason] = self.drops.get(reason, 0) + 1
         return []
 
+    @property
+    def held_count(self) -> int:
+        return len(self._held)
+
     def status(self) -> dict[str, object]:
         return {
             "requests": self.requests,

@@ -144,6 +144,11 @@ class RadiusService:
 
     # -- service interface -----------------------------------------------------------------------
 
+    @property
+    def held_count(self) -> int:
+        """Requests of customers in flight waiting for their flip (a drain waits for them)."""
+        return self.core.held_count
+
     def status(self) -> dict[str, Any]:
         st = self.core.status()
         st["listen"] = [f"{h}:{p}" for h, p in self.addresses]
