@@ -318,14 +318,26 @@ def wait_registrations(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
-    """Poll until every expected phone is registered on `system` or `timeout` passes; the count."""
+    """Poll until every expected phone is registered on `system` or `timeout` passes; the count.
+    A store that does not answer (Redis restarting: the nodes keep the registrations they
+    relay and write them when it is back) is asked again until then; raises its
+    StoreUnavailable if it is still away at the end."""
     want = sum(expected.values())
     deadline = clock() + timeout
+    done = 0
     while True:
-        done = phones_on(store, ids, system, expected)
+        away: StoreUnavailable | None = None
+        try:
+            done = phones_on(store, ids, system, expected)
+        except StoreUnavailable as exc:
+            away = exc
         if progress is not None:
             progress(done)
-        if done >= want or clock() >= deadline:
+        if done >= want:
+            return done
+        if clock() >= deadline:
+            if away is not None:
+                raise away
             return done
         sleep(min(interval, max(0.0, deadline - clock())))
 

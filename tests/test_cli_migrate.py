@@ -424,6 +424,35 @@ def test_registration_counts_by_account(home: Path) -> None:
     assert done == 1 and len(seen) >= 2 and set(seen) == {1}  # polled until the deadline
 
 
+def test_wait_registrations_rides_out_a_store_outage(home: Path) -> None:
+    """Found by an audit: `dsbc migrate --wait-registrations` on Redis stopped with
+    "reading registrations failed: cannot reach ..." (exit 1) at the first poll that found
+    Redis restarting, after the batch had moved, while the phones were re-registering (the
+    nodes keep their registrations and write them when Redis is back).  It waits on until
+    its timeout; a store still away then says why."""
+    s = store_at(home)
+    later = time.time() + 600
+    s.record_registrations([Registration("u1", "c1", "source", later)])
+    expected = phones_by_account(s, ["1"])
+    polls = iter(["down", "down", "up"])
+
+    class Flaky:
+        def registrations(self, ids: list[str], now: float | None = None) -> list[Registration]:
+            if next(polls, "up") == "down":
+                raise StoreUnavailable("reading registrations failed: cannot reach redis://x")
+            return [Registration("u1", "c9", "target", later)]
+
+    ticks = iter(range(100))
+    done = wait_registrations(Flaky(), ["1"], "target", expected, timeout=10,  # type: ignore[arg-type]
+                              clock=lambda: float(next(ticks)), sleep=lambda _: None)
+    assert done == 1
+    polls = iter(["down"] * 100)
+    ticks = iter(range(100))
+    with pytest.raises(StoreUnavailable, match="cannot reach"):
+        wait_registrations(Flaky(), ["1"], "target", expected, timeout=3,  # type: ignore[arg-type]
+                           clock=lambda: float(next(ticks)), sleep=lambda _: None)
+
+
 def test_read_batch_formats(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("1\n2\n1\n")
     assert read_batch(str(tmp_path / "a.txt")) == ["1", "2"]
