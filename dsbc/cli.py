@@ -475,7 +475,10 @@ def migrate(
     with open_cli_store(cfg) as store:
         if dry_run or prepare:
             return _check_or_prepare(cfg, store, ids, to, who, prepare and not dry_run, force)
-        expected = phones_by_account(store, ids)  # before the flip: who is registered now
+        try:
+            expected = phones_by_account(store, ids)  # before the flip: who is registered now
+        except StoreUnavailable as exc:
+            raise StoreUnavailable(f"migration refused: {exc}; nothing was changed") from None
         bar = _progress(len(ids), f"migrate to {to}")
         try:
             with _stop_signals_interrupt():
@@ -487,8 +490,13 @@ def migrate(
             bar.close()
         known = result.moved + result.already
         want = sum(expected.values())
-        on = phones_on(store, known, to, expected)
-        click.echo(summary(result, (on, want)))
+        try:  # the batch committed: a store gone away now only leaves the count unknown
+            on = phones_on(store, known, to, expected)
+            click.echo(summary(result, (on, want)))
+        except StoreUnavailable as exc:
+            on = 0
+            click.echo(summary(result))
+            click.echo(f"cannot count the registered phones: {exc}", err=True)
         status = _report_unknown(result.unknown, len(known))
         if wait_registrations and on < want:
             limit = 2.0 * cfg.sip.migration_expires if timeout is None else timeout

@@ -499,11 +499,19 @@ class ControlService:
                 wait = await asyncio.to_thread(longest_registration, self.store, check.moved)
                 out.update(dry_run=False, prepared=len(check.moved), expires=expires, wait=round(wait))
             return _json(out)
-        expected = await asyncio.to_thread(phones_by_account, self.store, ids)  # before the flip
+        try:
+            expected = await asyncio.to_thread(phones_by_account, self.store, ids)  # before the flip
+        except StoreUnavailable as exc:
+            raise StoreUnavailable(f"migration refused: {exc}; nothing was changed") from None
         result = await self._write(lambda: move_batch(self.store, ids, to, who=who, batch_size=batch_size,
                                                       lock_for=lock_for, force=force))
         _only_unknown(result)
-        on = await asyncio.to_thread(phones_on, self.store, result.moved + result.already, to, expected)
+        try:  # the batch committed: a store gone away now only leaves the count unknown
+            on: int | None = await asyncio.to_thread(
+                phones_on, self.store, result.moved + result.already, to, expected)
+        except StoreUnavailable as exc:
+            log.warning("migration %s: cannot count the registered phones: %s", result.batch_id, exc)
+            on = None
         self.migrations[to] += 1
         self.moved[to] += len(result.moved)
         log.info("migration %s by %s: %d moved to %s, %d already there, %d unknown",
@@ -511,7 +519,7 @@ class ControlService:
         # nothing moved: no batch was recorded, so no id to roll back (as `dsbc migrate` says)
         return _json({"batch_id": result.batch_id if result.moved else "", "to": to, "moved": result.moved,
                       "already": result.already, "unknown": result.unknown, "dry_run": False,
-                      "registered": {"on": on, "of": sum(expected.values())}})
+                      "registered": None if on is None else {"on": on, "of": sum(expected.values())}})
 
     async def rollback(self, request: web.Request) -> web.Response:
         batch_id = request.match_info["batch_id"].strip()

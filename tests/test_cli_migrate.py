@@ -453,6 +453,26 @@ def test_wait_registrations_rides_out_a_store_outage(home: Path) -> None:
                            clock=lambda: float(next(ticks)), sleep=lambda _: None)
 
 
+def test_migrate_reports_its_batch_when_the_phone_count_fails(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: a store that stopped answering right after the flip made `dsbc
+    migrate` end on "reading registrations failed" without its summary or batch id (the
+    batch had moved); one away before the flip did not say nothing was changed."""
+    def away(*_: object) -> int:
+        raise StoreUnavailable("reading registrations failed: cannot reach redis://x")
+
+    monkeypatch.setattr(cli, "phones_on", away)
+    r = CliRunner().invoke(cli.main, ["migrate", "--customer", "1"])
+    assert r.exit_code == 0, r.output
+    assert "moved 1, already on target 0, unknown 0; batch b-" in r.output
+    assert "cannot count the registered phones: reading registrations failed" in r.output
+    monkeypatch.setattr(cli, "phones_by_account", away)
+    r = CliRunner().invoke(cli.main, ["migrate", "--customer", "2"])
+    assert r.exit_code == 1
+    assert "migration refused: reading registrations failed" in r.output and "nothing was changed" in r.output
+    s = store_at(home)
+    assert s.customer("1").system == "target" and s.customer("2").system == "source"  # type: ignore[union-attr]
+
+
 def test_read_batch_formats(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("1\n2\n1\n")
     assert read_batch(str(tmp_path / "a.txt")) == ["1", "2"]

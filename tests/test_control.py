@@ -391,3 +391,52 @@ def test_workers_a_reload_stopped_are_not_counted(tmp_path: Path) -> None:
         assert [s["worker"] for s in svc._snapshots()] == [0, 1, 2]
     finally:
         store.close()
+
+
+def test_a_migration_whose_registration_count_fails_still_reports_its_batch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: a store that stopped answering right after the flip (Redis
+    restarting) turned the committed migration's answer into 503 "reading registrations
+    failed", with no batch id to roll back; and one that did not answer before it said
+    "reading registrations failed" without saying that nothing was changed."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from dsbc import control
+    from dsbc.config import Config
+    from dsbc.store import StoreUnavailable, open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+    store.import_rows([{"customer_id": str(i), "identities": [f"account:u{i}"]} for i in (1, 2)])
+    reads: list[int] = []
+
+    def away_after_the_flip(*_: object) -> int:
+        reads.append(1)
+        raise StoreUnavailable("reading registrations failed: cannot reach redis://x")
+
+    monkeypatch.setattr(control, "phones_on", away_after_the_flip)
+    cfg = Config()
+    cfg.control.token = "t"
+    svc = control.ControlService(cfg, store, None)
+    auth = {"Authorization": "Bearer t"}
+
+    async def main() -> None:
+        async with TestClient(TestServer(svc.app)) as client:
+            resp = await client.post("/v1/migrations", json={"customers": ["1"]}, headers=auth)
+            body = await resp.json()
+            assert resp.status == 200, body
+            assert body["batch_id"] and body["moved"] == ["1"] and body["registered"] is None
+            monkeypatch.setattr(control, "phones_by_account", away_after_the_flip)
+            resp = await client.post("/v1/migrations", json={"customers": ["2"]}, headers=auth)
+            body = await resp.json()
+            assert resp.status == 503
+            assert body["error"].startswith("migration refused: reading registrations failed")
+            assert "nothing was changed" in body["error"]
+
+    try:
+        asyncio.run(main())
+        assert store.customer("1").system == "target"  # type: ignore[union-attr]
+        assert store.customer("2").system == "source"  # type: ignore[union-attr]
+    finally:
+        store.close()
