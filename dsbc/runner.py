@@ -161,7 +161,10 @@ class Worker:
     def _release_ipc_name(sip: Any) -> None:
         """A draining worker frees its IPC name for its successor; connections it still
         holds can no longer be handed a message by other workers (they close at the end of
-        the drain anyway)."""
+        the drain anyway).  It keeps an unnamed socket to hand messages to the other
+        workers' connections: it serves UDP until it has released what it holds."""
+        import socket
+
         endpoint = getattr(sip, "endpoint", None)
         ipc = getattr(endpoint, "_ipc", None)
         if endpoint is None or ipc is None:
@@ -171,7 +174,9 @@ class Worker:
             ipc.close()
         except (OSError, ValueError):
             pass
-        endpoint._ipc = None
+        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sender.setblocking(False)
+        endpoint._ipc = sender
 
     async def _start_ipc_bind_retry(self, sip: Any) -> None:
         for attempt in range(50):

@@ -149,3 +149,43 @@ def test_ipv4_peers_on_a_dual_stack_listener_are_known_by_their_ipv4_address() -
     assert core.counters["forwarded:target"] == 1, dict(core.counters)
     assert any(addr[0].startswith("::ffff:") for _, addr in sent), sent  # to the IPv4 node, mapped
     assert core.counters["send_errors"] == 0
+
+
+def test_a_draining_worker_still_hands_messages_to_the_other_workers(tmp_path: Path) -> None:
+    """A worker a reload replaces lets its successor have its IPC name, and serves UDP until
+    it has released what it holds for a migration: a request it reads meanwhile for a phone
+    on another worker's TCP connection is still handed over (it was dropped as flow_gone)."""
+    import os
+    import socket
+
+    from dsbc.runner import Worker
+    from sip.proxy import Send
+
+    def name(i: int) -> str:  # abstract names, as the runner's
+        return f"\0dsbc-test-{os.getpid()}-{i}"
+
+    core, _ = make_core()
+    loop = asyncio.new_event_loop()
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    other.bind(name(1))
+    other.settimeout(2)
+    try:
+        ep = SipEndpoint(core, loop, worker=0, ipc_name=name)
+        own = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        own.bind(name(0))
+        ep._ipc = own
+
+        class Sip:
+            endpoint = ep
+
+        Worker._release_ipc_name(Sip())
+        own2 = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        own2.bind(name(0))  # the successor can take the name
+        own2.close()
+        invite = request("INVITE", "sip:1001@203.0.113.10:40000;transport=tcp", src=Flow("udp", "10.0.0.1", 5060))
+        ep.dispatch([Send("tcp", "203.0.113.10", 40000, invite, 7, 1)])
+        assert invite in other.recv(65535)
+        assert core.counters["handovers"] == 1
+    finally:
+        other.close()
+        loop.close()
