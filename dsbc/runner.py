@@ -102,10 +102,13 @@ class Worker:
             await self._start_ipc_bind_retry(sip)
             self.services["sip"] = sip
         if self.index == 0:
+            # the control API first: on a reload the replaced worker's closes at once, and the
+            # RADIUS and Diameter ports are free only when that worker's drain ends (it may
+            # wait seconds for requests held for a migration): /healthz must not wait for them
+            await self._start_optional("control", "dsbc.control", "start_control", self.cfg.control.enabled)
             await self._start_optional("api", "dsbc.api_service", "start_api", api_wanted(self.cfg))
             await self._start_optional("radius", "dsbc.radius.service", "start_radius", self.cfg.radius.enabled)
             await self._start_optional("diameter", "dsbc.diameter.service", "start_diameter", self.cfg.diameter.enabled)
-            await self._start_optional("control", "dsbc.control", "start_control", self.cfg.control.enabled)
         tasks = [loop.create_task(self._refresh()), loop.create_task(self._snapshot())]
         log.info("worker %d ready: %s", self.index, ", ".join(self.services) or "no services")
         (self.run_dir / f"ready-{self.index}-{os.getpid()}").touch()

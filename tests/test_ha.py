@@ -462,7 +462,8 @@ def test_sigterm_drains_with_healthz_503(systems: Systems, nodes: Callable[..., 
     assert seen[-1] == "refused"
 
 
-def held_invite_across(stop: Callable[[Dsbc], None], systems: Systems, nodes: Callable[..., Dsbc]) -> str:
+def held_invite_across(stop: Callable[[Dsbc], None], systems: Systems, nodes: Callable[..., Dsbc],
+                       lock_for: float = 1.5, extra: str = "") -> str:
     """An INVITE of a customer whose batch is locked (held, 100 Trying), then `stop(node)`
     (a reload, a stop) while it is held, then the flip: the status line of the final
     answer the phone got ("" for none within 8 s)."""
@@ -470,10 +471,10 @@ def held_invite_across(stop: Callable[[Dsbc], None], systems: Systems, nodes: Ca
     import subprocess
     import sys
 
-    node = nodes("node", **systems.sip(), customers=customers(2), lock_hold=4.0)
+    node = nodes("node", **systems.sip(), customers=customers(2), lock_hold=4.0, extra=extra)
     node.wait_nodes_up()
     mig = subprocess.Popen([sys.executable, "-m", "dsbc.cli", "-c", str(node.config_path), "migrate",
-                            "--customer", "1", "--lock-for", "1.5"], env=node.env(),
+                            "--customer", "1", "--lock-for", str(lock_for)], env=node.env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: node.control("GET", "/v1/identities/account/u1")[1].get("state") == "locked", 10)
@@ -593,3 +594,45 @@ def test_api_login_held_during_a_reload_is_relayed_at_the_flip(systems: Systems,
     finally:
         systems.run(source.stop())
         systems.run(target.stop())
+
+
+@pytest.mark.timeout(90)
+def test_healthz_keeps_answering_through_a_reload_that_waits_for_held_requests(
+        systems: Systems, nodes: Callable[..., Dsbc]) -> None:
+    """Found by an audit: on a reload the replaced worker's control API closed at once, and
+    the new worker opened its own only after the RADIUS and Diameter ports, which the old
+    one frees when its drain ends: while it waited for a request held for a migration,
+    /healthz was refused for seconds, two failed checks for keepalived (deploy/
+    keepalived.conf: interval 1, fall 2), which gave the address away on a routine reload."""
+    refused: list[float] = []
+    done = threading.Event()
+
+    def watch(node: Dsbc) -> None:
+        since = None
+        while not done.is_set():
+            up = healthz(node)[0] == 200
+            now = time.monotonic()
+            if not up and since is None:
+                since = now
+            elif up and since is not None:
+                refused.append(now - since)
+                since = None
+            time.sleep(0.02)
+
+    def reload(node: Dsbc) -> None:
+        threading.Thread(target=watch, args=(node,), daemon=True).start()
+        time.sleep(0.1)
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGHUP)
+
+    try:
+        from tests.peers.net import free_port
+
+        radius = (f'\n[radius]\nenabled = true\nauth_listen = "127.0.0.1:{free_port("udp")}"\n'
+                  f'acct_listen = "127.0.0.1:{free_port("udp")}"\n\n'
+                  '[[radius.clients]]\naddress = "127.0.0.0/8"\nsecret = "nas-secret"\n')
+        assert held_invite_across(reload, systems, nodes, lock_for=2.5, extra=radius) == "SIP/2.0 200 OK"
+        time.sleep(1.0)
+    finally:
+        done.set()
+    assert max(refused, default=0.0) < 1.0, refused
