@@ -50,6 +50,8 @@ KNOWN_METHODS: Final = frozenset(
     {"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "INFO", "UPDATE", "PRACK", "PUBLISH"}
 )
 
+_ALLOW: Final = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, SUBSCRIBE, NOTIFY, REFER, MESSAGE, INFO, UPDATE, PRACK, PUBLISH"
+
 #: counter names per message (perf: no string built per message)
 _REQUESTS_IN: Final = {m: f"requests_in:{m}" for m in KNOWN_METHODS}
 _RESPONSES_IN: Final = tuple(f"responses_in:{i}xx" for i in range(7))  # status 100-699
@@ -284,10 +286,9 @@ class ProxyCore:
         routes = msg.routes
         # our own address with no user: keep-alive OPTIONS and the like are answered here
         if not routes and msg.uri.user is None and self._is_ours(msg.uri):
-            if method == "OPTIONS":
-                return [self._reply(msg, src, 200, "OK", [("allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, SUBSCRIBE, NOTIFY, REFER, MESSAGE, INFO, UPDATE, PRACK, PUBLISH")])]
-            if method != "REGISTER" and method != "ACK":
-                return [self._reply(msg, src, 404, "Not Found")]
+            answered = self._for_dsbc(msg, src)
+            if answered:
+                return answered
         if mf is not None and mf <= 0:
             if method == "ACK":
                 return []
@@ -301,7 +302,9 @@ class ProxyCore:
         ruri_text = msg.ruri
         route_vals = msg.values("route")
         params: dict[str, str] = {}
+        strict = False
         if routes and self._is_ours(msg.uri) and (msg.uri.has_param("dsbc") or msg.uri.has_param("ft")):
+            strict = True
             params.update(self._route_params(msg.uri, msg.call_id))
             last = routes[-1]
             ruri_text = last.uri_text
@@ -312,6 +315,12 @@ class ProxyCore:
             params.update(self._route_params(routes[popped].uri, msg.call_id))
             popped += 1
         remaining = routes[popped:]
+        if popped and not remaining and not strict and msg.uri.user is None and self._is_ours(msg.uri):
+            # RFC 3261 16.4: once its own Routes are removed, a request for dsbc's own address
+            # is for dsbc (a phone's keep-alive OPTIONS with its outbound proxy as a Route)
+            answered = self._for_dsbc(msg, src)
+            if answered:
+                return answered
         if popped or len(routes) != len(route_vals):
             self._rewrite_routes(ed, msg, remaining)
         # loop detection (RFC 3261 16.3 item 4)
@@ -395,6 +404,16 @@ class ProxyCore:
                 cap = self.router.expires_cap(decision.customer_id)
             self._deregistering(msg, decision.system, src)
         return [self._forward(msg, ed, src, self._to_node(node), branch, None, decision.system, decision.customer_id, now, trusted, cap=cap)]
+
+    def _for_dsbc(self, msg: SipMessage, src: Flow) -> list[Send]:
+        """The answer to a request for dsbc's own address with no user: 200 to OPTIONS (a
+        keep-alive), 404 to the others but REGISTER and ACK (``[]``: those go on)."""
+        method = msg.method
+        if method == "OPTIONS":
+            return [self._reply(msg, src, 200, "OK", [("allow", _ALLOW)])]
+        if method != "REGISTER" and method != "ACK":
+            return [self._reply(msg, src, 404, "Not Found")]
+        return []
 
     def _deregistering(self, msg: SipMessage, system: str, src: Flow) -> None:
         """A REGISTER that removes bindings (expires 0, or ``Contact: *``): the 200 lists only

@@ -377,6 +377,30 @@ def test_options_to_dsbc_itself_is_answered_200() -> None:
     assert status_of(send) == 200
 
 
+def test_regression_a_keepalive_options_with_dsbc_as_its_route_is_answered_by_dsbc() -> None:
+    """A phone with dsbc as its outbound proxy puts it in a Route (RFC 3261 8.1.2): its
+    keep-alive OPTIONS to dsbc's address went to the From user's system instead (and got
+    that system's 503 while it was down, or 404 for an unknown user).  With its own Route
+    removed (16.4) the request is for dsbc: answered as one without a Route."""
+    core, router = make_core()
+    route = (f"Route: <sip:{ADV}:{PORT};lr>",)
+    m = parse(one(core.handle_data(request("OPTIONS", f"sip:{ADV}:{PORT}", to=f"<sip:{ADV}>", headers=route), PHONE, 0.0)))
+    assert m.status == 200 and "INVITE" in (m.get("allow") or "")
+    mark_down(core, S1, S2)  # the owner's system down: dsbc's own answer does not change
+    send = one(core.handle_data(request("OPTIONS", f"sip:{ADV}", headers=route, src=PHONE_TCP), PHONE_TCP, 0.0))
+    to_flow(send, PHONE_TCP)
+    assert status_of(send) == 200
+    assert status_of(one(core.handle_data(request("INVITE", f"sip:{ADV}", headers=route), PHONE, 0.0))) == 404
+    assert router.decide_calls == []
+    # a REGISTER to dsbc's address still goes to its To user's system; a further Route is followed
+    core, router = make_core()
+    to_node(one(core.handle_data(request("REGISTER", f"sip:{ADV}", to="<sip:1001@example.com>", headers=route), PHONE, 0.0)), S1)
+    m = parse(one(core.handle_data(
+        request("OPTIONS", f"sip:{ADV}", headers=(f"Route: <sip:{ADV}:{PORT};lr>, <sip:{S1.host}:{S1.port};lr>",)), PHONE, 0.0
+    )))
+    assert m.is_request and m.values("route") == [f"<sip:{S1.host}:{S1.port};lr>"]
+
+
 def test_answers_made_by_dsbc_tell_the_phone_its_nat_address() -> None:
     """RFC 3581 4: the top Via of a response dsbc makes itself (a keep-alive OPTIONS, a 483,
     a 400) carries received and rport, which is how a phone behind NAT learns its public
