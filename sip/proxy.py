@@ -366,6 +366,7 @@ class ProxyCore:
             # in-dialog (our Record-Route): no lookup, the dialog stays on its system
             system = params.get("dsbc", "")
             hop = self._next_hop(remaining, ruri_text)
+            self._strict_next_hop(ed, msg, remaining, ruri_text)
             if trusted and hop is not None:
                 dest = Send(hop[0], hop[1], hop[2], b"")
                 return [self._forward(msg, ed, src, dest, branch, None, system, "", now, trusted)]
@@ -639,6 +640,20 @@ class ProxyCore:
                 first = False
             else:
                 ed.delete(i)
+
+    def _strict_next_hop(self, ed: Editor, msg: SipMessage, remaining: list[NameAddr], ruri_text: str) -> None:
+        """RFC 3261 16.6 item 6: a next hop without ``lr`` is a strict router (RFC 2543); it
+        gets its own URI as the Request-URI, and the Request-URI goes last in the Route."""
+        if not remaining:
+            return
+        try:
+            if remaining[0].uri.has_param("lr"):
+                return
+            last = parse_name_addr(f"<{ruri_text}>")
+        except SipError:
+            return
+        ed.start_line = f"{msg.method} {remaining[0].uri_text} SIP/2.0".encode("latin-1")
+        self._rewrite_routes(ed, msg, [*remaining[1:], last])
 
     def _next_hop(self, remaining: list[NameAddr], ruri_text: str) -> tuple[str, str, int] | None:
         try:

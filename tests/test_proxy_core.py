@@ -442,6 +442,34 @@ def test_record_route_from_a_trusted_peer_has_no_flow_token() -> None:
     assert params["dsbc"].partition(".")[0] == "source" and "ft" not in params
 
 
+def test_regression_a_strict_router_next_hop_gets_its_uri_as_the_request_uri() -> None:
+    """RFC 3261 16.6 item 6: a next hop whose Route URI has no ``lr`` is a strict router (RFC
+    2543): it must get its own URI as the Request-URI and the Request-URI last in the Route.
+    dsbc sent the BYE of a system toward a carrier's strict-routing proxy with the carrier's
+    Contact as the Request-URI and the proxy's URI left in the Route."""
+    core, _ = make_core()
+    m = parse(one(core.handle_data(request("INVITE", "sip:15550001001@x", src=CARRIER), CARRIER, 0.0)))
+    (rr,) = rr_values(m)
+    strict = "<sip:198.51.100.8:5060;maddr=198.51.100.8>"  # the carrier's proxy, no lr
+    bye = _in_dialog(
+        "BYE", [rr, strict], "sip:carrier-ua@10.20.30.40:5060", src=flow_of(S1),
+        frm="<sip:1001@example.com>;tag=n1", to="<sip:15557654321@carrier>;tag=c1", cseq=2, branch="z9hG4bKsr1",
+    )  # fmt: skip
+    send = one(core.handle_data(bye, flow_of(S1), 1.0))
+    assert (send.ip, send.port) == ("198.51.100.8", 5060)
+    m = parse(send)
+    assert m.start_line == "BYE sip:198.51.100.8:5060;maddr=198.51.100.8 SIP/2.0"
+    assert m.values("route") == ["<sip:carrier-ua@10.20.30.40:5060>"]
+    # a loose router (lr) next hop: Request-URI and Route as they were
+    loose = "<sip:198.51.100.8:5060;lr>"
+    bye = _in_dialog(
+        "BYE", [rr, loose], "sip:carrier-ua@10.20.30.40:5060", src=flow_of(S1),
+        frm="<sip:1001@example.com>;tag=n1", to="<sip:15557654321@carrier>;tag=c1", cseq=3, branch="z9hG4bKsr2",
+    )  # fmt: skip
+    m = parse(one(core.handle_data(bye, flow_of(S1), 1.0)))
+    assert m.start_line == "BYE sip:carrier-ua@10.20.30.40:5060 SIP/2.0" and m.values("route") == [loose]
+
+
 def test_double_record_route_when_transports_differ() -> None:
     core, _ = make_core()
     send = one(core.handle_data(request("INVITE", src=PHONE_TCP), PHONE_TCP, 0.0))
