@@ -43,6 +43,8 @@ from .uri import NameAddr, SipUri, is_digits, parse_name_addr, unescape
 BRANCH_PREFIX: Final = "z9hG4bK-d5"
 DIALOG_CREATING: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 INVITE_STATE_TTL: Final = 300.0
+#: how long an INVITE's destination is kept once it had a final answer (the ACK of a failure)
+INVITE_ANSWERED_TTL: Final = 40.0
 #: flow tokens kept signed / verified (each cache is emptied when it reaches this size)
 FLOW_CACHE_SIZE: Final = 4096
 MAX_DATAGRAM: Final = 65507  # the largest UDP payload over IPv4
@@ -104,6 +106,8 @@ class ProxySettings(msgspec.Struct, kw_only=True):
     retry_after: int = 30
     max_message_size: int = 65535
     server: str = "dsbc"
+    #: INVITE destinations kept for their CANCEL / ACK (the oldest is forgotten first)
+    invite_state_max: int = 200_000
 
 
 class _Held:
@@ -158,6 +162,8 @@ class ProxyCore:
         # or ACK of an INVITE sent over a phone's TCP/TLS flow takes that flow, from any worker
         self._invites: dict[str, tuple[str, str, int, float, int, int]] = {}
         self._invite_expiry: collections.deque[tuple[float, str]] = collections.deque()
+        #: (expiry, branch) of INVITEs that had a final answer: kept INVITE_ANSWERED_TTL more
+        self._answered_expiry: collections.deque[tuple[float, str]] = collections.deque()
         self._held: dict[str, _Held] = {}
         self._held_heap: list[tuple[float, str]] = []
         #: (transport, ip, port) of a device -> the account its last REGISTER named: who an
@@ -222,11 +228,12 @@ class ProxyCore:
             n = ping.node
             out.append(Send(n.transport, n.host, n.port, ping.data, health=True))
         out.extend(self._recheck_held(now, None))
-        while self._invite_expiry and self._invite_expiry[0][0] <= now:
-            _, branch = self._invite_expiry.popleft()
-            entry = self._invites.get(branch)
-            if entry is not None and entry[3] <= now:
-                del self._invites[branch]
+        for expiry in (self._invite_expiry, self._answered_expiry):
+            while expiry and expiry[0][0] <= now:
+                _, branch = expiry.popleft()
+                entry = self._invites.get(branch)
+                if entry is not None and entry[3] <= now:
+                    del self._invites[branch]
         return out
 
     def customers_changed(self, customer_ids: Iterable[str], now: float) -> list[Send]:
@@ -575,12 +582,28 @@ class ProxyCore:
             # gets 513 instead of a request that silently fails to leave
             raise MessageTooLarge(f"{len(dest.data)} octets do not fit a datagram to the next hop")
         if method == "INVITE":
-            self._invites[branch] = (dest.transport, dest.ip, dest.port, now + INVITE_STATE_TTL, dest.conn_id, dest.worker)
-            self._invite_expiry.append((now + INVITE_STATE_TTL, branch))
+            self._remember_invite(branch, dest, now)
         forwarded, routed = self._forward_keys(system, method)
         self.counters[forwarded] += 1
         self.counters[routed] += 1
         return dest
+
+    def _remember_invite(self, branch: str, dest: Send, now: float) -> None:
+        """Where an INVITE went, for its CANCEL and the ACK of a failure.  Bounded: at
+        ``invite_state_max`` the oldest is forgotten (its CANCEL is routed like any request)."""
+        invites = self._invites
+        old = invites.get(branch)
+        if old is not None:  # a retransmission: its expiry (and its place in the queue) stay
+            invites[branch] = (dest.transport, dest.ip, dest.port, old[3], dest.conn_id, dest.worker)
+            return
+        expiry = self._invite_expiry
+        cap = self.s.invite_state_max
+        # the queue too: it keeps the branches of INVITEs answered and forgotten since
+        while expiry and (len(invites) >= cap or len(expiry) >= cap):
+            if invites.pop(expiry.popleft()[1], None) is not None:
+                self.counters["invite_state_evicted"] += 1
+        invites[branch] = (dest.transport, dest.ip, dest.port, now + INVITE_STATE_TTL, dest.conn_id, dest.worker)
+        expiry.append((now + INVITE_STATE_TTL, branch))
 
     def _forward_keys(self, system: str, method: str) -> tuple[str, str]:
         """The counter names of a forwarded request (perf: built once, not per message)."""
@@ -752,8 +775,12 @@ class ProxyCore:
         if cseq_method == "INVITE" and msg.status >= 200:
             branch = top.branch
             entry = self._invites.get(branch)
-            if entry is not None:  # keep it a little longer for the ACK of a failure
-                self._invites[branch] = (entry[0], entry[1], entry[2], now + 40.0, entry[4], entry[5])
+            until = now + INVITE_ANSWERED_TTL
+            if entry is not None and entry[3] > until and len(self._answered_expiry) < self.s.invite_state_max:
+                # the first final answer: kept a little longer for the ACK of a failure, then
+                # forgotten (with that queue full, at its first expiry)
+                self._invites[branch] = (entry[0], entry[1], entry[2], until, entry[4], entry[5])
+                self._answered_expiry.append((until, branch))
         data = ed.to_bytes()
         token = top.param("dsbcf")
         if token:

@@ -838,6 +838,37 @@ def test_cancel_follows_the_invite_to_the_failover_node() -> None:
     to_node(one(core.handle_data(request("CANCEL"), PHONE, 0.5)), S2)
 
 
+def test_regression_the_invite_state_for_cancel_and_ack_is_bounded() -> None:
+    """Each INVITE's destination was kept 300 s with no bound on how many: a flood of
+    INVITEs grew a worker by ~200 octets per INVITE (12 MB for 60,000 through `dsbc run`).
+    At ``invite_state_max`` the oldest is forgotten; a retransmission adds nothing."""
+    core, router = make_core()
+    core.s.invite_state_max = 3
+    fwds = [one(core.handle_data(request("INVITE", branch=f"z9hG4bKf{i}", call_id=f"f{i}"), PHONE, i / 10)) for i in range(5)]
+    for _ in range(4):  # retransmissions of the last one
+        core.handle_data(request("INVITE", branch="z9hG4bKf4", call_id="f4"), PHONE, 0.6)
+    assert len(core._invites) == 3 and len(core._invite_expiry) == 3
+    assert core.counters["invite_state_evicted"] == 2
+    router.move("42", "target")  # the newest three CANCELs still follow their INVITEs
+    for i in (2, 3, 4):
+        send = one(core.handle_data(request("CANCEL", branch=f"z9hG4bKf{i}", call_id=f"f{i}"), PHONE, 1.0))
+        to_node(send, S1)
+        assert our_branch(parse(send)) == our_branch(parse(fwds[i]))
+
+
+def test_regression_an_invite_answered_late_is_forgotten() -> None:
+    """An INVITE answered more than 260 s after it was sent (a long ring) was kept for ever:
+    its final answer set the entry's expiry past the only time it was looked at."""
+    core, _ = make_core()
+    fwd = one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    core.handle_data(answer(fwd.data, 486, "Busy Here"), flow_of(S1), 290.0)
+    core.handle_timer(300.0)
+    ack = request("ACK", to="<sip:2000@example.com>;tag=node-tag")  # the ACK still follows
+    to_node(one(core.handle_data(ack, PHONE, 300.5)), S1)
+    core.handle_timer(331.0)
+    assert core._invites == {}
+
+
 # --- locked customers: held, released to the new system, or 503 ---------------------------------
 
 
