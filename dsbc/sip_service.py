@@ -111,7 +111,11 @@ def advertise(cfg: Config) -> tuple[str, dict[str, int]]:
             host = text[1:-1]
         elif text.count(":") == 1 or text.startswith("["):
             host, port = parse_hostport(text)
-            ports = {t: port for t in ports} or {"udp": port}
+            # the port stands for the listeners on the first one's port (udp and tcp); one on
+            # a port of its own (tls on 5061) keeps it: TLS advertised on the plain port sends
+            # a TLS phone's in-dialog requests to a listener that cannot take them
+            first = lst[0][2] if lst else port
+            ports = {t: port if p == first else p for t, p in ports.items()} or {"udp": port}
         else:
             host = text
     if not host:

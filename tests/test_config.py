@@ -353,3 +353,24 @@ def test_a_sip_alias_with_a_port_names_dsbc_on_that_port() -> None:
     assert _alias_addresses("[::9]:5070", {"udp": 5060}) == [("::9", 5070)]
     assert sorted(_alias_addresses("SIP.example.com", {"udp": 5060, "tls": 5061})) == [
         ("sip.example.com", 5060), ("sip.example.com", 5061)]
+
+
+def test_a_port_in_sip_advertise_leaves_a_tls_listener_its_own_port() -> None:
+    """advertise = "VIP:5060" gave every transport that port: the Record-Route toward a TLS
+    phone said ``transport=tls`` on the plain udp/tcp port, and the phone's BYE and re-INVITE
+    went (TLS) to a listener that cannot take them (found by an audit).  The port stands for
+    the listeners on the first one's port; a transport on a port of its own keeps it."""
+    from dsbc.sip_service import advertise
+
+    listen = '["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060", "tls:0.0.0.0:5061"]'
+    tls = 'tls_cert = "/etc/dsbc/cert.pem"\ntls_key = "/etc/dsbc/key.pem"\n'
+    for adv, ports in (
+        ("203.0.113.10:5060", {"udp": 5060, "tcp": 5060, "tls": 5061}),
+        ("203.0.113.10:5070", {"udp": 5070, "tcp": 5070, "tls": 5061}),
+        ("203.0.113.10", {"udp": 5060, "tcp": 5060, "tls": 5061}),
+    ):
+        cfg = parse_config(f'[sip]\nlisten = {listen}\nadvertise = "{adv}"\n{tls}', "dsbc.toml")
+        assert advertise(cfg) == ("203.0.113.10", ports)
+    # a TLS-only dsbc: the port is the TLS listener's
+    cfg = parse_config(f'[sip]\nlisten = ["tls:0.0.0.0:5061"]\nadvertise = "[2001:db8::1]:443"\n{tls}', "dsbc.toml")
+    assert advertise(cfg) == ("2001:db8::1", {"tls": 443})
