@@ -163,6 +163,45 @@ def in_dialog(
     )
 
 
+@pytest.mark.skipif(find_binary("kamailio") is None, reason="kamailio is not installed")
+def test_regression_a_port_in_advertise_leaves_tls_phones_their_port(
+    ca: TestCA,
+    kamailio_factory: Factory,
+    phone_factory: Factory,
+    dsbc_factory: Factory,
+) -> None:
+    """With sip.advertise = "IP:PORT" the TLS side of the Record-Route said the plain udp/tcp
+    port: a TLS phone's BYE went there and the call could not be hung up (found by an audit).
+    Two workers: the TLS connections live in either."""
+    source = kamailio_factory("source", extra_trusted=["127.0.0.1"])
+    target = kamailio_factory("target", extra_trusted=["127.0.0.1"])
+    cert = ca.issue("dsbc-sip", ips=["127.0.0.1"])
+    port = free_port("both")
+    d = dsbc_factory(
+        source=[f"udp:{source.ip}:{source.port}"],
+        target=[f"udp:{target.ip}:{target.port}"],
+        customers=CUSTOMERS,
+        transports=("udp", "tcp", "tls"),
+        tls=cert,
+        port=port,
+        workers=2,
+        sip_extra=f'advertise = "127.0.0.1:{port}"\n',
+    )
+    d.wait_nodes_up()
+    alice = phone_factory("1001", d.ip, d.tls_port, transport="tls", tls_ca=ca.cert, bind_ip="127.0.0.2")
+    bob = phone_factory("1002", d.ip, d.tls_port, transport="tls", tls_ca=ca.cert, bind_ip="127.0.0.3")
+    assert alice.register() == 200 and bob.register() == 200
+    call = alice.call("1002", timeout=8)
+    incoming = bob.wait_incoming_call(timeout=5)
+    bob.wait_call_state(incoming, "CONFIRMED", timeout=5)
+    rr = ",".join(bob.received_invite(incoming).headers.get("record-route", []))
+    assert f"{d.ip}:{d.tls_port};transport=tls" in rr
+    assert bob.hangup(incoming) == 200
+    alice.wait_call_state(call, "DISCONNECTED", timeout=5)
+    assert source.requests("BYE")
+
+
+
 def test_sips_dialog_record_routes_reuses_the_connection_and_refuses_bad_flows(
     ca: TestCA, dsbc_factory: Factory
 ) -> None:
