@@ -734,6 +734,22 @@ def api_wanted(cfg: Config) -> bool:
     return cfg.api.enabled and bool(cfg.api.vhosts or all(api_backends(cfg)))
 
 
+def _check_node_transports(cfg: Config, text: str, name: str) -> None:
+    """A tcp: or tls: node needs a listener of its transport: dsbc's Via, Record-Route and
+    Path toward it name that transport, and the node sends its own requests (a call to a
+    registered phone, a BYE) there on a connection of its own."""
+    listening = {Endpoint.parse(e).transport for e in cfg.sip.listen}
+    for which in ("source", "target"):
+        for i, text_node in enumerate(getattr(cfg.systems, which).sip):
+            transport = Endpoint.parse(text_node).transport
+            if transport not in listening:
+                line = _locate(text, ["systems", which, "sip", i])
+                raise ConfigError(
+                    f"{name}:{line}: systems.{which}.sip: node {text_node!r} needs a {transport}: listener "
+                    f"in sip.listen (the node sends its requests to dsbc over {transport})"
+                )
+
+
 def _cross_check(cfg: Config, text: str, name: str) -> None:
     realms = {"admin", "reseller", "distributor", "customer", "account", "cc_staff",
               "vendor", "representative", "cpe", "porting"}
@@ -766,6 +782,8 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
                         f"{name}:{line}: api.vhosts[{i}].{which}: vhost {vh.host!r} has no {which} "
                         f"back end (set it here, or api.{which}, or systems.{which}.api)"
                     )
+    if cfg.sip.enabled:
+        _check_node_transports(cfg, text, name)
     seen: dict[tuple[Network, int | None], int] = {}
     for i, client in enumerate(cfg.radius.clients):
         j = seen.setdefault(parse_peer(client.address), i)

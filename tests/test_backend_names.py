@@ -64,7 +64,7 @@ def test_names_become_addresses_and_trusted_peers() -> None:
     cfg = resolve_backends(parse_config(
         '[systems.source]\nsip = ["udp:localhost:5070", "tcp:10.0.0.1:5060"]\n'
         'radius = ["localhost", "[::1]:1645"]\nradius_acct = ["localhost:1646"]\nradius_secret = "s"\n'
-        f'diameter = "localhost"\n{SERVICES}'))
+        f'diameter = "localhost"\n{SERVICES}'.replace('"udp:127.0.0.1:5060"]', '"udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"]')))
     src = cfg.systems.source
     assert src.sip == ["udp:127.0.0.1:5070", "tcp:10.0.0.1:5060"]
     assert src.radius == ["127.0.0.1:1812", "[::1]:1645"]

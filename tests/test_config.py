@@ -374,3 +374,26 @@ def test_a_port_in_sip_advertise_leaves_a_tls_listener_its_own_port() -> None:
     # a TLS-only dsbc: the port is the TLS listener's
     cfg = parse_config(f'[sip]\nlisten = ["tls:0.0.0.0:5061"]\nadvertise = "[2001:db8::1]:443"\n{tls}', "dsbc.toml")
     assert advertise(cfg) == ("2001:db8::1", {"tls": 443})
+
+
+@pytest.mark.parametrize(
+    ("nodes", "listen", "message"),
+    [
+        ('["tls:10.0.0.1:5061"]', '["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]',
+         ("dsbc.toml:3: systems.source.sip: node 'tls:10.0.0.1:5061' needs a tls: listener in sip.listen "
+          "(the node sends its requests to dsbc over tls)")),
+        ('["udp:10.0.0.1", "tcp:10.0.0.2"]', '["udp:0.0.0.0:5060"]',
+         ("dsbc.toml:3: systems.source.sip: node 'tcp:10.0.0.2' needs a tcp: listener in sip.listen "
+          "(the node sends its requests to dsbc over tcp)")),
+    ],
+)
+def test_a_tcp_or_tls_node_needs_a_listener_of_its_transport(nodes: str, listen: str, message: str) -> None:
+    """A tls: node with no tls: listener started, and its calls to registered phones failed:
+    the Path and Record-Route toward it said transport=tls on the udp/tcp port, where the
+    node's own TLS connection cannot be taken (found by an audit)."""
+    tls = 'tls_cert = "/etc/dsbc/cert.pem"\ntls_key = "/etc/dsbc/key.pem"\n'
+    text = f"[systems.source]\nname = \"A\"\nsip = {nodes}\n[sip]\nlisten = {listen}\n{tls}"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "dsbc.toml")
+    assert str(err.value) == message
+    parse_config(text.replace(listen, '["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060", "tls:0.0.0.0:5061"]'), "dsbc.toml")

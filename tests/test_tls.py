@@ -351,7 +351,7 @@ def test_outgoing_tls_to_a_node_is_verified_and_reused(
     with FakeNode("tls", ssl_context=node_ctx) as node:
         d = dsbc_factory(
             source=[node.uri], customers=CUSTOMERS, tls=ca.issue("dsbc-out", ips=["127.0.0.1"]),
-            sip_extra=f'tls_ca = "{ca.cert}"\n',
+            sip_extra=f'tls_ca = "{ca.cert}"\n', transports=("udp", "tcp", "tls"),
         )  # fmt: skip
         d.wait_nodes_up()  # OPTIONS pings over TLS, answered
         phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -382,7 +382,7 @@ def test_outgoing_tls_to_a_node_is_verified_and_reused(
     with FakeNode("tls", ssl_context=rogue_ctx) as rogue:
         d2 = dsbc_factory(
             source=[rogue.uri], customers=CUSTOMERS, tls=ca.issue("dsbc-out2", ips=["127.0.0.1"]),
-            sip_extra=f'tls_ca = "{ca.cert}"\n',
+            sip_extra=f'tls_ca = "{ca.cert}"\n', transports=("udp", "tcp", "tls"),
         )  # fmt: skip
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and d2.counters().get("connect_errors", 0) == 0:
