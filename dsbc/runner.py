@@ -79,6 +79,7 @@ class Worker:
         self.services: dict[str, Any] = {}
         self.store: Any = None
         self.stopping = asyncio.Event()
+        self.master = os.getppid()  # forked by the master
 
     def ipc_name(self, worker: int) -> str:
         return f"\0dsbc-{self.run_id}-{worker}"
@@ -109,7 +110,8 @@ class Worker:
             await self._start_optional("api", "dsbc.api_service", "start_api", api_wanted(self.cfg))
             await self._start_optional("radius", "dsbc.radius.service", "start_radius", self.cfg.radius.enabled)
             await self._start_optional("diameter", "dsbc.diameter.service", "start_diameter", self.cfg.diameter.enabled)
-        tasks = [loop.create_task(self._refresh()), loop.create_task(self._snapshot())]
+        tasks = [loop.create_task(self._refresh()), loop.create_task(self._snapshot()),
+                 loop.create_task(self._watch_master())]
         log.info("worker %d ready: %s", self.index, ", ".join(self.services) or "no services")
         (self.run_dir / f"ready-{self.index}-{os.getpid()}").touch()
         await self.stopping.wait()
@@ -239,6 +241,15 @@ class Worker:
                     hook = getattr(svc, "customers_changed", None)
                     if hook is not None:
                         hook(list(changed))
+
+    async def _watch_master(self) -> None:
+        """A master killed with SIGKILL (or an OOM kill) cannot drain its workers: one left
+        without it drains and exits, instead of serving on unsupervised (no restarts, no
+        reloads, /healthz "ok") and holding the ports a new `dsbc run` needs."""
+        while os.getppid() == self.master:
+            await asyncio.sleep(1.0)
+        log.error("worker %d: the master (pid %d) is gone: draining and exiting", self.index, self.master)
+        self.stopping.set()
 
     async def _snapshot(self) -> None:
         path = self.run_dir / f"worker-{self.index}.json"

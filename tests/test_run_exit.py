@@ -275,3 +275,46 @@ def test_a_store_that_cannot_be_reached_stops_the_start_with_exit_1(tmp_path: Pa
     check = _check(cfg)
     assert check.returncode == 2, check.stderr
     assert check.stderr.startswith(message), check.stderr
+
+
+def test_workers_left_without_their_master_drain_and_exit(tmp_path: Path) -> None:
+    """Found by an audit: after a SIGKILL of the master (an OOM kill), its workers served
+    on unsupervised (/healthz "ok", no restarts) and held the ports, so a new `dsbc run`
+    failed with "address already in use".  Now they drain and exit."""
+    import os
+    import signal
+    import time
+
+    from tests.peers.dsbc import Dsbc
+    from tests.peers.net import free_port
+
+    def gone(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        return state == "Z"  # exited, waiting for init to reap it
+
+    d = Dsbc(tmp_path / "a", source=[f"udp:127.0.0.1:{free_port('udp')}"],
+             target=[f"udp:127.0.0.1:{free_port('udp')}"], workers=2)
+    d.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(pids := {s["pid"] for s in d.status()}) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(pids) == 2, d.status()
+        assert d.proc is not None and d.proc.proc is not None
+        os.kill(d.proc.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(gone(p) for p in pids), d.log_tail()
+        assert "the master (pid" in d.log_tail()
+        # the ports are free again: the same config starts
+        d.proc = None
+        d.start()
+    finally:
+        d.stop()
+        for p in pids:
+            if not gone(p):
+                os.kill(p, signal.SIGKILL)
