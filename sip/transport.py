@@ -237,6 +237,7 @@ class SipEndpoint:
         client_ssl_context: ssl.SSLContext | None = None,
         tcp_idle_timeout: float = 600.0,
         tcp_stall_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
         max_connections: int = 20000,
         max_connections_per_ip: int = 200,
         admission: Admission | None = None,
@@ -252,6 +253,9 @@ class SipEndpoint:
         self.client_ssl_context = client_ssl_context
         self.tcp_idle_timeout = tcp_idle_timeout
         self.tcp_stall_timeout = tcp_stall_timeout
+        #: an outgoing TCP / TLS connection (and its handshake) that is not up by then has
+        #: failed (Kamailio's tcp_connect_timeout; the kernel alone retries SYNs for 2 min)
+        self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
         self.conn_ids = itertools.count(1)
@@ -404,8 +408,9 @@ class SipEndpoint:
 
         async def run() -> None:
             try:
-                await self.loop.create_connection(lambda: proto, ip, port, ssl=ctx)
-            except OSError:
+                await asyncio.wait_for(self.loop.create_connection(lambda: proto, ip, port, ssl=ctx),
+                                       self.connect_timeout)
+            except OSError:  # TimeoutError among them
                 self.core.counters["connect_errors"] += 1
                 if self.by_addr.get((transport, ip, port)) is proto:
                     del self.by_addr[(transport, ip, port)]

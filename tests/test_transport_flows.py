@@ -189,3 +189,42 @@ def test_a_draining_worker_still_hands_messages_to_the_other_workers(tmp_path: P
     finally:
         other.close()
         loop.close()
+
+
+def test_a_connection_to_a_node_that_never_answers_fails_after_connect_timeout() -> None:
+    """Found by an audit: an outgoing TCP connection to a black-holed node waited for the
+    kernel's SYN retries (about two minutes) before the node was marked unreachable and its
+    messages given up.  A listener whose accept queue is full drops SYNs the same way."""
+    import socket
+
+    from sip.proxy import Send
+
+    core, _ = make_core()
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue: later SYNs are dropped, not refused
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.1", port))
+        fillers.append(c)
+
+    async def main() -> None:
+        ep = SipEndpoint(core, asyncio.get_running_loop(), connect_timeout=0.5)
+        invite = request("INVITE", f"sip:2000@127.0.0.1:{port};transport=tcp")
+        ep.dispatch([Send("tcp", "127.0.0.1", port, invite)])
+        for _ in range(60):  # bounded: 3 s
+            if core.counters["connect_errors"]:
+                break
+            await asyncio.sleep(0.05)
+        assert ("tcp", "127.0.0.1", port) not in ep.by_addr
+
+    try:
+        asyncio.run(main())
+    finally:
+        for c in fillers:
+            c.close()
+        full.close()
+    assert core.counters["connect_errors"] == 1
