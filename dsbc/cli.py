@@ -708,9 +708,11 @@ def status(as_json: bool, node: str | None) -> int:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
     else:
         _print_status(cfg, st)
-    if "error" not in st["store"]:
-        return 0
-    return 1 if st["store"]["unavailable"] else 2
+    if "error" in st["store"]:
+        return 1 if st["store"]["unavailable"] else 2
+    # a node named with --node that does not answer is a failed check (a monitoring script's
+    # question); without it, a host that runs no node (an operator's desk) still reads the store
+    return 1 if node and not st["node"]["reachable"] else 0
 
 
 if __name__ == "__main__":

@@ -278,6 +278,9 @@ def test_status_without_a_node(home: Path) -> None:
     assert any("alice  source -> target  1 customers" in line for line in out)
     data = json.loads(dsbc("status", "--json").stdout)
     assert data["store"]["counts"]["identities"] == 7 and data["node"]["reachable"] is False
+    # a node asked for by name that does not answer: exit 1 (was 0), the store still shown
+    r = dsbc("status", "--node", "http://127.0.0.1:9")
+    assert r.exit_code == 1 and "  source (MR100): 2 active, 0 locked" in r.stdout.splitlines()
 
 
 def test_collect_status_queries_the_control_api(home: Path) -> None:
