@@ -405,6 +405,11 @@ def where(identity: str, node: str | None) -> int:
     help="Only cap the phones' registration expiry (sip.migration_expires).",
 )
 @click.option(
+    "--unprepare",
+    is_flag=True,
+    help="Undo --prepare (the batch is postponed): the phones get their usual expiry again.",
+)
+@click.option(
     "--wait-registrations",
     is_flag=True,
     help="After the flip, wait until the phones registered on the new system.",
@@ -446,6 +451,7 @@ def migrate(
     to: str,
     dry_run: bool,
     prepare: bool,
+    unprepare: bool,
     wait_registrations: bool,
     timeout: float | None,
     batch_size: int,
@@ -459,8 +465,11 @@ def migrate(
         raise click.UsageError("give --customer ID (one or more) or --batch FILE, not both")
     if not customers and not batch_file:
         raise click.UsageError("give --customer ID (one or more) or --batch FILE")
-    if prepare and (wait_registrations or lock_for):
-        raise click.UsageError("--prepare only caps the expiry: run the flip as a second command")
+    if prepare and unprepare:
+        raise click.UsageError("give --prepare or --unprepare, not both")
+    if (prepare or unprepare) and (wait_registrations or lock_for):
+        raise click.UsageError("--prepare and --unprepare only set the expiry cap: run the flip "
+                               "as a second command")
     ids = (
         read_batch(batch_file)
         if batch_file
@@ -471,10 +480,12 @@ def migrate(
     if node is not None:
         if wait_registrations:
             raise click.UsageError("--wait-registrations needs the store: run it without --node")
-        return _migrate_through_node(cfg, node, ids, to, who, dry_run, prepare, batch_size, lock_for, force)
+        return _migrate_through_node(cfg, node, ids, to, who, dry_run, prepare, batch_size, lock_for, force,
+                                     unprepare)
     with open_cli_store(cfg) as store:
-        if dry_run or prepare:
-            return _check_or_prepare(cfg, store, ids, to, who, prepare and not dry_run, force)
+        if dry_run or prepare or unprepare:
+            return _check_or_prepare(cfg, store, ids, to, who, (prepare or unprepare) and not dry_run, force,
+                                     unprepare)
         try:
             expected = phones_by_account(store, ids)  # before the flip: who is registered now
         except StoreUnavailable as exc:
@@ -525,12 +536,15 @@ def _report_unknown(unknown: list[str], known: int) -> int:
 
 def _check_or_prepare(
     cfg: Config, store: LocationStore, ids: list[str], to: str, who: str, prepare: bool,
-    force: bool = False,
+    force: bool = False, unprepare: bool = False,
 ) -> int:
     # GroupSplitError: exit 2; LockedByBatch (a dry run checks what the run would): exit 1
     check = (store.migrate(ids, to, who=who, dry_run=True) if prepare
              else check_batch(store, ids, to, who=who, force=force))
-    if prepare:
+    if prepare and unprepare:
+        store.prepare(check.moved, 0)
+        _unprepared(check)
+    elif prepare:
         expires = cfg.sip.migration_expires
         store.prepare(check.moved, expires)
         _prepared(check, expires, longest_registration(store, check.moved))
@@ -560,9 +574,17 @@ def _prepared(check: MigrationResult, expires: int, wait: float, through: str = 
         )
 
 
+def _unprepared(check: MigrationResult, through: str = "") -> None:
+    click.echo(
+        f"registration expiry cap cleared for {len(check.moved)} customers (already on {check.to} "
+        f"{len(check.already)}, unknown {len(check.unknown)}){through}: their phones get their "
+        f"usual expiry at their next registration"
+    )
+
+
 def _migrate_through_node(
     cfg: Config, node: str, ids: list[str], to: str, who: str, dry_run: bool, prepare: bool,
-    batch_size: int, lock_for: float, force: bool,
+    batch_size: int, lock_for: float, force: bool, unprepare: bool = False,
 ) -> int:
     client = _node_client(cfg, node)
     body: dict[str, Any] = {"customers": ids, "to": to, "who": who, "batch_size": batch_size}
@@ -572,11 +594,15 @@ def _migrate_through_node(
         body["dry_run"] = True
     if prepare:
         body["prepare"] = True
+    if unprepare:
+        body["unprepare"] = True
     if lock_for:
         body["lock_for"] = lock_for
     data = _node_call(lambda: client.call("POST", "/v1/migrations", body))
     result = _node_result(data, to, dry_run=bool(data.get("dry_run")))
-    if prepare and not dry_run:
+    if unprepare and not dry_run:
+        _unprepared(result, f" (through {client.base})")
+    elif prepare and not dry_run:
         _prepared(result, int(data.get("expires", 0)), float(data.get("wait", 0)), f" (through {client.base})")
     else:
         reg = data.get("registered")

@@ -8,7 +8,7 @@ over HTTP on ``control.listen``, run by worker 0 of ``dsbc run``.
     GET  /v1/identities/{kind}/{value}     {customer_id, system, state, ...} or 404
     GET  /v1/customers/{customer_id}       the customer record or 404
     PUT  /v1/customers/{customer_id}       {identities: [...], system?, group?}
-    POST /v1/migrations                    {customers: [...], to?: "target", dry_run?, prepare?,
+    POST /v1/migrations                    {customers: [...], to?: "target", dry_run?, prepare?, unprepare?,
                                             lock_for?, batch_size?, who?}
                                            -> {batch_id, moved, already, unknown,
                                                registered: {on, of}, ...}
@@ -478,14 +478,18 @@ class ControlService:
         who = self._who(body, request)
         dry_run = self._flag(body, "dry_run")
         prepare = self._flag(body, "prepare")
+        unprepare = self._flag(body, "unprepare")
+        if prepare and unprepare:
+            raise ApiError(400, "prepare and unprepare: give one")
         force = self._flag(body, "force")
         lock_for = self._number(body, "lock_for", 0, 0, 600)
         batch_size = int(self._number(body, "batch_size", 500, 1, 100_000))
-        unknown_keys = set(body) - {"customers", "to", "who", "dry_run", "prepare", "force", "lock_for", "batch_size"}
+        unknown_keys = set(body) - {"customers", "to", "who", "dry_run", "prepare", "unprepare", "force",
+                                    "lock_for", "batch_size"}
         if unknown_keys:
             raise ApiError(400, f"unknown field(s) {', '.join(sorted(unknown_keys))}")
-        if dry_run or prepare:
-            preparing = prepare and not dry_run
+        if dry_run or prepare or unprepare:
+            preparing = (prepare or unprepare) and not dry_run
             if preparing:
                 check = await asyncio.to_thread(self.store.migrate, ids, to, who, None, True)
             else:  # what the run would refuse, a dry run refuses (409 locked, group split)
@@ -493,7 +497,10 @@ class ControlService:
             _only_unknown(check)
             out = {"dry_run": True, "batch_id": "", "to": to, "moved": check.moved,
                    "already": check.already, "unknown": check.unknown}
-            if preparing:
+            if preparing and unprepare:
+                await self._write(lambda: self.store.prepare(check.moved, 0))
+                out.update(dry_run=False, unprepared=len(check.moved))
+            elif preparing:
                 expires = self.cfg.sip.migration_expires
                 await self._write(lambda: self.store.prepare(check.moved, expires))
                 wait = await asyncio.to_thread(longest_registration, self.store, check.moved)

@@ -171,6 +171,22 @@ def test_prepare_caps_expiry_and_the_flip_clears_it(home: Path) -> None:
     assert s.customer("1").expires_cap == 0  # type: ignore[union-attr]
 
 
+def test_unprepare_clears_the_cap_of_a_postponed_batch(home: Path) -> None:
+    """Found by an audit: a batch prepared and then postponed kept its phones re-registering
+    every sip.migration_expires seconds, and no command cleared the cap."""
+    s = store_at(home)
+    assert dsbc("migrate", "--customer", "1", "--customer", "2", "--prepare").exit_code == 0
+    r = dsbc("migrate", "--customer", "1", "--customer", "2", "--customer", "99", "--unprepare")
+    assert r.exit_code == 1  # one unknown id, as for --prepare
+    assert r.stdout.splitlines()[0].startswith(
+        "registration expiry cap cleared for 2 customers (already on target 0, unknown 1)")
+    s.refresh()
+    assert s.customer("1").expires_cap == 0 and s.customer("2").expires_cap == 0  # type: ignore[union-attr]
+    assert system_of(home, "1") == "source"
+    r = dsbc("migrate", "--customer", "1", "--prepare", "--unprepare")
+    assert r.exit_code == 2 and "not both" in r.stderr
+
+
 def test_registrations_on_target_are_counted(home: Path) -> None:
     s = store_at(home)
     later = time.time() + 600

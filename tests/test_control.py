@@ -176,6 +176,17 @@ def test_status_names_the_master_pid(node: Dsbc) -> None:
     assert node.proc is not None and st["pid"] == node.proc.pid
 
 
+def test_prepare_and_unprepare(node: Dsbc) -> None:
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["2"], "prepare": True})
+    assert status == 200 and body["prepared"] == 1, body
+    assert node.control("GET", "/v1/customers/2")[1]["expires_cap"] > 0
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["2"], "unprepare": True})
+    assert status == 200 and body["unprepared"] == 1 and body["dry_run"] is False, body
+    assert node.control("GET", "/v1/customers/2")[1]["expires_cap"] == 0
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["2"], "prepare": True, "unprepare": True})
+    assert status == 400 and "give one" in body["error"]
+
+
 def test_customers_locked_by_another_batch_are_refused_409(node: Dsbc) -> None:
     from dsbc.store import open_store
 
