@@ -654,7 +654,28 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError as exc:
         line = exc.object[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{p}:{line}: not UTF-8 text") from None
-    return parse_config(text, str(p))
+    cfg = parse_config(text, str(p))
+    _anchor_store_paths(cfg, p.parent)
+    return cfg
+
+
+def _anchor_store_paths(cfg: Config, base: Path) -> None:
+    """A relative SQLite file or cache file in the config is relative to the config file's
+    directory (as nginx's paths are to its prefix): the node and every CLI command given
+    the same ``-c`` open the same file, whatever directory each was started in."""
+    from .store.base import StoreError
+    from .store.sqlite_schema import sqlite_path
+
+    url = cfg.store.url
+    if url.startswith("sqlite:"):
+        try:
+            path = sqlite_path(url)
+        except StoreError:
+            return  # parse_config's checks name it
+        if path != ":memory:" and not Path(path).is_absolute():
+            cfg.store.url = f"sqlite://{(base / path).resolve()}"
+    if cfg.store.cache_file and not Path(cfg.store.cache_file).is_absolute():
+        cfg.store.cache_file = str((base / cfg.store.cache_file).resolve())
 
 
 def parse_config(text: str, name: str = "dsbc.toml") -> Config:

@@ -397,3 +397,22 @@ def test_a_tcp_or_tls_node_needs_a_listener_of_its_transport(nodes: str, listen:
         parse_config(text, "dsbc.toml")
     assert str(err.value) == message
     parse_config(text.replace(listen, '["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060", "tls:0.0.0.0:5061"]'), "dsbc.toml")
+
+
+def test_relative_store_paths_are_relative_to_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an audit: `sqlite:///loc.db` was opened in the current directory, so a node
+    started by systemd (cwd /) and a CLI command run from the config's directory, both
+    given the same -c, used two different stores."""
+    from dsbc.config import load_config
+    from dsbc.store.sqlite_schema import sqlite_path
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    cfg_file = etc / "dsbc.toml"
+    cfg_file.write_text('[store]\nurl = "sqlite:///loc.db"\ncache_file = "cache/c.json"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cfg_file)
+    assert sqlite_path(cfg.store.url) == str(etc / "loc.db")
+    assert cfg.store.cache_file == str(etc / "cache" / "c.json")
+    cfg_file.write_text('[store]\nurl = "sqlite:///var/lib/dsbc/loc.db"\n')  # absolute: as written
+    assert sqlite_path(load_config(cfg_file).store.url) == "/var/lib/dsbc/loc.db"
