@@ -92,6 +92,12 @@ class Worker:
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the master handles reloads
         self.store = open_store(self.cfg.store.url, self.cfg.store.unknown, cache_file=self.cfg.store.cache_file)
+        if self.index == 0:
+            # the control API first, before "loaded": on a reload both workers listen on its
+            # port (SO_REUSEPORT) until the replaced one closes its listener as it drains, so
+            # /healthz never goes unanswered (keepalived would give the address away); its
+            # snapshots say when this worker's SIP is up
+            await self._start_optional("control", "dsbc.control", "start_control", self.cfg.control.enabled)
         # loaded: on a reload the master now drains the worker this one replaces, which
         # frees its IPC name at once; until then both serve (SO_REUSEPORT)
         (self.run_dir / f"loaded-{self.index}-{os.getpid()}").touch()
@@ -103,10 +109,6 @@ class Worker:
             await self._start_ipc_bind_retry(sip)
             self.services["sip"] = sip
         if self.index == 0:
-            # the control API first: on a reload the replaced worker's closes at once, and the
-            # RADIUS and Diameter ports are free only when that worker's drain ends (it may
-            # wait seconds for requests held for a migration): /healthz must not wait for them
-            await self._start_optional("control", "dsbc.control", "start_control", self.cfg.control.enabled)
             await self._start_optional("api", "dsbc.api_service", "start_api", api_wanted(self.cfg))
             await self._start_optional("radius", "dsbc.radius.service", "start_radius", self.cfg.radius.enabled)
             await self._start_optional("diameter", "dsbc.diameter.service", "start_diameter", self.cfg.diameter.enabled)

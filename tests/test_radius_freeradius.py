@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from pathlib import Path
 
@@ -208,6 +209,9 @@ def test_an_accounting_session_keeps_its_system_across_a_sighup_reload(
              f'secret = "{NAS_SECRET}"\n')
     d.config_path.write_text(text)
     d.start()
+    deadline = time.monotonic() + 20
+    while "worker 0 ready" not in d.log_tail(400) and time.monotonic() < deadline:
+        time.sleep(0.05)  # SIP answers first; the RADIUS ports follow
     nas = ("127.0.0.1", acct)
 
     def account(status: str) -> str:
@@ -222,7 +226,7 @@ def test_an_accounting_session_keeps_its_system_across_a_sighup_reload(
     while "ready" not in d.log_tail(400).rpartition("reloading")[2] and time.monotonic() < deadline:
         time.sleep(0.05)  # the new worker took over
     after = d.log_tail(400).rpartition("reloading")[2]
-    assert "worker 0 ready: sip, radius" in after, after
+    assert re.search(r"worker 0 ready: .*\bradius\b", after), after
     # it waited for the old one's RADIUS ports instead of failing on them (uvloop's bind
     # error carries no errno of its own)
     assert "cannot start" not in after, after
