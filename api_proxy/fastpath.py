@@ -53,7 +53,7 @@ from api_proxy.h1 import (
     chunk,
     parse_request_head,
 )
-from api_proxy.h1relay import client_head, fault_bytes, upstream_request
+from api_proxy.h1relay import backend_bases, client_head, fault_bytes, upstream_request
 from api_proxy.plan import plan
 
 if TYPE_CHECKING:
@@ -76,6 +76,7 @@ _TO: Final = {"source": "to_source", "target": "to_target"}  # metric names
 
 class FastConn(asyncio.Protocol):
     __slots__ = (
+        "bases",
         "buf",
         "deadline",
         "ex",
@@ -125,6 +126,7 @@ class FastConn(asyncio.Protocol):
         self.system = ""
         self.origin: Origin | None = None
         self.public = ""  # scheme://Host of the last Host header, for Location rewrites
+        self.bases: tuple[tuple[str, str], ...] = ()  # its vhost's back ends, for the same
         self.host: str | None = None  # the last Host header and its virtual host
         self.vhost: Vhost | None = None
         self.realm = ""  # the vhost's realm when it has no realm_paths, else ""
@@ -260,6 +262,7 @@ class FastConn(asyncio.Protocol):
         self.patterns = self.proxy.table.patterns(vhost) if vhost is not None else ()
         # (the Host value is ASCII: parse_request_head decodes the head as ASCII)
         self.public = ("https://" if self.tls else "http://") + host
+        self.bases = backend_bases([vhost.source, vhost.target]) if vhost is not None else ()
         return vhost
 
     def _take(self, req: RequestHead, body: bytes) -> bool:
@@ -323,7 +326,7 @@ class FastConn(asyncio.Protocol):
     def up_head(self, head: ResponseHead) -> None:
         self.resp = head
         assert self.origin is not None
-        self.pending = client_head(head, self.origin.origin_text, self.public, self.keep_alive)
+        self.pending = client_head(head, self.bases, self.public, self.keep_alive)
         if self.write_paused and self.ex is not None and self.ex.conn is not None:
             self.ex.conn.pause_reading()
 

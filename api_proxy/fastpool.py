@@ -71,7 +71,6 @@ class Origin:
         "host",
         "host_header",
         "origin",
-        "origin_text",
         "port",
         "prefix",
         "server_hostname",
@@ -88,8 +87,6 @@ class Origin:
         self.server_hostname = u.raw_host if self.tls else None
         self.host_header = u.host_port_subcomponent or self.host
         self.origin = str(u.origin())
-        # the origin's octets as latin-1 text, as client_head compares Location values
-        self.origin_text = self.origin.encode().decode("latin-1")
         self.prefix = u.raw_path.rstrip("/") if u.raw_path != "/" else ""
 
 

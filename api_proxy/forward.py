@@ -20,12 +20,12 @@ from multidict import CIMultiDict
 from api_proxy import apicall
 from api_proxy.classify import Classified, RouteKey
 from api_proxy.errors import CustomerLocked, DispatchError, UnknownEntity, fault_body
+from api_proxy.h1relay import backend_bases
 from api_proxy.records import Creds, rewrite_for
 from api_proxy.router import Owner, ProxySettings, Router, Vhost
 from api_proxy.upstream import (
     Backend,
     BodyState,
-    origin,
     read_small,
     relay,
     request_headers,
@@ -251,7 +251,9 @@ class Forwarder:
         body: bytes | None = None,
         cookies: Iterable[str] = (),
     ) -> web.StreamResponse:
-        headers = response_headers(resp.headers, origin(ctx.vhost.base(system)), ctx.public_origin)
+        vhost = ctx.vhost
+        bases = backend_bases([vhost.source, vhost.target])
+        headers = response_headers(resp.headers, bases, ctx.public_origin)
         for c in cookies:
             headers.add("Set-Cookie", c)
         return await relay(ctx.request, resp, headers, self.backends[system], body)

@@ -7,7 +7,8 @@ order.  ``client_head`` is ``upstream.response_headers`` plus what aiohttp's
 ones (and those its Connection header names) and without Content-Length, Location and
 cookie domains made the public host's; then Content-Length or Transfer-Encoding, a
 default Content-Type, Date, Server, and Connection: close when the client asked for it.
-``fault_bytes`` is ``Forwarder.fault`` as octets.  ``tests/test_api_fastpath*.py``
+``public_url`` is the Location / Refresh rule both use (``nginx``'s ``proxy_redirect
+default`` for both back ends of a vhost).  ``fault_bytes`` is ``Forwarder.fault`` as octets.  ``tests/test_api_fastpath*.py``
 compare all three with the aiohttp path.
 
 Compiled with mypyc like ``h1`` (see there): annotations, ``Final`` constants.
@@ -53,6 +54,7 @@ _DATE: Final = 4
 _SRV: Final = 5
 _LOC: Final = 6  # rewritten
 _COOKIE: Final = 7  # rewritten
+_REFRESH: Final = 8  # rewritten
 _REQ_KIND: Final[dict[str, int]] = {
     **{lname: _SKIP for lname in _REQ_SKIP},
     **{lname: _FWD for lname in _FORWARDED},
@@ -64,7 +66,86 @@ _RESP_KIND: Final[dict[str, int]] = {
     "server": _SRV,
     "location": _LOC,
     "set-cookie": _COOKIE,
+    "refresh": _REFRESH,
 }
+_DEFAULT_PORT: Final = {"http": "80", "https": "443"}
+_REFRESH_URL: Final = re.compile(r"([;,]\s*url\s*=\s*['\"]?)([^'\"]*)", re.IGNORECASE | re.ASCII)
+
+
+def _url_base(url: str) -> tuple[str, str] | None:
+    """``("scheme://host:port", rest)`` of an absolute http(s) URL: scheme and host
+    lowercased, the default port written, ``rest`` the path and what follows (as it
+    was); None for anything else (a relative URL)."""
+    sep = url.find("://")
+    if sep < 4 or sep > 5:
+        return None
+    scheme = url[:sep].lower()
+    default = _DEFAULT_PORT.get(scheme)
+    if default is None:
+        return None
+    start = sep + 3
+    end = len(url)
+    for ch in "/?#":
+        i = url.find(ch, start)
+        if 0 <= i < end:
+            end = i
+    authority = url[start:end].lower()
+    if not authority or "@" in authority:
+        return None
+    if authority.endswith(":"):
+        authority += default
+    elif authority.rfind(":") <= authority.rfind("]"):  # no port (an IPv6 address has colons)
+        authority = f"{authority}:{default}"
+    return f"{scheme}://{authority}", url[end:]
+
+
+def backend_bases(urls: list[str]) -> tuple[tuple[str, str], ...]:
+    """What ``public_url`` matches for the back-end base URLs of a vhost: each one's
+    ``("scheme://host:port", path prefix)``, the longest prefix first, once each."""
+    out: list[tuple[str, str]] = []
+    for url in urls:
+        found = _url_base(url)
+        if found is not None:
+            key = (found[0], found[1].partition("?")[0].rstrip("/"))
+            if key not in out:
+                out.append(key)
+    out.sort(key=lambda b: -len(b[1]))
+    return tuple(out)
+
+
+def public_url(url: str, bases: tuple[tuple[str, str], ...], public: str) -> str:
+    """``url`` (a Location) with a back end's base made ``public`` (``scheme://Host``).
+
+    A URL naming either back end of the vhost, by scheme, host and port (any case, the
+    default port written or not) and under its base path, becomes the public host's
+    with the base path taken off, as nginx's ``proxy_redirect default`` does: an
+    absolute URL naming a back end would send the browser past dsbc.  Anything else is
+    left as it is."""
+    found = _url_base(url)
+    if found is None:
+        return url
+    origin, rest = found
+    for b_origin, prefix in bases:
+        if origin != b_origin:
+            continue
+        if prefix:
+            if not rest.startswith(prefix):
+                continue
+            after = rest[len(prefix) :]
+            if after and after[0] not in "/?#":
+                continue
+            rest = after
+        return public + rest
+    return url
+
+
+def public_refresh(value: str, bases: tuple[tuple[str, str], ...], public: str) -> str:
+    """A ``Refresh`` header (``5; url=...``) with its URL made public (``public_url``)."""
+    m = _REFRESH_URL.search(value)
+    if m is None:
+        return value
+    url = public_url(m.group(2).strip(), bases, public)
+    return value[: m.start(2)] + url + value[m.end(2) :]
 
 
 def upstream_request(
@@ -126,11 +207,13 @@ def upstream_request(
     return head + body if body else head
 
 
-def client_head(head: ResponseHead, backend_origin: str, public: str, keep_alive: bool) -> bytes:
+def client_head(
+    head: ResponseHead, bases: tuple[tuple[str, str], ...], public: str, keep_alive: bool
+) -> bytes:
     """The head of the answer to the client for a back end's answer ``head``.
 
     Text in, octets out: ``head`` holds latin-1 text (``h1.parse_response_head``), and
-    ``backend_origin`` / ``public`` are latin-1 text of their octets too."""
+    ``bases`` (``backend_bases``) / ``public`` are latin-1 text of their octets too."""
     # lines without their CRLF, joined with CRLFs once (see upstream_request)
     out: list[str] = [head.status_line]
     kinds = _RESP_KIND
@@ -150,8 +233,13 @@ def client_head(head: ResponseHead, backend_origin: str, public: str, keep_alive
         elif kind == _SRV:
             has_server = True
         elif kind == _LOC:
-            if value.startswith(backend_origin):
-                line = f"{name}: {public}{value[len(backend_origin) :]}"
+            new = public_url(value, bases, public)
+            if new is not value:
+                line = f"{name}: {new}"
+        elif kind == _REFRESH:
+            new = public_refresh(value, bases, public)
+            if new is not value:
+                line = f"{name}: {new}"
         elif kind == _COOKIE:
             line = f"{name}: {_DOMAIN_ATTR.sub('', value)}"
         out.append(line)

@@ -28,6 +28,7 @@ from yarl import URL
 
 from api_proxy.errors import BackendUnavailable, RequestTimeout, RequestTooLarge
 from api_proxy.h1 import HOP_BY_HOP
+from api_proxy.h1relay import public_refresh, public_url
 
 log = logging.getLogger("api_proxy.upstream")
 
@@ -61,27 +62,25 @@ def request_headers(
 
 
 def response_headers(
-    headers: CIMultiDictProxy[str], backend_origin: str, public_origin: str
+    headers: CIMultiDictProxy[str], bases: tuple[tuple[str, str], ...], public_origin: str
 ) -> CIMultiDict[str]:
-    """A back end's headers for the client: hop-by-hop removed, Location and cookie
-    domains made the public host's (what nginx's proxy_redirect / proxy_cookie_domain do)."""
+    """A back end's headers for the client: hop-by-hop removed, Location, Refresh and
+    cookie domains made the public host's (what nginx's proxy_redirect /
+    proxy_cookie_domain do); ``bases``: ``h1relay.backend_bases`` of the vhost."""
     skip = HOP_BY_HOP | _connection_listed(headers) | {"content-length"}
     out: CIMultiDict[str] = CIMultiDict()
     for k, v in headers.items():
         lk = k.lower()
         if lk in skip:
             continue
-        if lk == "location" and v.startswith(backend_origin):
-            v = public_origin + v[len(backend_origin) :]
+        if lk == "location":
+            v = public_url(v, bases, public_origin)
+        elif lk == "refresh":
+            v = public_refresh(v, bases, public_origin)
         elif lk == "set-cookie":
             v = _DOMAIN_ATTR.sub("", v)
         out.add(k, v)
     return out
-
-
-def origin(url: str) -> str:
-    u = URL(url)
-    return str(u.origin())
 
 
 class BodyState:
