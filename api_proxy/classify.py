@@ -18,7 +18,8 @@ Realm kinds:
   ``representative``, ``porting``): entity owner first, else merged list, create,
   or the session's context system; a ``porting`` request (API call or not) is owned
   by the DID it names in its query string, its form or JSON body or its API params;
-- ``cpe``: the device's MAC (file name, query, TR-069 Inform), else the CWMP cookie.
+- ``cpe``: the device's MAC (file name, query, TR-069 Inform, a GET's User-Agent), else
+  the CWMP cookie.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ __all__ = [
     "inform_macs",
     "is_inform",
     "mac_in_target",
+    "mac_in_user_agent",
     "needs_body",
     "normalise_mac",
     "realm_kind",
@@ -104,8 +106,12 @@ DEFAULT_PATTERNS: Final[tuple[str, ...]] = (
         r"(?i)/(?:cfg|spa|sep|snom[0-9a-z]*-|yealink-|gs_|aastra-|mitel-)?([0-9a-f]{12})"
         r"(?:[-_.][\w.\-]*)?(?:\?|$)"
     ),
-    # a path segment that is a MAC written with separators
-    r"(?i)/([0-9a-f]{2}(?:[:\-][0-9a-f]{2}){5})(?:/|\?|$)",
+    # a path segment or file name that is a MAC written with separators
+    # (00:11:22:aa:bb:cc.cfg, 00-11-22-AA-BB-CC-phone.cfg, /00:11:22:aa:bb:cc/)
+    (
+        r"(?i)/([0-9a-f]{2}([:\-])[0-9a-f]{2}(?:\2[0-9a-f]{2}){4})"
+        r"(?:[_.][\w.\-]*|-[a-z_][\w.\-]*)?(?:/|\?|$)"
+    ),
 )
 
 
@@ -128,6 +134,27 @@ DEFAULT_COMPILED: Final = compile_patterns(DEFAULT_PATTERNS)
 def normalise_mac(text: str) -> str | None:
     v = _SEPARATORS.sub("", text).lower()
     return v if _HEX12.match(v) else None
+
+
+#: a MAC in a User-Agent: written with colons or dashes, else 12 hex digits standing alone
+#: (Yealink "... 00:15:65:aa:bb:cc", Cisco "(00112233AABB)", Grandstream "DevId 000b82aabbcc")
+_UA_MACS: Final = (
+    re.compile(
+        r"(?i)(?<![0-9a-f:\-])([0-9a-f]{2}([:\-])[0-9a-f]{2}(?:\2[0-9a-f]{2}){4})(?![0-9a-f:\-])"
+    ),
+    re.compile(r"(?i)(?<![0-9a-z])([0-9a-f]{12})(?![0-9a-z])"),
+)
+
+
+def mac_in_user_agent(user_agent: str) -> str | None:
+    """The MAC a device names in its User-Agent (phones fetching a common file such as
+    ``y000000000028.cfg`` or ``000000000000.cfg`` name themselves only there), or None."""
+    text = user_agent[:1024]
+    for rx in _UA_MACS:
+        m = rx.search(text)
+        if m:
+            return normalise_mac(m.group(1))
+    return None
 
 
 def mac_in_target(target: str, patterns: tuple[re.Pattern[str], ...]) -> str | None:
@@ -412,6 +439,11 @@ def classify(
         mac = mac_in_target(target, patterns)
         if mac:
             out.action, out.keys = Action.ENTITY, (RouteKey("cpe", mac, "target"),)
+            if kind is _CPE and method in ("GET", "HEAD"):
+                # a file named by no device it knows (000000000000.cfg): the User-Agent's
+                ua = mac_in_user_agent(headers.get("user-agent", ""))
+                if ua and ua != mac:
+                    out.keys = (out.keys[0], RouteKey("cpe", ua, "user-agent"))
             return out
     if kind is _CPE:
         if body and is_inform(body):
@@ -419,6 +451,13 @@ def classify(
             if macs:
                 out.action = Action.ENTITY
                 out.keys = tuple(RouteKey("cpe", m, "Inform.DeviceId") for m in macs)
+        elif method in ("GET", "HEAD"):
+            # a common file (y000000000028.cfg, a firmware): the device names itself in its
+            # User-Agent.  Not for POSTs: a CWMP session's empty POSTs follow the ACS's
+            # cookie, which must win over the device's owner during its migration.
+            ua = mac_in_user_agent(headers.get("user-agent", ""))
+            if ua:
+                out.action, out.keys = Action.ENTITY, (RouteKey("cpe", ua, "user-agent"),)
         return out
 
     sm = api_path(path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
+
 from tests.test_api_fastpath import read_answer
 from tests.test_api_support import PROV, ApiEnv, run
 
@@ -110,3 +112,34 @@ def test_a_cpe_without_cookies_stays_on_the_informs_system_for_its_connection(tm
             w.close()
 
     run(main)
+
+
+def test_macs_written_with_separators_and_in_the_user_agent_name_the_device(tmp_path: Path) -> None:
+    """A file named by a MAC with colons or dashes, and a common file (Yealink's
+    y000000000028.cfg, Polycom's 000000000000.cfg) fetched by a phone that names itself
+    only in its User-Agent, go to the phone's owner (dave's phone: the target), not to
+    the default system."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            for path in ("/prov/00:04:f2:a1:b2:c4.cfg", "/prov/00-04-F2-A1-B2-C4-phone.cfg"):
+                st, _, served = await fetch_cfg(env, path)
+                assert st == 200 and served == "MR115", path
+            for ua in (
+                "Yealink SIP-T46S 66.85.0.5 00:04:f2:a1:b2:c4",
+                "Cisco/SPA504G-7.5.5 (0004F2A1B2C4)(CCQ1234)",
+                "Grandstream Model HW GXP2170 SW 1.0.11.3 DevId 0004f2a1b2c4",
+            ):
+                for path in ("/prov/y000000000028.cfg", "/prov/000000000000.cfg"):
+                    async with env.http.get(
+                        env.url + path, headers={"Host": PROV, "User-Agent": ua}
+                    ) as r:
+                        assert r.headers["X-Billing-System"] == "MR115", (ua, path)
+            async with aiohttp.ClientSession() as http, http.get(  # (a new connection)
+                env.url + "/prov/y000000000028.cfg",
+                headers={"Host": PROV, "User-Agent": "Yealink SIP-T46S 66.85.0.5"},
+            ) as r:
+                assert r.headers["X-Billing-System"] == "MR100"  # names no device: the default
+
+    run(main)
+
