@@ -434,7 +434,11 @@ def classify(
         remote=cookies.get(remote_cookie, "") not in ("", "0"),
     )
 
-    patterns = cpe_patterns or (DEFAULT_COMPILED if kind is _CPE else ())
+    if kind is _CPE:
+        # an operator's patterns come on top of the built-in ones (deploy/dsbc.example.toml)
+        patterns = cpe_patterns + DEFAULT_COMPILED if cpe_patterns else DEFAULT_COMPILED
+    else:
+        patterns = cpe_patterns
     if patterns:
         mac = mac_in_target(target, patterns)
         if mac:

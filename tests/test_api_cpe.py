@@ -143,3 +143,20 @@ def test_macs_written_with_separators_and_in_the_user_agent_name_the_device(tmp_
 
     run(main)
 
+
+def test_operator_cpe_patterns_come_on_top_of_the_built_in_ones(tmp_path: Path) -> None:
+    """deploy/dsbc.example.toml: api.cpe_patterns are "on top of the built-in <mac>.cfg,
+    cfg<mac>.xml, SEP<mac>.cnf.xml and ?mac=<mac>"; one pattern of the operator's must not
+    turn the built-in ones off."""
+
+    async def main() -> None:
+        extra = 'cpe_patterns = ["/prov/dev-(\\\\w{12})/"]'
+        async with ApiEnv(tmp_path, extra_api=extra) as env:
+            for path in (f"/prov/dev-{MAC4}/settings.xml", f"/prov/{MAC4}.cfg",
+                         f"/prov/SEP{MAC4.upper()}.cnf.xml"):
+                async with aiohttp.ClientSession() as http, http.get(  # a connection each
+                    env.url + path, headers={"Host": PROV}
+                ) as r:
+                    assert r.status == 200 and r.headers["X-Billing-System"] == "MR115", path
+
+    run(main)
