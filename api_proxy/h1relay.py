@@ -7,7 +7,7 @@ order.  ``client_head`` is ``upstream.response_headers`` plus what aiohttp's
 ones (and those its Connection header names) and without Content-Length, Location and
 cookie domains made the public host's; then Content-Length or Transfer-Encoding, a
 default Content-Type, Date, Server, and Connection: close when the client asked for it.
-``public_url`` is the Location / Refresh rule both use (``nginx``'s ``proxy_redirect
+``public_url`` and ``public_cookie`` are the Location / Refresh and Set-Cookie rules both use (``nginx``'s ``proxy_redirect
 default`` for both back ends of a vhost).  ``fault_bytes`` is ``Forwarder.fault`` as octets.  ``tests/test_api_fastpath*.py``
 compare all three with the aiohttp path.
 
@@ -36,6 +36,7 @@ _SERVER: Final[bytes] = b"Server: " + str(SERVER_SOFTWARE).encode() + b"\r\n"
 _SERVER_LINE: Final = _SERVER.decode("latin-1")[:-2]
 #: re.ASCII: \s and IGNORECASE as in the bytes pattern this was (ASCII only)
 _DOMAIN_ATTR: Final = re.compile(r";\s*domain=[^;]*", re.IGNORECASE | re.ASCII)
+_PATH_ATTR: Final = re.compile(r"(;\s*path\s*=\s*)([^;]*)", re.IGNORECASE | re.ASCII)
 #: request headers never sent on ("close": a Connection token aiohttp treats as a name)
 _REQ_SKIP: Final = HOP_BY_HOP | {"host", "content-length", "expect", "close"}
 #: X-Forwarded-* as sent, by lowercase name, in the order they are added when absent
@@ -207,6 +208,22 @@ def upstream_request(
     return head + body if body else head
 
 
+def public_cookie(value: str, bases: tuple[tuple[str, str], ...]) -> str:
+    """A ``Set-Cookie`` for the client: no Domain (the public host's then), and a Path
+    under a back end's base path made the public one (``Path=/portal/x`` -> ``/x`` for
+    base ``http://b/portal``, as nginx's ``proxy_cookie_path``): else the browser never
+    sends the cookie back to the public paths dsbc maps to that base."""
+    value = _DOMAIN_ATTR.sub("", value)
+    m = _PATH_ATTR.search(value)
+    if m is None:
+        return value
+    path = m.group(2).strip()
+    for _, prefix in bases:
+        if prefix and path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+            return value[: m.start(2)] + (path[len(prefix) :] or "/") + value[m.end(2) :]
+    return value
+
+
 def client_head(
     head: ResponseHead, bases: tuple[tuple[str, str], ...], public: str, keep_alive: bool
 ) -> bytes:
@@ -241,7 +258,7 @@ def client_head(
             if new is not value:
                 line = f"{name}: {new}"
         elif kind == _COOKIE:
-            line = f"{name}: {_DOMAIN_ATTR.sub('', value)}"
+            line = f"{name}: {public_cookie(value, bases)}"
         out.append(line)
     if head.framing != NO_BODY:
         if head.framing == LENGTH:

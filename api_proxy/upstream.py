@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -28,12 +27,11 @@ from yarl import URL
 
 from api_proxy.errors import BackendUnavailable, RequestTimeout, RequestTooLarge
 from api_proxy.h1 import HOP_BY_HOP
-from api_proxy.h1relay import public_refresh, public_url
+from api_proxy.h1relay import public_cookie, public_refresh, public_url
 
 log = logging.getLogger("api_proxy.upstream")
 
 CHUNK = 64 * 1024
-_DOMAIN_ATTR = re.compile(r";\s*domain=[^;]*", re.IGNORECASE)
 
 
 def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -78,7 +76,7 @@ def response_headers(
         elif lk == "refresh":
             v = public_refresh(v, bases, public_origin)
         elif lk == "set-cookie":
-            v = _DOMAIN_ATTR.sub("", v)
+            v = public_cookie(v, bases)
         out.add(k, v)
     return out
 

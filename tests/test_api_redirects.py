@@ -4,7 +4,7 @@ A back end builds absolute URLs from its own name (dsbc sends it its own Host), 
 Location or Refresh naming it must become the public host's: by scheme, host and port
 in any case, the default port written or not, and with the vhost's base path taken off;
 a URL that only starts with the back end's text (another port, another host) is not
-its.  Both paths (fast path and aiohttp) give the same.
+its.  A cookie's Path under the base path loses it too (nginx's ``proxy_cookie_path``).  Both paths (fast path and aiohttp) give the same.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from api_proxy.h1relay import backend_bases, public_refresh, public_url
+from api_proxy.h1relay import backend_bases, public_cookie, public_refresh, public_url
 from api_proxy.router import DictRouter, ProxySettings, make_vhost
 from api_proxy.server import ApiProxy
 from tests.test_api_fastpath import read_answer, run
@@ -58,13 +58,29 @@ def test_public_refresh() -> None:
     assert public_refresh("0; url=/x", BASES, PUB) == "0; url=/x"
 
 
+@pytest.mark.parametrize(
+    ("cookie", "public"),
+    [
+        ("s=1; Path=/portal; HttpOnly", "s=1; Path=/; HttpOnly"),
+        ("s=1; path=/portal/app; Domain=mr100.example", "s=1; path=/app"),
+        ("s=1; Path=/", "s=1; Path=/"),
+        ("s=1; Path=/portalx", "s=1; Path=/portalx"),
+        ("s=1; Domain=mr100.example; Path=/x", "s=1; Path=/x"),
+        ("s=1", "s=1"),
+    ],
+)
+def test_public_cookie(cookie: str, public: str) -> None:
+    assert public_cookie(cookie, BASES) == public
+
+
 @contextlib.asynccontextmanager
 async def backend() -> AsyncIterator[str]:
     """A back end that redirects to ``?to=``, as a Location and a Refresh header."""
 
     async def redirect(request: web.Request) -> web.StreamResponse:
         to = request.query["to"]
-        return web.Response(status=302, headers={"Location": to, "Refresh": f"0; url={to}"})
+        headers = {"Location": to, "Refresh": f"0; url={to}", "Set-Cookie": "s=1; Path=/sc"}
+        return web.Response(status=302, headers=headers)
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", redirect)
@@ -106,6 +122,8 @@ def test_redirects_naming_a_back_end_name_the_public_host(fast: bool) -> None:
                     assert status.startswith(b"HTTP/1.1 302"), status
                     assert f"Location: {want}".encode() in headers, (to, headers)
                     assert f"Refresh: 0; url={want}".encode() in headers, (to, headers)
+                    # the browser sends the session cookie back to the public paths
+                    assert b"Set-Cookie: s=1; Path=/" in headers, headers
                 assert proxy.metrics["fast_path"] == (3 if fast else 0)
             finally:
                 await proxy.stop()
