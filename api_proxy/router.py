@@ -149,6 +149,8 @@ class Vhost(msgspec.Struct, frozen=True, kw_only=True):
 
 class ProxySettings(msgspec.Struct, kw_only=True):
     listen: list[tuple[str, int]] = msgspec.field(default_factory=lambda: [("127.0.0.1", 8443)])
+    #: listeners that never take TLS, even with tls_cert (plain HTTP beside HTTPS)
+    plain_listen: list[tuple[str, int]] = []
     vhosts: list[Vhost] = []
     tls_cert: str = ""
     tls_key: str = ""

@@ -253,6 +253,7 @@ class ApiProxy(Flows):
         self._pools: dict[tuple[bool, str, int], UpstreamPool] = {}
         self._upstreams: dict[tuple[int, str], tuple[UpstreamPool, Origin]] = {}
         self.addresses: list[tuple[str, int]] = []
+        self.tls_addresses: set[tuple[str, int]] = set()  # those of them that take TLS
         self._conns = 0
         self._per_ip: dict[str, int] = {}
         self.metrics.setdefault("connections_refused", 0)
@@ -315,15 +316,17 @@ class ApiProxy(Flows):
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         tls = self.ssl_context()
-        secure = tls is not None
         # every connection starts on the fast path, which hands it to ``server`` (aiohttp)
         # at the first request it does not take (fastpath.py)
-        for host, port in self.settings.listen:
+        listeners = [(a, tls) for a in self.settings.listen]
+        listeners += [(a, None) for a in self.settings.plain_listen]
+        for (host, port), ctx in listeners:
+            secure = ctx is not None
             srv = await loop.create_server(
-                lambda: FastConn(self, secure),
+                lambda secure=secure: FastConn(self, secure),
                 host,
                 port,
-                ssl=tls,
+                ssl=ctx,
                 reuse_address=True,
                 backlog=1024,
             )
@@ -331,7 +334,13 @@ class ApiProxy(Flows):
             for sock in srv.sockets or []:
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
-        log.info("API dispatcher listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses))
+                if secure:
+                    self.tls_addresses.add((addr[0], addr[1]))
+        shown = [
+            f"{'https' if a in self.tls_addresses else 'http'}://{a[0]}:{a[1]}"
+            for a in self.addresses
+        ]
+        log.info("API dispatcher listening on %s", ", ".join(shown))
 
     async def stop(self) -> None:
         for srv in self._servers:

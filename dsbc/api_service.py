@@ -22,7 +22,7 @@ from typing import Any
 from api_proxy.classify import CpeError
 from api_proxy.router import Owner, ProxySettings, SessionRecord, SettingsError, Vhost, make_vhost
 from api_proxy.server import ApiProxy
-from dsbc.config import Config, api_backends, config_error, parse_hostport
+from dsbc.config import Config, api_backends, config_error, parse_api_listen
 from dsbc.store.base import SESSION_FRESH, ApiSession, BadIdentity, LocationStore, normalise
 from dsbc.writebehind import WriteBehind
 
@@ -232,11 +232,16 @@ def build_settings(cfg: Config) -> ProxySettings:
     try:
         if not api.vhosts and default_source and default_target:
             vhosts.append(make_vhost("*", "customer", default_source, default_target))
-        listen = [parse_hostport(entry, 443) for entry in api.listen]
+        listen: list[tuple[str, int]] = []
+        plain: list[tuple[str, int]] = []  # http: entries: never TLS, even with a certificate
+        for entry in api.listen:
+            host, port, tls = parse_api_listen(entry)
+            (plain if tls is False else listen).append((host, port))
     except (SettingsError, CpeError, ValueError) as exc:
         raise config_error(cfg, ["api"], str(exc)) from None
     return ProxySettings(
         listen=listen,
+        plain_listen=plain,
         vhosts=vhosts,
         tls_cert=api.tls_cert,
         tls_key=api.tls_key,
@@ -280,7 +285,7 @@ class ApiService:
     def url(self) -> str:
         """``http(s)://host:port`` of the first listener (tests and the demo)."""
         host, port = self.proxy.addresses[0]
-        scheme = "https" if self.proxy.settings.tls_cert else "http"
+        scheme = "https" if (host, port) in self.proxy.tls_addresses else "http"
         return f"{scheme}://{host if ':' not in host else f'[{host}]'}:{port}"
 
     @property

@@ -120,6 +120,21 @@ def _check_endpoints(values: list[str], where: str) -> None:
             raise ValueError(f"{where}: {exc}") from None
 
 
+def parse_api_listen(text: str) -> tuple[str, int, bool | None]:
+    """An ``api.listen`` entry: ``"IP:PORT"`` (TLS when ``api.tls_cert`` is set),
+    ``"http:IP:PORT"`` (never TLS: phones fetching their files over plain HTTP beside
+    HTTPS self-care, as nginx's ``listen 80; listen 443 ssl;``) or ``"https:IP:PORT"``
+    (TLS, needs the certificate).  ``(host, port, tls)``, ``tls`` None for a bare entry."""
+    text = text.strip()
+    scheme, sep, rest = text.partition(":")
+    if sep and scheme.lower() in ("http", "https") and not rest.startswith("//"):
+        tls = scheme.lower() == "https"
+        host, port = parse_hostport(rest, 443 if tls else 80)
+        return host, port, tls
+    host, port = parse_hostport(text, 443)
+    return host, port, None
+
+
 def _check_hostport(value: str, where: str, default_port: int) -> None:
     try:
         parse_hostport(value, default_port)
@@ -369,7 +384,12 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         for entry in self.listen:
-            _check_hostport(entry, "listen", 443)
+            try:
+                tls = parse_api_listen(entry)[2]
+            except ValueError as exc:
+                raise ValueError(f"listen: {exc}") from None
+            if tls and not (self.tls_cert and self.tls_key):
+                raise ValueError(f"listen: {entry!r} needs tls_cert and tls_key")
         if (self.tls_cert or self.tls_key) and not (self.tls_cert and self.tls_key):
             raise ValueError("tls_cert: TLS needs both tls_cert and tls_key")
         if self.route_body_limit < 1024:

@@ -480,7 +480,7 @@ Key = list[str | int]
 
 def _listeners(cfg: Config) -> list[tuple[Key, str, str, int]]:
     """(config key, kind, host, port) of every listener dsbc opens."""
-    from .config import Endpoint, parse_hostport
+    from .config import Endpoint, parse_api_listen, parse_hostport
 
     out: list[tuple[Key, str, str, int]] = []
     if cfg.sip.enabled:
@@ -492,7 +492,7 @@ def _listeners(cfg: Config) -> list[tuple[Key, str, str, int]]:
         out.append((["control", "listen"], "tcp", host, port))
     if api_wanted(cfg):
         for i, text in enumerate(cfg.api.listen):
-            host, port = parse_hostport(text, 443)
+            host, port, _ = parse_api_listen(text)
             out.append((["api", "listen", i], "tcp", host, port))
     if cfg.radius.enabled:
         for key, default in (("auth_listen", 1812), ("acct_listen", 1813)):
