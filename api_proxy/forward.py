@@ -59,6 +59,22 @@ METRIC_NAMES = (
 )
 
 
+def public_host(request: web.BaseRequest, proto: str) -> str:
+    """The Host the client named, or (an HTTP/1.0 client that sent none) the address and
+    port it reached, as nginx's ``$host:$server_port``; aiohttp's ``request.host`` gives
+    the bare address then, and a redirect made public with it sent the client to port 80."""
+    host = request.headers.get("Host")
+    if host:
+        return host
+    sock = request.transport.get_extra_info("sockname") if request.transport else None
+    if not isinstance(sock, tuple) or len(sock) < 2:
+        return request.host
+    addr, port = str(sock[0]), int(sock[1])
+    if ":" in addr:
+        addr = f"[{addr}]"
+    return addr if port == (443 if proto == "https" else 80) else f"{addr}:{port}"
+
+
 class Ctx:
     """One request being dispatched."""
 
@@ -94,7 +110,7 @@ class Ctx:
         raw = request.raw_path
         self.path, _, self.query = raw.partition("?")
         self.proto = "https" if request.secure else "http"
-        self.public_origin = f"{self.proto}://{request.host}"
+        self.public_origin = f"{self.proto}://{public_host(request, self.proto)}"
         self.remote = request.remote or ""
 
 
@@ -213,7 +229,8 @@ class Forwarder:
         if call is not None and (auth_info is not None or params is not None):
             body, query = apicall.encode(call, body, query, auth_info, params)
         drop = ("authorization",) if bearer else ()
-        headers = request_headers(req.headers, ctx.remote, ctx.proto, req.host, drop)
+        public = ctx.public_origin.partition("://")[2]
+        headers = request_headers(req.headers, ctx.remote, ctx.proto, public, drop)
         if bearer:
             headers["Authorization"] = f"Bearer {bearer}"
         url = ctx.vhost.base(system) + ctx.path + (f"?{query}" if query else "")

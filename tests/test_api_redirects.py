@@ -129,3 +129,27 @@ def test_redirects_naming_a_back_end_name_the_public_host(fast: bool) -> None:
                 await proxy.stop()
 
     run(main)
+
+
+def test_a_client_without_host_is_redirected_to_the_port_it_reached() -> None:
+    """An HTTP/1.0 phone that sends no Host: the redirect names the address and port it
+    connected to (aiohttp's request.host is the bare address: the phone went to port 80)."""
+
+    async def main() -> None:
+        async with backend() as origin:
+            settings = ProxySettings(
+                listen=[("127.0.0.1", 0)], vhosts=[make_vhost("*", "cpe", origin, origin)]
+            )
+            proxy = ApiProxy(settings, DictRouter())
+            await proxy.start()
+            try:
+                host, port = proxy.addresses[0]
+                r, w = await asyncio.open_connection(host, port)
+                w.write(f"GET /y000000000028.cfg?to={origin}/next HTTP/1.0\r\n\r\n".encode())
+                _, headers, _ = await asyncio.wait_for(read_answer(r), 10)
+                w.close()
+                assert f"Location: http://{host}:{port}/next".encode() in headers, headers
+            finally:
+                await proxy.stop()
+
+    run(main)
