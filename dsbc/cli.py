@@ -280,7 +280,14 @@ def _node_result(data: dict[str, Any], to: str, dry_run: bool = False) -> Migrat
         [str(x) for x in data.get("already", [])],
         [str(x) for x in data.get("unknown", [])],
         dry_run,
+        str(data.get("warning") or ""),
     )
+
+
+def _warn(result: MigrationResult) -> None:
+    """A committed change the store could not yet make safe (no Redis replica has it)."""
+    if result.warning:
+        click.echo(f"warning: {result.warning}", err=True)
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -501,6 +508,7 @@ def migrate(
             bar.close()
         known = result.moved + result.already
         want = sum(expected.values())
+        _warn(result)
         try:  # the batch committed: a store gone away now only leaves the count unknown
             on = phones_on(store, known, to, expected)
             click.echo(summary(result, (on, want)))
@@ -608,6 +616,7 @@ def _migrate_through_node(
         reg = data.get("registered")
         phones = (int(reg.get("on", 0)), int(reg.get("of", 0))) if isinstance(reg, dict) else None
         click.echo(f"{summary(result, phones)} (through {client.base})")
+        _warn(result)
         if result.dry_run and result.moved:
             click.echo(f"would move: {some(result.moved)}")
     return _report_unknown(result.unknown, len(result.moved) + len(result.already))
@@ -628,11 +637,14 @@ def rollback(batch_id: str, who: str | None, node: str | None) -> int:
         bid = urllib.parse.quote(batch_id.strip(), safe="")
         data = _node_call(lambda: client.call(
             "POST", f"/v1/migrations/{bid}/rollback", {"who": who or _default_who()}))
-        click.echo(f"rolled back {batch_id}: {summary(_node_result(data, ''))} (through {client.base})")
+        r = _node_result(data, "")
+        click.echo(f"rolled back {batch_id}: {summary(r)} (through {client.base})")
+        _warn(r)
         return 0
     with open_cli_store(cfg) as store:
         r = store.rollback(batch_id.strip(), who=who or _default_who())
     click.echo(f"rolled back {batch_id}: {summary(r)}")
+    _warn(r)
     return 0
 
 

@@ -524,9 +524,13 @@ class ControlService:
         log.info("migration %s by %s: %d moved to %s, %d already there, %d unknown",
                  result.batch_id, who, len(result.moved), to, len(result.already), len(result.unknown))
         # nothing moved: no batch was recorded, so no id to roll back (as `dsbc migrate` says)
-        return _json({"batch_id": result.batch_id if result.moved else "", "to": to, "moved": result.moved,
-                      "already": result.already, "unknown": result.unknown, "dry_run": False,
-                      "registered": None if on is None else {"on": on, "of": sum(expected.values())}})
+        done: dict[str, Any] = {
+            "batch_id": result.batch_id if result.moved else "", "to": to, "moved": result.moved,
+            "already": result.already, "unknown": result.unknown, "dry_run": False,
+            "registered": None if on is None else {"on": on, "of": sum(expected.values())}}
+        if result.warning:  # committed, but no Redis replica confirmed it yet
+            done["warning"] = result.warning
+        return _json(done)
 
     async def rollback(self, request: web.Request) -> web.Response:
         batch_id = request.match_info["batch_id"].strip()
@@ -544,8 +548,11 @@ class ControlService:
         self.counters["rollbacks_done"] += 1
         log.info("rollback of %s by %s: batch %s, %d moved", batch_id, who, r.batch_id, len(r.moved))
         # nothing moved (rolled back before): no batch was recorded, as for a migration
-        return _json({"batch_id": r.batch_id if r.moved else "", "rolled_back": batch_id, "to": r.to, "moved": r.moved,
-                      "already": r.already, "unknown": r.unknown})
+        out = {"batch_id": r.batch_id if r.moved else "", "rolled_back": batch_id, "to": r.to, "moved": r.moved,
+               "already": r.already, "unknown": r.unknown}
+        if r.warning:  # committed, but no Redis replica confirmed it yet
+            out["warning"] = r.warning
+        return _json(out)
 
     async def status_handler(self, request: web.Request) -> web.Response:
         snaps = self._snapshots()

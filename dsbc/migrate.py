@@ -248,6 +248,7 @@ def move_batch(
             total.moved += r.moved
             total.already += r.already
             total.unknown += r.unknown
+            total.warning = r.warning or total.warning
             if progress is not None:
                 progress(len(total.moved) + len(total.already))
     except (Exception, KeyboardInterrupt) as exc:

@@ -139,6 +139,8 @@ class MigrationResult(msgspec.Struct):
     already: list[str] = []  # customers already on `to`
     unknown: list[str] = []  # ids not in the store
     dry_run: bool = False
+    # committed, but not yet safe from a fail-over (Redis: no replica confirmed it)
+    warning: str = ""
 
 
 class AuditEntry(msgspec.Struct):

@@ -68,6 +68,7 @@ FETCH = 1000  # customers per HMGET
 LOG_PAGE = 100  # change-log entries read per refresh step ...
 MAX_CATCH_UP = 5000  # ... and customers reloaded (a worker's loop never waits long)
 CACHE_EVERY = 10.0  # seconds between writes of the cache file while changes come in
+REPLICA_WAIT = 1.0  # seconds a write waits for a replica of the master to confirm it
 
 
 def _ids(value: Any) -> list[str]:
@@ -396,12 +397,29 @@ class RedisStore(IndexedStore):
 
     def _run(self, what: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
         """One script call; StoreUnavailable when Redis cannot be reached; the result."""
+        args = [self.prefix, op, json.dumps(payload), LOG_MAXLEN]
+        acked = replicas = 0
         try:
-            raw = self._script(args=[self.prefix, op, json.dumps(payload), LOG_MAXLEN],
-                               client=self._w)
+            replicas = self._replicas()
+            if not replicas:
+                raw = self._script(args=args, client=self._w)
+            else:
+                # Redis replicates asynchronously (min-replicas-to-write does not wait): a
+                # master killed right after answering takes the write with it when Sentinel
+                # promotes a replica.  WAIT, on the script's own connection, tells.
+                pipe = self._w.pipeline(transaction=False)
+                self._script(args=args, client=pipe)
+                pipe.wait(1, int(REPLICA_WAIT * 1000))
+                raw, acked = pipe.execute()
         except self._errors as exc:
             raise self._unavailable(what, exc) from None
         res: dict[str, Any] = json.loads(raw)
+        if replicas and not acked and res.get("seq"):
+            res["warning"] = (f"{what} committed on the Redis master, but none of its {replicas} "
+                              f"replica(s) confirmed it within {REPLICA_WAIT:g} s: a fail-over now "
+                              "could lose it (check with `dsbc where` once `dsbc status` shows the "
+                              "store healthy)")
+            log.warning("store %s: %s", self.url, res["warning"])
         err = res.get("err")
         if err == "group":
             raise GroupSplitError(str(res["group"]), _ids(res.get("missing")))
@@ -413,6 +431,14 @@ class RedisStore(IndexedStore):
             self._remote_seq = max(self._remote_seq, int(res["seq"]))
             self._after_write()
         return res
+
+    def _replicas(self) -> int:
+        """How many replicas the master has now (0: a lone Redis, nothing to wait for)."""
+        try:
+            info = self._w.info("replication")
+        except self._response_error:  # INFO renamed or denied by an ACL: do not wait
+            return 0
+        return int(info.get("connected_slaves", 0) or 0)
 
     def _after_write(self) -> None:
         """Read your own writes: the thread that owns the index applies them at once;
@@ -492,7 +518,7 @@ class RedisStore(IndexedStore):
                 "dry": dry_run, "fresh": batch_id is None})
             if res.get("err") != "batch_exists":
                 return MigrationResult(bid, to, _ids(res.get("moved")), _ids(res.get("already")),
-                                       _ids(res.get("unknown")), dry_run)
+                                       _ids(res.get("unknown")), dry_run, str(res.get("warning", "")))
         raise StoreError("migration failed: no unused batch id")  # pragma: no cover
 
     def rollback(self, batch_id: str, who: str = "cli") -> MigrationResult:
@@ -502,7 +528,8 @@ class RedisStore(IndexedStore):
                                                      "now": time.time()})
             if res.get("err") != "batch_exists":
                 return MigrationResult(new, str(res.get("to", "")), _ids(res.get("moved")),
-                                       _ids(res.get("already")), _ids(res.get("unknown")))
+                                       _ids(res.get("already")), _ids(res.get("unknown")),
+                                       warning=str(res.get("warning", "")))
         raise StoreError("rollback failed: no unused batch id")  # pragma: no cover
 
     # -- audit ------------------------------------------------------------------------------
