@@ -431,6 +431,29 @@ def test_lost_redis_data_keeps_the_memory(store: RedisStore, server: RedisServer
     wait_for(lambda: store.healthy and store.lookup("account", "a2") is None, refresh=[store], timeout=10)
 
 
+def test_node_restarted_on_an_emptied_redis_keeps_its_cache(store: RedisStore, server: RedisServer,
+                                                            make: Any, tmp_path: Path) -> None:
+    """Redis came back empty (no persistence, flushed) and a node restarts: it must not
+    route everybody by store.unknown nor write the empty index over its cache file."""
+    cache = str(tmp_path / "index.cache")
+    node = make(cache_file=cache)
+    store.migrate(["1"], "target")
+    wait_for(lambda: node.lookup("account", "a1").system == "target", refresh=[node])  # type: ignore[union-attr]
+    node.close()
+    server.client().flushall()
+    again = make(cache_file=cache)
+    assert not again.healthy and "data lost" in again.reason
+    assert again.lookup("account", "a1").system == "target"  # type: ignore[union-attr]
+    again.close()
+    found = read_cache(cache)
+    assert found is not None and found[0].customer_count == 5
+    # an operator restores the data (here: imports again): the node takes it
+    node = make(cache_file=cache)
+    store.import_rows([{"customer_id": "1", "identities": ["account:a1"], "system": "target"}])
+    wait_for(lambda: node.healthy and node.lookup("account", "a2") is None, refresh=[node], timeout=10)
+    assert node.lookup("account", "a1").system == "target"  # type: ignore[union-attr]
+
+
 def test_cache_file_starts_a_node_while_redis_is_away(store: RedisStore, server: RedisServer,
                                                        make: Any, tmp_path: Path) -> None:
     cache = str(tmp_path / "index.cache")

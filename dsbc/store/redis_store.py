@@ -146,7 +146,9 @@ class RedisStore(IndexedStore):
                 self._meta_pending = read_kept_meta(self._kept_meta_file())
                 self._flush_meta(self._w)
                 self._meta = dict(self._w.hgetall(self.prefix + "meta"))
-                self._swap(*load_index(self._w, self.prefix))
+                mem, seq, epoch = load_index(self._w, self.prefix)
+                if mem.customer_count or not (cache_file and self._cache_over_empty_store(epoch)):
+                    self._swap(mem, seq, epoch)
         except self._errors as exc:
             if not load:
                 raise self._unavailable("opening the store", exc, writing=False) from None
@@ -350,6 +352,21 @@ class RedisStore(IndexedStore):
         self._applied_at = mtime
         log.warning("store %s unreachable: started from the cache %s (%d customers, change %d)",
                     self.url, self.cache_file, self._known_customers(), self._last_seq)
+        return True
+
+    def _cache_over_empty_store(self, epoch: str) -> bool:
+        """Redis answers but holds no customer while the cache file holds some: Redis lost
+        its data (restarted without persistence, flushed).  Start from the cache, flagged as
+        the running nodes are (`_data_lost`), rather than route everybody by store.unknown
+        and write the empty index over the last local copy."""
+        found = read_cache(self.cache_file)
+        if found is None or found[0].customer_count == 0:
+            return False
+        mem, seq, cached_epoch, meta, mtime = found
+        self._meta = {**meta, **self._meta}
+        self._swap(mem, seq, cached_epoch)
+        self._applied_at = mtime
+        self._data_lost(epoch)
         return True
 
 
