@@ -132,6 +132,31 @@ def test_open_errors(redis_url: str) -> None:
     assert time.monotonic() - started < 3
 
 
+def test_password_errors_name_the_password(store: RedisStore, server: RedisServer, make: Any) -> None:
+    """A refused login is not "cannot reach": Redis was reached, store.url is what is wrong."""
+    c = server.client()
+    c.config_set("requirepass", "s3cret")
+    try:
+        plain = f"redis://127.0.0.1:{server.port}/0"
+        with pytest.raises(StoreUnavailable, match=r"requires a password: put it in store.url") as err:
+            open_store(plain)
+        assert "cannot reach" not in str(err.value) and "cache_file" not in str(err.value)
+        with pytest.raises(StoreUnavailable, match=r"refused the user name or password in store.url"):
+            open_store(f"redis://:wrong@127.0.0.1:{server.port}/0")
+        node = make(f"redis://:s3cret@127.0.0.1:{server.port}/0")
+        assert node.lookup("account", "a1") is not None
+        # the password changes under a running node: its health says what is wrong
+        c.config_set("requirepass", "other")
+        c.client_kill_filter(_type="pubsub")
+        c.client_kill_filter(_type="normal", skipme=True)
+        # (first "Connection closed by server", then the reconnection is refused)
+        wait_for(lambda: not node.healthy and "refused the user name or password" in node.reason,
+                 refresh=[node], timeout=5)
+    finally:
+        c.config_set("requirepass", "")
+        c.close()
+
+
 # --- the model (as the SQLite store) ------------------------------------------------------
 
 

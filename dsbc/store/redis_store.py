@@ -88,6 +88,21 @@ def _why(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _auth_failure(url: str, target: RedisTarget, exc: BaseException) -> str:
+    """What a refused login means, or "" for another error.  redis-py files it under
+    connection errors, but Redis was reached: "cannot reach" would send the operator to
+    the network."""
+    import redis
+
+    text = str(exc)
+    if not (isinstance(exc, redis.exceptions.AuthenticationError) or text.startswith("NOAUTH")):
+        return ""
+    if target.password is None:
+        return (f"{url} requires a password: put it in store.url "
+                "(redis://:PASSWORD@host:port/db, or redis://USER:PASSWORD@... for an ACL user)")
+    return f"{url} refused the user name or password in store.url ({_why(exc)})"
+
+
 class RedisStore(IndexedStore):
     def __init__(
         self,
@@ -170,15 +185,22 @@ class RedisStore(IndexedStore):
                     "`dsbc status`") if writing else ""
             return StoreUnavailable(f"{what} failed: {self.url} did not answer in time{tail}{hint}")
         tail = "; nothing was changed" if writing else ""
+        auth = _auth_failure(self.url, self.target, exc)
+        if auth:  # (a cache file would not help: this is the configuration)
+            return StoreUnavailable(f"{what} failed: {auth}{tail}")
         if isinstance(exc, self._response_error):  # e.g. NOREPLICAS, READONLY, MISCONF
             return StoreUnavailable(f"{what} failed: {self.url} refused it ({_why(exc)}){tail}{hint}")
         return StoreUnavailable(f"{what} failed: cannot reach {self.url} ({_why(exc)}){tail}{hint}")
 
     def _went_down(self, exc: BaseException) -> None:
+        auth = _auth_failure(self.url, self.target, exc)
         if self._up or not self._reason:
-            log.warning("store %s unreachable (dispatching from memory): %s", self.url, _why(exc))
+            if auth:
+                log.warning("store: %s (dispatching from memory)", auth)
+            else:
+                log.warning("store %s unreachable (dispatching from memory): %s", self.url, _why(exc))
         self._up = False
-        self._reason = f"cannot reach {self.url}: {_why(exc)}"
+        self._reason = auth or f"cannot reach {self.url}: {_why(exc)}"
 
     def _came_up(self) -> None:
         if not self._up:
