@@ -558,6 +558,28 @@ def test_sigstopped_redis_migration_error_is_clear(store: RedisStore, server: Re
         slow.close()
 
 
+def test_write_lost_before_its_answer_may_have_been_applied(store: RedisStore, server: RedisServer) -> None:
+    """The master dies after the migration went out and before it answered: the script may
+    have run (and been replicated), so "nothing was changed" would be a guess."""
+    slow = RedisStore(server.url, load=False, write_timeout=5.0)
+    assert server.proc is not None
+    pid = server.proc.pid
+
+    def hang_after_the_check() -> int:  # the server stops between INFO and the script
+        os.kill(pid, signal.SIGSTOP)
+        threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+        return 0
+
+    slow._replicas = hang_after_the_check  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StoreUnavailable, match="cannot reach .*; it may or may not have been applied"):
+            slow.migrate(["1"], "target")
+    finally:
+        slow.close()
+        server.stop()
+        server.start()
+
+
 def test_refused_write_says_why(store: RedisStore, server: RedisServer) -> None:
     c = server.client()
     c.config_set("min-replicas-to-write", 1)  # no replica: the master refuses writes

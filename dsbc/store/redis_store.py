@@ -125,6 +125,7 @@ class RedisStore(IndexedStore):
         self._errors = _redis_errors()
         self._timeout_error = redis.exceptions.TimeoutError
         self._response_error = redis.exceptions.ResponseError
+        self._connection_error = redis.exceptions.ConnectionError
         self._w = self.target.client(timeout=write_timeout, connect_timeout=min(2.0, write_timeout))
         self._r = self.target.client(timeout=fast_timeout, connect_timeout=fast_timeout)
         self._script = self._w.register_script(SCRIPT)
@@ -179,18 +180,30 @@ class RedisStore(IndexedStore):
     # -- errors and health ----------------------------------------------------------------
 
     def _unavailable(self, what: str, exc: BaseException, writing: bool = True,
-                     hint: str = "") -> StoreUnavailable:
+                     hint: str = "", sent: bool = False) -> StoreUnavailable:
+        """`sent`: the write went out on a connection that was up; lost before its answer,
+        it may have been applied (a master killed right after running the script)."""
+        unsure = ("; it may or may not have been applied: check with `dsbc where` or "
+                  "`dsbc status`") if writing else ""
         if isinstance(exc, self._timeout_error):
-            tail = ("; it may or may not have been applied: check with `dsbc where` or "
-                    "`dsbc status`") if writing else ""
-            return StoreUnavailable(f"{what} failed: {self.url} did not answer in time{tail}{hint}")
+            return StoreUnavailable(f"{what} failed: {self.url} did not answer in time{unsure}{hint}")
         tail = "; nothing was changed" if writing else ""
+        if sent and isinstance(exc, self._connection_error) and not self._never_connected(exc):
+            tail = unsure
         auth = _auth_failure(self.url, self.target, exc)
         if auth:  # (a cache file would not help: this is the configuration)
             return StoreUnavailable(f"{what} failed: {auth}{tail}")
         if isinstance(exc, self._response_error):  # e.g. NOREPLICAS, READONLY, MISCONF
             return StoreUnavailable(f"{what} failed: {self.url} refused it ({_why(exc)}){tail}{hint}")
         return StoreUnavailable(f"{what} failed: cannot reach {self.url} ({_why(exc)}){tail}{hint}")
+
+    def _never_connected(self, exc: BaseException) -> bool:
+        """A connection error raised before anything was sent: no connection (redis-py's
+        "Error 111 connecting to ..."), no master known to the Sentinels, a refused login."""
+        import redis.sentinel
+
+        return (isinstance(exc, (redis.sentinel.MasterNotFoundError, redis.exceptions.AuthenticationError))
+                or " connecting to " in str(exc))
 
     def _went_down(self, exc: BaseException) -> None:
         auth = _auth_failure(self.url, self.target, exc)
@@ -437,9 +450,12 @@ class RedisStore(IndexedStore):
     def _run(self, what: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
         """One script call; StoreUnavailable when Redis cannot be reached; the result."""
         args = [self.prefix, op, json.dumps(payload), LOG_MAXLEN]
-        acked = replicas = 0
+        acked = 0
         try:
             replicas = self._replicas()
+        except self._errors as exc:
+            raise self._unavailable(what, exc) from None
+        try:
             if not replicas:
                 raw = self._script(args=args, client=self._w)
             else:
@@ -451,7 +467,7 @@ class RedisStore(IndexedStore):
                 pipe.wait(1, int(REPLICA_WAIT * 1000))
                 raw, acked = pipe.execute()
         except self._errors as exc:
-            raise self._unavailable(what, exc) from None
+            raise self._unavailable(what, exc, sent=True) from None
         res: dict[str, Any] = json.loads(raw)
         if replicas and not acked and res.get("seq"):
             res["warning"] = (f"{what} committed on the Redis master, but none of its {replicas} "
