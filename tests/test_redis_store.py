@@ -580,6 +580,24 @@ def test_write_lost_before_its_answer_may_have_been_applied(store: RedisStore, s
         server.start()
 
 
+def test_maxmemory_is_not_reported_as_unreachable(store: RedisStore, server: RedisServer) -> None:
+    """Registrations refused at maxmemory: kept to be written later, and the health says
+    why (Redis answers: it refuses writes), not "cannot reach"."""
+    c = server.client()
+    c.config_set("maxmemory", 1)  # below what it uses: every write is refused (OOM)
+    try:
+        store.record_registrations([Registration("a1", "sip:a1@192.0.2.1", "source", time.time() + 60, "1")])
+        assert not store.healthy
+        assert "refuses writes: " in store.reason and "maxmemory" in store.reason
+        assert "cannot reach" not in store.reason
+        assert store.stats()["pending_registrations"] == 1
+    finally:
+        c.config_set("maxmemory", 0)
+        c.close()
+    wait_for(lambda: store.healthy and store.stats()["pending_registrations"] == 0, refresh=[store], timeout=5)
+    assert [r.account for r in store.registrations(["1"])] == ["a1"]
+
+
 def test_refused_write_says_why(store: RedisStore, server: RedisServer) -> None:
     c = server.client()
     c.config_set("min-replicas-to-write", 1)  # no replica: the master refuses writes

@@ -206,14 +206,16 @@ class RedisStore(IndexedStore):
                 or " connecting to " in str(exc))
 
     def _went_down(self, exc: BaseException) -> None:
-        auth = _auth_failure(self.url, self.target, exc)
+        reason = _auth_failure(self.url, self.target, exc)
+        if not reason and isinstance(exc, self._response_error):  # OOM at maxmemory, MISCONF ...
+            reason = f"{self.url} refuses writes: {_why(exc)}"
         if self._up or not self._reason:
-            if auth:
-                log.warning("store: %s (dispatching from memory)", auth)
+            if reason:
+                log.warning("store: %s (dispatching from memory)", reason)
             else:
                 log.warning("store %s unreachable (dispatching from memory): %s", self.url, _why(exc))
         self._up = False
-        self._reason = auth or f"cannot reach {self.url}: {_why(exc)}"
+        self._reason = reason or f"cannot reach {self.url}: {_why(exc)}"
 
     def _came_up(self) -> None:
         if not self._up:
