@@ -224,6 +224,31 @@ def test_disk_full_rolls_back(tmp_path: Path) -> None:
     assert s.lookup("account", "x" * 50 + "2") is None
 
 
+def test_a_migration_is_in_the_database_file_not_only_in_the_wal(tmp_path: Path) -> None:
+    """location.db alone (a backup that copied it without -wal, a -wal file deleted) still
+    holds every committed migration: the write is checkpointed at once."""
+    db = tmp_path / "loc.db"
+    node = SqliteStore(str(db))  # a running node: the database stays open
+    cli = SqliteStore(str(db), load=False)
+    try:
+        cli.import_rows([{"customer_id": str(i), "identities": [f"account:a{i}"]} for i in range(1, 4)])
+        node.refresh()
+        node.record_registrations([Registration("a1", "sip:a1@192.0.2.1", "source", time.time() + 60, "1")])
+        cli.migrate(["1"], "target")
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        (copy / "loc.db").write_bytes(db.read_bytes())
+        backup = SqliteStore(str(copy / "loc.db"), load=False, create=False)
+        try:
+            assert backup.customer("1").system == "target"  # type: ignore[union-attr]
+            assert [e.customer_id for e in backup.audit()] == ["1"]
+        finally:
+            backup.close()
+    finally:
+        cli.close()
+        node.close()
+
+
 def test_busy_store_is_reported(tmp_path: Path) -> None:
     s = SqliteStore(str(tmp_path / "loc.db"), busy_timeout=0.2)
     s.put_customer("1", ["account:a"])

@@ -131,8 +131,21 @@ class SqliteStore(IndexedStore):
                 raise
             finally:
                 cur.close()
-        if refresh:
+        if refresh:  # an operator's change (import, migration, lock ...), not the dispatchers'
+            self._checkpoint()
             self.refresh()
+
+    def _checkpoint(self) -> None:
+        """Copy the committed change from the WAL into the database file.  Without it a small
+        store lives in location.db-wal for days (SQLite checkpoints every 1,000 pages): a
+        backup that copies location.db alone, or a -wal file deleted as if it were a
+        temporary one, would take every migration with it.  PASSIVE: never waits for
+        readers; what they still use is copied by a later checkpoint."""
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the commit stands; SQLite checkpoints later by itself
+            log.warning("store %s: checkpoint failed: %s", self.path, exc)
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Cursor]:
