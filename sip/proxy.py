@@ -166,6 +166,9 @@ class ProxyCore:
         self._answered_expiry: collections.deque[tuple[float, str]] = collections.deque()
         self._held: dict[str, _Held] = {}
         self._held_heap: list[tuple[float, str]] = []
+        #: held INVITEs dsbc ended with 487 for their CANCEL, by held key, with the time until
+        #: which a retransmitted CANCEL (its 200 was lost) gets the same answers (cleared when full)
+        self._cancelled: dict[str, tuple[float, _Held]] = {}
         #: (transport, ip, port) of a device -> the account its last REGISTER named: who an
         #: anonymous call from the same flow belongs to (cleared when full)
         self._reg_flows: dict[tuple[str, str, int], str] = {}
@@ -228,6 +231,12 @@ class ProxyCore:
             n = ping.node
             out.append(Send(n.transport, n.host, n.port, ping.data, health=True))
         out.extend(self._recheck_held(now, None))
+        cancelled = self._cancelled  # in order of expiry (one TTL for all)
+        while cancelled:
+            key = next(iter(cancelled))
+            if cancelled[key][0] > now:
+                break
+            del cancelled[key]
         for expiry in (self._invite_expiry, self._answered_expiry):
             while expiry and expiry[0][0] <= now:
                 _, branch = expiry.popleft()
@@ -342,9 +351,20 @@ class ProxyCore:
         if method == "ACK" and len(msg.to_tag) == 10 and msg.to_tag == _hash(msg.call_id, 5):
             return []  # the ACK of a final answer dsbc itself gave
         if method == "CANCEL":
-            held = self._held.pop(self._held_key(msg, "INVITE"), None)
+            key = self._held_key(msg, "INVITE")
+            held = self._held.pop(key, None)
             if held is not None:
                 self.counters["held_cancelled"] += 1
+                if len(self._cancelled) >= CANCELLED_MAX:
+                    self._cancelled.clear()
+                self._cancelled[key] = (now + CANCELLED_TTL, held)
+            else:
+                # a retransmission of a CANCEL dsbc already answered: the same answers again
+                # (it must not be held, nor reach a system that never saw its INVITE)
+                done = self._cancelled.get(key)
+                if done is not None and done[0] > now:
+                    held = done[1]
+            if held is not None:
                 return [
                     self._reply(msg, src, 200, "OK"),
                     self._reply(held.msg, held.src, 487, "Request Terminated"),
@@ -869,6 +889,10 @@ def owner_candidates(msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:
 
 #: the username of Digest credentials (RFC 7616: a quoted string, or a token as some send)
 _DIGEST_USERNAME: Final = re.compile(r'(?i)(?:^|[\s,])username\s*=\s*(?:"([^"]*)"|([^\s,"]+))')
+#: how long a CANCEL of a held INVITE is remembered for its retransmissions (RFC 3261 Timer J)
+CANCELLED_TTL: Final = 32.0
+#: CANCELs of held INVITEs remembered (``ProxyCore._cancelled``) before a clear
+CANCELLED_MAX: Final = 1_000
 #: device flows remembered from REGISTERs (``ProxyCore._reg_flows``) before a clear
 REG_FLOWS_MAX: Final = 200_000
 

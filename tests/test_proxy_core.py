@@ -938,6 +938,26 @@ def test_cancel_of_a_held_invite_is_answered_200_and_487() -> None:
     assert core.customers_changed(["42"], 1.0) == []
 
 
+def test_regression_retransmitted_cancel_of_a_held_invite_gets_the_same_answers() -> None:
+    """A phone whose 200 to its CANCEL was lost sends the CANCEL again: it was held like a
+    new request (no answer until the flip), then relayed to the new system, which never saw
+    the INVITE.  dsbc answered that INVITE itself: it answers the retransmission again."""
+    core, router = make_core()
+    router.move("42", state="locked")
+    one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    assert len(core.handle_data(request("CANCEL"), PHONE, 0.5)) == 2
+    again = core.handle_data(request("CANCEL"), PHONE, 1.0)
+    assert sorted((parse(s).status, parse(s).cseq[1]) for s in again) == [(200, "CANCEL"), (487, "INVITE")]
+    for s in again:
+        to_flow(s, PHONE)
+    assert core.held_count == 0
+    router.move("42", "target", "active")
+    assert core.customers_changed(["42"], 1.5) == []
+    # remembered for Timer J (32 s) only: later, a CANCEL is routed like any request again
+    core.handle_timer(40.0)
+    to_node(one(core.handle_data(request("CANCEL"), PHONE, 40.0)), T1)
+
+
 # --- health: failover within the system, never to the other one ----------------------------------
 
 
