@@ -369,6 +369,12 @@ class ProxyCore:
                     self._reply(msg, src, 200, "OK"),
                     self._reply(held.msg, held.src, 487, "Request Terminated"),
                 ]
+        elif method == "INVITE" and self._cancelled:
+            # a retransmission of a held INVITE that was cancelled (its 487 was lost): it
+            # is over, it must not be held again and ring the callee after the flip
+            done = self._cancelled.get(self._held_key(msg, "INVITE"))
+            if done is not None and done[0] > now:
+                return [self._reply(msg, src, 487, "Request Terminated")]
         if method in ("CANCEL", "ACK") and branch in self._invites:
             transport, ip, port, _, conn_id, worker = self._invites[branch]
             return [self._forward(msg, ed, src, Send(transport, ip, port, b"", conn_id, worker), branch, None, "", "", now, trusted)]

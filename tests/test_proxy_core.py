@@ -958,6 +958,21 @@ def test_regression_retransmitted_cancel_of_a_held_invite_gets_the_same_answers(
     to_node(one(core.handle_data(request("CANCEL"), PHONE, 40.0)), T1)
 
 
+def test_regression_invite_retransmitted_after_its_cancel_is_not_held_again() -> None:
+    """The held INVITE's 487 was lost and the phone sent the INVITE again: it was held
+    anew and relayed after the flip, ringing the callee of a call its caller had ended."""
+    core, router = make_core()
+    router.move("42", state="locked")
+    one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    assert len(core.handle_data(request("CANCEL"), PHONE, 0.5)) == 2
+    send = one(core.handle_data(request("INVITE"), PHONE, 1.0))
+    to_flow(send, PHONE)
+    assert status_of(send) == 487
+    assert core.held_count == 0
+    router.move("42", "target", "active")
+    assert core.customers_changed(["42"], 1.5) == []
+
+
 # --- health: failover within the system, never to the other one ----------------------------------
 
 
