@@ -74,6 +74,10 @@ class FlowSigner:
             tags[text] = tag
         return tag
 
+    def subkey(self, label: str) -> bytes:
+        """A key of its own for another use of the secret (``label`` names the use)."""
+        return hmac.digest(self._key, b"key|" + label.encode("utf-8"), "sha256")
+
     def encode(self, flow: Flow) -> str:
         ip = ipaddress.ip_address(flow.ip).packed
         payload = struct.pack("!BBHI", _TRANSPORT_CODES.get(flow.transport, 0), flow.worker & 0xFF, flow.port, flow.conn_id & 0xFFFFFFFF) + ip

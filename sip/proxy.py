@@ -188,6 +188,9 @@ class ProxyCore:
         # each is signed / verified once (bounded; only tokens that verified are kept)
         self._tokens: dict[Flow, str] = {}
         self._flows: dict[str, Flow] = {}
+        #: keyed BLAKE2b (a key of the flow secret's) binding each branch dsbc writes to the
+        #: address its answers go back to (see ``_branch``)
+        self._reply_mac = _reply_mac(signer)
 
     # --- entry points ---------------------------------------------------------------
 
@@ -344,7 +347,7 @@ class ProxyCore:
         for v in msg.vias:
             if v.branch.startswith(BRANCH_PREFIX) and v.branch.endswith("." + loop) and self._via_is_ours(v.host, v.port):
                 raise LoopDetected()
-        branch = self._branch(msg, loop)
+        branch = self._branch(msg, loop, src)
         trusted = self.router.is_trusted(src.ip, src.port)
 
         # --- where does it go? ------------------------------------------------------
@@ -670,14 +673,29 @@ class ProxyCore:
     def _to_node(self, node: Node) -> Send:
         return Send(node.transport, node.host, node.port, b"")
 
-    def _branch(self, msg: SipMessage, loop: str) -> str:
+    def _branch(self, msg: SipMessage, loop: str, src: Flow) -> str:
         top = msg.vias[0]
         b = top.branch
         if b.startswith("z9hG4bK"):
             seed = f"{b}|{top.host}|{top.port}"
         else:  # RFC 2543 peers: hash what identifies the transaction
             seed = f"{msg.to_tag}|{msg.from_tag}|{msg.call_id}|{msg.cseq[0]}|{msg.ruri}|{top.text}"
-        return f"{BRANCH_PREFIX}{_hash(seed, 8)}.{loop}"
+        h = _hash(seed, 8)
+        # then a MAC of the address the answers go back to (the received / rport dsbc
+        # writes on the sender's Via): a response is relayed over UDP to that Via only if
+        # this branch was made for it (``_reply_ok``), so a forged response naming another
+        # host in its second Via cannot make dsbc send to it (reflection)
+        return f"{BRANCH_PREFIX}{h}{self._reply_tag(h, src.ip, src.port)}.{loop}"
+
+    def _reply_tag(self, h: str, ip: str, port: int) -> str:
+        return _reply_tag(self._reply_mac, h, ip, port)
+
+    def _reply_ok(self, branch: str, ip: str, port: int) -> bool:
+        """``branch`` (one of dsbc's) was written for a request from ``ip:port``."""
+        start = len(BRANCH_PREFIX)
+        if branch.find(".", start) != start + 24:
+            return False
+        return hmac.compare_digest(branch[start + 16 : start + 24], self._reply_tag(branch[start : start + 16], ip, port))
 
     def _rewrite_routes(self, ed: Editor, msg: SipMessage, remaining: list[NameAddr]) -> None:
         first = True
@@ -793,6 +811,21 @@ class ProxyCore:
         if len(vias) < 2:
             self.counters["responses_dropped"] += 1
             return []
+        # where it goes, checked before anything is learnt from it (a forged 200 to a
+        # REGISTER must not record bindings)
+        token = top.param("dsbcf")
+        if token:
+            flow = self._decode_flow(token)
+            dest = Send(flow.transport, flow.ip, flow.port, b"", flow.conn_id, flow.worker)
+        else:
+            # no flow token: the request came over UDP, whatever its Via claims (a Via saying
+            # TCP must not make dsbc open a connection to the phone)
+            host, port = vias[1].response_address()
+            if not self._reply_ok(top.branch, host, port):
+                # not an answer to a request dsbc sent for that address: forged or altered
+                self.counters["responses_forged"] += 1
+                return []
+            dest = Send("udp", host, port, b"")
         ed = Editor(msg)
         ed.set_first_value("via", None)
         cseq_method = msg.cseq[1]
@@ -807,15 +840,8 @@ class ProxyCore:
                 # forgotten (with that queue full, at its first expiry)
                 self._invites[branch] = (entry[0], entry[1], entry[2], until, entry[4], entry[5])
                 self._answered_expiry.append((until, branch))
-        data = ed.to_bytes()
-        token = top.param("dsbcf")
-        if token:
-            flow = self._decode_flow(token)
-            return [Send(flow.transport, flow.ip, flow.port, data, flow.conn_id, flow.worker)]
-        # no flow token: the request came over UDP, whatever its Via claims (a Via saying
-        # TCP must not make dsbc open a connection to the phone)
-        host, port = vias[1].response_address()
-        return [Send("udp", host, port, data)]
+        dest.data = ed.to_bytes()
+        return [dest]
 
     def _registered(self, msg: SipMessage, ed: Editor, system: str, cap_text: str) -> None:
         # is_digits, not str.isdigit: '\xb2' (a latin-1 superscript two) is a digit to isdigit()
@@ -855,6 +881,25 @@ class ProxyCore:
         nxt = msg.vias[1]
         h, p = nxt.response_address()
         self.events.append(RegistrationSeen(account, contacts, system, f"{nxt.transport.lower()}:{h}:{p}"))
+
+
+def _reply_mac(signer: FlowSigner) -> Any:
+    return hashlib.blake2b(key=signer.subkey("reply-address"), digest_size=4)
+
+
+def _reply_tag(empty: Any, h: str, ip: str, port: int) -> str:
+    mac = empty.copy()
+    mac.update(f"{h}|{ip}|{port}".encode("utf-8", "surrogateescape"))
+    return str(mac.hexdigest())
+
+
+def reply_branch(signer: FlowSigner, head: str, loop: str, ip: str, port: int) -> str:
+    """The branch dsbc writes on a request from ``ip:port`` (``head``: 16 characters, the
+    transaction's hash; ``loop``: the loop-detection hash), which its answers must carry
+    to be relayed there.  For tools and tests that play a node answering through dsbc."""
+    if len(head) != 16:
+        raise ValueError("head must be 16 characters")
+    return f"{BRANCH_PREFIX}{head}{_reply_tag(_reply_mac(signer), head, ip, port)}.{loop}"
 
 
 def owner_candidates(msg: SipMessage, trusted: bool) -> list[tuple[str, str]]:

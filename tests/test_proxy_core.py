@@ -804,6 +804,34 @@ def test_response_whose_top_via_is_not_ours_is_dropped_and_counted() -> None:
     assert core.counters["responses_dropped"] == 2
 
 
+def test_forged_response_cannot_send_dsbc_to_another_address() -> None:
+    """A response is relayed over UDP to its second Via only when dsbc's branch was made for
+    that address: anyone can write dsbc's Via on top of a victim's and send it (reflection)."""
+    core, _ = make_core()
+    victim = "SIP/2.0/UDP 192.0.2.99:5060;branch=z9hG4bKvictim;received=192.0.2.99;rport=5060"
+    forged = request(
+        "INVITE", via=f"SIP/2.0/UDP {ADV}:{PORT};branch={BRANCH_PREFIX}{'ab' * 12}.abcdef, {victim}"
+    )
+    assert core.handle_data(answer(forged, 200), PHONE, 0.0) == []
+    # a real branch of dsbc's (one the attacker saw in a request it was sent), another hop
+    fwd = one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    ours = parse(fwd).values("via")[0]
+    replayed = request("INVITE", via=f"{ours}, {victim}")
+    assert core.handle_data(answer(replayed, 200), PHONE, 0.1) == []
+    # a forged 200 to a REGISTER records nothing
+    reg = one(core.handle_data(request("REGISTER", "sip:example.com", to="<sip:1001@example.com>"), PHONE, 0.2))
+    reg_via = parse(reg).values("via")[0]
+    forged_reg = request("REGISTER", via=f"{reg_via}, {victim}", to="<sip:1001@example.com>")
+    core.events.clear()
+    ok = answer(forged_reg, 200, headers=[("contact", "<sip:1001@192.0.2.99>;expires=3600")])
+    assert core.handle_data(ok, PHONE, 0.3) == []
+    assert core.events == []
+    assert core.counters["responses_forged"] == 3
+    # the real answers still go to the phone
+    to_flow(one(core.handle_data(answer(fwd.data, 200), flow_of(S1), 0.4)), PHONE)
+    to_flow(one(core.handle_data(answer(reg.data, 200), flow_of(S1), 0.5)), PHONE)
+
+
 # --- CANCEL and the ACK of a failure follow their INVITE ---------------------------------------
 
 

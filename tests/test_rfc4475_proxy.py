@@ -27,10 +27,11 @@ from typing import Any
 import pytest
 
 from sip.errors import SipError
+from sip.flow import FlowSigner
 from sip.message import SipMessage, make_response, parse_message
-from sip.proxy import BRANCH_PREFIX
+from sip.proxy import BRANCH_PREFIX, reply_branch
 from tests import conformance
-from tests.peers.dsbc import Dsbc
+from tests.peers.dsbc import FLOW_SECRET, Dsbc
 from tests.peers.fakenode import FakeNode
 from tests.peers.sipmsg import parse_message as lenient_parse
 
@@ -190,7 +191,9 @@ def wrap_response(data: bytes, dsbc_port: int, peer_port: int, n: int) -> bytes:
     """A response as a node would send it back through dsbc: dsbc's Via on top, then the
     test socket's, then the message's own Via lines and everything else untouched."""
     status_line, rest = data.split(b"\r\n", 1)
-    ours = f"Via: SIP/2.0/UDP 127.0.0.1:{dsbc_port};branch={BRANCH_PREFIX}rfc{n}.000000;rport\r\n"
+    # a branch dsbc made for the test socket's address: others' answers are not relayed
+    branch = reply_branch(FlowSigner(FLOW_SECRET.encode()), f"rfc{n:013d}", "000000", "127.0.0.1", peer_port)
+    ours = f"Via: SIP/2.0/UDP 127.0.0.1:{dsbc_port};branch={branch};rport\r\n"
     peer = f"Via: SIP/2.0/UDP 127.0.0.1:{peer_port};branch=z9hG4bKpeer{n};rport={peer_port}\r\n"
     return status_line + b"\r\n" + (ours + peer).encode() + rest
 

@@ -214,6 +214,34 @@ def test_forged_flow_token_is_refused_with_403(dsbc_factory: Factory, nodes: Any
         device.close()
 
 
+def test_forged_response_is_not_reflected_to_another_address(
+    dsbc_factory: Factory, nodes: Any
+) -> None:
+    """Anyone can write dsbc's Via over a victim's in a response: dsbc must not send it on."""
+    d = start(dsbc_factory, nodes)
+    attacker, victim = Udp(DEVICE), Udp(OTHER_DEVICE)
+    try:
+        for n, branch in enumerate(("z9hG4bK-d5" + "ab" * 12 + ".abcdef", "z9hG4bK-d5x.y")):
+            attacker.send(
+                (
+                    "SIP/2.0 200 OK\r\n"
+                    f"Via: SIP/2.0/UDP {d.hostport};branch={branch}\r\n"
+                    f"Via: SIP/2.0/UDP {victim.addr[0]}:{victim.addr[1]};branch=z9hG4bKv{n}\r\n"
+                    "From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
+                    f"Call-ID: reflect-{n}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+                ).encode(),
+                d.sip_addr,
+            )
+        assert victim.recv_all(1.0) == []
+        assert d.counters_when(lambda c: c.get("responses_forged", 0) >= 2)["responses_forged"] == 2
+        # a real call still gets its answers
+        attacker.send(invite(f"sip:2000@{d.hostport}", attacker.addr, "1001"), d.sip_addr)
+        assert statuses(attacker.recv_all(1.0)).get(200) == 1
+    finally:
+        attacker.close()
+        victim.close()
+
+
 # --- rate limits and scanners ------------------------------------------------------------
 
 

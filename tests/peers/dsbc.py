@@ -26,6 +26,8 @@ from tests.peers.net import free_port, sip_options
 from tests.peers.proc import PeerError, PeerProcess
 
 REPO = Path(__file__).resolve().parents[2]
+#: sip.flow_secret of every instance (tests sign flow tokens and branches with it)
+FLOW_SECRET = "test-flow-secret-0123456789abcdef"
 
 
 def _toml_list(items: Iterable[str]) -> str:
@@ -106,7 +108,7 @@ workers = {workers}
 options_interval = {options_interval}
 options_timeout = {options_timeout}
 migration_expires = {migration_expires}
-flow_secret = "test-flow-secret-0123456789abcdef"
+flow_secret = "{FLOW_SECRET}"
 {tls_keys}{sip_extra}
 {api}
 
