@@ -52,17 +52,16 @@ def sip_server_contexts(
 
 
 def sip_client_context(cfg: Config) -> ssl.SSLContext:
-    """For connections dsbc opens to tls: nodes: verified against ``tls_ca`` when set (the
-    nodes are addressed by IP: no host name check), presenting dsbc's own certificate."""
+    """For connections dsbc opens to tls: nodes: verified against ``tls_ca`` (and nothing
+    else) when set (the nodes are addressed by IP: no host name check), presenting dsbc's
+    own certificate."""
     sc = cfg.sip
-    ctx = ssl.create_default_context()
+    # tls_ca alone: with no cafile, create_default_context would trust the system's CAs too,
+    # and any certificate a public CA issued (to anyone: no host name check) would pass
+    ctx = ssl.create_default_context(cafile=sc.tls_ca or None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
-    if sc.tls_ca:
-        ctx.load_verify_locations(sc.tls_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    else:
-        ctx.verify_mode = ssl.CERT_NONE
+    ctx.verify_mode = ssl.CERT_REQUIRED if sc.tls_ca else ssl.CERT_NONE
     if sc.tls_cert:
         ctx.load_cert_chain(sc.tls_cert, sc.tls_key)
     return ctx

@@ -391,6 +391,32 @@ def test_outgoing_tls_to_a_node_is_verified_and_reused(
         assert rogue.requests() == []
 
 
+def test_only_tls_ca_is_trusted_not_the_system_store(
+    ca: TestCA, dsbc_factory: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With tls_ca set, a certificate from a CA of the system store (any public CA: here
+    SSL_CERT_FILE stands for the store) neither passes mutual TLS nor makes a node."""
+    public_ca = TestCA(tmp_path / "public")
+    monkeypatch.setenv("SSL_CERT_FILE", str(public_ca.cert))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "no-such-dir"))
+    mtls_port = free_port("tcp")
+    with FakeNode("tls", ssl_context=public_ca.server_context(public_ca.issue("node", ips=["127.0.0.1"]))) as node:
+        d = dsbc_factory(
+            source=[node.uri], customers=CUSTOMERS, transports=("udp", "tcp", "tls"),
+            tls=ca.issue("dsbc-store", ips=["127.0.0.1"]), extra_listen=[f"tls:127.0.0.1:{mtls_port}"],
+            sip_extra=f'tls_ca = "{ca.cert}"\ntls_verify_client = ["tls:127.0.0.1:{mtls_port}"]\n',
+        )  # fmt: skip
+        client = public_ca.client_context(public_ca.issue("client", ips=["127.0.0.5"]))
+        client.load_verify_locations(ca.cert)
+        assert tls_options_status(client, (d.ip, mtls_port), "127.0.0.5") is None
+        assert tls_options_status(ca.client_context(ca.issue("peer", ips=["127.0.0.5"])), (d.ip, mtls_port), "127.0.0.5") == 200
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and d.counters().get("connect_errors", 0) == 0:
+            time.sleep(0.2)
+        assert d.counters().get("connect_errors", 0) >= 1
+        assert node.requests() == []
+
+
 def test_sighup_reloads_the_certificates(ca: TestCA, dsbc_factory: Factory, tmp_path: Path) -> None:
     certdir = tmp_path / "live"
     certdir.mkdir()
