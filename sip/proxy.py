@@ -351,6 +351,19 @@ class ProxyCore:
         trusted = self.router.is_trusted(src.ip, src.port)
 
         # --- where does it go? ------------------------------------------------------
+        inside = trusted or (src.is_stream and src.ip in self._stream_node_hosts)
+        if method == "REGISTER" or not (msg.to_tag or inside):
+            # never in a dialog: a stale Route (Path, Record-Route) must not pin it.  A device's
+            # request without a To tag is out of dialog too: a Record-Route it kept from an
+            # earlier call, sent again as a preloaded Route, must not skip the owner lookup
+            # (it would reach the system its customer has left)
+            params.clear()
+            if remaining and not inside:
+                # nor does a device's preloaded Route go on: the owner's node would route the
+                # request to it (another system's node, any host behind dsbc), as Kamailio's
+                # edge proxies remove_hf("Route") for requests from clients
+                self._rewrite_routes(ed, msg, [])
+                remaining = []
         if method == "ACK" and len(msg.to_tag) == 10 and msg.to_tag == _hash(msg.call_id, 5):
             return []  # the ACK of a final answer dsbc itself gave
         if method == "CANCEL":
@@ -381,13 +394,6 @@ class ProxyCore:
         if method in ("CANCEL", "ACK") and branch in self._invites:
             transport, ip, port, _, conn_id, worker = self._invites[branch]
             return [self._forward(msg, ed, src, Send(transport, ip, port, b"", conn_id, worker), branch, None, "", "", now, trusted)]
-        inside = trusted or (src.is_stream and src.ip in self._stream_node_hosts)
-        if method == "REGISTER" or not (msg.to_tag or inside):
-            # never in a dialog: a stale Route (Path, Record-Route) must not pin it.  A device's
-            # request without a To tag is out of dialog too: a Record-Route it kept from an
-            # earlier call, sent again as a preloaded Route, must not skip the owner lookup
-            # (it would reach the system its customer has left)
-            params.clear()
         if "ft" in params:
             flow = self._decode_flow(params["ft"])
             if inside:

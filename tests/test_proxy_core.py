@@ -392,13 +392,43 @@ def test_regression_a_keepalive_options_with_dsbc_as_its_route_is_answered_by_ds
     assert status_of(send) == 200
     assert status_of(one(core.handle_data(request("INVITE", f"sip:{ADV}", headers=route), PHONE, 0.0))) == 404
     assert router.decide_calls == []
-    # a REGISTER to dsbc's address still goes to its To user's system; a further Route is followed
+    # a REGISTER to dsbc's address still goes to its To user's system; with a further Route
+    # it is not for dsbc (and that preloaded Route is not sent on)
     core, router = make_core()
     to_node(one(core.handle_data(request("REGISTER", f"sip:{ADV}", to="<sip:1001@example.com>", headers=route), PHONE, 0.0)), S1)
-    m = parse(one(core.handle_data(
+    send = one(core.handle_data(
         request("OPTIONS", f"sip:{ADV}", headers=(f"Route: <sip:{ADV}:{PORT};lr>, <sip:{S1.host}:{S1.port};lr>",)), PHONE, 0.0
-    )))
-    assert m.is_request and m.values("route") == [f"<sip:{S1.host}:{S1.port};lr>"]
+    ))
+    to_node(send, S1)
+    m = parse(send)
+    assert m.is_request and m.values("route") == []
+
+
+def test_a_devices_preloaded_route_does_not_reach_the_owners_node() -> None:
+    """A device's request out of any dialog (or a REGISTER) naming other hops in Route (the
+    other system's node, a host behind dsbc) goes to its owner's node without them: the node
+    would route it there.  Kamailio's edge examples remove_hf("Route") alike.  A trusted
+    peer's Route and a device's in-dialog route set are kept."""
+    core, _ = make_core()
+    preloaded = f"Route: <sip:{ADV}:{PORT};lr>, <sip:{T1.host}:{T1.port};lr>, <sip:10.1.2.3;lr>"
+    for method, ruri, to in (
+        ("INVITE", "sip:2000@example.com", "<sip:2000@example.com>"),
+        ("MESSAGE", "sip:2000@example.com", "<sip:2000@example.com>"),
+        ("REGISTER", "sip:example.com", "<sip:1001@example.com>"),
+    ):
+        send = one(core.handle_data(request(method, ruri, to=to, headers=(preloaded,)), PHONE, 0.0))
+        to_node(send, S1)  # 1001 is a source customer
+        assert parse(send).values("route") == [], method
+    # a carrier's preloaded Route is its business
+    send = one(core.handle_data(request("INVITE", "sip:15550001001@example.com", src=CARRIER,
+                                        headers=(f"Route: <sip:{ADV}:{PORT};lr>, <sip:10.1.2.3;lr>",)), CARRIER, 0.0))
+    assert parse(send).values("route") == ["<sip:10.1.2.3;lr>"]
+    # in a dialog: the route set after dsbc's own entry goes on
+    fwd = one(core.handle_data(request("INVITE"), PHONE, 0.0))
+    rr = parse(fwd).values("record-route")
+    bye = request("BYE", "sip:2000@10.0.0.1:5060", to="<sip:2000@example.com>;tag=x", cseq=2,
+                  headers=[f"Route: {', '.join([*rr, '<sip:10.0.0.1;lr>'])}"])
+    assert parse(one(core.handle_data(bye, PHONE, 1.0))).values("route") == ["<sip:10.0.0.1;lr>"]
 
 
 def test_answers_made_by_dsbc_tell_the_phone_its_nat_address() -> None:
