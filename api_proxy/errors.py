@@ -100,9 +100,17 @@ class BackendUnavailable(DispatchError):
 
     def __init__(self, system: str, detail: str = "") -> None:
         self.system = system
-        super().__init__(
-            f"the {system} system is not answering" + (f": {detail}" if detail else "")
-        )
+        #: why (a connect error names the back end's address): for the operator, in the
+        #: back end's ``last_error`` (dsbc status); the client's fault keeps only a reason
+        #: that names nothing ("timed out"), else it would tell anyone on the public
+        #: address where the systems are (nginx's 502 does not)
+        self.detail = detail
+        shown = detail if detail in _CLIENT_DETAILS else ""
+        super().__init__(f"the {system} system is not answering" + (f": {shown}" if shown else ""))
+
+
+#: why a back end failed, as a client may be told (they name no host, port or TLS setting)
+_CLIENT_DETAILS = frozenset({"timed out", "Server disconnected"})
 
 
 class NoSessionOnSystem(DispatchError):

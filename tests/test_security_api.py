@@ -138,6 +138,33 @@ def test_slow_request_heads_are_dropped_and_bodies_are_capped(tmp_path: Path) ->
     run(main)
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_back_end_that_is_down_is_not_located_for_the_client(
+    tmp_path: Path, fast_path: bool
+) -> None:
+    """The fault for a system that does not answer names the system, not the back end's
+    address, port or TLS mode (that stays in dsbc status for the operator)."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path, extra_api=f"fast_path = {str(fast_path).lower()}\n") as env:
+            hidden = [urlsplit(env.source.url).netloc, urlsplit(env.target.url).netloc]
+            await env.source.stop()
+            await env.target.stop()
+            st, doc, _ = await env.call(CUSTOMER, LOGIN, {"login": "alice", "password": "secret"})
+            assert st == 500 and doc["faultcode"] == "Server.Dispatcher.backend_unavailable"
+            async with env.http.get(f"{env.url}/", headers={"Host": CUSTOMER}) as r:
+                page = (await r.read()).decode()
+            for text in (json.dumps(doc), page):
+                assert "not answering" in text
+                for netloc in hidden:
+                    assert netloc not in text and netloc.split(":")[1] not in text, text
+                assert "Connect call" not in text and "ssl:" not in text, text
+            backends = env.api.status()["backends"].values()
+            assert any(b["last_error"] for b in backends), "the operator's copy"
+
+    run(main)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TLSVersion.TLSv1 / TLSv1_1
 def test_api_tls_is_1_2_or_newer(tmp_path: Path) -> None:
     from tests.peers.tlsca import TestCA, openssl_available
