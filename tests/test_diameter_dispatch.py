@@ -357,6 +357,32 @@ def test_a_client_not_in_diameter_clients_gets_3010_and_is_closed(tmp_path: Path
     run(tmp_path, allowed, clients='["10.0.0.0/8", "127.0.0.0/8"]')
 
 
+def test_a_host_that_connects_in_a_loop_cannot_fill_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused CERs and connections closed before their capabilities exchange (garbage, a
+    request first) are logged a few times a minute, then counted: one line per connection
+    let any host that reaches the port fill the disk."""
+
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        assert svc.address is not None
+        cer = dc.encode(dc.request(dc.CMD_CE, 0, 1, 1, dc.capabilities("rogue.example", "example", ["127.0.0.1"], [4])))
+        garbage = _raw(1, b"", version=2)
+        for i in range(60):
+            r, w = await asyncio.open_connection(*svc.address)
+            w.write(cer if i % 2 else garbage)
+            await asyncio.wait_for(r.read(), 3)
+            w.close()
+        await wait_for(lambda: not svc.clients)
+        assert svc.status()["refused_peers"] == 30
+
+    with caplog.at_level("INFO", logger="dsbc.diameter"):
+        run(tmp_path, scenario, clients='["10.0.0.0/8", "192.0.2.7"]')
+    lines = [r for r in caplog.records if r.name == "dsbc.diameter" and "('127.0.0.1'," in r.getMessage()]
+    assert 0 < len(lines) <= 10, [r.getMessage() for r in lines][:20]
+
+
 def test_diameter_clients_must_be_ips_or_cidrs() -> None:
     from dsbc.config import ConfigError
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from dsbc.diameter import codec as dc
+from dsbc.logbudget import LogBudget
 
 log = logging.getLogger("dsbc.diameter")
 
@@ -69,8 +70,12 @@ class Connection(asyncio.Protocol):
     def __init__(self, owner: Owner, node: LocalNode, initiator: bool, *, watchdog: float = 30.0,
                  cer_timeout: float = 10.0, key: str | int | None = None,
                  accept_apps: set[int] | None = None,
-                 accept_peer: Callable[[Any], bool] | None = None) -> None:
+                 accept_peer: Callable[[Any], bool] | None = None,
+                 log_budget: LogBudget | None = None) -> None:
         self.owner = owner
+        #: (a responder on a public address) how the close of a connection that never
+        #: passed its capabilities exchange is logged: anyone can open those in a loop
+        self.log_budget = log_budget
         self.node = node
         self.initiator = initiator
         self.watchdog = watchdog
@@ -138,7 +143,10 @@ class Connection(asyncio.Protocol):
     def close(self, reason: str = "") -> None:
         if reason and not self.close_reason:
             self.close_reason = reason
-            log.info("diameter %s (%s): closing: %s", self.peer_host or self.peer_addr, self.key, reason)
+            if self.log_budget is not None and not self.peer_host:
+                self.log_budget.log(logging.INFO, "diameter %s (%s): closing: %s", self.peer_addr, self.key, reason)
+            else:
+                log.info("diameter %s (%s): closing: %s", self.peer_host or self.peer_addr, self.key, reason)
         self.state = ConnState.CLOSING if self.state != ConnState.CLOSED else self.state
         if self.transport is not None:
             self.transport.close()

@@ -19,6 +19,7 @@ from dsbc.config import Config, parse_hostport
 from dsbc.diameter import codec as dc
 from dsbc.diameter.peer import Connection, ConnState, LocalNode, PeerLink
 from dsbc.diameter.routing import TO_CLIENT, DiameterRouter, Send, SystemRoute
+from dsbc.logbudget import LogBudget
 from dsbc.store.base import BadIdentity, LocationStore, normalise
 
 from ..core_timer import CoreTimer, PinnedRows, node_key
@@ -68,6 +69,9 @@ class DiameterService:
         self._stopping = False
         self._clients = [ipaddress.ip_network(p, strict=False) for p in cfg.diameter.clients]
         self.refused_peers = 0
+        #: refused CERs and connections closed before their capabilities exchange: any host
+        #: that reaches the port can cause them, one per connection (bounded lines)
+        self.refusals_log = LogBudget(log, "refused or failed Diameter connections")
 
     def _allowed(self, peer: Any) -> bool:
         """Whether a client at ``peer`` (its socket's peer address) is in ``diameter.clients``."""
@@ -80,7 +84,7 @@ class DiameterService:
         if ip is not None and any(ip in net for net in self._clients):
             return True
         self.refused_peers += 1
-        log.warning("diameter: CER from %s refused (3010): not in diameter.clients", peer)
+        self.refusals_log.log(logging.WARNING, "diameter: CER from %s refused (3010): not in diameter.clients", peer)
         return False
 
     # -- connection events (peer.Owner) ----------------------------------------------------------
@@ -89,7 +93,8 @@ class DiameterService:
         c = self.cfg.diameter
         conn = Connection(self, self.node, False, watchdog=c.watchdog_interval, cer_timeout=c.cer_timeout,
                           accept_apps={dc.APP_CREDIT_CONTROL},
-                          accept_peer=self._allowed if self._clients else None)
+                          accept_peer=self._allowed if self._clients else None,
+                          log_budget=self.refusals_log)
         conn.key = conn.id
         self.clients[conn.id] = conn
         return conn
