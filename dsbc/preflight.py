@@ -35,6 +35,7 @@ def preflight(cfg: Config, create_store: bool = True) -> Config:
         except ValueError as exc:
             raise config_error(cfg, ["sip", "advertise"], str(exc)) from None
         _check_udp_families(cfg)
+        _warn_family_ports(cfg)
         for which in ("source", "target"):
             if not cfg.system(which).sip:
                 log.warning("%s", config_error(cfg, ["systems", which, "sip"], "no SIP node while SIP is "
@@ -64,6 +65,28 @@ def _check_udp_families(cfg: Config) -> None:
             else:
                 continue
             raise config_error(cfg, ["systems", which, "sip", i], why)
+
+
+def _warn_family_ports(cfg: Config) -> None:
+    """dsbc advertises one port per transport, the first listener's, to both address
+    families: an IPv6 (or IPv4) listener of that transport only on another port gets its
+    peers' in-dialog requests (Record-Route, Path) sent to a port it does not listen on."""
+    if cfg.sip.advertise and cfg.sip.advertise.count(":") == 1:
+        return  # an advertised port of its own (a NAT's): nothing to compare with
+    entries = [Endpoint.parse(t) for t in cfg.sip.listen]
+    for i, e in enumerate(entries):
+        first = next(f for f in entries if f.transport == e.transport)
+        v6 = ":" in e.host
+        if e.port == first.port or any(
+            f.transport == e.transport and f.port == first.port and (f.host == "::" or (":" in f.host) == v6)
+            for f in entries
+        ):
+            continue
+        log.warning("%s", config_error(cfg, ["sip", "listen", i], (
+            f"{e.transport} listener on port {e.port}, but dsbc gives every {e.transport} peer port "
+            f"{first.port} (the first {e.transport}: listener's) in Record-Route and Path, and "
+            f"listens on it only for IPv{6 if not v6 else 4}: the in-dialog requests of IPv{6 if v6 else 4} "
+            f"peers will not reach dsbc (listen on port {first.port} for both families)")))
 
 
 def _check_store(cfg: Config, create: bool = True) -> None:

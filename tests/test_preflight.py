@@ -153,3 +153,26 @@ def test_run_check_tests_the_config_without_starting(tmp_path: Path) -> None:
         assert proc.returncode == 2 and not proc.stdout, proc
         assert proc.stderr.startswith(f"dsbc: {cfg}:{line}: {key}"), proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_an_ipv6_listener_on_another_port_is_warned_about(tmp_path: Path) -> None:
+    """Found by an audit: with udp:127.0.0.1:A and udp:[::1]:B, IPv6 phones were given port
+    A in Record-Route and Path, where dsbc listens for IPv4 only: their re-INVITEs and BYEs
+    were lost.  `--check` (and the start) now say so, naming the listener."""
+    db = tmp_path / "loc.db"
+    a, b = free_port("udp"), free_port("udp")
+    cfg = tmp_path / "dsbc.toml"
+    base = (f'[store]\nurl = "sqlite:///{db}"\n[systems.source]\nsip = ["udp:127.0.0.1:9"]\n'
+            f'[systems.target]\nsip = ["udp:127.0.0.1:9"]\n[sip]\n')
+
+    def check(listen: str) -> str:
+        cfg.write_text(base + f"listen = {listen}\n")
+        r = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "--check", "-c", str(cfg)],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    err = check(f'["udp:127.0.0.1:{a}", "udp:[::1]:{b}"]')
+    assert f"dsbc.toml:8: sip.listen[1]: udp listener on port {b}" in err and "IPv6 peers" in err, err
+    assert "sip.listen" not in check(f'["udp:127.0.0.1:{a}", "udp:[::1]:{a}"]')
+    assert "sip.listen" not in check(f'["udp:127.0.0.1:{a}", "udp:127.0.0.2:{b}"]')  # one family
