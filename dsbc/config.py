@@ -693,7 +693,10 @@ def _anchor_store_paths(cfg: Config, base: Path) -> None:
         except StoreError:
             return  # parse_config's checks name it
         if path != ":memory:" and not Path(path).is_absolute():
-            cfg.store.url = f"sqlite://{(base / path).resolve()}"
+            full = str((base / path).resolve())
+            # three slashes and the path's own: "sqlite:///x.db" (no directory) would be
+            # relative again, so a file in / keeps four
+            cfg.store.url = f"sqlite://{full}" if full.count("/") > 1 else f"sqlite:///{full}"
     if cfg.store.cache_file and not Path(cfg.store.cache_file).is_absolute():
         cfg.store.cache_file = str((base / cfg.store.cache_file).resolve())
 

@@ -327,7 +327,11 @@ class ControlService:
             body["store"]["reason"] = reason
         if self.draining:
             return _json({"status": "draining", **body}, 503)
-        if self.cfg.sip.enabled and summary["sip_workers"] == 0 and time.time() - self.started > 3:
+        if self.cfg.sip.enabled and summary["sip_workers"] == 0:
+            # the control API opens before SIP (worker 0 starts it first): until a SIP worker
+            # has reported, the node is starting, not ready for the address (keepalived)
+            if time.time() - self.started <= 3:
+                return _json({"status": "starting", "reason": "no SIP worker has reported yet", **body}, 503)
             return _json({"status": "down", "reason": "no SIP worker alive", **body}, 503)
         degraded = not store_ok or bool(systems_down)
         status = "degraded" if degraded else "ok"

@@ -416,3 +416,13 @@ def test_relative_store_paths_are_relative_to_the_config_file(tmp_path: Path, mo
     assert cfg.store.cache_file == str(etc / "cache" / "c.json")
     cfg_file.write_text('[store]\nurl = "sqlite:///var/lib/dsbc/loc.db"\n')  # absolute: as written
     assert sqlite_path(load_config(cfg_file).store.url) == "/var/lib/dsbc/loc.db"
+
+
+def test_a_relative_store_path_of_a_config_in_the_root_stays_absolute() -> None:
+    from dsbc.config import Config, _anchor_store_paths
+    from dsbc.store.sqlite_schema import sqlite_path
+
+    cfg = Config()
+    cfg.store.url = "sqlite:///loc.db"
+    _anchor_store_paths(cfg, Path("/"))
+    assert sqlite_path(cfg.store.url) == "/loc.db"

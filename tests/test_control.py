@@ -451,3 +451,33 @@ def test_a_migration_whose_registration_count_fails_still_reports_its_batch(
         assert store.customer("2").system == "source"  # type: ignore[union-attr]
     finally:
         store.close()
+
+
+def test_healthz_says_starting_until_a_sip_worker_reports(tmp_path: Path) -> None:
+    """Found by a review: worker 0 opens the control API before its SIP listeners (so that a
+    reload never leaves /healthz unanswered); on a fresh start /healthz said "ok" for its
+    first 3 s while nothing listened on SIP, and keepalived could take the address."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from dsbc import control
+    from dsbc.config import Config
+    from dsbc.store import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+    svc = control.ControlService(Config(), store, tmp_path)
+
+    async def main() -> None:
+        async with TestClient(TestServer(svc.app)) as client:
+            resp = await client.get("/healthz")
+            assert resp.status == 503 and (await resp.json())["status"] == "starting"
+            (tmp_path / "worker-0.json").write_text(json.dumps(
+                {"worker": 0, "pid": 100, "ts": time.time(), "services": {"sip": {"running": True}}}))
+            resp = await client.get("/healthz")
+            assert resp.status == 200, await resp.text()
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
