@@ -258,6 +258,19 @@ class ProxyCore:
     def held_count(self) -> int:
         return len(self._held)
 
+    def release_all_held(self, now: float) -> list[Send]:
+        """The worker stops: what it still holds goes to its owner if the lock has ended,
+        else gets the 503 of ``store.lock_hold`` (a held INVITE was answered 100 Trying:
+        without a final answer its caller waits for nothing)."""
+        out = self._recheck_held(now, None)
+        for h in self._held.values():
+            self.counters["locked_rejected"] += 1
+            if h.msg.method != "ACK":
+                out.append(self._reply(h.msg, h.src, 503, "Service Unavailable", [("retry-after", "5"), ("warning", '399 dsbc "customer is being migrated"')]))
+        self._held.clear()
+        self._held_heap.clear()
+        return out
+
     # --- errors -----------------------------------------------------------------------
 
     def _bad_input(self, exc: SipError, is_response: bool, src: Flow) -> list[Send]:

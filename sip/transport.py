@@ -332,6 +332,9 @@ class SipEndpoint:
         self.reschedule()
 
     async def close(self) -> None:
+        # what is still held (taken over UDP while draining, or past the drain's deadline)
+        # is answered before the sockets close: never left without a final answer
+        self.dispatch(self.core.release_all_held(self.loop.time()))
         for s in self.servers:
             s.close()
         for u in self.udp:

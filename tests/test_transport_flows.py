@@ -8,11 +8,14 @@ A compiled (mypyc) build checks the ``addr`` annotation of ``datagram_received``
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 from pathlib import Path
 
 from sip.flow import Flow
+from sip.message import parse_message
 from sip.transport import SipDatagram, SipEndpoint
-from tests.test_proxy_core import make_core, request
+from tests.test_proxy_core import make_core, request, standard_router
 
 
 def test_datagram_from_an_ipv6_address_reaches_the_core() -> None:
@@ -228,3 +231,50 @@ def test_a_connection_to_a_node_that_never_answers_fails_after_connect_timeout()
             c.close()
         full.close()
     assert core.counters["connect_errors"] == 1
+
+
+def test_regression_a_request_held_while_draining_is_answered_before_the_sockets_close() -> None:
+    """A draining worker (SIGHUP reload, SIGTERM) keeps its UDP sockets until it closes, so
+    it still takes requests: one for a customer in flight was held (100 Trying) after the
+    drain's last look at what it holds, and the close dropped it: the caller waited for a
+    final answer that never came.  What is still held at the close is now answered."""
+    router = standard_router()
+    router.move("42", state="locked")  # customer 42 (account 1001) is in a batch in flight
+    core, _ = make_core(router, lock_hold=2.0)
+    port = random.randint(20000, 60000)
+    phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    phone.bind(("127.0.0.1", 0))
+    phone.setblocking(False)
+    got: list[int] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ep = SipEndpoint(core, loop)
+        await ep.listen([("udp", "127.0.0.1", port)])
+        ep.stop_listening()  # the worker drains (SIGHUP reload / SIGTERM)
+        assert core.held_count == 0  # the drain loop would stop waiting now
+        p = phone.getsockname()[1]
+        phone.sendto(request("INVITE", via=f"SIP/2.0/UDP 127.0.0.1:{p};branch=z9hG4bKdr1;rport"), ("127.0.0.1", port))
+        for _ in range(40):  # bounded, 2 s
+            await asyncio.sleep(0.05)
+            try:
+                got.append(parse_message(phone.recv(65535)).status)
+            except BlockingIOError:
+                pass
+            if got:
+                break
+        await asyncio.sleep(0.2)  # the runner's last pause, then the services stop
+        await ep.close()
+        await asyncio.sleep(0.05)
+        while True:
+            try:
+                got.append(parse_message(phone.recv(65535)).status)
+            except BlockingIOError:
+                break
+
+    try:
+        asyncio.run(main())
+    finally:
+        phone.close()
+    assert got[0] == 100  # held
+    assert got[-1] >= 500, got  # and then answered, not left ringing for ever
