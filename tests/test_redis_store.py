@@ -637,3 +637,19 @@ def test_sentinel_url(store: RedisStore, server: RedisServer, tmp_path: Path) ->
 
 def test_group_members(store: RedisStore) -> None:
     check_group_members(store)
+
+
+
+def test_a_meta_value_saved_once_redis_is_back_is_not_overwritten_by_the_kept_one(
+        store: RedisStore, server: RedisServer, make: Any, tmp_path: Path) -> None:
+    cache = str(tmp_path / "index.cache")
+    node = make(cache_file=cache)
+    node.set_meta("radius.sticky@node", "[1]")
+    server.stop()
+    wait_for(lambda: not node.healthy, refresh=[node], timeout=5)
+    node.set_meta("radius.sticky@node", "[2]")  # a periodic save while Redis is away: kept
+    server.start()  # back (here empty: data lost, so the node stays flagged)
+    node.set_meta("radius.sticky@node", "[3]")  # the next save, or the last one at a reload
+    node.close()
+    assert make(load=False).get_meta("radius.sticky@node") == "[3]"
+    assert not os.path.exists(cache + ".meta")

@@ -680,7 +680,18 @@ class RedisStore(IndexedStore):
                 write_kept_meta(self._kept_meta_file(), kept)
             return value
         self._meta[key] = value
+        if self.cache_file:
+            self._drop_kept_meta(key)
         return value
+
+    def _drop_kept_meta(self, key: str) -> None:
+        """`key` was just written to Redis: an older value kept while Redis was away (by
+        this worker or a predecessor) must not be written over it later (`_flush_meta`)."""
+        with self._lock:
+            self._meta_pending.pop(key, None)
+            kept = read_kept_meta(self._kept_meta_file())
+            if kept.pop(key, None) is not None:
+                write_kept_meta(self._kept_meta_file(), kept)
 
     def _kept_meta_file(self) -> str:
         return f"{self.cache_file}.meta" if self.cache_file else ""
