@@ -653,3 +653,12 @@ def test_a_meta_value_saved_once_redis_is_back_is_not_overwritten_by_the_kept_on
     node.close()
     assert make(load=False).get_meta("radius.sticky@node") == "[3]"
     assert not os.path.exists(cache + ".meta")
+
+def test_a_first_start_on_an_empty_redis_does_not_warn_of_a_missing_cache(
+        server: RedisServer, make: Any, tmp_path: Path, caplog: Any) -> None:
+    """A new installation: Redis and the cache file are both still empty; nothing is wrong."""
+    cache = str(tmp_path / "index.cache")
+    with caplog.at_level("WARNING", logger="dsbc.store"):
+        node = make(cache_file=cache)
+    assert node.healthy
+    assert not [r for r in caplog.records if "no usable store cache" in r.getMessage()]

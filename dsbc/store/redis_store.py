@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -396,6 +397,8 @@ class RedisStore(IndexedStore):
         its data (restarted without persistence, flushed).  Start from the cache, flagged as
         the running nodes are (`_data_lost`), rather than route everybody by store.unknown
         and write the empty index over the last local copy."""
+        if not os.path.exists(self.cache_file):  # a new installation: nothing was lost
+            return False
         found = read_cache(self.cache_file)
         if found is None or found[0].customer_count == 0:
             return False
