@@ -477,3 +477,21 @@ def test_watchdog_sends_a_dwr_after_each_interval_of_silence() -> None:
             conn._timer.cancel()
 
     asyncio.run(main())
+
+
+def test_a_dpr_with_a_malformed_disconnect_cause_still_gets_its_dpa(tmp_path: Path) -> None:
+    """Review (rev-aaa): reading the cause of a peer's DPR must not turn a DPR whose
+    Disconnect-Cause is not 4 octets into an error answer on a link left open."""
+
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        link = svc.links["source"]
+        conn = src.conns[0]
+        conn._dpa = asyncio.get_running_loop().create_future()
+        conn.send_request(dc.CMD_DP, dc.APP_COMMON, [dc.utf8(dc.ORIGIN_HOST, conn.node.origin_host),
+                                                     dc.utf8(dc.ORIGIN_REALM, conn.node.origin_realm),
+                                                     dc.Avp(dc.DISCONNECT_CAUSE, b"\x00\x01")])
+        await asyncio.wait_for(conn._dpa, 2.0)  # an answer (before the fix: 5014, link kept open)
+        await wait_for(lambda: link.conn is None or link.conn.close_reason == "peer sent DPR")
+
+    run(tmp_path, scenario)

@@ -216,7 +216,10 @@ class Connection(asyncio.Protocol):
             return
         if code == dc.CMD_DP:
             if m.is_request:
-                self.peer_dpr_cause = m.u32(dc.DISCONNECT_CAUSE)
+                try:
+                    self.peer_dpr_cause = m.u32(dc.DISCONNECT_CAUSE)
+                except dc.DiameterDecodeError:  # a cause we cannot read: still a DPR
+                    self.peer_dpr_cause = None
                 self.send(dc.encode(dc.answer(m, dc.SUCCESS, self.node.origin_host, self.node.origin_realm)))
                 self.state = ConnState.CLOSING
                 self.close("peer sent DPR")
