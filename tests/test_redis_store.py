@@ -662,3 +662,24 @@ def test_a_first_start_on_an_empty_redis_does_not_warn_of_a_missing_cache(
         node = make(cache_file=cache)
     assert node.healthy
     assert not [r for r in caplog.records if "no usable store cache" in r.getMessage()]
+
+
+def test_a_write_stands_when_the_user_may_not_wait_for_replicas(store: RedisStore, server: RedisServer) -> None:
+    """Review (rev-aaa): an ACL user without WAIT (allowed INFO): the migration ran, and was
+    reported as "refused ...; nothing was changed"."""
+    c = server.client()
+    c.acl_setuser("nowait", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                  commands=["+@all", "-wait"])
+    url = server.url.replace("redis://", "redis://nowait:pw@")
+    writer = RedisStore(url, load=False)
+    writer._replicas = lambda: 1  # type: ignore[method-assign]  # a master with one replica
+    try:
+        result = writer.migrate(["1"], "target")
+        assert result.moved == ["1"]
+        wait_for(lambda: systems(store)["1"] == "target", refresh=[store])
+        with pytest.raises(GroupSplitError):  # the script's own refusals still raise
+            writer.migrate(["3"], "target")
+    finally:
+        writer.close()
+        c.acl_deluser("nowait")
+        c.close()

@@ -470,7 +470,16 @@ class RedisStore(IndexedStore):
                 pipe = self._w.pipeline(transaction=False)
                 self._script(args=args, client=pipe)
                 pipe.wait(1, int(REPLICA_WAIT * 1000))
-                raw, acked = pipe.execute()
+                raw, waited = pipe.execute(raise_on_error=False)
+                if isinstance(raw, Exception):  # the script's own error: nothing was changed
+                    raise raw
+                if isinstance(waited, Exception):
+                    # WAIT refused (an ACL user without it): the write stands, unconfirmed
+                    log.warning("store %s: %s committed; cannot wait for a replica (%s)",
+                                self.url, what, _why(waited))
+                    replicas = 0
+                else:
+                    acked = int(waited)
         except self._errors as exc:
             raise self._unavailable(what, exc, sent=True) from None
         res: dict[str, Any] = json.loads(raw)
