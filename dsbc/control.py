@@ -198,8 +198,10 @@ class ControlService:
             return app._make_request(answered_in_11(message), *args)
 
         handler: Any = app._handle  # takes the web.Request its request factory makes
-        self.runner = web.ServerRunner(_JsonErrorServer(handler, request_factory=make_request),
-                                       access_log=None, handle_signals=False)
+        # (a ServerRunner passes its own keyword arguments to no handler: access_log=None
+        # belongs to the Server, or every /healthz poll writes an aiohttp.access line)
+        self.runner = web.ServerRunner(_JsonErrorServer(handler, request_factory=make_request, access_log=None),
+                                       handle_signals=False)
         await self.runner.setup()
         # reuse_port: on a reload the new worker binds while the old one still drains
         self.site = web.TCPSite(self.runner, host, port, reuse_port=True)

@@ -481,3 +481,38 @@ def test_healthz_says_starting_until_a_sip_worker_reports(tmp_path: Path) -> Non
         asyncio.run(main())
     finally:
         store.close()
+
+
+def test_requests_write_no_access_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Review (rev-aaa): the control API is polled every second (keepalived's /healthz,
+    Prometheus): it writes no aiohttp.access line per request, as before its JSON faults."""
+    import asyncio
+    import socket
+    import urllib.request
+
+    from dsbc.config import parse_config
+    from dsbc.control import ControlService
+    from dsbc.store import open_store
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"sqlite:///{tmp_path}/loc.db"
+    cfg = parse_config(f'[store]\nurl = "{url}"\n[systems.source]\nname = "A"\n[systems.target]\nname = "B"\n'
+                       f'[sip]\nenabled = false\n[control]\nenabled = true\nlisten = "127.0.0.1:{port}"\n')
+
+    async def scenario() -> None:
+        store = open_store(url)
+        svc = ControlService(cfg, store, None)
+        await svc.start()
+        try:
+            body = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
+            assert b"status" in body
+        finally:
+            await svc.stop()
+            store.close()
+
+    with caplog.at_level("INFO"):
+        asyncio.run(scenario())
+    assert not [r for r in caplog.records if r.name == "aiohttp.access"]
