@@ -446,3 +446,13 @@ def test_access_answers_to_the_nas_carry_message_authenticator_first(store: Loca
     [fwd] = core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "s-ma"), NAS, 0.2)
     [ans] = core.handle_answer("source", fwd.via, server_answer(fwd), SRC_ACCT, 0.3)
     assert rp.decode(ans.data).get(rp.MESSAGE_AUTHENTICATOR) is None  # accounting: as it came
+
+
+def test_eap_challenges_followed_are_bounded(store: LocationStore) -> None:
+    core = make_core(store)
+    core.CHALLENGES_MAX = 3  # type: ignore[misc]
+    for i in range(5):
+        [fwd] = core.handle_request(AUTH, access_request("alice", i), NAS, 0.0)
+        challenge = server_answer(fwd, rp.ACCESS_CHALLENGE, extra=[(rp.STATE, f"round-{i}".encode())])
+        assert len(core.handle_answer("source", fwd.via, challenge, SRC, 0.1)) == 1
+    assert len(core._challenges) == 3 and (NAS[0], b"round-4") in core._challenges

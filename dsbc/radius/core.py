@@ -150,6 +150,7 @@ class RadiusCore:
     HOLD_POLL = 0.05
     STICKY_TTL = 2 * 86400.0
     SWEEP_EVERY = 60.0
+    CHALLENGES_MAX = 100_000  # EAP conversations followed at once (a few rounds each)
     CHALLENGE_TTL = 60.0  # FreeRADIUS's eap timer_expire: a conversation's next round comes sooner
 
     def __init__(
@@ -477,6 +478,8 @@ class RadiusCore:
         if code == rp.ACCESS_CHALLENGE:
             returned = pkt.get(rp.STATE)
             if returned is not None:
+                if len(self._challenges) >= self.CHALLENGES_MAX:  # bounded: the oldest go first
+                    del self._challenges[next(iter(self._challenges))]
                 self._challenges[(req.addr[0], returned)] = (system.name, now + self.CHALLENGE_TTL)
         if req.session is not None and req.status == rp.ACCT_STOP:
             if self.sticky.pop(req.session, None) is not None:
