@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +28,13 @@ from dsbc.store.redis_store import RedisStore
 from tests.peers.net import free_port, wait_port
 from tests.peers.proc import PeerProcess, find_binary
 from tests.peers.redis import RedisServer, TcpProxy
+from tests.test_redis_store import wait_for
 
 pytestmark = [
     pytest.mark.peers,
     pytest.mark.timeout(90),
     pytest.mark.skipif(find_binary("redis-server") is None, reason="redis-server is not installed"),
 ]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, step: float = 0.02,
-             refresh: tuple[RedisStore, ...] = ()) -> float:
-    started = time.monotonic()
-    while True:
-        for s in refresh:
-            s.refresh()
-        if cond():
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(step)
 
 
 def role(server: RedisServer) -> str:
