@@ -65,10 +65,10 @@ def public_host(request: web.BaseRequest, proto: str) -> str:
     the bare address then, and a redirect made public with it sent the client to port 80."""
     host = request.headers.get("Host")
     if host:
-        return host
+        return str(host)  # (str(): aiohttp is Any to pip's isolated type check)
     sock = request.transport.get_extra_info("sockname") if request.transport else None
     if not isinstance(sock, tuple) or len(sock) < 2:
-        return request.host
+        return str(request.host)
     addr, port = str(sock[0]), int(sock[1])
     if ":" in addr:
         addr = f"[{addr}]"

@@ -78,7 +78,9 @@ def answered_in_11(message: RawRequestMessage) -> RawRequestMessage:
     """The request aiohttp makes for a head it could not parse, made to say HTTP/1.1: its
     stand-in says HTTP/1.0, and aiohttp writes the request's version in the answer's status
     line (the fault: 400, 431, 505); a server answers in its own 1.1."""
-    return message._replace(version=HttpVersion11) if message is _PARSE_ERROR else message
+    if _PARSE_ERROR is None or message is not _PARSE_ERROR:
+        return message
+    return message._replace(version=HttpVersion11)
 
 
 def head_too_large(status: int, text: str) -> bool:
