@@ -113,3 +113,28 @@ def test_a_stale_build_is_not_used(tmp_path: Path) -> None:
     assert _stale_module(str(tmp_path)) == os.path.join("api_proxy", "h1.py")
     os.utime(tmp_path / "sip" / "message.py", (1_000_100, 1_000_100))
     assert _stale_module(str(tmp_path)) == os.path.join("sip", "message.py")
+
+
+def test_the_compiled_modules_pass_the_type_check_of_an_isolated_build(tmp_path: Path) -> None:
+    """pip builds in an environment holding only the build requirements: aiohttp and the
+    other runtime dependencies are then Any to mypyc's type check, and code that passes
+    `mypy` in a full environment can fail there, which makes `pip install .` install the
+    pure-Python modules (found at the end of a session: two lines of api_proxy did)."""
+    pytest.importorskip("mypy")
+    import venv
+
+    import msgspec
+
+    from sip._pure import CORE_MODULES
+
+    env = tmp_path / "env"
+    venv.create(env, with_pip=False)
+    purelib = Path(subprocess.run([str(env / "bin" / "python"), "-c",
+                                   "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip())
+    (purelib / "msgspec").symlink_to(Path(msgspec.__file__).parent)  # a build requirement
+    files = [name.replace(".", "/") + ".py" for name in CORE_MODULES]
+    r = subprocess.run([sys.executable, "-m", "mypy", "--python-executable", str(env / "bin" / "python"),
+                        "--allow-subclassing-any", "--cache-dir", str(tmp_path / "cache"), *files],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
