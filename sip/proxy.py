@@ -264,9 +264,7 @@ class ProxyCore:
         without a final answer its caller waits for nothing)."""
         out = self._recheck_held(now, None)
         for h in self._held.values():
-            self.counters["locked_rejected"] += 1
-            if h.msg.method != "ACK":
-                out.append(self._reply(h.msg, h.src, 503, "Service Unavailable", [("retry-after", "5"), ("warning", '399 dsbc "customer is being migrated"')]))
+            out.extend(self._refuse_held(h))
         self._held.clear()
         self._held_heap.clear()
         return out
@@ -556,12 +554,18 @@ class ProxyCore:
                         out.append(self._reply(h.msg, h.src, exc.status, exc.reason, list(exc.extra_headers)))
             elif now >= h.deadline:
                 del self._held[key]
-                self.counters["locked_rejected"] += 1
-                if h.msg.method != "ACK":
-                    out.append(self._reply(h.msg, h.src, 503, "Service Unavailable", [("retry-after", "5"), ("warning", '399 dsbc "customer is being migrated"')]))
+                out.extend(self._refuse_held(h))
         while self._held_heap and self._held_heap[0][1] not in self._held:
             heapq.heappop(self._held_heap)
         return out
+
+    def _refuse_held(self, h: _Held) -> list[Send]:
+        """The "try again shortly" of a request held longer than its lock allows."""
+        self.counters["locked_rejected"] += 1
+        if h.msg.method == "ACK":
+            return []
+        return [self._reply(h.msg, h.src, 503, "Service Unavailable",
+                            [("retry-after", "5"), ("warning", '399 dsbc "customer is being migrated"')])]
 
     def _unavailable(self, msg: SipMessage, src: Flow) -> list[Send]:
         self.counters["rejected:no_node"] += 1
