@@ -212,11 +212,13 @@ class Forwarder:
         held: Creds | None = None,
         wanted: Creds | None = None,
         params: dict[str, Any] | None = None,
+        identity: bool = False,
     ) -> tuple[str, CIMultiDict[str], Any, BodyState | None]:
         """(url, headers, data, body state) of the request for ``system``.
 
         ``wanted`` replaces the client's credentials ``held`` (a twin session); ``params``
-        replaces the call's params (a list window)."""
+        replaces the call's params (a list window); ``identity`` asks for an answer without
+        content coding (one dsbc reads: a login, a list to merge, a create)."""
         req = ctx.request
         query = ctx.query
         body = ctx.prefix
@@ -233,6 +235,8 @@ class Forwarder:
         headers = request_headers(req.headers, ctx.remote, ctx.proto, public, drop)
         if bearer:
             headers["Authorization"] = f"Bearer {bearer}"
+        if identity:
+            headers["Accept-Encoding"] = "identity"
         url = ctx.vhost.base(system) + ctx.path + (f"?{query}" if query else "")
         if ctx.prefix is not None and ctx.complete:
             return url, headers, body, None  # bytes: can be sent again (a retry, a twin)
@@ -255,8 +259,12 @@ class Forwarder:
         return await backend.send(ctx.request.method, url, headers, data, state)
 
     async def ask(self, ctx: Ctx, system: str, cap: int = SMALL_ANSWER, **kw: Any) -> Answer:
-        """Send and read the answer whole when it is small (else leave it to stream)."""
-        resp = await self.open(ctx, system, **kw)
+        """Send and read the answer whole when it is small (else leave it to stream).
+
+        The answer is asked for without content coding: dsbc reads it (a login's session,
+        a refusal, a list to merge, a created id), and a back end behind a compressing web
+        server (nginx ``gzip on``) would gzip it for a client that accepts gzip."""
+        resp = await self.open(ctx, system, identity=True, **kw)
         body = await read_small(resp, cap, self.backends[system])
         return Answer(system, resp, body)
 

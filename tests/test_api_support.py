@@ -64,8 +64,16 @@ def config_text(
 
 
 class ApiEnv:
-    def __init__(self, tmp: Path, rows: list[dict[str, Any]] | None = None, **cfg: Any) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        rows: list[dict[str, Any]] | None = None,
+        *,
+        compress: bool = False,
+        **cfg: Any,
+    ) -> None:
         self.tmp = tmp
+        self.compress = compress  # the systems gzip their answers (behind nginx gzip on)
         self.rows = rows if rows is not None else sample_rows()
         self.cfg_kw = cfg
         self.source: BillingEmulator
@@ -76,10 +84,10 @@ class ApiEnv:
 
     async def __aenter__(self) -> Self:
         self.source = await start_billing_emulator(
-            "MR100", "127.0.0.1", 0, self.rows, system="source"
+            "MR100", "127.0.0.1", 0, self.rows, system="source", compress=self.compress
         )
         self.target = await start_billing_emulator(
-            "MR115", "127.0.0.1", 0, self.rows, system="target"
+            "MR115", "127.0.0.1", 0, self.rows, system="target", compress=self.compress
         )
         db = self.tmp / "loc.db"
         self.store = open_store(f"sqlite:///{db}")

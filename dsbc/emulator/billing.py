@@ -255,8 +255,11 @@ NO_SESSION = {
 class BillingEmulator:
     """A running emulated billing system: ``.url``, ``.stop()``, ``.log``, ``.data``."""
 
-    def __init__(self, data: BillingData) -> None:
+    def __init__(self, data: BillingData, compress: bool = False) -> None:
         self.data = data
+        #: gzip answers for clients that accept it, as a billing system behind a web server
+        #: with compression on (nginx ``gzip on``, Apache mod_deflate) does
+        self.compress = compress
         self.name = data.name
         self.system = data.system
         self.log: list[dict[str, Any]] = []
@@ -335,6 +338,8 @@ class BillingEmulator:
             raise
         if not resp.prepared:
             resp.headers[SYSTEM_HEADER] = self.name
+            if self.compress and "gzip" in request.headers.get("Accept-Encoding", ""):
+                resp.enable_compression(web.ContentCoding.gzip)
         return resp
 
     async def start(self, host: str, port: int) -> None:
@@ -362,6 +367,7 @@ async def start_billing_emulator(
     system: str | None = None,
     session_ttl: float = 3600.0,
     admins: dict[str, str] | None = None,
+    compress: bool = False,
 ) -> BillingEmulator:
     """Start one emulated system on ``host:port`` (0: a free port) and return its handle.
 
@@ -369,7 +375,8 @@ async def start_billing_emulator(
     ``identities``, ``system``, optional ``name`` / ``password``, default password
     ``secret``); ``system`` defaults to ``target`` for a name ending in ``target`` or
     ``115``, else ``source``.  Admin login ``admin`` / ``admin`` (API token
-    ``admin-api-token``) exists on both."""
+    ``admin-api-token``) exists on both.  ``compress``: answers gzipped for clients that
+    accept it (a system behind a compressing web server)."""
     if system is None:
         system = "target" if name.lower().endswith(("target", "115")) else "source"
     if system not in ("source", "target"):
@@ -377,7 +384,7 @@ async def start_billing_emulator(
     data = BillingData(name, system, session_ttl, admins)
     if seed is not None:
         data.seed(seed)
-    emu = BillingEmulator(data)
+    emu = BillingEmulator(data, compress)
     await emu.start(host, port)
     return emu
 
