@@ -229,3 +229,49 @@ def test_sync_systems_follows_the_store() -> None:
             await tgt.stop()
 
     run(main)
+
+
+def test_bad_list_windows_and_params_are_faults() -> None:
+    """A list window or an id the billing API cannot read is a fault in its own shape
+    (HTTP 500, faultcode / faultstring), never an HTML error page; a negative window is
+    refused, not read from the end of the list; ``"0"`` is false as 0 is."""
+
+    async def main() -> None:
+        src = await start_billing_emulator("MR100", "127.0.0.1", 0, sample_rows())
+        admin = {"login": "admin", "password": "admin"}
+        try:
+            async with aiohttp.ClientSession() as http:
+                for params in (
+                    {"offset": "abc"},
+                    {"limit": "x"},
+                    {"offset": -1},
+                    {"limit": -2},
+                    {"offset": [1]},
+                ):
+                    async with http.post(
+                        f"{src.url}/rest/Customer/get_customer_list",
+                        data={"params": json.dumps(params), "auth_info": json.dumps(admin)},
+                    ) as r:
+                        body = await r.read()
+                        assert r.status == 500 and r.content_type == "application/json", body
+                        fault = json.loads(body)
+                        assert fault["faultcode"] == "Client.Request.bad_param", fault
+                        assert fault["faultstring"]
+                for name, params in (
+                    ("Customer/add_customer", {"customer_info": {"i_parent": "nope"}}),
+                    ("Account/add_account", {"account_info": {"i_customer": "x1"}}),
+                ):
+                    st, fault = await call(http, src, name, params, admin)
+                    assert st == 500 and fault["faultcode"] == "Client.Request.bad_param", fault
+                st, page = await call(
+                    http,
+                    src,
+                    "Customer/get_customer_list",
+                    {"get_total": "0", "skip_exported": "0", "limit": "2"},
+                    admin,
+                )
+                assert st == 200 and "total" not in page and len(page["customer_list"]) == 2
+        finally:
+            await src.stop()
+
+    run(main)

@@ -31,7 +31,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from dsbc.emulator import billing_web
-from dsbc.emulator.billing_data import ApiFault, BillingData, Session, auth_failed, window
+from dsbc.emulator.billing_data import ApiFault, BillingData, Session, auth_failed, flag, window
 
 log = logging.getLogger("dsbc.emulator.billing")
 
@@ -154,7 +154,7 @@ def m_customer_list(emu: BillingEmulator, s: Session | None, p: dict[str, Any]) 
     rows = [
         c.info()
         for _, c in sorted(emu.data.customers.items())
-        if not (c.exported and p.get("skip_exported"))
+        if not (c.exported and flag(p.get("skip_exported")))
     ]
     if p.get("name"):
         rows = [r for r in rows if str(p["name"]).strip("%") in r["name"]]
@@ -188,7 +188,7 @@ def m_account_list(emu: BillingEmulator, s: Session | None, p: dict[str, Any]) -
         cust = emu.data.customers.get(a.i_customer)
         if want is not None and a.i_customer != want:
             continue
-        if p.get("skip_exported") and cust is not None and cust.exported:
+        if flag(p.get("skip_exported")) and cust is not None and cust.exported:
             continue
         rows.append(a.info())
     return window(rows, p, "account_list")
@@ -304,7 +304,10 @@ class BillingEmulator:
             user = self._auth(auth) if (auth or name not in NO_SESSION) else None
             if user is not None:
                 entry["user"] = f"{user.realm}:{user.ref}"
-            return _json(handler(self, user, params))
+            try:
+                return _json(handler(self, user, params))
+            except (TypeError, ValueError) as exc:  # a param of the wrong type: int("x")
+                raise ApiFault("Client.Request.bad_param", f"a param is not valid: {exc}") from None
         except ApiFault as exc:
             entry["fault"] = exc.faultcode
             return _fault(exc)

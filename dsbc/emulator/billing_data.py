@@ -345,12 +345,32 @@ class BillingData:
         return next((a for a in self.accounts.values() if n and a.did == n), None)
 
 
+def flag(value: Any) -> bool:
+    """A boolean param as the billing API reads it (its schema's integer): 0, "0", "" and
+    null are false."""
+    return value not in (None, 0, "0", "", False)
+
+
+def count(params: dict[str, Any], key: str) -> int:
+    """A non-negative integer param (``offset``, ``limit``); a fault when it is not one."""
+    value = params.get(key)
+    if value is None or value == "":
+        return 0
+    try:
+        n = int(value) if not isinstance(value, bool) else -1
+    except (TypeError, ValueError):
+        raise ApiFault("Client.Request.bad_param", f"{key} must be a number") from None
+    if n < 0:
+        raise ApiFault("Client.Request.bad_param", f"{key} must not be negative")
+    return n
+
+
 def window(rows: list[dict[str, Any]], params: dict[str, Any], key: str) -> dict[str, Any]:
     """``offset`` / ``limit`` / ``get_total`` over a list, as the billing API does them."""
-    offset = int(params.get("offset") or 0)
-    limit = int(params.get("limit") or 0)
+    offset = count(params, "offset")
+    limit = count(params, "limit")
     page = rows[offset : offset + limit] if limit > 0 else rows[offset:]
     out: dict[str, Any] = {key: page}
-    if params.get("get_total"):
+    if flag(params.get("get_total")):
         out["total"] = len(rows)
     return out
