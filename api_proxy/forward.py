@@ -21,7 +21,7 @@ from api_proxy import apicall
 from api_proxy.classify import Classified, RouteKey
 from api_proxy.errors import CustomerLocked, DispatchError, UnknownEntity, fault_body
 from api_proxy.h1relay import backend_bases
-from api_proxy.records import Creds, rewrite_for
+from api_proxy.records import Creds, rewrite_cookie, rewrite_for
 from api_proxy.router import Owner, ProxySettings, Router, Vhost
 from api_proxy.upstream import (
     Backend,
@@ -235,6 +235,11 @@ class Forwarder:
         headers = request_headers(req.headers, ctx.remote, ctx.proto, public, drop)
         if bearer:
             headers["Authorization"] = f"Bearer {bearer}"
+        if wanted is not None and held is not None and "Cookie" in headers:
+            # a client whose session is in the cookies the login set
+            cookie = rewrite_cookie("; ".join(headers.getall("Cookie")), held, wanted)
+            if cookie is not None:
+                headers["Cookie"] = cookie
         if identity:
             headers["Accept-Encoding"] = "identity"
         url = ctx.vhost.base(system) + ctx.path + (f"?{query}" if query else "")

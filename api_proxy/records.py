@@ -193,6 +193,35 @@ def rewrite_for(
     return auth, params, bearer
 
 
+#: the cookies the billing API sets at a login, read as credentials by ``classify``
+SESSION_COOKIES = ("session_id", "access_token")
+
+
+def rewrite_cookie(header: str, held: Creds, wanted: Creds) -> str | None:
+    """The Cookie header with the session cookies naming ``held`` made ``wanted``'s (the
+    twin session on another system); None when none of them names ``held``.  Other
+    cookies are kept as they are."""
+    out: list[str] = []
+    changed = False
+    for part in header.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name in SESSION_COOKIES and value.strip().strip('"') == getattr(held, name):
+            changed = True
+            new = getattr(wanted, name)
+            if new:
+                out.append(f"{name}={new}")
+            continue  # (the twin has no such credential there: the other cookie names it)
+        if part.strip():
+            out.append(part.strip())
+    if not changed:
+        return None
+    if not any(p.partition("=")[0] in SESSION_COOKIES for p in out):
+        # the twin's session is named by the other kind of credential
+        name = "session_id" if wanted.session_id else "access_token"
+        out.append(f"{name}={getattr(wanted, name)}")
+    return "; ".join(out)
+
+
 # --- created entities ---------------------------------------------------------------------------
 
 

@@ -378,3 +378,42 @@ def test_admin_requests_for_a_locked_customer_wait_then_fault(tmp_path: Path) ->
             assert st == 500 and fault["faultcode"] == "Server.Dispatcher.backend_unavailable"
 
     run(main)
+
+
+def test_an_admin_session_kept_in_cookies_reaches_both_systems(tmp_path: Path) -> None:
+    """The billing API sets the session as cookies beside the login's answer, and a client
+    with a cookie jar sends no auth_info after it.  Requests for the other system go with
+    the twin session's cookies there, as they would with its session id in auth_info."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path, ROWS) as env:
+            st, _, hdrs = await env.call(ADMIN, "Session/login", ADMIN_CREDS)
+            assert st == 200 and hdrs["X-Billing-System"] == "MR115"
+            jar = {
+                c.split(";")[0].split("=")[0]: c.split(";")[0] for c in hdrs.getall("Set-Cookie")
+            }
+            assert set(jar) == {"session_id", "access_token"}
+            for names in (["session_id"], ["access_token"], ["session_id", "access_token"]):
+                cookie = {"Cookie": "; ".join(["theme=dark", *(jar[n] for n in names)])}
+                for cid, system in (("1", "MR100"), ("5", "MR115")):
+                    st, doc, hdrs = await env.call(
+                        ADMIN,
+                        "Customer/get_customer_info",
+                        {"i_customer": int(cid)},
+                        headers=cookie,
+                    )
+                    assert st == 200 and hdrs["X-Billing-System"] == system, (names, doc)
+                    assert doc["customer_info"]["i_customer"] == int(cid)
+                st, doc, _ = await env.call(
+                    ADMIN, "Customer/get_customer_list", {"get_total": 1}, headers=cookie
+                )
+                assert st == 200 and doc["total"] == 7, (names, doc)
+            # the source saw its own session, and the client's other cookies
+            seen = [e for e in env.source.log if e["method"] == "Customer/get_customer_info"]
+            assert seen and all(e["user"] == "admin:admin" for e in seen)
+            # the logout closes both
+            st, _, _ = await env.call(ADMIN, "Session/logout", {}, headers=cookie)
+            assert st == 200
+            assert not env.source.data.sessions and not env.target.data.sessions
+
+    run(main)

@@ -4,7 +4,8 @@ Used by ``dsbc demo`` and the tests, behind dsbc on the demo's public host.  Two
 them stand for the source (e.g. ``MR100``) and the target (``MR115``).  Each serves:
 
 - ``POST /rest/<Service>/<method>`` with ``auth_info`` / ``params`` as form fields,
-  multipart parts or a JSON body, or ``Authorization: Bearer``; login by password or
+  multipart parts or a JSON body, or ``Authorization: Bearer``, or the ``session_id`` /
+  ``access_token`` cookies a login sets; login by password or
   API token, access tokens with expiry, refresh, ping, logout;
 - faults in the billing API's shape (HTTP 500, ``{"faultcode", "faultstring"}``);
 - ``get_customer_list`` / ``get_account_list`` with ``offset``, ``limit``,
@@ -37,6 +38,11 @@ log = logging.getLogger("dsbc.emulator.billing")
 
 SYSTEM_HEADER = billing_web.SYSTEM_HEADER
 Handler = Callable[["BillingEmulator", Session | None, dict[str, Any]], dict[str, Any]]
+
+
+#: a login's session as cookies, as the billing API sets them beside its answer; a later
+#: call without auth_info or a bearer token is authenticated by them
+API_COOKIES = ("session_id", "access_token")
 
 
 def _fault(exc: ApiFault) -> web.Response:
@@ -90,6 +96,10 @@ async def read_call(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
     bearer = request.headers.get("Authorization", "")
     if bearer[:7].lower() == "bearer " and "access_token" not in auth:
         auth["access_token"] = bearer[7:].strip()
+    if not auth:  # the cookies a login set stand for auth_info
+        for name in API_COOKIES:
+            if request.cookies.get(name):
+                auth[name] = request.cookies[name]
     return auth, _obj(raw_params, "params")
 
 
@@ -297,7 +307,10 @@ class BillingEmulator:
                 )
                 sess = self.data.open_session(realm, ref)
                 entry["user"] = f"{realm}:{ref}"
-                return _json(self.data.login_answer(sess))
+                resp = _json(self.data.login_answer(sess))
+                for cookie in API_COOKIES:
+                    resp.set_cookie(cookie, getattr(sess, cookie), path="/", httponly=True)
+                return resp
             handler = METHODS.get(name)
             if handler is None:
                 raise ApiFault("Client.Request.unknown_method", f"unknown method {name}")
