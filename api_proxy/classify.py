@@ -265,6 +265,8 @@ DID_FIELDS: Final = ("number", "did_number", "did", "phone_number")
 ENTITY_FIELDS: Final[tuple[tuple[str, str, frozenset[str] | None], ...]] = (
     ("i_customer", "customer", None),
     ("i_account", "i_account", None),
+    ("i_master_account", "i_account", None),  # an alias's account
+    ("i_did_number", "i_did_number", None),
     ("id", "account", frozenset({"Account"})),
     ("login", "login", frozenset({"Account", "Customer"})),
     *((field, "did", None) for field in DID_FIELDS),
@@ -274,6 +276,7 @@ CREATE_OWNER_FIELDS: Final[tuple[tuple[str, str, frozenset[str] | None], ...]] =
     ("i_customer", "customer", None),
     ("i_parent", "customer", frozenset({"Customer"})),
     ("i_account", "i_account", None),
+    ("i_master_account", "i_account", None),  # Account/add_alias
 )
 LOGIN_FIELDS: Final = ("login", "pb_auth_user", "username", "user")
 PASSWORD_FIELDS: Final = ("password", "pb_auth_password", "passwd", "pass")

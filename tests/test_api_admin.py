@@ -417,3 +417,33 @@ def test_an_admin_session_kept_in_cookies_reaches_both_systems(tmp_path: Path) -
             assert not env.source.data.sessions and not env.target.data.sessions
 
     run(main)
+
+
+def test_dids_by_id_and_aliases_of_an_account_go_to_the_owner(tmp_path: Path) -> None:
+    """SPEC 7: a request naming ``i_did_number`` goes to the system of the customer the DID
+    belongs to; an alias names its account by ``i_master_account`` (its add, its list)."""
+    rows = [
+        dict(r, identities=[*r["identities"], f"i_did_number:{70 + i}"])
+        for i, r in enumerate(ROWS, 1)
+    ]
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path, rows) as env:
+            _, sess, _ = await env.call(ADMIN, "Session/login", ADMIN_CREDS)
+            auth = {"session_id": sess["session_id"]}
+            for name, params, system in (
+                ("DID/get_number_info", {"i_did_number": 72}, "MR100"),
+                ("DID/get_number_info", {"i_did_number": "76"}, "MR115"),
+                ("DID/update_number", {"number_info": {"i_did_number": 71}}, "MR100"),
+                ("Account/get_alias_list", {"i_master_account": 202}, "MR100"),
+                ("Account/add_alias", {"alias_info": {"i_master_account": 203}}, "MR100"),
+                ("Account/add_alias", {"alias_info": {"i_master_account": 205}}, "MR115"),
+            ):
+                env.clear_logs()
+                _, doc, hdrs = await env.call(ADMIN, name, params, auth)
+                assert hdrs["X-Billing-System"] == system, (name, params, doc)
+                assert env.served_by(name) == [
+                    "source" if system == "MR100" else "target"
+                ], (name, params)
+
+    run(main)

@@ -108,7 +108,7 @@ def test_import_jsonl_and_json_array(home: Path) -> None:
         ("customers.csv", "customer_id,identities,system\n1,account:a,sideways\n",
          "customers.csv:2: system: 'sideways' is not source or target"),
         ("customers.csv", "customer_id,identities\n1,phone:123\n",
-         "customers.csv:2: unknown identity kind 'phone' (one of account, i_account, did, login, cpe, imsi, msisdn, radius)"),
+         "customers.csv:2: unknown identity kind 'phone' (one of account, i_account, did, login, cpe, imsi, msisdn, radius, i_did_number)"),
         ("customers.csv", "customer_id,identities\n,account:a\n",
          "customers.csv:2: customer_id: '' is not a customer id"),
         ("customers.csv", "customer_id,identities\n1,account:a\n2,account:10\x1b[0m\n",
@@ -170,7 +170,7 @@ def test_where_unknown_follows_the_policy(home: Path) -> None:
 @pytest.mark.parametrize(("arg", "message"), [
     ("did:12ab", "did:'12ab' is not a number"),
     ("alice", "'alice' is not KIND:VALUE"),
-    ("foo:1", "unknown identity kind 'foo' (one of account, i_account, did, login, cpe, imsi, msisdn, radius)"),
+    ("foo:1", "unknown identity kind 'foo' (one of account, i_account, did, login, cpe, imsi, msisdn, radius, i_did_number)"),
 ])
 def test_where_bad_identity(home: Path, arg: str, message: str) -> None:
     assert one_line_error(dsbc("where", arg)) == message

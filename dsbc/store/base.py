@@ -19,7 +19,11 @@ from typing import Literal, Self
 import msgspec
 
 SYSTEMS: tuple[str, str] = ("source", "target")
-KINDS: tuple[str, ...] = ("account", "i_account", "did", "login", "cpe", "imsi", "msisdn", "radius")
+# (i_did_number: a DID's id in the billing API, routing API requests that name it)
+KINDS: tuple[str, ...] = (
+    *("account", "i_account", "did", "login", "cpe", "imsi", "msisdn", "radius"),
+    "i_did_number",
+)
 
 State = Literal["active", "locked"]
 
@@ -64,7 +68,7 @@ def normalise(kind: str, value: str) -> str:
     if kind not in KINDS:
         raise BadIdentity(f"unknown identity kind {kind!r} (one of {', '.join(KINDS)})")
     v = value.strip()
-    if kind in ("did", "i_account", "imsi", "msisdn"):
+    if kind in ("did", "i_account", "imsi", "msisdn", "i_did_number"):
         v = _NON_DIGITS.sub("", v)
         if kind in ("did", "msisdn") and v.startswith("+"):
             v = v[1:]
