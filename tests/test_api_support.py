@@ -51,15 +51,24 @@ def config_text(
     extra_api: str = "",
     lock_hold: float = 1.0,
     unknown: str = "source",
+    vhosts: tuple[tuple[str, str], ...] = (),
 ) -> str:
-    vhosts = "".join(
+    """``vhosts``: (host, realm) of more virtual hosts, on the same two systems."""
+    vhosts = (
+        (CUSTOMER, "customer"),
+        (ADMIN, "admin"),
+        (PROV, "cpe"),
+        (PORTING, "porting"),
+        *vhosts,
+    )
+    tables = "".join(
         f'\n[[api.vhosts]]\nhost = "{h}"\nrealm = "{r}"\nsource = "{src}"\ntarget = "{tgt}"\n'
-        for h, r in ((CUSTOMER, "customer"), (ADMIN, "admin"), (PROV, "cpe"), (PORTING, "porting"))
+        for h, r in vhosts
     )
     return (
         f'[store]\nurl = "sqlite:///{db}"\nlock_hold = {lock_hold}\nunknown = "{unknown}"\n'
         f'[api]\nlisten = ["127.0.0.1:{port}"]\ntimeout = 5.0\nbody_timeout = 1.0\n{extra_api}\n'
-        + vhosts
+        + tables
     )
 
 
