@@ -50,18 +50,51 @@ def _truthy(v: Any) -> bool:
 
 class _Part(msgspec.Struct):
     envelope: dict[str, msgspec.Raw]
+    key: str  # the member holding the rows
     rows: list[msgspec.Raw]
     total: int | None
+
+
+def _list_member(env: dict[str, msgspec.Raw], list_key: str) -> str:
+    """The member holding the rows: ``list_key`` (``get_x_list`` -> ``x_list``), else the
+    answer's only array member (``get_phonebook_list`` answers ``phonebook_rec_list``)."""
+    if list_key in env:
+        return list_key
+    arrays = [k for k, v in env.items() if bytes(v)[:1] == b"["]
+    return arrays[0] if len(arrays) == 1 else list_key
 
 
 def _read(system: str, body: bytes, list_key: str) -> _Part:
     try:
         env = _envelope.decode(body)
-        rows = _rows.decode(env[list_key]) if list_key in env else []
+        key = _list_member(env, list_key)
+        rows = _rows.decode(env[key]) if key in env else []
         total = _int.decode(env["total"]) if "total" in env else None
     except (msgspec.DecodeError, msgspec.ValidationError):
         raise UpstreamFault(f"the {system} system's {list_key} answer is not a list") from None
-    return _Part(env, rows, total)
+    return _Part(env, key, rows, total)
+
+
+async def _source_total(
+    fetch: Fetch, params: dict[str, Any], src: _Part, offset: int, limit: int
+) -> int:
+    """The source's row count: its total, or what its page shows when it gave none (a
+    page shorter than the limit ends the list).  An empty page past the start is the end
+    of the list when the row just before it exists (a client paging exactly to the end
+    of the source's rows), which one more question tells."""
+    if src.total is not None:
+        return src.total
+    if limit == 0 or len(src.rows) < limit:
+        if src.rows or offset == 0:
+            return offset + len(src.rows)
+        status, body = await fetch("source", dict(params, offset=offset - 1, limit=1))
+        if (
+            status == 200
+            and parse_fault(status, body) is None
+            and _read("source", body, src.key).rows
+        ):
+            return offset
+    raise UpstreamFault("the source system did not return the list total")
 
 
 async def merge_lists(fetch: Fetch, params: dict[str, Any], list_key: str) -> tuple[int, bytes]:
@@ -75,13 +108,13 @@ async def merge_lists(fetch: Fetch, params: dict[str, Any], list_key: str) -> tu
     if status != 200 or parse_fault(status, body) is not None:
         return status, body
     src = _read("source", body, list_key)
-    if src.total is None:
-        raise UpstreamFault("the source system did not return the list total")
 
     remaining = None if limit == 0 else limit - len(src.rows)
     tgt: _Part | None = None
+    src_total = 0
     if remaining is None or remaining > 0 or want_total:
-        tp = dict(params, offset=max(0, offset - src.total), get_total=1)
+        src_total = await _source_total(fetch, sp, src, offset, limit)
+        tp = dict(params, offset=max(0, offset - src_total), get_total=1)
         tp.pop("skip_exported", None)
         if remaining is None:
             tp.pop("limit", None)
@@ -90,7 +123,7 @@ async def merge_lists(fetch: Fetch, params: dict[str, Any], list_key: str) -> tu
         status, body = await fetch("target", tp)
         if status != 200 or parse_fault(status, body) is not None:
             return status, body
-        tgt = _read("target", body, list_key)
+        tgt = _read("target", body, src.key)
         if want_total and tgt.total is None:
             raise UpstreamFault("the target system did not return the list total")
 
@@ -99,9 +132,12 @@ async def merge_lists(fetch: Fetch, params: dict[str, Any], list_key: str) -> tu
     if tgt is not None:
         out.update(tgt.envelope)
         rows += tgt.rows if remaining is None else tgt.rows[: max(remaining, 0)]
-    out[list_key] = rows
+    key = src.key if src.key in src.envelope or tgt is None else tgt.key
+    if key != list_key:
+        out.pop(list_key, None)
+    out[key] = rows
     if want_total:
-        out["total"] = src.total + ((tgt.total or 0) if tgt is not None else 0)
+        out["total"] = src_total + ((tgt.total or 0) if tgt is not None else 0)
     else:
         out.pop("total", None)
     return 200, _enc.encode(out)
