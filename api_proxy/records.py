@@ -33,13 +33,16 @@ def parse_expiry(value: Any, now: float, default_ttl: float) -> float:
     """``expires_at`` as the billing API gives it (epoch number or UTC date-time text)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
         return float(value) if value > 10**9 else now + float(value)
-    if isinstance(value, str) and value:
-        text = value.strip().replace("T", " ").rstrip("Z").split(".")[0].split("+")[0]
-        for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
-            try:
-                return datetime.strptime(text, fmt).replace(tzinfo=UTC).timestamp()
-            except ValueError:
-                continue
+    if isinstance(value, str) and value and len(value) <= 64:
+        # ISO 8601 (3.11's fromisoformat): "2026-12-03 17:07:47", "...T17:07:47.123Z",
+        # "...+03:00"; no offset is UTC
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return now + default_ttl
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return when.timestamp()
     return now + default_ttl
 
 
