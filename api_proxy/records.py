@@ -172,18 +172,15 @@ def rewrite_for(
     auth = None
     if call.auth_info is not None:
         a = dict(call.auth_info)
-        if a.get("session_id"):
-            if wanted.session_id:
-                a["session_id"] = wanted.session_id
+        named = [k for k in ("session_id", "access_token") if a.get(k)]
+        for k in named:  # each credential of the face session is the twin's, or goes
+            if getattr(wanted, k):
+                a[k] = getattr(wanted, k)
             else:
-                del a["session_id"]
-                a["access_token"] = wanted.access_token
-        elif a.get("access_token"):
-            if wanted.access_token:
-                a["access_token"] = wanted.access_token
-            else:
-                del a["access_token"]
-                a["session_id"] = wanted.session_id
+                del a[k]
+        if named and not any(a.get(k) for k in ("session_id", "access_token")):
+            k = "session_id" if wanted.session_id else "access_token"
+            a[k] = getattr(wanted, k)
         auth = a if a != call.auth_info else None
     params = None
     if call.service == "Session":

@@ -76,6 +76,10 @@ def test_merged_customer_list_every_window(tmp_path: Path) -> None:
                 headers={"Authorization": f"Bearer {sess['access_token']}"},
             )
             assert [c["i_customer"] for c in doc["customer_list"]] == [3, 4, 5]
+            # both credentials of the session in auth_info: each system gets its own pair
+            both = {"session_id": sess["session_id"], "access_token": sess["access_token"]}
+            st, doc, _ = await env.call(ADMIN, "Customer/get_customer_list", {"limit": 4}, both)
+            assert [c["i_customer"] for c in doc["customer_list"]] == [1, 2, 3, 4], doc
             st, doc, _ = await env.call(
                 ADMIN, "Account/get_account_list", {"get_total": 1}, ADMIN_CREDS
             )

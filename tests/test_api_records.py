@@ -1,8 +1,11 @@
-"""What the dispatcher reads from a back end's login answer (pure)."""
+"""What the dispatcher reads from a login answer and writes for a twin session (pure)."""
 
 from __future__ import annotations
 
-from api_proxy.records import parse_expiry
+import json
+
+from api_proxy.apicall import parse_call
+from api_proxy.records import Creds, parse_expiry, rewrite_for
 
 
 def test_session_expiry_with_a_utc_offset() -> None:
@@ -19,3 +22,28 @@ def test_session_expiry_with_a_utc_offset() -> None:
     ):
         assert abs(parse_expiry(text, 0.0, 1.0) - utc) < 1, text
     assert parse_expiry("soon", 100.0, 5.0) == 105.0
+
+
+def test_a_twin_rewrite_replaces_every_credential_of_the_face_session() -> None:
+    """auth_info with both the session id and the access token of the face system's
+    session reaches the other system with both of the twin's, not one of each."""
+    held, wanted = Creds("S-t", "A-t", "R-t"), Creds("S-s", "A-s", "R-s")
+    for auth, want in (
+        (
+            {"session_id": "S-t", "access_token": "A-t"},
+            {"session_id": "S-s", "access_token": "A-s"},
+        ),
+        ({"session_id": "S-t"}, {"session_id": "S-s"}),
+        ({"access_token": "A-t"}, {"access_token": "A-s"}),
+        ({"access_token": "A-t", "x": 1}, {"access_token": "A-s", "x": 1}),
+    ):
+        body = ("auth_info=" + json.dumps(auth)).encode()
+        call = parse_call("Customer", "get_customer_info", {}, body)
+        new_auth, _, _ = rewrite_for(call, held, wanted)
+        assert new_auth == want, (auth, new_auth)
+    # the twin has only an access token there: the session id gives way to it
+    call = parse_call(
+        "Customer", "x", {}, b'auth_info={"session_id": "S-t", "access_token": "A-t"}'
+    )
+    new_auth, _, _ = rewrite_for(call, held, Creds("", "A-s"))
+    assert new_auth == {"access_token": "A-s"}

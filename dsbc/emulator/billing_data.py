@@ -258,6 +258,8 @@ class BillingData:
     ) -> Session:
         now = time.time() if now is None else now
         sid = session_id or self.tokens.get(access_token, "")
+        if session_id and access_token and self.tokens.get(access_token) != session_id:
+            raise auth_failed()  # two credentials of different sessions
         s = self.sessions.get(sid)
         if s is None or s.expires_at <= now:
             raise auth_failed()
