@@ -129,6 +129,19 @@ class NoSessionOnSystem(DispatchError):
         return f"no_session_on_{self.system}"
 
 
+class NotMadeByDispatcher(NoSessionOnSystem):
+    """An admin session opened on one system directly (not through dsbc), asked for
+    something on the other: dsbc never had the login to open a twin there."""
+
+    def __init__(self, system: str, home: str) -> None:
+        super().__init__(
+            system,
+            f"this session was not opened through dsbc: it is known on the {home} system "
+            f"only, and the request needs the {system} system; log in through dsbc to reach "
+            "both systems",
+        )
+
+
 class NoAnswerAtLogin(NoSessionOnSystem):
     """An admin session made while one system did not answer, asked for something there.
 

@@ -26,6 +26,7 @@ from api_proxy.errors import (
     BadRequest,
     NoAnswerAtLogin,
     NoSessionOnSystem,
+    NotMadeByDispatcher,
     UpstreamFault,
     is_auth_fault,
 )
@@ -176,7 +177,8 @@ class Flows(Forwarder):
         creds = ctx.c.creds
         if not refused and a.status < 400 and session_keys(creds):
             twin = TwinExtra(
-                creds={a.system: Creds(creds.session_id, creds.access_token, creds.refresh_token)}
+                creds={a.system: Creds(creds.session_id, creds.access_token, creds.refresh_token)},
+                learned=True,
             )
             self.remember(a.system, twin, self.now() + self.settings.session_ttl, ctx, customer_id)
             self.metrics["sessions_learned"] += 1
@@ -275,7 +277,10 @@ class Flows(Forwarder):
     @staticmethod
     def no_session(twin: TwinExtra, system: str) -> NoSessionOnSystem:
         """The fault for a twin without a session on ``system``: refused at login, or
-        silent then (a system that was down: logging in again opens the session)."""
+        silent then (a system that was down: logging in again opens the session), or a
+        session dsbc did not make."""
+        if twin.learned:
+            return NotMadeByDispatcher(system, next(iter(twin.creds), "other"))
         return NoAnswerAtLogin(system) if system in twin.unanswered else NoSessionOnSystem(system)
 
     async def admin(self, ctx: Ctx) -> web.StreamResponse:
@@ -403,6 +408,9 @@ class Flows(Forwarder):
     ) -> web.StreamResponse:
         call = ctx.c.call
         assert call is not None
+        if rec is not None and twin is not None and twin.learned:
+            # no twin to merge with (GAPS): the list of the session's own system
+            return await self.forward(ctx, rec.system)
 
         async def fetch(system: str, params: dict[str, Any]) -> tuple[int, bytes]:
             kw = self.twin_kw(rec, twin, system)

@@ -96,6 +96,9 @@ class TwinExtra(msgspec.Struct, omit_defaults=True):
     #: systems that did not answer the login (rather than refuse it): told apart in the
     #: fault a request that needs one of them gets
     unanswered: list[str] = []
+    #: a session dsbc did not make (opened on one system directly, found by probing): it
+    #: has no twin, so it is used on its own system alone, its lists unmerged
+    learned: bool = False
 
 
 _extra_decoder = msgspec.json.Decoder(TwinExtra)

@@ -451,3 +451,35 @@ def test_dids_by_id_and_aliases_of_an_account_go_to_the_owner(tmp_path: Path) ->
                 ], (name, params)
 
     run(main)
+
+
+def test_a_session_made_on_one_system_directly_is_used_there_alone(tmp_path: Path) -> None:
+    """GAPS: an admin session dsbc did not make (opened on the target directly) is known
+    there only: its lists are that system's, every time (not a fault from the second
+    call on), and what needs the other system gets a fault that says why."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path, ROWS) as env:
+            async with env.http.post(
+                f"{env.target.url}/rest/Session/login",
+                data={"params": json.dumps(ADMIN_CREDS)},
+            ) as r:
+                auth = {"session_id": (await r.json())["session_id"]}
+            for _ in range(3):
+                st, doc, _ = await env.call(
+                    ADMIN, "Customer/get_customer_list", {"get_total": 1, "limit": 2}, auth
+                )
+                assert st == 200, doc
+                assert [c["i_customer"] for c in doc["customer_list"]] == [4, 5]
+                assert doc["total"] == 4
+            st, doc, _ = await env.call(
+                ADMIN, "Customer/get_customer_info", {"i_customer": 6}, auth
+            )
+            assert st == 200 and doc["customer_info"]["i_customer"] == 6
+            st, fault, _ = await env.call(
+                ADMIN, "Customer/get_customer_info", {"i_customer": 1}, auth
+            )
+            assert st == 500 and fault["faultcode"] == "Server.Dispatcher.no_session_on_source"
+            assert "not opened through dsbc" in fault["faultstring"], fault
+
+    run(main)
