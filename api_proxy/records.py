@@ -247,9 +247,10 @@ def created(
     """(customer id, ``kind:value`` identities) of what a successful create made, or None.
 
     ``Customer/add_customer`` makes a customer (and its ``login``); ``Account/add_account``
-    an ``i_account`` with its ``id``, ``login`` and DID (``did_number``, ...: the fields
-    a request names a DID by) under ``account_info.i_customer`` (or the owner the
-    request was routed by, or the customer whose session made it)."""
+    (or ``add_alias``, its ``alias_info``) an ``i_account`` with its ``id``, ``login`` and
+    DID (``did_number``, ...: the fields a request names a DID by) under
+    ``account_info.i_customer`` (or the owner the request was routed by, e.g. the alias's
+    ``i_master_account``, or the customer whose session made it)."""
     p = call.params
     if call.method == "add_customer" or (call.service == "Customer" and "i_customer" in answer):
         cid = _text(answer.get("i_customer"))
@@ -260,7 +261,8 @@ def created(
         return cid, idents
     if call.method == "add_account" or (call.service == "Account" and "i_account" in answer):
         iacc = _text(answer.get("i_account"))
-        info = _info(p, "account_info")
+        # (an alias, Account/add_alias, is an account id of its own: alias_info)
+        info = _info(p, "account_info" if "account_info" in p else "alias_info")
         cid = _text(info.get("i_customer")) or owner_customer
         if not iacc or not cid:
             return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from api_proxy.apicall import parse_call
-from api_proxy.records import Creds, parse_expiry, rewrite_for
+from api_proxy.records import Creds, created, parse_expiry, rewrite_for
 
 
 def test_session_expiry_with_a_utc_offset() -> None:
@@ -47,3 +47,14 @@ def test_a_twin_rewrite_replaces_every_credential_of_the_face_session() -> None:
     )
     new_auth, _, _ = rewrite_for(call, held, Creds("", "A-s"))
     assert new_auth == {"access_token": "A-s"}
+
+
+def test_an_alias_added_to_an_account_is_recorded_with_its_id() -> None:
+    """Account/add_alias makes an account alias (a SIP / RADIUS id of its own) under the
+    master account's customer: its id routes calls and logins like the account's."""
+    body = b'params={"alias_info": {"i_master_account": 203, "id": "alias-203"}}'
+    call = parse_call("Account", "add_alias", {}, body)
+    assert created(call, {"i_account": 7001}, "3") == (
+        "3",
+        ["i_account:7001", "account:alias-203"],
+    )
