@@ -320,12 +320,16 @@ class Flows(Forwarder):
                 raise a
         ok: dict[str, Creds] = {}
         expires = 0.0
+        failed: list[str] = []  # answered, but neither with a session nor with a refusal
         for a in answers:
             if a.status == 200 and a.body is not None:
                 res = login_result(a.body, self.now(), self.settings.session_ttl)
                 if res is not None:
                     ok[a.system] = res.creds
                     expires = max(expires, res.expires_at)
+                    continue
+            if a.body is None or not is_auth_fault(a.status, a.body):
+                failed.append(a.system)  # (a 502 page, a fault of its own)
         silent = [a for a in got if isinstance(a, BackendUnavailable)]
         if silent and not ok:
             # one system refused, the other did not answer: it may have said yes
@@ -341,7 +345,7 @@ class Flows(Forwarder):
             # admin's password or API token, kept in the store (shared by every node, on
             # disk) for the session's lifetime, where no other record keeps a secret that
             # outlives its session.  Its requests get a fault that says to log in again.
-            unanswered = [exc.system for exc in silent]
+            unanswered = [exc.system for exc in silent] + failed
             if unanswered:
                 log.warning(
                     "admin session opened on the %s system alone: the %s system did not "

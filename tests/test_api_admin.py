@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from click.testing import CliRunner
 
 from api_proxy.errors import BadRequest
 from api_proxy.listmerge import merge_lists
 from dsbc.cli import main as cli
+from dsbc.emulator.billing_data import ApiFault
 from tests.test_api_support import ADMIN, CUSTOMER, PORTING, ApiEnv, config_text, run
 
 # 3 customers live on the source, 4 on the target (the source keeps those 4 as exported)
@@ -481,5 +483,44 @@ def test_a_session_made_on_one_system_directly_is_used_there_alone(tmp_path: Pat
             )
             assert st == 500 and fault["faultcode"] == "Server.Dispatcher.no_session_on_source"
             assert "not opened through dsbc" in fault["faultstring"], fault
+
+    run(main)
+
+
+def test_a_system_failing_at_admin_login_is_not_taken_for_a_refusal(tmp_path: Path) -> None:
+    """A system that answers the login with an error that is no refusal of the
+    credentials (a 502 page of the web server in front of a stopped application, a
+    fault of its own) did not accept or refuse them: what needs it then gets the
+    "log in again once it answers" fault, not "log in with credentials valid on both"."""
+    async def bad_gateway(request: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html>502</html>", content_type="text/html")
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path, ROWS) as env:
+
+            def broken(*_a: Any, **_k: Any) -> Any:
+                raise ApiFault("Server.Internal.database_unavailable", "try later")
+
+            env.target.data.authenticate = broken  # type: ignore[method-assign]
+            port = int(env.target.url.rsplit(":", 1)[1])
+            for phase in ("fault", "502"):
+                if phase == "502":
+                    await env.target.stop()
+                    app = web.Application()
+                    app.router.add_route("*", "/{p:.*}", bad_gateway)
+                    runner = web.AppRunner(app)
+                    await runner.setup()
+                    await web.TCPSite(runner, "127.0.0.1", port).start()
+                st, sess, hdrs = await env.call(ADMIN, "Session/login", ADMIN_CREDS)
+                assert st == 200 and hdrs["X-Billing-System"] == "MR100", (phase, sess)
+                auth = {"session_id": sess["session_id"]}
+                st, fault, _ = await env.call(
+                    ADMIN, "Customer/get_customer_info", {"i_customer": 6}, auth
+                )
+                assert fault["faultcode"] == "Server.Dispatcher.target_unreachable_at_login", (
+                    phase,
+                    fault,
+                )
+            await runner.cleanup()
 
     run(main)
