@@ -48,6 +48,9 @@ from api_proxy.router import Owner, SessionRecord
 
 log = logging.getLogger("api_proxy.flows")
 ORDER = ("target", "source")
+#: a system's web server answering for it (its application is down): not an answer of the
+#: system's, so a login or session tried in turn goes on to the next system
+GATEWAY_ERRORS = frozenset({502, 503, 504})
 _doc = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -150,6 +153,10 @@ class Flows(Forwarder):
             last = i == len(order) - 1
             try:
                 a = await self.ask(ctx, system)
+                if a.status in GATEWAY_ERRORS and not last:
+                    # the system's web server answered for its stopped application
+                    a.resp.release()
+                    raise self.backends[system].failed(f"HTTP {a.status}")
             except BackendUnavailable as exc:
                 if last:
                     raise unavailable or exc from None

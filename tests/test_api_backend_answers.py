@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aiohttp import web
+
 from tests.test_api_admin import ADMIN_CREDS, ROWS
 from tests.test_api_support import ADMIN, CUSTOMER, ApiEnv, run
 
@@ -30,15 +32,21 @@ def test_gzipping_systems_still_merge_record_and_remember(tmp_path: Path) -> Non
             auth = {"session_id": sess["session_id"]}
             # the twin session was made: the list is merged over both systems
             st, doc, _ = await env.call(
-                ADMIN, "Customer/get_customer_list", {"get_total": 1, "offset": 1, "limit": 4},
-                auth, headers=gz,
+                ADMIN,
+                "Customer/get_customer_list",
+                {"get_total": 1, "offset": 1, "limit": 4},
+                auth,
+                headers=gz,
             )
             assert st == 200, doc
             assert [c["i_customer"] for c in doc["customer_list"]] == [2, 3, 4, 5]
             assert doc["total"] == 7
             # a create is recorded in the store
             st, _, hdrs = await env.call(
-                ADMIN, "Customer/add_customer", {"customer_info": {"login": "zipped"}}, auth,
+                ADMIN,
+                "Customer/add_customer",
+                {"customer_info": {"login": "zipped"}},
+                auth,
                 headers=gz,
             )
             assert st == 200 and hdrs["X-Billing-System"] == "MR115"
@@ -51,10 +59,61 @@ def test_gzipping_systems_still_merge_record_and_remember(tmp_path: Path) -> Non
             assert st == 200 and hdrs["X-Billing-System"] == "MR100"
             env.clear_logs()
             st, info, hdrs = await env.call(
-                CUSTOMER, "Customer/get_customer_info", {}, {"session_id": cs["session_id"]},
+                CUSTOMER,
+                "Customer/get_customer_info",
+                {},
+                {"session_id": cs["session_id"]},
                 headers=gz,
             )
             assert st == 200 and info["customer_info"]["i_customer"] == 2
             assert env.served_by("Customer/get_customer_info") == ["source"]
+
+    run(main)
+
+
+def test_a_target_behind_a_web_server_with_its_application_down(tmp_path: Path) -> None:
+    """The target's web server answers 502 / 503 / 504 (its application is stopped): a
+    login dsbc does not know must still reach the source, as when the target does not
+    answer at all; a login the source refuses then gets the fault naming the target."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path, ROWS) as env:
+            port = int(env.target.url.rsplit(":", 1)[1])
+            await env.target.stop()
+            status = {"code": 502}
+
+            async def gateway(request: web.Request) -> web.Response:
+                await request.read()
+                return web.Response(
+                    status=status["code"], text="<html>down</html>", content_type="text/html"
+                )
+
+            app = web.Application()
+            app.router.add_route("*", "/{p:.*}", gateway)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            try:
+                for code in (502, 503, 504):
+                    status["code"] = code
+                    st, sess, hdrs = await env.call(
+                        CUSTOMER, "Session/login", {"login": "user1-x", "password": "secret"}
+                    )
+                    assert st == 500 and sess["faultcode"] == (
+                        "Server.Dispatcher.backend_unavailable"
+                    ), (code, sess)
+                    assert "target" in sess["faultstring"]
+                    # a session of the source (known to nobody yet) is found there
+                    async with env.http.post(
+                        f"{env.source.url}/rest/Session/login",
+                        data={"params": '{"login": "user2", "password": "secret"}'},
+                    ) as r:
+                        sid = (await r.json())["session_id"]
+                    st, info, hdrs = await env.call(
+                        CUSTOMER, "Customer/get_customer_info", {}, {"session_id": sid}
+                    )
+                    assert st == 200 and hdrs["X-Billing-System"] == "MR100", (code, info)
+            finally:
+                await runner.cleanup()
 
     run(main)
