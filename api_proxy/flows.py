@@ -426,6 +426,9 @@ class Flows(Forwarder):
         async def fetch(system: str, params: dict[str, Any]) -> tuple[int, bytes]:
             kw = self.twin_kw(rec, twin, system)
             a = await self.ask(ctx, system, params=params, cap=LIST_ANSWER, **kw)
+            if a.status in GATEWAY_ERRORS:
+                a.resp.release()
+                raise self.backends[system].failed(f"HTTP {a.status}")
             if a.body is None:
                 a.resp.close()
                 raise UpstreamFault(

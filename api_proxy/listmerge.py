@@ -75,6 +75,14 @@ def _read(system: str, body: bytes, list_key: str) -> _Part:
     return _Part(env, key, rows, total)
 
 
+def _failed(system: str, status: int, body: bytes) -> tuple[int, bytes]:
+    """A system's fault, passed on as it is; any other answer that is not a list (an HTML
+    error page) is not passed on as the merged list's JSON."""
+    if parse_fault(status, body) is not None:
+        return status, body
+    raise UpstreamFault(f"the {system} system answered the list with HTTP {status}")
+
+
 async def _source_total(
     fetch: Fetch, params: dict[str, Any], src: _Part, offset: int, limit: int
 ) -> int:
@@ -106,7 +114,7 @@ async def merge_lists(fetch: Fetch, params: dict[str, Any], list_key: str) -> tu
     sp = dict(params, skip_exported=1, get_total=1)
     status, body = await fetch("source", sp)
     if status != 200 or parse_fault(status, body) is not None:
-        return status, body
+        return _failed("source", status, body)
     src = _read("source", body, list_key)
 
     remaining = None if limit == 0 else limit - len(src.rows)
@@ -122,7 +130,7 @@ async def merge_lists(fetch: Fetch, params: dict[str, Any], list_key: str) -> tu
             tp["limit"] = max(remaining, 1)
         status, body = await fetch("target", tp)
         if status != 200 or parse_fault(status, body) is not None:
-            return status, body
+            return _failed("target", status, body)
         tgt = _read("target", body, src.key)
         if want_total and tgt.total is None:
             raise UpstreamFault("the target system did not return the list total")

@@ -7,6 +7,7 @@ must get the same dispatching as one that does not."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from aiohttp import web
@@ -113,6 +114,51 @@ def test_a_target_behind_a_web_server_with_its_application_down(tmp_path: Path) 
                         CUSTOMER, "Customer/get_customer_info", {}, {"session_id": sid}
                     )
                     assert st == 200 and hdrs["X-Billing-System"] == "MR100", (code, info)
+            finally:
+                await runner.cleanup()
+
+    run(main)
+
+
+def test_a_merged_list_with_one_system_failing_is_a_fault_naming_it(tmp_path: Path) -> None:
+    """One system's page of a merged list is a 502 page (its application stopped) or
+    some other answer that is neither a list nor a fault: the client gets a fault in the
+    billing API's shape naming that system, not an HTML page labelled JSON."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path, ROWS) as env:
+            _, sess, _ = await env.call(ADMIN, "Session/login", ADMIN_CREDS)
+            auth = {"session_id": sess["session_id"]}
+            port = int(env.target.url.rsplit(":", 1)[1])
+            await env.target.stop()
+            status = {"code": 502}
+
+            async def gateway(request: web.Request) -> web.Response:
+                await request.read()
+                return web.Response(
+                    status=status["code"], text="<html>no</html>", content_type="text/html"
+                )
+
+            app = web.Application()
+            app.router.add_route("*", "/{p:.*}", gateway)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            try:
+                for code, reason in (
+                    (502, "backend_unavailable"),
+                    (404, "bad_backend_answer"),
+                ):
+                    status["code"] = code
+                    async with env.http.post(
+                        f"{env.url}/rest/Customer/get_customer_list",
+                        data={"params": "{}", "auth_info": json.dumps(auth)},
+                        headers={"Host": ADMIN},
+                    ) as r:
+                        assert r.status == 500 and r.content_type == "application/json"
+                        fault = await r.json()
+                    assert fault["faultcode"] == f"Server.Dispatcher.{reason}", (code, fault)
+                    assert "target" in fault["faultstring"], fault
             finally:
                 await runner.cleanup()
 
