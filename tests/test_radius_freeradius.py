@@ -131,6 +131,49 @@ def test_freeradius_source_then_target_with_sticky_accounting(freeradius_pair, t
     assert tgt.acct_lines() == ["Start alice s2", "Stop alice s2"]
 
 
+def _attr_lines(out: str, name: str) -> list[str]:
+    return [ln.strip() for ln in out.splitlines() if ln.strip().startswith(name + " ")]
+
+
+def test_chap_and_ms_chap_keys_reach_the_nas_as_the_server_sent_them(  # type: ignore[no-untyped-def]
+        freeradius_pair, tmp_path: Path) -> None:
+    """CHAP, MS-CHAP and a 128-octet User-Password through dsbc; the MPPE keys of an
+    MS-CHAP Access-Accept (MS-CHAP-MPPE-Keys, hidden with the secret and the Request
+    Authenticator) are re-hidden for the NAS: radclient reads the same keys as from the
+    server directly."""
+    src, tgt = freeradius_pair
+    text = dsbc_config(([f"127.0.0.1:{src.auth_port}"], [f"127.0.0.1:{src.acct_port}"], src.secret),
+                       ([f"127.0.0.1:{tgt.auth_port}"], [f"127.0.0.1:{tgt.acct_port}"], tgt.secret))
+    store = open_test_store(tmp_path)
+    store.put_customer("1", ["account:alice"], "source")
+    store.put_customer("9", ["account:longpw"], "source")
+    src.users["longpw"] = tgt.users["longpw"] = "p" * 128
+
+    async def scenario() -> None:
+        svc = await start_radius(parse_config(text), store)
+        auth, _ = svc.addresses
+        try:
+            out = await radclient(auth, "auth", NAS_SECRET, 'User-Name = alice, CHAP-Password = "alicepw"')
+            assert "Access-Accept" in out and "MR100 accepts alice" in out, out
+            out = await radclient(auth, "auth", NAS_SECRET, f'User-Name = longpw, User-Password = "{"p" * 128}"')
+            assert "Access-Accept" in out, out
+            mschap = 'User-Name = alice, MS-CHAP-Password = "alicepw"'
+            direct = await radclient(("127.0.0.1", src.auth_port), "auth", src.secret, mschap)
+            keys = _attr_lines(direct, "MS-CHAP-MPPE-Keys")
+            assert "Access-Accept" in direct and keys, direct
+            out = await radclient(auth, "auth", NAS_SECRET, mschap)
+            assert "Access-Accept" in out and _attr_lines(out, "MS-CHAP-MPPE-Keys") == keys, out
+        finally:
+            await svc.stop()
+
+    src.stop()
+    src.start()  # with the user added
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+
+
 def _send_and_wait(sock: socket.socket, data: bytes, addr: tuple[str, int], wait: float = 2.0) -> bytes | None:
     sock.settimeout(wait)
     sock.sendto(data, addr)

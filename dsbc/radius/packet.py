@@ -59,6 +59,7 @@ ACCT_ON: Final = 7
 ACCT_OFF: Final = 8
 
 VENDOR_MICROSOFT: Final = 311
+MS_CHAP_MPPE_KEYS: Final = 12
 MS_MPPE_SEND_KEY: Final = 16
 MS_MPPE_RECV_KEY: Final = 17
 
@@ -306,30 +307,39 @@ def _xor(a: bytes, b: bytes) -> bytes:
     return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
+def _password_blocks(data: bytes, secret: bytes, authenticator: bytes, decrypt: bool) -> bytes:
+    """RFC 2865 5.2 cipher over 16-octet blocks (each block keyed by the previous ciphertext)."""
+    out: list[bytes] = []
+    last = authenticator
+    for i in range(0, len(data), 16):
+        chunk = data[i : i + 16]
+        res = _xor(chunk, _md5(secret, last))
+        out.append(res)
+        last = chunk if decrypt else res
+    return b"".join(out)
+
+
 def hide_password(password: bytes, secret: bytes, authenticator: bytes) -> bytes:
     """RFC 2865 5.2 User-Password hiding."""
     if len(password) > 128:
         raise ValueError("User-Password longer than 128 octets")
     padded = password + bytes(-len(password) % 16 or (16 if not password else 0))
-    out: list[bytes] = []
-    last = authenticator
-    for i in range(0, len(padded), 16):
-        c = _xor(padded[i : i + 16], _md5(secret, last))
-        out.append(c)
-        last = c
-    return b"".join(out)
+    return _password_blocks(padded, secret, authenticator, decrypt=False)
 
 
 def unhide_password(hidden: bytes, secret: bytes, authenticator: bytes) -> bytes:
     if not hidden or len(hidden) % 16 or len(hidden) > 128:
         raise RadiusDecodeError("bad_password", f"User-Password of {len(hidden)} octets")
-    out: list[bytes] = []
-    last = authenticator
-    for i in range(0, len(hidden), 16):
-        chunk = hidden[i : i + 16]
-        out.append(_xor(chunk, _md5(secret, last)))
-        last = chunk
-    return b"".join(out).rstrip(b"\x00")
+    return _password_blocks(hidden, secret, authenticator, decrypt=True).rstrip(b"\x00")
+
+
+def rehide(hidden: bytes, old_secret: bytes, old_auth: bytes, new_secret: bytes, new_auth: bytes) -> bytes:
+    """A value hidden as User-Password is (MS-CHAP-MPPE-Keys, RFC 2548 2.4.1) for the other
+    side of the proxy: every block, padding included, so binary keys keep their last octets."""
+    if not hidden or len(hidden) % 16:
+        raise RadiusDecodeError("bad_hidden_attribute", f"{len(hidden)} octets")
+    plain = _password_blocks(hidden, old_secret, old_auth, decrypt=True)
+    return _password_blocks(plain, new_secret, new_auth, decrypt=False)
 
 
 def salt_encrypt(plain: bytes, secret: bytes, request_authenticator: bytes, salt: bytes | None = None) -> bytes:
@@ -369,9 +379,10 @@ def reencrypt_answer_attrs(
 ) -> None:
     """Re-encrypt the request-authenticator-keyed attributes of an answer in place.
 
-    Tunnel-Password (RFC 2868, with its tag octet) and MS-MPPE-Send/Recv-Key (RFC 2548,
-    the keys a Wi-Fi access point needs after EAP) are encrypted with the secret and the
-    Request Authenticator, both of which differ on each side of a proxy."""
+    Tunnel-Password (RFC 2868, with its tag octet), MS-MPPE-Send/Recv-Key (RFC 2548, the
+    keys a Wi-Fi access point needs after EAP) and MS-CHAP-MPPE-Keys (RFC 2548 2.4.1, the
+    MPPE keys of an MS-CHAPv1 PPP session) are encrypted with the secret and the Request
+    Authenticator, both of which differ on each side of a proxy."""
     out: list[tuple[int, bytes]] = []
     for t, v in pkt.attrs:
         if t == TUNNEL_PASSWORD and len(v) >= 19:
@@ -380,13 +391,15 @@ def reencrypt_answer_attrs(
         elif t == VENDOR_SPECIFIC:
             vsa = split_vsa(v)
             if vsa is not None and vsa[0] == VENDOR_MICROSOFT and any(
-                s in (MS_MPPE_SEND_KEY, MS_MPPE_RECV_KEY) for s, _ in vsa[1]
+                s in (MS_MPPE_SEND_KEY, MS_MPPE_RECV_KEY, MS_CHAP_MPPE_KEYS) for s, _ in vsa[1]
             ):
                 subs = []
                 for st, sv in vsa[1]:
                     if st in (MS_MPPE_SEND_KEY, MS_MPPE_RECV_KEY):
                         plain = salt_decrypt(sv, old_secret, old_auth)
                         sv = salt_encrypt(plain, new_secret, new_auth, sv[:2])
+                    elif st == MS_CHAP_MPPE_KEYS:
+                        sv = rehide(sv, old_secret, old_auth, new_secret, new_auth)
                     subs.append((st, sv))
                 v = join_vsa(VENDOR_MICROSOFT, subs)
         out.append((t, v))

@@ -2,7 +2,8 @@
 
 ``freeradius -X -d DIR`` runs in the foreground on 127.0.0.1 free ports, as whoever runs
 the tests (no ``user =`` in the config, so no root needed).  The ``files`` module answers
-each configured user with a Reply-Message naming the system, and a ``linelog`` instance
+each configured user (PAP, CHAP, MS-CHAP with its MPPE keys, EAP-MD5) with a Reply-Message
+naming the system, and a ``linelog`` instance
 writes one line per accounting request (``Start alice s1``) that tests read back.
 ``radclient`` plays the NAS.
 """
@@ -82,6 +83,19 @@ modules {{
 \t}}
 \tpap {{
 \t}}
+\tchap {{
+\t}}
+\tmschap {{
+\t\tuse_mppe = yes
+\t\trequire_encryption = no
+\t\trequire_strong = no
+\t}}
+\teap {{
+\t\tdefault_eap_type = md5
+\t\ttimer_expire = 60
+\t\tmd5 {{
+\t\t}}
+\t}}
 \tlinelog acctlog {{
 \t\tfilename = {d}/acct.log
 \t\tformat = "%{{Acct-Status-Type}} %{{User-Name}} %{{Acct-Session-Id}}"
@@ -99,6 +113,11 @@ server default {{
 \t\tport = {acct_port}
 \t}}
 \tauthorize {{
+\t\tchap
+\t\tmschap
+\t\teap {{
+\t\t\tok = return
+\t\t}}
 \t\tfiles
 \t\tpap
 \t}}
@@ -106,6 +125,13 @@ server default {{
 \t\tAuth-Type PAP {{
 \t\t\tpap
 \t\t}}
+\t\tAuth-Type CHAP {{
+\t\t\tchap
+\t\t}}
+\t\tAuth-Type MS-CHAP {{
+\t\t\tmschap
+\t\t}}
+\t\teap
 \t}}
 \taccounting {{
 \t\tacctlog
