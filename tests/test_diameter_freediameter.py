@@ -85,3 +85,37 @@ def test_credit_control_through_freediameter_relay(veth: VethNamespace, tmp_path
         asyncio.run(asyncio.wait_for(main(), 90))
     finally:
         store.close()
+
+
+def test_a_relay_that_wants_tls_after_the_cea_is_told_there_is_no_common_security(
+        veth: VethNamespace, tmp_path: Path) -> None:
+    """freeDiameter configured for the old TLS method (Inband-Security-Id TLS in its CER, the
+    handshake after the CEA): dsbc has no TLS, so it answers the CER with 5017
+    DIAMETER_NO_COMMON_SECURITY (RFC 6733 5.3) rather than a success followed by a failed
+    handshake, retried forever."""
+    store = open_test_store(tmp_path)
+    dsbc_port = free_tcp_port()
+
+    async def main() -> None:
+        text = config_text(None, None).replace('listen = "127.0.0.1:', f'listen = "{veth.host_ip}:{dsbc_port}"  # ')
+        svc = await start_diameter(parse_config(text), store)
+        relay = FreeDiameterRelay(tmp_path / "fd", veth, "relay.example", "relay.example",
+                                  [("dsbc.example", veth.host_ip, dsbc_port)], tls_old_method=("dsbc.example",))
+        await asyncio.get_running_loop().run_in_executor(None, relay.start)
+        try:
+            try:
+                await wait_for(lambda: "NO_COMMON_SECURITY" in relay.log_path.read_text(errors="replace")
+                               or "TLS handshake failed" in relay.log_path.read_text(errors="replace"), 15)
+            except AssertionError:
+                pytest.fail("freeDiameter did not connect to dsbc:\n" + relay.log_tail())
+            log = relay.log_path.read_text(errors="replace")
+            assert "NO_COMMON_SECURITY" in log and "TLS handshake failed" not in log, relay.log_tail()
+            assert not svc.router.clients
+        finally:
+            await svc.stop()
+            await asyncio.get_running_loop().run_in_executor(None, relay.stop)
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        store.close()

@@ -236,6 +236,10 @@ class Connection(asyncio.Protocol):
         host, realm = m.text(dc.ORIGIN_HOST), m.text(dc.ORIGIN_REALM)
         apps = dc.advertised_apps(m)
         avps = self.node.capabilities()
+        # absent means NO_INBAND_SECURITY; a peer that offers TLS alone would start a TLS
+        # handshake after a successful CEA, and there is no TLS here
+        inband = {a.u32() for a in m.find_all(dc.INBAND_SECURITY_ID)}
+        why = ""
         if self.accept_peer is not None and not self.accept_peer(self.peer_addr):
             rc = dc.UNKNOWN_PEER  # RFC 6733 5.3: a CER from an unknown peer
         elif not host or not realm:
@@ -243,9 +247,12 @@ class Connection(asyncio.Protocol):
         elif self.accept_apps is not None and not (apps & (self.accept_apps | {dc.APP_RELAY})) \
                 and dc.APP_RELAY not in self.node.apps:
             rc = dc.NO_COMMON_APPLICATION
+        elif inband and dc.NO_INBAND_SECURITY not in inband:
+            rc = dc.NO_COMMON_SECURITY  # RFC 6733 5.3, 7.1.5
+            why = "no TLS here: connect with Inband-Security-Id NO_INBAND_SECURITY (0)"
         else:
             rc = dc.SUCCESS
-        ans = dc.answer(m, rc, self.node.origin_host, self.node.origin_realm, avps[2:])
+        ans = dc.answer(m, rc, self.node.origin_host, self.node.origin_realm, avps[2:], error_message=why)
         self.send(dc.encode(ans))
         if rc != dc.SUCCESS:
             self.close(f"CER refused with {rc}")
