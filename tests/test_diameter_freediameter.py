@@ -119,3 +119,51 @@ def test_a_relay_that_wants_tls_after_the_cea_is_told_there_is_no_common_securit
         asyncio.run(asyncio.wait_for(main(), 60))
     finally:
         store.close()
+
+
+def test_host_ip_address_is_the_address_each_connection_uses(veth: VethNamespace, tmp_path: Path) -> None:
+    """dsbc listening on the wildcard (as deploy/dsbc.example.toml does): its CEA to freeDiameter
+    and its CER to a system's peer give, in Host-IP-Address, the local address of that
+    connection, not what the host name resolves to (127.0.1.1 on a stock Debian)."""
+    store = open_test_store(tmp_path)
+    dsbc_port = free_tcp_port()
+
+    async def main() -> None:
+        cers: asyncio.Queue[dc.Message] = asyncio.Queue()
+
+        async def system_peer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            framer = dc.Framer()
+            while data := await r.read(4096):
+                framer.feed(data)
+                while (raw := framer.next_message()) is not None:
+                    await cers.put(dc.decode(raw))
+            w.close()
+
+        server = await asyncio.start_server(system_peer, veth.host_ip, 0)
+        peer_port = server.sockets[0].getsockname()[1]
+        text = config_text((veth.host_ip, peer_port), None).replace(
+            'listen = "127.0.0.1:', f'listen = "0.0.0.0:{dsbc_port}"  # ')
+        svc = await start_diameter(parse_config(text), store)
+        relay = FreeDiameterRelay(tmp_path / "fd", veth, "relay.example", "relay.example",
+                                  [("dsbc.example", veth.host_ip, dsbc_port)])
+        await asyncio.get_running_loop().run_in_executor(None, relay.start)
+        try:
+            cer = await asyncio.wait_for(cers.get(), 10)
+            assert cer.code == dc.CMD_CE and cer.is_request
+            assert [dc.decode_address(a.data) for a in cer.find_all(dc.HOST_IP_ADDRESS)] == [veth.host_ip]
+            try:
+                await wait_for(lambda: bool(svc.router.clients), 15)
+            except AssertionError:
+                pytest.fail("freeDiameter did not connect to dsbc:\n" + relay.log_tail())
+            log = relay.log_path.read_text(errors="replace")
+            cea = next(ln for ln in log.splitlines() if "Capabilities-Exchange-Answer" in ln and "dsbc.example" in ln)
+            assert f"Host-IP-Address(257)[-M]={veth.host_ip} " in cea, cea
+        finally:
+            await svc.stop()
+            await asyncio.get_running_loop().run_in_executor(None, relay.stop)
+            server.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        store.close()

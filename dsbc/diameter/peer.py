@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ipaddress
 import itertools
 import logging
 import os
@@ -51,9 +52,11 @@ class LocalNode:
     def next_e2e(self) -> int:
         return next(self._e2e) & 0xFFFFFFFF
 
-    def capabilities(self) -> list[dc.Avp]:
-        return dc.capabilities(self.origin_host, self.origin_realm, self.host_ips, self.apps, self.product,
-                               self.state_id)
+    def capabilities(self, local_ip: str = "") -> list[dc.Avp]:
+        """Our CER / CEA AVPs; Host-IP-Address is ``local_ip`` (the address the connection
+        uses) when there is one: a wildcard listener or an outgoing connection has no other."""
+        return dc.capabilities(self.origin_host, self.origin_realm, [local_ip] if local_ip else self.host_ips,
+                               self.apps, self.product, self.state_id)
 
 
 class Owner(Protocol):
@@ -91,6 +94,7 @@ class Connection(asyncio.Protocol):
         self.peer_realm = ""
         self.peer_apps: set[int] = set()
         self.peer_addr: Any = None
+        self.local_ip = ""  # our end of the connection, for Host-IP-Address
         self.close_reason = ""
         self.peer_dpr_cause: int | None = None  # the Disconnect-Cause of the peer's DPR
         self.closed: asyncio.Future[None] = asyncio.get_event_loop().create_future()
@@ -108,6 +112,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peer_addr = transport.get_extra_info("peername")
+        self.local_ip = _local_ip(transport.get_extra_info("sockname"))
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -117,7 +122,7 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_event_loop()
         self._timer = loop.call_later(self.cer_timeout, self._tick)
         if self.initiator:
-            self.send_request(dc.CMD_CE, dc.APP_COMMON, self.node.capabilities())
+            self.send_request(dc.CMD_CE, dc.APP_COMMON, self.node.capabilities(self.local_ip))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.close_reason:
@@ -235,7 +240,7 @@ class Connection(asyncio.Protocol):
             return
         host, realm = m.text(dc.ORIGIN_HOST), m.text(dc.ORIGIN_REALM)
         apps = dc.advertised_apps(m)
-        avps = self.node.capabilities()
+        avps = self.node.capabilities(self.local_ip)
         # absent means NO_INBAND_SECURITY; a peer that offers TLS alone would start a TLS
         # handshake after a successful CEA, and there is no TLS here
         inband = {a.u32() for a in m.find_all(dc.INBAND_SECURITY_ID)}
@@ -299,6 +304,18 @@ class Connection(asyncio.Protocol):
                                                      dc.utf8(dc.ORIGIN_REALM, self.node.origin_realm),
                                                      dc.u32(dc.ORIGIN_STATE_ID, self.node.state_id)])
         self._timer = self._loop.call_at(now + self.watchdog, self._tick)
+
+
+def _local_ip(sockname: Any) -> str:
+    """The IP of a socket's own address ('' when it has none: a Unix socket, a test double);
+    an IPv4 client of a dual-stack listener is answered with the IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(sockname[0])
+    except (TypeError, ValueError, IndexError):
+        return ""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return "" if ip.is_unspecified else str(ip)
 
 
 class PeerLink:

@@ -210,6 +210,7 @@ async def start_diameter(cfg: Config, store: LocationStore) -> DiameterService:
     c = cfg.diameter
     host, port = parse_hostport(c.listen, 3868)
     host = host.strip("[]")
+    # (each connection advertises its own local address; this is the fallback)
     ips = [host] if host not in ("0.0.0.0", "::", "") else [_primary_ip()]
     node = LocalNode(c.origin_host, c.origin_realm, [dc.APP_CREDIT_CONTROL], ips)
     routes = [SystemRoute(n, cfg.system(n).diameter_host, cfg.system(n).diameter_realm) for n in ("source", "target")]
