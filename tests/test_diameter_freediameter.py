@@ -167,3 +167,53 @@ def test_host_ip_address_is_the_address_each_connection_uses(veth: VethNamespace
         asyncio.run(asyncio.wait_for(main(), 60))
     finally:
         store.close()
+
+
+def test_through_a_freediameter_relay_in_front_of_a_system(veth: VethNamespace, tmp_path: Path) -> None:
+    """PGW -> dsbc -> freeDiameter (the source system's Diameter agent) -> the source's OCS.
+    With no `diameter_realm` configured, dsbc writes the realm the system's peer gave in its
+    CEA as Destination-Realm (the PGW's is dsbc's own realm, which the relay cannot route);
+    the OCS's Re-Auth-Request comes back through both agents to the PGW."""
+    store = open_test_store(tmp_path)
+    seed(store)
+
+    async def main() -> None:
+        ocs = await CreditControlServer("MR100", "ocs.source.example", "source.example",
+                                        host_ip=veth.host_ip).start(veth.host_ip, free_tcp_port())
+        tgt = await CreditControlServer("MR115", "ocs.target.example", "target.example").start()
+        relay = FreeDiameterRelay(tmp_path / "fd", veth, "agent.source.example", "source.example",
+                                  # dsbc is a known peer (freeDiameter refuses unknown ones); it is
+                                  # dsbc that connects, so the address given here is a closed port
+                                  [("ocs.source.example", *ocs.address), ("dsbc.example", veth.host_ip, 9)])
+        await asyncio.get_running_loop().run_in_executor(None, relay.start)
+        text = config_text((veth.ns_ip, 3868), tgt.address).replace(
+            'diameter_host = "ocs.source.example"\ndiameter_realm = "source.example"\n', "")
+        svc = await start_diameter(parse_config(text), store)
+        pgw = None
+        try:
+            try:
+                await wait_for(lambda: all(link.is_open for link in svc.links.values()), 15)
+            except AssertionError:
+                pytest.fail("dsbc did not connect to freeDiameter:\n" + relay.log_tail())
+            assert svc.links["source"].status()["identity"] == "agent.source.example"
+            pgw = await CreditControlClient("pgw1.example", "example", "example").connect(*svc.address)  # type: ignore[misc]
+            ans = await pgw.ccr("pgw1;f1", dc.CC_INITIAL, (dc.SUB_E164, MSISDN))
+            assert ans.u32(dc.RESULT_CODE) == dc.SUCCESS and ans.text(dc.ORIGIN_HOST) == "ocs.source.example", ans
+            assert ocs.log[0]["destination_realm"] == "source.example"
+            assert ocs.log[0]["route_record"] == ["pgw1.example", "dsbc.example"]
+            raa = await ocs.re_auth("pgw1;f1", "pgw1.example", "example")
+            assert raa.u32(dc.RESULT_CODE) == dc.SUCCESS and raa.text(dc.ORIGIN_HOST) == "pgw1.example"
+            ans = await pgw.ccr("pgw1;f1", dc.CC_TERMINATE)
+            assert ans.u32(dc.RESULT_CODE) == dc.SUCCESS and [e["type"] for e in ocs.log] == [1, 3]
+        finally:
+            if pgw is not None:
+                await pgw.stop()
+            await svc.stop()
+            await asyncio.get_running_loop().run_in_executor(None, relay.stop)
+            await ocs.stop()
+            await tgt.stop()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        store.close()

@@ -42,7 +42,7 @@ class Send(NamedTuple):
 
 
 class SystemRoute:
-    __slots__ = ("answers", "dest_host", "dest_realm", "errors", "identity", "name", "open", "requests")
+    __slots__ = ("answers", "dest_host", "dest_realm", "errors", "identity", "name", "open", "realm", "requests")
 
     def __init__(self, name: str, dest_host: str = "", dest_realm: str = "") -> None:
         self.name = name
@@ -50,6 +50,7 @@ class SystemRoute:
         self.dest_realm = dest_realm
         self.open = False
         self.identity = ""  # Origin-Host the peer gave in its CEA
+        self.realm = ""  # Origin-Realm the peer gave in its CEA
         self.requests = 0
         self.answers = 0
         self.errors: dict[int, int] = {}
@@ -186,12 +187,14 @@ class DiameterRouter:
         for key in [k for k, p in self._pending.items() if p.back == conn]:
             del self._pending[key]  # nobody left to answer
 
-    def peer_state(self, system: str, is_open: bool, identity: str = "") -> list[Send]:
+    def peer_state(self, system: str, is_open: bool, identity: str = "", realm: str = "") -> list[Send]:
         """A system's peer opened or dropped; in-flight requests to it get 3002 at once."""
         s = self.systems[system]
         s.open = is_open
         if identity:
             s.identity = identity
+        if realm:
+            s.realm = realm
         if is_open:
             return []
         out: list[Send] = []
@@ -268,8 +271,11 @@ class DiameterRouter:
         self._pending[(s.name, hbh)] = p
         heapq.heappush(self._heap, (p.deadline, next(self._seq), (s.name, hbh)))
         fwd = dc.Message(m.flags, m.code, m.app_id, hbh, m.end_to_end, list(m.avps))
-        if s.dest_realm:
-            fwd.replace(dc.DESTINATION_REALM, dc.utf8(dc.DESTINATION_REALM, s.dest_realm))
+        # the client's Destination-Realm names dsbc's realm (or the old system's): without a
+        # configured one, the realm the system's peer gave in its CEA is where the request goes
+        realm = s.dest_realm or s.realm
+        if realm:
+            fwd.replace(dc.DESTINATION_REALM, dc.utf8(dc.DESTINATION_REALM, realm))
         if s.dest_host:
             fwd.replace(dc.DESTINATION_HOST, dc.utf8(dc.DESTINATION_HOST, s.dest_host))
         identity = self.clients.get(conn)

@@ -102,7 +102,7 @@ class DiameterService:
     def on_open(self, conn: Connection) -> None:
         if isinstance(conn.key, str):
             log.info("diameter: %s peer %s is open", conn.key, conn.peer_host)
-            self._send(self.router.peer_state(conn.key, True, conn.peer_host))
+            self._send(self.router.peer_state(conn.key, True, conn.peer_host, conn.peer_realm))
         else:
             self.router.client_open(conn.id, conn.peer_host)
 
