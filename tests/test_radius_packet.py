@@ -93,6 +93,19 @@ def test_salt_encryption_and_mppe_reencrypt() -> None:
     assert pkt.attrs[1][1][0] == 1 and rp.salt_decrypt(pkt.attrs[1][1][1:], b"s2", a2) == b"tunnel"
 
 
+def test_vendor_salt_encrypted_attributes_reencrypted() -> None:
+    """Aruba-MPSK-Passphrase (a Wi-Fi key per device) and Juniper's ERX-LI-Action are
+    salt-encrypted like MS-MPPE keys (FreeRADIUS dictionaries: encrypt=2)."""
+    a1, a2 = bytes(range(16)), bytes(range(16, 32))
+    aruba = rp.join_vsa(14823, [(44, rp.salt_encrypt(b"device-psk-123", b"s1", a1))])
+    erx = rp.join_vsa(4874, [(58, rp.salt_encrypt(b"\x00\x00\x00\x01", b"s1", a1)), (1, b"plain")])
+    pkt = rp.Packet(rp.ACCESS_ACCEPT, 1, rp.ZERO16, [(rp.VENDOR_SPECIFIC, aruba), (rp.VENDOR_SPECIFIC, erx)])
+    rp.reencrypt_answer_attrs(pkt, b"s1", a1, b"s2", a2)
+    (_, [(_, psk)]), (_, [(_, li), plain]) = (rp.split_vsa(v) or (0, []) for _, v in pkt.attrs)
+    assert rp.salt_decrypt(psk, b"s2", a2) == b"device-psk-123"
+    assert rp.salt_decrypt(li, b"s2", a2) == b"\x00\x00\x00\x01" and plain == (1, b"plain")
+
+
 @pytest.mark.parametrize(
     "data,reason",
     [

@@ -374,15 +374,25 @@ def salt_decrypt(value: bytes, secret: bytes, request_authenticator: bytes) -> b
     return plain[1 : 1 + n]
 
 
+# Vendor-Specific sub-attributes hidden with the secret and the Request Authenticator
+# (FreeRADIUS dictionaries: encrypt=2 is salted as Tunnel-Password, encrypt=1 as User-Password)
+SALTED_VSAS: Final = {
+    VENDOR_MICROSOFT: frozenset({MS_MPPE_SEND_KEY, MS_MPPE_RECV_KEY}),  # RFC 2548: Wi-Fi keys after EAP
+    14823: frozenset({44}),  # Aruba-MPSK-Passphrase
+    4874: frozenset({58, 59, 60, 61}),  # Juniper ERX-LI-Action, -Med-Dev-Handle, -Med-Ip-Address, -Med-Port-Number
+}
+HIDDEN_VSAS: Final = {VENDOR_MICROSOFT: frozenset({MS_CHAP_MPPE_KEYS})}  # RFC 2548 2.4.1: MS-CHAPv1 MPPE keys
+
+
 def reencrypt_answer_attrs(
     pkt: Packet, old_secret: bytes, old_auth: bytes, new_secret: bytes, new_auth: bytes
 ) -> None:
     """Re-encrypt the request-authenticator-keyed attributes of an answer in place.
 
-    Tunnel-Password (RFC 2868, with its tag octet), MS-MPPE-Send/Recv-Key (RFC 2548, the
-    keys a Wi-Fi access point needs after EAP) and MS-CHAP-MPPE-Keys (RFC 2548 2.4.1, the
-    MPPE keys of an MS-CHAPv1 PPP session) are encrypted with the secret and the Request
-    Authenticator, both of which differ on each side of a proxy."""
+    Tunnel-Password (RFC 2868, with its tag octet) and the vendor attributes of
+    ``SALTED_VSAS`` / ``HIDDEN_VSAS`` (MS-MPPE-Send/Recv-Key, MS-CHAP-MPPE-Keys, ...) are
+    encrypted with the secret and the Request Authenticator, both of which differ on each
+    side of a proxy."""
     out: list[tuple[int, bytes]] = []
     for t, v in pkt.attrs:
         if t == TUNNEL_PASSWORD and len(v) >= 19:
@@ -390,17 +400,21 @@ def reencrypt_answer_attrs(
             v = v[:1] + salt_encrypt(plain, new_secret, new_auth, v[1:3])
         elif t == VENDOR_SPECIFIC:
             vsa = split_vsa(v)
-            if vsa is not None and vsa[0] == VENDOR_MICROSOFT and any(
-                s in (MS_MPPE_SEND_KEY, MS_MPPE_RECV_KEY, MS_CHAP_MPPE_KEYS) for s, _ in vsa[1]
-            ):
-                subs = []
-                for st, sv in vsa[1]:
-                    if st in (MS_MPPE_SEND_KEY, MS_MPPE_RECV_KEY):
+            if vsa is None:
+                out.append((t, v))
+                continue
+            vendor, subs = vsa
+            salted = SALTED_VSAS.get(vendor, frozenset())
+            hidden = HIDDEN_VSAS.get(vendor, frozenset())
+            if any(st in salted or st in hidden for st, _ in subs):
+                edited = []
+                for st, sv in subs:
+                    if st in salted:
                         plain = salt_decrypt(sv, old_secret, old_auth)
                         sv = salt_encrypt(plain, new_secret, new_auth, sv[:2])
-                    elif st == MS_CHAP_MPPE_KEYS:
+                    elif st in hidden:
                         sv = rehide(sv, old_secret, old_auth, new_secret, new_auth)
-                    subs.append((st, sv))
-                v = join_vsa(VENDOR_MICROSOFT, subs)
+                    edited.append((st, sv))
+                v = join_vsa(vendor, edited)
         out.append((t, v))
     pkt.attrs = out
