@@ -146,3 +146,15 @@ def test_a_request_from_a_system_goes_to_the_client_s_newest_connection(st: Loca
     r.client_closed(2)
     [out] = r.peer_request("source", rar, 2.0)
     assert out.kind == TO_CLIENT and out.target == 1
+
+
+def test_a_destination_host_naming_dsbc_is_not_relayed_to_a_system(st: LocationStore) -> None:
+    # a PGW configured with dsbc as its credit-control server names it in Destination-Host;
+    # the source has no diameter_host configured: its OCS must not get dsbc's name
+    r = router(st)
+    [fwd] = r.client_request(1, ccr("d", dc.CC_INITIAL, (dc.SUB_E164, "15550100"),
+                                    extra=[dc.utf8(dc.DESTINATION_HOST, "dsbc.example")]), 0.0)
+    assert fwd.target == "source" and dc.decode(fwd.data).find(dc.DESTINATION_HOST) is None
+    # the OCS's own name (from the CCA, as RFC 4006 has the PGW send it) is kept
+    [fwd] = r.client_request(1, ccr("d", dc.CC_UPDATE, extra=[dc.utf8(dc.DESTINATION_HOST, "ocs.s")]), 1.0)
+    assert dc.decode(fwd.data).text(dc.DESTINATION_HOST) == "ocs.s"

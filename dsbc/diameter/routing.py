@@ -278,6 +278,8 @@ class DiameterRouter:
             fwd.replace(dc.DESTINATION_REALM, dc.utf8(dc.DESTINATION_REALM, realm))
         if s.dest_host:
             fwd.replace(dc.DESTINATION_HOST, dc.utf8(dc.DESTINATION_HOST, s.dest_host))
+        elif fwd.text(dc.DESTINATION_HOST) == self.origin_host:
+            fwd.replace(dc.DESTINATION_HOST, None)  # it named dsbc (RFC 6733 6.1.4): the system picks
         identity = self.clients.get(conn)
         if identity:
             fwd.avps.append(dc.utf8(dc.ROUTE_RECORD, identity))
