@@ -158,3 +158,16 @@ def test_a_destination_host_naming_dsbc_is_not_relayed_to_a_system(st: LocationS
     # the OCS's own name (from the CCA, as RFC 4006 has the PGW send it) is kept
     [fwd] = r.client_request(1, ccr("d", dc.CC_UPDATE, extra=[dc.utf8(dc.DESTINATION_HOST, "ocs.s")]), 1.0)
     assert dc.decode(fwd.data).text(dc.DESTINATION_HOST) == "ocs.s"
+
+
+def test_a_request_from_a_system_that_already_went_through_dsbc_is_a_loop(st: LocationStore) -> None:
+    # a Diameter agent on the system's side that routes dsbc's own request back to it: 3005
+    # to the system (RFC 6733 6.1.3), not a request relayed to the PGW as if the OCS sent it
+    r = router(st)
+    [fwd] = r.client_request(1, ccr("a", dc.CC_INITIAL, (dc.SUB_E164, "15550100")), 0.0)
+    back = dc.decode(fwd.data)
+    back.avps.append(dc.utf8(dc.ROUTE_RECORD, "dsbc.example"))
+    [out] = r.peer_request("source", back, 0.1)
+    ans = dc.decode(out.data)
+    assert out.kind == TO_PEER and out.target == "source"
+    assert ans.u32(dc.RESULT_CODE) == dc.LOOP_DETECTED and ans.flags & dc.FLAG_E and not ans.is_request

@@ -215,13 +215,16 @@ class DiameterRouter:
 
     # -- requests from clients ------------------------------------------------------------------
 
+    def _looped(self, m: dc.Message) -> bool:
+        """Whether a request already went through dsbc (RFC 6733 6.1.3: its Route-Record)."""
+        return any(rr.text() == self.origin_host for rr in m.find_all(dc.ROUTE_RECORD))
+
     def client_request(self, conn: int, m: dc.Message, now: float) -> list[Send]:
         self._last_now = now
         self.requests += 1
         identity = self.clients.get(conn, "")
-        for rr in m.find_all(dc.ROUTE_RECORD):
-            if rr.text() == self.origin_host:
-                return self._local(conn, m, dc.LOOP_DETECTED, "request already went through dsbc")
+        if self._looped(m):
+            return self._local(conn, m, dc.LOOP_DETECTED, "request already went through dsbc")
         if m.app_id != dc.APP_CREDIT_CONTROL:  # the only application dsbc advertised in its CEA
             return self._local(conn, m, dc.APPLICATION_UNSUPPORTED,
                                "dsbc relays credit-control (application 4) only")
@@ -290,6 +293,11 @@ class DiameterRouter:
 
     def peer_request(self, system: str, m: dc.Message, now: float) -> list[Send]:
         self._last_now = now
+        if self._looped(m):
+            self.local_answers[dc.LOOP_DETECTED] = self.local_answers.get(dc.LOOP_DETECTED, 0) + 1
+            ans = dc.answer(m, dc.LOOP_DETECTED, self.origin_host, self.origin_realm,
+                            error_message="request already went through dsbc")
+            return [Send(TO_PEER, system, dc.encode(ans))]
         sid = m.text(dc.SESSION_ID) or ""
         sess = self.sessions.get(sid) if sid else None
         conn = None
