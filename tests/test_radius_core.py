@@ -248,6 +248,16 @@ def test_accounting_on_goes_to_both_systems(store: LocationStore) -> None:
     assert core.handle_answer("source", outs[0].via, server_answer(outs[0]), SRC_ACCT, 0.2) == []
 
 
+@pytest.mark.parametrize("status", [rp.ACCT_ON, rp.ACCT_OFF])
+def test_accounting_on_or_off_naming_a_user_still_goes_to_both_systems(store: LocationStore, status: int) -> None:
+    # some NAS put a User-Name (the NAS's own name, or a customer's) in Accounting-On / -Off:
+    # it is still about every session of the NAS, on both systems (RFC 2866 5.1)
+    core = make_core(store)
+    attrs = [(rp.ACCT_STATUS_TYPE, struct.pack("!I", status)), (rp.USER_NAME, b"alice")]
+    raw = rp.sign_request(rp.Packet(rp.ACCOUNTING_REQUEST, 3, rp.ZERO16, attrs), NAS_SECRET)
+    assert sorted(o.system for o in core.handle_request(ACCT, raw, NAS, 0.0)) == ["source", "target"]
+
+
 def test_accounting_on_ends_the_nas_sessions(store: LocationStore) -> None:
     # a NAS that rebooted (Accounting-On) numbers its sessions from 1 again: a new session of
     # another customer that gets an old Acct-Session-Id goes to its own system, not to the

@@ -284,8 +284,9 @@ class RadiusCore:
             # the NAS (re)started or stops: its sessions are over, and a NAS that numbers
             # them from a counter reuses their Acct-Session-Ids for other users' sessions
             self._forget_nas(nas)
-        if code == rp.ACCOUNTING_REQUEST and status in (rp.ACCT_ON, rp.ACCT_OFF) and not user:
-            # a NAS reboot concerns the sessions it had on either system
+        if code == rp.ACCOUNTING_REQUEST and status in (rp.ACCT_ON, rp.ACCT_OFF):
+            # a NAS reboot concerns the sessions it had on either system, whatever User-Name
+            # it puts in (some give their own name)
             return self._fan_out(req, dup, now)
         pinned = self.sticky.get(session) if session is not None else None
         if pinned is None and session is not None and status != rp.ACCT_START and nas != addr[0]:
