@@ -9,6 +9,7 @@ its system across a migration.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,33 @@ def test_a_relay_that_wants_tls_after_the_cea_is_told_there_is_no_common_securit
         asyncio.run(asyncio.wait_for(main(), 60))
     finally:
         store.close()
+
+
+def test_a_relay_that_starts_with_tls_is_named_in_the_log(veth: VethNamespace, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """freeDiameter's default for a peer is TLS from the first byte; dsbc has none, and its
+    log says so (rather than 'bad framing: version 22'), naming the remedy."""
+    store = open_test_store(tmp_path)
+    dsbc_port = free_tcp_port()
+
+    async def main() -> None:
+        text = config_text(None, None).replace('listen = "127.0.0.1:', f'listen = "{veth.host_ip}:{dsbc_port}"  # ')
+        svc = await start_diameter(parse_config(text), store)
+        relay = FreeDiameterRelay(tmp_path / "fd", veth, "relay.example", "relay.example",
+                                  [("dsbc.example", veth.host_ip, dsbc_port)], tls_on_connect=("dsbc.example",))
+        await asyncio.get_running_loop().run_in_executor(None, relay.start)
+        try:
+            await wait_for(lambda: "closing" in caplog.text, 15)
+        finally:
+            await svc.stop()
+            await asyncio.get_running_loop().run_in_executor(None, relay.stop)
+
+    with caplog.at_level(logging.INFO, logger="dsbc.diameter"):
+        try:
+            asyncio.run(asyncio.wait_for(main(), 60))
+        finally:
+            store.close()
+    assert "TLS" in caplog.text and "No_TLS" in caplog.text, caplog.text
 
 
 def test_host_ip_address_is_the_address_each_connection_uses(veth: VethNamespace, tmp_path: Path) -> None:

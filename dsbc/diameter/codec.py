@@ -455,3 +455,7 @@ class Framer:
     @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos
+
+    def head(self, n: int) -> bytes:
+        """The first ``n`` octets not taken yet (to tell what a stream that is off carries)."""
+        return bytes(self._buf[self._pos : self._pos + n])

@@ -179,7 +179,11 @@ class Connection(asyncio.Protocol):
                 raw = self.framer.next_message()
             except dc.DiameterDecodeError as exc:  # the stream is off: nothing after it can be trusted
                 self.bad_messages += 1
-                self.close(f"bad framing: {exc}")
+                if self.state == ConnState.WAIT_CER and self.framer.head(2) == b"\x16\x03":  # a TLS handshake record
+                    self.close("the peer starts TLS: dsbc speaks Diameter over plain TCP only (configure the "
+                               "peer without TLS: freeDiameter No_TLS, Inband-Security-Id 0)")
+                else:
+                    self.close(f"bad framing: {exc}")
                 return
             if raw is None:
                 return

@@ -83,10 +83,13 @@ class FreeDiameterRelay:
     """freeDiameterd in the namespace, connecting out to the configured peers (no TLS)."""
 
     def __init__(self, workdir: Path, ns: VethNamespace, identity: str, realm: str,
-                 peers: list[tuple[str, str, int]], tls_old_method: tuple[str, ...] = ()) -> None:
+                 peers: list[tuple[str, str, int]], tls_old_method: tuple[str, ...] = (),
+                 tls_on_connect: tuple[str, ...] = ()) -> None:
         self.dir = workdir
         #: peers asked for TLS after the CER/CEA (RFC 3588 style: Inband-Security-Id TLS)
         self.tls_old_method = tls_old_method
+        #: peers reached with TLS from the first byte (freeDiameter's default, RFC 6733)
+        self.tls_on_connect = tls_on_connect
         self.ns = ns
         self.identity = identity
         self.realm = realm
@@ -111,8 +114,9 @@ class FreeDiameterRelay:
             f'TLS_Cred = "{cert}", "{key}";', f'TLS_CA = "{cert}";',
         ]
         for ident, addr, port in self.peers:
-            tls = "TLS_old_method" if ident in self.tls_old_method else "No_TLS"
-            lines.append(f'ConnectPeer = "{ident}" {{ ConnectTo = "{addr}"; Port = {port}; {tls}; }};')
+            tls = ("TLS_old_method; " if ident in self.tls_old_method
+                   else "" if ident in self.tls_on_connect else "No_TLS; ")
+            lines.append(f'ConnectPeer = "{ident}" {{ ConnectTo = "{addr}"; Port = {port}; {tls}}};')
         conf = self.dir / "freeDiameter.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf
