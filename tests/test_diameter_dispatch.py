@@ -495,3 +495,39 @@ def test_a_dpr_with_a_malformed_disconnect_cause_still_gets_its_dpa(tmp_path: Pa
         await wait_for(lambda: link.conn is None or link.conn.close_reason == "peer sent DPR")
 
     run(tmp_path, scenario)
+
+
+def test_a_link_stopped_as_its_connection_completes_does_not_hang_the_stop() -> None:
+    """A reload or stop while a system's link is connecting: Python 3.11's wait_for returns
+    the new connection instead of the cancellation when both happen at once; the link must
+    still close it and end (the stop of a worker used to wait forever)."""
+    from dsbc.diameter.peer import LocalNode, PeerLink
+
+    class Owner:
+        def on_open(self, conn: Any) -> None: ...
+        def on_message(self, conn: Any, msg: Any) -> None: ...
+        def on_closed(self, conn: Any) -> None: ...
+
+    async def main() -> None:
+        server = await CreditControlServer("MR100", "ocs.source.example", "source.example").start()
+        loop = asyncio.get_running_loop()
+        link = PeerLink(Owner(), LocalNode("dsbc.test", "test", [4]), "source", *server.address)  # type: ignore[arg-type]
+        real = loop.create_connection
+        stops: list[asyncio.Future[None]] = []
+
+        async def connect_then_stop(*args: Any, **kw: Any) -> Any:
+            made = await real(*args, **kw)
+            loop.call_soon(lambda: stops.append(asyncio.ensure_future(link.stop())))
+            return made
+
+        loop.create_connection = connect_then_stop  # type: ignore[method-assign]
+        try:
+            link.start()
+            await wait_for(lambda: bool(stops))
+            await asyncio.wait_for(stops[0], 5)
+            assert link.conn is None or link.conn.state.value in ("closing", "closed")
+        finally:
+            loop.create_connection = real  # type: ignore[method-assign]
+            await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 20))

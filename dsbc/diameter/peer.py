@@ -371,6 +371,11 @@ class PeerLink:
                 self.last_error = error
             else:
                 self.conn = conn
+                if self._stopping:
+                    # stop() came as the connection completed: Python 3.11's wait_for then
+                    # returns it rather than the cancellation, and nobody would close it
+                    conn.close("stopping")
+                    break
                 await conn.closed
                 self.last_error = conn.close_reason or "connection closed"
                 if conn.peer_host:  # it opened: start the back-off afresh
@@ -394,6 +399,8 @@ class PeerLink:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.conn is not None and self.conn.state != ConnState.CLOSED:
+            self.conn.close("stopping")  # connected while the stop began
 
     def status(self) -> dict[str, Any]:
         c = self.conn
