@@ -58,7 +58,8 @@ def test_credit_control_through_freediameter_relay(veth: VethNamespace, tmp_path
         await asyncio.get_running_loop().run_in_executor(None, relay.start)
         try:
             try:
-                await wait_for(lambda: bool(svc.router.clients) and pgw._opened.is_set(), 15)
+                await wait_for(lambda: bool(svc.router.clients) and pgw._opened.is_set()
+                               and relay.is_open("dsbc.example") and relay.is_open("pgw1.pgw.example"), 15)
             except AssertionError:
                 pytest.fail("freeDiameter did not connect to dsbc and the PGW:\n" + relay.log_tail())
             assert list(svc.router.clients.values()) == ["relay.example"]
@@ -180,7 +181,7 @@ def test_host_ip_address_is_the_address_each_connection_uses(veth: VethNamespace
             assert cer.code == dc.CMD_CE and cer.is_request
             assert [dc.decode_address(a.data) for a in cer.find_all(dc.HOST_IP_ADDRESS)] == [veth.host_ip]
             try:
-                await wait_for(lambda: bool(svc.router.clients), 15)
+                await wait_for(lambda: bool(svc.router.clients) and relay.is_open("dsbc.example"), 15)
             except AssertionError:
                 pytest.fail("freeDiameter did not connect to dsbc:\n" + relay.log_tail())
             log = relay.log_path.read_text(errors="replace")
@@ -220,7 +221,8 @@ def test_through_a_freediameter_relay_in_front_of_a_system(veth: VethNamespace, 
         pgw = None
         try:
             try:
-                await wait_for(lambda: all(link.is_open for link in svc.links.values()), 15)
+                await wait_for(lambda: all(link.is_open for link in svc.links.values())
+                               and relay.is_open("ocs.source.example"), 15)
             except AssertionError:
                 pytest.fail("dsbc did not connect to freeDiameter:\n" + relay.log_tail())
             assert svc.links["source"].status()["identity"] == "agent.source.example"

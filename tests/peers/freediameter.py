@@ -138,6 +138,13 @@ class FreeDiameterRelay:
         self.stop()
         raise RuntimeError("freeDiameterd did not start:\n" + self.log_tail())
 
+    def is_open(self, identity: str) -> bool:
+        """Whether freeDiameter has its connection to ``identity`` open (it routes to a peer
+        only from then on, a moment after the peer itself took the connection for open)."""
+        if not self.log_path.exists():
+            return False
+        return f"-> 'STATE_OPEN'\t'{identity}'" in self.log_path.read_text(errors="replace")
+
     def log_tail(self, n: int = 60) -> str:
         if not self.log_path.exists():
             return "(no log)"
