@@ -549,8 +549,8 @@ def _check_or_prepare(
     # GroupSplitError: exit 2; LockedByBatch (a dry run checks what the run would): exit 1
     check = (store.migrate(ids, to, who=who, dry_run=True) if prepare
              else check_batch(store, ids, to, who=who, force=force))
-    if prepare and unprepare:
-        store.prepare(check.moved, 0)
+    if prepare and unprepare:  # every known customer: the cap of a batch prepared either way
+        store.prepare(check.moved + check.already, 0)
         _unprepared(check)
     elif prepare:
         expires = cfg.sip.migration_expires
@@ -584,9 +584,9 @@ def _prepared(check: MigrationResult, expires: int, wait: float, through: str = 
 
 def _unprepared(check: MigrationResult, through: str = "") -> None:
     click.echo(
-        f"registration expiry cap cleared for {len(check.moved)} customers (already on {check.to} "
-        f"{len(check.already)}, unknown {len(check.unknown)}){through}: their phones get their "
-        f"usual expiry at their next registration"
+        f"registration expiry cap cleared for {len(check.moved) + len(check.already)} customers "
+        f"(unknown {len(check.unknown)}){through}: their phones get their usual expiry at their "
+        f"next registration"
     )
 
 

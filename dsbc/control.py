@@ -503,9 +503,10 @@ class ControlService:
             _only_unknown(check)
             out = {"dry_run": True, "batch_id": "", "to": to, "moved": check.moved,
                    "already": check.already, "unknown": check.unknown}
-            if preparing and unprepare:
-                await self._write(lambda: self.store.prepare(check.moved, 0))
-                out.update(dry_run=False, unprepared=len(check.moved))
+            if preparing and unprepare:  # whichever way the batch was prepared (--to source too)
+                known = check.moved + check.already
+                await self._write(lambda: self.store.prepare(known, 0))
+                out.update(dry_run=False, unprepared=len(known))
             elif preparing:
                 expires = self.cfg.sip.migration_expires
                 await self._write(lambda: self.store.prepare(check.moved, expires))

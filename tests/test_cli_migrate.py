@@ -179,12 +179,29 @@ def test_unprepare_clears_the_cap_of_a_postponed_batch(home: Path) -> None:
     r = dsbc("migrate", "--customer", "1", "--customer", "2", "--customer", "99", "--unprepare")
     assert r.exit_code == 1  # one unknown id, as for --prepare
     assert r.stdout.splitlines()[0].startswith(
-        "registration expiry cap cleared for 2 customers (already on target 0, unknown 1)")
+        "registration expiry cap cleared for 2 customers (unknown 1)")
     s.refresh()
     assert s.customer("1").expires_cap == 0 and s.customer("2").expires_cap == 0  # type: ignore[union-attr]
     assert system_of(home, "1") == "source"
     r = dsbc("migrate", "--customer", "1", "--prepare", "--unprepare")
     assert r.exit_code == 2 and "not both" in r.stderr
+
+
+def test_unprepare_clears_a_cap_prepared_toward_the_source(home: Path) -> None:
+    """Found by an audit: a rollback prepared (`--to source --prepare`) and postponed with
+    `--unprepare` (no --to) cleared nothing ("cleared for 0 customers (already on target
+    1)"): the phones kept re-registering every sip.migration_expires seconds."""
+    s = store_at(home)
+    assert dsbc("migrate", "--customer", "1").exit_code == 0
+    assert dsbc("migrate", "--customer", "1", "--to", "source", "--prepare").exit_code == 0
+    s.refresh()
+    assert s.customer("1").expires_cap == 30  # type: ignore[union-attr]
+    r = dsbc("migrate", "--customer", "1", "--unprepare")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("registration expiry cap cleared for 1 customers (unknown 0)")
+    s.refresh()
+    assert s.customer("1").expires_cap == 0  # type: ignore[union-attr]
+    assert system_of(home, "1") == "target"
 
 
 def test_registrations_on_target_are_counted(home: Path) -> None:

@@ -185,6 +185,14 @@ def test_prepare_and_unprepare(node: Dsbc) -> None:
     assert node.control("GET", "/v1/customers/2")[1]["expires_cap"] == 0
     status, body = node.control("POST", "/v1/migrations", {"customers": ["2"], "prepare": True, "unprepare": True})
     assert status == 400 and "give one" in body["error"]
+    # a rollback prepared and postponed: the unprepare names no direction (found by an audit)
+    assert node.control("POST", "/v1/migrations", {"customers": ["2"]})[0] == 200
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["2"], "to": "source", "prepare": True})
+    assert status == 200 and body["prepared"] == 1, body
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["2"], "unprepare": True})
+    assert status == 200 and body["unprepared"] == 1, body
+    assert node.control("GET", "/v1/customers/2")[1]["expires_cap"] == 0
+    assert node.control("POST", "/v1/migrations", {"customers": ["2"], "to": "source"})[0] == 200  # as it was
 
 
 def test_customers_locked_by_another_batch_are_refused_409(node: Dsbc) -> None:
