@@ -142,6 +142,14 @@ def _check_hostport(value: str, where: str, default_port: int) -> None:
         raise ValueError(f"{where}: {exc}") from None
 
 
+def _check_caps(total: int, per_ip: int) -> None:
+    """The connection caps, each error naming its own key (and so its own line)."""
+    if total < 1:
+        raise ValueError("max_connections: must be >= 1")
+    if per_ip < 1:
+        raise ValueError("max_connections_per_ip: must be >= 1")
+
+
 def _check_specified(host: str, where: str) -> None:
     """An address written in Via / Record-Route / Path: a wildcard there sends the phones'
     and the systems' next requests nowhere."""
@@ -291,8 +299,7 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("rate_limit: must be >= 0 (0 = off)")
         if self.rate_window <= 0:
             raise ValueError("rate_window: must be > 0")
-        if self.max_connections < 1 or self.max_connections_per_ip < 1:
-            raise ValueError("max_connections: the connection caps must be >= 1")
+        _check_caps(self.max_connections, self.max_connections_per_ip)
         if self.max_message_size < 1024:
             raise ValueError("max_message_size: must be >= 1024")
         if self.options_interval <= 0:
@@ -401,12 +408,13 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ValueError(f"{key}: must be > 0 (seconds)")
         if self.header_timeout <= 0:
             raise ValueError("header_timeout: must be > 0")
-        if self.max_connections < 1 or self.max_connections_per_ip < 1:
-            raise ValueError("max_connections: the connection caps must be >= 1")
+        _check_caps(self.max_connections, self.max_connections_per_ip)
         if self.session_ttl < 1:
             raise ValueError("session_ttl: must be >= 1 (seconds)")
-        if self.max_header_size < 1024 or self.max_body_size < 0:
-            raise ValueError("max_header_size: must be >= 1024 (and max_body_size >= 0)")
+        if self.max_header_size < 1024:
+            raise ValueError("max_header_size: must be >= 1024")
+        if self.max_body_size < 0:
+            raise ValueError("max_body_size: must be >= 0")
         _check_url(self.source, "source")
         _check_url(self.target, "target")
 

@@ -139,8 +139,14 @@ def replace(old: str, new: str) -> str:
          ("dsbc.toml:15: systems.target.sip: bad address '10.0.1.311:5060': "
           "'10.0.1.311' is not a host name or an IP address")),
         ("[api]\nsession_ttl = -1\n", "dsbc.toml:2: api.session_ttl: must be >= 1 (seconds)"),
-        ("[api]\nmax_header_size = 100\n",
-         "dsbc.toml:2: api.max_header_size: must be >= 1024 (and max_body_size >= 0)"),
+        ("[api]\nmax_header_size = 100\n", "dsbc.toml:2: api.max_header_size: must be >= 1024"),
+        # found by an audit: these named the key (and the line) before them
+        ("[api]\nmax_header_size = 2048\nmax_body_size = -1\n", "dsbc.toml:3: api.max_body_size: must be >= 0"),
+        ("[api]\nmax_connections = 10\nmax_connections_per_ip = 0\n",
+         "dsbc.toml:3: api.max_connections_per_ip: must be >= 1"),
+        ("[sip]\nmax_connections = 10\nmax_connections_per_ip = -1\n",
+         "dsbc.toml:3: sip.max_connections_per_ip: must be >= 1"),
+        ("[sip]\nmax_connections = 0\n", "dsbc.toml:2: sip.max_connections: must be >= 1"),
         ("[radius]\ntimeout = 0\n", "dsbc.toml:2: radius.timeout: must be > 0 (seconds)"),
         ("[radius]\nretries = -1\n", "dsbc.toml:2: radius.retries: must be >= 0"),
         ("[radius]\nduplicate_window = -1\n", "dsbc.toml:2: radius.duplicate_window: must be >= 0 (seconds)"),
