@@ -90,13 +90,59 @@ def head_too_large(status: int, text: str) -> bool:
     return status in (413, 431) or any(s in lower for s in ("too long", "got more than", "too many headers"))
 
 
-class _FaultingHandler(RequestHandler):
-    """aiohttp's connection handler, answering its own errors in the fault shape, and
-    closing a connection whose request head does not arrive within ``header_timeout`` of
-    its first octet (aiohttp itself only bounds it by the keep-alive timeout)."""
+class HeadTimeoutHandler(RequestHandler):
+    """aiohttp's connection handler, closing a connection whose request head does not
+    arrive within `head_timeout` seconds of the connection or of a next request's first
+    octet: aiohttp itself bounds neither (a client that connects and sends nothing, or
+    half a head, holds its connection and a file descriptor forever), as nginx's
+    ``client_header_timeout`` does.  Used by the API dispatcher and the control API."""
 
     _head_timer: asyncio.TimerHandle | None = None
     _head_count = 0
+
+    def head_timeout(self) -> float:
+        return 10.0
+
+    def head_expired(self) -> None:
+        """The hook for a connection closed for its slow head (counted, logged)."""
+        log.debug("closing a connection whose request head did not arrive in time")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start_head_timer()  # the first request's head counts from the connection
+
+    def data_received(self, data: bytes) -> None:
+        waiter = getattr(self, "_waiter", None)
+        if self._head_timer is None and waiter is not None and not waiter.done():
+            self._start_head_timer()  # the first octets of a next request on a keep-alive
+        super().data_received(data)
+
+    def _start_head_timer(self) -> None:
+        if self.transport is None:  # refused in connection_made (a connection cap)
+            return
+        self._head_count = getattr(self, "_request_count", 0)
+        self._head_timer = self._loop.call_later(self.head_timeout(), self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        waiter = getattr(self, "_waiter", None)
+        if getattr(self, "_request_count", 0) == self._head_count and (
+            waiter is None or not waiter.done()
+        ):
+            self.head_expired()
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+
+class _FaultingHandler(HeadTimeoutHandler):
+    """aiohttp's connection handler, answering its own errors in the fault shape, and
+    closing a connection whose request head does not arrive within ``header_timeout`` of
+    its first octet."""
 
     _counted_ip: str | None = None
     #: set by ``ApiProxy.adopt``: a connection the fast path admitted and hands over
@@ -111,7 +157,6 @@ class _FaultingHandler(RequestHandler):
     proxy: ApiProxy | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
         proxy = self.proxy
         if self._adopted_ip is not None:
             self._counted_ip = self._adopted_ip
@@ -119,40 +164,24 @@ class _FaultingHandler(RequestHandler):
             peer = transport.get_extra_info("peername")
             ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
             if not proxy.admit_connection(ip):
+                RequestHandler.connection_made(self, transport)
                 proxy.metrics["connections_refused"] += 1
                 self.force_close()
                 return
             self._counted_ip = ip
-        self._start_head_timer()  # the first request's head counts from the connection
+        super().connection_made(transport)
 
-    def data_received(self, data: bytes) -> None:
-        waiter = getattr(self, "_waiter", None)
-        if self._head_timer is None and waiter is not None and not waiter.done():
-            self._start_head_timer()  # the first octets of a next request on a keep-alive
-        super().data_received(data)
-
-    def _start_head_timer(self) -> None:
+    def head_timeout(self) -> float:
         proxy = self.proxy
-        timeout = proxy.settings.header_timeout if proxy is not None else 10.0
-        self._head_count = getattr(self, "_request_count", 0)
-        self._head_timer = self._loop.call_later(timeout, self._head_expired)
+        return proxy.settings.header_timeout if proxy is not None else 10.0
 
-    def _head_expired(self) -> None:
-        self._head_timer = None
-        waiter = getattr(self, "_waiter", None)
-        if getattr(self, "_request_count", 0) == self._head_count and (
-            waiter is None or not waiter.done()
-        ):
-            proxy = self.proxy
-            if proxy is not None:
-                proxy.metrics["client_timeouts"] += 1
-            log.debug("closing a connection whose request head did not arrive in time")
-            self.force_close()
+    def head_expired(self) -> None:
+        proxy = self.proxy
+        if proxy is not None:
+            proxy.metrics["client_timeouts"] += 1
+        super().head_expired()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
         if self._counted_ip is not None:
             proxy = self.proxy
             if proxy is not None:

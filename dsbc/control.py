@@ -43,7 +43,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from api_proxy.server import answered_in_11, head_too_large
+from api_proxy.server import HeadTimeoutHandler, answered_in_11, head_too_large
 
 from .config import Config, parse_hostport
 from .imports import import_refusal, some
@@ -75,6 +75,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 COUNTS_TTL = 10.0  # seconds a store count is reused by /metrics (a count may scan)
 COUNTS_WAIT = 2.0  # seconds /metrics and /v1/status wait for the store (a hung Redis)
 MAX_BODY = 64 * 1024 * 1024
+#: seconds a client may take to send a request head (from its connection or its first
+#: octet), and a body: a slow or silent client is closed (as nginx's client_header_timeout
+#: and client_body_timeout), not left holding a connection of worker 0 forever
+HEAD_TIMEOUT = 10.0
+BODY_TIMEOUT = 15.0
 
 
 class ApiError(Exception):
@@ -109,10 +114,14 @@ def _error(status: int, reason: str, **extra: Any) -> web.Response:
     return resp
 
 
-class _JsonErrorHandler(RequestHandler):
+class _JsonErrorHandler(HeadTimeoutHandler):
     """aiohttp's connection handler, answering what aiohttp refuses before any route runs
     (a head it cannot parse, one over its size limits) in the API's JSON shape, and logging
-    it at debug level: bad input, not a server error with a traceback."""
+    it at debug level: bad input, not a server error with a traceback; a head that does not
+    arrive within HEAD_TIMEOUT closes the connection."""
+
+    def head_timeout(self) -> float:
+        return HEAD_TIMEOUT
 
     def handle_error(
         self,
@@ -255,7 +264,10 @@ class ControlService:
         try:
             return await handler(request)
         except ApiError as exc:
-            return _error(exc.status, str(exc), **exc.extra)
+            resp = _error(exc.status, str(exc), **exc.extra)
+            if exc.status == 408:  # the rest of a body that stalled is not worth waiting for
+                resp.force_close()
+            return resp
         except web.HTTPException as exc:
             if exc.status >= 400:
                 resp = _error(exc.status, exc.reason)
@@ -276,7 +288,10 @@ class ControlService:
             return _error(400, str(exc))
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
+        try:
+            raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT)
+        except TimeoutError:
+            raise ApiError(408, f"the body did not arrive within {BODY_TIMEOUT:g} s") from None
         if not raw.strip():
             return {}
         try:

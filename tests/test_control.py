@@ -524,3 +524,42 @@ def test_requests_write_no_access_log_line(tmp_path: Path, caplog: pytest.LogCap
     with caplog.at_level("INFO"):
         asyncio.run(scenario())
     assert not [r for r in caplog.records if r.name == "aiohttp.access"]
+
+
+def test_slow_and_silent_clients_are_closed(node: Dsbc) -> None:
+    """Found by an audit: a client that connected and sent nothing, or half a request head,
+    or a head and then not its body, held its connection to worker 0 forever (aiohttp
+    bounds none of these): /metrics is often opened to a scraper's network, and enough
+    such connections take every file descriptor of the worker that also serves SIP."""
+    import socket
+
+    from dsbc.control import BODY_TIMEOUT, HEAD_TIMEOUT
+
+    def closed_after(sock: socket.socket, limit: float) -> tuple[float, bytes]:
+        start = time.monotonic()
+        sock.settimeout(limit)
+        got = b""
+        try:
+            while chunk := sock.recv(4096):
+                got += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return time.monotonic() - start, got
+
+    silent = socket.create_connection(("127.0.0.1", node.control_port))
+    half = socket.create_connection(("127.0.0.1", node.control_port))
+    half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    body = socket.create_connection(("127.0.0.1", node.control_port))
+    body.sendall(b"PUT /v1/customers/9 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 + b"test-token\r\nContent-Length: 100\r\n\r\n{")
+    try:
+        for sock in (silent, half):
+            took, got = closed_after(sock, HEAD_TIMEOUT + 5)
+            assert got == b"" and took < HEAD_TIMEOUT + 4, (took, got)
+        took, got = closed_after(body, BODY_TIMEOUT)
+        assert got.startswith(b"HTTP/1.1 408 "), got
+        assert b"did not arrive" in got
+    finally:
+        for sock in (silent, half, body):
+            sock.close()
+    assert node.control("GET", "/healthz", token=None)[0] == 200  # still serving
