@@ -298,19 +298,13 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
         return
     from importlib.metadata import PackageNotFoundError, version
 
-    from sip._pure import compiled
+    from sip._pure import build
 
     try:
         release = version("dsbc-dispatcher")
     except PackageNotFoundError:
         release = "unknown (not installed)"
-    flags = compiled()
-    build = (
-        "compiled (mypyc)" if all(flags.values())
-        else "pure Python" if not any(flags.values())
-        else "mixed: compiled " + ", ".join(k for k, v in flags.items() if v)
-    )
-    click.echo(f"dsbc {release}, Python {sys.version.split()[0]}, SIP core and API fast path: {build}")
+    click.echo(f"dsbc {release}, Python {sys.version.split()[0]}, SIP core and API fast path: {build()}")
     ctx.exit()
 
 

@@ -330,7 +330,13 @@ class Master:
         signal.signal(signal.SIGHUP, lambda *_: self.flags.add("reload"))
         for i in range(self.cfg.sip.workers):
             self.spawn(i)
-        log.info("dsbc running with %d worker(s), config %s", len(self.workers), self.cfg_path)
+        from sip._pure import build
+
+        core = build()
+        log.info("dsbc running with %d worker(s), config %s; SIP core and API fast path: %s%s",
+                 len(self.workers), self.cfg_path, core,
+                 " (about 2.5x slower: installed without a C compiler, or DSBC_PURE_PYTHON=1)"
+                 if core == "pure Python" else "")
         while True:
             if "stop" in self.flags:
                 code = self.stop()

@@ -100,3 +100,17 @@ def compiled() -> dict[str, bool]:
         module = importlib.import_module(name)
         out[name] = not (module.__file__ or "").endswith(".py")
     return out
+
+
+def build() -> str:
+    """Which core runs, for `dsbc --version` and the start of `dsbc run`: ``compiled
+    (mypyc)``, ``pure Python`` or ``mixed: compiled <modules>``."""
+    flags = {}  # found, not imported: the master process of `dsbc run` never loads the core
+    for name in CORE_MODULES:
+        spec = importlib.util.find_spec(name)
+        flags[name] = spec is not None and not (spec.origin or "").endswith(".py")
+    if all(flags.values()):
+        return "compiled (mypyc)"
+    if not any(flags.values()):
+        return "pure Python"
+    return "mixed: compiled " + ", ".join(k for k, v in flags.items() if v)

@@ -563,3 +563,13 @@ def test_slow_and_silent_clients_are_closed(node: Dsbc) -> None:
         for sock in (silent, half, body):
             sock.close()
     assert node.control("GET", "/healthz", token=None)[0] == 200  # still serving
+
+
+def test_the_start_says_which_core_runs(node: Dsbc) -> None:
+    """Found by an audit: the README says an install without a C compiler "says so", but pip
+    hides a successful build's output: only `dsbc --version` told.  The start says it."""
+    import re
+
+    text = (node.workdir / "dsbc.log").read_text(errors="replace")
+    assert re.search(r"dsbc running with \d+ worker\(s\), config \S+; SIP core and API fast path: "
+                     r"(compiled \(mypyc\)|pure Python \(about 2\.5x slower)", text), node.log_tail()
