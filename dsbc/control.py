@@ -257,8 +257,9 @@ class ControlService:
             scheme, _, given = auth.partition(" ")
             if not auth:
                 return _error(401, "missing Authorization: Bearer <control.token>")
+            # surrogateescape: aiohttp keeps a header's non-UTF-8 octets as lone surrogates
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), self.token.encode()
+                given.strip().encode("utf-8", "surrogateescape"), self.token.encode()
             ):
                 return _error(401, "wrong token (Authorization: Bearer <control.token>)")
         try:

@@ -62,6 +62,14 @@ def test_no_token_or_a_wrong_one_is_401(node: Dsbc) -> None:
     assert status == 401 and body["error"].startswith("wrong token")
     status, _ = node.control("POST", "/v1/migrations", {"customers": ["1"]}, token="")
     assert status == 401
+    # found by an audit: a token with an octet that is not UTF-8 was a 500 and a traceback
+    import socket
+
+    with socket.create_connection(("127.0.0.1", node.control_port), timeout=5) as s:
+        s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\xffk\r\n"
+                  b"Connection: close\r\n\r\n")
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"wrong token" in answer, answer
     # health and metrics need no token
     assert node.control("GET", "/healthz", token=None)[0] == 200
     assert node.control("GET", "/metrics", token=None)[0] == 200
