@@ -132,6 +132,11 @@ class _JsonErrorHandler(HeadTimeoutHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("a response was under way; closing the connection")
+        if isinstance(exc, ConnectionError):
+            # the client went away while its body was read: no one to answer, nothing wrong
+            # here (aiohttp closes the connection quietly, as for the API dispatcher)
+            log.debug("control API: client %s went away during its request: %s", request.remote, exc)
+            raise ConnectionError("the client went away")
         if status >= 500:
             log.error("control API: unhandled error on %s", request.path, exc_info=exc)
             reason = "internal error (the node's log has the details)"

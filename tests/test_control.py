@@ -581,3 +581,18 @@ def test_the_start_says_which_core_runs(node: Dsbc) -> None:
     text = (node.workdir / "dsbc.log").read_text(errors="replace")
     assert re.search(r"dsbc running with \d+ worker\(s\), config \S+; SIP core and API fast path: "
                      r"(compiled \(mypyc\)|pure Python \(about 2\.5x slower)", text), node.log_tail()
+
+
+def test_a_client_gone_mid_body_is_no_error(node: Dsbc) -> None:
+    """Found by an audit: a client that closed its connection while sending a body (a
+    script killed, a curl timeout) left an ERROR and a traceback (ConnectionResetError) in
+    the log, where the API dispatcher counts it and says nothing."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", node.control_port), timeout=5) as s:
+        s.sendall(b"PUT /v1/customers/9 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token\r\n"
+                  b"Content-Length: 100\r\n\r\n{")
+        time.sleep(0.3)
+    time.sleep(0.5)
+    assert node.control("GET", "/healthz", token=None)[0] == 200
+    assert "went away" not in node.log_tail() and not node.traceback(), node.log_tail()
