@@ -18,6 +18,7 @@ import contextlib
 import getpass
 import importlib
 import json
+import math
 import os
 import signal
 import sys
@@ -67,6 +68,17 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that refuses nan and inf (click's accepts both: `--lock-for inf` ended
+    in a traceback from time.sleep, `--lock-for nan` did not wait at all)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if isinstance(rv, float) and not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -417,7 +429,7 @@ def where(identity: str, node: str | None) -> int:
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     metavar="SECONDS",
     help="For --wait-registrations (default: 2 x sip.migration_expires).",
 )
@@ -430,10 +442,10 @@ def where(identity: str, node: str | None) -> int:
 )
 @click.option(
     "--lock-for",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0, max=600),
     default=0.0,
     metavar="SECONDS",
-    help="Lock the batch, wait this long (a data-copy window), then flip.",
+    help="Lock the batch, wait this long (a data-copy window, at most 600 s), then flip.",
 )
 @click.option(
     "--force",

@@ -34,7 +34,14 @@ from sip.health import PING_BRANCH_PREFIX
 from sip.message import SipMessage, parse_message
 from sip.proxy import BRANCH_PREFIX, owner_candidates
 
-from .cli import CliError, config_options, load_cli_config, open_cli_store, system_label
+from .cli import (
+    CliError,
+    FiniteFloat,
+    config_options,
+    load_cli_config,
+    open_cli_store,
+    system_label,
+)
 from .config import Config, parse_hostport
 from .imports import some
 from .replay_capture import Capture, CaptureError, Message, read_capture
@@ -554,9 +561,10 @@ def send(
     start = time.monotonic()
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         for offset, m in _schedule(msgs, speed, rate):
-            delay = start + offset - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            # in steps: a gap of years between two packets (a clock jump in the capture)
+            # must not overflow time.sleep
+            while (delay := start + offset - time.monotonic()) > 0:
+                time.sleep(min(delay, 3600.0))
             try:
                 sock.sendto(m.data, addr)
                 sent += 1
@@ -578,9 +586,10 @@ def parse_rate(text: str) -> float:
         rate = float(value)
     except ValueError:
         rate = 0.0
-    if not 0 < rate < float("inf"):
+    if not 0.001 <= rate <= 1e6:
         raise CliError(
-            f"--rate: {text!r} is not a positive number of messages per second (e.g. 50/s)"
+            f"--rate: {text!r} is not a number of messages per second between 0.001 and "
+            "1000000 (e.g. 50/s)"
         )
     return rate
 
@@ -599,7 +608,7 @@ def parse_rate(text: str) -> float:
 @click.option("--all", "everything", is_flag=True, help="With --send: responses too.")
 @click.option(
     "--speed",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0.001, max=1e6),
     default=1.0,
     show_default=True,
     help="With --send: the capture's own timing, this many times faster.",

@@ -607,3 +607,16 @@ def test_audit_shows_who_moved_whom_when_by_batch_and_by_customer(home: Path) ->
     assert r.exit_code == 1 and r.stderr.strip() == "no audit entries for batch b-nope"
     r = dsbc("audit", "--customer", "3")
     assert r.exit_code == 1 and r.stderr.strip() == "no audit entries for customer 3"
+
+
+def test_seconds_that_are_not_finite_are_bad_usage(home: Path) -> None:
+    """Found by an audit: `--lock-for inf` (or 1e300) ended in a traceback from time.sleep
+    (OverflowError) and `--lock-for nan` did not wait at all; the control API takes 0-600."""
+    cases = [("--lock-for", "inf"), ("--lock-for", "nan"), ("--lock-for", "1e300"), ("--lock-for", "601"),
+             ("--timeout", "inf"), ("--timeout", "nan")]
+    for opt, value in cases:
+        extra = ["--wait-registrations"] if opt == "--timeout" else []
+        r = dsbc("migrate", "--customer", "1", opt, value, *extra)
+        assert r.exit_code == 2 and f"Invalid value for '{opt}'" in r.stderr, (opt, value, r.output)
+        assert "\n" not in r.stderr.strip()
+    assert system_of(home, "1") == "source"

@@ -583,3 +583,13 @@ def test_replay_a_real_tshark_capture(home: Path) -> None:
     assert "  INVITE  inv-dev  target (MR115)  From account:1002 -> customer 43" in lines[1]
     assert "  400  Bad Request: missing Call-ID" in lines[2]
     assert "\n3 requests, 0 responses in " in r.stdout
+
+
+@pytest.mark.parametrize("args", [("--speed", "1e-300"), ("--speed", "nan"), ("--speed", "inf"),
+                                  ("--rate", "1e-300"), ("--rate", "inf/s"), ("--rate", "nan")])
+def test_speeds_and_rates_out_of_range_are_bad_usage(home: Path, args: tuple[str, str]) -> None:
+    """Found by an audit: `--speed 1e-300` and `--rate 1e-300` ended in a traceback from
+    time.sleep (OverflowError: timestamp out of range), `--speed nan` sent at full speed."""
+    r = dsbc("replay", "cap.pcap", "--send", "127.0.0.1:9", *args)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("\n") == 1 and args[0] in r.stderr, r.stderr
