@@ -26,6 +26,8 @@ from typing import Any
 
 import click
 
+from .cli import FiniteFloat
+
 HOST = "127.0.0.1"
 RADIUS_SECRET_CLIENT = "demo-nas-secret"
 
@@ -91,30 +93,39 @@ Content-Length: 0
 """
 
 
-def _free(kind: int, preferred: int) -> int:
-    """``preferred`` if free (for UDP and TCP alike), else a free port."""
-    for port in (preferred, 0):
+def _free(preferred: int, taken: set[int]) -> int:
+    """``preferred`` if free (for UDP and TCP alike) and not `taken` by another of the demo's
+    listeners, else a free port that is not either; added to `taken`.  (Each probe is closed
+    before the next: without `taken`, --sip-port 8081 and the control API's 8081, or two
+    ports the kernel handed out twice, were given to two listeners and dsbc did not start.)"""
+    for port in (preferred, *[0] * 20):
+        if port in taken:
+            continue
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
                 t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 t.bind((HOST, port))
                 u.bind((HOST, t.getsockname()[1]))
-                return int(t.getsockname()[1])
+                found = int(t.getsockname()[1])
         except OSError:
             continue
+        if found not in taken:
+            taken.add(found)
+            return found
     raise OSError("no free port on 127.0.0.1")
 
 
 class Demo:
     def __init__(self, workdir: Path, sip_port: int, api_port: int) -> None:
         self.workdir = workdir
+        taken: set[int] = set()
         self.ports = {
-            "sip": _free(0, sip_port),
-            "api": _free(0, api_port),
-            "radius": _free(0, 1812),
-            "control": _free(0, 8081),
+            "sip": _free(sip_port, taken),
+            "api": _free(api_port, taken),
+            "radius": _free(1812, taken),
+            "control": _free(8081, taken),
         }
-        self.ports["radius_acct"] = _free(0, self.ports["radius"] + 1)
+        self.ports["radius_acct"] = _free(self.ports["radius"] + 1, taken)
         self.handles: list[Any] = []
         self.systems: dict[str, dict[str, Any]] = {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -472,9 +483,12 @@ def _config_options(f: Any) -> Any:
 
 @click.command("demo")
 @click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None, help="Where to write the demo's config, store and logs (default: a new temporary directory).")
-@click.option("--sip-port", default=5060, show_default=True, help="Preferred SIP port (a free one is used if taken).")
-@click.option("--api-port", default=8080, show_default=True, help="Preferred API port.")
-@click.option("--duration", type=float, default=None, help="Stop after this many seconds instead of waiting for Ctrl-C.")
+@click.option("--sip-port", type=click.IntRange(0, 65535), default=5060, show_default=True,
+              help="Preferred SIP port (a free one is used if taken; 0: any free one).")
+@click.option("--api-port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Preferred API port.")
+@click.option("--duration", type=FiniteFloat(min=0), default=None,
+              help="Stop after this many seconds instead of waiting for Ctrl-C.")
 @click.option("--check", is_flag=True, help="Send one request of each kind through dsbc, migrate a customer, show the result, then stop.")
 @_config_options  # taken as every command takes them, to say why the demo does not use them
 def demo_command(workdir: str | None, sip_port: int, api_port: int, duration: float | None, check: bool) -> None:

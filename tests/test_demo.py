@@ -39,3 +39,25 @@ def test_demo_check_routes_each_protocol_and_follows_a_migration(tmp_path: Path)
     )  # fmt: skip
     assert where.returncode == 0, where.stderr
     assert "target" in where.stdout and "MR115" in where.stdout
+
+
+def test_the_demo_never_gives_one_port_to_two_listeners(tmp_path: Path) -> None:
+    """Found by an audit: `dsbc demo --sip-port 8081` (the control API's preferred port), or
+    --sip-port and --api-port alike, or a port the kernel handed out twice, went to two
+    listeners: "dsbc exited; see .../dsbc.log" (api.listen ... is sip.listen[1]'s too)."""
+    from dsbc.demo import Demo
+
+    for sip, api in ((8081, 8081), (1812, 1813), (0, 0)):
+        ports = Demo(tmp_path, sip, api).ports
+        assert len(set(ports.values())) == len(ports), ports
+
+
+@pytest.mark.parametrize("args", [("--sip-port", "70000"), ("--api-port", "-5"), ("--duration", "nan"),
+                                  ("--duration", "inf"), ("--duration", "-1")])
+def test_bad_demo_options_are_one_line_exit_2(args: tuple[str, str]) -> None:
+    """Found by an audit: --sip-port 70000 ended in a traceback (OverflowError from bind),
+    --duration nan in one from asyncio (cannot convert float NaN to integer)."""
+    r = subprocess.run([sys.executable, "-m", "dsbc.cli", "demo", *args], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and args[0] in r.stderr, r.stderr
