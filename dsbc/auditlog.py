@@ -34,7 +34,7 @@ def _audit_command() -> click.Command:
     @click.option("--batch", "batch_id", default=None, help="Every entry of this batch.")
     @click.option("--customer", "customer_id", default=None,
                   help=f"This customer's moves (searched among the last {SCAN:,} entries).")
-    @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+    @click.option("--limit", type=click.IntRange(min=1, max=SCAN), default=50, show_default=True,
                   help="At most this many entries, the newest (not with --batch).")
     @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
     @config_options
@@ -42,6 +42,8 @@ def _audit_command() -> click.Command:
         """Print the migration audit log: who moved which customer, when, from, to, batch."""
         cfg = load_cli_config(store_only=True)
         cid = check_customer_id(customer_id, "--customer") if customer_id is not None else None
+        if batch_id is not None and not batch_id.strip():
+            raise click.BadParameter("'' is not a batch id", param_hint="'--batch'")
         with open_cli_store(cfg) as store:
             if batch_id is not None:
                 entries = store.audit(batch_id.strip(), limit=10_000_000)

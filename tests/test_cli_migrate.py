@@ -607,6 +607,12 @@ def test_audit_shows_who_moved_whom_when_by_batch_and_by_customer(home: Path) ->
     assert r.exit_code == 1 and r.stderr.strip() == "no audit entries for batch b-nope"
     r = dsbc("audit", "--customer", "3")
     assert r.exit_code == 1 and r.stderr.strip() == "no audit entries for customer 3"
+    # found by an audit: a traceback (OverflowError from SQLite), and "no audit entries for
+    # the store" for a batch id that is empty
+    r = dsbc("audit", "--limit", "99999999999999999999999")
+    assert r.exit_code == 2 and "Invalid value for '--limit'" in r.stderr, r.output
+    r = dsbc("audit", "--batch", " ")
+    assert r.exit_code == 2 and "'' is not a batch id" in r.stderr, r.output
 
 
 def test_seconds_that_are_not_finite_are_bad_usage(home: Path) -> None:
