@@ -30,6 +30,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from .config import Config, ConfigError, load_config
+from .control_client import NodeError
 from .imports import InputError, import_refusal, read_customers, some
 from .migrate import (
     BatchAborted,
@@ -141,6 +142,8 @@ class DsbcGroup(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
         except CliError as exc:
+            _fail(str(exc), exc.code)
+        except NodeError as exc:  # --node URL that is not one (a call's errors are CliErrors)
             _fail(str(exc), exc.code)
         except (StoreUnavailable, BatchAborted, LockedByBatch) as exc:
             _fail(str(exc), 1)

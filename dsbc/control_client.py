@@ -39,9 +39,19 @@ def node_url(cfg: Config, given: str) -> str:
     """``--node URL``; ``local`` (or empty) means this host's control.listen."""
     if given in ("", "local"):
         return local_url(cfg)
-    if "://" not in given:
-        given = f"http://{given}"
-    return given.rstrip("/")
+    url = given.strip()
+    if "://" not in url:
+        url = f"http://{url}"
+    try:  # a URL urllib cannot use was a traceback (ValueError, http.client.InvalidURL)
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname
+            or port == 0 or any(ch.isspace() or ord(ch) < 32 for ch in url)):
+        raise NodeError(f"--node: {given!r} is not a node's control API URL "
+                        "(http://HOST:PORT, HOST:PORT or 'local')", 2)
+    return url.rstrip("/")
 
 
 def node_token(cfg: Config) -> str:

@@ -409,3 +409,14 @@ def test_import_never_splits_a_group(home: Path) -> None:
     # a new member named without a system would be on the source, its group is on the target
     (home / "d.csv").write_text("customer_id,identities,system,group\n3,account:3,,\n4,account:4,,ivr\n")
     assert one_line_error(dsbc("import", "d.csv")).startswith("d.csv:3: group 'ivr' would be split")
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:abc", "http://a b", "ftp://x",
+                                 "http://127.0.0.1:99999", "http://:80"])
+def test_a_node_url_that_is_not_one_is_bad_usage(home: Path, url: str) -> None:
+    """Found by an audit: `--node http://[::1` or `http://127.0.0.1:abc` ended in a traceback
+    (ValueError, http.client.InvalidURL), exit 1."""
+    dsbc("import", "customers.csv")
+    for args in (("status",), ("where", "account:a1"), ("migrate", "--customer", "1"), ("rollback", "b-x")):
+        line = one_line_error(dsbc(*args, "--node", url))
+        assert line.startswith(f"--node: {url!r} is not a node's control API URL"), line
