@@ -125,6 +125,12 @@ class DsbcGroup(click.Group):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        for arg in sys.argv[1:] if args is None else args:
+            try:
+                str(arg).encode()
+            except UnicodeEncodeError:  # octets that are not UTF-8 (a Latin-1 terminal)
+                _fail(f"dsbc: the argument {str(arg).encode(errors='surrogateescape')!r} is not "
+                      "UTF-8 text", 2)
         try:
             rv = super().main(
                 args, prog_name or "dsbc", complete_var, standalone_mode=False, **extra

@@ -420,3 +420,14 @@ def test_a_node_url_that_is_not_one_is_bad_usage(home: Path, url: str) -> None:
     for args in (("status",), ("where", "account:a1"), ("migrate", "--customer", "1"), ("rollback", "b-x")):
         line = one_line_error(dsbc(*args, "--node", url))
         assert line.startswith(f"--node: {url!r} is not a node's control API URL"), line
+
+
+def test_an_argument_that_is_not_utf8_is_bad_usage(home: Path) -> None:
+    """Found by an audit: `dsbc where account:<0xff>` (a Latin-1 terminal) ended in a
+    traceback (UnicodeEncodeError), exit 1, in where, rollback, migrate and audit."""
+    for args in ([b"where", b"account:\xff"], [b"rollback", b"\xff"], [b"migrate", b"--customer", b"\xff"],
+                 [b"audit", b"--batch", b"\xff"]):
+        r = subprocess.run([sys.executable, "-m", "dsbc.cli", *args], capture_output=True, text=True,
+                           timeout=60, check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert "is not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
