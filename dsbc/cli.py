@@ -31,7 +31,7 @@ import click
 
 from .config import Config, ConfigError, load_config
 from .control_client import NodeError
-from .imports import InputError, import_refusal, read_customers, some
+from .imports import InputError, import_refusal, keep_stored_groups, read_customers, some
 from .migrate import (
     BatchAborted,
     LockedByBatch,
@@ -348,8 +348,10 @@ def import_command(file: str) -> None:
     it is refused, `dsbc migrate` moves customers), group (optional)."""
     cfg = load_cli_config(store_only=True)
     lines: dict[str, int] = {}
-    rows = read_customers(file, lines)
+    grouped: set[str] = set()
+    rows = read_customers(file, lines, grouped)
     with open_cli_store(cfg, create=True) as store:
+        rows = keep_stored_groups(store, rows, grouped)
         refusal = import_refusal(store, rows)
         if refusal is not None:
             row, why, count = refusal

@@ -46,7 +46,7 @@ from aiohttp.web_protocol import RequestHandler
 from api_proxy.server import HeadTimeoutHandler, answered_in_11, head_too_large
 
 from .config import Config, parse_hostport
-from .imports import import_refusal, some
+from .imports import import_refusal, keep_stored_groups, some
 from .metrics import read_snapshots, render, summarize
 from .migrate import (
     BatchAborted,
@@ -448,6 +448,8 @@ class ControlService:
         except BadRow as exc:
             raise ApiError(400, str(exc)) from None
         existed = self.store.customer(clean.customer_id) is not None
+        # group? is optional: left out, the customer stays in its group (as system: stays put)
+        clean = keep_stored_groups(self.store, [clean], {clean.customer_id} if "group" in body else set())[0]
         refusal = import_refusal(self.store, [clean])
         if refusal is not None:
             raise ApiError(409, refusal[1])
@@ -455,6 +457,7 @@ class ControlService:
         c = self.store.customer(clean.customer_id)
         out = {"customer_id": clean.customer_id, "created": not existed,
                "system": c.system if c else clean.system or "source",
+               "group": c.group if c else clean.group,
                "identities": list(c.identities) if c else list(clean.identities)}
         return _json(out)
 

@@ -17,6 +17,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
+
 from .store import BadRow, CustomerRow, LocationStore, clean_row
 
 COLUMNS = ("customer_id", "identities", "system", "group")
@@ -150,9 +152,13 @@ def json_items(path: str, text: str, fmt: str) -> Iterator[tuple[int, object]]:
     return _jsonl_rows(path, text) if fmt == "jsonl" else _json_array_rows(path, text)
 
 
-def read_customers(path: str, lines: dict[str, int] | None = None) -> list[CustomerRow]:
+def read_customers(
+    path: str, lines: dict[str, int] | None = None, grouped: set[str] | None = None
+) -> list[CustomerRow]:
     """Every row of an import file, validated; the first bad row raises InputError (file:line).
-    ``lines`` (if given) gets the line of each customer id."""
+    ``lines`` (if given) gets the line of each customer id, ``grouped`` the customer ids whose
+    row names a group (a CSV with a group column, an object with a "group" key), even an
+    empty one: the others keep their stored group (`keep_stored_groups`)."""
     text = read_text(path)
     fmt = file_format(path, text)
     items = {"csv": _csv_rows, "jsonl": _jsonl_rows, "json": _json_array_rows}[fmt](path, text)
@@ -176,6 +182,8 @@ def read_customers(path: str, lines: dict[str, int] | None = None) -> list[Custo
                 f"{line_of[row.customer_id]}"
             )
         line_of[row.customer_id] = line
+        if grouped is not None and "group" in item:
+            grouped.add(row.customer_id)
         for key in row.identities:
             other = owner.setdefault(key, (row.customer_id, line))
             if other[0] != row.customer_id:
@@ -190,6 +198,17 @@ def read_customers(path: str, lines: dict[str, int] | None = None) -> list[Custo
     if lines is not None:
         lines.update(line_of)
     return rows
+
+
+def keep_stored_groups(store: LocationStore, rows: list[CustomerRow], grouped: set[str]) -> list[CustomerRow]:
+    """``rows`` with the stored group of each stored customer whose row names none (not in
+    ``grouped``), as a row that names no system keeps the stored one: a PUT or an import
+    that only meant to change identities took the customer out of its group, and the next
+    migration split the group (an IVR's access number) without a word."""
+    keep = [r.customer_id for r in rows if r.customer_id not in grouped]
+    stored = store.customers(keep) if keep else {}
+    return [msgspec.structs.replace(r, group=stored[r.customer_id].group)
+            if r.customer_id in stored and r.customer_id not in grouped else r for r in rows]
 
 
 def system_changes(store: LocationStore, rows: list[CustomerRow]) -> list[tuple[CustomerRow, str]]:

@@ -431,3 +431,27 @@ def test_an_argument_that_is_not_utf8_is_bad_usage(home: Path) -> None:
                            timeout=60, check=False)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         assert "is not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_import_that_names_no_group_keeps_the_stored_one(home: Path) -> None:
+    """Found by an audit: re-importing customers from a file without a group column (or a
+    JSON row without "group") took them out of their groups: the next migration split the
+    group without a word.  A row that names no group keeps the stored one, as for system."""
+    from dsbc.store import open_store
+
+    (home / "g.csv").write_text("customer_id,identities,group\n71,account:g71,ivr\n72,account:g72,ivr\n")
+    assert dsbc("import", "g.csv").exit_code == 0
+    (home / "more.csv").write_text("customer_id,identities\n71,account:g71;did:5557100\n")
+    assert dsbc("import", "more.csv").exit_code == 0
+    (home / "more.jsonl").write_text('{"customer_id": "72", "identities": ["account:g72"]}\n')
+    assert dsbc("import", "more.jsonl").exit_code == 0
+    s = open_store(f"sqlite:///{home}/loc.db")
+    try:
+        assert s.customer("71").group == "ivr" and s.customer("72").group == "ivr"  # type: ignore[union-attr]
+        assert s.customer("71").identities == ("account:g71", "did:5557100")  # type: ignore[union-attr]
+    finally:
+        s.close()
+    r = dsbc("migrate", "--customer", "71")
+    assert r.exit_code == 2 and "group 'ivr' must move together: missing customer(s) 72" in r.stderr
+    (home / "none.jsonl").write_text('{"customer_id": "72", "identities": ["account:g72"], "group": ""}\n')
+    assert dsbc("import", "none.jsonl").exit_code == 0  # an empty group, named: leaves it

@@ -596,3 +596,18 @@ def test_a_client_gone_mid_body_is_no_error(node: Dsbc) -> None:
     time.sleep(0.5)
     assert node.control("GET", "/healthz", token=None)[0] == 200
     assert "went away" not in node.log_tail() and not node.traceback(), node.log_tail()
+
+
+def test_a_put_that_names_no_group_keeps_the_customers_group(node: Dsbc) -> None:
+    """Found by an audit: SPEC 4 makes group optional (group?), but a PUT that left it out
+    (to change identities) took the customer out of its group, and the next migration split
+    the group (an IVR's access number) without a word.  Left out, it stays; "" leaves it."""
+    status, body = node.control("PUT", "/v1/customers/3", {"identities": ["account:a3", "did:5550303"]})
+    assert status == 200 and body["group"] == "ivr", body
+    assert node.control("GET", "/v1/customers/3")[1]["group"] == "ivr"
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["3"], "dry_run": True})
+    assert status == 409 and body["group"] == "ivr" and body["missing"] == ["4"], body
+    status, body = node.control("PUT", "/v1/customers/3", {"identities": ["account:a3"], "group": ""})
+    assert status == 200 and body["group"] == "", body
+    status, body = node.control("PUT", "/v1/customers/3", {"identities": ["account:a3"], "group": "ivr"})
+    assert status == 200 and body["group"] == "ivr", body
