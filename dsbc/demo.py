@@ -235,16 +235,22 @@ token = "demo-token"
     def start_dsbc(self) -> None:
         env = dict(os.environ)
         env["DSBC_RUN_DIR"] = str(self.workdir / "run")
+        # a session of its own: a Ctrl-C in the terminal reaches the demo, which stops dsbc
+        # (SIGTERM, a drain); sent to dsbc too, it interrupted its start with a traceback and
+        # the demo said "dsbc exited; see dsbc.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dsbc.cli", "-c", str(self.config_path), "run"],
             env=env,
             stdout=open(self.workdir / "dsbc.log", "ab"),  # noqa: SIM115 - lives as long as dsbc
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
-    async def wait_ready(self, timeout: float = 15.0) -> None:
+    async def wait_ready(self, stop: asyncio.Event | None = None, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                return  # Ctrl-C while starting: the caller stops
             if self.proc is not None and self.proc.poll() is not None:
                 raise click.ClickException(f"dsbc exited; see {self.workdir / 'dsbc.log'}")
             if await sip_options(HOST, self.ports["sip"]):
@@ -430,7 +436,7 @@ async def run_demo(workdir: Path, sip_port: int, api_port: int, duration: float 
     demo = Demo(workdir, sip_port, api_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
         loop.add_signal_handler(sig, stop.set)
     try:
         await demo.start_systems()
@@ -438,7 +444,10 @@ async def run_demo(workdir: Path, sip_port: int, api_port: int, duration: float 
         demo.write_sipp_scenario()
         demo.seed_store()
         demo.start_dsbc()
-        await demo.wait_ready()
+        await demo.wait_ready(stop)
+        if stop.is_set():
+            click.echo("interrupted while starting: stopped", err=True)
+            return 130
         if check:
             stops = "it stops after the checks below" if duration is None else f"it stops {duration:g} s after the checks below"
         else:

@@ -61,3 +61,32 @@ def test_bad_demo_options_are_one_line_exit_2(args: tuple[str, str]) -> None:
                        timeout=60, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and args[0] in r.stderr, r.stderr
+
+
+def test_ctrl_c_while_the_demo_starts_stops_it_cleanly(tmp_path: Path) -> None:
+    """Found by an audit: a Ctrl-C while the demo started (the terminal signals the whole
+    process group) reached dsbc too, which died in its imports with a traceback in its log,
+    and the demo said "dsbc exited; see .../dsbc.log" (exit 1), as if dsbc had failed."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "dsbc.cli", "demo", "--dir", str(tmp_path),
+                             "--sip-port", "0", "--api-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "dsbc.log").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (tmp_path / "dsbc.log").exists(), "the demo never started dsbc"
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, (out, err)
+    assert "dsbc exited" not in err and "Traceback" not in err, err
+    assert not first_traceback(tmp_path / "dsbc.log"), (tmp_path / "dsbc.log").read_text()
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", f"{tmp_path}/dsbc.toml"], capture_output=True, text=True, check=False)
+    assert not left.stdout.strip(), f"dsbc left running: {left.stdout}"
