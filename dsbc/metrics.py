@@ -279,6 +279,10 @@ def _api(exp: Exposition, st: dict[str, Any]) -> None:
         if key.startswith("to_"):
             exp.add("dsbc_api_forwarded_total", value, help_text="API requests relayed, by system",
                     system=key[3:])
+        elif key == "backend_errors":  # not in dsbc_api_backend_errors_total{system}: one family
+            # with a total beside its per-system series is counted twice by sum() and rate()
+            exp.add("dsbc_api_backend_unavailable_total", value,
+                    help_text="API requests answered with a fault: their system could not be reached")
         else:
             exp.add(f"dsbc_api_{metric_name(key)}_total", value, help_text=f"API {key.replace('_', ' ')}")
     for system, b in (st.get("backends") or {}).items():

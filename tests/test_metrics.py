@@ -37,7 +37,8 @@ def snapshot(worker: int, invites: int, *, up: bool = True, healthy: bool = True
                                                   "servers": {"10.0.0.1:1812": "up"}},
                                        "target": {"requests": 2, "answers": 1, "timeouts": 1,
                                                   "servers": {"10.0.0.2:1812": "dead"}}}},
-                "api": {"metrics": {"requests": 9, "to_source": 4, "to_target": 5, "faults": 1},
+                "api": {"metrics": {"requests": 9, "to_source": 4, "to_target": 5, "faults": 1,
+                                    "backend_errors": 3},
                         "backends": {"source": {"healthy": True, "errors": 0},
                                      "target": {"healthy": False, "errors": 3}}},
                 "control": {"listen": "127.0.0.1:8080"}} if worker == 0 else {}),
@@ -116,3 +117,19 @@ def test_status_lines_are_a_readable_table() -> None:
     assert "    requests    13 (INVITE 10, REGISTER 3)" in lines
     assert "    forwarded   target 10, source 2" in lines
     assert "  radius: requests 5, answers 4, duplicates 1, held 0, dropped unknown_client 2" in lines
+
+
+def test_no_family_mixes_a_total_with_labelled_series() -> None:
+    """Found by an audit: dsbc_api_backend_errors_total came both without labels (the
+    dispatcher's total) and per system, so sum() and rate() over it counted every error
+    twice.  Every family's series carry the same label names."""
+    text = render(summarize([snapshot(0, 10), snapshot(1, 5)]), {"up": True})
+    for fam in text_string_to_metric_families(text):
+        if fam.type in ("histogram", "summary"):
+            continue
+        names = {tuple(sorted(sm.labels)) for sm in fam.samples}
+        assert len(names) == 1, (fam.name, names)
+    samples = {(sm.name, tuple(sorted(sm.labels.items()))): sm.value
+               for fam in text_string_to_metric_families(text) for sm in fam.samples}
+    assert samples[("dsbc_api_backend_unavailable_total", ())] == 3
+    assert samples[("dsbc_api_backend_errors_total", (("system", "target"),))] == 3
