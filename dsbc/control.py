@@ -446,7 +446,10 @@ class ControlService:
         try:
             clean = clean_row(row)
         except BadRow as exc:
-            raise ApiError(400, str(exc)) from None
+            reason = str(exc)
+            if not reason.startswith(("customer_id:", "identities:", "system:", "group:", "unknown field")):
+                reason = f"identities: {reason}"  # a bad identity says which, not where it was
+            raise ApiError(400, reason) from None
         existed = self.store.customer(clean.customer_id) is not None
         # group? is optional: left out, the customer stays in its group (as system: stays put)
         clean = keep_stored_groups(self.store, [clean], {clean.customer_id} if "group" in body else set())[0]

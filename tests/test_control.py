@@ -94,7 +94,10 @@ def test_bad_input_is_400_with_a_reason(node: Dsbc) -> None:
         ("POST", "/v1/migrations", {"customers": ["1"], "force": 1}, "force: expected true or false"),
         ("PUT", "/v1/customers/9", {"system": "target"}, "missing field 'identities'"),
         ("PUT", "/v1/customers/9", {"identities": None}, "missing field 'identities'"),
-        ("PUT", "/v1/customers/9", {"identities": ["did:abc"]}, "is not a number"),
+        ("PUT", "/v1/customers/9", {"identities": ["did:abc"]}, "identities: did:'abc' is not a number"),
+        # found by an audit: these named the identity, not the field
+        ("PUT", "/v1/customers/9", {"identities": ["alice"]}, "identities: 'alice' is not KIND:VALUE"),
+        ("PUT", "/v1/customers/9", {"identities": [7]}, "identities: identity 7 is not a KIND:VALUE string"),
         ("PUT", "/v1/customers/9", {"identities": ["account:x"], "system": "moon"}, "is not source or target"),
         ("GET", "/v1/identities/colour/blue", None, "unknown identity kind"),
         # found by an audit: ignored silently
