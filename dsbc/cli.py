@@ -491,6 +491,8 @@ def migrate(
         raise click.UsageError("give --customer ID (one or more) or --batch FILE")
     if prepare and unprepare:
         raise click.UsageError("give --prepare or --unprepare, not both")
+    if timeout is not None and not wait_registrations:  # silently ignored, it waited for nothing
+        raise click.UsageError("--timeout goes with --wait-registrations")
     if (prepare or unprepare) and (wait_registrations or lock_for):
         raise click.UsageError("--prepare and --unprepare only set the expiry cap: run the flip "
                                "as a second command")

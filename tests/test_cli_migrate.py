@@ -626,3 +626,6 @@ def test_seconds_that_are_not_finite_are_bad_usage(home: Path) -> None:
         assert r.exit_code == 2 and f"Invalid value for '{opt}'" in r.stderr, (opt, value, r.output)
         assert "\n" not in r.stderr.strip()
     assert system_of(home, "1") == "source"
+    r = dsbc("migrate", "--customer", "1", "--timeout", "30")  # without --wait-registrations: ignored
+    assert r.exit_code == 2 and "--timeout goes with --wait-registrations" in r.stderr, r.output
+    assert system_of(home, "1") == "source"
