@@ -445,8 +445,11 @@ class SipEndpoint:
                 self.core.counters["send_errors"] += 1
 
     def _handover(self, s: Send) -> None:
+        """To the worker that owns the flow's connection.  A worker this node does not have
+        (a token another node wrote: the nodes share the flow secret) or one that is gone
+        is a gone flow: 430, as for a closed connection, not a silence."""
         if self.ipc_name is None or self._ipc is None:
-            self.core.counters["flow_gone"] += 1
+            self._flow_failed(s.data)
             return
         try:
             ip = s.ip.encode("ascii")
@@ -454,7 +457,7 @@ class SipEndpoint:
             self._ipc.sendto(head + s.data, self.ipc_name(s.worker))
             self.core.counters["handovers"] += 1
         except OSError:
-            self.core.counters["flow_gone"] += 1
+            self._flow_failed(s.data)
 
     def _ipc_readable(self) -> None:
         assert self._ipc is not None

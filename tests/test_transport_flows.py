@@ -278,3 +278,40 @@ def test_regression_a_request_held_while_draining_is_answered_before_the_sockets
         phone.close()
     assert got[0] == 100  # held
     assert got[-1] >= 500, got  # and then answered, not left ringing for ever
+
+
+def test_regression_a_flow_token_of_another_nodes_worker_gets_430(tmp_path: Path) -> None:
+    """Two dsbc nodes share the flow secret (behind one floating address): a registrar may
+    send a call with a Path token that the other node wrote, naming a TCP connection of a
+    worker this node does not have (the other node runs more workers).  The node must
+    hear 430 Flow Failed at once (RFC 5626 5.3), as for any flow that is gone; the request
+    was dropped without an answer, and the system retransmitted it until its timer ran out
+    (found by the audit: a call to a TCP phone after a keepalived fail-over rang nothing
+    for 32 s)."""
+    import time
+
+    from sip.flow import FlowSigner
+    from tests.peers.dsbc import FLOW_SECRET, Dsbc
+    from tests.peers.fakenode import FakeNode
+    from tests.test_tls import in_dialog, wait_node_response
+
+    with FakeNode("udp") as node:
+        d = Dsbc(tmp_path / "dsbc", source=[node.uri], target=[], workers=1,
+                 customers=[{"customer_id": "100", "identities": ["account:1001"], "system": "source"}])
+        d.start()
+        try:
+            d.wait_nodes_up()
+            signer = FlowSigner(FLOW_SECRET.encode())
+            for worker in (0, 7):  # this node's own worker (a gone connection), another node's
+                token = signer.encode(Flow("tcp", "127.0.0.2", 40000, 3, worker))
+                path = f"<sip:{d.ip}:{d.port};transport=udp;lr;ft={token}>"
+                inv = in_dialog("INVITE", "sip:1001@127.0.0.2:40000;transport=tcp", [path], f"other-node-{worker}", 1,
+                                f"SIP/2.0/UDP {node.ip}:{node.port};branch=z9hG4bK-on-{worker};rport",
+                                "<sip:2000@example.com>;tag=n1", "<sip:1001@example.com>")
+                node.send(inv.replace("\n", "\r\n").encode(), d.sip_addr)
+                failed = wait_node_response(node, 430)
+                assert failed.get("call-id") == f"other-node-{worker}"
+                node.received.clear()
+                time.sleep(0.1)
+        finally:
+            d.stop()
