@@ -3,7 +3,7 @@
 Each system has an ordered list of nodes.  ``pick(system)`` returns the first node that is
 up, so traffic fails over to the next node of the *same* system and never to the other
 system.  A node is down after it leaves a ping unanswered for ``timeout`` seconds (or the
-transport reports it unreachable) and up again on its next answer of any status.
+transport reports it unreachable) or answers 5xx, and up again on its next answer below 500.
 """
 
 from __future__ import annotations
