@@ -10,7 +10,8 @@ What the store shows stays right for every phone that keeps refreshing: a skippe
 refresh comes at most a quarter of the lifetime after the write, so the phone's next
 refresh is written before the stored expiry passes.  Only a phone that stops
 refreshing is shown expired up to that much early.  A move to another system, an
-unregistration (expires 0) and a first registration are always written.
+unregistration (expires 0), an expiry shorter than the one written (the cap of a prepared
+migration) and a first registration are always written.
 
 The filter remembers the writes of the last one or two windows only, so its memory
 follows the write rate, not the number of phones (``max_entries`` bounds it further by
@@ -45,7 +46,9 @@ class RefreshFilter:
             self._older, self._recent, self._rotated = self._recent, {}, now
         expires_at = now + expires
         prev = self._recent.get(key) or self._older.get(key)
-        if prev is not None and prev[0] == system and expires_at - prev[1] <= min(self.window, expires / 4):
+        # a refresh moves the stored expiry a little later; an earlier one (a shorter expiry
+        # granted: the cap of `dsbc migrate --prepare`) is news, written at once
+        if prev is not None and prev[0] == system and 0 <= expires_at - prev[1] <= min(self.window, expires / 4):
             self.skipped += 1
             return False
         self._recent[key] = (system, expires_at)

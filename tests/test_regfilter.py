@@ -52,6 +52,17 @@ def test_a_short_lifetime_shortens_the_window() -> None:
     assert f.fresh(*PHONE, "source", 8, now=103.0)
 
 
+def test_a_shortened_expiry_is_written_at_once() -> None:
+    """Found by an audit: a phone that registered for 600 s and, seconds later, got the
+    cap of `dsbc migrate --prepare` (expires 8) kept its 600 s in the store: the shorter
+    expiry was taken for a refresh.  A phone switched off then still counted as registered
+    (and was waited for by --wait-registrations) for ten minutes instead of 8 s."""
+    f = RefreshFilter(window=10.0)
+    assert f.fresh(*PHONE, "source", 600, now=100.0)
+    assert f.fresh(*PHONE, "source", 8, now=101.0)
+    assert not f.fresh(*PHONE, "source", 8, now=101.5)
+
+
 def test_the_memory_is_bounded_by_rotation() -> None:
     f = RefreshFilter(window=10.0, max_entries=100)
     for i in range(1000):
