@@ -418,6 +418,8 @@ class SipEndpoint:
                 if self.by_addr.get((transport, ip, port)) is proto:
                     del self.by_addr[(transport, ip, port)]
                 self.core.health.mark_unreachable(ip, port, self.loop.time())
+                self._unsent(proto.pending)
+                proto.pending.clear()
 
         self.loop.create_task(run())
         return proto
@@ -426,23 +428,41 @@ class SipEndpoint:
         """The connection a flow token named is gone: a request gets 430 Flow Failed (RFC 5626
         section 5.3) as if the device had answered it, relayed back by Via to the sender."""
         self.core.counters["flow_gone"] += 1
+        if self._answer_for_hop(data, 430, "Flow Failed"):
+            self.core.counters["flow_failed_430"] += 1
+
+    def _unsent(self, pending: list[bytes]) -> None:
+        """Requests a connection to a node never carried (the node died between two health
+        pings): RFC 3261 16.9 takes the transport's error for a 503 from that hop.  Those
+        that came over TCP / TLS (our Via names their flow) get it, with Retry-After: their
+        senders never retransmit.  A UDP sender's retransmission finds the next node."""
+        retry = [("retry-after", str(self.core.s.retry_after))]
+        for data in pending:
+            if self._answer_for_hop(data, 503, "Service Unavailable", retry, streams_only=True):
+                self.core.counters["unsent_503"] += 1
+
+    def _answer_for_hop(self, data: bytes, status: int, reason: str, extra: list[tuple[str, str]] | None = None,
+                        streams_only: bool = False) -> bool:
+        """Answer a request dsbc could not deliver as if its next hop had: the answer goes
+        back through the core (our Via off, by the sender's Via or flow).  False if none;
+        ``streams_only``: only for a request that came over TCP / TLS (our Via's ``dsbcf``)."""
         if data[:4] == b"SIP/":
-            return
+            return False
         try:
             req = parse_message(data, datagram=False, max_size=max(len(data), 1))
-            if req.method == "ACK":
-                return
-            answer = self.core.answer_bytes(req, 430, "Flow Failed")
+            if req.method == "ACK" or (streams_only and not req.vias[0].param("dsbcf")):
+                return False
+            answer = self.core.answer_bytes(req, status, reason, None, extra)
             sends = self.core.handle_data(answer, Flow("udp", "127.0.0.1", 0), self.loop.time())
         except Exception:
-            log.debug("no 430 possible for a request to a gone flow", exc_info=True)
-            return
-        self.core.counters["flow_failed_430"] += 1
+            log.debug("no %d possible for a request that could not be sent", status, exc_info=True)
+            return False
         for out in sends:  # a response: if its own flow is gone too, it is only counted
             try:
                 self._send(out)
             except OSError:
                 self.core.counters["send_errors"] += 1
+        return True
 
     def _handover(self, s: Send) -> None:
         """To the worker that owns the flow's connection.  A worker this node does not have

@@ -446,6 +446,43 @@ def test_a_node_that_resets_connections_fails_over(dsbc_factory: Factory) -> Non
             phone.close()
 
 
+def test_a_tcp_phones_request_to_a_node_that_just_died_is_answered_503(dsbc_factory: Factory) -> None:
+    """Found by an audit: a node reached over TCP that died between two health pings (its
+    connection closed, the new one refused) lost the request that found it dead.  A phone
+    over UDP retransmits it to the next node, but a phone over TCP or TLS never
+    retransmits: it heard nothing for 32 s (Timer F / B).  The transport's error is
+    answered as RFC 3261 16.9 says, as a 503 (with Retry-After) from the node; the phone's
+    next request goes to the next node of the same system."""
+    with FakeNode("tcp") as dying, FakeNode("udp") as spare, FakeNode("udp") as target:
+        d = dsbc_factory(source=[dying.uri, spare.uri], target=[target.uri], customers=CUSTOMERS,
+                         options_interval=5.0, options_timeout=2.0)
+        time.sleep(1.0)  # the first pings answered: the TCP node is up, its connection open
+        dying.stop()
+        time.sleep(0.3)  # its connection's close is seen
+        c = socket.create_connection(d.sip_addr, timeout=5)
+        try:
+            lhost, lport = c.getsockname()
+            for n in (1, 2):
+                c.sendall(
+                    f"REGISTER sip:{d.ip} SIP/2.0\r\n"
+                    f"Via: SIP/2.0/TCP {lhost}:{lport};branch=z9hG4bK-dead-{n};rport\r\n"
+                    f"Max-Forwards: 70\r\nFrom: <sip:1001@{d.ip}>;tag=t{n}\r\nTo: <sip:1001@{d.ip}>\r\n"
+                    f"Call-ID: dead-node-{n}\r\nCSeq: {n} REGISTER\r\n"
+                    f"Contact: <sip:1001@{lhost}:{lport};transport=tcp>\r\nContent-Length: 0\r\n\r\n".encode()
+                )
+                c.settimeout(3.0)
+                answer = c.recv(65535).decode("utf-8", "replace")
+                first = answer.split("\r\n", 1)[0]
+                if n == 1:
+                    assert first == "SIP/2.0 503 Service Unavailable", answer
+                    assert "Retry-After:" in answer
+                else:  # failed over within the system
+                    assert first == "SIP/2.0 200 OK", answer
+                    assert registrations_at(spare, "1001") == 1 and registrations_at(target, "1001") == 0
+        finally:
+            c.close()
+
+
 # --- an API back end that hangs or resets -----------------------------------------------------------
 
 BILLING_SCRIPT = """
