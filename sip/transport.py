@@ -218,7 +218,10 @@ class SipStream(asyncio.Protocol):
         if self.transport is None:
             self.pending.append(data)
         elif self.gone():
-            self.ep.core.counters["flow_gone"] += 1
+            if self.outbound:  # a node's connection (``_send`` opens a new one next time)
+                self.ep.core.counters["flow_gone"] += 1
+            else:  # a device's flow: the sender hears 430, as for a connection already gone
+                self.ep._flow_failed(data)
         else:
             self.transport.write(data)
 

@@ -70,6 +70,36 @@ def test_stale_flow_token_does_not_reach_another_connection_with_the_same_id() -
         loop.close()
 
 
+def test_a_request_for_a_phone_connection_that_is_closing_gets_430() -> None:
+    """A call the registrar sends to a phone whose TCP connection dsbc is closing (it
+    sent a broken stream and was answered 400, or it is being shut) was dropped without
+    a word; like any flow that is gone, it is answered 430 Flow Failed (RFC 5626 5.3)."""
+    from sip.proxy import Send
+    from sip.transport import SipStream
+
+    class ClosingTransport:
+        def write(self, data: bytes) -> None:
+            raise AssertionError("written to a closing connection")
+
+        def is_closing(self) -> bool:
+            return True
+
+    core, _ = make_core()
+    loop = asyncio.new_event_loop()
+    try:
+        ep = SipEndpoint(core, loop)
+        conn = SipStream(ep)
+        conn.transport = ClosingTransport()  # type: ignore[assignment]
+        conn.flow = Flow("tcp", "203.0.113.20", 41000, conn.conn_id, 0)
+        ep.conns[conn.conn_id] = conn
+        invite = request("INVITE", "sip:1001@203.0.113.20:41000;transport=tcp", src=Flow("udp", "10.0.0.1", 5060))
+        ep.dispatch([Send("tcp", "203.0.113.20", 41000, invite, conn.conn_id, 0)])
+        assert core.counters["flow_gone"] == 1
+        assert core.counters["flow_failed_430"] == 1
+    finally:
+        loop.close()
+
+
 def test_udp_listeners_get_big_socket_buffers(tmp_path: Path) -> None:
     """A burst (phones re-registering after an outage, a NAS's accounting backlog after its
     restart) must not overflow the kernel's default 208 KB receive buffer before dsbc reads
