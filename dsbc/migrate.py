@@ -235,14 +235,17 @@ def move_batch(
         if lock_for > 0:
             for chunk in chunks:
                 part = [cid for cid in chunk if cid in to_lock]
-                store.lock(part, batch_id)
+                # noted before the lock: an interrupt (SIGHUP, Ctrl-C) right after the store
+                # committed it must still unlock them (unlocking one not locked changes nothing)
                 locked.update(part)
+                store.lock(part, batch_id)
             sleep(lock_for)
+        pre_locked = set(locked)
         for chunk in chunks:
-            part = [cid for cid in chunk if cid in to_lock and cid not in locked]
+            part = [cid for cid in chunk if cid in to_lock and cid not in pre_locked]
             if part:
-                store.lock(part, batch_id)
                 locked.update(part)
+                store.lock(part, batch_id)
             r = store.migrate(chunk, to, who=who, batch_id=batch_id)
             locked.difference_update(chunk)
             total.moved += r.moved

@@ -441,6 +441,34 @@ def test_move_batch_refuses_a_split_group_before_locking(home: Path) -> None:
     assert s.counts()["customers.source.locked"] == 0
 
 
+@pytest.mark.parametrize("lock_for", [0.0, 5.0])
+def test_an_interrupt_just_after_a_lock_committed_still_unlocks(home: Path, lock_for: float) -> None:
+    """Found by the full suite under load (SIGHUP during --lock-for): a signal that arrived
+    after the store had committed a chunk's lock but before move_batch noted it left those
+    customers locked (their calls held, then 503) although the command said "interrupted"
+    and unlocked what it knew of."""
+    s = store_at(home)
+
+    class InterruptedAfterLock:
+        def __init__(self, store: SqliteStore) -> None:
+            self.store = store
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.store, name)
+
+        def lock(self, ids: list[str], batch_id: str) -> None:
+            self.store.lock(ids, batch_id)
+            raise KeyboardInterrupt  # the signal, right after the commit
+
+    with pytest.raises(KeyboardInterrupt):
+        move_batch(InterruptedAfterLock(s), ["1", "2"], "target", lock_for=lock_for,  # type: ignore[arg-type]
+                   sleep=lambda _: None)
+    s.refresh()
+    for cid in ("1", "2"):
+        c = s.customer(cid)
+        assert c is not None and (c.system, c.state) == ("source", "active")
+
+
 def test_registration_counts_by_account(home: Path) -> None:
     s = store_at(home)
     later = time.time() + 600
