@@ -240,6 +240,19 @@ def test_wait_registrations_until_every_phone_is_on_target(home: Path) -> None:
     assert out.splitlines()[-1] == "all 2 phones registered on target"
 
 
+def test_wait_registrations_says_all_phones_are_there_when_they_already_are(home: Path) -> None:
+    """`--wait-registrations` ends with its verdict even when every phone was on the new
+    system by the first count (it printed only the summary; the full suite's
+    test_wait_registrations_until_every_phone_is_on_target failed on that under load)."""
+    s = store_at(home)
+    later = time.time() + 600
+    s.record_registrations([Registration("u1", "sip:u1@10.0.0.1", "target", later)])
+    r = dsbc("migrate", "--customer", "1", "--wait-registrations", "--timeout", "5")
+    assert r.exit_code == 0
+    assert r.stdout.splitlines()[-2].endswith("registered on target: 1/1 phones")
+    assert r.stdout.splitlines()[-1] == "all 1 phones registered on target"
+
+
 def test_wait_registrations_times_out(home: Path) -> None:
     store_at(home).record_registrations([Registration("u1", "sip:u1@10.0.0.1", "source", time.time() + 600)])
     r = dsbc("migrate", "--customer", "1", "--wait-registrations", "--timeout", "0.2")
