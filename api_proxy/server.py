@@ -46,7 +46,7 @@ from api_proxy.errors import (
     VersionNotSupported,
     fault_body,
 )
-from api_proxy.fastpath import FastConn
+from api_proxy.fastpath import BODY, BUSY, FastConn
 from api_proxy.fastpool import Origin, UpstreamPool
 from api_proxy.flows import Flows
 from api_proxy.forward import Ctx
@@ -359,6 +359,9 @@ class ApiProxy(Flows):
                 port,
                 ssl=ctx,
                 reuse_address=True,
+                # a reload's new worker listens beside the one it replaces, which stops
+                # accepting as it drains: no moment without a listener (as control.py)
+                reuse_port=True,
                 backlog=1024,
             )
             self._servers.append(srv)
@@ -373,13 +376,31 @@ class ApiProxy(Flows):
         ]
         log.info("API dispatcher listening on %s", ", ".join(shown))
 
-    async def stop(self) -> None:
+    def stop_listening(self) -> None:
+        """A drain: accept no more connections (the successor's listener takes them);
+        those open are served until ``stop``."""
         for srv in self._servers:
             srv.close()
         self._servers.clear()
+
+    @property
+    def busy(self) -> int:
+        """Fast-path connections in the middle of a request (its body, or its answer)."""
+        return sum(1 for c in self.fast_conns if c.state == BODY or c.state == BUSY)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.stop_listening()
+        # a request being read or answered is finished (a client would see a reset and
+        # could not know whether it was done); idle keep-alive connections are closed
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.busy and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
         for conn in list(self.fast_conns):
             if conn.transport is not None:
-                conn.transport.abort()
+                if conn.state == BODY or conn.state == BUSY:
+                    conn.transport.abort()
+                else:
+                    conn.transport.close()
         self.fast_conns.clear()
         for pool in self._pools.values():
             pool.close()

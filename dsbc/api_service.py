@@ -293,6 +293,11 @@ class ApiService:
         """Requests of customers in flight waiting for their flip (a drain waits for them)."""
         return self.proxy.holding
 
+    def drain(self) -> None:
+        """Accept no more connections: on a reload the successor already listens on the
+        same ports (SO_REUSEPORT); requests under way are finished by ``stop``."""
+        self.proxy.stop_listening()
+
     async def stop(self) -> None:
         await self.proxy.stop()
         if self._writer_task is not None:

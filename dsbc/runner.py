@@ -98,6 +98,9 @@ class Worker:
             # /healthz never goes unanswered (keepalived would give the address away); its
             # snapshots say when this worker's SIP is up
             await self._start_optional("control", "dsbc.control", "start_control", self.cfg.control.enabled)
+            # the API too (SO_REUSEPORT, no state of its own in the worker): API clients
+            # never find the port closed while the replaced worker drains
+            await self._start_optional("api", "dsbc.api_service", "start_api", api_wanted(self.cfg))
         # loaded: on a reload the master now drains the worker this one replaces, which
         # frees its IPC name at once; until then both serve (SO_REUSEPORT)
         (self.run_dir / f"loaded-{self.index}-{os.getpid()}").touch()
@@ -109,7 +112,6 @@ class Worker:
             await self._start_ipc_bind_retry(sip)
             self.services["sip"] = sip
         if self.index == 0:
-            await self._start_optional("api", "dsbc.api_service", "start_api", api_wanted(self.cfg))
             await self._start_optional("radius", "dsbc.radius.service", "start_radius", self.cfg.radius.enabled)
             await self._start_optional("diameter", "dsbc.diameter.service", "start_diameter", self.cfg.diameter.enabled)
         tasks = [loop.create_task(self._refresh()), loop.create_task(self._snapshot()),

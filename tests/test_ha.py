@@ -636,3 +636,67 @@ def test_healthz_keeps_answering_through_a_reload_that_waits_for_held_requests(
     finally:
         done.set()
     assert max(refused, default=0.0) < 1.0, refused
+
+
+@pytest.mark.timeout(90)
+def test_api_accepts_connections_throughout_a_reload(systems: Systems, nodes: Callable[..., Dsbc]) -> None:
+    """Found by the soak: on a SIGHUP reload the API listener of the replaced worker closed
+    when its drain ended, and the new worker could bind the port only then (no
+    SO_REUSEPORT, unlike the control API): API clients got "connection refused" (or a reset
+    from the closed listener's queue) for a moment on every reload, where nginx's reload
+    refuses none."""
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from dsbc.emulator.billing import sample_rows, start_billing_emulator
+    from tests.peers.net import free_port
+
+    rows = sample_rows()
+    source = systems.run(start_billing_emulator("MR100", "127.0.0.1", 0, rows, system="source"))
+    target = systems.run(start_billing_emulator("MR115", "127.0.0.1", 0, rows, system="target"))
+    port = free_port("tcp")
+    api = (f'[api]\nlisten = ["127.0.0.1:{port}"]\n\n[[api.vhosts]]\nhost = "*"\nrealm = "customer"\n'
+           f'source = "{source.url}"\ntarget = "{target.url}"\n')
+    failures: list[str] = []
+    answered = 0
+    done = threading.Event()
+
+    def client() -> None:
+        nonlocal answered
+        form = urllib.parse.urlencode({"params": json.dumps({"login": "alice", "password": "secret"})}).encode()
+        while not done.is_set():
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/rest/Session/login", data=form,
+                                         headers={"Connection": "close"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    resp.read()
+                answered += 1
+            except urllib.error.HTTPError as exc:
+                failures.append(f"HTTP {exc.code} {exc.read()[:200]!r}")
+            except OSError as exc:
+                failures.append(repr(exc))
+            time.sleep(0.005)
+
+    try:
+        node = nodes("node", **systems.sip(), customers=rows, api=api)
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert node.proc is not None
+        for _ in range(2):
+            before = {p.name for p in node.run_dir.glob("ready-0-*")}
+            node.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda before=before: {p.name for p in node.run_dir.glob("ready-0-*")} - before, 20)
+            time.sleep(1.5)  # the replaced worker's drain ends
+        done.set()
+        for t in threads:
+            t.join(15)
+    finally:
+        done.set()
+        systems.run(source.stop())
+        systems.run(target.stop())
+    assert answered > 50
+    assert not failures, failures[:5]
