@@ -718,7 +718,7 @@ class ProxyCore:
         start = len(BRANCH_PREFIX)
         if branch.find(".", start) != start + 24:
             return False
-        return hmac.compare_digest(branch[start + 16 : start + 24], self._reply_tag(branch[start : start + 16], ip, port))
+        return _same_mac(branch[start + 16 : start + 24], self._reply_tag(branch[start : start + 16], ip, port))
 
     def _rewrite_routes(self, ed: Editor, msg: SipMessage, remaining: list[NameAddr]) -> None:
         first = True
@@ -811,7 +811,7 @@ class ProxyCore:
         value = uri.param("dsbc")
         if value:
             system, _, mac = value.rpartition(".")
-            if not system or not hmac.compare_digest(mac, self.signer.tag(f"{system}|{token or call_id}")):
+            if not system or not _same_mac(mac, self.signer.tag(f"{system}|{token or call_id}")):
                 self.counters["route_signature_rejected"] += 1
                 raise FlowTokenError("forged dsbc Route")
             out["dsbc"] = system
@@ -908,6 +908,13 @@ class ProxyCore:
 
 def _reply_mac(signer: FlowSigner) -> Any:
     return hashlib.blake2b(key=signer.subkey("reply-address"), digest_size=4)
+
+
+def _same_mac(given: str, expected: str) -> bool:
+    """A MAC read from a message equals the one dsbc computes (ASCII hex): in constant
+    time, and False for non-ASCII text, which ``hmac.compare_digest`` refuses with a
+    TypeError (octets from the wire, decoded as Latin-1)."""
+    return given.isascii() and hmac.compare_digest(given, expected)
 
 
 def _reply_tag(empty: Any, h: str, ip: str, port: int) -> str:

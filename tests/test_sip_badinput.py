@@ -386,3 +386,31 @@ def test_tcp_good_message_after_garbage_on_another_connection(env: Env) -> None:
         s.sendall(env.good("tcp-good", "TCP", s.getsockname()[1]))
         assert read_message(s).startswith(b"SIP/2.0 200 ")
     assert env.d.counters().get("internal_errors", 0) == 0
+
+
+def test_a_signature_with_non_ascii_octets_is_refused_not_a_traceback(env: Env) -> None:
+    """Found by fuzzing what a node sends back: a response whose top Via carried one of
+    dsbc's branches with non-ASCII octets where its MAC goes reached hmac.compare_digest
+    as a str, which raises TypeError for non-ASCII text: an ERROR with a traceback in the
+    log for one datagram from anyone.  The MAC of a dsbc Route is compared the same way."""
+    port = env.d.port
+    branch = b"z9hG4bK-d5" + b"a" * 16 + b"\xe9" * 8 + b".x"
+    response = (
+        b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch=%s\r\n"
+        b"Via: SIP/2.0/UDP 192.0.2.9:5060;branch=z9hG4bKabc\r\n"
+        b"From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>;tag=2\r\nCall-ID: nonascii-1\r\nCSeq: 1 INVITE\r\n"
+        b"Content-Length: 0\r\n\r\n" % (port, branch)
+    )
+    assert env.exchange(response) == []  # dropped
+    for mac in (b"%C3%A9%C3%A9", b"\xc3\xa9"):
+        bye = (
+            b"BYE sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bKna%d;rport\r\n"
+            b"Route: <sip:127.0.0.1:%d;lr;dsbc=source.%s>\r\nMax-Forwards: 70\r\n"
+            b"From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>;tag=2\r\nCall-ID: nonascii-2\r\nCSeq: 2 BYE\r\n"
+            b"Content-Length: 0\r\n\r\n" % (env.port, len(mac), port, mac)
+        )
+        answers = env.exchange(bye)
+        # a forged signature: 403; raw octets make the Route no URI of dsbc's (the owner's
+        # node is the one to refuse it, as any foreign Route of a device's request)
+        assert [status(a) for a in answers] == ([403] if b"%" in mac else [200]), answers
+    assert not env.d.traceback(), env.d.traceback()
