@@ -112,14 +112,22 @@ class Worker:
             await self._start_ipc_bind_retry(sip)
             self.services["sip"] = sip
         if self.index == 0:
-            await self._start_optional("radius", "dsbc.radius.service", "start_radius", self.cfg.radius.enabled)
+            # Diameter first: a replaced worker stops its services in the reverse order, so
+            # its RADIUS ports are free before its Diameter stop waits for this worker to
+            # listen (its clients, told to reconnect, must find the port open)
             await self._start_optional("diameter", "dsbc.diameter.service", "start_diameter", self.cfg.diameter.enabled)
+            await self._start_optional("radius", "dsbc.radius.service", "start_radius", self.cfg.radius.enabled)
         tasks = [loop.create_task(self._refresh()), loop.create_task(self._snapshot()),
                  loop.create_task(self._watch_master())]
         log.info("worker %d ready: %s", self.index, ", ".join(self.services) or "no services")
         (self.run_dir / f"ready-{self.index}-{os.getpid()}").touch()
         await self.stopping.wait()
         log.info("worker %d draining", self.index)
+        # a reload: the master made a successor for this worker, which takes over its ports
+        replaced = (self.run_dir / f"replaced-{os.getpid()}").exists()
+        for svc in self.services.values():
+            if hasattr(svc, "handover"):
+                svc.handover = replaced
         for svc in self.services.values():  # stop taking new work (SIP, control API)
             drain = getattr(svc, "drain", None)
             if drain is not None:

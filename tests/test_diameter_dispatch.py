@@ -531,3 +531,51 @@ def test_a_link_stopped_as_its_connection_completes_does_not_hang_the_stop() -> 
             await server.stop()
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_client_told_to_reconnect_at_a_reload_finds_the_successor_listening(tmp_path: Path) -> None:
+    """Found by the soak: on a SIGHUP reload the replaced worker closed its Diameter
+    listener and at once sent DPR (REBOOTING) to its clients; a PGW reconnects at once,
+    while the new worker, which retries the port every 0.1 s (runner._start_optional), was
+    not listening yet: connection refused, and a real PGW then waits its Tc timer (30 s)
+    with no credit control.  Now a worker being replaced (``handover``) waits, a bounded
+    time, for its successor to listen before it says goodbye."""
+    from dsbc.diameter.peer import ConnState
+
+    store = open_test_store(tmp_path)
+    seed(store)
+
+    async def main() -> None:
+        src = await CreditControlServer("MR100", "ocs.source.example", "source.example").start()
+        cfg = parse_config(config_text(src.address, None))
+        old = await start_diameter(cfg, store)
+        await wait_for(lambda: old.links["source"].is_open)
+        pgw = await client_for(old)
+        assert old.address is not None
+
+        async def successor() -> DiameterService:
+            while True:  # the runner's pace (_start_optional)
+                try:
+                    return await start_diameter(cfg, store)
+                except OSError:
+                    await asyncio.sleep(0.1)
+
+        old.handover = True  # what the worker sets when the master replaces it
+        new_task = asyncio.ensure_future(successor())
+        await asyncio.sleep(0.05)
+        stopping = asyncio.ensure_future(old.stop())
+        await wait_for(lambda: not any(c.state == ConnState.OPEN for c in pgw.conns), 10)
+        again = CreditControlClient("pgw1.example", "example", "example")
+        try:
+            await again.connect(*old.address)  # at once, as a PGW told REBOOTING does
+        finally:
+            await stopping
+            new = await asyncio.wait_for(new_task, 10)
+            await again.stop()
+            await new.stop()
+            await src.stop()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        store.close()

@@ -29,6 +29,8 @@ log = logging.getLogger("dsbc.diameter")
 SESSIONS_META_KEY = "diameter.sessions"
 PERSIST_EVERY = 30.0
 DRAIN_LIMIT = 2.0  # seconds a stopping dispatcher waits for the answers of requests in flight
+SUCCESSOR_WAIT = 3.0  # seconds a replaced dispatcher waits for its successor to listen
+LINKS_WAIT = 2.0  # seconds a starting dispatcher waits for its links before it serves
 
 
 def make_decide(store: LocationStore) -> Any:
@@ -62,6 +64,9 @@ class DiameterService:
         self.server: asyncio.AbstractServer | None = None
         self.address: tuple[str, int] | None = None
         self.bad_messages = 0
+        #: set by the worker when a reload replaces it: its successor will listen on the
+        #: same port, and the clients told to reconnect must find it there
+        self.handover = False
         self._timer = CoreTimer(self.loop, self.router.get_timer, self.router.handle_timer, self._send)
         self._pins = PinnedRows(store, node_key(SESSIONS_META_KEY, cfg.diameter.listen, cfg.store.url), self.loop,
                                 "diameter sessions", legacy_key=SESSIONS_META_KEY)
@@ -193,6 +198,10 @@ class DiameterService:
         self._persist()
         if self.server is not None:
             self.server.close()
+            if self.handover and self.address is not None:
+                # the DPRs below make the clients reconnect at once: a PGW refused then
+                # waits its Tc timer (often 30 s) with no credit control
+                await self._successor_listening(self.address)
         # the answers to requests in flight still reach their clients before the DPRs (a
         # PGW left without its CCA applies Credit-Control-Failure-Handling to the session)
         deadline = self.loop.time() + min(self.cfg.diameter.request_timeout, DRAIN_LIMIT)
@@ -203,6 +212,23 @@ class DiameterService:
                              return_exceptions=True)
         self._timer.cancel()
         self._persist()
+
+    async def _successor_listening(self, address: tuple[str, int]) -> None:
+        """Until another socket listens on ``address`` (a plain bind is refused), for
+        SUCCESSOR_WAIT at most."""
+        deadline = self.loop.time() + SUCCESSOR_WAIT
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        while self.loop.time() < deadline:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # past the connections in TIME_WAIT, not past a listener
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(address)
+                except OSError:
+                    return
+            await asyncio.sleep(0.01)
+        log.warning("diameter: no successor listening on %s:%d after %g s; disconnecting "
+                    "the clients anyway", address[0], address[1], SUCCESSOR_WAIT)
 
 
 async def start_diameter(cfg: Config, store: LocationStore) -> DiameterService:
@@ -219,7 +245,10 @@ async def start_diameter(cfg: Config, store: LocationStore) -> DiameterService:
                             hbh_seed=node.state_id << 8)
     svc = DiameterService(cfg, store, router, node)
     svc._restore()
-    svc.server = await svc.loop.create_server(svc.new_client, host, port, reuse_address=True)
+    # not serving until the links to the systems are open (below): on a reload the clients
+    # of the replaced worker reconnect here, and would get 3002 for their first requests
+    svc.server = await svc.loop.create_server(svc.new_client, host, port, reuse_address=True,
+                                              start_serving=False)
     # again now that the port is this worker's: a predecessor (a SIGHUP reload) saved its
     # last sessions just before it closed it
     svc._restore()
@@ -235,6 +264,10 @@ async def start_diameter(cfg: Config, store: LocationStore) -> DiameterService:
         svc.links[name] = link
         link.start()
     svc._persist_task = svc.loop.create_task(svc._persist_loop())
+    deadline = svc.loop.time() + min(c.cer_timeout, LINKS_WAIT)
+    while svc.loop.time() < deadline and not all(link.is_open for link in svc.links.values()):
+        await asyncio.sleep(0.01)
+    await svc.server.start_serving()
     log.info("diameter: listening on %s:%d as %s", *svc.address, c.origin_host)
     if not c.clients and not ipaddress.ip_address(svc.address[0]).is_loopback:
         log.warning("diameter: diameter.clients is empty: any host that reaches %s:%d may connect",
