@@ -411,8 +411,13 @@ def where(identity: str, node: str | None) -> int:
 
 @main.command()
 @click.option(
-    "--customer", "customers", multiple=True, metavar="ID", help="A customer to move (repeatable)."
+    "--customer",
+    "customers",
+    multiple=True,
+    metavar="ID",
+    help="A customer to move; more ids may follow (--customer 1 2 3) or the option repeat.",
 )
+@click.argument("more_ids", nargs=-1, metavar="[ID]...")
 @click.option(
     "--batch",
     "batch_file",
@@ -471,6 +476,7 @@ def where(identity: str, node: str | None) -> int:
 @config_options
 def migrate(
     customers: tuple[str, ...],
+    more_ids: tuple[str, ...],
     batch_file: str | None,
     to: str,
     dry_run: bool,
@@ -485,6 +491,7 @@ def migrate(
     node: str | None,
 ) -> int:
     """Move customers atomically to the other system (exit 1 if some ids are unknown, 2 if all)."""
+    customers += more_ids  # SPEC 3 writes ``--customer ID ...``: the ids after the first
     if customers and batch_file:
         raise click.UsageError("give --customer ID (one or more) or --batch FILE, not both")
     if not customers and not batch_file:

@@ -83,6 +83,19 @@ def test_migrate_summary_and_idempotence(home: Path) -> None:
         "moved 0, already on target 2, unknown 0; no batch (nothing moved); registered on target: 0/0 phones")
 
 
+def test_several_ids_after_one_customer_option(home: Path) -> None:
+    """SPEC 3 writes ``migrate --customer ID ...``: ``--customer 1 2 3`` moves all three
+    (it was refused with "unexpected extra arguments")."""
+    r = dsbc("migrate", "--customer", "1", "2", "3", "--to", "target")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.startswith("moved 3, already on target 0, unknown 0")
+    assert [system_of(home, c) for c in ("1", "2", "3", "4")] == ["target"] * 3 + ["source"]
+    r = dsbc("migrate", "--customer", "1", "2", "--customer", "4", "--to", "source")
+    assert r.exit_code == 0 and r.stdout.startswith("moved 2, already on source 1, unknown 0")
+    r = dsbc("migrate", "--batch", "b.txt", "5")
+    assert r.exit_code == 2 and "not both" in r.stderr
+
+
 def test_unknown_ids_are_reported_and_exit_1(home: Path) -> None:
     r = dsbc("migrate", "--customer", "1", "--customer", "nope")
     assert r.exit_code == 1
