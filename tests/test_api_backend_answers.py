@@ -8,12 +8,37 @@ must get the same dispatching as one that does not."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from aiohttp import web
 
 from tests.test_api_admin import ADMIN_CREDS, ROWS
 from tests.test_api_support import ADMIN, CUSTOMER, ApiEnv, run
+
+
+@asynccontextmanager
+async def target_gateway_page(env: ApiEnv) -> AsyncIterator[dict[str, int]]:
+    """The target's application stopped behind its web server: its port answers every
+    request with an HTML page of the status set in the yielded dict (``code``)."""
+    port = int(env.target.url.rsplit(":", 1)[1])
+    await env.target.stop()
+    status = {"code": 502}
+
+    async def gateway(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=status["code"], text="<html>down</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{p:.*}", gateway)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield status
+    finally:
+        await runner.cleanup()
 
 
 def test_gzipping_systems_still_merge_record_and_remember(tmp_path: Path) -> None:
@@ -78,44 +103,26 @@ def test_a_target_behind_a_web_server_with_its_application_down(tmp_path: Path) 
     answer at all; a login the source refuses then gets the fault naming the target."""
 
     async def main() -> None:
-        async with ApiEnv(tmp_path, ROWS) as env:
-            port = int(env.target.url.rsplit(":", 1)[1])
-            await env.target.stop()
-            status = {"code": 502}
-
-            async def gateway(request: web.Request) -> web.Response:
-                await request.read()
-                return web.Response(
-                    status=status["code"], text="<html>down</html>", content_type="text/html"
+        async with ApiEnv(tmp_path, ROWS) as env, target_gateway_page(env) as status:
+            for code in (502, 503, 504):
+                status["code"] = code
+                st, sess, hdrs = await env.call(
+                    CUSTOMER, "Session/login", {"login": "user1-x", "password": "secret"}
                 )
-
-            app = web.Application()
-            app.router.add_route("*", "/{p:.*}", gateway)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            try:
-                for code in (502, 503, 504):
-                    status["code"] = code
-                    st, sess, hdrs = await env.call(
-                        CUSTOMER, "Session/login", {"login": "user1-x", "password": "secret"}
-                    )
-                    assert st == 500 and sess["faultcode"] == (
-                        "Server.Dispatcher.backend_unavailable"
-                    ), (code, sess)
-                    assert "target" in sess["faultstring"]
-                    # a session of the source (known to nobody yet) is found there
-                    async with env.http.post(
-                        f"{env.source.url}/rest/Session/login",
-                        data={"params": '{"login": "user2", "password": "secret"}'},
-                    ) as r:
-                        sid = (await r.json())["session_id"]
-                    st, info, hdrs = await env.call(
-                        CUSTOMER, "Customer/get_customer_info", {}, {"session_id": sid}
-                    )
-                    assert st == 200 and hdrs["X-Billing-System"] == "MR100", (code, info)
-            finally:
-                await runner.cleanup()
+                assert st == 500 and sess["faultcode"] == (
+                    "Server.Dispatcher.backend_unavailable"
+                ), (code, sess)
+                assert "target" in sess["faultstring"]
+                # a session of the source (known to nobody yet) is found there
+                async with env.http.post(
+                    f"{env.source.url}/rest/Session/login",
+                    data={"params": '{"login": "user2", "password": "secret"}'},
+                ) as r:
+                    sid = (await r.json())["session_id"]
+                st, info, hdrs = await env.call(
+                    CUSTOMER, "Customer/get_customer_info", {}, {"session_id": sid}
+                )
+                assert st == 200 and hdrs["X-Billing-System"] == "MR100", (code, info)
 
     run(main)
 
@@ -129,22 +136,7 @@ def test_a_merged_list_with_one_system_failing_is_a_fault_naming_it(tmp_path: Pa
         async with ApiEnv(tmp_path, ROWS) as env:
             _, sess, _ = await env.call(ADMIN, "Session/login", ADMIN_CREDS)
             auth = {"session_id": sess["session_id"]}
-            port = int(env.target.url.rsplit(":", 1)[1])
-            await env.target.stop()
-            status = {"code": 502}
-
-            async def gateway(request: web.Request) -> web.Response:
-                await request.read()
-                return web.Response(
-                    status=status["code"], text="<html>no</html>", content_type="text/html"
-                )
-
-            app = web.Application()
-            app.router.add_route("*", "/{p:.*}", gateway)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            try:
+            async with target_gateway_page(env) as status:
                 for code, reason in (
                     (502, "backend_unavailable"),
                     (404, "bad_backend_answer"),
@@ -159,7 +151,5 @@ def test_a_merged_list_with_one_system_failing_is_a_fault_naming_it(tmp_path: Pa
                         fault = await r.json()
                     assert fault["faultcode"] == f"Server.Dispatcher.{reason}", (code, fault)
                     assert "target" in fault["faultstring"], fault
-            finally:
-                await runner.cleanup()
 
     run(main)

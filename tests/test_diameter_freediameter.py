@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,6 +92,24 @@ def test_credit_control_through_freediameter_relay(veth: VethNamespace, tmp_path
         store.close()
 
 
+@asynccontextmanager
+async def dsbc_behind_a_relay(veth: VethNamespace, tmp_path: Path, store: Any,
+                              **relay_options: Any) -> AsyncIterator[tuple[Any, FreeDiameterRelay]]:
+    """dsbc's Diameter listening on the veth's host side, and freeDiameter in the namespace
+    with dsbc as its one peer (``relay_options``: how it wants to talk to dsbc)."""
+    dsbc_port = free_tcp_port()
+    text = config_text(None, None).replace('listen = "127.0.0.1:', f'listen = "{veth.host_ip}:{dsbc_port}"  # ')
+    svc = await start_diameter(parse_config(text), store)
+    relay = FreeDiameterRelay(tmp_path / "fd", veth, "relay.example", "relay.example",
+                              [("dsbc.example", veth.host_ip, dsbc_port)], **relay_options)
+    await asyncio.get_running_loop().run_in_executor(None, relay.start)
+    try:
+        yield svc, relay
+    finally:
+        await svc.stop()
+        await asyncio.get_running_loop().run_in_executor(None, relay.stop)
+
+
 def test_a_relay_that_wants_tls_after_the_cea_is_told_there_is_no_common_security(
         veth: VethNamespace, tmp_path: Path) -> None:
     """freeDiameter configured for the old TLS method (Inband-Security-Id TLS in its CER, the
@@ -96,15 +117,9 @@ def test_a_relay_that_wants_tls_after_the_cea_is_told_there_is_no_common_securit
     DIAMETER_NO_COMMON_SECURITY (RFC 6733 5.3) rather than a success followed by a failed
     handshake, retried forever."""
     store = open_test_store(tmp_path)
-    dsbc_port = free_tcp_port()
 
     async def main() -> None:
-        text = config_text(None, None).replace('listen = "127.0.0.1:', f'listen = "{veth.host_ip}:{dsbc_port}"  # ')
-        svc = await start_diameter(parse_config(text), store)
-        relay = FreeDiameterRelay(tmp_path / "fd", veth, "relay.example", "relay.example",
-                                  [("dsbc.example", veth.host_ip, dsbc_port)], tls_old_method=("dsbc.example",))
-        await asyncio.get_running_loop().run_in_executor(None, relay.start)
-        try:
+        async with dsbc_behind_a_relay(veth, tmp_path, store, tls_old_method=("dsbc.example",)) as (svc, relay):
             try:
                 await wait_for(lambda: "NO_COMMON_SECURITY" in relay.log_path.read_text(errors="replace")
                                or "TLS handshake failed" in relay.log_path.read_text(errors="replace"), 15)
@@ -113,9 +128,6 @@ def test_a_relay_that_wants_tls_after_the_cea_is_told_there_is_no_common_securit
             log = relay.log_path.read_text(errors="replace")
             assert "NO_COMMON_SECURITY" in log and "TLS handshake failed" not in log, relay.log_tail()
             assert not svc.router.clients
-        finally:
-            await svc.stop()
-            await asyncio.get_running_loop().run_in_executor(None, relay.stop)
 
     try:
         asyncio.run(asyncio.wait_for(main(), 60))
@@ -128,19 +140,10 @@ def test_a_relay_that_starts_with_tls_is_named_in_the_log(veth: VethNamespace, t
     """freeDiameter's default for a peer is TLS from the first byte; dsbc has none, and its
     log says so (rather than 'bad framing: version 22'), naming the remedy."""
     store = open_test_store(tmp_path)
-    dsbc_port = free_tcp_port()
 
     async def main() -> None:
-        text = config_text(None, None).replace('listen = "127.0.0.1:', f'listen = "{veth.host_ip}:{dsbc_port}"  # ')
-        svc = await start_diameter(parse_config(text), store)
-        relay = FreeDiameterRelay(tmp_path / "fd", veth, "relay.example", "relay.example",
-                                  [("dsbc.example", veth.host_ip, dsbc_port)], tls_on_connect=("dsbc.example",))
-        await asyncio.get_running_loop().run_in_executor(None, relay.start)
-        try:
+        async with dsbc_behind_a_relay(veth, tmp_path, store, tls_on_connect=("dsbc.example",)):
             await wait_for(lambda: "closing" in caplog.text, 15)
-        finally:
-            await svc.stop()
-            await asyncio.get_running_loop().run_in_executor(None, relay.stop)
 
     with caplog.at_level(logging.INFO, logger="dsbc.diameter"):
         try:
