@@ -41,6 +41,10 @@ from dsbc.store import (
         ("login:bob@example.com", ("login", "bob@example.com")),
         ("radius:user@realm", ("radius", "user@realm")),
         ("account:a:b", ("account", "a:b")),  # only the first colon separates
+        # database ids are numbers: the API sends i_account 42 for an export's 0042
+        ("i_account:0042", ("i_account", "42")),
+        ("i_did_number:000", ("i_did_number", "0")),
+        ("did:0044 20 7946 0000", ("did", "00442079460000")),  # a number's zeros count
     ],
 )
 def test_parse_identity(text: str, expected: tuple[str, str]) -> None:

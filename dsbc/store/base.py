@@ -74,6 +74,8 @@ def normalise(kind: str, value: str) -> str:
             v = v[1:]
         if not v.isdigit() or not v.isascii():
             raise BadIdentity(f"{kind}:{value!r} is not a number")
+        if kind in ("i_account", "i_did_number"):  # a database id: 0042 is the 42 the API sends
+            v = v.lstrip("0") or "0"
     elif kind == "cpe":
         v = re.sub(r"[\s:\-\.]", "", v).lower()
         if not _HEX.match(v):
