@@ -32,6 +32,7 @@ from typing import Final
 
 from .errors import SipError
 from .flow import Flow
+from .logbudget import LogBudget
 from .message import SipMessage, make_response, parse_message
 from .proxy import Send
 from .ratelimit import RateLimiter, Verdict
@@ -53,9 +54,7 @@ def _to_tag(call_id: str) -> str:
 class Admission:
     __slots__ = (
         "_limited_headers",
-        "_log_count",
-        "_log_suppressed",
-        "_log_window_end",
+        "_log",
         "counters",
         "drop",
         "is_trusted",
@@ -89,9 +88,8 @@ class Admission:
         ]
         self.server = server
         self.max_message_size = max_message_size
-        self._log_window_end = 0.0
-        self._log_count = 0
-        self._log_suppressed = 0
+        self._log = LogBudget(log, "sources over the SIP rate limit", LOG_BURST,
+                              limiter.window if limiter is not None else 60.0)
 
     @property
     def active(self) -> bool:
@@ -154,22 +152,14 @@ class Admission:
     def _report(self, now: float) -> None:
         assert self.limiter is not None
         blocked = self.limiter.newly_blocked
-        if now >= self._log_window_end:
-            if self._log_suppressed:
-                log.warning("%d more sources went over the SIP rate limit", self._log_suppressed)
-            self._log_window_end = now + self.limiter.window
-            self._log_count = 0
-            self._log_suppressed = 0
         while blocked:
-            ip = blocked.popleft()
-            if self._log_count < LOG_BURST:
-                self._log_count += 1
-                log.warning(
-                    "SIP source %s is over the rate limit (%d messages per %g s): %s",
-                    ip, self.limiter.limit, self.limiter.window, "dropped" if self.drop else "answered 503",
-                )  # fmt: skip
-            else:
-                self._log_suppressed += 1
+            self._log.log(
+                logging.WARNING,
+                "SIP source %s is over the rate limit (%d messages per %g s): %s",
+                blocked.popleft(), self.limiter.limit, self.limiter.window,
+                "dropped" if self.drop else "answered 503",
+                now=now,
+            )  # fmt: skip
 
     def status(self) -> dict[str, object]:
         out: dict[str, object] = {}

@@ -200,6 +200,26 @@ def test_admission_answers_503_then_drops_and_counts() -> None:
     assert counters["rate_limited"] == 17 and counters["rate_limited_answered"] == 3
 
 
+
+def test_admission_logs_blocked_sources_within_a_budget(caplog: pytest.LogCaptureFixture) -> None:
+    """Each newly blocked source is logged, at most LOG_BURST per rate window; the rest are
+    counted in one line at the next window (sources that spoof addresses cannot fill the log)."""
+    from sip.admission import LOG_BURST
+
+    adm, _ = make_admission(limiter=RateLimiter(1, 2.0), drop=True)
+    with caplog.at_level("WARNING", logger="dsbc.sip.security"):
+        for i in range(LOG_BURST + 5):
+            src = Flow("udp", f"203.0.113.{i + 1}", 5060)
+            adm.check(invite(), src, 0.0)
+            adm.check(invite(), src, 0.0)  # over the limit: blocked
+        assert sum("is over the rate limit" in r.message for r in caplog.records) == LOG_BURST
+        src = Flow("udp", "192.0.2.1", 5060)
+        adm.check(invite(), src, 5.0)
+        adm.check(invite(), src, 5.0)
+    lines = [r.message for r in caplog.records]
+    assert "5 more sources over the SIP rate limit not logged in the last 2 s" in lines
+    assert lines[-1].startswith("SIP source 192.0.2.1 is over the rate limit")
+
 def test_admission_exempts_trusted_peers_and_drop_mode_is_silent() -> None:
     adm, counters = make_admission(limiter=RateLimiter(1, 2.0), drop=True)
     carrier = Flow("udp", "198.51.100.1", 5060)

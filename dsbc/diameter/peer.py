@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from dsbc.diameter import codec as dc
-from dsbc.logbudget import LogBudget
+from sip.logbudget import LogBudget
 
 log = logging.getLogger("dsbc.diameter")
 

@@ -19,8 +19,8 @@ from dsbc.config import Config, parse_hostport
 from dsbc.diameter import codec as dc
 from dsbc.diameter.peer import Connection, ConnState, LocalNode, PeerLink
 from dsbc.diameter.routing import TO_CLIENT, DiameterRouter, Send, SystemRoute
-from dsbc.logbudget import LogBudget
 from dsbc.store.base import BadIdentity, LocationStore, normalise
+from sip.logbudget import LogBudget
 
 from ..core_timer import CoreTimer, PinnedRows, node_key
 

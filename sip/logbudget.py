@@ -5,6 +5,7 @@ first ``burst`` lines of each window and counts the rest; the first line of the 
 window is preceded by one summary ("N more ... not logged").  A host that opens
 connections in a loop (a Diameter port on the public address) then writes a few lines a
 minute to the log instead of one per connection, and cannot fill the disk with it.
+No I/O of its own: a caller with a clock of its own (the SIP core's ``now``) passes it.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class LogBudget:
         self.suppressed = 0  # in the current window
         self.suppressed_total = 0
 
-    def log(self, level: int, msg: str, *args: object) -> None:
-        now = self.clock()
+    def log(self, level: int, msg: str, *args: object, now: float | None = None) -> None:
+        if now is None:
+            now = self.clock()
         if now >= self._end:
             if self.suppressed:
                 self.logger.warning("%d more %s not logged in the last %g s", self.suppressed, self.what,
