@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -116,8 +117,9 @@ def _free(preferred: int, taken: set[int]) -> int:
 
 
 class Demo:
-    def __init__(self, workdir: Path, sip_port: int, api_port: int) -> None:
+    def __init__(self, workdir: Path, sip_port: int, api_port: int, temporary: bool = False) -> None:
         self.workdir = workdir
+        self.temporary = temporary  # made by the demo: removed when it ends well
         taken: set[int] = set()
         self.ports = {
             "sip": _free(sip_port, taken),
@@ -278,6 +280,12 @@ token = "demo-token"
         finally:
             store.close()
 
+    def _files_line(self) -> str:
+        where = f"Config, store and logs: {self.workdir}"
+        if self.temporary:
+            return where + " (removed when the demo stops; --dir DIR keeps them)"
+        return where
+
     def banner(self, stops: str = "Ctrl-C stops it") -> str:
         p = self.ports
         cfg = self.config_path
@@ -292,6 +300,8 @@ dsbc demo is running ({stops}). Everything is on {HOST}.
 
   source MR100      SIP {HOST}:{s['sip'].port}, API {s['billing'].url}
   target MR115      SIP {HOST}:{t['sip'].port}, API {t['billing'].url}
+
+{self._files_line()}
 
 Sample customers (password "secret"): alice, bob, carol on the source; dave, erin on the target.
   alice: account 100001, DID 15550101, cpe 0004f2a1b2c1 ... erin: account 100005, DID 15550105
@@ -432,8 +442,8 @@ def _header(text: str, name: str) -> str:
     return ""
 
 
-async def run_demo(workdir: Path, sip_port: int, api_port: int, duration: float | None, check: bool) -> int:
-    demo = Demo(workdir, sip_port, api_port)
+async def run_demo(workdir: Path, sip_port: int, api_port: int, duration: float | None, check: bool, temporary: bool = False) -> int:
+    demo = Demo(workdir, sip_port, api_port, temporary)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
@@ -491,7 +501,7 @@ def _config_options(f: Any) -> Any:
 
 
 @click.command("demo")
-@click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None, help="Where to write the demo's config, store and logs (default: a new temporary directory).")
+@click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None, help="Where to write the demo's config, store and logs (default: a new temporary directory, removed when the demo ends well).")
 @click.option("--sip-port", type=click.IntRange(0, 65535), default=5060, show_default=True,
               help="Preferred SIP port (a free one is used if taken; 0: any free one).")
 @click.option("--api-port", type=click.IntRange(0, 65535), default=8080, show_default=True,
@@ -517,5 +527,16 @@ def demo_command(workdir: str | None, sip_port: int, api_port: int, duration: fl
         uvloop.install()
     except ImportError:  # pragma: no cover
         pass
-    code = asyncio.run(run_demo(path, sip_port, api_port, duration, check))
+    code = asyncio.run(run_demo(path, sip_port, api_port, duration, check, temporary=workdir is None))
+    if workdir is None:
+        _drop_temporary(path, code)
     sys.exit(code)
+
+
+def _drop_temporary(path: Path, code: int) -> None:
+    """The temporary directory the demo made goes when it ends well; after a failure
+    its logs are what the user needs, so it stays and is named."""
+    if code in (0, 130):  # 130: stopped by Ctrl-C while starting
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        click.echo(f"the demo's config, store and logs are kept in {path}", err=True)

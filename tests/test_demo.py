@@ -41,6 +41,21 @@ def test_demo_check_routes_each_protocol_and_follows_a_migration(tmp_path: Path)
     assert "target" in where.stdout and "MR115" in where.stdout
 
 
+@pytest.mark.timeout(120)
+def test_the_demo_removes_the_temporary_directory_it_made(tmp_path: Path) -> None:
+    """Each `dsbc demo` without --dir left a dsbc-demo-* directory (config, SQLite store,
+    logs) in /tmp behind it.  The banner names the directory, and it goes when the demo ends."""
+    import os
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "dsbc.cli", "demo", "--duration", "0", "--sip-port", "0", "--api-port", "0"],
+                       capture_output=True, text=True, timeout=100, cwd=REPO, env=env, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"Config, store and logs: {tmp_path}/dsbc-demo-" in r.stdout, r.stdout
+    assert "removed when the demo stops" in r.stdout, r.stdout
+    assert not list(tmp_path.glob("dsbc-demo-*")), list(tmp_path.iterdir())
+
+
 def test_the_demo_never_gives_one_port_to_two_listeners(tmp_path: Path) -> None:
     """Found by an audit: `dsbc demo --sip-port 8081` (the control API's preferred port), or
     --sip-port and --api-port alike, or a port the kernel handed out twice, went to two
