@@ -449,6 +449,10 @@ class ApiProxy(Flows):
             found = self._upstreams[key] = (pool, origin)
         return found
 
+    def _base_urls(self, system: str) -> list[str]:
+        """The base URLs of ``system`` that the virtual hosts send requests to."""
+        return sorted({v.base(system) for v in self.settings.vhosts if v.base(system)})
+
     def status(self) -> dict[str, Any]:
         return {
             "listening": [f"{h}:{p}" for h, p in self.addresses],
@@ -457,7 +461,7 @@ class ApiProxy(Flows):
                 f"{v.host}{':' + str(v.port) if v.port else ''} ({v.realm})"
                 for v in self.settings.vhosts
             ],
-            "backends": {name: b.status() for name, b in self.backends.items()},
+            "backends": {name: {**b.status(), "urls": self._base_urls(name)} for name, b in self.backends.items()},
             "metrics": dict(self.metrics),
         }
 

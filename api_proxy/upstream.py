@@ -213,6 +213,7 @@ class Backend:
     def status(self) -> dict[str, Any]:
         return {
             "healthy": self.healthy,
+            "answered": self.last_ok_at > 0,  # False: no request reached it yet
             "requests": self.requests,
             "errors": self.errors,
             "last_error": self.last_error,

@@ -362,7 +362,8 @@ def backend_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str,
         rows.append(("diameter", system, str(s.get("identity") or "-"),
                      "up" if s.get("peer") == "open" else "DOWN", "", ""))
     for system, b in (services.get("api", {}).get("backends") or {}).items():
-        rows.append(("api", system, system, "up" if b.get("healthy") else "DOWN", "", str(b.get("errors", 0))))
+        state = "DOWN" if not b.get("healthy") else "up" if b.get("answered", True) else "untried"
+        rows.append(("api", system, ", ".join(b.get("urls") or ()) or system, state, "", str(b.get("errors", 0))))
     return rows
 
 

@@ -206,6 +206,31 @@ def test_lock_outlasting_the_hold_and_a_dead_system_give_faults(tmp_path: Path) 
     run(main)
 
 
+def test_status_names_each_api_back_end_by_url_and_untried_until_it_answered(tmp_path: Path) -> None:
+    """`dsbc status` showed the API back ends as "api source source up" before any request had
+    reached them: no URL to tell which back end, and "up" for one never tried."""
+    from dsbc.metrics import backend_rows
+
+    def rows(env: ApiEnv) -> dict[str, tuple[str, ...]]:
+        summary = {"services": {"api": env.api.status()}}
+        return {r[1]: r for r in backend_rows(summary) if r[0] == "api"}
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            before = rows(env)
+            assert before["source"][2:4] == (env.source.url, "untried"), before
+            assert before["target"][2:4] == (env.target.url, "untried"), before
+            st, _, _ = await env.call(CUSTOMER, LOGIN, {"login": "alice", "password": "secret"})
+            assert st == 200
+            after = rows(env)
+            assert after["source"][3] == "up", after
+            await env.target.stop()
+            await env.call(CUSTOMER, LOGIN, {"login": "dave", "password": "secret"})
+            assert rows(env)["target"][2:4] == (env.target.url, "DOWN"), rows(env)
+
+    run(main)
+
+
 def test_a_second_node_routes_sessions_made_by_the_first(tmp_path: Path) -> None:
     async def main() -> None:
         async with ApiEnv(tmp_path) as env:
