@@ -683,3 +683,22 @@ def test_a_write_stands_when_the_user_may_not_wait_for_replicas(store: RedisStor
         writer.close()
         c.acl_deluser("nowait")
         c.close()
+
+
+def test_writes_ask_for_the_replica_count_once_a_second_not_each_time(make: Any, server: RedisServer) -> None:
+    """Each write (a migration chunk, a PUT, a session) asked `INFO replication` first, to know
+    whether to WAIT for a replica: a round trip more per write."""
+    writer = make()
+    c = server.client()
+
+    def info_calls() -> int:
+        return int(c.info("commandstats").get("cmdstat_info", {}).get("calls", 0))
+
+    try:
+        before = info_calls()
+        for to in ("target", "source", "target", "source", "target", "source"):
+            writer.migrate(["1"], to)  # each flip is a write
+        asked = info_calls() - before - 1  # our own INFO commandstats counts too
+        assert asked == 1, asked
+    finally:
+        c.close()

@@ -136,6 +136,7 @@ class RedisStore(IndexedStore):
         self._last_seq = 0
         self._epoch = ""
         self._remote_seq = 0
+        self._replicas_seen = (0.0, 0)  # (monotonic time, count): INFO once a second, not per write
         self._applied_at = 0.0  # time.time() of the last change applied (lag)
         self._probed = 0.0
         self._up = False
@@ -481,8 +482,12 @@ class RedisStore(IndexedStore):
                 else:
                     acked = int(waited)
         except self._errors as exc:
+            self._replicas_seen = (0.0, 0)  # a fail-over may follow: ask the next master afresh
             raise self._unavailable(what, exc, sent=True) from None
         res: dict[str, Any] = json.loads(raw)
+        if replicas and not acked and res.get("seq"):
+            with contextlib.suppress(*self._errors):
+                replicas = self._replicas(fresh=True)  # the count was up to a second old
         if replicas and not acked and res.get("seq"):
             res["warning"] = (f"{what} committed on the Redis master, but none of its {replicas} "
                               f"replica(s) confirmed it within {REPLICA_WAIT:g} s: a fail-over now "
@@ -501,13 +506,21 @@ class RedisStore(IndexedStore):
             self._after_write()
         return res
 
-    def _replicas(self) -> int:
-        """How many replicas the master has now (0: a lone Redis, nothing to wait for)."""
+    def _replicas(self, fresh: bool = False) -> int:
+        """How many replicas the master has (0: a lone Redis, nothing to wait for), asked at
+        most once a second: a migration writes in chunks, and each would pay a round trip."""
+        now = time.monotonic()
+        at, count = self._replicas_seen
+        if not fresh and at and now - at < 1.0:
+            return count
         try:
             info = self._w.info("replication")
         except self._response_error:  # INFO renamed or denied by an ACL: do not wait
-            return 0
-        return int(info.get("connected_slaves", 0) or 0)
+            count = 0
+        else:
+            count = int(info.get("connected_slaves", 0) or 0)
+        self._replicas_seen = (now, count)
+        return count
 
     def _after_write(self) -> None:
         """Read your own writes: the thread that owns the index applies them at once;
