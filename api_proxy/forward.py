@@ -133,6 +133,7 @@ class Forwarder:
         self.router = router
         self.metrics: dict[str, int] = dict.fromkeys(METRIC_NAMES, 0)
         self.holding = 0  # requests waiting in hold() now (a draining worker waits for them)
+        self._bases: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
         s = settings
         self.backends = {
             name: Backend(
@@ -282,7 +283,9 @@ class Forwarder:
         cookies: Iterable[str] = (),
     ) -> web.StreamResponse:
         vhost = ctx.vhost
-        bases = backend_bases([vhost.source, vhost.target])
+        bases = self._bases.get((vhost.source, vhost.target))
+        if bases is None:  # once per vhost, not per answer
+            bases = self._bases[(vhost.source, vhost.target)] = backend_bases([vhost.source, vhost.target])
         headers = response_headers(resp.headers, bases, ctx.public_origin)
         for c in cookies:
             headers.add("Set-Cookie", c)
