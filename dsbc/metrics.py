@@ -253,7 +253,7 @@ def _radius(exp: Exposition, st: dict[str, Any]) -> None:
         exp.add("dsbc_radius_backend_timeouts_total", s.get("timeouts", 0),
                 help_text="RADIUS requests a system did not answer", system=system)
         for node, state in (s.get("servers") or {}).items():
-            exp.add("dsbc_backend_up", 1 if state == "up" else 0, "gauge",
+            exp.add("dsbc_backend_up", 0 if state == "dead" else 1, "gauge",
                     protocol="radius", system=system, node=node)
 
 
@@ -357,7 +357,7 @@ def backend_rows(summary: dict[str, Any]) -> list[tuple[str, str, str, str, str,
     for system, s in (services.get("radius", {}).get("systems") or {}).items():
         for node, state in (s.get("servers") or {}).items():
             timeouts = (s.get("server_timeouts") or {}).get(node, 0)  # this server's, not the system's
-            rows.append(("radius", system, node, "up" if state == "up" else "DOWN", "", str(timeouts)))
+            rows.append(("radius", system, node, "DOWN" if state == "dead" else state, "", str(timeouts)))
     for system, s in (services.get("diameter", {}).get("systems") or {}).items():
         rows.append(("diameter", system, str(s.get("identity") or "-"),
                      "up" if s.get("peer") == "open" else "DOWN", "", ""))

@@ -24,13 +24,14 @@ from dsbc.resolve import resolve_backends
 from dsbc.sip_service import trusted_peers
 from dsbc.store import open_store
 from tests.peers.dsbc import Dsbc
+from tests.peers.net import free_port
 from tests.test_sip_workers import Registrar, register
 
 UNRESOLVABLE = "no-such-host.invalid"  # RFC 2606: never resolves
 
 
 #: every dispatcher that uses a back-end name on (names are only resolved for those);
-#: the start stops before any port is bound, so these ports need not be free
+#: (the ports are replaced by free ones where dsbc is started)
 SERVICES = ('[sip]\nlisten = ["udp:127.0.0.1:5060"]\nworkers = 1\n'
             '[radius]\nenabled = true\nauth_listen = "127.0.0.1:1812"\nacct_listen = "127.0.0.1:1813"\n'
             '[[radius.clients]]\naddress = "127.0.0.1"\nsecret = "nas"\n'
@@ -42,7 +43,10 @@ def _cfg(systems: str, tmp_path: Path) -> Path:
     db = tmp_path / "loc.db"
     open_store(f"sqlite:///{db}").close()
     path = tmp_path / "dsbc.toml"
-    path.write_text(f'[store]\nurl = "sqlite:///{db}"\n\n{systems}\n{SERVICES}')
+    services = SERVICES  # free ports: a refusal for a port in use would come first
+    for port, kind in (("5060", "udp"), ("1812", "udp"), ("1813", "udp"), ("3868", "tcp")):
+        services = services.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port(kind)}")
+    path.write_text(f'[store]\nurl = "sqlite:///{db}"\n\n{systems}\n{services}')
     return path
 
 

@@ -466,3 +466,22 @@ def test_eap_challenges_followed_are_bounded(store: LocationStore) -> None:
         challenge = server_answer(fwd, rp.ACCESS_CHALLENGE, extra=[(rp.STATE, f"round-{i}".encode())])
         assert len(core.handle_answer("source", fwd.via, challenge, SRC, 0.1)) == 1
     assert len(core._challenges) == 3 and (NAS[0], b"round-4") in core._challenges
+
+
+def test_a_server_is_untried_until_it_answered(store: LocationStore) -> None:
+    """`dsbc status` showed every RADIUS server "up" before a request had reached it (dsbc
+    sends no Status-Server probes): now "untried" until its first answer, still counted up
+    in dsbc_backend_up, and "DOWN" only once it was silent."""
+    from dsbc.metrics import backend_rows
+
+    core = make_core(store, timeout=1.0, retries=0)
+
+    def state() -> str:
+        rows = backend_rows({"services": {"radius": core.status()}})
+        return {(r[1], r[2]): r[3] for r in rows}[("source", "127.0.0.1:1812")]
+
+    assert state() == "untried"
+    [fwd] = core.handle_request(AUTH, access_request("alice", 1), NAS, 0.0)
+    assert state() == "untried"
+    core.handle_answer("source", fwd.via, server_answer(fwd), SRC, 0.1)
+    assert state() == "up"

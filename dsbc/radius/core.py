@@ -224,7 +224,10 @@ class RadiusCore:
         for kind in (AUTH, ACCT):
             for addr in s.servers[kind]:
                 name = f"{addr[0]}:{addr[1]}"
-                servers[name] = "dead" if s.dead_until.get(addr, 0.0) > self._last_now else "up"
+                if s.dead_until.get(addr, 0.0) > self._last_now:
+                    servers[name] = "dead"
+                else:  # "untried": nothing has come back from it yet (dsbc sends no probes)
+                    servers[name] = "up" if addr in s.last_answer else "untried"
                 timeouts[name] = s.server_timeouts.get(addr, 0)
         return {
             "requests": s.requests,
