@@ -145,7 +145,11 @@ class StoreRouter:
         self._next_purge = now + 60.0
         for k in [k for k, until in self._gone.items() if until <= now]:
             del self._gone[k]
-        for k in [k for k, (s, _) in self._local.items() if s.expires_at <= now]:
+        # what the store has by now (written, nothing pending) is read from it again: kept
+        # here, every login would stay in memory until it expires
+        landed = self.writer is not None and self.writer.idle
+        for k in [k for k, (s, at) in self._local.items()
+                  if s.expires_at <= now or (landed and now - at > SESSION_FRESH)]:
             del self._local[k]
 
     def record_created(self, customer_id: str, system: str, identities: Sequence[str]) -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.test_api_badinput import fault_of, raw, still_fine
 from tests.test_api_support import ADMIN, CUSTOMER, ApiEnv, run
@@ -210,5 +214,36 @@ def test_a_created_id_that_is_another_customers_is_not_recorded(tmp_path: Path) 
         fresh = store.lookup("account", "fresh")
         assert fresh is not None and fresh.customer_id == "4"
         assert router.collisions == 2
+    finally:
+        store.close()
+
+
+def test_the_routers_own_session_copies_go_once_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker 0 kept its own copy of every session it wrote (SQLite, through the
+    write-behind) until the session expired: memory grew with every login.  Once the write
+    has landed, the copy goes and the store answers."""
+    import dsbc.api_service as mod
+    from api_proxy.router import SessionRecord
+    from dsbc.store import open_store
+
+    clock = [time.time()]
+    monkeypatch.setattr(mod, "time", type("T", (), {"time": staticmethod(lambda: clock[0])}))
+
+    class Landed:  # a write-behind whose writes have all landed
+        idle = True
+
+        def submit(self, op: Any) -> None:
+            op(store)
+
+    store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+    try:
+        router = mod.StoreRouter(store, writer=Landed())  # type: ignore[arg-type]
+        for i in range(300):
+            router.put_session(SessionRecord(key=f"k{i}", system="target", expires_at=clock[0] + 3600, customer_id=str(i)))
+        clock[0] += 120
+        router.put_session(SessionRecord(key="last", system="source", expires_at=clock[0] + 3600))
+        assert set(router._local) == {"last"}, len(router._local)
+        rec = router.get_session("k5")
+        assert rec is not None and (rec.system, rec.customer_id) == ("target", "5")
     finally:
         store.close()

@@ -702,3 +702,20 @@ def test_writes_ask_for_the_replica_count_once_a_second_not_each_time(make: Any,
         assert asked == 1, asked
     finally:
         c.close()
+
+
+def test_the_session_cache_beside_redis_is_capped(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every session a node wrote or read stayed in its memory until it expired (a soak of
+    25 logins/s grew worker 0 by 14 MB in 12 minutes).  Past the cap the oldest go, and are
+    read again from Redis when asked for."""
+    import dsbc.store.redis_side as side
+
+    monkeypatch.setattr(side, "MAX_CACHED_SESSIONS", 40)
+    node = make()
+    later = time.time() + 3600
+    for i in range(200):
+        node.put_session(ApiSession(f"cap{i}", "target", later, str(i), "customer"))
+        assert len(node._side.sessions) <= 40
+    s = node.get_session("cap0")  # long gone from the cache
+    assert s is not None and (s.system, s.customer_id) == ("target", "0")
+    assert node.get_session("cap199") is not None

@@ -317,6 +317,27 @@ def test_sessions(store: SqliteStore, tmp_path: Path) -> None:
     assert other.get_session("nope") is None
 
 
+def test_the_session_cache_keeps_only_what_it_would_not_read_again(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A soak found worker 0 growing with every login (about 1 KB each) until the sessions
+    expired: each was cached for its whole life, though the cache is read again from SQLite
+    after SESSION_FRESH anyway.  Now what is older than that leaves the cache."""
+    import dsbc.store.sqlite as mod
+
+    clock = [time.time()]
+    monkeypatch.setattr(mod, "time", type("T", (), {"time": staticmethod(lambda: clock[0])}))
+    for i in range(500):
+        store.put_session(ApiSession(f"tok{i}", "source", clock[0] + 3600, str(i), "customer"))
+    clock[0] += 120  # past the once-a-minute trim, sessions still valid
+    s = store.get_session("tok7")
+    assert s is not None and s.customer_id == "7"  # read again from SQLite
+    assert len(store._sessions) == 1, len(store._sessions)
+    clock[0] += 120
+    store.put_session(ApiSession("new", "target", clock[0] + 3600))
+    assert set(store._sessions) == {"new"}
+
+
 def test_meta(store: SqliteStore) -> None:
     assert store.get_meta("flow_secret") is None
     assert store.set_meta("flow_secret", "aaa", only_if_absent=True) == "aaa"

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .redis_store import RedisStore
 
 MAX_PENDING = 100_000  # registrations / sessions kept while Redis is away
+MAX_CACHED_SESSIONS = 100_000  # sessions kept in memory beside Redis (the oldest go first)
 
 
 class SideData:
@@ -148,7 +149,17 @@ class SideData:
                 raise st._unavailable(what, exc) from None
             st._went_down(exc)
 
+    def _cap_sessions(self) -> None:
+        """Past MAX_CACHED_SESSIONS, the oldest quarter of the cache goes (read again from
+        Redis when asked for), but never one still waiting to be written."""
+        if len(self.sessions) <= MAX_CACHED_SESSIONS:
+            return
+        drop = len(self.sessions) - MAX_CACHED_SESSIONS * 3 // 4
+        for key in [k for k in self.sessions if k not in self.pending_sessions][:drop]:
+            del self.sessions[key]
+
     def _purge_sessions(self) -> None:
+        self._cap_sessions()
         now = time.time()
         if now - self._last_purge > 60:
             self._last_purge = now
@@ -172,6 +183,7 @@ class SideData:
             if raw is None:
                 return None
             s = self.sessions[key] = msgspec.json.decode(raw, type=ApiSession)
+            self._cap_sessions()
         if s.expires_at <= time.time():
             self.sessions.pop(key, None)
             return None

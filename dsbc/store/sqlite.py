@@ -77,6 +77,7 @@ class SqliteStore(IndexedStore):
         # (another node may have changed or deleted one; SQLite tells nobody)
         self._sessions: dict[str, tuple[ApiSession, float]] = {}
         self._last_purge = 0.0
+        self._last_trim = 0.0
         if path != ":memory:" and not Path(path).parent.is_dir():
             raise StoreError(
                 f"cannot open store {path}: directory {Path(path).parent} does not exist"
@@ -488,11 +489,20 @@ class SqliteStore(IndexedStore):
             if now - self._last_purge > 60:
                 self._last_purge = now
                 cur.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
-                for key in [k for k, (s, _) in self._sessions.items() if s.expires_at <= now]:
-                    del self._sessions[key]
+                self._trim_sessions(now)
+
+    def _trim_sessions(self, now: float) -> None:
+        """Drop the cached sessions that are expired or would be read again anyway (older
+        than SESSION_FRESH): the cache saves a SELECT per request, and kept, every
+        session ever seen would stay in memory until it expires."""
+        for key in [k for k, (s, at) in self._sessions.items() if s.expires_at <= now or now - at > SESSION_FRESH]:
+            del self._sessions[key]
 
     def get_session(self, key: str) -> ApiSession | None:
         now = time.time()
+        if now - self._last_trim > 60:
+            self._last_trim = now
+            self._trim_sessions(now)
         hit = self._sessions.get(key)
         if hit is not None and now - hit[1] <= SESSION_FRESH:
             s = hit[0]
