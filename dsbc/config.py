@@ -422,6 +422,7 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class RadiusClient(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     address: str
     secret: str
+    require_message_authenticator: bool = False
 
     def __post_init__(self) -> None:
         try:

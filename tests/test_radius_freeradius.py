@@ -226,6 +226,43 @@ def test_emulators_duplicates_and_bad_input(tmp_path: Path) -> None:
         store.close()
 
 
+@pytest.mark.skipif(RADCLIENT is None, reason="radclient not installed")
+def test_a_client_that_must_sign_loses_its_unsigned_access_requests(tmp_path: Path) -> None:
+    """radius.clients[].require_message_authenticator (FreeRADIUS's option of that name,
+    against Blast-RADIUS): radclient without a Message-Authenticator gets no answer and the
+    drop is counted; with one, the request goes through."""
+    store = open_test_store(tmp_path)
+    seed(store)
+
+    async def scenario() -> None:
+        e1 = await start_radius_emulator("MR100", "127.0.0.1", 0, 0, "s1")
+        e2 = await start_radius_emulator("MR115", "127.0.0.1", 0, 0, "s2")
+        text = dsbc_config(([f"127.0.0.1:{e1.auth_addr[1]}"], [f"127.0.0.1:{e1.acct_addr[1]}"], "s1"),
+                           ([f"127.0.0.1:{e2.auth_addr[1]}"], [f"127.0.0.1:{e2.acct_addr[1]}"], "s2"))
+        svc = await start_radius(parse_config(text + "require_message_authenticator = true\n"), store)
+        auth, _ = svc.addresses
+        try:
+            unsigned = await radclient(auth, "auth", NAS_SECRET, "User-Name=carol,User-Password=pw", timeout=0.5)
+            assert unsigned == "", unsigned
+            assert svc.status()["drops"] == {"no_message_authenticator": 1}, svc.status()
+            signed = await radclient(auth, "auth", NAS_SECRET,
+                                     "User-Name=carol,User-Password=pw,Message-Authenticator=0x00")
+            assert "Access-Accept" in signed and "MR100 accepts carol" in signed, signed
+            # accounting is signed by its Request Authenticator: not concerned
+            acct = await radclient(svc.addresses[1], "acct", NAS_SECRET,
+                                   "User-Name=carol,Acct-Status-Type=Start,Acct-Session-Id=s1")
+            assert "Accounting-Response" in acct, acct
+        finally:
+            await svc.stop()
+            e1.stop()
+            await e2.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
+
+
 def test_an_accounting_session_keeps_its_system_across_a_sighup_reload(
     freeradius_pair, dsbc_factory, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:

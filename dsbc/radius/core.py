@@ -28,7 +28,7 @@ import ipaddress
 import itertools
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from dsbc.radius import packet as rp
@@ -155,7 +155,7 @@ class RadiusCore:
 
     def __init__(
         self,
-        clients: list[tuple[str, str]],
+        clients: Sequence[tuple[str, str] | tuple[str, str, bool]],
         systems: list[SystemTarget],
         decide: Decide,
         *,
@@ -267,6 +267,9 @@ class RadiusCore:
                 return self.drop("bad_authenticator")
         except rp.RadiusDecodeError as exc:
             return self.drop(exc.reason)
+        if client.require_ma and code == rp.ACCESS_REQUEST and pkt.get(rp.MESSAGE_AUTHENTICATOR) is None:
+            # radius.clients[].require_message_authenticator (Blast-RADIUS, CVE-2024-3596)
+            return self.drop("no_message_authenticator")
         if code == rp.STATUS_SERVER:
             return self._status_server(via, pkt, client, key, addr, now)
         self.requests += 1

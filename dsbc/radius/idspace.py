@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
+from collections.abc import Sequence
 
 from dsbc.config import parse_peer
 
@@ -68,12 +69,13 @@ class IdSpace:
 
 
 class ClientEntry:
-    __slots__ = ("name", "net", "port", "secret")
+    __slots__ = ("name", "net", "port", "require_ma", "secret")
 
-    def __init__(self, address: str, secret: str) -> None:
+    def __init__(self, address: str, secret: str, require_ma: bool = False) -> None:
         self.name = address
         self.net, self.port = parse_peer(address)
         self.secret = secret.encode()
+        self.require_ma = require_ma  # Access-Requests without a Message-Authenticator are dropped
 
 
 class ClientTable:
@@ -81,8 +83,8 @@ class ClientTable:
 
     __slots__ = ("_cache", "_entries")
 
-    def __init__(self, clients: list[tuple[str, str]]) -> None:
-        self._entries = [ClientEntry(a, s) for a, s in clients]
+    def __init__(self, clients: Sequence[tuple[str, str] | tuple[str, str, bool]]) -> None:
+        self._entries = [ClientEntry(*c) for c in clients]
         # longest prefix first, then entries bound to a port before the port-less ones
         self._entries.sort(key=lambda e: (-e.net.prefixlen, e.port is None))
         self._cache: dict[tuple[str, int], ClientEntry | None] = {}

@@ -205,7 +205,7 @@ async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
         systems.append(SystemTarget(name, sc.radius_secret, auth, acct))
     rc = cfg.radius
     core = RadiusCore(
-        [(c.address, c.secret) for c in rc.clients],
+        [(c.address, c.secret, c.require_message_authenticator) for c in rc.clients],
         systems,
         make_decide(store),
         timeout=rc.timeout,
