@@ -31,10 +31,9 @@ import click
 
 from .config import Config, ConfigError, load_config
 from .control_client import NodeError
-from .imports import InputError, import_refusal, keep_stored_groups, read_customers, some
+from .imports import InputError, import_refusal, keep_stored_groups, read_customers
 from .migrate import (
     BatchAborted,
-    LockedByBatch,
     Progress,
     check_batch,
     check_customer_id,
@@ -50,11 +49,13 @@ from .store import (
     BadIdentity,
     Customer,
     LocationStore,
+    LockedByBatch,
     MigrationResult,
     StoreError,
     StoreUnavailable,
     open_store,
     parse_identity,
+    some,
 )
 
 _PLUGINS = ["dsbc.runner:run_command", "dsbc.demo:demo_command", "dsbc.replay:replay_command",

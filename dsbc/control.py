@@ -46,11 +46,10 @@ from aiohttp.web_protocol import RequestHandler
 from api_proxy.server import HeadTimeoutHandler, answered_in_11, head_too_large
 
 from .config import Config, parse_hostport
-from .imports import import_refusal, keep_stored_groups, some
+from .imports import import_refusal, keep_stored_groups
 from .metrics import read_snapshots, render, summarize
 from .migrate import (
     BatchAborted,
-    LockedByBatch,
     check_batch,
     longest_registration,
     move_batch,
@@ -63,10 +62,12 @@ from .store import (
     BadRow,
     GroupSplitError,
     LocationStore,
+    LockedByBatch,
     StoreError,
     StoreUnavailable,
     clean_row,
     normalise,
+    some,
 )
 
 log = logging.getLogger("dsbc.control")

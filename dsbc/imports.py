@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from .store import BadRow, CustomerRow, LocationStore, clean_row
+from .store import BadRow, CustomerRow, LocationStore, clean_row, some
 
 COLUMNS = ("customer_id", "identities", "system", "group")
 ALIASES = {"i_customer": "customer_id", "identity": "identities"}
@@ -309,8 +309,3 @@ def system_change_text(row: CustomerRow, stored: str) -> str:
             "checked), or leave system out to keep it where it is")
 
 
-
-def some(ids: list[str], limit: int = 20) -> str:
-    """``1, 2, 3`` or ``1, 2, ... (120 in all)``."""
-    shown = ", ".join(ids[:limit])
-    return shown if len(ids) <= limit else f"{shown}, ... ({len(ids)} in all)"

@@ -19,14 +19,16 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from .imports import ALIASES, InputError, file_format, json_items, read_text, some
+from .imports import ALIASES, InputError, file_format, json_items, read_text
 from .store import (
     Customer,
     LocationStore,
+    LockedByBatch,
     MigrationResult,
     StoreError,
     StoreUnavailable,
     new_batch_id,
+    some,
 )
 
 
@@ -166,20 +168,6 @@ def plan_chunks(ids: list[str], customers: dict[str, Customer], size: int) -> li
     return chunks
 
 
-class LockedByBatch(StoreError):
-    """Customers of a batch are locked by another batch: a migration in flight (its
-    ``--lock-for`` window), or one that died before unlocking them.  Nothing changed."""
-
-    def __init__(self, locked: dict[str, str]) -> None:
-        self.locked = locked  # customer id -> the batch holding it
-        batches = sorted(set(locked.values()))
-        super().__init__(
-            f"customer(s) {some(sorted(locked))} locked by batch {', '.join(batches)}: a migration "
-            "in progress (run again when it ends), or one that died without unlocking them "
-            "(--force takes them over)"
-        )
-
-
 def _held(customers: dict[str, Customer]) -> dict[str, str]:
     """Customer id -> the batch that holds it locked."""
     return {cid: c.batch_id for cid, c in customers.items() if c.state == "locked"}
@@ -238,14 +226,14 @@ def move_batch(
                 # noted before the lock: an interrupt (SIGHUP, Ctrl-C) right after the store
                 # committed it must still unlock them (unlocking one not locked changes nothing)
                 locked.update(part)
-                store.lock(part, batch_id)
+                store.lock(part, batch_id, force=force)  # LockedByBatch: another batch won
             sleep(lock_for)
         pre_locked = set(locked)
         for chunk in chunks:
             part = [cid for cid in chunk if cid in to_lock and cid not in pre_locked]
             if part:
                 locked.update(part)
-                store.lock(part, batch_id)
+                store.lock(part, batch_id, force=force)
             r = store.migrate(chunk, to, who=who, batch_id=batch_id)
             locked.difference_update(chunk)
             total.moved += r.moved
@@ -255,7 +243,8 @@ def move_batch(
             if progress is not None:
                 progress(len(total.moved) + len(total.already))
     except (Exception, KeyboardInterrupt) as exc:
-        left = _unlock(store, sorted(locked), sleep) if locked else []
+        # only what this batch holds: a lock refused (LockedByBatch) stays the other batch's
+        left = _unlock(store, sorted(locked), batch_id, sleep) if locked else []
         if left:
             # the store went away: they would stay locked (SIP 503 after lock_hold) with
             # no word of it; say so, and how to unlock them where they are
@@ -276,14 +265,16 @@ def move_batch(
 UNLOCK_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0)  # 15 s: a store restarted by its supervisor
 
 
-def _unlock(store: LocationStore, ids: list[str], sleep: Callable[[float], None]) -> list[str]:
+def _unlock(
+    store: LocationStore, ids: list[str], batch_id: str, sleep: Callable[[float], None]
+) -> list[str]:
     """Unlock customers a failed batch locked, retrying while the store is away; the ids
     still locked when it gives up (none when it could)."""
     for pause in (0.0, *UNLOCK_RETRIES):
         if pause:
             sleep(pause)
         try:
-            store.unlock(ids)
+            store.unlock(ids, batch_id)
             return []
         except StoreError:
             continue

@@ -43,10 +43,9 @@ from .cli import (
     system_label,
 )
 from .config import Config, parse_hostport
-from .imports import some
 from .replay_capture import Capture, CaptureError, Message, read_capture
 from .sip_service import StoreRouter, advertise, listeners, system_nodes, trusted_peers
-from .store import LocationStore
+from .store import LocationStore, some
 
 # --- classifying requests ---------------------------------------------------------------------
 

@@ -43,3 +43,63 @@ def check_group_members(store: LocationStore) -> None:
     store.put_customer("4", ["account:a4"], "source", group="other")
     assert store.group_members(["ivr", "other"]) == {"ivr": ["3", "5", "6"], "other": ["4"]}
     assert store.group_members([]) == {}
+
+
+def check_concurrent_migrations(first: LocationStore, second: LocationStore) -> None:
+    """Two stores open on the same backing store (two processes, two nodes), customers
+    "1".."5" on the source: two migrations of overlapping customers that both pass their
+    check before either locks (the race the check-then-lock used to lose: both ran, the
+    later lock took the earlier batch's customers).  One wins every customer it shares,
+    the other is refused naming the winner's batch, with nothing of its own changed, and
+    nothing is left locked."""
+    import threading
+
+    from dsbc.migrate import move_batch
+    from dsbc.store import LockedByBatch, MigrationResult
+
+    both_checked = threading.Barrier(2, timeout=20)
+
+    class CheckedThenLocks:
+        """The store, with a lock that waits until the other migration has checked too."""
+
+        def __init__(self, store: LocationStore) -> None:
+            self.store = store
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.store, name)
+
+        def lock(self, ids: list[str], batch_id: str, force: bool = False) -> None:
+            both_checked.wait()
+            self.store.lock(ids, batch_id, force)
+
+    outcome: dict[str, MigrationResult | BaseException] = {}
+
+    def run(name: str, store: LocationStore, ids: list[str]) -> None:
+        try:
+            outcome[name] = move_batch(CheckedThenLocks(store), ids, "target",  # type: ignore[arg-type]
+                                       lock_for=0.3)
+        except BaseException as exc:  # noqa: BLE001 - the outcome under test
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=run, args=("a", first, ["1", "2", "3", "4", "5"])),
+               threading.Thread(target=run, args=("b", second, ["2", "1"]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    won = {k: v for k, v in outcome.items() if isinstance(v, MigrationResult)}
+    lost = {k: v for k, v in outcome.items() if isinstance(v, LockedByBatch)}
+    assert len(won) == 1 and len(lost) == 1, outcome
+    (winner,) = won.values()
+    (loser,) = lost.values()
+    assert set(loser.locked) <= {"1", "2"} and set(loser.locked.values()) == {winner.batch_id}
+    assert f"locked by batch {winner.batch_id}" in str(loser)
+    moved = {"a": ["1", "2", "3", "4", "5"], "b": ["2", "1"]}[next(iter(won))]
+    assert sorted(winner.moved) == sorted(moved)
+    for s in (first, second):
+        s.refresh()
+    got = {cid: (c.system, c.state) for cid, c in first.customers([str(i) for i in range(1, 6)]).items()}
+    assert got == {cid: ("target" if cid in moved else "source", "active") for cid in got}
+    entries = first.audit(limit=100)
+    assert sorted(e.customer_id for e in entries) == sorted(moved)  # each moved once
+    assert {e.batch_id for e in entries} == {winner.batch_id}

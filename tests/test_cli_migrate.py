@@ -415,11 +415,11 @@ class GoneStore(SqliteStore):
             raise StoreUnavailable("migrating failed: cannot reach redis://x (refused); nothing was changed")
         return super().migrate(customer_ids, to, who, batch_id, dry_run)
 
-    def unlock(self, customer_ids):  # type: ignore[no-untyped-def]
+    def unlock(self, customer_ids, batch_id=None):  # type: ignore[no-untyped-def]
         if self.unlock_failures:
             self.unlock_failures -= 1
             raise StoreUnavailable("unlocking failed: cannot reach redis://x")
-        return super().unlock(customer_ids)
+        return super().unlock(customer_ids, batch_id)
 
 
 @pytest.mark.parametrize("failures", [3, 100])
@@ -482,8 +482,8 @@ def test_an_interrupt_just_after_a_lock_committed_still_unlocks(home: Path, lock
         def __getattr__(self, name: str) -> object:
             return getattr(self.store, name)
 
-        def lock(self, ids: list[str], batch_id: str) -> None:
-            self.store.lock(ids, batch_id)
+        def lock(self, ids: list[str], batch_id: str, force: bool = False) -> None:
+            self.store.lock(ids, batch_id, force)
             raise KeyboardInterrupt  # the signal, right after the commit
 
     with pytest.raises(KeyboardInterrupt):

@@ -33,7 +33,7 @@ from dsbc.store.redis_conn import parse_redis_url
 from dsbc.store.redis_store import RedisStore
 from tests.peers.proc import find_binary
 from tests.peers.redis import RedisServer, TcpProxy
-from tests.store_contract import check_group_members, check_rollback
+from tests.store_contract import check_concurrent_migrations, check_group_members, check_rollback
 
 pytestmark = [
     pytest.mark.peers,
@@ -633,6 +633,10 @@ def test_sentinel_url(store: RedisStore, server: RedisServer, tmp_path: Path) ->
             s.close()
     finally:
         sentinel.stop()
+
+
+def test_concurrent_migrations_of_the_same_customers(store: RedisStore, make: Any) -> None:
+    check_concurrent_migrations(store, make())  # two nodes on one Redis
 
 
 def test_group_members(store: RedisStore) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from dsbc.store import GroupSplitError, StoreError, open_store
 from dsbc.store.sqlite import SqliteStore
-from tests.store_contract import check_group_members, check_rollback
+from tests.store_contract import check_concurrent_migrations, check_group_members, check_rollback
 
 
 @pytest.fixture
@@ -174,3 +174,11 @@ def test_base_class_defaults_agree_with_sqlite(store: SqliteStore) -> None:
 
 def test_group_members(store: SqliteStore) -> None:
     check_group_members(store)
+
+
+def test_concurrent_migrations_of_the_same_customers(store: SqliteStore, tmp_path: Path) -> None:
+    other = open_store(f"sqlite:///{tmp_path}/loc.db")  # another `dsbc migrate` process
+    try:
+        check_concurrent_migrations(store, other)
+    finally:
+        other.close()

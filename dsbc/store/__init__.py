@@ -21,6 +21,7 @@ from .base import (
     GroupSplitError,
     Location,
     LocationStore,
+    LockedByBatch,
     MigrationResult,
     Registration,
     StoreError,
@@ -28,6 +29,7 @@ from .base import (
     identity_key,
     normalise,
     parse_identity,
+    some,
 )
 from .memory import UNKNOWN_POLICIES, BadRow, MemoryIndex, clean_row, new_batch_id, normalise_keys
 
@@ -46,6 +48,7 @@ __all__ = [
     "GroupSplitError",
     "Location",
     "LocationStore",
+    "LockedByBatch",
     "MemoryIndex",
     "MigrationResult",
     "Registration",
@@ -58,6 +61,7 @@ __all__ = [
     "normalise_keys",
     "open_store",
     "parse_identity",
+    "some",
 ]
 
 

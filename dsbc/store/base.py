@@ -43,6 +43,26 @@ class GroupSplitError(StoreError):
         )
 
 
+def some(ids: list[str], limit: int = 20) -> str:
+    """``1, 2, 3`` or ``1, 2, ... (120 in all)``."""
+    shown = ", ".join(ids[:limit])
+    return shown if len(ids) <= limit else f"{shown}, ... ({len(ids)} in all)"
+
+
+class LockedByBatch(StoreError):
+    """Customers of a batch are locked by another batch: a migration in flight (its
+    ``--lock-for`` window), or one that died before unlocking them.  Nothing changed."""
+
+    def __init__(self, locked: dict[str, str]) -> None:
+        self.locked = locked  # customer id -> the batch holding it
+        batches = sorted(set(locked.values()))
+        super().__init__(
+            f"customer(s) {some(sorted(locked))} locked by batch {', '.join(batches)}: a migration "
+            "in progress (run again when it ends), or one that died without unlocking them "
+            "(--force takes them over)"
+        )
+
+
 class StoreUnavailable(StoreError):
     """The shared store cannot be reached; dispatching goes on from memory, writes are refused."""
 
@@ -279,14 +299,17 @@ class LocationStore(abc.ABC):
         (or are CustomerRow already validated); returns the number of customers."""
 
     @abc.abstractmethod
-    def lock(self, customer_ids: list[str], batch_id: str) -> None:
-        """Mark customers `locked` (a batch in flight): dispatchers hold their new requests."""
+    def lock(self, customer_ids: list[str], batch_id: str, force: bool = False) -> None:
+        """Mark customers `locked` by `batch_id` (a batch in flight): dispatchers hold their
+        new requests.  Atomic with its check: if another batch holds one of them locked,
+        LockedByBatch and nothing changes (``force`` takes them over)."""
 
-    def unlock(self, customer_ids: list[str]) -> None:
-        """Clear `locked` without moving anyone (a batch that was aborted before its flip)."""
+    def unlock(self, customer_ids: list[str], batch_id: str | None = None) -> None:
+        """Clear `locked` without moving anyone (a batch that was aborted before its flip);
+        with `batch_id`, only the customers that batch holds (not another batch's)."""
         by_system: dict[str, list[str]] = {}
         for cid, c in self.customers(customer_ids).items():
-            if c.state == "locked":
+            if c.state == "locked" and (batch_id is None or c.batch_id == batch_id):
                 by_system.setdefault(c.system, []).append(cid)
         for system, ids in by_system.items():
             self.migrate(ids, system, who="unlock")  # already on `system`: only the state changes

@@ -240,6 +240,19 @@ if op == 'import' then
 elseif op == 'reload' then
   return result({seq = flush('reload')})
 elseif op == 'lock' then
+  -- the check and the lock in one script: of two batches locking the same customer at
+  -- the same instant, one wins and the other is refused with nothing changed
+  if not arg.force then
+    local held, n = {}, 0
+    for _, cid in ipairs(arg.ids) do
+      local r = get(cid)
+      if r and r[2] == 'locked' and r[4] ~= arg.batch then
+        held[cid] = r[4]
+        n = n + 1
+      end
+    end
+    if n > 0 then return result({err = 'locked', locked = held}) end
+  end
   local found = {}
   for _, cid in ipairs(arg.ids) do
     local r = get(cid)
@@ -254,7 +267,7 @@ elseif op == 'lock' then
 elseif op == 'unlock' then
   for _, cid in ipairs(arg.ids) do
     local r = get(cid)
-    if r and r[2] == 'locked' then
+    if r and r[2] == 'locked' and (not arg.batch or r[4] == arg.batch) then
       local n = copy(r)
       n[2] = 'active'
       n[4] = redis.call('HGET', P .. 'lastbatch', cid) or ''

@@ -45,6 +45,7 @@ from .base import (
     Customer,
     CustomerRow,
     GroupSplitError,
+    LockedByBatch,
     MigrationResult,
     Registration,
     StoreError,
@@ -497,6 +498,9 @@ class RedisStore(IndexedStore):
         err = res.get("err")
         if err == "group":
             raise GroupSplitError(str(res["group"]), _ids(res.get("missing")))
+        if err == "locked":
+            held = res.get("locked")
+            raise LockedByBatch(dict(held) if isinstance(held, dict) else {})
         if err == "unknown_batch":
             raise StoreError(f"unknown batch {payload.get('batch')!r} (dsbc status lists recent batches)")
         if err and err != "batch_exists":
@@ -580,11 +584,15 @@ class RedisStore(IndexedStore):
             raise
         return len(rows)
 
-    def lock(self, customer_ids: list[str], batch_id: str) -> None:
-        self._run("lock", "lock", {"ids": list(dict.fromkeys(customer_ids)), "batch": batch_id})
+    def lock(self, customer_ids: list[str], batch_id: str, force: bool = False) -> None:
+        self._run("lock", "lock", {"ids": list(dict.fromkeys(customer_ids)), "batch": batch_id,
+                                   "force": force})
 
-    def unlock(self, customer_ids: list[str]) -> None:
-        self._run("unlock", "unlock", {"ids": list(dict.fromkeys(customer_ids))})
+    def unlock(self, customer_ids: list[str], batch_id: str | None = None) -> None:
+        payload: dict[str, Any] = {"ids": list(dict.fromkeys(customer_ids))}
+        if batch_id is not None:
+            payload["batch"] = batch_id
+        self._run("unlock", "unlock", payload)
 
     def prepare(self, customer_ids: list[str], expires: int) -> None:
         self._run("prepare", "prepare", {"ids": list(dict.fromkeys(customer_ids)),

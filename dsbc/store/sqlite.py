@@ -30,6 +30,7 @@ from .base import (
     BatchSummary,
     Customer,
     CustomerRow,
+    LockedByBatch,
     MigrationResult,
     Registration,
     StoreError,
@@ -44,6 +45,7 @@ from .sqlite_schema import (
     chunks,
     existing,
     fetch_all,
+    held_by_others,
     log_changes,
     marks,
     migrate_in,
@@ -320,15 +322,20 @@ class SqliteStore(IndexedStore):
             log_changes(cur, None if bulk else sorted(losers | {r.customer_id for r in rows}))
         return len(rows)
 
-    def lock(self, customer_ids: list[str], batch_id: str) -> None:
-        self._update_each(
-            "lock",
-            customer_ids,
-            "UPDATE customers SET state = 'locked', batch_id = ? WHERE customer_id = ?",
-            lambda cid: (batch_id, cid),
-        )
+    def lock(self, customer_ids: list[str], batch_id: str, force: bool = False) -> None:
+        ids = list(dict.fromkeys(customer_ids))
+        with self._write("lock") as cur:  # BEGIN IMMEDIATE: the check and the lock are one step
+            held = {} if force else held_by_others(cur, ids, batch_id)
+            if held:
+                raise LockedByBatch(held)
+            found = existing(cur, ids)
+            cur.executemany(
+                "UPDATE customers SET state = 'locked', batch_id = ? WHERE customer_id = ?",
+                ((batch_id, cid) for cid in found),
+            )
+            log_changes(cur, found)
 
-    def unlock(self, customer_ids: list[str]) -> None:
+    def unlock(self, customer_ids: list[str], batch_id: str | None = None) -> None:
         # the batch id goes back to the batch that last moved the customer
         self._update_each(
             "unlock",
@@ -338,7 +345,8 @@ class SqliteStore(IndexedStore):
             "ORDER BY a.rowid DESC LIMIT 1), '') "
             "WHERE customer_id = ?",
             lambda cid: (cid,),
-            "state = 'locked'",
+            "state = 'locked'" if batch_id is None else "state = 'locked' AND batch_id = ?",
+            () if batch_id is None else (batch_id,),
         )
 
     def prepare(self, customer_ids: list[str], expires: int) -> None:
@@ -356,12 +364,13 @@ class SqliteStore(IndexedStore):
         sql: str,
         args: Callable[[str], tuple[object, ...]],
         where: str = "1",
+        where_args: Sequence[object] = (),
     ) -> None:
         """One write transaction: `sql` with `args(cid)` for each stored customer among
-        `customer_ids` (matching `where`), logged as changed."""
+        `customer_ids` (matching `where` with `where_args`), logged as changed."""
         ids = list(dict.fromkeys(customer_ids))
         with self._write(what) as cur:
-            found = existing(cur, ids, where)
+            found = existing(cur, ids, where, where_args)
             cur.executemany(sql, (args(cid) for cid in found))
             log_changes(cur, found)
 

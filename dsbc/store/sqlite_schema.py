@@ -101,17 +101,32 @@ def log_changes(cur: sqlite3.Cursor, ids: Iterable[str] | None) -> None:
     )
 
 
-def existing(cur: sqlite3.Cursor, ids: Sequence[str], where: str = "1") -> list[str]:
-    """The ids among `ids` that have a customer row (matching `where`)."""
+def existing(
+    cur: sqlite3.Cursor, ids: Sequence[str], where: str = "1", args: Sequence[object] = ()
+) -> list[str]:
+    """The ids among `ids` that have a customer row (matching `where` with `args`)."""
     found: list[str] = []
     for part in chunks(ids):
         cur.execute(
             f"SELECT customer_id FROM customers WHERE {where} AND customer_id IN "
             f"({marks(len(part))})",
-            part,
+            (*args, *part),
         )
         found.extend(cid for (cid,) in cur)
     return found
+
+
+def held_by_others(cur: sqlite3.Cursor, ids: Sequence[str], batch_id: str) -> dict[str, str]:
+    """Customer id -> batch, for the ids among `ids` another batch than `batch_id` holds locked."""
+    held: dict[str, str] = {}
+    for part in chunks(ids):
+        cur.execute(
+            "SELECT customer_id, batch_id FROM customers WHERE state = 'locked' AND batch_id != ? "
+            f"AND customer_id IN ({marks(len(part))})",
+            (batch_id, *part),
+        )
+        held.update(cur.fetchall())
+    return held
 
 
 def new_batch(cur: sqlite3.Cursor) -> str:
