@@ -529,7 +529,7 @@ def migrate(
             with _stop_signals_interrupt():
                 result = move_batch(
                     store, ids, to, who=who, batch_size=batch_size, lock_for=lock_for, force=force,
-                    progress=bar,
+                    progress=bar, lease=cfg.store.lock_lease,
                 )
         finally:
             bar.close()

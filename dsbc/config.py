@@ -173,6 +173,7 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     url: str = "sqlite:///var/lib/dsbc/location.db"
     unknown: Literal["source", "target", "reject"] = "source"
     lock_hold: float = 2.0
+    lock_lease: float = 30.0
     poll_interval: float = 0.05
     cache_file: str = ""
 
@@ -190,6 +191,8 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("lock_hold: must be >= 0")
         if self.poll_interval <= 0:
             raise ValueError("poll_interval: must be > 0")
+        if not 1 <= self.lock_lease <= 3600:
+            raise ValueError("lock_lease: must be between 1 and 3600 seconds")
 
 
 class SystemConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -546,7 +546,8 @@ class ControlService:
         except StoreUnavailable as exc:
             raise StoreUnavailable(f"migration refused: {exc}; nothing was changed") from None
         result = await self._write(lambda: move_batch(self.store, ids, to, who=who, batch_size=batch_size,
-                                                      lock_for=lock_for, force=force))
+                                                      lock_for=lock_for, force=force,
+                                                      lease=self.cfg.store.lock_lease))
         _only_unknown(result)
         try:  # the batch committed: a store gone away now only leaves the count unknown
             on: int | None = await asyncio.to_thread(

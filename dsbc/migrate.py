@@ -21,6 +21,7 @@ from typing import TextIO
 
 from .imports import ALIASES, InputError, file_format, json_items, read_text
 from .store import (
+    LOCK_LEASE,
     Customer,
     LocationStore,
     LockedByBatch,
@@ -177,6 +178,7 @@ def check_batch(store: LocationStore, ids: list[str], to: str, *, who: str = "cl
                 force: bool = False) -> MigrationResult:
     """What `move_batch` would do, changing nothing (a dry run): GroupSplitError and
     LockedByBatch as it would raise them."""
+    store.release_expired_locks()  # what a dead migration left locked does not count
     check = store.migrate(ids, to, who=who, dry_run=True)
     held = _held(store.customers(check.moved + check.already))
     if held and not force:
@@ -195,13 +197,16 @@ def move_batch(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    lease: float = LOCK_LEASE,
 ) -> MigrationResult:
     """Check the whole batch (GroupSplitError, LockedByBatch: nothing changes), then lock
     and flip it in chunks under one batch id.  With `lock_for`, the whole batch is locked
     first and the flip waits that long (the operator's data-copy window).  If anything
     fails or is interrupted, the customers locked and not yet flipped are unlocked again,
     and if some chunks were already flipped, BatchAborted says so.  ``force`` takes over
-    customers another batch left locked."""
+    customers another batch left locked.  Every lock call renews the batch's `lease`
+    (store.lock_lease): if this process dies, its customers are released that long after."""
+    store.release_expired_locks()  # what a dead migration left locked does not count
     check = store.migrate(ids, to, who=who, dry_run=True)
     unknown = set(check.unknown)
     known = [cid for cid in ids if cid not in unknown]
@@ -226,14 +231,15 @@ def move_batch(
                 # noted before the lock: an interrupt (SIGHUP, Ctrl-C) right after the store
                 # committed it must still unlock them (unlocking one not locked changes nothing)
                 locked.update(part)
-                store.lock(part, batch_id, force=force)  # LockedByBatch: another batch won
-            sleep(lock_for)
-        pre_locked = set(locked)
+                store.lock(part, batch_id, force=force, lease=lease)  # LockedByBatch: another won
+            _hold(store, batch_id, lock_for, lease, sleep)
         for chunk in chunks:
-            part = [cid for cid in chunk if cid in to_lock and cid not in pre_locked]
+            # again for the chunks locked above: renews the lease, and a batch stalled past it
+            # (its locks released, perhaps taken by another batch) is refused, not flipped
+            part = [cid for cid in chunk if cid in to_lock]
             if part:
                 locked.update(part)
-                store.lock(part, batch_id, force=force)
+                store.lock(part, batch_id, force=force, lease=lease)
             r = store.migrate(chunk, to, who=who, batch_id=batch_id)
             locked.difference_update(chunk)
             total.moved += r.moved
@@ -251,8 +257,9 @@ def move_batch(
             frm = "source" if to == "target" else "target"
             reason = (str(exc) or "interrupted").replace("; nothing was changed", "")
             note = (f"; customer(s) {some(left)} stay locked on {frm} (the store could not be "
-                    f"reached to unlock them): dsbc migrate --force --to {frm} --customer ID ... "
-                    "unlocks them where they are")
+                    f"reached to unlock them) until the batch's lease (store.lock_lease, {lease:g} s) "
+                    f"runs out: dsbc migrate --force --to {frm} --customer ID ... unlocks them "
+                    "where they are now")
             if total.moved:
                 raise BatchAborted(reason + note, total) from exc
             raise StoreUnavailable(f"{reason}{note}") from exc
@@ -260,6 +267,17 @@ def move_batch(
             raise BatchAborted(str(exc) or "interrupted", total) from exc
         raise
     return total
+
+
+def _hold(store: LocationStore, batch_id: str, seconds: float, lease: float,
+          sleep: Callable[[float], None]) -> None:
+    """Wait out the lock window, renewing the batch's lease (a lock of no customer) as it goes."""
+    step = lease / 3
+    while seconds > 0:
+        sleep(min(seconds, step))
+        seconds -= step
+        if seconds > 0:
+            store.lock([], batch_id, lease=lease)
 
 
 UNLOCK_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0)  # 15 s: a store restarted by its supervisor

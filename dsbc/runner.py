@@ -43,6 +43,7 @@ def _address_in_use(exc: OSError) -> bool:
         isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE)
 
 DRAIN_SECONDS = 5.0
+RELEASE_INTERVAL = 2.0  # s between checks for the locks of a dead migration (worker 0)
 
 
 def setup_logging(level: str = "info", as_json: bool = False) -> None:
@@ -119,6 +120,8 @@ class Worker:
             await self._start_optional("radius", "dsbc.radius.service", "start_radius", self.cfg.radius.enabled)
         tasks = [loop.create_task(self._refresh()), loop.create_task(self._snapshot()),
                  loop.create_task(self._watch_master())]
+        if self.index == 0:
+            tasks.append(loop.create_task(self._release_expired_locks()))
         log.info("worker %d ready: %s", self.index, ", ".join(self.services) or "no services")
         (self.run_dir / f"ready-{self.index}-{os.getpid()}").touch()
         await self.stopping.wait()
@@ -253,6 +256,24 @@ class Worker:
                     hook = getattr(svc, "customers_changed", None)
                     if hook is not None:
                         hook(list(changed))
+
+    async def _release_expired_locks(self) -> None:
+        """A migration killed between its lock and its flip (SIGKILL, a node that crashed
+        while it ran one) cannot unlock its customers: once their lease has run out, worker 0
+        of every node unlocks them where they are, so that their calls stop being held and
+        refused "try again" (the next migration would release them too)."""
+        while True:
+            await asyncio.sleep(RELEASE_INTERVAL)
+            try:
+                released = await asyncio.to_thread(self.store.release_expired_locks)
+            except Exception as exc:  # noqa: BLE001 - the store may be away: next time
+                log.debug("releasing expired locks: %s", exc)
+                continue
+            for batch_id, n in released.items():
+                log.warning("batch %s stopped without unlocking its customers: %d released where "
+                            "they are when its lease (store.lock_lease %g s) ran out (dsbc rollback "
+                            "%s moves back any it had moved)", batch_id, n, self.cfg.store.lock_lease,
+                            batch_id)
 
     async def _watch_master(self) -> None:
         """A master killed with SIGKILL (or an OOM kill) cannot drain its workers: one left

@@ -64,13 +64,16 @@ def check_concurrent_migrations(first: LocationStore, second: LocationStore) -> 
 
         def __init__(self, store: LocationStore) -> None:
             self.store = store
+            self.first = True
 
         def __getattr__(self, name: str) -> object:
             return getattr(self.store, name)
 
-        def lock(self, ids: list[str], batch_id: str, force: bool = False) -> None:
-            both_checked.wait()
-            self.store.lock(ids, batch_id, force)
+        def lock(self, ids: list[str], batch_id: str, force: bool = False, lease: float = 30.0) -> None:
+            if self.first:
+                self.first = False
+                both_checked.wait()
+            self.store.lock(ids, batch_id, force, lease)
 
     outcome: dict[str, MigrationResult | BaseException] = {}
 
@@ -103,3 +106,43 @@ def check_concurrent_migrations(first: LocationStore, second: LocationStore) -> 
     entries = first.audit(limit=100)
     assert sorted(e.customer_id for e in entries) == sorted(moved)  # each moved once
     assert {e.batch_id for e in entries} == {winner.batch_id}
+
+
+def check_dead_batches(store: LocationStore) -> None:
+    """Customers "1".."5" on the source: what a migration killed with SIGKILL leaves locked
+    is released once its lease runs out (never while it lasts), and `rollback` of such a
+    batch moves back what it flipped and releases what it still held."""
+    import pytest
+
+    from dsbc.store import LockedByBatch
+
+    def state(cid: str) -> tuple[str, str]:
+        c = store.customer(cid)
+        assert c is not None
+        return c.system, c.state
+
+    store.lock(["1", "2"], "b-dead", lease=-1)  # its lease ran out: the process is gone
+    store.lock(["3"], "b-live")  # a migration still running (30 s lease)
+    assert store.release_expired_locks() == {"b-dead": 2}
+    store.refresh()
+    assert [state(c) for c in "123"] == [("source", "active"), ("source", "active"), ("source", "locked")]
+    assert store.customer("1").batch_id == ""  # type: ignore[union-attr]
+    assert store.release_expired_locks() == {}
+    with pytest.raises(LockedByBatch, match="locked by batch b-live"):
+        store.lock(["3"], "b-other")
+    store.lock(["3"], "b-live", lease=-1)  # renewed by its own batch, and then it died
+    assert store.release_expired_locks() == {"b-live": 1}
+
+    # killed in the middle of its flip: 1 flipped, 2 still locked; rolled back at once
+    store.lock(["1", "2"], "b-half")
+    store.migrate(["1"], "target", batch_id="b-half")
+    r = store.rollback("b-half")
+    store.refresh()
+    assert (r.moved, r.already, r.to) == (["1"], ["2"], "source")
+    assert [state(c) for c in "12"] == [("source", "active"), ("source", "active")]
+    # killed in its lock window: nothing flipped, the batch known only by its locks
+    store.lock(["2"], "b-window")
+    r = store.rollback("b-window")
+    store.refresh()
+    assert (r.moved, r.already, r.to) == ([], ["2"], "source") and state("2") == ("source", "active")
+    assert store.release_expired_locks() == {}

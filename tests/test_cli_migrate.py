@@ -440,8 +440,9 @@ def test_a_store_lost_in_the_lock_window_unlocks_when_it_is_back_or_says_who_sta
         assert states == {"locked"} and sum(pauses) == 1 + 15.5
         assert str(err.value) == (
             "migrating failed: cannot reach redis://x (refused); customer(s) 1, 2 stay locked on "
-            "source (the store could not be reached to unlock them): dsbc migrate --force --to "
-            "source --customer ID ... unlocks them where they are")
+            "source (the store could not be reached to unlock them) until the batch's lease "
+            "(store.lock_lease, 30 s) runs out: dsbc migrate --force --to source --customer ID ... "
+            "unlocks them where they are now")
         s.unlock_failures = 0
         assert dsbc("migrate", "--force", "--to", "source", "--customer", "1", "--customer", "2").exit_code == 0
         s.refresh()  # what the command did, in this store's index
@@ -482,8 +483,8 @@ def test_an_interrupt_just_after_a_lock_committed_still_unlocks(home: Path, lock
         def __getattr__(self, name: str) -> object:
             return getattr(self.store, name)
 
-        def lock(self, ids: list[str], batch_id: str, force: bool = False) -> None:
-            self.store.lock(ids, batch_id, force)
+        def lock(self, ids: list[str], batch_id: str, force: bool = False, lease: float = 30.0) -> None:
+            self.store.lock(ids, batch_id, force, lease)
             raise KeyboardInterrupt  # the signal, right after the commit
 
     with pytest.raises(KeyboardInterrupt):

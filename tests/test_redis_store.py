@@ -33,7 +33,12 @@ from dsbc.store.redis_conn import parse_redis_url
 from dsbc.store.redis_store import RedisStore
 from tests.peers.proc import find_binary
 from tests.peers.redis import RedisServer, TcpProxy
-from tests.store_contract import check_concurrent_migrations, check_group_members, check_rollback
+from tests.store_contract import (
+    check_concurrent_migrations,
+    check_dead_batches,
+    check_group_members,
+    check_rollback,
+)
 
 pytestmark = [
     pytest.mark.peers,
@@ -637,6 +642,10 @@ def test_sentinel_url(store: RedisStore, server: RedisServer, tmp_path: Path) ->
 
 def test_concurrent_migrations_of_the_same_customers(store: RedisStore, make: Any) -> None:
     check_concurrent_migrations(store, make())  # two nodes on one Redis
+
+
+def test_locks_of_a_dead_migration_are_released(store: RedisStore) -> None:
+    check_dead_batches(store)
 
 
 def test_group_members(store: RedisStore) -> None:

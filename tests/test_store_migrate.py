@@ -10,7 +10,12 @@ import pytest
 
 from dsbc.store import GroupSplitError, StoreError, open_store
 from dsbc.store.sqlite import SqliteStore
-from tests.store_contract import check_concurrent_migrations, check_group_members, check_rollback
+from tests.store_contract import (
+    check_concurrent_migrations,
+    check_dead_batches,
+    check_group_members,
+    check_rollback,
+)
 
 
 @pytest.fixture
@@ -170,6 +175,10 @@ def test_base_class_defaults_agree_with_sqlite(store: SqliteStore) -> None:
     LocationStore.unlock(store, ["1", "3"])
     assert {c.state for c in store.customers(["1", "3"]).values()} == {"active"}
     assert systems(store)["1"] == "source"
+
+
+def test_locks_of_a_dead_migration_are_released(store: SqliteStore) -> None:
+    check_dead_batches(store)
 
 
 def test_group_members(store: SqliteStore) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .base import (
     KINDS,
+    LOCK_LEASE,
     SYSTEMS,
     ApiSession,
     AuditEntry,
@@ -35,6 +36,7 @@ from .memory import UNKNOWN_POLICIES, BadRow, MemoryIndex, clean_row, new_batch_
 
 __all__ = [
     "KINDS",
+    "LOCK_LEASE",
     "SYSTEMS",
     "UNKNOWN_POLICIES",
     "ApiSession",

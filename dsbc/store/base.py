@@ -28,6 +28,12 @@ KINDS: tuple[str, ...] = (
 State = Literal["active", "locked"]
 
 
+#: seconds a batch's locks outlive its migration's last sign of life (a lock call): what a
+#: migration killed between its lock and its flip costs its customers (held, then "try
+#: again"), at most, before any node or the next migration releases them
+LOCK_LEASE = 30.0
+
+
 class StoreError(Exception):
     """A store operation the operator asked for cannot be done; str() is the reason."""
 
@@ -59,7 +65,7 @@ class LockedByBatch(StoreError):
         super().__init__(
             f"customer(s) {some(sorted(locked))} locked by batch {', '.join(batches)}: a migration "
             "in progress (run again when it ends), or one that died without unlocking them "
-            "(--force takes them over)"
+            "(released when its store.lock_lease runs out; --force takes them over now)"
         )
 
 
@@ -299,10 +305,19 @@ class LocationStore(abc.ABC):
         (or are CustomerRow already validated); returns the number of customers."""
 
     @abc.abstractmethod
-    def lock(self, customer_ids: list[str], batch_id: str, force: bool = False) -> None:
+    def lock(
+        self, customer_ids: list[str], batch_id: str, force: bool = False, lease: float = LOCK_LEASE
+    ) -> None:
         """Mark customers `locked` by `batch_id` (a batch in flight): dispatchers hold their
         new requests.  Atomic with its check: if another batch holds one of them locked,
-        LockedByBatch and nothing changes (``force`` takes them over)."""
+        LockedByBatch and nothing changes (``force`` takes them over).  The batch's locks
+        last `lease` seconds from now (each lock call renews them): a migration killed
+        before it unlocked leaves nothing locked longer (`release_expired_locks`)."""
+
+    @abc.abstractmethod
+    def release_expired_locks(self, now: float | None = None) -> dict[str, int]:
+        """Unlock, where they are, the customers of batches whose lease ran out (their
+        migration died: SIGKILL, a crashed node); batch id -> customers released."""
 
     def unlock(self, customer_ids: list[str], batch_id: str | None = None) -> None:
         """Clear `locked` without moving anyone (a batch that was aborted before its flip);

@@ -9,6 +9,8 @@ and changed goes through an in-script overlay first).  The layout (prefix ``dsbc
     g:<group>    set   the group's members;  groups: set of group names with members
     counts       hash  "source.active", ..., "prepared": kept by flush()
     lastbatch    hash  customer id -> the batch that last moved it (unlock restores it)
+    locks        hash  customer id -> the batch holding it locked: kept by flush()
+    leases       hash  batch id -> until when its locks last (a dead migration's expire)
     seq          int   change sequence number, one per committed write
     log          stream  entry id "<seq>-1": {c: JSON [customer ids]} or {r: "1"} (reload all)
     audit        list  JSON [ts, who, customer_id, from, to, batch_id, note]
@@ -81,6 +83,11 @@ local function flush(mode)
       redis.call('HINCRBY', COUNTS, o[1] .. '.' .. o[2], -1)
       if o[3] > 0 then redis.call('HINCRBY', COUNTS, 'prepared', -1) end
     end
+    if r and r[2] == 'locked' then
+      redis.call('HSET', P .. 'locks', cid, r[4])
+    elseif o and o[2] == 'locked' then
+      redis.call('HDEL', P .. 'locks', cid)
+    end
     if r then
       redis.call('HSET', CUST, cid, cjson.encode(r))
       redis.call('HINCRBY', COUNTS, r[1] .. '.' .. r[2], 1)
@@ -142,6 +149,27 @@ local function set_group(cid, old, new)
     redis.call('SADD', P .. 'g:' .. new, cid)
     redis.call('SADD', P .. 'groups', new)
   end
+end
+
+-- back to active where it is, with the batch that last moved it
+local function unlock_one(cid, r)
+  local n = copy(r)
+  n[2] = 'active'
+  n[4] = redis.call('HGET', P .. 'lastbatch', cid) or ''
+  put(cid, n)
+end
+
+-- customer id -> its customer record, of the customers `bid` holds locked
+local function locked_by(bid)
+  local held, all = {}, redis.call('HGETALL', P .. 'locks')
+  for i = 1, #all, 2 do
+    if all[i + 1] == bid then
+      local r = get(all[i])
+      if r and r[2] == 'locked' and r[4] == bid then held[#held + 1] = all[i] end
+    end
+  end
+  table.sort(held)
+  return held
 end
 
 -- migrate `ids` to `to` on the overlay; returns result or an error table
@@ -263,18 +291,27 @@ elseif op == 'lock' then
       found[#found + 1] = cid
     end
   end
+  redis.call('HSET', P .. 'leases', arg.batch, tostring(arg['until']))
   return result({seq = flush('changes'), found = found})
 elseif op == 'unlock' then
   for _, cid in ipairs(arg.ids) do
     local r = get(cid)
-    if r and r[2] == 'locked' and (not arg.batch or r[4] == arg.batch) then
-      local n = copy(r)
-      n[2] = 'active'
-      n[4] = redis.call('HGET', P .. 'lastbatch', cid) or ''
-      put(cid, n)
-    end
+    if r and r[2] == 'locked' and (not arg.batch or r[4] == arg.batch) then unlock_one(cid, r) end
   end
   return result({seq = flush('changes')})
+elseif op == 'release' then
+  -- the locks of batches whose lease ran out (their migration died): unlocked where they are
+  local batches, released, all = {}, {}, redis.call('HGETALL', P .. 'locks')
+  for i = 2, #all, 2 do batches[all[i]] = true end
+  for bid, _ in pairs(batches) do
+    if (tonumber(redis.call('HGET', P .. 'leases', bid)) or 0) < arg.now then
+      local held = locked_by(bid)
+      for _, cid in ipairs(held) do unlock_one(cid, get(cid)) end
+      redis.call('HDEL', P .. 'leases', bid)
+      released[bid] = #held
+    end
+  end
+  return result({seq = flush('changes'), released = released})
 elseif op == 'prepare' then
   local cap = math.max(0, math.floor(tonumber(arg.expires) or 0))
   for _, cid in ipairs(arg.ids) do
@@ -296,7 +333,9 @@ elseif op == 'migrate' then
   return result(res)
 elseif op == 'rollback' then
   local rows = redis.call('LRANGE', P .. 'ab:' .. arg.batch, 0, -1)
-  if #rows == 0 then return result({err = 'unknown_batch'}) end
+  -- what the batch still holds locked (it stopped before their flip): released
+  local held = locked_by(arg.batch)
+  if #rows == 0 and #held == 0 then return result({err = 'unknown_batch'}) end
   if redis.call('EXISTS', P .. 'ab:' .. arg.new) == 1 then return result({err = 'batch_exists'}) end
   local back, seen, systems = {}, {}, {}
   for _, raw in ipairs(rows) do
@@ -308,8 +347,15 @@ elseif op == 'rollback' then
       back[frm][#back[frm] + 1] = cid
     end
   end
+  for _, cid in ipairs(held) do
+    local r = get(cid)
+    if #rows == 0 and not back[r[1]] then back[r[1]] = {}; systems[#systems + 1] = r[1] end
+    unlock_one(cid, r)
+  end
+  redis.call('HDEL', P .. 'leases', arg.batch)
   table.sort(systems)
   local total = {moved = {}, already = {}, unknown = {}, to = table.concat(systems, ',')}
+  for _, cid in ipairs(held) do total.already[#total.already + 1] = cid end
   for _, system in ipairs(systems) do
     local res, err = migrate_in(back[system], system, arg.who, arg.new, arg.now, true,
                                 'rollback of ' .. arg.batch)

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .base import (
+    LOCK_LEASE,
     SYSTEMS,
     ApiSession,
     AuditEntry,
@@ -584,9 +585,22 @@ class RedisStore(IndexedStore):
             raise
         return len(rows)
 
-    def lock(self, customer_ids: list[str], batch_id: str, force: bool = False) -> None:
+    def lock(
+        self, customer_ids: list[str], batch_id: str, force: bool = False, lease: float = LOCK_LEASE
+    ) -> None:
         self._run("lock", "lock", {"ids": list(dict.fromkeys(customer_ids)), "batch": batch_id,
-                                   "force": force})
+                                   "force": force, "until": time.time() + lease})
+
+    def release_expired_locks(self, now: float | None = None) -> dict[str, int]:
+        try:  # the usual answer, none, in one cheap call
+            if not self._w.hlen(self.prefix + "locks"):
+                return {}
+        except self._errors as exc:
+            raise self._unavailable("reading the store", exc, writing=False) from None
+        res = self._run("releasing expired locks", "release",
+                        {"now": time.time() if now is None else now})
+        released = res.get("released")
+        return {str(k): int(v) for k, v in released.items()} if isinstance(released, dict) else {}
 
     def unlock(self, customer_ids: list[str], batch_id: str | None = None) -> None:
         payload: dict[str, Any] = {"ids": list(dict.fromkeys(customer_ids))}

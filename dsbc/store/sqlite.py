@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .base import (
+    LOCK_LEASE,
     SESSION_FRESH,
     SYSTEMS,
     ApiSession,
@@ -42,10 +43,12 @@ from .sqlite_schema import (
     JOINED,
     SCHEMA,
     SCHEMA_VERSION,
+    UNLOCK,
     chunks,
     existing,
     fetch_all,
     held_by_others,
+    locked_by,
     log_changes,
     marks,
     migrate_in,
@@ -322,7 +325,9 @@ class SqliteStore(IndexedStore):
             log_changes(cur, None if bulk else sorted(losers | {r.customer_id for r in rows}))
         return len(rows)
 
-    def lock(self, customer_ids: list[str], batch_id: str, force: bool = False) -> None:
+    def lock(
+        self, customer_ids: list[str], batch_id: str, force: bool = False, lease: float = LOCK_LEASE
+    ) -> None:
         ids = list(dict.fromkeys(customer_ids))
         with self._write("lock") as cur:  # BEGIN IMMEDIATE: the check and the lock are one step
             held = {} if force else held_by_others(cur, ids, batch_id)
@@ -333,21 +338,37 @@ class SqliteStore(IndexedStore):
                 "UPDATE customers SET state = 'locked', batch_id = ? WHERE customer_id = ?",
                 ((batch_id, cid) for cid in found),
             )
+            cur.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (batch_id, time.time() + lease))
             log_changes(cur, found)
 
     def unlock(self, customer_ids: list[str], batch_id: str | None = None) -> None:
-        # the batch id goes back to the batch that last moved the customer
         self._update_each(
             "unlock",
             customer_ids,
-            "UPDATE customers SET state = 'active', batch_id = coalesce((SELECT a.batch_id "
-            "FROM audit a WHERE a.customer_id = customers.customer_id "
-            "ORDER BY a.rowid DESC LIMIT 1), '') "
-            "WHERE customer_id = ?",
+            UNLOCK,
             lambda cid: (cid,),
             "state = 'locked'" if batch_id is None else "state = 'locked' AND batch_id = ?",
             () if batch_id is None else (batch_id,),
         )
+
+    def release_expired_locks(self, now: float | None = None) -> dict[str, int]:
+        now = time.time() if now is None else now
+        expired = (
+            "SELECT DISTINCT c.batch_id FROM customers c LEFT JOIN leases l ON l.batch_id = c.batch_id "
+            "WHERE c.state = 'locked' AND coalesce(l.until, 0) < ?"
+        )
+        with self._read() as cur:  # the usual answer, none, without taking the write lock
+            if cur.execute(expired + " LIMIT 1", (now,)).fetchone() is None:
+                return {}
+        released: dict[str, int] = {}
+        with self._write("releasing expired locks") as cur:
+            for (bid,) in cur.execute(expired, (now,)).fetchall():
+                ids = [cid for cid, _ in locked_by(cur, bid)]
+                cur.executemany(UNLOCK, ((cid,) for cid in ids))
+                cur.execute("DELETE FROM leases WHERE batch_id = ?", (bid,))
+                log_changes(cur, ids)
+                released[bid] = len(ids)
+        return released
 
     def prepare(self, customer_ids: list[str], expires: int) -> None:
         self._update_each(
@@ -393,13 +414,19 @@ class SqliteStore(IndexedStore):
                 "SELECT customer_id, from_system FROM audit WHERE batch_id = ? ORDER BY rowid",
                 (batch_id,),
             ).fetchall()
-            if not rows:
+            # what the batch still holds locked (it stopped before their flip): released
+            held = locked_by(cur, batch_id)
+            if not rows and not held:
                 raise StoreError(f"unknown batch {batch_id!r} (dsbc status lists recent batches)")
             back: dict[str, dict[str, None]] = {}
             for cid, frm in rows:
                 back.setdefault(frm, {})[cid] = None
             new = new_batch(cur)
-            total = MigrationResult(new, ",".join(sorted(back)))
+            total = MigrationResult(new, ",".join(sorted(back or {s: {} for _, s in held})))
+            cur.executemany(UNLOCK, ((cid,) for cid, _ in held))
+            cur.execute("DELETE FROM leases WHERE batch_id = ?", (batch_id,))
+            log_changes(cur, [cid for cid, _ in held])
+            total.already += [cid for cid, _ in held]
             now = time.time()
             for system, ids in sorted(back.items()):
                 r = migrate_in(

@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS sessions(key TEXT PRIMARY KEY, system TEXT NOT NULL,
     extra TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions(expires_at);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS customers_locked ON customers(batch_id) WHERE state = 'locked';
+CREATE TABLE IF NOT EXISTS leases(batch_id TEXT PRIMARY KEY, until REAL NOT NULL) WITHOUT ROWID;
 """
 
 # (customer_id, system, state, grp, batch_id, expires_cap, key): MemoryIndex.build's rows
@@ -114,6 +116,20 @@ def existing(
         )
         found.extend(cid for (cid,) in cur)
     return found
+
+
+UNLOCK = (  # the batch id goes back to the batch that last moved the customer
+    "UPDATE customers SET state = 'active', batch_id = coalesce((SELECT a.batch_id "
+    "FROM audit a WHERE a.customer_id = customers.customer_id ORDER BY a.rowid DESC LIMIT 1), '') "
+    "WHERE customer_id = ?"
+)
+
+
+def locked_by(cur: sqlite3.Cursor, batch_id: str) -> list[tuple[str, str]]:
+    """(customer id, system) of the customers `batch_id` holds locked."""
+    return cur.execute(
+        "SELECT customer_id, system FROM customers WHERE state = 'locked' AND batch_id = ? "
+        "ORDER BY customer_id", (batch_id,)).fetchall()
 
 
 def held_by_others(cur: sqlite3.Cursor, ids: Sequence[str], batch_id: str) -> dict[str, str]:
