@@ -382,3 +382,40 @@ def test_removed_bindings_leave_the_store(tmp_path: Path) -> None:
         assert [r.contact for r in store.registrations(["1"])] == ["sip:u1@10.0.0.2"]
     finally:
         store.close()
+
+
+def test_a_full_or_read_only_disk_is_an_operational_failure_named_as_such(tmp_path: Path) -> None:
+    """Found by an audit: a store on a full disk gave `cannot open store ...: disk I/O
+    error` and on a read-only one `unable to open database file`, both exit 2 (bad
+    input), for every command, `dsbc where` and `dsbc status` too.  They are exit 1
+    (the store cannot be written: not the operator's input) and say what is wrong."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "true"], capture_output=True, check=False).returncode:
+        pytest.skip("cannot make a mount namespace (unshare -m) here")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    dsbc = f"{sys.executable} -m dsbc.cli --store sqlite:///{mnt}/loc.db"
+    script = f"""
+set -u
+mount -t tmpfs -o size=2m tmpfs {mnt}
+{dsbc} import {tmp_path}/c.csv >/dev/null || exit 9
+dd if=/dev/zero of={mnt}/fill bs=16k 2>/dev/null
+{dsbc} where account:u1; echo "rc=$?"
+{dsbc} migrate --customer 1; echo "rc=$?"
+rm {mnt}/fill
+mount -o remount,ro {mnt}
+{dsbc} migrate --customer 1; echo "rc=$?"
+"""
+    (tmp_path / "c.csv").write_text("customer_id,identities\n" + "".join(f"{i},account:u{i}\n" for i in range(500)))
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True,
+                       text=True, cwd=repo, timeout=120, check=False)
+    assert r.returncode == 0 and r.stdout.split() == ["rc=1"] * 3, (r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 3, r.stderr
+    assert lines[0] == lines[1] == f"cannot open store {mnt}/loc.db: the disk is full (disk I/O error)"
+    assert lines[2].startswith(f"cannot open store {mnt}/loc.db: {mnt} is on a read-only file system")

@@ -15,6 +15,7 @@ identities answers at once instead of loading them first).
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -61,6 +62,29 @@ __all__ = ["SqliteStore", "sqlite_path"]
 log = logging.getLogger("dsbc.store")
 
 
+def _open_failure(path: str, exc: sqlite3.Error) -> StoreError:
+    """Why the store file cannot be opened: a file that is no store is bad input
+    (StoreError, exit 2); a file system that refuses (full, read-only, I/O errors) is an
+    operational failure (StoreUnavailable, exit 1), named as such: SQLite says "disk I/O
+    error" for a full disk and "unable to open database file" for a read-only one."""
+    if getattr(exc, "sqlite_errorname", "") in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+        return StoreError(f"cannot open store {path}: {exc} (not a dsbc store)")
+    reason = str(exc)
+    folder = Path(path).parent
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        pass
+    else:
+        if fs.f_flag & os.ST_RDONLY:
+            reason = f"{folder} is on a read-only file system ({exc})"
+        elif fs.f_bavail == 0 or fs.f_favail == 0:
+            reason = f"the disk is full ({exc})"
+        elif not os.access(folder, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
+            reason = f"no write permission on {path} or {folder} ({exc})"
+    return StoreUnavailable(f"cannot open store {path}: {reason}")
+
+
 class SqliteStore(IndexedStore):
     def __init__(
         self,
@@ -103,7 +127,7 @@ class SqliteStore(IndexedStore):
             if load:
                 self._full_load()
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store {path}: {exc}") from None
+            raise _open_failure(path, exc) from None
 
     # -- transactions ---------------------------------------------------------------------
 
