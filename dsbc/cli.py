@@ -47,6 +47,7 @@ from .migrate import (
 from .migrate import wait_registrations as wait_for_phones
 from .store import (
     BadIdentity,
+    BatchCancelled,
     Customer,
     LocationStore,
     LockedByBatch,
@@ -152,7 +153,7 @@ class DsbcGroup(click.Group):
             _fail(str(exc), exc.code)
         except NodeError as exc:  # --node URL that is not one (a call's errors are CliErrors)
             _fail(str(exc), exc.code)
-        except (StoreUnavailable, BatchAborted, LockedByBatch) as exc:
+        except (StoreUnavailable, BatchAborted, LockedByBatch, BatchCancelled) as exc:
             _fail(str(exc), 1)
         except (ConfigError, InputError, BadIdentity, StoreError) as exc:
             _fail(str(exc), 2)

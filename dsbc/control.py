@@ -60,6 +60,7 @@ from .store import (
     SYSTEMS,
     BadIdentity,
     BadRow,
+    BatchCancelled,
     GroupSplitError,
     LocationStore,
     LockedByBatch,
@@ -286,6 +287,8 @@ class ControlService:
             return _error(409, str(exc), group=exc.group, missing=exc.missing)
         except LockedByBatch as exc:
             return _error(409, str(exc), locked=exc.locked)
+        except BatchCancelled as exc:
+            return _error(409, str(exc), batch_id=exc.batch_id)
         except BatchAborted as exc:
             r = exc.result
             return _error(503, str(exc), batch_id=r.batch_id, moved=r.moved)

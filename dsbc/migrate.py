@@ -22,6 +22,7 @@ from typing import TextIO
 from .imports import ALIASES, InputError, file_format, json_items, read_text
 from .store import (
     LOCK_LEASE,
+    BatchCancelled,
     Customer,
     LocationStore,
     LockedByBatch,
@@ -263,7 +264,7 @@ def move_batch(
             if total.moved:
                 raise BatchAborted(reason + note, total) from exc
             raise StoreUnavailable(f"{reason}{note}") from exc
-        if total.moved:
+        if total.moved and not isinstance(exc, BatchCancelled):  # (the rollback undid those)
             raise BatchAborted(str(exc) or "interrupted", total) from exc
         raise
     return total

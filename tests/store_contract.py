@@ -114,7 +114,7 @@ def check_dead_batches(store: LocationStore) -> None:
     batch moves back what it flipped and releases what it still held."""
     import pytest
 
-    from dsbc.store import LockedByBatch
+    from dsbc.store import BatchCancelled, LockedByBatch
 
     def state(cid: str) -> tuple[str, str]:
         c = store.customer(cid)
@@ -146,3 +146,10 @@ def check_dead_batches(store: LocationStore) -> None:
     store.refresh()
     assert (r.moved, r.already, r.to) == ([], ["2"], "source") and state("2") == ("source", "active")
     assert store.release_expired_locks() == {}
+    # ... and if that migration was still running, it locks and flips no more
+    with pytest.raises(BatchCancelled, match="batch b-window was rolled back while it ran"):
+        store.lock(["2"], "b-window")
+    with pytest.raises(BatchCancelled):
+        store.migrate(["2"], "target", batch_id="b-window")
+    store.refresh()
+    assert state("2") == ("source", "active")

@@ -348,6 +348,29 @@ def test_force_takes_over_customers_a_dead_migration_left_locked(home: Path) -> 
         ("target", "active"), ("target", "active")]
 
 
+def test_rollback_of_a_batch_in_its_lock_window_stops_it(home: Path) -> None:
+    """Found by an audit: `dsbc rollback` of a batch still in its --lock-for window said
+    "rolled back" (or "unknown batch"), and the migration flipped the customers anyway when
+    its window ended.  The rollback unlocks them where they are and the migration stops."""
+    s = store_at(home)
+    proc = _popen_cli("migrate", "--customer", "1", "--customer", "2", "--lock-for", "2")
+    try:
+        _wait_locked(s, "1")
+        batch = s.customer("1").batch_id  # type: ignore[union-attr]
+        r = dsbc("rollback", batch)
+        assert r.exit_code == 0 and "moved 0, already on source 2" in r.stdout, r.output
+        s.refresh()
+        assert {(s.customer(c).system, s.customer(c).state) for c in "12"} == {  # type: ignore[union-attr]
+            ("source", "active")}
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and err == f"batch {batch} was rolled back while it ran: stopped\n", err
+    s.refresh()
+    assert {(s.customer(c).system, s.customer(c).state) for c in "12"} == {("source", "active")}  # type: ignore[union-attr]
+    assert s.audit(batch) == []
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_sigterm_or_sighup_during_the_lock_window_unlocks(home: Path, signame: str) -> None:
     """A closed ssh session (SIGHUP) or a `timeout`/systemd stop (SIGTERM) during

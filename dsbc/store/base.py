@@ -69,6 +69,15 @@ class LockedByBatch(StoreError):
         )
 
 
+class BatchCancelled(StoreError):
+    """A batch was rolled back while its migration still ran: its next lock or flip is
+    refused, so it moves nobody after the operator undid it."""
+
+    def __init__(self, batch_id: str) -> None:
+        self.batch_id = batch_id
+        super().__init__(f"batch {batch_id} was rolled back while it ran: stopped")
+
+
 class StoreUnavailable(StoreError):
     """The shared store cannot be reached; dispatching goes on from memory, writes are refused."""
 

@@ -10,7 +10,8 @@ and changed goes through an in-script overlay first).  The layout (prefix ``dsbc
     counts       hash  "source.active", ..., "prepared": kept by flush()
     lastbatch    hash  customer id -> the batch that last moved it (unlock restores it)
     locks        hash  customer id -> the batch holding it locked: kept by flush()
-    leases       hash  batch id -> until when its locks last (a dead migration's expire)
+    leases       hash  batch id -> until when its locks last (a dead migration's expire);
+                       -1: rolled back, its migration may lock and flip no more
     seq          int   change sequence number, one per committed write
     log          stream  entry id "<seq>-1": {c: JSON [customer ids]} or {r: "1"} (reload all)
     audit        list  JSON [ts, who, customer_id, from, to, batch_id, note]
@@ -268,6 +269,7 @@ if op == 'import' then
 elseif op == 'reload' then
   return result({seq = flush('reload')})
 elseif op == 'lock' then
+  if redis.call('HGET', P .. 'leases', arg.batch) == '-1' then return result({err = 'cancelled'}) end
   -- the check and the lock in one script: of two batches locking the same customer at
   -- the same instant, one wins and the other is refused with nothing changed
   if not arg.force then
@@ -327,6 +329,9 @@ elseif op == 'migrate' then
   if not arg.dry and arg.fresh and redis.call('EXISTS', P .. 'ab:' .. arg.batch) == 1 then
     return result({err = 'batch_exists'})
   end
+  if not arg.dry and redis.call('HGET', P .. 'leases', arg.batch) == '-1' then
+    return result({err = 'cancelled'})
+  end
   local res, err = migrate_in(arg.ids, arg.to, arg.who, arg.batch, arg.now, not arg.dry, '')
   if err then return result(err) end
   if not arg.dry then res.seq = flush('changes') end
@@ -352,7 +357,7 @@ elseif op == 'rollback' then
     if #rows == 0 and not back[r[1]] then back[r[1]] = {}; systems[#systems + 1] = r[1] end
     unlock_one(cid, r)
   end
-  redis.call('HDEL', P .. 'leases', arg.batch)
+  redis.call('HSET', P .. 'leases', arg.batch, '-1')  -- a migration of it still running stops
   table.sort(systems)
   local total = {moved = {}, already = {}, unknown = {}, to = table.concat(systems, ',')}
   for _, cid in ipairs(held) do total.already[#total.already + 1] = cid end

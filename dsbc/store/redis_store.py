@@ -42,6 +42,7 @@ from .base import (
     SYSTEMS,
     ApiSession,
     AuditEntry,
+    BatchCancelled,
     BatchSummary,
     Customer,
     CustomerRow,
@@ -499,6 +500,8 @@ class RedisStore(IndexedStore):
         err = res.get("err")
         if err == "group":
             raise GroupSplitError(str(res["group"]), _ids(res.get("missing")))
+        if err == "cancelled":
+            raise BatchCancelled(str(payload.get("batch")))
         if err == "locked":
             held = res.get("locked")
             raise LockedByBatch(dict(held) if isinstance(held, dict) else {})

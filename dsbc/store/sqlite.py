@@ -41,10 +41,12 @@ from .base import (
 from .memory import IndexedStore, MemoryIndex, canon, unique_keys
 from .sqlite_schema import (
     BULK,
+    CANCELLED,
     JOINED,
     SCHEMA,
     SCHEMA_VERSION,
     UNLOCK,
+    check_not_cancelled,
     chunks,
     existing,
     fetch_all,
@@ -354,6 +356,7 @@ class SqliteStore(IndexedStore):
     ) -> None:
         ids = list(dict.fromkeys(customer_ids))
         with self._write("lock") as cur:  # BEGIN IMMEDIATE: the check and the lock are one step
+            check_not_cancelled(cur, batch_id)
             held = {} if force else held_by_others(cur, ids, batch_id)
             if held:
                 raise LockedByBatch(held)
@@ -429,6 +432,8 @@ class SqliteStore(IndexedStore):
             with self._read() as cur:
                 return migrate_in(cur, ids, to, who, batch_id or "", now, write=False)
         with self._write("migration") as cur:
+            if batch_id:
+                check_not_cancelled(cur, batch_id)
             bid = batch_id or new_batch(cur)
             return migrate_in(cur, ids, to, who, bid, now, write=True)
 
@@ -448,7 +453,8 @@ class SqliteStore(IndexedStore):
             new = new_batch(cur)
             total = MigrationResult(new, ",".join(sorted(back or {s: {} for _, s in held})))
             cur.executemany(UNLOCK, ((cid,) for cid, _ in held))
-            cur.execute("DELETE FROM leases WHERE batch_id = ?", (batch_id,))
+            # a migration of this batch still running locks and flips no more
+            cur.execute("INSERT OR REPLACE INTO leases VALUES (?, ?)", (batch_id, CANCELLED))
             log_changes(cur, [cid for cid, _ in held])
             total.already += [cid for cid, _ in held]
             now = time.time()

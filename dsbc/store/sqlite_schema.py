@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 
-from .base import GroupSplitError, MigrationResult, StoreError
+from .base import BatchCancelled, GroupSplitError, MigrationResult, StoreError
 from .memory import new_batch_id
 
 SCHEMA_VERSION = "1"
@@ -123,6 +123,15 @@ UNLOCK = (  # the batch id goes back to the batch that last moved the customer
     "FROM audit a WHERE a.customer_id = customers.customer_id ORDER BY a.rowid DESC LIMIT 1), '') "
     "WHERE customer_id = ?"
 )
+
+
+CANCELLED = -1.0  # the lease of a batch rolled back while it ran: it may lock and flip no more
+
+
+def check_not_cancelled(cur: sqlite3.Cursor, batch_id: str) -> None:
+    row = cur.execute("SELECT until FROM leases WHERE batch_id = ?", (batch_id,)).fetchone()
+    if row is not None and row[0] == CANCELLED:
+        raise BatchCancelled(batch_id)
 
 
 def locked_by(cur: sqlite3.Cursor, batch_id: str) -> list[tuple[str, str]]:
