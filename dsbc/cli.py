@@ -715,7 +715,8 @@ def collect_status(cfg: Config, node: str | None = None) -> dict[str, Any]:
                  "to": b.to_system, "customers": b.customers, "note": b.note}
                 for b in store.batches(10)
             ]
-        out["store"].update(counts=counts, batches=batches)
+            locks = [{"batch_id": b, "customers": n, "lease_until": until} for b, n, until in store.locks()]
+        out["store"].update(counts=counts, batches=batches, locks=locks)
     except StoreError as exc:
         remote = out["node"].get("status", {}).get("store", {})
         if "counts" in remote:
@@ -755,6 +756,13 @@ def _print_status(cfg: Config, st: dict[str, Any]) -> None:
         f"  customers {c['customers']}, identities {c['identities']}, groups {c['groups']}, "
         f"prepared {c['prepared']}, registrations {c['registrations']}, sessions {c['sessions']}"
     )
+    now = time.time()
+    for lk in store.get("locks", []):
+        left = float(lk["lease_until"]) - now
+        lease = (f"lease ends in {left:.0f} s unless its migration renews it" if left > 0 else
+                 "lease ended, its migration stopped: released by a running node or the next migration")
+        click.echo(f"  locked by batch {lk['batch_id']}: {lk['customers']} customers ({lease}; "
+                   f"dsbc rollback {lk['batch_id']} releases them now)")
     if store["batches"]:
         click.echo("recent batches:")
         for b in store["batches"]:

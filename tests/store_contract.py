@@ -112,6 +112,8 @@ def check_dead_batches(store: LocationStore) -> None:
     """Customers "1".."5" on the source: what a migration killed with SIGKILL leaves locked
     is released once its lease runs out (never while it lasts), and `rollback` of such a
     batch moves back what it flipped and releases what it still held."""
+    import time
+
     import pytest
 
     from dsbc.store import BatchCancelled, LockedByBatch
@@ -123,7 +125,11 @@ def check_dead_batches(store: LocationStore) -> None:
 
     store.lock(["1", "2"], "b-dead", lease=-1)  # its lease ran out: the process is gone
     store.lock(["3"], "b-live")  # a migration still running (30 s lease)
+    locks = store.locks()
+    assert [(b, n) for b, n, _ in locks] == [("b-dead", 2), ("b-live", 1)]
+    assert locks[0][2] < time.time() < locks[1][2]
     assert store.release_expired_locks() == {"b-dead": 2}
+    assert [(b, n) for b, n, _ in store.locks()] == [("b-live", 1)]
     store.refresh()
     assert [state(c) for c in "123"] == [("source", "active"), ("source", "active"), ("source", "locked")]
     assert store.customer("1").batch_id == ""  # type: ignore[union-attr]

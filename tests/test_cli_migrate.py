@@ -371,6 +371,18 @@ def test_rollback_of_a_batch_in_its_lock_window_stops_it(home: Path) -> None:
     assert s.audit(batch) == []
 
 
+def test_status_names_the_batches_holding_customers_locked(home: Path) -> None:
+    """Found by an audit: `dsbc status` counted locked customers but named no batch (one
+    that moved nobody is not among the recent batches): nothing said what to roll back."""
+    s = store_at(home)
+    s.lock(["1", "2"], "b-dead", lease=-1)  # killed with SIGKILL, lease over
+    s.lock(["3"], "b-live")
+    out = dsbc("status").stdout
+    assert ("  locked by batch b-dead: 2 customers (lease ended, its migration stopped: released by a "
+            "running node or the next migration; dsbc rollback b-dead releases them now)") in out, out
+    assert "  locked by batch b-live: 1 customers (lease ends in " in out, out
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_sigterm_or_sighup_during_the_lock_window_unlocks(home: Path, signame: str) -> None:
     """A closed ssh session (SIGHUP) or a `timeout`/systemd stop (SIGTERM) during

@@ -324,6 +324,11 @@ class LocationStore(abc.ABC):
         before it unlocked leaves nothing locked longer (`release_expired_locks`)."""
 
     @abc.abstractmethod
+    def locks(self) -> list[tuple[str, int, float]]:
+        """The batches holding customers locked now: (batch id, customers, lease end), the
+        oldest lease first (`dsbc status`)."""
+
+    @abc.abstractmethod
     def release_expired_locks(self, now: float | None = None) -> dict[str, int]:
         """Unlock, where they are, the customers of batches whose lease ran out (their
         migration died: SIGKILL, a crashed node); batch id -> customers released."""

@@ -594,6 +594,18 @@ class RedisStore(IndexedStore):
         self._run("lock", "lock", {"ids": list(dict.fromkeys(customer_ids)), "batch": batch_id,
                                    "force": force, "until": time.time() + lease})
 
+    def locks(self) -> list[tuple[str, int, float]]:
+        try:
+            held: dict[str, int] = {}
+            for batch in self._w.hvals(self.prefix + "locks"):
+                b = batch.decode() if isinstance(batch, bytes) else str(batch)
+                held[b] = held.get(b, 0) + 1
+            ends = self._w.hmget(self.prefix + "leases", list(held)) if held else []
+        except self._errors as exc:
+            raise self._unavailable("reading the store", exc, writing=False) from None
+        out = [(b, n, float(e or 0)) for (b, n), e in zip(held.items(), ends, strict=True)]
+        return sorted(out, key=lambda r: (r[2], r[0]))
+
     def release_expired_locks(self, now: float | None = None) -> dict[str, int]:
         try:  # the usual answer, none, in one cheap call
             if not self._w.hlen(self.prefix + "locks"):

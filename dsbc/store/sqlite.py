@@ -378,6 +378,13 @@ class SqliteStore(IndexedStore):
             () if batch_id is None else (batch_id,),
         )
 
+    def locks(self) -> list[tuple[str, int, float]]:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT c.batch_id, count(*), coalesce(l.until, 0) FROM customers c LEFT JOIN leases l "
+                "ON l.batch_id = c.batch_id WHERE c.state = 'locked' GROUP BY c.batch_id").fetchall()
+        return sorted(((str(b), int(n), float(u)) for b, n, u in rows), key=lambda r: (r[2], r[0]))
+
     def release_expired_locks(self, now: float | None = None) -> dict[str, int]:
         now = time.time() if now is None else now
         expired = (
