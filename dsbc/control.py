@@ -34,6 +34,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,8 @@ from .imports import import_refusal, keep_stored_groups
 from .metrics import read_snapshots, render, summarize
 from .migrate import (
     BatchAborted,
+    MigrationInterrupted,
+    StopAwareSleep,
     check_batch,
     longest_registration,
     move_batch,
@@ -167,6 +170,7 @@ class ControlService:
         self.run_dir = run_dir
         self.token = cfg.control.token
         self.draining = False
+        self.stopping = threading.Event()
         self.started = time.time()  # this worker's start (its grace for the SIP workers)
         #: the node's start: the master's, not this worker's (a restarted worker 0 is no
         #: restart of the node)
@@ -233,6 +237,7 @@ class ControlService:
         master marked this worker ``replaced-PID``: the node goes on with a new worker) this
         one stops listening at once instead, and the new one answers."""
         self.draining = True
+        self.stopping.set()  # a migration in its lock window stops there and unlocks
         replaced = self.run_dir is not None and (self.run_dir / f"replaced-{os.getpid()}").exists()
         if replaced and self.site is not None:
             server = self.site._server
@@ -289,6 +294,8 @@ class ControlService:
             return _error(409, str(exc), locked=exc.locked)
         except BatchCancelled as exc:
             return _error(409, str(exc), batch_id=exc.batch_id)
+        except MigrationInterrupted as exc:
+            return _error(503, str(exc))
         except BatchAborted as exc:
             r = exc.result
             return _error(503, str(exc), batch_id=r.batch_id, moved=r.moved)
@@ -548,8 +555,12 @@ class ControlService:
             expected = await asyncio.to_thread(phones_by_account, self.store, ids)  # before the flip
         except StoreUnavailable as exc:
             raise StoreUnavailable(f"migration refused: {exc}; nothing was changed") from None
+        if self.draining:
+            raise ApiError(503, "the node is stopping: migrate through another node, or when it is back")
+        sleep = StopAwareSleep(self.stopping, "the node is stopping (SIGTERM or a reload): the migration "
+                                              "was interrupted in its lock window and its customers unlocked")
         result = await self._write(lambda: move_batch(self.store, ids, to, who=who, batch_size=batch_size,
-                                                      lock_for=lock_for, force=force,
+                                                      lock_for=lock_for, force=force, sleep=sleep,
                                                       lease=self.cfg.store.lock_lease))
         _only_unknown(result)
         try:  # the batch committed: a store gone away now only leaves the count unknown

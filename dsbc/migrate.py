@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import threading
 import time
 from collections.abc import Callable
 from typing import TextIO
@@ -45,6 +46,27 @@ class BatchAborted(StoreError):
             f"{cause}; {len(result.moved)} customer(s) had already moved to {result.to} in batch "
             f"{bid} (dsbc rollback {bid} moves them back; dsbc migrate again finishes the batch)"
         )
+
+
+class MigrationInterrupted(StoreError):
+    """A running node stops (SIGTERM, a reload) during a batch's lock window: the batch is
+    interrupted there (its customers unlocked by `move_batch`), not left to the process exit."""
+
+
+class StopAwareSleep:
+    """`move_batch`'s sleep in a node: once `stop` is set, the sleep under way (a lock window)
+    ends at once with MigrationInterrupted, a single time; later ones (the unlock retries that
+    follow) sleep as usual."""
+
+    def __init__(self, stop: threading.Event, why: str) -> None:
+        self.stop, self.why, self.fired = stop, why, False
+
+    def __call__(self, seconds: float) -> None:
+        if self.fired:
+            time.sleep(seconds)
+        elif self.stop.wait(seconds):
+            self.fired = True
+            raise MigrationInterrupted(self.why)
 
 
 # --- batch files --------------------------------------------------------------------------

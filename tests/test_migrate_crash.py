@@ -87,8 +87,8 @@ def test_sigkill_in_the_lock_window_is_released_by_the_running_node(tmp_path: Pa
         finally:
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate(timeout=10)
-        took = _wait(lambda: _locked(url) == 0, 10, "the dead batch's locks released")
-        assert took < 6
+        # lease 1 s, a check every 2 s: released within seconds (bounded loosely: a busy host)
+        _wait(lambda: _locked(url) == 0, 15, "the dead batch's locks released")
         r = node.cli("where", "account:u19999")
         assert "system:   source" in r.stdout and "state:    active" in r.stdout, r.stdout
         assert "stopped without unlocking its customers: 20000 released" in node.log_tail(200)
@@ -155,9 +155,34 @@ def test_node_killed_while_it_runs_a_migration_the_other_node_releases(tmp_path:
             a.proc.send_signal(signal.SIGKILL)
             t.join(30)
             assert answer and isinstance(answer[0], OSError), answer
-            took = _wait(lambda: _locked(redis.url) == 0, 10, "node B released the dead batch")
-            assert took < 6
+            _wait(lambda: _locked(redis.url) == 0, 15, "node B released the dead batch")
             assert "stopped without unlocking its customers: 200 released" in b.log_tail(200)
             r = b.cli("migrate", "--customer", "7", "--node", b.control_url)
             assert r.stdout.startswith("moved 1,"), r.stdout
             assert not b.traceback()
+
+
+def test_sigterm_of_a_node_in_a_migrations_lock_window_interrupts_and_unlocks(tmp_path: Path) -> None:
+    """Found by an audit: SIGTERM to a node running a control-API migration in its
+    --lock-for window: the client got an empty reply, the worker hung until the master
+    killed it (8 s), and the customers stayed locked.  The stop now ends the window: the
+    batch is interrupted, its customers unlocked, and the client told why (503)."""
+    node = Dsbc(tmp_path / "node", **_sip(), customers=_customers()[:50])
+    with node:
+        _wait(lambda: node.control("GET", "/healthz", token=None, timeout=2)[0] == 200, 10, "the control API")
+        answer: list[Any] = []
+        t = threading.Thread(target=lambda: answer.append(node.control(
+            "POST", "/v1/migrations", {"customers": ["1", "2", "3"], "lock_for": 60})))
+        t.start()
+        url = f"sqlite:///{node.db}"
+        _wait(lambda: _locked(url) == 3, 20, "the batch locked")
+        assert node.proc is not None
+        t0 = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.proc.wait(20) == 0
+        assert time.monotonic() - t0 < 4
+        t.join(10)
+        assert answer and answer[0][0] == 503, answer
+        assert "the migration was interrupted in its lock window and its customers unlocked" in answer[0][1]["error"]
+        assert _locked(url) == 0
+        assert not node.traceback()
