@@ -537,6 +537,29 @@ def test_request_held_during_a_stop_is_relayed_at_the_flip(systems: Systems, nod
 
 
 @pytest.mark.timeout(90)
+def test_request_held_when_its_batch_is_rolled_back_goes_to_the_source(
+        systems: Systems, nodes: Callable[..., Dsbc]) -> None:
+    """Found by an audit: `dsbc rollback` of a batch in its lock window did not stop it; the
+    held INVITE went to the source and the customer was flipped anyway a moment later.  Now
+    the rollback releases the held call to the source at once and the batch moves nobody."""
+    rolled: list[tuple[Dsbc, str]] = []
+
+    def rollback(node: Dsbc) -> None:
+        batch = node.control("GET", "/v1/identities/account/u1")[1]["batch_id"]
+        rolled.append((node, node.cli("rollback", batch).stdout))
+
+    t0 = time.monotonic()
+    assert held_invite_across(rollback, systems, nodes, lock_for=3.0, extra="") == "SIP/2.0 200 OK"
+    assert [c["system"] for c in systems.calls()] == ["MR100"]
+    node, out = rolled[0]
+    assert "moved 0, already on source 1" in out, out
+    # held_invite_across waited for the migration to end (its window was 3 s): it moved nobody
+    assert time.monotonic() - t0 > 3.0
+    who = node.control("GET", "/v1/identities/account/u1")[1]
+    assert (who["system"], who["state"]) == ("source", "active"), who
+
+
+@pytest.mark.timeout(90)
 def test_api_login_held_during_a_reload_is_relayed_at_the_flip(systems: Systems, nodes: Callable[..., Dsbc],
                                                                tmp_path: Path) -> None:
     """Found by an audit: a reload waited only for the SIP requests a worker held; the
