@@ -323,8 +323,16 @@ class ControlService:
             raise ApiError(400, "the body must be a JSON object")
         return body
 
-    async def _write(self, fn: Callable[[], Any]) -> Any:
-        """A store write in a thread, one at a time; then this worker's index catches up."""
+    async def _write(self, fn: Callable[[], Any], exclusive: bool = True) -> Any:
+        """A store write in a thread, one at a time; then this worker's index catches up.
+        A migration is not exclusive: it may spend minutes in its lock window, and a rollback
+        that stops it, or an edit of another customer, must not wait for that (its own store
+        transactions keep it atomic)."""
+        if not exclusive:
+            try:
+                return await asyncio.to_thread(fn)
+            finally:
+                self.store.refresh()
         async with self._write_lock:
             try:
                 return await asyncio.to_thread(fn)
@@ -561,7 +569,7 @@ class ControlService:
                                               "was interrupted in its lock window and its customers unlocked")
         result = await self._write(lambda: move_batch(self.store, ids, to, who=who, batch_size=batch_size,
                                                       lock_for=lock_for, force=force, sleep=sleep,
-                                                      lease=self.cfg.store.lock_lease))
+                                                      lease=self.cfg.store.lock_lease), exclusive=False)
         _only_unknown(result)
         try:  # the batch committed: a store gone away now only leaves the count unknown
             on: int | None = await asyncio.to_thread(

@@ -129,3 +129,36 @@ def test_concurrent_migrations_through_cli_and_two_nodes_on_one_redis(tmp_path: 
             assert len(outcomes) == len(threads) + len(procs)
             _check(redis.url, outcomes)
             assert not a.traceback() and not b.traceback()
+
+
+def test_rollback_through_the_node_stops_its_migration_in_flight(tmp_path: Path) -> None:
+    """Found by an audit: the control API ran one store write at a time, a migration's whole
+    --lock-for window included: a rollback (or any customer edit) through the same node
+    waited for the window to end, the batch flipped meanwhile, and the rollback then had to
+    move it back.  The rollback now answers at once and stops the batch (409 for it)."""
+    sip = {"source": [f"udp:127.0.0.1:{free_port('udp')}"], "target": [f"udp:127.0.0.1:{free_port('udp')}"]}
+    with Dsbc(tmp_path / "node", **sip, customers=_customers()[:5]) as node:
+        deadline = time.monotonic() + 10
+        while node.control("GET", "/healthz", token=None, timeout=2)[0] != 200:
+            assert time.monotonic() < deadline, node.log_tail()
+            time.sleep(0.1)
+        answer: list[Any] = []
+        t = threading.Thread(target=lambda: answer.append(node.control(
+            "POST", "/v1/migrations", {"customers": ["1", "2"], "lock_for": 5})))
+        t.start()
+        deadline = time.monotonic() + 10
+        while (who := node.control("GET", "/v1/identities/account/u1")[1])["state"] != "locked":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        status, body = node.control("POST", f"/v1/migrations/{who['batch_id']}/rollback", {})
+        assert status == 200 and body["already"] == ["1", "2"], body
+        assert time.monotonic() - t0 < 2.0
+        status, _ = node.control("PUT", "/v1/customers/9", {"identities": ["account:u9"]})
+        assert status == 200 and time.monotonic() - t0 < 3.0
+        t.join(20)
+        assert answer[0][0] == 409 and "was rolled back while it ran" in answer[0][1]["error"], answer
+        for cid in ("1", "2"):
+            who = node.control("GET", f"/v1/identities/account/u{cid}")[1]
+            assert (who["system"], who["state"]) == ("source", "active"), who
+        assert not node.traceback()
