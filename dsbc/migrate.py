@@ -199,8 +199,9 @@ def _held(customers: dict[str, Customer]) -> dict[str, str]:
 
 def check_batch(store: LocationStore, ids: list[str], to: str, *, who: str = "cli",
                 force: bool = False) -> MigrationResult:
-    """What `move_batch` would do, changing nothing (a dry run): GroupSplitError and
-    LockedByBatch as it would raise them."""
+    """What `move_batch` would do, changing nothing of the batch (a dry run): GroupSplitError
+    and LockedByBatch as it would raise them.  Like the run, and any node, it first releases
+    the locks of batches whose lease ran out (their migration died)."""
     store.release_expired_locks()  # what a dead migration left locked does not count
     check = store.migrate(ids, to, who=who, dry_run=True)
     held = _held(store.customers(check.moved + check.already))
