@@ -613,7 +613,10 @@ class ProxyCore:
             device_flow = to_flow
         elif not trusted:
             device_flow = src
-        if method in DIALOG_CREATING and not msg.to_tag:
+        if method in DIALOG_CREATING and not msg.to_tag or method == "NOTIFY" and msg.to_tag:
+            # RFC 6665 4.3: the NOTIFYs of a subscription are record-routed like its SUBSCRIBE
+            # (as Kamailio's default configuration does): a subscriber that gets a NOTIFY
+            # before the 200 (forking, a 200 lost over UDP) takes its route set from it.
             # RFC 3261 16.6 item 4 / RFC 5630: a SIPS request gets a SIPS Record-Route on
             # its TLS side(s); the plain side toward the inside keeps sip:
             sips = msg.uri.scheme == "sips"
