@@ -145,7 +145,8 @@ class Demo:
             ids = dict(i.split(":", 1) for i in r["identities"])
             dids[ids["did"]] = ids["account"]
         for system, name, secret in (("source", "MR100", "mr100-secret"), ("target", "MR115", "mr115-secret")):
-            sip = SipSystem(name, HOST, 0, ("udp", "tcp"), dids=dids, answer_all=True)
+            # peer: a call for a customer of the other system goes through dsbc to it
+            sip = SipSystem(name, HOST, 0, ("udp", "tcp"), dids=dids, answer_all=True, peer=(HOST, self.ports["sip"]))
             await sip.start()
             billing = await start_billing_emulator(name, HOST, 0, rows, system=system)
             radius = await start_radius_emulator(name, HOST, 0, 0, secret)

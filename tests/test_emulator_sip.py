@@ -397,6 +397,41 @@ def test_invite_to_registered_user_goes_through_path(node: Node, udp: Callable[[
     assert entry["history"][:3] == ["INVITE", "180", "200"]
 
 
+def test_a_call_for_a_user_not_registered_here_goes_to_the_dispatcher_once(
+    make_node: Callable[..., Node], udp: Callable[[], Udp]
+) -> None:
+    """`dsbc demo`: a call between customers of the two systems (SPEC 6).  A system with a
+    ``peer`` (the dispatcher) sends a call for a user it has no binding for there, as a
+    Kamailio with an outbound route does, so the other system's registered phone rings; a
+    call that comes back (the user is this system's, not registered) is answered here."""
+    dsbc, alice = udp(), udp()
+    node = make_node(peer=(HOST, dsbc.port), answer_all=True)
+    ruri = f"sip:2002@{HOST}:{node.port}"
+    alice.send(request("INVITE", ruri, alice.port, call_id="peer-1", body=OFFER), node.addr)
+    assert alice.recv().status == 100
+    inv = dsbc.expect(method="INVITE")
+    assert inv.ruri == ruri and inv.get("x-system") == "MR100"
+    assert inv.values("record-route")[0] == f"<sip:{HOST}:{node.port};lr>"
+    assert via_of(inv) == [f"{HOST}:{node.port}", f"{HOST}:{alice.port}"]
+    # the dispatcher answers as the other system's phone would: relayed back to the caller
+    dsbc.send(make_response(inv, 180, "Ringing", [("record-route", inv.values("record-route")[0])],
+                            to_tag="far"), node.addr)
+    assert alice.expect(status=180).to_tag == "far"
+    # a MESSAGE too; an OPTIONS is answered here (a phone's keep-alive, the demo's check)
+    alice.send(request("MESSAGE", ruri, alice.port, call_id="peer-2"), node.addr)
+    assert dsbc.expect(method="MESSAGE").call_id == "peer-2"
+    alice.send(request("OPTIONS", ruri, alice.port, call_id="peer-3"), node.addr)
+    assert alice.expect(status=200).call_id == "peer-3"
+    # a call that already passed through this system (the dispatcher sent it back: the
+    # user is ours) is served here, not sent round again
+    back = request("INVITE", ruri, dsbc.port, call_id="peer-4", body=OFFER)
+    back = back.replace(b"\r\nMax-Forwards:", f"\r\nVia: SIP/2.0/UDP {HOST}:{node.port};branch=z9hG4bKx1"
+                        "\r\nMax-Forwards:".encode(), 1)
+    dsbc.send(back, node.addr)
+    assert dsbc.expect(status=200).call_id == "peer-4"
+    assert [c["mode"] for c in node.calls()] == ["peer", "local"]
+
+
 def test_cancel_of_a_relayed_invite(node: Node, udp: Callable[[], Udp]) -> None:
     dsbc, alice = udp(), udp()
     contact = "sip:1001@192.0.2.10:5060"

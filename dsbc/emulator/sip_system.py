@@ -7,6 +7,9 @@
 - a **proxy** for calls to registered users and DIDs: the request goes to the first Path
   URI (through dsbc) with a Route set holding the Path, R-URI = the contact, our
   Record-Route and Via; responses come back by Via (``sip_relay``);
+- with a ``peer`` (the dispatcher, as ``dsbc demo`` sets it), an **outbound route**: an
+  INVITE, MESSAGE, SUBSCRIBE or REFER for a user with no binding here goes to the peer
+  once (the user may be the other system's); one that comes back is served here;
 - a **user agent** answering calls to ``echo``, to known users that are not registered
   (and to anyone with ``answer_all``): 100, 180, 200 with SDP; BYE, re-INVITE, CANCEL,
   OPTIONS, MESSAGE in the dialog (``sip_uas``);
@@ -53,6 +56,8 @@ _KNOWN = frozenset({"SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER"})
 _DIALOG_ONLY = frozenset({"BYE", "INFO", "UPDATE", "PRACK"})
 #: dialog-creating methods we Record-Route when relaying
 _RECORD_ROUTE = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+#: requests for a user with no binding here that go to the ``peer`` (the dispatcher) first
+_TO_PEER = frozenset({"INVITE", "MESSAGE", "SUBSCRIBE", "REFER"})
 MAX_CALL_LOG = 10000
 TICK = 0.25
 _NUMBER_JUNK = str.maketrans("", "", " -.()+")
@@ -95,6 +100,7 @@ class SipSystem:
         max_expires: int = 3600,
         relay_timeout: float = 32.0,
         clock: Callable[[], float] = time.time,
+        peer: tuple[str, int] | None = None,
     ) -> None:
         self.name = name
         self.host = host
@@ -105,6 +111,8 @@ class SipSystem:
         self.accounts = set(accounts)
         self.answer_all = answer_all
         self.relay_timeout = relay_timeout
+        #: the dispatcher (UDP): where a call for a user with no binding here goes, once
+        self.peer = Hop("udp", peer) if peer is not None else None
         self.clock = clock  # wall clock of registrations (``expires_at``)
         self.registrar = Registrar(max_expires)
         self.calls: list[dict[str, Any]] = []
@@ -422,6 +430,15 @@ class SipSystem:
                                record_route=method in _RECORD_ROUTE, entry=entry)
             self.note(entry, None, "relaying")
             return
+        if self.peer is not None and method in _TO_PEER and user != "echo" and not self._came_back(msg):
+            # the user may live on the other system: the dispatcher routes it there by
+            # Request-URI (SPEC 6, calls between the two systems), as a Kamailio with an
+            # outbound route does; sent back (a user of ours, not registered) it is served below
+            entry = self._start_call(msg, "peer") if method == "INVITE" else None
+            self.relay.forward(msg, hop, self.peer, pop_route=ours, record_route=method in _RECORD_ROUTE,
+                               entry=entry)
+            self.note(entry, None, "relaying")
+            return
         answer = user == "echo" or known or self.answer_all
         if method == "INVITE":
             if answer:
@@ -440,6 +457,10 @@ class SipSystem:
         else:
             self.send(hop, self.response(msg, 501, "Not Implemented", [("allow", ALLOW)]))
 
+    def _came_back(self, msg: SipMessage) -> bool:
+        """``msg`` already passed through this system (our own Via is in it)."""
+        return any(v.host == self.advertise and (v.port or 5060) == self.port for v in msg.vias)
+
 
 # --- command line ----------------------------------------------------------------------------
 
@@ -457,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--did", action="append", default=[], metavar="NUMBER=ACCOUNT", help="map a DID to an account")
     p.add_argument("--account", action="append", default=[], help="a known account (answered when not registered)")
     p.add_argument("--max-expires", type=int, default=3600, help="longest registration granted (default 3600)")
+    p.add_argument("--peer", metavar="HOST:PORT", help="the dispatcher: where calls for users not registered here go first")
     p.add_argument("-v", "--verbose", action="store_true", help="log every bad message")
     args = p.parse_args(argv)
     dids: dict[str, str] = {}
@@ -467,12 +489,18 @@ def main(argv: list[str] | None = None) -> int:
         dids[number] = account
     if not 0 <= args.port < 65536:
         p.error(f"--port {args.port}: out of range")
+    peer: tuple[str, int] | None = None
+    if args.peer:
+        phost, _, pport = args.peer.rpartition(":")
+        if not phost or not pport.isdigit() or not 0 < int(pport) < 65536:
+            p.error(f"--peer {args.peer!r}: expected HOST:PORT")
+        peer = (phost, int(pport))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         system = SipSystem(args.name, args.host, args.port, args.transports.split(","), args.answer_delay, dids,
                            accounts=args.account, answer_all=args.answer_all, advertise=args.advertise,
-                           max_expires=args.max_expires)
+                           max_expires=args.max_expires, peer=peer)
     except ValueError as exc:
         p.error(str(exc))
     try:
