@@ -457,6 +457,71 @@ def test_cancel_of_a_relayed_invite(node: Node, udp: Callable[[], Udp]) -> None:
     assert entry["state"] == "cancelled"
 
 
+def test_a_call_forks_to_every_phone_of_the_account(node: Node, udp: Callable[[], Udp]) -> None:
+    """One account registered from two phones: both ring (parallel forking, RFC 3261 16.6,
+    as Kamailio's lookup does); the first 2xx goes to the caller and the other phone gets a
+    CANCEL; when every phone refuses, the caller gets one final answer; the caller's CANCEL
+    reaches both phones and it gets one 487."""
+    d1, d2, alice = udp(), udp(), udp()
+    register(d1, node, "1001", "<sip:1001@192.0.2.10:5060>", path=f"<sip:{HOST}:{d1.port};lr;ft=one>")
+    register(d2, node, "1001", "<sip:1001@192.0.2.11:5060;transport=tcp>",
+             path=f"<sip:{HOST}:{d2.port};lr;ft=two>", call_id="second-phone")
+    ruri = f"sip:15550001001@{HOST}:{node.port}"
+
+    def ring(call_id: str) -> tuple[SipMessage, SipMessage]:
+        alice.send(request("INVITE", ruri, alice.port, call_id=call_id, branch=f"z9hG4bK{call_id}",
+                           body=OFFER), node.addr)
+        assert alice.expect(status=100)
+        i1, i2 = d1.expect(method="INVITE"), d2.expect(method="INVITE")
+        assert i1.top_via.branch != i2.top_via.branch
+        assert i1.values("route") == [f"<sip:{HOST}:{d1.port};lr;ft=one>"]
+        assert i2.ruri == "sip:1001@192.0.2.11:5060;transport=tcp"
+        d1.send(make_response(i1, 180, "Ringing", to_tag="p1"), node.addr)
+        d2.send(make_response(i2, 183, "Session Progress", to_tag="p2", body=OFFER), node.addr)
+        assert {alice.expect(status=180).to_tag, alice.expect(status=183).to_tag} == {"p1", "p2"}
+        return i1, i2
+
+    # one answers: the caller gets its 200, the other phone a CANCEL (and its 487 goes no further)
+    i1, i2 = ring("fork-1")
+    d2.send(make_response(i2, 200, "OK", to_tag="p2", body=OFFER), node.addr)
+    assert alice.expect(status=200).to_tag == "p2"
+    cancel = d1.expect(method="CANCEL")
+    assert cancel.top_via.branch == i1.top_via.branch
+    d1.send(make_response(cancel, 200, "OK"), node.addr)
+    d1.send(make_response(i1, 487, "Request Terminated", to_tag="p1"), node.addr)
+    assert d1.expect(method="ACK").to_tag == "p1"
+    assert alice.silent()
+    [entry] = [c for c in node.calls() if c["call_id"] == "fork-1"]
+    assert entry["state"] == "answered"
+
+    # both refuse: one final answer, the busy one
+    i1, i2 = ring("fork-2")
+    d1.send(make_response(i1, 486, "Busy Here", to_tag="p1"), node.addr)
+    assert d1.expect(method="ACK").to_tag == "p1" and alice.silent()
+    d2.send(make_response(i2, 480, "Temporarily Unavailable", to_tag="p2"), node.addr)
+    assert d2.expect(method="ACK").to_tag == "p2"
+    final = alice.recv()
+    assert final.status == 480 and alice.silent()
+
+    # a MESSAGE reaches both phones; the caller gets one 200
+    alice.send(request("MESSAGE", ruri, alice.port, call_id="fork-m"), node.addr)
+    m1, m2 = d1.expect(method="MESSAGE"), d2.expect(method="MESSAGE")
+    d1.send(make_response(m1, 200, "OK", to_tag="p1"), node.addr)
+    d2.send(make_response(m2, 200, "OK", to_tag="p2"), node.addr)
+    assert alice.expect(status=200).cseq[1] == "MESSAGE" and alice.silent()
+
+    # the caller cancels: both phones get a CANCEL, the caller one 487
+    i1, i2 = ring("fork-3")
+    alice.send(request("CANCEL", ruri, alice.port, call_id="fork-3", branch="z9hG4bKfork-3"), node.addr)
+    assert alice.expect(status=200).cseq[1] == "CANCEL"
+    for d, inv, tag in ((d1, i1, "p1"), (d2, i2, "p2")):
+        c = d.expect(method="CANCEL")
+        assert c.top_via.branch == inv.top_via.branch
+        d.send(make_response(c, 200, "OK"), node.addr)
+        d.send(make_response(inv, 487, "Request Terminated", to_tag=tag), node.addr)
+    assert alice.expect(status=487).cseq == (1, "INVITE") and alice.silent()
+
+
 def test_relay_over_tcp_path_reuses_the_connection(node: Node, udp: Callable[[], Udp]) -> None:
     alice = udp()
     with socket.create_server((HOST, 0)) as listener:

@@ -7,6 +7,11 @@ retransmitted request is answered with the latest response (and re-sent downstre
 UDP while the next hop is silent), a CANCEL is answered 200 and sent on, and the ACK of a
 non-2xx final response is generated downstream and absorbed upstream.  100 Trying is
 sent upstream at once for INVITE and never relayed.  ACK of a 2xx is forwarded statelessly.
+
+A request for an account registered from several phones forks to all of them (``fork``,
+RFC 3261 16.7): provisional and 2xx answers of every branch go upstream, the first 2xx
+CANCELs the branches still ringing, and when every branch failed the best failure (a 6xx,
+else the lowest status) is the one final answer upstream.
 """
 
 from __future__ import annotations
@@ -29,6 +34,17 @@ CANCEL_WAIT = 4.0
 ServerKey = tuple[str, str, int, str]
 
 
+class Fork:
+    """The branches of one forked request and what went upstream for all of them."""
+
+    __slots__ = ("answered", "branches", "finals")
+
+    def __init__(self) -> None:
+        self.branches: list[RelayTx] = []
+        self.answered = False  # a 2xx went upstream
+        self.finals: dict[str, tuple[int, bytes]] = {}  # branch -> failure (status, upstream bytes)
+
+
 class RelayTx:
     __slots__ = (
         "ack_data",
@@ -38,6 +54,7 @@ class RelayTx:
         "data",
         "done_at",
         "entry",
+        "fork",
         "last",
         "method",
         "responded",
@@ -72,6 +89,7 @@ class RelayTx:
         self.responded = False  # the next hop answered something
         self.entry = entry
         self.ack_data = b""
+        self.fork: Fork | None = None  # set on every branch of a forked request
 
 
 def server_key(msg: SipMessage, method: str | None = None) -> ServerKey:
@@ -109,16 +127,32 @@ class Relay:
 
     # --- requests --------------------------------------------------------------------------
 
+    def fork(self, msg: SipMessage, hop: Hop, targets: list[tuple[Hop, str, list[str] | None]], *,
+             pop_route: bool = False, record_route: bool = False, entry: dict[str, Any] | None = None) -> None:
+        """Send ``msg`` to every ``(target, ruri, route)`` at once (one branch each)."""
+        if len(targets) == 1:
+            target, ruri, route = targets[0]
+            self.forward(msg, hop, target, ruri=ruri, route=route, pop_route=pop_route,
+                         record_route=record_route, entry=entry)
+            return
+        group = Fork()
+        for i, (target, ruri, route) in enumerate(targets):
+            tx = self.forward(msg, hop, target, ruri=ruri, route=route, pop_route=pop_route,
+                              record_route=record_route, entry=entry, trying=i == 0, group=group)
+            if tx is not None:
+                group.branches.append(tx)
+
     def forward(self, msg: SipMessage, hop: Hop, target: Hop, *, ruri: str | None = None,
                 route: list[str] | None = None, pop_route: bool = False,
-                record_route: bool = False, entry: dict[str, Any] | None = None) -> None:
+                record_route: bool = False, entry: dict[str, Any] | None = None,
+                trying: bool = True, group: Fork | None = None) -> RelayTx | None:
         """Send ``msg`` on to ``target`` with our Via (and Record-Route, new R-URI, Route)."""
         sys = self.sys
         mf = msg.max_forwards
         if mf is not None and mf <= 0:
-            if msg.method != "ACK":
+            if msg.method != "ACK" and trying:
                 sys.send(hop, sys.response(msg, 483, "Too Many Hops"))
-            return
+            return None
         ed = Editor(msg)
         if ruri is not None:
             ed.start_line = f"{msg.method} {ruri} SIP/2.0".encode("latin-1", "replace")
@@ -146,15 +180,18 @@ class Relay:
         data = ed.to_bytes()
         if msg.method == "ACK":
             sys.send(target, data)
-            return
+            return None
         key = server_key(msg)
         tx = RelayTx(branch, msg, hop, key, target, data, ruri or msg.ruri, routes, via, sys.now(), entry)
+        tx.fork = group
         self._client[branch] = tx
-        self._server[key] = tx
-        if msg.method == "INVITE":
+        if trying:  # the upstream side's transaction: the first branch stands for all of them
+            self._server[key] = tx
+        if msg.method == "INVITE" and trying:
             tx.last = sys.response(msg, 100, "Trying")
             sys.send(hop, tx.last)
         sys.send(target, data, on_fail=lambda: self._unreachable(tx))
+        return tx
 
     def _unreachable(self, tx: RelayTx) -> None:
         if tx.status == 0 and not tx.responded:
@@ -165,9 +202,32 @@ class Relay:
         sys = self.sys
         tx.status = status
         tx.done_at = sys.now()
-        tx.last = sys.response(tx.up_msg, status, reason, extra or [])
+        data = sys.response(tx.up_msg, status, reason, extra or [])
+        if tx.fork is not None:
+            self._branch_failed(tx, status, data)
+            return
+        tx.last = data
         sys.send(tx.up_hop, tx.last)
         sys.note(tx.entry, str(status), "cancelled" if status == 487 else f"failed {status}")
+
+    def _upstream(self, tx: RelayTx) -> RelayTx:
+        """The transaction that answers upstream: the first branch of a fork, else ``tx``."""
+        return tx.fork.branches[0] if tx.fork is not None and tx.fork.branches else tx
+
+    def _branch_failed(self, tx: RelayTx, status: int, data: bytes) -> None:
+        """A branch of a fork ended without a 2xx: once every branch has, the best failure
+        (a 6xx, else the lowest status) goes upstream, unless a 2xx already did."""
+        group = tx.fork
+        assert group is not None
+        group.finals[tx.branch] = (status, data)
+        if group.answered or len(group.finals) < len(group.branches):
+            return
+        best = min(group.finals.values(), key=lambda f: (f[0] < 600, f[0]))
+        up = self._upstream(tx)
+        up.last = best[1]
+        up.done_at = self.sys.now()
+        self.sys.send(up.up_hop, best[1])
+        self.sys.note(tx.entry, str(best[0]), "cancelled" if best[0] == 487 else f"failed {best[0]}")
 
     def retransmission(self, msg: SipMessage, hop: Hop) -> bool:
         tx = self._server.get(server_key(msg))
@@ -175,8 +235,9 @@ class Relay:
             return False
         if tx.last:
             self.sys.send(hop, tx.last)
-        if not tx.responded and tx.target.transport == "udp":
-            self.sys.send(tx.target, tx.data)
+        for branch in tx.fork.branches if tx.fork is not None else [tx]:
+            if not branch.responded and branch.target.transport == "udp":
+                self.sys.send(branch.target, branch.data)
         return True
 
     def cancel(self, msg: SipMessage, hop: Hop) -> bool:
@@ -186,14 +247,20 @@ class Relay:
         sys = self.sys
         sys.send(hop, sys.response(msg, 200, "OK"))
         sys.note(tx.entry, "CANCEL", None)
-        if tx.status == 0 and not tx.cancelled_at:
-            tx.cancelled_at = sys.now()
-            sys.send(tx.target, self._build(tx, "CANCEL", tx.up_msg.get("to") or ""))
+        for branch in tx.fork.branches if tx.fork is not None else [tx]:
+            self._cancel_branch(branch)
         return True
+
+    def _cancel_branch(self, tx: RelayTx) -> None:
+        if tx.status == 0 and not tx.cancelled_at:
+            tx.cancelled_at = self.sys.now()
+            self.sys.send(tx.target, self._build(tx, "CANCEL", tx.up_msg.get("to") or ""))
 
     def ack(self, msg: SipMessage) -> bool:
         """The ACK of a non-2xx final response we relayed: absorbed (we ACKed downstream)."""
         tx = self._server.get(server_key(msg, "INVITE"))
+        if tx is not None and tx.fork is not None:
+            return not tx.fork.answered and len(tx.fork.finals) == len(tx.fork.branches)
         return tx is not None and tx.status >= 300
 
     def _build(self, tx: RelayTx, method: str, to: str) -> bytes:
@@ -245,10 +312,29 @@ class Relay:
         if status >= 200 and not tx.status:
             tx.status = status
             tx.done_at = sys.now()
-        tx.last = data
         if tx.method == "INVITE" and status >= 300:
             tx.ack_data = self._build(tx, "ACK", msg.get("to") or "")
             sys.send(tx.target, tx.ack_data)
+        group = tx.fork
+        if group is not None:
+            if status >= 300:
+                self._branch_failed(tx, status, data)
+                return True
+            up = self._upstream(tx)
+            if status >= 200:
+                if group.answered and tx.method != "INVITE":
+                    return True  # RFC 3261 16.7: one final answer upstream (2xx to INVITE aside)
+                if not group.answered:
+                    group.answered = True
+                    up.done_at = sys.now()
+                    for other in group.branches:  # the others stop ringing
+                        if other is not tx and other.method == "INVITE":
+                            self._cancel_branch(other)
+            elif group.answered:
+                return True  # a late provisional answer
+            up.last = data
+        else:
+            tx.last = data
         sys.send(tx.up_hop, data)
         state = None
         if tx.method == "INVITE":

@@ -6,7 +6,8 @@
   and the address the REGISTER came from; ``registered(user)`` lists them;
 - a **proxy** for calls to registered users and DIDs: the request goes to the first Path
   URI (through dsbc) with a Route set holding the Path, R-URI = the contact, our
-  Record-Route and Via; responses come back by Via (``sip_relay``);
+  Record-Route and Via, to every phone of the account at once (forking); responses come
+  back by Via (``sip_relay``);
 - with a ``peer`` (the dispatcher, as ``dsbc demo`` sets it), an **outbound route**: an
   INVITE, MESSAGE, SUBSCRIBE or REFER for a user with no binding here goes to the peer
   once (the user may be the other system's); one that comes back is served here;
@@ -419,15 +420,14 @@ class SipSystem:
         user, known = self._resolve(msg.uri)
         bindings = self.registrar.lookup(user, self.clock()) if user and user != "echo" else []
         if bindings:
-            b = bindings[0]
-            target = self._hop_for_binding(b)
-            entry = self._start_call(msg, "relay", b.contact) if method == "INVITE" else None
-            if target is None:
+            # every phone of the account rings (parallel forking, as Kamailio's lookup does)
+            targets = [(t, b.contact, b.path or None) for b in bindings if (t := self._hop_for_binding(b))]
+            entry = self._start_call(msg, "relay", bindings[0].contact) if method == "INVITE" else None
+            if not targets:
                 self.send(hop, self.response(msg, 503, "Service Unavailable"))
                 self.note(entry, "503", "failed 503")
                 return
-            self.relay.forward(msg, hop, target, ruri=b.contact, route=b.path or None, pop_route=ours,
-                               record_route=method in _RECORD_ROUTE, entry=entry)
+            self.relay.fork(msg, hop, targets, pop_route=ours, record_route=method in _RECORD_ROUTE, entry=entry)
             self.note(entry, None, "relaying")
             return
         if self.peer is not None and method in _TO_PEER and user != "echo" and not self._came_back(msg):
