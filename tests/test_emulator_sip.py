@@ -268,14 +268,24 @@ def test_echo_call_udp(node: Node, udp: Callable[[], Udp]) -> None:
         alice.send(request(method, f"sip:MR100@{HOST}:{node.port}", alice.port, call_id=call_id, to=ruri,
                            to_tag=tag, cseq=n), node.addr)
         assert alice.expect(status=200).cseq == (n, method)
+    # an UPDATE with an offer (RFC 3311: its 2xx carries the answer), INFO (DTMF) without
+    alice.send(request("UPDATE", f"sip:MR100@{HOST}:{node.port}", alice.port, call_id=call_id, to=ruri,
+                       to_tag=tag, cseq=5, body=OFFER), node.addr)
+    update = alice.expect(status=200)
+    assert update.cseq == (5, "UPDATE") and b"m=audio" in update.body
+    assert update.get("content-type") == "application/sdp"
+    alice.send(request("INFO", f"sip:MR100@{HOST}:{node.port}", alice.port, call_id=call_id, to=ruri,
+                       to_tag=tag, cseq=6), node.addr)
+    info = alice.expect(status=200)
+    assert info.cseq == (6, "INFO") and not info.body
     alice.send(request("BYE", f"sip:MR100@{HOST}:{node.port}", alice.port, call_id=call_id, to=ruri,
-                       to_tag=tag, cseq=5), node.addr)
+                       to_tag=tag, cseq=7), node.addr)
     bye_ok = alice.expect(status=200)
-    assert bye_ok.cseq == (5, "BYE") and bye_ok.get("x-system") == "MR100"
+    assert bye_ok.cseq == (7, "BYE") and bye_ok.get("x-system") == "MR100"
     [entry] = [c for c in node.calls() if c["call_id"] == call_id]
     assert entry["mode"] == "local" and entry["system"] == "MR100"
     assert entry["state"] == "ended"
-    assert entry["methods"] == ["INVITE", "ACK", "INVITE", "ACK", "OPTIONS", "MESSAGE", "BYE"]
+    assert entry["methods"] == ["INVITE", "ACK", "INVITE", "ACK", "OPTIONS", "MESSAGE", "UPDATE", "INFO", "BYE"]
     assert entry["history"][:4] == ["INVITE", "100", "180", "200"]
 
 

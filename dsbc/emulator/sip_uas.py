@@ -235,6 +235,11 @@ class Responder:
             call.final_at = call.sent_at = sys.now()
             call.interval = T1
             sys.send(hop, call.last)
+        elif method == "UPDATE" and msg.body:
+            # RFC 3311 5.2: the 2xx to an UPDATE with an offer carries the answer
+            call.sdp_version += 1
+            body = sdp_answer(msg.body, sys.advertise, self._media_port, call.sdp_version)
+            sys.send(hop, sys.response(msg, 200, "OK", [("content-type", "application/sdp")], body=body))
         else:
             sys.send(hop, sys.response(msg, 200, "OK"))
         sys.note(call.entry, "200", "ended" if method == "BYE" else None)
