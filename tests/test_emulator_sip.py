@@ -532,6 +532,21 @@ def test_a_call_forks_to_every_phone_of_the_account(node: Node, udp: Callable[[]
     assert alice.expect(status=487).cseq == (1, "INVITE") and alice.silent()
 
 
+def test_an_in_dialog_notify_is_record_routed(node: Node, udp: Callable[[], Udp]) -> None:
+    """As Kamailio's default configuration (RFC 6665 4.3): a NOTIFY the system relays in a
+    dialog it record-routed gets its Record-Route again (a subscriber may take its route set
+    from the first NOTIFY); other in-dialog requests do not."""
+    notifier, subscriber = udp(), udp()
+    ours = f"<sip:{HOST}:{node.port};lr>"
+    route = (f"Route: {ours}, <sip:{HOST}:{subscriber.port};lr>",)
+    for method, cseq in (("NOTIFY", 1), ("INFO", 2)):
+        notifier.send(request(method, f"sip:1001@{HOST}:{subscriber.port}", notifier.port, call_id="n-1",
+                              to_tag="sub", cseq=cseq, headers=route), node.addr)
+        got = subscriber.expect(method=method)
+        assert got.values("record-route") == ([ours] if method == "NOTIFY" else [])
+        assert got.values("route") == [f"<sip:{HOST}:{subscriber.port};lr>"]
+
+
 def test_relay_over_tcp_path_reuses_the_connection(node: Node, udp: Callable[[], Udp]) -> None:
     alice = udp()
     with socket.create_server((HOST, 0)) as listener:

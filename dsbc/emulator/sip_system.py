@@ -359,7 +359,10 @@ class SipSystem:
                 return
             entry = self._index.get(msg.call_id)
             self.note(entry, method, "ended" if method == "BYE" else None)
-            self.relay.forward(msg, hop, target, pop_route=ours, entry=entry)
+            # RFC 6665 4.3, as Kamailio's default configuration: a subscriber may take its
+            # route set from the first NOTIFY, so a NOTIFY in our dialog is record-routed
+            self.relay.forward(msg, hop, target, pop_route=ours, entry=entry,
+                               record_route=ours and method == "NOTIFY")
             return
         if method == "REGISTER":
             self._register(msg, hop)
