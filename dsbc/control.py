@@ -48,7 +48,7 @@ from api_proxy.server import HeadTimeoutHandler, answered_in_11, head_too_large
 
 from .config import Config, parse_hostport
 from .imports import import_refusal, keep_stored_groups
-from .metrics import read_snapshots, render, summarize
+from .metrics import read_retired, read_snapshots, render, summarize
 from .migrate import (
     BatchAborted,
     MigrationInterrupted,
@@ -344,8 +344,16 @@ class ControlService:
     def _snapshots(self) -> list[dict[str, Any]]:
         # a worker a reload stopped (fewer workers) leaves a snapshot that stays fresh for
         # SNAPSHOT_MAX_AGE: not counted (dsbc status said "workers: 3" after 3 -> 1)
-        return [s for s in read_snapshots(self.run_dir)
-                if not isinstance(s.get("worker"), int) or s["worker"] < self.cfg.sip.workers]
+        return self._snapshots_and_retired()[0]
+
+    def _snapshots_and_retired(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The fresh snapshots, then the counters of the workers that are gone (in this
+        order: see `read_retired`)."""
+        snaps = read_snapshots(self.run_dir)
+        retired = read_retired(self.run_dir)
+        folded = set(retired.get("pids") or [])
+        return [s for s in snaps if s.get("pid") not in folded
+                and (not isinstance(s.get("worker"), int) or s["worker"] < self.cfg.sip.workers)], retired
 
     async def healthz(self, request: web.Request) -> web.Response:
         snaps = self._snapshots()
@@ -408,7 +416,8 @@ class ControlService:
         return counts
 
     async def metrics(self, request: web.Request) -> web.Response:
-        summary = summarize(self._snapshots())
+        snaps, retired = self._snapshots_and_retired()
+        summary = summarize(snaps)
         counts = await self._store_counts()
         extra = {
             "up": not self.draining,
@@ -418,7 +427,7 @@ class ControlService:
             "rollbacks": self.counters.get("rollbacks_done", 0),
             "last_batch_ts": counts.get("_last_batch_ts", 0),
         }
-        return web.Response(text=render(summary, extra),
+        return web.Response(text=render(summary, extra, retired),
                             content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
 

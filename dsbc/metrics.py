@@ -1,7 +1,11 @@
 """Metrics: the workers' status snapshots, summed, in the Prometheus text format.
 
-Every worker writes ``worker-N.json`` into the run directory once a second (dsbc/runner.py):
+Every worker writes ``worker-N-PID.json`` into the run directory once a second (dsbc/runner.py):
 ``{"worker", "pid", "ts", "store_healthy", "store": {...}, "services": {"sip": ..., ...}}``.
+When a worker is gone (a reload replaced it, it was killed), the master folds the counters
+of its last snapshot into ``retired.json`` (`retire`), so the node's counters never go
+back: Prometheus takes any decrease for a reset to zero, and one of several workers
+restarting would show as a burst of everything the others had counted.
 `read_snapshots` reads the fresh ones, `summarize` adds them up into one plain dict (what
 ``GET /v1/status`` and ``dsbc status`` show) and `render` writes the Prometheus text
 (``GET /metrics``).  The services' counters keep their own names; here they become
@@ -9,7 +13,7 @@ well-named metric families, e.g. the SIP core's ``requests_in:INVITE`` becomes
 ``dsbc_sip_requests_total{method="INVITE"}`` and ``forwarded:target`` becomes
 ``dsbc_sip_forwarded_total{system="target"}``.
 
-Nothing here does I/O but `read_snapshots`.
+Nothing here does I/O but `read_snapshots` and `read_retired`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 SNAPSHOT_MAX_AGE = 5.0  # seconds; older snapshots are of workers that are gone
+RETIRED = "retired.json"  # the counters of the workers that are gone, in the run directory
+_RETIRED_PIDS = 256  # pids remembered as folded (a snapshot read just before its fold)
 
 # SIP core counter "name:label" -> (metric, label name); plain names map to dsbc_sip_<name>_total
 _SIP_LABELLED = {
@@ -67,7 +73,8 @@ _HELP = {
 
 def read_snapshots(run_dir: Path | str | None, max_age: float = SNAPSHOT_MAX_AGE,
                    now: float | None = None) -> list[dict[str, Any]]:
-    """The fresh ``worker-N.json`` snapshots of the run directory, by worker index."""
+    """The fresh ``worker-*.json`` snapshots of the run directory, by worker index (the
+    caller skips those `read_retired`, read after them, lists as folded)."""
     if not run_dir:
         return []
     now = time.time() if now is None else now
@@ -79,7 +86,38 @@ def read_snapshots(run_dir: Path | str | None, max_age: float = SNAPSHOT_MAX_AGE
             continue
         if isinstance(snap, dict) and now - float(snap.get("ts", 0)) <= max_age:
             out.append(snap)
+    out.sort(key=lambda s: (s.get("worker") if isinstance(s.get("worker"), int) else -1, float(s.get("ts", 0))))
     return out
+
+
+def read_retired(run_dir: Path | str | None) -> dict[str, Any]:
+    """``retired.json``: {"pids": [...], "families": {name: [help, {labels json: value}]}}.
+    Read it after the snapshots: the master writes it before it deletes the snapshot it
+    folded, so a snapshot read is either still there or already skipped by its pid."""
+    if not run_dir:
+        return {}
+    try:
+        data = json.loads((Path(run_dir) / RETIRED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def retire(retired: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
+    """``retired`` with the counters of a gone worker's last snapshot added in."""
+    control = (snap.get("services") or {}).get("control") or {}
+    extra = {"migrations": control.get("migrations") or {}, "moved": control.get("moved") or {},
+             "rollbacks": (control.get("requests") or {}).get("rollbacks_done", 0)}
+    families: dict[str, Any] = dict(retired.get("families") or {})
+    for name, (kind, help_text, samples) in _exposition(summarize([snap]), extra).families.items():
+        if kind != "counter":
+            continue
+        fam = families.setdefault(name, [help_text, {}])
+        for labels, value in samples.items():
+            key = json.dumps(labels)
+            fam[1][key] = fam[1].get(key, 0.0) + value
+    pids = [p for p in (retired.get("pids") or []) if p != snap.get("pid")] + [snap.get("pid")]
+    return {"pids": pids[-_RETIRED_PIDS:], "families": families}
 
 
 # --- summing -------------------------------------------------------------------------------
@@ -128,17 +166,17 @@ def summarize(snaps: list[dict[str, Any]]) -> dict[str, Any]:
             if isinstance(st, dict) and name != "sip":
                 _add(services.setdefault(name, {}), st)
     sip: dict[str, Any] = {"counters": {}, "held": 0, "connections": 0, "lookups": 0, "misses": 0}
-    sip_workers = 0
-    for snap in snaps:
+    sip_indexes: set[Any] = set()
+    for i, snap in enumerate(snaps):
         st = (snap.get("services") or {}).get("sip")
         if not isinstance(st, dict) or "error" in st:
             continue
-        sip_workers += 1
+        sip_indexes.add(snap.get("worker", i))
         _add(sip["counters"], st.get("counters") or {})
         for k in ("held", "connections", "lookups", "misses"):
             sip[k] += int(st.get(k) or 0)
     sip["nodes"] = _nodes(snaps)
-    if sip_workers:
+    if sip_indexes:
         services["sip"] = sip
     stores = [s.get("store") or {} for s in snaps]
     gaps = [int(s.get("seq_gap") or 0) for s in stores]
@@ -159,8 +197,9 @@ def summarize(snaps: list[dict[str, Any]]) -> dict[str, Any]:
     if probes:
         store["contact_age"] = max(probes)
     return {
-        "workers": len(snaps),
-        "sip_workers": sip_workers,
+        # by index: on a reload the replaced worker and its successor both report a while
+        "workers": len({s.get("worker", i) for i, s in enumerate(snaps)}),
+        "sip_workers": len(sip_indexes),
         "pids": [s.get("pid") for s in snaps],
         "services": services,
         "store": store,
@@ -292,9 +331,18 @@ def _api(exp: Exposition, st: dict[str, Any]) -> None:
                 help_text="API requests a system failed", system=system)
 
 
-def render(summary: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
+def render(summary: dict[str, Any], extra: dict[str, Any] | None = None,
+           retired: dict[str, Any] | None = None) -> str:
     """The Prometheus text of a `summarize` result (plus the control service's `extra`:
-    up, customers, migrations)."""
+    up, customers, migrations; and the counters of the workers that are gone)."""
+    exp = _exposition(summary, extra)
+    for name, (help_text, samples) in ((retired or {}).get("families") or {}).items():
+        for key, value in samples.items():
+            exp.add(name, value, "counter", help_text, **dict(json.loads(key)))
+    return exp.render()
+
+
+def _exposition(summary: dict[str, Any], extra: dict[str, Any] | None = None) -> Exposition:
     exp = Exposition()
     extra = extra or {}
     exp.add("dsbc_up", 1 if extra.get("up", True) else 0, "gauge")
@@ -335,7 +383,7 @@ def render(summary: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
         exp.add("dsbc_rollbacks_total", extra["rollbacks"])
     if extra.get("last_batch_ts"):
         exp.add("dsbc_last_batch_timestamp_seconds", extra["last_batch_ts"], "gauge")
-    return exp.render()
+    return exp
 
 
 # --- the same, readable (dsbc status) ----------------------------------------------------------

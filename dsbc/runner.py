@@ -118,10 +118,10 @@ class Worker:
             # listen (its clients, told to reconnect, must find the port open)
             await self._start_optional("diameter", "dsbc.diameter.service", "start_diameter", self.cfg.diameter.enabled)
             await self._start_optional("radius", "dsbc.radius.service", "start_radius", self.cfg.radius.enabled)
-        tasks = [loop.create_task(self._refresh()), loop.create_task(self._snapshot()),
-                 loop.create_task(self._watch_master())]
+        tasks = [loop.create_task(self._refresh()), loop.create_task(self._watch_master())]
         if self.index == 0:
             tasks.append(loop.create_task(self._release_expired_locks()))
+        tasks.append(loop.create_task(self._snapshot()))  # the snapshots last: until the services stop
         log.info("worker %d ready: %s", self.index, ", ".join(self.services) or "no services")
         (self.run_dir / f"ready-{self.index}-{os.getpid()}").touch()
         await self.stopping.wait()
@@ -145,13 +145,15 @@ class Worker:
             await asyncio.sleep(0.1)
         if draining is not None:
             await asyncio.sleep(0.2)
-        for t in tasks:
+        for t in tasks[:-1]:
             t.cancel()
         for name, svc in reversed(list(self.services.items())):
             try:
                 await svc.stop()
             except Exception:
                 log.exception("stopping %s", name)
+        tasks[-1].cancel()
+        self._write_snapshot()  # the last counters: the master folds them in when this one exits
         self.store.close()
 
     async def _wait_ipc_name(self, timeout: float = DRAIN_SECONDS + 5) -> None:
@@ -285,25 +287,34 @@ class Worker:
         self.stopping.set()
 
     async def _snapshot(self) -> None:
-        path = self.run_dir / f"worker-{self.index}.json"
         while True:
-            services: dict[str, Any] = {}
-            for name, svc in self.services.items():
-                try:
-                    services[name] = svc.status()
-                except Exception as exc:  # noqa: BLE001 - a status must not stop the snapshot
-                    services[name] = {"error": str(exc)}
-            stats = getattr(self.store, "stats", None)
-            snap = {"worker": self.index, "pid": os.getpid(), "ts": time.time(),
-                    "store_healthy": bool(getattr(self.store, "healthy", True)), "services": services,
-                    "store": stats() if stats is not None else {}}
-            tmp = path.with_suffix(".tmp")
-            try:
-                tmp.write_text(json.dumps(snap, default=str))
-                tmp.replace(path)
-            except OSError:
-                pass
+            self._write_snapshot()
             await asyncio.sleep(1.0)
+
+    def _write_snapshot(self) -> None:
+        # one file per process: on a reload the replaced worker and its successor (same
+        # index) both report until the old one exits and the master folds its counters in
+        path = self.run_dir / f"worker-{self.index}-{os.getpid()}.json"
+        services: dict[str, Any] = {}
+        for name, svc in self.services.items():
+            try:
+                services[name] = svc.status()
+            except Exception as exc:  # noqa: BLE001 - a status must not stop the snapshot
+                services[name] = {"error": str(exc)}
+        stats = getattr(self.store, "stats", None)
+        try:
+            store = stats() if stats is not None else {}
+        except Exception as exc:  # noqa: BLE001 - nor a store that is closing
+            store = {"reason": str(exc)}
+        snap = {"worker": self.index, "pid": os.getpid(), "ts": time.time(),
+                "store_healthy": bool(getattr(self.store, "healthy", True)), "services": services,
+                "store": store}
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(snap, default=str))
+            tmp.replace(path)
+        except OSError:
+            pass
 
 
 def worker_process(cfg: Config, index: int, run_dir: Path, run_id: str) -> None:
@@ -403,13 +414,32 @@ class Master:
 
     def _forget(self, pid: int) -> None:
         """Remove the marker files of a worker that is gone (one set per pid ever started
-        would otherwise pile up until the stop)."""
-        for pattern in (f"loaded-*-{pid}", f"ready-*-{pid}", f"replaced-{pid}"):
+        would otherwise pile up until the stop), after folding the counters of its last
+        snapshot into the run directory's retired ones (/metrics never goes back)."""
+        self._retire(pid)
+        for pattern in (f"loaded-*-{pid}", f"ready-*-{pid}", f"replaced-{pid}", f"worker-*-{pid}.json"):
             for p in self.run_dir.glob(pattern):
                 try:
                     p.unlink()
                 except OSError:
                     pass
+
+    def _retire(self, pid: int) -> None:
+        from .metrics import RETIRED, read_retired, retire
+
+        for path in self.run_dir.glob(f"worker-*-{pid}.json"):
+            try:
+                snap = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(snap, dict):
+                continue
+            tmp = self.run_dir / f"{RETIRED}.tmp"
+            try:  # written before the snapshot goes: a reader sees it in one or the other
+                tmp.write_text(json.dumps(retire(read_retired(self.run_dir), snap)))
+                tmp.replace(self.run_dir / RETIRED)
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("worker pid %d: its counters could not be kept: %s", pid, exc)
 
     def reload(self) -> None:
         try:

@@ -133,3 +133,23 @@ def test_no_family_mixes_a_total_with_labelled_series() -> None:
                for fam in text_string_to_metric_families(text) for sm in fam.samples}
     assert samples[("dsbc_api_backend_unavailable_total", ())] == 3
     assert samples[("dsbc_api_backend_errors_total", (("system", "target"),))] == 3
+
+
+def test_a_gone_workers_counters_are_kept_not_its_gauges() -> None:
+    """`retire` keeps the counters of a worker's last snapshot (folded by the master when
+    the worker exits) and `render` adds them to the live ones: /metrics never goes back."""
+    from dsbc.metrics import retire
+
+    gone = snapshot(1, 7)
+    retired = retire(retire({}, snapshot(0, 3)), gone)
+    assert retired["pids"] == [100, 101]
+    fams = retired["families"]
+    assert "dsbc_sip_held" not in fams and "dsbc_backend_up" not in fams  # gauges
+    text = render(summarize([snapshot(0, 2)]), {"rollbacks": 1}, retired)
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples}
+    assert values[("dsbc_sip_requests_total", (("method", "INVITE"),))] == 3 + 7 + 2
+    assert values[("dsbc_sip_held", ())] == 1  # the live worker's only
+    assert values[("dsbc_radius_requests_total", ())] == 5 * 2  # worker 0 has the RADIUS service
+    assert values[("dsbc_api_forwarded_total", (("system", "target"),))] == 5 * 2  # worker 0's twice
+    assert text.count("# TYPE dsbc_sip_requests_total ") == 1

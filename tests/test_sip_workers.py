@@ -271,3 +271,53 @@ def test_flow_tokens_name_the_worker(cluster: tuple[Dsbc, Registrar]) -> None:
     for user in ("udpflow0", "udpflow3"):
         flow = signer.decode(parse_name_addr(node.paths[user]).uri.param("ft") or "")
         assert isinstance(flow, Flow) and flow.transport == "udp" and flow.conn_id == 0
+
+
+def scrape_counters(d: Dsbc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every counter series of the node's /metrics (parsed by prometheus_client)."""
+    import urllib.request
+
+    parser = pytest.importorskip("prometheus_client.parser")
+    with urllib.request.urlopen(d.control_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in parser.text_string_to_metric_families(text) if f.type == "counter"
+            for s in f.samples}
+
+
+def test_counters_never_go_back_across_a_reload_and_a_killed_worker(cluster: tuple[Dsbc, Registrar]) -> None:
+    """/metrics summed the live workers' counters only: a SIGHUP reload (new workers) or a
+    worker killed with SIGKILL made every counter drop by that worker's share, which
+    Prometheus' rate() and increase() take for a reset to zero: a burst of everything the
+    other worker had counted.  The counters of a worker that is gone are now kept."""
+    d, _ = cluster
+    assert d.proc is not None
+    assert all(a.startswith(b"SIP/2.0 200 ") for a in registers_from_many_ports(d, 24, "m"))
+    time.sleep(1.5)  # the workers' snapshots, once a second
+    before = scrape_counters(d)
+    assert before[("dsbc_sip_requests_total", (("method", "REGISTER"),))] >= 24
+
+    def no_decrease(now: dict[tuple[str, tuple[tuple[str, str], ...]], float], when: str) -> None:
+        gone = {k: (v, now.get(k)) for k, v in before.items() if now.get(k, -1.0) < v}
+        assert not gone, f"{when}: {gone}"
+
+    pids = wait_workers(d, 2)
+    os.kill(d.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # scraped all along the rolling reload
+        no_decrease(scrape_counters(d), "during the reload")
+        alive = {s["pid"] for s in d.status() if time.time() - s.get("ts", 0) < 3}
+        if not alive & set(pids.values()) and len(alive) == 2:
+            break
+        time.sleep(0.2)
+    assert not alive & set(pids.values()), "the reload did not replace the workers"
+    no_decrease(after := scrape_counters(d), "after the reload")
+    before = after
+    os.kill(wait_workers(d, 2)[1], signal.SIGKILL)
+    for _ in range(15):
+        no_decrease(scrape_counters(d), "after a worker was killed")
+        time.sleep(0.2)
+    assert all(a.startswith(b"SIP/2.0 200 ") for a in registers_from_many_ports(d, 8, "k"))
+    time.sleep(1.5)
+    final = scrape_counters(d)
+    assert final[("dsbc_sip_requests_total", (("method", "REGISTER"),))] >= 24 + 8

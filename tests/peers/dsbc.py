@@ -228,14 +228,15 @@ token = "test-token"
         return "\n".join(p.read_text(errors="replace").splitlines()[-lines:]) if p.exists() else ""
 
     def status(self) -> list[dict[str, Any]]:
-        """The workers' snapshots (written once a second)."""
+        """The workers' snapshots (written once a second, one file per process), by worker
+        index, the newest last (a reload's replaced worker reports beside its successor)."""
         out = []
-        for p in sorted(self.run_dir.glob("worker-*.json")):
+        for p in self.run_dir.glob("worker-*.json"):
             try:
                 out.append(json.loads(p.read_text()))
             except (OSError, ValueError):
                 pass
-        return out
+        return sorted(out, key=lambda s: (s.get("worker", -1), s.get("ts", 0)))
 
     def counters(self) -> dict[str, int]:
         total: dict[str, int] = {}
