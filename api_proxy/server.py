@@ -83,6 +83,15 @@ def answered_in_11(message: RawRequestMessage) -> RawRequestMessage:
     return message._replace(version=HttpVersion11)
 
 
+def refusal_reason(text: str) -> str:
+    """aiohttp's refusal of a request head, fit for the log: its first line only.  The
+    lines after it quote the offending bytes (an ``Authorization: Bearer ...`` or
+    ``Cookie:`` line with a stray octet): a credential must never reach the log, and a
+    log record is one line."""
+    lines = text.strip().splitlines()
+    return lines[0].rstrip(":").strip() if lines else "?"
+
+
 def head_too_large(status: int, text: str) -> bool:
     """Whether aiohttp's refusal of a head (``handle_error``'s status and text) was for its
     size: it says 400 for a line or a header over its limits; that is a 431."""
@@ -223,7 +232,7 @@ class _FaultingHandler(HeadTimeoutHandler):
         if proxy is not None:
             proxy.metrics["faults"] += 1
             proxy.metrics["too_large" if code == "request_too_large" else "bad_requests"] += 1
-        log.debug("refused a request from %s: %s", request.remote, text)
+        log.debug("refused a request from %s: %s", request.remote, refusal_reason(text))
         resp = web.Response(
             status=http_status,
             body=fault_body(f"Server.Dispatcher.{code}", why),

@@ -44,7 +44,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from api_proxy.server import HeadTimeoutHandler, answered_in_11, head_too_large
+from api_proxy.server import HeadTimeoutHandler, answered_in_11, head_too_large, refusal_reason
 
 from .config import Config, parse_hostport
 from .imports import import_refusal, keep_stored_groups
@@ -147,7 +147,7 @@ class _JsonErrorHandler(HeadTimeoutHandler):
             reason = "internal error (the node's log has the details)"
         else:
             text = str(message or exc or "")
-            log.debug("control API: refused a request from %s: %s", request.remote, text)
+            log.debug("control API: refused a request from %s: %s", request.remote, refusal_reason(text))
             if head_too_large(status, text):
                 status, reason = 431, "the request is not valid HTTP: its head is over the limits"
             else:

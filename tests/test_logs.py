@@ -1,0 +1,55 @@
+"""What an operator finds in dsbc's log (a real `dsbc run` at debug level): no secret
+ever (Authorization, Cookie, tokens), one line per event."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from tests.peers.dsbc import Dsbc
+from tests.peers.net import free_port
+
+pytestmark = [pytest.mark.peers, pytest.mark.timeout(60)]
+
+SECRETS = ("LeakedBearer", "LeakedCookie", "LeakedControlToken")
+
+
+def raw_http(port: int, head: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as s:
+        s.sendall(head)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except OSError:
+            pass
+        return out
+
+
+def test_a_malformed_request_head_logs_no_credentials(tmp_path: Path) -> None:
+    """aiohttp's refusal of a malformed head quotes the offending header line, and dsbc
+    logged it at debug level on three lines: an `Authorization: Bearer` token or a
+    session cookie with a stray control octet landed in the log (API dispatcher and
+    control API alike).  The reason alone is logged now, on one line."""
+    api_port = free_port("tcp")
+    api = (f'[api]\nlisten = ["127.0.0.1:{api_port}"]\n[[api.vhosts]]\nhost = "*"\n'
+           'realm = "customer"\nsource = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n')
+    d = Dsbc(tmp_path, api=api, extra='\n[log]\nlevel = "debug"\n')
+    with d:
+        heads = [
+            (b"POST /rest/Session/login HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer LeakedBearer\x01\r\n"
+             b"Content-Length: 0\r\n\r\n"),
+            b"GET / HTTP/1.1\r\nHost: x\r\nCookie: sid=LeakedCookie\x7f;\r\n\r\n",
+            b"GET /v1/status HTTP/1.1\r\nAuthorization: Bearer LeakedControlToken\x00\r\n\r\n",
+        ]
+        for port in (api_port, d.control_port):
+            for head in heads:
+                assert raw_http(port, head).startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 500 "))
+        d.control("GET", "/healthz")  # the refusals above are logged by now
+    log = (tmp_path / "dsbc.log").read_text(errors="replace")
+    assert "refused a request" in log  # logged at debug, ...
+    assert not [s for s in SECRETS if s in log], log  # ... without what the client sent
+    stray = [line for line in log.splitlines() if line and not line[:4].isdigit() and not line.startswith("###")]
+    assert not stray, f"lines that are no log record of their own: {stray}"
