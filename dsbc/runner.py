@@ -451,6 +451,8 @@ class Master:
             return
         if "stop" in self.flags:
             return  # SIGTERM came meanwhile: the stop replaces nothing
+        if cfg.log != self.cfg.log:  # the master's own lines too: one format in the log
+            setup_logging(cfg.log.level, cfg.log.json)
         log.info("reloading configuration from %s", self.cfg_path)
         running, self.cfg = self.cfg, cfg
         old, before = dict(self.workers), dict(self.configs)

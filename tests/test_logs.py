@@ -53,3 +53,36 @@ def test_a_malformed_request_head_logs_no_credentials(tmp_path: Path) -> None:
     assert not [s for s in SECRETS if s in log], log  # ... without what the client sent
     stray = [line for line in log.splitlines() if line and not line[:4].isdigit() and not line.startswith("###")]
     assert not stray, f"lines that are no log record of their own: {stray}"
+
+
+def test_a_reload_to_json_logs_switches_the_master_too(tmp_path: Path) -> None:
+    """`[log] json = true` (or a new level) applied by a SIGHUP reload reached the new
+    workers only: the master went on writing text lines ("reload refused ...", "worker
+    ... exited"), which a log shipper parsing one JSON object per line chokes on."""
+    import json
+    import os
+    import signal
+    import time
+
+    d = Dsbc(tmp_path)
+    with d:
+        assert d.proc is not None
+        master = d.proc.pid
+        text = d.config_path.read_text()
+        d.config_path.write_text(text + '\n[log]\njson = true\n')
+        os.kill(d.proc.pid, signal.SIGHUP)
+        log = tmp_path / "dsbc.log"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and '"worker 0 ready' not in log.read_text():
+            time.sleep(0.1)
+        d.config_path.write_text(text + '\n[log]\njson = true\nbogus = 1\n')  # refused
+        os.kill(d.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "bogus" not in log.read_text():
+            time.sleep(0.1)
+    lines = log.read_text().splitlines()
+    after = lines[next(i for i, line in enumerate(lines) if "reloading configuration" in line) + 1:]
+    assert any("bogus" in line for line in after), lines
+    # the replaced worker writes its last lines (draining) as its configuration says
+    assert not [line for line in after if f"[{master}]:" in line], after
+    assert [json.loads(line) for line in after if line.startswith("{") and f'"pid": {master},' in line]
