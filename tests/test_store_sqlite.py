@@ -3,6 +3,7 @@ sessions, meta.  Real files in tmp_path."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -419,3 +420,24 @@ mount -o remount,ro {mnt}
     assert len(lines) == 3, r.stderr
     assert lines[0] == lines[1] == f"cannot open store {mnt}/loc.db: the disk is full (disk I/O error)"
     assert lines[2].startswith(f"cannot open store {mnt}/loc.db: {mnt} is on a read-only file system")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root makes the store here, as `sudo dsbc import` does")
+def test_a_store_root_makes_in_the_services_directory_belongs_to_the_service(tmp_path: Path) -> None:
+    """OPERATIONS: `dsbc import customers.csv` (as root) before `systemctl enable --now
+    dsbc` (User=dsbc, StateDirectory /var/lib/dsbc): the file was root's, and the node
+    could not open it ("attempt to write a readonly database"), nor could `systemctl
+    reload`'s check.  A store file root makes or opens in a directory of another user is
+    handed to that user."""
+    state = tmp_path / "lib"
+    state.mkdir()
+    os.chown(state, 65534, 65534)  # nobody: the service's user
+    db = state / "location.db"
+    store = SqliteStore(str(db))
+    try:
+        store.import_rows([{"customer_id": "1", "identities": ["account:1001"], "system": "source"}])
+        owned = {p.name: (p.stat().st_uid, p.stat().st_gid) for p in state.iterdir()}
+    finally:
+        store.close()
+    assert owned["location.db"] == (65534, 65534), owned
+    assert all(ids == (65534, 65534) for ids in owned.values()), owned  # -wal, -shm too

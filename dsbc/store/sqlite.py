@@ -87,6 +87,27 @@ def _open_failure(path: str, exc: sqlite3.Error) -> StoreError:
     return StoreUnavailable(f"cannot open store {path}: {reason}")
 
 
+def _hand_to_directory_owner(path: str) -> None:
+    """The store's files that root made (``dsbc import`` run as root before the first start)
+    in a directory of another user (/var/lib/dsbc, the service's StateDirectory) go to that
+    user: owned by root, the node running as ``dsbc`` could not open the store ("attempt to
+    write a readonly database"), nor write its -wal / -shm files."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = os.stat(Path(path).parent)
+        if owner.st_uid == 0:
+            return
+        for name in (path, f"{path}-wal", f"{path}-shm"):
+            try:
+                if os.stat(name).st_uid == 0:
+                    os.chown(name, owner.st_uid, owner.st_gid)
+            except FileNotFoundError:
+                continue
+    except OSError as exc:
+        log.warning("store %s: could not give it to its directory's owner: %s", path, exc)
+
+
 class SqliteStore(IndexedStore):
     def __init__(
         self,
@@ -126,10 +147,17 @@ class SqliteStore(IndexedStore):
             self._db.executescript(SCHEMA)
             self._db.execute("CREATE TEMP TABLE IF NOT EXISTS batch(customer_id TEXT PRIMARY KEY)")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            if path != ":memory:":
+                _hand_to_directory_owner(path)
             if load:
                 self._full_load()
         except sqlite3.Error as exc:
-            raise _open_failure(path, exc) from None
+            failure = _open_failure(path, exc)
+            if "readonly" in str(exc) and path != ":memory:":
+                failure = type(failure)(
+                    f"{failure} (this user, uid {os.geteuid()}, cannot write it or its directory: the store "
+                    f"belongs to the user dsbc runs as, e.g. chown -R dsbc: {Path(path).parent})")
+            raise failure from None
 
     # -- transactions ---------------------------------------------------------------------
 
