@@ -1,0 +1,136 @@
+"""deploy/: the files an operator copies to a node, tried as they are.
+
+keepalived.conf runs in two network namespaces (two nodes on a veth link, unicast VRRP,
+a VIP), its check scripts replaced by stand-ins of check_dsbc.sh whose answers the test
+sets: what an operator expects of the file's comments must happen to the VIP."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KEEPALIVED_CONF = REPO / "deploy" / "keepalived.conf"
+
+CHECK = """#!/bin/sh
+# check_dsbc.sh [--strict] of node {n}: 7 when dsbc is down, 22 with --strict without Redis
+[ -f {d}/{n}.down ] && exit 7
+[ "${{1:-}}" = "--strict" ] && [ -f {d}/{n}.nostore ] && exit 22
+exit 0
+"""
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
+    """keepalived with deploy/keepalived.conf on nodes a and b; yields (flag directory,
+    node -> namespace)."""
+    if shutil.which("keepalived") is None or shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs keepalived, iproute2 and root (network namespaces)")
+    tag = f"{os.getpid() % 100000}"
+    ns = {"a": f"dka{tag}", "b": f"dkb{tag}"}
+    dev = {"a": f"dva{tag}", "b": f"dvb{tag}"}
+    addr = {"a": "10.89.0.1", "b": "10.89.0.2"}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        try:
+            for n in "ab":
+                _ip("netns", "add", ns[n])
+            _ip("link", "add", dev["a"], "type", "veth", "peer", "name", dev["b"])
+        except subprocess.CalledProcessError as exc:
+            pytest.skip(f"cannot make network namespaces: {exc.stderr.decode().strip()}")
+        text = KEEPALIVED_CONF.read_text()
+        for n, peer in (("a", "b"), ("b", "a")):
+            _ip("link", "set", dev[n], "netns", ns[n])
+            _ip("-n", ns[n], "addr", "add", f"{addr[n]}/24", "dev", dev[n])
+            _ip("-n", ns[n], "link", "set", dev[n], "up")
+            script = tmp_path / f"check_{n}.sh"
+            script.write_text(CHECK.format(n=n, d=tmp_path))
+            script.chmod(0o755)
+            conf = (text.replace("/usr/local/lib/dsbc/check_dsbc.sh", str(script))
+                    .replace("interface eth0", f"interface {dev[n]}")
+                    .replace("script_user dsbc", "script_user root")
+                    .replace("198.51.100.11 ", f"{addr[n]} ").replace("        198.51.100.12 ", f"        {addr[peer]} ")
+                    .replace("203.0.113.10/24 dev eth0", f"10.89.0.100/24 dev {dev[n]}")
+                    .replace("router_id dsbc-a", f"router_id dsbc-{n}"))
+            (tmp_path / f"{n}.conf").write_text(conf)
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns[n], "keepalived", "-n", "-l", "-D", "-f", str(tmp_path / f"{n}.conf"),
+                 "-p", str(tmp_path / f"{n}.pid"), "-r", str(tmp_path / f"{n}.vrrp.pid"),
+                 "-c", str(tmp_path / f"{n}.chk.pid")],
+                stdout=(tmp_path / f"{n}.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True))
+        yield tmp_path, ns
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(p.pid, signal.SIGKILL)
+        for n in "ab":
+            subprocess.run(["ip", "netns", "del", ns[n]], capture_output=True, timeout=10, check=False)
+
+
+def vip_holders(ns: dict[str, str]) -> list[str]:
+    out = []
+    for n, name in ns.items():
+        r = subprocess.run(["ip", "-n", name, "-4", "addr"], capture_output=True, text=True, timeout=10, check=True)
+        if "10.89.0.100/" in r.stdout:
+            out.append(n)
+    return out
+
+
+def wait_vip(ns: dict[str, str], want: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if vip_holders(ns) == [want]:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"the VIP is on {vip_holders(ns)}, not on {want} after {timeout} s")
+
+
+@pytest.mark.timeout(120)
+def test_keepalived_gives_the_vip_to_the_node_that_reaches_redis(two_nodes: tuple[Path, dict[str, str]]) -> None:
+    """The shipped file had priority 150 / 100 and `nopreempt` with the store check's
+    weight -30: a master that lost Redis kept the VIP (150 - 30 is above 100, and
+    nopreempt stops the peer taking it anyway), against its own comment and OPERATIONS
+    section 5.  Same priority on both nodes and preemption: the VIP goes to the node that
+    reaches Redis, and does not come back when a node returns."""
+    flags, ns = two_nodes
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(vip_holders(ns)) != 1:
+        time.sleep(0.25)
+    master, = vip_holders(ns)
+    other = "b" if master == "a" else "a"
+    (flags / f"{master}.nostore").touch()  # Redis unreachable from the master
+    wait_vip(ns, other, 15)
+    (flags / f"{master}.nostore").unlink()
+    time.sleep(5)
+    assert vip_holders(ns) == [other]  # no flapping back once Redis is back
+    (flags / f"{other}.down").touch()  # dsbc stops on the VIP holder
+    wait_vip(ns, master, 10)
+    (flags / f"{other}.down").unlink()
+    time.sleep(5)
+    assert vip_holders(ns) == [master]  # the node that came back does not take it back
+    for n in "ab":  # Redis down for everybody: the VIP stays
+        (flags / f"{n}.nostore").touch()
+    time.sleep(8)
+    assert vip_holders(ns) == [master]
+
+
+def test_keepalived_store_weight_can_move_the_vip() -> None:
+    """The same, read from the file (where keepalived is not installed)."""
+    text = re.sub(r"#.*", "", KEEPALIVED_CONF.read_text())
+    assert "nopreempt" not in text
+    assert re.search(r"\bweight\s+-\d+", text)
