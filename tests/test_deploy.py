@@ -134,3 +134,37 @@ def test_keepalived_store_weight_can_move_the_vip() -> None:
     text = re.sub(r"#.*", "", KEEPALIVED_CONF.read_text())
     assert "nopreempt" not in text
     assert re.search(r"\bweight\s+-\d+", text)
+
+
+def _unit() -> dict[str, list[str]]:
+    keys: dict[str, list[str]] = {}
+    for line in (REPO / "deploy" / "dsbc.service").read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            k, _, v = line.partition("=")
+            keys.setdefault(k.strip(), []).append(v.strip())
+    return keys
+
+
+def test_the_unit_does_not_restart_a_bad_configuration() -> None:
+    """Restart=on-failure started a node whose file was bad again every 2 s, forever
+    (the start limit, 5 in 10 s, is not reached at that pace): its exit status 2 says
+    that starting again cannot help."""
+    from dsbc.config import ConfigError
+
+    unit = _unit()
+    assert unit["Restart"] == ["on-failure"]
+    assert str(ConfigError("x").exit_code) in " ".join(unit.get("RestartPreventExitStatus", [])).split()
+
+
+def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("no systemd-analyze")
+    exe = tmp_path / "dsbc"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    unit = tmp_path / "dsbc.service"
+    unit.write_text((REPO / "deploy" / "dsbc.service").read_text().replace("/usr/local/bin/dsbc", str(exe)))
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                       check=False)
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if "dsbc.service" in line]
+    assert not ours, ours
