@@ -179,8 +179,10 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         if not re.match(r"^(sqlite|redis|rediss|redis\+sentinel)://", self.url):
+            from .store.redis_conn import masked_url  # a mistyped scheme keeps its password
+
             raise ValueError(
-                f"url: unsupported store url {self.url!r} (sqlite:///path, redis://host:port/db "
+                f"url: unsupported store url {masked_url(self.url)!r} (sqlite:///path, redis://host:port/db "
                 "or redis+sentinel://host:port/service)"
             )
         if self.url.startswith("sqlite:") and ("?" in self.url or "#" in self.url):

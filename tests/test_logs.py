@@ -86,3 +86,27 @@ def test_a_reload_to_json_logs_switches_the_master_too(tmp_path: Path) -> None:
     # the replaced worker writes its last lines (draining) as its configuration says
     assert not [line for line in after if f"[{master}]:" in line], after
     assert [json.loads(line) for line in after if line.startswith("{") and f'"pid": {master},' in line]
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:StorePassw0rd@127.0.0.1:notaport/0",   # redis-py refuses the port
+    "redis://dsbc:StorePassw0rd@127.0.0.1:99999/0",
+    "reddis://:StorePassw0rd@127.0.0.1:6379/0",       # a mistyped scheme
+])
+def test_a_bad_store_url_is_named_without_its_password(tmp_path: Path, url: str) -> None:
+    """`dsbc run --check` (systemctl reload) and a start or reload refused for a store URL
+    that could not be parsed quoted the URL whole, the Redis password with it, on the
+    terminal and in the journal; other store errors showed it as ***."""
+    import subprocess
+    import sys
+
+    from tests.peers.dsbc import REPO
+
+    cfg = tmp_path / "dsbc.toml"
+    cfg.write_text(f'[store]\nurl = "{url}"\n[sip]\nenabled = false\n[api]\nenabled = false\n'
+                   '[control]\nenabled = false\n')
+    r = subprocess.run([sys.executable, "-m", "dsbc.cli", "-c", str(cfg), "run", "--check"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+    assert r.returncode == 2 and "store.url" in r.stderr, r.stderr
+    assert "StorePassw0rd" not in r.stdout + r.stderr, r.stderr
+    assert ":***@" in r.stderr, r.stderr

@@ -85,6 +85,8 @@ def open_store(
     (Redis only): a local copy of the index to start from while Redis is unreachable."""
     if unknown not in UNKNOWN_POLICIES:
         raise StoreError(f"store.unknown: {unknown!r} is not one of {', '.join(UNKNOWN_POLICIES)}")
+    from .redis_conn import masked_url
+
     scheme = url.partition(":")[0].lower()
     if scheme == "sqlite":
         from .sqlite import SqliteStore, sqlite_path
@@ -96,5 +98,5 @@ def open_store(
         try:
             return RedisStore(url, unknown, load=load, create=create, cache_file=cache_file)
         except ValueError as exc:  # redis-py on a URL it cannot use (a port out of range...)
-            raise StoreError(f"bad store url {url!r}: {exc}") from None
-    raise StoreError(f"unsupported store url {url!r} (sqlite:///path or redis://host:port/db)")
+            raise StoreError(f"bad store url {masked_url(url)!r}: {exc}") from None
+    raise StoreError(f"unsupported store url {masked_url(url)!r} (sqlite:///path or redis://host:port/db)")

@@ -76,6 +76,18 @@ class RedisTarget:
         )
 
 
+def masked_url(url: str) -> str:
+    """``url`` with the password of its user part replaced by ***, for a message about a
+    URL that could not be parsed (everything up to its last "@" counts as the user part:
+    too much is hidden rather than too little)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, tail = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{tail}"
+
+
 _HOSTPORT = re.compile(r"^\[?([^\]\s]+?)\]?(?::(\d+))?$")
 
 
@@ -84,7 +96,7 @@ def parse_redis_url(url: str) -> RedisTarget:
     try:
         parts = urlsplit(url)
     except ValueError as exc:
-        raise StoreError(f"bad store url {url!r}: {exc}") from None
+        raise StoreError(f"bad store url {masked_url(url)!r}: {exc}") from None
     scheme = parts.scheme.lower()
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     prefix = query.pop("prefix", DEFAULT_PREFIX) or DEFAULT_PREFIX
