@@ -84,12 +84,16 @@ def answered_in_11(message: RawRequestMessage) -> RawRequestMessage:
 
 
 def refusal_reason(text: str) -> str:
-    """aiohttp's refusal of a request head, fit for the log: its first line only.  The
-    lines after it quote the offending bytes (an ``Authorization: Bearer ...`` or
-    ``Cookie:`` line with a stray octet): a credential must never reach the log, and a
-    log record is one line."""
+    """aiohttp's refusal of a request head, fit for the log: its first line, without the
+    bytes it quotes (``b'...'``: the lines after it, or the start of an oversized header
+    value, quote what the client sent, an ``Authorization: Bearer ...`` or ``Cookie:``
+    line among them): a credential must never reach the log, and a log record is one line."""
     lines = text.strip().splitlines()
-    return lines[0].rstrip(":").strip() if lines else "?"
+    first = lines[0] if lines else "?"
+    quoted = re.search(r"""\bb['"]""", first)
+    if quoted:
+        first = first[: quoted.start()]
+    return first.strip().rstrip(":").strip() or "?"
 
 
 def head_too_large(status: int, text: str) -> bool:

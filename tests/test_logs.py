@@ -43,10 +43,12 @@ def test_a_malformed_request_head_logs_no_credentials(tmp_path: Path) -> None:
              b"Content-Length: 0\r\n\r\n"),
             b"GET / HTTP/1.1\r\nHost: x\r\nCookie: sid=LeakedCookie\x7f;\r\n\r\n",
             b"GET /v1/status HTTP/1.1\r\nAuthorization: Bearer LeakedControlToken\x00\r\n\r\n",
+            # over the header size limit: the start of the line was quoted
+            b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer LeakedBearer" + b"z" * 20000 + b"\r\n\r\n",
         ]
         for port in (api_port, d.control_port):
             for head in heads:
-                assert raw_http(port, head).startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 500 "))
+                assert raw_http(port, head).startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ", b"HTTP/1.1 500 "))
         d.control("GET", "/healthz")  # the refusals above are logged by now
     log = (tmp_path / "dsbc.log").read_text(errors="replace")
     assert "refused a request" in log  # logged at debug, ...
