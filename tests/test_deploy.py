@@ -168,3 +168,35 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
                        check=False)
     ours = [line for line in (r.stdout + r.stderr).splitlines() if "dsbc.service" in line]
     assert not ours, ours
+
+
+def _sysctl() -> dict[str, str]:
+    out = {}
+    for line in (REPO / "deploy" / "sysctl-dsbc.conf").read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, _, v = line.partition("=")
+            out[k.strip()] = " ".join(v.split())
+    return out
+
+
+def _ports(spec: str) -> set[int]:
+    ports: set[int] = set()
+    for part in filter(None, spec.replace(" ", "").split(",")):
+        lo, _, hi = part.partition("-")
+        ports.update(range(int(lo), int(hi or lo) + 1))
+    return ports
+
+
+def test_the_ephemeral_port_range_spares_the_nodes_servers() -> None:
+    """sysctl-dsbc.conf widened ip_local_port_range to 10240-65000, over the port of the
+    Redis Sentinel that redis-sentinel.conf runs on the same hosts (26379, outside the
+    kernel's default 32768-60999): an outgoing connection could take it first and keep
+    Sentinel from starting.  The ports of deploy/'s servers in that range are reserved."""
+    conf = _sysctl()
+    lo, hi = map(int, conf["net.ipv4.ip_local_port_range"].split())
+    sentinel = (REPO / "deploy" / "redis-sentinel.conf").read_text()
+    servers = {int(m) for m in re.findall(r"^port\s+(\d+)", sentinel, re.MULTILINE)}
+    servers |= {int(m) for m in re.findall(r"store\.url = \"redis\+sentinel://[^\"]*?:(\d+)", sentinel)}
+    assert 26379 in servers
+    exposed = {p for p in servers if lo <= p <= hi} - _ports(conf.get("net.ipv4.ip_local_reserved_ports", ""))
+    assert not exposed, f"servers' ports the kernel may hand out to outgoing connections: {exposed}"
