@@ -365,6 +365,11 @@ class Master:
 
     def run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        from .metrics import RETIRED
+
+        # a run directory a killed node left behind (DSBC_RUN_DIR): its counters are not ours
+        for stale in [*self.run_dir.glob("worker-*.json"), self.run_dir / RETIRED]:
+            stale.unlink(missing_ok=True)
         (self.run_dir / "master.json").write_text(json.dumps({"pid": os.getpid(), "config": self.cfg_path}))
         os.environ["DSBC_RUN_DIR"] = str(self.run_dir)
         signal.signal(signal.SIGTERM, lambda *_: self.flags.add("stop"))

@@ -153,3 +153,21 @@ def test_a_gone_workers_counters_are_kept_not_its_gauges() -> None:
     assert values[("dsbc_radius_requests_total", ())] == 5 * 2  # worker 0 has the RADIUS service
     assert values[("dsbc_api_forwarded_total", (("system", "target"),))] == 5 * 2  # worker 0's twice
     assert text.count("# TYPE dsbc_sip_requests_total ") == 1
+
+
+def test_a_new_node_does_not_count_what_a_killed_one_left_behind(tmp_path: Path) -> None:
+    """DSBC_RUN_DIR is fixed (/run/dsbc in deploy/dsbc.service): a node killed outright
+    leaves its gone workers' counters there, and the next one started by hand must not add
+    them to its own."""
+    import urllib.request
+
+    from dsbc.metrics import RETIRED
+    from tests.peers.dsbc import Dsbc
+
+    d = Dsbc(tmp_path / "node")
+    d.run_dir.mkdir(parents=True)
+    (d.run_dir / RETIRED).write_text(json.dumps({"pids": [1], "families": {
+        "dsbc_sip_requests_total": ["SIP requests", {json.dumps([["method", "INVITE"]]): 12345}]}}))
+    with d, urllib.request.urlopen(d.control_url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    assert "12345" not in text
