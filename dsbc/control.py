@@ -48,7 +48,7 @@ from api_proxy.server import HeadTimeoutHandler, answered_in_11, head_too_large,
 
 from .config import Config, parse_hostport
 from .imports import import_refusal, keep_stored_groups
-from .metrics import read_retired, read_snapshots, render, summarize
+from .metrics import read_retired, read_snapshots, render, summarize, worker_key
 from .migrate import (
     BatchAborted,
     MigrationInterrupted,
@@ -351,8 +351,8 @@ class ControlService:
         order: see `read_retired`)."""
         snaps = read_snapshots(self.run_dir)
         retired = read_retired(self.run_dir)
-        folded = set(retired.get("pids") or [])
-        return [s for s in snaps if s.get("pid") not in folded
+        folded = set(retired.get("folded") or [])
+        return [s for s in snaps if worker_key(s) not in folded
                 and (not isinstance(s.get("worker"), int) or s["worker"] < self.cfg.sip.workers)], retired
 
     async def healthz(self, request: web.Request) -> web.Response:

@@ -27,7 +27,12 @@ from typing import Any
 
 SNAPSHOT_MAX_AGE = 5.0  # seconds; older snapshots are of workers that are gone
 RETIRED = "retired.json"  # the counters of the workers that are gone, in the run directory
-_RETIRED_PIDS = 256  # pids remembered as folded (a snapshot read just before its fold)
+_RETIRED_PIDS = 256  # workers remembered as folded (a snapshot read just before its fold)
+
+
+def worker_key(snap: dict[str, Any]) -> str:
+    """Which worker process a snapshot is of: its pid and start (a pid comes back)."""
+    return f"{snap.get('pid')}@{snap.get('started', '')}"
 
 # SIP core counter "name:label" -> (metric, label name); plain names map to dsbc_sip_<name>_total
 _SIP_LABELLED = {
@@ -91,7 +96,8 @@ def read_snapshots(run_dir: Path | str | None, max_age: float = SNAPSHOT_MAX_AGE
 
 
 def read_retired(run_dir: Path | str | None) -> dict[str, Any]:
-    """``retired.json``: {"pids": [...], "families": {name: [help, {labels json: value}]}}.
+    """``retired.json``: {"folded": [`worker_key`...], "families": {name: [help, {labels json:
+    value}]}}.
     Read it after the snapshots: the master writes it before it deletes the snapshot it
     folded, so a snapshot read is either still there or already skipped by its pid."""
     if not run_dir:
@@ -116,8 +122,9 @@ def retire(retired: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
         for labels, value in samples.items():
             key = json.dumps(labels)
             fam[1][key] = fam[1].get(key, 0.0) + value
-    pids = [p for p in (retired.get("pids") or []) if p != snap.get("pid")] + [snap.get("pid")]
-    return {"pids": pids[-_RETIRED_PIDS:], "families": families}
+    key = worker_key(snap)
+    folded = [k for k in (retired.get("folded") or []) if k != key] + [key]
+    return {"folded": folded[-_RETIRED_PIDS:], "families": families}
 
 
 # --- summing -------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class Worker:
         self.store: Any = None
         self.stopping = asyncio.Event()
         self.master = os.getppid()  # forked by the master
+        self.started = time.time()  # with the pid, names this process in the snapshots
 
     def ipc_name(self, worker: int) -> str:
         return f"\0dsbc-{self.run_id}-{worker}"
@@ -306,7 +307,7 @@ class Worker:
             store = stats() if stats is not None else {}
         except Exception as exc:  # noqa: BLE001 - nor a store that is closing
             store = {"reason": str(exc)}
-        snap = {"worker": self.index, "pid": os.getpid(), "ts": time.time(),
+        snap = {"worker": self.index, "pid": os.getpid(), "started": self.started, "ts": time.time(),
                 "store_healthy": bool(getattr(self.store, "healthy", True)), "services": services,
                 "store": store}
         tmp = path.with_suffix(".tmp")

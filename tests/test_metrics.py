@@ -138,11 +138,13 @@ def test_no_family_mixes_a_total_with_labelled_series() -> None:
 def test_a_gone_workers_counters_are_kept_not_its_gauges() -> None:
     """`retire` keeps the counters of a worker's last snapshot (folded by the master when
     the worker exits) and `render` adds them to the live ones: /metrics never goes back."""
-    from dsbc.metrics import retire
+    from dsbc.metrics import retire, worker_key
 
     gone = snapshot(1, 7)
     retired = retire(retire({}, snapshot(0, 3)), gone)
-    assert retired["pids"] == [100, 101]
+    assert retired["folded"] == ["100@", "101@"]
+    live = {**snapshot(1, 1), "started": 5.0}  # pid 101 again: another process
+    assert worker_key(live) not in retired["folded"]
     fams = retired["families"]
     assert "dsbc_sip_held" not in fams and "dsbc_backend_up" not in fams  # gauges
     text = render(summarize([snapshot(0, 2)]), {"rollbacks": 1}, retired)
@@ -166,7 +168,7 @@ def test_a_new_node_does_not_count_what_a_killed_one_left_behind(tmp_path: Path)
 
     d = Dsbc(tmp_path / "node")
     d.run_dir.mkdir(parents=True)
-    (d.run_dir / RETIRED).write_text(json.dumps({"pids": [1], "families": {
+    (d.run_dir / RETIRED).write_text(json.dumps({"folded": ["1@"], "families": {
         "dsbc_sip_requests_total": ["SIP requests", {json.dumps([["method", "INVITE"]]): 12345}]}}))
     with d, urllib.request.urlopen(d.control_url + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
