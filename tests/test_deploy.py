@@ -200,3 +200,28 @@ def test_the_ephemeral_port_range_spares_the_nodes_servers() -> None:
     assert 26379 in servers
     exposed = {p for p in servers if lo <= p <= hi} - _ports(conf.get("net.ipv4.ip_local_reserved_ports", ""))
     assert not exposed, f"servers' ports the kernel may hand out to outgoing connections: {exposed}"
+
+
+def test_check_dsbc_sh_against_a_running_node(tmp_path: Path) -> None:
+    """deploy/check_dsbc.sh as keepalived runs it: 0 while the node serves, 22 with
+    --strict while a system has no node up, 7 once dsbc is stopped.  keepalived's scripts
+    do not see the operator's environment ($DSBC_CONTROL): a control API on another port
+    than 8080 could not be named; the URL is taken as an argument."""
+    from tests.peers.dsbc import Dsbc
+
+    script = REPO / "deploy" / "check_dsbc.sh"
+
+    def check(*args: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "DSBC_CONTROL"}
+        return subprocess.run(["sh", str(script), *args], capture_output=True, timeout=10, env=env,
+                              check=False).returncode
+
+    d = Dsbc(tmp_path)  # no SIP node in either system: degraded
+    with d:
+        url = d.control_url
+        deadline = time.monotonic() + 10
+        while check(url) != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)  # "starting" (503) for its first seconds
+        assert check(url) == 0
+        assert check("--strict", url) == 22
+    assert check(url) == 7
