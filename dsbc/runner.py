@@ -340,6 +340,21 @@ def worker_process(cfg: Config, index: int, run_dir: Path, run_id: str) -> None:
 # --- master --------------------------------------------------------------------------------
 
 
+def _warn_flow_secret_change(running: Config, new: Config) -> None:
+    """A reload applies every key, but a new flow secret (sip.flow_secret, or the store's
+    when it is "" and store.url changes) disowns the tokens dsbc wrote before: the Path of
+    every registration and the Record-Route of every call in progress.  Say so."""
+    if not (running.sip.enabled and new.sip.enabled):
+        return
+    if running.sip.flow_secret != new.sip.flow_secret or (
+            not new.sip.flow_secret and running.store.url != new.store.url):
+        log.warning("reload: sip.flow_secret changes (%s): the flow tokens of current registrations "
+                    "and calls in progress no longer verify; requests toward those phones get 403 "
+                    "until they register again and their calls end",
+                    "store.url and with it the store's secret" if running.sip.flow_secret == new.sip.flow_secret
+                    else "a new secret")
+
+
 class Master:
     def __init__(self, cfg: Config, cfg_path: str) -> None:
         self.cfg = cfg
@@ -460,6 +475,7 @@ class Master:
         if cfg.log != self.cfg.log:  # the master's own lines too: one format in the log
             setup_logging(cfg.log.level, cfg.log.json)
         log.info("reloading configuration from %s", self.cfg_path)
+        _warn_flow_secret_change(self.cfg, cfg)
         running, self.cfg = self.cfg, cfg
         old, before = dict(self.workers), dict(self.configs)
         for index in [i for i in old if i >= cfg.sip.workers]:  # fewer workers: no replacement

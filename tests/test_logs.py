@@ -112,3 +112,30 @@ def test_a_bad_store_url_is_named_without_its_password(tmp_path: Path, url: str)
     assert r.returncode == 2 and "store.url" in r.stderr, r.stderr
     assert "StorePassw0rd" not in r.stdout + r.stderr, r.stderr
     assert ":***@" in r.stderr, r.stderr
+
+
+def test_a_reload_that_changes_the_flow_secret_says_what_it_breaks(tmp_path: Path) -> None:
+    """Every key applies on a reload; a new sip.flow_secret too, silently, and with it every
+    Path and Record-Route token dsbc gave out stopped verifying (403 toward registered
+    phones, and in the calls in progress).  The reload now warns."""
+    import os
+    import signal
+    import time
+
+    from tests.peers.dsbc import FLOW_SECRET
+
+    d = Dsbc(tmp_path)
+    with d:
+        assert d.proc is not None
+        d.config_path.write_text(d.config_path.read_text().replace(FLOW_SECRET, "another-secret-0123456789abcdef"))
+        os.kill(d.proc.pid, signal.SIGHUP)
+        log = tmp_path / "dsbc.log"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = log.read_text()
+            if "reloading" in text and "worker 0 ready" in text.split("reloading")[-1]:
+                break
+            time.sleep(0.1)
+    text = log.read_text()
+    assert "WARNING" in text and "sip.flow_secret changes" in text, text
+    assert "another-secret" not in text and FLOW_SECRET not in text
