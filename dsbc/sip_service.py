@@ -199,6 +199,7 @@ class SipService:
         health = HealthChecker(
             system_nodes(cfg), interval=cfg.sip.options_interval, timeout=cfg.sip.options_timeout, tag=f"w{worker}-{os.getpid()}-{secrets.token_hex(6)}"
         )
+        self.advertised = host
         self.router = StoreRouter(store, trusted_peers(cfg))
         self.core = ProxyCore(settings, self.router, health, FlowSigner(flow_secret(cfg, store)))
         sc = cfg.sip
@@ -237,6 +238,9 @@ class SipService:
         )
         self.endpoint.listener_ssl_contexts = per_listener
         await self.endpoint.listen(listeners(self.cfg))
+        if self.worker == 0:  # where SIP is, as the API, RADIUS and control API say theirs
+            log.info("SIP listening on %s, advertised as %s (%d worker(s))", ", ".join(self.cfg.sip.listen),
+                     self.advertised, self.cfg.sip.workers)
         self._tasks.append(loop.create_task(self._registrations()))
 
     def customers_changed(self, ids: list[str]) -> None:

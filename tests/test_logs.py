@@ -139,3 +139,15 @@ def test_a_reload_that_changes_the_flow_secret_says_what_it_breaks(tmp_path: Pat
     text = log.read_text()
     assert "WARNING" in text and "sip.flow_secret changes" in text, text
     assert "another-secret" not in text and FLOW_SECRET not in text
+
+
+def test_the_log_says_where_sip_listens(tmp_path: Path) -> None:
+    """The API, RADIUS, Diameter and the control API log their addresses at the start; SIP
+    said only "worker 0 ready: sip" (Kamailio lists its sockets): which port after a reload
+    that changed sip.listen, which advertised address?"""
+    d = Dsbc(tmp_path)
+    with d:
+        d.control("GET", "/healthz")
+    text = (tmp_path / "dsbc.log").read_text()
+    assert f"SIP listening on udp:{d.hostport}, tcp:{d.hostport}, advertised as {d.ip}" in text, text
+    assert text.count("SIP listening on") == 1  # worker 0's line, not one per worker
