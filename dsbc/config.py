@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import socket
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,8 +54,27 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def canonical_ip(host: str) -> str:
+    """An IP address as the kernel writes a peer's (``0:0::1`` and ``FD00::02`` are ``::1``
+    and ``fd00::2``; an IPv4-mapped ``::ffff:10.0.0.1`` is ``10.0.0.1``, as dsbc sees such
+    a peer), so that a node or listener written another way matches the addresses packets
+    come from; anything else as it is."""
+    addr, pct, scope = host.partition("%")
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        addr = socket.inet_ntop(socket.AF_INET6, ip.packed)  # as recvfrom() and getpeername() write it
+        return addr + pct + scope
+    return str(ip)
+
+
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """``"1.2.3.4:5060"``, ``"[::1]:5060"`` or ``"host"`` (with a default port)."""
+    """``"1.2.3.4:5060"``, ``"[::1]:5060"`` or ``"host"`` (with a default port).  An IP
+    address comes back in its canonical form (``canonical_ip``)."""
     text = text.strip()
     if "://" in text:
         raise ValueError(f"bad address {text!r}: HOST:PORT, not a URL")
@@ -76,6 +96,7 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
         raise ValueError(f"bad address {text!r}: no host")
     if not _HOST.match(host) or (_DOTTED_NUMBERS.match(host) and not is_ip(host)):
         raise ValueError(f"bad address {text!r}: {host!r} is not a host name or an IP address")
+    host = canonical_ip(host)
     if not port_s:
         if default_port is None:
             raise ValueError(f"bad address {text!r}: no port")

@@ -432,3 +432,20 @@ def test_a_relative_store_path_of_a_config_in_the_root_stays_absolute() -> None:
     cfg.store.url = "sqlite:///loc.db"
     _anchor_store_paths(cfg, Path("/"))
     assert sqlite_path(cfg.store.url) == "/loc.db"
+
+
+def test_ip_addresses_are_written_the_way_packets_show_them() -> None:
+    """A node written ``udp:[0:0::1]:5060`` or ``[FD00::0002]`` never matched the address its
+    answers came from (``::1``, ``fd00::2``): it stayed down for good and was no trusted peer
+    (found by an audit)."""
+    assert Endpoint.parse("udp:[0:0::1]:5070") == Endpoint("udp", "::1", 5070)
+    assert Endpoint.parse("tcp:[FD00::0002]") == Endpoint("tcp", "fd00::2", 5060)
+    assert Endpoint.parse("udp:[::ffff:10.0.0.1]:5060") == Endpoint("udp", "10.0.0.1", 5060)
+    assert parse_hostport("[2001:DB8:0:0:1:0:0:1]:1812") == ("2001:db8::1:0:0:1", 1812)
+    assert parse_hostport("[fe80::01%eth0]:5060") == ("fe80::1%eth0", 5060)
+    assert Endpoint.parse("udp:::1") == Endpoint("udp", "::1", 5060)  # one reading only
+    cfg = parse_config('[systems.source]\nsip = ["udp:[0:0::1]:5070"]\n[sip]\nlisten = ["udp:[::1]:5060"]\n')
+    from dsbc.sip_service import system_nodes, trusted_peers
+
+    assert [(n.host, n.port) for n in system_nodes(cfg)] == [("::1", 5070)]
+    assert trusted_peers(cfg).contains("::1", 5070)

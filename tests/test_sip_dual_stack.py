@@ -7,6 +7,7 @@ families gets two Record-Route entries, as Kamailio's double record-routing does
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,31 @@ def test_a_tcp_wildcard_listener_takes_ipv4_too(tmp_path: Path) -> None:
         pytest.skip(f"no network namespace here: {proc.stderr.strip()}")
     assert proc.stdout.splitlines() == ["127.0.0.1 SIP/2.0 200 OK", "::1 SIP/2.0 200 OK"], (
         proc.stdout, proc.stderr, (tmp_path / "dsbc.log").read_text())
+
+
+def test_a_node_written_in_a_long_ipv6_form_is_pinged_up(dsbc_factory: Any) -> None:
+    """``udp:[0:0::1]:P`` (or upper case, or leading zeros): the node's answers came from
+    ``::1``, which was not the node dsbc pinged, so it stayed down for good and every
+    request of its system got 503 (found by an audit)."""
+    import socket
+    import time
+
+    from tests.peers.fakenode import FakeNode
+    from tests.peers.net import free_port
+
+    with FakeNode("udp", ip="::1") as node:
+        port = free_port("both")
+        long_form = f"udp:[0:0:0::0001]:{node.port}"
+        d = dsbc_factory(port=port, source=[long_form], target=[long_form], extra_listen=[f"udp:[::1]:{port}"])
+        deadline = time.monotonic() + 10
+        while len(node.requests("OPTIONS")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # options_timeout (0.5 s) past the pings answered: down by now if unmatched
+        d.wait_nodes_up(timeout=0.1)
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as phone:
+            phone.bind(("::1", 0))
+            phone.settimeout(5)
+            src = Flow("udp", "::1", phone.getsockname()[1])
+            phone.sendto(request("REGISTER", f"sip:[::1]:{port}", src=src, to="<sip:1001@example.com>",
+                                 via=f"SIP/2.0/UDP [::1]:{src.port};branch=z9hG4bKlong1;rport"), ("::1", port))
+            assert phone.recv(65535).startswith(b"SIP/2.0 200 "), d.log_tail()

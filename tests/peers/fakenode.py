@@ -88,17 +88,19 @@ class FakeNode:
 
     @property
     def uri(self) -> str:
-        return f"{self.transport}:{self.ip}:{self.port}"
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"{self.transport}:{host}:{self.port}"
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> Self:
+        family = socket.AF_INET6 if ":" in self.ip else socket.AF_INET
         if self.transport == "udp":
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock = socket.socket(family, socket.SOCK_DGRAM)
             self.sock.bind(self.addr)
             self.sock.settimeout(0.2)
             self._spawn(self._udp_loop)
         else:
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind(self.addr)
             self.sock.listen(64)

@@ -37,15 +37,16 @@ def free_port(kind: str = "udp", host: str = "127.0.0.1") -> int:
     """
     if kind not in ("udp", "tcp", "both"):
         raise ValueError(f"kind must be udp, tcp or both, not {kind!r}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(200):
         first = socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
-        with socket.socket(socket.AF_INET, first) as s:
+        with socket.socket(family, first) as s:
             s.bind((host, 0))
             port: int = s.getsockname()[1]
             if kind != "both":
                 return port
             try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                with socket.socket(family, socket.SOCK_DGRAM) as u:
                     u.bind((host, port))
             except OSError:
                 continue
