@@ -72,6 +72,19 @@ def canonical_ip(host: str) -> str:
     return str(ip)
 
 
+def _ambiguous_port(host: str) -> str:
+    """The reading of an unbracketed IPv6 address whose last group could be a port
+    (``::1:5060``: the address ``::1:5060``, or ``::1`` port 5060), as a hint; '' if none."""
+    addr, _, last = host.rpartition(":")
+    if not (last.isdigit() and addr):
+        return ""
+    try:
+        ipaddress.IPv6Address(addr)
+    except ValueError:
+        return ""
+    return f"[{addr}]:{last} for address {addr} port {last}, or [{host}] for the address {host}"
+
+
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
     """``"1.2.3.4:5060"``, ``"[::1]:5060"`` or ``"host"`` (with a default port).  An IP
     address comes back in its canonical form (``canonical_ip``)."""
@@ -82,16 +95,21 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
         host, sep, rest = text[1:].partition("]")
         if not sep:
             raise ValueError(f"bad address {text!r}")
-        port_s = rest[1:] if rest.startswith(":") else ""
+        if rest and not (rest.startswith(":") and rest[1:]):  # "[::1]5060", "[::1]:", "[::1]x"
+            raise ValueError(f"bad address {text!r}: after [{host}] only :PORT may follow")
+        port_s = rest[1:]
+        if host and not _is_ipv6(host):  # brackets hold an IPv6 address (RFC 3986), nothing else
+            raise ValueError(f"bad address {text!r}: {host!r} in brackets is not an IPv6 address")
     elif text.count(":") == 1:
         host, port_s = text.split(":")
     else:
         host, port_s = text, ""
         if ":" in host:  # two colons or more, unbracketed: only a bare IPv6 address
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                raise ValueError(f"bad address {text!r} (an IPv6 address with a port is written [addr]:port)") from None
+            if not _is_ipv6(host):
+                raise ValueError(f"bad address {text!r} (an IPv6 address with a port is written [addr]:port)")
+            hint = _ambiguous_port(host)
+            if hint:
+                raise ValueError(f"ambiguous address {text!r}: write {hint}")
     if not host:
         raise ValueError(f"bad address {text!r}: no host")
     if not _HOST.match(host) or (_DOTTED_NUMBERS.match(host) and not is_ip(host)):
@@ -104,6 +122,14 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
     if not port_s.isdigit() or not 0 < int(port_s) < 65536:
         raise ValueError(f"bad port in {text!r}")
     return host, int(port_s)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 TRANSPORTS = ("udp", "tcp", "tls")

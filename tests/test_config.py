@@ -434,6 +434,32 @@ def test_a_relative_store_path_of_a_config_in_the_root_stays_absolute() -> None:
     assert sqlite_path(cfg.store.url) == "/loc.db"
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        # found by an audit: "udp:::1:5060" listened on the address ::1:5060 ("not an address
+        # of this host"), "[::1]5070" / "[::1]:" / "[::1]x" took the default port silently,
+        # and brackets around a name or an IPv4 address were taken
+        ("udp:::1:5060", ("ambiguous address '::1:5060': write [::1]:5060 for address ::1 port 5060, "
+                         "or [::1:5060] for the address ::1:5060")),
+        ("udp:[::1]5070", "bad address '[::1]5070': after [::1] only :PORT may follow"),
+        ("udp:[::1]:", "bad address '[::1]:': after [::1] only :PORT may follow"),
+        ("tls:[::1]x", "bad address '[::1]x': after [::1] only :PORT may follow"),
+        ("udp:[sip.example.com]:5060", ("bad address '[sip.example.com]:5060': 'sip.example.com' in brackets "
+                                       "is not an IPv6 address")),
+        ("udp:[10.0.0.1]:5060", "bad address '[10.0.0.1]:5060': '10.0.0.1' in brackets is not an IPv6 address"),
+    ],
+)
+def test_ipv6_address_forms_that_mean_something_else_are_refused(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(f'[sip]\nlisten = ["udp:127.0.0.1:5060", "{value}"]\n', "dsbc.toml")
+    assert str(err.value) == f"dsbc.toml:2: sip.listen: {message}"
+    with pytest.raises(ConfigError, match=r"^dsbc.toml:2: sip.advertise: ambiguous address '::1:5070'"):
+        parse_config('[sip]\nadvertise = "::1:5070"\n', "dsbc.toml")
+    with pytest.raises(ConfigError, match=r"^dsbc.toml:2: sip.aliases: bad address '\[::1\]x'"):
+        parse_config('[sip]\naliases = ["[::1]x"]\n', "dsbc.toml")
+
+
 def test_ip_addresses_are_written_the_way_packets_show_them() -> None:
     """A node written ``udp:[0:0::1]:5060`` or ``[FD00::0002]`` never matched the address its
     answers came from (``::1``, ``fd00::2``): it stayed down for good and was no trusted peer
