@@ -371,6 +371,9 @@ class ApiProxy(Flows):
                 host,
                 port,
                 ssl=ctx,
+                # a client silent or stalled in its handshake is dropped as a slow request
+                # head is (asyncio's default would hold its slot for 60 s)
+                ssl_handshake_timeout=self.settings.header_timeout if secure else None,
                 reuse_address=True,
                 # a reload's new worker listens beside the one it replaces, which stops
                 # accepting as it drains: no moment without a listener (as control.py)

@@ -193,6 +193,38 @@ def test_api_tls_is_1_2_or_newer(tmp_path: Path) -> None:
     run(main)
 
 
+def test_a_tls_client_that_stalls_in_its_handshake_is_dropped_after_header_timeout(tmp_path: Path) -> None:
+    """On the HTTPS port a client that said nothing, or half a ClientHello, held its
+    connection (one of max_connections_per_ip) for asyncio's 60 s handshake timeout, where
+    the same client on a plain port was dropped after ``header_timeout`` (found by an
+    audit)."""
+    from tests.peers.tlsca import TestCA, openssl_available
+
+    if not openssl_available():
+        pytest.skip("openssl is not installed")
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue("api", ips=["127.0.0.1"])
+    half_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+
+    async def main() -> None:
+        extra = f'tls_cert = "{cert}"\ntls_key = "{key}"\nheader_timeout = 1.0\n'
+        async with ApiEnv(tmp_path, extra_api=extra) as env:
+            assert env.url.startswith("https://")
+            for chunks in ([], [half_hello]):
+                out, took = await _raw(env.url, chunks, 0.1, 8.0)
+                assert took < 4.0 and out == b"", (chunks, took, out)
+            # and a client that completes its handshake (slower than nothing) is served
+            u = urlsplit(env.url)
+            reader, writer = await asyncio.open_connection(u.hostname, u.port, ssl=ca.client_context())
+            body = b'params={"login":"alice","password":"secret"}'
+            writer.write(f"POST /rest/{LOGIN} HTTP/1.1\r\nHost: {CUSTOMER}\r\nContent-Type: "
+                         f"application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
+            writer.close()
+
+    run(main)
+
+
 def test_api_connection_caps_in_total_and_per_source(tmp_path: Path) -> None:
     async def open_from(url: str, ip: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         u = urlsplit(url)
