@@ -334,6 +334,8 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("workers: must be between 1 and 256")
         if self.migration_expires < 1:
             raise ValueError("migration_expires: must be >= 1")
+        if self.flow_secret and len(self.flow_secret.encode()) < 16:  # what sip.flow.FlowSigner needs
+            raise ValueError('flow_secret: must be at least 16 octets ("" = made once and kept in the store)')
         if any(e.startswith("tls:") for e in self.listen) and not (self.tls_cert and self.tls_key):
             raise ValueError("tls_cert: a tls: listener needs tls_cert and tls_key")
         if isinstance(self.tls_verify_client, list):

@@ -94,6 +94,9 @@ def replace(old: str, new: str) -> str:
           "redis://host:port/db or redis+sentinel://host:port/service)")),
         (replace("workers = 2", "workers = 0"), "dsbc.toml:24: sip.workers: must be between 1 and 256"),
         (replace("workers = 2", 'workers = "two"'), "dsbc.toml:24: sip.workers: expected an integer, got a string"),
+        # a short key stopped every worker with a traceback, after `dsbc run --check` said ok
+        (replace("workers = 2", 'workers = 2\nflow_secret = "s3cret"'),
+         "dsbc.toml:25: sip.flow_secret: must be at least 16 octets (\"\" = made once and kept in the store)"),
         (replace('"198.51.100.7"', '"not-an-ip"'),
          "dsbc.toml:23: sip.trusted_peers: 'not-an-ip' is not a CIDR, an IP or IP:PORT"),
         (replace('api = "https://mr115.example.com"', 'api = "ftp://mr115"'),
