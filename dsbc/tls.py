@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ssl
 
-from .config import Config, Endpoint, api_wanted, config_error
+from .config import Config, ConfigError, Endpoint, api_wanted, config_error
 
 __all__ = ["api_server_context", "check_tls", "sip_client_context", "sip_server_contexts"]
 
@@ -82,15 +82,13 @@ def check_tls(cfg: Config) -> None:
             sip_server_contexts(cfg)
             sip_client_context(cfg)
         except (OSError, ValueError) as exc:
-            raise config_error(cfg, ["sip", "tls_cert"],
-                               f"cannot load {sc.tls_cert} / {sc.tls_key}: {exc}") from None
+            raise _load_error(cfg, "sip", sc.tls_cert, sc.tls_key, exc) from None
     api = cfg.api
     if api.enabled and api.tls_cert:
         try:
             api_server_context(api.tls_cert, api.tls_key)
         except (OSError, ValueError) as exc:
-            raise config_error(cfg, ["api", "tls_cert"],
-                               f"cannot load {api.tls_cert} / {api.tls_key}: {exc}") from None
+            raise _load_error(cfg, "api", api.tls_cert, api.tls_key, exc) from None
     if api_wanted(cfg) and api.backend_ca:  # what api_proxy.upstream.Backend loads
         _check_ca(cfg, ["api", "backend_ca"], api.backend_ca, "cannot load the CA file")
 
@@ -101,3 +99,25 @@ def _check_ca(cfg: Config, parts: list[str | int], path: str, reason: str) -> No
         ssl.create_default_context(cafile=path)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise config_error(cfg, parts, f"{reason}: {exc}") from None
+
+
+def _load_error(cfg: Config, section: str, cert: str, key: str, exc: Exception) -> ConfigError:
+    """The ConfigError of a certificate / key pair that did not load, naming the key (and
+    line) of the file at fault: ``load_cert_chain`` says "PEM lib" or "No such file" for
+    either of the two."""
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            return config_error(cfg, [section, name], f"cannot read {path}: {err.strerror or err}")
+    if "KEY_VALUES_MISMATCH" in str(exc):
+        return config_error(cfg, [section, "tls_key"], f"{key} is not the key of the certificate {cert}")
+    try:
+        ssl.create_default_context(cafile=cert)  # the certificate alone (its chain) parses?
+    except (OSError, ValueError) as err:
+        return config_error(cfg, [section, "tls_cert"], f"{cert} holds no PEM certificate ({err})")
+    if "PEM" in str(exc):
+        return config_error(cfg, [section, "tls_key"], f"{key} holds no PEM private key (or one with a "
+                            f"passphrase, which dsbc cannot give) ({exc})")
+    return config_error(cfg, [section, "tls_cert"], f"cannot load {cert} / {key}: {exc}")

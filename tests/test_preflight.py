@@ -58,6 +58,48 @@ def test_run_names_the_key_a_worker_would_fail_on(tmp_path: Path, extra: str, li
     assert reason in proc.stderr, proc.stderr
 
 
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.peers.tlsca import TestCA, openssl_available
+
+    if not openssl_available():
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    ca = TestCA(d / "ca")
+    cert, key = ca.issue("dsbc")
+    _other_cert, other_key = ca.issue("other")
+    (d / "garbage.pem").write_text("not PEM\n")
+    return {"cert": cert, "key": key, "other_key": other_key, "garbage": d / "garbage.pem",
+            "missing": d / "missing.pem"}
+
+
+@pytest.mark.parametrize(("section", "cert", "key", "line", "reason"), [
+    # was "sip.tls_cert: cannot load CERT / KEY: [Errno 2] No such file or directory" (or
+    # "[SSL] PEM lib") at the tls_cert line, whichever of the two files was at fault
+    ("sip", "missing", "key", 8, "sip.tls_cert: cannot read {missing}: No such file or directory"),
+    ("sip", "cert", "missing", 9, "sip.tls_key: cannot read {missing}: No such file or directory"),
+    ("sip", "cert", "other_key", 9, "sip.tls_key: {other_key} is not the key of the certificate {cert}"),
+    ("sip", "garbage", "key", 8, "sip.tls_cert: {garbage} holds no PEM certificate"),
+    ("sip", "cert", "cert", 9, "sip.tls_key: {cert} holds no PEM private key"),
+    ("api", "cert", "garbage", 11, "api.tls_key: {garbage} holds no PEM private key"),
+])
+def test_tls_file_errors_name_the_file_at_fault(
+    tmp_path: Path, tls_files: dict[str, Path], section: str, cert: str, key: str, line: int, reason: str
+) -> None:
+    listen = '"udp:127.0.0.1:25999", "tls:127.0.0.1:25998"' if section == "sip" else '"127.0.0.1:25997"'
+    body = (f'[{section}]\nenabled = true\nlisten = [{listen}]\n'
+            f'tls_cert = "{tls_files[cert]}"\ntls_key = "{tls_files[key]}"\n')
+    if section == "api":
+        body = "[sip]\nenabled = false\n" + body + 'source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n'
+    db = tmp_path / "loc.db"
+    cfg = tmp_path / "dsbc.toml"
+    cfg.write_text(f'[store]\nurl = "sqlite:///{db}"\n[control]\nenabled = false\n{body}')
+    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "--check", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"dsbc: {cfg}:{line}: {reason.format(**tls_files)}"), proc.stderr
+
+
 @pytest.mark.peers
 @pytest.mark.timeout(90)
 def test_a_reload_with_a_value_a_worker_would_fail_on_is_refused(tmp_path: Path) -> None:
