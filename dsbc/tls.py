@@ -12,9 +12,17 @@ keep serving with the old one, instead of a rolling reload into workers that can
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
+import time
 
 from .config import Config, ConfigError, Endpoint, api_wanted, config_error
+
+log = logging.getLogger("dsbc")
+
+#: a certificate that ends sooner than this is announced at each start and reload
+EXPIRY_NOTICE = 14 * 86400.0
 
 __all__ = ["api_server_context", "check_tls", "sip_client_context", "sip_server_contexts"]
 
@@ -83,12 +91,15 @@ def check_tls(cfg: Config) -> None:
             sip_client_context(cfg)
         except (OSError, ValueError) as exc:
             raise _load_error(cfg, "sip", sc.tls_cert, sc.tls_key, exc) from None
+        if sc.tls_cert:
+            _warn_validity(cfg, "sip", sc.tls_cert)
     api = cfg.api
     if api.enabled and api.tls_cert:
         try:
             api_server_context(api.tls_cert, api.tls_key)
         except (OSError, ValueError) as exc:
             raise _load_error(cfg, "api", api.tls_cert, api.tls_key, exc) from None
+        _warn_validity(cfg, "api", api.tls_cert)
     if api_wanted(cfg) and api.backend_ca:  # what api_proxy.upstream.Backend loads
         _check_ca(cfg, ["api", "backend_ca"], api.backend_ca, "cannot load the CA file")
 
@@ -121,3 +132,30 @@ def _load_error(cfg: Config, section: str, cert: str, key: str, exc: Exception) 
         return config_error(cfg, [section, "tls_key"], f"{key} holds no PEM private key (or one with a "
                             f"passphrase, which dsbc cannot give) ({exc})")
     return config_error(cfg, [section, "tls_cert"], f"cannot load {cert} / {key}: {exc}")
+
+
+def _warn_validity(cfg: Config, section: str, cert: str, now: float | None = None) -> None:
+    """A warning (file:line: key: ...) for a certificate that has expired, is not valid yet
+    or expires within EXPIRY_NOTICE: it loads, but every TLS client refuses it, as nginx
+    would serve it too, unannounced."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    if decode is None:  # not in this Python: no check, no error
+        return
+    try:
+        info = decode(os.fspath(cert))
+        not_before = ssl.cert_time_to_seconds(info["notBefore"])
+        not_after = ssl.cert_time_to_seconds(info["notAfter"])
+    except (OSError, ValueError, KeyError):
+        return
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_after))
+    if now >= not_after:
+        why = f"the certificate {cert} expired on {stamp}: TLS clients refuse it"
+    elif now < not_before:
+        why = (f"the certificate {cert} is not valid before "
+               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(not_before))}: TLS clients refuse it")
+    elif not_after - now < EXPIRY_NOTICE:
+        why = f"the certificate {cert} expires on {stamp} (in {(not_after - now) / 86400:.1f} days)"
+    else:
+        return
+    log.warning("%s", config_error(cfg, [section, "tls_cert"], why))

@@ -100,6 +100,35 @@ def test_tls_file_errors_name_the_file_at_fault(
     assert proc.stderr.startswith(f"dsbc: {cfg}:{line}: {reason.format(**tls_files)}"), proc.stderr
 
 
+def test_an_expired_or_expiring_certificate_is_announced(
+    tmp_path: Path, tls_files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """It loads and nginx would serve it silently, but every TLS phone refuses it: the start,
+    a reload and `dsbc run --check` say so (found by an audit: not a word)."""
+    from dsbc.config import load_config
+    from dsbc.tls import _warn_validity
+
+    db = tmp_path / "loc.db"
+    path = tmp_path / "dsbc.toml"
+    path.write_text(f'[store]\nurl = "sqlite:///{db}"\n[control]\nenabled = false\n[sip]\n'
+                    f'listen = ["udp:127.0.0.1:25999", "tls:127.0.0.1:25998"]\ntls_cert = "{tls_files["cert"]}"\n'
+                    f'tls_key = "{tls_files["key"]}"\n')
+    cfg = load_config(path)
+    now = time.time()
+    for when, says in ((now + 30 * 86400, "expired on"), (now - 30 * 86400, "is not valid before"), (now, None)):
+        caplog.clear()
+        _warn_validity(cfg, "sip", cfg.sip.tls_cert, now=when)
+        if says is None:  # TestCA's certificates last 2 days
+            assert "expires on" in caplog.text and "(in 2.0 days)" in caplog.text, caplog.text
+        else:
+            assert f"{path}:7: sip.tls_cert: the certificate {tls_files['cert']} {says}" in caplog.text
+    # and through the command an operator runs
+    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "--check", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{path}:7: sip.tls_cert: the certificate {tls_files['cert']} expires on" in proc.stderr
+
+
 @pytest.mark.peers
 @pytest.mark.timeout(90)
 def test_a_reload_with_a_value_a_worker_would_fail_on_is_refused(tmp_path: Path) -> None:
