@@ -330,7 +330,8 @@ class ApiProxy(Flows):
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        # never OpenSSL's passphrase prompt on the terminal (dsbc.tls.no_passphrase)
+        ctx.load_cert_chain(s.tls_cert, s.tls_key, password=lambda: b"")
         return ctx
 
     async def start(self) -> None:

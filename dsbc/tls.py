@@ -27,12 +27,19 @@ EXPIRY_NOTICE = 14 * 86400.0
 __all__ = ["api_server_context", "check_tls", "sip_client_context", "sip_server_contexts"]
 
 
+def no_passphrase() -> bytes:
+    """The password callback of ``load_cert_chain``: without one, OpenSSL asks for an
+    encrypted key's passphrase on the terminal, and a start, a check or a reload from a
+    shell waited there for good.  An empty one fails the load instead (``_load_error``)."""
+    return b""
+
+
 def _server_context(
     cert: str, key: str, ca: str = "", verify_client: bool = False
 ) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
+    ctx.load_cert_chain(cert, key, password=no_passphrase)
     if ca:
         ctx.load_verify_locations(ca)
     ctx.verify_mode = ssl.CERT_REQUIRED if verify_client else ssl.CERT_NONE
@@ -71,7 +78,7 @@ def sip_client_context(cfg: Config) -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED if sc.tls_ca else ssl.CERT_NONE
     if sc.tls_cert:
-        ctx.load_cert_chain(sc.tls_cert, sc.tls_key)
+        ctx.load_cert_chain(sc.tls_cert, sc.tls_key, password=no_passphrase)
     return ctx
 
 
@@ -128,6 +135,15 @@ def _load_error(cfg: Config, section: str, cert: str, key: str, exc: Exception) 
         ssl.create_default_context(cafile=cert)  # the certificate alone (its chain) parses?
     except (OSError, ValueError) as err:
         return config_error(cfg, [section, "tls_cert"], f"{cert} holds no PEM certificate ({err})")
+    try:
+        with open(key, "rb") as f:
+            encrypted = b"ENCRYPTED" in f.read(1 << 16)  # PKCS#8 "ENCRYPTED PRIVATE KEY", "Proc-Type: 4,ENCRYPTED"
+    except OSError:
+        encrypted = False
+    if encrypted:
+        return config_error(cfg, [section, "tls_key"], f"{key} is encrypted with a passphrase, which dsbc cannot "
+                            "ask for: give it the key decrypted (openssl pkey -in KEY -out PLAIN), readable by "
+                            "dsbc's user only")
     if "PEM" in str(exc):
         return config_error(cfg, [section, "tls_key"], f"{key} holds no PEM private key (or one with a "
                             f"passphrase, which dsbc cannot give) ({exc})")

@@ -69,8 +69,10 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cert, key = ca.issue("dsbc")
     _other_cert, other_key = ca.issue("other")
     (d / "garbage.pem").write_text("not PEM\n")
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret",
+                    "-out", str(d / "encrypted.key")], check=True, capture_output=True, timeout=30)
     return {"cert": cert, "key": key, "other_key": other_key, "garbage": d / "garbage.pem",
-            "missing": d / "missing.pem"}
+            "missing": d / "missing.pem", "encrypted": d / "encrypted.key"}
 
 
 @pytest.mark.parametrize(("section", "cert", "key", "line", "reason"), [
@@ -98,6 +100,32 @@ def test_tls_file_errors_name_the_file_at_fault(
                           capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"dsbc: {cfg}:{line}: {reason.format(**tls_files)}"), proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_key_with_a_passphrase_is_refused_not_prompted_for(tmp_path: Path, tls_files: dict[str, Path]) -> None:
+    """Started from a terminal, OpenSSL asked "Enter PEM pass phrase:" and the start (or
+    `dsbc run --check`, or a reload's check) waited there for good; without one it said
+    "cannot load ...: [Errno 22] Invalid argument" (found by an audit)."""
+    import shutil
+
+    if shutil.which("script") is None:
+        pytest.skip("needs script(1) for a terminal")
+    db = tmp_path / "loc.db"
+    path = tmp_path / "dsbc.toml"
+    path.write_text(f'[store]\nurl = "sqlite:///{db}"\n[control]\nenabled = false\n[sip]\n'
+                    f'listen = ["udp:127.0.0.1:25999", "tls:127.0.0.1:25998"]\ntls_cert = "{tls_files["cert"]}"\n'
+                    f'tls_key = "{tls_files["encrypted"]}"\n')
+    command = f"{sys.executable} -m dsbc.cli run --check -c {path}"
+    try:  # script(1): dsbc runs with a controlling terminal, where OpenSSL prompts
+        proc = subprocess.run(["script", "-qec", command, "/dev/null"], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=20, cwd=tmp_path, check=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"dsbc waited for a passphrase: {exc.stdout!r}")
+    assert proc.returncode == 2, proc.stdout
+    assert "pass phrase" not in proc.stdout, proc.stdout
+    assert (f"{path}:8: sip.tls_key: {tls_files['encrypted']} is encrypted with a passphrase, which dsbc "
+            "cannot ask for") in proc.stdout, proc.stdout
 
 
 def test_an_expired_or_expiring_certificate_is_announced(
