@@ -75,7 +75,7 @@ class RadiusService:
         self.loop = loop
         self.listeners: list[_Listener] = []
         self.addresses: list[Addr] = []
-        self._socks: dict[tuple[str, int], socket.socket] = {}
+        self._socks: dict[tuple[str, int, int], socket.socket] = {}
         self._timer = CoreTimer(self.loop, self.core.get_timer, self.core.handle_timer, self._send)
         self._pins = PinnedRows(store, pins_key, self.loop, "radius accounting sessions",
                                 legacy_key=STICKY_META_KEY if pins_key != STICKY_META_KEY else "")
@@ -101,13 +101,15 @@ class RadiusService:
         self._arm()
 
     def _upstream(self, system: str, slot: int, family: int) -> socket.socket:
-        sock = self._socks.get((system, slot))
+        # one socket per family too: a system's servers may be IPv4 and IPv6, and an IPv6
+        # address cannot leave through an IPv4 socket (its failover to the other failed)
+        sock = self._socks.get((system, slot, family))
         if sock is None:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.setblocking(False)
             sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
             self.loop.add_reader(sock.fileno(), self._on_readable, system, slot, sock)
-            self._socks[(system, slot)] = sock
+            self._socks[(system, slot, family)] = sock
         return sock
 
     def _send(self, outs: list[Out]) -> None:

@@ -1,0 +1,70 @@
+"""RADIUS servers of both address families in one system, through real sockets.
+
+Found by an audit: dsbc kept one upstream socket per system (and identifier slot), of the
+family of the first server it sent to.  With ``radius = ["10.0.0.30:1812",
+"[2001:db8::30]:1812"]``, once the IPv4 server was down every request failed to leave for
+the IPv6 one (an IPv6 address on an IPv4 socket): the live server was marked down too and
+the NAS got no answer at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+from dsbc.config import parse_config
+from dsbc.emulator.billing import sample_rows
+from dsbc.emulator.radius_server import start_radius_emulator
+from dsbc.radius import packet as rp
+from dsbc.radius.service import start_radius
+from dsbc.store import open_store
+from tests.peers.net import free_port
+from tests.test_radius_core import access_request
+
+NAS = b"nas-secret"
+
+
+def test_a_system_with_an_ipv4_and_an_ipv6_server_fails_over_between_them(tmp_path: Path) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the IPv4 server: down
+        silent.bind(("127.0.0.1", 0))
+        live = await start_radius_emulator("MR100", "::1", 0, 0, "src-secret")
+        auth_port = free_port("udp")
+        cfg = parse_config(
+            f'[systems.source]\nradius = ["127.0.0.1:{silent.getsockname()[1]}", "[::1]:{live.auth_addr[1]}"]\n'
+            f'radius_acct = ["[::1]:{live.acct_addr[1]}"]\nradius_secret = "src-secret"\n'
+            f'[radius]\nenabled = true\nauth_listen = "127.0.0.1:{auth_port}"\n'
+            f'acct_listen = "127.0.0.1:{free_port("udp")}"\ntimeout = 0.3\nretries = 0\n'
+            f'[[radius.clients]]\naddress = "127.0.0.1"\nsecret = "{NAS.decode()}"\n'
+        )
+        store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+        store.import_rows(sample_rows())
+        svc = await start_radius(cfg, store)
+        nas = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        nas.setblocking(False)
+        nas.bind(("127.0.0.1", 0))
+        try:
+            answer = b""
+            # the NAS retransmits (a new identifier each time here): the first try meets the
+            # silent server, a later one the IPv6 server, which answers
+            for ident in range(1, 8):
+                nas.sendto(access_request("100001", ident=ident, password=b"secret", secret=NAS),
+                           ("127.0.0.1", auth_port))
+                try:
+                    answer = await asyncio.wait_for(loop.sock_recv(nas, 4096), 0.6)
+                    break
+                except TimeoutError:
+                    continue
+            assert answer, f"no answer; {svc.status()}"
+            assert rp.decode(answer).code == rp.ACCESS_ACCEPT
+            assert svc.send_errors == 0
+        finally:
+            nas.close()
+            silent.close()
+            await svc.stop(persist=False)
+            await live.stop()
+            store.close()
+
+    asyncio.run(main())
