@@ -388,7 +388,7 @@ class ApiProxy(Flows):
                 if secure:
                     self.tls_addresses.add((addr[0], addr[1]))
         shown = [
-            f"{'https' if a in self.tls_addresses else 'http'}://{a[0]}:{a[1]}"
+            f"{'https' if a in self.tls_addresses else 'http'}://{_hostport(*a)}"
             for a in self.addresses
         ]
         log.info("API dispatcher listening on %s", ", ".join(shown))
@@ -472,7 +472,7 @@ class ApiProxy(Flows):
 
     def status(self) -> dict[str, Any]:
         return {
-            "listening": [f"{h}:{p}" for h, p in self.addresses],
+            "listening": [_hostport(h, p) for h, p in self.addresses],
             "tls": bool(self.settings.tls_cert),
             "vhosts": [
                 f"{v.host}{':' + str(v.port) if v.port else ''} ({v.realm})"
@@ -591,3 +591,8 @@ class ApiProxy(Flows):
                 return bytes(buf), True
             buf += chunk
         return bytes(buf), False
+
+
+def _hostport(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (a URL an operator can paste)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -46,7 +46,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from api_proxy.server import HeadTimeoutHandler, answered_in_11, head_too_large, refusal_reason
 
-from .config import Config, parse_hostport
+from .config import Config, format_hostport, parse_hostport
 from .imports import import_refusal, keep_stored_groups
 from .metrics import read_retired, read_snapshots, render, summarize, worker_key
 from .migrate import (
@@ -229,7 +229,7 @@ class ControlService:
         server = self.site._server
         socks = getattr(server, "sockets", None) or []
         self.address = socks[0].getsockname()[:2] if socks else (host, port)
-        log.info("control API on http://%s:%d%s", host, self.address[1],
+        log.info("control API on http://%s%s", format_hostport(host, self.address[1]),
                  "" if self.token else " (no control.token: /v1 is refused)")
 
     def drain(self) -> None:

@@ -83,3 +83,38 @@ def test_plain_http_provisioning_beside_https_self_care(tmp_path: Path) -> None:
             store.close()
 
     run(main)
+
+
+def test_ipv6_listeners_are_shown_as_urls_and_addresses_one_can_use(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start logged "API dispatcher listening on http://::1:8443" (and "control API on
+    http://::1:8080", "radius: auth on ::1:1812"), and dsbc status listed "::1:8443" and a
+    RADIUS server "::1:1812": neither a URL nor an address one can paste (found by an
+    audit).  IPv6 addresses are written in brackets."""
+    import logging
+
+    from dsbc.radius.core import RadiusCore, SystemTarget
+
+    async def main() -> None:
+        rows = sample_rows()
+        source = await start_billing_emulator("MR100", "::1", 0, rows, system="source")
+        target = await start_billing_emulator("MR115", "::1", 0, rows, system="target")
+        store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+        port = free_port()
+        cfg = parse_config(f'[api]\nlisten = ["[::1]:{port}"]\nsource = "{source.url}"\ntarget = "{target.url}"\n')
+        with caplog.at_level(logging.INFO):
+            api = await start_api(cfg, store)
+        try:
+            assert f"API dispatcher listening on http://[::1]:{port}" in caplog.text
+            assert api.proxy.status()["listening"] == [f"[::1]:{port}"]
+        finally:
+            await api.stop()
+            await source.stop()
+            await target.stop()
+            store.close()
+
+    run(main)
+    core = RadiusCore([("::1", "s")], [SystemTarget("source", "s", [("::1", 1812)], [("::1", 1813)])],
+                      lambda user, now: None)
+    assert list(core.status()["systems"]["source"]["servers"]) == ["[::1]:1812", "[::1]:1813"]

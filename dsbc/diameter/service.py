@@ -15,7 +15,7 @@ import logging
 import socket
 from typing import Any
 
-from dsbc.config import Config, parse_hostport
+from dsbc.config import Config, format_hostport, parse_hostport
 from dsbc.diameter import codec as dc
 from dsbc.diameter.peer import Connection, ConnState, LocalNode, PeerLink
 from dsbc.diameter.routing import TO_CLIENT, DiameterRouter, Send, SystemRoute
@@ -227,8 +227,8 @@ class DiameterService:
                 except OSError:
                     return
             await asyncio.sleep(0.01)
-        log.warning("diameter: no successor listening on %s:%d after %g s; disconnecting "
-                    "the clients anyway", address[0], address[1], SUCCESSOR_WAIT)
+        log.warning("diameter: no successor listening on %s after %g s; disconnecting "
+                    "the clients anyway", format_hostport(address[0], address[1]), SUCCESSOR_WAIT)
 
 
 async def start_diameter(cfg: Config, store: LocationStore) -> DiameterService:
@@ -268,10 +268,10 @@ async def start_diameter(cfg: Config, store: LocationStore) -> DiameterService:
     while svc.loop.time() < deadline and not all(link.is_open for link in svc.links.values()):
         await asyncio.sleep(0.01)
     await svc.server.start_serving()
-    log.info("diameter: listening on %s:%d as %s", *svc.address, c.origin_host)
+    log.info("diameter: listening on %s as %s", format_hostport(*svc.address), c.origin_host)
     if not c.clients and not ipaddress.ip_address(svc.address[0]).is_loopback:
-        log.warning("diameter: diameter.clients is empty: any host that reaches %s:%d may connect",
-                    *svc.address)
+        log.warning("diameter: diameter.clients is empty: any host that reaches %s may connect",
+                    format_hostport(*svc.address))
     return svc
 
 

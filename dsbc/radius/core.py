@@ -223,7 +223,7 @@ class RadiusCore:
         timeouts: dict[str, int] = {}
         for kind in (AUTH, ACCT):
             for addr in s.servers[kind]:
-                name = f"{addr[0]}:{addr[1]}"
+                name = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
                 if s.dead_until.get(addr, 0.0) > self._last_now:
                     servers[name] = "dead"
                 else:  # "untried": nothing has come back from it yet (dsbc sends no probes)

@@ -15,7 +15,7 @@ import logging
 import socket
 from typing import Any
 
-from dsbc.config import Config, parse_hostport
+from dsbc.config import Config, format_hostport, parse_hostport
 from dsbc.radius.core import ACCT, AUTH, TO_CLIENT, Addr, Out, RadiusCore, SystemTarget
 from dsbc.store.base import LocationStore
 from sip.transport_sockets import big_buffers
@@ -153,7 +153,7 @@ class RadiusService:
 
     def status(self) -> dict[str, Any]:
         st = self.core.status()
-        st["listen"] = [f"{h}:{p}" for h, p in self.addresses]
+        st["listen"] = [format_hostport(h, p) for h, p in self.addresses]
         st["send_errors"] = self.send_errors
         return st
 
@@ -234,5 +234,5 @@ async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
     # last pins just before it closed them (the load above serves requests read meanwhile)
     svc._restore()
     svc._persist_task = loop.create_task(svc._persist_loop())
-    log.info("radius: auth on %s:%d, acct on %s:%d", *svc.addresses[0], *svc.addresses[1])
+    log.info("radius: auth on %s, acct on %s", format_hostport(*svc.addresses[0]), format_hostport(*svc.addresses[1]))
     return svc
