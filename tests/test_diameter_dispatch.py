@@ -579,3 +579,56 @@ def test_a_client_told_to_reconnect_at_a_reload_finds_the_successor_listening(tm
         asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         store.close()
+
+
+WILDCARD_PROBE = """
+import asyncio, sys
+from dsbc.config import parse_config
+from dsbc.diameter import start_diameter
+from dsbc.emulator.diameter_peer import CreditControlClient
+from tests.test_radius_core import open_test_store
+from pathlib import Path
+
+async def main():
+    store = open_test_store(Path(sys.argv[1]))
+    cfg = parse_config('[diameter]\\nenabled = true\\nlisten = "[::]:3868"\\nclients = ["127.0.0.1", "::1"]\\n')
+    svc = await start_diameter(cfg, store)
+    try:
+        for host in ("127.0.0.1", "::1"):
+            try:
+                client = await CreditControlClient("pgw.example", "example", "example").connect(host, 3868, timeout=3)
+                print(host, "open")
+                await client.stop()
+            except OSError as exc:
+                print(host, "error", exc.strerror or exc)
+    finally:
+        await svc.stop()
+        store.close()
+
+asyncio.run(asyncio.wait_for(main(), 30))
+"""
+
+
+def test_a_wildcard_listener_takes_ipv4_clients_too(tmp_path: Path) -> None:
+    """``listen = "[::]:3868"`` listened on IPv6 only (asyncio sets IPV6_V6ONLY), where SIP's
+    and RADIUS's ``[::]`` take both families and the service answers an IPv4 client of a
+    dual-stack listener with its IPv4 address: every IPv4 PGW was refused (found by an
+    audit).  Run in a network namespace of its own (a wildcard bind)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs root and unshare(1) for a network namespace")
+    (tmp_path / "probe.py").write_text(WILDCARD_PROBE)
+    try:
+        proc = subprocess.run(["unshare", "-n", "bash", "-c",
+                               f"ip link set lo up; PYTHONPATH=. {sys.executable} {tmp_path}/probe.py {tmp_path}"],
+                              capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).resolve().parents[1], check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the namespace run did not end")
+    if "unshare failed" in proc.stderr or "Operation not permitted" in proc.stderr:
+        pytest.skip(f"no network namespace here: {proc.stderr.strip()}")
+    assert proc.stdout.splitlines() == ["127.0.0.1 open", "::1 open"], (proc.stdout, proc.stderr)

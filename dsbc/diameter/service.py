@@ -247,8 +247,12 @@ async def start_diameter(cfg: Config, store: LocationStore) -> DiameterService:
     svc._restore()
     # not serving until the links to the systems are open (below): on a reload the clients
     # of the replaced worker reconnect here, and would get 3002 for their first requests
-    svc.server = await svc.loop.create_server(svc.new_client, host, port, reuse_address=True,
-                                              start_serving=False)
+    if host == "::":
+        svc.server = await svc.loop.create_server(svc.new_client, sock=_dual_stack_socket(port),
+                                                  start_serving=False)
+    else:
+        svc.server = await svc.loop.create_server(svc.new_client, host, port, reuse_address=True,
+                                                  start_serving=False)
     # again now that the port is this worker's: a predecessor (a SIGHUP reload) saved its
     # last sessions just before it closed it
     svc._restore()
@@ -273,6 +277,22 @@ async def start_diameter(cfg: Config, store: LocationStore) -> DiameterService:
         log.warning("diameter: diameter.clients is empty: any host that reaches %s may connect",
                     format_hostport(*svc.address))
     return svc
+
+
+def _dual_stack_socket(port: int) -> socket.socket:
+    """A listening socket on ``::`` that takes IPv4 clients too, as SIP's and RADIUS's
+    wildcard listeners do (asyncio would set IPV6_V6ONLY: every IPv4 PGW was refused)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::", port))
+        sock.listen(100)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _primary_ip() -> str:
