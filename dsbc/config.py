@@ -275,7 +275,12 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_peer(text: str) -> tuple[Network, int | None]:
-    """A peer entry: a CIDR, an IP, or IP:PORT -> (network, port or None); ValueError if none."""
+    """A peer entry: a CIDR, an IP, or IP:PORT -> (network, port or None); ValueError if none.
+    An IPv6 address or network may be written in brackets ("[::1]", "[2001:db8::]/32")."""
+    if text.startswith("[") and "]" in text:
+        inner, _, rest = text[1:].partition("]")
+        if not rest or rest.startswith("/"):
+            text = inner + rest
     if "/" in text:
         return ipaddress.ip_network(text, strict=False), None
     try:

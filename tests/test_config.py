@@ -478,3 +478,15 @@ def test_ip_addresses_are_written_the_way_packets_show_them() -> None:
 
     assert [(n.host, n.port) for n in system_nodes(cfg)] == [("::1", 5070)]
     assert trusted_peers(cfg).contains("::1", 5070)
+
+
+def test_trusted_peers_take_ipv6_in_brackets() -> None:
+    """``"[::1]"`` and ``"[2001:db8::]/32"`` were "not a CIDR, an IP or IP:PORT" though
+    ``"[::1]:5060"`` was one (found by an audit)."""
+    from dsbc.sip_service import peer_set
+
+    cfg = parse_config('[sip]\ntrusted_peers = ["[::1]", "[2001:db8::]/32", "[::2]:5060"]\n'
+                       '[[radius.clients]]\naddress = "[2001:db8::]/48"\nsecret = "s"\n')
+    peers = peer_set(cfg.sip.trusted_peers)
+    assert peers.contains("::1", 1234) and peers.contains("2001:db8::7", 5060) and peers.contains("::2", 5060)
+    assert not peers.contains("::2", 5061) and not peers.contains("2001:db9::1", 5060)
