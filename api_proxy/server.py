@@ -52,6 +52,7 @@ from api_proxy.flows import Flows
 from api_proxy.forward import Ctx
 from api_proxy.h1 import origin_form
 from api_proxy.router import ProxySettings, Router, Vhost, VhostTable
+from sip.transport_tls import TlsAcceptor, listening_sockets
 
 log = logging.getLogger("api_proxy")
 # aiohttp's placeholder message for a request head it could not parse (None if a later
@@ -292,7 +293,10 @@ class ApiProxy(Flows):
         self.table = VhostTable(settings.vhosts)
         self._runner: web.ServerRunner | None = None
         self._aio: _Server | None = None
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[asyncio.Server | TlsAcceptor] = []
+        #: TLS connections accepted and still in their handshake: they hold a slot of the caps
+        self._handshaking: dict[str, int] = {}
+        self._handshaking_total = 0
         self.fast_conns: set[FastConn] = set()
         self._pools: dict[tuple[bool, str, int], UpstreamPool] = {}
         self._upstreams: dict[tuple[int, str], tuple[UpstreamPool, Origin]] = {}
@@ -301,6 +305,7 @@ class ApiProxy(Flows):
         self._conns = 0
         self._per_ip: dict[str, int] = {}
         self.metrics.setdefault("connections_refused", 0)
+        self.metrics.setdefault("tls_handshake_failed", 0)  # TLS clients that did not finish theirs
         self.metrics.setdefault("fast_path", 0)  # requests the fast path took
         self.metrics.setdefault("handed_over", 0)  # connections it gave to aiohttp
         self.metrics.setdefault("client_gone", 0)  # clients that left while their request was read
@@ -313,6 +318,31 @@ class ApiProxy(Flows):
         self._conns += 1
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         return True
+
+    # the TLS acceptors' gate (sip.transport_tls.Gate): a slot from the accept to the end of
+    # the handshake; FastConn.connection_made then counts the connection as any other
+
+    def admit(self, ip: str) -> bool:
+        s = self.settings
+        if (self._conns + self._handshaking_total >= s.max_connections
+                or self._per_ip.get(ip, 0) + self._handshaking.get(ip, 0) >= s.max_connections_per_ip):
+            self.metrics["connections_refused"] += 1
+            return False
+        self._handshaking[ip] = self._handshaking.get(ip, 0) + 1
+        self._handshaking_total += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        n = self._handshaking.get(ip, 1) - 1
+        if n > 0:
+            self._handshaking[ip] = n
+        else:
+            self._handshaking.pop(ip, None)
+        self._handshaking_total -= 1
+
+    def failed(self, ip: str, exc: BaseException) -> None:
+        self.metrics["tls_handshake_failed"] += 1
+        log.debug("TLS handshake with %s failed: %s", ip, exc or type(exc).__name__)
 
     def release_connection(self, ip: str) -> None:
         self._conns -= 1
@@ -366,15 +396,18 @@ class ApiProxy(Flows):
         listeners = [(a, tls) for a in self.settings.listen]
         listeners += [(a, None) for a in self.settings.plain_listen]
         for (host, port), ctx in listeners:
-            secure = ctx is not None
+            if ctx is not None:  # admitted at the accept, before the handshake (sip/transport_tls.py)
+                for sock in await listening_sockets(loop, host, port):
+                    self._servers.append(TlsAcceptor(
+                        loop, sock, lambda: FastConn(self, True), ctx, self.settings.header_timeout, self))
+                    addr = sock.getsockname()
+                    self.addresses.append((addr[0], addr[1]))
+                    self.tls_addresses.add((addr[0], addr[1]))
+                continue
             srv = await loop.create_server(
-                lambda secure=secure: FastConn(self, secure),
+                lambda: FastConn(self, False),
                 host,
                 port,
-                ssl=ctx,
-                # a client silent or stalled in its handshake is dropped as a slow request
-                # head is (asyncio's default would hold its slot for 60 s)
-                ssl_handshake_timeout=self.settings.header_timeout if secure else None,
                 reuse_address=True,
                 # a reload's new worker listens beside the one it replaces, which stops
                 # accepting as it drains: no moment without a listener (as control.py)
@@ -385,8 +418,6 @@ class ApiProxy(Flows):
             for sock in srv.sockets or []:
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
-                if secure:
-                    self.tls_addresses.add((addr[0], addr[1]))
         shown = [
             f"{'https' if a in self.tls_addresses else 'http'}://{_hostport(*a)}"
             for a in self.addresses
@@ -596,3 +627,4 @@ class ApiProxy(Flows):
 def _hostport(host: str, port: int) -> str:
     """``host:port``, an IPv6 address in brackets (a URL an operator can paste)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+

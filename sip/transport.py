@@ -30,6 +30,7 @@ from .framing import NEED_DATA, PING, PONG, StreamFramer
 from .message import SipMessage, parse_message
 from .proxy import ProxyCore, Send
 from .transport_sockets import big_buffers
+from .transport_tls import TlsAcceptor
 
 log = logging.getLogger("dsbc.sip")
 
@@ -266,7 +267,11 @@ class SipEndpoint:
         self.by_addr: dict[tuple[str, str, int], SipStream] = {}
         self.per_ip: dict[str, int] = {}
         self.udp: list[SipDatagram] = []
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.AbstractServer | TlsAcceptor] = []
+        #: TLS connections accepted and still in their handshake, per source IP and in all:
+        #: they hold a slot of the caps (transport_tls.py)
+        self.handshaking: dict[str, int] = {}
+        self.handshaking_total = 0
         self.health_udp: SipDatagram | None = None
         self._ipc: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -318,11 +323,15 @@ class SipEndpoint:
                 except OSError:
                     sock.close()
                     raise
+                if ctx is not None:  # admitted at the accept, before the handshake
+                    sock.listen(1024)
+                    self.servers.append(TlsAcceptor(
+                        self.loop, sock, lambda: SipStream(self, transport_name="tls"), ctx,
+                        min(60.0, self.tcp_stall_timeout), self))
+                    continue
                 server = await self.loop.create_server(
-                    lambda t=transport: SipStream(self, transport_name=t),
+                    lambda: SipStream(self, transport_name="tcp"),
                     sock=sock,
-                    ssl=ctx,
-                    ssl_handshake_timeout=min(60.0, self.tcp_stall_timeout) if ctx is not None else None,
                     backlog=1024,
                 )
                 self.servers.append(server)
@@ -355,6 +364,33 @@ class SipEndpoint:
         for c in list(self.conns.values()):
             if c.transport:
                 c.transport.close()
+
+    # --- the TLS acceptors' gate (transport_tls.Gate) ---------------------------------------
+
+    def admit(self, ip: str) -> bool:
+        """A slot for a TLS connection from ``ip`` in its handshake, or refused (over a cap)."""
+        ip = _unmapped(ip)
+        if len(self.conns) + self.handshaking_total >= self.max_connections or (
+            self.per_ip.get(ip, 0) + self.handshaking.get(ip, 0) >= self.max_connections_per_ip
+        ):
+            self.core.counters["tcp_refused"] += 1
+            return False
+        self.handshaking[ip] = self.handshaking.get(ip, 0) + 1
+        self.handshaking_total += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        ip = _unmapped(ip)
+        n = self.handshaking.get(ip, 1) - 1
+        if n > 0:
+            self.handshaking[ip] = n
+        else:
+            self.handshaking.pop(ip, None)
+        self.handshaking_total -= 1
+
+    def failed(self, ip: str, exc: BaseException) -> None:
+        self.core.counters["tls_handshake_failed"] += 1
+        log.debug("TLS handshake with %s failed: %s", _unmapped(ip), exc or type(exc).__name__)
 
     def stop_listening(self) -> None:
         """Drain: stop accepting new connections, keep the existing ones.  The UDP sockets

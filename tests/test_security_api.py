@@ -225,6 +225,51 @@ def test_a_tls_client_that_stalls_in_its_handshake_is_dropped_after_header_timeo
     run(main)
 
 
+def test_api_caps_hold_for_tls_clients_still_in_their_handshake(tmp_path: Path) -> None:
+    """The caps were checked once a connection's TLS handshake was done: a source that never
+    finished one held any number of connections (each for header_timeout) past
+    max_connections_per_ip, and a failed handshake was not counted (found by an audit)."""
+    from tests.peers.tlsca import TestCA, openssl_available
+
+    if not openssl_available():
+        pytest.skip("openssl is not installed")
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue("api", ips=["127.0.0.1"])
+
+    async def main() -> None:
+        extra = f'tls_cert = "{cert}"\ntls_key = "{key}"\nmax_connections_per_ip = 3\nheader_timeout = 5.0\n'
+        async with ApiEnv(tmp_path, extra_api=extra) as env:
+            u = urlsplit(env.url)
+            silent = [await asyncio.open_connection(u.hostname, u.port) for _ in range(3)]
+            try:
+                reader, writer = await asyncio.open_connection(u.hostname, u.port)  # the 4th
+                try:
+                    assert await asyncio.wait_for(reader.read(1), 2.0) == b""
+                except ConnectionError:
+                    pass
+                except TimeoutError:
+                    pytest.fail("a 4th connection in its TLS handshake was kept past max_connections_per_ip")
+                writer.close()
+                assert env.api.metrics["connections_refused"] >= 1
+                # another address is served meanwhile; a handshake that fails is counted
+                _r, w = await asyncio.open_connection(u.hostname, u.port, ssl=ca.client_context(),
+                                                     local_addr=("127.0.0.3", 0))
+                w.close()
+                with pytest.raises(ssl.SSLError):
+                    await asyncio.open_connection(u.hostname, u.port, ssl=ssl.create_default_context(),
+                                                  server_hostname="localhost", local_addr=("127.0.0.4", 0))
+                for _ in range(50):
+                    if env.api.metrics["tls_handshake_failed"] >= 1:
+                        break
+                    await asyncio.sleep(0.05)
+                assert env.api.metrics["tls_handshake_failed"] == 1
+            finally:
+                for _, w in silent:
+                    w.close()
+
+    run(main)
+
+
 def test_api_connection_caps_in_total_and_per_source(tmp_path: Path) -> None:
     async def open_from(url: str, ip: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         u = urlsplit(url)

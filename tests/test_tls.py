@@ -457,3 +457,47 @@ def _try_fp(addr: tuple[str, int]) -> str | None:
         return served_fingerprint(addr)
     except (OSError, ssl.SSLError):
         return None
+
+
+def test_connection_caps_hold_for_tls_clients_still_in_their_handshake(
+    ca: TestCA, dsbc_factory: Factory
+) -> None:
+    """The caps were checked once a connection's TLS handshake was done: a source that
+    opened connections to a tls: listener and never finished its handshake held as many as
+    it liked (each for tcp_stall_timeout), past max_connections_per_ip, where the 4th plain
+    TCP connection is closed at once; and a failed handshake was neither logged nor
+    counted (found by an audit).  They are now counted from the accept."""
+    d = dsbc_factory(
+        customers=CUSTOMERS,
+        transports=("udp", "tls"),
+        tls=ca.issue("dsbc-caps", ips=["127.0.0.1"]),
+        sip_extra="max_connections_per_ip = 3\n",
+    )
+    addr = (d.ip, d.tls_port)
+    silent = [socket.create_connection(addr, timeout=3) for _ in range(3)]
+    try:
+        extra = socket.create_connection(addr, timeout=3)  # the 4th from one address
+        extra.settimeout(2.0)
+        start = time.monotonic()
+        try:
+            assert extra.recv(1) == b""
+        except ConnectionError:
+            pass
+        except TimeoutError:
+            pytest.fail("a 4th connection in its TLS handshake was kept past max_connections_per_ip")
+        assert time.monotonic() - start < 2.0
+        extra.close()
+        # another address is served meanwhile
+        assert tls_options_status(ca.client_context(), addr, "127.0.0.3") == 200
+        # a handshake that fails is counted
+        stranger = ssl.create_default_context()  # trusts the system CAs, not the test CA
+        with socket.create_connection(addr, timeout=3, source_address=("127.0.0.4", 0)) as raw, \
+                pytest.raises(ssl.SSLError):
+            stranger.wrap_socket(raw, server_hostname="localhost")
+        c = d.counters_when(lambda c: c.get("tls_handshake_failed", 0) >= 1 and c.get("tcp_refused", 0) >= 1)
+        assert c.get("tls_handshake_failed") == 1 and c.get("tcp_refused") == 1, c
+    finally:
+        for s in silent:
+            s.close()
+    # the slots are free again once those clients are gone
+    assert wait_for(lambda: tls_options_status(ca.client_context(), addr, "127.0.0.2") == 200)
