@@ -208,9 +208,17 @@ def _check_specified(host: str, where: str) -> None:
 def _check_url(value: str, where: str) -> None:
     if value and not re.match(r"^https?://[^/\s]+", value):
         raise ValueError(f"{where}: {value!r} is not an http:// or https:// URL")
-    if "@" in value.partition("://")[2].partition("/")[0]:
+    authority = re.split(r"[/?#]", value.partition("://")[2], maxsplit=1)[0]
+    if "@" in authority:
         # dropped by the HTTP client: the clients' own Authorization goes through instead
         raise ValueError(f"{where}: a user name or password in the URL is not used (no 'user:pass@')")
+    if value:
+        # what the HTTP client would refuse at each request, with a traceback in the worker
+        # ("http://::1:8080", "http://[::1", a port out of range): refused here
+        try:
+            parse_hostport(authority, 443 if value.lower().startswith("https") else 80)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {value!r} is not a usable URL: {exc}") from None
 
 
 # --- sections ------------------------------------------------------------------------

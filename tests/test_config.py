@@ -101,6 +101,15 @@ def replace(old: str, new: str) -> str:
          "dsbc.toml:23: sip.trusted_peers: 'not-an-ip' is not a CIDR, an IP or IP:PORT"),
         (replace('api = "https://mr115.example.com"', 'api = "ftp://mr115"'),
          "dsbc.toml:19: systems.target.api: 'ftp://mr115' is not an http:// or https:// URL"),
+        # these passed the start, then every request to that system was a traceback in the
+        # worker ("Fatal error on transport") and a fault for the client (found by an audit)
+        (replace('api = "https://mr115.example.com"', 'api = "http://::1:8080"'),
+         ("dsbc.toml:19: systems.target.api: 'http://::1:8080' is not a usable URL: ambiguous address "
+          "'::1:8080': write [::1]:8080 for address ::1 port 8080, or [::1:8080] for the address ::1:8080")),
+        (replace('api = "https://mr115.example.com"', 'api = "https://[2001:db8::1/rest"'),
+         "dsbc.toml:19: systems.target.api: 'https://[2001:db8::1/rest' is not a usable URL: bad address '[2001:db8::1'"),
+        (replace('api = "https://mr115.example.com"', 'api = "https://[2001:db8::1]:99999"'),
+         "dsbc.toml:19: systems.target.api: 'https://[2001:db8::1]:99999' is not a usable URL: bad port in '[2001:db8::1]:99999'"),
         (replace('"udp:10.0.1.11:5060"', '"udp:10.0.1.11:99999"'),
          "dsbc.toml:15: systems.target.sip: bad port in '10.0.1.11:99999'"),
         (replace('realm = "customer"', 'realm = "nobody"'),
