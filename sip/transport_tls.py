@@ -60,10 +60,13 @@ class TlsAcceptor:
         loop.add_reader(sock.fileno(), self._readable)
 
     def close(self) -> None:
-        """Accept no more (the handshakes in progress go on), as ``Server.close()``."""
+        """Accept no more, as ``Server.close()``; a handshake still in progress is dropped
+        (the client connects again, to a reload's successor), not left to a closing loop."""
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
+        for task in list(self.handshakes):
+            task.cancel()
 
     def _readable(self) -> None:
         for _ in range(ACCEPT_BATCH):
