@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -226,6 +229,23 @@ def test_emulators_duplicates_and_bad_input(tmp_path: Path) -> None:
         store.close()
 
 
+@contextlib.asynccontextmanager
+async def emulated_systems(store: LocationStore, client_extra: str = "") -> AsyncIterator[Any]:
+    """dsbc's RADIUS dispatcher before the product's two emulated servers (secrets s1, s2);
+    ``client_extra``: more keys of the one [[radius.clients]] entry."""
+    e1 = await start_radius_emulator("MR100", "127.0.0.1", 0, 0, "s1")
+    e2 = await start_radius_emulator("MR115", "127.0.0.1", 0, 0, "s2")
+    text = dsbc_config(([f"127.0.0.1:{e1.auth_addr[1]}"], [f"127.0.0.1:{e1.acct_addr[1]}"], "s1"),
+                       ([f"127.0.0.1:{e2.auth_addr[1]}"], [f"127.0.0.1:{e2.acct_addr[1]}"], "s2"))
+    svc = await start_radius(parse_config(text + client_extra), store)
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+        e1.stop()
+        await e2.stop()
+
+
 @pytest.mark.skipif(RADCLIENT is None, reason="radclient not installed")
 def test_a_client_that_must_sign_loses_its_unsigned_access_requests(tmp_path: Path) -> None:
     """radius.clients[].require_message_authenticator (FreeRADIUS's option of that name,
@@ -235,13 +255,8 @@ def test_a_client_that_must_sign_loses_its_unsigned_access_requests(tmp_path: Pa
     seed(store)
 
     async def scenario() -> None:
-        e1 = await start_radius_emulator("MR100", "127.0.0.1", 0, 0, "s1")
-        e2 = await start_radius_emulator("MR115", "127.0.0.1", 0, 0, "s2")
-        text = dsbc_config(([f"127.0.0.1:{e1.auth_addr[1]}"], [f"127.0.0.1:{e1.acct_addr[1]}"], "s1"),
-                           ([f"127.0.0.1:{e2.auth_addr[1]}"], [f"127.0.0.1:{e2.acct_addr[1]}"], "s2"))
-        svc = await start_radius(parse_config(text + "require_message_authenticator = true\n"), store)
-        auth, _ = svc.addresses
-        try:
+        async with emulated_systems(store, "require_message_authenticator = true\n") as svc:
+            auth, _ = svc.addresses
             unsigned = await radclient(auth, "auth", NAS_SECRET, "User-Name=carol,User-Password=pw", timeout=0.5)
             assert unsigned == "", unsigned
             assert svc.status()["drops"] == {"no_message_authenticator": 1}, svc.status()
@@ -252,10 +267,6 @@ def test_a_client_that_must_sign_loses_its_unsigned_access_requests(tmp_path: Pa
             acct = await radclient(svc.addresses[1], "acct", NAS_SECRET,
                                    "User-Name=carol,Acct-Status-Type=Start,Acct-Session-Id=s1")
             assert "Accounting-Response" in acct, acct
-        finally:
-            await svc.stop()
-            e1.stop()
-            await e2.stop()
 
     try:
         asyncio.run(scenario())
