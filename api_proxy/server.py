@@ -52,7 +52,7 @@ from api_proxy.flows import Flows
 from api_proxy.forward import Ctx
 from api_proxy.h1 import origin_form
 from api_proxy.router import ProxySettings, Router, Vhost, VhostTable
-from sip.transport_tls import TlsAcceptor, listening_sockets
+from sip.transport_tls import Handshaking, TlsAcceptor, listening_sockets
 
 log = logging.getLogger("api_proxy")
 # aiohttp's placeholder message for a request head it could not parse (None if a later
@@ -295,8 +295,7 @@ class ApiProxy(Flows):
         self._aio: _Server | None = None
         self._servers: list[asyncio.Server | TlsAcceptor] = []
         #: TLS connections accepted and still in their handshake: they hold a slot of the caps
-        self._handshaking: dict[str, int] = {}
-        self._handshaking_total = 0
+        self._handshaking = Handshaking()
         self.fast_conns: set[FastConn] = set()
         self._pools: dict[tuple[bool, str, int], UpstreamPool] = {}
         self._upstreams: dict[tuple[int, str], tuple[UpstreamPool, Origin]] = {}
@@ -324,21 +323,14 @@ class ApiProxy(Flows):
 
     def admit(self, ip: str) -> bool:
         s = self.settings
-        if (self._conns + self._handshaking_total >= s.max_connections
-                or self._per_ip.get(ip, 0) + self._handshaking.get(ip, 0) >= s.max_connections_per_ip):
+        if not self._handshaking.take(ip, self._conns, self._per_ip.get(ip, 0),
+                                      s.max_connections, s.max_connections_per_ip):
             self.metrics["connections_refused"] += 1
             return False
-        self._handshaking[ip] = self._handshaking.get(ip, 0) + 1
-        self._handshaking_total += 1
         return True
 
     def release(self, ip: str) -> None:
-        n = self._handshaking.get(ip, 1) - 1
-        if n > 0:
-            self._handshaking[ip] = n
-        else:
-            self._handshaking.pop(ip, None)
-        self._handshaking_total -= 1
+        self._handshaking.release(ip)
 
     def failed(self, ip: str, exc: BaseException) -> None:
         self.metrics["tls_handshake_failed"] += 1

@@ -30,7 +30,7 @@ from .framing import NEED_DATA, PING, PONG, StreamFramer
 from .message import SipMessage, parse_message
 from .proxy import ProxyCore, Send
 from .transport_sockets import big_buffers
-from .transport_tls import TlsAcceptor
+from .transport_tls import Handshaking, TlsAcceptor
 
 log = logging.getLogger("dsbc.sip")
 
@@ -270,8 +270,7 @@ class SipEndpoint:
         self.servers: list[asyncio.AbstractServer | TlsAcceptor] = []
         #: TLS connections accepted and still in their handshake, per source IP and in all:
         #: they hold a slot of the caps (transport_tls.py)
-        self.handshaking: dict[str, int] = {}
-        self.handshaking_total = 0
+        self.handshaking = Handshaking()
         self.health_udp: SipDatagram | None = None
         self._ipc: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -370,23 +369,14 @@ class SipEndpoint:
     def admit(self, ip: str) -> bool:
         """A slot for a TLS connection from ``ip`` in its handshake, or refused (over a cap)."""
         ip = _unmapped(ip)
-        if len(self.conns) + self.handshaking_total >= self.max_connections or (
-            self.per_ip.get(ip, 0) + self.handshaking.get(ip, 0) >= self.max_connections_per_ip
-        ):
+        if not self.handshaking.take(ip, len(self.conns), self.per_ip.get(ip, 0),
+                                     self.max_connections, self.max_connections_per_ip):
             self.core.counters["tcp_refused"] += 1
             return False
-        self.handshaking[ip] = self.handshaking.get(ip, 0) + 1
-        self.handshaking_total += 1
         return True
 
     def release(self, ip: str) -> None:
-        ip = _unmapped(ip)
-        n = self.handshaking.get(ip, 1) - 1
-        if n > 0:
-            self.handshaking[ip] = n
-        else:
-            self.handshaking.pop(ip, None)
-        self.handshaking_total -= 1
+        self.handshaking.release(_unmapped(ip))
 
     def failed(self, ip: str, exc: BaseException) -> None:
         self.core.counters["tls_handshake_failed"] += 1

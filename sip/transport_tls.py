@@ -37,6 +37,32 @@ class Gate(Protocol):
     def failed(self, ip: str, exc: BaseException) -> None: ...
 
 
+class Handshaking:
+    """The connections still in their TLS handshake, per source IP and in all: a slot of
+    the listener's caps each, beside the connections its protocol already counts."""
+
+    def __init__(self) -> None:
+        self.per_ip: dict[str, int] = {}
+        self.total = 0
+
+    def take(self, ip: str, conns: int, ip_conns: int, max_conns: int, max_per_ip: int) -> bool:
+        """A slot for ``ip`` (which has ``ip_conns`` of the ``conns`` counted connections),
+        or False when it would pass ``max_conns`` or ``max_per_ip``."""
+        if conns + self.total >= max_conns or ip_conns + self.per_ip.get(ip, 0) >= max_per_ip:
+            return False
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.total += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        n = self.per_ip.get(ip, 1) - 1
+        if n > 0:
+            self.per_ip[ip] = n
+        else:
+            self.per_ip.pop(ip, None)
+        self.total -= 1
+
+
 class TlsAcceptor:
     """One TLS listening socket, accepted from by hand (see the module's text)."""
 
