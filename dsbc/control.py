@@ -48,7 +48,7 @@ from api_proxy.server import HeadTimeoutHandler, answered_in_11, head_too_large,
 
 from .config import Config, format_hostport, parse_hostport
 from .imports import import_refusal, keep_stored_groups
-from .metrics import read_retired, read_snapshots, render, summarize, worker_key
+from .metrics import read_retired, read_snapshots, render, summarize, with_retired, worker_key
 from .migrate import (
     BatchAborted,
     MigrationInterrupted,
@@ -622,8 +622,8 @@ class ControlService:
         return _json(out)
 
     async def status_handler(self, request: web.Request) -> web.Response:
-        snaps = self._snapshots()
-        out: dict[str, Any] = {"node": summarize(snaps), "draining": self.draining,
+        snaps, retired = self._snapshots_and_retired()
+        out: dict[str, Any] = {"node": with_retired(summarize(snaps), retired), "draining": self.draining,
                                "pid": self.node_pid, "uptime": round(time.time() - self.node_started, 1),
                                "store": {"url": _shown_url(self.store, self.cfg.store.url),
                                          "healthy": bool(self.store.healthy),

@@ -122,9 +122,34 @@ def retire(retired: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
         for labels, value in samples.items():
             key = json.dumps(labels)
             fam[1][key] = fam[1].get(key, 0.0) + value
+    status: dict[str, Any] = json.loads(json.dumps(retired.get("status") or {}))  # a deep copy
+    for name, part in _status_counts(summarize([snap])["services"]).items():
+        _add(status.setdefault(name, {}), part)
     key = worker_key(snap)
     folded = [k for k in (retired.get("folded") or []) if k != key] + [key]
-    return {"folded": folded[-_RETIRED_PIDS:], "families": families}
+    return {"folded": folded[-_RETIRED_PIDS:], "families": families, "status": status}
+
+
+#: the running totals `dsbc status` shows, by service (the rest are gauges or states)
+_STATUS_COUNTERS = {"sip": ("counters", "lookups", "misses"),
+                    "radius": ("requests", "answers", "duplicates", "held", "drops"),
+                    "diameter": ("requests", "answers", "held", "drops", "local_answers"),
+                    "api": ("metrics",)}
+
+
+def _status_counts(services: dict[str, Any]) -> dict[str, Any]:
+    return {name: {k: services[name][k] for k in keys if k in services[name]}
+            for name, keys in _STATUS_COUNTERS.items() if isinstance(services.get(name), dict)}
+
+
+def with_retired(summary: dict[str, Any], retired: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` (of the live workers) with the running totals of the gone ones added, as
+    /metrics adds them: `dsbc status` counts do not go back at a reload either."""
+    services = summary.get("services") or {}
+    for name, part in (retired.get("status") or {}).items():
+        if isinstance(services.get(name), dict) and isinstance(part, dict):
+            _add(services[name], part)
+    return summary
 
 
 # --- summing -------------------------------------------------------------------------------

@@ -173,3 +173,19 @@ def test_a_new_node_does_not_count_what_a_killed_one_left_behind(tmp_path: Path)
     with d, urllib.request.urlopen(d.control_url + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
     assert "12345" not in text
+
+
+def test_dsbc_status_keeps_a_gone_workers_totals_not_its_gauges() -> None:
+    """`dsbc status` (GET /v1/status) counted the live workers only: its totals went back
+    at every reload.  The gone workers' totals are added as /metrics adds them."""
+    from dsbc.metrics import retire, with_retired
+
+    retired = retire({}, snapshot(0, 7))
+    s = with_retired(summarize([snapshot(0, 2)]), retired)
+    sip = s["services"]["sip"]
+    assert sip["counters"]["requests_in:INVITE"] == 9 and sip["lookups"] == 14
+    assert (sip["held"], sip["connections"]) == (1, 4)  # gauges: the live worker's only
+    assert s["services"]["radius"]["requests"] == 10 and s["services"]["radius"]["accounting_sessions"] == 3
+    assert s["services"]["api"]["metrics"]["to_target"] == 10
+    lines = "\n".join(status_lines({"node": s}))
+    assert "requests    15 " in lines  # INVITE 9 + REGISTER 3 + 3

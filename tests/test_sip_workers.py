@@ -297,9 +297,17 @@ def test_counters_never_go_back_across_a_reload_and_a_killed_worker(cluster: tup
     before = scrape_counters(d)
     assert before[("dsbc_sip_requests_total", (("method", "REGISTER"),))] >= 24
 
+    def status_registers() -> int:  # what `dsbc status` shows (GET /v1/status)
+        code, st = d.control("GET", "/v1/status")
+        assert code == 200, st
+        return int(st["node"]["services"]["sip"]["counters"]["requests_in:REGISTER"])
+
+    shown = status_registers()
+
     def no_decrease(now: dict[tuple[str, tuple[tuple[str, str], ...]], float], when: str) -> None:
         gone = {k: (v, now.get(k)) for k, v in before.items() if now.get(k, -1.0) < v}
         assert not gone, f"{when}: {gone}"
+        assert status_registers() >= shown, f"{when}: dsbc status went back"
 
     pids = wait_workers(d, 2)
     os.kill(d.proc.pid, signal.SIGHUP)
@@ -312,7 +320,7 @@ def test_counters_never_go_back_across_a_reload_and_a_killed_worker(cluster: tup
         time.sleep(0.2)
     assert not alive & set(pids.values()), "the reload did not replace the workers"
     no_decrease(after := scrape_counters(d), "after the reload")
-    before = after
+    before, shown = after, status_registers()
     os.kill(wait_workers(d, 2)[1], signal.SIGKILL)
     for _ in range(15):
         no_decrease(scrape_counters(d), "after a worker was killed")
@@ -321,3 +329,4 @@ def test_counters_never_go_back_across_a_reload_and_a_killed_worker(cluster: tup
     time.sleep(1.5)
     final = scrape_counters(d)
     assert final[("dsbc_sip_requests_total", (("method", "REGISTER"),))] >= 24 + 8
+    assert status_registers() >= 24 + 8
