@@ -312,6 +312,7 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     trusted_peers: list[str] = []
     workers: int = 1
     flow_secret: str = ""
+    flow_secret_previous: list[str] = []  # still verify tokens, never sign (a rotation)
     migration_expires: int = 60
     options_interval: float = 5.0
     options_timeout: float = 2.0
@@ -349,6 +350,9 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("migration_expires: must be >= 1")
         if self.flow_secret and len(self.flow_secret.encode()) < 16:  # what sip.flow.FlowSigner needs
             raise ValueError('flow_secret: must be at least 16 octets ("" = made once and kept in the store)')
+        for i, old in enumerate(self.flow_secret_previous):
+            if len(old.encode()) < 16:
+                raise ValueError(f"flow_secret_previous: entry {i + 1} must be at least 16 octets")
         if any(e.startswith("tls:") for e in self.listen) and not (self.tls_cert and self.tls_key):
             raise ValueError("tls_cert: a tls: listener needs tls_cert and tls_key")
         if isinstance(self.tls_verify_client, list):

@@ -346,11 +346,17 @@ def _warn_flow_secret_change(running: Config, new: Config) -> None:
     every registration and the Record-Route of every call in progress.  Say so."""
     if not (running.sip.enabled and new.sip.enabled):
         return
+    if running.sip.flow_secret and running.sip.flow_secret in new.sip.flow_secret_previous:
+        if running.sip.flow_secret != new.sip.flow_secret:
+            log.info("reload: sip.flow_secret rotated; tokens signed with the previous one still "
+                     "verify while it is listed in sip.flow_secret_previous")
+        return
     if running.sip.flow_secret != new.sip.flow_secret or (
             not new.sip.flow_secret and running.store.url != new.store.url):
         log.warning("reload: sip.flow_secret changes (%s): the flow tokens of current registrations "
                     "and calls in progress no longer verify; requests toward those phones get 403 "
-                    "until they register again and their calls end",
+                    "until they register again and their calls end (list the old secret in "
+                    "sip.flow_secret_previous to keep them valid)",
                     "store.url and with it the store's secret" if running.sip.flow_secret == new.sip.flow_secret
                     else "a new secret")
 

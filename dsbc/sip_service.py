@@ -201,7 +201,7 @@ class SipService:
         )
         self.advertised = host
         self.router = StoreRouter(store, trusted_peers(cfg))
-        self.core = ProxyCore(settings, self.router, health, FlowSigner(flow_secret(cfg, store)))
+        self.core = ProxyCore(settings, self.router, health, FlowSigner(flow_secret(cfg, store), [p.encode() for p in cfg.sip.flow_secret_previous]))
         sc = cfg.sip
         self.admission = Admission(
             is_trusted=self.router.is_trusted,

@@ -15,6 +15,7 @@ import base64
 import hmac
 import ipaddress
 import struct
+from collections.abc import Sequence
 
 import msgspec
 
@@ -47,17 +48,33 @@ class Flow(msgspec.Struct, frozen=True, gc=False):
 class FlowSigner:
     """Signs and verifies flow tokens with one secret (shared by every worker and node)."""
 
-    __slots__ = ("_key", "_tags")
+    __slots__ = ("_key", "_old", "_tags")
 
     #: perf: tags computed lately (a call's INVITE tags its system, its ACK, BYE and
     #: re-INVITEs check the same text); bounded, holds only what this signer computed
     TAG_CACHE_SIZE = 8192
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, previous: Sequence[bytes] = ()) -> None:
+        """``previous``: secrets of a rotation (``sip.flow_secret_previous``): what they
+        signed still verifies; nothing new is signed with them."""
         if len(secret) < 16:
             raise ValueError("flow secret must be at least 16 octets")
         self._key = secret
+        self._old = tuple(FlowSigner(p) for p in previous if p != secret)
         self._tags: dict[str, str] = {}
+
+    def verifiers(self) -> tuple[FlowSigner, ...]:
+        """This signer, then one per previous secret (each verifies what its secret signed)."""
+        return (self, *self._old)
+
+    def tag_ok(self, text: str, given: str) -> bool:
+        """``given`` is `tag` of ``text`` under this secret or a previous one: in constant
+        time, and False for non-ASCII text (octets from the wire, decoded as Latin-1)."""
+        if not given.isascii():
+            return False
+        if hmac.compare_digest(given, self.tag(text)):
+            return True
+        return any(hmac.compare_digest(given, s.tag(text)) for s in self._old)
 
     def _mac(self, payload: bytes) -> bytes:
         return hmac.digest(self._key, payload, "sha256")[:_MAC_LEN]
@@ -92,7 +109,8 @@ class FlowSigner:
         if len(raw) not in (8 + 4 + _MAC_LEN, 8 + 16 + _MAC_LEN):
             raise FlowTokenError("bad flow token")
         payload, mac = raw[:-_MAC_LEN], raw[-_MAC_LEN:]
-        if not hmac.compare_digest(mac, self._mac(payload)):
+        if not hmac.compare_digest(mac, self._mac(payload)) and not any(
+                hmac.compare_digest(mac, s._mac(payload)) for s in self._old):
             raise FlowTokenError("forged flow token")
         code, worker, port, conn_id = struct.unpack("!BBHI", payload[:8])
         ip = str(ipaddress.ip_address(payload[8:]))

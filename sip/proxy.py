@@ -191,6 +191,7 @@ class ProxyCore:
         #: keyed BLAKE2b (a key of the flow secret's) binding each branch dsbc writes to the
         #: address its answers go back to (see ``_branch``)
         self._reply_mac = _reply_mac(signer)
+        self._old_reply_macs = [_reply_mac(s) for s in signer.verifiers()[1:]]  # a rotation's
 
     # --- entry points ---------------------------------------------------------------
 
@@ -721,7 +722,10 @@ class ProxyCore:
         start = len(BRANCH_PREFIX)
         if branch.find(".", start) != start + 24:
             return False
-        return _same_mac(branch[start + 16 : start + 24], self._reply_tag(branch[start : start + 16], ip, port))
+        given, head = branch[start + 16 : start + 24], branch[start : start + 16]
+        if _same_mac(given, self._reply_tag(head, ip, port)):
+            return True
+        return any(_same_mac(given, _reply_tag(m, head, ip, port)) for m in self._old_reply_macs)
 
     def _rewrite_routes(self, ed: Editor, msg: SipMessage, remaining: list[NameAddr]) -> None:
         first = True
@@ -814,7 +818,7 @@ class ProxyCore:
         value = uri.param("dsbc")
         if value:
             system, _, mac = value.rpartition(".")
-            if not system or not _same_mac(mac, self.signer.tag(f"{system}|{token or call_id}")):
+            if not system or not self.signer.tag_ok(f"{system}|{token or call_id}", mac):
                 self.counters["route_signature_rejected"] += 1
                 raise FlowTokenError("forged dsbc Route")
             out["dsbc"] = system
