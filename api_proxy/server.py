@@ -295,7 +295,7 @@ class ApiProxy(Flows):
         self._aio: _Server | None = None
         self._servers: list[asyncio.Server | TlsAcceptor] = []
         #: TLS connections accepted and still in their handshake: they hold a slot of the caps
-        self._handshaking = Handshaking()
+        self._handshaking = Handshaking("API")
         self.fast_conns: set[FastConn] = set()
         self._pools: dict[tuple[bool, str, int], UpstreamPool] = {}
         self._upstreams: dict[tuple[int, str], tuple[UpstreamPool, Origin]] = {}
@@ -334,7 +334,7 @@ class ApiProxy(Flows):
 
     def failed(self, ip: str, exc: BaseException) -> None:
         self.metrics["tls_handshake_failed"] += 1
-        log.debug("TLS handshake with %s failed: %s", ip, exc or type(exc).__name__)
+        self._handshaking.failed(ip, exc)
 
     def release_connection(self, ip: str) -> None:
         self._conns -= 1

@@ -270,7 +270,7 @@ class SipEndpoint:
         self.servers: list[asyncio.AbstractServer | TlsAcceptor] = []
         #: TLS connections accepted and still in their handshake, per source IP and in all:
         #: they hold a slot of the caps (transport_tls.py)
-        self.handshaking = Handshaking()
+        self.handshaking = Handshaking("SIP")
         self.health_udp: SipDatagram | None = None
         self._ipc: socket.socket | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -380,7 +380,7 @@ class SipEndpoint:
 
     def failed(self, ip: str, exc: BaseException) -> None:
         self.core.counters["tls_handshake_failed"] += 1
-        log.debug("TLS handshake with %s failed: %s", _unmapped(ip), exc or type(exc).__name__)
+        self.handshaking.failed(_unmapped(ip), exc)
 
     def stop_listening(self) -> None:
         """Drain: stop accepting new connections, keep the existing ones.  The UDP sockets

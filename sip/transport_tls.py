@@ -20,13 +20,20 @@ cost of the handshake's coroutine, nothing per message.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Protocol
 
+from .logbudget import LogBudget
+
+log = logging.getLogger("dsbc.tls")
+
 #: accepts per wake-up of the listening socket: a flood of connections cannot starve the loop
 ACCEPT_BATCH = 64
+#: failed handshakes logged per minute per listener kind (the rest are counted)
+FAILED_LOG_BURST = 10
 
 
 class Gate(Protocol):
@@ -39,11 +46,22 @@ class Gate(Protocol):
 
 class Handshaking:
     """The connections still in their TLS handshake, per source IP and in all: a slot of
-    the listener's caps each, beside the connections its protocol already counts."""
+    the listener's caps each, beside the connections its protocol already counts; and the
+    log of the handshakes that failed (``what``: "SIP", "API")."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str) -> None:
         self.per_ip: dict[str, int] = {}
         self.total = 0
+        self.what = what
+        # a phone whose certificate is refused (or that refuses dsbc's) says why at INFO;
+        # a scanner's handshakes cost a few lines a minute, not one each
+        self._log = LogBudget(log, f"failed {what} TLS handshakes", burst=FAILED_LOG_BURST, window=60.0)
+
+    def failed(self, ip: str, exc: BaseException) -> None:
+        """Log a failed (or timed-out) handshake from ``ip``, with its reason; bounded."""
+        shown = f"[{ip}]" if ":" in ip else ip
+        self._log.log(logging.INFO, "%s TLS handshake from %s failed: %s", self.what, shown,
+                      str(exc) or type(exc).__name__)
 
     def take(self, ip: str, conns: int, ip_conns: int, max_conns: int, max_per_ip: int) -> bool:
         """A slot for ``ip`` (which has ``ip_conns`` of the ``conns`` counted connections),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 import time
 from pathlib import Path
@@ -225,7 +226,7 @@ def test_a_tls_client_that_stalls_in_its_handshake_is_dropped_after_header_timeo
     run(main)
 
 
-def test_api_caps_hold_for_tls_clients_still_in_their_handshake(tmp_path: Path) -> None:
+def test_api_caps_hold_for_tls_clients_still_in_their_handshake(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The caps were checked once a connection's TLS handshake was done: a source that never
     finished one held any number of connections (each for header_timeout) past
     max_connections_per_ip, and a failed handshake was not counted (found by an audit)."""
@@ -235,6 +236,7 @@ def test_api_caps_hold_for_tls_clients_still_in_their_handshake(tmp_path: Path) 
         pytest.skip("openssl is not installed")
     ca = TestCA(tmp_path / "ca")
     cert, key = ca.issue("api", ips=["127.0.0.1"])
+    caplog.set_level(logging.INFO, logger="dsbc.tls")
 
     async def main() -> None:
         extra = f'tls_cert = "{cert}"\ntls_key = "{key}"\nmax_connections_per_ip = 3\nheader_timeout = 5.0\n'
@@ -263,6 +265,8 @@ def test_api_caps_hold_for_tls_clients_still_in_their_handshake(tmp_path: Path) 
                         break
                     await asyncio.sleep(0.05)
                 assert env.api.metrics["tls_handshake_failed"] == 1
+                assert any(r.levelname == "INFO" and "API TLS handshake from 127.0.0.4 failed" in r.getMessage()
+                           for r in caplog.records), caplog.records  # was at debug only
             finally:
                 for _, w in silent:
                     w.close()

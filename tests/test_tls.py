@@ -496,6 +496,11 @@ def test_connection_caps_hold_for_tls_clients_still_in_their_handshake(
             stranger.wrap_socket(raw, server_hostname="localhost")
         c = d.counters_when(lambda c: c.get("tls_handshake_failed", 0) >= 1 and c.get("tcp_refused", 0) >= 1)
         assert c.get("tls_handshake_failed") == 1 and c.get("tcp_refused") == 1, c
+        # and logged with its reason at INFO (it was at debug only: an operator whose phones
+        # refused dsbc's certificate saw nothing in the log)
+        assert wait_for(lambda: "SIP TLS handshake from 127.0.0.4 failed:" in d.log_tail(200))
+        line = next(x for x in d.log_tail(200).splitlines() if "TLS handshake from 127.0.0.4" in x)
+        assert "INFO" in line and "alert" in line.lower(), line
     finally:
         for s in silent:
             s.close()
