@@ -278,8 +278,17 @@ class Exposition:
         return "\n".join(lines) + "\n"
 
 
+# SIP counters exported from the start, at 0: those docs/OPERATIONS.md tells operators to
+# watch and alert on.  The core counts a key from its first event only, and a series that
+# appears at 1 loses that event to rate() and increase() (the alert never fires).
+_SIP_ZEROS = ("held", "held_released", "locked_rejected", "forwarded:source", "forwarded:target",
+              "rejected:no_node", "rejected:unknown", "rejected:503",
+              *(f"responses_in:{n}xx" for n in range(1, 7)))
+
+
 def _sip(exp: Exposition, sip: dict[str, Any]) -> None:
-    for key, value in sorted((sip.get("counters") or {}).items()):
+    counters = dict.fromkeys(_SIP_ZEROS, 0) | (sip.get("counters") or {})
+    for key, value in sorted(counters.items()):
         if not isinstance(value, (int, float)):
             continue
         name, sep, label = key.partition(":")
@@ -407,10 +416,10 @@ def _exposition(summary: dict[str, Any], extra: dict[str, Any] | None = None) ->
     for key in ("identities", "registrations"):
         if key in counts:
             exp.add(f"dsbc_{key}", counts[key], "gauge")
-    for to, n in sorted((extra.get("migrations") or {}).items()):
-        exp.add("dsbc_migrations_total", n, to=to)
-    for to, n in sorted((extra.get("moved") or {}).items()):
-        exp.add("dsbc_migrated_customers_total", n, to=to)
+    for key, metric in (("migrations", "dsbc_migrations_total"), ("moved", "dsbc_migrated_customers_total")):
+        # from 0, for both systems (as _SIP_ZEROS)
+        for to, n in sorted((dict.fromkeys(("source", "target"), 0) | (extra.get(key) or {})).items()):
+            exp.add(metric, n, to=to)
     if "rollbacks" in extra:
         exp.add("dsbc_rollbacks_total", extra["rollbacks"])
     if extra.get("last_batch_ts"):
