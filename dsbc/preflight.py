@@ -93,6 +93,7 @@ def _check_store(cfg: Config, create: bool = True) -> None:
     """The store opens (a Redis that cannot be reached is fine with a cache file: the
     workers start from it).  Without loading the index: the workers load it."""
     from .store import StoreUnavailable, open_store
+    from .store.sqlite import missing_directory
     from .store.sqlite_schema import sqlite_path
 
     url = cfg.store.url
@@ -101,9 +102,8 @@ def _check_store(cfg: Config, create: bool = True) -> None:
         folder = os.path.dirname(os.path.abspath(path))
         if path != ":memory:" and not os.path.exists(path):
             if not os.access(folder, os.W_OK | os.X_OK):
-                why = "does not exist" if not os.path.isdir(folder) else "cannot be written"
-                raise config_error(cfg, ["store", "url"], f"cannot create the store {path}: "
-                                   f"directory {folder} {why}")
+                why = missing_directory(folder) if not os.path.isdir(folder) else f"directory {folder} cannot be written"
+                raise config_error(cfg, ["store", "url"], f"cannot create the store {path}: {why}")
             return  # `dsbc run` makes it there
     try:
         open_store(url, cfg.store.unknown, load=False).close()

@@ -207,6 +207,17 @@ def test_bad_store_url(home: Path) -> None:
     assert "does not exist" in one_line_error(r)
 
 
+def test_a_store_directory_that_is_not_there_says_how_to_make_it(home: Path) -> None:
+    """The README's example config names /var/lib/dsbc/location.db: on a new host the
+    first `dsbc import` or `dsbc run --check` found no such directory, and said only that."""
+    where = home / "var" / "lib" / "dsbc"
+    (home / "dsbc.toml").write_text(f'[store]\nurl = "sqlite:///{where}/location.db"\n')
+    for args in (("import", "customers.csv"), ("run", "--check")):
+        line = one_line_error(dsbc(*args))
+        assert f"directory {where} does not exist" in line, line
+        assert f"install -d -o dsbc -g dsbc {where}" in line and "store.url" in line, line
+
+
 def test_only_import_creates_a_store(home: Path) -> None:
     msg = f"no store at {home}/loc.db (dsbc import creates it)"
     assert one_line_error(dsbc("where", "account:a")) == msg

@@ -108,6 +108,13 @@ def _hand_to_directory_owner(path: str) -> None:
         log.warning("store %s: could not give it to its directory's owner: %s", path, exc)
 
 
+
+def missing_directory(folder: Path | str) -> str:
+    """Why a store cannot be made in ``folder``, and what to do (the README's example
+    config names /var/lib/dsbc, which no package made on a new host)."""
+    return (f"directory {folder} does not exist (make it: install -d -o dsbc -g dsbc {folder}; "
+            "or set store.url to a file in a directory that exists)")
+
 class SqliteStore(IndexedStore):
     def __init__(
         self,
@@ -131,9 +138,7 @@ class SqliteStore(IndexedStore):
         self._last_purge = 0.0
         self._last_trim = 0.0
         if path != ":memory:" and not Path(path).parent.is_dir():
-            raise StoreError(
-                f"cannot open store {path}: directory {Path(path).parent} does not exist"
-            )
+            raise StoreError(f"cannot open store {path}: {missing_directory(Path(path).parent)}")
         if not create and path != ":memory:" and not Path(path).exists():
             raise StoreError(f"no store at {path} (dsbc import creates it)")
         try:
