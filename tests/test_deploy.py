@@ -175,8 +175,19 @@ def _sysctl() -> dict[str, str]:
     for line in (REPO / "deploy" / "sysctl-dsbc.conf").read_text().splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
             k, _, v = line.partition("=")
-            out[k.strip()] = " ".join(v.split())
+            out[k.strip().removeprefix("-")] = " ".join(v.split())  # "-key": failure ignored
     return out
+
+
+def test_sysctl_file_sets_what_the_runbook_says_to_set() -> None:
+    """OPERATIONS.md tells the operator to set `net.ipv4.tcp_migrate_req = 1` (a connection
+    queued on a reloading worker's listener moves to the new one, not reset) and puts the
+    kernel settings in deploy/sysctl-dsbc.conf; that file did not have it."""
+    docs = (REPO / "docs" / "OPERATIONS.md").read_text()
+    named = dict(re.findall(r"`(net\.[a-z0-9_.]+) = ([0-9]+)`", docs))
+    assert "net.ipv4.tcp_migrate_req" in named
+    conf = _sysctl()
+    assert {k: conf.get(k) for k in named} == named
 
 
 def _ports(spec: str) -> set[int]:
