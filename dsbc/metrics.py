@@ -278,12 +278,15 @@ class Exposition:
         return "\n".join(lines) + "\n"
 
 
-# SIP counters exported from the start, at 0: those docs/OPERATIONS.md tells operators to
-# watch and alert on.  The core counts a key from its first event only, and a series that
-# appears at 1 loses that event to rate() and increase() (the alert never fires).
+# SIP counters exported from the start, at 0: those docs/OPERATIONS.md and docs/SECURITY.md
+# tell operators to watch and alert on.  The core counts a key from its first event only,
+# and a series that appears at 1 loses that event to rate() and increase().
 _SIP_ZEROS = ("held", "held_released", "locked_rejected", "forwarded:source", "forwarded:target",
               "rejected:no_node", "rejected:unknown", "rejected:503",
-              *(f"responses_in:{n}xx" for n in range(1, 7)))
+              *(f"responses_in:{n}xx" for n in range(1, 7)),
+              "rate_limited", "rate_limited_answered", "scanners_dropped", "tcp_refused",
+              "tcp_stalled_closed", "tcp_idle_closed", "tls_handshake_failed", "too_large",
+              "responses_forged")
 
 
 def _sip(exp: Exposition, sip: dict[str, Any]) -> None:

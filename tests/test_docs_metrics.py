@@ -61,6 +61,13 @@ def test_a_new_node_exports_every_metric_the_runbook_names(dsbc_factory: Callabl
     for name, labels in names.items():
         for sample in fams.get(name, []):
             assert labels <= set(sample.labels), (name, sample.labels)
+    # SECURITY.md's table of SIP counters ("The counters are in /metrics")
+    security = (Path(__file__).resolve().parents[1] / "docs" / "SECURITY.md").read_text()
+    assert "`dsbc_sip_rate_limited_total`" in security
+    for counter in ("rate_limited", "rate_limited_answered", "scanners_dropped", "tcp_refused",
+                    "tcp_stalled_closed", "tcp_idle_closed", "tls_handshake_failed", "too_large"):
+        assert f"`{counter}`" in security, counter
+        assert f"dsbc_sip_{counter}_total" in fams, counter
     # the alerts' counters start at 0, the per-system ones for both systems
     values = {(s.name, tuple(sorted(s.labels.items()))): s.value for n in fams for s in fams[n]}
     assert values[("dsbc_sip_locked_rejected_total", ())] == 0
