@@ -190,6 +190,19 @@ def _nodes(snaps: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _add_rate_limit(total: dict[str, Any], part: dict[str, Any]) -> None:
+    """The workers' rate limiters as one: the sources blocked now by any worker (a source
+    port always reaches the same worker, a source spread over ports several)."""
+    for k in ("limit", "window"):
+        total.setdefault(k, part.get(k))
+    for k in ("sources_tracked", "blocks_total"):
+        total[k] = int(total.get(k) or 0) + int(part.get(k) or 0)
+    blocked = sorted({*(total.get("blocked") or ()), *(str(b) for b in part.get("blocked") or ())})
+    total["blocked"] = blocked[:20]
+    total["sources_blocked"] = max(len(blocked), int(total.get("sources_blocked") or 0),
+                                   int(part.get("sources_blocked") or 0))
+
+
 def summarize(snaps: list[dict[str, Any]]) -> dict[str, Any]:
     """One node's view: workers, per-service sums, back ends, store health."""
     services: dict[str, dict[str, Any]] = {}
@@ -207,6 +220,8 @@ def summarize(snaps: list[dict[str, Any]]) -> dict[str, Any]:
         _add(sip["counters"], st.get("counters") or {})
         for k in ("held", "connections", "lookups", "misses"):
             sip[k] += int(st.get(k) or 0)
+        if isinstance(st.get("rate_limit"), dict):
+            _add_rate_limit(sip.setdefault("rate_limit", {}), st["rate_limit"])
     sip["nodes"] = _nodes(snaps)
     if sip_indexes:
         services["sip"] = sip
@@ -502,6 +517,11 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         out.append(f"    held        {c.get('held', 0)} (released {c.get('held_released', 0)}, "
                    f"503 after the hold {c.get('locked_rejected', 0)}, held now {sip.get('held', 0)})")
         out.append(f"    connections {sip.get('connections', 0)}")
+        rl = sip.get("rate_limit")
+        if rl:
+            now = ", ".join(rl.get("blocked") or ()) or "none"
+            out.append(f"    rate limit: {rl.get('sources_blocked', 0)} source(s) blocked now: {now} "
+                       f"({rl.get('limit')} per {rl.get('window')} s; blocks since start {rl.get('blocks_total', 0)})")
     for name, keys in (("radius", ("requests", "answers", "duplicates", "held")),
                        ("diameter", ("requests", "answers", "held", "sessions"))):
         st = services.get(name)
