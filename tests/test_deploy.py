@@ -236,3 +236,15 @@ def test_check_dsbc_sh_against_a_running_node(tmp_path: Path) -> None:
         assert check(url) == 0
         assert check("--strict", url) == 22
     assert check(url) == 7
+
+
+def test_the_runbook_says_how_to_get_the_units_executable() -> None:
+    """The unit runs /usr/local/bin/dsbc; the runbook only said to copy the unit, and a
+    system-wide `pip install .` is refused on Debian 12 (PEP 668): the way to get that
+    path is written beside the unit and in OPERATIONS.md."""
+    unit = (REPO / "deploy" / "dsbc.service").read_text()
+    exe = re.search(r"^ExecStart=(\S+)", unit, re.MULTILINE)
+    assert exe is not None
+    docs = (REPO / "docs" / "OPERATIONS.md").read_text()
+    for text in (unit, docs):
+        assert "python3 -m venv /opt/dsbc" in text and f"ln -s /opt/dsbc/bin/dsbc {exe.group(1)}" in text
