@@ -399,6 +399,15 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("tcp_stall_timeout: must be > 0 (seconds a half-received message may take)")
 
 
+def _check_cpe_patterns(patterns: list[str]) -> None:
+    for pattern in patterns:
+        try:
+            if re.compile(pattern).groups < 1:
+                raise ValueError(f"cpe_patterns: {pattern!r} needs a group around the MAC")
+        except re.error as exc:
+            raise ValueError(f"cpe_patterns: {pattern!r}: {exc}") from None
+
+
 class VhostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str
     realm: str = "customer"
@@ -428,12 +437,7 @@ class VhostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for prefix in self.realm_paths:
             if not prefix.startswith("/"):
                 raise ValueError(f"realm_paths: {prefix!r} must start with /")
-        for pattern in self.cpe_patterns:
-            try:
-                if re.compile(pattern).groups < 1:
-                    raise ValueError(f"cpe_patterns: {pattern!r} needs a group around the MAC")
-            except re.error as exc:
-                raise ValueError(f"cpe_patterns: {pattern!r}: {exc}") from None
+        _check_cpe_patterns(self.cpe_patterns)
 
 
 class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -470,6 +474,7 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ValueError(f"listen: {entry!r} needs tls_cert and tls_key")
         if (self.tls_cert or self.tls_key) and not (self.tls_cert and self.tls_key):
             raise ValueError("tls_cert: TLS needs both tls_cert and tls_key")
+        _check_cpe_patterns(self.cpe_patterns)  # checked even while no cpe vhost uses them
         if self.route_body_limit < 1024:
             raise ValueError("route_body_limit: must be >= 1024")
         if self.pool_size < 1:

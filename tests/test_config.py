@@ -499,3 +499,17 @@ def test_trusted_peers_take_ipv6_in_brackets() -> None:
     peers = peer_set(cfg.sip.trusted_peers)
     assert peers.contains("::1", 1234) and peers.contains("2001:db8::7", 5060) and peers.contains("::2", 5060)
     assert not peers.contains("::2", 5061) and not peers.contains("2001:db9::1", 5060)
+
+
+@pytest.mark.parametrize("pattern, why", [("([0-9a-f]{12}", "missing )"),
+                                          ("[0-9a-f]{12}\\.cfg", "needs a group around the MAC")])
+def test_a_bad_api_cpe_pattern_stops_the_start(pattern: str, why: str) -> None:
+    """api.cpe_patterns is used only by cpe-realm vhosts without patterns of their own: with
+    none configured a pattern that does not compile, or has no group, passed the check and
+    the start, though a vhost's own bad pattern is refused (SPEC 5: a bad value stops it)."""
+    text = ('[api]\nlisten = ["127.0.0.1:8443"]\nsource = "http://127.0.0.1:1"\n'
+            f'target = "http://127.0.0.1:2"\ncpe_patterns = [{pattern!r}]\n').replace("'", '"')
+    text = text.replace("\\", "\\\\")
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "dsbc.toml")
+    assert str(err.value).startswith("dsbc.toml:5: api.cpe_patterns: ") and why in str(err.value), err.value
