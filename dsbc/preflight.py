@@ -26,6 +26,7 @@ def preflight(cfg: Config, create_store: bool = True) -> Config:
     SQLite file where none is: it checks that one could be made."""
     cfg = resolve_backends(cfg)
     check_tls(cfg)
+    _check_cache_file(cfg)
     _check_store(cfg, create_store)
     if cfg.sip.enabled:
         from .sip_service import advertise
@@ -87,6 +88,21 @@ def _warn_family_ports(cfg: Config) -> None:
             f"{first.port} (the first {e.transport}: listener's) in Record-Route and Path, and "
             f"listens on it only for IPv{6 if not v6 else 4}: the in-dialog requests of IPv{6 if v6 else 4} "
             f"peers will not reach dsbc (listen on port {first.port} for both families)")))
+
+
+def _check_cache_file(cfg: Config) -> None:
+    """A Redis store's cache file can be written (it lets a node start while Redis is away;
+    one that cannot be written was only logged, at each write)."""
+    from .store.sqlite import missing_directory
+
+    if not cfg.store.cache_file or cfg.store.url.partition(":")[0].lower() == "sqlite":
+        return
+    folder = os.path.dirname(os.path.abspath(cfg.store.cache_file))
+    if not os.path.isdir(folder):
+        raise config_error(cfg, ["store", "cache_file"], missing_directory(folder, "store.cache_file"))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise config_error(cfg, ["store", "cache_file"], f"directory {folder} cannot be written "
+                           "by this user (the node writes the cache there)")
 
 
 def _check_store(cfg: Config, create: bool = True) -> None:

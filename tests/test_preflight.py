@@ -275,3 +275,21 @@ def test_an_ipv6_listener_on_another_port_is_warned_about(tmp_path: Path) -> Non
     assert f"dsbc.toml:8: sip.listen[1]: udp listener on port {b}" in err and "IPv6 peers" in err, err
     assert "sip.listen" not in check(f'["udp:127.0.0.1:{a}", "udp:[::1]:{a}"]')
     assert "sip.listen" not in check(f'["udp:127.0.0.1:{a}", "udp:127.0.0.2:{b}"]')  # one family
+
+
+def test_a_cache_file_that_cannot_be_written_is_named(tmp_path: Path) -> None:
+    """store.cache_file is what lets a node start while Redis is away (OPERATIONS 5).  One in
+    a directory that is not there (or not the node's) passed the check and the start, and
+    the node only logged "cannot write the store cache" at each write: it was found out
+    when Redis went away and the node could not start."""
+    cfg = tmp_path / "dsbc.toml"
+    cfg.write_text('[store]\nurl = "redis://127.0.0.1:1/0"\ncache_file = "/nonexistent/dir/index.cache"\n'
+                   '[control]\nenabled = false\n[sip]\nenabled = false\n')
+    for args in (("run", "--check"), ("run",)):
+        proc = subprocess.run([sys.executable, "-m", "dsbc.cli", *args, "-c", str(cfg)],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip() == (
+            f"dsbc: {cfg}:3: store.cache_file: directory /nonexistent/dir does not exist (make it: "
+            "install -d -o dsbc -g dsbc /nonexistent/dir; or set store.cache_file to a file in a "
+            "directory that exists)"), proc.stderr

@@ -109,11 +109,11 @@ def _hand_to_directory_owner(path: str) -> None:
 
 
 
-def missing_directory(folder: Path | str) -> str:
-    """Why a store cannot be made in ``folder``, and what to do (the README's example
-    config names /var/lib/dsbc, which no package made on a new host)."""
+def missing_directory(folder: Path | str, key: str = "store.url") -> str:
+    """Why a store (or `key`'s file) cannot be made in ``folder``, and what to do (the
+    README's example config names /var/lib/dsbc, which no package made on a new host)."""
     return (f"directory {folder} does not exist (make it: install -d -o dsbc -g dsbc {folder}; "
-            "or set store.url to a file in a directory that exists)")
+            f"or set {key} to a file in a directory that exists)")
 
 class SqliteStore(IndexedStore):
     def __init__(
