@@ -240,6 +240,14 @@ class StoreConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 f"url: unsupported store url {masked_url(self.url)!r} (sqlite:///path, redis://host:port/db "
                 "or redis+sentinel://host:port/service)"
             )
+        if self.url.lower().startswith(("redis:", "rediss:", "redis+sentinel:")):
+            from .store.base import StoreError
+            from .store.redis_conn import parse_redis_url
+
+            try:
+                parse_redis_url(self.url)
+            except StoreError as exc:
+                raise ValueError(f"url: {exc}") from None
         if self.url.startswith("sqlite:") and ("?" in self.url or "#" in self.url):
             raise ValueError(f"url: {self.url!r}: a sqlite URL takes a path only (no ?options)")
         if self.url.startswith("sqlite:") and not self.url[len("sqlite:"):].strip("/"):

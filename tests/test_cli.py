@@ -466,3 +466,17 @@ def test_an_import_that_names_no_group_keeps_the_stored_one(home: Path) -> None:
     assert r.exit_code == 2 and "group 'ivr' must move together: missing customer(s) 72" in r.stderr
     (home / "none.jsonl").write_text('{"customer_id": "72", "identities": ["account:g72"], "group": ""}\n')
     assert dsbc("import", "none.jsonl").exit_code == 0  # an empty group, named: leaves it
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0?prefx=one:", "rediss://127.0.0.1:1/0?ssl_ca_cert=/x.pem",
+                                 "redis+sentinel://127.0.0.1:1/dsbc?prefx=one:"])
+def test_a_mistyped_store_url_option_is_named(home: Path, url: str) -> None:
+    """`?prefx=one:` (for `?prefix=`) ended in a TypeError traceback from redis-py on a
+    redis:// URL, and was ignored on a Sentinel one (the keys went under the default prefix,
+    another deployment's)."""
+    option = url.rpartition("?")[2].partition("=")[0]
+    line = one_line_error(dsbc("where", "account:a", "--store", url))
+    assert f"unknown option {option!r}" in line and "prefix" in line, line
+    (home / "dsbc.toml").write_text(f'[store]\nurl = "{url}"\n')
+    line = one_line_error(dsbc("run", "--check"))
+    assert line.startswith("dsbc: dsbc.toml:2: store.url: ") and f"unknown option {option!r}" in line, line

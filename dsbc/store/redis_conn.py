@@ -88,6 +88,26 @@ def masked_url(url: str) -> str:
     return f"{scheme}://{user}{':***' if colon else ''}@{tail}"
 
 
+def _url_options(scheme: str) -> set[str]:
+    """The query options a store URL may carry besides ``prefix``: for redis:// and
+    rediss://, what redis-py turns into the connection's keyword arguments; none for a
+    Sentinel URL (its connections are made from the host list)."""
+    if scheme not in ("redis", "rediss"):
+        return set()
+    import inspect
+
+    from redis import connection as rc
+
+    names = set(getattr(rc, "URL_QUERY_ARGUMENT_PARSERS", {})) | {"username", "password", "client_name"}
+    classes = [getattr(rc, "AbstractConnection", None), rc.Connection]
+    if scheme == "rediss":
+        classes.append(rc.SSLConnection)
+    for cls in filter(None, classes):
+        names |= {p.name for p in inspect.signature(cls.__init__).parameters.values()
+                  if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY} - {"self"}
+    return names
+
+
 _HOSTPORT = re.compile(r"^\[?([^\]\s]+?)\]?(?::(\d+))?$")
 
 
@@ -112,6 +132,11 @@ def parse_redis_url(url: str) -> RedisTarget:
     display = urlunsplit((scheme, shown_netloc, parts.path, rest, ""))
     if not hosts:
         raise StoreError(f"bad store url {display!r}: no host")
+    unknown = sorted(set(query) - _url_options(scheme))
+    if unknown:  # redis-py raised a TypeError at the first command; a Sentinel URL ignored it
+        takes = "prefix= only" if scheme == "redis+sentinel" else "prefix= and redis-py's options"
+        raise StoreError(f"bad store url {display!r}: unknown option {unknown[0]!r} (a {scheme}:// URL "
+                         f"takes {takes}, e.g. ssl_ca_certs= for rediss://)")
     if scheme in ("redis", "rediss"):
         path = parts.path.strip("/")
         if path and not path.isdigit():
