@@ -700,12 +700,14 @@ def collect_status(cfg: Config, node: str | None = None) -> dict[str, Any]:
     it cannot be, the node's view of it)."""
     from .control_client import NodeClient, NodeError, node_token, node_url
 
-    base = node_url(cfg, node or "")
-    out: dict[str, Any] = {"node": {"url": base}, "store": {"url": _shown_url(cfg.store.url)}}
+    out: dict[str, Any] = {"node": {"url": ""}, "store": {"url": _shown_url(cfg.store.url)}}
     try:
+        base = out["node"]["url"] = node_url(cfg, node or "")
         out["node"].update(reachable=True, status=NodeClient(base, node_token(cfg)).call(
             "GET", "/v1/status", timeout=5.0))
     except NodeError as exc:
+        if node and not out["node"]["url"]:
+            raise  # --node that is no URL: bad usage
         out["node"].update(reachable=False, error=str(exc))
     try:
         with open_cli_store(cfg) as store:

@@ -38,6 +38,9 @@ def local_url(cfg: Config) -> str:
 def node_url(cfg: Config, given: str) -> str:
     """``--node URL``; ``local`` (or empty) means this host's control.listen."""
     if given in ("", "local"):
+        if not cfg.control.enabled:  # control.listen's default port may be anybody's
+            raise NodeError("the control API is off in this config (control.enabled = false): "
+                            "no node to ask here (--node URL names one)", 2)
         return local_url(cfg)
     url = given.strip()
     if "://" not in url:

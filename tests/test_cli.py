@@ -480,3 +480,41 @@ def test_a_mistyped_store_url_option_is_named(home: Path, url: str) -> None:
     (home / "dsbc.toml").write_text(f'[store]\nurl = "{url}"\n')
     line = one_line_error(dsbc("run", "--check"))
     assert line.startswith("dsbc: dsbc.toml:2: store.url: ") and f"unknown option {option!r}" in line, line
+
+
+def test_a_config_without_control_api_asks_no_node(home: Path) -> None:
+    """With `[control] enabled = false`, `dsbc status` and `--node local` still called
+    127.0.0.1:8080 (control.listen's default), whatever listened there: another program,
+    or another deployment's node, was reported as this node."""
+    (home / "dsbc.toml").write_text(f'[store]\nurl = "sqlite:///{home}/loc.db"\n[control]\nenabled = false\n')
+    assert dsbc("import", "customers.csv").exit_code == 0
+    served: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            served.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"pid": 999}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    try:
+        server = http.server.HTTPServer(("127.0.0.1", 8080), Handler)
+    except OSError:
+        pytest.skip("127.0.0.1:8080 is taken")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = dsbc("status")
+        assert r.exit_code == 0, r.stderr
+        assert "control API is off in this config (control.enabled = false)" in r.stdout, r.stdout
+        assert "customers 4" in r.stdout
+        line = one_line_error(dsbc("where", "--node", "local", "account:alice"))
+        assert "control.enabled = false" in line and "--node URL" in line, line
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert served == []
+
