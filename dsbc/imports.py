@@ -76,6 +76,10 @@ def _csv_rows(name: str, text: str) -> Iterator[tuple[int, dict[str, object]]]:
                 continue
             if header is None:
                 header = [ALIASES.get(h.strip().lower(), h.strip().lower()) for h in fields]
+                if len(fields) == 1 and ";" in fields[0]:  # a spreadsheet's "CSV" in some locales
+                    raise InputError(f"{name}:{line}: the columns are separated by ';': dsbc reads "
+                                     f"CSV separated by commas ({','.join(COLUMNS)}; identities "
+                                     "inside a field are separated by ';')")
                 for i, h in enumerate(header):
                     if h not in COLUMNS:
                         raise InputError(

@@ -95,6 +95,9 @@ def read_batch(path: str) -> list[str]:
             if not isinstance(cid, str):
                 raise InputError(f"{path}:{line}: expected an object with a customer_id")
             ids[check_customer_id(cid, f"{path}:{line}")] = None
+    elif ";" in first and "," not in first and "customer_id" in first.lower():
+        raise InputError(f"{path}:{lines.index(first) + 1}: the columns are separated by ';': a CSV "
+                         "batch file is separated by commas (or give customer ids one per line)")
     elif "," in first or header == ["customer_id"]:
         if "customer_id" not in header:
             raise InputError(

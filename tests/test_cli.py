@@ -518,3 +518,13 @@ def test_a_config_without_control_api_asks_no_node(home: Path) -> None:
         server.server_close()
     assert served == []
 
+
+def test_a_semicolon_separated_csv_is_named_as_such(home: Path) -> None:
+    """A spreadsheet saved as CSV in a European locale separates fields with ";": the whole
+    header was taken for one unknown column name, with no word about the separator."""
+    (home / "semi.csv").write_text("customer_id;identities;system;group\n71;account:7002;source;\n")
+    line = one_line_error(dsbc("import", "semi.csv"))
+    assert line.startswith("semi.csv:1: ") and "separated by ';'" in line and "commas" in line, line
+    # the same file as a batch: its header was taken for a customer id ("unknown customer(s)")
+    line = one_line_error(dsbc("migrate", "--batch", "semi.csv", "--dry-run"))
+    assert line.startswith("semi.csv:1: ") and "separated by ';'" in line and "commas" in line, line
