@@ -78,6 +78,7 @@ class PinnedRows:
         self.loop = loop
         self.what = what
         self._inflight: asyncio.Future[None] | None = None
+        self._others: dict[str, tuple[str, list[Any]]] = {}  # key -> (text, rows) last read
 
     def _encode(self, rows: Iterable[Sequence[Any]]) -> str:
         offset = time.time() - self.loop.time()
@@ -125,6 +126,35 @@ class PinnedRows:
         except Exception as exc:  # noqa: BLE001 - start without them
             log.warning("cannot load %s: %s", self.what, exc)
             return []
+        return self._decode(rows)
+
+    def load_others(self) -> list[list[Any]]:
+        """The rows other nodes saved under keys of the same kind (``base@...``): the
+        sessions of a node that stopped or died, whose clients keepalived now sends here.
+        A blocking store read: call it from a thread, never on the event loop."""
+        base, at, _ = self.key.partition("@")
+        if self.store is None or not at:
+            return []
+        rows: list[Any] = []
+        others: dict[str, tuple[str, list[Any]]] = {}
+        try:
+            for key in self.store.meta_keys(base + "@"):
+                text = self.store.get_meta(key) if key != self.key else None
+                if not text:
+                    continue
+                last = self._others.get(key)
+                if last is None or last[0] != text:  # parsed again only when that node saved
+                    data = json.loads(text)
+                    last = (text, data if isinstance(data, list) else [])
+                others[key] = last
+                rows += last[1]
+        except Exception as exc:  # noqa: BLE001 - tried again at the next round
+            log.debug("cannot read other nodes' %s: %s", self.what, exc)
+            return []
+        self._others = others
+        return self._decode(rows)
+
+    def _decode(self, rows: Any) -> list[list[Any]]:
         if not isinstance(rows, list):
             return []
         offset = time.time() - self.loop.time()

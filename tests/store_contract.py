@@ -159,3 +159,11 @@ def check_dead_batches(store: LocationStore) -> None:
         store.migrate(["2"], "target", batch_id="b-window")
     store.refresh()
     assert state("2") == ("source", "active")
+
+
+def check_meta_keys(store: LocationStore) -> None:
+    """meta_keys lists the keys of one kind (each node's saved pins), and only those."""
+    for key in ("pins@a/1", "pins@b/2", "pinsx@c", "pins"):
+        store.set_meta(key, "[]")
+    assert sorted(store.meta_keys("pins@")) == ["pins@a/1", "pins@b/2"]
+    assert store.meta_keys("none@") == []

@@ -153,3 +153,41 @@ def test_a_successor_binding_at_the_first_chance_finds_the_last_pins(tmp_path: A
         assert asyncio.run(main()) == ["late"]
     finally:
         store.close()
+
+
+def test_a_node_follows_the_sessions_another_node_saved(tmp_path: Any) -> None:
+    """Two nodes behind one address: keepalived moves it from node A (stopped, or dead
+    after its last save) to node B.  The Interim-Update and Stop of a session whose Start
+    A relayed must reach the system of that Start, though its customer moved meanwhile
+    (they went by owner on B: the Start on the source, the Stop on the target)."""
+    from dsbc.config import parse_config
+    from dsbc.radius import packet as rp
+    from dsbc.radius.core import ACCT
+    from tests.test_radius_core import acct_request, open_test_store
+    from tests.test_radius_freeradius import dsbc_config
+
+    store = open_test_store(tmp_path)
+    store.put_customer("1", ["account:alice"], "source")
+    cfgs = [parse_config(dsbc_config((["127.0.0.1:9"], ["127.0.0.1:10"], "s"), (["127.0.0.1:11"], ["127.0.0.1:12"], "t")))
+            for _ in range(2)]
+    nas = ("127.0.0.1", 40000)
+
+    async def main() -> list[str]:
+        b = await rsvc.start_radius(cfgs[1], store)
+        a = await rsvc.start_radius(cfgs[0], store)
+        [fwd] = a.core.handle_request(ACCT, acct_request("alice", rp.ACCT_START, "s1", 1), nas, a.loop.time())
+        assert fwd.system == "source"
+        await a.stop()  # saves its pins; its NAS now send to B
+        store.migrate(["1"], "target")
+        await b.adopt_others()  # B's periodic round
+        seen = []
+        for n, status in enumerate((rp.ACCT_INTERIM, rp.ACCT_STOP), 2):
+            [fwd] = b.core.handle_request(ACCT, acct_request("alice", status, "s1", n), nas, b.loop.time())
+            seen.append(fwd.system)
+        await b.stop()
+        return seen
+
+    try:
+        assert asyncio.run(main()) == ["source", "source"]
+    finally:
+        store.close()

@@ -238,6 +238,12 @@ def test_lock_then_flip_unlock_prepare(store: RedisStore, make: Any) -> None:
     wait_for(lambda: other.customer("3").expires_cap == 0, refresh=[other])  # type: ignore[union-attr]
 
 
+def test_meta_keys(store: RedisStore) -> None:
+    from tests.store_contract import check_meta_keys
+
+    check_meta_keys(store)
+
+
 def test_rollback(store: RedisStore) -> None:
     check_rollback(store)
     # the generic versions agree (they are what another store kind would get)

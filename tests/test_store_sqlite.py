@@ -347,6 +347,12 @@ def test_meta(store: SqliteStore) -> None:
     assert store.get_meta("flow_secret") == "ccc"
 
 
+def test_meta_keys(store: SqliteStore) -> None:
+    from tests.store_contract import check_meta_keys
+
+    check_meta_keys(store)
+
+
 def test_counts(store: SqliteStore) -> None:
     store.put_customer("1", ["account:a"])
     store.put_customer("2", ["account:b", "did:1"], "target", group="g")

@@ -184,6 +184,9 @@ class RadiusCore:
         # (NAS address, Acct-Session-Id) -> [system, last seen]
         self.sticky: dict[tuple[str, str], list[object]] = {}
         self.sticky_dirty = False
+        # the pins other nodes saved (adopt_sticky): a session of theirs whose requests come
+        # here (the address moved to this node) takes its pin over on its first request
+        self.adopted: dict[tuple[str, str], list[object]] = {}
         # sessions whose Stop was answered -> (system, until): a Stop the NAS sends again with
         # a new Identifier (Acct-Delay-Time changed, RFC 2866 5.2) follows the first one
         self._stopped: dict[tuple[str, str], tuple[str, float]] = {}
@@ -300,6 +303,11 @@ class RadiusCore:
             pinned = self.sticky.get((addr[0], session[1]))
             if pinned is not None:
                 req.session = (addr[0], session[1])
+        if pinned is None and session is not None and status != rp.ACCT_START:
+            pinned = self.adopted.pop(session, None)
+            if pinned is not None:
+                self.sticky[session] = pinned
+                self.sticky_dirty = True
         if pinned is not None:
             pinned[1] = now
             return self._forward(req, self.systems[str(pinned[0])], dup, now)
@@ -605,6 +613,11 @@ class RadiusCore:
     def sticky_snapshot(self) -> list[list[object]]:
         self.sticky_dirty = False
         return [[nas, sid, v[0], v[1]] for (nas, sid), v in self.sticky.items()]
+
+    def adopt_sticky(self, rows: list[list[object]]) -> None:
+        """Replace the pins known from other nodes (a session pinned here keeps its own)."""
+        self.adopted = {(str(r[0]), str(r[1])): [str(r[2]), float(r[3])]  # type: ignore[arg-type]
+                        for r in rows if len(r) == 4 and str(r[2]) in self.systems}
 
     def load_sticky(self, rows: list[list[object]]) -> None:
         for row in rows:

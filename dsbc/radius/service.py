@@ -26,6 +26,8 @@ log = logging.getLogger("dsbc.radius")
 
 STICKY_META_KEY = "radius.acct_sessions"
 PERSIST_EVERY = 30.0
+#: how often the pins other nodes saved are read (a node taking over their address)
+ADOPT_EVERY = 5.0
 
 
 def make_decide(store: LocationStore) -> Any:
@@ -138,11 +140,20 @@ class RadiusService:
         if self.store is not None:
             self.core.load_sticky(self._pins.load())
 
+    async def adopt_others(self) -> None:
+        """Learn the pins other nodes saved (read in a thread: the loop never waits)."""
+        if self.store is not None:
+            self.core.adopt_sticky(await self.loop.run_in_executor(None, self._pins.load_others))
+
     async def _persist_loop(self) -> None:
+        next_save = self.loop.time() + PERSIST_EVERY
         while True:
-            await asyncio.sleep(PERSIST_EVERY)
-            if self.core.sticky_dirty:
-                await self._pins.save_async(self.core.sticky_snapshot())
+            await asyncio.sleep(min(ADOPT_EVERY, PERSIST_EVERY))
+            await self.adopt_others()
+            if self.loop.time() >= next_save:
+                next_save = self.loop.time() + PERSIST_EVERY
+                if self.core.sticky_dirty:
+                    await self._pins.save_async(self.core.sticky_snapshot())
 
     # -- service interface -----------------------------------------------------------------------
 
@@ -233,6 +244,7 @@ async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
     # again now that the ports are this worker's: a predecessor (a SIGHUP reload) saved its
     # last pins just before it closed them (the load above serves requests read meanwhile)
     svc._restore()
+    await svc.adopt_others()
     svc._persist_task = loop.create_task(svc._persist_loop())
     log.info("radius: auth on %s, acct on %s", format_hostport(*svc.addresses[0]), format_hostport(*svc.addresses[1]))
     return svc

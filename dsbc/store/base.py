@@ -418,6 +418,10 @@ class LocationStore(abc.ABC):
         """Set and return the value (with only_if_absent, the value that won)."""
 
     @abc.abstractmethod
+    def meta_keys(self, prefix: str) -> list[str]:
+        """The meta keys that start with ``prefix`` (other nodes' saved pins)."""
+
+    @abc.abstractmethod
     def counts(self) -> dict[str, int]:
         """customers per system and state, identities, registrations: for `dsbc status`."""
 

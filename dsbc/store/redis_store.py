@@ -721,6 +721,13 @@ class RedisStore(IndexedStore):
         self._meta[key] = str(value)
         return str(value)
 
+    def meta_keys(self, prefix: str) -> list[str]:
+        try:
+            keys = self._w.hkeys(self.prefix + "meta")
+        except self._errors as exc:
+            raise self._unavailable("reading meta", exc, writing=False) from None
+        return [str(k) for k in keys if str(k).startswith(prefix)]
+
     def set_meta(self, key: str, value: str, only_if_absent: bool = False) -> str:
         try:
             if not only_if_absent:

@@ -643,6 +643,11 @@ class SqliteStore(IndexedStore):
             row = cur.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def meta_keys(self, prefix: str) -> list[str]:
+        with self._read() as cur:
+            rows = cur.execute("SELECT key FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)).fetchall()
+        return [str(r[0]) for r in rows]
+
     def set_meta(self, key: str, value: str, only_if_absent: bool = False) -> str:
         with self._write("setting meta", refresh=False) as cur:
             if not only_if_absent:
