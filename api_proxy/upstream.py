@@ -291,4 +291,9 @@ async def relay(
         await out.write_eof()
     finally:
         resp.release()
+        # release() cancels the task still sending a streamed request body (an answer
+        # that came before the whole body); wait for it to let go of the client's stream,
+        # else aiohttp's drain of the rest of that body finds it still waiting and logs
+        # "readany() called while another coroutine is already waiting"
+        await resp.wait_for_close()
     return out
