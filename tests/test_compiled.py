@@ -7,7 +7,9 @@ framing, proxy and RFC 4475 tests, and the same API fast-path tests (the classif
 ``api_proxy.classify`` / ``apicall`` with its fuzz invariant, the head codec
 ``api_proxy.h1`` / ``h1relay`` with its regex-equivalence properties, the pools
 ``fastpool`` and the protocol ``fastpath``: faults, timeouts, retries, streaming with
-flow control both ways, TLS).
+flow control both ways, TLS), the answer-head rewriting ``h1relay`` and the SIP
+transport ``sip.transport`` (its flows, hand-overs and listeners).
+tests/test_compiled_diff.py runs both builds side by side on the same inputs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ CORE_TESTS = [
     "tests/test_api_fastpath.py",
     "tests/test_api_fastpath_badinput.py",
     "tests/test_api_streaming.py",
+    "tests/test_api_redirects.py",
+    "tests/test_transport_flows.py",
 ]
 
 
