@@ -22,7 +22,11 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sip._pure import CORE_MODULES, no_c_toolchain  # the one list of compiled modules
+from sip._pure import (  # the one list of compiled modules
+    CORE_MODULES,
+    no_c_toolchain,
+    pure_requested,
+)
 
 #: the modules every SIP message and fast-path API request goes through (sip/_pure.py)
 COMPILED = [name.replace(".", "/") + ".py" for name in CORE_MODULES]
@@ -30,7 +34,7 @@ COMPILED = [name.replace(".", "/") + ".py" for name in CORE_MODULES]
 
 def _can_compile() -> str | None:
     """None when a C build can work here, else why not."""
-    if os.environ.get("DSBC_PURE_PYTHON"):
+    if pure_requested():
         return "DSBC_PURE_PYTHON is set"
     missing = no_c_toolchain()
     if missing:

@@ -5,7 +5,8 @@ the API fast path (its classifier ``api_proxy.classify`` / ``apicall``, its rout
 ``api_proxy.fastpool`` and its protocol ``api_proxy.fastpath``); ``sip`` and
 ``api_proxy`` both call ``install()`` when imported.
 
-``DSBC_PURE_PYTHON=1`` imports the ``.py`` files even where the compiled modules are
+``DSBC_PURE_PYTHON=1`` (any value but ``0``, ``false``, ``no``, ``off`` or empty: see
+``pure_requested``) imports the ``.py`` files even where the compiled modules are
 installed next to them: the test suite keeps the pure-Python version tested that way
 (tests/test_compiled.py), and an operator can rule the compiled build out when chasing a
 problem.  A source file newer than its compiled module (a tree edited after
@@ -49,6 +50,14 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
         return None
 
 
+def pure_requested() -> bool:
+    """``DSBC_PURE_PYTHON`` asks for the pure-Python modules: set, and not one of the
+    usual spellings of off (an operator writes ``DSBC_PURE_PYTHON=0`` in a unit file to
+    mean the compiled core)."""
+    value = os.environ.get("DSBC_PURE_PYTHON", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
 def _stale_module(root: str) -> str | None:
     """The first core module (``sip/uri.py``) under ``root`` whose source is newer than its
     compiled file, if any.  The compiled modules call each other directly, so one stale
@@ -69,7 +78,7 @@ def _stale_module(root: str) -> str | None:
 def install() -> None:
     if any(isinstance(f, _SourceFirst) for f in sys.meta_path):
         return
-    if not os.environ.get("DSBC_PURE_PYTHON"):
+    if not pure_requested():
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         stale = _stale_module(root)
         if stale is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from sip._pure import no_c_toolchain
+from sip._pure import no_c_toolchain, pure_requested
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the tests of the modules setup.py compiles (the SIP ones and the API classifier's are
@@ -48,18 +48,18 @@ CORE_TESTS = [
 ]
 
 
-def _env(pure: bool) -> dict[str, str]:
+def _env(pure: bool, value: str = "1") -> dict[str, str]:
     env = dict(os.environ)
     env.pop("DSBC_PURE_PYTHON", None)
     if pure:
-        env["DSBC_PURE_PYTHON"] = "1"
+        env["DSBC_PURE_PYTHON"] = value
     return env
 
 
-def _compiled(pure: bool) -> dict[str, bool]:
+def _compiled(pure: bool, value: str = "1") -> dict[str, bool]:
     code = "import json; from sip._pure import compiled; print(json.dumps(compiled()))"
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=_env(pure), capture_output=True,
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(pure, value), capture_output=True,
         text=True, timeout=60, check=True,
     )
     result: dict[str, bool] = json.loads(out.stdout)
@@ -68,9 +68,19 @@ def _compiled(pure: bool) -> dict[str, bool]:
 
 def test_pure_switch_imports_the_sources() -> None:
     assert not any(_compiled(pure=True).values())
+    assert not any(_compiled(pure=True, value="yes").values())
 
 
-@pytest.mark.skipif(no_c_toolchain() is not None or bool(os.environ.get("DSBC_PURE_PYTHON")),
+@pytest.mark.skipif(no_c_toolchain() is not None or pure_requested(),
+                    reason="no C compiler here: the install is pure Python")
+def test_pure_switch_set_to_off_keeps_the_compiled_core() -> None:
+    """Found by an audit: ``DSBC_PURE_PYTHON=0`` (an operator's "off" in a unit file) ran
+    the pure-Python core, about 2.5x slower, since any value counted as on."""
+    for off in ("0", "false", "no", "off", ""):
+        assert all(_compiled(pure=True, value=off).values()), off
+
+
+@pytest.mark.skipif(no_c_toolchain() is not None or pure_requested(),
                     reason="no C compiler here: the install is pure Python")
 def test_install_built_the_compiled_core() -> None:
     """scripts/test.sh installs with a compiler at hand: every core module is compiled."""
