@@ -265,7 +265,15 @@ async def relay(
     elif resp.content_length is not None:
         out.content_length = resp.content_length
     try:
-        await out.prepare(request)
+        try:
+            await out.prepare(request)
+        except ValueError:
+            # aiohttp's client reads header values its server side refuses to write (a
+            # control character): an answer the fast path refuses too (h1.H1Error, in the
+            # same words); nothing was written yet, so the client gets the fault
+            raise backend.failed(
+                "the back end's answer is not valid HTTP/1.x: a control character in a header"
+            ) from None
         if body is not None:
             if body and request.method != "HEAD":
                 await out.write(body)

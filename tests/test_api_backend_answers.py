@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 from tests.test_api_admin import ADMIN_CREDS, ROWS
@@ -153,3 +154,48 @@ def test_a_merged_list_with_one_system_failing_is_a_fault_naming_it(tmp_path: Pa
                     assert "target" in fault["faultstring"], fault
 
     run(main)
+
+
+def test_an_answer_header_with_a_control_character_is_a_fault_on_both_paths(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by an audit: a back end's answer header holding a control character
+    (``X-Note: a\\x01b``) got the fast path's ``backend_unavailable`` fault, but on the
+    aiohttp path (HTTP/1.0, HEAD, uploads...) aiohttp refused to write it ("Forbidden
+    control character detected in headers"): a traceback in the log and an
+    ``internal_error`` fault.  Both paths now answer ``backend_unavailable``."""
+    import asyncio
+    import logging
+
+    from tests.test_api_badinput import raw, still_fine
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            port = int(env.target.url.rsplit(":", 1)[1])
+            await env.target.stop()
+
+            async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                try:
+                    while await reader.readuntil(b"\r\n\r\n"):
+                        writer.write(b"HTTP/1.1 200 OK\r\nX-Note: a\x01b\r\nContent-Length: 2\r\n\r\nok")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    writer.close()
+
+            server = await asyncio.start_server(answer, "127.0.0.1", port)
+            try:
+                for version in (b"1.1", b"1.0"):  # the fast path, then aiohttp's
+                    got = await raw(env, b"GET /home HTTP/" + version + b"\r\nHost: "
+                                    + CUSTOMER.encode() + b"\r\nConnection: close\r\n\r\n", wait=3.0)
+                    head, _, body = got.partition(b"\r\n\r\n")
+                    assert head.split(b" ")[1] == b"500", got
+                    assert json.loads(body)["faultcode"] == "Server.Dispatcher.backend_unavailable", got
+            finally:
+                server.close()
+            assert env.api.proxy.metrics["internal_errors"] == 0
+            # the source (alice's login) still works
+            await still_fine(env)
+
+    with caplog.at_level(logging.DEBUG):
+        run(main)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
