@@ -357,6 +357,12 @@ class FastConn(asyncio.Protocol):
         self._done()
 
     def up_broken(self, detail: str) -> None:
+        if self.pending is not None:
+            # the head is still held back (it goes with the first body octets): nothing of
+            # the answer was written, so the client gets the fault aiohttp's path gives
+            self.pending = None
+            self.up_failed(detail)
+            return
         log.info("%s back end broke off a response: %s", self.system, detail)
         if self.transport is not None:
             self.transport.abort()

@@ -156,14 +156,26 @@ def test_a_merged_list_with_one_system_failing_is_a_fault_naming_it(tmp_path: Pa
     run(main)
 
 
-def test_an_answer_header_with_a_control_character_is_a_fault_on_both_paths(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+BROKEN_ANSWERS = {
+    # aiohttp's path refused to write it: a traceback and internal_error
+    "control character": b"HTTP/1.1 200 OK\r\nX-Note: a\x01b\r\nContent-Length: 2\r\n\r\nok",
+    # the fast path aborted the connection with nothing written (an empty reply)
+    "bad chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_ANSWERS))
+def test_a_broken_answer_is_a_fault_on_both_paths(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str
 ) -> None:
-    """Found by an audit: a back end's answer header holding a control character
-    (``X-Note: a\\x01b``) got the fast path's ``backend_unavailable`` fault, but on the
-    aiohttp path (HTTP/1.0, HEAD, uploads...) aiohttp refused to write it ("Forbidden
-    control character detected in headers"): a traceback in the log and an
-    ``internal_error`` fault.  Both paths now answer ``backend_unavailable``."""
+    """Found by an audit: two answers of a broken back end that the two API paths told
+    the client differently.  A header holding a control character (``X-Note: a\\x01b``)
+    got the fast path's ``backend_unavailable`` fault, but on the aiohttp path (HTTP/1.0,
+    HEAD, uploads...) aiohttp refused to write it ("Forbidden control character detected
+    in headers"): a traceback in the log and an ``internal_error`` fault.  A chunked body
+    whose first chunk size is no hex number got aiohttp's fault, but the fast path closed
+    the connection with nothing sent (curl: "Empty reply from server"), though it had
+    written nothing of the answer yet.  Both paths now answer ``backend_unavailable``."""
     import asyncio
     import logging
 
@@ -177,7 +189,7 @@ def test_an_answer_header_with_a_control_character_is_a_fault_on_both_paths(
             async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
                 try:
                     while await reader.readuntil(b"\r\n\r\n"):
-                        writer.write(b"HTTP/1.1 200 OK\r\nX-Note: a\x01b\r\nContent-Length: 2\r\n\r\nok")
+                        writer.write(BROKEN_ANSWERS[case])
                 except (asyncio.IncompleteReadError, ConnectionError):
                     writer.close()
 
