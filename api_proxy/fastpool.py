@@ -39,6 +39,7 @@ from api_proxy.h1 import (
     H1Error,
     ResponseHead,
     parse_response_head,
+    response_head_end,
 )
 from api_proxy.upstream import Backend
 
@@ -191,14 +192,14 @@ class UpstreamConn(asyncio.Protocol):
             buf = self.buf + data if self.buf else data
             found: ResponseHead | None = None
             while found is None:
-                end = buf.find(b"\r\n\r\n")
+                end, start = response_head_end(buf)
                 if end < 0:
                     if len(buf) > MAX_RESPONSE_HEAD:
                         raise H1Error("the back end's answer head is too long")
                     self.buf = buf
                     return
                 found = parse_response_head(buf[:end])
-                buf = buf[end + 4 :]
+                buf = buf[start:]
                 if 100 <= found.status < 200:
                     if found.status == 101:
                         raise H1Error("the back end switched protocols")

@@ -281,6 +281,22 @@ CHUNKED: Final = 2
 UNTIL_CLOSE: Final = 3
 
 
+def response_head_end(buf: bytes) -> tuple[int, int]:
+    """(end of the head, start of the body) of a back end's answer in ``buf``: the head
+    is ``buf[:end]`` without its blank line (what ``parse_response_head`` takes), the
+    body starts at ``start``; (-1, -1) while the blank line has not come.  Lines end in
+    CRLF or in a bare LF (RFC 9112 2.2), so the blank line is the first LF CRLF or LF
+    LF: the usual CRLF head is found by one search, and LF LF is looked for before it
+    only (a bounded search: a body may hold either)."""
+    crlf = buf.find(b"\n\r\n")
+    lf = buf.find(b"\n\n", 0, crlf if crlf >= 0 else len(buf))
+    if lf >= 0:
+        return (lf - 1 if lf and buf[lf - 1] == 13 else lf), lf + 2
+    if crlf < 0:
+        return -1, -1
+    return (crlf - 1 if crlf and buf[crlf - 1] == 13 else crlf), crlf + 3
+
+
 class ResponseHead:
     """A back end's answer head.  ``headers``: (lowercase name, name, value, line) in
     order, ``line`` as in ``RequestHead``.  ``reason`` and the headers are the octets as

@@ -634,3 +634,28 @@ def test_absolute_form_targets_give_their_authority_and_origin_form() -> None:
     assert h1.origin_form("http://a.example?x=1") == ("a.example", "/?x=1")
     for target in ("/x", "/x?u=http://a/", "ftp://a/x", "http://u@a/x", "http://a/x#f", "*"):
         assert h1.origin_form(target) is None, target
+
+
+@pytest.mark.parametrize(
+    ("buf", "head", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\nA: b\r\n\r\nbody\n\nmore", b"HTTP/1.1 200 OK\r\nA: b", b"body\n\nmore"),
+        (b"HTTP/1.1 200 OK\nA: b\n\nbody\r\n\r\nmore", b"HTTP/1.1 200 OK\nA: b", b"body\r\n\r\nmore"),
+        (b"HTTP/1.1 200 OK\nA: b\r\n\nbody", b"HTTP/1.1 200 OK\nA: b", b"body"),
+        (b"HTTP/1.1 200 OK\r\nA: b\n\r\nbody", b"HTTP/1.1 200 OK\r\nA: b", b"body"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b"HTTP/1.1 204 No Content", b""),
+        (b"HTTP/1.1 200 OK\r\nA: b\r\n", None, None),
+        (b"HTTP/1.1 200 OK\nA: b\n", None, None),
+    ],
+)
+def test_the_end_of_an_answer_head_with_crlf_or_bare_lf_line_ends(
+    buf: bytes, head: bytes | None, body: bytes | None
+) -> None:
+    """The blank line that ends a back end's head is the first one, whichever line ends
+    the head uses (a body may hold the other kind)."""
+    end, start = h1.response_head_end(buf)
+    if head is None:
+        assert (end, start) == (-1, -1)
+        return
+    assert buf[:end] == head and buf[start:] == body
+    h1.parse_response_head(buf[:end])  # what the parser takes
