@@ -34,6 +34,7 @@ from typing import Final, Protocol, cast
 from api_proxy.h1 import (
     CHUNKED,
     LENGTH,
+    MAX_RESPONSE_HEAD,
     NO_BODY,
     ChunkedDecoder,
     H1Error,
@@ -46,7 +47,6 @@ from api_proxy.upstream import Backend
 log = logging.getLogger("api_proxy.fastpool")
 
 KEEPALIVE: Final = 60.0
-MAX_RESPONSE_HEAD: Final = 65536
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _INF: Final = float("inf")
 
@@ -193,7 +193,7 @@ class UpstreamConn(asyncio.Protocol):
             found: ResponseHead | None = None
             while found is None:
                 end, start = response_head_end(buf)
-                if end < 0:
+                if end < 0 or end > MAX_RESPONSE_HEAD:
                     if len(buf) > MAX_RESPONSE_HEAD:
                         raise H1Error("the back end's answer head is too long")
                     self.buf = buf

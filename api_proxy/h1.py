@@ -272,6 +272,10 @@ def origin_form(target: str) -> tuple[str, str] | None:
 # --- answers from a back end -----------------------------------------------------------------
 
 _NOT_HTTP: Final = "the back end's answer is not valid HTTP/1.x"
+#: the largest answer head taken from a back end, on both paths (the fast path's pool,
+#: and aiohttp's client per line: ``upstream.Backend``); nginx's default is 4 or 8 kB
+#: (``proxy_buffer_size``), but a billing system's long cookies and CSP headers pass
+MAX_RESPONSE_HEAD: Final = 65536
 #: no body whatever the headers say (RFC 9112 6.3)
 EMPTY_BODY_STATUS: Final = frozenset({204, 304})
 

@@ -26,7 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from api_proxy.errors import BackendUnavailable, RequestTimeout, RequestTooLarge
-from api_proxy.h1 import HOP_BY_HOP
+from api_proxy.h1 import HOP_BY_HOP, MAX_RESPONSE_HEAD
 from api_proxy.h1relay import public_cookie, public_refresh, public_url
 
 log = logging.getLogger("api_proxy.upstream")
@@ -159,6 +159,10 @@ class Backend:
                 auto_decompress=False,
                 skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
                 raise_for_status=False,
+                # a long header line (a cookie, a CSP) passes as on the fast path, whose
+                # limit is the whole head: aiohttp's default is 8190 octets a line
+                max_line_size=MAX_RESPONSE_HEAD,
+                max_field_size=MAX_RESPONSE_HEAD,
             )
 
     async def close(self) -> None:
