@@ -75,6 +75,16 @@ class VersionNotSupported(BadRequest):
         super().__init__(f"HTTP/{version} is not supported: send HTTP/1.1")
 
 
+class CodingNotImplemented(BadRequest):
+    """A request body in a transfer coding other than chunked (``gzip, chunked``): 501,
+    as nginx answers; relayed, it would reach the back end as coded octets under no
+    coding at all (Transfer-Encoding is hop-by-hop)."""
+
+    reason = "not_implemented"
+    close = True
+    http_status = 501
+
+
 class UnknownHost(DispatchError):
     """No virtual host is configured for the Host header."""
 

@@ -37,6 +37,7 @@ from api_proxy.classify import classify, needs_body
 from api_proxy.errors import (
     BackendUnavailable,
     BadRequest,
+    CodingNotImplemented,
     CustomerLocked,
     DispatchError,
     HeadersTooLarge,
@@ -540,6 +541,11 @@ class ApiProxy(Flows):
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if isinstance(request, _OtherVersion):
             raise VersionNotSupported(request.claimed)
+        coding = request.headers.get("Transfer-Encoding")
+        if coding is not None and coding.strip(" \t").lower() != "chunked":
+            # aiohttp's parser takes any codings before a final chunked (the only one
+            # it refuses a request for), and undoes only the chunked
+            raise CodingNotImplemented(f"the transfer coding {coding[:40]!r} is not supported")
         sock = request.transport.get_extra_info("sockname") if request.transport else None
         local_port = sock[1] if isinstance(sock, tuple) and len(sock) > 1 else 0
         # aiohttp bounds each line and field (max_line_size / max_field_size) and their

@@ -247,3 +247,41 @@ def test_a_pipelined_request_the_fast_path_does_not_take_is_handed_over_in_order
             assert m["fast_path"] == 1 and m["handed_over"] == 1 and m["requests"] == 3
 
     run(main)
+
+
+def test_a_transfer_coding_other_than_chunked_gets_501_and_is_not_sent_on() -> None:
+    """``Transfer-Encoding: gzip, chunked`` (which aiohttp's parser takes): the chunked
+    framing was undone and the body sent on as it came, gzip octets under no coding at
+    all, since Transfer-Encoding is hop-by-hop.  nginx answers 501; so does dsbc, with
+    its fault, on both paths, and the back end sees nothing."""
+
+    async def main() -> None:
+        answers: dict[bool, list[bytes]] = {}
+        for fast in (True, False):
+            async with Env(fast) as env:
+                got = [
+                    await env.raw(
+                        b"POST /x HTTP/1.1\r\nHost: api.example\r\nTransfer-Encoding: %b\r\n"
+                        b"\r\n3\r\nabc\r\n0\r\n\r\n" % coding
+                    )
+                    for coding in (b"gzip, chunked", b"deflate,Chunked", b"x-custom , chunked")
+                ]
+                assert env.be.log == []
+                # chunked alone (any case) is relayed as ever
+                r, w = await asyncio.open_connection(env.host, env.port)
+                w.write(
+                    b"POST /x HTTP/1.1\r\nHost: api.example\r\nTransfer-Encoding: Chunked\r\n"
+                    b"\r\n3\r\nabc\r\n0\r\n\r\n"
+                )
+                status, _, body = await read_answer(r)
+                w.close()
+                assert status == b"HTTP/1.1 200 OK" and b'"echo": 3' in body
+                answers[fast] = [without_date(a) for a in got]
+                await env.fine()
+        assert answers[True] == answers[False]
+        for a in answers[True]:
+            assert a.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), a
+            assert fault(a) == (501, "Server.Dispatcher.not_implemented")
+            assert b"Connection: close" in a
+
+    run(main)
