@@ -51,6 +51,13 @@ IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE
 _INF: Final = float("inf")
 
 
+def _has_length(head: ResponseHead) -> bool:
+    for lname, _, _, _ in head.headers:
+        if lname == "content-length":
+            return True
+    return False
+
+
 class Sink(Protocol):
     """The client side of an exchange (``fastpath.FastConn``)."""
 
@@ -205,6 +212,10 @@ class UpstreamConn(asyncio.Protocol):
                         raise H1Error("the back end switched protocols")
                     found = None  # 100 Continue and friends: the answer follows
             head = found
+            if head.framing == CHUNKED and not head.keep_alive and _has_length(head):
+                # RFC 9112 6.3: "ought to be handled as an error"; aiohttp's client
+                # (the other path) refuses it too
+                raise H1Error("the back end's answer has Content-Length and Transfer-Encoding")
             self.buf = b""
             self.head = head
             self.pool.backend.last_ok_at = time.time()

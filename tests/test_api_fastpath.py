@@ -102,6 +102,11 @@ class Backend:
             return b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 20000 + b"\r\nContent-Length: 2\r\n\r\nok"
         if path.startswith("/huge-head"):  # a head over fastpool.MAX_RESPONSE_HEAD, in one write
             return b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * 70000 + b"\r\nContent-Length: 2\r\n\r\nok"
+        if path.startswith("/cl-te"):  # both framings: RFC 9112 6.3 "ought to be handled as an error"
+            return (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nok\r\n0\r\n\r\n"
+            )
         if path.startswith("/nocontenttype"):
             return b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nabc"
         doc = b'{"echo": %d, "path": "%b"}' % (len(body), path.encode())
@@ -156,6 +161,7 @@ CASES: list[tuple[list[bytes], int]] = [
     ([get("/lf-head")], 1),
     ([get("/big-field")], 1),
     ([get("/huge-head")], 1),
+    ([get("/cl-te")], 1),
     ([get("/redirect")], 1),
     ([post("/nocontenttype", b"")], 1),
     ([get("/page?x=1&y=%20", "Cookie: a=1; b=2\r\nX-Real-IP: 1.2.3.4\r\n")], 1),
@@ -238,14 +244,15 @@ def test_fast_path_and_aiohttp_path_answer_alike(loop: str) -> None:
         assert fast[7][0][0] == b"HTTP/1.1 200 OK" and fast[7][0][2] == b"ok"
         assert fast[8][0][0] == b"HTTP/1.1 500 Internal Server Error"
         assert b"backend_unavailable" in fast[8][0][2]
-        status, headers, _ = fast[9][0]
+        assert b"backend_unavailable" in fast[9][0][2]  # Content-Length and chunked
+        status, headers, _ = fast[10][0]
         assert status == b"HTTP/1.1 302 Found"
         assert b"Location: http://api.example/next?a=1" in headers
         assert b"Set-Cookie: s=1; Path=/" in headers
         assert not any(h.lower().startswith((b"x-private", b"keep-alive")) for h in headers)
-        assert [a[0] for a in fast[15]] == [b"HTTP/1.1 200 OK"] * 2  # GET sent again
-        assert fast[16][1][0] == b"HTTP/1.1 500 Internal Server Error"  # POST is not
-        assert b"backend_unavailable" in fast[16][1][2]
+        assert [a[0] for a in fast[16]] == [b"HTTP/1.1 200 OK"] * 2  # GET sent again
+        assert fast[17][1][0] == b"HTTP/1.1 500 Internal Server Error"  # POST is not
+        assert b"backend_unavailable" in fast[17][1][2]
         xff = [h for up in fast_up for h in up.split(b"\r\n") if h.startswith(b"X-Forwarded-For: 10.1")]
         assert xff[-1] == b"X-Forwarded-For: 10.1.1.1, 10.2.2.2, 10.3.3.3, 127.0.0.1"
 
