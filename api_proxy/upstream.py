@@ -14,10 +14,11 @@ connection (a truncated body is never presented as complete).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any
 
 import aiohttp
@@ -84,20 +85,26 @@ def response_headers(
 class BodyState:
     """What happened to a streamed request body (read by the server after a failure)."""
 
-    __slots__ = ("sent", "stalled", "too_large")
+    __slots__ = ("sent", "stalled", "too_large", "writing_since")
 
     def __init__(self) -> None:
         self.sent = 0
         self.stalled = False
         self.too_large = False
+        #: loop time a chunk was handed to the back end's connection, 0.0 while none is
+        #: being written (the client's next one is awaited): ``Backend.send`` times it
+        self.writing_since = 0.0
 
 
 async def stream_body(
     prefix: bytes, content: aiohttp.StreamReader, idle: float, limit: int, state: BodyState
 ) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
     if prefix:
         state.sent = len(prefix)
-        yield prefix
+        state.writing_since = loop.time()
+        yield prefix  # aiohttp asks for the next chunk once this one is written
+        state.writing_since = 0.0
     while True:
         try:
             chunk = await asyncio.wait_for(content.readany(), idle)
@@ -110,7 +117,9 @@ async def stream_body(
         if state.sent > limit:
             state.too_large = True
             raise RequestTooLarge(f"the request body is over {limit} bytes")
+        state.writing_since = loop.time()
         yield chunk
+        state.writing_since = 0.0
 
 
 class Backend:
@@ -143,6 +152,7 @@ class Backend:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=timeout
         )
+        self.timeout = timeout
         self.session: aiohttp.ClientSession | None = None
         self.requests = 0
         self.errors = 0
@@ -192,7 +202,7 @@ class Backend:
         assert self.session is not None, "Backend.open() first"
         self.requests += 1
         try:
-            resp = await self.session.request(
+            sending = self.session.request(
                 method,
                 URL(url, encoded=True),
                 headers=headers,
@@ -201,6 +211,7 @@ class Backend:
                 compress=None,
                 chunked=None,
             )
+            resp = await (sending if state is None else self._watched(sending, state))
         except (RequestTimeout, RequestTooLarge):
             raise
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
@@ -213,6 +224,29 @@ class Backend:
             raise self.failed(_describe(exc)) from None
         self.last_ok_at = time.time()
         return resp
+
+    async def _watched(
+        self, sending: Awaitable[aiohttp.ClientResponse], state: BodyState
+    ) -> aiohttp.ClientResponse:
+        """``sending`` (a request with a streamed body), timed out when the back end takes
+        no chunk of it for ``timeout`` seconds, as nginx's ``proxy_send_timeout``: aiohttp
+        starts its read timeout once the body is sent, and a back end that stopped
+        reading would hold the client for as long as it keeps the connection."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(sending)
+        try:
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=min(1.0, self.timeout))
+                if done:
+                    return task.result()
+                since = state.writing_since
+                if since and loop.time() - since >= self.timeout:
+                    raise TimeoutError("the back end took none of the body")
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def status(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ fast path itself, with the octets the aiohttp path gives (Date aside).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any, Self
 
@@ -283,5 +284,54 @@ def test_a_transfer_coding_other_than_chunked_gets_501_and_is_not_sent_on() -> N
             assert a.startswith(b"HTTP/1.1 501 Not Implemented\r\n"), a
             assert fault(a) == (501, "Server.Dispatcher.not_implemented")
             assert b"Connection: close" in a
+
+    run(main)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_back_end_that_stops_reading_an_upload_times_out(fast: bool) -> None:
+    """A streamed upload (over route_body_limit) to a back end that accepted the
+    connection and stopped reading: dsbc waited for its buffers to drain for as long as
+    the back end held the connection (for ever, for a hung application), where nginx
+    gives up after proxy_send_timeout.  No progress for api.timeout is a time-out."""
+
+    async def main() -> None:
+        holding: list[asyncio.StreamWriter] = []
+
+        async def hang(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            holding.append(w)  # reads nothing, answers nothing, closes nothing
+
+        server = await asyncio.start_server(hang, "127.0.0.1", 0)
+        origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            async with Env(fast, origin=origin, timeout=1.0, body_timeout=5.0) as env:
+                size = 64 << 20
+                r, w = await asyncio.open_connection(env.host, env.port)
+                w.write(
+                    b"POST /upload HTTP/1.1\r\nHost: api.example\r\n"
+                    b"Content-Type: application/pdf\r\nContent-Length: %d\r\n\r\n" % size
+                )
+                block = b"x" * (1 << 20)
+
+                async def send() -> None:
+                    with contextlib.suppress(ConnectionError):
+                        for _ in range(size >> 20):
+                            w.write(block)
+                            await w.drain()
+
+                sender = asyncio.create_task(send())
+                start = asyncio.get_running_loop().time()
+                status, _, body = await asyncio.wait_for(read_answer(r), 10)
+                took = asyncio.get_running_loop().time() - start
+                sender.cancel()
+                w.close()
+                assert status == b"HTTP/1.1 500 Internal Server Error", body
+                assert json.loads(body)["faultcode"] == "Server.Dispatcher.backend_unavailable"
+                assert b"timed out" in body
+                assert took < 5, took
+        finally:
+            for held in holding:
+                held.close()
+            server.close()
 
     run(main)
