@@ -196,9 +196,15 @@ class FastConn(asyncio.Protocol):
         ex = self.ex
         if ex is not None and ex.conn is not None:
             ex.conn.pause_reading()
+        if self.state == BUSY:
+            # a client that takes nothing of its answer for send_timeout is dropped (as
+            # nginx's): it would hold the back-end connection under it for ever
+            self._arm(self.proxy.loop_time() + self.proxy.settings.send_timeout)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.state == BUSY:
+            self.deadline = _INF  # the timer, when it fires, finds nothing to do
         ex = self.ex
         if ex is not None and ex.conn is not None:
             ex.conn.resume_reading()
@@ -412,14 +418,19 @@ class FastConn(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self.timer = None
-        if self.state in (GONE, BUSY) or self.transport is None:
+        state = self.state
+        if state == GONE or (state == BUSY and not self.write_paused) or self.transport is None:
             return
         now = self.proxy.loop_time()
         if now < self.deadline:
             self._new_timer(self.deadline)
             return
         t = self.transport
-        if self.state == BODY:
+        if state == BUSY:
+            self.proxy.metrics["client_timeouts"] += 1
+            log.debug("dropping a client that took none of its answer in time")
+            t.abort()  # connection_lost drops the exchange and its back-end connection
+        elif state == BODY:
             idle = self.proxy.settings.body_timeout
             exc = RequestTimeout(f"the client sent no body data for {idle:g} s")
             m = self.proxy.metrics

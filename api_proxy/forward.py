@@ -26,6 +26,7 @@ from api_proxy.router import Owner, ProxySettings, Router, Vhost
 from api_proxy.upstream import (
     Backend,
     BodyState,
+    ClientStalled,
     read_small,
     relay,
     request_headers,
@@ -289,7 +290,13 @@ class Forwarder:
         headers = response_headers(resp.headers, bases, ctx.public_origin)
         for c in cookies:
             headers.add("Set-Cookie", c)
-        return await relay(ctx.request, resp, headers, self.backends[system], body)
+        try:
+            return await relay(
+                ctx.request, resp, headers, self.backends[system], body, self.settings.send_timeout
+            )
+        except ClientStalled:
+            self.metrics["client_timeouts"] += 1
+            raise
 
     async def answer(
         self, ctx: Ctx, a: Answer, cookies: Iterable[str] = (), body: bytes | None = None

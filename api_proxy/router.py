@@ -157,6 +157,7 @@ class ProxySettings(msgspec.Struct, kw_only=True):
     timeout: float = 30.0  # a back end's silence before backend_unavailable
     connect_timeout: float = 5.0
     body_timeout: float = 15.0  # a client's silence while sending its body
+    send_timeout: float = 60.0  # a client that takes none of its answer this long is dropped
     header_timeout: float = 10.0  # request line and headers, from their first octet (slowloris)
     max_connections: int = 10000  # client connections, in total and per source IP
     max_connections_per_ip: int = 200

@@ -286,17 +286,34 @@ async def read_small(resp: aiohttp.ClientResponse, cap: int, backend: Backend) -
     return data
 
 
+class ClientStalled(ConnectionError):
+    """The client took none of its answer for ``send_timeout`` seconds (its connection
+    is aborted: a ConnectionError, as when a client goes away)."""
+
+
+async def _write(out: web.StreamResponse, data: bytes, send_timeout: float) -> None:
+    """``out.write`` that gives up on a client that takes nothing for ``send_timeout``
+    (nginx's ``send_timeout``): it would hold the back-end connection for ever."""
+    try:
+        async with asyncio.timeout(send_timeout):
+            await out.write(data)
+    except TimeoutError:
+        raise ClientStalled("the client took none of its answer") from None
+
+
 async def relay(
     request: web.BaseRequest,
     resp: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
     backend: Backend,
     body: bytes | None = None,
+    send_timeout: float = 60.0,
 ) -> web.StreamResponse:
     """Send a back end's answer to the client, streaming unless ``body`` was read already.
 
     A back end that breaks off mid-body gets the client connection aborted: the client
-    sees a truncated message, never a complete-looking wrong one."""
+    sees a truncated message, never a complete-looking wrong one; so does a client that
+    takes none of its answer for ``send_timeout`` seconds (``ClientStalled``)."""
     out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
     if body is not None:
         out.content_length = len(body)
@@ -314,7 +331,7 @@ async def relay(
             ) from None
         if body is not None:
             if body and request.method != "HEAD":
-                await out.write(body)
+                await _write(out, body, send_timeout)
         elif request.method != "HEAD":
             chunks = resp.content.iter_chunked(CHUNK).__aiter__()
             while True:
@@ -333,8 +350,14 @@ async def relay(
                     if request.transport is not None:
                         request.transport.abort()
                     return out
-                await out.write(chunk)  # a client that went away raises here, as it should
+                # a client that went away raises here, as it should
+                await _write(out, chunk, send_timeout)
         await out.write_eof()
+    except ClientStalled:
+        log.debug("dropping a client that took none of its answer from %s", request.path)
+        if request.transport is not None:
+            request.transport.abort()
+        raise
     finally:
         resp.release()
         # release() cancels the task still sending a streamed request body (an answer

@@ -252,6 +252,7 @@ def build_settings(cfg: Config) -> ProxySettings:
         timeout=api.timeout,
         connect_timeout=api.connect_timeout,
         body_timeout=api.body_timeout,
+        send_timeout=api.send_timeout,
         header_timeout=api.header_timeout,
         max_connections=api.max_connections,
         max_connections_per_ip=api.max_connections_per_ip,

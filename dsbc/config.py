@@ -463,6 +463,7 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cpe_patterns: list[str] = []
     route_body_limit: int = 1048576  # bytes of a request body read to route it
     body_timeout: float = 15.0  # a client's silence while sending a body
+    send_timeout: float = 60.0  # a client that takes none of its answer (nginx's send_timeout)
     header_timeout: float = 10.0  # request line + headers, from their first octet
     max_connections: int = 10000
     max_connections_per_ip: int = 200
@@ -487,7 +488,7 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("route_body_limit: must be >= 1024")
         if self.pool_size < 1:
             raise ValueError("pool_size: must be >= 1")
-        for key in ("timeout", "body_timeout", "connect_timeout"):
+        for key in ("timeout", "body_timeout", "send_timeout", "connect_timeout"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be > 0 (seconds)")
         if self.header_timeout <= 0:

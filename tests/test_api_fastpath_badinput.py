@@ -335,3 +335,56 @@ def test_a_back_end_that_stops_reading_an_upload_times_out(fast: bool) -> None:
             server.close()
 
     run(main)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_client_that_reads_none_of_its_answer_is_dropped(fast: bool) -> None:
+    """A client that asks for a large answer (an invoice) and reads none of it held its
+    connection and the back-end connection under it for as long as it liked: pool_size
+    such clients (100 by default; one source may hold 200 connections) stalled every
+    request to that system.  As nginx's send_timeout, a client that takes nothing of its
+    answer for send_timeout is dropped, and the back-end connection with it."""
+
+    async def main() -> None:
+        closed = asyncio.Event()
+
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    head = await r.readuntil(b"\r\n\r\n")
+                    if b" /small " in head:
+                        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        await w.drain()
+                        continue
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 32))
+                    block = b"x" * (1 << 20)
+                    while True:
+                        w.write(block)
+                        await w.drain()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                closed.set()
+            finally:
+                w.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            async with Env(fast, origin=origin, pool_size=1, send_timeout=0.5) as env:
+                _r, w = await asyncio.open_connection(env.host, env.port)
+                w.write(get("/invoice.pdf"))  # and never read
+                start = asyncio.get_running_loop().time()
+                await asyncio.wait_for(closed.wait(), 10)
+                took = asyncio.get_running_loop().time() - start
+                assert took < 4, took
+                # the one back-end connection is free again
+                r2, w2 = await asyncio.open_connection(env.host, env.port)
+                w2.write(get("/small"))
+                status, _, body = await asyncio.wait_for(read_answer(r2), 5)
+                assert status == b"HTTP/1.1 200 OK" and body == b"ok"
+                assert env.proxy.metrics["client_timeouts"] == 1
+                w.close()
+                w2.close()
+        finally:
+            server.close()
+
+    run(main)
