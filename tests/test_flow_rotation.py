@@ -26,7 +26,9 @@ NEW_SECRET = "rotated-flow-secret-0123456789abcdef"
 
 
 def reload(d: Dsbc, text: str) -> None:
-    """Write the config, SIGHUP, wait for the new worker to serve."""
+    """Write the config, SIGHUP, wait for the new worker to serve and the replaced one to
+    be gone: until its drain ends, its UDP socket still takes datagrams (SO_REUSEPORT), by
+    design, and answers them with the old configuration."""
     assert d.proc is not None
     d.config_path.write_text(text)
     log = d.workdir / "dsbc.log"
@@ -35,7 +37,8 @@ def reload(d: Dsbc, text: str) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         after = log.read_text().split("reloading configuration")
-        if len(after) - 1 > seen and "worker 0 ready" in after[-1]:
+        if (len(after) - 1 > seen and "worker 0 ready" in after[-1]
+                and len(list(d.run_dir.glob("ready-0-*"))) == 1):
             return
         time.sleep(0.1)
     raise AssertionError(f"no reload: {d.log_tail()}")
