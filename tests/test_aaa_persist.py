@@ -191,3 +191,38 @@ def test_a_node_follows_the_sessions_another_node_saved(tmp_path: Any) -> None:
         assert asyncio.run(main()) == ["source", "source"]
     finally:
         store.close()
+
+
+def test_a_dead_nodes_old_pins_expire(tmp_path: Any) -> None:
+    """A node that died (or was retired, or got a new host name) never saves again: its
+    last pins stay in the store.  Another node adopted them for ever, so a session they
+    name, last seen days ago (a NAS that reuses its Acct-Session-Ids), went to the system
+    of that old Start, though the node itself drops a pin STICKY_TTL after its last use."""
+    from dsbc.config import parse_config
+    from dsbc.radius import packet as rp
+    from dsbc.radius.core import ACCT
+    from tests.test_radius_core import acct_request, open_test_store
+    from tests.test_radius_freeradius import dsbc_config
+
+    store = open_test_store(tmp_path)
+    store.put_customer("1", ["account:alice"], "target")
+    cfg = parse_config(dsbc_config((["127.0.0.1:9"], ["127.0.0.1:10"], "s"), (["127.0.0.1:11"], ["127.0.0.1:12"], "t")))
+    nas = ("127.0.0.1", 40000)
+    now = time.time()
+    rows = [["127.0.0.1", "old", "source", now - RadiusCore.STICKY_TTL - 3600],
+            ["127.0.0.1", "recent", "source", now - 3600]]
+    store.set_meta(rsvc.STICKY_META_KEY + "@dead-node:1812", json.dumps(rows))
+
+    async def main() -> list[str]:
+        b = await rsvc.start_radius(cfg, store)
+        seen = []
+        for n, sid in enumerate(("old", "recent"), 1):
+            [fwd] = b.core.handle_request(ACCT, acct_request("alice", rp.ACCT_INTERIM, sid, n), nas, b.loop.time())
+            seen.append(fwd.system)
+        await b.stop()
+        return seen
+
+    try:
+        assert asyncio.run(main()) == ["target", "source"]
+    finally:
+        store.close()

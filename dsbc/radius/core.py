@@ -614,10 +614,15 @@ class RadiusCore:
         self.sticky_dirty = False
         return [[nas, sid, v[0], v[1]] for (nas, sid), v in self.sticky.items()]
 
-    def adopt_sticky(self, rows: list[list[object]]) -> None:
-        """Replace the pins known from other nodes (a session pinned here keeps its own)."""
+    def adopt_sticky(self, rows: list[list[object]], now: float) -> None:
+        """Replace the pins known from other nodes (a session pinned here keeps its own).
+        Those last seen over STICKY_TTL ago are left out, as the sweep drops this node's
+        own: a node that died or was retired never saves again, and its last pins would
+        send a reused Acct-Session-Id to a system its customer left long ago."""
+        old = now - self.STICKY_TTL
         self.adopted = {(str(r[0]), str(r[1])): [str(r[2]), float(r[3])]  # type: ignore[arg-type]
-                        for r in rows if len(r) == 4 and str(r[2]) in self.systems}
+                        for r in rows if len(r) == 4 and str(r[2]) in self.systems
+                        and float(r[3]) >= old}  # type: ignore[arg-type]
 
     def load_sticky(self, rows: list[list[object]]) -> None:
         for row in rows:

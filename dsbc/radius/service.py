@@ -143,7 +143,8 @@ class RadiusService:
     async def adopt_others(self) -> None:
         """Learn the pins other nodes saved (read in a thread: the loop never waits)."""
         if self.store is not None:
-            self.core.adopt_sticky(await self.loop.run_in_executor(None, self._pins.load_others))
+            rows = await self.loop.run_in_executor(None, self._pins.load_others)
+            self.core.adopt_sticky(rows, self.loop.time())
 
     async def _persist_loop(self) -> None:
         next_save = self.loop.time() + PERSIST_EVERY
