@@ -95,6 +95,7 @@ class FastConn(asyncio.Protocol):
         "realm",
         "req",
         "resp",
+        "send_mark",
         "state",
         "system",
         "timer",
@@ -123,6 +124,8 @@ class FastConn(asyncio.Protocol):
         self.pending: bytes | None = None  # the answer's head, written with its first data
         self.keep_alive = True
         self.write_paused = False
+        #: octets waiting in the write buffer when the client last took some (send_timeout)
+        self.send_mark = 0
         self.system = ""
         self.origin: Origin | None = None
         self.public = ""  # scheme://Host of the last Host header, for Location rewrites
@@ -199,6 +202,8 @@ class FastConn(asyncio.Protocol):
         if self.state == BUSY:
             # a client that takes nothing of its answer for send_timeout is dropped (as
             # nginx's): it would hold the back-end connection under it for ever
+            t = self.transport
+            self.send_mark = t.get_write_buffer_size() if t is not None else 0
             self._arm(self.proxy.loop_time() + self.proxy.settings.send_timeout)
 
     def resume_writing(self) -> None:
@@ -350,6 +355,8 @@ class FastConn(asyncio.Protocol):
             self.pending = None
         if data:
             t.write(data)
+            if self.write_paused:  # what is left of the back end's read goes in after the pause
+                self.send_mark = t.get_write_buffer_size()
         if end:
             self._done()
 
@@ -427,6 +434,13 @@ class FastConn(asyncio.Protocol):
             return
         t = self.transport
         if state == BUSY:
+            left = t.get_write_buffer_size()
+            if left < self.send_mark:
+                # it took some of its answer meanwhile (a slow mobile download): as nginx's
+                # send_timeout, only a client that takes nothing for that long is dropped
+                self.send_mark = left
+                self._arm(now + self.proxy.settings.send_timeout)
+                return
             self.proxy.metrics["client_timeouts"] += 1
             log.debug("dropping a client that took none of its answer in time")
             t.abort()  # connection_lost drops the exchange and its back-end connection

@@ -291,14 +291,59 @@ class ClientStalled(ConnectionError):
     is aborted: a ConnectionError, as when a client goes away)."""
 
 
-async def _write(out: web.StreamResponse, data: bytes, send_timeout: float) -> None:
-    """``out.write`` that gives up on a client that takes nothing for ``send_timeout``
-    (nginx's ``send_timeout``): it would hold the back-end connection for ever."""
-    try:
-        async with asyncio.timeout(send_timeout):
-            await out.write(data)
-    except TimeoutError:
-        raise ClientStalled("the client took none of its answer") from None
+class _SendWatch:
+    """``out.write`` that gives up on a client that takes nothing of its answer for
+    ``send_timeout`` (nginx's ``send_timeout``): it would hold the back-end connection for
+    ever.  Only a client that takes nothing is dropped: one that takes its answer slowly (a
+    mobile download) needs more than that to empty the write buffer, and keeps going as
+    long as the buffer shrinks."""
+
+    __slots__ = ("_cm", "_handle", "_loop", "_mark", "_timeout", "_transport")
+
+    def __init__(self, transport: asyncio.BaseTransport | None, send_timeout: float) -> None:
+        self._transport = transport
+        self._timeout = send_timeout
+        self._loop = asyncio.get_running_loop()
+        self._cm: asyncio.Timeout | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._mark = 0
+
+    def _left(self) -> int:
+        # uvloop's transports are not asyncio.WriteTransport subclasses: asked by name
+        size = getattr(self._transport, "get_write_buffer_size", None)
+        return int(size()) if size is not None else 0
+
+    async def write(self, out: web.StreamResponse, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(None) as cm:
+                self._cm = cm
+                self._loop.call_soon(self._start)  # runs once write() put the data in the buffer
+                try:
+                    await out.write(data)
+                finally:
+                    self._cm = None
+                    if self._handle is not None:
+                        self._handle.cancel()
+                        self._handle = None
+        except TimeoutError:
+            raise ClientStalled("the client took none of its answer") from None
+
+    def _start(self) -> None:
+        if self._cm is not None and self._handle is None:
+            self._mark = self._left()
+            self._handle = self._loop.call_later(self._timeout, self._check)
+
+    def _check(self) -> None:
+        self._handle = None
+        cm = self._cm
+        if cm is None:
+            return
+        left = self._left()
+        if left < self._mark:  # it took some: another send_timeout from now
+            self._mark = left
+            self._handle = self._loop.call_later(self._timeout, self._check)
+        else:
+            cm.reschedule(self._loop.time())
 
 
 async def relay(
@@ -315,6 +360,7 @@ async def relay(
     sees a truncated message, never a complete-looking wrong one; so does a client that
     takes none of its answer for ``send_timeout`` seconds (``ClientStalled``)."""
     out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+    watch = _SendWatch(request.transport, send_timeout)
     if body is not None:
         out.content_length = len(body)
     elif resp.content_length is not None:
@@ -331,7 +377,7 @@ async def relay(
             ) from None
         if body is not None:
             if body and request.method != "HEAD":
-                await _write(out, body, send_timeout)
+                await watch.write(out, body)
         elif request.method != "HEAD":
             chunks = resp.content.iter_chunked(CHUNK).__aiter__()
             while True:
@@ -351,7 +397,7 @@ async def relay(
                         request.transport.abort()
                     return out
                 # a client that went away raises here, as it should
-                await _write(out, chunk, send_timeout)
+                await watch.write(out, chunk)
         await out.write_eof()
     except ClientStalled:
         log.debug("dropping a client that took none of its answer from %s", request.path)

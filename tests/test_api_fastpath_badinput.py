@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from typing import Any, Self
 
 import pytest
@@ -384,6 +385,57 @@ def test_a_client_that_reads_none_of_its_answer_is_dropped(fast: bool) -> None:
                 assert env.proxy.metrics["client_timeouts"] == 1
                 w.close()
                 w2.close()
+        finally:
+            server.close()
+
+    run(main)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_slow_client_that_takes_its_answer_is_not_dropped(fast: bool) -> None:
+    """send_timeout drops a client that takes *none* of its answer (nginx's send_timeout:
+    the time between two writes), not one slower than the write buffer: a mobile client
+    downloading an invoice at 20 kB/s, far too slow to empty dsbc's 64 kB write buffer
+    within send_timeout, was cut off with a truncated file while it kept reading."""
+
+    async def main() -> None:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                await r.readuntil(b"\r\n\r\n")
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
+                block = b"x" * (1 << 16)
+                while True:
+                    w.write(block)
+                    await w.drain()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                w.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            async with Env(fast, origin=origin, send_timeout=1.5) as env:
+                # the send buffer of a slow link's connection (loopback's grows to MBs):
+                # taken over by the accepted connections from their listener
+                for srv in env.proxy._servers:
+                    for sock in getattr(srv, "sockets", None) or []:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+                client = socket.socket()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client.setblocking(False)
+                loop = asyncio.get_running_loop()
+                await loop.sock_connect(client, (env.host, env.port))
+                await loop.sock_sendall(client, get("/invoice.pdf"))
+                got = 0
+                end = loop.time() + 5.0
+                while loop.time() < end:  # 2 kB every 0.1 s
+                    data = await asyncio.wait_for(loop.sock_recv(client, 2048), 3)
+                    assert data, f"cut off after {got} octets"
+                    got += len(data)
+                    await asyncio.sleep(0.1)
+                assert env.proxy.metrics["client_timeouts"] == 0
+                client.close()
         finally:
             server.close()
 
