@@ -128,10 +128,12 @@ class PinnedRows:
             return []
         return self._decode(rows)
 
-    def load_others(self) -> list[list[Any]]:
+    def load_others(self) -> list[list[Any]] | None:
         """The rows other nodes saved under keys of the same kind (``base@...``): the
-        sessions of a node that stopped or died, whose clients keepalived now sends here.
-        A blocking store read: call it from a thread, never on the event loop."""
+        sessions of a node that stopped or died, whose clients keepalived now sends here;
+        None when no node saved since the last call (a dead node's 100,000 sessions are
+        not decoded again every round).  A blocking store read: call it from a thread,
+        never on the event loop."""
         base, at, _ = self.key.partition("@")
         if self.store is None or not at:
             return []
@@ -151,8 +153,10 @@ class PinnedRows:
         except Exception as exc:  # noqa: BLE001 - tried again at the next round
             log.debug("cannot read other nodes' %s: %s", self.what, exc)
             return []
+        unchanged = others.keys() == self._others.keys() and all(
+            v is self._others[k] for k, v in others.items())
         self._others = others
-        return self._decode(rows)
+        return None if unchanged else self._decode(rows)
 
     def _decode(self, rows: Any) -> list[list[Any]]:
         if not isinstance(rows, list):

@@ -305,6 +305,8 @@ class RadiusCore:
                 req.session = (addr[0], session[1])
         if pinned is None and session is not None and status != rp.ACCT_START:
             pinned = self.adopted.pop(session, None)
+            if pinned is not None and float(pinned[1]) < now - self.STICKY_TTL:  # type: ignore[arg-type]
+                pinned = None  # aged since it was adopted (those rows are read once)
             if pinned is not None:
                 self.sticky[session] = pinned
                 self.sticky_dirty = True

@@ -144,7 +144,8 @@ class RadiusService:
         """Learn the pins other nodes saved (read in a thread: the loop never waits)."""
         if self.store is not None:
             rows = await self.loop.run_in_executor(None, self._pins.load_others)
-            self.core.adopt_sticky(rows, self.loop.time())
+            if rows is not None:  # None: nothing new since the last round
+                self.core.adopt_sticky(rows, self.loop.time())
 
     async def _persist_loop(self) -> None:
         next_save = self.loop.time() + PERSIST_EVERY
