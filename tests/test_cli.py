@@ -469,7 +469,9 @@ def test_an_import_that_names_no_group_keeps_the_stored_one(home: Path) -> None:
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0?prefx=one:", "rediss://127.0.0.1:1/0?ssl_ca_cert=/x.pem",
-                                 "redis+sentinel://127.0.0.1:1/dsbc?prefx=one:"])
+                                 "redis+sentinel://127.0.0.1:1/dsbc?prefx=one:",
+                                 # redis-py parses it (for BlockingConnectionPool), its pool refuses it
+                                 "redis://127.0.0.1:1/0?timeout=5"])
 def test_a_mistyped_store_url_option_is_named(home: Path, url: str) -> None:
     """`?prefx=one:` (for `?prefix=`) ended in a TypeError traceback from redis-py on a
     redis:// URL, and was ignored on a Sentinel one (the keys went under the default prefix,
@@ -528,3 +530,12 @@ def test_a_semicolon_separated_csv_is_named_as_such(home: Path) -> None:
     # the same file as a batch: its header was taken for a customer id ("unknown customer(s)")
     line = one_line_error(dsbc("migrate", "--batch", "semi.csv", "--dry-run"))
     assert line.startswith("semi.csv:1: ") and "separated by ';'" in line and "commas" in line, line
+
+
+def test_redis_py_options_of_a_store_url_are_taken() -> None:
+    """The pool's own option (max_connections) and the connection's pass the check."""
+    from dsbc.store.redis_conn import parse_redis_url
+
+    for url in ("redis://h/0?max_connections=50&socket_timeout=5&health_check_interval=10",
+                "rediss://h/0?ssl_ca_certs=/x.pem&ssl_cert_reqs=none&protocol=3"):
+        assert parse_redis_url(url).db == 0

@@ -98,7 +98,11 @@ def _url_options(scheme: str) -> set[str]:
 
     from redis import connection as rc
 
-    names = set(getattr(rc, "URL_QUERY_ARGUMENT_PARSERS", {})) | {"username", "password", "client_name"}
+    # not URL_QUERY_ARGUMENT_PARSERS' names: it parses ?timeout= for BlockingConnectionPool,
+    # which the plain pool hands to the connection (a TypeError at the first command)
+    names = {"username", "password", "client_name"}
+    names |= set(inspect.signature(rc.ConnectionPool.__init__).parameters) - {
+        "self", "connection_class", "connection_kwargs"}
     classes = [getattr(rc, "AbstractConnection", None), rc.Connection]
     if scheme == "rediss":
         classes.append(rc.SSLConnection)
