@@ -151,8 +151,9 @@ class PinnedRows:
                 others[key] = last
                 rows += last[1]
         except Exception as exc:  # noqa: BLE001 - tried again at the next round
+            # the pins read last stay (as the index does while Redis is away)
             log.debug("cannot read other nodes' %s: %s", self.what, exc)
-            return []
+            return None
         unchanged = others.keys() == self._others.keys() and all(
             v is self._others[k] for k, v in others.items())
         self._others = others

@@ -268,3 +268,38 @@ def test_a_dead_nodes_pins_are_decoded_once(tmp_path: Any) -> None:
         assert asyncio.run(main()) == ["source", "target"]
     finally:
         store.close()
+
+
+def test_other_nodes_pins_outlive_a_store_outage(tmp_path: Any) -> None:
+    """A round that cannot read the store (Redis away) keeps the pins read before, and
+    the next one that can still finds them (the keys did not change meanwhile)."""
+    from dsbc.config import parse_config
+    from tests.test_radius_core import open_test_store
+    from tests.test_radius_freeradius import dsbc_config
+
+    store = open_test_store(tmp_path)
+    cfg = parse_config(dsbc_config((["127.0.0.1:9"], ["127.0.0.1:10"], "s"), (["127.0.0.1:11"], ["127.0.0.1:12"], "t")))
+    rows = [["127.0.0.1", "s1", "source", time.time() - 60]]
+    store.set_meta(rsvc.STICKY_META_KEY + "@other-node:1812", json.dumps(rows))
+
+    async def main() -> list[int]:
+        b = await rsvc.start_radius(cfg, store)
+        seen = [len(b.core.adopted)]
+        real = store.meta_keys
+
+        def away(prefix: str) -> list[str]:
+            raise OSError("store unreachable")
+
+        store.meta_keys = away  # type: ignore[method-assign]
+        await b.adopt_others()
+        seen.append(len(b.core.adopted))
+        store.meta_keys = real  # type: ignore[method-assign]
+        await b.adopt_others()
+        seen.append(len(b.core.adopted))
+        await b.stop()
+        return seen
+
+    try:
+        assert asyncio.run(main()) == [1, 1, 1]
+    finally:
+        store.close()
