@@ -403,6 +403,7 @@ class FastConn(asyncio.Protocol):
             self.proxy.call_soon(self._process)
         else:
             self.state = IDLE
+            self.send_mark = t.get_write_buffer_size()  # the answer's tail not sent yet
             self._arm(self.proxy.loop_time() + KEEPALIVE)
 
     # -- time -------------------------------------------------------------------------------
@@ -433,14 +434,16 @@ class FastConn(asyncio.Protocol):
             self._new_timer(self.deadline)
             return
         t = self.transport
-        if state == BUSY:
+        if state == BUSY or state == IDLE:
             left = t.get_write_buffer_size()
-            if left < self.send_mark:
-                # it took some of its answer meanwhile (a slow mobile download): as nginx's
-                # send_timeout, only a client that takes nothing for that long is dropped
+            if left and left < self.send_mark:
+                # it took some of its answer meanwhile (a slow mobile download, still busy
+                # with the tail of an answer the back end finished): as nginx's send_timeout,
+                # only a client that takes nothing for that long is dropped
                 self.send_mark = left
                 self._arm(now + self.proxy.settings.send_timeout)
                 return
+        if state == BUSY:
             self.proxy.metrics["client_timeouts"] += 1
             log.debug("dropping a client that took none of its answer in time")
             t.abort()  # connection_lost drops the exchange and its back-end connection

@@ -440,3 +440,54 @@ def test_a_slow_client_that_takes_its_answer_is_not_dropped(fast: bool) -> None:
             server.close()
 
     run(main)
+
+
+def test_a_slow_client_gets_the_tail_of_a_finished_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The back end's answer was all in dsbc's write buffer (the exchange done, the
+    connection idle in keep-alive) while a slow client still read it: the idle timer (75 s)
+    closed the connection and threw the rest away, a mobile client got a truncated file.
+    A client still taking its answer is idle only once it has it all."""
+    from api_proxy import fastpath
+
+    if not hasattr(fastpath, "__file__") or not str(fastpath.__file__).endswith(".py"):
+        pytest.skip("KEEPALIVE is a compiled constant: the pure pass (DSBC_PURE_PYTHON=1) runs it")
+    monkeypatch.setattr(fastpath, "KEEPALIVE", 1.0)
+    size = 120_000
+
+    async def main() -> None:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                await r.readuntil(b"\r\n\r\n")
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size)
+                await w.drain()
+                await r.read()
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                w.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            async with Env(True, origin=origin, send_timeout=1.5) as env:
+                for srv in env.proxy._servers:  # a slow link's send buffer (as above)
+                    for sock in getattr(srv, "sockets", None) or []:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+                client = socket.socket()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client.setblocking(False)
+                loop = asyncio.get_running_loop()
+                await loop.sock_connect(client, (env.host, env.port))
+                await loop.sock_sendall(client, get("/invoice.pdf"))
+                got = b""
+                while not got.endswith(b"x" * 64) or len(got) - got.find(b"\r\n\r\n") - 4 < size:
+                    data = await asyncio.wait_for(loop.sock_recv(client, 4096), 3)  # 40 kB/s
+                    body = len(got) - got.find(b"\r\n\r\n") - 4 if b"\r\n\r\n" in got else 0
+                    assert data, f"cut off after {body} of {size} octets"
+                    got += data
+                    await asyncio.sleep(0.1)
+                client.close()
+        finally:
+            server.close()
+
+    run(main)
