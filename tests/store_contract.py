@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dsbc.store.base import LocationStore
 
 
@@ -167,3 +169,34 @@ def check_meta_keys(store: LocationStore) -> None:
         store.set_meta(key, "[]")
     assert sorted(store.meta_keys("pins@")) == ["pins@a/1", "pins@b/2"]
     assert store.meta_keys("none@") == []
+
+
+def check_spent_leases(store: LocationStore, leases: Callable[[], set[str]]) -> None:
+    """Customers "1" and "2" on the source, "4" in no batch: each batch's lock lease is forgotten once the
+    batch has ended and its lease ran out (a store that runs migrations for months kept
+    one row per batch ever run), never while the batch holds locks or its lease lasts; a
+    rolled-back batch's mark stays (a migration of it still running must stop).
+    ``leases()``: the batch ids the store keeps a lease for."""
+    import pytest
+
+    from dsbc.store import BatchCancelled
+
+    for n in range(3):  # what `dsbc migrate` does: lock, flip (a lease that has run out)
+        store.lock(["1"], f"b-done-{n}", lease=-1)
+        store.migrate(["1"], "target" if n % 2 == 0 else "source", batch_id=f"b-done-{n}")
+    store.lock(["2"], "b-unlocked", lease=-1)  # a migration that gave up and unlocked
+    store.unlock(["2"], "b-unlocked")
+    store.lock(["2"], "b-running")  # still running: 30 s lease
+    store.lock([], "b-holding")  # in its lock window, nothing locked yet, lease lasting
+    store.lock(["4"], "b-rolled")
+    store.rollback("b-rolled")
+    assert {"b-done-0", "b-done-1", "b-done-2", "b-unlocked"} <= leases()
+    assert store.release_expired_locks() == {}
+    assert leases() == {"b-running", "b-holding", "b-rolled"}
+    store.refresh()
+    c = store.customer("2")
+    assert c is not None and c.state == "locked"
+    with pytest.raises(BatchCancelled):
+        store.lock(["4"], "b-rolled")
+    store.lock(["2"], "b-running")  # renewed: its migration goes on
+    assert store.migrate(["2"], "target", batch_id="b-running").moved == ["2"]

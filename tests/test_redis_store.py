@@ -654,6 +654,16 @@ def test_locks_of_a_dead_migration_are_released(store: RedisStore) -> None:
     check_dead_batches(store)
 
 
+def test_leases_of_ended_batches_are_forgotten(store: RedisStore) -> None:
+    from tests.store_contract import check_spent_leases
+
+    def leases() -> set[str]:
+        return {b.decode() if isinstance(b, bytes) else b
+                for b in store._w.hkeys(store.prefix + "leases")}
+
+    check_spent_leases(store, leases)
+
+
 def test_group_members(store: RedisStore) -> None:
     check_group_members(store)
 

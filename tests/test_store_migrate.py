@@ -181,6 +181,16 @@ def test_locks_of_a_dead_migration_are_released(store: SqliteStore) -> None:
     check_dead_batches(store)
 
 
+def test_leases_of_ended_batches_are_forgotten(store: SqliteStore) -> None:
+    from tests.store_contract import check_spent_leases
+
+    def leases() -> set[str]:
+        with store._read() as cur:
+            return {b for (b,) in cur.execute("SELECT batch_id FROM leases")}
+
+    check_spent_leases(store, leases)
+
+
 def test_group_members(store: SqliteStore) -> None:
     check_group_members(store)
 

@@ -313,6 +313,15 @@ elseif op == 'release' then
       released[bid] = #held
     end
   end
+  -- the leases of batches that ended (flipped or unlocked; one per batch ever run): a
+  -- batch that still runs renews its own at its next lock; a rolled-back one's -1 stays
+  local leases = redis.call('HGETALL', P .. 'leases')
+  for i = 1, #leases, 2 do
+    local untl = tonumber(leases[i + 1]) or 0
+    if untl >= 0 and untl < arg.now and not batches[leases[i]] then
+      redis.call('HDEL', P .. 'leases', leases[i])
+    end
+  end
   return result({seq = flush('changes'), released = released})
 elseif op == 'prepare' then
   local cap = math.max(0, math.floor(tonumber(arg.expires) or 0))

@@ -607,13 +607,14 @@ class RedisStore(IndexedStore):
         return sorted(out, key=lambda r: (r[2], r[0]))
 
     def release_expired_locks(self, now: float | None = None) -> dict[str, int]:
-        try:  # the usual answer, none, in one cheap call
-            if not self._w.hlen(self.prefix + "locks"):
-                return {}
+        now = time.time() if now is None else now
+        try:  # the usual answer, none, in one or two cheap calls
+            if not self._w.hlen(self.prefix + "locks") and not any(
+                    0 <= float(v) < now for v in self._w.hvals(self.prefix + "leases")):
+                return {}  # nothing locked, and no lease of a batch that ended to forget
         except self._errors as exc:
             raise self._unavailable("reading the store", exc, writing=False) from None
-        res = self._run("releasing expired locks", "release",
-                        {"now": time.time() if now is None else now})
+        res = self._run("releasing expired locks", "release", {"now": now})
         released = res.get("released")
         return {str(k): int(v) for k, v in released.items()} if isinstance(released, dict) else {}
 

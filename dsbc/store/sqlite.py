@@ -45,6 +45,7 @@ from .sqlite_schema import (
     JOINED,
     SCHEMA,
     SCHEMA_VERSION,
+    SPENT_LEASES,
     UNLOCK,
     check_not_cancelled,
     chunks,
@@ -425,7 +426,8 @@ class SqliteStore(IndexedStore):
             "WHERE c.state = 'locked' AND coalesce(l.until, 0) < ?"
         )
         with self._read() as cur:  # the usual answer, none, without taking the write lock
-            if cur.execute(expired + " LIMIT 1", (now,)).fetchone() is None:
+            if (cur.execute(expired + " LIMIT 1", (now,)).fetchone() is None
+                    and cur.execute(SPENT_LEASES + " LIMIT 1", (now,)).fetchone() is None):
                 return {}
         released: dict[str, int] = {}
         with self._write("releasing expired locks") as cur:
@@ -435,6 +437,9 @@ class SqliteStore(IndexedStore):
                 cur.execute("DELETE FROM leases WHERE batch_id = ?", (bid,))
                 log_changes(cur, ids)
                 released[bid] = len(ids)
+            # the leases of batches that ended (flipped or unlocked, one row per batch ever
+            # run): a batch that still runs renews its row at its next lock
+            cur.execute(f"DELETE FROM leases WHERE batch_id IN ({SPENT_LEASES})", (now,))
         return released
 
     def prepare(self, customer_ids: list[str], expires: int) -> None:

@@ -125,6 +125,13 @@ UNLOCK = (  # the batch id goes back to the batch that last moved the customer
 )
 
 
+# the leases that ran out and hold no customer locked (their batch ended); a rolled-back
+# batch's CANCELLED row stays (a migration of it still running must learn it)
+SPENT_LEASES = (
+    "SELECT l.batch_id FROM leases l WHERE l.until >= 0 AND l.until < ? AND NOT EXISTS "
+    "(SELECT 1 FROM customers c WHERE c.state = 'locked' AND c.batch_id = l.batch_id)"
+)
+
 CANCELLED = -1.0  # the lease of a batch rolled back while it ran: it may lock and flip no more
 
 
