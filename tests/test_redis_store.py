@@ -748,3 +748,28 @@ def test_the_session_cache_beside_redis_is_capped(make: Any, monkeypatch: pytest
     s = node.get_session("cap0")  # long gone from the cache
     assert s is not None and (s.system, s.customer_id) == ("target", "0")
     assert node.get_session("cap199") is not None
+
+
+def test_contacts_that_expired_do_not_pile_up_while_the_customer_registers(store: RedisStore) -> None:
+    """A phone that registers from a new port or connection each time (NAT rebinding, a
+    TCP phone reconnecting) writes a new contact each time; the customer's key lives as
+    long as its newest binding, so its expired contacts stayed in Redis for good unless a
+    migration or a status read them (1,000 a day for a phone re-registering every 90 s)."""
+    now = time.time()
+    for n in range(50):  # each binding expires before the next REGISTER comes
+        t = now + n * 90
+        store.record_registrations(
+            [Registration("a1", f"sip:a1@198.51.100.7:{40000 + n};transport=tcp", "source", t + 60, "1")],
+            now=t)
+    def contacts(cid: str) -> int:  # the hash's fields but REG_WRITE's mark ("")
+        return len([f for f in store._w.hkeys(store.prefix + f"reg:{cid}") if f])
+
+    assert contacts("1") <= 5
+    live = store.registrations(["1"], now=now + 49 * 90)
+    assert [r.contact for r in live] == ["sip:a1@198.51.100.7:40049;transport=tcp"]
+    # a customer with many live phones keeps them all
+    store.record_registrations(
+        [Registration(f"p{n}", f"sip:p{n}@10.0.0.{n}", "source", now + 3600, "2") for n in range(20)], now=now)
+    store.record_registrations([Registration("p0", "sip:p0@10.0.1.1", "source", now + 3600, "2")], now=now + 1)
+    assert contacts("2") == 21
+    assert len(store.registrations(["2"], now=now + 2)) == 21

@@ -24,6 +24,36 @@ if TYPE_CHECKING:
 
 MAX_PENDING = 100_000  # registrations / sessions kept while Redis is away
 MAX_CACHED_SESSIONS = 100_000  # sessions kept in memory beside Redis (the oldest go first)
+PRUNE_ABOVE = 4  # contacts of a customer past which a new one makes the expired ones go
+
+# One registration written: the field, the key's TTL (never shortened), and when the field
+# is a new contact and the hash has grown past its mark, the contacts that expired.  The
+# key lives as long as its newest binding, so without this a phone that registers from a
+# new port or connection each time (NAT rebinding, a TCP phone) added a field for good.
+# The mark (the field "", which no "account\ncontact" field can be) is set after each
+# prune to twice what remained: a hash of many live phones (the accounts the store does
+# not know share "reg:") is scanned once per doubling, not at every new contact.
+REG_WRITE = """
+local new = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3], 'GT')
+redis.call('EXPIRE', KEYS[1], ARGV[3], 'NX')
+local floor = tonumber(ARGV[5])
+if new == 1 and redis.call('HLEN', KEYS[1]) > math.max(floor, tonumber(redis.call('HGET', KEYS[1], '')) or 0) then
+  local now, all, left = tonumber(ARGV[4]), redis.call('HGETALL', KEYS[1]), 0
+  for i = 1, #all, 2 do
+    if all[i] ~= '' then
+      local ok, v = pcall(cjson.decode, all[i + 1])
+      if ok and type(v) == 'table' and (tonumber(v[2]) or 0) <= now then
+        redis.call('HDEL', KEYS[1], all[i])
+      else
+        left = left + 1
+      end
+    end
+  end
+  redis.call('HSET', KEYS[1], '', tostring(math.max(floor, 2 * left)))
+end
+return new
+"""
 
 
 class SideData:
@@ -33,6 +63,7 @@ class SideData:
         self.pending_sessions: dict[str, ApiSession | None] = {}
         self.pending_regs: dict[tuple[str, str], Registration] = {}
         self._last_purge = 0.0
+        self._reg_write = store._r.register_script(REG_WRITE)
 
     def forget_sessions(self, keys: list[str], drop_all: bool) -> None:
         """Sessions changed or deleted (by any node: read again from Redis when next asked
@@ -68,9 +99,9 @@ class SideData:
             if r.expires_at <= now:
                 pipe.hdel(key, field)
             else:
-                pipe.hset(key, field, json.dumps([canon(r.system), r.expires_at]))
-                pipe.expire(key, int(r.expires_at - now) + 60, gt=True)
-                pipe.expire(key, int(r.expires_at - now) + 60, nx=True)
+                value = json.dumps([canon(r.system), r.expires_at])
+                self._reg_write(keys=[key], client=pipe,
+                                args=[field, value, int(r.expires_at - now) + 60, now, PRUNE_ABOVE])
         self._send(pipe, pending, "pending_regs", "recording registrations")
 
     def registrations(
@@ -93,6 +124,8 @@ class SideData:
                 for key, fields in zip(part, pipe.execute()):
                     cid = key[len(st.prefix) + 4 :]
                     for field, raw in fields.items():
+                        if not field:
+                            continue  # REG_WRITE's mark, no registration
                         account, _, contact = field.partition("\n")
                         system, expires_at = json.loads(raw)
                         if float(expires_at) > now:
