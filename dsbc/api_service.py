@@ -41,11 +41,12 @@ class StoreRouter:
         # session writes go through the write-behind (a stalled store must not hold the
         # loop); this node answers from what it wrote itself (``_local``, the newest
         # version, while the write may be pending: then from the store, which another node
-        # may have changed since) and remembers its logouts (``_gone``) as long as a copy
-        # could linger in the store's own memory cache
+        # may have changed since) and remembers its logouts (``_gone``) until their deletion
+        # has landed and no copy can linger in the store's own memory cache
         self.writer = writer
         self._local: dict[str, tuple[ApiSession, float]] = {}  # key -> (session, written at)
-        self._gone: dict[str, float] = {}
+        # key -> (the session's expiry, logout at, its deletion written at once)
+        self._gone: dict[str, tuple[float, float, bool]] = {}
         self._next_purge = 0.0
         self.collisions = 0  # created entities not recorded: their id is another customer's
         # the SessionRecord made for each ApiSession the store handed out, while the store
@@ -134,20 +135,22 @@ class StoreRouter:
             return
         mine = self._local.pop(key, None)
         old = mine[0] if mine is not None else self.store.get_session(key)
-        self._gone[key] = old.expires_at if old is not None else time.time()
+        now = time.time()
         self._purge()
         self.writer.submit(lambda st: st.delete_session(key))
+        self._gone[key] = (old.expires_at if old is not None else now, now, self.writer.idle)
 
     def _purge(self) -> None:
         now = time.time()
         if now < self._next_purge:
             return
         self._next_purge = now + 60.0
-        for k in [k for k, until in self._gone.items() if until <= now]:
-            del self._gone[k]
         # what the store has by now (written, nothing pending) is read from it again: kept
-        # here, every login would stay in memory until it expires
+        # here, every login (and logout) would stay in memory until the session expires
         landed = self.writer is not None and self.writer.idle
+        for k in [k for k, (until, at, done) in self._gone.items()
+                  if until <= now or ((done or landed) and now - at > SESSION_FRESH)]:
+            del self._gone[k]
         for k in [k for k, (s, at) in self._local.items()
                   if s.expires_at <= now or (landed and now - at > SESSION_FRESH)]:
             del self._local[k]

@@ -247,3 +247,53 @@ def test_the_routers_own_session_copies_go_once_written(tmp_path: Path, monkeypa
         assert rec is not None and (rec.system, rec.customer_id) == ("target", "5")
     finally:
         store.close()
+
+
+def test_logouts_are_not_remembered_once_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker 0 remembered every logout (SQLite, through the write-behind) until the
+    session would have expired (a day by default): a portal that logs in and out for each
+    task grew it without end (about 0.5 kB per logout, 40 MB a day at 1 logout/s).  Once
+    the deletion has landed, the store answers; a logout not written yet still hides the
+    session."""
+    import dsbc.api_service as mod
+    from api_proxy.router import SessionRecord
+    from dsbc.store import open_store
+
+    clock = [time.time()]
+    monkeypatch.setattr(mod, "time", type("T", (), {"time": staticmethod(lambda: clock[0])}))
+    queued: list[Any] = []
+
+    class Writer:  # a write-behind that lands what it is given when told to
+        idle = True
+
+        def submit(self, op: Any) -> None:
+            if self.idle:
+                op(store)
+            else:
+                queued.append(op)
+
+    store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+    try:
+        writer = Writer()
+        router = mod.StoreRouter(store, writer=writer)  # type: ignore[arg-type]
+        for i in range(300):
+            router.put_session(SessionRecord(key=f"k{i}", system="target", expires_at=clock[0] + 86400))
+            router.delete_session(f"k{i}")
+        writer.idle = False  # the store is busy: this logout is queued, not written
+        router.put_session(SessionRecord(key="held", system="target", expires_at=clock[0] + 86400))
+        queued.clear()
+        store.put_session(mod.ApiSession("held", "target", clock[0] + 86400))  # landed before
+        router.delete_session("held")
+        clock[0] += 120
+        router.delete_session("nothing")  # a later logout: the purge runs
+        assert router.get_session("held") is None  # its deletion is still queued
+        assert set(router._gone) <= {"held", "nothing"}, len(router._gone)
+        writer.idle = True
+        for op in queued:
+            op(store)
+        clock[0] += 120
+        router.delete_session("late")
+        assert set(router._gone) <= {"late"}, len(router._gone)
+        assert router.get_session("held") is None and router.get_session("k1") is None
+    finally:
+        store.close()
