@@ -609,6 +609,9 @@ class ProxyCore:
             via += f";dsbcsys={system}"
             if cap:
                 via += f";dsbccap={cap}"
+                mine = _contact_marks(msg)
+                if mine:
+                    via += f";dsbcct={mine}"
         device_flow: Flow | None = None
         if to_flow is not None:
             device_flow = to_flow
@@ -860,7 +863,8 @@ class ProxyCore:
         ed.set_first_value("via", None)
         cseq_method = msg.cseq[1]
         if cseq_method == "REGISTER" and 200 <= msg.status < 300:
-            self._registered(msg, ed, top.param("dsbcsys") or "", top.param("dsbccap") or "")
+            self._registered(msg, ed, top.param("dsbcsys") or "", top.param("dsbccap") or "",
+                             top.param("dsbcct") or "")
         if cseq_method == "INVITE" and msg.status >= 200:
             branch = top.branch
             entry = self._invites.get(branch)
@@ -873,9 +877,13 @@ class ProxyCore:
         dest.data = ed.to_bytes()
         return [dest]
 
-    def _registered(self, msg: SipMessage, ed: Editor, system: str, cap_text: str) -> None:
+    def _registered(self, msg: SipMessage, ed: Editor, system: str, cap_text: str, marks: str = "") -> None:
         # is_digits, not str.isdigit: '\xb2' (a latin-1 superscript two) is a digit to isdigit()
         cap = int(cap_text) if is_digits(cap_text) else 0
+        # the contacts the REGISTER named (_contact_marks): the phone that gets this 200 renews
+        # them within the cap; the account's other bindings listed here were granted their full
+        # expiry and are recorded with it, or `dsbc migrate` would count those phones gone
+        mine = set(marks.split(".")) if marks else set()
         default = msg.get("expires")
         default_exp = int(default) if default and is_digits(default) else 3600
         contacts: list[tuple[str, int]] = []
@@ -890,7 +898,8 @@ class ProxyCore:
             exp_text = na.param("expires")
             exp = int(exp_text) if exp_text and is_digits(exp_text) else default_exp
             if cap and exp > cap:
-                exp = cap
+                if _contact_mark(na) in mine:
+                    exp = cap
                 na.params = [(k, v) for k, v in na.params if k.lower() != "expires"] + [("expires", str(cap))]
                 value = str(na)
                 changed = True
@@ -911,6 +920,36 @@ class ProxyCore:
         nxt = msg.vias[1]
         h, p = nxt.response_address()
         self.events.append(RegistrationSeen(account, contacts, system, f"{nxt.transport.lower()}:{h}:{p}"))
+
+
+#: contacts of one REGISTER marked in its Via (a phone registers one; a few at most)
+_CONTACT_MARKS_MAX: Final = 8
+
+
+def _contact_marks(msg: SipMessage) -> str:
+    """Short hashes of the contact URIs a capped REGISTER names, dot-separated (a Via
+    parameter): its 200 lists every binding of the account, and only these get the cap in
+    the registrations dsbc records (the proxy keeps no transaction state to remember them)."""
+    marks: list[str] = []
+    for value in msg.values("contact"):
+        if len(marks) >= _CONTACT_MARKS_MAX:
+            break
+        try:
+            marks.append(_contact_mark(parse_name_addr(value)))
+        except SipParseError:
+            continue
+    return ".".join(marks)
+
+
+def _contact_mark(na: NameAddr) -> str:
+    """A contact's mark: its user, host and port (a registrar may echo the URI with its
+    parameters changed, RFC 3261 19.1.4 compares them loosely too)."""
+    try:
+        uri = na.uri
+        key = f"{uri.user or ''}@{uri.host.lower()}:{uri.port or ''}"
+    except SipParseError:
+        key = na.uri_text
+    return _hash(key, 3)
 
 
 def _reply_mac(signer: FlowSigner) -> Any:

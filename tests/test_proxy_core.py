@@ -1098,6 +1098,26 @@ def test_register_200_gets_its_expiry_capped_and_is_reported() -> None:
     ]
 
 
+def test_regression_the_cap_records_only_the_registering_phones_binding_as_capped() -> None:
+    """Found by an audit: with a batch prepared, the 200 to one phone's REGISTER lists every
+    binding of the account, and dsbc recorded them all at the cap (60 s), though the other
+    phones had been granted their full hour and would not re-register for that long: once
+    the cap passed, `dsbc migrate` counted them gone ("0/0 phones", --wait-registrations done)
+    while they stayed on the source.  Only the contacts the REGISTER named are recorded at
+    the cap; the others keep the expiry the registrar granted them."""
+    core, router = make_core()
+    router.caps["42"] = 60
+    _, fwd = _register(core, PHONE)
+    mine = f"<sip:1001@{PHONE.ip}:{PHONE.port};transport=udp>;expires=3600"
+    other = "<sip:1001@198.51.100.7:5060>;expires=3000"
+    ok = answer(fwd.data, 200, headers=[("contact", mine), ("contact", other)])
+    m = parse(one(core.handle_data(ok, flow_of(S1), 0.1)))
+    assert [parse_name_addr(c).param("expires") for c in m.values("contact")] == ["60", "60"]
+    assert [e.contacts for e in core.events] == [
+        [(f"sip:1001@{PHONE.ip}:{PHONE.port};transport=udp", 60), ("sip:1001@198.51.100.7:5060", 3000)]
+    ]
+
+
 def test_register_200_without_a_cap_is_relayed_unchanged_and_reported() -> None:
     core, _ = make_core()
     _, fwd = _register(core, PHONE)

@@ -326,6 +326,34 @@ def test_prepare_caps_expiry_and_wait_registrations_sees_the_phone_move(
     assert "all 1 phones registered on target" in stdout + stderr
 
 
+def test_regression_prepare_keeps_counting_the_phones_that_did_not_re_register_yet(
+    kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
+) -> None:
+    """Found by an audit: two phones of one account registered for 600 s; after `--prepare`
+    the desk phone re-registered (capped) and the source's 200 listed the mobile's binding
+    too, which dsbc recorded at the cap as well.  Once the cap passed, the mobile (still on
+    the source for ten minutes) was no longer counted: the flip said "0/1 phones" and
+    --wait-registrations finished without it, and a new --prepare said to wait 4 s."""
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target], migration_expires=4)
+    desk = phone_factory("1001", *d.sip_addr, bind_ip="127.0.0.2")
+    mobile = phone_factory("1001", *d.sip_addr, bind_ip="127.0.0.3")
+    assert desk.register(expires=600) == 200 and mobile.register(expires=600) == 200
+    source.wait_registered("1001", count=2)
+    time.sleep(1.5)  # the workers write the registrations they relayed once a second
+    d.cli("migrate", "--customer", "100", "--prepare")
+    time.sleep(0.4)  # every worker sees the cap
+    assert desk.register(expires=600) == 200
+    assert "expires=4" in desk.last_register_response_headers().get("contact", [""])[0]
+    time.sleep(5.5)  # past the cap: the mobile's binding on the source has ~595 s to go
+    out = d.cli("migrate", "--customer", "100", "--prepare").stdout
+    assert "wait 59" in out, out  # the mobile re-registers with the cap within its 600 s
+    assert desk.register(expires=600) == 200  # (a real phone renews by itself within the cap)
+    time.sleep(1.5)
+    out = d.cli("migrate", "--customer", "100", "--to", "target").stdout
+    assert "registered on target: 0/2 phones" in out, out
+
+
 def test_call_between_customers_of_the_two_systems(
     kamailio_factory: Factory, phone_factory: Factory, dsbc_factory: Factory
 ) -> None:
