@@ -549,15 +549,19 @@ def migrate(
             limit = 2.0 * cfg.sip.migration_expires if timeout is None else timeout
             bar = Progress(want, f"registered on {to}", sys.stderr, enabled=sys.stderr.isatty())
             try:
-                on = wait_for_phones(store, known, to, expected, limit, bar)
+                count = wait_for_phones(store, known, to, expected, limit, bar, resize=bar.resize)
             finally:
                 bar.close()
-            if on < want:
+            gone = want - count.of
+            note = (f" ({gone} other phone(s) expired on {'source' if to == 'target' else 'target'} "
+                    "without registering again: switched off?)") if gone else ""
+            if count.on < count.of:
                 click.echo(
-                    f"timeout after {limit:g} s: {on}/{want} phones registered on {to}", err=True
+                    f"timeout after {limit:g} s: {count.on}/{count.of} phones registered on {to}{note}",
+                    err=True,
                 )
                 return 1
-            click.echo(f"all {want} phones registered on {to}")
+            click.echo(f"all {count.of} phones registered on {to}{note}")
         elif wait_registrations and want:
             # every phone was on the new system by the time of the count: the same verdict
             click.echo(f"all {want} phones registered on {to}")

@@ -18,7 +18,7 @@ import io
 import threading
 import time
 from collections.abc import Callable
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from .imports import ALIASES, InputError, file_format, json_items, read_text
 from .store import (
@@ -158,6 +158,10 @@ class Progress:
         )
         self.stream.flush()
         self._shown = True
+
+    def resize(self, total: int) -> None:
+        """The total changed (phones no longer waited for): redrawn at the next step."""
+        self.total = total
 
     def close(self) -> None:
         if self._shown:
@@ -340,11 +344,26 @@ def phones_by_account(store: LocationStore, ids: list[str]) -> dict[str, int]:
 def phones_on(store: LocationStore, ids: list[str], system: str, expected: dict[str, int]) -> int:
     """How many of the `expected` phones are registered on `system` now.  Counted per
     account: a phone that re-registers from a new port or connection has a new contact."""
+    return count_phones(store, ids, system, expected).on
+
+
+class PhoneCount(NamedTuple):
+    on: int  # of the expected phones, registered on the new system
+    of: int  # the expected phones still registered somewhere (on the new system or not yet)
+
+
+def count_phones(store: LocationStore, ids: list[str], system: str, expected: dict[str, int]) -> PhoneCount:
+    """The expected phones registered on `system`, and how many are still to count: a
+    phone whose binding on the old system expired without its registering again (switched
+    off, unplugged) is no longer waited for."""
     on: dict[str, int] = {}
+    live: dict[str, int] = {}
     for reg in store.registrations(ids):
+        live[reg.account] = live.get(reg.account, 0) + 1
         if reg.system == system:
             on[reg.account] = on.get(reg.account, 0) + 1
-    return sum(min(on.get(account, 0), n) for account, n in expected.items())
+    return PhoneCount(sum(min(on.get(account, 0), n) for account, n in expected.items()),
+                      sum(min(live.get(account, 0), n) for account, n in expected.items()))
 
 
 def wait_registrations(
@@ -357,28 +376,32 @@ def wait_registrations(
     interval: float = 1.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> int:
-    """Poll until every expected phone is registered on `system` or `timeout` passes; the count.
-    A store that does not answer (Redis restarting: the nodes keep the registrations they
-    relay and write them when it is back) is asked again until then; raises its
-    StoreUnavailable if it is still away at the end."""
-    want = sum(expected.values())
+    resize: Callable[[int], None] | None = None,
+) -> PhoneCount:
+    """Poll until every expected phone still registered is registered on `system`, or
+    `timeout` passes; the count (``of`` shrinks as the bindings of phones that are off expire
+    on the old system: ``resize`` hears of it).  A store that does not answer (Redis
+    restarting: the nodes keep the registrations they relay and write them when it is back)
+    is asked again until then; raises its StoreUnavailable if it is still away at the end."""
     deadline = clock() + timeout
-    done = 0
+    count = PhoneCount(0, sum(expected.values()))
     while True:
         away: StoreUnavailable | None = None
         try:
-            done = phones_on(store, ids, system, expected)
+            now = count_phones(store, ids, system, expected)
+            if now.of != count.of and resize is not None:
+                resize(now.of)
+            count = now
         except StoreUnavailable as exc:
             away = exc
         if progress is not None:
-            progress(done)
-        if done >= want:
-            return done
+            progress(count.on)
+        if away is None and count.on >= count.of:
+            return count
         if clock() >= deadline:
             if away is not None:
                 raise away
-            return done
+            return count
         sleep(min(interval, max(0.0, deadline - clock())))
 
 
