@@ -633,7 +633,14 @@ class ProxyCore:
         if method == "REGISTER":
             # the system is in the Path too: a call the registrar sends back through it stays
             # on that system's dialog even when the node's source port is not its listed one
-            ed.prepend("path", self._rr_uri(dest.transport, system, src, "", False, dest_v6))
+            path = self._rr_uri(dest.transport, system, src, "", False, dest_v6)
+            if src.is_stream and len(msg.vias) == 1 and _asks_outbound(msg):
+                # RFC 5626 5.1: the first hop of an outbound phone says it keeps the flow (a
+                # registrar that supports outbound refuses the phone with 439 otherwise); over
+                # TCP / TLS only, where dsbc answers the phone's CRLF keep-alives (it answers
+                # no STUN over UDP)
+                path = path[:-1] + ";ob>"
+            ed.prepend("path", path)
         ed.prepend("via", via)
         dest.data = ed.to_bytes()
         if dest.transport == "udp" and len(dest.data) > MAX_DATAGRAM:
@@ -939,6 +946,18 @@ def _contact_marks(msg: SipMessage) -> str:
         except SipParseError:
             continue
     return ".".join(marks)
+
+
+def _asks_outbound(msg: SipMessage) -> bool:
+    """A REGISTER of an RFC 5626 outbound phone: a Contact with a reg-id."""
+    for value in msg.values("contact"):
+        if "reg-id" in value.lower():
+            try:
+                if parse_name_addr(value).param("reg-id") is not None:
+                    return True
+            except SipParseError:
+                continue
+    return False
 
 
 def _contact_mark(na: NameAddr) -> str:

@@ -1118,6 +1118,31 @@ def test_regression_the_cap_records_only_the_registering_phones_binding_as_cappe
     ]
 
 
+@pytest.mark.parametrize(("src", "reg_id", "via", "ob"), [
+    (PHONE_TCP, True, None, True),  # an outbound phone over TCP, dsbc its first hop
+    (PHONE, True, None, False),  # UDP: dsbc answers no STUN keep-alives, so claims no flow
+    (PHONE_TCP, False, None, False),  # no reg-id: not an outbound registration
+    (PHONE_TCP, True, "SIP/2.0/TCP 203.0.113.6:40001;branch=z9hG4bKo1, SIP/2.0/UDP 10.0.0.2;branch=z9hG4bKo0",
+     False),  # not the first hop
+])
+def test_regression_outbound_register_over_tcp_gets_ob_in_the_path(
+    src: Flow, reg_id: bool, via: str | None, ob: bool
+) -> None:
+    """Found by an audit: an RFC 5626 phone (+sip.instance, reg-id) registering over TCP
+    through dsbc got 439 First Hop Lacks Outbound Support from a registrar that supports
+    outbound (Kamailio's outbound_mode 1): dsbc keeps the phone's flow (flow token, CRLF
+    keep-alives) but never said so with ";ob" in its Path (RFC 5626 5.1)."""
+    core, _ = make_core()
+    params = ';+sip.instance="<urn:uuid:00000000-0000-1000-8000-000A95A0E128>"' + (";reg-id=1" if reg_id else "")
+    reg = request("REGISTER", "sip:example.com", src=src, frm="<sip:1001@example.com>;tag=r1",
+                  to="<sip:1001@example.com>", via=via,
+                  headers=[f"Contact: <sip:1001@{src.ip}:{src.port};transport={src.transport}>{params}",
+                           "Supported: outbound, path"])
+    fwd = parse(one(core.handle_data(reg, src, 0.0)))
+    path = parse_name_addr(fwd.values("path")[0])
+    assert (path.uri.param("ob") is not None) is ob, path
+
+
 def test_register_200_without_a_cap_is_relayed_unchanged_and_reported() -> None:
     core, _ = make_core()
     _, fwd = _register(core, PHONE)

@@ -6,6 +6,7 @@ systems' nodes (127.0.0.1:<kamailio port>) by IP and port, as SPEC section 6 say
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -352,6 +353,46 @@ def test_regression_prepare_keeps_counting_the_phones_that_did_not_re_register_y
     time.sleep(1.5)
     out = d.cli("migrate", "--customer", "100", "--to", "target").stdout
     assert "registered on target: 0/2 phones" in out, out
+
+
+def test_regression_outbound_phone_over_tcp_registers_with_a_registrar_that_supports_outbound(
+    kamailio_factory: Factory, dsbc_factory: Factory
+) -> None:
+    """Found by an audit: an RFC 5626 phone (+sip.instance, reg-id, Supported: outbound)
+    registering over TCP got 439 First Hop Lacks Outbound Support from a Kamailio registrar
+    with outbound_mode 1: dsbc's Path had no ";ob".  It registers, and its calls come back
+    over its connection."""
+    source = kamailio_factory("source", extra_trusted=["127.0.0.1"], outbound_mode=1)
+    target = kamailio_factory("target", extra_trusted=["127.0.0.1"], outbound_mode=1)
+    d = start_dsbc(dsbc_factory, source, [target])
+    with socket.create_connection(d.sip_addr, timeout=5, source_address=("127.0.0.2", 0)) as s:
+        s.settimeout(5)
+        ip, port = s.getsockname()
+        reg = (f"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TCP {ip}:{port};branch=z9hG4bKob1;rport\r\n"
+               "Max-Forwards: 70\r\nFrom: <sip:1001@example.com>;tag=ob1\r\nTo: <sip:1001@example.com>\r\n"
+               "Call-ID: outbound-1\r\nCSeq: 1 REGISTER\r\nSupported: outbound, path\r\n"
+               f"Contact: <sip:1001@{ip}:{port};transport=tcp>"
+               ';+sip.instance="<urn:uuid:00000000-0000-1000-8000-000A95A0E128>";reg-id=1\r\n'
+               "Expires: 300\r\nContent-Length: 0\r\n\r\n")
+        s.sendall(reg.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += s.recv(4096)
+        assert answer.startswith(b"SIP/2.0 200"), answer.decode(errors="replace")
+        (binding,) = source.registrations("1001")
+        assert ";ob" in binding["Path"], binding
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as carrier:
+            carrier.bind((CARRIER_IP, 0))
+            cport = carrier.getsockname()[1]
+            invite = (f"INVITE sip:1001@{d.hostport} SIP/2.0\r\n"
+                      f"Via: SIP/2.0/UDP {CARRIER_IP}:{cport};branch=z9hG4bKcarrier1;rport\r\nMax-Forwards: 70\r\n"
+                      f"From: <sip:15557654321@{CARRIER_IP}>;tag=c1\r\nTo: <sip:1001@example.com>\r\n"
+                      f"Call-ID: outbound-call-1\r\nCSeq: 1 INVITE\r\nContact: <sip:15557654321@{CARRIER_IP}:{cport}>\r\n"
+                      "Content-Length: 0\r\n\r\n")
+            carrier.sendto(invite.encode(), d.sip_addr)
+            got = b""
+            while b"INVITE sip:1001@" not in got:
+                got += s.recv(4096)  # over the phone's own connection (socket timeout: 5 s)
 
 
 def test_call_between_customers_of_the_two_systems(

@@ -71,6 +71,8 @@ class Kamailio:
     answers. port: None picks a free one (the same for UDP and TCP). dids: {did: account}
     for calls to numbers ("+" ignored). extra_trusted: "IP" or "IP:PORT" of peers that do
     their own NAT handling (dsbc): no received/alias fix-ups for what comes from them.
+    outbound_mode: the registrar's RFC 5626 outbound_mode (1: supported, a phone with a
+    reg-id whose first hop adds no ";ob" to its Path gets 439).
     outbound: (IP, PORT) or "sip:IP:PORT;transport=tcp" where requests for users that are
     neither registered nor DIDs go (dsbc, a carrier) instead of a 404.
     workdir: config and kamailio.log (None: a scratch directory removed at exit).
@@ -92,6 +94,7 @@ class Kamailio:
         pkg_mb: int = 8,
         start_timeout: float = 15.0,
         binary: str = "kamailio",
+        outbound_mode: int = 0,
     ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"name must be a plain token (it goes into a header): {name!r}")
@@ -109,6 +112,7 @@ class Kamailio:
         self.pkg_mb = pkg_mb
         self.start_timeout = start_timeout
         self.binary = binary
+        self.outbound_mode = outbound_mode
         self.workdir = Path(workdir) if workdir else scratch_dir(f"kamailio-{name}-")
         # Unix socket paths are limited to 107 bytes: keep the runtime dir short, in /tmp.
         self.rundir: Path | None = None
@@ -159,6 +163,8 @@ class Kamailio:
             "DIDS": dids or "\treturn;",
             "TRUSTED": _trusted_condition(self.extra_trusted),
             "OUTBOUND": self._outbound_route(),
+            # registrar: 1 supports RFC 5626 outbound (439 to a phone whose first hop lacks it)
+            "REGISTRAR_OUTBOUND": f'modparam("registrar", "outbound_mode", {int(self.outbound_mode)})',
         }
         text = TEMPLATE.read_text()
         for key, value in subst.items():
