@@ -736,6 +736,14 @@ def collect_status(cfg: Config, node: str | None = None) -> dict[str, Any]:
     return out
 
 
+def _by_system(counts: dict[str, Any]) -> str:
+    """`` (source 12, target 30)``: where the phones are registered (a hand-over's progress);
+    "" from a node that does not count them apart."""
+    if "registrations.source" not in counts:
+        return ""
+    return f" (source {counts['registrations.source']}, target {counts.get('registrations.target', 0)})"
+
+
 def _print_status(cfg: Config, st: dict[str, Any]) -> None:
     from .metrics import status_lines
 
@@ -760,7 +768,8 @@ def _print_status(cfg: Config, st: dict[str, Any]) -> None:
         )
     click.echo(
         f"  customers {c['customers']}, identities {c['identities']}, groups {c['groups']}, "
-        f"prepared {c['prepared']}, registrations {c['registrations']}, sessions {c['sessions']}"
+        f"prepared {c['prepared']}, registrations {c['registrations']}{_by_system(c)}, "
+        f"sessions {c['sessions']}"
     )
     now = time.time()
     for lk in store.get("locks", []):

@@ -68,6 +68,8 @@ _HELP = {
     "dsbc_customers": "Customers by system and state",
     "dsbc_identities": "Identities in the store",
     "dsbc_registrations": "Live registrations dsbc relayed",
+    "dsbc_registrations_by_system": "Live registrations dsbc relayed, by the system that granted them",
+    "dsbc_customers_prepared": "Customers whose registration expiry is capped (dsbc migrate --prepare)",
     "dsbc_migrations_total": "Migration batches made through this node's control API, by target system",
     "dsbc_migrated_customers_total": "Customers moved through this node's control API, by target system",
     "dsbc_rollbacks_total": "Rollbacks made through this node's control API",
@@ -301,7 +303,7 @@ _SIP_ZEROS = ("held", "held_released", "locked_rejected", "forwarded:source", "f
               *(f"responses_in:{n}xx" for n in range(1, 7)),
               "rate_limited", "rate_limited_answered", "scanners_dropped", "tcp_refused",
               "tcp_stalled_closed", "tcp_idle_closed", "tls_handshake_failed", "too_large",
-              "responses_forged")
+              "responses_forged", "registrations_capped")
 
 
 def _sip(exp: Exposition, sip: dict[str, Any]) -> None:
@@ -434,6 +436,11 @@ def _exposition(summary: dict[str, Any], extra: dict[str, Any] | None = None) ->
     for key in ("identities", "registrations"):
         if key in counts:
             exp.add(f"dsbc_{key}", counts[key], "gauge")
+    for system in ("source", "target"):  # a hand-over's progress (SPEC 6)
+        if f"registrations.{system}" in counts:
+            exp.add("dsbc_registrations_by_system", counts[f"registrations.{system}"], "gauge", system=system)
+    if "prepared" in counts:
+        exp.add("dsbc_customers_prepared", counts["prepared"], "gauge")
     for key, metric in (("migrations", "dsbc_migrations_total"), ("moved", "dsbc_migrated_customers_total")):
         # from 0, for both systems (as _SIP_ZEROS)
         for to, n in sorted((dict.fromkeys(("source", "target"), 0) | (extra.get(key) or {})).items()):

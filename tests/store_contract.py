@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
-from dsbc.store.base import LocationStore
+from dsbc.store.base import LocationStore, Registration
 
 
 def systems(store: LocationStore) -> dict[str, str]:
@@ -200,3 +201,16 @@ def check_spent_leases(store: LocationStore, leases: Callable[[], set[str]]) -> 
         store.lock(["4"], "b-rolled")
     store.lock(["2"], "b-running")  # renewed: its migration goes on
     assert store.migrate(["2"], "target", batch_id="b-running").moved == ["2"]
+
+
+def check_registration_counts(store: LocationStore) -> None:
+    """`counts()` gives the live registrations per system too (a hand-over's progress in
+    `dsbc status` and /metrics).  `store` knows account a1 (customer 1) and a2 (customer 2)."""
+    later = time.time() + 600
+    store.record_registrations([
+        Registration("a1", "sip:a1@10.0.0.1", "source", later),
+        Registration("a1", "sip:a1@10.0.0.2", "target", later),
+        Registration("a2", "sip:a2@10.0.0.3", "target", later),
+    ])
+    c = store.counts()
+    assert (c["registrations"], c["registrations.source"], c["registrations.target"]) == (3, 1, 2), c

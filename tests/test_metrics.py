@@ -89,6 +89,22 @@ def test_prometheus_text_parses_and_names_things_well() -> None:
     assert types["dsbc_sip_requests"] == "counter" and types["dsbc_backend_up"] == "gauge"
 
 
+def test_regression_the_registration_hand_over_shows_in_the_metrics() -> None:
+    """Found by an audit: during a hand-over (SPEC 6) /metrics showed one unchanging
+    dsbc_registrations, not how many phones were on each system, nor the customers prepared
+    (`dsbc status` showed those) nor, until the first one, the capped registrations."""
+    text = render(summarize([snapshot(0, 1)]),
+                  {"up": True, "counts": {"registrations": 4, "registrations.source": 1,
+                                          "registrations.target": 3, "prepared": 2}})
+    samples = {(sm.name, tuple(sorted(sm.labels.items()))): sm.value
+               for fam in text_string_to_metric_families(text) for sm in fam.samples}
+    assert samples[("dsbc_registrations", ())] == 4
+    assert samples[("dsbc_registrations_by_system", (("system", "source"),))] == 1
+    assert samples[("dsbc_registrations_by_system", (("system", "target"),))] == 3
+    assert samples[("dsbc_customers_prepared", ())] == 2
+    assert samples[("dsbc_sip_registrations_capped_total", ())] == 0
+
+
 def test_label_values_are_escaped() -> None:
     snap = snapshot(0, 1)
     snap["services"]["sip"]["counters"]['requests_in:IN"VI\\TE'] = 1

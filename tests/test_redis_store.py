@@ -37,6 +37,7 @@ from tests.store_contract import (
     check_concurrent_migrations,
     check_dead_batches,
     check_group_members,
+    check_registration_counts,
     check_rollback,
 )
 
@@ -666,6 +667,10 @@ def test_leases_of_ended_batches_are_forgotten(store: RedisStore) -> None:
 
 def test_group_members(store: RedisStore) -> None:
     check_group_members(store)
+
+
+def test_registration_counts_per_system(store: RedisStore) -> None:
+    check_registration_counts(store)
 
 
 

@@ -14,6 +14,7 @@ from tests.store_contract import (
     check_concurrent_migrations,
     check_dead_batches,
     check_group_members,
+    check_registration_counts,
     check_rollback,
 )
 
@@ -201,3 +202,7 @@ def test_concurrent_migrations_of_the_same_customers(store: SqliteStore, tmp_pat
         check_concurrent_migrations(store, other)
     finally:
         other.close()
+
+
+def test_registration_counts_per_system(store: SqliteStore) -> None:
+    check_registration_counts(store)

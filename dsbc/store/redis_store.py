@@ -794,7 +794,10 @@ class RedisStore(IndexedStore):
             out["identities"] = int(self._w.hlen(self.prefix + "ident"))
             out["groups"] = int(self._w.scard(self.prefix + "groups"))
             out["prepared"] = int(stored.get("prepared", 0))
-            out["registrations"] = len(self.registrations(None, now))
+            regs = self.registrations(None, now)
+            out["registrations"] = len(regs)
+            for system in SYSTEMS:
+                out[f"registrations.{system}"] = sum(1 for r in regs if r.system == system)
             out["sessions"] = sum(1 for _ in self._w.scan_iter(match=f"{self.prefix}sess:*", count=1000))
         except self._errors as exc:
             raise self._unavailable("reading counts", exc, writing=False) from None

@@ -682,6 +682,11 @@ class SqliteStore(IndexedStore):
                 ("sessions", "SELECT count(*) FROM sessions WHERE expires_at > ?", (now,)),
             ):
                 out[name] = int(cur.execute(q, args).fetchone()[0])
+            out |= {f"registrations.{s}": 0 for s in SYSTEMS}
+            for system, n in cur.execute(
+                "SELECT system, count(*) FROM registrations WHERE expires_at > ? GROUP BY system", (now,)
+            ):
+                out[f"registrations.{system}"] = n
         return out
 
     def close(self) -> None:
