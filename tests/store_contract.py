@@ -214,3 +214,16 @@ def check_registration_counts(store: LocationStore) -> None:
     ])
     c = store.counts()
     assert (c["registrations"], c["registrations.source"], c["registrations.target"]) == (3, 1, 2), c
+
+
+def check_registrations_recorded_before_the_import(store: LocationStore) -> None:
+    """Found by an audit: a phone that registered while its account was unknown (store.unknown
+    sent it on) was recorded under no customer; once the customer was imported, `dsbc migrate
+    --prepare` said "no phone of the batch is registered now" and the flip "0/0 phones",
+    though the phone stayed registered on the source for its full expiry."""
+    later = time.time() + 600
+    store.record_registrations([Registration("a9", "sip:a9@10.0.0.9", "source", later)])
+    store.import_rows([{"customer_id": "9", "identities": ["account:a9"]}])
+    store.refresh()
+    regs = store.registrations(["9"])
+    assert [(r.account, r.contact, r.customer_id) for r in regs] == [("a9", "sip:a9@10.0.0.9", "9")], regs

@@ -38,6 +38,7 @@ from tests.store_contract import (
     check_dead_batches,
     check_group_members,
     check_registration_counts,
+    check_registrations_recorded_before_the_import,
     check_rollback,
 )
 
@@ -778,3 +779,7 @@ def test_contacts_that_expired_do_not_pile_up_while_the_customer_registers(store
     store.record_registrations([Registration("p0", "sip:p0@10.0.1.1", "source", now + 3600, "2")], now=now + 1)
     assert contacts("2") == 21
     assert len(store.registrations(["2"], now=now + 2)) == 21
+
+
+def test_registrations_recorded_before_the_import(store: RedisStore) -> None:
+    check_registrations_recorded_before_the_import(store)

@@ -15,6 +15,7 @@ from tests.store_contract import (
     check_dead_batches,
     check_group_members,
     check_registration_counts,
+    check_registrations_recorded_before_the_import,
     check_rollback,
 )
 
@@ -206,3 +207,7 @@ def test_concurrent_migrations_of_the_same_customers(store: SqliteStore, tmp_pat
 
 def test_registration_counts_per_system(store: SqliteStore) -> None:
     check_registration_counts(store)
+
+
+def test_registrations_recorded_before_the_import(store: SqliteStore) -> None:
+    check_registrations_recorded_before_the_import(store)

@@ -115,6 +115,18 @@ class SideData:
                 keys = list(st._w.scan_iter(match=f"{st.prefix}reg:*", count=1000))
             else:
                 keys = [f"{st.prefix}reg:{cid}" for cid in dict.fromkeys(customer_ids)]
+                owners = {ident[8:]: cid for cid, c in st.customers(customer_ids).items()
+                          for ident in c.identities if ident.startswith("account:")}
+                if owners:
+                    # a phone that registered before its customer was imported (store.unknown
+                    # sent it on) was recorded under no customer: its account names the owner now
+                    for field, raw in st._w.hscan_iter(f"{st.prefix}reg:", count=1000):
+                        account, _, contact = field.partition("\n")
+                        owner = owners.get(account)
+                        if owner is not None:
+                            system, expires_at = json.loads(raw)
+                            if float(expires_at) > now:
+                                out.append(Registration(account, contact, system, float(expires_at), owner))
             for start in range(0, len(keys), 500):
                 part = keys[start : start + 500]
                 pipe = st._w.pipeline(transaction=False)

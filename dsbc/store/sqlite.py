@@ -578,6 +578,16 @@ class SqliteStore(IndexedStore):
                 for part in chunks(list(dict.fromkeys(customer_ids))):
                     cur.execute(q + f" AND customer_id IN ({marks(len(part))})", (now, *part))
                     out.extend(Registration(*r) for r in cur)
+                    # a phone that registered before its customer was imported (store.unknown
+                    # sent it on) was recorded under no customer: its account names the owner now
+                    cur.execute(
+                        "SELECT r.account, r.contact, r.system, r.expires_at, i.customer_id "
+                        "FROM identities i JOIN registrations r ON r.account = substr(i.key, 9) "
+                        f"WHERE i.customer_id IN ({marks(len(part))}) AND substr(i.key, 1, 8) = 'account:' "
+                        "AND r.customer_id = '' AND r.expires_at > ?",
+                        (*part, now),
+                    )
+                    out.extend(Registration(*r) for r in cur)
         return out
 
     # -- API sessions -----------------------------------------------------------------------
