@@ -99,7 +99,8 @@ def test_ctrl_c_while_the_demo_starts_stops_it_cleanly(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, (out, err)
+    log = (tmp_path / "dsbc.log").read_text()
+    assert proc.returncode == 130, (out, err, log[-2000:])
     assert "dsbc exited" not in err and "Traceback" not in err, err
     assert not first_traceback(tmp_path / "dsbc.log"), (tmp_path / "dsbc.log").read_text()
     time.sleep(0.5)
