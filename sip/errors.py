@@ -25,6 +25,15 @@ class SipError(Exception):
         self.extra_headers = extra_headers
 
 
+class FlowTokenError(SipError):
+    """A flow token (Path, Record-Route) that does not verify: forged, altered, or signed
+    with a secret no longer listed.  Defined here, not in the compiled ``sip.flow``: mypyc
+    keeps no class attributes on a subclass of a Python exception."""
+
+    status = 403
+    reason = "Forbidden"
+
+
 class SipParseError(SipError):
     """Syntactically invalid message: 400 Bad Request."""
 

@@ -16,33 +16,47 @@ import hmac
 import ipaddress
 import struct
 from collections.abc import Sequence
+from typing import Final
 
-import msgspec
+from .errors import FlowTokenError
 
-from .errors import SipError
+__all__ = ["Flow", "FlowSigner", "FlowTokenError"]
 
-_TRANSPORT_CODES = {"udp": 0, "tcp": 1, "tls": 2, "ws": 3, "wss": 4}
-_CODE_TRANSPORTS = {v: k for k, v in _TRANSPORT_CODES.items()}
-_MAC_LEN = 10
-
-
-class FlowTokenError(SipError):
-    status = 403
-    reason = "Forbidden"
+_TRANSPORT_CODES: Final = {"udp": 0, "tcp": 1, "tls": 2, "ws": 3, "wss": 4}
+_CODE_TRANSPORTS: Final = {v: k for k, v in _TRANSPORT_CODES.items()}
+_MAC_LEN: Final = 10
 
 
-class Flow(msgspec.Struct, frozen=True, gc=False):
-    """The far end of a message as the transport saw it."""
+class Flow:
+    """The far end of a message as the transport saw it.  A value: equal and hashed by
+    its fields, never changed once made (a plain class, so the compiled core reads its
+    fields natively)."""
 
-    transport: str  # "udp", "tcp", "tls"
-    ip: str
-    port: int
-    conn_id: int = 0  # stream transports: the connection inside its worker (0 for UDP)
-    worker: int = 0  # the worker process that owns the connection
+    __slots__ = ("conn_id", "ip", "is_stream", "port", "transport", "worker")
 
-    @property
-    def is_stream(self) -> bool:
-        return self.transport != "udp"
+    def __init__(self, transport: str, ip: str, port: int, conn_id: int = 0, worker: int = 0) -> None:
+        self.transport = transport  # "udp", "tcp", "tls"
+        self.ip = ip
+        self.port = port
+        self.conn_id = conn_id  # stream transports: the connection inside its worker (0 for UDP)
+        self.worker = worker  # the worker process that owns the connection
+        self.is_stream = transport != "udp"
+
+    def _key(self) -> tuple[str, str, int, int, int]:
+        return (self.transport, self.ip, self.port, self.conn_id, self.worker)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Flow) and self._key() == other._key()
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Flow(transport={self.transport!r}, ip={self.ip!r}, port={self.port!r}, "
+                f"conn_id={self.conn_id!r}, worker={self.worker!r})")
 
 
 class FlowSigner:
@@ -52,7 +66,7 @@ class FlowSigner:
 
     #: perf: tags computed lately (a call's INVITE tags its system, its ACK, BYE and
     #: re-INVITEs check the same text); bounded, holds only what this signer computed
-    TAG_CACHE_SIZE = 8192
+    TAG_CACHE_SIZE: Final = 8192
 
     def __init__(self, secret: bytes, previous: Sequence[bytes] = ()) -> None:
         """``previous``: secrets of a rotation (``sip.flow_secret_previous``): what they

@@ -11,30 +11,48 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
-
-import msgspec
+from typing import Final
 
 from .message import SipMessage
 
 log = logging.getLogger("dsbc.sip")
 
-PING_BRANCH_PREFIX = "z9hG4bK-dsbcping-"
+PING_BRANCH_PREFIX: Final = "z9hG4bK-dsbcping-"
 #: a ping's timeout check that runs this much (s) after its time ran on a stalled loop ...
-STALL = 0.1
+STALL: Final = 0.1
 #: ... and is made again this much later, after the loop has read its sockets once
-RECHECK = 0.002
+RECHECK: Final = 0.002
 
 
-class Node(msgspec.Struct, frozen=True, gc=False):
-    system: str
-    index: int
-    transport: str
-    host: str
-    port: int
+class Node:
+    """One back-end node of a system.  A value: equal and hashed by its fields, never
+    changed once made."""
 
-    @property
-    def key(self) -> str:
-        return f"{self.system}/{self.index}"
+    __slots__ = ("host", "index", "key", "port", "system", "transport")
+
+    def __init__(self, system: str, index: int, transport: str, host: str, port: int) -> None:
+        self.system = system
+        self.index = index
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.key = f"{system}/{index}"
+
+    def _fields(self) -> tuple[str, int, str, str, int]:
+        return (self.system, self.index, self.transport, self.host, self.port)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Node) and self._fields() == other._fields()
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (f"Node(system={self.system!r}, index={self.index!r}, transport={self.transport!r}, "
+                f"host={self.host!r}, port={self.port!r})")
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -59,9 +77,12 @@ class NodeState:
         self.since = 0.0
 
 
-class Ping(msgspec.Struct, gc=False):
-    node: Node
-    data: bytes
+class Ping:
+    __slots__ = ("data", "node")
+
+    def __init__(self, node: Node, data: bytes) -> None:
+        self.node = node
+        self.data = data
 
 
 class HealthChecker:

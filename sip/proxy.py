@@ -47,6 +47,8 @@ INVITE_STATE_TTL: Final = 300.0
 INVITE_ANSWERED_TTL: Final = 40.0
 #: flow tokens kept signed / verified (each cache is emptied when it reaches this size)
 FLOW_CACHE_SIZE: Final = 4096
+#: reply tags kept (``ProxyCore._reply_tag``): a few seconds of transactions at a busy node
+REPLY_TAG_CACHE: Final = 8192
 MAX_DATAGRAM: Final = 65507  # the largest UDP payload over IPv4
 KNOWN_METHODS: Final = frozenset(
     {"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "INFO", "UPDATE", "PRACK", "PUBLISH"}
@@ -192,6 +194,9 @@ class ProxyCore:
         #: address its answers go back to (see ``_branch``)
         self._reply_mac = _reply_mac(signer)
         self._old_reply_macs = [_reply_mac(s) for s in signer.verifiers()[1:]]  # a rotation's
+        #: perf: the tags written lately: a transaction's answers (100, 180, 200) check the
+        #: tag its request was given; bounded, and a value only of its key (h|ip|port)
+        self._reply_tags: dict[str, str] = {}
 
     # --- entry points ---------------------------------------------------------------
 
@@ -725,7 +730,15 @@ class ProxyCore:
         return f"{BRANCH_PREFIX}{h}{self._reply_tag(h, src.ip, src.port)}.{loop}"
 
     def _reply_tag(self, h: str, ip: str, port: int) -> str:
-        return _reply_tag(self._reply_mac, h, ip, port)
+        key = f"{h}|{ip}|{port}"
+        tags = self._reply_tags
+        tag = tags.get(key)
+        if tag is None:
+            tag = _mac_hex(self._reply_mac, key)
+            if len(tags) >= REPLY_TAG_CACHE:
+                tags.clear()
+            tags[key] = tag
+        return tag
 
     def _reply_ok(self, branch: str, ip: str, port: int) -> bool:
         """``branch`` (one of dsbc's) was written for a request from ``ip:port``."""
@@ -983,8 +996,12 @@ def _same_mac(given: str, expected: str) -> bool:
 
 
 def _reply_tag(empty: Any, h: str, ip: str, port: int) -> str:
+    return _mac_hex(empty, f"{h}|{ip}|{port}")
+
+
+def _mac_hex(empty: Any, text: str) -> str:
     mac = empty.copy()
-    mac.update(f"{h}|{ip}|{port}".encode("utf-8", "surrogateescape"))
+    mac.update(text.encode("utf-8", "surrogateescape"))
     return str(mac.hexdigest())
 
 
