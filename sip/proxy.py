@@ -75,17 +75,37 @@ class Router(Protocol):
         """>0 while the customer's migration is being prepared (``dsbc migrate --prepare``)."""
 
 
-class Send(msgspec.Struct, gc=False):
+class Send:
     """Send ``data`` to ``ip:port`` over ``transport``; on a stream transport use connection
-    ``conn_id`` of ``worker`` if given (``worker=-1``: any worker / a new connection)."""
+    ``conn_id`` of ``worker`` if given (``worker=-1``: any worker / a new connection).  A
+    plain class, so that the compiled transport reads its fields natively."""
 
-    transport: str
-    ip: str
-    port: int
-    data: bytes
-    conn_id: int = 0
-    worker: int = -1
-    health: bool = False
+    __slots__ = ("conn_id", "data", "health", "ip", "port", "transport", "worker")
+
+    def __init__(self, transport: str, ip: str, port: int, data: bytes, conn_id: int = 0,
+                 worker: int = -1, health: bool = False) -> None:
+        self.transport = transport
+        self.ip = ip
+        self.port = port
+        self.data = data
+        self.conn_id = conn_id
+        self.worker = worker
+        self.health = health
+
+    def _fields(self) -> tuple[str, str, int, bytes, int, int, bool]:
+        return (self.transport, self.ip, self.port, self.data, self.conn_id, self.worker, self.health)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Send) and self._fields() == other._fields()
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the Struct was
+
+    def __repr__(self) -> str:
+        return (f"Send(transport={self.transport!r}, ip={self.ip!r}, port={self.port!r}, data={self.data!r}, "
+                f"conn_id={self.conn_id!r}, worker={self.worker!r}, health={self.health!r})")
 
 
 class RegistrationSeen(msgspec.Struct, gc=False):
