@@ -29,7 +29,7 @@ from types import ModuleType
 CORE_MODULES = (
     "sip.uri", "sip.headers", "sip.message", "sip.framing", "sip.proxy",
     "sip.ratelimit", "sip.scanner", "sip.admission", "sip.peers", "sip.transport",
-    "sip.flow", "sip.health",
+    "sip.value", "sip.flow", "sip.health",
     "api_proxy.apicall", "api_proxy.classify", "api_proxy.plan",
     "api_proxy.h1", "api_proxy.h1relay", "api_proxy.fastpool", "api_proxy.fastpath",
 )

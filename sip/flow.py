@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from .errors import FlowTokenError
+from .value import Value
 
 __all__ = ["Flow", "FlowSigner", "FlowTokenError"]
 
@@ -27,10 +28,8 @@ _CODE_TRANSPORTS: Final = {v: k for k, v in _TRANSPORT_CODES.items()}
 _MAC_LEN: Final = 10
 
 
-class Flow:
-    """The far end of a message as the transport saw it.  A value: equal and hashed by
-    its fields, never changed once made (a plain class, so the compiled core reads its
-    fields natively)."""
+class Flow(Value):
+    """The far end of a message as the transport saw it (a ``Value``)."""
 
     __slots__ = ("conn_id", "ip", "is_stream", "port", "transport", "worker")
 
@@ -42,21 +41,8 @@ class Flow:
         self.worker = worker  # the worker process that owns the connection
         self.is_stream = transport != "udp"
 
-    def _key(self) -> tuple[str, str, int, int, int]:
+    def _fields(self) -> tuple[str, str, int, int, int]:
         return (self.transport, self.ip, self.port, self.conn_id, self.worker)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Flow) and self._key() == other._key()
-
-    def __ne__(self, other: object) -> bool:
-        return not self.__eq__(other)
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (f"Flow(transport={self.transport!r}, ip={self.ip!r}, port={self.port!r}, "
-                f"conn_id={self.conn_id!r}, worker={self.worker!r})")
 
 
 class FlowSigner:

@@ -14,6 +14,7 @@ import uuid
 from typing import Final
 
 from .message import SipMessage
+from .value import Value
 
 log = logging.getLogger("dsbc.sip")
 
@@ -24,9 +25,8 @@ STALL: Final = 0.1
 RECHECK: Final = 0.002
 
 
-class Node:
-    """One back-end node of a system.  A value: equal and hashed by its fields, never
-    changed once made."""
+class Node(Value):
+    """One back-end node of a system (a ``Value``)."""
 
     __slots__ = ("host", "index", "key", "port", "system", "transport")
 
@@ -40,19 +40,6 @@ class Node:
 
     def _fields(self) -> tuple[str, int, str, str, int]:
         return (self.system, self.index, self.transport, self.host, self.port)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Node) and self._fields() == other._fields()
-
-    def __ne__(self, other: object) -> bool:
-        return not self.__eq__(other)
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __repr__(self) -> str:
-        return (f"Node(system={self.system!r}, index={self.index!r}, transport={self.transport!r}, "
-                f"host={self.host!r}, port={self.port!r})")
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -39,6 +39,7 @@ from .flow import Flow, FlowSigner, FlowTokenError
 from .health import HealthChecker, Node
 from .message import Editor, SipMessage, make_response, parse_message, shared_request_uri
 from .uri import NameAddr, SipUri, is_digits, parse_name_addr, unescape
+from .value import Value
 
 BRANCH_PREFIX: Final = "z9hG4bK-d5"
 DIALOG_CREATING: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
@@ -75,10 +76,9 @@ class Router(Protocol):
         """>0 while the customer's migration is being prepared (``dsbc migrate --prepare``)."""
 
 
-class Send:
+class Send(Value):
     """Send ``data`` to ``ip:port`` over ``transport``; on a stream transport use connection
-    ``conn_id`` of ``worker`` if given (``worker=-1``: any worker / a new connection).  A
-    plain class, so that the compiled transport reads its fields natively."""
+    ``conn_id`` of ``worker`` if given (``worker=-1``: any worker / a new connection)."""
 
     __slots__ = ("conn_id", "data", "health", "ip", "port", "transport", "worker")
 
@@ -94,18 +94,6 @@ class Send:
 
     def _fields(self) -> tuple[str, str, int, bytes, int, int, bool]:
         return (self.transport, self.ip, self.port, self.data, self.conn_id, self.worker, self.health)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Send) and self._fields() == other._fields()
-
-    def __ne__(self, other: object) -> bool:
-        return not self.__eq__(other)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable, as the Struct was
-
-    def __repr__(self) -> str:
-        return (f"Send(transport={self.transport!r}, ip={self.ip!r}, port={self.port!r}, data={self.data!r}, "
-                f"conn_id={self.conn_id!r}, worker={self.worker!r}, health={self.health!r})")
 
 
 class RegistrationSeen(msgspec.Struct, gc=False):
