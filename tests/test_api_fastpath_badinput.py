@@ -391,6 +391,22 @@ def test_a_client_that_reads_none_of_its_answer_is_dropped(fast: bool) -> None:
     run(main)
 
 
+async def slow_link_download(env: Env) -> socket.socket:
+    """A client on a slow link that asked for /invoice.pdf: small buffers both ways (the
+    send buffer of dsbc's accepted connections is taken over from their listener;
+    loopback's would grow to MBs).  A non-blocking socket for the loop's sock_* calls."""
+    for srv in env.proxy._servers:
+        for sock in getattr(srv, "sockets", None) or []:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, (env.host, env.port))
+    await loop.sock_sendall(client, get("/invoice.pdf"))
+    return client
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_slow_client_that_takes_its_answer_is_not_dropped(fast: bool) -> None:
     """send_timeout drops a client that takes *none* of its answer (nginx's send_timeout:
@@ -416,17 +432,8 @@ def test_a_slow_client_that_takes_its_answer_is_not_dropped(fast: bool) -> None:
         origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         try:
             async with Env(fast, origin=origin, send_timeout=1.5) as env:
-                # the send buffer of a slow link's connection (loopback's grows to MBs):
-                # taken over by the accepted connections from their listener
-                for srv in env.proxy._servers:
-                    for sock in getattr(srv, "sockets", None) or []:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-                client = socket.socket()
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                client.setblocking(False)
+                client = await slow_link_download(env)
                 loop = asyncio.get_running_loop()
-                await loop.sock_connect(client, (env.host, env.port))
-                await loop.sock_sendall(client, get("/invoice.pdf"))
                 got = 0
                 end = loop.time() + 5.0
                 while loop.time() < end:  # 2 kB every 0.1 s
@@ -470,15 +477,8 @@ def test_a_slow_client_gets_the_tail_of_a_finished_answer(monkeypatch: pytest.Mo
         origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         try:
             async with Env(True, origin=origin, send_timeout=1.5) as env:
-                for srv in env.proxy._servers:  # a slow link's send buffer (as above)
-                    for sock in getattr(srv, "sockets", None) or []:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-                client = socket.socket()
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                client.setblocking(False)
+                client = await slow_link_download(env)
                 loop = asyncio.get_running_loop()
-                await loop.sock_connect(client, (env.host, env.port))
-                await loop.sock_sendall(client, get("/invoice.pdf"))
                 got = b""
                 while not got.endswith(b"x" * 64) or len(got) - got.find(b"\r\n\r\n") - 4 < size:
                     data = await asyncio.wait_for(loop.sock_recv(client, 4096), 3)  # 40 kB/s
