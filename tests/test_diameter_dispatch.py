@@ -125,6 +125,33 @@ def test_sessions_routed_by_subscriber_and_sticky_across_migration(tmp_path: Pat
     run(tmp_path, scenario)
 
 
+def test_ims_subscribers_named_by_tel_uri_or_nai_reach_their_owner(tmp_path: Path) -> None:
+    """An IMS charging client names its subscriber by a SIP or tel URI holding the number
+    (END_USER_SIP_URI "tel:+1...", "sip:+1...@ims;user=phone") or by an NAI user@realm:
+    they went by store.unknown (the source) though the number or the account is the
+    target customer's."""
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        store.put_customer("4", ["account:dave", "did:15550400"], "target")
+        pgw = await client_for(svc)
+        for i, sub in enumerate([(dc.SUB_SIP_URI, "tel:+1-555-0400;phone-context=+1"),
+                                 (dc.SUB_SIP_URI, "sip:+15550400@ims.example;user=phone"),
+                                 (dc.SUB_SIP_URI, "<sips:15550400@ims.example>"),
+                                 (dc.SUB_SIP_URI, "sip:dave@ims.example"),
+                                 (dc.SUB_E164, "15550400"),
+                                 (dc.SUB_NAI, "dave@ims.example")]):
+            a = await pgw.ccr(f"pgw1;ims{i}", dc.CC_INITIAL, sub)
+            assert a.text(dc.ORIGIN_HOST) == "ocs.target.example", sub
+        # a number nobody has still goes by store.unknown, and the source's own stay there
+        a = await pgw.ccr("pgw1;other", dc.CC_INITIAL, (dc.SUB_SIP_URI, "tel:+15550999"))
+        assert a.text(dc.ORIGIN_HOST) == "ocs.source.example"
+        a = await pgw.ccr("pgw1;carol", dc.CC_INITIAL, (dc.SUB_SIP_URI, "tel:+15550300"))
+        assert a.text(dc.ORIGIN_HOST) == "ocs.source.example"
+        await pgw.stop()
+
+    run(tmp_path, scenario)
+
+
 def test_peer_down_unable_to_deliver_then_reconnect(tmp_path: Path) -> None:
     async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
                        store: LocationStore) -> None:

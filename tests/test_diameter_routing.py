@@ -47,6 +47,20 @@ def test_candidates_by_subscription_type() -> None:
                              ("account", "bob"), ("radius", "bob")]
 
 
+def test_candidates_of_uris_and_nais() -> None:
+    def of(sub: tuple[int, str] | None, user: str = "") -> list[tuple[str, str]]:
+        return candidates(ccr("s", 1, sub, extra=[dc.utf8(dc.USER_NAME, user)] if user else []))
+
+    assert of((dc.SUB_SIP_URI, "tel:+1-555-0100;phone-context=+1")) == [("msisdn", "15550100"), ("did", "15550100")]
+    assert of((dc.SUB_SIP_URI, "sip:+15550100;npdi@ims.example;user=phone")) == [
+        ("account", "+15550100;npdi"), ("msisdn", "15550100"), ("did", "15550100")]
+    assert of((dc.SUB_SIP_URI, "<sips:bob@ims.example>")) == [("account", "bob")]
+    assert of((dc.SUB_NAI, "bob@ims.example")) == [
+        ("account", "bob@ims.example"), ("radius", "bob@ims.example"), ("account", "bob")]
+    assert of(None, "001010000000001@nai.epc.mnc001.mcc001.3gppnetwork.org")[-2:] == [
+        ("imsi", "001010000000001"), ("msisdn", "001010000000001")]
+
+
 def test_hop_by_hop_mapped_both_ways_and_session_pinned(st: LocationStore) -> None:
     r = router(st)
     [fwd] = r.client_request(1, ccr("a", dc.CC_INITIAL, (dc.SUB_IMSI, "001010000000001"), hbh=555), 0.0)

@@ -10,8 +10,9 @@ Routing (SPEC section 8):
 - a request whose Session-Id the core knows goes to the session's system (CCR-Update
   and -Terminate, and anything else in the session);
 - otherwise the owner of its Subscription-Id (E.164 -> ``msisdn`` then ``did``, IMSI ->
-  ``imsi``, SIP URI / NAI / private -> ``account``), then of its User-Name; an initial
-  request pins its Session-Id to that system;
+  ``imsi``, SIP URI -> ``account`` then its number as ``msisdn`` / ``did``, tel URI -> the
+  number, NAI / private -> ``account``, then an NAI's user part), then of its User-Name; an
+  initial request pins its Session-Id to that system;
 - a locked owner holds the request up to ``lock_hold``, then DIAMETER_TOO_BUSY (3004);
 - the system's peer down: DIAMETER_UNABLE_TO_DELIVER (3002).
 Requests from a system (Re-Auth, Abort-Session) go back to the client connection
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -82,6 +84,42 @@ class _Pending:
         self.dest = dest
 
 
+#: a telephone number as a SIP or tel URI writes it: "+", digits, visual separators (RFC 3966)
+_PHONE = re.compile(r"\+?[0-9][0-9\-.()]*")
+
+
+def _number(text: str) -> list[tuple[str, str]]:
+    """``msisdn`` then ``did`` candidates of a URI's user part that is a telephone number."""
+    if not _PHONE.fullmatch(text):
+        return []
+    digits = "".join(ch for ch in text if ch.isdigit())
+    return [("msisdn", digits), ("did", digits)]
+
+
+def _uri_candidates(data: str) -> list[tuple[str, str]]:
+    """END_USER_SIP_URI: ``sip:`` / ``sips:`` (the user as ``account``, then as a number:
+    IMS names a subscriber ``sip:+15550100@ims;user=phone``) or ``tel:`` (a number)."""
+    uri = data.strip().strip("<>").strip()
+    scheme, colon, rest = uri.partition(":")
+    if not colon:
+        scheme, rest = "sip", uri
+    if scheme.lower() == "tel":
+        number = rest.split(";", 1)[0]
+        return _number(number) or [("account", number)]
+    user = rest.rsplit("@", 1)[0] if "@" in rest else rest
+    phone = user.split(";", 1)[0]  # a tel-subscriber's own parameters (;npdi, ;isub=)
+    return [("account", user), *_number(phone)]
+
+
+def _nai(data: str) -> list[tuple[str, str]]:
+    """An NAI (``user@realm``, RFC 7542) or a User-Name: as written, then its user part as
+    the ``account`` (the RADIUS dispatcher does the same with a User-Name)."""
+    out = [("account", data), ("radius", data)]
+    if "@" in data[1:]:
+        out.append(("account", data.split("@", 1)[0]))
+    return out
+
+
 def candidates(m: dc.Message) -> list[tuple[str, str]]:
     """The identities that may name a request's owner, most specific first."""
     out: list[tuple[str, str]] = []
@@ -95,14 +133,15 @@ def candidates(m: dc.Message) -> list[tuple[str, str]]:
         elif kind == dc.SUB_IMSI:
             out.append(("imsi", data))
         elif kind == dc.SUB_SIP_URI:
-            out.append(("account", data.split(":", 1)[-1].split("@", 1)[0]))
+            out += _uri_candidates(data)
         else:
-            out += [("account", data), ("radius", data)]
+            out += _nai(data)
     user = m.text(dc.USER_NAME) or ""
     if user:
-        out += [("account", user), ("radius", user)]
-        if user.isdigit():
-            out += [("imsi", user), ("msisdn", user)]
+        out += _nai(user)
+        local = user.split("@", 1)[0]  # an EPC NAI: "001010000000002@nai.epc.mnc001..."
+        if local.isdigit():
+            out += [("imsi", local), ("msisdn", local)]
     return out
 
 
