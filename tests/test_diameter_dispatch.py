@@ -152,6 +152,32 @@ def test_ims_subscribers_named_by_tel_uri_or_nai_reach_their_owner(tmp_path: Pat
     run(tmp_path, scenario)
 
 
+def test_a_system_request_for_a_session_dsbc_does_not_know_reaches_the_client_it_names(
+        tmp_path: Path) -> None:
+    """A Re-Auth-Request (or Abort-Session) into a session this dsbc did not see open (it
+    was opened through the node that held the address before keepalived moved it, or
+    before a crash) names the PGW in Destination-Host.  That PGW is connected: it gets the
+    request, as from any Diameter relay (RFC 6733 6.1.4), not 3002, and the session's
+    next requests go to the system that sent it."""
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        pgw = await client_for(svc)
+        raa = await tgt.re_auth("pgw1;elsewhere", "pgw1.example", "example")
+        assert raa.u32(dc.RESULT_CODE) == dc.SUCCESS, raa
+        assert pgw.log == [{"rar": "pgw1;elsewhere", "from": "ocs.target.example"}]
+        ans = await pgw.ccr("pgw1;elsewhere", dc.CC_UPDATE)  # no subscriber: store.unknown is the source
+        assert ans.text(dc.ORIGIN_HOST) == "ocs.target.example"
+        # a client that is not connected is still 3002, and so is a session of another system's
+        raa = await tgt.re_auth("pgw9;x", "pgw9.example", "example")
+        assert raa.u32(dc.RESULT_CODE) == dc.UNABLE_TO_DELIVER
+        await pgw.ccr("pgw1;mine", dc.CC_INITIAL, (dc.SUB_E164, MSISDN))  # a source session
+        raa = await tgt.re_auth("pgw1;mine", "pgw1.example", "example")
+        assert raa.u32(dc.RESULT_CODE) == dc.UNABLE_TO_DELIVER
+        await pgw.stop()
+
+    run(tmp_path, scenario)
+
+
 def test_peer_down_unable_to_deliver_then_reconnect(tmp_path: Path) -> None:
     async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
                        store: LocationStore) -> None:

@@ -16,7 +16,8 @@ Routing (SPEC section 8):
 - a locked owner holds the request up to ``lock_hold``, then DIAMETER_TOO_BUSY (3004);
 - the system's peer down: DIAMETER_UNABLE_TO_DELIVER (3002).
 Requests from a system (Re-Auth, Abort-Session) go back to the client connection
-that opened the session.  Hop-by-hop ids are mapped both ways; End-to-End ids are
+that opened the session (for a session this node did not see open, to the client its
+Destination-Host names).  Hop-by-hop ids are mapped both ways; End-to-End ids are
 never changed (RFC 6733 6.1.9).
 """
 
@@ -341,9 +342,16 @@ class DiameterRouter:
         sess = self.sessions.get(sid) if sid else None
         conn = None
         if sess is not None and sess.system == system:
-            # the newest connection of the client: one that reconnected while its old one is
-            # still half-open (not yet closed by the watchdog) is reached on the new one
-            conn = next((c for c, ident in reversed(self.clients.items()) if ident == sess.client), None)
+            conn = self._client_conn(sess.client)
+        elif sess is None and sid:
+            # a session this node did not see open (opened through the node that held the
+            # address before keepalived moved it, or lost in a crash): a relay delivers a
+            # request to the peer its Destination-Host names (RFC 6733 6.1.4), and the
+            # session's next requests go to the system that sent it
+            conn = self._client_conn(m.text(dc.DESTINATION_HOST) or "")
+            if conn is not None:
+                self.sessions[sid] = _Session(system, self.clients[conn], now)
+                self.sessions_dirty = True
         if conn is None:
             ans = dc.answer(m, dc.UNABLE_TO_DELIVER, self.origin_host, self.origin_realm,
                             error_message="no client connection for this session")
@@ -355,6 +363,13 @@ class DiameterRouter:
         fwd = dc.Message(m.flags, m.code, m.app_id, hbh, m.end_to_end, list(m.avps))
         fwd.avps.append(dc.utf8(dc.ROUTE_RECORD, self.systems[system].identity or system))
         return [Send(TO_CLIENT, conn, dc.encode(fwd))]
+
+    def _client_conn(self, identity: str) -> int | None:
+        """The newest connection of the client ``identity``: one that reconnected while its
+        old one is still half-open (not yet closed by the watchdog) is reached on the new one."""
+        if not identity:
+            return None
+        return next((c for c, ident in reversed(self.clients.items()) if ident == identity), None)
 
     # -- answers ---------------------------------------------------------------------------------
 
