@@ -178,6 +178,33 @@ def test_a_system_request_for_a_session_dsbc_does_not_know_reaches_the_client_it
     run(tmp_path, scenario)
 
 
+def test_later_requests_of_a_session_opened_through_another_node_follow_its_destination_host(
+        tmp_path: Path) -> None:
+    """After keepalived moved the address, a PGW's CCR-Update / -Terminate of a session
+    opened through the other node (this one never saw it) names the OCS that answered its
+    CCR-Initial in Destination-Host (RFC 4006 5.5.1): it goes to that system, not by
+    store.unknown (no Subscription-Id: the source) nor by an owner migrated since."""
+    async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
+                       store: LocationStore) -> None:
+        pgw = await client_for(svc)
+        ans = await pgw.ccr("pgw1;old", dc.CC_UPDATE, dest_host="ocs.target.example")
+        assert ans.text(dc.ORIGIN_HOST) == "ocs.target.example"
+        # its subscriber is a source customer now: the session still lives on the target
+        ans = await pgw.ccr("pgw1;old2", dc.CC_UPDATE, (dc.SUB_E164, MSISDN), dest_host="ocs.target.example")
+        assert ans.text(dc.ORIGIN_HOST) == "ocs.target.example"
+        ans = await pgw.ccr("pgw1;old2", dc.CC_TERMINATE)
+        assert ans.text(dc.ORIGIN_HOST) == "ocs.target.example"
+        # an initial request goes by its subscriber, whatever OCS the PGW names
+        ans = await pgw.ccr("pgw1;new", dc.CC_INITIAL, (dc.SUB_E164, MSISDN), dest_host="ocs.target.example")
+        assert ans.text(dc.ORIGIN_HOST) == "ocs.source.example"
+        # a Destination-Host that is no system's goes by owner, as before
+        ans = await pgw.ccr("pgw1;old3", dc.CC_UPDATE, (dc.SUB_IMSI, IMSI), dest_host="ocs.elsewhere")
+        assert ans.text(dc.ORIGIN_HOST) == "ocs.target.example"
+        await pgw.stop()
+
+    run(tmp_path, scenario)
+
+
 def test_peer_down_unable_to_deliver_then_reconnect(tmp_path: Path) -> None:
     async def scenario(svc: DiameterService, src: CreditControlServer, tgt: CreditControlServer,
                        store: LocationStore) -> None:

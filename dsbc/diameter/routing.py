@@ -8,7 +8,8 @@ watchdogs and disconnects itself, tells the core when a system's peer opens or d
 
 Routing (SPEC section 8):
 - a request whose Session-Id the core knows goes to the session's system (CCR-Update
-  and -Terminate, and anything else in the session);
+  and -Terminate, and anything else in the session); a CCR-Update or -Terminate of a
+  session it does not know goes to the system whose peer its Destination-Host names;
 - otherwise the owner of its Subscription-Id (E.164 -> ``msisdn`` then ``did``, IMSI ->
   ``imsi``, SIP URI -> ``account`` then its number as ``msisdn`` / ``did``, tel URI -> the
   number, NAI / private -> ``account``, then an NAI's user part), then of its User-Name; an
@@ -278,6 +279,15 @@ class DiameterRouter:
             # RFC 6733 7.5: Failed-AVP holds an example of the missing AVP
             return self._local(conn, m, dc.MISSING_AVP, "Session-Id missing",
                                [dc.grouped(dc.FAILED_AVP, [dc.utf8(dc.SESSION_ID, "")])])
+        if cc_type in (dc.CC_UPDATE, dc.CC_TERMINATE):
+            # a session this node did not see open (opened through the node that held the
+            # address before keepalived moved it): its later requests name the OCS that
+            # answered the initial one (RFC 4006 5.5.1), which holds it whatever the owner now
+            named = self._system_named(m.text(dc.DESTINATION_HOST) or "")
+            if named is not None:
+                self.sessions[sid] = _Session(named.name, identity, now)
+                self.sessions_dirty = True
+                return self._forward(conn, m, named, sid, cc_type, now)
         held = len(self._held)
         out = self._route_new(conn, identity, m, sid, cc_type, now, now + self.lock_hold)
         self.held_total += len(self._held) - held
@@ -363,6 +373,15 @@ class DiameterRouter:
         fwd = dc.Message(m.flags, m.code, m.app_id, hbh, m.end_to_end, list(m.avps))
         fwd.avps.append(dc.utf8(dc.ROUTE_RECORD, self.systems[system].identity or system))
         return [Send(TO_CLIENT, conn, dc.encode(fwd))]
+
+    def _system_named(self, host: str) -> SystemRoute | None:
+        """The one system whose Diameter peer is ``host`` (its ``diameter_host``, or the
+        Origin-Host of its CEA), if any."""
+        host = host.lower()
+        if not host:
+            return None
+        named = [s for s in self.systems.values() if host in (s.dest_host.lower(), s.identity.lower())]
+        return named[0] if len(named) == 1 else None
 
     def _client_conn(self, identity: str) -> int | None:
         """The newest connection of the client ``identity``: one that reconnected while its
