@@ -68,3 +68,50 @@ def test_a_system_with_an_ipv4_and_an_ipv6_server_fails_over_between_them(tmp_pa
             store.close()
 
     asyncio.run(main())
+
+
+def test_a_wildcard_listener_answers_from_the_address_the_nas_sent_to(tmp_path: Path) -> None:
+    """Found by an audit: with ``auth_listen = "0.0.0.0:1812"`` (the default), a NAS that
+    reached dsbc on another address of the host than the route's preferred source (the
+    keepalived VIP, a second address) got its answer from that preferred source, and
+    dropped it (radclient: "No reply from server").  FreeRADIUS, listening on ``*``, answers
+    from the address each request was sent to (IP_PKTINFO); so does dsbc, for both families
+    of a ``[::]`` listener too."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        src = await start_radius_emulator("MR100", "127.0.0.1", 0, 0, "src-secret")
+        store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+        store.import_rows(sample_rows())
+        try:
+            for wildcard, to in (("0.0.0.0", "127.0.0.2"), ("[::]", "127.0.0.3"), ("[::]", "::1")):
+                auth_port, acct_port = free_port("udp"), free_port("udp")
+                cfg = parse_config(
+                    f'[systems.source]\nradius = ["127.0.0.1:{src.auth_addr[1]}"]\n'
+                    f'radius_acct = ["127.0.0.1:{src.acct_addr[1]}"]\nradius_secret = "src-secret"\n'
+                    f'[radius]\nenabled = true\nauth_listen = "{wildcard}:{auth_port}"\n'
+                    f'acct_listen = "{wildcard}:{acct_port}"\n'
+                    f'[[radius.clients]]\naddress = "127.0.0.0/8"\nsecret = "{NAS.decode()}"\n'
+                    f'[[radius.clients]]\naddress = "::1"\nsecret = "{NAS.decode()}"\n'
+                )
+                svc = await start_radius(cfg, store)
+                family = socket.AF_INET6 if ":" in to else socket.AF_INET
+                nas = socket.socket(family, socket.SOCK_DGRAM)
+                nas.setblocking(False)
+                nas.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+                try:
+                    nas.sendto(access_request("100001", ident=7, password=b"secret", secret=NAS), (to, auth_port))
+                    answer, frm = await asyncio.wait_for(loop.sock_recvfrom(nas, 4096), 3)
+                    assert frm[:2] == (to, auth_port), (wildcard, frm)
+                    assert rp.decode(answer).code == rp.ACCESS_ACCEPT
+                    # a retransmission, answered from the cache, leaves from there too
+                    nas.sendto(access_request("100001", ident=7, password=b"secret", secret=NAS), (to, auth_port))
+                    _, frm = await asyncio.wait_for(loop.sock_recvfrom(nas, 4096), 3)
+                    assert frm[:2] == (to, auth_port), (wildcard, frm)
+                finally:
+                    nas.close()
+                    await svc.stop(persist=False)
+        finally:
+            await src.stop()
+            store.close()
+
+    asyncio.run(main())

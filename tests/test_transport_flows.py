@@ -136,7 +136,7 @@ def test_udp_listeners_get_big_socket_buffers(tmp_path: Path) -> None:
         store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
         svc = await start_radius(cfg, store)
         try:
-            return [int(lst.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+            return [int(lst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
                     for lst in svc.listeners]
         finally:
             await svc.stop(persist=False)

@@ -1,6 +1,6 @@
 """asyncio adapters of the RADIUS dispatcher: two listening sockets, upstream sockets, one timer.
 
-Thin by design: ``datagram_received`` is synchronous (decode, look up in memory,
+Thin by design: a datagram is handled synchronously (decode, look up in memory,
 re-sign, ``sendto``); no task per datagram.  Upstream sockets are plain non-blocking
 UDP sockets watched with ``loop.add_reader`` so that a new identifier slot (see
 ``dsbc.radius.idspace``) can be opened synchronously, in the middle of a datagram
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from dsbc.config import Config, format_hostport, parse_hostport
 from dsbc.radius.core import ACCT, AUTH, TO_CLIENT, Addr, Out, RadiusCore, SystemTarget
 from dsbc.store.base import LocationStore
-from sip.transport_sockets import big_buffers
+from sip.transport_sockets import PKTINFO_SPACE, Cmsg, big_buffers, reply_from, want_destination
 
 from ..core_timer import CoreTimer, PinnedRows, node_key
 
@@ -49,22 +50,53 @@ def make_decide(store: LocationStore) -> Any:
     return decide
 
 
-class _Listener(asyncio.DatagramProtocol):
-    __slots__ = ("svc", "transport", "via")
+class _Listener:
+    """One listening socket, read on the loop with ``add_reader`` (each datagram handled
+    synchronously, as an asyncio ``datagram_received``).
 
-    def __init__(self, svc: RadiusService, via: int) -> None:
+    On a wildcard address (``0.0.0.0``, ``[::]``) each answer leaves from the address its
+    request was sent to (IP_PKTINFO), as FreeRADIUS answers on ``ipaddr = *``: left to the
+    kernel, the answer to a NAS that reached the host on the keepalived VIP or a second
+    address comes from the route's preferred source, and the NAS drops it."""
+
+    __slots__ = ("local", "loop", "sock", "svc", "via")
+
+    def __init__(self, svc: RadiusService, via: int, sock: socket.socket, wildcard: bool) -> None:
         self.svc = svc
         self.via = via
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.loop = svc.loop
+        #: per client address: the control message of the address it sent to
+        self.local: dict[Addr, Cmsg] | None = {} if wildcard and want_destination(sock) else None
+        self.loop.add_reader(sock.fileno(), self._on_readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def _on_readable(self) -> None:
+        for _ in range(64):  # bounded, as the upstream sockets: the loop is not starved
+            try:
+                data, anc, _flags, addr = self.sock.recvmsg(4096, PKTINFO_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # ICMP unreachable and the like, reported on a read
+                continue
+            client = (addr[0], addr[1])
+            if self.local is not None:
+                cmsg = reply_from(anc)
+                if cmsg is not None and self.local.get(client) != cmsg:
+                    if len(self.local) >= 65536:
+                        self.local.clear()
+                    self.local[client] = cmsg
+            self.svc.on_request(self.via, data, client)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.svc.on_request(self.via, data, (addr[0], addr[1]))
+    def sendto(self, data: bytes, addr: Addr) -> None:
+        cmsg = self.local.get(addr) if self.local is not None else None
+        if cmsg is None:
+            self.sock.sendto(data, addr)
+        else:
+            self.sock.sendmsg([data], [cmsg], 0, addr)
 
-    def error_received(self, exc: Exception) -> None:  # ICMP unreachable and the like
-        log.debug("radius listener error: %s", exc)
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 class RadiusService:
@@ -118,9 +150,7 @@ class RadiusService:
         for o in outs:
             try:
                 if o.kind == TO_CLIENT:
-                    t = self.listeners[o.via].transport
-                    if t is not None:
-                        t.sendto(o.data, o.addr)
+                    self.listeners[o.via].sendto(o.data, o.addr)
                 else:
                     fam = socket.AF_INET6 if ":" in o.addr[0] else socket.AF_INET
                     self._upstream(o.system, o.via, fam).sendto(o.data, o.addr)
@@ -185,8 +215,7 @@ class RadiusService:
         if persist:
             self._persist()
         for lst in self.listeners:
-            if lst.transport is not None:
-                lst.transport.close()
+            lst.close()
         for sock in self._socks.values():
             self.loop.remove_reader(sock.fileno())
             sock.close()
@@ -201,6 +230,23 @@ async def _resolve(loop: asyncio.AbstractEventLoop, entries: list[str], default_
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
         out.append((str(infos[0][4][0]), port))
     return out
+
+
+async def _listening_socket(loop: asyncio.AbstractEventLoop, host: str, port: int) -> tuple[socket.socket, bool]:
+    """A bound non-blocking UDP socket on ``host:port``, and whether that is a wildcard
+    address.  ``::`` takes IPv4 NAS too (dual stack), as SIP's wildcard listeners do."""
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setblocking(False)
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return sock, ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0]).is_unspecified
 
 
 async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
@@ -233,12 +279,10 @@ async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
     try:
         for via, listen, default in ((AUTH, rc.auth_listen, 1812), (ACCT, rc.acct_listen, 1813)):
             host, port = parse_hostport(listen, default)
-            lst = _Listener(svc, via)
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda lst=lst: lst, local_addr=(host.strip("[]"), port))  # type: ignore[misc]
-            svc.listeners.append(lst)
-            big_buffers(transport.get_extra_info("socket"))
-            sockname = transport.get_extra_info("sockname")
+            sock, wildcard = await _listening_socket(loop, host.strip("[]"), port)
+            svc.listeners.append(_Listener(svc, via, sock, wildcard))
+            big_buffers(sock)
+            sockname = sock.getsockname()
             svc.addresses.append((sockname[0], sockname[1]))
     except OSError:
         await svc.stop(persist=False)
