@@ -101,10 +101,11 @@ _SEPARATORS: Final = re.compile(r"[\s:\-\.]")
 DEFAULT_PATTERNS: Final[tuple[str, ...]] = (
     # ?mac=0004f2a1b2c3, &MAC=00:04:f2:a1:b2:c3, mac_address=00-04-...
     r"(?i)[?&](?:mac|mac_?addr(?:ess)?|device_?mac)=([0-9a-f]{2}(?:[:\-.]?[0-9a-f]{2}){5})(?:&|$)",
-    # a file named by MAC, with the usual vendor prefixes and suffixes
+    # a file named by MAC, with the usual vendor prefixes (Panasonic's Config<MAC>.cfg) and
+    # suffixes, or a folder per device (/<mac>/phone.xml)
     (
-        r"(?i)/(?:cfg|spa|sep|snom[0-9a-z]*-|yealink-|gs_|aastra-|mitel-)?([0-9a-f]{12})"
-        r"(?:[-_.][\w.\-]*)?(?:\?|$)"
+        r"(?i)/(?:cfg|config|spa|sep|snom[0-9a-z]*-|yealink-|gs_|aastra-|mitel-)?([0-9a-f]{12})"
+        r"(?:[-_.][\w.\-]*)?(?:/|\?|$)"
     ),
     # a path segment or file name that is a MAC written with separators
     # (00:11:22:aa:bb:cc.cfg, 00-11-22-AA-BB-CC-phone.cfg, /00:11:22:aa:bb:cc/)

@@ -144,6 +144,22 @@ def test_macs_written_with_separators_and_in_the_user_agent_name_the_device(tmp_
     run(main)
 
 
+def test_panasonic_files_and_a_folder_per_mac_name_the_device(tmp_path: Path) -> None:
+    """Panasonic phones fetch Config{MAC}.cfg (their CFG_STANDARD_FILE_PATH), and a
+    provisioning server may keep a folder per device (/prov/<mac>/phone.xml, as it may with
+    colons): they went to the default system (the source) though dave's phone is the
+    target's."""
+
+    async def main() -> None:
+        async with ApiEnv(tmp_path) as env:
+            for path in (f"/prov/Config{MAC4.upper()}.cfg", f"/prov/{MAC4}/phone.xml",
+                         f"/prov/Panasonic/Config{MAC4}.cfg"):
+                _, _, served = await fetch_cfg(env, path)
+                assert served == "MR115", path
+
+    run(main)
+
+
 def test_operator_cpe_patterns_come_on_top_of_the_built_in_ones(tmp_path: Path) -> None:
     """deploy/dsbc.example.toml: api.cpe_patterns are "on top of the built-in <mac>.cfg,
     cfg<mac>.xml, SEP<mac>.cnf.xml and ?mac=<mac>"; one pattern of the operator's must not
