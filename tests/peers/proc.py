@@ -201,7 +201,10 @@ class PeerProcess:
         self._reap_group(2.0)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
-                stream.close()
+                try:
+                    stream.close()
+                except BrokenPipeError:
+                    pass  # its unsent input: the process is gone, nobody will read it
         self._close_files()
         _live.discard(self)
         return self.proc.returncode
