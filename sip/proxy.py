@@ -80,10 +80,10 @@ class Send(Value):
     """Send ``data`` to ``ip:port`` over ``transport``; on a stream transport use connection
     ``conn_id`` of ``worker`` if given (``worker=-1``: any worker / a new connection)."""
 
-    __slots__ = ("conn_id", "data", "health", "ip", "port", "transport", "worker")
+    __slots__ = ("conn_id", "data", "health", "ip", "keep", "port", "transport", "worker")
 
     def __init__(self, transport: str, ip: str, port: int, data: bytes, conn_id: int = 0,
-                 worker: int = -1, health: bool = False) -> None:
+                 worker: int = -1, health: bool = False, keep: int = 0) -> None:
         self.transport = transport
         self.ip = ip
         self.port = port
@@ -91,9 +91,15 @@ class Send(Value):
         self.conn_id = conn_id
         self.worker = worker
         self.health = health
+        #: a 2xx to a REGISTER going out over a device's TCP/TLS flow: the seconds its bindings
+        #: were granted for; the connection stays open at least that long, silent or not (the
+        #: registrar reaches the phone through it), as Kamailio keeps a registered phone's
+        #: connection for its registration (``tcp_connection_lifetime``, the registrar's
+        #: ``tcp_persistent_flag``)
+        self.keep = keep
 
-    def _fields(self) -> tuple[str, str, int, bytes, int, int, bool]:
-        return (self.transport, self.ip, self.port, self.data, self.conn_id, self.worker, self.health)
+    def _fields(self) -> tuple[str, str, int, bytes, int, int, bool, int]:
+        return (self.transport, self.ip, self.port, self.data, self.conn_id, self.worker, self.health, self.keep)
 
 
 class RegistrationSeen(msgspec.Struct, gc=False):
@@ -891,8 +897,10 @@ class ProxyCore:
         ed.set_first_value("via", None)
         cseq_method = msg.cseq[1]
         if cseq_method == "REGISTER" and 200 <= msg.status < 300:
-            self._registered(msg, ed, top.param("dsbcsys") or "", top.param("dsbccap") or "",
-                             top.param("dsbcct") or "")
+            granted = self._registered(msg, ed, top.param("dsbcsys") or "", top.param("dsbccap") or "",
+                                       top.param("dsbcct") or "")
+            if token and granted > 0:
+                dest.keep = min(granted, KEEP_MAX) + KEEP_MARGIN
         if cseq_method == "INVITE" and msg.status >= 200:
             branch = top.branch
             entry = self._invites.get(branch)
@@ -905,7 +913,9 @@ class ProxyCore:
         dest.data = ed.to_bytes()
         return [dest]
 
-    def _registered(self, msg: SipMessage, ed: Editor, system: str, cap_text: str, marks: str = "") -> None:
+    def _registered(self, msg: SipMessage, ed: Editor, system: str, cap_text: str, marks: str = "") -> int:
+        """Record the bindings of a REGISTER's 2xx (capped while a batch is prepared); the
+        longest expiry it grants, in seconds (0: none)."""
         # is_digits, not str.isdigit: '\xb2' (a latin-1 superscript two) is a digit to isdigit()
         cap = int(cap_text) if is_digits(cap_text) else 0
         # the contacts the REGISTER named (_contact_marks): the phone that gets this 200 renews
@@ -941,14 +951,22 @@ class ProxyCore:
             self.counters["registrations_capped"] += 1
         if cap and default and is_digits(default) and int(default) > cap:
             ed.set(msg.index("expires"), str(cap))
+        granted = max((e for _, e in contacts), default=0)
         try:
             account = self._user(msg.to.uri)
         except SipError:
-            return
+            return granted
         nxt = msg.vias[1]
         h, p = nxt.response_address()
         self.events.append(RegistrationSeen(account, contacts, system, f"{nxt.transport.lower()}:{h}:{p}"))
+        return granted
 
+
+#: a registered phone's TCP/TLS connection is kept open this long past the expiry its
+#: registrar granted (its refresh may come a little late), as Kamailio's 3605 s for 3600
+KEEP_MARGIN: Final = 10
+#: ... and never on the word of a registrar for more than a day
+KEEP_MAX: Final = 86400
 
 #: contacts of one REGISTER marked in its Via (a phone registers one; a few at most)
 _CONTACT_MARKS_MAX: Final = 8

@@ -21,7 +21,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from .admission import Admission
 from .errors import SipError
@@ -35,6 +35,10 @@ from .transport_tls import Handshaking, TlsAcceptor
 log = logging.getLogger("dsbc.sip")
 
 LINGER = 2.0  # seconds a broken stream is read and discarded after its answer
+#: a message handed to the worker that owns its connection: connection id, peer port, the
+#: seconds a registration keeps that connection open (``Send.keep``), length of the peer IP
+_IPC_HEAD: Final = "!IHIB"
+_IPC_HEAD_SIZE: Final = struct.calcsize(_IPC_HEAD)
 
 
 def _unmapped(ip: str) -> str:
@@ -84,7 +88,8 @@ class SipDatagram(asyncio.DatagramProtocol):
 
 class SipStream(asyncio.Protocol):
     __slots__ = (
-        "closing", "conn_id", "ep", "flow", "framer", "last_activity", "outbound", "partial_since", "peer", "pending", "transport",
+        "closing", "conn_id", "ep", "flow", "framer", "keep_until", "last_activity", "outbound", "partial_since", "peer",
+        "pending", "transport",
     )  # fmt: skip
 
     def __init__(self, ep: SipEndpoint, outbound: bool = False, transport_name: str = "tcp") -> None:
@@ -94,6 +99,8 @@ class SipStream(asyncio.Protocol):
         self.conn_id = next(ep.conn_ids)
         self.flow: Flow | None = None
         self.last_activity = ep.loop.time()
+        #: a registration granted through this connection: not closed as idle before this
+        self.keep_until = 0.0
         self.partial_since = 0.0  # when the message now in the framer began (slowloris)
         self.outbound = outbound
         self.pending: list[bytes] = []
@@ -210,6 +217,11 @@ class SipStream(asyncio.Protocol):
                 ep.per_ip.pop(self.flow.ip, None)
             else:
                 ep.per_ip[self.flow.ip] = n
+
+    def keep_for(self, seconds: int) -> None:
+        """A registration was granted through this connection for ``seconds``: the registrar
+        reaches the phone through it until then, so it is not closed as idle before."""
+        self.keep_until = max(self.keep_until, self.ep.loop.time() + seconds)
 
     def gone(self) -> bool:
         """Closed or closing: a write would be lost (the loop tells us a little later)."""
@@ -415,6 +427,8 @@ class SipEndpoint:
             if s.worker in (-1, self.worker):
                 conn = self._conn_for(s.conn_id, s.ip, s.port)
                 if conn is not None:
+                    if s.keep:
+                        conn.keep_for(s.keep)
                     conn.write(s.data)
                 else:
                     self._flow_failed(s.data)
@@ -502,7 +516,7 @@ class SipEndpoint:
             return
         try:
             ip = s.ip.encode("ascii")
-            head = struct.pack("!IHB", s.conn_id, s.port, len(ip)) + ip
+            head = struct.pack(_IPC_HEAD, s.conn_id, s.port, s.keep, len(ip)) + ip
             self._ipc.sendto(head + s.data, self.ipc_name(s.worker))
             self.core.counters["handovers"] += 1
         except OSError:
@@ -517,13 +531,15 @@ class SipEndpoint:
                 return
             except OSError:
                 return
-            if len(data) < 7:
+            if len(data) < _IPC_HEAD_SIZE:
                 continue
-            conn_id, port, ip_len = struct.unpack("!IHB", data[:7])
-            ip = data[7 : 7 + ip_len].decode("ascii", "replace")
-            body = data[7 + ip_len :]
+            conn_id, port, keep, ip_len = struct.unpack(_IPC_HEAD, data[:_IPC_HEAD_SIZE])
+            ip = data[_IPC_HEAD_SIZE : _IPC_HEAD_SIZE + ip_len].decode("ascii", "replace")
+            body = data[_IPC_HEAD_SIZE + ip_len :]
             conn = self._conn_for(conn_id, ip, port)
             if conn is not None:
+                if keep:
+                    conn.keep_for(keep)
                 conn.write(body)
             else:
                 self._flow_failed(body)
@@ -581,7 +597,7 @@ class SipEndpoint:
                 # a message begun and not finished within the stall timeout, however slowly
                 # its octets keep trickling in (slowloris)
                 stalled = c.partial_since > 0 and now - c.partial_since > self.tcp_stall_timeout
-                if idle > self.tcp_idle_timeout or stalled:
+                if (idle > self.tcp_idle_timeout and now >= c.keep_until) or stalled:
                     self.core.counters["tcp_idle_closed" if not stalled else "tcp_stalled_closed"] += 1
                     if c.transport:
                         c.transport.close()

@@ -423,3 +423,73 @@ def test_call_between_customers_of_the_two_systems(
     assert alice.received_invite(incoming).all("X-System") == ["target", "source"]
     assert carol.hangup(call) == 200
     alice.wait_call_state(incoming, "DISCONNECTED", timeout=5)
+
+
+def _tcp_register(d: Any, user: str, local_ip: str, expires: int) -> tuple[socket.socket, bytes]:
+    """A phone on one TCP connection that registers and then says nothing (no keep-alives)."""
+    s = socket.create_connection(d.sip_addr, timeout=5, source_address=(local_ip, 0))
+    port = s.getsockname()[1]
+    s.sendall(
+        (
+            f"REGISTER sip:{d.hostport} SIP/2.0\r\n"
+            f"Via: SIP/2.0/TCP {local_ip}:{port};branch=z9hG4bK-reg{user}{port};rport\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:{user}@{d.hostport}>;tag=r{port}\r\n"
+            f"To: <sip:{user}@{d.hostport}>\r\nCall-ID: reg-{user}-{port}\r\nCSeq: 1 REGISTER\r\n"
+            f"Contact: <sip:{user}@{local_ip}:{port};transport=tcp>\r\nExpires: {expires}\r\n"
+            f"Content-Length: 0\r\n\r\n"
+        ).encode()
+    )
+    return s, _read_stream_message(s)
+
+
+def _read_stream_message(s: socket.socket, timeout: float = 5.0) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while b"\r\n\r\n" not in data and time.monotonic() < deadline:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = s.recv(65535)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk.lstrip(b"\r\n") if not data else chunk
+    return data
+
+
+def test_regression_a_phone_registered_over_tcp_stays_reachable_past_the_idle_timeout(
+    kamailio_factory: Factory, dsbc_factory: Factory
+) -> None:
+    """A phone registered over TCP that sends no keep-alives got its calls until
+    sip.tcp_idle_timeout (600 s by default) passed, then 430 Flow Failed for the rest of
+    its registration (an hour): dsbc closed the connection its registrar reaches it through.
+    Kamailio keeps such a connection for the registration (tcp_connection_lifetime 3605 in
+    its default configuration).  A connection that carried no registration still closes."""
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target], workers=2, sip_extra="tcp_idle_timeout = 1.0\n")
+    phone, answer = _tcp_register(d, "1001", "127.0.0.2", expires=120)
+    assert answer.startswith(b"SIP/2.0 200 "), answer
+    idle = socket.create_connection(d.sip_addr, timeout=5, source_address=("127.0.0.3", 0))
+    idle.sendall(b"\r\n\r\n")  # a keep-alive, then silence
+    assert idle.recv(16) == b"\r\n"
+    time.sleep(3.5)  # the idle timeout three times over, the sweep at least twice
+    assert d.counters().get("tcp_idle_closed", 0) >= 1  # the connection that registered nothing
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as carrier:
+        carrier.bind((CARRIER_IP, 0))
+        cport = carrier.getsockname()[1]
+        carrier.sendto(
+            (
+                f"OPTIONS sip:{DID_A}@{d.hostport} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {CARRIER_IP}:{cport};branch=z9hG4bK-idle1;rport\r\n"
+                f"Max-Forwards: 70\r\nFrom: <sip:15557654321@{CARRIER_IP}>;tag=c1\r\n"
+                f"To: <sip:{DID_A}@{d.hostport}>\r\nCall-ID: idle-call-1\r\nCSeq: 1 OPTIONS\r\n"
+                f"Content-Length: 0\r\n\r\n"
+            ).encode(),
+            d.sip_addr,
+        )
+        got = _read_stream_message(phone, 5)
+        assert got.startswith(b"OPTIONS sip:1001@127.0.0.2:"), got
+        assert b"Call-ID: idle-call-1\r\n" in got
+    assert d.counters().get("flow_failed_430", 0) == 0
+    phone.close()
+    idle.close()
