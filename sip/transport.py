@@ -15,6 +15,7 @@ no task per datagram.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import socket
@@ -39,6 +40,11 @@ LINGER = 2.0  # seconds a broken stream is read and discarded after its answer
 #: seconds a registration keeps that connection open (``Send.keep``), length of the peer IP
 _IPC_HEAD: Final = "!IHIB"
 _IPC_HEAD_SIZE: Final = struct.calcsize(_IPC_HEAD)
+#: a hand-over to a worker whose queue is full is tried again every IPC_RETRY_EVERY seconds
+#: for IPC_RETRY_FOR seconds (then 430); at most IPC_WAITING_MAX wait per worker
+IPC_RETRY_EVERY: Final = 0.002
+IPC_RETRY_FOR: Final = 2.0
+IPC_WAITING_MAX: Final = 10_000
 
 
 def _unmapped(ip: str) -> str:
@@ -285,6 +291,9 @@ class SipEndpoint:
         self.handshaking = Handshaking("SIP")
         self.health_udp: SipDatagram | None = None
         self._ipc: socket.socket | None = None
+        #: hand-overs waiting for a worker whose queue was full: (deadline, packet, message)
+        self._ipc_waiting: dict[int, collections.deque[tuple[float, bytes, bytes]]] = {}
+        self._ipc_retry: asyncio.TimerHandle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._sweeper: asyncio.Task[None] | None = None
@@ -365,6 +374,10 @@ class SipEndpoint:
                 u.transport.close()
         if self.health_udp and self.health_udp.transport:
             self.health_udp.transport.close()
+        if self._ipc_retry is not None:  # a last try for what waits, then 430 for the rest
+            self._ipc_retry.cancel()
+            self._ipc_waiting = {w: collections.deque((0.0, p, d) for _, p, d in q) for w, q in self._ipc_waiting.items()}
+            self._ipc_send_waiting()
         if self._ipc is not None:
             self.loop.remove_reader(self._ipc.fileno())
             self._ipc.close()
@@ -510,17 +523,64 @@ class SipEndpoint:
     def _handover(self, s: Send) -> None:
         """To the worker that owns the flow's connection.  A worker this node does not have
         (a token another node wrote: the nodes share the flow secret) or one that is gone
-        is a gone flow: 430, as for a closed connection, not a silence."""
+        is a gone flow: 430, as for a closed connection, not a silence.  A worker whose
+        queue is full (Linux takes net.unix.max_dgram_qlen, 10, datagrams before it reads:
+        a burst of calls to TCP/TLS phones) gets the message a little later, in order."""
         if self.ipc_name is None or self._ipc is None:
             self._flow_failed(s.data)
             return
         try:
             ip = s.ip.encode("ascii")
-            head = struct.pack(_IPC_HEAD, s.conn_id, s.port, s.keep, len(ip)) + ip
-            self._ipc.sendto(head + s.data, self.ipc_name(s.worker))
+            packet = struct.pack(_IPC_HEAD, s.conn_id, s.port, s.keep, len(ip)) + ip + s.data
+        except (UnicodeEncodeError, struct.error):
+            self._flow_failed(s.data)
+            return
+        waiting = self._ipc_waiting.get(s.worker)
+        if waiting is not None:  # behind what already waits for that worker
+            if len(waiting) >= IPC_WAITING_MAX:
+                self._flow_failed(s.data)
+            else:
+                waiting.append((self.loop.time() + IPC_RETRY_FOR, packet, s.data))
+            return
+        try:
+            self._ipc.sendto(packet, self.ipc_name(s.worker))
             self.core.counters["handovers"] += 1
+        except BlockingIOError:
+            self.core.counters["handovers_delayed"] += 1
+            self._ipc_waiting[s.worker] = collections.deque([(self.loop.time() + IPC_RETRY_FOR, packet, s.data)])
+            self._ipc_retry_later()
         except OSError:
             self._flow_failed(s.data)
+
+    def _ipc_retry_later(self) -> None:
+        if self._ipc_retry is None:
+            self._ipc_retry = self.loop.call_later(IPC_RETRY_EVERY, self._ipc_send_waiting)
+
+    def _ipc_send_waiting(self) -> None:
+        """Send what waits for workers whose queue was full; past IPC_RETRY_FOR: 430."""
+        self._ipc_retry = None
+        if self._ipc is None or self.ipc_name is None:
+            return
+        now = self.loop.time()
+        for worker in list(self._ipc_waiting):
+            waiting = self._ipc_waiting[worker]
+            name = self.ipc_name(worker)
+            while waiting:
+                deadline, packet, data = waiting[0]
+                try:
+                    self._ipc.sendto(packet, name)
+                    self.core.counters["handovers"] += 1
+                except BlockingIOError:
+                    if deadline > now:
+                        break
+                    self._flow_failed(data)
+                except OSError:
+                    self._flow_failed(data)
+                waiting.popleft()
+            if not waiting:
+                del self._ipc_waiting[worker]
+        if self._ipc_waiting:
+            self._ipc_retry_later()
 
     def _ipc_readable(self) -> None:
         assert self._ipc is not None
