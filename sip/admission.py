@@ -34,7 +34,7 @@ from .errors import SipError
 from .flow import Flow
 from .logbudget import LogBudget
 from .message import SipMessage, make_response, parse_message
-from .proxy import Send
+from .proxy import Send, _with_received
 from .ratelimit import RateLimiter, Verdict
 from .scanner import ScannerFilter
 
@@ -135,7 +135,11 @@ class Admission:
         try:
             if msg.method == "ACK":
                 return []
-            out = make_response(msg, status, reason, extra, to_tag=_to_tag(msg.call_id))
+            try:  # received / rport, as on every answer dsbc makes (RFC 3581 4)
+                via: str | None = _with_received(msg.vias[0].text, flow.ip, flow.port)
+            except (SipError, IndexError):
+                via = None
+            out = make_response(msg, status, reason, extra, to_tag=_to_tag(msg.call_id), top_via=via)
         except (SipError, ValueError):
             return []
         return [

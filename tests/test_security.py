@@ -262,6 +262,9 @@ def test_rate_limit_per_source_with_trusted_peers_exempt(dsbc_factory: Factory, 
         assert 0 < st.get(503, 0) <= limit, st  # answers to the excess are bounded too
         assert len(got) < 100  # the rest was dropped without a word
         assert all(m.get("retry-after") == "1" for m in got if m.status == 503)
+        # received / rport, as on every answer dsbc makes (RFC 3581 4: rport MUST get its value)
+        nat = f";received={device.addr[0]};rport={device.addr[1]}"
+        assert all(nat in (m.get("via") or "") for m in got if m.status == 503), got[-1].get("via")
         other.send(options(ruri, other.addr), d.sip_addr)  # per source: others unaffected
         assert statuses(other.recv_all(1.0)) == {200: 1}
         c = d.counters_when(lambda c: c.get("rate_limited", 0) >= 100 - limit - 2)
@@ -405,7 +408,9 @@ def test_message_size_limits_answer_513(dsbc_factory: Factory, nodes: Any) -> No
             b"Content-Length: 0", b"X-Pad: " + b"p" * 3000 + b"\r\nContent-Length: 0"
         )
         device.send(big, d.sip_addr)
-        assert statuses(device.recv_all(1.0)) == {513: 1}
+        (too_large,) = device.recv_all(1.0)
+        assert too_large.status == 513
+        assert f";received={device.addr[0]};rport={device.addr[1]}" in (too_large.get("via") or "")
         device.send(options(f"sip:{d.hostport}", device.addr), d.sip_addr)  # the next one is fine
         assert statuses(device.recv_all(1.0)) == {200: 1}
     finally:
