@@ -441,6 +441,16 @@ class ProxyCore:
             hop = self._next_hop(remaining, ruri_text)
             self._strict_next_hop(ed, msg, remaining, ruri_text)
             if trusted and hop is not None:
+                at = self.health.node_at(hop[1], hop[2])
+                if at is not None:
+                    # toward a system's node that record-routed the dialog (a carrier's BYE):
+                    # as for a phone's, another node of that system if it is down, and 503
+                    # when all are (the carrier would retransmit into the void for 32 s)
+                    node = self.health.pick(at.system, (hop[1], hop[2]))
+                    if node is None:
+                        return self._unavailable(msg, src)
+                    if (node.host, node.port) != (hop[1], hop[2]):
+                        return [self._forward(msg, ed, src, self._to_node(node), branch, None, system, "", now, trusted)]
                 dest = Send(hop[0], hop[1], hop[2], b"")
                 return [self._forward(msg, ed, src, dest, branch, None, system, "", now, trusted)]
             if system:

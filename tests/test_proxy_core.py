@@ -616,6 +616,33 @@ def test_in_dialog_request_without_route_stays_on_the_node_it_names(state: str) 
     assert router.decide_calls, sends
 
 
+def test_regression_a_carriers_in_dialog_request_fails_over_or_gets_503_like_a_phones() -> None:
+    """A trusted peer's in-dialog request goes to the next hop of its route set, the node
+    that record-routed the dialog; with that node down it was sent there all the same (the
+    carrier retransmitted its BYE for 32 s), where a phone's gets the next node of the same
+    system, or 503 with Retry-After when every node is down (SPEC section 6)."""
+    core, _ = make_core()
+    inv = request("INVITE", "sip:15550001001@192.0.2.10", src=CARRIER, frm="<sip:15557654321@carrier>;tag=c1",
+                  to="<sip:15550001001@192.0.2.10>", branch="z9hG4bKcarrier1")
+    fwd = one(core.handle_data(inv, CARRIER, 0.0))
+    to_node(fwd, S1)
+    ours = rr_values(parse(fwd))[0]
+    route = [ours, f"<sip:{S1.host}:{S1.port};lr>"]  # the carrier's route set: dsbc, then S1
+
+    def bye(n: int) -> bytes:
+        return _in_dialog("BYE", route, "sip:1001@203.0.113.5:40000", src=CARRIER,
+                          frm="<sip:15557654321@carrier>;tag=c1", to="<sip:15550001001@192.0.2.10>;tag=p1",
+                          cseq=1 + n, branch=f"z9hG4bKcbye{n}")
+
+    to_node(one(core.handle_data(bye(1), CARRIER, 1.0)), S1)
+    mark_down(core, S1)
+    to_node(one(core.handle_data(bye(2), CARRIER, 2.0)), S2)  # the same system, never the other
+    mark_down(core, S2)
+    refused = one(core.handle_data(bye(3), CARRIER, 3.0))
+    to_flow(refused, CARRIER)
+    assert status_of(refused) == 503 and parse(refused).get("retry-after") == "30"
+
+
 def test_in_dialog_request_prefers_the_node_of_the_dialog() -> None:
     core, router = make_core()
     rr, _ = _call(core)

@@ -493,3 +493,74 @@ def test_regression_a_phone_registered_over_tcp_stays_reachable_past_the_idle_ti
     assert d.counters().get("flow_failed_430", 0) == 0
     phone.close()
     idle.close()
+
+
+def _udp_exchange(sock: socket.socket, text: str, to: tuple[str, int], until: str, timeout: float = 5.0) -> str:
+    """Send ``text`` (LF line ends) and return the first message received that starts with
+    ``until`` ("" when none came)."""
+    sock.sendto(text.replace("\n", "\r\n").encode(), to)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65535).decode("latin-1")
+        except TimeoutError:
+            break
+        if data.startswith(until):
+            return data
+    return ""
+
+
+def test_regression_a_carriers_bye_toward_a_system_that_is_down_gets_503(
+    kamailio_factory: Factory, dsbc_factory: Factory
+) -> None:
+    """A phone's in-dialog request whose system is down got 503 with Retry-After (SPEC section
+    6), but a carrier's (a trusted peer: its next hop is the node in the route set) was sent
+    to the dead node all the same, and the carrier retransmitted its BYE for 32 s."""
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target])
+    phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    phone.bind(("127.0.0.2", 0))
+    carrier = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    carrier.bind((CARRIER_IP, 0))
+    try:
+        pport, cport = phone.getsockname()[1], carrier.getsockname()[1]
+        ok = _udp_exchange(phone, (
+            f"REGISTER sip:{d.hostport} SIP/2.0\nVia: SIP/2.0/UDP 127.0.0.2:{pport};branch=z9hG4bK-r1;rport\n"
+            f"Max-Forwards: 70\nFrom: <sip:1001@{d.hostport}>;tag=r1\nTo: <sip:1001@{d.hostport}>\n"
+            f"Call-ID: reg-bye503\nCSeq: 1 REGISTER\nContact: <sip:1001@127.0.0.2:{pport}>\nExpires: 120\n"
+            f"Content-Length: 0\n\n"), d.sip_addr, "SIP/2.0 200")
+        assert ok
+        carrier.sendto((
+            f"INVITE sip:{DID_A}@{d.hostport} SIP/2.0\nVia: SIP/2.0/UDP {CARRIER_IP}:{cport};branch=z9hG4bK-i1;rport\n"
+            f"Max-Forwards: 70\nFrom: <sip:15557654321@{CARRIER_IP}>;tag=c1\nTo: <sip:{DID_A}@{d.hostport}>\n"
+            f"Call-ID: bye503\nCSeq: 1 INVITE\nContact: <sip:15557654321@{CARRIER_IP}:{cport}>\n"
+            f"Content-Length: 0\n\n").replace("\n", "\r\n").encode(), d.sip_addr)
+        phone.settimeout(5)
+        invite = parse_message(phone.recv(65535).decode("latin-1"))
+        assert invite.method == "INVITE"
+        answer = "\n".join(
+            ["SIP/2.0 200 OK", *(f"Via: {v}" for v in invite.all("via")),
+             *(f"Record-Route: {r}" for r in invite.all("record-route")),
+             f"From: {invite.get('from')}", f"To: {invite.get('to')};tag=p1", "Call-ID: bye503", "CSeq: 1 INVITE",
+             f"Contact: <sip:1001@127.0.0.2:{pport}>", "Content-Length: 0", "", ""])
+        phone.sendto(answer.replace("\n", "\r\n").encode(), d.sip_addr)
+        carrier.settimeout(5)
+        while not (data := carrier.recv(65535).decode("latin-1")).startswith("SIP/2.0 200"):
+            pass
+        route = ", ".join(reversed([r.strip() for v in parse_message(data).all("record-route") for r in v.split(",")]))
+        source.stop()
+        deadline = time.monotonic() + 5
+        while (status := d.control("GET", "/healthz")[1]).get("systems_down") != ["source"]:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        bye = _udp_exchange(carrier, (
+            f"BYE sip:1001@127.0.0.2:{pport} SIP/2.0\nVia: SIP/2.0/UDP {CARRIER_IP}:{cport};branch=z9hG4bK-b1;rport\n"
+            f"Route: {route}\nMax-Forwards: 70\nFrom: <sip:15557654321@{CARRIER_IP}>;tag=c1\n"
+            f"To: <sip:{DID_A}@{d.hostport}>;tag=p1\nCall-ID: bye503\nCSeq: 2 BYE\nContent-Length: 0\n\n"),
+            d.sip_addr, "SIP/2.0 ", timeout=3)
+        assert bye.startswith("SIP/2.0 503 "), bye
+        assert parse_message(bye).get("retry-after") == "30"
+    finally:
+        phone.close()
+        carrier.close()
