@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from .toml_lines import key_lines, locate, scan
+
 SYSTEMS = ("source", "target")
 SystemName = Literal["source", "target"]
 
@@ -160,11 +162,11 @@ class Endpoint(msgspec.Struct, frozen=True):
 
 
 def _check_endpoints(values: list[str], where: str) -> None:
-    for v in values:
+    for i, v in enumerate(values):
         try:
             Endpoint.parse(v)
         except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
+            raise ValueError(f"{where}[{i}]: {exc}") from None
 
 
 def parse_api_listen(text: str) -> tuple[str, int, bool | None]:
@@ -274,10 +276,10 @@ class SystemConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         _check_endpoints(self.sip, "sip")
         _check_url(self.api, "api")
-        for r in self.radius:
-            _check_hostport(r, "radius", 1812)
-        for r in self.radius_acct:
-            _check_hostport(r, "radius_acct", 1813)
+        for i, r in enumerate(self.radius):
+            _check_hostport(r, f"radius[{i}]", 1812)
+        for i, r in enumerate(self.radius_acct):
+            _check_hostport(r, f"radius_acct[{i}]", 1813)
         if self.diameter:
             _check_hostport(self.diameter, "diameter", 3868)
 
@@ -347,11 +349,11 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("listen: empty while SIP is enabled (udp:IP:PORT, tcp:... or tls:... "
                              "entries; or enabled = false)")
         _check_endpoints(self.listen, "listen")
-        for p in self.trusted_peers:
+        for i, p in enumerate(self.trusted_peers):
             try:
                 _check_peer(p)
             except ValueError:
-                raise ValueError(f"trusted_peers: {p!r} is not a CIDR, an IP or IP:PORT") from None
+                raise ValueError(f"trusted_peers[{i}]: {p!r} is not a CIDR, an IP or IP:PORT") from None
         if not 1 <= self.workers <= 256:
             raise ValueError("workers: must be between 1 and 256")
         if self.migration_expires < 1:
@@ -360,18 +362,18 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError('flow_secret: must be at least 16 octets ("" = made once and kept in the store)')
         for i, old in enumerate(self.flow_secret_previous):
             if len(old.encode()) < 16:
-                raise ValueError(f"flow_secret_previous: entry {i + 1} must be at least 16 octets")
+                raise ValueError(f"flow_secret_previous[{i}]: must be at least 16 octets")
         if any(e.startswith("tls:") for e in self.listen) and not (self.tls_cert and self.tls_key):
             raise ValueError("tls_cert: a tls: listener needs tls_cert and tls_key")
         if isinstance(self.tls_verify_client, list):
             tls_listen = {str(Endpoint.parse(e)) for e in self.listen if e.startswith("tls:")}
-            for e in self.tls_verify_client:
+            for i, e in enumerate(self.tls_verify_client):
                 try:
                     ok = str(Endpoint.parse(e)) in tls_listen
                 except ValueError:
                     ok = False
                 if not ok:
-                    raise ValueError(f"tls_verify_client: {e!r} is not one of the tls: listen entries")
+                    raise ValueError(f"tls_verify_client[{i}]: {e!r} is not one of the tls: listen entries")
         if self.tls_verify_client and not self.tls_ca:
             raise ValueError("tls_verify_client: verifying clients needs tls_ca (the CA that signs them)")
         if self.rate_limit < 0:
@@ -399,8 +401,8 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             _check_specified(self.advertise_ipv6, "advertise_ipv6")
         if self.drop_scanners and not any(ua.strip() for ua in self.scanner_user_agents):
             raise ValueError("scanner_user_agents: empty while drop_scanners = true (nothing would be dropped)")
-        for alias in self.aliases:
-            _check_hostport(alias, "aliases", 5060)
+        for i, alias in enumerate(self.aliases):
+            _check_hostport(alias, f"aliases[{i}]", 5060)
         if self.tcp_idle_timeout <= 0:
             raise ValueError("tcp_idle_timeout: must be > 0 (seconds a TCP or TLS connection may stay silent)")
         if self.tcp_stall_timeout <= 0:
@@ -408,12 +410,12 @@ class SipConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 def _check_cpe_patterns(patterns: list[str]) -> None:
-    for pattern in patterns:
+    for i, pattern in enumerate(patterns):
         try:
             if re.compile(pattern).groups < 1:
-                raise ValueError(f"cpe_patterns: {pattern!r} needs a group around the MAC")
+                raise ValueError(f"cpe_patterns[{i}]: {pattern!r} needs a group around the MAC")
         except re.error as exc:
-            raise ValueError(f"cpe_patterns: {pattern!r}: {exc}") from None
+            raise ValueError(f"cpe_patterns[{i}]: {pattern!r}: {exc}") from None
 
 
 class VhostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -474,13 +476,13 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fast_path: bool = True  # plain forwards on the lean HTTP/1.1 path (api_proxy/fastpath.py)
 
     def __post_init__(self) -> None:
-        for entry in self.listen:
+        for i, entry in enumerate(self.listen):
             try:
                 tls = parse_api_listen(entry)[2]
             except ValueError as exc:
-                raise ValueError(f"listen: {exc}") from None
+                raise ValueError(f"listen[{i}]: {exc}") from None
             if tls and not (self.tls_cert and self.tls_key):
-                raise ValueError(f"listen: {entry!r} needs tls_cert and tls_key")
+                raise ValueError(f"listen[{i}]: {entry!r} needs tls_cert and tls_key")
         if (self.tls_cert or self.tls_key) and not (self.tls_cert and self.tls_key):
             raise ValueError("tls_cert: TLS needs both tls_cert and tls_key")
         _check_cpe_patterns(self.cpe_patterns)  # checked even while no cpe vhost uses them
@@ -566,11 +568,11 @@ class DiameterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for key in ("origin_host", "origin_realm"):
             if not getattr(self, key).strip():
                 raise ValueError(f"{key}: must not be empty (it names dsbc in every CER and answer)")
-        for p in self.clients:
+        for i, p in enumerate(self.clients):
             try:
                 ipaddress.ip_network(p, strict=False)
             except ValueError:
-                raise ValueError(f"clients: {p!r} is not an IP or a CIDR") from None
+                raise ValueError(f"clients[{i}]: {p!r} is not an IP or a CIDR") from None
         for key in ("watchdog_interval", "reconnect_max", "reconnect_min", "cer_timeout", "request_timeout"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}: must be > 0")
@@ -621,84 +623,12 @@ def _split_path(path: str) -> list[str | int]:
     return parts
 
 
-_TOML_KEY = r"""(?:[A-Za-z0-9_\-]+|"[^"\\]*(?:\\.[^"\\]*)*"|'[^']*')"""
-_TOML_DOTTED = rf"{_TOML_KEY}(?:\s*\.\s*{_TOML_KEY})*"
-_HEADER_RE = re.compile(rf"^\s*(\[\[?)\s*({_TOML_DOTTED})\s*\]\]?\s*(?:#.*)?$")
-_KEYLINE_RE = re.compile(rf"^\s*({_TOML_DOTTED})\s*=(.*)$")
-_STRINGS_RE = re.compile(r""""(?:[^"\\]|\\.)*"|'[^']*'""")
-_MULTILINE_QUOTES = ('"' * 3, "'" * 3)
-
-
-def _key_parts(dotted: str) -> tuple[str, ...]:
-    return tuple(k.strip("\"'") for k in re.findall(_TOML_KEY, dotted))
-
-
-def _brackets(value: str) -> int:
-    """Open minus closed brackets of a value, outside strings and comments."""
-    bare = _STRINGS_RE.sub("", value).split("#", 1)[0]
-    return bare.count("[") - bare.count("]")
-
-
-def _key_lines(text: str) -> dict[tuple[str | int, ...], int]:
-    """The first line (1-based) of every table header and key path in a TOML document.
-
-    Array-of-tables entries get their index (``("api", "vhosts", 1, "realm")``).  The
-    contents of multi-line arrays and strings are skipped, so that a ``[`` or ``key =``
-    inside them is not taken for a header or a key."""
-    where: dict[tuple[str | int, ...], int] = {}
-    counts: dict[tuple[str | int, ...], int] = {}
-    table: tuple[str | int, ...] = ()
-    depth = 0  # open brackets of a multi-line array value
-    quote = ""  # the delimiter of an open multi-line string
-    for n, line in enumerate(text.splitlines(), 1):
-        if quote:
-            if line.count(quote) % 2:
-                quote = ""
-            continue
-        if depth > 0:
-            depth += _brackets(line)
-            continue
-        m = _HEADER_RE.match(line)
-        if m:
-            parts: tuple[str | int, ...] = _key_parts(m.group(2))
-            if m.group(1) == "[[":
-                where.setdefault(parts, n)
-                counts[parts] = counts.get(parts, -1) + 1
-                parts = parts + (counts[parts],)
-            table = parts
-            where.setdefault(table, n)
-            continue
-        m = _KEYLINE_RE.match(line)
-        if not m:
-            continue
-        keys = _key_parts(m.group(1))
-        for i in range(1, len(keys) + 1):  # a.b.c = 1 also writes a and a.b
-            where.setdefault(table + keys[:i], n)
-        value = m.group(2)
-        quote = next((q for q in _MULTILINE_QUOTES if value.count(q) % 2), "")
-        if not quote:
-            depth = _brackets(value)
-    return where
-
-
-def _locate(text: str, parts: list[str | int]) -> int:
-    """The line (1-based) of a key path in a TOML document, or of its nearest ancestor that
-    is written there (an inline table, the table header), or 1."""
-    where = _key_lines(text)
-    path = tuple(parts)
-    while path:
-        if path in where:
-            return where[path]
-        path = path[:-1]
-    return 1
-
-
 def config_error(cfg: Config, parts: list[str | int], reason: str) -> ConfigError:
     """A ConfigError for a loaded ``cfg`` (``file:line: key: reason``): for what only shows
     once the values are used (a host name that does not resolve)."""
     name = cfg.path or "dsbc.toml"
     try:
-        line = f":{_locate(Path(cfg.path).read_text(encoding='utf-8-sig'), parts)}" if cfg.path else ""
+        line = f":{locate(Path(cfg.path).read_text(encoding='utf-8-sig'), parts)}" if cfg.path else ""
     except (OSError, UnicodeDecodeError):
         line = ""
     return ConfigError(f"{name}{line}: {key_text(parts)}: {reason}")
@@ -795,16 +725,30 @@ def _anchor_store_paths(cfg: Config, base: Path) -> None:
         cfg.store.cache_file = str((base / cfg.store.cache_file).resolve())
 
 
+def _syntax_error(text: str, name: str, error: str) -> str:
+    """tomllib's error as ``file:line: key: TOML syntax error: reason``, naming the key or
+    table written on that line (a key or table defined twice: where it was first)."""
+    m = re.search(r"line (\d+)", error)
+    lines = text.split("\n")  # as tomllib counts them (a U+2028 in a string ends no line)
+    line = int(m.group(1)) if m else max(1, len(text.rstrip("\n").split("\n")))  # "at end of document"
+    reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", error)
+    key = scan("\n".join(lines[:line]))[1].get(line)  # the valid part, and the line itself
+    if key is None:
+        return f"{name}:{line}: TOML syntax error: {reason}"
+    if reason == "Cannot overwrite a value" or re.match(r"Cannot declare .* twice$", reason):
+        earlier = scan("\n".join(lines[: line - 1]))[0]
+        at = next((earlier[key[:i]] for i in range(len(key), 0, -1) if key[:i] in earlier), 0)
+        reason = f"defined twice (first at line {at})" if at else "defined twice"
+    return f"{name}:{line}: {key_text(list(key))}: TOML syntax error: {reason}"
+
+
 def parse_config(text: str, name: str = "dsbc.toml") -> Config:
     import tomllib
 
     try:
         tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        m = re.search(r"line (\d+)", str(exc))
-        line = m.group(1) if m else str(max(1, len(text.splitlines())))  # "at end of document"
-        reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", str(exc))
-        raise ConfigError(f"{name}:{line}: TOML syntax error: {reason}") from None
+        raise ConfigError(_syntax_error(text, name, str(exc))) from None
     try:
         cfg = msgspec.toml.decode(text.encode(), type=Config)
     except msgspec.ValidationError as exc:
@@ -816,10 +760,10 @@ def parse_config(text: str, name: str = "dsbc.toml") -> Config:
         if m:
             parts = parts + [m.group(1)]
             reason = f"unknown key {m.group(1)!r}"
-        m = re.match(r"^([a-z_][a-z0-9_]*): (.*)$", reason)
-        if m:
-            parts = parts + [m.group(1)]
-            reason = m.group(2)
+        m = re.match(r"^([a-z_][a-z0-9_]*)(?:\[(\d+)\])?: (.*)$", reason)
+        if m:  # a check of ours: "key: why", "key[i]: why" for an entry of a list
+            parts = parts + [m.group(1)] + ([int(m.group(2))] if m.group(2) else [])
+            reason = m.group(3)
         m = re.search(r"missing required field `([^`]+)`", reason)
         if m:
             reason = f"missing required key {m.group(1)!r}"
@@ -830,12 +774,12 @@ def parse_config(text: str, name: str = "dsbc.toml") -> Config:
         elif reason == "expected a table, got a list" and re.search(
                 rf"^\s*\[\[\s*{re.escape(key)}\s*\]\]", text, re.MULTILINE):
             reason += f" (write [{key}], one bracket)"
-        line = _locate(text, parts)
+        line = locate(text, parts)
         raise ConfigError(f"{name}:{line}: {key_text(parts) or '(top)'}: {reason}") from None
     cfg.path = name
     bad = _non_finite(cfg, [])
     if bad is not None:
-        raise ConfigError(f"{name}:{_locate(text, bad)}: {key_text(bad)}: must be a finite number (not nan or inf)")
+        raise ConfigError(f"{name}:{locate(text, bad)}: {key_text(bad)}: must be a finite number (not nan or inf)")
     _cross_check(cfg, text, name)
     return cfg
 
@@ -881,9 +825,9 @@ def _check_node_transports(cfg: Config, text: str, name: str) -> None:
         for i, text_node in enumerate(getattr(cfg.systems, which).sip):
             transport = Endpoint.parse(text_node).transport
             if transport not in listening:
-                line = _locate(text, ["systems", which, "sip", i])
+                line = locate(text, ["systems", which, "sip", i])
                 raise ConfigError(
-                    f"{name}:{line}: systems.{which}.sip: node {text_node!r} needs a {transport}: listener "
+                    f"{name}:{line}: systems.{which}.sip[{i}]: node {text_node!r} needs a {transport}: listener "
                     f"in sip.listen (the node sends its requests to dsbc over {transport})"
                 )
 
@@ -894,13 +838,13 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
     for i, vh in enumerate(cfg.api.vhosts):
         for key, realm in [("realm", vh.realm)] + [("realm_paths", r) for r in vh.realm_paths.values()]:
             if realm not in realms:
-                line = _locate(text, ["api", "vhosts", i, key])
+                line = locate(text, ["api", "vhosts", i, key])
                 raise ConfigError(
                     f"{name}:{line}: api.vhosts[{i}].{key}: unknown realm {realm!r} "
                     f"(one of {', '.join(sorted(realms))})"
                 )
     if api_wanted(cfg) and not cfg.api.listen:
-        line = _locate(text, ["api", "listen"])
+        line = locate(text, ["api", "listen"])
         raise ConfigError(f"{name}:{line}: api.listen: empty while the API dispatcher runs "
                           "(IP:PORT entries; or [api] enabled = false)")
     if cfg.api.enabled:
@@ -909,13 +853,13 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
             # one back end only: the catch-all vhost needs both, every request would be a 500
             have, need = ("source", "target") if defaults["source"] else ("target", "source")
             given: list[str | int] = ["api", have] if getattr(cfg.api, have) else ["systems", have, "api"]
-            line = _locate(text, given)
+            line = locate(text, given)
             raise ConfigError(f"{name}:{line}: api.{need}: {key_text(given)} is set but there is no {need} "
                               f"back end (api.{need} or systems.{need}.api; or [api] enabled = false)")
         for i, vh in enumerate(cfg.api.vhosts):
             for which in ("source", "target"):
                 if not (getattr(vh, which) or defaults[which]):
-                    line = _locate(text, ["api", "vhosts", i, which])
+                    line = locate(text, ["api", "vhosts", i, which])
                     raise ConfigError(
                         f"{name}:{line}: api.vhosts[{i}].{which}: vhost {vh.host!r} has no {which} "
                         f"back end (set it here, or api.{which}, or systems.{which}.api)"
@@ -926,18 +870,18 @@ def _cross_check(cfg: Config, text: str, name: str) -> None:
     for i, client in enumerate(cfg.radius.clients):
         j = seen.setdefault(parse_peer(client.address), i)
         if j != i:  # the first entry's secret answers its NAS: this one was never used
-            line = _locate(text, ["radius", "clients", i, "address"])
+            line = locate(text, ["radius", "clients", i, "address"])
             raise ConfigError(f"{name}:{line}: radius.clients[{i}].address: {client.address!r} is "
                               f"radius.clients[{j}]'s too (one secret per NAS)")
     if cfg.radius.enabled and not cfg.radius.clients:
-        line = _locate(text, ["radius", "enabled"])
+        line = locate(text, ["radius", "enabled"])
         raise ConfigError(f"{name}:{line}: radius.clients: RADIUS is enabled but no client is configured")
     if cfg.radius.enabled:
         for which in ("source", "target"):
             system = getattr(cfg.systems, which)
             if (system.radius or system.radius_acct) and not system.radius_secret:
-                where = _key_lines(text)
+                where = key_lines(text)
                 key = "radius_secret" if ("systems", which, "radius_secret") in where else "radius"
-                line = _locate(text, ["systems", which, key])
+                line = locate(text, ["systems", which, key])
                 raise ConfigError(f"{name}:{line}: systems.{which}.radius_secret: must not be empty "
                                   "when RADIUS servers are set (RFC 2865: the shared secret)")

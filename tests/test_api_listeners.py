@@ -27,9 +27,9 @@ MAC4 = "0004f2a1b2c4"  # dave's phone (target)
 def test_listen_entries_name_their_scheme() -> None:
     cfg = parse_config('[api]\nlisten = ["http:127.0.0.1:8080", "http:[::1]", "127.0.0.1:8443"]\n')
     assert cfg.api.listen[0] == "http:127.0.0.1:8080"
-    with pytest.raises(ConfigError, match=r"dsbc.toml:2: api.listen: 'https:127.0.0.1' needs tls_cert"):
+    with pytest.raises(ConfigError, match=r"dsbc.toml:2: api.listen\[0\]: 'https:127.0.0.1' needs tls_cert"):
         parse_config('[api]\nlisten = ["https:127.0.0.1"]\n')
-    with pytest.raises(ConfigError, match=r"dsbc.toml:2: api.listen: bad port in .127.0.0.1:99999."):
+    with pytest.raises(ConfigError, match=r"dsbc.toml:2: api.listen\[0\]: bad port in .127.0.0.1:99999."):
         parse_config('[api]\nlisten = ["http:127.0.0.1:99999"]\n')
 
 

@@ -98,7 +98,7 @@ def replace(old: str, new: str) -> str:
         (replace("workers = 2", 'workers = 2\nflow_secret = "s3cret"'),
          "dsbc.toml:25: sip.flow_secret: must be at least 16 octets (\"\" = made once and kept in the store)"),
         (replace('"198.51.100.7"', '"not-an-ip"'),
-         "dsbc.toml:23: sip.trusted_peers: 'not-an-ip' is not a CIDR, an IP or IP:PORT"),
+         "dsbc.toml:23: sip.trusted_peers[1]: 'not-an-ip' is not a CIDR, an IP or IP:PORT"),
         (replace('api = "https://mr115.example.com"', 'api = "ftp://mr115"'),
          "dsbc.toml:19: systems.target.api: 'ftp://mr115' is not an http:// or https:// URL"),
         # these passed the start, then every request to that system was a traceback in the
@@ -111,7 +111,7 @@ def replace(old: str, new: str) -> str:
         (replace('api = "https://mr115.example.com"', 'api = "https://[2001:db8::1]:99999"'),
          "dsbc.toml:19: systems.target.api: 'https://[2001:db8::1]:99999' is not a usable URL: bad port in '[2001:db8::1]:99999'"),
         (replace('"udp:10.0.1.11:5060"', '"udp:10.0.1.11:99999"'),
-         "dsbc.toml:15: systems.target.sip: bad port in '10.0.1.11:99999'"),
+         "dsbc.toml:17: systems.target.sip[1]: bad port in '10.0.1.11:99999'"),
         (replace('realm = "customer"', 'realm = "nobody"'),
          ("dsbc.toml:36: api.vhosts[1].realm: unknown realm 'nobody' (one of account, admin, cc_staff, cpe, "
           "customer, distributor, porting, representative, reseller, vendor)")),
@@ -143,12 +143,12 @@ def replace(old: str, new: str) -> str:
         (replace("workers = 2", 'workers = 2\nadvertise = "203.0.113.10:99999"'),
          "dsbc.toml:25: sip.advertise: bad port in '203.0.113.10:99999'"),
         (replace('listen = ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]', 'listen = ["sctp:0.0.0.0:5060"]'),
-         "dsbc.toml:22: sip.listen: unknown transport 'sctp' in 'sctp:0.0.0.0:5060' (udp, tcp or tls)"),
+         "dsbc.toml:22: sip.listen[0]: unknown transport 'sctp' in 'sctp:0.0.0.0:5060' (udp, tcp or tls)"),
         (replace('"udp:10.0.1.11:5060"', '"10.0.1.11:5060:7"'),
-         ("dsbc.toml:15: systems.target.sip: bad address '10.0.1.11:5060:7' "
+         ("dsbc.toml:17: systems.target.sip[1]: bad address '10.0.1.11:5060:7' "
           "(an IPv6 address with a port is written [addr]:port)")),
         (replace('"udp:10.0.1.11:5060"', '"udp:10.0.1.311:5060"'),
-         ("dsbc.toml:15: systems.target.sip: bad address '10.0.1.311:5060': "
+         ("dsbc.toml:17: systems.target.sip[1]: bad address '10.0.1.311:5060': "
           "'10.0.1.311' is not a host name or an IP address")),
         ("[api]\nsession_ttl = -1\n", "dsbc.toml:2: api.session_ttl: must be >= 1 (seconds)"),
         ("[api]\nmax_header_size = 100\n", "dsbc.toml:2: api.max_header_size: must be >= 1024"),
@@ -189,7 +189,7 @@ def replace(old: str, new: str) -> str:
         ('[sip]\ntcp_stall_timeout = 0\n',
          "dsbc.toml:2: sip.tcp_stall_timeout: must be > 0 (seconds a half-received message may take)"),
         ('[sip]\naliases = ["sip example"]\n',
-         "dsbc.toml:2: sip.aliases: bad address 'sip example': 'sip example' is not a host name or an IP address"),
+         "dsbc.toml:2: sip.aliases[0]: bad address 'sip example': 'sip example' is not a host name or an IP address"),
         ('[control]\ntoken = "s3cret "\n',  # every call a 401: clients send it without the space
          "dsbc.toml:2: control.token: must not begin or end with a space or a newline"),
         ('[api]\nsource = "http://s"\n',  # one back end: every request a 500
@@ -243,7 +243,7 @@ def replace(old: str, new: str) -> str:
          "dsbc.toml:2: radius.auth_listen: port 65535 leaves no port + 1 for accounting (set acct_listen)"),
         # was "(an IPv6 address with a port is written [addr]:port)"
         ('[api]\nlisten = ["https://0.0.0.0:443"]\n',
-         "dsbc.toml:2: api.listen: bad address 'https://0.0.0.0:443': HOST:PORT, not a URL"),
+         "dsbc.toml:2: api.listen[0]: bad address 'https://0.0.0.0:443': HOST:PORT, not a URL"),
         # was "expected bool | array"
         ('[sip]\ntls_verify_client = "yes"\n',
          "dsbc.toml:2: sip.tls_verify_client: expected true or false or a list, got a string"),
@@ -258,9 +258,17 @@ def replace(old: str, new: str) -> str:
         ('store = []\n', "dsbc.toml:1: store: expected a table, got a list"),
         ('[sip.listen]\nx = 1\n', "dsbc.toml:1: sip.listen: expected a list, got a table"),
         # TOML syntax
-        (replace("workers = 2", "workers = "), "dsbc.toml:24: TOML syntax error: Invalid value"),
-        (replace("workers = 2", "workers = 2\nworkers = 3"), "dsbc.toml:25: TOML syntax error: Cannot overwrite a value"),
-        ('[store]\nurl = "sqlite:///x', "dsbc.toml:2: TOML syntax error: Unterminated string"),
+        # TOML syntax: the key or table written on that line is named (a key or table
+        # defined twice, with the line of the first; was "Cannot overwrite a value" alone)
+        (replace("workers = 2", "workers = "), "dsbc.toml:24: sip.workers: TOML syntax error: Invalid value"),
+        (replace("workers = 2", "workers = 2\nworkers = 3"),
+         "dsbc.toml:25: sip.workers: TOML syntax error: defined twice (first at line 24)"),
+        (replace("[api]\n", "[api]\n[sip]\nenabled = true\n"),
+         "dsbc.toml:28: sip: TOML syntax error: defined twice (first at line 21)"),
+        ('[systems.source]\nname = "a"\n[systems]\nsource = { name = "b" }\n',
+         "dsbc.toml:4: systems.source: TOML syntax error: defined twice (first at line 1)"),
+        ('[store]\nurl = "sqlite:///x', "dsbc.toml:2: store.url: TOML syntax error: Unterminated string"),
+        ('[store\nurl = "x"\n', "dsbc.toml:1: TOML syntax error: Expected ']' at the end of a table declaration"),
     ],
 )
 def test_errors_name_line_and_key(text: str, message: str) -> None:
@@ -276,8 +284,14 @@ def test_errors_name_line_and_key(text: str, message: str) -> None:
         ('# top\n\nstore.url = "mysql://x"\n', "dsbc.toml:3: store.url: unsupported store url"),
         ('[systems]\nsource = { name = "MR100", api = "x" }\n',
          "dsbc.toml:2: systems.source.api: 'x' is not an http:// or https:// URL"),
+        # an entry of a multi-line list: its own line (was the list's first line)
         ('[api]\nvhosts = [\n  { host = "a" },\n  { host = "b", realm = "nobody" },\n]\n',
-         "dsbc.toml:2: api.vhosts[1].realm: unknown realm 'nobody'"),
+         "dsbc.toml:4: api.vhosts[1].realm: unknown realm 'nobody'"),
+        ('[sip]\ntrusted_peers = [\n  "10.0.0.0/8",  # a comment, [brackets], "quotes"\n  \'10.0.0.300\',\n]\n',
+         "dsbc.toml:4: sip.trusted_peers[1]: '10.0.0.300' is not a CIDR"),
+        ('[sip]\nlisten = [ "udp:127.0.0.1:5060",\n  [1], 5 ]\n', "dsbc.toml:3: sip.listen[1]: expected a string, got a list"),
+        ('[sip]\nlisten = [\n  """udp:127.0.0.1:5060""", """\n]""",\n  5,\n]\n',
+         "dsbc.toml:5: sip.listen[2]: expected a string, got an integer"),
         # a header-looking line inside a multi-line array is not a table
         ('[sip]\ntrusted_peers = [\n  "10.0.0.1",\n]\n[store]\nunknown = "x"\n',
          "dsbc.toml:6: store.unknown: 'x' is not one of"),
@@ -398,10 +412,10 @@ def test_a_port_in_sip_advertise_leaves_a_tls_listener_its_own_port() -> None:
     ("nodes", "listen", "message"),
     [
         ('["tls:10.0.0.1:5061"]', '["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"]',
-         ("dsbc.toml:3: systems.source.sip: node 'tls:10.0.0.1:5061' needs a tls: listener in sip.listen "
+         ("dsbc.toml:3: systems.source.sip[0]: node 'tls:10.0.0.1:5061' needs a tls: listener in sip.listen "
           "(the node sends its requests to dsbc over tls)")),
         ('["udp:10.0.0.1", "tcp:10.0.0.2"]', '["udp:0.0.0.0:5060"]',
-         ("dsbc.toml:3: systems.source.sip: node 'tcp:10.0.0.2' needs a tcp: listener in sip.listen "
+         ("dsbc.toml:3: systems.source.sip[1]: node 'tcp:10.0.0.2' needs a tcp: listener in sip.listen "
           "(the node sends its requests to dsbc over tcp)")),
     ],
 )
@@ -465,10 +479,10 @@ def test_a_relative_store_path_of_a_config_in_the_root_stays_absolute() -> None:
 def test_ipv6_address_forms_that_mean_something_else_are_refused(value: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(f'[sip]\nlisten = ["udp:127.0.0.1:5060", "{value}"]\n', "dsbc.toml")
-    assert str(err.value) == f"dsbc.toml:2: sip.listen: {message}"
+    assert str(err.value) == f"dsbc.toml:2: sip.listen[1]: {message}"
     with pytest.raises(ConfigError, match=r"^dsbc.toml:2: sip.advertise: ambiguous address '::1:5070'"):
         parse_config('[sip]\nadvertise = "::1:5070"\n', "dsbc.toml")
-    with pytest.raises(ConfigError, match=r"^dsbc.toml:2: sip.aliases: bad address '\[::1\]x'"):
+    with pytest.raises(ConfigError, match=r"^dsbc.toml:2: sip.aliases\[0\]: bad address '\[::1\]x'"):
         parse_config('[sip]\naliases = ["[::1]x"]\n', "dsbc.toml")
 
 
@@ -512,4 +526,4 @@ def test_a_bad_api_cpe_pattern_stops_the_start(pattern: str, why: str) -> None:
     text = text.replace("\\", "\\\\")
     with pytest.raises(ConfigError) as err:
         parse_config(text, "dsbc.toml")
-    assert str(err.value).startswith("dsbc.toml:5: api.cpe_patterns: ") and why in str(err.value), err.value
+    assert str(err.value).startswith("dsbc.toml:5: api.cpe_patterns[0]: ") and why in str(err.value), err.value

@@ -44,7 +44,7 @@ API = '[api]\nlisten = ["127.0.0.1:{port}"]\n'
     (('[[api.vhosts]]\nhost = "www.example.com:99999"\nrealm = "customer"\nsource = "http://127.0.0.1:9"\n'
      'target = "http://127.0.0.1:9"\n'), 10, "api.vhosts[0].host", "bad port in 'www.example.com:99999'"),
     (('cpe_patterns = ["cfg(["]\n[[api.vhosts]]\nhost = "cpe.example.com"\nrealm = "cpe"\n'
-     'source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n'), 9, "api.cpe_patterns", "'cfg([': unterminated character set"),
+     'source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n'), 9, "api.cpe_patterns[0]", "'cfg([': unterminated character set"),
     ('source = "http://127.0.0.1:9"\n', 9, "api.target", "api.source is set but there is no target back end"),
     # was "sip.tls_cert: cannot load the TLS files", with no line and no file name
     (('source = "http://127.0.0.1:9"\ntarget = "http://127.0.0.1:9"\n[sip]\nenabled = true\n'
