@@ -104,6 +104,8 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
             raise ValueError(f"bad address {text!r}: {host!r} in brackets is not an IPv6 address")
     elif text.count(":") == 1:
         host, port_s = text.split(":")
+        if not port_s:  # "10.0.0.1:" was taken for the default port (nginx: invalid port)
+            raise ValueError(f"bad address {text!r}: no port after ':'")
     else:
         host, port_s = text, ""
         if ":" in host:  # two colons or more, unbracketed: only a bare IPv6 address
@@ -218,7 +220,9 @@ def _check_url(value: str, where: str) -> None:
         # what the HTTP client would refuse at each request, with a traceback in the worker
         # ("http://::1:8080", "http://[::1", a port out of range): refused here
         try:
-            parse_hostport(authority, 443 if value.lower().startswith("https") else 80)
+            # an empty port is the scheme's (RFC 3986 3.2.3: "http://host:/" is "http://host/")
+            bare = authority[:-1] if authority.endswith(":") and authority.count(":") == 1 else authority
+            parse_hostport(bare, 443 if value.lower().startswith("https") else 80)
         except ValueError as exc:
             raise ValueError(f"{where}: {value!r} is not a usable URL: {exc}") from None
 

@@ -349,6 +349,20 @@ def test_endpoints_and_hostports() -> None:
             parse_hostport(bad)
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    # an empty port was taken for the default one, as nginx refuses "listen 10.0.0.1:;"
+    ('[systems.source]\ndiameter = "10.0.0.1:"\n', "dsbc.toml:2: systems.source.diameter: bad address '10.0.0.1:': no port after ':'"),
+    ('[control]\nlisten = "127.0.0.1:"\n', "dsbc.toml:2: control.listen: bad address '127.0.0.1:': no port after ':'"),
+    ('[sip]\nlisten = ["udp:127.0.0.1:"]\n', "dsbc.toml:2: sip.listen[0]: bad address '127.0.0.1:': no port after ':'"),
+])
+def test_an_address_with_a_colon_and_no_port_is_refused(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "dsbc.toml")
+    assert str(err.value) == message
+    # in a URL an empty port is the scheme's (RFC 3986 3.2.3), as curl and aiohttp take it
+    assert parse_config('[api]\nsource = "http://10.0.0.1:/"\ntarget = "https://10.0.0.2:"\n').api.source
+
+
 def test_api_fast_path_switch_reaches_the_dispatcher() -> None:
     from dsbc.api_service import build_settings
 
