@@ -323,17 +323,23 @@ class ControlService:
             raise ApiError(400, "the body must be a JSON object")
         return body
 
-    async def _write(self, fn: Callable[[], Any], exclusive: bool = True) -> Any:
+    async def _write(self, fn: Callable[[], Any], exclusive: bool = True,
+                     check: Callable[[], None] | None = None) -> Any:
         """A store write in a thread, one at a time; then this worker's index catches up.
         A migration is not exclusive: it may spend minutes in its lock window, and a rollback
         that stops it, or an edit of another customer, must not wait for that (its own store
-        transactions keep it atomic)."""
+        transactions keep it atomic).  ``check`` (it raises to refuse the write) runs first,
+        on an index that has applied what other processes committed: a `dsbc migrate` or
+        `dsbc import` a moment ago, which the index sees only at its next store.poll_interval."""
         if not exclusive:
             try:
                 return await asyncio.to_thread(fn)
             finally:
                 self.store.refresh()
         async with self._write_lock:
+            if check is not None:
+                self.store.refresh()
+                check()
             try:
                 return await asyncio.to_thread(fn)
             finally:
@@ -478,13 +484,19 @@ class ControlService:
             if not reason.startswith(("customer_id:", "identities:", "system:", "group:", "unknown field")):
                 reason = f"identities: {reason}"  # a bad identity says which, not where it was
             raise ApiError(400, reason) from None
-        existed = self.store.customer(clean.customer_id) is not None
-        # group? is optional: left out, the customer stays in its group (as system: stays put)
-        clean = keep_stored_groups(self.store, [clean], {clean.customer_id} if "group" in body else set())[0]
-        refusal = import_refusal(self.store, [clean])
-        if refusal is not None:
-            raise ApiError(409, refusal[1])
-        await self._write(lambda: self.store.import_rows([clean]))
+        named_group = {clean.customer_id} if "group" in body else set()
+        existed = False
+
+        def check() -> None:
+            nonlocal clean, existed
+            existed = self.store.customer(cid) is not None
+            # group? is optional: left out, the customer stays in its group (as system: stays put)
+            clean = keep_stored_groups(self.store, [clean], named_group)[0]
+            refusal = import_refusal(self.store, [clean])
+            if refusal is not None:
+                raise ApiError(409, refusal[1])
+
+        await self._write(lambda: self.store.import_rows([clean]), check=check)
         c = self.store.customer(clean.customer_id)
         out = {"customer_id": clean.customer_id, "created": not existed,
                "system": c.system if c else clean.system or "source",

@@ -614,3 +614,32 @@ def test_a_put_that_names_no_group_keeps_the_customers_group(node: Dsbc) -> None
     assert status == 200 and body["group"] == "", body
     status, body = node.control("PUT", "/v1/customers/3", {"identities": ["account:a3"], "group": "ivr"})
     assert status == 200 and body["group"] == "ivr", body
+
+
+def test_a_put_checks_what_other_processes_committed_a_moment_ago(tmp_path: Path) -> None:
+    """Found by an audit: a PUT right after a `dsbc migrate` or `dsbc import` (another process)
+    was checked against worker 0's index before it had caught up (store.poll_interval): a
+    new member of the group just moved to the target was refused as a group split ("2, 3
+    on source"), and one added on the source, which does split it, was taken; an identity
+    the CLI had just given another customer was taken over.  A PUT first applies what the
+    store committed."""
+    d = Dsbc(tmp_path, source=[f"udp:127.0.0.1:{free_port('udp')}"], target=[f"udp:127.0.0.1:{free_port('udp')}"],
+             customers=CUSTOMERS, poll_interval=30.0)  # the index catches up only when told
+    d.start()
+    try:
+        wait_control(d)
+        d.cli("migrate", "--customer", "3", "4", "--to", "target")
+        status, body = d.control("PUT", "/v1/customers/5", {"identities": ["account:a5"], "system": "target",
+                                                            "group": "ivr"})
+        assert status == 200 and body["group"] == "ivr", body
+        status, body = d.control("PUT", "/v1/customers/6", {"identities": ["account:a6"], "system": "source",
+                                                            "group": "ivr"})
+        assert status == 409 and "would be split" in body["error"], body
+        (tmp_path / "more.jsonl").write_text(json.dumps({"customer_id": "7", "identities": ["account:a7"]}) + "\n")
+        d.cli("import", str(tmp_path / "more.jsonl"))
+        status, body = d.control("PUT", "/v1/customers/8", {"identities": ["account:a7"]})
+        assert status == 409 and "belongs to customer 7" in body["error"], body
+        assert d.cli("where", "account:a7").stdout.splitlines()[1] == "customer: 7"
+    finally:
+        d.stop()
+    assert not d.traceback(), d.traceback()
