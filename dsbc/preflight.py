@@ -45,7 +45,25 @@ def preflight(cfg: Config, create_store: bool = True) -> Config:
         from .api_service import build_settings
 
         build_settings(cfg)
+    elif cfg.api.enabled and _api_written(cfg):
+        log.warning("%s", config_error(cfg, ["api"], "no back end (api.source and api.target, systems.source.api "
+                                                     "and systems.target.api, or [[api.vhosts]]): the API "
+                                                     "dispatcher does not run (say [api] enabled = false)"))
     return cfg
+
+
+def _api_written(cfg: Config) -> bool:
+    """Whether the config file sets a key of [api] (its listen, TLS, timeouts ...): the
+    operator meant the API dispatcher to run."""
+    from pathlib import Path
+
+    from .toml_lines import key_lines
+
+    try:
+        text = Path(cfg.path).read_text(encoding="utf-8-sig") if cfg.path else ""
+    except (OSError, UnicodeDecodeError):
+        return False
+    return any(len(k) > 1 and k[0] == "api" and k[1] != "enabled" for k in key_lines(text))
 
 
 def _check_udp_families(cfg: Config) -> None:

@@ -293,3 +293,23 @@ def test_a_cache_file_that_cannot_be_written_is_named(tmp_path: Path) -> None:
             f"dsbc: {cfg}:3: store.cache_file: directory /nonexistent/dir does not exist (make it: "
             "install -d -o dsbc -g dsbc /nonexistent/dir; or set store.cache_file to a file in a "
             "directory that exists)"), proc.stderr
+
+
+def test_an_api_section_with_no_back_end_is_warned_about(tmp_path: Path) -> None:
+    """Found by an audit: an [api] with its listen (or TLS, vhosts without URLs) but no back
+    end anywhere started no API dispatcher, without a word: `--check` said ok, the port
+    refused connections.  `--check` (and the start) now say so, naming the table."""
+    cfg = tmp_path / "dsbc.toml"
+    base = f'[store]\nurl = "sqlite:///{tmp_path / "loc.db"}"\n[control]\nenabled = false\n[sip]\nenabled = false\n'
+
+    def check(api: str) -> str:
+        cfg.write_text(base + api)
+        r = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "--check", "-c", str(cfg)],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    err = check(f'[api]\nlisten = ["127.0.0.1:{free_port("tcp")}"]\n')
+    assert "dsbc.toml:7: api: no back end (" in err and "the API dispatcher does not run" in err, err
+    assert "api" not in check("[api]\nenabled = false\n")  # said so
+    assert "api" not in check("")  # a SIP-only node that never wrote [api]
