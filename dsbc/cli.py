@@ -176,25 +176,22 @@ def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 
 def config_options(f: F) -> F:
     """``-c/--config FILE`` and ``--store URL``, accepted before or after the command name."""
-    f = click.option(
-        "--store",
-        "store",
-        metavar="URL",
-        expose_value=False,
-        callback=_remember,
-        help="Store URL (overrides store.url; enough without a config file "
-        "for commands that only need the store).",
+    return config_options_with(
+        "Config file (default: $DSBC_CONFIG or ./dsbc.toml).",
+        "Store URL (overrides store.url; enough without a config file for commands that only need the store).",
     )(f)
-    f = click.option(
-        "-c",
-        "--config",
-        "config",
-        metavar="FILE",
-        expose_value=False,
-        callback=_remember,
-        help="Config file (default: $DSBC_CONFIG or ./dsbc.toml).",
-    )(f)
-    return f
+
+
+def config_options_with(config_help: str, store_help: str) -> Callable[[F], F]:
+    """`config_options` with help texts of the command's own (one that refuses them says so)."""
+
+    def decorate(f: F) -> F:
+        f = click.option("--store", "store", metavar="URL", expose_value=False, callback=_remember,
+                         help=store_help)(f)
+        return click.option("-c", "--config", "config", metavar="FILE", expose_value=False,
+                            callback=_remember, help=config_help)(f)
+
+    return decorate
 
 
 def load_cli_config(store_only: bool = False) -> Config:

@@ -496,9 +496,10 @@ async def run_demo(workdir: Path, sip_port: int, api_port: int, duration: float 
 
 
 def _config_options(f: Any) -> Any:
-    from .cli import config_options
+    from .cli import config_options_with
 
-    return config_options(f)
+    why = "Not used: the demo writes its own config and store (in --dir); refused, not ignored."
+    return config_options_with(why, why)(f)
 
 
 @click.command("demo")

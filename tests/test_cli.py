@@ -380,6 +380,10 @@ def test_demo_refuses_a_config_it_would_not_use(home: Path) -> None:
             "dsbc demo: the demo writes its own config and store (in --dir): -c/--config not used; "
             "run the demo without it, or `dsbc run` for your own config (see dsbc demo --help)"
         )
+    # and its --help says so (it said "Config file (default: $DSBC_CONFIG or ./dsbc.toml)")
+    text = " ".join(dsbc("demo", "--help").stdout.split())
+    assert "-c, --config FILE Not used: the demo writes its own config and store (in --dir)" in text, text
+    assert "--store URL Not used" in text and "overrides store.url" not in text, text
 
 
 def test_import_never_takes_an_identity_of_a_customer_not_in_the_file(home: Path) -> None:
