@@ -44,6 +44,9 @@ def _audit_command() -> click.Command:
         cid = check_customer_id(customer_id, "--customer") if customer_id is not None else None
         if batch_id is not None and not batch_id.strip():
             raise click.BadParameter("'' is not a batch id", param_hint="'--batch'")
+        ctx = click.get_current_context()
+        if batch_id is not None and ctx.get_parameter_source("limit") is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError("--limit does not go with --batch (a batch's entries are all shown)")
         with open_cli_store(cfg) as store:
             if batch_id is not None:
                 entries = store.audit(batch_id.strip(), limit=10_000_000)

@@ -729,6 +729,9 @@ def test_audit_shows_who_moved_whom_when_by_batch_and_by_customer(home: Path) ->
     assert r.exit_code == 2 and "Invalid value for '--limit'" in r.stderr, r.output
     r = dsbc("audit", "--batch", " ")
     assert r.exit_code == 2 and "'' is not a batch id" in r.stderr, r.output
+    # --help says --limit is "not with --batch": it was taken and ignored (every entry shown)
+    r = dsbc("audit", "--batch", bid, "--limit", "1")
+    assert r.exit_code == 2 and "--limit does not go with --batch" in r.stderr and not r.stdout, r.output
 
 
 def test_seconds_that_are_not_finite_are_bad_usage(home: Path) -> None:
