@@ -636,6 +636,15 @@ def replay_command(
     and customers that would change system compared to the capture's own routing.
     With --send, re-send the capture's SIP messages to HOST:PORT instead."""
     per_second = parse_rate(rate) if rate is not None else None
+    ctx = click.get_current_context()
+    given = {name for name in ("everything", "speed", "rate", "fmt")
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    if send_to is None and given & {"everything", "speed", "rate"}:  # --speed was taken and ignored
+        raise click.UsageError("--all, --speed and --rate go with --send")
+    if send_to is not None and "fmt" in given:  # no report is made: the format was ignored
+        raise click.UsageError("--format is the report's: --send makes none")
+    if {"speed", "rate"} <= given:  # --rate replaces the capture's timing: --speed was ignored
+        raise click.UsageError("give --speed or --rate, not both")
     if send_to is not None:
         try:
             host, port = parse_hostport(send_to)
@@ -648,8 +657,6 @@ def replay_command(
         note += f", {_n(left, 'response')} not sent (--all sends them)" if left else ""
         click.echo(f"sent {sent} {what} to {send_to} over UDP{note}")
         return 1 if failed else 0
-    if everything or rate is not None:
-        raise click.UsageError("--all and --rate go with --send")
     cfg = load_cli_config(store_only=True)
     cap = _read(capture)
     try:

@@ -593,3 +593,17 @@ def test_speeds_and_rates_out_of_range_are_bad_usage(home: Path, args: tuple[str
     r = dsbc("replay", "cap.pcap", "--send", "127.0.0.1:9", *args)
     assert r.exit_code == 2, r.output
     assert r.stderr.count("\n") == 1 and args[0] in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    # --help says "With --send": --speed alone was taken and ignored (a report, at no speed)
+    (("--speed", "2"), "dsbc replay: --all, --speed and --rate go with --send"),
+    (("--all",), "dsbc replay: --all, --speed and --rate go with --send"),
+    # no report is made with --send: the format was ignored
+    (("--send", "127.0.0.1:9", "--format", "json"), "dsbc replay: --format is the report's: --send makes none"),
+    # --rate replaces the capture's timing: --speed was ignored
+    (("--send", "127.0.0.1:9", "--rate", "5", "--speed", "2"), "dsbc replay: give --speed or --rate, not both"),
+])
+def test_options_that_would_be_ignored_are_bad_usage(home: Path, args: tuple[str, ...], message: str) -> None:
+    r = dsbc("replay", "cap.pcap", *args)
+    assert r.exit_code == 2 and r.stderr.strip() == f"{message} (see dsbc replay --help)", r.output
