@@ -373,9 +373,12 @@ def where(identity: str, node: str | None) -> int:
     cfg = load_cli_config(store_only=True)
     kind, value = parse_identity(identity)
     c: Customer | None = None
+    policy = cfg.store.unknown
     if node is not None:  # what that node's memory says (the index it dispatches with)
         client = _node_client(cfg, node)
-        found = _node_call(lambda: client.identity(kind, value))
+        found, node_policy = _node_call(lambda: client.identity(kind, value))
+        if node_policy in ("source", "target", "reject"):  # the node's store.unknown, not ours
+            policy = node_policy
         if found is not None:
             c = Customer(
                 str(found["customer_id"]), str(found["system"]), str(found["state"]),
@@ -387,7 +390,6 @@ def where(identity: str, node: str | None) -> int:
             loc = store.lookup(kind, value)
             c = store.customer(loc.customer_id) if loc is not None else None
     if c is None:
-        policy = cfg.store.unknown
         if policy == "reject":
             click.echo(f"{kind}:{value}: unknown: would be rejected (store.unknown)")
         else:

@@ -102,13 +102,15 @@ class NodeClient:
             raise NodeError(f"{self.base}: the answer is not JSON", 1) from None
         return out if isinstance(out, dict) else {"value": out}
 
-    def identity(self, kind: str, value: str) -> dict[str, Any] | None:
+    def identity(self, kind: str, value: str) -> tuple[dict[str, Any] | None, str]:
+        """(the owner's record, "") or, for an identity the node does not know, (None, the
+        node's store.unknown)."""
         path = f"/v1/identities/{urllib.parse.quote(kind, safe='')}/{urllib.parse.quote(value, safe='')}"
         try:
-            return self.call("GET", path, timeout=10.0)
+            return self.call("GET", path, timeout=10.0), ""
         except NodeError as exc:
             if exc.status == 404:
-                return None
+                return None, str(exc.body.get("policy") or "")
             raise
 
     def customer(self, customer_id: str) -> dict[str, Any] | None:

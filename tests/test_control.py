@@ -643,3 +643,18 @@ def test_a_put_checks_what_other_processes_committed_a_moment_ago(tmp_path: Path
     finally:
         d.stop()
     assert not d.traceback(), d.traceback()
+
+
+def test_where_through_a_node_tells_the_nodes_policy_for_an_unknown_identity(node: Dsbc, tmp_path: Path) -> None:
+    """Found by an audit: `dsbc where --node URL` of an identity the node does not know said
+    what the *local* config's store.unknown would do (from an operator's desk: the default,
+    source), not what that node does with it."""
+    import subprocess
+    import sys
+
+    desk = tmp_path / "desk.toml"
+    desk.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "desk.db"}"\nunknown = "reject"\n'
+                    f'[control]\ntoken = "test-token"\n')
+    r = subprocess.run([sys.executable, "-m", "dsbc.cli", "-c", str(desk), "where", "--node", node.control_url,
+                        "account:nobody"], capture_output=True, text=True, timeout=60, env=node.env(), check=False)
+    assert r.returncode == 1 and r.stdout.strip() == "account:nobody: unknown: would go to source (store.unknown)", r
