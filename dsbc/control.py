@@ -546,6 +546,8 @@ class ControlService:
         body = await self._body(request)
         ids = self._ids(body)
         to = body.get("to", "target")
+        if isinstance(to, str):  # "Target" as PUT's system and the CSV import take it
+            to = to.strip().lower()
         if to not in SYSTEMS:
             raise ApiError(400, f"to: {to!r} is not one of {', '.join(SYSTEMS)}")
         who = self._who(body, request)

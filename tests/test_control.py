@@ -144,6 +144,9 @@ def test_lookups_customers_migrations_rollback(node: Dsbc) -> None:
     status, body = node.control("POST", "/v1/migrations", {"customers": ["1", "2", "x"], "dry_run": True})
     assert status == 200 and (body["moved"], body["unknown"], body["dry_run"]) == (["1", "2"], ["x"], True)
     assert node.control("GET", "/v1/identities/account/a1")[1]["system"] == "source"
+    # the system's name in any case, as PUT's "system" and the CSV import take it
+    status, body = node.control("POST", "/v1/migrations", {"customers": ["1"], "to": "Target", "dry_run": True})
+    assert status == 200 and (body["to"], body["moved"]) == ("target", ["1"]), body
 
     status, body = node.control("POST", "/v1/migrations", {"customers": ["3"], "to": "target"})
     assert status == 409 and body["group"] == "ivr" and body["missing"] == ["4"]
