@@ -41,6 +41,13 @@ def preflight(cfg: Config, create_store: bool = True) -> Config:
             if not cfg.system(which).sip:
                 log.warning("%s", config_error(cfg, ["systems", which, "sip"], "no SIP node while SIP is "
                             f"enabled: SIP requests of the {which}'s customers get 503 (/healthz: degraded)"))
+    for enabled, key, what, outcome in (
+            (cfg.radius.enabled, "radius", "RADIUS server", "requests are dropped (counted as no_server)"),
+            (cfg.diameter.enabled, "diameter", "Diameter peer", "requests get 3002 (unable to deliver)")):
+        for which in ("source", "target") if enabled else ():
+            if not getattr(cfg.system(which), key):
+                log.warning("%s", config_error(cfg, ["systems", which, key], f"no {what} while "
+                            f"{what.split()[0]} is enabled: the {which}'s customers' {outcome}"))
     if api_wanted(cfg):
         from .api_service import build_settings
 

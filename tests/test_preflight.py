@@ -254,6 +254,30 @@ def test_run_check_tests_the_config_without_starting(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
 
 
+def test_a_system_without_radius_servers_or_diameter_peer_is_warned_about(tmp_path: Path) -> None:
+    """Found by an audit: RADIUS enabled with no server for a system was warned about only
+    by a started worker (not by `--check`), Diameter with no peer not at all, where a
+    system without a SIP node is named at file:line by both."""
+    cfg = tmp_path / "dsbc.toml"
+    cfg.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "loc.db"}"\n[control]\nenabled = false\n'
+                   '[sip]\nenabled = false\n'
+                   f'[radius]\nenabled = true\nauth_listen = "127.0.0.1:{free_port("udp")}"\n'
+                   f'acct_listen = "127.0.0.1:{free_port("udp")}"\n'
+                   '[[radius.clients]]\naddress = "127.0.0.1"\nsecret = "nas"\n'
+                   f'[diameter]\nenabled = true\nlisten = "127.0.0.1:{free_port("tcp")}"\n'
+                   'origin_host = "dsbc.example"\norigin_realm = "example"\n'
+                   '[systems.source]\nradius = ["127.0.0.1:9"]\nradius_secret = "s"\n'
+                   '[systems.target]\ndiameter = "127.0.0.1:9"\n')
+    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "run", "--check", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "systems.target.radius: no RADIUS server while RADIUS is enabled: the target's customers' " \
+           "requests are dropped" in proc.stderr, proc.stderr
+    assert "systems.source.diameter: no Diameter peer while Diameter is enabled: the source's " \
+           "customers' requests get 3002" in proc.stderr, proc.stderr
+    assert "systems.source.radius" not in proc.stderr and "systems.target.diameter" not in proc.stderr
+
+
 def test_an_ipv6_listener_on_another_port_is_warned_about(tmp_path: Path) -> None:
     """Found by an audit: with udp:127.0.0.1:A and udp:[::1]:B, IPv6 phones were given port
     A in Record-Route and Path, where dsbc listens for IPv4 only: their re-INVITEs and BYEs

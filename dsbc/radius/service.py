@@ -260,9 +260,6 @@ async def start_radius(cfg: Config, store: LocationStore) -> RadiusService:
             acct = await _resolve(loop, sc.radius_acct, 1813)
         else:  # the usual layout: accounting one port above authentication
             acct = [(h, p + 1) for h, p in auth]
-        if not auth:
-            log.warning("radius: systems.%s has no radius servers: its customers' requests are dropped "
-                        "(counted as no_server)", name)
         systems.append(SystemTarget(name, sc.radius_secret, auth, acct))
     rc = cfg.radius
     core = RadiusCore(
