@@ -340,7 +340,7 @@ def main() -> None:
 @click.argument("file")
 @config_options
 def import_command(file: str) -> None:
-    """Load customers and identities from FILE (CSV or JSON lines).
+    """Load customers and identities from FILE (CSV or JSON lines; - reads standard input).
 
     CSV header: customer_id, identities (kind:value;kind:value), system (optional,
     default source; a stored customer keeps its system: a row naming another system for
@@ -423,10 +423,10 @@ def where(identity: str, node: str | None) -> int:
     "--batch",
     "batch_file",
     metavar="FILE",
-    help="Customer ids, one per line, or CSV with customer_id.",
+    help="Customer ids, one per line, or CSV with customer_id (- reads standard input).",
 )
 @click.option(
-    "--to", "to", type=click.Choice(["target", "source"]), default="target", show_default=True
+    "--to", "to", type=click.Choice(["target", "source"], case_sensitive=False), default="target", show_default=True
 )
 @click.option("--dry-run", is_flag=True, help="Check everything and report; change nothing.")
 @click.option(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,10 @@ class InputError(ValueError):
 
 
 def read_text(path: str) -> str:
+    """The file's text; ``-`` reads standard input (``... | dsbc import -``)."""
     try:
+        if path == "-":
+            return sys.stdin.buffer.read().decode("utf-8-sig")
         return Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None

@@ -65,6 +65,19 @@ def test_import_csv_then_where(home: Path) -> None:
     assert "system:   target (MR115)" in dsbc("where", "account:bob").stdout
 
 
+def test_import_reads_standard_input_for_a_dash(home: Path) -> None:
+    """`... | dsbc import -`, as most tools read "-" (found by an audit: it looked for a
+    file named "-").  The format comes from the first character, as for a file without
+    an extension."""
+    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "import", "-"], input=CSV, text=True,
+                          capture_output=True, cwd=home, timeout=60, check=False)
+    assert proc.returncode == 0 and proc.stdout == "imported 4 customers, 7 identities\n", proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "dsbc.cli", "import", "-"], text=True,
+                          input='{"customer_id": "20"}\n',
+                          capture_output=True, cwd=home, timeout=60, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("-:1: missing field"), proc.stderr
+
+
 def test_import_jsonl_and_json_array(home: Path) -> None:
     (home / "c.jsonl").write_text(
         '{"customer_id": "10", "identities": ["account:x", "did:100"], "system": "target"}\n'
