@@ -50,6 +50,9 @@ INVITE_ANSWERED_TTL: Final = 40.0
 FLOW_CACHE_SIZE: Final = 4096
 #: reply tags kept (``ProxyCore._reply_tag``): a few seconds of transactions at a busy node
 REPLY_TAG_CACHE: Final = 8192
+#: ... for keys no longer than this (a 16-character hash, an IPv6 address, a port): the
+#: address of a forged response's second Via can be any host name tens of KB long
+REPLY_TAG_KEY_MAX: Final = 80
 MAX_DATAGRAM: Final = 65507  # the largest UDP payload over IPv4
 KNOWN_METHODS: Final = frozenset(
     {"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "INFO", "UPDATE", "PRACK", "PUBLISH"}
@@ -759,6 +762,8 @@ class ProxyCore:
         tag = tags.get(key)
         if tag is None:
             tag = _mac_hex(self._reply_mac, key)
+            if len(key) > REPLY_TAG_KEY_MAX:
+                return tag  # not an address dsbc wrote a branch for: not worth keeping
             if len(tags) >= REPLY_TAG_CACHE:
                 tags.clear()
             tags[key] = tag

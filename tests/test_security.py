@@ -242,6 +242,51 @@ def test_forged_response_is_not_reflected_to_another_address(
         victim.close()
 
 
+def _worker_rss_kb(d: Any) -> int:
+    """Resident memory of the (one) SIP worker process of ``d``, in KiB."""
+    assert d.proc is not None and d.proc.proc is not None
+    pid = d.proc.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for child in children or [str(pid)]:
+        for line in Path(f"/proc/{child}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_regression_a_flood_of_forged_responses_with_long_via_hosts_does_not_grow_memory(
+    dsbc_factory: Factory, nodes: Any
+) -> None:
+    """Found by an audit: each forged response (dsbc's Via on top, any second Via) left its
+    second Via's host in the worker's reply-tag cache, up to 8192 of them: with 30 KB host
+    names a worker grew by ~60 MB per 2,000 datagrams from an unauthenticated UDP source,
+    and past 500 MB at the cap."""
+    d = start(dsbc_factory, nodes)
+    attacker = Udp(DEVICE)
+    try:
+        before = _worker_rss_kb(d)
+        for i in range(2000):
+            host = f"h{i:06d}" + "a" * 30000 + ".example"
+            attacker.send(
+                (
+                    "SIP/2.0 180 Ringing\r\n"
+                    f"Via: SIP/2.0/UDP {d.hostport};branch=z9hG4bK-d5{i:016x}00000000.0\r\n"
+                    f"Via: SIP/2.0/UDP {host}:5060;branch=z9hG4bKv{i}\r\n"
+                    "From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
+                    f"Call-ID: flood-{i}\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+                ).encode(),
+                d.sip_addr,
+            )
+            if i % 50 == 49:
+                time.sleep(0.03)  # paced: the datagrams reach the worker, not a full buffer
+        forged = d.counters_when(lambda c: c.get("responses_forged", 0) >= 1500, timeout=20)["responses_forged"]
+        grown = _worker_rss_kb(d) - before
+        assert grown < 20_000, f"{forged} forged responses grew the worker by {grown} KiB"
+    finally:
+        attacker.close()
+
+
 # --- rate limits and scanners ------------------------------------------------------------
 
 
