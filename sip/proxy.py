@@ -639,6 +639,8 @@ class ProxyCore:
             via += f";dsbcf={self._flow_token(src)}"
         if method == "REGISTER":
             via += f";dsbcsys={system}"
+            if src.is_stream:  # the longest the phone's connection may be kept for (KEEP_MARGIN)
+                via += f";dsbcexp={_asked_expiry(msg)}"
             if cap:
                 via += f";dsbccap={cap}"
                 mine = _contact_marks(msg)
@@ -914,6 +916,9 @@ class ProxyCore:
         if cseq_method == "REGISTER" and 200 <= msg.status < 300:
             granted = self._registered(msg, ed, top.param("dsbcsys") or "", top.param("dsbccap") or "",
                                        top.param("dsbcct") or "")
+            asked = top.param("dsbcexp") or ""
+            if is_digits(asked):  # the 200 lists the account's other bindings too
+                granted = min(granted, int(asked))
             if token and granted > 0:
                 dest.keep = min(granted, KEEP_MAX) + KEEP_MARGIN
         if cseq_method == "INVITE" and msg.status >= 200:
@@ -1000,6 +1005,26 @@ def _contact_marks(msg: SipMessage) -> str:
         except SipParseError:
             continue
     return ".".join(marks)
+
+
+def _asked_expiry(msg: SipMessage) -> int:
+    """The longest expiry a REGISTER asks for the contacts it names (0: a removal, a
+    ``Contact: *`` or a query; KEEP_MAX where it leaves it to the registrar).  A registrar
+    grants no more (RFC 3261 10.3 item 7), and its 200 lists the account's other bindings
+    too (item 8): the connection of a phone that registered for 60 s is not kept for the
+    hour its account's other phone was granted (Kamailio's registrar keeps it for the
+    contacts the REGISTER saved)."""
+    default = msg.get("expires")
+    default_exp = int(default) if default and is_digits(default) else KEEP_MAX
+    asked = 0
+    for value in msg.values("contact"):
+        try:
+            na = parse_name_addr(value)
+        except SipParseError:
+            continue
+        exp_text = na.param("expires")
+        asked = max(asked, int(exp_text) if exp_text and is_digits(exp_text) else default_exp)
+    return min(asked, KEEP_MAX)
 
 
 def _asks_outbound(msg: SipMessage) -> bool:

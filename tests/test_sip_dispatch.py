@@ -564,3 +564,38 @@ def test_regression_a_carriers_bye_toward_a_system_that_is_down_gets_503(
     finally:
         phone.close()
         carrier.close()
+
+
+def test_regression_a_tcp_phones_connection_is_kept_for_its_own_registration_not_its_accounts(
+    kamailio_factory: Factory, dsbc_factory: Factory
+) -> None:
+    """Found by an audit: a registrar's 200 to a REGISTER lists every binding of the account
+    (RFC 3261 10.3 item 8), and dsbc kept the TCP connection it went out on open, silent,
+    for the longest of them: a phone that registered for 2 s next to its account's mobile
+    registered for 600 s held its connection (and a slot of max_connections_per_ip) for
+    610 s.  Kamailio keeps it for the expiry of the contacts the REGISTER itself saved."""
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target], sip_extra="tcp_idle_timeout = 1.0\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mobile:
+        mobile.bind(("127.0.0.3", 0))
+        mport = mobile.getsockname()[1]
+        ok = _udp_exchange(mobile, (
+            f"REGISTER sip:{d.hostport} SIP/2.0\nVia: SIP/2.0/UDP 127.0.0.3:{mport};branch=z9hG4bK-m1;rport\n"
+            f"Max-Forwards: 70\nFrom: <sip:1001@{d.hostport}>;tag=m1\nTo: <sip:1001@{d.hostport}>\n"
+            f"Call-ID: reg-mobile\nCSeq: 1 REGISTER\nContact: <sip:1001@127.0.0.3:{mport}>\nExpires: 600\n"
+            f"Content-Length: 0\n\n"), d.sip_addr, "SIP/2.0 200")
+        assert ok
+    desk, answer = _tcp_register(d, "1001", "127.0.0.2", expires=2)
+    try:
+        assert answer.startswith(b"SIP/2.0 200 "), answer
+        assert answer.count(b"expires=") >= 2, answer  # the mobile's binding is listed too
+        started = time.monotonic()
+        desk.settimeout(20)  # its 2 s and the keep margin (10 s), then the idle timeout
+        try:
+            closed = desk.recv(4096) == b""
+        except TimeoutError:
+            closed = False
+        # closed once its own registration (and the margin) passed, not after 610 s
+        assert closed, f"still open after {time.monotonic() - started:.1f} s"
+    finally:
+        desk.close()
