@@ -115,3 +115,47 @@ def test_a_wildcard_listener_answers_from_the_address_the_nas_sent_to(tmp_path: 
             store.close()
 
     asyncio.run(main())
+
+
+def test_regression_answers_to_one_nas_port_leave_from_each_requests_own_address(tmp_path: Path) -> None:
+    """Found by an audit: the address to answer from was remembered per NAS address and
+    port, not per request.  A NAS that sent, from one socket, a request to one address of
+    the host (its primary server) and the next to another (its secondary, both served by
+    dsbc's wildcard listener) before the first was answered got that first answer from
+    the second address, and dropped it (a NAS matches an answer by the server it asked)."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        src = await start_radius_emulator("MR100", "127.0.0.1", 0, 0, "src-secret")
+        store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
+        store.import_rows(sample_rows())
+        auth_port, acct_port = free_port("udp"), free_port("udp")
+        cfg = parse_config(
+            f'[systems.source]\nradius = ["127.0.0.1:{src.auth_addr[1]}"]\n'
+            f'radius_acct = ["127.0.0.1:{src.acct_addr[1]}"]\nradius_secret = "src-secret"\n'
+            f'[radius]\nenabled = true\nauth_listen = "0.0.0.0:{auth_port}"\n'
+            f'acct_listen = "0.0.0.0:{acct_port}"\n'
+            f'[[radius.clients]]\naddress = "127.0.0.0/8"\nsecret = "{NAS.decode()}"\n'
+        )
+        svc = await start_radius(cfg, store)
+        nas = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        nas.setblocking(False)
+        nas.bind(("127.0.0.1", 0))
+        try:
+            sent = {}
+            for ident in range(1, 21):  # pairs sent back to back, before the first is answered
+                to = "127.0.0.2" if ident % 2 else "127.0.0.3"
+                sent[ident] = to
+                nas.sendto(access_request("100001", ident=ident, password=b"secret", secret=NAS), (to, auth_port))
+            wrong = []
+            for _ in sent:
+                answer, frm = await asyncio.wait_for(loop.sock_recvfrom(nas, 4096), 3)
+                if frm[0] != sent[answer[1]]:
+                    wrong.append((answer[1], sent[answer[1]], frm[0]))
+            assert wrong == [], f"(identifier, sent to, answered from): {wrong}"
+        finally:
+            nas.close()
+            await svc.stop(persist=False)
+            await src.stop()
+            store.close()
+
+    asyncio.run(main())

@@ -66,8 +66,11 @@ class _Listener:
         self.via = via
         self.sock = sock
         self.loop = svc.loop
-        #: per client address: the control message of the address it sent to
-        self.local: dict[Addr, Cmsg] | None = {} if wildcard and want_destination(sock) else None
+        #: per client address and request Identifier (an answer carries its request's): the
+        #: control message of the address that request was sent to.  Not per client alone: a
+        #: NAS may send from one port to two addresses of the host (primary and secondary
+        #: server) before the first is answered
+        self.local: dict[tuple[Addr, int], Cmsg] | None = {} if wildcard and want_destination(sock) else None
         self.loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
@@ -79,16 +82,19 @@ class _Listener:
             except OSError:  # ICMP unreachable and the like, reported on a read
                 continue
             client = (addr[0], addr[1])
-            if self.local is not None:
+            if self.local is not None and len(data) >= 2:
                 cmsg = reply_from(anc)
-                if cmsg is not None and self.local.get(client) != cmsg:
-                    if len(self.local) >= 65536:
+                key = (client, data[1])
+                if cmsg is not None:
+                    if len(self.local) >= 65536:  # requests never answered (dropped)
                         self.local.clear()
-                    self.local[client] = cmsg
+                    self.local[key] = cmsg
             self.svc.on_request(self.via, data, client)
 
     def sendto(self, data: bytes, addr: Addr) -> None:
-        cmsg = self.local.get(addr) if self.local is not None else None
+        # taken: an answer is sent once per request datagram (a retransmission, answered from
+        # the duplicate cache, came with its own), so only requests in flight are kept
+        cmsg = self.local.pop((addr, data[1]), None) if self.local is not None and len(data) >= 2 else None
         if cmsg is None:
             self.sock.sendto(data, addr)
         else:
