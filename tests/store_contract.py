@@ -227,3 +227,9 @@ def check_registrations_recorded_before_the_import(store: LocationStore) -> None
     store.refresh()
     regs = store.registrations(["9"])
     assert [(r.account, r.contact, r.customer_id) for r in regs] == [("a9", "sip:a9@10.0.0.9", "9")], regs
+    # the phone registers again, now as the customer's: still one phone, not two (a count
+    # of two made `dsbc migrate --wait-registrations` wait for a phone that does not exist)
+    store.record_registrations([Registration("a9", "sip:a9@10.0.0.9", "target", later + 60, "9")])
+    regs = store.registrations(["9"])
+    assert [(r.account, r.contact, r.system) for r in regs] == [("a9", "sip:a9@10.0.0.9", "target")], regs
+    assert [(r.account, r.system) for r in store.registrations(None) if r.account == "a9"] == [("a9", "target")]

@@ -110,6 +110,9 @@ class SideData:
         st = self.store
         now = time.time() if now is None else now
         out: list[Registration] = []
+        #: recorded under no customer ("reg:"): the phone registered before its customer was
+        #: imported, and may have registered again since, under its customer's key
+        unowned: list[Registration] = []
         try:
             if customer_ids is None:
                 keys = list(st._w.scan_iter(match=f"{st.prefix}reg:*", count=1000))
@@ -126,7 +129,7 @@ class SideData:
                         if owner is not None:
                             system, expires_at = json.loads(raw)
                             if float(expires_at) > now:
-                                out.append(Registration(account, contact, system, float(expires_at), owner))
+                                unowned.append(Registration(account, contact, system, float(expires_at), owner))
             for start in range(0, len(keys), 500):
                 part = keys[start : start + 500]
                 pipe = st._w.pipeline(transaction=False)
@@ -141,13 +144,17 @@ class SideData:
                         account, _, contact = field.partition("\n")
                         system, expires_at = json.loads(raw)
                         if float(expires_at) > now:
-                            out.append(Registration(account, contact, system, float(expires_at), cid))
+                            (out if cid else unowned).append(
+                                Registration(account, contact, system, float(expires_at), cid))
                         else:
                             expired.hdel(key, field)
                 expired.execute()
         except st._errors as exc:
             raise st._unavailable("reading registrations", exc, writing=False) from None
-        return out
+        # one phone, one binding: the entry its customer's key holds is the newer (a phone
+        # counted twice made `dsbc migrate --wait-registrations` wait for one that is not)
+        owned = {(r.account, r.contact) for r in out}
+        return out + [r for r in unowned if (r.account, r.contact) not in owned]
 
     def put_session(self, session: ApiSession) -> None:
         st = self.store
