@@ -45,6 +45,8 @@ _IPC_HEAD_SIZE: Final = struct.calcsize(_IPC_HEAD)
 IPC_RETRY_EVERY: Final = 0.002
 IPC_RETRY_FOR: Final = 2.0
 IPC_WAITING_MAX: Final = 10_000
+#: source IPs refused a connection remembered between two sweeps (a slot is freed for each)
+CROWDED_MAX: Final = 1024
 
 
 def _unmapped(ip: str) -> str:
@@ -131,6 +133,8 @@ class SipStream(asyncio.Protocol):
             not self.outbound and ep.per_ip.get(ip, 0) >= ep.max_connections_per_ip
         ):
             ep.core.counters["tcp_refused"] += 1
+            if len(ep.crowded) < CROWDED_MAX:  # the sweep frees a slot held by a silent kept one
+                ep.crowded.add(ip)
             transport.close()
             return
         self.flow = Flow(self.peer, ip, peer[1], self.conn_id, ep.worker)
@@ -284,6 +288,8 @@ class SipEndpoint:
         self.conns: dict[int, SipStream] = {}
         self.by_addr: dict[tuple[str, str, int], SipStream] = {}
         self.per_ip: dict[str, int] = {}
+        #: source IPs refused at max_connections_per_ip since the last sweep (``_sweep``)
+        self.crowded: set[str] = set()
         self.udp: list[SipDatagram] = []
         self.servers: list[asyncio.AbstractServer | TlsAcceptor] = []
         #: TLS connections accepted and still in their handshake, per source IP and in all:
@@ -397,6 +403,8 @@ class SipEndpoint:
         if not self.handshaking.take(ip, len(self.conns), self.per_ip.get(ip, 0),
                                      self.max_connections, self.max_connections_per_ip):
             self.core.counters["tcp_refused"] += 1
+            if len(self.crowded) < CROWDED_MAX:
+                self.crowded.add(ip)
             return False
         return True
 
@@ -652,8 +660,16 @@ class SipEndpoint:
         while True:
             await asyncio.sleep(min(1.0, self.tcp_stall_timeout / 2))
             now = self.loop.time()
+            crowded, self.crowded = self.crowded, set()
+            #: per crowded source IP: its connection silent the longest, kept only for a registration
+            evict: dict[str, tuple[float, SipStream]] = {}
             for c in list(self.conns.values()):
                 idle = now - c.last_activity
+                if (crowded and idle > self.tcp_idle_timeout and now < c.keep_until and c.flow is not None
+                        and c.flow.ip in crowded):
+                    best = evict.get(c.flow.ip)
+                    if best is None or idle > best[0]:
+                        evict[c.flow.ip] = (idle, c)
                 # a message begun and not finished within the stall timeout, however slowly
                 # its octets keep trickling in (slowloris)
                 stalled = c.partial_since > 0 and now - c.partial_since > self.tcp_stall_timeout
@@ -661,3 +677,12 @@ class SipEndpoint:
                     self.core.counters["tcp_idle_closed" if not stalled else "tcp_stalled_closed"] += 1
                     if c.transport:
                         c.transport.close()
+            # a source at max_connections_per_ip whose slots are held by connections silent past
+            # tcp_idle_timeout, kept only for the registrations made through them (a phone
+            # behind a NAT that dropped its idle mapping registers again over a new
+            # connection; the old one never says anything again): the oldest goes, one per
+            # sweep, rather than the phone's new connection being refused until they expire
+            for _, c in evict.values():
+                if c.transport and not c.gone():
+                    self.core.counters["tcp_idle_closed"] += 1
+                    c.transport.close()

@@ -599,3 +599,37 @@ def test_regression_a_tcp_phones_connection_is_kept_for_its_own_registration_not
         assert closed, f"still open after {time.monotonic() - started:.1f} s"
     finally:
         desk.close()
+
+
+def test_regression_connections_kept_for_registrations_do_not_lock_a_phone_out_of_the_per_ip_cap(
+    kamailio_factory: Factory, dsbc_factory: Factory
+) -> None:
+    """Found by an audit: since a connection that carried a registration is kept open for it,
+    a TCP phone behind a NAT that drops idle mappings (it registers again over a new
+    connection; the old one never says anything again) filled sip.max_connections_per_ip
+    with silent connections, and its next connection was refused until they expired (an
+    hour), where the idle timeout used to free them.  The source's connection silent the
+    longest past tcp_idle_timeout makes room (one per sweep), so its retry gets in."""
+    source, (target,) = systems(kamailio_factory)
+    d = start_dsbc(dsbc_factory, source, [target], sip_extra="tcp_idle_timeout = 1.0\nmax_connections_per_ip = 2\n")
+    abandoned = []
+    try:
+        for _ in range(2):
+            s, answer = _tcp_register(d, "1001", "127.0.0.2", expires=60)
+            assert answer.startswith(b"SIP/2.0 200 "), answer
+            abandoned.append(s)  # open on the phone's side, silent: a mapping the NAT dropped
+        time.sleep(2.5)  # past the idle timeout: only their registrations keep them
+        deadline = time.monotonic() + 6
+        while True:
+            try:
+                s, answer = _tcp_register(d, "1001", "127.0.0.2", expires=60)
+                abandoned.append(s)
+            except OSError:  # refused: reset as soon as accepted
+                answer = b""
+            if answer.startswith(b"SIP/2.0 200 "):
+                break
+            assert time.monotonic() < deadline, "the phone's new connections are still refused"
+            time.sleep(1.0)  # the phone tries again a little later
+    finally:
+        for s in abandoned:
+            s.close()
