@@ -53,6 +53,9 @@ class FlowSigner:
     #: perf: tags computed lately (a call's INVITE tags its system, its ACK, BYE and
     #: re-INVITEs check the same text); bounded, holds only what this signer computed
     TAG_CACHE_SIZE: Final = 8192
+    #: ... of texts no longer than this: a system and a Call-ID (a Route forged with a
+    #: Call-ID tens of KB long, checked and refused, is not worth keeping)
+    TAG_TEXT_MAX: Final = 256
 
     def __init__(self, secret: bytes, previous: Sequence[bytes] = ()) -> None:
         """``previous``: secrets of a rotation (``sip.flow_secret_previous``): what they
@@ -86,6 +89,8 @@ class FlowSigner:
         if tag is None:
             mac = hmac.digest(self._key, b"tag|" + text.encode("utf-8", "surrogateescape"), "sha256")
             tag = base64.urlsafe_b64encode(mac[:6]).rstrip(b"=").decode("ascii")
+            if len(text) > self.TAG_TEXT_MAX:
+                return tag
             if len(tags) >= self.TAG_CACHE_SIZE:
                 tags.clear()
             tags[text] = tag

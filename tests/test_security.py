@@ -287,6 +287,39 @@ def test_regression_a_flood_of_forged_responses_with_long_via_hosts_does_not_gro
         attacker.close()
 
 
+def test_regression_a_flood_of_forged_routes_with_long_call_ids_does_not_grow_memory(
+    dsbc_factory: Factory, nodes: Any
+) -> None:
+    """Found by an audit: each in-dialog request naming dsbc in its Route with a forged
+    system signature (``;dsbc=source.xxxx``) left its Call-ID in the signer's tag cache
+    while it was checked (and refused 403), up to 8192 of them: 30 KB Call-IDs grew a
+    worker by ~60 MB per 2,000 datagrams from anyone, and past 500 MB at the cap."""
+    d = start(dsbc_factory, nodes)
+    attacker = Udp(DEVICE)
+    try:
+        before = _worker_rss_kb(d)
+        for i in range(2000):
+            call_id = f"c{i:06d}" + "a" * 30000
+            attacker.send(
+                (
+                    f"BYE sip:1001@{DEVICE}:5999 SIP/2.0\r\n"
+                    f"Via: SIP/2.0/UDP {attacker.addr[0]}:{attacker.addr[1]};branch=z9hG4bKr{i};rport\r\n"
+                    f"Route: <sip:{d.hostport};lr;dsbc=source.AAAAAAAA>\r\nMax-Forwards: 70\r\n"
+                    "From: <sip:1001@example.com>;tag=1\r\nTo: <sip:2000@example.com>;tag=2\r\n"
+                    f"Call-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+                ).encode(),
+                d.sip_addr,
+            )
+            if i % 50 == 49:
+                time.sleep(0.03)  # paced: the datagrams reach the worker, not a full buffer
+        rejected = d.counters_when(lambda c: c.get("route_signature_rejected", 0) >= 1500, timeout=20)
+        grown = _worker_rss_kb(d) - before
+        assert rejected.get("route_signature_rejected", 0) >= 1500, rejected
+        assert grown < 20_000, f"forged Routes grew the worker by {grown} KiB"
+    finally:
+        attacker.close()
+
+
 # --- rate limits and scanners ------------------------------------------------------------
 
 
