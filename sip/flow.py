@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from .errors import FlowTokenError
+from .uri import remember
 from .value import Value
 
 __all__ = ["Flow", "FlowSigner", "FlowTokenError"]
@@ -89,11 +90,7 @@ class FlowSigner:
         if tag is None:
             mac = hmac.digest(self._key, b"tag|" + text.encode("utf-8", "surrogateescape"), "sha256")
             tag = base64.urlsafe_b64encode(mac[:6]).rstrip(b"=").decode("ascii")
-            if len(text) > self.TAG_TEXT_MAX:
-                return tag
-            if len(tags) >= self.TAG_CACHE_SIZE:
-                tags.clear()
-            tags[text] = tag
+            remember(tags, text, tag, self.TAG_TEXT_MAX, self.TAG_CACHE_SIZE)
         return tag
 
     def subkey(self, label: str) -> bytes:

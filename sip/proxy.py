@@ -38,7 +38,7 @@ from .errors import (
 from .flow import Flow, FlowSigner, FlowTokenError
 from .health import HealthChecker, Node
 from .message import Editor, SipMessage, make_response, parse_message, shared_request_uri
-from .uri import NameAddr, SipUri, is_digits, parse_name_addr, unescape
+from .uri import NameAddr, SipUri, is_digits, parse_name_addr, remember, unescape
 from .value import Value
 
 BRANCH_PREFIX: Final = "z9hG4bK-d5"
@@ -764,11 +764,7 @@ class ProxyCore:
         tag = tags.get(key)
         if tag is None:
             tag = _mac_hex(self._reply_mac, key)
-            if len(key) > REPLY_TAG_KEY_MAX:
-                return tag  # not an address dsbc wrote a branch for: not worth keeping
-            if len(tags) >= REPLY_TAG_CACHE:
-                tags.clear()
-            tags[key] = tag
+            remember(tags, key, tag, REPLY_TAG_KEY_MAX, REPLY_TAG_CACHE)
         return tag
 
     def _reply_ok(self, branch: str, ip: str, port: int) -> bool:

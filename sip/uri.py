@@ -53,9 +53,9 @@ _PORT_MEMO: Final[dict[str, int]] = {}
 _T = TypeVar("_T")
 
 
-def remember(memo: dict[str, _T], key: str, value: _T, max_key: int = 256) -> None:
+def remember(memo: dict[str, _T], key: str, value: _T, max_key: int = 256, size: int = MEMO_SIZE) -> None:
     if len(key) <= max_key:
-        if len(memo) >= MEMO_SIZE:
+        if len(memo) >= size:
             memo.clear()
         memo[key] = value
 
