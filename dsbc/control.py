@@ -175,6 +175,10 @@ class ControlService:
         #: the node's start: the master's, not this worker's (a restarted worker 0 is no
         #: restart of the node)
         self.node_started = self.started
+        #: the runner's hook for customers whose store rows changed (held SIP requests,
+        #: API and RADIUS holds are released at once): the writes made here are applied by
+        #: ``_catch_up``, so the runner's own refresh never sees them
+        self.on_changed: Callable[[list[str]], None] | None = None
         #: the pid `dsbc status` shows: the master's, the one to send SIGHUP / SIGTERM to
         #: (this worker ignores SIGHUP; a SIGTERM drained worker 0 alone, and the master
         #: started it again)
@@ -335,15 +339,21 @@ class ControlService:
             try:
                 return await asyncio.to_thread(fn)
             finally:
-                self.store.refresh()
+                self._catch_up()
         async with self._write_lock:
             if check is not None:
-                self.store.refresh()
+                self._catch_up()
                 check()
             try:
                 return await asyncio.to_thread(fn)
             finally:
-                self.store.refresh()
+                self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Apply what the store committed, and tell the runner which customers changed."""
+        changed = self.store.refresh()
+        if changed and self.on_changed is not None:
+            self.on_changed(list(changed))
 
     # -- health and metrics -----------------------------------------------------------------
 

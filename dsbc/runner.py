@@ -119,6 +119,9 @@ class Worker:
             # listen (its clients, told to reconnect, must find the port open)
             await self._start_optional("diameter", "dsbc.diameter.service", "start_diameter", self.cfg.diameter.enabled)
             await self._start_optional("radius", "dsbc.radius.service", "start_radius", self.cfg.radius.enabled)
+        control = self.services.get("control")
+        if control is not None:  # its writes are applied by it, not by _refresh
+            control.on_changed = self._customers_changed
         tasks = [loop.create_task(self._refresh()), loop.create_task(self._watch_master())]
         if self.index == 0:
             tasks.append(loop.create_task(self._release_expired_locks()))
@@ -255,10 +258,14 @@ class Worker:
                 log.warning("store refresh failed: %s", exc)
                 continue
             if changed:
-                for svc in self.services.values():
-                    hook = getattr(svc, "customers_changed", None)
-                    if hook is not None:
-                        hook(list(changed))
+                self._customers_changed(list(changed))
+
+    def _customers_changed(self, ids: list[str]) -> None:
+        """Tell every service (SIP, API, RADIUS, Diameter) which customers changed."""
+        for svc in self.services.values():
+            hook = getattr(svc, "customers_changed", None)
+            if hook is not None:
+                hook(ids)
 
     async def _release_expired_locks(self) -> None:
         """A migration killed between its lock and its flip (SIGKILL, a node that crashed

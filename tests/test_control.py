@@ -661,3 +661,30 @@ def test_where_through_a_node_tells_the_nodes_policy_for_an_unknown_identity(nod
     r = subprocess.run([sys.executable, "-m", "dsbc.cli", "-c", str(desk), "where", "--node", node.control_url,
                         "account:nobody"], capture_output=True, text=True, timeout=60, env=node.env(), check=False)
     assert r.returncode == 1 and r.stdout.strip() == "account:nobody: unknown: would go to source (store.unknown)", r
+
+
+def test_a_write_through_the_control_api_tells_the_services_which_customers_changed(tmp_path: Path) -> None:
+    """Found by an audit: worker 0 applied its control-API writes to its index itself and
+    dropped the list of changed customers, so when it did so before its poll did, the SIP,
+    API and RADIUS services never heard of the flip: a request they held for the batch
+    went at its store.lock_hold deadline (or a ping's re-check), not at the flip."""
+    import asyncio
+
+    from dsbc import control
+    from dsbc.config import Config
+    from dsbc.store import open_store
+
+    url = f"sqlite:///{tmp_path / 'loc.db'}"
+    store = open_store(url, create=True)
+    store.put_customer("1", ["account:a1"], "source")
+    store.refresh()
+    writer = open_store(url)  # what `fn` commits, as another connection would
+    svc = control.ControlService(Config(), store, None)
+    told: list[list[str]] = []
+    svc.on_changed = told.append
+    try:
+        asyncio.run(svc._write(lambda: writer.migrate(["1"], "target")))
+    finally:
+        writer.close()
+        store.close()
+    assert told == [["1"]]
