@@ -255,6 +255,12 @@ token = "demo-token"
             if stop is not None and stop.is_set():
                 return  # Ctrl-C while starting: the caller stops
             if self.proc is not None and self.proc.poll() is not None:
+                # a Ctrl-C that came while dsbc was being started can reach it too (before its
+                # setsid: the signal waits, blocked, and kills it silently): the demo's own
+                # handler runs on the loop, so let it run before calling this a failure
+                await asyncio.sleep(0.2)
+                if stop is not None and stop.is_set():
+                    return
                 raise click.ClickException(f"dsbc exited; see {self.workdir / 'dsbc.log'}")
             if await sip_options(HOST, self.ports["sip"]):
                 return
