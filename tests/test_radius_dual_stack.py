@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 from dsbc.config import parse_config
 from dsbc.emulator.billing import sample_rows
@@ -23,6 +24,16 @@ from tests.peers.net import free_port
 from tests.test_radius_core import access_request
 
 NAS = b"nas-secret"
+
+
+def wildcard_config(src: Any, wildcard: str, auth_port: int, acct_port: int) -> str:
+    """dsbc's RADIUS on ``wildcard`` in front of the emulated source server ``src``, NAS
+    on 127.0.0.0/8."""
+    return (f'[systems.source]\nradius = ["127.0.0.1:{src.auth_addr[1]}"]\n'
+            f'radius_acct = ["127.0.0.1:{src.acct_addr[1]}"]\nradius_secret = "src-secret"\n'
+            f'[radius]\nenabled = true\nauth_listen = "{wildcard}:{auth_port}"\n'
+            f'acct_listen = "{wildcard}:{acct_port}"\n'
+            f'[[radius.clients]]\naddress = "127.0.0.0/8"\nsecret = "{NAS.decode()}"\n')
 
 
 def test_a_system_with_an_ipv4_and_an_ipv6_server_fails_over_between_them(tmp_path: Path) -> None:
@@ -85,14 +96,8 @@ def test_a_wildcard_listener_answers_from_the_address_the_nas_sent_to(tmp_path: 
         try:
             for wildcard, to in (("0.0.0.0", "127.0.0.2"), ("[::]", "127.0.0.3"), ("[::]", "::1")):
                 auth_port, acct_port = free_port("udp"), free_port("udp")
-                cfg = parse_config(
-                    f'[systems.source]\nradius = ["127.0.0.1:{src.auth_addr[1]}"]\n'
-                    f'radius_acct = ["127.0.0.1:{src.acct_addr[1]}"]\nradius_secret = "src-secret"\n'
-                    f'[radius]\nenabled = true\nauth_listen = "{wildcard}:{auth_port}"\n'
-                    f'acct_listen = "{wildcard}:{acct_port}"\n'
-                    f'[[radius.clients]]\naddress = "127.0.0.0/8"\nsecret = "{NAS.decode()}"\n'
-                    f'[[radius.clients]]\naddress = "::1"\nsecret = "{NAS.decode()}"\n'
-                )
+                cfg = parse_config(wildcard_config(src, wildcard, auth_port, acct_port)
+                                   + f'[[radius.clients]]\naddress = "::1"\nsecret = "{NAS.decode()}"\n')
                 svc = await start_radius(cfg, store)
                 family = socket.AF_INET6 if ":" in to else socket.AF_INET
                 nas = socket.socket(family, socket.SOCK_DGRAM)
@@ -129,13 +134,7 @@ def test_regression_answers_to_one_nas_port_leave_from_each_requests_own_address
         store = open_store(f"sqlite:///{tmp_path / 'loc.db'}")
         store.import_rows(sample_rows())
         auth_port, acct_port = free_port("udp"), free_port("udp")
-        cfg = parse_config(
-            f'[systems.source]\nradius = ["127.0.0.1:{src.auth_addr[1]}"]\n'
-            f'radius_acct = ["127.0.0.1:{src.acct_addr[1]}"]\nradius_secret = "src-secret"\n'
-            f'[radius]\nenabled = true\nauth_listen = "0.0.0.0:{auth_port}"\n'
-            f'acct_listen = "0.0.0.0:{acct_port}"\n'
-            f'[[radius.clients]]\naddress = "127.0.0.0/8"\nsecret = "{NAS.decode()}"\n'
-        )
+        cfg = parse_config(wildcard_config(src, "0.0.0.0", auth_port, acct_port))
         svc = await start_radius(cfg, store)
         nas = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         nas.setblocking(False)
