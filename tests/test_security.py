@@ -255,6 +255,14 @@ def _worker_rss_kb(d: Any) -> int:
     return total
 
 
+def paced_flood(attacker: Any, to: tuple[str, int], datagram: Callable[[int], bytes], n: int = 2000) -> None:
+    """``n`` datagrams, paced so that they reach the worker rather than a full buffer."""
+    for i in range(n):
+        attacker.send(datagram(i), to)
+        if i % 50 == 49:
+            time.sleep(0.03)
+
+
 def test_regression_a_flood_of_forged_responses_with_long_via_hosts_does_not_grow_memory(
     dsbc_factory: Factory, nodes: Any
 ) -> None:
@@ -266,20 +274,18 @@ def test_regression_a_flood_of_forged_responses_with_long_via_hosts_does_not_gro
     attacker = Udp(DEVICE)
     try:
         before = _worker_rss_kb(d)
-        for i in range(2000):
+
+        def datagram(i: int) -> bytes:
             host = f"h{i:06d}" + "a" * 30000 + ".example"
-            attacker.send(
-                (
-                    "SIP/2.0 180 Ringing\r\n"
-                    f"Via: SIP/2.0/UDP {d.hostport};branch=z9hG4bK-d5{i:016x}00000000.0\r\n"
-                    f"Via: SIP/2.0/UDP {host}:5060;branch=z9hG4bKv{i}\r\n"
-                    "From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
-                    f"Call-ID: flood-{i}\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
-                ).encode(),
-                d.sip_addr,
-            )
-            if i % 50 == 49:
-                time.sleep(0.03)  # paced: the datagrams reach the worker, not a full buffer
+            return (
+                "SIP/2.0 180 Ringing\r\n"
+                f"Via: SIP/2.0/UDP {d.hostport};branch=z9hG4bK-d5{i:016x}00000000.0\r\n"
+                f"Via: SIP/2.0/UDP {host}:5060;branch=z9hG4bKv{i}\r\n"
+                "From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
+                f"Call-ID: flood-{i}\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+            ).encode()
+
+        paced_flood(attacker, d.sip_addr, datagram)
         forged = d.counters_when(lambda c: c.get("responses_forged", 0) >= 1500, timeout=20)["responses_forged"]
         grown = _worker_rss_kb(d) - before
         assert grown < 20_000, f"{forged} forged responses grew the worker by {grown} KiB"
@@ -298,20 +304,18 @@ def test_regression_a_flood_of_forged_routes_with_long_call_ids_does_not_grow_me
     attacker = Udp(DEVICE)
     try:
         before = _worker_rss_kb(d)
-        for i in range(2000):
+
+        def datagram(i: int) -> bytes:
             call_id = f"c{i:06d}" + "a" * 30000
-            attacker.send(
-                (
-                    f"BYE sip:1001@{DEVICE}:5999 SIP/2.0\r\n"
-                    f"Via: SIP/2.0/UDP {attacker.addr[0]}:{attacker.addr[1]};branch=z9hG4bKr{i};rport\r\n"
-                    f"Route: <sip:{d.hostport};lr;dsbc=source.AAAAAAAA>\r\nMax-Forwards: 70\r\n"
-                    "From: <sip:1001@example.com>;tag=1\r\nTo: <sip:2000@example.com>;tag=2\r\n"
-                    f"Call-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
-                ).encode(),
-                d.sip_addr,
-            )
-            if i % 50 == 49:
-                time.sleep(0.03)  # paced: the datagrams reach the worker, not a full buffer
+            return (
+                f"BYE sip:1001@{DEVICE}:5999 SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {attacker.addr[0]}:{attacker.addr[1]};branch=z9hG4bKr{i};rport\r\n"
+                f"Route: <sip:{d.hostport};lr;dsbc=source.AAAAAAAA>\r\nMax-Forwards: 70\r\n"
+                "From: <sip:1001@example.com>;tag=1\r\nTo: <sip:2000@example.com>;tag=2\r\n"
+                f"Call-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+            ).encode()
+
+        paced_flood(attacker, d.sip_addr, datagram)
         rejected = d.counters_when(lambda c: c.get("route_signature_rejected", 0) >= 1500, timeout=20)
         grown = _worker_rss_kb(d) - before
         assert rejected.get("route_signature_rejected", 0) >= 1500, rejected
