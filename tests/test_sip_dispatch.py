@@ -495,6 +495,16 @@ def test_regression_a_phone_registered_over_tcp_stays_reachable_past_the_idle_ti
     idle.close()
 
 
+def _udp_register(sock: socket.socket, d: Any, tag: str, call_id: str, expires: int) -> bool:
+    """Phone 1001 on ``sock`` registers through ``d``: whether a 200 came back."""
+    ip, port = sock.getsockname()[:2]
+    return _udp_exchange(sock, (
+        f"REGISTER sip:{d.hostport} SIP/2.0\nVia: SIP/2.0/UDP {ip}:{port};branch=z9hG4bK-{tag};rport\n"
+        f"Max-Forwards: 70\nFrom: <sip:1001@{d.hostport}>;tag={tag}\nTo: <sip:1001@{d.hostport}>\n"
+        f"Call-ID: {call_id}\nCSeq: 1 REGISTER\nContact: <sip:1001@{ip}:{port}>\nExpires: {expires}\n"
+        f"Content-Length: 0\n\n"), d.sip_addr, "SIP/2.0 200")
+
+
 def _udp_exchange(sock: socket.socket, text: str, to: tuple[str, int], until: str, timeout: float = 5.0) -> str:
     """Send ``text`` (LF line ends) and return the first message received that starts with
     ``until`` ("" when none came)."""
@@ -525,12 +535,7 @@ def test_regression_a_carriers_bye_toward_a_system_that_is_down_gets_503(
     carrier.bind((CARRIER_IP, 0))
     try:
         pport, cport = phone.getsockname()[1], carrier.getsockname()[1]
-        ok = _udp_exchange(phone, (
-            f"REGISTER sip:{d.hostport} SIP/2.0\nVia: SIP/2.0/UDP 127.0.0.2:{pport};branch=z9hG4bK-r1;rport\n"
-            f"Max-Forwards: 70\nFrom: <sip:1001@{d.hostport}>;tag=r1\nTo: <sip:1001@{d.hostport}>\n"
-            f"Call-ID: reg-bye503\nCSeq: 1 REGISTER\nContact: <sip:1001@127.0.0.2:{pport}>\nExpires: 120\n"
-            f"Content-Length: 0\n\n"), d.sip_addr, "SIP/2.0 200")
-        assert ok
+        assert _udp_register(phone, d, "r1", "reg-bye503", 120)
         carrier.sendto((
             f"INVITE sip:{DID_A}@{d.hostport} SIP/2.0\nVia: SIP/2.0/UDP {CARRIER_IP}:{cport};branch=z9hG4bK-i1;rport\n"
             f"Max-Forwards: 70\nFrom: <sip:15557654321@{CARRIER_IP}>;tag=c1\nTo: <sip:{DID_A}@{d.hostport}>\n"
@@ -578,13 +583,7 @@ def test_regression_a_tcp_phones_connection_is_kept_for_its_own_registration_not
     d = start_dsbc(dsbc_factory, source, [target], sip_extra="tcp_idle_timeout = 1.0\n")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mobile:
         mobile.bind(("127.0.0.3", 0))
-        mport = mobile.getsockname()[1]
-        ok = _udp_exchange(mobile, (
-            f"REGISTER sip:{d.hostport} SIP/2.0\nVia: SIP/2.0/UDP 127.0.0.3:{mport};branch=z9hG4bK-m1;rport\n"
-            f"Max-Forwards: 70\nFrom: <sip:1001@{d.hostport}>;tag=m1\nTo: <sip:1001@{d.hostport}>\n"
-            f"Call-ID: reg-mobile\nCSeq: 1 REGISTER\nContact: <sip:1001@127.0.0.3:{mport}>\nExpires: 600\n"
-            f"Content-Length: 0\n\n"), d.sip_addr, "SIP/2.0 200")
-        assert ok
+        assert _udp_register(mobile, d, "m1", "reg-mobile", 600)
     desk, answer = _tcp_register(d, "1001", "127.0.0.2", expires=2)
     try:
         assert answer.startswith(b"SIP/2.0 200 "), answer
